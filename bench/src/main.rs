@@ -1,0 +1,2 @@
+//! pserv bench harness.
+fn main() {}

@@ -1,0 +1,2 @@
+//! `pserv-engine`: the parameter server itself.
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! The `pserv` binary.
+fn main() {}

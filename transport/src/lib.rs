@@ -1,0 +1,18 @@
+//! `pserv-transport`: moves bytes between pserv nodes, and nothing else.
+//!
+//! - [`wire`]: the frame format (a 48-byte `Pod` header, a key list, value bytes), with
+//!   checked zero-copy views for anything that comes from the network.
+//! - [`buf`]: payloads sent straight from the caller's buffers, and pooled receive buffers.
+//! - [`tcp`]: TCP on per-core mio event loops, the transport that runs everywhere.
+//!
+//! The transport knows frames, not parameters: what a push or a pull means is the
+//! engine's business.
+#![forbid(unsafe_code)]
+
+pub mod buf;
+pub mod tcp;
+pub mod wire;
+
+pub use buf::{AsBytes, BufPool, OutFrame, OwnedFrame, Payload, PoolBuf, RecvFrame};
+pub use tcp::{CloseReason, Conn, Handler, TcpConfig, TcpTransport, TransportError};
+pub use wire::{DType, Frame, Header, MessageKind, WireError};
