@@ -1,2 +1,8 @@
 //! `pserv-engine`: the parameter server itself.
 #![forbid(unsafe_code)]
+
+pub mod keys;
+pub mod value;
+
+pub use keys::{Key, KeyRange, Partition};
+pub use value::Value;
