@@ -2,6 +2,9 @@
 #![forbid(unsafe_code)]
 
 pub mod keys;
+pub mod lr;
+pub mod store;
+pub mod update;
 pub mod value;
 
 pub use keys::{Key, KeyRange, Partition};

@@ -1,0 +1,2 @@
+//! Store micro benches (being written).
+fn main() {}

@@ -1,0 +1,1 @@
+//! Sparse logistic regression: data, model, evaluation (being written).

@@ -1,0 +1,1 @@
+//! Server-side update functions (being written).
