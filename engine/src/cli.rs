@@ -1,0 +1,132 @@
+//! Command-line and environment configuration shared by the `pserv` roles.
+//!
+//! Every flag can also be set by a `PSERV_*` environment variable (in the spirit of
+//! ps-lite's `DMLC_*`), so a cluster manager can start identical commands everywhere.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Args;
+use pserv_transport::TcpConfig;
+
+use crate::error::EngineError;
+use crate::proto::ValueType;
+use crate::scheduler::ClusterSpec;
+use crate::update::UpdateSpec;
+
+/// Default scheduler address.
+pub const DEFAULT_SCHEDULER: &str = "127.0.0.1:9190";
+
+/// Transport flags.
+#[derive(Args, Clone, Debug)]
+pub struct NetArgs {
+    /// Transport: `tcp` (`auto` picks tcp; shm and rdma come with the one-sided engine).
+    #[arg(long, env = "PSERV_TRANSPORT", default_value = "tcp")]
+    pub transport: String,
+    /// Event-loop threads (default: one per core).
+    #[arg(long, env = "PSERV_THREADS")]
+    pub threads: Option<usize>,
+    /// Pin event loops to cores.
+    #[arg(long, env = "PSERV_PIN_CORES", default_value_t = true, action = clap::ArgAction::Set)]
+    pub pin_cores: bool,
+    /// After activity, event loops poll without sleeping for this many microseconds.
+    #[arg(long, env = "PSERV_BUSY_POLL_US", default_value_t = 0)]
+    pub busy_poll_us: u64,
+    /// Largest accepted frame in MiB.
+    #[arg(long, env = "PSERV_MAX_FRAME_MB", default_value_t = 512)]
+    pub max_frame_mb: usize,
+}
+
+impl NetArgs {
+    /// The TCP transport configuration these flags describe.
+    pub fn tcp(&self) -> Result<TcpConfig, EngineError> {
+        match self.transport.as_str() {
+            "tcp" => {}
+            "auto" => tracing::info!("transport auto: using tcp (no one-sided transport in this build)"),
+            other => {
+                return Err(EngineError::Config(format!(
+                    "transport {other:?} is not available in this build (use tcp or auto)"
+                )))
+            }
+        }
+        let mut cfg = TcpConfig::default();
+        if let Some(t) = self.threads {
+            if t == 0 {
+                return Err(EngineError::Config("--threads must be at least 1".into()));
+            }
+            cfg.threads = t;
+        }
+        cfg.pin_cores = self.pin_cores;
+        cfg.busy_poll_us = self.busy_poll_us;
+        cfg.max_frame = self.max_frame_mb.max(1) << 20;
+        Ok(cfg)
+    }
+
+    /// These flags as command-line arguments (to start child processes).
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = vec![
+            format!("--transport={}", self.transport),
+            format!("--pin-cores={}", self.pin_cores),
+            format!("--busy-poll-us={}", self.busy_poll_us),
+            format!("--max-frame-mb={}", self.max_frame_mb),
+        ];
+        if let Some(t) = self.threads {
+            a.push(format!("--threads={t}"));
+        }
+        a
+    }
+}
+
+/// Cluster shape flags (scheduler and `local`).
+#[derive(Args, Clone, Debug)]
+pub struct ClusterArgs {
+    /// Number of servers.
+    #[arg(long, env = "PSERV_NUM_SERVERS", default_value_t = 1)]
+    pub servers: u32,
+    /// Number of workers.
+    #[arg(long, env = "PSERV_NUM_WORKERS", default_value_t = 1)]
+    pub workers: u32,
+    /// Value element type: f32 or f64.
+    #[arg(long, env = "PSERV_VALUE_TYPE", default_value = "f32")]
+    pub value_type: ValueType,
+    /// Values per key.
+    #[arg(long, env = "PSERV_VALUE_LEN", default_value_t = 1)]
+    pub value_len: u32,
+}
+
+impl ClusterArgs {
+    /// Check the flags and build the spec, with the servers' default update function.
+    pub fn spec(&self, update: UpdateSpec) -> Result<ClusterSpec, EngineError> {
+        if self.servers == 0 || self.workers == 0 {
+            return Err(EngineError::Config(
+                "a cluster needs at least one server and one worker".into(),
+            ));
+        }
+        if self.value_len == 0 {
+            return Err(EngineError::Config("--value-len must be at least 1".into()));
+        }
+        Ok(ClusterSpec {
+            servers: self.servers,
+            workers: self.workers,
+            value_type: self.value_type,
+            value_len: self.value_len,
+            update,
+        })
+    }
+}
+
+/// Where the scheduler is.
+#[derive(Args, Clone, Debug)]
+pub struct SchedulerAddr {
+    /// The scheduler's address.
+    #[arg(long, env = "PSERV_SCHEDULER", default_value = DEFAULT_SCHEDULER)]
+    pub scheduler: SocketAddr,
+}
+
+/// Output flags of a job.
+#[derive(Args, Clone, Debug)]
+pub struct OutputArgs {
+    /// Write the job summary as JSON here.
+    #[arg(long, env = "PSERV_SUMMARY_JSON")]
+    pub summary_json: Option<PathBuf>,
+}

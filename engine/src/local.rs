@@ -1,0 +1,175 @@
+//! `pserv local`: a whole cluster on this machine, each role its own OS process on
+//! 127.0.0.1: one scheduler, S servers, W workers.
+//!
+//! The launcher starts the scheduler on port 0 and learns its address from a port file,
+//! then starts the servers and workers, and waits. If any process fails, or the time limit
+//! passes, every process it started is killed (by pid, through its `Child`), and the
+//! error names the one that failed.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus};
+use std::time::{Duration, Instant};
+
+use crate::error::EngineError;
+
+/// What `pserv local` starts.
+#[derive(Clone, Debug)]
+pub struct LocalPlan {
+    /// The `pserv` executable.
+    pub exe: PathBuf,
+    /// Arguments of the scheduler command (after `scheduler`), without the address flags.
+    pub scheduler_args: Vec<String>,
+    /// Arguments of every server command (after `server`), without the address flags.
+    pub server_args: Vec<String>,
+    /// Arguments of every worker command (after `worker`), without address and rank.
+    pub worker_args: Vec<String>,
+    /// Number of servers.
+    pub servers: u32,
+    /// Number of workers.
+    pub workers: u32,
+    /// Where the scheduler writes the summary.
+    pub summary_json: Option<PathBuf>,
+    /// Kill everything after this long.
+    pub timeout: Duration,
+}
+
+struct Proc {
+    name: String,
+    child: Child,
+    status: Option<ExitStatus>,
+}
+
+/// Kills (by pid) every process still running when dropped.
+struct Procs(Vec<Proc>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for p in &mut self.0 {
+            if p.status.is_none() {
+                let _ = p.child.kill();
+                let _ = p.child.wait();
+            }
+        }
+    }
+}
+
+fn spawn(exe: &Path, name: String, args: Vec<String>) -> Result<Proc, EngineError> {
+    tracing::debug!(%name, ?args, "starting");
+    let child = Command::new(exe)
+        .args(&args)
+        .spawn()
+        .map_err(|source| EngineError::Io {
+            context: format!("starting {name} ({})", exe.display()),
+            source,
+        })?;
+    Ok(Proc {
+        name,
+        child,
+        status: None,
+    })
+}
+
+fn scratch_dir() -> Result<PathBuf, EngineError> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let dir = std::env::temp_dir().join(format!("pserv-local-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|source| EngineError::Io {
+        context: format!("creating {}", dir.display()),
+        source,
+    })?;
+    Ok(dir)
+}
+
+/// Run the cluster to the end. Returns the job summary the scheduler wrote.
+pub fn run_local(plan: &LocalPlan) -> Result<serde_json::Value, EngineError> {
+    let dir = scratch_dir()?;
+    let result = run_in(plan, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn run_in(plan: &LocalPlan, dir: &Path) -> Result<serde_json::Value, EngineError> {
+    let deadline = Instant::now() + plan.timeout;
+    let port_file = dir.join("scheduler.addr");
+    let summary = plan
+        .summary_json
+        .clone()
+        .unwrap_or_else(|| dir.join("summary.json"));
+    let mut procs = Procs(Vec::new());
+    let mut args = vec![
+        "scheduler".to_string(),
+        "--listen=127.0.0.1:0".into(),
+        format!("--port-file={}", port_file.display()),
+        format!("--summary-json={}", summary.display()),
+    ];
+    args.extend(plan.scheduler_args.iter().cloned());
+    procs.0.push(spawn(&plan.exe, "scheduler".into(), args)?);
+
+    // Wait for the scheduler's address.
+    let addr = loop {
+        if let Ok(s) = std::fs::read_to_string(&port_file) {
+            break s.trim().to_string();
+        }
+        check(&mut procs, deadline)?;
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    for rank in 0..plan.servers {
+        let mut a = vec![
+            "server".to_string(),
+            format!("--scheduler={addr}"),
+            format!("--rank={rank}"),
+        ];
+        a.extend(plan.server_args.iter().cloned());
+        procs.0.push(spawn(&plan.exe, format!("server {rank}"), a)?);
+    }
+    for rank in 0..plan.workers {
+        let mut a = vec![
+            "worker".to_string(),
+            format!("--scheduler={addr}"),
+            format!("--rank={rank}"),
+        ];
+        a.extend(plan.worker_args.iter().cloned());
+        procs.0.push(spawn(&plan.exe, format!("worker {rank}"), a)?);
+    }
+    // Wait for every process to exit successfully.
+    while procs.0.iter().any(|p| p.status.is_none()) {
+        check(&mut procs, deadline)?;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let text = std::fs::read_to_string(&summary).map_err(|source| EngineError::Io {
+        context: format!("reading the job summary {}", summary.display()),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| EngineError::Config(format!("malformed job summary: {e}")))
+}
+
+/// Reap exited processes; fail on the first failure or at the deadline.
+fn check(procs: &mut Procs, deadline: Instant) -> Result<(), EngineError> {
+    for p in &mut procs.0 {
+        if p.status.is_none() {
+            if let Ok(Some(st)) = p.child.try_wait() {
+                p.status = Some(st);
+                if !st.success() {
+                    return Err(EngineError::Config(format!(
+                        "{} (pid {}) failed: {st}; stopping the cluster",
+                        p.name,
+                        p.child.id()
+                    )));
+                }
+            }
+        }
+    }
+    if Instant::now() > deadline {
+        let running: Vec<&str> = procs
+            .0
+            .iter()
+            .filter(|p| p.status.is_none())
+            .map(|p| p.name.as_str())
+            .collect();
+        return Err(EngineError::Config(format!(
+            "time limit reached; still running: {running:?}; stopping the cluster"
+        )));
+    }
+    Ok(())
+}

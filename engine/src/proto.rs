@@ -1,0 +1,300 @@
+//! The engine's messages on top of the wire format: control messages (encoded with
+//! postcard in a `Control` frame's values), status codes of error answers, and the frame
+//! builders every role uses.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use pserv_transport::wire::{DType, Header, MessageKind, FLAG_RESPONSE};
+use pserv_transport::{Frame, OutFrame, Payload};
+
+use crate::keys::Partition;
+use crate::update::UpdateSpec;
+
+/// Node id of the scheduler.
+pub const SCHEDULER_ID: u32 = 0;
+
+/// What a node is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Role {
+    /// Holds a partition of the parameters.
+    Server,
+    /// Holds a partition of the data; pushes and pulls.
+    Worker,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Server => "server",
+            Role::Worker => "worker",
+        })
+    }
+}
+
+/// A server as the cluster table lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerInfo {
+    /// Node id.
+    pub id: u32,
+    /// Rank among servers; it owns `partition.range(rank)`.
+    pub rank: u32,
+    /// Where workers connect.
+    pub addr: SocketAddr,
+}
+
+/// Element type of the parameter values, as configured for the cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ValueType {
+    /// 32-bit floats.
+    F32,
+    /// 64-bit floats.
+    F64,
+}
+
+impl ValueType {
+    /// The wire tag.
+    pub fn dtype(self) -> DType {
+        match self {
+            ValueType::F32 => DType::F32,
+            ValueType::F64 => DType::F64,
+        }
+    }
+}
+
+impl std::str::FromStr for ValueType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(ValueType::F32),
+            "f64" => Ok(ValueType::F64),
+            _ => Err(format!("unknown value type {s:?} (expected f32 or f64)")),
+        }
+    }
+}
+
+/// What every node learns when the cluster is complete.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    /// Servers by rank.
+    pub servers: Vec<ServerInfo>,
+    /// Number of workers.
+    pub workers: u32,
+    /// Which server owns which keys.
+    pub partition: Partition,
+    /// Element type of the values.
+    pub value_type: ValueType,
+    /// Values per key.
+    pub value_len: u32,
+    /// The servers' default update function.
+    pub update: UpdateSpec,
+}
+
+/// Per-worker traffic and work counters, reported when a worker finishes.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkerStats {
+    /// Examples processed (job-defined).
+    pub examples: u64,
+    /// Bytes the worker wrote to sockets.
+    pub bytes_sent: u64,
+    /// Bytes the worker read from sockets.
+    pub bytes_received: u64,
+}
+
+/// Control-plane messages.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Control {
+    /// A node introduces itself to the scheduler.
+    Register {
+        /// Its role.
+        role: Role,
+        /// A server's listening address (workers: None).
+        addr: Option<SocketAddr>,
+        /// A requested rank (must be free and below the role's count).
+        rank: Option<u32>,
+        /// Process id, for the operator.
+        pid: u32,
+    },
+    /// The scheduler's answer once every node has registered.
+    Welcome {
+        /// The node's id.
+        node_id: u32,
+        /// The node's rank within its role.
+        rank: u32,
+        /// The cluster table.
+        cluster: ClusterInfo,
+    },
+    /// Registration refused.
+    Refused {
+        /// Why.
+        reason: String,
+    },
+    /// A worker waits at barrier number `seq` until all workers arrive.
+    Barrier {
+        /// Barrier sequence number (each worker counts its barriers).
+        seq: u64,
+    },
+    /// Barrier `seq` is complete.
+    BarrierDone {
+        /// Barrier sequence number.
+        seq: u64,
+    },
+    /// Progress of a worker (job-defined units), for the operator's progress bar.
+    Progress {
+        /// Units done since the last report.
+        done: u64,
+        /// Total units of this worker's whole run.
+        total: u64,
+    },
+    /// A line for the operator's console.
+    Log {
+        /// The text.
+        line: String,
+    },
+    /// A job result to merge into the summary (a JSON object).
+    Summary {
+        /// JSON object text.
+        json: String,
+    },
+    /// A worker has finished.
+    Done {
+        /// Its counters.
+        stats: WorkerStats,
+    },
+    /// Stop: the job is over.
+    Shutdown,
+}
+
+/// Status codes of error answers (the values carry a UTF-8 text).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Status {
+    /// Success.
+    Ok = 0,
+    /// Malformed request (unsorted keys, bad lengths, wrong kind).
+    BadRequest = 1,
+    /// Keys outside the server's range.
+    NotOwner = 2,
+    /// The update function id is not registered.
+    UnknownFunction = 3,
+    /// The value type differs from the cluster's.
+    WrongType = 4,
+    /// The server has not received its cluster table yet.
+    NotReady = 5,
+    /// The store refused (for example a dense block too large).
+    StoreError = 6,
+}
+
+impl Status {
+    /// Decode a status byte (unknown codes map to `BadRequest`).
+    pub fn from_u8(v: u8) -> Status {
+        match v {
+            0 => Status::Ok,
+            2 => Status::NotOwner,
+            3 => Status::UnknownFunction,
+            4 => Status::WrongType,
+            5 => Status::NotReady,
+            6 => Status::StoreError,
+            _ => Status::BadRequest,
+        }
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+/// Errors decoding a control message.
+#[derive(Debug, thiserror::Error)]
+#[error("undecodable control message: {0}")]
+pub struct ControlDecodeError(#[from] postcard::Error);
+
+impl Control {
+    /// Encode as a control frame from `sender`.
+    pub fn to_frame(&self, sender: u32) -> OutFrame {
+        let bytes = postcard::to_allocvec(self).expect("control messages always encode");
+        let header = Header::new(MessageKind::Control, sender, 0);
+        OutFrame::new(header, Payload::empty(), Payload::owned(bytes))
+    }
+
+    /// Decode from a control frame's values.
+    pub fn from_frame(frame: &Frame<'_>) -> Result<Control, ControlDecodeError> {
+        Ok(postcard::from_bytes(frame.values())?)
+    }
+}
+
+fn response_header(request: &Header, sender: u32) -> Header {
+    let mut h = *request;
+    h.sender = sender;
+    h.flags = FLAG_RESPONSE;
+    h.status = Status::Ok as u8;
+    h
+}
+
+/// An answer to `request` carrying `values` (no keys: the requester knows them).
+pub fn answer(request: &Header, sender: u32, value_len: u32, values: Payload) -> OutFrame {
+    let mut h = response_header(request, sender);
+    h.value_len = value_len;
+    OutFrame::new(h, Payload::empty(), values)
+}
+
+/// An error answer to `request`: the status code and a text for the requester.
+pub fn error_answer(request: &Header, sender: u32, status: Status, message: &str) -> OutFrame {
+    let mut h = response_header(request, sender);
+    h.status = status as u8;
+    h.dtype = DType::Bytes as u8;
+    h.value_len = 0;
+    OutFrame::new(h, Payload::empty(), Payload::copy_from(message.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_round_trip() {
+        let msgs = vec![
+            Control::Register {
+                role: Role::Server,
+                addr: Some("127.0.0.1:5000".parse().unwrap()),
+                rank: Some(1),
+                pid: 42,
+            },
+            Control::Barrier { seq: 7 },
+            Control::Done {
+                stats: WorkerStats {
+                    examples: 5,
+                    bytes_sent: 6,
+                    bytes_received: 7,
+                },
+            },
+            Control::Shutdown,
+        ];
+        for m in msgs {
+            let f = m.to_frame(3);
+            let bytes = pserv_transport::wire::encode(f.header(), &[], &postcard::to_allocvec(&m).unwrap());
+            let buf: Vec<u64> = {
+                let mut v = vec![0u64; bytes.len() / 8];
+                bytemuck::cast_slice_mut::<u64, u8>(&mut v).copy_from_slice(&bytes);
+                v
+            };
+            let (frame, _) = Frame::new_checked(bytemuck::cast_slice(&buf), 1 << 20).unwrap();
+            assert_eq!(Control::from_frame(&frame).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn garbage_control_is_an_error_not_a_panic() {
+        let bytes = pserv_transport::wire::encode(&Header::new(MessageKind::Control, 1, 0), &[], &[0xff; 9]);
+        let buf: Vec<u64> = {
+            let mut v = vec![0u64; bytes.len() / 8];
+            bytemuck::cast_slice_mut::<u64, u8>(&mut v).copy_from_slice(&bytes);
+            v
+        };
+        let (frame, _) = Frame::new_checked(bytemuck::cast_slice(&buf), 1 << 20).unwrap();
+        assert!(Control::from_frame(&frame).is_err());
+    }
+}

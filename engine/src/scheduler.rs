@@ -1,0 +1,731 @@
+//! The scheduler: registration, the cluster table, barriers, the job's end (MISSION.md P1).
+//!
+//! [`SchedulerCore`] is the decision logic as a plain state machine: it is fed
+//! [`Input`]s (a control message from a connection, a connection closed) and returns
+//! [`Output`]s (messages to send, lines for the operator). It does no I/O, so it is tested
+//! without sockets. [`run_scheduler`] wires it to the TCP transport, draws the progress bar
+//! and writes the job summary.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use pserv_transport::{CloseReason, Conn, Handler, RecvFrame, TcpConfig, TcpTransport};
+
+use crate::error::EngineError;
+use crate::keys::Partition;
+use crate::proto::{ClusterInfo, Control, Role, ServerInfo, ValueType, WorkerStats, SCHEDULER_ID};
+use crate::update::UpdateSpec;
+
+/// Identifies a connection to the scheduler.
+pub type ConnKey = u64;
+
+/// Cluster shape and settings every node learns from the scheduler.
+#[derive(Clone, Debug)]
+pub struct ClusterSpec {
+    /// Number of servers.
+    pub servers: u32,
+    /// Number of workers.
+    pub workers: u32,
+    /// Element type of the values.
+    pub value_type: ValueType,
+    /// Values per key.
+    pub value_len: u32,
+    /// The servers' default update function.
+    pub update: UpdateSpec,
+}
+
+/// Something that happened at the scheduler.
+#[derive(Debug)]
+pub enum Input {
+    /// A control message arrived on a connection.
+    Message {
+        /// The connection.
+        conn: ConnKey,
+        /// The message.
+        msg: Control,
+    },
+    /// A connection closed.
+    Closed {
+        /// The connection.
+        conn: ConnKey,
+    },
+}
+
+/// What the scheduler decided to do.
+#[derive(Debug, PartialEq)]
+pub enum Output {
+    /// Send a message.
+    Send {
+        /// The connection.
+        conn: ConnKey,
+        /// The message.
+        msg: Control,
+    },
+    /// A line for the operator.
+    Log(String),
+    /// Overall progress of the workers.
+    Progress {
+        /// Units done.
+        done: u64,
+        /// Units in total.
+        total: u64,
+    },
+    /// Every worker finished (or left); servers and workers were told to shut down.
+    JobDone,
+}
+
+#[derive(Debug, Clone)]
+struct Node {
+    role: Role,
+    rank: u32,
+    addr: Option<SocketAddr>,
+    done: bool,
+    gone: bool,
+}
+
+/// The scheduler's state machine.
+#[derive(Debug)]
+pub struct SchedulerCore {
+    spec: ClusterSpec,
+    nodes: HashMap<ConnKey, Node>,
+    welcomed: bool,
+    finished: bool,
+    barriers: BTreeMap<u64, BTreeSet<ConnKey>>,
+    progress: HashMap<ConnKey, (u64, u64)>,
+    /// Stats of finished workers.
+    pub stats: Vec<WorkerStats>,
+    /// JSON objects workers sent as summaries.
+    pub summaries: Vec<serde_json::Value>,
+}
+
+impl SchedulerCore {
+    /// A scheduler for a cluster of this shape.
+    pub fn new(spec: ClusterSpec) -> Self {
+        assert!(spec.servers > 0 && spec.workers > 0, "a cluster needs servers and workers");
+        SchedulerCore {
+            spec,
+            nodes: HashMap::new(),
+            welcomed: false,
+            finished: false,
+            barriers: BTreeMap::new(),
+            progress: HashMap::new(),
+            stats: Vec::new(),
+            summaries: Vec::new(),
+        }
+    }
+
+    /// Whether every node registered and got the cluster table.
+    pub fn is_running(&self) -> bool {
+        self.welcomed
+    }
+
+    /// Whether the job is over.
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    fn count(&self, role: Role) -> u32 {
+        match role {
+            Role::Server => self.spec.servers,
+            Role::Worker => self.spec.workers,
+        }
+    }
+
+    fn node_id(&self, role: Role, rank: u32) -> u32 {
+        match role {
+            Role::Server => 1 + rank,
+            Role::Worker => 1 + self.spec.servers + rank,
+        }
+    }
+
+    fn live_workers(&self) -> impl Iterator<Item = (&ConnKey, &Node)> {
+        self.nodes
+            .iter()
+            .filter(|(_, n)| n.role == Role::Worker && !n.gone && !n.done)
+    }
+
+    /// Feed one input; returns what to do.
+    pub fn handle(&mut self, input: Input) -> Vec<Output> {
+        let mut out = Vec::new();
+        match input {
+            Input::Message { conn, msg } => self.on_message(conn, msg, &mut out),
+            Input::Closed { conn } => self.on_closed(conn, &mut out),
+        }
+        out
+    }
+
+    fn on_message(&mut self, conn: ConnKey, msg: Control, out: &mut Vec<Output>) {
+        match msg {
+            Control::Register { role, addr, rank, pid } => self.on_register(conn, role, addr, rank, pid, out),
+            Control::Barrier { seq } => {
+                if !self.is_worker(conn) {
+                    return self.refuse(conn, "barrier from a node that is not a registered worker", out);
+                }
+                self.barriers.entry(seq).or_default().insert(conn);
+                self.release_barriers(out);
+            }
+            Control::Progress { done, total } => {
+                let e = self.progress.entry(conn).or_default();
+                e.0 += done;
+                e.1 = total;
+                let (d, t) = self
+                    .progress
+                    .values()
+                    .fold((0, 0), |(d, t), (dd, tt)| (d + dd, t + tt));
+                out.push(Output::Progress { done: d, total: t });
+            }
+            Control::Log { line } => out.push(Output::Log(line)),
+            Control::Summary { json } => match serde_json::from_str(&json) {
+                Ok(v) => self.summaries.push(v),
+                Err(e) => out.push(Output::Log(format!("ignored a malformed summary: {e}"))),
+            },
+            Control::Done { stats } => {
+                let Some(node) = self.nodes.get_mut(&conn).filter(|n| n.role == Role::Worker) else {
+                    return self.refuse(conn, "done from a node that is not a registered worker", out);
+                };
+                if !node.done {
+                    node.done = true;
+                    self.stats.push(stats);
+                }
+                self.release_barriers(out);
+                self.maybe_finish(out);
+            }
+            other => out.push(Output::Log(format!(
+                "ignored unexpected control message {other:?} on connection {conn}"
+            ))),
+        }
+    }
+
+    fn is_worker(&self, conn: ConnKey) -> bool {
+        self.welcomed && self.nodes.get(&conn).is_some_and(|n| n.role == Role::Worker)
+    }
+
+    fn refuse(&mut self, conn: ConnKey, reason: &str, out: &mut Vec<Output>) {
+        out.push(Output::Log(format!("refused connection {conn}: {reason}")));
+        out.push(Output::Send {
+            conn,
+            msg: Control::Refused {
+                reason: reason.to_string(),
+            },
+        });
+    }
+
+    fn on_register(
+        &mut self,
+        conn: ConnKey,
+        role: Role,
+        addr: Option<SocketAddr>,
+        rank: Option<u32>,
+        pid: u32,
+        out: &mut Vec<Output>,
+    ) {
+        if self.welcomed {
+            return self.refuse(conn, "the cluster is complete; joining a running job is not supported yet", out);
+        }
+        if self.nodes.contains_key(&conn) {
+            return self.refuse(conn, "this connection already registered", out);
+        }
+        if role == Role::Server && addr.is_none() {
+            return self.refuse(conn, "a server must give its listening address", out);
+        }
+        let count = self.count(role);
+        let taken: BTreeSet<u32> = self
+            .nodes
+            .values()
+            .filter(|n| n.role == role)
+            .map(|n| n.rank)
+            .collect();
+        let rank = match rank {
+            Some(r) if r >= count => {
+                return self.refuse(conn, &format!("{role} rank {r} is out of range (the cluster has {count})"), out)
+            }
+            Some(r) if taken.contains(&r) => {
+                return self.refuse(conn, &format!("{role} rank {r} is already taken"), out)
+            }
+            Some(r) => r,
+            None => match (0..count).find(|r| !taken.contains(r)) {
+                Some(r) => r,
+                None => return self.refuse(conn, &format!("all {count} {role} places are taken"), out),
+            },
+        };
+        out.push(Output::Log(format!("{role} {rank} registered (pid {pid})")));
+        self.nodes.insert(
+            conn,
+            Node {
+                role,
+                rank,
+                addr,
+                done: false,
+                gone: false,
+            },
+        );
+        let registered = |r: Role| self.nodes.values().filter(|n| n.role == r).count() as u32;
+        if registered(Role::Server) == self.spec.servers && registered(Role::Worker) == self.spec.workers {
+            self.welcome(out);
+        }
+    }
+
+    fn welcome(&mut self, out: &mut Vec<Output>) {
+        let mut servers: Vec<ServerInfo> = self
+            .nodes
+            .values()
+            .filter(|n| n.role == Role::Server)
+            .map(|n| ServerInfo {
+                id: self.node_id(Role::Server, n.rank),
+                rank: n.rank,
+                addr: n.addr.expect("servers register with an address"),
+            })
+            .collect();
+        servers.sort_by_key(|s| s.rank);
+        let cluster = ClusterInfo {
+            servers,
+            workers: self.spec.workers,
+            partition: Partition::even(self.spec.servers as usize),
+            value_type: self.spec.value_type,
+            value_len: self.spec.value_len,
+            update: self.spec.update.clone(),
+        };
+        // Servers first, so they are ready before workers send requests.
+        let mut conns: Vec<(&ConnKey, &Node)> = self.nodes.iter().collect();
+        conns.sort_by_key(|(_, n)| (n.role == Role::Worker, n.rank));
+        for (conn, n) in conns {
+            out.push(Output::Send {
+                conn: *conn,
+                msg: Control::Welcome {
+                    node_id: self.node_id(n.role, n.rank),
+                    rank: n.rank,
+                    cluster: cluster.clone(),
+                },
+            });
+        }
+        self.welcomed = true;
+        out.push(Output::Log(format!(
+            "cluster complete: {} servers, {} workers",
+            self.spec.servers, self.spec.workers
+        )));
+    }
+
+    /// Release every barrier that all live workers have reached.
+    fn release_barriers(&mut self, out: &mut Vec<Output>) {
+        let live: BTreeSet<ConnKey> = self.live_workers().map(|(c, _)| *c).collect();
+        let ready: Vec<u64> = self
+            .barriers
+            .iter()
+            .filter(|(_, arrived)| live.is_subset(arrived))
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in ready {
+            let arrived = self.barriers.remove(&seq).unwrap_or_default();
+            for conn in arrived {
+                if self.nodes.get(&conn).is_some_and(|n| !n.gone) {
+                    out.push(Output::Send {
+                        conn,
+                        msg: Control::BarrierDone { seq },
+                    });
+                }
+            }
+        }
+    }
+
+    fn on_closed(&mut self, conn: ConnKey, out: &mut Vec<Output>) {
+        if !self.welcomed {
+            if let Some(n) = self.nodes.remove(&conn) {
+                out.push(Output::Log(format!("{} {} left before the cluster was complete", n.role, n.rank)));
+            }
+            return;
+        }
+        let Some(n) = self.nodes.get_mut(&conn) else {
+            return;
+        };
+        n.gone = true;
+        let (role, rank, done) = (n.role, n.rank, n.done);
+        if self.finished {
+            return;
+        }
+        match role {
+            Role::Worker if !done => {
+                out.push(Output::Log(format!("worker {rank} disconnected before finishing; its shard is skipped")));
+                self.release_barriers(out);
+                self.maybe_finish(out);
+            }
+            Role::Server => out.push(Output::Log(format!(
+                "server {rank} disconnected; its key range is unavailable (replication comes with the control plane)"
+            ))),
+            _ => {}
+        }
+    }
+
+    fn maybe_finish(&mut self, out: &mut Vec<Output>) {
+        if self.finished || self.live_workers().next().is_some() {
+            return;
+        }
+        self.finished = true;
+        let mut targets: Vec<(ConnKey, Role, u32)> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| !n.gone)
+            .map(|(c, n)| (*c, n.role, n.rank))
+            .collect();
+        targets.sort_by_key(|&(_, role, rank)| (role == Role::Server, rank));
+        for (conn, _, _) in targets {
+            out.push(Output::Send {
+                conn,
+                msg: Control::Shutdown,
+            });
+        }
+        out.push(Output::JobDone);
+    }
+}
+
+/// Configuration of the scheduler process.
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// The cluster.
+    pub spec: ClusterSpec,
+    /// The transport.
+    pub tcp: TcpConfig,
+    /// Write the bound address here once listening (for launchers using port 0).
+    pub port_file: Option<PathBuf>,
+    /// Write the job summary (JSON) here at the end.
+    pub summary_json: Option<PathBuf>,
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+    /// Give up if the cluster is not complete after this long.
+    pub register_timeout: Duration,
+}
+
+/// What the job reported, merged.
+#[derive(Debug, Clone)]
+pub struct JobReport {
+    /// The merged summary object.
+    pub summary: serde_json::Value,
+}
+
+struct SchedHandler {
+    events: crossbeam_channel::Sender<(Conn, Option<Control>)>,
+}
+
+impl Handler for SchedHandler {
+    fn on_frame(&mut self, conn: &Conn, frame: RecvFrame<'_>) {
+        match Control::from_frame(&frame.frame()) {
+            Ok(msg) => {
+                let _ = self.events.send((conn.clone(), Some(msg)));
+            }
+            Err(e) => {
+                tracing::warn!(peer = %conn.peer_addr(), error = %e, "closing a connection that sent a bad control message");
+                conn.close();
+            }
+        }
+    }
+    fn on_close(&mut self, conn: &Conn, _reason: &CloseReason) {
+        let _ = self.events.send((conn.clone(), None));
+    }
+}
+
+/// Run the scheduler until the job is over; returns the merged job summary.
+pub fn run_scheduler(cfg: SchedulerConfig) -> Result<JobReport, EngineError> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let transport = TcpTransport::start(cfg.tcp.clone(), |_| SchedHandler { events: tx.clone() })?;
+    let addr = transport.listen(cfg.listen)?;
+    if let Some(p) = &cfg.port_file {
+        let tmp = p.with_extension("tmp");
+        std::fs::write(&tmp, addr.to_string())
+            .and_then(|_| std::fs::rename(&tmp, p))
+            .map_err(|source| EngineError::Io {
+                context: format!("writing the port file {}", p.display()),
+                source,
+            })?;
+    }
+    tracing::info!(%addr, "scheduler listening");
+    let mut core = SchedulerCore::new(cfg.spec.clone());
+    let conns: Arc<Mutex<HashMap<ConnKey, Conn>>> = Arc::default();
+    let bar = if cfg.progress {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} examples ({per_sec}, eta {eta})",
+            )
+            .expect("a valid template"),
+        );
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let started = Instant::now();
+    let mut running_since: Option<Instant> = None;
+    while !core.is_finished() {
+        let timeout = if core.is_running() {
+            Duration::from_secs(3600)
+        } else {
+            cfg.register_timeout.saturating_sub(started.elapsed())
+        };
+        let (conn, msg) = match rx.recv_timeout(timeout) {
+            Ok(ev) => ev,
+            Err(_) => {
+                return Err(EngineError::Registration(format!(
+                    "the cluster did not complete within {:?}",
+                    cfg.register_timeout
+                )))
+            }
+        };
+        let key = conn.id();
+        let input = match msg {
+            Some(msg) => {
+                conns.lock().insert(key, conn);
+                Input::Message { conn: key, msg }
+            }
+            None => {
+                conns.lock().remove(&key);
+                Input::Closed { conn: key }
+            }
+        };
+        for o in core.handle(input) {
+            match o {
+                Output::Send { conn, msg } => {
+                    if let Some(c) = conns.lock().get(&conn) {
+                        if let Err(e) = c.send(msg.to_frame(SCHEDULER_ID)) {
+                            tracing::debug!(error = %e, "scheduler send failed");
+                        }
+                    }
+                }
+                Output::Log(line) => {
+                    tracing::info!("{line}");
+                    if line.starts_with("epoch") || line.starts_with("final") {
+                        bar.suspend(|| println!("{line}"));
+                    }
+                }
+                Output::Progress { done, total } => {
+                    if bar.length() != Some(total) {
+                        bar.set_length(total);
+                    }
+                    bar.set_position(done);
+                }
+                Output::JobDone => {}
+            }
+        }
+        if core.is_running() && running_since.is_none() {
+            running_since = Some(Instant::now());
+        }
+    }
+    bar.finish_and_clear();
+    let seconds = running_since.map_or(0.0, |t| t.elapsed().as_secs_f64());
+    let summary = merge_summary(&core, seconds);
+    if let Some(p) = &cfg.summary_json {
+        std::fs::write(p, serde_json::to_string_pretty(&summary).expect("json encodes"))
+            .map_err(|source| EngineError::Io {
+                context: format!("writing the summary {}", p.display()),
+                source,
+            })?;
+    }
+    // Let the shutdown messages leave before the loops stop.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while conns.lock().values().any(|c| c.queued_bytes() > 0) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    transport.shutdown();
+    Ok(JobReport { summary })
+}
+
+fn merge_summary(core: &SchedulerCore, seconds: f64) -> serde_json::Value {
+    let mut obj = serde_json::Map::new();
+    for s in &core.summaries {
+        if let Some(m) = s.as_object() {
+            for (k, v) in m {
+                obj.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    let examples: u64 = core.stats.iter().map(|s| s.examples).sum();
+    let sent: u64 = core.stats.iter().map(|s| s.bytes_sent).sum();
+    let received: u64 = core.stats.iter().map(|s| s.bytes_received).sum();
+    obj.insert("examples".into(), examples.into());
+    obj.insert("seconds".into(), seconds.into());
+    obj.insert(
+        "examples_per_sec".into(),
+        (if seconds > 0.0 { examples as f64 / seconds } else { 0.0 }).into(),
+    );
+    obj.insert("bytes_sent".into(), sent.into());
+    obj.insert("bytes_received".into(), received.into());
+    obj.insert("workers_finished".into(), (core.stats.len() as u64).into());
+    serde_json::Value::Object(obj)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(servers: u32, workers: u32) -> ClusterSpec {
+        ClusterSpec {
+            servers,
+            workers,
+            value_type: ValueType::F32,
+            value_len: 1,
+            update: UpdateSpec::Sum,
+        }
+    }
+
+    fn register(core: &mut SchedulerCore, conn: ConnKey, role: Role, rank: Option<u32>) -> Vec<Output> {
+        core.handle(Input::Message {
+            conn,
+            msg: Control::Register {
+                role,
+                addr: (role == Role::Server).then(|| format!("127.0.0.1:{}", 7000 + conn).parse().unwrap()),
+                rank,
+                pid: 1,
+            },
+        })
+    }
+
+    fn sends(out: &[Output]) -> Vec<(ConnKey, &Control)> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Send { conn, msg } => Some((*conn, msg)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Two servers and two workers registered; returns the core.
+    fn running() -> SchedulerCore {
+        let mut c = SchedulerCore::new(spec(2, 2));
+        assert!(sends(&register(&mut c, 1, Role::Server, Some(1))).is_empty());
+        register(&mut c, 2, Role::Worker, None);
+        register(&mut c, 3, Role::Server, None);
+        let out = register(&mut c, 4, Role::Worker, None);
+        let welcomes = sends(&out);
+        assert_eq!(welcomes.len(), 4);
+        // Servers are welcomed first, ranks honoured, ids distinct.
+        let mut ids = BTreeSet::new();
+        for (i, (conn, msg)) in welcomes.iter().enumerate() {
+            let Control::Welcome { node_id, rank, cluster } = msg else {
+                panic!("expected a welcome, got {msg:?}")
+            };
+            ids.insert(*node_id);
+            assert_eq!(cluster.servers.len(), 2);
+            assert_eq!(cluster.servers[1].addr.port(), 7001);
+            if i < 2 {
+                assert!([1, 3].contains(conn));
+            }
+            if *conn == 1 {
+                assert_eq!(*rank, 1);
+            }
+            if *conn == 3 {
+                assert_eq!(*rank, 0);
+            }
+        }
+        assert_eq!(ids.len(), 4);
+        assert!(c.is_running());
+        c
+    }
+
+    #[test]
+    fn registration_assigns_ranks_and_welcomes_everyone() {
+        running();
+    }
+
+    #[test]
+    fn bad_registrations_are_refused() {
+        let mut c = SchedulerCore::new(spec(1, 1));
+        let out = register(&mut c, 1, Role::Server, Some(5));
+        assert!(matches!(sends(&out)[0].1, Control::Refused { .. }));
+        register(&mut c, 2, Role::Server, Some(0));
+        let out = register(&mut c, 3, Role::Server, Some(0));
+        assert!(matches!(sends(&out)[0].1, Control::Refused { reason } if reason.contains("taken")));
+        let out = register(&mut c, 4, Role::Server, None);
+        assert!(matches!(sends(&out)[0].1, Control::Refused { .. }));
+        let out = c.handle(Input::Message {
+            conn: 9,
+            msg: Control::Register {
+                role: Role::Server,
+                addr: None,
+                rank: None,
+                pid: 1,
+            },
+        });
+        assert!(matches!(sends(&out)[0].1, Control::Refused { .. }));
+        // A node leaving before the cluster completes frees its rank.
+        c.handle(Input::Closed { conn: 2 });
+        assert!(sends(&register(&mut c, 5, Role::Server, Some(0))).is_empty());
+    }
+
+    #[test]
+    fn barriers_release_when_all_live_workers_arrive() {
+        let mut c = running();
+        let out = c.handle(Input::Message {
+            conn: 2,
+            msg: Control::Barrier { seq: 1 },
+        });
+        assert!(sends(&out).is_empty());
+        let out = c.handle(Input::Message {
+            conn: 4,
+            msg: Control::Barrier { seq: 1 },
+        });
+        let s = sends(&out);
+        assert_eq!(s.len(), 2);
+        assert!(s.iter().all(|(_, m)| **m == Control::BarrierDone { seq: 1 }));
+        // A worker that vanishes no longer holds others back.
+        c.handle(Input::Message {
+            conn: 2,
+            msg: Control::Barrier { seq: 2 },
+        });
+        let out = c.handle(Input::Closed { conn: 4 });
+        assert_eq!(sends(&out), vec![(2, &Control::BarrierDone { seq: 2 })]);
+    }
+
+    #[test]
+    fn barrier_from_a_server_or_stranger_is_refused() {
+        let mut c = running();
+        let out = c.handle(Input::Message {
+            conn: 1,
+            msg: Control::Barrier { seq: 1 },
+        });
+        assert!(matches!(sends(&out)[0].1, Control::Refused { .. }));
+        let out = c.handle(Input::Message {
+            conn: 77,
+            msg: Control::Done {
+                stats: WorkerStats::default(),
+            },
+        });
+        assert!(matches!(sends(&out)[0].1, Control::Refused { .. }));
+        assert!(!c.is_finished());
+    }
+
+    #[test]
+    fn job_ends_when_every_worker_is_done_and_everyone_is_told() {
+        let mut c = running();
+        let done = |examples| Control::Done {
+            stats: WorkerStats {
+                examples,
+                bytes_sent: 10,
+                bytes_received: 20,
+            },
+        };
+        let out = c.handle(Input::Message { conn: 2, msg: done(5) });
+        assert!(!out.contains(&Output::JobDone));
+        let out = c.handle(Input::Message { conn: 4, msg: done(7) });
+        assert!(out.contains(&Output::JobDone));
+        let shut: Vec<ConnKey> = sends(&out)
+            .iter()
+            .filter(|(_, m)| **m == Control::Shutdown)
+            .map(|(c, _)| *c)
+            .collect();
+        assert_eq!(shut.len(), 4);
+        let s = merge_summary(&c, 2.0);
+        assert_eq!(s["examples"], 12);
+        assert_eq!(s["examples_per_sec"], 6.0);
+        assert_eq!(s["bytes_sent"], 20);
+    }
+
+    #[test]
+    fn late_joiners_are_refused_once_running() {
+        let mut c = running();
+        let out = register(&mut c, 10, Role::Worker, None);
+        assert!(matches!(sends(&out)[0].1, Control::Refused { .. }));
+    }
+}

@@ -1,0 +1,328 @@
+//! The server node: holds one partition of the parameters and answers pushes and pulls
+//! on the transport's event-loop threads (MISSION.md P1, P3, P4).
+//!
+//! A request is served where it arrives: the loop that read it looks its keys up in the
+//! [`Store`] (sharded by key sub-range, one lock per shard, so loops rarely contend),
+//! applies the update function, and writes the answer on the same thread. No request
+//! crosses threads.
+//!
+//! Bad requests (wrong value type, unsorted keys, keys outside this server's range,
+//! unknown update function, wrong value lengths) get an error answer with a
+//! [`Status`] and a text; the store is left as it was and the connection stays open.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use crossbeam_channel::Sender;
+
+use pserv_transport::wire::{MessageKind, FLAG_RANGE, FLAG_RESPONSE};
+use pserv_transport::{BufPool, Conn, Frame, Handler, OutFrame, Payload, RecvFrame, TcpConfig, TcpTransport};
+
+use crate::error::EngineError;
+use crate::keys::KeyRange;
+use crate::proto::{self, ClusterInfo, Control, Role, Status, ValueType};
+use crate::store::{Store, StoreConfig, StoreError};
+use crate::update::UpdateRegistry;
+use crate::value::Value;
+use crate::worker::SCHEDULER_TAG;
+
+/// Configuration of a [`Server`].
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// The scheduler's address.
+    pub scheduler: SocketAddr,
+    /// Where to listen for workers (port 0: any free port).
+    pub listen: SocketAddr,
+    /// The transport's event loops.
+    pub tcp: TcpConfig,
+    /// A requested rank (decides the key range).
+    pub rank: Option<u32>,
+    /// Store shards (locks); value length and type come from the cluster table.
+    pub shards: usize,
+    /// How long to wait for the cluster table.
+    pub register_timeout: Duration,
+}
+
+impl ServerConfig {
+    /// Defaults for a scheduler at `scheduler`.
+    pub fn new(scheduler: SocketAddr) -> Self {
+        ServerConfig {
+            scheduler,
+            listen: "127.0.0.1:0".parse().expect("a valid address"),
+            tcp: TcpConfig::default(),
+            rank: None,
+            shards: 16,
+            register_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// A typed store plus its update functions.
+pub(crate) struct Typed<T: Value> {
+    pub(crate) store: Store<T>,
+    pub(crate) updates: UpdateRegistry<T>,
+}
+
+/// The store in the cluster's value type.
+pub(crate) enum AnyStore {
+    F32(Typed<f32>),
+    F64(Typed<f64>),
+}
+
+/// What a server knows once the cluster table arrived.
+pub(crate) struct Ready {
+    pub(crate) node_id: u32,
+    pub(crate) rank: u32,
+    pub(crate) range: KeyRange,
+    pub(crate) store: AnyStore,
+}
+
+struct Core {
+    ready: OnceLock<Ready>,
+    control: Sender<Control>,
+    pool: Arc<BufPool>,
+    max_frame: usize,
+}
+
+struct ServerHandler {
+    core: Arc<Core>,
+}
+
+/// Why a request failed, as answered to the worker.
+struct Refusal(Status, String);
+
+impl From<StoreError> for Refusal {
+    fn from(e: StoreError) -> Self {
+        let status = match &e {
+            StoreError::KeyOutOfRange { .. } | StoreError::RangeOutOfRange { .. } => Status::NotOwner,
+            StoreError::KeysNotSorted { .. } | StoreError::ValueLength { .. } => Status::BadRequest,
+            _ => Status::StoreError,
+        };
+        Refusal(status, e.to_string())
+    }
+}
+
+impl Handler for ServerHandler {
+    fn on_frame(&mut self, conn: &Conn, frame: RecvFrame<'_>) {
+        let f = frame.frame();
+        let h = *f.header();
+        if h.kind == MessageKind::Control as u8 {
+            if conn.tag() == SCHEDULER_TAG {
+                match Control::from_frame(&f) {
+                    Ok(msg) => {
+                        let _ = self.core.control.send(msg);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "bad control message from the scheduler"),
+                }
+            } else {
+                tracing::warn!(peer = %conn.peer_addr(), "control message from a non-scheduler peer; ignored");
+            }
+            return;
+        }
+        let Some(ready) = self.core.ready.get() else {
+            let _ = conn.send(proto::error_answer(&h, 0, Status::NotReady, "server has no cluster table yet"));
+            return;
+        };
+        let answer = match &ready.store {
+            AnyStore::F32(t) => serve(&self.core, ready, t, &f),
+            AnyStore::F64(t) => serve(&self.core, ready, t, &f),
+        };
+        let out = answer.unwrap_or_else(|Refusal(status, msg)| {
+            tracing::debug!(peer = %conn.peer_addr(), %status, %msg, "refused a request");
+            proto::error_answer(&h, ready.node_id, status, &msg)
+        });
+        // A failed send means the worker is gone; the transport logs and closes it.
+        let _ = conn.send(out);
+    }
+}
+
+/// Serve one data request against the typed store.
+fn serve<T: Value>(core: &Core, ready: &Ready, t: &Typed<T>, f: &Frame<'_>) -> Result<OutFrame, Refusal> {
+    let h = f.header();
+    let bad = |msg: String| Refusal(Status::BadRequest, msg);
+    if h.has(FLAG_RESPONSE) {
+        return Err(bad("servers do not take answers".into()));
+    }
+    if h.dtype != T::DTYPE as u8 {
+        return Err(Refusal(
+            Status::WrongType,
+            format!("values of type tag {}, this server stores {:?}", h.dtype, T::DTYPE),
+        ));
+    }
+    let vlen = t.store.value_len();
+    if h.value_len as usize != vlen {
+        return Err(bad(format!(
+            "{} values per key, this server stores {vlen}",
+            h.value_len
+        )));
+    }
+    let kind = MessageKind::from_u8(h.kind).ok_or_else(|| bad("unknown kind".into()))?;
+    let update = || {
+        t.updates.get(h.func).ok_or_else(|| {
+            Refusal(Status::UnknownFunction, format!("no update function with id {}", h.func))
+        })
+    };
+    let grads = || {
+        f.values_as::<T>()
+            .ok_or_else(|| bad("value bytes are not a whole number of values".into()))
+    };
+    let range = f.range().map(|(b, e)| KeyRange::new(b, e));
+    let keys_here = match range {
+        Some(r) => r.len(),
+        None => f.keys().len() as u64,
+    };
+    let out_elems = keys_here
+        .checked_mul(vlen as u64)
+        .filter(|n| n.saturating_mul(std::mem::size_of::<T>() as u64) <= core.max_frame as u64)
+        .ok_or_else(|| bad(format!("answer for {keys_here} keys would exceed the frame limit")))?
+        as usize;
+    let needs_values = matches!(kind, MessageKind::Push | MessageKind::PushPull);
+    if needs_values && f.values().len() != out_elems * std::mem::size_of::<T>() {
+        return Err(bad(format!(
+            "{} value bytes for {keys_here} keys x {vlen} values",
+            f.values().len()
+        )));
+    }
+    if !needs_values && !f.values().is_empty() {
+        return Err(bad("a pull carries no values".into()));
+    }
+    let _ = h.has(FLAG_RANGE);
+    match kind {
+        MessageKind::Push => {
+            let fun = update()?;
+            match range {
+                Some(r) => t.store.push_range(r, grads()?, fun.as_ref())?,
+                None => t.store.push(f.keys(), grads()?, fun.as_ref())?,
+            }
+            Ok(proto::answer(h, ready.node_id, 0, Payload::empty()))
+        }
+        MessageKind::Pull | MessageKind::PushPull => {
+            let mut buf = core.pool.take(out_elems * std::mem::size_of::<T>());
+            {
+                let out: &mut [T] = bytemuck::cast_slice_mut(buf.bytes_mut());
+                match (kind, range) {
+                    (MessageKind::Pull, Some(r)) => t.store.pull_range(r, out)?,
+                    (MessageKind::Pull, None) => t.store.pull(f.keys(), out)?,
+                    (_, Some(r)) => t.store.push_pull_range(r, grads()?, update()?.as_ref(), out)?,
+                    (_, None) => t.store.push_pull(f.keys(), grads()?, update()?.as_ref(), out)?,
+                }
+            }
+            Ok(proto::answer(h, ready.node_id, vlen as u32, Payload::owned(buf)))
+        }
+        MessageKind::Control => Err(bad("unexpected control message".into())),
+    }
+}
+
+/// A running server node.
+pub struct Server {
+    core: Arc<Core>,
+    control: crossbeam_channel::Receiver<Control>,
+    addr: SocketAddr,
+    transport: TcpTransport,
+    _scheduler: Conn,
+}
+
+impl Server {
+    /// Start listening, register with the scheduler, and wait for the cluster table;
+    /// from then on requests are served on the event loops.
+    pub fn start(cfg: ServerConfig) -> Result<Server, EngineError> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let core = Arc::new(Core {
+            ready: OnceLock::new(),
+            control: tx,
+            pool: BufPool::new(64),
+            max_frame: cfg.tcp.max_frame,
+        });
+        let transport = TcpTransport::start(cfg.tcp.clone(), |_| ServerHandler { core: core.clone() })?;
+        let addr = transport.listen(cfg.listen)?;
+        let scheduler = transport.connect(cfg.scheduler, Duration::from_secs(10))?;
+        scheduler.set_tag(SCHEDULER_TAG);
+        scheduler.send(
+            Control::Register {
+                role: Role::Server,
+                addr: Some(addr),
+                rank: cfg.rank,
+                pid: std::process::id(),
+            }
+            .to_frame(0),
+        )?;
+        let (node_id, rank, cluster) = match rx.recv_timeout(cfg.register_timeout) {
+            Ok(Control::Welcome {
+                node_id,
+                rank,
+                cluster,
+            }) => (node_id, rank, cluster),
+            Ok(Control::Refused { reason }) => return Err(EngineError::Registration(reason)),
+            Ok(other) => {
+                return Err(EngineError::Registration(format!("unexpected answer {other:?}")))
+            }
+            Err(_) => {
+                return Err(EngineError::Registration(format!(
+                    "no cluster table from the scheduler at {} within {:?}",
+                    cfg.scheduler, cfg.register_timeout
+                )))
+            }
+        };
+        let ready = make_ready(node_id, rank, &cluster, cfg.shards)?;
+        tracing::info!(node_id, rank, range = %ready.range, %addr, "server ready");
+        let _ = core.ready.set(ready);
+        Ok(Server {
+            core,
+            control: rx,
+            addr,
+            transport,
+            _scheduler: scheduler,
+        })
+    }
+
+    /// Where workers connect.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serve until the scheduler says the job is over (or its connection closes).
+    pub fn run(self) -> Result<(), EngineError> {
+        loop {
+            match self.control.recv() {
+                Ok(Control::Shutdown) | Err(_) => break,
+                Ok(other) => tracing::debug!(?other, "control message ignored by server"),
+            }
+        }
+        if let Some(r) = self.core.ready.get() {
+            let (keys, bytes) = match &r.store {
+                AnyStore::F32(t) => (t.store.key_count(), t.store.bytes()),
+                AnyStore::F64(t) => (t.store.key_count(), t.store.bytes()),
+            };
+            tracing::info!(rank = r.rank, keys, bytes, "server shutting down");
+        }
+        self.transport.shutdown();
+        Ok(())
+    }
+}
+
+fn make_ready(node_id: u32, rank: u32, cluster: &ClusterInfo, shards: usize) -> Result<Ready, EngineError> {
+    let range = cluster.partition.range(rank as usize);
+    let cfg = StoreConfig {
+        shards,
+        value_len: cluster.value_len as usize,
+        ..StoreConfig::default()
+    };
+    let err = |e: StoreError| EngineError::Config(format!("creating the store: {e}"));
+    let store = match cluster.value_type {
+        ValueType::F32 => AnyStore::F32(Typed {
+            store: Store::new(range, cfg).map_err(err)?,
+            updates: UpdateRegistry::new(cluster.update.build::<f32>()),
+        }),
+        ValueType::F64 => AnyStore::F64(Typed {
+            store: Store::new(range, cfg).map_err(err)?,
+            updates: UpdateRegistry::new(cluster.update.build::<f64>()),
+        }),
+    };
+    Ok(Ready {
+        node_id,
+        rank,
+        range,
+        store,
+    })
+}

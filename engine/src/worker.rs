@@ -1,0 +1,734 @@
+//! The worker API: what training code calls (MISSION.md P1, P2, P3).
+//!
+//! A [`Worker`] registers with the scheduler, learns the cluster table, connects to every
+//! server, and then offers asynchronous range push and pull:
+//!
+//! - [`push`](Worker::push), [`pull`](Worker::pull), [`push_pull`](Worker::push_pull) take a
+//!   sorted key list; [`push_range`](Worker::push_range) and
+//!   [`pull_range`](Worker::pull_range) take a [`KeyRange`] whose values are dense.
+//! - Each returns a [`Timestamp`] at once. [`wait`](Worker::wait) blocks until that task is
+//!   done; [`wait_pull`](Worker::wait_pull) also hands over the pulled values.
+//! - A request is split by the server partition and sent as one message per server,
+//!   never one per key. Keys and values are sent straight from the caller's buffers
+//!   (moved or shared into the request, not copied) with one vectored write.
+//! - Invalid requests (unsorted keys, lengths that do not fit) do not panic: the task
+//!   completes at once with the error, which `wait` returns.
+//!
+//! Waiting spins for `spin_us` before it parks the thread: an answer on loopback usually
+//! arrives within tens of microseconds, and waking a parked thread costs about 25 us on
+//! these machines. Set `spin_us` to 0 on oversubscribed hosts.
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::Thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::Mutex;
+
+use pserv_transport::wire::{Header, MessageKind, FLAG_RANGE};
+use pserv_transport::{
+    AsBytes, CloseReason, Conn, Handler, OutFrame, OwnedFrame, Payload, RecvFrame, TcpConfig,
+    TcpTransport,
+};
+
+use crate::error::EngineError;
+use crate::keys::{Key, KeyRange};
+use crate::proto::{ClusterInfo, Control, Role, Status, WorkerStats};
+use crate::value::Value;
+
+/// Identifies a task (a push, pull or push-pull) of one worker. Increases by one per task.
+pub type Timestamp = u64;
+
+/// Conn tag of the scheduler connection.
+pub(crate) const SCHEDULER_TAG: u64 = u64::MAX;
+
+/// Configuration of a [`Worker`].
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// The scheduler's address.
+    pub scheduler: SocketAddr,
+    /// The transport's event loops.
+    pub tcp: TcpConfig,
+    /// A requested rank (decides, for example, the data shard).
+    pub rank: Option<u32>,
+    /// How long `wait` spins before parking.
+    pub spin_us: u64,
+    /// How long to wait for the scheduler's cluster table.
+    pub register_timeout: Duration,
+}
+
+impl WorkerConfig {
+    /// Defaults for a scheduler at `scheduler`.
+    pub fn new(scheduler: SocketAddr) -> Self {
+        WorkerConfig {
+            scheduler,
+            tcp: TcpConfig::default(),
+            rank: None,
+            spin_us: 50,
+            register_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// A shared, typed buffer that requests send from without copying.
+///
+/// Made from a `Vec<T>` (moved in), an `Arc<Vec<T>>` (shared), or a slice (copied once).
+pub struct Shared<T> {
+    buf: Arc<dyn AsBytes>,
+    _t: PhantomData<T>,
+}
+
+impl<T> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        Shared {
+            buf: self.buf.clone(),
+            _t: PhantomData,
+        }
+    }
+}
+
+impl<T: bytemuck::Pod + Send + Sync> Shared<T> {
+    /// The elements.
+    pub fn as_slice(&self) -> &[T] {
+        bytemuck::cast_slice(self.buf.as_bytes())
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.buf.as_bytes().len() / std::mem::size_of::<T>()
+    }
+
+    /// Whether there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn payload(&self, elems: std::ops::Range<usize>) -> Payload {
+        let sz = std::mem::size_of::<T>();
+        Payload::shared(self.buf.clone(), elems.start * sz..elems.end * sz)
+    }
+}
+
+impl<T: bytemuck::Pod + Send + Sync> From<Vec<T>> for Shared<T> {
+    fn from(v: Vec<T>) -> Self {
+        Shared {
+            buf: Arc::new(v),
+            _t: PhantomData,
+        }
+    }
+}
+
+impl<T: bytemuck::Pod + Send + Sync> From<Arc<Vec<T>>> for Shared<T> {
+    fn from(v: Arc<Vec<T>>) -> Self {
+        Shared { buf: v, _t: PhantomData }
+    }
+}
+
+impl<T: bytemuck::Pod + Send + Sync> From<&[T]> for Shared<T> {
+    fn from(v: &[T]) -> Self {
+        Shared::from(v.to_vec())
+    }
+}
+
+impl<T: bytemuck::Pod + Send + Sync> From<&Vec<T>> for Shared<T> {
+    fn from(v: &Vec<T>) -> Self {
+        Shared::from(v.clone())
+    }
+}
+
+/// Values returned by a pull: one segment per server, in key order, each still in the
+/// buffer it was received into (no copy until you ask for one).
+pub struct Pulled<T> {
+    parts: Vec<OwnedFrame>,
+    _t: PhantomData<T>,
+}
+
+impl<T: Value> Pulled<T> {
+    /// The segments, in key order.
+    pub fn segments(&self) -> impl Iterator<Item = &[T]> {
+        self.parts
+            .iter()
+            .map(|p| p.frame().values_as::<T>().expect("checked when received"))
+    }
+
+    /// The values as one slice, when they came from a single server.
+    pub fn as_slice(&self) -> Option<&[T]> {
+        match self.parts.len() {
+            0 => Some(&[]),
+            1 => self.segments().next(),
+            _ => None,
+        }
+    }
+
+    /// Total number of values.
+    pub fn len(&self) -> usize {
+        self.segments().map(<[T]>::len).sum()
+    }
+
+    /// Whether no value was pulled.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Copy the values into `out` (which must have exactly [`len`](Self::len) elements).
+    ///
+    /// # Panics
+    /// If `out` has the wrong length.
+    pub fn copy_to(&self, out: &mut [T]) {
+        assert_eq!(out.len(), self.len(), "pull destination has the wrong length");
+        let mut at = 0;
+        for s in self.segments() {
+            out[at..at + s.len()].copy_from_slice(s);
+            at += s.len();
+        }
+    }
+
+    /// The values in one new vector.
+    pub fn to_vec(&self) -> Vec<T> {
+        let mut v = vec![T::default(); self.len()];
+        self.copy_to(&mut v);
+        v
+    }
+}
+
+/// What a task expects from one server.
+struct Segment {
+    server: u32,
+    /// Values expected (pulls), in elements.
+    values: usize,
+    answered: bool,
+    part: Option<OwnedFrame>,
+}
+
+struct TaskState {
+    segments: Vec<Segment>,
+    error: Option<EngineError>,
+    waiter: Option<Thread>,
+    /// Whether answers carry values to keep.
+    keeps_values: bool,
+    /// Element type tag expected in answers.
+    dtype: u8,
+}
+
+struct Task {
+    remaining: AtomicUsize,
+    state: Mutex<TaskState>,
+}
+
+impl Task {
+    fn done(&self) -> bool {
+        self.remaining.load(Ordering::Acquire) == 0
+    }
+}
+
+/// State shared between the application threads and the event loops.
+struct Core {
+    tasks: Mutex<HashMap<Timestamp, Arc<Task>>>,
+    control: Sender<Control>,
+}
+
+impl Core {
+    /// Record one server's part of a task; returns the task when it is now complete.
+    fn settle(&self, ts: Timestamp, server: u32, settle: impl FnOnce(&mut TaskState, usize)) {
+        let Some(task) = self.tasks.lock().get(&ts).cloned() else {
+            tracing::warn!(server, ts, "answer for an unknown task; dropped");
+            return;
+        };
+        let mut st = task.state.lock();
+        let Some(seg) = st
+            .segments
+            .iter()
+            .position(|s| s.server == server && !s.answered)
+        else {
+            tracing::warn!(server, ts, "duplicate or unexpected answer; dropped");
+            return;
+        };
+        st.segments[seg].answered = true;
+        settle(&mut st, seg);
+        let left = task.remaining.fetch_sub(1, Ordering::AcqRel) - 1;
+        if left == 0 {
+            if let Some(t) = st.waiter.take() {
+                t.unpark();
+            } else if !st.keeps_values && st.error.is_none() {
+                // A push nobody waits for yet: forget it, so un-waited pushes do not pile
+                // up. `wait` on it later finds it gone and below `next_ts`: done, no error.
+                drop(st);
+                self.tasks.lock().remove(&ts);
+            }
+        }
+    }
+
+    /// Fail every segment still waiting on `server`.
+    fn server_lost(&self, server: u32) {
+        let pending: Vec<(Timestamp, Arc<Task>)> = self
+            .tasks
+            .lock()
+            .iter()
+            .map(|(ts, t)| (*ts, t.clone()))
+            .collect();
+        for (ts, task) in pending {
+            let waiting = task
+                .state
+                .lock()
+                .segments
+                .iter()
+                .any(|s| s.server == server && !s.answered);
+            if waiting {
+                self.settle(ts, server, |st, _| {
+                    st.error
+                        .get_or_insert(EngineError::Disconnected { server });
+                });
+            }
+        }
+    }
+}
+
+struct WorkerHandler {
+    core: Arc<Core>,
+}
+
+impl Handler for WorkerHandler {
+    fn on_frame(&mut self, conn: &Conn, frame: RecvFrame<'_>) {
+        let f = frame.frame();
+        let h = *f.header();
+        if conn.tag() == SCHEDULER_TAG {
+            match Control::from_frame(&f) {
+                Ok(msg) => {
+                    let _ = self.core.control.send(msg);
+                }
+                Err(e) => tracing::warn!(error = %e, "bad control message from the scheduler"),
+            }
+            return;
+        }
+        let Some(server) = conn.tag().checked_sub(1) else {
+            tracing::warn!(peer = %conn.peer_addr(), "frame from an unknown peer; closing it");
+            conn.close();
+            return;
+        };
+        let server = server as u32;
+        self.core.settle(h.timestamp, server, |st, seg| {
+            if h.status != Status::Ok as u8 {
+                st.error.get_or_insert(EngineError::Server {
+                    server,
+                    status: Status::from_u8(h.status),
+                    message: String::from_utf8_lossy(f.values()).into_owned(),
+                });
+                return;
+            }
+            if !st.keeps_values {
+                return;
+            }
+            let want = st.segments[seg].values;
+            let elem = pserv_transport::DType::from_u8(st.dtype).map_or(1, |d| d.size());
+            if h.dtype != st.dtype || f.values().len() != want * elem {
+                st.error.get_or_insert(EngineError::Server {
+                    server,
+                    status: Status::BadRequest,
+                    message: format!(
+                        "answer holds {} value bytes of type {}, expected {want} values of type {}",
+                        f.values().len(),
+                        h.dtype,
+                        st.dtype
+                    ),
+                });
+                return;
+            }
+            st.segments[seg].part = Some(frame.into_owned());
+        });
+    }
+
+    fn on_close(&mut self, conn: &Conn, reason: &CloseReason) {
+        match conn.tag() {
+            SCHEDULER_TAG => {
+                tracing::debug!(%reason, "scheduler connection closed");
+                let _ = self.core.control.send(Control::Shutdown);
+            }
+            0 => {}
+            t => self.core.server_lost((t - 1) as u32),
+        }
+    }
+}
+
+/// A worker node: the handle training code pushes and pulls through.
+pub struct Worker {
+    core: Arc<Core>,
+    node_id: u32,
+    rank: u32,
+    cluster: ClusterInfo,
+    servers: Vec<Conn>,
+    scheduler: Conn,
+    control: Receiver<Control>,
+    next_ts: AtomicU64,
+    barrier_seq: AtomicU64,
+    spin: Duration,
+    transport: TcpTransport,
+}
+
+impl Worker {
+    /// Register with the scheduler, wait for the cluster table, connect to every server.
+    pub fn connect(cfg: WorkerConfig) -> Result<Worker, EngineError> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let core = Arc::new(Core {
+            tasks: Mutex::new(HashMap::new()),
+            control: tx,
+        });
+        let transport = TcpTransport::start(cfg.tcp.clone(), |_| WorkerHandler { core: core.clone() })?;
+        let scheduler = transport.connect(cfg.scheduler, Duration::from_secs(10))?;
+        scheduler.set_tag(SCHEDULER_TAG);
+        scheduler.send(
+            Control::Register {
+                role: Role::Worker,
+                addr: None,
+                rank: cfg.rank,
+                pid: std::process::id(),
+            }
+            .to_frame(0),
+        )?;
+        let (node_id, rank, cluster) = match rx.recv_timeout(cfg.register_timeout) {
+            Ok(Control::Welcome {
+                node_id,
+                rank,
+                cluster,
+            }) => (node_id, rank, cluster),
+            Ok(Control::Refused { reason }) => return Err(EngineError::Registration(reason)),
+            Ok(Control::Shutdown) => return Err(EngineError::SchedulerGone),
+            Ok(other) => {
+                return Err(EngineError::Registration(format!(
+                    "unexpected answer {other:?}"
+                )))
+            }
+            Err(_) => {
+                return Err(EngineError::Registration(format!(
+                    "no cluster table from the scheduler at {} within {:?}",
+                    cfg.scheduler, cfg.register_timeout
+                )))
+            }
+        };
+        let mut servers = Vec::with_capacity(cluster.servers.len());
+        for s in &cluster.servers {
+            let conn = transport.connect(s.addr, Duration::from_secs(10))?;
+            conn.set_tag(u64::from(s.rank) + 1);
+            servers.push(conn);
+        }
+        tracing::debug!(node_id, rank, servers = servers.len(), "worker connected");
+        Ok(Worker {
+            core,
+            node_id,
+            rank,
+            cluster,
+            servers,
+            scheduler,
+            control: rx,
+            next_ts: AtomicU64::new(1),
+            barrier_seq: AtomicU64::new(0),
+            spin: Duration::from_micros(cfg.spin_us),
+            transport,
+        })
+    }
+
+    /// This worker's rank among workers.
+    pub fn rank(&self) -> u32 {
+        self.rank
+    }
+
+    /// This worker's node id.
+    pub fn node_id(&self) -> u32 {
+        self.node_id
+    }
+
+    /// The cluster table.
+    pub fn cluster(&self) -> &ClusterInfo {
+        &self.cluster
+    }
+
+    /// Number of workers in the cluster.
+    pub fn num_workers(&self) -> u32 {
+        self.cluster.workers
+    }
+
+    /// Values per key.
+    pub fn value_len(&self) -> usize {
+        self.cluster.value_len as usize
+    }
+
+    /// Bytes written to and read from sockets so far.
+    pub fn traffic(&self) -> (u64, u64) {
+        let s = self.transport.stats();
+        (
+            s.bytes_sent.load(Ordering::Relaxed),
+            s.bytes_received.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Push `values` (`keys.len() * value_len` of them) for sorted, distinct `keys`; the
+    /// servers apply their update function. Returns at once.
+    pub fn push<T: Value>(&self, keys: impl Into<Shared<Key>>, values: impl Into<Shared<T>>) -> Timestamp {
+        self.push_with(keys, values, 0)
+    }
+
+    /// [`push`](Self::push) with an explicit update function id (0: the server default).
+    pub fn push_with<T: Value>(
+        &self,
+        keys: impl Into<Shared<Key>>,
+        values: impl Into<Shared<T>>,
+        func: u16,
+    ) -> Timestamp {
+        self.keyed::<T>(MessageKind::Push, keys.into(), Some(values.into()), func)
+    }
+
+    /// Pull the values of sorted, distinct `keys`. Returns at once; collect the values with
+    /// [`wait_pull`](Self::wait_pull). Keys never pushed read as zero.
+    pub fn pull<T: Value>(&self, keys: impl Into<Shared<Key>>) -> Timestamp {
+        self.keyed::<T>(MessageKind::Pull, keys.into(), None, 0)
+    }
+
+    /// Push, then pull the updated values of the same keys, in one round trip per server.
+    pub fn push_pull<T: Value>(&self, keys: impl Into<Shared<Key>>, values: impl Into<Shared<T>>) -> Timestamp {
+        self.keyed::<T>(MessageKind::PushPull, keys.into(), Some(values.into()), 0)
+    }
+
+    /// Push dense values for every key of `range` (`range.len() * value_len` values).
+    pub fn push_range<T: Value>(&self, range: KeyRange, values: impl Into<Shared<T>>) -> Timestamp {
+        self.ranged::<T>(MessageKind::Push, range, Some(values.into()))
+    }
+
+    /// Pull the dense values of every key of `range`.
+    pub fn pull_range<T: Value>(&self, range: KeyRange) -> Timestamp {
+        self.ranged::<T>(MessageKind::Pull, range, None)
+    }
+
+    /// Push dense values for `range`, then pull the updated values.
+    pub fn push_pull_range<T: Value>(&self, range: KeyRange, values: impl Into<Shared<T>>) -> Timestamp {
+        self.ranged::<T>(MessageKind::PushPull, range, Some(values.into()))
+    }
+
+    fn new_task(&self, kind: MessageKind, dtype: u8, segments: Vec<Segment>) -> (Timestamp, Arc<Task>) {
+        let ts = self.next_ts.fetch_add(1, Ordering::Relaxed);
+        let task = Arc::new(Task {
+            remaining: AtomicUsize::new(segments.len()),
+            state: Mutex::new(TaskState {
+                segments,
+                error: None,
+                waiter: None,
+                keeps_values: kind != MessageKind::Push,
+                dtype,
+            }),
+        });
+        self.core.tasks.lock().insert(ts, task.clone());
+        (ts, task)
+    }
+
+    /// A task that failed before anything was sent.
+    fn failed(&self, err: EngineError) -> Timestamp {
+        let (ts, task) = self.new_task(MessageKind::Push, 0, Vec::new());
+        task.state.lock().error = Some(err);
+        ts
+    }
+
+    fn check_types<T: Value>(&self) -> Result<(), EngineError> {
+        if T::DTYPE != self.cluster.value_type.dtype() {
+            return Err(EngineError::InvalidRequest(format!(
+                "values of type {:?}, but the cluster stores {:?}",
+                T::DTYPE,
+                self.cluster.value_type
+            )));
+        }
+        Ok(())
+    }
+
+    fn keyed<T: Value>(
+        &self,
+        kind: MessageKind,
+        keys: Shared<Key>,
+        values: Option<Shared<T>>,
+        func: u16,
+    ) -> Timestamp {
+        let vlen = self.value_len();
+        let k = keys.as_slice();
+        if let Err(e) = self.check_types::<T>() {
+            return self.failed(e);
+        }
+        if let Some(i) = k.windows(2).position(|w| w[0] >= w[1]) {
+            return self.failed(EngineError::InvalidRequest(format!(
+                "keys must be sorted and distinct: keys[{i}] = {} then {}",
+                k[i],
+                k[i + 1]
+            )));
+        }
+        if k.last() == Some(&crate::keys::KEY_END) {
+            return self.failed(EngineError::InvalidRequest(
+                "key u64::MAX is outside the key space".into(),
+            ));
+        }
+        if let Some(v) = &values {
+            if v.len() != k.len() * vlen {
+                return self.failed(EngineError::InvalidRequest(format!(
+                    "{} values for {} keys x {vlen} values per key",
+                    v.len(),
+                    k.len()
+                )));
+            }
+        }
+        let parts = self.cluster.partition.split_keys(k);
+        let segments = parts
+            .iter()
+            .map(|(s, idx)| Segment {
+                server: *s as u32,
+                values: idx.len() * vlen,
+                answered: false,
+                part: None,
+            })
+            .collect();
+        let (ts, _task) = self.new_task(kind, T::DTYPE as u8, segments);
+        for (server, idx) in parts {
+            let mut h = Header::new(kind, self.node_id, ts);
+            h.dtype = T::DTYPE as u8;
+            h.value_len = vlen as u32;
+            h.func = func;
+            let vals = match &values {
+                Some(v) => v.payload(idx.start * vlen..idx.end * vlen),
+                None => Payload::empty(),
+            };
+            self.send(server as u32, ts, OutFrame::new(h, keys.payload(idx), vals));
+        }
+        ts
+    }
+
+    fn ranged<T: Value>(&self, kind: MessageKind, range: KeyRange, values: Option<Shared<T>>) -> Timestamp {
+        let vlen = self.value_len() as u64;
+        if let Err(e) = self.check_types::<T>() {
+            return self.failed(e);
+        }
+        if let Some(v) = &values {
+            if Some(v.len() as u64) != range.len().checked_mul(vlen) {
+                return self.failed(EngineError::InvalidRequest(format!(
+                    "{} values for a range of {} keys x {vlen} values per key",
+                    v.len(),
+                    range.len()
+                )));
+            }
+        }
+        let parts = self.cluster.partition.split_range(range);
+        let segments = parts
+            .iter()
+            .map(|(s, r)| Segment {
+                server: *s as u32,
+                values: (r.len() * vlen) as usize,
+                answered: false,
+                part: None,
+            })
+            .collect();
+        let (ts, _task) = self.new_task(kind, T::DTYPE as u8, segments);
+        for (server, part) in parts {
+            let mut h = Header::new(kind, self.node_id, ts);
+            h.dtype = T::DTYPE as u8;
+            h.value_len = vlen as u32;
+            h.flags = FLAG_RANGE;
+            let vals = match &values {
+                Some(v) => {
+                    let from = ((part.begin - range.begin) * vlen) as usize;
+                    v.payload(from..from + (part.len() * vlen) as usize)
+                }
+                None => Payload::empty(),
+            };
+            let keys = Payload::owned(vec![part.begin, part.end]);
+            self.send(server as u32, ts, OutFrame::new(h, keys, vals));
+        }
+        ts
+    }
+
+    fn send(&self, server: u32, ts: Timestamp, frame: OutFrame) {
+        if let Err(e) = self.servers[server as usize].send(frame) {
+            tracing::debug!(server, error = %e, "send failed");
+            self.core.settle(ts, server, |st, _| {
+                st.error.get_or_insert(EngineError::Disconnected { server });
+            });
+        }
+    }
+
+    /// Block until task `ts` is complete; return its error if it failed. Values of a pull
+    /// waited on this way are dropped.
+    pub fn wait(&self, ts: Timestamp) -> Result<(), EngineError> {
+        self.collect(ts).map(|_| ())
+    }
+
+    /// Block until pull (or push-pull) `ts` is complete and take its values.
+    pub fn wait_pull<T: Value>(&self, ts: Timestamp) -> Result<Pulled<T>, EngineError> {
+        let parts = self.collect(ts)?;
+        Ok(Pulled {
+            parts,
+            _t: PhantomData,
+        })
+    }
+
+    fn collect(&self, ts: Timestamp) -> Result<Vec<OwnedFrame>, EngineError> {
+        let Some(task) = self.core.tasks.lock().get(&ts).cloned() else {
+            // Successful pushes are forgotten when they complete un-waited.
+            return if ts < self.next_ts.load(Ordering::Relaxed) {
+                Ok(Vec::new())
+            } else {
+                Err(EngineError::UnknownTimestamp(ts))
+            };
+        };
+        if !task.done() {
+            let start = Instant::now();
+            while !task.done() && start.elapsed() < self.spin {
+                std::hint::spin_loop();
+            }
+            if !task.done() {
+                task.state.lock().waiter = Some(std::thread::current());
+                while !task.done() {
+                    std::thread::park();
+                }
+            }
+        }
+        self.core.tasks.lock().remove(&ts);
+        let mut st = task.state.lock();
+        if let Some(e) = st.error.take() {
+            return Err(e);
+        }
+        Ok(st.segments.iter_mut().filter_map(|s| s.part.take()).collect())
+    }
+
+    /// Wait until every worker has called `barrier` as often as this one.
+    pub fn barrier(&self) -> Result<(), EngineError> {
+        let seq = self.barrier_seq.fetch_add(1, Ordering::Relaxed) + 1;
+        self.scheduler.send(Control::Barrier { seq }.to_frame(self.node_id))?;
+        loop {
+            match self.control.recv() {
+                Ok(Control::BarrierDone { seq: s }) if s == seq => return Ok(()),
+                Ok(Control::Shutdown) | Err(_) => return Err(EngineError::SchedulerGone),
+                Ok(other) => tracing::debug!(?other, "control message while in a barrier"),
+            }
+        }
+    }
+
+    /// Send a control message to the scheduler (progress, log lines, summaries).
+    pub fn tell_scheduler(&self, msg: Control) -> Result<(), EngineError> {
+        Ok(self.scheduler.send(msg.to_frame(self.node_id))?)
+    }
+
+    /// Report that this worker is done, wait for the scheduler's shutdown, and disconnect.
+    pub fn finish(self, examples: u64) -> Result<(), EngineError> {
+        let (bytes_sent, bytes_received) = self.traffic();
+        self.tell_scheduler(Control::Done {
+            stats: WorkerStats {
+                examples,
+                bytes_sent,
+                bytes_received,
+            },
+        })?;
+        loop {
+            match self.control.recv_timeout(Duration::from_secs(600)) {
+                Ok(Control::Shutdown) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        self.transport.shutdown();
+        Ok(())
+    }
+}

@@ -1,0 +1,201 @@
+//! Whole-cluster tests: a real scheduler and real server processes on 127.0.0.1; workers
+//! are in-test `Worker`s (each with its own transport and sockets).
+
+mod common;
+
+use std::io::Write;
+use std::time::Duration;
+
+use common::Cluster;
+use pserv_engine::keys::{KeyRange, KEY_END};
+use pserv_engine::proto::Status;
+use pserv_engine::worker::{Worker, WorkerConfig};
+use pserv_engine::EngineError;
+use pserv_transport::TcpConfig;
+
+fn worker(c: &Cluster, rank: u32) -> Worker {
+    let mut cfg = WorkerConfig::new(c.scheduler);
+    cfg.rank = Some(rank);
+    cfg.tcp = TcpConfig {
+        threads: 1,
+        pin_cores: false,
+        ..TcpConfig::default()
+    };
+    cfg.register_timeout = Duration::from_secs(30);
+    Worker::connect(cfg).expect("worker connects")
+}
+
+/// Start `n` workers concurrently (registration completes only when all have joined).
+fn workers(c: &Cluster, n: u32) -> Vec<Worker> {
+    std::thread::scope(|s| {
+        let hs: Vec<_> = (0..n).map(|r| s.spawn(move || worker(c, r))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Keys spread over the whole key space (so every server gets some).
+fn spread_keys(n: u64) -> Vec<u64> {
+    (0..n).map(|i| (KEY_END / n) * i + 7).collect()
+}
+
+#[test]
+fn push_then_pull_returns_the_sum_over_workers() {
+    let mut c = Cluster::start(3, 3, &["--update=sum"]);
+    let ws = workers(&c, 3);
+    let keys = spread_keys(3000);
+    std::thread::scope(|s| {
+        for w in &ws {
+            let keys = keys.clone();
+            s.spawn(move || {
+                let r = w.rank() as f32 + 1.0;
+                // Many pushes in flight, then wait for them all.
+                let tss: Vec<_> = (0..20)
+                    .map(|i| {
+                        let vals: Vec<f32> = keys.iter().map(|&k| r * ((k % 7) as f32 + i as f32)).collect();
+                        w.push(keys.clone(), vals)
+                    })
+                    .collect();
+                for ts in tss {
+                    w.wait(ts).unwrap();
+                }
+                w.barrier().unwrap();
+            });
+        }
+    });
+    // Sum over workers r = 1..=3 and pushes i = 0..20 of r * (k%7 + i) = 6 * (20*(k%7) + 190).
+    let ts = ws[0].pull::<f32>(keys.clone());
+    let got = ws[0].wait_pull::<f32>(ts).unwrap().to_vec();
+    for (k, v) in keys.iter().zip(&got) {
+        assert_eq!(*v, 6.0 * (20.0 * (k % 7) as f32 + 190.0), "key {k}");
+    }
+    // The pull went to all three servers: one segment each.
+    assert_eq!(ws[0].wait_pull::<f32>(ws[0].pull::<f32>(keys.clone())).unwrap().segments().count(), 3);
+    for w in ws {
+        w.finish(0).unwrap();
+    }
+    c.procs.wait_all(Duration::from_secs(30));
+}
+
+#[test]
+fn ranges_span_servers_and_round_trip() {
+    let mut c = Cluster::start(2, 1, &["--update=assign", "--value-len=4"]);
+    let w = worker(&c, 0);
+    let mid = w.cluster().partition.range(1).begin;
+    let range = KeyRange::new(mid - 1000, mid + 3000);
+    let vals: Vec<f32> = (0..range.len() * 4).map(|i| i as f32).collect();
+    w.wait(w.push_range(range, vals.clone())).unwrap();
+    let got = w.wait_pull::<f32>(w.pull_range::<f32>(range)).unwrap();
+    assert_eq!(got.segments().count(), 2);
+    assert_eq!(got.to_vec(), vals);
+    // Key-list pulls see the dense values too; keys never pushed read as zero.
+    let keys = vec![mid - 1000, mid - 1, mid, mid + 2999, mid + 5000];
+    let got = w.wait_pull::<f32>(w.pull::<f32>(keys)).unwrap().to_vec();
+    let at = |k: u64| (((k - (mid - 1000)) * 4) as f32, 4);
+    let mut want = Vec::new();
+    for k in [mid - 1000, mid - 1, mid, mid + 2999] {
+        let (b, n) = at(k);
+        want.extend((0..n).map(|j| b + j as f32));
+    }
+    want.extend([0.0; 4]);
+    assert_eq!(got, want);
+    // Push-pull: assign then read back in one round trip.
+    let ts = w.push_pull::<f32>(vec![5u64, mid + 1], vec![1.0f32; 8]);
+    assert_eq!(w.wait_pull::<f32>(ts).unwrap().to_vec(), vec![1.0; 8]);
+    w.finish(0).unwrap();
+    c.procs.wait_all(Duration::from_secs(30));
+}
+
+#[test]
+fn bad_requests_get_clear_errors_and_change_nothing() {
+    let mut c = Cluster::start(1, 1, &["--update=sum"]);
+    let w = worker(&c, 0);
+    let keys = vec![1u64, 2, 3];
+    w.wait(w.push(keys.clone(), vec![1.0f32, 2.0, 3.0])).unwrap();
+
+    // Unsorted keys: refused before sending.
+    let e = w.wait(w.push(vec![3u64, 1], vec![1.0f32, 1.0])).unwrap_err();
+    assert!(matches!(e, EngineError::InvalidRequest(ref m) if m.contains("sorted")), "{e}");
+    // Wrong number of values.
+    let e = w.wait(w.push(keys.clone(), vec![1.0f32])).unwrap_err();
+    assert!(matches!(e, EngineError::InvalidRequest(_)), "{e}");
+    // Wrong value type for the cluster.
+    let e = w.wait(w.push(keys.clone(), vec![1.0f64, 2.0, 3.0])).unwrap_err();
+    assert!(matches!(e, EngineError::InvalidRequest(ref m) if m.contains("type")), "{e}");
+    // An update function the server does not know: the server answers with an error.
+    let e = w.wait(w.push_with(keys.clone(), vec![9.0f32; 3], 999)).unwrap_err();
+    match e {
+        EngineError::Server { status, message, .. } => {
+            assert_eq!(status, Status::UnknownFunction);
+            assert!(message.contains("999"), "{message}");
+        }
+        other => panic!("expected a server error, got {other}"),
+    }
+    // Unknown timestamps.
+    assert!(matches!(w.wait(1 << 40), Err(EngineError::UnknownTimestamp(_))));
+    // The store is as before.
+    let got = w.wait_pull::<f32>(w.pull::<f32>(keys)).unwrap().to_vec();
+    assert_eq!(got, vec![1.0, 2.0, 3.0]);
+    w.finish(0).unwrap();
+    c.procs.wait_all(Duration::from_secs(30));
+}
+
+#[test]
+fn garbage_and_vanishing_clients_do_not_take_the_server_down() {
+    let mut c = Cluster::start(1, 2, &["--update=sum"]);
+    let ws = workers(&c, 2);
+    let server = ws[0].cluster().servers[0].addr;
+    let keys = spread_keys(500);
+
+    // A client that sends garbage, one that announces a huge frame, and one that
+    // disconnects in the middle of a valid frame.
+    let mut garbage = std::net::TcpStream::connect(server).unwrap();
+    garbage.write_all(&[0x5a; 4096]).unwrap();
+    let mut huge = std::net::TcpStream::connect(server).unwrap();
+    let mut h = pserv_transport::Header::new(pserv_transport::MessageKind::Push, 99, 1);
+    h.key_count = 1 << 50;
+    huge.write_all(h.as_bytes()).unwrap();
+    {
+        let mut half = std::net::TcpStream::connect(server).unwrap();
+        let mut h = pserv_transport::Header::new(pserv_transport::MessageKind::Push, 99, 1);
+        h.dtype = pserv_transport::DType::F32 as u8;
+        h.value_len = 1;
+        let frame = pserv_transport::wire::encode(&h, &[1, 2, 3, 4, 5, 6], &[0u8; 24]);
+        half.write_all(&frame[..frame.len() / 2]).unwrap();
+    }
+
+    std::thread::scope(|s| {
+        for w in &ws {
+            let keys = keys.clone();
+            s.spawn(move || {
+                for _ in 0..50 {
+                    let ts = w.push(keys.clone(), vec![1.0f32; keys.len()]);
+                    w.wait(ts).unwrap();
+                }
+                w.barrier().unwrap();
+            });
+        }
+    });
+    let got = ws[1].wait_pull::<f32>(ws[1].pull::<f32>(keys)).unwrap().to_vec();
+    assert!(got.iter().all(|&v| v == 100.0), "{:?}", &got[..5]);
+    drop(garbage);
+    drop(huge);
+    for w in ws {
+        w.finish(0).unwrap();
+    }
+    c.procs.wait_all(Duration::from_secs(30));
+}
+
+#[test]
+fn a_worker_that_dies_mid_job_does_not_stop_the_others() {
+    let mut c = Cluster::start(1, 2, &["--update=sum"]);
+    let mut ws = workers(&c, 2);
+    let quitter = ws.pop().unwrap();
+    // Leave without saying goodbye: the scheduler skips it, barriers stop waiting for it.
+    drop(quitter);
+    let w = ws.pop().unwrap();
+    w.wait(w.push(vec![1u64], vec![2.0f32])).unwrap();
+    w.barrier().unwrap();
+    assert_eq!(w.wait_pull::<f32>(w.pull::<f32>(vec![1u64])).unwrap().to_vec(), vec![2.0]);
+    w.finish(0).unwrap();
+    c.procs.wait_all(Duration::from_secs(30));
+}
