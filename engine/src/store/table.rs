@@ -1,0 +1,522 @@
+//! The sparse part of one shard: an open-addressing hash table with linear probing whose
+//! buckets live in one [`PinnedRegion`].
+//!
+//! A bucket is `[key: u64][value_len T weights][value_len * state_len T state]`, padded to
+//! whole `u64` words, so a key, its weights and its state share one cache miss (for small
+//! values). An empty bucket holds the key [`EMPTY`] (`u64::MAX`, never a valid key) and
+//! zero weights and state: that invariant is what lets an insert just write the key.
+//! Keys are hashed multiplicatively (Fibonacci hashing: the top bits of `key * 2^64/phi`).
+//! The table doubles (rehashing into a fresh region) when an insert would take the load
+//! above 0.6. Deletion (only when a dense block takes keys over) shifts later entries of
+//! the probe run back, so there are no tombstones.
+//!
+//! The per-key loops are software-pipelined: while key `i` is probed, the home bucket of
+//! key `i + PREFETCH_AHEAD` is prefetched, so the cache misses of a request overlap.
+
+use std::marker::PhantomData;
+
+use pserv_sys::{prefetch_read, PinnedRegion, RegionError};
+
+use super::Rule;
+use crate::keys::KeyRange;
+use crate::update::UpdateFn;
+use crate::value::Value;
+
+/// The key of an empty bucket. Never a valid key (key ranges end at `u64::MAX`).
+pub(super) const EMPTY: u64 = u64::MAX;
+
+/// 2^64 / golden ratio, odd: the multiplier of Fibonacci hashing.
+const FIB: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// How many keys ahead the per-key loops prefetch a home bucket.
+pub(super) const PREFETCH_AHEAD: usize = 16;
+
+/// Load factor limit: grow when `len` would pass `cap * LOAD_NUM / LOAD_DEN`.
+const LOAD_NUM: usize = 3;
+const LOAD_DEN: usize = 5;
+
+/// The shape of a table: everything the per-key loops need, copied into registers.
+#[derive(Clone, Copy, Debug)]
+struct Geom {
+    /// `u64` words per bucket (the key word included).
+    stride: usize,
+    /// Weights per key.
+    vl: usize,
+    /// State elements per key (`vl * state_len`).
+    sl: usize,
+    /// Number of buckets, a power of two.
+    cap: usize,
+    mask: usize,
+    /// `64 - log2(cap)`.
+    shift: u32,
+    /// Largest `len` reached by inserting without growing first.
+    grow_at: usize,
+}
+
+impl Geom {
+    fn new<T>(vl: usize, sl: usize, cap: usize) -> Geom {
+        assert!(
+            cap.is_power_of_two() && cap >= 2,
+            "bad table capacity {cap}"
+        );
+        let value_bytes = (vl + sl) * std::mem::size_of::<T>();
+        Geom {
+            stride: 1 + value_bytes.div_ceil(8),
+            vl,
+            sl,
+            cap,
+            mask: cap - 1,
+            shift: 64 - cap.trailing_zeros(),
+            grow_at: (cap * LOAD_NUM / LOAD_DEN).max(1),
+        }
+    }
+
+    /// The home bucket of `key`.
+    #[inline(always)]
+    fn home(&self, key: u64) -> usize {
+        (key.wrapping_mul(FIB) >> self.shift) as usize
+    }
+
+    /// The smallest capacity that holds `keys` keys within the load limit, at least `min`.
+    fn cap_for(keys: usize, min: usize) -> usize {
+        (keys.saturating_mul(LOAD_DEN).div_ceil(LOAD_NUM) + 1)
+            .next_power_of_two()
+            .max(min)
+            .max(2)
+    }
+}
+
+/// The sparse hash table of one shard. See the module doc for the layout.
+pub(super) struct Table<T> {
+    region: PinnedRegion,
+    g: Geom,
+    /// Occupied buckets.
+    len: usize,
+    _values: PhantomData<fn() -> T>,
+}
+
+impl<T: Value> Table<T> {
+    /// A table for `vl` weights and `sl` state elements per key, sized to hold
+    /// `initial_keys` keys without growing (and at least one page of buckets).
+    pub(super) fn new(vl: usize, sl: usize, initial_keys: usize) -> Result<Self, RegionError> {
+        assert!(vl > 0, "value_len must be positive");
+        let stride_bytes = Geom::new::<T>(vl, sl, 2).stride * 8;
+        let page_fit = pserv_sys::page_size() / stride_bytes;
+        let min = if page_fit >= 2 {
+            // Largest power of two not above page_fit.
+            1usize << (usize::BITS - 1 - page_fit.leading_zeros())
+        } else {
+            2
+        };
+        Self::with_capacity(vl, sl, Geom::cap_for(initial_keys, min))
+    }
+
+    fn with_capacity(vl: usize, sl: usize, cap: usize) -> Result<Self, RegionError> {
+        let g = Geom::new::<T>(vl, sl, cap);
+        let mut region = PinnedRegion::new(cap * g.stride * 8)?;
+        let words: &mut [u64] = region.as_mut_slice();
+        for b in 0..cap {
+            words[b * g.stride] = EMPTY;
+        }
+        Ok(Table {
+            region,
+            g,
+            len: 0,
+            _values: PhantomData,
+        })
+    }
+
+    /// Keys stored.
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Number of buckets.
+    pub(super) fn capacity(&self) -> usize {
+        self.g.cap
+    }
+
+    /// Pinned bytes held.
+    pub(super) fn bytes(&self) -> u64 {
+        self.region.len() as u64
+    }
+
+    /// Grow to the smallest capacity above the current one that holds `keys` keys.
+    fn grow_for(&mut self, keys: usize) -> Result<(), RegionError> {
+        let cap = Geom::cap_for(keys, self.g.cap * 2);
+        let mut next = Table::<T>::with_capacity(self.g.vl, self.g.sl, cap)?;
+        {
+            let g = next.g;
+            debug_assert_eq!(g.stride, self.g.stride);
+            let old: &[u64] = self.region.as_slice();
+            let new: &mut [u64] = next.region.as_mut_slice();
+            for bucket in old[..self.g.cap * g.stride].chunks_exact(g.stride) {
+                let key = bucket[0];
+                if key == EMPTY {
+                    continue;
+                }
+                let mut b = g.home(key);
+                while new[b * g.stride] != EMPTY {
+                    b = (b + 1) & g.mask;
+                }
+                new[b * g.stride..(b + 1) * g.stride].copy_from_slice(bucket);
+            }
+        }
+        next.len = self.len;
+        *self = next;
+        Ok(())
+    }
+
+    /// Apply `grads` (`keys.len() * vl` elements) to `keys` with `rule`, inserting keys not
+    /// present with zero weights and state first; with `OUT`, copy the new weights into
+    /// `out` (same length as `grads`).
+    ///
+    /// On `Err` (the table could not grow and is full) the keys before the failing one are
+    /// applied: only an allocation failure of the operating system gets there.
+    pub(super) fn push<F: UpdateFn<T> + ?Sized, const OUT: bool>(
+        &mut self,
+        keys: &[u64],
+        grads: &[T],
+        rule: &Rule<'_, F>,
+        out: &mut [T],
+    ) -> Result<(), RegionError> {
+        debug_assert_eq!(grads.len(), keys.len() * self.g.vl);
+        debug_assert_eq!(out.len(), if OUT { grads.len() } else { 0 });
+        let mut done = 0;
+        let mut may_grow = true;
+        loop {
+            done = if self.g.vl == 1 {
+                self.push_run::<F, true, OUT>(done, keys, grads, rule, out, may_grow)
+            } else {
+                self.push_run::<F, false, OUT>(done, keys, grads, rule, out, may_grow)
+            };
+            if done == keys.len() {
+                return Ok(());
+            }
+            // keys[done] is new and the table is at its load limit.
+            let want = self.len + 1 + (keys.len() - done) / 2;
+            match self.grow_for(want) {
+                Ok(()) => may_grow = true,
+                Err(err) if !may_grow || self.len + 1 >= self.g.cap => return Err(err),
+                Err(err) => {
+                    // Keep serving above the load limit; a later request tries again.
+                    tracing::warn!(error = %err, len = self.len, cap = self.g.cap,
+                        "could not grow a sparse table; continuing above its load limit");
+                    may_grow = false;
+                }
+            }
+        }
+    }
+
+    /// The pipelined loop of [`push`](Self::push) from key `start`. Returns where it
+    /// stopped: `keys.len()`, or the index of a new key that needs the table to grow first.
+    #[inline(always)]
+    fn push_run<F: UpdateFn<T> + ?Sized, const ONE: bool, const OUT: bool>(
+        &mut self,
+        start: usize,
+        keys: &[u64],
+        grads: &[T],
+        rule: &Rule<'_, F>,
+        out: &mut [T],
+        may_grow: bool,
+    ) -> usize {
+        let g = self.g;
+        let vl = if ONE { 1 } else { g.vl };
+        let limit = if may_grow { g.grow_at } else { g.cap - 1 };
+        let words: &mut [u64] = self.region.as_mut_slice();
+        let mut len = self.len;
+        for i in start..keys.len() {
+            if let Some(&ahead) = keys.get(i + PREFETCH_AHEAD) {
+                prefetch_read(&words[g.home(ahead) * g.stride]);
+            }
+            let key = keys[i];
+            debug_assert_ne!(key, EMPTY);
+            let mut b = g.home(key);
+            loop {
+                let k = words[b * g.stride];
+                if k == key {
+                    break;
+                }
+                if k == EMPTY {
+                    if len >= limit {
+                        self.len = len;
+                        return i;
+                    }
+                    words[b * g.stride] = key;
+                    len += 1;
+                    break;
+                }
+                b = (b + 1) & g.mask;
+            }
+            let base = b * g.stride;
+            let vals: &mut [T] = bytemuck::cast_slice_mut(&mut words[base + 1..base + g.stride]);
+            let (w, rest) = vals.split_at_mut(vl);
+            rule.apply(w, &mut rest[..g.sl], &grads[i * vl..(i + 1) * vl]);
+            if OUT {
+                out[i * vl..(i + 1) * vl].copy_from_slice(w);
+            }
+        }
+        self.len = len;
+        keys.len()
+    }
+
+    /// Copy the weights of the `n` keys `key_at(0..n)` (ascending) into `out`
+    /// (`n * vl` elements); keys not present read as zero.
+    pub(super) fn pull(&self, n: usize, key_at: impl Fn(usize) -> u64, out: &mut [T]) {
+        debug_assert_eq!(out.len(), n * self.g.vl);
+        if self.len == 0 {
+            out.fill(T::default());
+        } else if self.g.vl == 1 {
+            self.pull_run::<true>(n, key_at, out);
+        } else {
+            self.pull_run::<false>(n, key_at, out);
+        }
+    }
+
+    /// Copy the weights of every key of `range` into `out` (`range.len() * vl`); keys not
+    /// present read as zero. Probes each key, or scans the table when that is shorter.
+    pub(super) fn pull_range(&self, range: KeyRange, out: &mut [T]) {
+        let n = range.len() as usize;
+        if self.len == 0 || n <= self.g.cap {
+            return self.pull(n, |i| range.begin + i as u64, out);
+        }
+        out.fill(T::default());
+        let vl = self.g.vl;
+        for (k, b) in self.occupied() {
+            if range.contains(k) {
+                let i = (k - range.begin) as usize;
+                out[i * vl..(i + 1) * vl].copy_from_slice(self.weights_at(b));
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn pull_run<const ONE: bool>(&self, n: usize, key_at: impl Fn(usize) -> u64, out: &mut [T]) {
+        let g = self.g;
+        let vl = if ONE { 1 } else { g.vl };
+        let words: &[u64] = self.region.as_slice();
+        for (i, o) in out.chunks_exact_mut(vl).enumerate().take(n) {
+            if i + PREFETCH_AHEAD < n {
+                prefetch_read(&words[g.home(key_at(i + PREFETCH_AHEAD)) * g.stride]);
+            }
+            let key = key_at(i);
+            let mut b = g.home(key);
+            loop {
+                let k = words[b * g.stride];
+                if k == key {
+                    let base = b * g.stride;
+                    let vals: &[T] = bytemuck::cast_slice(&words[base + 1..base + g.stride]);
+                    o.copy_from_slice(&vals[..vl]);
+                    break;
+                }
+                if k == EMPTY {
+                    o.fill(T::default());
+                    break;
+                }
+                b = (b + 1) & g.mask;
+            }
+        }
+    }
+
+    /// The bucket holding `key`, if present.
+    fn find(&self, key: u64) -> Option<usize> {
+        let g = self.g;
+        let words: &[u64] = self.region.as_slice();
+        let mut b = g.home(key);
+        loop {
+            match words[b * g.stride] {
+                k if k == key => return Some(b),
+                EMPTY => return None,
+                _ => b = (b + 1) & g.mask,
+            }
+        }
+    }
+
+    /// The weights and state of bucket `b`, `vl + sl` elements.
+    fn values_at(&self, b: usize) -> &[T] {
+        let g = self.g;
+        let words: &[u64] = self.region.as_slice();
+        let vals: &[T] = bytemuck::cast_slice(&words[b * g.stride + 1..(b + 1) * g.stride]);
+        &vals[..g.vl + g.sl]
+    }
+
+    /// Remove every key in `range`, handing each to `sink` with its weights and state
+    /// (`vl + sl` elements), in no particular order.
+    pub(super) fn take_range(&mut self, range: KeyRange, mut sink: impl FnMut(u64, &[T])) {
+        if self.len == 0 || range.is_empty() {
+            return;
+        }
+        let found: Vec<(u64, usize)> = if range.len() <= (self.g.cap / 8) as u64 {
+            // Short range: probe each key.
+            (range.begin..range.end)
+                .filter_map(|k| self.find(k).map(|b| (k, b)))
+                .collect()
+        } else {
+            self.occupied()
+                .filter(|&(k, _)| range.contains(k))
+                .collect()
+        };
+        for (key, _) in found {
+            // Look up again: removing an earlier key may have shifted this one.
+            let b = self
+                .find(key)
+                .expect("a key found in this table is still there");
+            sink(key, self.values_at(b));
+            self.remove_at(b);
+        }
+    }
+
+    /// Remove the entry in bucket `hole` (backward-shift deletion: move later members of
+    /// the probe run into the hole while that keeps each reachable from its home bucket).
+    fn remove_at(&mut self, mut hole: usize) {
+        let g = self.g;
+        let words: &mut [u64] = self.region.as_mut_slice();
+        debug_assert_ne!(words[hole * g.stride], EMPTY);
+        let mut j = hole;
+        loop {
+            j = (j + 1) & g.mask;
+            let k = words[j * g.stride];
+            if k == EMPTY {
+                break;
+            }
+            let h = g.home(k);
+            // The entry at j must stay if its home lies cyclically in (hole, j].
+            let stays = if hole <= j {
+                hole < h && h <= j
+            } else {
+                hole < h || h <= j
+            };
+            if !stays {
+                words.copy_within(j * g.stride..(j + 1) * g.stride, hole * g.stride);
+                hole = j;
+            }
+        }
+        let bucket = &mut words[hole * g.stride..(hole + 1) * g.stride];
+        bucket.fill(0);
+        bucket[0] = EMPTY;
+        self.len -= 1;
+    }
+
+    /// `(key, bucket)` of every occupied bucket, in bucket order.
+    fn occupied(&self) -> impl Iterator<Item = (u64, usize)> + '_ {
+        let g = self.g;
+        let words: &[u64] = self.region.as_slice();
+        words[..g.cap * g.stride]
+            .chunks_exact(g.stride)
+            .enumerate()
+            .filter(|(_, bucket)| bucket[0] != EMPTY)
+            .map(|(b, bucket)| (bucket[0], b))
+    }
+
+    /// `(key, bucket)` of every key, ascending by key.
+    pub(super) fn sorted_entries(&self) -> Vec<(u64, usize)> {
+        let mut v: Vec<(u64, usize)> = self.occupied().collect();
+        v.sort_unstable_by_key(|&(k, _)| k);
+        v
+    }
+
+    /// The weights in bucket `b`.
+    pub(super) fn weights_at(&self, b: usize) -> &[T] {
+        &self.values_at(b)[..self.g.vl]
+    }
+
+    /// Keys with a non-zero weight element.
+    pub(super) fn nonzero(&self) -> u64 {
+        self.occupied()
+            .filter(|&(_, b)| self.weights_at(b).iter().any(|&x| x != T::default()))
+            .count() as u64
+    }
+
+    /// Check the table's invariants (tests): every key reachable from its home bucket
+    /// without crossing an empty bucket, empty buckets zeroed, `len` right.
+    #[cfg(test)]
+    pub(super) fn check(&self) {
+        let g = self.g;
+        let words: &[u64] = self.region.as_slice();
+        let mut n = 0;
+        for b in 0..g.cap {
+            let bucket = &words[b * g.stride..(b + 1) * g.stride];
+            if bucket[0] == EMPTY {
+                assert!(
+                    bucket[1..].iter().all(|&w| w == 0),
+                    "dirty empty bucket {b}"
+                );
+                continue;
+            }
+            n += 1;
+            assert_eq!(
+                self.find(bucket[0]),
+                Some(b),
+                "key {} unreachable",
+                bucket[0]
+            );
+        }
+        assert_eq!(n, self.len);
+        assert!(self.len < g.cap);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::update::{Sum, UpdateFn};
+
+    fn rule(f: &dyn UpdateFn<f32>) -> Rule<'_, dyn UpdateFn<f32>> {
+        Rule::new(f, 0)
+    }
+
+    #[test]
+    fn grows_and_keeps_every_key() {
+        let mut t = Table::<f32>::new(1, 0, 0).unwrap();
+        let cap0 = t.capacity();
+        let keys: Vec<u64> = (0..20_000u64).map(|i| i * 7919).collect();
+        for chunk in keys.chunks(999) {
+            let grads: Vec<f32> = chunk.iter().map(|&k| (k % 13) as f32).collect();
+            t.push::<_, false>(chunk, &grads, &rule(&Sum), &mut [])
+                .unwrap();
+        }
+        t.check();
+        assert_eq!(t.len(), keys.len());
+        assert!(t.capacity() > cap0);
+        assert!(t.len() * LOAD_DEN <= t.capacity() * LOAD_NUM);
+        let mut out = vec![0f32; keys.len()];
+        t.pull(keys.len(), |i| keys[i], &mut out);
+        for (k, v) in keys.iter().zip(&out) {
+            assert_eq!(*v, (k % 13) as f32);
+        }
+    }
+
+    #[test]
+    fn take_range_removes_and_shifts_back() {
+        for vl in [1, 3] {
+            let mut t = Table::<f64>::new(vl, vl, 8).unwrap();
+            // Dense-ish keys so probe runs cross the removed keys.
+            let keys: Vec<u64> = (0..3000u64).collect();
+            let grads: Vec<f64> = (0..keys.len() * vl).map(|i| i as f64).collect();
+            let f: &dyn UpdateFn<f64> = &Sum;
+            t.push::<_, false>(&keys, &grads, &Rule::new(f, 1), &mut [])
+                .unwrap();
+            let mut taken = Vec::new();
+            // One short range (probed) and one long one (scanned).
+            for r in [KeyRange::new(100, 110), KeyRange::new(1000, 2500)] {
+                t.take_range(r, |k, vals| {
+                    assert_eq!(vals.len(), 2 * vl);
+                    assert_eq!(vals[0], (k as usize * vl) as f64);
+                    taken.push(k);
+                });
+                t.check();
+            }
+            taken.sort_unstable();
+            let want: Vec<u64> = (100..110).chain(1000..2500).collect();
+            assert_eq!(taken, want);
+            assert_eq!(t.len(), 3000 - want.len());
+            let mut out = vec![0f64; keys.len() * vl];
+            t.pull(keys.len(), |i| keys[i], &mut out);
+            for (k, o) in keys.iter().zip(out.chunks_exact(vl)) {
+                let gone = want.binary_search(k).is_ok();
+                let expect = if gone { 0.0 } else { (*k as usize * vl) as f64 };
+                assert_eq!(o[0], expect, "key {k}");
+            }
+        }
+    }
+}
