@@ -1,2 +1,127 @@
-//! Store micro benches (being written).
-fn main() {}
+//! Store micro benches: push (Sum) and pull of sorted key lists into a store that already
+//! holds the keys, and range push / pull of a 16 MiB dense block, single thread. Criterion
+//! reports `thrpt` in elements per second: one element is one key (f32, value_len 1).
+//!
+//! Run: `cargo bench -p pserv-engine --bench store -- --warm-up-time 1 --measurement-time 3`
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use pserv_engine::store::{Store, StoreConfig};
+use pserv_engine::update::Sum;
+use pserv_engine::KeyRange;
+
+/// splitmix64: reproducible random keys without pulling an RNG into the bench.
+fn random_keys(n: usize, seed: u64) -> Vec<u64> {
+    let mut x = seed;
+    let mut keys: Vec<u64> = (0..n)
+        .map(|_| {
+            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            (z ^ (z >> 31)) % (u64::MAX - 1)
+        })
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys
+}
+
+/// A store over the whole key space already holding `keys`.
+fn store_with(keys: &[u64]) -> Store<f32> {
+    let store = Store::<f32>::new(KeyRange::FULL, StoreConfig::default()).unwrap();
+    store.push(keys, &vec![1.0; keys.len()], &Sum).unwrap();
+    store
+}
+
+fn key_lists(c: &mut Criterion) {
+    let cases: Vec<(String, Vec<u64>)> = vec![
+        ("random/1e3".into(), random_keys(1_000, 1)),
+        ("random/1e5".into(), random_keys(100_000, 2)),
+        ("random/1e6".into(), random_keys(1_000_000, 3)),
+        (
+            "sequential/1e6".into(),
+            (1u64 << 40..(1 << 40) + 1_000_000).collect(),
+        ),
+    ];
+    let mut push = c.benchmark_group("push_sum_f32");
+    for (name, keys) in &cases {
+        let store = store_with(keys);
+        let grads = vec![0.5f32; keys.len()];
+        push.throughput(Throughput::Elements(keys.len() as u64));
+        push.bench_with_input(BenchmarkId::from_parameter(name), keys, |b, keys| {
+            b.iter(|| {
+                store
+                    .push(black_box(keys), black_box(&grads), &Sum)
+                    .unwrap()
+            })
+        });
+    }
+    push.finish();
+
+    let mut pull = c.benchmark_group("pull_f32");
+    for (name, keys) in &cases {
+        let store = store_with(keys);
+        let mut out = vec![0f32; keys.len()];
+        pull.throughput(Throughput::Elements(keys.len() as u64));
+        pull.bench_with_input(BenchmarkId::from_parameter(name), keys, |b, keys| {
+            b.iter(|| {
+                store.pull(black_box(keys), &mut out).unwrap();
+                black_box(&out);
+            })
+        });
+    }
+    pull.finish();
+
+    let mut push_pull = c.benchmark_group("push_pull_sum_f32");
+    let (name, keys) = &cases[2];
+    let store = store_with(keys);
+    let grads = vec![0.5f32; keys.len()];
+    let mut out = vec![0f32; keys.len()];
+    push_pull.throughput(Throughput::Elements(keys.len() as u64));
+    push_pull.bench_with_input(BenchmarkId::from_parameter(name), keys, |b, keys| {
+        b.iter(|| {
+            store
+                .push_pull(black_box(keys), &grads, &Sum, &mut out)
+                .unwrap();
+            black_box(&out);
+        })
+    });
+    push_pull.finish();
+}
+
+fn ranges(c: &mut Criterion) {
+    const KEYS: u64 = (16 << 20) / 4;
+    let range = KeyRange::new(1 << 40, (1 << 40) + KEYS);
+    // One shard so the range is one block, as a server holding one dense range would.
+    let cfg = StoreConfig {
+        shards: 1,
+        ..StoreConfig::default()
+    };
+    let store = Store::<f32>::new(KeyRange::FULL, cfg).unwrap();
+    let grads = vec![0.5f32; KEYS as usize];
+    store.push_range(range, &grads, &Sum).unwrap();
+    let sharded = Store::<f32>::new(range, StoreConfig::default()).unwrap();
+    sharded.push_range(range, &grads, &Sum).unwrap();
+    let mut out = vec![0f32; KEYS as usize];
+
+    let mut g = c.benchmark_group("range_f32_16MiB");
+    g.throughput(Throughput::Elements(KEYS));
+    g.bench_function("push_range_sum", |b| {
+        b.iter(|| store.push_range(range, black_box(&grads), &Sum).unwrap())
+    });
+    g.bench_function("push_range_sum_16_shards", |b| {
+        b.iter(|| sharded.push_range(range, black_box(&grads), &Sum).unwrap())
+    });
+    g.bench_function("pull_range", |b| {
+        b.iter(|| {
+            store.pull_range(range, &mut out).unwrap();
+            black_box(&out);
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, key_lists, ranges);
+criterion_main!(benches);

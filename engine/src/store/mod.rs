@@ -11,7 +11,7 @@
 //! - **Sparse keys** live in a per-shard open-addressing hash table (linear probing,
 //!   Fibonacci hashing, load at most 0.6, doubling) whose buckets hold the key, its weights
 //!   and its state side by side: one cache miss per key. The per-key loops prefetch the
-//!   home bucket of the key 16 positions ahead so misses overlap.
+//!   home bucket of the key 32 positions ahead so misses overlap.
 //! - **Dense blocks** hold whole ranges contiguously (weights in one region, state in
 //!   another). `push_range` / `push_pull_range` serve a range piecewise: the parts covered
 //!   by existing blocks use them; each uncovered part (per shard) gets a new zeroed block

@@ -29,11 +29,32 @@ pub(super) const EMPTY: u64 = u64::MAX;
 const FIB: u64 = 0x9E37_79B9_7F4A_7C15;
 
 /// How many keys ahead the per-key loops prefetch a home bucket.
-pub(super) const PREFETCH_AHEAD: usize = 16;
+pub(super) const PREFETCH_AHEAD: usize = 32;
 
 /// Load factor limit: grow when `len` would pass `cap * LOAD_NUM / LOAD_DEN`.
 const LOAD_NUM: usize = 3;
 const LOAD_DEN: usize = 5;
+
+/// The first bucket at or after `home` (linear probing order) that holds `key` or is
+/// empty, in a pair-shaped table (`pairs.len()` a power of two).
+#[inline(always)]
+fn probe_pair(pairs: &[[u64; 2]], home: usize, key: u64) -> usize {
+    let mask = pairs.len() - 1;
+    let mut b = home & mask;
+    loop {
+        let k = pairs[b][0];
+        if k == key || k == EMPTY {
+            return b;
+        }
+        b = (b + 1) & mask;
+    }
+}
+
+/// A pair-shaped table of `cap` buckets in `region`, as `[key, value word]` pairs.
+fn pairs_mut(region: &mut PinnedRegion, cap: usize) -> &mut [[u64; 2]] {
+    let words: &mut [u64] = region.as_mut_slice();
+    bytemuck::cast_slice_mut(&mut words[..cap * 2])
+}
 
 /// The shape of a table: everything the per-key loops need, copied into registers.
 #[derive(Clone, Copy, Debug)]
@@ -75,6 +96,11 @@ impl Geom {
     #[inline(always)]
     fn home(&self, key: u64) -> usize {
         (key.wrapping_mul(FIB) >> self.shift) as usize
+    }
+
+    /// Whether buckets are two words holding one weight (the fast path).
+    fn is_pair(&self) -> bool {
+        self.stride == 2 && self.vl == 1
     }
 
     /// The smallest capacity that holds `keys` keys within the load limit, at least `min`.
@@ -185,10 +211,10 @@ impl<T: Value> Table<T> {
         let mut done = 0;
         let mut may_grow = true;
         loop {
-            done = if self.g.vl == 1 {
-                self.push_run::<F, true, OUT>(done, keys, grads, rule, out, may_grow)
+            done = if self.g.is_pair() {
+                self.push_run_pair::<F, OUT>(done, keys, grads, rule, out, may_grow)
             } else {
-                self.push_run::<F, false, OUT>(done, keys, grads, rule, out, may_grow)
+                self.push_run::<F, OUT>(done, keys, grads, rule, out, may_grow)
             };
             if done == keys.len() {
                 return Ok(());
@@ -211,7 +237,7 @@ impl<T: Value> Table<T> {
     /// The pipelined loop of [`push`](Self::push) from key `start`. Returns where it
     /// stopped: `keys.len()`, or the index of a new key that needs the table to grow first.
     #[inline(always)]
-    fn push_run<F: UpdateFn<T> + ?Sized, const ONE: bool, const OUT: bool>(
+    fn push_run<F: UpdateFn<T> + ?Sized, const OUT: bool>(
         &mut self,
         start: usize,
         keys: &[u64],
@@ -221,7 +247,7 @@ impl<T: Value> Table<T> {
         may_grow: bool,
     ) -> usize {
         let g = self.g;
-        let vl = if ONE { 1 } else { g.vl };
+        let vl = g.vl;
         let limit = if may_grow { g.grow_at } else { g.cap - 1 };
         let words: &mut [u64] = self.region.as_mut_slice();
         let mut len = self.len;
@@ -260,16 +286,71 @@ impl<T: Value> Table<T> {
         keys.len()
     }
 
+    /// [`push_run`](Self::push_run) for the commonest shape, one weight and a bucket of
+    /// two words (f32 or f64 weights, f32 with one state element): the buckets viewed as
+    /// `[u64; 2]` pairs, so the compiler sees the accesses in bounds and keeps the loop
+    /// short (about twice as fast as the general loop on cache-resident tables).
+    #[inline(always)]
+    fn push_run_pair<F: UpdateFn<T> + ?Sized, const OUT: bool>(
+        &mut self,
+        start: usize,
+        keys: &[u64],
+        grads: &[T],
+        rule: &Rule<'_, F>,
+        out: &mut [T],
+        may_grow: bool,
+    ) -> usize {
+        let g = self.g;
+        debug_assert!(g.is_pair());
+        let limit = if may_grow { g.grow_at } else { g.cap - 1 };
+        let n = keys.len();
+        let grads = &grads[..n];
+        let out = &mut out[..if OUT { n } else { 0 }];
+        let pairs = pairs_mut(&mut self.region, g.cap);
+        let mut len = self.len;
+        for i in start..n {
+            let ahead = g.home(keys[(i + PREFETCH_AHEAD).min(n - 1)]);
+            prefetch_read(&pairs[ahead & g.mask]);
+            let key = keys[i];
+            debug_assert_ne!(key, EMPTY);
+            let b = probe_pair(pairs, g.home(key), key);
+            let bucket = &mut pairs[b];
+            if bucket[0] != key {
+                if len >= limit {
+                    self.len = len;
+                    return i;
+                }
+                bucket[0] = key;
+                len += 1;
+            }
+            let vals: &mut [T] = bytemuck::cast_slice_mut(&mut bucket[1..]);
+            let (w, s) = vals.split_at_mut(1);
+            rule.apply(w, &mut s[..g.sl], std::slice::from_ref(&grads[i]));
+            if OUT {
+                out[i] = w[0];
+            }
+        }
+        self.len = len;
+        n
+    }
+
+    /// The buckets as `[key, value word]` pairs (pair shape only).
+    fn pairs(&self) -> &[[u64; 2]] {
+        debug_assert!(self.g.is_pair());
+        let words: &[u64] = self.region.as_slice();
+        bytemuck::cast_slice(&words[..self.g.cap * 2])
+    }
+
     /// Copy the weights of the `n` keys `key_at(0..n)` (ascending) into `out`
     /// (`n * vl` elements); keys not present read as zero.
     pub(super) fn pull(&self, n: usize, key_at: impl Fn(usize) -> u64, out: &mut [T]) {
         debug_assert_eq!(out.len(), n * self.g.vl);
         if self.len == 0 {
             out.fill(T::default());
-        } else if self.g.vl == 1 {
-            self.pull_run::<true>(n, key_at, out);
+        } else if self.g.is_pair() {
+            self.pull_run_pair(n, key_at, out);
         } else {
-            self.pull_run::<false>(n, key_at, out);
+            self.pull_run(n, key_at, out);
         }
     }
 
@@ -291,9 +372,9 @@ impl<T: Value> Table<T> {
     }
 
     #[inline(always)]
-    fn pull_run<const ONE: bool>(&self, n: usize, key_at: impl Fn(usize) -> u64, out: &mut [T]) {
+    fn pull_run(&self, n: usize, key_at: impl Fn(usize) -> u64, out: &mut [T]) {
         let g = self.g;
-        let vl = if ONE { 1 } else { g.vl };
+        let vl = g.vl;
         let words: &[u64] = self.region.as_slice();
         for (i, o) in out.chunks_exact_mut(vl).enumerate().take(n) {
             if i + PREFETCH_AHEAD < n {
@@ -315,6 +396,30 @@ impl<T: Value> Table<T> {
                 }
                 b = (b + 1) & g.mask;
             }
+        }
+    }
+
+    /// [`pull_run`](Self::pull_run) for two-word buckets with one weight.
+    #[inline(always)]
+    fn pull_run_pair(&self, n: usize, key_at: impl Fn(usize) -> u64, out: &mut [T]) {
+        let g = self.g;
+        if n == 0 {
+            return;
+        }
+        let out = &mut out[..n];
+        let pairs = self.pairs();
+        for (i, o) in out.iter_mut().enumerate() {
+            let ahead = g.home(key_at((i + PREFETCH_AHEAD).min(n - 1)));
+            prefetch_read(&pairs[ahead & g.mask]);
+            let key = key_at(i);
+            let b = probe_pair(pairs, g.home(key), key);
+            let bucket = &pairs[b];
+            let vals: &[T] = bytemuck::cast_slice(&bucket[1..]);
+            *o = if bucket[0] == key {
+                vals[0]
+            } else {
+                T::default()
+            };
         }
     }
 

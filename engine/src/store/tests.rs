@@ -634,6 +634,44 @@ fn dense_blocks_take_over_sparse_keys_and_serve_key_lists() {
 }
 
 #[test]
+fn one_key_gaps_between_blocks_get_their_own_block() {
+    let cfg = StoreConfig {
+        shards: 1,
+        ..StoreConfig::default()
+    };
+    let s = Store::<f32>::new(KeyRange::new(0, 100), cfg).unwrap();
+    s.push(&[20, 31], &[5.0, 6.0], &Sum).unwrap();
+    s.push_range(KeyRange::new(10, 20), &[1.0; 10], &Sum)
+        .unwrap();
+    s.push_range(KeyRange::new(21, 30), &[1.0; 9], &Sum)
+        .unwrap();
+    s.push_range(KeyRange::new(5, 35), &[1.0; 30], &Sum)
+        .unwrap();
+    assert_eq!(
+        s.dense_ranges(),
+        [
+            KeyRange::new(5, 10),
+            KeyRange::new(10, 20),
+            KeyRange::new(20, 21),
+            KeyRange::new(21, 30),
+            KeyRange::new(30, 35)
+        ]
+    );
+    let mut out = [0.0f32; 32];
+    s.pull_range(KeyRange::new(4, 36), &mut out).unwrap();
+    let mut want = [1.0f32; 32];
+    want[0] = 0.0;
+    want[31] = 0.0;
+    for k in (10..20).chain(21..30) {
+        want[k - 4] = 2.0;
+    }
+    want[20 - 4] = 6.0;
+    want[31 - 4] = 7.0;
+    assert_eq!(out, want);
+    s.check_invariants();
+}
+
+#[test]
 fn concurrent_sums_are_exact() {
     const THREADS: u64 = 4;
     const ROUNDS: u64 = 40;
