@@ -4,6 +4,9 @@
 //!
 //! Run: `cargo bench -p pserv-engine --bench store -- --warm-up-time 1 --measurement-time 3`
 
+// `criterion_group!` defines an undocumented public function.
+#![allow(missing_docs)]
+
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};

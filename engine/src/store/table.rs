@@ -158,6 +158,7 @@ impl<T: Value> Table<T> {
     }
 
     /// Number of buckets.
+    #[cfg(test)]
     pub(super) fn capacity(&self) -> usize {
         self.g.cap
     }
