@@ -51,7 +51,10 @@ fn push_then_pull_returns_the_sum_over_workers() {
                 // Many pushes in flight, then wait for them all.
                 let tss: Vec<_> = (0..20)
                     .map(|i| {
-                        let vals: Vec<f32> = keys.iter().map(|&k| r * ((k % 7) as f32 + i as f32)).collect();
+                        let vals: Vec<f32> = keys
+                            .iter()
+                            .map(|&k| r * ((k % 7) as f32 + i as f32))
+                            .collect();
                         w.push(keys.clone(), vals)
                     })
                     .collect();
@@ -69,7 +72,14 @@ fn push_then_pull_returns_the_sum_over_workers() {
         assert_eq!(*v, 6.0 * (20.0 * (k % 7) as f32 + 190.0), "key {k}");
     }
     // The pull went to all three servers: one segment each.
-    assert_eq!(ws[0].wait_pull::<f32>(ws[0].pull::<f32>(keys.clone())).unwrap().segments().count(), 3);
+    assert_eq!(
+        ws[0]
+            .wait_pull::<f32>(ws[0].pull::<f32>(keys.clone()))
+            .unwrap()
+            .segments()
+            .count(),
+        3
+    );
     for w in ws {
         w.finish(0).unwrap();
     }
@@ -110,28 +120,46 @@ fn bad_requests_get_clear_errors_and_change_nothing() {
     let mut c = Cluster::start(1, 1, &["--update=sum"]);
     let w = worker(&c, 0);
     let keys = vec![1u64, 2, 3];
-    w.wait(w.push(keys.clone(), vec![1.0f32, 2.0, 3.0])).unwrap();
+    w.wait(w.push(keys.clone(), vec![1.0f32, 2.0, 3.0]))
+        .unwrap();
 
     // Unsorted keys: refused before sending.
-    let e = w.wait(w.push(vec![3u64, 1], vec![1.0f32, 1.0])).unwrap_err();
-    assert!(matches!(e, EngineError::InvalidRequest(ref m) if m.contains("sorted")), "{e}");
+    let e = w
+        .wait(w.push(vec![3u64, 1], vec![1.0f32, 1.0]))
+        .unwrap_err();
+    assert!(
+        matches!(e, EngineError::InvalidRequest(ref m) if m.contains("sorted")),
+        "{e}"
+    );
     // Wrong number of values.
     let e = w.wait(w.push(keys.clone(), vec![1.0f32])).unwrap_err();
     assert!(matches!(e, EngineError::InvalidRequest(_)), "{e}");
     // Wrong value type for the cluster.
-    let e = w.wait(w.push(keys.clone(), vec![1.0f64, 2.0, 3.0])).unwrap_err();
-    assert!(matches!(e, EngineError::InvalidRequest(ref m) if m.contains("type")), "{e}");
+    let e = w
+        .wait(w.push(keys.clone(), vec![1.0f64, 2.0, 3.0]))
+        .unwrap_err();
+    assert!(
+        matches!(e, EngineError::InvalidRequest(ref m) if m.contains("type")),
+        "{e}"
+    );
     // An update function the server does not know: the server answers with an error.
-    let e = w.wait(w.push_with(keys.clone(), vec![9.0f32; 3], 999)).unwrap_err();
+    let e = w
+        .wait(w.push_with(keys.clone(), vec![9.0f32; 3], 999))
+        .unwrap_err();
     match e {
-        EngineError::Server { status, message, .. } => {
+        EngineError::Server {
+            status, message, ..
+        } => {
             assert_eq!(status, Status::UnknownFunction);
             assert!(message.contains("999"), "{message}");
         }
         other => panic!("expected a server error, got {other}"),
     }
     // Unknown timestamps.
-    assert!(matches!(w.wait(1 << 40), Err(EngineError::UnknownTimestamp(_))));
+    assert!(matches!(
+        w.wait(1 << 40),
+        Err(EngineError::UnknownTimestamp(_))
+    ));
     // The store is as before.
     let got = w.wait_pull::<f32>(w.pull::<f32>(keys)).unwrap().to_vec();
     assert_eq!(got, vec![1.0, 2.0, 3.0]);
@@ -175,7 +203,10 @@ fn garbage_and_vanishing_clients_do_not_take_the_server_down() {
             });
         }
     });
-    let got = ws[1].wait_pull::<f32>(ws[1].pull::<f32>(keys)).unwrap().to_vec();
+    let got = ws[1]
+        .wait_pull::<f32>(ws[1].pull::<f32>(keys))
+        .unwrap()
+        .to_vec();
     assert!(got.iter().all(|&v| v == 100.0), "{:?}", &got[..5]);
     drop(garbage);
     drop(huge);
@@ -195,7 +226,12 @@ fn a_worker_that_dies_mid_job_does_not_stop_the_others() {
     let w = ws.pop().unwrap();
     w.wait(w.push(vec![1u64], vec![2.0f32])).unwrap();
     w.barrier().unwrap();
-    assert_eq!(w.wait_pull::<f32>(w.pull::<f32>(vec![1u64])).unwrap().to_vec(), vec![2.0]);
+    assert_eq!(
+        w.wait_pull::<f32>(w.pull::<f32>(vec![1u64]))
+            .unwrap()
+            .to_vec(),
+        vec![2.0]
+    );
     w.finish(0).unwrap();
     c.procs.wait_all(Duration::from_secs(30));
 }

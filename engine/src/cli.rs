@@ -42,7 +42,9 @@ impl NetArgs {
     pub fn tcp(&self) -> Result<TcpConfig, EngineError> {
         match self.transport.as_str() {
             "tcp" => {}
-            "auto" => tracing::info!("transport auto: using tcp (no one-sided transport in this build)"),
+            "auto" => {
+                tracing::info!("transport auto: using tcp (no one-sided transport in this build)")
+            }
             other => {
                 return Err(EngineError::Config(format!(
                     "transport {other:?} is not available in this build (use tcp or auto)"

@@ -1,11 +1,35 @@
-//! `pserv-engine`: the parameter server itself.
+//! `pserv-engine`: the parameter server itself (MISSION.md P1-P4).
+//!
+//! - [`keys`]: keys, key ranges and the partition of the key space over servers.
+//! - [`value`]: the element types of parameter values.
+//! - [`store`]: one server's parameters in pinned memory, sharded by key sub-range.
+//! - [`update`]: server-side update functions (assign, sum, SGD, user functions).
+//! - [`proto`]: control messages, status codes, frame builders.
+//! - [`scheduler`]: the scheduler's state machine and process.
+//! - [`server`]: the server node, serving requests on the event loops.
+//! - [`worker`]: the worker API training code calls.
+//! - [`lr`] and [`job`]: the main job, sparse logistic regression.
+//! - [`local`] and [`cli`]: the `pserv` binary's launcher and flags.
+//!
+//! The engine does no unsafe: memory comes from `pserv-sys`, bytes move through
+//! `pserv-transport`.
 #![forbid(unsafe_code)]
 
+pub mod cli;
+pub mod error;
+pub mod job;
 pub mod keys;
+pub mod local;
 pub mod lr;
+pub mod proto;
+pub mod scheduler;
+pub mod server;
 pub mod store;
 pub mod update;
 pub mod value;
+pub mod worker;
 
+pub use error::EngineError;
 pub use keys::{Key, KeyRange, Partition};
 pub use value::Value;
+pub use worker::{Pulled, Timestamp, Worker, WorkerConfig};

@@ -141,7 +141,8 @@ fn run_in(plan: &LocalPlan, dir: &Path) -> Result<serde_json::Value, EngineError
         context: format!("reading the job summary {}", summary.display()),
         source,
     })?;
-    serde_json::from_str(&text).map_err(|e| EngineError::Config(format!("malformed job summary: {e}")))
+    serde_json::from_str(&text)
+        .map_err(|e| EngineError::Config(format!("malformed job summary: {e}")))
 }
 
 /// Reap exited processes; fail on the first failure or at the deadline.

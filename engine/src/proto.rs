@@ -275,7 +275,8 @@ mod tests {
         ];
         for m in msgs {
             let f = m.to_frame(3);
-            let bytes = pserv_transport::wire::encode(f.header(), &[], &postcard::to_allocvec(&m).unwrap());
+            let bytes =
+                pserv_transport::wire::encode(f.header(), &[], &postcard::to_allocvec(&m).unwrap());
             let buf: Vec<u64> = {
                 let mut v = vec![0u64; bytes.len() / 8];
                 bytemuck::cast_slice_mut::<u64, u8>(&mut v).copy_from_slice(&bytes);
@@ -288,7 +289,11 @@ mod tests {
 
     #[test]
     fn garbage_control_is_an_error_not_a_panic() {
-        let bytes = pserv_transport::wire::encode(&Header::new(MessageKind::Control, 1, 0), &[], &[0xff; 9]);
+        let bytes = pserv_transport::wire::encode(
+            &Header::new(MessageKind::Control, 1, 0),
+            &[],
+            &[0xff; 9],
+        );
         let buf: Vec<u64> = {
             let mut v = vec![0u64; bytes.len() / 8];
             bytemuck::cast_slice_mut::<u64, u8>(&mut v).copy_from_slice(&bytes);

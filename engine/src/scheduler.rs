@@ -105,7 +105,10 @@ pub struct SchedulerCore {
 impl SchedulerCore {
     /// A scheduler for a cluster of this shape.
     pub fn new(spec: ClusterSpec) -> Self {
-        assert!(spec.servers > 0 && spec.workers > 0, "a cluster needs servers and workers");
+        assert!(
+            spec.servers > 0 && spec.workers > 0,
+            "a cluster needs servers and workers"
+        );
         SchedulerCore {
             spec,
             nodes: HashMap::new(),
@@ -160,10 +163,19 @@ impl SchedulerCore {
 
     fn on_message(&mut self, conn: ConnKey, msg: Control, out: &mut Vec<Output>) {
         match msg {
-            Control::Register { role, addr, rank, pid } => self.on_register(conn, role, addr, rank, pid, out),
+            Control::Register {
+                role,
+                addr,
+                rank,
+                pid,
+            } => self.on_register(conn, role, addr, rank, pid, out),
             Control::Barrier { seq } => {
                 if !self.is_worker(conn) {
-                    return self.refuse(conn, "barrier from a node that is not a registered worker", out);
+                    return self.refuse(
+                        conn,
+                        "barrier from a node that is not a registered worker",
+                        out,
+                    );
                 }
                 self.barriers.entry(seq).or_default().insert(conn);
                 self.release_barriers(out);
@@ -184,8 +196,13 @@ impl SchedulerCore {
                 Err(e) => out.push(Output::Log(format!("ignored a malformed summary: {e}"))),
             },
             Control::Done { stats } => {
-                let Some(node) = self.nodes.get_mut(&conn).filter(|n| n.role == Role::Worker) else {
-                    return self.refuse(conn, "done from a node that is not a registered worker", out);
+                let Some(node) = self.nodes.get_mut(&conn).filter(|n| n.role == Role::Worker)
+                else {
+                    return self.refuse(
+                        conn,
+                        "done from a node that is not a registered worker",
+                        out,
+                    );
                 };
                 if !node.done {
                     node.done = true;
@@ -201,7 +218,11 @@ impl SchedulerCore {
     }
 
     fn is_worker(&self, conn: ConnKey) -> bool {
-        self.welcomed && self.nodes.get(&conn).is_some_and(|n| n.role == Role::Worker)
+        self.welcomed
+            && self
+                .nodes
+                .get(&conn)
+                .is_some_and(|n| n.role == Role::Worker)
     }
 
     fn refuse(&mut self, conn: ConnKey, reason: &str, out: &mut Vec<Output>) {
@@ -224,7 +245,11 @@ impl SchedulerCore {
         out: &mut Vec<Output>,
     ) {
         if self.welcomed {
-            return self.refuse(conn, "the cluster is complete; joining a running job is not supported yet", out);
+            return self.refuse(
+                conn,
+                "the cluster is complete; joining a running job is not supported yet",
+                out,
+            );
         }
         if self.nodes.contains_key(&conn) {
             return self.refuse(conn, "this connection already registered", out);
@@ -241,7 +266,11 @@ impl SchedulerCore {
             .collect();
         let rank = match rank {
             Some(r) if r >= count => {
-                return self.refuse(conn, &format!("{role} rank {r} is out of range (the cluster has {count})"), out)
+                return self.refuse(
+                    conn,
+                    &format!("{role} rank {r} is out of range (the cluster has {count})"),
+                    out,
+                )
             }
             Some(r) if taken.contains(&r) => {
                 return self.refuse(conn, &format!("{role} rank {r} is already taken"), out)
@@ -249,7 +278,9 @@ impl SchedulerCore {
             Some(r) => r,
             None => match (0..count).find(|r| !taken.contains(r)) {
                 Some(r) => r,
-                None => return self.refuse(conn, &format!("all {count} {role} places are taken"), out),
+                None => {
+                    return self.refuse(conn, &format!("all {count} {role} places are taken"), out)
+                }
             },
         };
         out.push(Output::Log(format!("{role} {rank} registered (pid {pid})")));
@@ -264,7 +295,9 @@ impl SchedulerCore {
             },
         );
         let registered = |r: Role| self.nodes.values().filter(|n| n.role == r).count() as u32;
-        if registered(Role::Server) == self.spec.servers && registered(Role::Worker) == self.spec.workers {
+        if registered(Role::Server) == self.spec.servers
+            && registered(Role::Worker) == self.spec.workers
+        {
             self.welcome(out);
         }
     }
@@ -334,7 +367,10 @@ impl SchedulerCore {
     fn on_closed(&mut self, conn: ConnKey, out: &mut Vec<Output>) {
         if !self.welcomed {
             if let Some(n) = self.nodes.remove(&conn) {
-                out.push(Output::Log(format!("{} {} left before the cluster was complete", n.role, n.rank)));
+                out.push(Output::Log(format!(
+                    "{} {} left before the cluster was complete",
+                    n.role, n.rank
+                )));
             }
             return;
         }
@@ -517,11 +553,14 @@ pub fn run_scheduler(cfg: SchedulerConfig) -> Result<JobReport, EngineError> {
     let seconds = running_since.map_or(0.0, |t| t.elapsed().as_secs_f64());
     let summary = merge_summary(&core, seconds);
     if let Some(p) = &cfg.summary_json {
-        std::fs::write(p, serde_json::to_string_pretty(&summary).expect("json encodes"))
-            .map_err(|source| EngineError::Io {
-                context: format!("writing the summary {}", p.display()),
-                source,
-            })?;
+        std::fs::write(
+            p,
+            serde_json::to_string_pretty(&summary).expect("json encodes"),
+        )
+        .map_err(|source| EngineError::Io {
+            context: format!("writing the summary {}", p.display()),
+            source,
+        })?;
     }
     // Let the shutdown messages leave before the loops stop.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -548,7 +587,12 @@ fn merge_summary(core: &SchedulerCore, seconds: f64) -> serde_json::Value {
     obj.insert("seconds".into(), seconds.into());
     obj.insert(
         "examples_per_sec".into(),
-        (if seconds > 0.0 { examples as f64 / seconds } else { 0.0 }).into(),
+        (if seconds > 0.0 {
+            examples as f64 / seconds
+        } else {
+            0.0
+        })
+        .into(),
     );
     obj.insert("bytes_sent".into(), sent.into());
     obj.insert("bytes_received".into(), received.into());
@@ -570,12 +614,18 @@ mod tests {
         }
     }
 
-    fn register(core: &mut SchedulerCore, conn: ConnKey, role: Role, rank: Option<u32>) -> Vec<Output> {
+    fn register(
+        core: &mut SchedulerCore,
+        conn: ConnKey,
+        role: Role,
+        rank: Option<u32>,
+    ) -> Vec<Output> {
         core.handle(Input::Message {
             conn,
             msg: Control::Register {
                 role,
-                addr: (role == Role::Server).then(|| format!("127.0.0.1:{}", 7000 + conn).parse().unwrap()),
+                addr: (role == Role::Server)
+                    .then(|| format!("127.0.0.1:{}", 7000 + conn).parse().unwrap()),
                 rank,
                 pid: 1,
             },
@@ -603,7 +653,12 @@ mod tests {
         // Servers are welcomed first, ranks honoured, ids distinct.
         let mut ids = BTreeSet::new();
         for (i, (conn, msg)) in welcomes.iter().enumerate() {
-            let Control::Welcome { node_id, rank, cluster } = msg else {
+            let Control::Welcome {
+                node_id,
+                rank,
+                cluster,
+            } = msg
+            else {
                 panic!("expected a welcome, got {msg:?}")
             };
             ids.insert(*node_id);
@@ -636,7 +691,9 @@ mod tests {
         assert!(matches!(sends(&out)[0].1, Control::Refused { .. }));
         register(&mut c, 2, Role::Server, Some(0));
         let out = register(&mut c, 3, Role::Server, Some(0));
-        assert!(matches!(sends(&out)[0].1, Control::Refused { reason } if reason.contains("taken")));
+        assert!(
+            matches!(sends(&out)[0].1, Control::Refused { reason } if reason.contains("taken"))
+        );
         let out = register(&mut c, 4, Role::Server, None);
         assert!(matches!(sends(&out)[0].1, Control::Refused { .. }));
         let out = c.handle(Input::Message {
@@ -668,7 +725,9 @@ mod tests {
         });
         let s = sends(&out);
         assert_eq!(s.len(), 2);
-        assert!(s.iter().all(|(_, m)| **m == Control::BarrierDone { seq: 1 }));
+        assert!(s
+            .iter()
+            .all(|(_, m)| **m == Control::BarrierDone { seq: 1 }));
         // A worker that vanishes no longer holds others back.
         c.handle(Input::Message {
             conn: 2,
@@ -706,9 +765,15 @@ mod tests {
                 bytes_received: 20,
             },
         };
-        let out = c.handle(Input::Message { conn: 2, msg: done(5) });
+        let out = c.handle(Input::Message {
+            conn: 2,
+            msg: done(5),
+        });
         assert!(!out.contains(&Output::JobDone));
-        let out = c.handle(Input::Message { conn: 4, msg: done(7) });
+        let out = c.handle(Input::Message {
+            conn: 4,
+            msg: done(7),
+        });
         assert!(out.contains(&Output::JobDone));
         let shut: Vec<ConnKey> = sends(&out)
             .iter()

@@ -17,7 +17,9 @@ use std::time::Duration;
 use crossbeam_channel::Sender;
 
 use pserv_transport::wire::{MessageKind, FLAG_RANGE, FLAG_RESPONSE};
-use pserv_transport::{BufPool, Conn, Frame, Handler, OutFrame, Payload, RecvFrame, TcpConfig, TcpTransport};
+use pserv_transport::{
+    BufPool, Conn, Frame, Handler, OutFrame, Payload, RecvFrame, TcpConfig, TcpTransport,
+};
 
 use crate::error::EngineError;
 use crate::keys::KeyRange;
@@ -95,7 +97,9 @@ struct Refusal(Status, String);
 impl From<StoreError> for Refusal {
     fn from(e: StoreError) -> Self {
         let status = match &e {
-            StoreError::KeyOutOfRange { .. } | StoreError::RangeOutOfRange { .. } => Status::NotOwner,
+            StoreError::KeyOutOfRange { .. } | StoreError::RangeOutOfRange { .. } => {
+                Status::NotOwner
+            }
             StoreError::KeysNotSorted { .. } | StoreError::ValueLength { .. } => Status::BadRequest,
             _ => Status::StoreError,
         };
@@ -121,7 +125,12 @@ impl Handler for ServerHandler {
             return;
         }
         let Some(ready) = self.core.ready.get() else {
-            let _ = conn.send(proto::error_answer(&h, 0, Status::NotReady, "server has no cluster table yet"));
+            let _ = conn.send(proto::error_answer(
+                &h,
+                0,
+                Status::NotReady,
+                "server has no cluster table yet",
+            ));
             return;
         };
         let answer = match &ready.store {
@@ -138,7 +147,12 @@ impl Handler for ServerHandler {
 }
 
 /// Serve one data request against the typed store.
-fn serve<T: Value>(core: &Core, ready: &Ready, t: &Typed<T>, f: &Frame<'_>) -> Result<OutFrame, Refusal> {
+fn serve<T: Value>(
+    core: &Core,
+    ready: &Ready,
+    t: &Typed<T>,
+    f: &Frame<'_>,
+) -> Result<OutFrame, Refusal> {
     let h = f.header();
     let bad = |msg: String| Refusal(Status::BadRequest, msg);
     if h.has(FLAG_RESPONSE) {
@@ -147,7 +161,11 @@ fn serve<T: Value>(core: &Core, ready: &Ready, t: &Typed<T>, f: &Frame<'_>) -> R
     if h.dtype != T::DTYPE as u8 {
         return Err(Refusal(
             Status::WrongType,
-            format!("values of type tag {}, this server stores {:?}", h.dtype, T::DTYPE),
+            format!(
+                "values of type tag {}, this server stores {:?}",
+                h.dtype,
+                T::DTYPE
+            ),
         ));
     }
     let vlen = t.store.value_len();
@@ -160,7 +178,10 @@ fn serve<T: Value>(core: &Core, ready: &Ready, t: &Typed<T>, f: &Frame<'_>) -> R
     let kind = MessageKind::from_u8(h.kind).ok_or_else(|| bad("unknown kind".into()))?;
     let update = || {
         t.updates.get(h.func).ok_or_else(|| {
-            Refusal(Status::UnknownFunction, format!("no update function with id {}", h.func))
+            Refusal(
+                Status::UnknownFunction,
+                format!("no update function with id {}", h.func),
+            )
         })
     };
     let grads = || {
@@ -175,8 +196,11 @@ fn serve<T: Value>(core: &Core, ready: &Ready, t: &Typed<T>, f: &Frame<'_>) -> R
     let out_elems = keys_here
         .checked_mul(vlen as u64)
         .filter(|n| n.saturating_mul(std::mem::size_of::<T>() as u64) <= core.max_frame as u64)
-        .ok_or_else(|| bad(format!("answer for {keys_here} keys would exceed the frame limit")))?
-        as usize;
+        .ok_or_else(|| {
+            bad(format!(
+                "answer for {keys_here} keys would exceed the frame limit"
+            ))
+        })? as usize;
     let needs_values = matches!(kind, MessageKind::Push | MessageKind::PushPull);
     if needs_values && f.values().len() != out_elems * std::mem::size_of::<T>() {
         return Err(bad(format!(
@@ -204,11 +228,21 @@ fn serve<T: Value>(core: &Core, ready: &Ready, t: &Typed<T>, f: &Frame<'_>) -> R
                 match (kind, range) {
                     (MessageKind::Pull, Some(r)) => t.store.pull_range(r, out)?,
                     (MessageKind::Pull, None) => t.store.pull(f.keys(), out)?,
-                    (_, Some(r)) => t.store.push_pull_range(r, grads()?, update()?.as_ref(), out)?,
-                    (_, None) => t.store.push_pull(f.keys(), grads()?, update()?.as_ref(), out)?,
+                    (_, Some(r)) => {
+                        t.store
+                            .push_pull_range(r, grads()?, update()?.as_ref(), out)?
+                    }
+                    (_, None) => t
+                        .store
+                        .push_pull(f.keys(), grads()?, update()?.as_ref(), out)?,
                 }
             }
-            Ok(proto::answer(h, ready.node_id, vlen as u32, Payload::owned(buf)))
+            Ok(proto::answer(
+                h,
+                ready.node_id,
+                vlen as u32,
+                Payload::owned(buf),
+            ))
         }
         MessageKind::Control => Err(bad("unexpected control message".into())),
     }
@@ -234,7 +268,8 @@ impl Server {
             pool: BufPool::new(64),
             max_frame: cfg.tcp.max_frame,
         });
-        let transport = TcpTransport::start(cfg.tcp.clone(), |_| ServerHandler { core: core.clone() })?;
+        let transport =
+            TcpTransport::start(cfg.tcp.clone(), |_| ServerHandler { core: core.clone() })?;
         let addr = transport.listen(cfg.listen)?;
         let scheduler = transport.connect(cfg.scheduler, Duration::from_secs(10))?;
         scheduler.set_tag(SCHEDULER_TAG);
@@ -255,7 +290,9 @@ impl Server {
             }) => (node_id, rank, cluster),
             Ok(Control::Refused { reason }) => return Err(EngineError::Registration(reason)),
             Ok(other) => {
-                return Err(EngineError::Registration(format!("unexpected answer {other:?}")))
+                return Err(EngineError::Registration(format!(
+                    "unexpected answer {other:?}"
+                )))
             }
             Err(_) => {
                 return Err(EngineError::Registration(format!(
@@ -301,7 +338,12 @@ impl Server {
     }
 }
 
-fn make_ready(node_id: u32, rank: u32, cluster: &ClusterInfo, shards: usize) -> Result<Ready, EngineError> {
+fn make_ready(
+    node_id: u32,
+    rank: u32,
+    cluster: &ClusterInfo,
+    shards: usize,
+) -> Result<Ready, EngineError> {
     let range = cluster.partition.range(rank as usize);
     let cfg = StoreConfig {
         shards,

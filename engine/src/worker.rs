@@ -124,7 +124,10 @@ impl<T: bytemuck::Pod + Send + Sync> From<Vec<T>> for Shared<T> {
 
 impl<T: bytemuck::Pod + Send + Sync> From<Arc<Vec<T>>> for Shared<T> {
     fn from(v: Arc<Vec<T>>) -> Self {
-        Shared { buf: v, _t: PhantomData }
+        Shared {
+            buf: v,
+            _t: PhantomData,
+        }
     }
 }
 
@@ -179,7 +182,11 @@ impl<T: Value> Pulled<T> {
     /// # Panics
     /// If `out` has the wrong length.
     pub fn copy_to(&self, out: &mut [T]) {
-        assert_eq!(out.len(), self.len(), "pull destination has the wrong length");
+        assert_eq!(
+            out.len(),
+            self.len(),
+            "pull destination has the wrong length"
+        );
         let mut at = 0;
         for s in self.segments() {
             out[at..at + s.len()].copy_from_slice(s);
@@ -279,8 +286,7 @@ impl Core {
                 .any(|s| s.server == server && !s.answered);
             if waiting {
                 self.settle(ts, server, |st, _| {
-                    st.error
-                        .get_or_insert(EngineError::Disconnected { server });
+                    st.error.get_or_insert(EngineError::Disconnected { server });
                 });
             }
         }
@@ -310,12 +316,15 @@ impl Handler for WorkerHandler {
             return;
         };
         let server = server as u32;
+        let value_bytes = f.values().len();
+        let error_text = (h.status != Status::Ok as u8)
+            .then(|| String::from_utf8_lossy(f.values()).into_owned());
         self.core.settle(h.timestamp, server, |st, seg| {
-            if h.status != Status::Ok as u8 {
+            if let Some(message) = error_text {
                 st.error.get_or_insert(EngineError::Server {
                     server,
                     status: Status::from_u8(h.status),
-                    message: String::from_utf8_lossy(f.values()).into_owned(),
+                    message,
                 });
                 return;
             }
@@ -324,15 +333,13 @@ impl Handler for WorkerHandler {
             }
             let want = st.segments[seg].values;
             let elem = pserv_transport::DType::from_u8(st.dtype).map_or(1, |d| d.size());
-            if h.dtype != st.dtype || f.values().len() != want * elem {
+            if h.dtype != st.dtype || value_bytes != want * elem {
                 st.error.get_or_insert(EngineError::Server {
                     server,
                     status: Status::BadRequest,
                     message: format!(
-                        "answer holds {} value bytes of type {}, expected {want} values of type {}",
-                        f.values().len(),
-                        h.dtype,
-                        st.dtype
+                        "answer holds {value_bytes} value bytes of type {}, expected {want} values of type {}",
+                        h.dtype, st.dtype
                     ),
                 });
                 return;
@@ -376,7 +383,8 @@ impl Worker {
             tasks: Mutex::new(HashMap::new()),
             control: tx,
         });
-        let transport = TcpTransport::start(cfg.tcp.clone(), |_| WorkerHandler { core: core.clone() })?;
+        let transport =
+            TcpTransport::start(cfg.tcp.clone(), |_| WorkerHandler { core: core.clone() })?;
         let scheduler = transport.connect(cfg.scheduler, Duration::from_secs(10))?;
         scheduler.set_tag(SCHEDULER_TAG);
         scheduler.send(
@@ -466,7 +474,11 @@ impl Worker {
 
     /// Push `values` (`keys.len() * value_len` of them) for sorted, distinct `keys`; the
     /// servers apply their update function. Returns at once.
-    pub fn push<T: Value>(&self, keys: impl Into<Shared<Key>>, values: impl Into<Shared<T>>) -> Timestamp {
+    pub fn push<T: Value>(
+        &self,
+        keys: impl Into<Shared<Key>>,
+        values: impl Into<Shared<T>>,
+    ) -> Timestamp {
         self.push_with(keys, values, 0)
     }
 
@@ -487,7 +499,11 @@ impl Worker {
     }
 
     /// Push, then pull the updated values of the same keys, in one round trip per server.
-    pub fn push_pull<T: Value>(&self, keys: impl Into<Shared<Key>>, values: impl Into<Shared<T>>) -> Timestamp {
+    pub fn push_pull<T: Value>(
+        &self,
+        keys: impl Into<Shared<Key>>,
+        values: impl Into<Shared<T>>,
+    ) -> Timestamp {
         self.keyed::<T>(MessageKind::PushPull, keys.into(), Some(values.into()), 0)
     }
 
@@ -502,11 +518,20 @@ impl Worker {
     }
 
     /// Push dense values for `range`, then pull the updated values.
-    pub fn push_pull_range<T: Value>(&self, range: KeyRange, values: impl Into<Shared<T>>) -> Timestamp {
+    pub fn push_pull_range<T: Value>(
+        &self,
+        range: KeyRange,
+        values: impl Into<Shared<T>>,
+    ) -> Timestamp {
         self.ranged::<T>(MessageKind::PushPull, range, Some(values.into()))
     }
 
-    fn new_task(&self, kind: MessageKind, dtype: u8, segments: Vec<Segment>) -> (Timestamp, Arc<Task>) {
+    fn new_task(
+        &self,
+        kind: MessageKind,
+        dtype: u8,
+        segments: Vec<Segment>,
+    ) -> (Timestamp, Arc<Task>) {
         let ts = self.next_ts.fetch_add(1, Ordering::Relaxed);
         let task = Arc::new(Task {
             remaining: AtomicUsize::new(segments.len()),
@@ -598,7 +623,12 @@ impl Worker {
         ts
     }
 
-    fn ranged<T: Value>(&self, kind: MessageKind, range: KeyRange, values: Option<Shared<T>>) -> Timestamp {
+    fn ranged<T: Value>(
+        &self,
+        kind: MessageKind,
+        range: KeyRange,
+        values: Option<Shared<T>>,
+    ) -> Timestamp {
         let vlen = self.value_len() as u64;
         if let Err(e) = self.check_types::<T>() {
             return self.failed(e);
@@ -691,13 +721,18 @@ impl Worker {
         if let Some(e) = st.error.take() {
             return Err(e);
         }
-        Ok(st.segments.iter_mut().filter_map(|s| s.part.take()).collect())
+        Ok(st
+            .segments
+            .iter_mut()
+            .filter_map(|s| s.part.take())
+            .collect())
     }
 
     /// Wait until every worker has called `barrier` as often as this one.
     pub fn barrier(&self) -> Result<(), EngineError> {
         let seq = self.barrier_seq.fetch_add(1, Ordering::Relaxed) + 1;
-        self.scheduler.send(Control::Barrier { seq }.to_frame(self.node_id))?;
+        self.scheduler
+            .send(Control::Barrier { seq }.to_frame(self.node_id))?;
         loop {
             match self.control.recv() {
                 Ok(Control::BarrierDone { seq: s }) if s == seq => return Ok(()),

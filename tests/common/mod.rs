@@ -20,7 +20,8 @@ impl Scratch {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_nanos();
-        let p = std::env::temp_dir().join(format!("pserv-test-{tag}-{}-{nanos}", std::process::id()));
+        let p =
+            std::env::temp_dir().join(format!("pserv-test-{tag}-{}-{nanos}", std::process::id()));
         std::fs::create_dir_all(&p).unwrap();
         Scratch(p)
     }
@@ -43,7 +44,10 @@ impl Procs {
     pub fn spawn(&mut self, name: &str, args: &[String]) {
         let child = Command::new(pserv())
             .args(args)
-            .env("PSERV_LOG", std::env::var("PSERV_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "PSERV_LOG",
+                std::env::var("PSERV_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {name}: {e}"));
@@ -59,7 +63,10 @@ impl Procs {
                     assert!(st.success(), "{name} exited with {st}");
                     break;
                 }
-                assert!(Instant::now() < deadline, "{name} did not exit within {limit:?}");
+                assert!(
+                    Instant::now() < deadline,
+                    "{name} did not exit within {limit:?}"
+                );
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
@@ -117,9 +124,16 @@ impl Cluster {
         args.extend(extra_scheduler.iter().map(|s| s.to_string()));
         args.extend(net_flags());
         procs.spawn("scheduler", &args);
-        let scheduler: SocketAddr = wait_file(&port, Duration::from_secs(20)).trim().parse().unwrap();
+        let scheduler: SocketAddr = wait_file(&port, Duration::from_secs(20))
+            .trim()
+            .parse()
+            .unwrap();
         for r in 0..servers {
-            let mut a = vec!["server".to_string(), format!("--scheduler={scheduler}"), format!("--rank={r}")];
+            let mut a = vec![
+                "server".to_string(),
+                format!("--scheduler={scheduler}"),
+                format!("--rank={r}"),
+            ];
             a.extend(net_flags());
             procs.spawn(&format!("server {r}"), &a);
         }
