@@ -1,2 +1,65 @@
-//! pserv bench harness.
-fn main() {}
+//! `pserv-bench`: pserv push / pull over TCP loopback against raw sockets and memcpy.
+//!
+//! `cargo run --release -p pserv-bench -- [--quick]`. The hidden subcommands
+//! `__scheduler` and `__server` are how the bench starts the cluster's other processes
+//! (it re-executes itself).
+#![forbid(unsafe_code)]
+
+use clap::{Parser, Subcommand};
+
+use pserv_bench::cluster::{scheduler_main, server_main, SchedulerArgs, ServerArgs};
+use pserv_bench::run::{run, RunArgs};
+
+/// pserv bench harness: push / pull goodput and latency vs raw TCP and memcpy.
+#[derive(Debug, Parser)]
+#[command(name = "pserv-bench", args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    role: Option<Role>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Role {
+    /// The cluster's scheduler (started by the bench itself).
+    #[command(name = "__scheduler", hide = true)]
+    Scheduler(SchedulerArgs),
+    /// The cluster's server (started by the bench itself).
+    #[command(name = "__server", hide = true)]
+    Server(ServerArgs),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match &cli.role {
+        Some(Role::Scheduler(a)) => scheduler_main(a),
+        Some(Role::Server(a)) => server_main(a),
+        None => {
+            let args: Vec<String> = std::env::args().skip(1).collect();
+            let command = if args.is_empty() {
+                "cargo run --release -p pserv-bench".to_string()
+            } else {
+                format!("cargo run --release -p pserv-bench -- {}", args.join(" "))
+            };
+            run(&cli.run, command).map(|_| ())
+        }
+    };
+    if let Err(e) = result {
+        let mut msg = format!("pserv-bench: {e}");
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            msg.push_str(&format!(": {s}"));
+            src = s.source();
+        }
+        eprintln!("{msg}");
+        std::process::exit(1);
+    }
+}

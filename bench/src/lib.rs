@@ -1,0 +1,27 @@
+//! `pserv-bench`: the cluster bench harness (MISSION.md E4).
+//!
+//! It measures pserv push / pull goodput and latency over TCP on 127.0.0.1 (dense ranges
+//! of 4 KiB to 16 MiB, 1 and 8 requests in flight, 1 and 2 workers; sparse key lists of
+//! 10^3 to 10^6 keys) side by side with baselines taken in the same run: a raw
+//! single-stream TCP transfer, a raw TCP ping-pong and a memcpy of the same sizes. Every
+//! pserv figure is printed with its ratio to the matching baseline, and the tables replace
+//! the `tcp` section of `bench/RESULTS.md`.
+//!
+//! - [`stats`]: the measurement loop (N in flight) and its summary (hdrhistogram).
+//! - [`baseline`]: raw sockets and memcpy.
+//! - [`cluster`]: scheduler and server as subprocesses, workers as threads.
+//! - [`workload`]: the dense and sparse cells a worker runs.
+//! - [`report`]: Markdown tables and the RESULTS.md section.
+//! - [`run`]: one whole run.
+#![forbid(unsafe_code)]
+
+pub mod baseline;
+pub mod cluster;
+pub mod error;
+pub mod machine;
+pub mod report;
+pub mod run;
+pub mod stats;
+pub mod workload;
+
+pub use error::BenchError;

@@ -1,0 +1,445 @@
+//! One bench run: baselines, pserv dense and sparse cells with 1 and 2 workers, the knob
+//! sweep, then the report.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::baseline;
+use crate::cluster::{with_cluster, ClusterSetup, LoopSetup};
+use crate::error::BenchError;
+use crate::machine::{load_average, Machine};
+use crate::report::{
+    size_name, write_section, BaselineRow, DenseRow, KnobRow, Report, SparseRow, SECTION,
+};
+use crate::stats::{Budget, Sample};
+use crate::workload::{
+    run_dense, run_sparse, sparse_keys, DenseCell, DenseOp, KeyPattern, SparseCell, SparseOp,
+};
+
+/// Dense request sizes in bytes.
+pub const DENSE_SIZES: [usize; 4] = [4 << 10, 64 << 10, 1 << 20, 16 << 20];
+/// Requests in flight measured for dense cells.
+pub const IN_FLIGHT: [usize; 2] = [1, 8];
+/// Keys per sparse request.
+pub const SPARSE_KEYS: [usize; 3] = [1_000, 100_000, 1_000_000];
+
+/// Default `spin_us` of the bench's workers (see the knob table in RESULTS.md).
+pub const DEFAULT_SPIN_US: u64 = 50;
+/// Default `busy_poll_us` of the bench's event loops.
+pub const DEFAULT_BUSY_POLL_US: u64 = 0;
+/// Default core of the server's event loop.
+pub const DEFAULT_SERVER_CORE: usize = 1;
+/// Default core of worker 0's event loop (worker i: this + i).
+pub const DEFAULT_WORKER_CORE: usize = 0;
+
+/// What to run, from the command line.
+#[derive(Clone, Debug, clap::Args)]
+pub struct RunArgs {
+    /// Short run (under a minute): shorter measurements, no knob sweep, baselines once.
+    #[arg(long)]
+    pub quick: bool,
+    /// The results file whose `tcp` section this run replaces.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/RESULTS.md"))]
+    pub results: PathBuf,
+    /// Print the tables but do not touch the results file.
+    #[arg(long)]
+    pub no_write: bool,
+    /// Parts to run (default: all; the knob sweep is left out of --quick runs).
+    #[arg(long, value_delimiter = ',', value_enum)]
+    pub only: Vec<Part>,
+    /// Worker counts to measure.
+    #[arg(long, value_delimiter = ',', default_values_t = [1u32, 2])]
+    pub workers: Vec<u32>,
+    /// Worker `wait` spin before parking, in microseconds.
+    #[arg(long, default_value_t = DEFAULT_SPIN_US)]
+    pub spin_us: u64,
+    /// Event-loop busy polling (server and workers), in microseconds.
+    #[arg(long, default_value_t = DEFAULT_BUSY_POLL_US)]
+    pub busy_poll_us: u64,
+    /// Event-loop threads per server and per worker.
+    #[arg(long, default_value_t = 1)]
+    pub loop_threads: usize,
+    /// Core the server's loops are pinned from.
+    #[arg(long, default_value_t = DEFAULT_SERVER_CORE)]
+    pub server_core: usize,
+    /// Core worker 0's loops are pinned from (worker i: + i * loop threads).
+    #[arg(long, default_value_t = DEFAULT_WORKER_CORE)]
+    pub worker_core: usize,
+    /// Do not pin event loops.
+    #[arg(long)]
+    pub no_pin: bool,
+    /// Scale every measurement time by this factor.
+    #[arg(long, default_value_t = 1.0)]
+    pub time_scale: f64,
+}
+
+/// A part of the run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    /// Raw TCP stream, ping-pong and memcpy.
+    Baselines,
+    /// Dense push / pull / push-pull.
+    Dense,
+    /// Sparse push / pull.
+    Sparse,
+    /// The spin_us / busy_poll_us / placement sweep.
+    Knobs,
+}
+
+impl RunArgs {
+    fn runs(&self, part: Part) -> bool {
+        if self.only.is_empty() {
+            part != Part::Knobs || !self.quick
+        } else {
+            self.only.contains(&part)
+        }
+    }
+
+    fn setup(&self, workers: u32) -> ClusterSetup {
+        ClusterSetup {
+            workers,
+            server: LoopSetup {
+                threads: self.loop_threads,
+                no_pin: self.no_pin,
+                core_offset: self.server_core,
+                busy_poll_us: self.busy_poll_us,
+            },
+            worker: LoopSetup {
+                threads: self.loop_threads,
+                no_pin: self.no_pin,
+                core_offset: self.worker_core,
+                busy_poll_us: self.busy_poll_us,
+            },
+            spin_us: self.spin_us,
+        }
+    }
+}
+
+fn budget(args: &RunArgs) -> Budget {
+    let b = if args.quick {
+        Budget::quick()
+    } else {
+        Budget::full()
+    };
+    b.scaled(args.time_scale)
+}
+
+fn baselines(budget: &Budget) -> Result<Vec<BaselineRow>, BenchError> {
+    DENSE_SIZES
+        .iter()
+        .map(|&size| {
+            let stream = baseline::tcp_stream(size, budget)
+                .map_err(|e| BenchError::io("raw TCP stream baseline", e))?;
+            let ping_pong = baseline::tcp_ping_pong(size, budget)
+                .map_err(|e| BenchError::io("raw TCP ping-pong baseline", e))?;
+            let memcpy = baseline::memcpy(size, budget);
+            eprintln!(
+                "  baseline {:>7}: raw TCP {:6.2} GB/s (p50 {:8.1} us), ping-pong p50 {:8.1} us, memcpy {:6.1} GB/s",
+                size_name(size),
+                stream.gb_per_s(),
+                stream.latency_us_p50(),
+                ping_pong.latency_us_p50(),
+                memcpy.gb_per_s()
+            );
+            Ok(BaselineRow {
+                size_bytes: size,
+                stream,
+                ping_pong,
+                memcpy,
+            })
+        })
+        .collect()
+}
+
+fn dense_cells() -> Vec<DenseCell> {
+    let mut cells = Vec::new();
+    for &size_bytes in &DENSE_SIZES {
+        for op in DenseOp::ALL {
+            for &in_flight in &IN_FLIGHT {
+                cells.push(DenseCell {
+                    op,
+                    size_bytes,
+                    in_flight,
+                });
+            }
+        }
+    }
+    cells
+}
+
+fn sparse_cells() -> Vec<SparseCell> {
+    let mut cells = Vec::new();
+    for &keys in &SPARSE_KEYS {
+        for pattern in [KeyPattern::Random, KeyPattern::Sequential] {
+            for op in [SparseOp::Push, SparseOp::Pull] {
+                cells.push(SparseCell { op, keys, pattern });
+            }
+        }
+    }
+    cells
+}
+
+type WorkerOut = (Vec<Sample>, Vec<(Sample, Option<std::time::Duration>)>);
+
+/// Run the dense and sparse cells on a cluster of `workers` workers.
+fn pserv_cells(
+    args: &RunArgs,
+    workers: u32,
+    budget: &Budget,
+) -> Result<(Vec<DenseRow>, Vec<SparseRow>), BenchError> {
+    let dense = if args.runs(Part::Dense) {
+        dense_cells()
+    } else {
+        Vec::new()
+    };
+    let sparse = if args.runs(Part::Sparse) {
+        sparse_cells()
+    } else {
+        Vec::new()
+    };
+    let setup = args.setup(workers);
+    let per_worker: Vec<WorkerOut> = with_cluster(&setup, |worker, rank, sync| {
+        let mut d = Vec::with_capacity(dense.len());
+        for cell in &dense {
+            let s = run_dense(worker, rank, *cell, budget, sync)?;
+            if rank == 0 {
+                eprintln!(
+                    "  {workers}w {:>9} {:>7} x{}: {:7.2} GB/s, p50 {:8.1} us, p99 {:8.1} us (worker 0)",
+                    cell.op.name(),
+                    size_name(cell.size_bytes),
+                    cell.in_flight,
+                    s.gb_per_s(),
+                    s.latency_us_p50(),
+                    s.latency_us_p99()
+                );
+            }
+            d.push(s);
+        }
+        let mut sp = Vec::with_capacity(sparse.len());
+        let mut keys: Option<(usize, KeyPattern, Arc<Vec<u64>>)> = None;
+        for cell in &sparse {
+            let ks = match &keys {
+                Some((n, p, k)) if *n == cell.keys && *p == cell.pattern => k.clone(),
+                _ => {
+                    let k = Arc::new(sparse_keys(rank, cell.keys, cell.pattern));
+                    keys = Some((cell.keys, cell.pattern, k.clone()));
+                    k
+                }
+            };
+            let out = run_sparse(worker, &ks, *cell, budget, sync)?;
+            if rank == 0 {
+                eprintln!(
+                    "  {workers}w sparse {} {:>7} {:>10}: {:7.1} M keys/s, p50 {:8.1} us (worker 0)",
+                    cell.op.name(),
+                    cell.keys,
+                    cell.pattern.name(),
+                    out.sample.keys_per_s() / 1e6,
+                    out.sample.latency_us_p50()
+                );
+            }
+            sp.push((out.sample, out.first_push));
+        }
+        Ok((d, sp))
+    })?;
+    let merge = |pick: &dyn Fn(&WorkerOut) -> Sample| {
+        let mut m = Sample::new();
+        for w in &per_worker {
+            m.merge_concurrent(&pick(w));
+        }
+        m
+    };
+    let dense_rows = dense
+        .iter()
+        .enumerate()
+        .map(|(i, cell)| DenseRow {
+            workers,
+            cell: *cell,
+            sample: merge(&|w| w.0[i].clone()),
+        })
+        .collect();
+    let sparse_rows = sparse
+        .iter()
+        .enumerate()
+        .map(|(i, cell)| SparseRow {
+            workers,
+            cell: *cell,
+            sample: merge(&|w| w.1[i].0.clone()),
+            first_push: per_worker.iter().filter_map(|w| w.1[i].1).max(),
+        })
+        .collect();
+    Ok((dense_rows, sparse_rows))
+}
+
+/// The sweep's configurations: (label, setup) for 1 worker.
+fn knob_setups(args: &RunArgs) -> Vec<(String, ClusterSetup)> {
+    let base = args.setup(1);
+    let with = |spin_us: u64, busy_poll_us: u64| {
+        let mut s = base.clone();
+        s.spin_us = spin_us;
+        s.server.busy_poll_us = busy_poll_us;
+        s.worker.busy_poll_us = busy_poll_us;
+        s
+    };
+    let mut out = Vec::new();
+    for (spin, bp) in [
+        (0, 0),
+        (50, 0),
+        (200, 0),
+        (0, 50),
+        (50, 50),
+        (50, 200),
+        (200, 200),
+    ] {
+        out.push((
+            "1 loop each, server core 1, worker core 0".to_string(),
+            with(spin, bp),
+        ));
+    }
+    let mut same = with(DEFAULT_SPIN_US, 0);
+    same.server.core_offset = 0;
+    same.worker.core_offset = 0;
+    out.push(("1 loop each, both on core 0".into(), same));
+    let mut unpinned = with(DEFAULT_SPIN_US, 0);
+    unpinned.server.no_pin = true;
+    unpinned.worker.no_pin = true;
+    out.push(("1 loop each, unpinned".into(), unpinned));
+    let mut default = with(DEFAULT_SPIN_US, 0);
+    for l in [&mut default.server, &mut default.worker] {
+        l.threads = pserv_sys::cpu::core_count();
+        l.core_offset = 0;
+    }
+    out.push((
+        "TcpConfig::default(): a loop per core, from core 0".into(),
+        default,
+    ));
+    out
+}
+
+fn knobs(args: &RunArgs, budget: &Budget) -> Result<Vec<KnobRow>, BenchError> {
+    let budget = budget.scaled(0.5);
+    let cells = [
+        DenseCell {
+            op: DenseOp::Push,
+            size_bytes: 4 << 10,
+            in_flight: 1,
+        },
+        DenseCell {
+            op: DenseOp::Pull,
+            size_bytes: 4 << 10,
+            in_flight: 1,
+        },
+        DenseCell {
+            op: DenseOp::Push,
+            size_bytes: 16 << 20,
+            in_flight: 1,
+        },
+    ];
+    let mut rows = Vec::new();
+    for (label, setup) in knob_setups(args) {
+        let mut out = with_cluster(&setup, |worker, rank, sync| {
+            cells
+                .iter()
+                .map(|c| run_dense(worker, rank, *c, &budget, sync))
+                .collect::<Result<Vec<_>, _>>()
+        })?;
+        let mut s = out.pop().expect("one worker").into_iter();
+        let row = KnobRow {
+            label,
+            spin_us: setup.spin_us,
+            busy_poll_us: setup.server.busy_poll_us,
+            push_4k: s.next().expect("three cells"),
+            pull_4k: s.next().expect("three cells"),
+            push_16m: s.next().expect("three cells"),
+        };
+        eprintln!(
+            "  knobs {} spin {} busy_poll {}: 4 KiB push p50 {:.1} us, pull p50 {:.1} us, 16 MiB push {:.2} GB/s",
+            row.label,
+            row.spin_us,
+            row.busy_poll_us,
+            row.push_4k.latency_us_p50(),
+            row.pull_4k.latency_us_p50(),
+            row.push_16m.gb_per_s()
+        );
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+/// Run the bench as `args` says; `command` is the command line to print.
+pub fn run(args: &RunArgs, command: String) -> Result<Report, BenchError> {
+    let started = Instant::now();
+    let machine = Machine::detect();
+    let budget = budget(args);
+    println!("command: {command}");
+    println!("machine: {}", machine.describe());
+    let mut notes = vec![
+        format!(
+            "Each figure: {:.2} s warm-up, then {:.2} s measured (at least {} operations); value bytes in GB/s = 10^9 B/s; push+pull counts its value bytes both ways; with 2 workers, GB/s and keys/s are the sum over both workers and latencies are merged.",
+            budget.warmup.as_secs_f64(),
+            budget.measure.as_secs_f64(),
+            budget.min_ops
+        ),
+        "Latency = issue to `wait` return per request; with 8 in flight it includes queueing behind the 7 before it. Ratios: dense GB/s vs the raw TCP stream of the same size, p50 vs the raw ping-pong p50 of the same size.".into(),
+        "Raw TCP stream: one std::net connection, 1 MiB writes, receiver reads into a reused buffer of the transfer size and answers 1 byte; ping-pong: N-byte request, 8-byte answer, blocking, TCP_NODELAY; both ends are threads of the bench process placed by the OS. memcpy: one thread into a pre-populated buffer.".into(),
+    ];
+    if args.quick {
+        notes.push(
+            "--quick: shorter measurements, baselines measured once, knob sweep skipped.".into(),
+        );
+    }
+    let mut baseline_rows = Vec::new();
+    if args.runs(Part::Baselines) || args.runs(Part::Dense) {
+        eprintln!("baselines (before the pserv cells):");
+        baseline_rows = baselines(&budget)?;
+    }
+    let mut dense = Vec::new();
+    let mut sparse = Vec::new();
+    if args.runs(Part::Dense) || args.runs(Part::Sparse) {
+        for &w in &args.workers {
+            eprintln!("pserv, {w} worker(s): {}", args.setup(w).describe());
+            let (d, s) = pserv_cells(args, w, &budget)?;
+            dense.extend(d);
+            sparse.extend(s);
+        }
+    }
+    let mut knob_rows = Vec::new();
+    if args.runs(Part::Knobs) {
+        eprintln!("knob sweep (1 worker, half-length measurements):");
+        knob_rows = knobs(args, &budget)?;
+    } else {
+        notes.push("Knob sweep not run (run without --quick, or with --only knobs).".into());
+    }
+    if !args.quick && !baseline_rows.is_empty() {
+        eprintln!("baselines (after the pserv cells):");
+        let again = baselines(&budget)?;
+        for (b, a) in baseline_rows.iter_mut().zip(again) {
+            b.stream = Sample::best(b.stream.clone(), a.stream);
+            b.ping_pong = Sample::best(b.ping_pong.clone(), a.ping_pong);
+            b.memcpy = Sample::best(b.memcpy.clone(), a.memcpy);
+        }
+        notes.push("Baselines were measured before and after the pserv cells; the tables keep the better of the two (the harder comparison for pserv).".into());
+    }
+    let config = args.setup(1).describe();
+    let report = Report {
+        command,
+        machine,
+        load_end: load_average(),
+        quick: args.quick,
+        config,
+        notes,
+        baselines: baseline_rows,
+        dense,
+        sparse,
+        knobs: knob_rows,
+        elapsed: started.elapsed(),
+    };
+    let md = report.to_markdown();
+    println!("\n{md}");
+    if !args.no_write {
+        write_section(&args.results, SECTION, &md)
+            .map_err(|e| BenchError::io(format!("writing {}", args.results.display()), e))?;
+        println!("wrote section `{SECTION}` of {}", args.results.display());
+    }
+    Ok(report)
+}
