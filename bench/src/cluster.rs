@@ -167,6 +167,9 @@ pub struct ClusterSetup {
     pub worker: LoopSetup,
     /// How long a worker's `wait` spins before it parks.
     pub spin_us: u64,
+    /// Pin worker `i`'s application thread (the one that pushes, pulls and waits) to
+    /// core `app_core + i`; `None`: let the operating system place it.
+    pub app_core: Option<usize>,
 }
 
 impl ClusterSetup {
@@ -180,8 +183,12 @@ impl ClusterSetup {
 
     /// A short description for the report.
     pub fn describe(&self) -> String {
+        let app = match self.app_core {
+            Some(c) => format!("application thread pinned to core {c} + i"),
+            None => "application thread unpinned".into(),
+        };
         format!(
-            "1 server ({}); {} worker{} (worker i: {}, +i*{} cores), spin_us={}; scheduler: 1 loop unpinned",
+            "1 server ({}); {} worker{} (worker i: {}, +i*{} cores; {app}), spin_us={}; scheduler: 1 loop unpinned",
             self.server.describe(),
             self.workers,
             if self.workers == 1 { "" } else { "s" },
@@ -422,6 +429,7 @@ where
         let handles: Vec<_> = (0..setup.workers)
             .map(|rank| {
                 let (sync, work) = (&sync, &work);
+                let app_core = setup.app_core.map(|c| c + rank as usize);
                 let mut cfg = WorkerConfig::new(scheduler);
                 cfg.tcp = setup.worker_loops(rank).tcp();
                 cfg.rank = Some(rank);
@@ -431,6 +439,11 @@ where
                     .name(format!("bench-worker-{rank}"))
                     .spawn_scoped(s, move || -> Result<R, BenchError> {
                         let mut guard = BreakOnDrop(sync, true);
+                        if let Some(core) = app_core {
+                            if !pserv_sys::cpu::pin_current_thread(core) {
+                                tracing::warn!(core, "could not pin a worker thread");
+                            }
+                        }
                         let worker = Worker::connect(cfg)?;
                         wait_servers_ready(&worker)?;
                         let out = work(&worker, rank, sync)?;

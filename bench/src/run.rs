@@ -69,6 +69,21 @@ pub struct RunArgs {
     /// Do not pin event loops.
     #[arg(long)]
     pub no_pin: bool,
+    /// Pin worker i's application thread to this core + i (default: unpinned).
+    #[arg(long)]
+    pub app_core: Option<usize>,
+    /// Only these dense sizes, in bytes (default: 4 KiB, 64 KiB, 1 MiB, 16 MiB).
+    #[arg(long, value_delimiter = ',')]
+    pub sizes: Vec<usize>,
+    /// Only these dense operations.
+    #[arg(long, value_delimiter = ',', value_enum)]
+    pub ops: Vec<DenseOp>,
+    /// Only these numbers of dense requests in flight (default: 1 and 8).
+    #[arg(long, value_delimiter = ',')]
+    pub in_flight: Vec<usize>,
+    /// Only these sparse key counts (default: 10^3, 10^5, 10^6).
+    #[arg(long, value_delimiter = ',')]
+    pub keys: Vec<usize>,
     /// Scale every measurement time by this factor.
     #[arg(long, default_value_t = 1.0)]
     pub time_scale: f64,
@@ -112,7 +127,30 @@ impl RunArgs {
                 busy_poll_us: self.busy_poll_us,
             },
             spin_us: self.spin_us,
+            app_core: self.app_core,
         }
+    }
+
+    /// Whether the run is cut down by a filter (then the report says so).
+    fn filtered(&self) -> bool {
+        !(self.sizes.is_empty()
+            && self.ops.is_empty()
+            && self.in_flight.is_empty()
+            && self.keys.is_empty()
+            && self.only.is_empty()
+            && self.workers == [1, 2])
+    }
+
+    fn sizes(&self) -> Vec<usize> {
+        pick(&self.sizes, &DENSE_SIZES)
+    }
+}
+
+fn pick<T: Clone>(chosen: &[T], all: &[T]) -> Vec<T> {
+    if chosen.is_empty() {
+        all.to_vec()
+    } else {
+        chosen.to_vec()
     }
 }
 
@@ -125,8 +163,8 @@ fn budget(args: &RunArgs) -> Budget {
     b.scaled(args.time_scale)
 }
 
-fn baselines(budget: &Budget) -> Result<Vec<BaselineRow>, BenchError> {
-    DENSE_SIZES
+fn baselines(sizes: &[usize], budget: &Budget) -> Result<Vec<BaselineRow>, BenchError> {
+    sizes
         .iter()
         .map(|&size| {
             let stream = baseline::tcp_stream(size, budget)
@@ -152,11 +190,11 @@ fn baselines(budget: &Budget) -> Result<Vec<BaselineRow>, BenchError> {
         .collect()
 }
 
-fn dense_cells() -> Vec<DenseCell> {
+fn dense_cells(args: &RunArgs) -> Vec<DenseCell> {
     let mut cells = Vec::new();
-    for &size_bytes in &DENSE_SIZES {
-        for op in DenseOp::ALL {
-            for &in_flight in &IN_FLIGHT {
+    for size_bytes in args.sizes() {
+        for op in pick(&args.ops, &DenseOp::ALL) {
+            for in_flight in pick(&args.in_flight, &IN_FLIGHT) {
                 cells.push(DenseCell {
                     op,
                     size_bytes,
@@ -168,9 +206,9 @@ fn dense_cells() -> Vec<DenseCell> {
     cells
 }
 
-fn sparse_cells() -> Vec<SparseCell> {
+fn sparse_cells(args: &RunArgs) -> Vec<SparseCell> {
     let mut cells = Vec::new();
-    for &keys in &SPARSE_KEYS {
+    for keys in pick(&args.keys, &SPARSE_KEYS) {
         for pattern in [KeyPattern::Random, KeyPattern::Sequential] {
             for op in [SparseOp::Push, SparseOp::Pull] {
                 cells.push(SparseCell { op, keys, pattern });
@@ -189,12 +227,12 @@ fn pserv_cells(
     budget: &Budget,
 ) -> Result<(Vec<DenseRow>, Vec<SparseRow>), BenchError> {
     let dense = if args.runs(Part::Dense) {
-        dense_cells()
+        dense_cells(args)
     } else {
         Vec::new()
     };
     let sparse = if args.runs(Part::Sparse) {
-        sparse_cells()
+        sparse_cells(args)
     } else {
         Vec::new()
     };
@@ -383,15 +421,18 @@ pub fn run(args: &RunArgs, command: String) -> Result<Report, BenchError> {
         "Latency = issue to `wait` return per request; with 8 in flight it includes queueing behind the 7 before it. Ratios: dense GB/s vs the raw TCP stream of the same size, p50 vs the raw ping-pong p50 of the same size.".into(),
         "Raw TCP stream: one std::net connection, 1 MiB writes, receiver reads into a reused buffer of the transfer size and answers 1 byte; ping-pong: N-byte request, 8-byte answer, blocking, TCP_NODELAY; both ends are threads of the bench process placed by the OS. memcpy: one thread into a pre-populated buffer.".into(),
     ];
+    if args.filtered() {
+        notes.push("A filtered run (--only / --sizes / --ops / --in-flight / --keys / --workers): not every cell was measured.".into());
+    }
     if args.quick {
         notes.push(
             "--quick: shorter measurements, baselines measured once, knob sweep skipped.".into(),
         );
     }
     let mut baseline_rows = Vec::new();
-    if args.runs(Part::Baselines) || args.runs(Part::Dense) {
+    if args.runs(Part::Baselines) {
         eprintln!("baselines (before the pserv cells):");
-        baseline_rows = baselines(&budget)?;
+        baseline_rows = baselines(&args.sizes(), &budget)?;
     }
     let mut dense = Vec::new();
     let mut sparse = Vec::new();
@@ -412,7 +453,7 @@ pub fn run(args: &RunArgs, command: String) -> Result<Report, BenchError> {
     }
     if !args.quick && !baseline_rows.is_empty() {
         eprintln!("baselines (after the pserv cells):");
-        let again = baselines(&budget)?;
+        let again = baselines(&args.sizes(), &budget)?;
         for (b, a) in baseline_rows.iter_mut().zip(again) {
             b.stream = Sample::best(b.stream.clone(), a.stream);
             b.ping_pong = Sample::best(b.ping_pong.clone(), a.ping_pong);

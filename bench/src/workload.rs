@@ -19,13 +19,14 @@ use crate::error::BenchError;
 use crate::stats::{run_pipelined, Budget, Sample};
 
 /// A dense operation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum DenseOp {
     /// `push_range`, then `wait`.
     Push,
     /// `pull_range`, then `wait_pull`.
     Pull,
     /// `push_pull_range`, then `wait_pull`: value bytes count both ways.
+    #[value(name = "push-pull")]
     PushPull,
 }
 
