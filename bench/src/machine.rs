@@ -65,6 +65,87 @@ pub fn load_average() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// Clock ticks per second of /proc/stat and /proc/self/stat (USER_HZ, 100 on Linux).
+const TICKS_PER_S: f64 = 100.0;
+
+/// CPU time counters: the whole machine's busy time and this process's own (itself and
+/// its waited-for children, i.e. the cluster's subprocesses).
+#[derive(Clone, Copy, Debug)]
+pub struct CpuTimes {
+    /// Busy ticks of all cores (user, nice, system, irq, softirq, steal).
+    pub machine_busy: u64,
+    /// Ticks of this process and its reaped children.
+    pub own: u64,
+    /// When the counters were read.
+    pub at: std::time::Instant,
+}
+
+impl CpuTimes {
+    /// Read the counters (zeros where /proc is not readable).
+    pub fn now() -> Self {
+        let machine_busy = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| {
+                let line = s.lines().next()?.to_string();
+                let f: Vec<u64> = line
+                    .split_whitespace()
+                    .skip(1)
+                    .filter_map(|x| x.parse().ok())
+                    .collect();
+                // user nice system idle iowait irq softirq steal
+                (f.len() >= 8).then(|| f[0] + f[1] + f[2] + f[5] + f[6] + f[7])
+            })
+            .unwrap_or(0);
+        let own = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|s| {
+                let rest = &s[s.rfind(')')? + 1..];
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                // After the comm: state is field 3; utime..cstime are fields 14..17.
+                let field = |i: usize| f.get(i - 3)?.parse::<u64>().ok();
+                Some(field(14)? + field(15)? + field(16)? + field(17)?)
+            })
+            .unwrap_or(0);
+        CpuTimes {
+            machine_busy,
+            own,
+            at: std::time::Instant::now(),
+        }
+    }
+
+    /// Cores' worth of CPU that other processes used on average since `earlier`.
+    pub fn others_since(&self, earlier: &CpuTimes) -> f64 {
+        let secs = self.at.duration_since(earlier.at).as_secs_f64().max(1e-3);
+        let busy = self.machine_busy.saturating_sub(earlier.machine_busy) as f64;
+        let own = self.own.saturating_sub(earlier.own) as f64;
+        ((busy - own) / TICKS_PER_S / secs).max(0.0)
+    }
+}
+
+/// Wait up to `max` for the machine to be quiet: other processes using less than
+/// `threshold` cores over each of 3 consecutive seconds. Returns the last reading (cores
+/// used by others) and whether it was quiet.
+pub fn wait_quiet(max: std::time::Duration, threshold: f64) -> (f64, bool) {
+    let deadline = std::time::Instant::now() + max;
+    let mut quiet_seconds = 0;
+    loop {
+        let a = CpuTimes::now();
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let last = CpuTimes::now().others_since(&a);
+        if last < threshold {
+            quiet_seconds += 1;
+            if quiet_seconds >= 3 {
+                return (last, true);
+            }
+        } else {
+            quiet_seconds = 0;
+        }
+        if std::time::Instant::now() > deadline {
+            return (last, false);
+        }
+    }
+}
+
 /// The first line a command prints, if it runs and succeeds.
 fn command_line(cmd: &str, args: &[&str]) -> Option<String> {
     let out = Command::new(cmd).args(args).output().ok()?;
@@ -84,5 +165,21 @@ mod tests {
         let m = Machine::detect();
         assert!(m.cores >= 1);
         assert!(!m.describe().is_empty());
+    }
+
+    #[test]
+    fn cpu_times_count_our_own_work() {
+        let a = CpuTimes::now();
+        let t = std::time::Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < std::time::Duration::from_millis(200) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let b = CpuTimes::now();
+        assert!(
+            b.own >= a.own + 10,
+            "200 ms of spinning is at least 10 ticks"
+        );
+        assert!(b.others_since(&a) >= 0.0);
     }
 }

@@ -8,7 +8,7 @@ use std::time::Instant;
 use crate::baseline;
 use crate::cluster::{with_cluster, ClusterSetup, LoopSetup};
 use crate::error::BenchError;
-use crate::machine::{load_average, Machine};
+use crate::machine::{load_average, wait_quiet, CpuTimes, Machine};
 use crate::report::{
     size_name, write_section, BaselineRow, DenseRow, KnobRow, Report, SparseRow, SECTION,
 };
@@ -84,6 +84,13 @@ pub struct RunArgs {
     /// Only these sparse key counts (default: 10^3, 10^5, 10^6).
     #[arg(long, value_delimiter = ',')]
     pub keys: Vec<usize>,
+    /// Before starting, wait up to this many seconds for the machine to be quiet (other
+    /// processes using under --quiet-threshold cores for 3 s in a row).
+    #[arg(long, default_value_t = 0)]
+    pub wait_quiet: u64,
+    /// Cores' worth of CPU other processes may use for the machine to count as quiet.
+    #[arg(long, default_value_t = 0.25)]
+    pub quiet_threshold: f64,
     /// Scale every measurement time by this factor.
     #[arg(long, default_value_t = 1.0)]
     pub time_scale: f64,
@@ -406,12 +413,32 @@ fn knobs(args: &RunArgs, budget: &Budget) -> Result<Vec<KnobRow>, BenchError> {
 
 /// Run the bench as `args` says; `command` is the command line to print.
 pub fn run(args: &RunArgs, command: String) -> Result<Report, BenchError> {
+    let mut notes = Vec::new();
+    if args.wait_quiet > 0 {
+        eprintln!(
+            "waiting up to {} s for other processes to use under {} cores...",
+            args.wait_quiet, args.quiet_threshold
+        );
+        let (others, quiet) = wait_quiet(
+            std::time::Duration::from_secs(args.wait_quiet),
+            args.quiet_threshold,
+        );
+        let line = if quiet {
+            format!("Started once other processes used under {} cores for 3 s (last second: {others:.2} cores).", args.quiet_threshold)
+        } else {
+            format!("Waited {} s for a quiet machine and gave up (other processes used {others:.2} cores in the last second).", args.wait_quiet)
+        };
+        eprintln!("{line}");
+        notes.push(line);
+    }
     let started = Instant::now();
+    let cpu_start = CpuTimes::now();
+    let mut disturbance: Vec<(String, f64)> = Vec::new();
     let machine = Machine::detect();
     let budget = budget(args);
     println!("command: {command}");
     println!("machine: {}", machine.describe());
-    let mut notes = vec![
+    notes.extend([
         format!(
             "Each figure: {:.2} s warm-up, then {:.2} s measured (at least {} operations); value bytes in GB/s = 10^9 B/s; push+pull counts its value bytes both ways; with 2 workers, GB/s and keys/s are the sum over both workers and latencies are merged.",
             budget.warmup.as_secs_f64(),
@@ -420,7 +447,7 @@ pub fn run(args: &RunArgs, command: String) -> Result<Report, BenchError> {
         ),
         "Latency = issue to `wait` return per request; with 8 in flight it includes queueing behind the 7 before it. Ratios: dense GB/s vs the raw TCP stream of the same size, p50 vs the raw ping-pong p50 of the same size.".into(),
         "Raw TCP stream: one std::net connection, 1 MiB writes, receiver reads into a reused buffer of the transfer size and answers 1 byte; ping-pong: N-byte request, 8-byte answer, blocking, TCP_NODELAY; both ends are threads of the bench process placed by the OS. memcpy: one thread into a pre-populated buffer.".into(),
-    ];
+    ]);
     if args.filtered() {
         notes.push("A filtered run (--only / --sizes / --ops / --in-flight / --keys / --workers): not every cell was measured.".into());
     }
@@ -432,14 +459,21 @@ pub fn run(args: &RunArgs, command: String) -> Result<Report, BenchError> {
     let mut baseline_rows = Vec::new();
     if args.runs(Part::Baselines) {
         eprintln!("baselines (before the pserv cells):");
+        let t = CpuTimes::now();
         baseline_rows = baselines(&args.sizes(), &budget)?;
+        disturbance.push(("baselines".into(), CpuTimes::now().others_since(&t)));
     }
     let mut dense = Vec::new();
     let mut sparse = Vec::new();
     if args.runs(Part::Dense) || args.runs(Part::Sparse) {
         for &w in &args.workers {
             eprintln!("pserv, {w} worker(s): {}", args.setup(w).describe());
+            let t = CpuTimes::now();
             let (d, s) = pserv_cells(args, w, &budget)?;
+            disturbance.push((
+                format!("pserv, {w} worker(s)"),
+                CpuTimes::now().others_since(&t),
+            ));
             dense.extend(d);
             sparse.extend(s);
         }
@@ -447,13 +481,17 @@ pub fn run(args: &RunArgs, command: String) -> Result<Report, BenchError> {
     let mut knob_rows = Vec::new();
     if args.runs(Part::Knobs) {
         eprintln!("knob sweep (1 worker, half-length measurements):");
+        let t = CpuTimes::now();
         knob_rows = knobs(args, &budget)?;
+        disturbance.push(("knob sweep".into(), CpuTimes::now().others_since(&t)));
     } else {
         notes.push("Knob sweep not run (run without --quick, or with --only knobs).".into());
     }
     if !args.quick && !baseline_rows.is_empty() {
         eprintln!("baselines (after the pserv cells):");
+        let t = CpuTimes::now();
         let again = baselines(&args.sizes(), &budget)?;
+        disturbance.push(("baselines again".into(), CpuTimes::now().others_since(&t)));
         for (b, a) in baseline_rows.iter_mut().zip(again) {
             b.stream = Sample::best(b.stream.clone(), a.stream);
             b.ping_pong = Sample::best(b.ping_pong.clone(), a.ping_pong);
@@ -461,6 +499,16 @@ pub fn run(args: &RunArgs, command: String) -> Result<Report, BenchError> {
         }
         notes.push("Baselines were measured before and after the pserv cells; the tables keep the better of the two (the harder comparison for pserv).".into());
     }
+    disturbance.push(("whole run".into(), CpuTimes::now().others_since(&cpu_start)));
+    notes.push(format!(
+        "CPU used by other processes (cores, average; {} cores in all): {}.",
+        pserv_sys::cpu::core_count(),
+        disturbance
+            .iter()
+            .map(|(what, c)| format!("{what} {c:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
     let config = args.setup(1).describe();
     let report = Report {
         command,
