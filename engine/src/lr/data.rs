@@ -288,7 +288,7 @@ impl Dataset {
         assert!((0.0..=1.0).contains(&frac), "hold-out fraction {frac}");
         let n = self.len();
         let test_len = ((n as f64) * frac).round() as usize;
-        let order = permutation(n, 0x686F_6C64_6F75_74); // "holdout"
+        let order = permutation(n, 0x68_6F6C_646F_7574); // "holdout"
         let mut is_test = vec![false; n];
         for &i in &order[..test_len] {
             is_test[i] = true;

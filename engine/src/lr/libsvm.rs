@@ -99,11 +99,15 @@ impl Dataset {
 
 /// `1.0` for a positive label, `0.0` for a negative one.
 fn parse_label(text: &str) -> Result<f32, String> {
-    match text.parse::<f64>() {
-        Ok(y) if y == 1.0 => Ok(1.0),
-        Ok(y) if y == -1.0 || y == 0.0 => Ok(0.0),
-        Ok(y) => Err(format!("label {y} is not binary (expected -1/+1 or 0/1)")),
-        Err(_) => Err(format!("label {text:?} is not a number")),
+    let y: f64 = text
+        .parse()
+        .map_err(|_| format!("label {text:?} is not a number"))?;
+    if y == 1.0 {
+        Ok(1.0)
+    } else if y == -1.0 || y == 0.0 {
+        Ok(0.0)
+    } else {
+        Err(format!("label {y} is not binary (expected -1/+1 or 0/1)"))
     }
 }
 
@@ -129,7 +133,7 @@ mod tests {
         .unwrap();
         assert_eq!(d.labels(), &[1.0, 0.0, 1.0, 0.0, 1.0]);
         let r = d.row(0);
-        let mut want = vec![(feature_key(1), 0.5), (feature_key(3), 1.0)];
+        let mut want = [(feature_key(1), 0.5), (feature_key(3), 1.0)];
         want.sort_by_key(|p| p.0);
         assert_eq!(r.keys, &[want[0].0, want[1].0]);
         assert_eq!(r.values, &[want[0].1, want[1].1]);

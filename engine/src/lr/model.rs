@@ -405,22 +405,49 @@ impl SparseModel {
         }
     }
 
-    /// Evaluates the model on `data`. Each row's sorted keys are looked up with a search
-    /// window that only moves forward.
-    pub fn evaluate(&self, data: &Dataset) -> Eval {
-        Eval::from_margins(data.rows().map(|row| {
-            let mut from = 0;
-            let mut m = 0.0f32;
-            for (&k, &v) in row.keys.iter().zip(row.values) {
-                let i = from + self.keys[from..].partition_point(|&x| x < k);
-                if i < self.keys.len() && self.keys[i] == k {
-                    m += self.weights[i] * v;
-                }
-                from = i;
-            }
-            (row.label, m)
-        }))
+    /// The weights of `keys` (sorted ascending), 0 for keys absent from the model: what
+    /// a pull of `keys` returns. A galloping merge of the two sorted lists, linear in the
+    /// shorter one times the log of the gap between hits.
+    ///
+    /// # Panics
+    /// If `keys` is not sorted.
+    pub fn gather(&self, keys: &[Key]) -> Vec<f32> {
+        let mut out = Vec::with_capacity(keys.len());
+        let mut from = 0;
+        let mut previous = 0;
+        for &k in keys {
+            assert!(k >= previous, "keys to gather are not sorted");
+            previous = k;
+            from = gallop(&self.keys, from, k);
+            out.push(match self.keys.get(from) {
+                Some(&x) if x == k => self.weights[from],
+                _ => 0.0,
+            });
+        }
+        out
     }
+
+    /// Evaluates the model on `data`: the whole set as one [`Minibatch`], its keys'
+    /// weights [`gather`](Self::gather)ed, then [`evaluate_batch`].
+    pub fn evaluate(&self, data: &Dataset) -> Eval {
+        let batch = Minibatch::new(data, 0..data.len());
+        evaluate_batch(&batch, &self.gather(batch.unique_keys()))
+    }
+}
+
+/// The first index `i >= from` with `sorted[i] >= key` (or `sorted.len()`), found by
+/// galloping forward from `from` and then binary search in the last step: cheap when
+/// successive keys land close together.
+fn gallop(sorted: &[Key], from: usize, key: Key) -> usize {
+    let n = sorted.len();
+    let mut lo = from;
+    let mut step = 1;
+    while lo + step < n && sorted[lo + step] < key {
+        lo += step;
+        step *= 2;
+    }
+    let hi = (lo + step + 1).min(n);
+    lo + sorted[lo..hi].partition_point(|&x| x < key)
 }
 
 /// What one epoch of the reference did.
@@ -451,27 +478,23 @@ impl<'a> ReferenceSgd<'a> {
     /// A zero model over the keys of `train`, its minibatches prepared once.
     ///
     /// # Panics
-    /// If `params.batch_size == 0` or `train` has 2^32 or more distinct keys.
+    /// If `params.batch_size == 0` or `train` has 2^32 or more nonzeros.
     pub fn new(train: &'a Dataset, params: &SgdParams) -> Self {
-        let keys = train.unique_keys();
-        assert!(keys.len() < u32::MAX as usize, "too many keys");
+        // The whole set as one batch: its unique keys are the model's keys, and its key
+        // index gives each nonzero's model position.
+        let all = Minibatch::new(train, 0..train.len());
         let batches = train
             .minibatches(params.batch_size)
             .map(|batch| {
-                // Both key lists are sorted: search forward from the last hit.
-                let mut from = 0;
-                let global = batch
-                    .unique_keys()
-                    .iter()
-                    .map(|&k| {
-                        from += keys[from..].partition_point(|&x| x < k);
-                        debug_assert_eq!(keys[from], k);
-                        from as u32
-                    })
-                    .collect();
+                let base = train.offsets()[batch.rows.start];
+                let mut global = vec![0u32; batch.unique_keys.len()];
+                for (pos, &local) in batch.key_index.iter().enumerate() {
+                    global[local as usize] = all.key_index[base + pos];
+                }
                 (batch, global)
             })
             .collect();
+        let keys = all.unique_keys;
         let weights = vec![0.0; keys.len()];
         ReferenceSgd {
             params: params.clone(),
@@ -623,6 +646,22 @@ mod tests {
     }
 
     #[test]
+    fn gallop_finds_lower_bounds() {
+        let keys: Vec<Key> = (0..200).map(|i| i * 3).collect();
+        for from in [0, 1, 7, 100, 199, 200] {
+            for key in 0..700 {
+                let want = from + keys[from..].partition_point(|&x| x < key);
+                assert_eq!(gallop(&keys, from, key), want, "from {from} key {key}");
+            }
+        }
+        let model = SparseModel::new(keys, (0..200).map(|i| i as f32).collect());
+        assert_eq!(
+            model.gather(&[0, 1, 3, 597, 598, 1000]),
+            [0.0, 0.0, 1.0, 199.0, 0.0, 0.0]
+        );
+    }
+
+    #[test]
     fn evaluations_agree() {
         let d = tiny();
         let model = SparseModel::new(vec![5, 10, 30, 99], vec![0.5, -1.0, 2.0, 3.0]);
@@ -702,72 +741,84 @@ mod tests {
     }
 }
 
+/// Measurements on the default data set, in release:
+/// `cargo test --release -p pserv-engine lr -- --ignored --nocapture`.
 #[cfg(test)]
-mod tune {
+mod measure {
     use super::*;
     use crate::lr::SyntheticSpec;
     use std::time::Instant;
 
-    fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    }
-
     #[test]
-    #[ignore]
-    fn tune() {
-        let d = SyntheticSpec::default();
-        let spec = SyntheticSpec {
-            seed: env("SEED", d.seed),
-            train_examples: env("N", d.train_examples),
-            test_examples: env("NT", d.test_examples),
-            features: env("V", d.features),
-            zipf_exponent: env("S", d.zipf_exponent),
-            nnz_min: env("NMIN", d.nnz_min),
-            nnz_max: env("NMAX", d.nnz_max),
-            weight_scale: env("WS", d.weight_scale),
-            weight_decay: env("WD", d.weight_decay),
-            bias: env("B", d.bias),
-        };
-        let p = SgdParams::default();
+    #[ignore = "measures the default data set; run in release"]
+    fn default_spec_figures() {
+        let spec = SyntheticSpec::default();
         let params = SgdParams {
-            lr: env("LR", p.lr),
-            l2: env("L2", p.l2),
-            batch_size: env("BS", p.batch_size),
-            epochs: env("EP", p.epochs),
+            epochs: 5,
+            ..SgdParams::default()
         };
         let t = Instant::now();
         let (train, test) = Dataset::synthetic(&spec);
-        let gen_s = t.elapsed().as_secs_f64();
+        let generate_s = t.elapsed().as_secs_f64();
         let (_, margins) = Dataset::synthetic_test_with_margins(&spec);
-        let bayes = Eval::from_margins(
+        let hidden = Eval::from_margins(
             test.labels()
                 .iter()
                 .zip(&margins)
                 .map(|(&y, &m)| (y, m as f32)),
         );
+        eprintln!("spec {spec:?}\nparams {params:?}");
         eprintln!(
-            "gen {gen_s:.3}s nnz {} distinct {} pos {:.4} majority(test) {:.4} prior loss {:.4} bayes {:.4}/{:.4}/{:.4}",
+            "generation {generate_s:.3} s: train {} rows, {} nonzeros, {} distinct keys, \
+             positive rate {:.4}; test {} rows, {} distinct keys, majority rate {:.4}, \
+             prior logloss {:.4}; the hidden model on test: logloss {:.4} accuracy {:.4}",
+            train.len(),
             train.nnz(),
             train.distinct_keys(),
             train.positive_rate(),
+            test.len(),
+            test.distinct_keys(),
             test.majority_rate(),
             test.prior_logloss(train.positive_rate()),
-            bayes.logloss, bayes.accuracy, bayes.auc.unwrap()
+            hidden.logloss,
+            hidden.accuracy,
         );
+        let t = Instant::now();
+        let batches = train.minibatches(params.batch_size);
+        let (count, unique): (usize, usize) =
+            batches.fold((0, 0), |(c, u), b| (c + 1, u + b.unique_keys().len()));
+        eprintln!(
+            "minibatches: {count} of {} rows, {:.0} unique keys each on average, built in {:.3} s",
+            params.batch_size,
+            unique as f64 / count as f64,
+            t.elapsed().as_secs_f64()
+        );
+        let t = Instant::now();
+        let k = train.unique_keys();
+        eprintln!(
+            "unique keys {} in {:.3} s",
+            k.len(),
+            t.elapsed().as_secs_f64()
+        );
+        let t = Instant::now();
         let mut sgd = ReferenceSgd::new(&train, &params);
-        for e in 1..=params.epochs {
+        eprintln!(
+            "reference set-up (model keys, batches) {:.3} s",
+            t.elapsed().as_secs_f64()
+        );
+        for epoch in 1..=params.epochs {
             let t = Instant::now();
-            let loss = sgd.epoch();
-            let dt = t.elapsed().as_secs_f64();
-            let ev = sgd.model().evaluate(&test);
+            let train_logloss = sgd.epoch();
+            let epoch_s = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let e = sgd.model().evaluate(&test);
             eprintln!(
-                "epoch {e}: {dt:.3}s train {loss:.4} test logloss {:.4} acc {:.4} auc {:.4}",
-                ev.logloss,
-                ev.accuracy,
-                ev.auc.unwrap()
+                "epoch {epoch}: {epoch_s:.3} s, train logloss {train_logloss:.4}; held-out \
+                 logloss {:.4} accuracy {:.4} auc {:.4} (evaluated in {:.3} s)",
+                e.logloss,
+                e.accuracy,
+                e.auc.unwrap_or(f64::NAN),
+                t.elapsed().as_secs_f64()
             );
         }
     }

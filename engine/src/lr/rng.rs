@@ -91,10 +91,11 @@ pub fn det_exp(x: f64) -> f64 {
     if x > 709.0 {
         return f64::INFINITY;
     }
-    const LN_2_HI: f64 = 6.931_471_803_691_238_164_90e-01;
-    const LN_2_LO: f64 = 1.908_214_929_270_587_700_02e-10;
+    // ln 2 split in two (fdlibm's ln2_hi and ln2_lo), so that k * LN_2_HI is exact.
+    let ln_2_hi = f64::from_bits(0x3FE6_2E42_FEE0_0000);
+    let ln_2_lo = f64::from_bits(0x3DEA_39EF_3579_3C76);
     let k = (x * std::f64::consts::LOG2_E).round();
-    let r = (x - k * LN_2_HI) - k * LN_2_LO;
+    let r = (x - k * ln_2_hi) - k * ln_2_lo;
     let mut p = 1.0;
     for i in (1..=13).rev() {
         p = 1.0 + p * r / f64::from(i);
