@@ -307,29 +307,46 @@ impl<T: Value> Table<T> {
         let n = keys.len();
         let grads = &grads[..n];
         let out = &mut out[..if OUT { n } else { 0 }];
-        let pairs = pairs_mut(&mut self.region, g.cap);
+        // Sliced to `mask + 1` so that indexing with `& mask` needs no bounds check.
+        let pairs = &mut pairs_mut(&mut self.region, g.cap)[..=g.mask];
         let mut len = self.len;
-        for i in start..n {
-            let ahead = g.home(keys[(i + PREFETCH_AHEAD).min(n - 1)]);
-            prefetch_read(&pairs[ahead & g.mask]);
-            let key = keys[i];
-            debug_assert_ne!(key, EMPTY);
-            let b = probe_pair(pairs, g.home(key), key);
-            let bucket = &mut pairs[b];
-            if bucket[0] != key {
-                if len >= limit {
-                    self.len = len;
-                    return i;
+        // One key: probe, insert if new, apply. A macro rather than a closure so the two
+        // loops below keep everything in registers.
+        macro_rules! step {
+            ($i:expr) => {{
+                let i = $i;
+                let key = keys[i];
+                debug_assert_ne!(key, EMPTY);
+                let b = probe_pair(pairs, g.home(key), key);
+                let bucket = &mut pairs[b];
+                if bucket[0] != key {
+                    if len >= limit {
+                        self.len = len;
+                        return i;
+                    }
+                    bucket[0] = key;
+                    len += 1;
                 }
-                bucket[0] = key;
-                len += 1;
-            }
-            let vals: &mut [T] = bytemuck::cast_slice_mut(&mut bucket[1..]);
-            let (w, s) = vals.split_at_mut(1);
-            rule.apply(w, &mut s[..g.sl], std::slice::from_ref(&grads[i]));
-            if OUT {
-                out[i] = w[0];
-            }
+                let vals: &mut [T] = bytemuck::cast_slice_mut(&mut bucket[1..]);
+                let (w, s) = vals.split_at_mut(1);
+                rule.apply(w, &mut s[..g.sl], std::slice::from_ref(&grads[i]));
+                if OUT {
+                    out[i] = w[0];
+                }
+            }};
+        }
+        // Keys with a key PREFETCH_AHEAD positions later prefetch its home bucket; the
+        // last ones have nothing left to prefetch.
+        let split = n.saturating_sub(PREFETCH_AHEAD).max(start);
+        let mut i = start;
+        while i < split {
+            prefetch_read(&pairs[g.home(keys[i + PREFETCH_AHEAD]) & g.mask]);
+            step!(i);
+            i += 1;
+        }
+        while i < n {
+            step!(i);
+            i += 1;
         }
         self.len = len;
         n
@@ -408,19 +425,26 @@ impl<T: Value> Table<T> {
             return;
         }
         let out = &mut out[..n];
-        let pairs = self.pairs();
-        for (i, o) in out.iter_mut().enumerate() {
-            let ahead = g.home(key_at((i + PREFETCH_AHEAD).min(n - 1)));
-            prefetch_read(&pairs[ahead & g.mask]);
+        let pairs = &self.pairs()[..=g.mask];
+        let step = |i: usize| {
             let key = key_at(i);
             let b = probe_pair(pairs, g.home(key), key);
             let bucket = &pairs[b];
             let vals: &[T] = bytemuck::cast_slice(&bucket[1..]);
-            *o = if bucket[0] == key {
+            if bucket[0] == key {
                 vals[0]
             } else {
                 T::default()
-            };
+            }
+        };
+        let split = n.saturating_sub(PREFETCH_AHEAD);
+        let (head, tail) = out.split_at_mut(split);
+        for (i, o) in head.iter_mut().enumerate() {
+            prefetch_read(&pairs[g.home(key_at(i + PREFETCH_AHEAD)) & g.mask]);
+            *o = step(i);
+        }
+        for (i, o) in tail.iter_mut().enumerate() {
+            *o = step(split + i);
         }
     }
 
