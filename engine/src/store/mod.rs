@@ -48,6 +48,9 @@ use crate::keys::KeyRange;
 use crate::update::{Assign, Sgd, Sum, UpdateFn, UpdateSpec};
 use crate::value::Value;
 
+/// The largest [`StoreConfig::sparse_initial_keys`] accepted (per shard).
+pub const MAX_INITIAL_KEYS: usize = 1 << 36;
+
 /// How a [`Store`] is shaped.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoreConfig {
@@ -58,7 +61,8 @@ pub struct StoreConfig {
     /// Optimizer-state elements kept per weight element (the largest
     /// [`UpdateFn::state_len`] the store will serve).
     pub state_len: usize,
-    /// Keys each shard's sparse table holds before it first grows.
+    /// Keys each shard's sparse table holds before it first grows (at most
+    /// [`MAX_INITIAL_KEYS`]).
     pub sparse_initial_keys: usize,
     /// The largest dense block, in bytes (weights and state), a range push may create.
     pub dense_max_bytes: u64,
@@ -270,9 +274,16 @@ impl<T: Value> Store<T> {
         if cfg.value_len == 0 {
             return Err(StoreError::Config("value_len must be at least 1".into()));
         }
+        if cfg.sparse_initial_keys > MAX_INITIAL_KEYS {
+            return Err(StoreError::Config(format!(
+                "sparse_initial_keys {} is above {MAX_INITIAL_KEYS}",
+                cfg.sparse_initial_keys
+            )));
+        }
         let per_key = cfg
-            .value_len
-            .checked_mul(cfg.state_len + 1)
+            .state_len
+            .checked_add(1)
+            .and_then(|n| n.checked_mul(cfg.value_len))
             .and_then(|n| n.checked_mul(std::mem::size_of::<T>()))
             .filter(|&n| n <= 1 << 30)
             .ok_or_else(|| {

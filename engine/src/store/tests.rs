@@ -421,6 +421,14 @@ fn shards_split_the_range_evenly_and_tiny_ranges_get_fewer() {
             value_len: usize::MAX,
             ..StoreConfig::default()
         },
+        StoreConfig {
+            state_len: usize::MAX,
+            ..StoreConfig::default()
+        },
+        StoreConfig {
+            sparse_initial_keys: usize::MAX,
+            ..StoreConfig::default()
+        },
     ] {
         assert!(matches!(
             Store::<f32>::new(KeyRange::FULL, bad),
