@@ -3,18 +3,30 @@
 //! The model is L2-regularised logistic regression over hashed sparse features, trained by
 //! minibatch SGD. A distributed worker runs, for each minibatch of its shard:
 //!
-//! ```ignore
+//! ```
+//! use std::collections::BTreeMap;
+//! use pserv_engine::lr::{gradient, Dataset, SgdParams, SyntheticSpec};
+//!
+//! let (train, _test) = Dataset::synthetic(&SyntheticSpec::small(1));
+//! let params = SgdParams::default();
+//! let shard = train.shard(0, 2); // this worker's rows
+//! let mut servers = BTreeMap::<u64, f32>::new(); // stands in for the servers
 //! for batch in shard.minibatches(params.batch_size) {
-//!     let keys = batch.unique_keys();              // sorted, deduplicated
-//!     let weights: Vec<f32> = pull(keys);            // aligned with `keys`
+//!     let keys = batch.unique_keys(); // sorted, deduplicated
+//!     // pull
+//!     let weights: Vec<f32> = keys.iter().map(|k| *servers.get(k).unwrap_or(&0.0)).collect();
 //!     let mut grad = vec![0.0; keys.len()];
-//!     let loss = gradient(&batch, &weights, params.l2, &mut grad);
-//!     push(keys, &grad);                             // the server does w -= lr * g
+//!     let _batch_loss = gradient(&batch, &weights, params.l2, &mut grad);
+//!     for (k, g) in keys.iter().zip(&grad) {
+//!         *servers.entry(*k).or_insert(0.0) -= params.lr * g; // push; the server applies SGD
+//!     }
 //! }
 //! ```
 //!
-//! and [`train_single_process`] runs exactly the same SGD in one process, in the same
-//! minibatch order, so the distributed loss can be compared with it.
+//! [`train_single_process`] runs the same SGD in one process, over the whole training set
+//! in the same minibatch order (weights start at zero, as on the servers). One worker with
+//! sequential consistency reproduces it exactly; with several workers the order of updates
+//! differs, so the losses agree closely but not bit for bit.
 //!
 //! - [`data`]: the [`Dataset`] (CSR rows of sorted keys), sharding, hold-out split.
 //! - [`synthetic`]: a deterministic generator of power-law sparse data with a hidden model.

@@ -2,7 +2,7 @@
 //!
 //! Each example draws a number of feature ids from a power law (Zipf-like: the few
 //! frequent ids appear in many rows, most ids are rare), hashes them to keys with
-//! [`feature_key`](super::feature_key), gives them the value `1/sqrt(n)` (unit-norm rows)
+//! [`feature_key`], gives them the value `1/sqrt(n)` (unit-norm rows)
 //! and adds a bias feature (id 0, value 1). Its label is Bernoulli(sigmoid(x . w*)) where
 //! the true weight `w*_j` is a function of the feature id and the seed, so it is never
 //! stored.
@@ -21,7 +21,7 @@ use super::rng::{approx_normal, det_exp, det_sigmoid, feature_key, mix64, SplitM
 pub const BIAS_FEATURE_ID: u64 = 0;
 
 /// Parameters of [`Dataset::synthetic`]. The default is the main job's data set: 10^5
-/// training and 2*10^4 test examples over about 1.3*10^6 distinct training keys.
+/// training and 2*10^4 test examples over about 1.47*10^6 distinct training keys.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SyntheticSpec {
     /// Fixes the data and the hidden model.
