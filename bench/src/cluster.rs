@@ -35,8 +35,8 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Event-loop settings of one node kind (the parts of [`TcpConfig`] the bench varies).
 #[derive(Clone, Debug, PartialEq, Eq, clap::Args)]
 pub struct LoopSetup {
-    /// Event-loop threads.
-    #[arg(long, default_value_t = 1)]
+    /// Event-loop threads (0: `TcpConfig`'s default, one per core).
+    #[arg(long, default_value_t = 0)]
     pub threads: usize,
     /// Do not pin the loops to cores.
     #[arg(long)]
@@ -50,14 +50,39 @@ pub struct LoopSetup {
 }
 
 impl LoopSetup {
+    /// `TcpConfig::default()`: a loop per core, pinned from core 0, no busy polling.
+    pub fn tcp_default() -> Self {
+        LoopSetup {
+            threads: 0,
+            no_pin: false,
+            core_offset: 0,
+            busy_poll_us: 0,
+        }
+    }
+
+    /// One loop pinned to `core`.
+    pub fn one_on(core: usize) -> Self {
+        LoopSetup {
+            threads: 1,
+            no_pin: false,
+            core_offset: core,
+            busy_poll_us: 0,
+        }
+    }
+
     /// The transport configuration.
     pub fn tcp(&self) -> TcpConfig {
+        let d = TcpConfig::default();
         TcpConfig {
-            threads: self.threads.max(1),
+            threads: if self.threads == 0 {
+                d.threads
+            } else {
+                self.threads
+            },
             pin_cores: !self.no_pin,
             core_offset: self.core_offset,
             busy_poll_us: self.busy_poll_us,
-            ..TcpConfig::default()
+            ..d
         }
     }
 
@@ -77,16 +102,17 @@ impl LoopSetup {
         a
     }
 
-    /// A short description, e.g. "1 loop on core 1, busy poll 0 us".
+    /// A short description, e.g. "1 loop pinned to core 1, busy_poll_us=0".
     pub fn describe(&self) -> String {
-        let loops = if self.threads == 1 {
-            "1 loop".to_string()
-        } else {
-            format!("{} loops", self.threads)
+        let threads = self.tcp().threads;
+        let loops = match (self.threads, threads) {
+            (0, n) => format!("{n} loops (a loop per core, the default)"),
+            (_, 1) => "1 loop".to_string(),
+            (_, n) => format!("{n} loops"),
         };
         let place = if self.no_pin {
             "unpinned".to_string()
-        } else if self.threads == 1 {
+        } else if threads == 1 {
             format!("pinned to core {}", self.core_offset)
         } else {
             format!("pinned from core {}", self.core_offset)
@@ -163,8 +189,11 @@ pub struct ClusterSetup {
     pub workers: u32,
     /// The server's event loops.
     pub server: LoopSetup,
-    /// The workers' event loops; worker `i` starts at core `core_offset + i * threads`.
+    /// The workers' event loops; worker `i` starts at core
+    /// `core_offset + i * worker_core_stride`.
     pub worker: LoopSetup,
+    /// How far apart (in cores) the workers' loops start.
+    pub worker_core_stride: usize,
     /// How long a worker's `wait` spins before it parks.
     pub spin_us: u64,
     /// Pin worker `i`'s application thread (the one that pushes, pulls and waits) to
@@ -176,7 +205,7 @@ impl ClusterSetup {
     /// The loops of worker `rank`.
     pub fn worker_loops(&self, rank: u32) -> LoopSetup {
         LoopSetup {
-            core_offset: self.worker.core_offset + rank as usize * self.worker.threads.max(1),
+            core_offset: self.worker.core_offset + rank as usize * self.worker_core_stride,
             ..self.worker.clone()
         }
     }
@@ -188,12 +217,16 @@ impl ClusterSetup {
             None => "application thread unpinned".into(),
         };
         format!(
-            "1 server ({}); {} worker{} (worker i: {}, +i*{} cores; {app}), spin_us={}; scheduler: 1 loop unpinned",
+            "1 server ({}); {} worker{} ({}{}; {app}), spin_us={}; scheduler: 1 loop unpinned",
             self.server.describe(),
             self.workers,
             if self.workers == 1 { "" } else { "s" },
             self.worker.describe(),
-            self.worker.threads.max(1),
+            if self.worker_core_stride == 0 {
+                String::new()
+            } else {
+                format!(", worker i from core +{}*i", self.worker_core_stride)
+            },
             self.spin_us
         )
     }

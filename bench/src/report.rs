@@ -8,6 +8,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use crate::baseline::Placement;
 use crate::machine::Machine;
 use crate::stats::Sample;
 use crate::workload::{DenseCell, DenseOp, KeyPattern, SparseCell, SparseOp};
@@ -22,17 +23,36 @@ pub const PSLITE_16M_PUSH_GBPS_8: f64 = 5.8;
 /// ps-lite: 4 KiB push p50 in microseconds.
 pub const PSLITE_4K_PUSH_US_P50: f64 = 116.0;
 
+/// The raw-socket baselines of one size and thread placement.
+#[derive(Clone, Debug)]
+pub struct PlacedBaseline {
+    /// Where the two threads ran.
+    pub placement: Placement,
+    /// Raw single-stream TCP transfer.
+    pub stream: Sample,
+    /// Raw TCP ping-pong.
+    pub ping_pong: Sample,
+}
+
 /// The baselines of one size.
 #[derive(Clone, Debug)]
 pub struct BaselineRow {
     /// Transfer size in bytes.
     pub size_bytes: usize,
-    /// Raw single-stream TCP transfer.
+    /// Every placement measured.
+    pub placed: Vec<PlacedBaseline>,
+    /// The best raw single-stream TCP transfer (highest GB/s over the placements).
     pub stream: Sample,
-    /// Raw TCP ping-pong (request of the size, 8-byte answer).
+    /// Where the best stream ran.
+    pub stream_placement: Placement,
+    /// The best raw TCP ping-pong (request of the size, 8-byte answer; lowest p50).
     pub ping_pong: Sample,
+    /// Where the best ping-pong ran.
+    pub ping_pong_placement: Placement,
     /// Single-thread memcpy.
     pub memcpy: Sample,
+    /// Single-thread f32 `dst += src` (the server's sum update).
+    pub sum: Sample,
 }
 
 /// One dense pserv measurement.
@@ -343,24 +363,58 @@ impl Report {
             }
         }
 
-        let _ = writeln!(w, "\n### Baselines (same run)\n");
         let _ = writeln!(
             w,
-            "| size | raw TCP stream GB/s | stream p50 us | stream p99 us | ping-pong p50 us | ping-pong p99 us | memcpy GB/s |"
+            "\n### Baselines (same run; the best thread placement of each)\n"
         );
-        let _ = writeln!(w, "|---|---|---|---|---|---|---|");
+        let _ = writeln!(
+            w,
+            "| size | raw TCP stream GB/s | placement | stream p50 us | stream p99 us | ping-pong p50 us | placement | ping-pong p99 us | memcpy GB/s | f32 sum GB/s |"
+        );
+        let _ = writeln!(w, "|---|---|---|---|---|---|---|---|---|---|");
         for b in &self.baselines {
             let _ = writeln!(
                 w,
-                "| {} | {:.2} | {} | {} | {} | {} | {:.1} |",
+                "| {} | {:.2} | {} | {} | {} | {} | {} | {} | {:.1} | {:.1} |",
                 size_name(b.size_bytes),
                 b.stream.gb_per_s(),
+                b.stream_placement.name(),
                 us(b.stream.latency_us_p50()),
                 us(b.stream.latency_us_p99()),
                 us(b.ping_pong.latency_us_p50()),
+                b.ping_pong_placement.name(),
                 us(b.ping_pong.latency_us_p99()),
-                b.memcpy.gb_per_s()
+                b.memcpy.gb_per_s(),
+                b.sum.gb_per_s()
             );
+        }
+        let _ = writeln!(
+            w,
+            "\nRaw TCP by thread placement (stream GB/s / ping-pong p50 us):\n"
+        );
+        let _ = write!(w, "| size |");
+        for p in Placement::ALL {
+            let _ = write!(w, " {} |", p.name());
+        }
+        let _ = writeln!(w, "\n|---|---|---|---|");
+        for b in &self.baselines {
+            let _ = write!(w, "| {} |", size_name(b.size_bytes));
+            for p in Placement::ALL {
+                match b.placed.iter().find(|x| x.placement == p) {
+                    Some(x) => {
+                        let _ = write!(
+                            w,
+                            " {:.2} / {} |",
+                            x.stream.gb_per_s(),
+                            us(x.ping_pong.latency_us_p50())
+                        );
+                    }
+                    None => {
+                        let _ = write!(w, " - |");
+                    }
+                }
+            }
+            let _ = writeln!(w);
         }
 
         let _ = writeln!(

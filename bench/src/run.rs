@@ -5,12 +5,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::baseline;
+use crate::baseline::{self, Placement};
 use crate::cluster::{with_cluster, ClusterSetup, LoopSetup};
 use crate::error::BenchError;
 use crate::machine::{load_average, wait_quiet, CpuTimes, Machine};
 use crate::report::{
-    size_name, write_section, BaselineRow, DenseRow, KnobRow, Report, SparseRow, SECTION,
+    size_name, write_section, BaselineRow, DenseRow, KnobRow, PlacedBaseline, Report, SparseRow,
+    SECTION,
 };
 use crate::stats::{Budget, Sample};
 use crate::workload::{
@@ -28,10 +29,16 @@ pub const SPARSE_KEYS: [usize; 3] = [1_000, 100_000, 1_000_000];
 pub const DEFAULT_SPIN_US: u64 = 50;
 /// Default `busy_poll_us` of the bench's event loops.
 pub const DEFAULT_BUSY_POLL_US: u64 = 0;
-/// Default core of the server's event loop.
+/// Default event loops per node: one, so each process's work stays on its core.
+pub const DEFAULT_LOOP_THREADS: usize = 1;
+/// Default core of the server's loop.
 pub const DEFAULT_SERVER_CORE: usize = 1;
-/// Default core of worker 0's event loop (worker i: this + i).
+/// Default core of worker 0's loop (worker i: + i * stride).
 pub const DEFAULT_WORKER_CORE: usize = 0;
+/// Default distance between the workers' first cores.
+pub const DEFAULT_WORKER_CORE_STRIDE: usize = 1;
+/// Default core of worker 0's application thread (worker i: + i).
+pub const DEFAULT_APP_CORE: usize = 0;
 
 /// What to run, from the command line.
 #[derive(Clone, Debug, clap::Args)]
@@ -57,21 +64,28 @@ pub struct RunArgs {
     /// Event-loop busy polling (server and workers), in microseconds.
     #[arg(long, default_value_t = DEFAULT_BUSY_POLL_US)]
     pub busy_poll_us: u64,
-    /// Event-loop threads per server and per worker.
-    #[arg(long, default_value_t = 1)]
+    /// Event-loop threads per server and per worker (0: `TcpConfig`'s default, a loop
+    /// per core).
+    #[arg(long, default_value_t = DEFAULT_LOOP_THREADS)]
     pub loop_threads: usize,
     /// Core the server's loops are pinned from.
     #[arg(long, default_value_t = DEFAULT_SERVER_CORE)]
     pub server_core: usize,
-    /// Core worker 0's loops are pinned from (worker i: + i * loop threads).
+    /// Core worker 0's loops are pinned from.
     #[arg(long, default_value_t = DEFAULT_WORKER_CORE)]
     pub worker_core: usize,
+    /// Worker i's loops are pinned from `worker_core + i * worker_core_stride`.
+    #[arg(long, default_value_t = DEFAULT_WORKER_CORE_STRIDE)]
+    pub worker_core_stride: usize,
     /// Do not pin event loops.
     #[arg(long)]
     pub no_pin: bool,
-    /// Pin worker i's application thread to this core + i (default: unpinned).
+    /// Pin worker i's application thread to this core + i.
+    #[arg(long, default_value_t = DEFAULT_APP_CORE)]
+    pub app_core: usize,
+    /// Leave the workers' application threads unpinned (the OS places them).
     #[arg(long)]
-    pub app_core: Option<usize>,
+    pub app_unpinned: bool,
     /// Only these dense sizes, in bytes (default: 4 KiB, 64 KiB, 1 MiB, 16 MiB).
     #[arg(long, value_delimiter = ',')]
     pub sizes: Vec<usize>,
@@ -133,8 +147,9 @@ impl RunArgs {
                 core_offset: self.worker_core,
                 busy_poll_us: self.busy_poll_us,
             },
+            worker_core_stride: self.worker_core_stride,
             spin_us: self.spin_us,
-            app_core: self.app_core,
+            app_core: (!self.app_unpinned).then_some(self.app_core),
         }
     }
 
@@ -171,28 +186,98 @@ fn budget(args: &RunArgs) -> Budget {
 }
 
 fn baselines(sizes: &[usize], budget: &Budget) -> Result<Vec<BaselineRow>, BenchError> {
+    // Three placements per size: each gets half the time of a pserv cell.
+    let placed_budget = budget.scaled(0.5);
     sizes
         .iter()
         .map(|&size| {
-            let stream = baseline::tcp_stream(size, budget)
-                .map_err(|e| BenchError::io("raw TCP stream baseline", e))?;
-            let ping_pong = baseline::tcp_ping_pong(size, budget)
-                .map_err(|e| BenchError::io("raw TCP ping-pong baseline", e))?;
+            let placed = Placement::ALL
+                .iter()
+                .map(|&placement| {
+                    let stream = baseline::tcp_stream(size, &placed_budget, placement)
+                        .map_err(|e| BenchError::io("raw TCP stream baseline", e))?;
+                    let ping_pong = baseline::tcp_ping_pong(size, &placed_budget, placement)
+                        .map_err(|e| BenchError::io("raw TCP ping-pong baseline", e))?;
+                    Ok(PlacedBaseline {
+                        placement,
+                        stream,
+                        ping_pong,
+                    })
+                })
+                .collect::<Result<Vec<_>, BenchError>>()?;
             let memcpy = baseline::memcpy(size, budget);
+            let sum = baseline::sum_f32(size, budget);
+            let row = best_placements(size, placed, memcpy, sum);
             eprintln!(
-                "  baseline {:>7}: raw TCP {:6.2} GB/s (p50 {:8.1} us), ping-pong p50 {:8.1} us, memcpy {:6.1} GB/s",
+                "  baseline {:>7}: raw TCP {:6.2} GB/s ({}, p50 {:8.1} us), ping-pong p50 {:8.1} us ({}), memcpy {:6.1} GB/s, f32 sum {:6.1} GB/s",
                 size_name(size),
-                stream.gb_per_s(),
-                stream.latency_us_p50(),
-                ping_pong.latency_us_p50(),
-                memcpy.gb_per_s()
+                row.stream.gb_per_s(),
+                row.stream_placement.name(),
+                row.stream.latency_us_p50(),
+                row.ping_pong.latency_us_p50(),
+                row.ping_pong_placement.name(),
+                row.memcpy.gb_per_s(),
+                row.sum.gb_per_s()
             );
-            Ok(BaselineRow {
-                size_bytes: size,
-                stream,
-                ping_pong,
-                memcpy,
-            })
+            Ok(row)
+        })
+        .collect()
+}
+
+/// The row of one size: the fastest stream and the lowest-latency ping-pong over the
+/// placements.
+fn best_placements(
+    size_bytes: usize,
+    placed: Vec<PlacedBaseline>,
+    memcpy: Sample,
+    sum: Sample,
+) -> BaselineRow {
+    let s = placed
+        .iter()
+        .max_by(|a, b| a.stream.gb_per_s().total_cmp(&b.stream.gb_per_s()))
+        .expect("at least one placement");
+    let p = placed
+        .iter()
+        .min_by(|a, b| {
+            a.ping_pong
+                .latency_us_p50()
+                .total_cmp(&b.ping_pong.latency_us_p50())
+        })
+        .expect("at least one placement");
+    BaselineRow {
+        size_bytes,
+        stream: s.stream.clone(),
+        stream_placement: s.placement,
+        ping_pong: p.ping_pong.clone(),
+        ping_pong_placement: p.placement,
+        placed,
+        memcpy,
+        sum,
+    }
+}
+
+/// Two passes of the same baselines merged: per placement the better stream and the
+/// better ping-pong, then the best placements again.
+fn merge_baselines(a: Vec<BaselineRow>, b: Vec<BaselineRow>) -> Vec<BaselineRow> {
+    a.into_iter()
+        .zip(b)
+        .map(|(a, b)| {
+            let placed = a
+                .placed
+                .into_iter()
+                .zip(b.placed)
+                .map(|(x, y)| PlacedBaseline {
+                    placement: x.placement,
+                    stream: Sample::higher_goodput(x.stream, y.stream),
+                    ping_pong: Sample::lower_p50(x.ping_pong, y.ping_pong),
+                })
+                .collect();
+            best_placements(
+                a.size_bytes,
+                placed,
+                Sample::higher_goodput(a.memcpy, b.memcpy),
+                Sample::higher_goodput(a.sum, b.sum),
+            )
         })
         .collect()
 }
@@ -319,45 +404,47 @@ fn pserv_cells(
 /// The sweep's configurations: (label, setup) for 1 worker.
 fn knob_setups(args: &RunArgs) -> Vec<(String, ClusterSetup)> {
     let base = args.setup(1);
-    let with = |spin_us: u64, busy_poll_us: u64| {
+    let with = |server: LoopSetup,
+                worker: LoopSetup,
+                app_core: Option<usize>,
+                spin_us: u64,
+                busy_poll_us: u64| {
         let mut s = base.clone();
+        s.server = LoopSetup {
+            busy_poll_us,
+            ..server
+        };
+        s.worker = LoopSetup {
+            busy_poll_us,
+            ..worker
+        };
+        s.app_core = app_core;
         s.spin_us = spin_us;
-        s.server.busy_poll_us = busy_poll_us;
-        s.worker.busy_poll_us = busy_poll_us;
         s
     };
+    let one = LoopSetup::one_on;
+    let default = LoopSetup::tcp_default;
     let mut out = Vec::new();
-    for (spin, bp) in [
-        (0, 0),
-        (50, 0),
-        (200, 0),
-        (0, 50),
-        (50, 50),
-        (50, 200),
-        (200, 200),
-    ] {
+    for (spin, bp) in [(0, 0), (50, 0), (200, 0), (0, 50), (50, 50)] {
         out.push((
-            "1 loop each, server core 1, worker core 0".to_string(),
-            with(spin, bp),
+            "server loop core 1; worker loop + app core 0".to_string(),
+            with(one(1), one(0), Some(0), spin, bp),
         ));
     }
-    let mut same = with(DEFAULT_SPIN_US, 0);
-    same.server.core_offset = 0;
-    same.worker.core_offset = 0;
-    out.push(("1 loop each, both on core 0".into(), same));
-    let mut unpinned = with(DEFAULT_SPIN_US, 0);
-    unpinned.server.no_pin = true;
-    unpinned.worker.no_pin = true;
-    out.push(("1 loop each, unpinned".into(), unpinned));
-    let mut default = with(DEFAULT_SPIN_US, 0);
-    for l in [&mut default.server, &mut default.worker] {
-        l.threads = pserv_sys::cpu::core_count();
-        l.core_offset = 0;
-    }
     out.push((
-        "TcpConfig::default(): a loop per core, from core 0".into(),
-        default,
+        "server loop core 1; worker loop core 0, app unpinned".into(),
+        with(one(1), one(0), None, DEFAULT_SPIN_US, 0),
     ));
+    out.push((
+        "everything on core 0".into(),
+        with(one(0), one(0), Some(0), 0, 0),
+    ));
+    for spin in [50, 0] {
+        out.push((
+            "TcpConfig::default() (a loop per core), app unpinned".into(),
+            with(default(), default(), None, spin, 0),
+        ));
+    }
     out
 }
 
@@ -446,7 +533,7 @@ pub fn run(args: &RunArgs, command: String) -> Result<Report, BenchError> {
             budget.min_ops
         ),
         "Latency = issue to `wait` return per request; with 8 in flight it includes queueing behind the 7 before it. Ratios: dense GB/s vs the raw TCP stream of the same size, p50 vs the raw ping-pong p50 of the same size.".into(),
-        "Raw TCP stream: one std::net connection, 1 MiB writes, receiver reads into a reused buffer of the transfer size and answers 1 byte; ping-pong: N-byte request, 8-byte answer, blocking, TCP_NODELAY; both ends are threads of the bench process placed by the OS. memcpy: one thread into a pre-populated buffer.".into(),
+        "Raw TCP stream: one std::net connection, 1 MiB writes, receiver reads into a reused buffer of the transfer size and answers 1 byte; ping-pong: N-byte request, 8-byte answer, blocking, TCP_NODELAY; both ends are threads of the bench process, measured OS-placed, both pinned to core 0 and pinned to cores 0 and 1; ratios use the best placement (highest GB/s, lowest p50). memcpy: one thread into a pre-populated buffer; f32 sum: one thread `dst[i] += src[i]` (the server's update, without the store).".into(),
     ]);
     if args.filtered() {
         notes.push("A filtered run (--only / --sizes / --ops / --in-flight / --keys / --workers): not every cell was measured.".into());
@@ -492,11 +579,7 @@ pub fn run(args: &RunArgs, command: String) -> Result<Report, BenchError> {
         let t = CpuTimes::now();
         let again = baselines(&args.sizes(), &budget)?;
         disturbance.push(("baselines again".into(), CpuTimes::now().others_since(&t)));
-        for (b, a) in baseline_rows.iter_mut().zip(again) {
-            b.stream = Sample::best(b.stream.clone(), a.stream);
-            b.ping_pong = Sample::best(b.ping_pong.clone(), a.ping_pong);
-            b.memcpy = Sample::best(b.memcpy.clone(), a.memcpy);
-        }
+        baseline_rows = merge_baselines(baseline_rows, again);
         notes.push("Baselines were measured before and after the pserv cells; the tables keep the better of the two (the harder comparison for pserv).".into());
     }
     disturbance.push(("whole run".into(), CpuTimes::now().others_since(&cpu_start)));

@@ -141,15 +141,18 @@ impl Sample {
         self.latency_ns.value_at_quantile(0.99) as f64 / 1e3
     }
 
-    /// The better of two samples of the same workload (higher goodput, else lower p50).
-    pub fn best(a: Sample, b: Sample) -> Sample {
-        if a.bytes > 0 || b.bytes > 0 {
-            if a.gb_per_s() >= b.gb_per_s() {
-                a
-            } else {
-                b
-            }
-        } else if a.latency_us_p50() <= b.latency_us_p50() {
+    /// Of two samples of the same workload, the one with the higher goodput.
+    pub fn higher_goodput(a: Sample, b: Sample) -> Sample {
+        if a.gb_per_s() >= b.gb_per_s() {
+            a
+        } else {
+            b
+        }
+    }
+
+    /// Of two samples of the same workload, the one with the lower median latency.
+    pub fn lower_p50(a: Sample, b: Sample) -> Sample {
+        if a.latency_us_p50() <= b.latency_us_p50() {
             a
         } else {
             b
