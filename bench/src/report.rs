@@ -94,6 +94,8 @@ pub struct KnobRow {
     pub pull_4k: Sample,
     /// 16 MiB push, 1 in flight.
     pub push_16m: Sample,
+    /// 16 MiB pull, 1 in flight.
+    pub pull_16m: Sample,
 }
 
 /// Everything a run measured, and where.
@@ -479,13 +481,13 @@ impl Report {
             let _ = writeln!(w, "\n### Knobs: worker `spin_us`, loop `busy_poll_us`, loop placement (1 worker, 1 in flight)\n");
             let _ = writeln!(
                 w,
-                "| configuration | spin_us | busy_poll_us | 4 KiB push p50 us | p99 us | 4 KiB pull p50 us | p99 us | 16 MiB push GB/s |"
+                "| configuration | spin_us | busy_poll_us | 4 KiB push p50 us | p99 us | 4 KiB pull p50 us | p99 us | 16 MiB push GB/s | 16 MiB pull GB/s |"
             );
-            let _ = writeln!(w, "|---|---|---|---|---|---|---|---|");
+            let _ = writeln!(w, "|---|---|---|---|---|---|---|---|---|");
             for k in &self.knobs {
                 let _ = writeln!(
                     w,
-                    "| {} | {} | {} | {} | {} | {} | {} | {:.2} |",
+                    "| {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} |",
                     k.label,
                     k.spin_us,
                     k.busy_poll_us,
@@ -493,7 +495,8 @@ impl Report {
                     us(k.push_4k.latency_us_p99()),
                     us(k.pull_4k.latency_us_p50()),
                     us(k.pull_4k.latency_us_p99()),
-                    k.push_16m.gb_per_s()
+                    k.push_16m.gb_per_s(),
+                    k.pull_16m.gb_per_s()
                 );
             }
         }

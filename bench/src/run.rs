@@ -29,16 +29,14 @@ pub const SPARSE_KEYS: [usize; 3] = [1_000, 100_000, 1_000_000];
 pub const DEFAULT_SPIN_US: u64 = 50;
 /// Default `busy_poll_us` of the bench's event loops.
 pub const DEFAULT_BUSY_POLL_US: u64 = 0;
-/// Default event loops per node: one, so each process's work stays on its core.
-pub const DEFAULT_LOOP_THREADS: usize = 1;
-/// Default core of the server's loop.
-pub const DEFAULT_SERVER_CORE: usize = 1;
-/// Default core of worker 0's loop (worker i: + i * stride).
+/// Default event loops per node: 0 = `TcpConfig::default()`, a loop per core.
+pub const DEFAULT_LOOP_THREADS: usize = 0;
+/// Default core of the server's first loop.
+pub const DEFAULT_SERVER_CORE: usize = 0;
+/// Default core of worker 0's first loop (worker i: + i * stride).
 pub const DEFAULT_WORKER_CORE: usize = 0;
 /// Default distance between the workers' first cores.
-pub const DEFAULT_WORKER_CORE_STRIDE: usize = 1;
-/// Default core of worker 0's application thread (worker i: + i).
-pub const DEFAULT_APP_CORE: usize = 0;
+pub const DEFAULT_WORKER_CORE_STRIDE: usize = 0;
 
 /// What to run, from the command line.
 #[derive(Clone, Debug, clap::Args)]
@@ -80,12 +78,9 @@ pub struct RunArgs {
     /// Do not pin event loops.
     #[arg(long)]
     pub no_pin: bool,
-    /// Pin worker i's application thread to this core + i.
-    #[arg(long, default_value_t = DEFAULT_APP_CORE)]
-    pub app_core: usize,
-    /// Leave the workers' application threads unpinned (the OS places them).
+    /// Pin worker i's application thread to this core + i (default: the OS places it).
     #[arg(long)]
-    pub app_unpinned: bool,
+    pub app_core: Option<usize>,
     /// Only these dense sizes, in bytes (default: 4 KiB, 64 KiB, 1 MiB, 16 MiB).
     #[arg(long, value_delimiter = ',')]
     pub sizes: Vec<usize>,
@@ -149,7 +144,7 @@ impl RunArgs {
             },
             worker_core_stride: self.worker_core_stride,
             spin_us: self.spin_us,
-            app_core: (!self.app_unpinned).then_some(self.app_core),
+            app_core: self.app_core,
         }
     }
 
@@ -427,24 +422,24 @@ fn knob_setups(args: &RunArgs) -> Vec<(String, ClusterSetup)> {
     let mut out = Vec::new();
     for (spin, bp) in [(0, 0), (50, 0), (200, 0), (0, 50), (50, 50)] {
         out.push((
-            "server loop core 1; worker loop + app core 0".to_string(),
-            with(one(1), one(0), Some(0), spin, bp),
+            "TcpConfig::default() (a loop per core), app unpinned".to_string(),
+            with(default(), default(), None, spin, bp),
+        ));
+    }
+    for spin in [0, 50] {
+        out.push((
+            "1 loop each: server core 1; worker loop + app core 0".into(),
+            with(one(1), one(0), Some(0), spin, 0),
         ));
     }
     out.push((
-        "server loop core 1; worker loop core 0, app unpinned".into(),
+        "1 loop each: server core 1; worker core 0, app unpinned".into(),
         with(one(1), one(0), None, DEFAULT_SPIN_US, 0),
     ));
     out.push((
-        "everything on core 0".into(),
+        "1 loop each: everything on core 0".into(),
         with(one(0), one(0), Some(0), 0, 0),
     ));
-    for spin in [50, 0] {
-        out.push((
-            "TcpConfig::default() (a loop per core), app unpinned".into(),
-            with(default(), default(), None, spin, 0),
-        ));
-    }
     out
 }
 
@@ -454,6 +449,11 @@ fn knobs(args: &RunArgs, budget: &Budget) -> Result<Vec<KnobRow>, BenchError> {
         DenseCell {
             op: DenseOp::Push,
             size_bytes: 4 << 10,
+            in_flight: 1,
+        },
+        DenseCell {
+            op: DenseOp::Pull,
+            size_bytes: 16 << 20,
             in_flight: 1,
         },
         DenseCell {
@@ -480,18 +480,20 @@ fn knobs(args: &RunArgs, budget: &Budget) -> Result<Vec<KnobRow>, BenchError> {
             label,
             spin_us: setup.spin_us,
             busy_poll_us: setup.server.busy_poll_us,
-            push_4k: s.next().expect("three cells"),
-            pull_4k: s.next().expect("three cells"),
-            push_16m: s.next().expect("three cells"),
+            push_4k: s.next().expect("four cells"),
+            pull_16m: s.next().expect("four cells"),
+            pull_4k: s.next().expect("four cells"),
+            push_16m: s.next().expect("four cells"),
         };
         eprintln!(
-            "  knobs {} spin {} busy_poll {}: 4 KiB push p50 {:.1} us, pull p50 {:.1} us, 16 MiB push {:.2} GB/s",
+            "  knobs {} spin {} busy_poll {}: 4 KiB push p50 {:.1} us, pull p50 {:.1} us, 16 MiB push {:.2} GB/s, pull {:.2} GB/s",
             row.label,
             row.spin_us,
             row.busy_poll_us,
             row.push_4k.latency_us_p50(),
             row.pull_4k.latency_us_p50(),
-            row.push_16m.gb_per_s()
+            row.push_16m.gb_per_s(),
+            row.pull_16m.gb_per_s()
         );
         rows.push(row);
     }
