@@ -2,8 +2,9 @@
 //! replace.
 //!
 //! RESULTS.md is shared: each harness owns one section between two markers
-//! (`<!-- bench:tcp:start -->` ... `<!-- bench:tcp:end -->` for this one) and replaces
-//! only that, so sections other harnesses add (tau sweep, shm / RDMA transports) survive.
+//! (`<!-- bench:tcp:start -->` ... `<!-- bench:tcp:end -->` for this one; `tcp-quick` for
+//! `--quick` runs) and replaces only that, so sections other harnesses add (tau sweep,
+//! shm / RDMA transports) survive.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -15,6 +16,8 @@ use crate::workload::{DenseCell, DenseOp, KeyPattern, SparseCell, SparseOp};
 
 /// The name of this harness's section in RESULTS.md.
 pub const SECTION: &str = "tcp";
+/// The section `--quick` runs write, so a quick run never replaces a full run's tables.
+pub const SECTION_QUICK: &str = "tcp-quick";
 
 /// ps-lite on this machine kind, from the issue: 16 MiB push GB/s with 1 in flight.
 pub const PSLITE_16M_PUSH_GBPS_1: f64 = 4.1;

@@ -11,7 +11,7 @@ use crate::error::BenchError;
 use crate::machine::{load_average, wait_quiet, CpuTimes, Machine};
 use crate::report::{
     size_name, write_section, BaselineRow, DenseRow, KnobRow, PlacedBaseline, Report, SparseRow,
-    SECTION,
+    SECTION, SECTION_QUICK,
 };
 use crate::stats::{Budget, Sample};
 use crate::workload::{
@@ -44,7 +44,7 @@ pub struct RunArgs {
     /// Short run (under a minute): shorter measurements, no knob sweep, baselines once.
     #[arg(long)]
     pub quick: bool,
-    /// The results file whose `tcp` section this run replaces.
+    /// The results file whose `tcp` section (`tcp-quick` for --quick) this run replaces.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/RESULTS.md"))]
     pub results: PathBuf,
     /// Print the tables but do not touch the results file.
@@ -611,9 +611,10 @@ pub fn run(args: &RunArgs, command: String) -> Result<Report, BenchError> {
     let md = report.to_markdown();
     println!("\n{md}");
     if !args.no_write {
-        write_section(&args.results, SECTION, &md)
+        let section = if args.quick { SECTION_QUICK } else { SECTION };
+        write_section(&args.results, section, &md)
             .map_err(|e| BenchError::io(format!("writing {}", args.results.display()), e))?;
-        println!("wrote section `{SECTION}` of {}", args.results.display());
+        println!("wrote section `{section}` of {}", args.results.display());
     }
     Ok(report)
 }
