@@ -22,6 +22,8 @@ fn worker(c: &Cluster, rank: u32) -> Worker {
         ..TcpConfig::default()
     };
     cfg.register_timeout = Duration::from_secs(30);
+    // A failed assertion in one worker thread must not leave the others blocked forever.
+    cfg.timeout = Duration::from_secs(60);
     Worker::connect(cfg).expect("worker connects")
 }
 

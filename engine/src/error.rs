@@ -36,6 +36,9 @@ pub enum EngineError {
     /// The scheduler refused or never answered a registration.
     #[error("registration failed: {0}")]
     Registration(String),
+    /// A wait or barrier gave up.
+    #[error("timed out: {0}")]
+    Timeout(String),
     /// The scheduler connection closed.
     #[error("lost the connection to the scheduler")]
     SchedulerGone,

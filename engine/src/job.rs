@@ -43,10 +43,10 @@ pub struct JobArgs {
     #[arg(long, env = "PSERV_BATCH_SIZE", default_value_t = 100)]
     pub batch_size: usize,
     /// SGD learning rate.
-    #[arg(long, env = "PSERV_LR", default_value_t = 2.0)]
+    #[arg(long, env = "PSERV_LR", default_value_t = 4.0)]
     pub lr: f64,
     /// L2 regularisation.
-    #[arg(long, env = "PSERV_L2", default_value_t = 1e-4)]
+    #[arg(long, env = "PSERV_L2", default_value_t = 1e-5)]
     pub l2: f64,
 }
 

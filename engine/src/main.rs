@@ -141,7 +141,7 @@ fn run(cmd: Cmd) -> Result<(), EngineError> {
             net.tcp()?;
             job.check()?;
             let update = update.unwrap_or(UpdateSpec::Sgd { lr: job.lr });
-            cluster.spec(update.clone())?;
+            cluster.spec(update)?;
             let exe = std::env::current_exe().map_err(|source| EngineError::Io {
                 context: "finding the pserv executable".into(),
                 source,

@@ -125,6 +125,8 @@ pub enum Control {
         /// The cluster table.
         cluster: ClusterInfo,
     },
+    /// A server has set up its store and serves requests: workers may now be welcomed.
+    Ready,
     /// Registration refused.
     Refused {
         /// Why.

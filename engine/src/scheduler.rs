@@ -92,6 +92,11 @@ struct Node {
 pub struct SchedulerCore {
     spec: ClusterSpec,
     nodes: HashMap<ConnKey, Node>,
+    /// Servers got the cluster table (phase 1).
+    servers_welcomed: bool,
+    /// Servers that answered `Ready`.
+    ready: BTreeSet<ConnKey>,
+    /// Workers got the cluster table too: the job runs (phase 2).
     welcomed: bool,
     finished: bool,
     barriers: BTreeMap<u64, BTreeSet<ConnKey>>,
@@ -112,6 +117,8 @@ impl SchedulerCore {
         SchedulerCore {
             spec,
             nodes: HashMap::new(),
+            servers_welcomed: false,
+            ready: BTreeSet::new(),
             welcomed: false,
             finished: false,
             barriers: BTreeMap::new(),
@@ -169,6 +176,23 @@ impl SchedulerCore {
                 rank,
                 pid,
             } => self.on_register(conn, role, addr, rank, pid, out),
+            Control::Ready => {
+                let is_server = self
+                    .nodes
+                    .get(&conn)
+                    .is_some_and(|n| n.role == Role::Server);
+                if !is_server || !self.servers_welcomed || self.welcomed {
+                    return self.refuse(
+                        conn,
+                        "ready from a node that is not a welcomed server",
+                        out,
+                    );
+                }
+                self.ready.insert(conn);
+                if self.ready.len() as u32 == self.spec.servers {
+                    self.welcome(Role::Worker, out);
+                }
+            }
             Control::Barrier { seq } => {
                 if !self.is_worker(conn) {
                     return self.refuse(
@@ -244,7 +268,7 @@ impl SchedulerCore {
         pid: u32,
         out: &mut Vec<Output>,
     ) {
-        if self.welcomed {
+        if self.servers_welcomed {
             return self.refuse(
                 conn,
                 "the cluster is complete; joining a running job is not supported yet",
@@ -298,11 +322,12 @@ impl SchedulerCore {
         if registered(Role::Server) == self.spec.servers
             && registered(Role::Worker) == self.spec.workers
         {
-            self.welcome(out);
+            self.welcome(Role::Server, out);
         }
     }
 
-    fn welcome(&mut self, out: &mut Vec<Output>) {
+    /// The cluster table, from the registered servers.
+    fn cluster(&self) -> ClusterInfo {
         let mut servers: Vec<ServerInfo> = self
             .nodes
             .values()
@@ -314,32 +339,47 @@ impl SchedulerCore {
             })
             .collect();
         servers.sort_by_key(|s| s.rank);
-        let cluster = ClusterInfo {
+        ClusterInfo {
             servers,
             workers: self.spec.workers,
             partition: Partition::even(self.spec.servers as usize),
             value_type: self.spec.value_type,
             value_len: self.spec.value_len,
-            update: self.spec.update.clone(),
-        };
-        // Servers first, so they are ready before workers send requests.
-        let mut conns: Vec<(&ConnKey, &Node)> = self.nodes.iter().collect();
-        conns.sort_by_key(|(_, n)| (n.role == Role::Worker, n.rank));
-        for (conn, n) in conns {
+            update: self.spec.update,
+        }
+    }
+
+    /// Send the cluster table to every node of `role`: servers first (phase 1); workers
+    /// once every server is ready (phase 2), so no request reaches a server without a store.
+    fn welcome(&mut self, role: Role, out: &mut Vec<Output>) {
+        let cluster = self.cluster();
+        let mut conns: Vec<(ConnKey, u32)> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.role == role)
+            .map(|(c, n)| (*c, n.rank))
+            .collect();
+        conns.sort_by_key(|&(_, rank)| rank);
+        for (conn, rank) in conns {
             out.push(Output::Send {
-                conn: *conn,
+                conn,
                 msg: Control::Welcome {
-                    node_id: self.node_id(n.role, n.rank),
-                    rank: n.rank,
+                    node_id: self.node_id(role, rank),
+                    rank,
                     cluster: cluster.clone(),
                 },
             });
         }
-        self.welcomed = true;
-        out.push(Output::Log(format!(
-            "cluster complete: {} servers, {} workers",
-            self.spec.servers, self.spec.workers
-        )));
+        match role {
+            Role::Server => self.servers_welcomed = true,
+            Role::Worker => {
+                self.welcomed = true;
+                out.push(Output::Log(format!(
+                    "cluster complete: {} servers, {} workers",
+                    self.spec.servers, self.spec.workers
+                )));
+            }
+        }
     }
 
     /// Release every barrier that all live workers have reached.
@@ -365,7 +405,7 @@ impl SchedulerCore {
     }
 
     fn on_closed(&mut self, conn: ConnKey, out: &mut Vec<Output>) {
-        if !self.welcomed {
+        if !self.servers_welcomed {
             if let Some(n) = self.nodes.remove(&conn) {
                 out.push(Output::Log(format!(
                     "{} {} left before the cluster was complete",
@@ -648,8 +688,25 @@ mod tests {
         register(&mut c, 2, Role::Worker, None);
         register(&mut c, 3, Role::Server, None);
         let out = register(&mut c, 4, Role::Worker, None);
-        let welcomes = sends(&out);
-        assert_eq!(welcomes.len(), 4);
+        // Phase 1: servers only.
+        let mut welcomes = sends(&out);
+        assert_eq!(welcomes.len(), 2);
+        assert!(welcomes.iter().all(|(c, _)| [1, 3].contains(c)));
+        let out = c.handle(Input::Message {
+            conn: 1,
+            msg: Control::Ready,
+        });
+        assert!(sends(&out).is_empty());
+        assert!(!c.is_running());
+        // Phase 2: the last server is ready; workers get the table.
+        let out = c.handle(Input::Message {
+            conn: 3,
+            msg: Control::Ready,
+        });
+        let workers = sends(&out);
+        assert_eq!(workers.len(), 2);
+        assert!(workers.iter().all(|(c, _)| [2, 4].contains(c)));
+        welcomes.extend(workers);
         // Servers are welcomed first, ranks honoured, ids distinct.
         let mut ids = BTreeSet::new();
         for (i, (conn, msg)) in welcomes.iter().enumerate() {

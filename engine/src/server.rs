@@ -304,6 +304,7 @@ impl Server {
         let ready = make_ready(node_id, rank, &cluster, cfg.shards)?;
         tracing::info!(node_id, rank, range = %ready.range, %addr, "server ready");
         let _ = core.ready.set(ready);
+        scheduler.send(Control::Ready.to_frame(node_id))?;
         Ok(Server {
             core,
             control: rx,

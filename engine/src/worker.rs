@@ -59,6 +59,9 @@ pub struct WorkerConfig {
     pub spin_us: u64,
     /// How long to wait for the scheduler's cluster table.
     pub register_timeout: Duration,
+    /// How long `wait` and `barrier` block before they give up with
+    /// [`EngineError::Timeout`] (a server or the scheduler that stopped answering).
+    pub timeout: Duration,
 }
 
 impl WorkerConfig {
@@ -70,6 +73,7 @@ impl WorkerConfig {
             rank: None,
             spin_us: 50,
             register_timeout: Duration::from_secs(120),
+            timeout: Duration::from_secs(600),
         }
     }
 }
@@ -372,6 +376,7 @@ pub struct Worker {
     next_ts: AtomicU64,
     barrier_seq: AtomicU64,
     spin: Duration,
+    timeout: Duration,
     transport: TcpTransport,
 }
 
@@ -434,6 +439,7 @@ impl Worker {
             next_ts: AtomicU64::new(1),
             barrier_seq: AtomicU64::new(0),
             spin: Duration::from_micros(cfg.spin_us),
+            timeout: cfg.timeout,
             transport,
         })
     }
@@ -711,8 +717,17 @@ impl Worker {
             }
             if !task.done() {
                 task.state.lock().waiter = Some(std::thread::current());
+                let deadline = start + self.timeout;
                 while !task.done() {
-                    std::thread::park();
+                    let now = Instant::now();
+                    if now >= deadline {
+                        task.state.lock().waiter = None;
+                        return Err(EngineError::Timeout(format!(
+                            "task {ts} not answered within {:?}",
+                            self.timeout
+                        )));
+                    }
+                    std::thread::park_timeout(deadline - now);
                 }
             }
         }
@@ -733,10 +748,18 @@ impl Worker {
         let seq = self.barrier_seq.fetch_add(1, Ordering::Relaxed) + 1;
         self.scheduler
             .send(Control::Barrier { seq }.to_frame(self.node_id))?;
+        let deadline = Instant::now() + self.timeout;
         loop {
-            match self.control.recv() {
+            match self.control.recv_deadline(deadline) {
                 Ok(Control::BarrierDone { seq: s }) if s == seq => return Ok(()),
-                Ok(Control::Shutdown) | Err(_) => return Err(EngineError::SchedulerGone),
+                Ok(Control::Shutdown) => return Err(EngineError::SchedulerGone),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    return Err(EngineError::Timeout(format!(
+                        "barrier {seq} not released within {:?}",
+                        self.timeout
+                    )))
+                }
+                Err(_) => return Err(EngineError::SchedulerGone),
                 Ok(other) => tracing::debug!(?other, "control message while in a barrier"),
             }
         }
@@ -747,7 +770,8 @@ impl Worker {
         Ok(self.scheduler.send(msg.to_frame(self.node_id))?)
     }
 
-    /// Report that this worker is done, wait for the scheduler's shutdown, and disconnect.
+    /// Report that this worker is done and disconnect. Does not wait for the other
+    /// workers (the scheduler ends the job when the last one is done).
     pub fn finish(self, examples: u64) -> Result<(), EngineError> {
         let (bytes_sent, bytes_received) = self.traffic();
         self.tell_scheduler(Control::Done {
@@ -757,11 +781,10 @@ impl Worker {
                 bytes_received,
             },
         })?;
-        loop {
-            match self.control.recv_timeout(Duration::from_secs(600)) {
-                Ok(Control::Shutdown) | Err(_) => break,
-                Ok(_) => {}
-            }
+        // Let the report leave before the sockets close.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.scheduler.queued_bytes() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
         }
         self.transport.shutdown();
         Ok(())

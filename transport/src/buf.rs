@@ -136,7 +136,10 @@ impl OutFrame {
     /// # Panics
     /// If the key payload is not a whole number of u64 keys (a caller bug).
     pub fn new(mut header: Header, keys: Payload, values: Payload) -> Self {
-        assert!(keys.len() % 8 == 0, "key payload must hold whole u64 keys");
+        assert!(
+            keys.len().is_multiple_of(8),
+            "key payload must hold whole u64 keys"
+        );
         header.key_count = (keys.len() / 8) as u64;
         header.value_bytes = values.len() as u64;
         OutFrame {

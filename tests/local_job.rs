@@ -1,0 +1,170 @@
+//! The main job end to end: `pserv local` starts a scheduler, servers and workers as
+//! separate processes on 127.0.0.1 and trains sparse logistic regression.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{pserv, Scratch};
+use pserv_engine::job::JobArgs;
+use pserv_engine::lr::train_single_process;
+
+const SMALL: [&str; 4] = [
+    "--examples=8000",
+    "--features=30000",
+    "--epochs=3",
+    "--seed=7",
+];
+
+fn run_local(args: &[String]) -> std::process::Output {
+    let out = Command::new(pserv())
+        .arg("local")
+        .args(args)
+        .args(common::net_flags())
+        .arg("--timeout-secs=120")
+        .output()
+        .expect("pserv runs");
+    out
+}
+
+fn job_args(summary: &std::path::Path, servers: u32, workers: u32) -> Vec<String> {
+    let mut a: Vec<String> = SMALL.iter().map(|s| s.to_string()).collect();
+    a.push(format!("--servers={servers}"));
+    a.push(format!("--workers={workers}"));
+    a.push(format!("--summary-json={}", summary.display()));
+    a
+}
+
+fn summary(path: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).expect("summary written")).unwrap()
+}
+
+/// The same job in one process, with the same data and hyper-parameters.
+fn single_process_logloss() -> (f64, f64) {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct P {
+        #[command(flatten)]
+        job: JobArgs,
+    }
+    let p = P::parse_from(std::iter::once("x").chain(SMALL));
+    let (train, test) = p.job.load_data().unwrap();
+    let (model, _) = train_single_process(&train, &p.job.sgd_params(), None);
+    let e = model.evaluate(&test);
+    (e.logloss, e.accuracy)
+}
+
+#[test]
+fn local_cluster_trains_to_the_single_process_loss() {
+    let dir = Scratch::new("local");
+    let path = dir.path("summary.json");
+    let out = run_local(&job_args(&path, 2, 2));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "pserv local failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("epoch 3: held-out logloss"), "{stdout}");
+    let s = summary(&path);
+    let (logloss, acc, majority) = (
+        s["test_logloss"].as_f64().unwrap(),
+        s["test_accuracy"].as_f64().unwrap(),
+        s["majority_rate"].as_f64().unwrap(),
+    );
+    assert!(
+        acc > majority + 0.05,
+        "accuracy {acc} does not beat the majority class {majority}"
+    );
+    assert_eq!(s["epochs"], 3);
+    assert_eq!(s["examples"], 3 * 6400);
+    assert!(s["examples_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(s["bytes_sent"].as_u64().unwrap() > 0 && s["bytes_received"].as_u64().unwrap() > 0);
+    let (single, single_acc) = single_process_logloss();
+    assert!(
+        (logloss - single).abs() < 0.02,
+        "distributed logloss {logloss} vs single-process {single} (accuracy {acc} vs {single_acc})"
+    );
+}
+
+#[test]
+fn one_worker_one_server_matches_the_single_process_run_exactly() {
+    // One worker pulls, computes and pushes in the same order as the reference; the server
+    // applies the same SGD step, so the models agree to float rounding.
+    let dir = Scratch::new("local1");
+    let path = dir.path("summary.json");
+    let out = run_local(&job_args(&path, 1, 1));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let logloss = summary(&path)["test_logloss"].as_f64().unwrap();
+    let (single, _) = single_process_logloss();
+    assert!((logloss - single).abs() < 1e-4, "{logloss} vs {single}");
+}
+
+#[test]
+fn libsvm_data_trains_too() {
+    let dir = Scratch::new("libsvm");
+    let data = dir.path("data.svm");
+    // Separable by feature 1 vs feature 2, with noise features.
+    let mut text = String::new();
+    for i in 0..2000 {
+        let y = i % 2;
+        let f = if y == 1 { 1 } else { 2 };
+        text.push_str(&format!(
+            "{} {f}:1 {}:0.5 {}:1\n",
+            if y == 1 { "+1" } else { "-1" },
+            10 + i % 37,
+            100 + i % 11
+        ));
+    }
+    std::fs::write(&data, text).unwrap();
+    let path = dir.path("summary.json");
+    let out = run_local(&[
+        format!("--data={}", data.display()),
+        "--epochs=2".into(),
+        "--batch-size=50".into(),
+        "--lr=0.5".into(),
+        format!("--summary-json={}", path.display()),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = summary(&path);
+    assert!(s["test_accuracy"].as_f64().unwrap() > 0.95, "{s}");
+}
+
+#[test]
+fn wrong_configurations_fail_fast_with_a_clear_message() {
+    let cases: [(&[&str], &str); 4] = [
+        (&["--workers=0"], "at least one server and one worker"),
+        (&["--data=/nonexistent/pserv.svm"], "no such file"),
+        (&["--epochs=0"], "--epochs"),
+        (&["--transport=carrier-pigeon"], "not available"),
+    ];
+    for (args, want) in cases {
+        let started = std::time::Instant::now();
+        let out = Command::new(pserv())
+            .arg("local")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} should fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+    // A malformed data file: the workers fail, the launcher stops the cluster and says so.
+    let dir = Scratch::new("bad");
+    let data = dir.path("bad.svm");
+    std::fs::write(&data, "+1 1:1 2:1\nthis is not libsvm\n").unwrap();
+    let out = run_local(&[format!("--data={}", data.display())]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 2") || err.contains(":2:"), "{err}");
+}
