@@ -41,21 +41,22 @@ pub struct LoopSetup {
     /// Do not pin the loops to cores.
     #[arg(long)]
     pub no_pin: bool,
-    /// First core the loops are pinned to.
-    #[arg(long, default_value_t = 0)]
-    pub core_offset: usize,
+    /// First core the loops are pinned to (default: the engine's automatic placement, by
+    /// node id, see `TcpTransport::repin`).
+    #[arg(long)]
+    pub core_offset: Option<usize>,
     /// Busy-poll the loops for this long after activity (0: block at once).
     #[arg(long, default_value_t = 0)]
     pub busy_poll_us: u64,
 }
 
 impl LoopSetup {
-    /// `TcpConfig::default()`: a loop per core, pinned from core 0, no busy polling.
+    /// `TcpConfig::default()`: a loop per core, pinned by node id, no busy polling.
     pub fn tcp_default() -> Self {
         LoopSetup {
             threads: 0,
             no_pin: false,
-            core_offset: 0,
+            core_offset: None,
             busy_poll_us: 0,
         }
     }
@@ -65,7 +66,7 @@ impl LoopSetup {
         LoopSetup {
             threads: 1,
             no_pin: false,
-            core_offset: core,
+            core_offset: Some(core),
             busy_poll_us: 0,
         }
     }
@@ -91,11 +92,12 @@ impl LoopSetup {
         let mut a = vec![
             "--threads".into(),
             self.threads.to_string(),
-            "--core-offset".into(),
-            self.core_offset.to_string(),
             "--busy-poll-us".into(),
             self.busy_poll_us.to_string(),
         ];
+        if let Some(c) = self.core_offset {
+            a.extend(["--core-offset".into(), c.to_string()]);
+        }
         if self.no_pin {
             a.push("--no-pin".into());
         }
@@ -112,10 +114,12 @@ impl LoopSetup {
         };
         let place = if self.no_pin {
             "unpinned".to_string()
-        } else if threads == 1 {
-            format!("pinned to core {}", self.core_offset)
         } else {
-            format!("pinned from core {}", self.core_offset)
+            match (self.core_offset, threads) {
+                (None, _) => "pinned by node id (engine default)".to_string(),
+                (Some(c), 1) => format!("pinned to core {c}"),
+                (Some(c), _) => format!("pinned from core {c}"),
+            }
         };
         format!("{loops} {place}, busy_poll_us={}", self.busy_poll_us)
     }
@@ -205,7 +209,10 @@ impl ClusterSetup {
     /// The loops of worker `rank`.
     pub fn worker_loops(&self, rank: u32) -> LoopSetup {
         LoopSetup {
-            core_offset: self.worker.core_offset + rank as usize * self.worker_core_stride,
+            core_offset: self
+                .worker
+                .core_offset
+                .map(|c| c + rank as usize * self.worker_core_stride),
             ..self.worker.clone()
         }
     }
@@ -436,7 +443,7 @@ where
     let scheduler_loops = LoopSetup {
         threads: 1,
         no_pin: true,
-        core_offset: 0,
+        core_offset: None,
         busy_poll_us: 0,
     };
     let mut args = vec![

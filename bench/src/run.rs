@@ -26,15 +26,11 @@ pub const IN_FLIGHT: [usize; 2] = [1, 8];
 pub const SPARSE_KEYS: [usize; 3] = [1_000, 100_000, 1_000_000];
 
 /// Default `spin_us` of the bench's workers (see the knob table in RESULTS.md).
-pub const DEFAULT_SPIN_US: u64 = 50;
+pub const DEFAULT_SPIN_US: u64 = 100;
 /// Default `busy_poll_us` of the bench's event loops.
-pub const DEFAULT_BUSY_POLL_US: u64 = 0;
+pub const DEFAULT_BUSY_POLL_US: u64 = 100;
 /// Default event loops per node: 0 = `TcpConfig::default()`, a loop per core.
 pub const DEFAULT_LOOP_THREADS: usize = 0;
-/// Default core of the server's first loop.
-pub const DEFAULT_SERVER_CORE: usize = 0;
-/// Default core of worker 0's first loop (worker i: + i * stride).
-pub const DEFAULT_WORKER_CORE: usize = 0;
 /// Default distance between the workers' first cores.
 pub const DEFAULT_WORKER_CORE_STRIDE: usize = 0;
 
@@ -66,12 +62,12 @@ pub struct RunArgs {
     /// per core).
     #[arg(long, default_value_t = DEFAULT_LOOP_THREADS)]
     pub loop_threads: usize,
-    /// Core the server's loops are pinned from.
-    #[arg(long, default_value_t = DEFAULT_SERVER_CORE)]
-    pub server_core: usize,
-    /// Core worker 0's loops are pinned from.
-    #[arg(long, default_value_t = DEFAULT_WORKER_CORE)]
-    pub worker_core: usize,
+    /// Core the server's loops are pinned from (default: the engine's placement by node id).
+    #[arg(long)]
+    pub server_core: Option<usize>,
+    /// Core worker 0's loops are pinned from (default: the engine's placement by node id).
+    #[arg(long)]
+    pub worker_core: Option<usize>,
     /// Worker i's loops are pinned from `worker_core + i * worker_core_stride`.
     #[arg(long, default_value_t = DEFAULT_WORKER_CORE_STRIDE)]
     pub worker_core_stride: usize,

@@ -30,7 +30,7 @@ pub struct NetArgs {
     #[arg(long, env = "PSERV_PIN_CORES", default_value_t = true, action = clap::ArgAction::Set)]
     pub pin_cores: bool,
     /// After activity, event loops poll without sleeping for this many microseconds.
-    #[arg(long, env = "PSERV_BUSY_POLL_US", default_value_t = 0)]
+    #[arg(long, env = "PSERV_BUSY_POLL_US", default_value_t = 100)]
     pub busy_poll_us: u64,
     /// Largest accepted frame in MiB.
     #[arg(long, env = "PSERV_MAX_FRAME_MB", default_value_t = 512)]

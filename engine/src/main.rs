@@ -97,7 +97,7 @@ enum Cmd {
         #[arg(long, env = "PSERV_RANK")]
         rank: Option<u32>,
         /// Microseconds `wait` spins before parking.
-        #[arg(long, env = "PSERV_SPIN_US", default_value_t = 50)]
+        #[arg(long, env = "PSERV_SPIN_US", default_value_t = 100)]
         spin_us: u64,
         #[command(flatten)]
         job: JobArgs,

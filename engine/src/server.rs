@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use crossbeam_channel::Sender;
 
-use pserv_transport::wire::{MessageKind, FLAG_RANGE, FLAG_RESPONSE};
+use pserv_transport::wire::{MessageKind, FLAG_RESPONSE};
 use pserv_transport::{
     BufPool, Conn, Frame, Handler, OutFrame, Payload, RecvFrame, TcpConfig, TcpTransport,
 };
@@ -134,25 +134,37 @@ impl Handler for ServerHandler {
             return;
         };
         let answer = match &ready.store {
-            AnyStore::F32(t) => serve(&self.core, ready, t, &f),
-            AnyStore::F64(t) => serve(&self.core, ready, t, &f),
+            AnyStore::F32(t) => serve(&self.core, ready, t, &f, conn),
+            AnyStore::F64(t) => serve(&self.core, ready, t, &f, conn),
         };
-        let out = answer.unwrap_or_else(|Refusal(status, msg)| {
-            tracing::debug!(peer = %conn.peer_addr(), %status, %msg, "refused a request");
-            proto::error_answer(&h, ready.node_id, status, &msg)
-        });
+        let out = match answer {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return,
+            Err(Refusal(status, msg)) => {
+                tracing::debug!(peer = %conn.peer_addr(), %status, %msg, "refused a request");
+                proto::error_answer(&h, ready.node_id, status, &msg)
+            }
+        };
         // A failed send means the worker is gone; the transport logs and closes it.
         let _ = conn.send(out);
     }
 }
 
-/// Serve one data request against the typed store.
+/// Range pulls of at least this many bytes are sent straight from the store.
+const BORROW_MIN_BYTES: usize = 256 << 10;
+/// How long a loop may wait for a slow reader while sending from the store, before it
+/// copies the rest and moves on.
+const BORROW_BLOCK_MAX: Duration = Duration::from_millis(50);
+
+/// Serve one data request against the typed store. Returns the answer to send, or `None`
+/// when the answer was sent already (large range pulls go straight from the store).
 fn serve<T: Value>(
     core: &Core,
     ready: &Ready,
     t: &Typed<T>,
     f: &Frame<'_>,
-) -> Result<OutFrame, Refusal> {
+    conn: &Conn,
+) -> Result<Option<OutFrame>, Refusal> {
     let h = f.header();
     let bad = |msg: String| Refusal(Status::BadRequest, msg);
     if h.has(FLAG_RESPONSE) {
@@ -211,7 +223,6 @@ fn serve<T: Value>(
     if !needs_values && !f.values().is_empty() {
         return Err(bad("a pull carries no values".into()));
     }
-    let _ = h.has(FLAG_RANGE);
     match kind {
         MessageKind::Push => {
             let fun = update()?;
@@ -219,7 +230,32 @@ fn serve<T: Value>(
                 Some(r) => t.store.push_range(r, grads()?, fun.as_ref())?,
                 None => t.store.push(f.keys(), grads()?, fun.as_ref())?,
             }
-            Ok(proto::answer(h, ready.node_id, 0, Payload::empty()))
+            Ok(Some(proto::answer(h, ready.node_id, 0, Payload::empty())))
+        }
+        MessageKind::Pull
+            if range.is_some() && out_elems * std::mem::size_of::<T>() >= BORROW_MIN_BYTES =>
+        {
+            let r = range.expect("checked by the guard");
+            let header = *proto::answer(h, ready.node_id, vlen as u32, Payload::empty()).header();
+            // Zero copy: write the answer from the dense blocks, under their shards' locks.
+            let sent = t.store.with_dense_range(r, |parts| {
+                let bytes: Vec<&[u8]> = parts.iter().map(|p| bytemuck::cast_slice(p)).collect();
+                conn.send_borrowed(header, Payload::empty(), &bytes, BORROW_BLOCK_MAX)
+            })?;
+            match sent {
+                Some(_) => Ok(None),
+                None => {
+                    let mut buf = core.pool.take(out_elems * std::mem::size_of::<T>());
+                    t.store
+                        .pull_range(r, bytemuck::cast_slice_mut(buf.bytes_mut()))?;
+                    Ok(Some(proto::answer(
+                        h,
+                        ready.node_id,
+                        vlen as u32,
+                        Payload::owned(buf),
+                    )))
+                }
+            }
         }
         MessageKind::Pull | MessageKind::PushPull => {
             let mut buf = core.pool.take(out_elems * std::mem::size_of::<T>());
@@ -237,12 +273,12 @@ fn serve<T: Value>(
                         .push_pull(f.keys(), grads()?, update()?.as_ref(), out)?,
                 }
             }
-            Ok(proto::answer(
+            Ok(Some(proto::answer(
                 h,
                 ready.node_id,
                 vlen as u32,
                 Payload::owned(buf),
-            ))
+            )))
         }
         MessageKind::Control => Err(bad("unexpected control message".into())),
     }
@@ -301,6 +337,7 @@ impl Server {
                 )))
             }
         };
+        transport.repin(node_id as usize);
         let ready = make_ready(node_id, rank, &cluster, cfg.shards)?;
         tracing::info!(node_id, rank, range = %ready.range, %addr, "server ready");
         let _ = core.ready.set(ready);

@@ -71,7 +71,7 @@ impl WorkerConfig {
             scheduler,
             tcp: TcpConfig::default(),
             rank: None,
-            spin_us: 50,
+            spin_us: 100,
             register_timeout: Duration::from_secs(120),
             timeout: Duration::from_secs(600),
         }
@@ -421,6 +421,7 @@ impl Worker {
                 )))
             }
         };
+        transport.repin(node_id as usize);
         let mut servers = Vec::with_capacity(cluster.servers.len());
         for s in &cluster.servers {
             let conn = transport.connect(s.addr, Duration::from_secs(10))?;
@@ -712,8 +713,11 @@ impl Worker {
         };
         if !task.done() {
             let start = Instant::now();
+            // Spin, but yield between checks: on a small machine the thread that will
+            // answer may be waiting for this very core.
             while !task.done() && start.elapsed() < self.spin {
                 std::hint::spin_loop();
+                std::thread::yield_now();
             }
             if !task.done() {
                 task.state.lock().waiter = Some(std::thread::current());

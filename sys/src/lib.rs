@@ -9,12 +9,14 @@
 //!   once in the log and carries on unlocked.
 //! - [`cpu`]: core counting and pinning the calling thread to a core.
 //! - [`prefetch_read`]: a software prefetch hint for hash-table probes.
+//! - [`fd::wait_writable`]: wait (bounded) until a socket can take more bytes.
 //!
 //! Nothing raw leaks out: no raw pointers, no file descriptors, no `unsafe fn`.
 
 mod region;
 
 pub mod cpu;
+pub mod fd;
 
 pub use region::{page_size, PinnedRegion, RegionError};
 

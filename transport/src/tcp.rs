@@ -46,6 +46,9 @@ const WAKER: Token = Token(usize::MAX);
 const STAGING_BYTES: usize = 64 << 10;
 /// Bytes a loop reads from one connection before it turns to the others.
 const READ_BUDGET_BYTES: usize = 8 << 20;
+/// Frames at least this large, sent from an application thread, are written by the
+/// connection's loop.
+const HANDOFF_MIN_BYTES: usize = 1 << 20;
 /// Frames gathered into one vectored write.
 const MAX_FRAMES_PER_WRITE: usize = 64;
 
@@ -60,14 +63,17 @@ pub struct TcpConfig {
     pub threads: usize,
     /// Pin loop `i` to core `core_offset + i` (default: true).
     pub pin_cores: bool,
-    /// First core used for pinning, so processes on one host can spread out.
-    pub core_offset: usize,
+    /// First core used for pinning. `None` (the default): start at core 0 and move to
+    /// the node's own offset when [`TcpTransport::repin`] is called, so the processes of
+    /// one host spread over its cores; `Some(k)`: stay at `k`.
+    pub core_offset: Option<usize>,
     /// Largest frame accepted from a peer, header included.
     pub max_frame: usize,
     /// Bound on a connection's queued outgoing bytes (backpressure).
     pub send_queue_max_bytes: usize,
     /// After activity, a loop polls without blocking for this long before it sleeps
-    /// (0: always block). Spinning trades a core for lower wake-up latency.
+    /// (0: always block; default 100). Busy polling yields between polls, so threads that
+    /// share the core still run; it saves the ~25 us wake-up of an idle vCPU per message.
     pub busy_poll_us: u64,
     /// Idle receive buffers kept per transport.
     pub pool_buffers_max: usize,
@@ -78,10 +84,10 @@ impl Default for TcpConfig {
         TcpConfig {
             threads: pserv_sys::cpu::core_count(),
             pin_cores: true,
-            core_offset: 0,
+            core_offset: None,
             max_frame: DEFAULT_MAX_FRAME,
             send_queue_max_bytes: 64 << 20,
-            busy_poll_us: 0,
+            busy_poll_us: 100,
             pool_buffers_max: 64,
         }
     }
@@ -247,8 +253,22 @@ impl Conn {
         if self.is_closed() {
             return Err(self.closed_error());
         }
-        w.queued += frame.wire_len();
+        let len = frame.wire_len();
+        let was_idle = w.queue.is_empty();
+        w.queued += len;
         w.queue.push_back(frame);
+        if len >= HANDOFF_MIN_BYTES && !ON_LOOP.with(Cell::get) {
+            // A large frame from an application thread: the connection's pinned loop
+            // writes it, so the bulk copy runs on a known core, not wherever the OS put
+            // the caller (possibly the receiver's core). The wake-up is noise at this size.
+            drop(w);
+            if was_idle {
+                inner
+                    .shared
+                    .command(inner.loop_index, Command::Flush(inner.id));
+            }
+            return Ok(());
+        }
         match self.flush_locked(&mut w) {
             Ok(_) => Ok(()),
             Err(err) => {
@@ -258,6 +278,108 @@ impl Conn {
                 Err(self.closed_error())
             }
         }
+    }
+
+    /// Send a frame whose values are borrowed (for example straight from a parameter
+    /// store, under its lock), without copying them into a buffer first.
+    ///
+    /// When nothing is queued before it, the frame is written straight from `values`,
+    /// waiting for the socket to drain for at most `block_max` in all. What has not left
+    /// by then (a slow reader) is copied and queued like any other frame, so the borrow
+    /// ends when this returns. When frames are queued already, the values are copied and
+    /// queued at once. This blocks the calling thread (possibly a loop) for up to
+    /// `block_max`: use it for large frames, where the copy it saves costs more.
+    pub fn send_borrowed(
+        &self,
+        header: Header,
+        keys: crate::buf::Payload,
+        values: &[&[u8]],
+        block_max: Duration,
+    ) -> Result<(), TransportError> {
+        let copy = || {
+            let mut buf = Vec::with_capacity(values.iter().map(|v| v.len()).sum());
+            for v in values {
+                buf.extend_from_slice(v);
+            }
+            crate::buf::Payload::owned(buf)
+        };
+        let inner = &*self.0;
+        let mut w = inner.write.lock();
+        if self.is_closed() {
+            return Err(self.closed_error());
+        }
+        if !w.queue.is_empty() {
+            drop(w);
+            return self.send(OutFrame::new(header, keys, copy()));
+        }
+        let values_len: usize = values.iter().map(|v| v.len()).sum();
+        let mut h = header;
+        h.key_count = (keys.len() / 8) as u64;
+        h.value_bytes = values_len as u64;
+        let wire_len = crate::wire::pad8(HEADER_LEN + keys.len() + values_len);
+        let pad = wire_len - HEADER_LEN - keys.len() - values_len;
+        let deadline = Instant::now() + block_max;
+        let mut written = 0usize;
+        while written < wire_len {
+            let result = {
+                let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(values.len() + 3);
+                let mut skip = written;
+                let parts = [h.as_bytes(), keys.bytes()]
+                    .into_iter()
+                    .chain(values.iter().copied())
+                    .chain(std::iter::once(&crate::wire::PADDING[..pad]));
+                for part in parts {
+                    if skip >= part.len() {
+                        skip -= part.len();
+                    } else {
+                        slices.push(IoSlice::new(&part[skip..]));
+                        skip = 0;
+                    }
+                }
+                (&inner.stream).write_vectored(&slices)
+            };
+            match result {
+                Ok(0) => {
+                    drop(w);
+                    self.close();
+                    return Err(self.closed_error());
+                }
+                Ok(n) => {
+                    written += n;
+                    inner
+                        .shared
+                        .stats
+                        .bytes_sent
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        break;
+                    }
+                    if let Err(e) = pserv_sys::fd::wait_writable(
+                        std::os::fd::AsFd::as_fd(&inner.stream),
+                        deadline - now,
+                    ) {
+                        tracing::debug!(conn = inner.id, error = %e, "poll failed");
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    drop(w);
+                    tracing::debug!(conn = inner.id, peer = %inner.peer, error = %e, "write failed");
+                    self.close();
+                    return Err(self.closed_error());
+                }
+            }
+        }
+        if written < wire_len {
+            // A slow reader: queue the rest (as a copy) for the loop to flush.
+            w.queue.push_back(OutFrame::new(header, keys, copy()));
+            w.front_written = written;
+            w.queued += wire_len - written;
+        }
+        Ok(())
     }
 
     fn closed_error(&self) -> TransportError {
@@ -359,6 +481,8 @@ impl Conn {
 
 enum Command {
     Adopt(Conn),
+    Flush(u64),
+    Pin(usize),
     Listen(TcpListener),
     Close(u64),
     Shutdown,
@@ -506,6 +630,18 @@ impl TcpTransport {
         &self.shared.pool
     }
 
+    /// Pin loop `i` to core `(offset + i) % cores` (when pinning is on and no fixed
+    /// `core_offset` was configured). Nodes
+    /// call this once they know their node id, so the loops of the processes sharing a
+    /// host start on different cores instead of all piling onto the first ones.
+    pub fn repin(&self, offset: usize) {
+        if self.shared.cfg.pin_cores && self.shared.cfg.core_offset.is_none() {
+            for i in 0..self.shared.links.len() {
+                self.shared.command(i, Command::Pin(offset + i));
+            }
+        }
+    }
+
     /// Number of event loops.
     pub fn threads(&self) -> usize {
         self.shared.links.len()
@@ -578,17 +714,20 @@ enum ReadOutcome {
 const LISTENER_BASE: u64 = u64::MAX / 2;
 
 impl<H: Handler> EventLoop<H> {
+    fn pin(&self, core: usize) {
+        if !pserv_sys::cpu::pin_current_thread(core) {
+            tracing::info!(
+                loop_index = self.index,
+                core,
+                "could not pin event loop to its core"
+            );
+        }
+    }
+
     fn run(mut self) {
         ON_LOOP.with(|f| f.set(true));
         if self.shared.cfg.pin_cores {
-            let core = self.shared.cfg.core_offset + self.index;
-            if !pserv_sys::cpu::pin_current_thread(core) {
-                tracing::info!(
-                    loop_index = self.index,
-                    core,
-                    "could not pin event loop to its core"
-                );
-            }
+            self.pin(self.shared.cfg.core_offset.unwrap_or(0) + self.index);
         }
         let mut events = Events::with_capacity(256);
         let spin = Duration::from_micros(self.shared.cfg.busy_poll_us);
@@ -608,6 +747,9 @@ impl<H: Handler> EventLoop<H> {
             }
             if !events.is_empty() {
                 last_active = Instant::now();
+            } else if timeout == Some(Duration::ZERO) {
+                // Busy polling: let a thread that shares this core run between polls.
+                std::thread::yield_now();
             }
             for ev in events.iter() {
                 let token = ev.token();
@@ -658,6 +800,8 @@ impl<H: Handler> EventLoop<H> {
                     self.accept(self.listeners.len().saturating_sub(1));
                 }
                 Command::Close(id) => self.close_conn(id, CloseReason::Local),
+                Command::Pin(core) => self.pin(core),
+                Command::Flush(id) => self.on_writable(id),
                 Command::Shutdown => return true,
             }
         }

@@ -250,3 +250,51 @@ fn a_slow_reader_gets_backpressure_not_unbounded_queues() {
     let stopped_at = sender.join().unwrap();
     assert!(stopped_at < 64);
 }
+
+#[test]
+fn borrowed_sends_reach_slow_readers_intact() {
+    // The sender may wait only briefly for the reader, then must copy the rest and queue
+    // it; the reader, slow at first, still gets every byte in order.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, _rx) = unbounded();
+    let cli = TcpTransport::start(cfg(1), |_| Collect { tx: tx.clone() }).unwrap();
+    let conn = cli.connect(addr, WAIT).unwrap();
+    let (mut peer, _) = listener.accept().unwrap();
+    let a: Vec<u8> = (0..(6 << 20)).map(|i| (i % 251) as u8).collect();
+    let b: Vec<u8> = (0..(2 << 20)).map(|i| (i % 13) as u8).collect();
+    let mut h = Header::new(MessageKind::Pull, 1, 77);
+    h.dtype = DType::Bytes as u8;
+    let t = std::time::Instant::now();
+    conn.send_borrowed(h, Payload::empty(), &[&a, &b], Duration::from_millis(20))
+        .unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "must not wait for the reader beyond its bound"
+    );
+    drop((a.clone(), b.clone()));
+    // A frame sent after it arrives after it.
+    conn.send(push(78, vec![1], vec![5.0])).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut all = Vec::new();
+    use std::io::Read;
+    let want = wire::pad8(48 + a.len() + b.len()) + wire::pad8(48 + 8 + 4);
+    peer.set_read_timeout(Some(WAIT)).unwrap();
+    while all.len() < want {
+        let mut buf = vec![0u8; 1 << 20];
+        let n = peer.read(&mut buf).unwrap();
+        assert!(n > 0);
+        all.extend_from_slice(&buf[..n]);
+    }
+    let words: Vec<u64> = all
+        .chunks(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let bytes: &[u8] = bytemuck::cast_slice(&words);
+    let (f, n) = pserv_transport::Frame::new_checked(bytes, wire::DEFAULT_MAX_FRAME).unwrap();
+    assert_eq!(f.header().timestamp, 77);
+    assert_eq!(&f.values()[..a.len()], &a[..]);
+    assert_eq!(&f.values()[a.len()..], &b[..]);
+    let (g, _) = pserv_transport::Frame::new_checked(&bytes[n..], wire::DEFAULT_MAX_FRAME).unwrap();
+    assert_eq!(g.header().timestamp, 78);
+}

@@ -436,6 +436,54 @@ impl<T: Value> Store<T> {
         Ok(())
     }
 
+    /// Call `f` with the weights of `range` where they lie, in the store's dense blocks,
+    /// while the shards that hold them stay locked: `f` sees one consistent state (pushes
+    /// to those shards wait) and can send the bytes without copying them first.
+    ///
+    /// Returns `Ok(None)` without calling `f` when part of the range is not in a dense
+    /// block (never pushed as a range, or held by the sparse table); use
+    /// [`pull_range`](Self::pull_range) then.
+    pub fn with_dense_range<R>(
+        &self,
+        range: KeyRange,
+        f: impl FnOnce(&[&[T]]) -> R,
+    ) -> Result<Option<R>, StoreError> {
+        self.check_range(range)?;
+        if range.is_empty() {
+            return Ok(Some(f(&[])));
+        }
+        let vl = self.value_len;
+        // Ascending lock order, as range pushes take them: no deadlock.
+        let guards: Vec<_> = (self.shard_of(range.begin)..=self.shard_of(range.end - 1))
+            .map(|s| self.shards[s].0.lock())
+            .collect();
+        let mut parts: Vec<&[T]> = Vec::new();
+        let mut pos = range.begin;
+        for shard in &guards {
+            let sub = shard
+                .range
+                .intersect(&range)
+                .expect("shard overlaps the range");
+            let first = shard.blocks.partition_point(|b| b.range().end <= sub.begin);
+            for block in &shard.blocks[first..] {
+                let Some(part) = block.range().intersect(&sub) else {
+                    break;
+                };
+                if part.begin != pos {
+                    return Ok(None);
+                }
+                let from = ((part.begin - block.range().begin) as usize) * vl;
+                parts.push(&block.weights()[from..from + (part.len() as usize) * vl]);
+                pos = part.end;
+            }
+            if pos != sub.end {
+                return Ok(None);
+            }
+        }
+        debug_assert_eq!(pos, range.end);
+        Ok(Some(f(&parts)))
+    }
+
     /// Keys stored: sparse entries plus every key of every dense block.
     pub fn key_count(&self) -> u64 {
         self.fold_shards(|s| {

@@ -748,3 +748,49 @@ fn concurrent_sums_are_exact() {
     });
     assert_eq!(checked as usize, want.len());
 }
+
+#[test]
+fn with_dense_range_lends_the_blocks_or_says_none() {
+    let range = KeyRange::new(0, 1 << 20);
+    let store: Store<f32> = Store::new(
+        range,
+        StoreConfig {
+            shards: 4,
+            value_len: 2,
+            ..StoreConfig::default()
+        },
+    )
+    .unwrap();
+    // Nothing dense yet: None, and `f` is not called.
+    let r = KeyRange::new(100, 300_000);
+    assert!(store
+        .with_dense_range(r, |_| panic!("not dense"))
+        .unwrap()
+        .is_none());
+    // A dense range across shard boundaries: the parts concatenate to what pull_range reads.
+    let grads: Vec<f32> = (0..r.len() * 2).map(|i| i as f32).collect();
+    store.push_range(r, &grads, &Assign).unwrap();
+    let lent = store
+        .with_dense_range(r, |parts| {
+            assert!(parts.len() > 1, "the range spans shards");
+            parts.concat()
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(lent, grads);
+    // A sub-range, and a range sticking out of the dense part.
+    let sub = KeyRange::new(200, 400);
+    let lent = store
+        .with_dense_range(sub, |p| p.concat())
+        .unwrap()
+        .unwrap();
+    assert_eq!(lent, grads[200..600]);
+    assert!(store
+        .with_dense_range(KeyRange::new(50, 400), |_| ())
+        .unwrap()
+        .is_none());
+    // Outside the store's range: an error.
+    assert!(store
+        .with_dense_range(KeyRange::new(1 << 20, (1 << 20) + 1), |_| ())
+        .is_err());
+}
