@@ -86,7 +86,7 @@ impl Default for TcpConfig {
             pin_cores: true,
             core_offset: None,
             max_frame: DEFAULT_MAX_FRAME,
-            send_queue_max_bytes: 64 << 20,
+            send_queue_max_bytes: 256 << 20,
             busy_poll_us: 100,
             pool_buffers_max: 64,
         }
