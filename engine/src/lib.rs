@@ -16,6 +16,8 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod clock;
+pub mod consistency;
 pub mod error;
 pub mod job;
 pub mod keys;

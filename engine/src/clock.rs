@@ -1,0 +1,1 @@
+//! Range vector clocks and the server clock gate (being written).

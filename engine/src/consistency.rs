@@ -1,0 +1,1 @@
+//! Consistency models and the worker-local gate (being written).
