@@ -399,7 +399,7 @@ mod tests {
         );
         assert_eq!(f.header().key_count, 1);
         assert_eq!(f.header().value_bytes, 8);
-        assert_eq!(f.wire_len(), 48 + 8 + 8);
+        assert_eq!(f.wire_len(), 56 + 8 + 8);
         let total: usize = f.parts().iter().map(|p| p.len()).sum();
         assert_eq!(total, f.wire_len());
     }

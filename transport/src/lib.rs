@@ -1,6 +1,6 @@
 //! `pserv-transport`: moves bytes between pserv nodes, and nothing else.
 //!
-//! - [`wire`]: the frame format (a 48-byte `Pod` header, a key list, value bytes), with
+//! - [`wire`]: the frame format (a 56-byte `Pod` header, a key list, value bytes), with
 //!   checked zero-copy views for anything that comes from the network.
 //! - [`buf`]: payloads sent straight from the caller's buffers, and pooled receive buffers.
 //! - [`tcp`]: TCP on per-core mio event loops, the transport that runs everywhere.

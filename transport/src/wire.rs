@@ -1,4 +1,4 @@
-//! The wire format: a fixed 48-byte header, then the key list, then the value bytes.
+//! The wire format: a fixed 56-byte header, then the key list, then the value bytes.
 //!
 //! ```text
 //!  offset size field
@@ -15,7 +15,8 @@
 //!  32     8   value_bytes  number of value bytes that follow the keys
 //!  40     4   value_len    values per key (0 when no values go with keys)
 //!  44     4   epoch        routing epoch the sender used
-//!  48   8*k   keys         little-endian u64, sorted (checked by the engine)
+//!  48     8   clock        consistency clock: a push's clock, a pull's required minimum
+//!  56   8*k   keys         little-endian u64, sorted (checked by the engine)
 //!   .     v   values       value_bytes, then zero padding to a multiple of 8
 //! ```
 //!
@@ -35,9 +36,9 @@ compile_error!("pserv's wire format is little-endian and views frames in place")
 /// "PSRV" read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"PSRV");
 /// The wire format version this build speaks.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Length of the fixed header in bytes.
-pub const HEADER_LEN: usize = 48;
+pub const HEADER_LEN: usize = 56;
 /// Default bound on a whole frame (header, keys, values, padding).
 pub const DEFAULT_MAX_FRAME: usize = 512 << 20;
 
@@ -45,8 +46,11 @@ pub const DEFAULT_MAX_FRAME: usize = 512 << 20;
 pub const FLAG_RESPONSE: u16 = 1 << 0;
 /// Header flag: the key list is a range `[keys[0], keys[1])`, values cover every key in it.
 pub const FLAG_RANGE: u16 = 1 << 1;
+/// Header flag: a clocked push under sequential consistency; the server applies the
+/// pushes of one clock together, in worker-rank order, so runs are deterministic.
+pub const FLAG_ORDERED: u16 = 1 << 2;
 /// Flags this version knows; others are refused.
-pub const KNOWN_FLAGS: u16 = FLAG_RESPONSE | FLAG_RANGE;
+pub const KNOWN_FLAGS: u16 = FLAG_RESPONSE | FLAG_RANGE | FLAG_ORDERED;
 
 /// What a frame asks for or answers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -139,6 +143,10 @@ pub struct Header {
     pub value_len: u32,
     /// Routing epoch the sender used.
     pub epoch: u32,
+    /// Consistency clock (0: none). A push carries the sender's clock; a pull the clock
+    /// every worker must have reached on the keys before it is answered; an answer to a
+    /// pull the smallest worker clock the server had when it answered.
+    pub clock: u64,
 }
 
 const _: () = assert!(std::mem::size_of::<Header>() == HEADER_LEN);
@@ -242,7 +250,7 @@ impl Header {
         }
     }
 
-    /// View 48 bytes as a header (no checks: call [`layout`](Self::layout) next).
+    /// View 56 bytes as a header (no checks: call [`layout`](Self::layout) next).
     pub fn from_bytes(bytes: &[u8; HEADER_LEN]) -> Self {
         bytemuck::pod_read_unaligned(bytes)
     }
@@ -609,7 +617,7 @@ mod tests {
             0u8..4,
             any::<u8>(),
             any::<u32>(),
-            0u16..8,
+            0u16..16,
             any::<u16>(),
             any::<u64>(),
             0u32..4,
@@ -630,6 +638,7 @@ mod tests {
                     value_bytes: 0,
                     value_len,
                     epoch,
+                    clock: ts.rotate_left(7),
                 },
             )
     }
