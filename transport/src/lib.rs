@@ -4,12 +4,16 @@
 //!   checked zero-copy views for anything that comes from the network.
 //! - [`buf`]: payloads sent straight from the caller's buffers, and pooled receive buffers.
 //! - [`tcp`]: TCP on per-core mio event loops, the transport that runs everywhere.
+//! - [`onesided`]: one-sided reads, writes and notifications of registered memory (the
+//!   [`onesided::OneSided`] interface; shared memory here, RDMA verbs where a device is),
+//!   with versioned blocks ([`onesided::seqlock`]) so readers never see a torn value.
 //!
 //! The transport knows frames, not parameters: what a push or a pull means is the
 //! engine's business.
 #![forbid(unsafe_code)]
 
 pub mod buf;
+pub mod onesided;
 pub mod tcp;
 pub mod wire;
 

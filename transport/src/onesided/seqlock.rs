@@ -1,0 +1,1 @@
+//! Versioned blocks (seqlock) for one-sided readers: in progress.

@@ -1,0 +1,1 @@
+//! The shared-memory backend of [`super::OneSided`]: in progress.
