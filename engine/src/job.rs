@@ -13,10 +13,24 @@ use std::time::Instant;
 
 use clap::Args;
 
+use crate::consistency::Consistency;
 use crate::error::EngineError;
-use crate::lr::{gradient, Dataset, SgdParams, SparseModel, SyntheticSpec};
+use crate::lr::{gradient, Dataset, Minibatch, SgdParams, SparseModel, SyntheticSpec};
 use crate::proto::Control;
-use crate::worker::{Timestamp, Worker};
+use crate::update::UpdateSpec;
+use crate::worker::{TaskOpts, Timestamp, Worker};
+
+/// The server-side optimizer of the LR job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Optimizer {
+    /// Plain SGD: `w -= lr * g` (the worker adds the L2 term to the gradient).
+    Sgd,
+    /// AdaGrad with learning rate `lr` (the worker adds the L2 term).
+    Adagrad,
+    /// FTRL-proximal with alpha = `lr`, beta = 1 and the servers applying `--l1`, `--l2`:
+    /// weights become exactly zero, a sparse model.
+    Ftrl,
+}
 
 /// Flags of the LR job.
 #[derive(Args, Clone, Debug)]
@@ -48,6 +62,28 @@ pub struct JobArgs {
     /// L2 regularisation.
     #[arg(long, env = "PSERV_L2", default_value_t = 1e-5)]
     pub l2: f64,
+    /// L1 regularisation (FTRL only: applied by the servers' proximal step).
+    #[arg(long, env = "PSERV_L1", default_value_t = 0.0)]
+    pub l1: f64,
+    /// The servers' update rule.
+    #[arg(long, env = "PSERV_OPTIMIZER", value_enum, default_value = "sgd")]
+    pub optimizer: Optimizer,
+    /// Consistency model: sequential, eventual, or bounded:TAU (bounded delay).
+    #[arg(long, env = "PSERV_CONSISTENCY", default_value = "eventual")]
+    pub consistency: Consistency,
+    /// Slow one worker down: `RANK:MS` sleeps MS milliseconds per minibatch on that rank.
+    #[arg(long, env = "PSERV_SLOW_WORKER")]
+    pub slow_worker: Option<String>,
+    /// Worker 0 also evaluates every N minibatches (0: only after each epoch).
+    #[arg(long, env = "PSERV_EVAL_EVERY", default_value_t = 0)]
+    pub eval_every: usize,
+    /// Report the time at which the held-out logloss first fell to this value.
+    #[arg(long, env = "PSERV_TARGET_LOGLOSS")]
+    pub target_logloss: Option<f64>,
+    /// Each worker appends one JSON line per training pull to `PATH.RANK`: its clock and
+    /// the smallest worker clock the servers had when they answered.
+    #[arg(long, env = "PSERV_TRACE")]
+    pub trace: Option<PathBuf>,
 }
 
 impl JobArgs {
@@ -69,6 +105,13 @@ impl JobArgs {
         if !(self.l2.is_finite() && self.l2 >= 0.0) {
             return bad("--l2 must be a non-negative number");
         }
+        if !(self.l1.is_finite() && self.l1 >= 0.0) {
+            return bad("--l1 must be a non-negative number");
+        }
+        if self.l1 > 0.0 && self.optimizer != Optimizer::Ftrl {
+            return bad("--l1 needs --optimizer ftrl (the proximal step runs on the servers)");
+        }
+        self.slow()?;
         if let Some(p) = &self.data {
             if !p.is_file() {
                 return Err(EngineError::Config(format!(
@@ -99,7 +142,68 @@ impl JobArgs {
         if let Some(n) = self.features {
             a.push(format!("--features={n}"));
         }
+        a.push(format!("--l1={}", self.l1));
+        a.push(format!(
+            "--optimizer={}",
+            match self.optimizer {
+                Optimizer::Sgd => "sgd",
+                Optimizer::Adagrad => "adagrad",
+                Optimizer::Ftrl => "ftrl",
+            }
+        ));
+        a.push(format!("--consistency={}", self.consistency));
+        if let Some(s) = &self.slow_worker {
+            a.push(format!("--slow-worker={s}"));
+        }
+        a.push(format!("--eval-every={}", self.eval_every));
+        if let Some(t) = self.target_logloss {
+            a.push(format!("--target-logloss={t}"));
+        }
+        if let Some(p) = &self.trace {
+            a.push(format!("--trace={}", p.display()));
+        }
         a
+    }
+
+    /// The slowed-down worker and its delay per minibatch (`--slow-worker RANK:MS`).
+    pub fn slow(&self) -> Result<Option<(u32, std::time::Duration)>, EngineError> {
+        let Some(s) = &self.slow_worker else {
+            return Ok(None);
+        };
+        let bad =
+            || EngineError::Config(format!("--slow-worker {s:?}: expected RANK:MILLISECONDS"));
+        let (r, ms) = s.split_once(':').ok_or_else(bad)?;
+        let r: u32 = r.trim().parse().map_err(|_| bad())?;
+        let ms: f64 = ms.trim().parse().map_err(|_| bad())?;
+        if !(ms.is_finite() && ms >= 0.0) {
+            return Err(bad());
+        }
+        Ok(Some((r, std::time::Duration::from_secs_f64(ms / 1000.0))))
+    }
+
+    /// The servers' default update rule for this job.
+    pub fn update_spec(&self) -> UpdateSpec {
+        match self.optimizer {
+            Optimizer::Sgd => UpdateSpec::Sgd { lr: self.lr },
+            Optimizer::Adagrad => UpdateSpec::Adagrad {
+                lr: self.lr,
+                eps: 1e-8,
+            },
+            Optimizer::Ftrl => UpdateSpec::Ftrl {
+                alpha: self.lr,
+                beta: 1.0,
+                l1: self.l1,
+                l2: self.l2,
+            },
+        }
+    }
+
+    /// The L2 term the workers add to their gradients (FTRL applies L2 on the servers).
+    pub fn worker_l2(&self) -> f32 {
+        match self.optimizer {
+            Optimizer::Ftrl => 0.0,
+            _ => self.l2 as f32,
+        }
     }
 }
 
@@ -155,11 +259,43 @@ impl JobArgs {
 const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Train this worker's shard (see the module docs), then report and finish.
+///
+/// Under a consistency model other than eventual, every minibatch is one tick of the
+/// worker's clock: the pull waits (on the servers) until every worker has pushed the
+/// minibatch `tau + 1` ticks back, and every worker runs the same number of minibatches
+/// per epoch (a shard one row shorter ends with an empty one) so clocks stay aligned.
 pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
     let (train, test) = job.load_data()?;
     let rank = worker.rank() as usize;
-    let shard = train.shard(rank, worker.num_workers() as usize);
+    let workers = worker.num_workers() as usize;
+    let shard = train.shard(rank, workers);
     let params = job.sgd_params();
+    let l2 = job.worker_l2();
+    let batches: Vec<Minibatch<'_>> = shard.minibatches(params.batch_size).collect();
+    let longest = (0..workers)
+        .map(|i| Dataset::shard_range(train.len(), i, workers).len())
+        .max()
+        .unwrap_or(0);
+    let steps = longest.div_ceil(params.batch_size.max(1));
+    let clocked = job.consistency != Consistency::Eventual;
+    let slow = job
+        .slow()
+        .ok()
+        .flatten()
+        .filter(|(r, _)| *r as usize == rank)
+        .map(|(_, d)| d);
+    let mut trace = match &job.trace {
+        Some(p) => {
+            let path = PathBuf::from(format!("{}.{rank}", p.display()));
+            Some(std::io::BufWriter::new(
+                std::fs::File::create(&path).map_err(|source| EngineError::Io {
+                    context: format!("creating the trace {}", path.display()),
+                    source,
+                })?,
+            ))
+        }
+        None => None,
+    };
     let total = shard.len() as u64 * u64::from(job.epochs);
     worker.tell_scheduler(Control::Progress { done: 0, total })?;
     let test_keys: Arc<Vec<u64>> = Arc::new(if rank == 0 {
@@ -167,17 +303,62 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
     } else {
         Vec::new()
     });
+    let eval_opts = TaskOpts {
+        consistency: Some(Consistency::Eventual),
+        ..TaskOpts::default()
+    };
+    let evaluate = || -> Result<crate::lr::Eval, EngineError> {
+        let values = worker
+            .wait_pull::<f32>(worker.pull_opts::<f32>(test_keys.clone(), &eval_opts))?
+            .to_vec();
+        Ok(SparseModel::new(test_keys.as_ref().clone(), values).evaluate(&test))
+    };
     let started = Instant::now();
+    let mut curve: Vec<(f64, f64)> = Vec::new();
+    let mut reached: Option<f64> = None;
+    let mut note_eval = |loss: f64, at: f64, curve: &mut Vec<(f64, f64)>| {
+        curve.push((at, loss));
+        if reached.is_none() && job.target_logloss.is_some_and(|t| loss <= t) {
+            reached = Some(at);
+        }
+    };
     let mut examples = 0u64;
+    let mut blocked = std::time::Duration::ZERO;
     let mut weights: Vec<f32> = Vec::new();
     let mut last_eval = None;
+    let mut step_count = 0usize;
     for epoch in 1..=job.epochs {
         let mut unreported = 0u64;
         let mut reported_at = Instant::now();
         let mut previous_push: Option<Timestamp> = None;
-        for batch in shard.minibatches(params.batch_size) {
+        for step in 0..steps {
+            let clock = if clocked { worker.tick() } else { 0 };
+            let Some(batch) = batches.get(step) else {
+                // This shard is out of rows: an empty push keeps the clock in step.
+                if clocked {
+                    previous_push = Some(worker.push::<f32>(Vec::new(), Vec::new()));
+                }
+                continue;
+            };
+            if let Some(d) = slow {
+                std::thread::sleep(d);
+            }
             let keys: Arc<Vec<u64>> = Arc::new(batch.unique_keys().to_vec());
+            let asked = Instant::now();
             let pulled = worker.wait_pull::<f32>(worker.pull::<f32>(keys.clone()))?;
+            blocked += asked.elapsed();
+            if let Some(t) = trace.as_mut() {
+                use std::io::Write;
+                let line = format!(
+                    "{{\"clock\":{clock},\"server_clock\":{}}}\n",
+                    pulled.server_clock()
+                );
+                t.write_all(line.as_bytes())
+                    .map_err(|source| EngineError::Io {
+                        context: "writing the trace".into(),
+                        source,
+                    })?;
+            }
             // Requests to one server are answered in order, so the previous push is done.
             if let Some(ts) = previous_push {
                 worker.wait(ts)?;
@@ -186,10 +367,15 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
             pulled.copy_to(&mut weights);
             drop(pulled);
             let mut grad = vec![0.0f32; keys.len()];
-            gradient(&batch, &weights, params.l2, &mut grad);
+            gradient(batch, &weights, l2, &mut grad);
             previous_push = Some(worker.push(keys, grad));
             examples += batch.len() as u64;
             unreported += batch.len() as u64;
+            step_count += 1;
+            if rank == 0 && job.eval_every > 0 && step_count.is_multiple_of(job.eval_every) {
+                let eval = evaluate()?;
+                note_eval(eval.logloss, started.elapsed().as_secs_f64(), &mut curve);
+            }
             if reported_at.elapsed() >= PROGRESS_EVERY {
                 worker.tell_scheduler(Control::Progress {
                     done: unreported,
@@ -208,11 +394,8 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
         })?;
         worker.barrier()?;
         if rank == 0 {
-            let values = worker
-                .wait_pull::<f32>(worker.pull::<f32>(test_keys.clone()))?
-                .to_vec();
-            let model = SparseModel::new(test_keys.as_ref().clone(), values);
-            let eval = model.evaluate(&test);
+            let eval = evaluate()?;
+            note_eval(eval.logloss, started.elapsed().as_secs_f64(), &mut curve);
             worker.tell_scheduler(Control::Log {
                 line: format!(
                     "epoch {epoch}: held-out logloss {:.4}, accuracy {:.4} (majority class {:.4}), {:.1} s",
@@ -226,6 +409,14 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
         }
         worker.barrier()?;
     }
+    let seconds = started.elapsed().as_secs_f64();
+    if let Some(t) = trace.as_mut() {
+        use std::io::Write;
+        t.flush().map_err(|source| EngineError::Io {
+            context: "writing the trace".into(),
+            source,
+        })?;
+    }
     if let Some(eval) = last_eval {
         let summary = serde_json::json!({
             "test_logloss": eval.logloss,
@@ -237,10 +428,14 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
             "test_examples": test.len(),
             "workers": worker.num_workers(),
             "servers": worker.cluster().servers.len(),
+            "consistency": job.consistency.to_string(),
+            "optimizer": format!("{:?}", job.optimizer).to_lowercase(),
+            "seconds_to_target": reached,
+            "eval_curve": curve,
         });
         worker.tell_scheduler(Control::Summary {
             json: summary.to_string(),
         })?;
     }
-    worker.finish(examples)
+    worker.finish_with(examples, seconds, blocked.as_secs_f64())
 }

@@ -48,6 +48,9 @@ enum Cmd {
         /// Kill the cluster if it has not finished after this many seconds.
         #[arg(long, default_value_t = 3600)]
         timeout_secs: u64,
+        /// At the end, every server writes its part of the model to DIR/model-RANK.bin.
+        #[arg(long, env = "PSERV_DUMP_MODEL")]
+        dump_model: Option<std::path::PathBuf>,
     },
     /// Run the scheduler.
     Scheduler {
@@ -86,6 +89,9 @@ enum Cmd {
         /// Store shards (one lock each).
         #[arg(long, env = "PSERV_SHARDS", default_value_t = 16)]
         shards: usize,
+        /// At the end, write this server's part of the model to DIR/model-RANK.bin.
+        #[arg(long, env = "PSERV_DUMP_MODEL")]
+        dump_model: Option<std::path::PathBuf>,
         #[command(flatten)]
         net: NetArgs,
     },
@@ -137,10 +143,11 @@ fn run(cmd: Cmd) -> Result<(), EngineError> {
             output,
             update,
             timeout_secs,
+            dump_model,
         } => {
             net.tcp()?;
             job.check()?;
-            let update = update.unwrap_or(UpdateSpec::Sgd { lr: job.lr });
+            let update = update.unwrap_or(job.update_spec());
             cluster.spec(update)?;
             let exe = std::env::current_exe().map_err(|source| EngineError::Io {
                 context: "finding the pserv executable".into(),
@@ -164,7 +171,14 @@ fn run(cmd: Cmd) -> Result<(), EngineError> {
             let plan = LocalPlan {
                 exe,
                 scheduler_args,
-                server_args: net.to_args(),
+                server_args: [
+                    net.to_args(),
+                    dump_model
+                        .iter()
+                        .map(|d| format!("--dump-model={}", d.display()))
+                        .collect(),
+                ]
+                .concat(),
                 worker_args: [job.to_args(), net.to_args()].concat(),
                 servers: cluster.servers,
                 workers: cluster.workers,
@@ -204,12 +218,14 @@ fn run(cmd: Cmd) -> Result<(), EngineError> {
             listen,
             rank,
             shards,
+            dump_model,
             net,
         } => {
             let mut cfg = ServerConfig::new(sched.scheduler);
             cfg.listen = listen;
             cfg.rank = rank;
             cfg.shards = shards.max(1);
+            cfg.dump_model = dump_model;
             cfg.tcp = net.tcp()?;
             Server::start(cfg)?.run()
         }
@@ -224,6 +240,7 @@ fn run(cmd: Cmd) -> Result<(), EngineError> {
             let mut cfg = WorkerConfig::new(sched.scheduler);
             cfg.rank = rank;
             cfg.spin_us = spin_us;
+            cfg.consistency = job.consistency;
             cfg.tcp = net.tcp()?;
             let worker = Worker::connect(cfg)?;
             pserv_engine::job::run_lr_worker(worker, &job)

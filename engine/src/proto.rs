@@ -100,6 +100,23 @@ pub struct WorkerStats {
     pub bytes_sent: u64,
     /// Bytes the worker read from sockets.
     pub bytes_received: u64,
+    /// Seconds the worker spent training (job-defined; 0 if not measured).
+    pub seconds: f64,
+    /// Of those, seconds spent blocked waiting for pulls (consistency and network).
+    pub blocked_seconds: f64,
+}
+
+/// What a server holds when the job ends.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServerStats {
+    /// The server's rank.
+    pub rank: u32,
+    /// Keys stored.
+    pub keys: u64,
+    /// Keys with a non-zero weight.
+    pub nonzero: u64,
+    /// Pinned bytes of the store.
+    pub bytes: u64,
 }
 
 /// Control-plane messages.
@@ -158,6 +175,11 @@ pub enum Control {
     Summary {
         /// JSON object text.
         json: String,
+    },
+    /// A server's final counters, sent when it is told to shut down.
+    ServerDone {
+        /// Its counters.
+        stats: ServerStats,
     },
     /// A worker has finished.
     Done {
@@ -271,6 +293,8 @@ mod tests {
                     examples: 5,
                     bytes_sent: 6,
                     bytes_received: 7,
+                    seconds: 1.5,
+                    blocked_seconds: 0.25,
                 },
             },
             Control::Shutdown,

@@ -17,7 +17,9 @@ use pserv_transport::{CloseReason, Conn, Handler, RecvFrame, TcpConfig, TcpTrans
 
 use crate::error::EngineError;
 use crate::keys::Partition;
-use crate::proto::{ClusterInfo, Control, Role, ServerInfo, ValueType, WorkerStats, SCHEDULER_ID};
+use crate::proto::{
+    ClusterInfo, Control, Role, ServerInfo, ServerStats, ValueType, WorkerStats, SCHEDULER_ID,
+};
 use crate::update::UpdateSpec;
 
 /// Identifies a connection to the scheduler.
@@ -105,6 +107,8 @@ pub struct SchedulerCore {
     pub stats: Vec<WorkerStats>,
     /// JSON objects workers sent as summaries.
     pub summaries: Vec<serde_json::Value>,
+    /// Final counters of the servers that reported after the job ended.
+    pub server_stats: Vec<ServerStats>,
 }
 
 impl SchedulerCore {
@@ -125,6 +129,7 @@ impl SchedulerCore {
             progress: HashMap::new(),
             stats: Vec::new(),
             summaries: Vec::new(),
+            server_stats: Vec::new(),
         }
     }
 
@@ -136,6 +141,16 @@ impl SchedulerCore {
     /// Whether the job is over.
     pub fn is_finished(&self) -> bool {
         self.finished
+    }
+
+    /// Whether every server still connected has sent its final counters.
+    pub fn servers_reported(&self) -> bool {
+        let live = self
+            .nodes
+            .values()
+            .filter(|n| n.role == Role::Server && !n.gone)
+            .count();
+        self.server_stats.len() >= live
     }
 
     fn count(&self, role: Role) -> u32 {
@@ -215,6 +230,22 @@ impl SchedulerCore {
                 out.push(Output::Progress { done: d, total: t });
             }
             Control::Log { line } => out.push(Output::Log(line)),
+            Control::ServerDone { stats } => {
+                let is_server = self
+                    .nodes
+                    .get(&conn)
+                    .is_some_and(|n| n.role == Role::Server);
+                if !is_server {
+                    return self.refuse(
+                        conn,
+                        "server counters from a node that is not a server",
+                        out,
+                    );
+                }
+                if !self.server_stats.iter().any(|s| s.rank == stats.rank) {
+                    self.server_stats.push(stats);
+                }
+            }
             Control::Summary { json } => match serde_json::from_str(&json) {
                 Ok(v) => self.summaries.push(v),
                 Err(e) => out.push(Output::Log(format!("ignored a malformed summary: {e}"))),
@@ -535,14 +566,23 @@ pub fn run_scheduler(cfg: SchedulerConfig) -> Result<JobReport, EngineError> {
     };
     let started = Instant::now();
     let mut running_since: Option<Instant> = None;
-    while !core.is_finished() {
-        let timeout = if core.is_running() {
+    let mut finished_at: Option<Instant> = None;
+    let mut seconds = 0.0;
+    // Run until the job is over and every server has reported (or 10 s passed).
+    while !(core.is_finished()
+        && (core.servers_reported()
+            || finished_at.is_some_and(|t| t.elapsed() > Duration::from_secs(10))))
+    {
+        let timeout = if core.is_finished() {
+            Duration::from_millis(100)
+        } else if core.is_running() {
             Duration::from_secs(3600)
         } else {
             cfg.register_timeout.saturating_sub(started.elapsed())
         };
         let (conn, msg) = match rx.recv_timeout(timeout) {
             Ok(ev) => ev,
+            Err(_) if core.is_finished() => continue,
             Err(_) => {
                 return Err(EngineError::Registration(format!(
                     "the cluster did not complete within {:?}",
@@ -582,7 +622,10 @@ pub fn run_scheduler(cfg: SchedulerConfig) -> Result<JobReport, EngineError> {
                     }
                     bar.set_position(done);
                 }
-                Output::JobDone => {}
+                Output::JobDone => {
+                    finished_at = Some(Instant::now());
+                    seconds = running_since.map_or(0.0, |t| t.elapsed().as_secs_f64());
+                }
             }
         }
         if core.is_running() && running_since.is_none() {
@@ -590,7 +633,6 @@ pub fn run_scheduler(cfg: SchedulerConfig) -> Result<JobReport, EngineError> {
         }
     }
     bar.finish_and_clear();
-    let seconds = running_since.map_or(0.0, |t| t.elapsed().as_secs_f64());
     let summary = merge_summary(&core, seconds);
     if let Some(p) = &cfg.summary_json {
         std::fs::write(
@@ -637,6 +679,17 @@ fn merge_summary(core: &SchedulerCore, seconds: f64) -> serde_json::Value {
     obj.insert("bytes_sent".into(), sent.into());
     obj.insert("bytes_received".into(), received.into());
     obj.insert("workers_finished".into(), (core.stats.len() as u64).into());
+    let worked: f64 = core.stats.iter().map(|s| s.seconds).sum();
+    let blocked: f64 = core.stats.iter().map(|s| s.blocked_seconds).sum();
+    if worked > 0.0 {
+        obj.insert("blocked_fraction".into(), (blocked / worked).into());
+    }
+    if !core.server_stats.is_empty() {
+        let nonzero: u64 = core.server_stats.iter().map(|s| s.nonzero).sum();
+        let keys: u64 = core.server_stats.iter().map(|s| s.keys).sum();
+        obj.insert("nonzero_weights".into(), nonzero.into());
+        obj.insert("stored_keys".into(), keys.into());
+    }
     serde_json::Value::Object(obj)
 }
 
@@ -820,6 +873,8 @@ mod tests {
                 examples,
                 bytes_sent: 10,
                 bytes_received: 20,
+                seconds: 2.0,
+                blocked_seconds: 0.5,
             },
         };
         let out = c.handle(Input::Message {

@@ -15,15 +15,18 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use crossbeam_channel::Sender;
+use parking_lot::Mutex;
 
-use pserv_transport::wire::{MessageKind, FLAG_RESPONSE};
+use pserv_transport::wire::{MessageKind, FLAG_ORDERED, FLAG_RESPONSE};
 use pserv_transport::{
-    BufPool, Conn, Frame, Handler, OutFrame, Payload, RecvFrame, TcpConfig, TcpTransport,
+    BufPool, CloseReason, Conn, Frame, Handler, OutFrame, OwnedFrame, Payload, RecvFrame,
+    TcpConfig, TcpTransport,
 };
 
+use crate::clock::{Action, ClockGate};
 use crate::error::EngineError;
 use crate::keys::KeyRange;
-use crate::proto::{self, ClusterInfo, Control, Role, Status, ValueType};
+use crate::proto::{self, ClusterInfo, Control, Role, ServerStats, Status, ValueType};
 use crate::store::{Store, StoreConfig, StoreError};
 use crate::update::UpdateRegistry;
 use crate::value::Value;
@@ -44,6 +47,8 @@ pub struct ServerConfig {
     pub shards: usize,
     /// How long to wait for the cluster table.
     pub register_timeout: Duration,
+    /// At shutdown, write the model to `DIR/model-RANK.bin` (see [`Server::run`]).
+    pub dump_model: Option<std::path::PathBuf>,
 }
 
 impl ServerConfig {
@@ -56,6 +61,7 @@ impl ServerConfig {
             rank: None,
             shards: 16,
             register_timeout: Duration::from_secs(120),
+            dump_model: None,
         }
     }
 }
@@ -78,6 +84,12 @@ pub(crate) struct Ready {
     pub(crate) rank: u32,
     pub(crate) range: KeyRange,
     pub(crate) store: AnyStore,
+    /// Number of servers (worker node ids follow theirs).
+    servers: u32,
+    /// Number of workers.
+    workers: u32,
+    /// Worker clocks and the clocked requests waiting on them (bounded delay, P6).
+    clocks: Mutex<ClockGate<Held>>,
 }
 
 struct Core {
@@ -133,21 +145,100 @@ impl Handler for ServerHandler {
             ));
             return;
         };
-        let answer = match &ready.store {
-            AnyStore::F32(t) => serve(&self.core, ready, t, &f, conn),
-            AnyStore::F64(t) => serve(&self.core, ready, t, &f, conn),
-        };
-        let out = match answer {
-            Ok(Some(frame)) => frame,
-            Ok(None) => return,
-            Err(Refusal(status, msg)) => {
-                tracing::debug!(peer = %conn.peer_addr(), %status, %msg, "refused a request");
-                proto::error_answer(&h, ready.node_id, status, &msg)
+        // Remember which worker this connection belongs to, so its clock can be retired
+        // when it goes away.
+        let servers = ready.servers;
+        let worker = h.sender.checked_sub(1 + servers);
+        if conn.tag() == 0 {
+            if let Some(w) = worker {
+                conn.set_tag(u64::from(w) + 1);
             }
+        }
+        if h.clock == 0 {
+            // Unclocked: serve at once, from the receive buffer.
+            answer_request(&self.core, ready, &f, conn, 0);
+            return;
+        }
+        let Some(worker) = worker.filter(|&w| w < ready.workers) else {
+            let _ = conn.send(proto::error_answer(
+                &h,
+                ready.node_id,
+                Status::BadRequest,
+                &format!(
+                    "clocked request from node {}, which is not a worker",
+                    h.sender
+                ),
+            ));
+            return;
         };
-        // A failed send means the worker is gone; the transport logs and closes it.
-        let _ = conn.send(out);
+        let held = Held {
+            conn: conn.clone(),
+            frame: frame.into_owned(),
+        };
+        let mut gate = ready.clocks.lock();
+        let actions = if h.kind == MessageKind::Pull as u8 {
+            match gate.pull(h.clock, ready.range, held) {
+                Some(p) => vec![Action::Answer(p)],
+                None => Vec::new(),
+            }
+        } else {
+            let ordered = h.has(FLAG_ORDERED);
+            gate.push(worker as usize, h.clock, ready.range, ordered, held)
+        };
+        run_actions(&self.core, ready, &mut gate, actions);
     }
+
+    fn on_close(&mut self, conn: &Conn, _reason: &CloseReason) {
+        let (Some(ready), tag) = (self.core.ready.get(), conn.tag()) else {
+            return;
+        };
+        if tag == 0 || tag == SCHEDULER_TAG {
+            return;
+        }
+        let worker = (tag - 1) as usize;
+        let mut gate = ready.clocks.lock();
+        let actions = gate.retire(worker);
+        run_actions(&self.core, ready, &mut gate, actions);
+    }
+}
+
+/// A clocked request the gate holds: where it came from and its bytes.
+struct Held {
+    conn: Conn,
+    frame: OwnedFrame,
+}
+
+/// Carry out the gate's decisions, in order, with the gate still locked (the order of
+/// applies is what sequential consistency promises).
+fn run_actions(core: &Core, ready: &Ready, gate: &mut ClockGate<Held>, actions: Vec<Action<Held>>) {
+    for a in actions {
+        match a {
+            Action::Apply(p) | Action::Answer(p) => {
+                let clock = gate.clock().min(ready.range);
+                answer_request(core, ready, &p.frame.frame(), &p.conn, clock);
+            }
+        }
+    }
+}
+
+/// Serve a data request and send the answer (or the refusal). `clock` goes into the
+/// answer: the smallest worker clock the server had when it answered.
+fn answer_request(core: &Core, ready: &Ready, f: &Frame<'_>, conn: &Conn, clock: u64) {
+    let h = *f.header();
+    let answer = match &ready.store {
+        AnyStore::F32(t) => serve(core, ready, t, f, conn, clock),
+        AnyStore::F64(t) => serve(core, ready, t, f, conn, clock),
+    };
+    let out = match answer {
+        Ok(Some(frame)) => frame,
+        Ok(None) => return,
+        Err(Refusal(status, msg)) => {
+            tracing::debug!(peer = %conn.peer_addr(), %status, %msg, "refused a request");
+            proto::error_answer(&h, ready.node_id, status, &msg)
+        }
+    };
+    // A failed send means the worker is gone; the transport logs and closes it.
+    let _ = conn.send(out);
 }
 
 /// Range pulls of at least this many bytes are sent straight from the store.
@@ -164,8 +255,11 @@ fn serve<T: Value>(
     t: &Typed<T>,
     f: &Frame<'_>,
     conn: &Conn,
+    clock: u64,
 ) -> Result<Option<OutFrame>, Refusal> {
-    let h = f.header();
+    let mut answered = *f.header();
+    answered.clock = clock;
+    let h = &answered;
     let bad = |msg: String| Refusal(Status::BadRequest, msg);
     if h.has(FLAG_RESPONSE) {
         return Err(bad("servers do not take answers".into()));
@@ -291,6 +385,7 @@ pub struct Server {
     addr: SocketAddr,
     transport: TcpTransport,
     _scheduler: Conn,
+    dump_model: Option<std::path::PathBuf>,
 }
 
 impl Server {
@@ -348,6 +443,7 @@ impl Server {
             addr,
             transport,
             _scheduler: scheduler,
+            dump_model: cfg.dump_model.clone(),
         })
     }
 
@@ -356,7 +452,8 @@ impl Server {
         self.addr
     }
 
-    /// Serve until the scheduler says the job is over (or its connection closes).
+    /// Serve until the scheduler says the job is over (or its connection closes); then
+    /// report the store's counters to the scheduler and, if configured, dump the model.
     pub fn run(self) -> Result<(), EngineError> {
         loop {
             match self.control.recv() {
@@ -365,15 +462,64 @@ impl Server {
             }
         }
         if let Some(r) = self.core.ready.get() {
-            let (keys, bytes) = match &r.store {
-                AnyStore::F32(t) => (t.store.key_count(), t.store.bytes()),
-                AnyStore::F64(t) => (t.store.key_count(), t.store.bytes()),
+            let stats = match &r.store {
+                AnyStore::F32(t) => stats_of(r.rank, &t.store),
+                AnyStore::F64(t) => stats_of(r.rank, &t.store),
             };
-            tracing::info!(rank = r.rank, keys, bytes, "server shutting down");
+            tracing::info!(
+                rank = r.rank,
+                keys = stats.keys,
+                nonzero = stats.nonzero,
+                "server shutting down"
+            );
+            let _ = self
+                ._scheduler
+                .send(Control::ServerDone { stats }.to_frame(r.node_id));
+            if let Some(dir) = &self.dump_model {
+                let path = dir.join(format!("model-{}.bin", r.rank));
+                let written = match &r.store {
+                    AnyStore::F32(t) => dump_model(&t.store, &path),
+                    AnyStore::F64(t) => dump_model(&t.store, &path),
+                };
+                written.map_err(|source| EngineError::Io {
+                    context: format!("writing the model to {}", path.display()),
+                    source,
+                })?;
+            }
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while self._scheduler.queued_bytes() > 0 && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
         self.transport.shutdown();
         Ok(())
     }
+}
+
+fn stats_of<T: Value>(rank: u32, store: &Store<T>) -> ServerStats {
+    ServerStats {
+        rank,
+        keys: store.key_count(),
+        nonzero: store.nonzero_count(),
+        bytes: store.bytes(),
+    }
+}
+
+/// Write every stored key and its weights, in key order: per key the u64 key then the
+/// weights, little-endian. Two runs that built the same model write the same bytes.
+fn dump_model<T: Value>(store: &Store<T>, path: &std::path::Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut result = Ok(());
+    store.for_each(|key, weights| {
+        if result.is_ok() {
+            result = out
+                .write_all(&key.to_le_bytes())
+                .and_then(|_| out.write_all(bytemuck::cast_slice(weights)));
+        }
+    });
+    result?;
+    out.flush()
 }
 
 fn make_ready(
@@ -386,6 +532,7 @@ fn make_ready(
     let cfg = StoreConfig {
         shards,
         value_len: cluster.value_len as usize,
+        state_len: cluster.update.state_len(),
         ..StoreConfig::default()
     };
     let err = |e: StoreError| EngineError::Config(format!("creating the store: {e}"));
@@ -404,5 +551,8 @@ fn make_ready(
         rank,
         range,
         store,
+        servers: cluster.servers.len() as u32,
+        workers: cluster.workers,
+        clocks: Mutex::new(ClockGate::new(range, cluster.workers as usize)),
     })
 }

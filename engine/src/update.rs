@@ -2,15 +2,22 @@
 //! the stored weights runs on the server, where the data lives.
 //!
 //! - [`UpdateFn`]: the trait a rule implements; it works on whole slices so that the
-//!   built-ins vectorise and a dense range costs one call.
-//! - Built-ins: [`Assign`] (`w = g`), [`Sum`] (`w += g`), [`Sgd`] (`w -= lr * g`).
-//! - [`UpdateSpec`]: a built-in as configuration (`"assign"`, `"sum"`, `"sgd"`,
-//!   `"sgd:0.1"`), serialisable, for the command line and the cluster table.
+//!   built-ins vectorise and a dense range costs one call. Every built-in works element by
+//!   element, so the store may hand it any run of keys.
+//! - Built-ins: [`Assign`] (`w = g`), [`Sum`] (`w += g`), [`Sgd`] (`w -= lr * g`),
+//!   [`Adagrad`] (per-coordinate learning rates, one state element per weight) and
+//!   [`Ftrl`] (FTRL-proximal with L1 and L2, two state elements per weight; L1 drives
+//!   weights to exactly zero).
+//! - User rules: implement [`UpdateFn`], or wrap a closure with [`from_fn`] /
+//!   [`UpdateRegistry::register_fn`].
+//! - [`UpdateSpec`]: a built-in as configuration (`"sum"`, `"sgd:0.1"`, `"adagrad:0.05"`,
+//!   `"ftrl:0.1:1:1:0"`, ...), serialisable, for the command line and the cluster table.
 //! - [`UpdateRegistry`]: the function id carried in a message header mapped to a rule.
 //!
 //! Optimizer state (AdaGrad's accumulator, FTRL's z and n) lives beside the weights in the
 //! store; a rule says how many state elements it keeps per weight element with
 //! [`UpdateFn::state_len`], and state element `j` of weight `i` is `state[i * state_len + j]`.
+//! A server sizes its store's state from its default rule with [`UpdateSpec::state_len`].
 
 use std::collections::HashMap;
 use std::fmt;
@@ -25,12 +32,15 @@ use crate::value::Value;
 ///
 /// The store calls [`apply`](Self::apply) with the weights of one key, or of a whole dense
 /// run of keys, at a time, under the lock of the shard that holds them; it must not block.
+/// When the store keeps more state per weight than the rule needs, it calls the rule one
+/// weight element at a time, so a rule's result for an element may depend only on that
+/// element's weight, state and gradient (every built-in's does).
 pub trait UpdateFn<T: Value>: Send + Sync + 'static {
     /// A short name, for logs and error messages.
     fn name(&self) -> &str;
 
-    /// Extra state elements kept per value element (0 for sum/assign/sgd; AdaGrad will use
-    /// 1, FTRL 2).
+    /// Extra state elements kept per value element (0 for sum/assign/sgd, 1 for AdaGrad,
+    /// 2 for FTRL).
     fn state_len(&self) -> usize {
         0
     }
@@ -63,6 +73,78 @@ pub struct Sum;
 pub struct Sgd {
     /// Learning rate.
     pub lr: f64,
+}
+
+/// AdaGrad (Duchi, Hazan and Singer 2011), per coordinate: with `n` the sum of the squared
+/// gradients this weight has seen,
+///
+/// ```text
+/// n += g * g
+/// w -= lr * g / (sqrt(n) + eps)
+/// ```
+///
+/// State: one element per weight, `n` ([`state_len`](UpdateFn::state_len) 1). `eps` keeps
+/// the step finite while `n` is zero; it must be positive and representable in the value
+/// type (for `f32`, above about `1e-38`), or a zero gradient on a fresh key gives NaN.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Adagrad {
+    /// Learning rate (positive).
+    pub lr: f64,
+    /// Added to `sqrt(n)` in the denominator (positive).
+    pub eps: f64,
+}
+
+impl Default for Adagrad {
+    /// Learning rate [`DEFAULT_ADAGRAD_LR`], epsilon [`DEFAULT_ADAGRAD_EPS`].
+    fn default() -> Self {
+        Adagrad {
+            lr: DEFAULT_ADAGRAD_LR,
+            eps: DEFAULT_ADAGRAD_EPS,
+        }
+    }
+}
+
+/// FTRL-proximal (McMahan et al. 2013, "Ad Click Prediction: a View from the Trenches",
+/// Algorithm 1): the per-coordinate rule the paper's L1-regularised logistic regression
+/// uses. With gradient `g` and current weight `w`, per element:
+///
+/// ```text
+/// sigma = (sqrt(n + g^2) - sqrt(n)) / alpha
+/// z += g - sigma * w
+/// n += g^2
+/// w = 0                                                    if |z| <= l1
+/// w = -(z - sign(z) * l1) / ((beta + sqrt(n)) / alpha + l2)  otherwise
+/// ```
+///
+/// State: two elements per weight, `z` then `n` ([`state_len`](UpdateFn::state_len) 2).
+/// The stored weight is `w` itself, so pulls read the model directly; with a large `l1`
+/// weights are exactly `0.0` (sparse models, and the KKT filter's zeros, MISSION.md P7).
+///
+/// Parameters: `alpha > 0`, `beta >= 0`, `l1 >= 0`, `l2 >= 0`, and `beta` or `l2`
+/// positive, so the denominator is never zero ([`UpdateSpec`]'s parser enforces this).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Ftrl {
+    /// Learning-rate scale (positive): per-coordinate rate `alpha / (beta + sqrt(n))`.
+    pub alpha: f64,
+    /// Smoothing of the per-coordinate rate while `n` is small (non-negative).
+    pub beta: f64,
+    /// L1 strength (non-negative): `|z| <= l1` makes the weight exactly zero.
+    pub l1: f64,
+    /// L2 strength (non-negative).
+    pub l2: f64,
+}
+
+impl Default for Ftrl {
+    /// [`DEFAULT_FTRL_ALPHA`], [`DEFAULT_FTRL_BETA`], [`DEFAULT_FTRL_L1`],
+    /// [`DEFAULT_FTRL_L2`].
+    fn default() -> Self {
+        Ftrl {
+            alpha: DEFAULT_FTRL_ALPHA,
+            beta: DEFAULT_FTRL_BETA,
+            l1: DEFAULT_FTRL_L1,
+            l2: DEFAULT_FTRL_L2,
+        }
+    }
 }
 
 impl<T: Value> UpdateFn<T> for Assign {
@@ -118,14 +200,169 @@ impl<T: Value> UpdateFn<T> for Sgd {
     }
 }
 
+impl<T: Value> UpdateFn<T> for Adagrad {
+    fn name(&self) -> &str {
+        "adagrad"
+    }
+
+    fn state_len(&self) -> usize {
+        1
+    }
+
+    #[inline]
+    fn apply(&self, weights: &mut [T], state: &mut [T], grads: &[T]) {
+        debug_assert_eq!(weights.len(), grads.len());
+        debug_assert_eq!(state.len(), weights.len());
+        let (lr, eps) = (T::from_f64(self.lr), T::from_f64(self.eps));
+        for ((w, n), &g) in weights.iter_mut().zip(state.iter_mut()).zip(grads) {
+            *n += g * g;
+            *w -= lr * g / (n.sqrt() + eps);
+        }
+    }
+
+    fn spec(&self) -> Option<UpdateSpec> {
+        Some(UpdateSpec::Adagrad {
+            lr: self.lr,
+            eps: self.eps,
+        })
+    }
+}
+
+impl<T: Value> UpdateFn<T> for Ftrl {
+    fn name(&self) -> &str {
+        "ftrl"
+    }
+
+    fn state_len(&self) -> usize {
+        2
+    }
+
+    #[inline]
+    fn apply(&self, weights: &mut [T], state: &mut [T], grads: &[T]) {
+        debug_assert_eq!(weights.len(), grads.len());
+        debug_assert_eq!(state.len(), weights.len() * 2);
+        let alpha = T::from_f64(self.alpha);
+        let beta = T::from_f64(self.beta);
+        let l1 = T::from_f64(self.l1);
+        let l2 = T::from_f64(self.l2);
+        for ((w, zn), &g) in weights.iter_mut().zip(state.chunks_exact_mut(2)).zip(grads) {
+            let (z, n) = (zn[0], zn[1]);
+            let n_new = n + g * g;
+            let sqrt_new = n_new.sqrt();
+            let sigma = (sqrt_new - n.sqrt()) / alpha;
+            let z = z + (g - sigma * *w);
+            zn[0] = z;
+            zn[1] = n_new;
+            *w = if z.abs() <= l1 {
+                T::default()
+            } else {
+                (z.signum0() * l1 - z) / ((beta + sqrt_new) / alpha + l2)
+            };
+        }
+    }
+
+    fn spec(&self) -> Option<UpdateSpec> {
+        Some(UpdateSpec::Ftrl {
+            alpha: self.alpha,
+            beta: self.beta,
+            l1: self.l1,
+            l2: self.l2,
+        })
+    }
+}
+
+/// A user rule made from a closure by [`from_fn`].
+struct FnRule<F> {
+    name: String,
+    state_len: usize,
+    f: F,
+}
+
+impl<T, F> UpdateFn<T> for FnRule<F>
+where
+    T: Value,
+    F: Fn(&mut [T], &mut [T], &[T]) + Send + Sync + 'static,
+{
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn state_len(&self) -> usize {
+        self.state_len
+    }
+
+    fn apply(&self, weights: &mut [T], state: &mut [T], grads: &[T]) {
+        debug_assert_eq!(weights.len(), grads.len());
+        debug_assert_eq!(state.len(), weights.len() * self.state_len);
+        (self.f)(weights, state, grads)
+    }
+}
+
+/// A user update rule from a closure, without writing a type: `f(weights, state, grads)`
+/// has the contract of [`UpdateFn::apply`], with `state_len` state elements per weight
+/// element (state element `j` of weight `i` at `state[i * state_len + j]`, zero for a key
+/// the store has not seen). The store may call `f` on any run of keys, or one weight
+/// element at a time, so `f` must treat elements independently.
+///
+/// ```
+/// use pserv_engine::update::{from_fn, UpdateFn};
+///
+/// // Keep the largest value ever pushed; the state counts the pushes.
+/// let max = from_fn::<f32, _>("max", 1, |w, s, g| {
+///     for ((w, s), &g) in w.iter_mut().zip(s.iter_mut()).zip(g) {
+///         *w = w.max(g);
+///         *s += 1.0;
+///     }
+/// });
+/// let (mut w, mut s) = ([1.0f32, 5.0], [0.0f32; 2]);
+/// max.apply(&mut w, &mut s, &[3.0, 2.0]);
+/// assert_eq!((w, s), ([3.0, 5.0], [1.0, 1.0]));
+/// assert_eq!((max.name(), max.state_len()), ("max", 1));
+/// ```
+pub fn from_fn<T, F>(name: &str, state_len: usize, f: F) -> Arc<dyn UpdateFn<T>>
+where
+    T: Value,
+    F: Fn(&mut [T], &mut [T], &[T]) + Send + Sync + 'static,
+{
+    Arc::new(FnRule {
+        name: name.to_owned(),
+        state_len,
+        f,
+    })
+}
+
 /// The learning rate of `"sgd"` when the text names none.
 pub const DEFAULT_SGD_LR: f64 = 0.1;
+/// The learning rate of `"adagrad"` when the text names none.
+pub const DEFAULT_ADAGRAD_LR: f64 = 0.1;
+/// The epsilon of `"adagrad"` and `"adagrad:LR"`.
+pub const DEFAULT_ADAGRAD_EPS: f64 = 1e-8;
+/// FTRL's alpha for plain `"ftrl"`.
+pub const DEFAULT_FTRL_ALPHA: f64 = 0.1;
+/// FTRL's beta for plain `"ftrl"`.
+pub const DEFAULT_FTRL_BETA: f64 = 1.0;
+/// FTRL's L1 strength for plain `"ftrl"`.
+pub const DEFAULT_FTRL_L1: f64 = 0.0;
+/// FTRL's L2 strength for plain `"ftrl"`.
+pub const DEFAULT_FTRL_L2: f64 = 0.0;
 
 /// A built-in update rule as configuration: what the servers' default update is set to on
 /// the command line and carried in the cluster table.
 ///
-/// Text forms ([`FromStr`] and [`Display`](fmt::Display) round-trip): `assign`, `sum`,
-/// `sgd` (learning rate [`DEFAULT_SGD_LR`]) and `sgd:LR`, for example `sgd:0.05`.
+/// Text forms ([`FromStr`] and [`Display`](fmt::Display) round-trip; names are
+/// case-insensitive, spaces around the parts are ignored):
+///
+/// | text | rule |
+/// |---|---|
+/// | `assign` | [`Assign`] |
+/// | `sum` | [`Sum`] |
+/// | `sgd`, `sgd:LR` | [`Sgd`]; LR defaults to [`DEFAULT_SGD_LR`] |
+/// | `adagrad`, `adagrad:LR`, `adagrad:LR:EPS` | [`Adagrad`]; defaults [`DEFAULT_ADAGRAD_LR`], [`DEFAULT_ADAGRAD_EPS`] |
+/// | `ftrl`, `ftrl:ALPHA:BETA:L1:L2` | [`Ftrl`]; defaults alpha 0.1, beta 1, l1 0, l2 0 |
+///
+/// LR, EPS and ALPHA must be finite and positive; BETA, L1 and L2 finite and not
+/// negative, with BETA or L2 positive. For example `sgd:0.05`, `adagrad:0.1:1e-6`,
+/// `ftrl:0.1:1:2:0.5`.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub enum UpdateSpec {
     /// [`Assign`].
@@ -137,6 +374,24 @@ pub enum UpdateSpec {
         /// Learning rate.
         lr: f64,
     },
+    /// [`Adagrad`] with these parameters.
+    Adagrad {
+        /// Learning rate.
+        lr: f64,
+        /// Added to the root of the squared-gradient sum.
+        eps: f64,
+    },
+    /// [`Ftrl`] with these parameters.
+    Ftrl {
+        /// Learning-rate scale.
+        alpha: f64,
+        /// Learning-rate smoothing.
+        beta: f64,
+        /// L1 strength.
+        l1: f64,
+        /// L2 strength.
+        l2: f64,
+    },
 }
 
 impl UpdateSpec {
@@ -146,8 +401,93 @@ impl UpdateSpec {
             UpdateSpec::Assign => Arc::new(Assign),
             UpdateSpec::Sum => Arc::new(Sum),
             UpdateSpec::Sgd { lr } => Arc::new(Sgd { lr }),
+            UpdateSpec::Adagrad { lr, eps } => Arc::new(Adagrad { lr, eps }),
+            UpdateSpec::Ftrl {
+                alpha,
+                beta,
+                l1,
+                l2,
+            } => Arc::new(Ftrl {
+                alpha,
+                beta,
+                l1,
+                l2,
+            }),
         }
     }
+
+    /// State elements per weight element the rule keeps ([`UpdateFn::state_len`]): what a
+    /// server's store must keep at least to serve this rule (`StoreConfig::state_len`).
+    pub fn state_len(&self) -> usize {
+        match self {
+            UpdateSpec::Assign | UpdateSpec::Sum | UpdateSpec::Sgd { .. } => 0,
+            UpdateSpec::Adagrad { .. } => 1,
+            UpdateSpec::Ftrl { .. } => 2,
+        }
+    }
+
+    /// The rule's name, as the text form starts.
+    pub fn name(&self) -> &'static str {
+        match self {
+            UpdateSpec::Assign => "assign",
+            UpdateSpec::Sum => "sum",
+            UpdateSpec::Sgd { .. } => "sgd",
+            UpdateSpec::Adagrad { .. } => "adagrad",
+            UpdateSpec::Ftrl { .. } => "ftrl",
+        }
+    }
+
+    /// Why these parameters are unusable, if they are (the same checks the parser makes;
+    /// for specs built in code or deserialised).
+    pub fn problem(&self) -> Option<String> {
+        let mut params: Vec<(&str, f64, Bound)> = Vec::new();
+        match *self {
+            UpdateSpec::Assign | UpdateSpec::Sum => {}
+            UpdateSpec::Sgd { lr } => params.push(("learning rate", lr, Bound::Positive)),
+            UpdateSpec::Adagrad { lr, eps } => {
+                params.push(("learning rate", lr, Bound::Positive));
+                params.push(("epsilon", eps, Bound::Positive));
+            }
+            UpdateSpec::Ftrl {
+                alpha,
+                beta,
+                l1,
+                l2,
+            } => {
+                params.push(("alpha", alpha, Bound::Positive));
+                params.push(("beta", beta, Bound::NonNegative));
+                params.push(("l1", l1, Bound::NonNegative));
+                params.push(("l2", l2, Bound::NonNegative));
+            }
+        }
+        for (what, x, bound) in params {
+            let ok = x.is_finite()
+                && match bound {
+                    Bound::Positive => x > 0.0,
+                    Bound::NonNegative => x >= 0.0,
+                };
+            if !ok {
+                let must = match bound {
+                    Bound::Positive => "a finite number above 0",
+                    Bound::NonNegative => "a finite number, not negative",
+                };
+                return Some(format!("{} {what} {x} must be {must}", self.name()));
+            }
+        }
+        if let UpdateSpec::Ftrl { beta, l2, .. } = *self {
+            if beta == 0.0 && l2 == 0.0 {
+                return Some("ftrl needs beta or l2 above 0 (both are 0)".to_owned());
+            }
+        }
+        None
+    }
+}
+
+/// How a parameter is bounded.
+#[derive(Clone, Copy)]
+enum Bound {
+    Positive,
+    NonNegative,
 }
 
 impl Default for UpdateSpec {
@@ -163,39 +503,95 @@ impl fmt::Display for UpdateSpec {
             UpdateSpec::Assign => f.write_str("assign"),
             UpdateSpec::Sum => f.write_str("sum"),
             UpdateSpec::Sgd { lr } => write!(f, "sgd:{lr}"),
+            UpdateSpec::Adagrad { lr, eps } => write!(f, "adagrad:{lr}:{eps}"),
+            UpdateSpec::Ftrl {
+                alpha,
+                beta,
+                l1,
+                l2,
+            } => write!(f, "ftrl:{alpha}:{beta}:{l1}:{l2}"),
         }
     }
 }
 
-/// A text that names no built-in update rule.
+/// A text that names no usable built-in update rule.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("unknown update rule {text:?}: expected assign, sum, sgd or sgd:LEARNING_RATE (a finite positive number)")]
+#[error(
+    "bad update rule {text:?}: {reason}; expected assign, sum, sgd[:LR], \
+     adagrad[:LR[:EPS]] or ftrl[:ALPHA:BETA:L1:L2]"
+)]
 pub struct ParseUpdateSpecError {
     /// The text given.
     pub text: String,
+    /// What is wrong with it.
+    pub reason: String,
 }
 
 impl FromStr for UpdateSpec {
     type Err = ParseUpdateSpecError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || ParseUpdateSpecError { text: s.to_owned() };
-        let t = s.trim();
-        match t.to_ascii_lowercase().as_str() {
-            "assign" => return Ok(UpdateSpec::Assign),
-            "sum" => return Ok(UpdateSpec::Sum),
-            "sgd" => return Ok(UpdateSpec::Sgd { lr: DEFAULT_SGD_LR }),
-            _ => {}
+        let err = |reason: String| ParseUpdateSpecError {
+            text: s.to_owned(),
+            reason,
+        };
+        let mut parts = s.split(':').map(str::trim);
+        let head = parts.next().unwrap_or_default().to_ascii_lowercase();
+        let args: Vec<&str> = parts.collect();
+        // The parameters, in order; trailing ones may be left out for their defaults,
+        // except that ftrl takes all or none.
+        let names: &[&str] = match head.as_str() {
+            "assign" | "sum" => &[],
+            "sgd" => &["learning rate"],
+            "adagrad" => &["learning rate", "epsilon"],
+            "ftrl" => &["alpha", "beta", "l1", "l2"],
+            "" => return Err(err("no rule named".to_owned())),
+            other => return Err(err(format!("unknown rule {other:?}"))),
+        };
+        if args.len() > names.len() {
+            return Err(err(format!(
+                "{head} takes {} parameter{}, got {}",
+                names.len(),
+                if names.len() == 1 { "" } else { "s" },
+                args.len()
+            )));
         }
-        let (head, lr) = t.split_once(':').ok_or_else(err)?;
-        if !head.trim().eq_ignore_ascii_case("sgd") {
-            return Err(err());
+        if head == "ftrl" && !args.is_empty() && args.len() < names.len() {
+            return Err(err(format!(
+                "ftrl takes all four of ALPHA:BETA:L1:L2 or none; {} missing",
+                names[args.len()..].join(", ")
+            )));
         }
-        let lr: f64 = lr.trim().parse().map_err(|_| err())?;
-        if !(lr.is_finite() && lr > 0.0) {
-            return Err(err());
+        let mut vals = Vec::with_capacity(args.len());
+        for (&what, &arg) in names.iter().zip(&args) {
+            let x: f64 = arg
+                .parse()
+                .map_err(|_| err(format!("{head} {what} {arg:?} is not a number")))?;
+            vals.push(x);
         }
-        Ok(UpdateSpec::Sgd { lr })
+        let val = |i: usize, default: f64| vals.get(i).copied().unwrap_or(default);
+        let spec = match head.as_str() {
+            "assign" => UpdateSpec::Assign,
+            "sum" => UpdateSpec::Sum,
+            "sgd" => UpdateSpec::Sgd {
+                lr: val(0, DEFAULT_SGD_LR),
+            },
+            "adagrad" => UpdateSpec::Adagrad {
+                lr: val(0, DEFAULT_ADAGRAD_LR),
+                eps: val(1, DEFAULT_ADAGRAD_EPS),
+            },
+            "ftrl" => UpdateSpec::Ftrl {
+                alpha: val(0, DEFAULT_FTRL_ALPHA),
+                beta: val(1, DEFAULT_FTRL_BETA),
+                l1: val(2, DEFAULT_FTRL_L1),
+                l2: val(3, DEFAULT_FTRL_L2),
+            },
+            _ => unreachable!("rule names matched above"),
+        };
+        match spec.problem() {
+            Some(reason) => Err(err(reason)),
+            None => Ok(spec),
+        }
     }
 }
 
@@ -208,15 +604,47 @@ pub const ID_SUM: u16 = 2;
 /// Function id: [`Sgd`], with the default rule's learning rate when the default is SGD,
 /// [`DEFAULT_SGD_LR`] otherwise.
 pub const ID_SGD: u16 = 3;
+/// Function id: [`Adagrad`], with the default rule's parameters when the default is
+/// AdaGrad, [`Adagrad::default`] otherwise.
+pub const ID_ADAGRAD: u16 = 4;
+/// Function id: [`Ftrl`], with the default rule's parameters when the default is FTRL,
+/// [`Ftrl::default`] otherwise.
+pub const ID_FTRL: u16 = 5;
 /// The first id [`UpdateRegistry::register`] hands out; ids below are reserved.
 pub const ID_FIRST_USER: u16 = 16;
 
 /// The update rules a server knows, by the `u16` function id that messages carry.
 ///
 /// Ids `0..16` are reserved: [`ID_DEFAULT`] (the rule given at construction),
-/// [`ID_ASSIGN`], [`ID_SUM`], [`ID_SGD`]. User rules get ids from [`ID_FIRST_USER`] up, in
-/// registration order, so servers that register the same rules in the same order agree on
-/// the ids.
+/// [`ID_ASSIGN`], [`ID_SUM`], [`ID_SGD`], [`ID_ADAGRAD`], [`ID_FTRL`]. User rules get ids
+/// from [`ID_FIRST_USER`] up, in registration order, so servers that register the same
+/// rules in the same order agree on the ids.
+///
+/// A rule's state must fit the store: a push with a rule whose
+/// [`state_len`](UpdateFn::state_len) is above the store's is refused, so a server that
+/// serves AdaGrad or FTRL (as its default or by id) needs a store with state for it.
+///
+/// ```
+/// use pserv_engine::update::{UpdateRegistry, UpdateSpec, ID_FIRST_USER};
+///
+/// let mut reg = UpdateRegistry::<f64>::new(UpdateSpec::Sum.build());
+/// // Momentum SGD as a closure: state v, v = 0.9 v + g, w -= 0.1 v.
+/// let id = reg.register_fn("momentum", 1, |w: &mut [f64], v: &mut [f64], g: &[f64]| {
+///     for ((w, v), &g) in w.iter_mut().zip(v.iter_mut()).zip(g) {
+///         *v = 0.9 * *v + g;
+///         *w -= 0.1 * *v;
+///     }
+/// });
+/// assert_eq!(id, ID_FIRST_USER);
+/// assert_eq!(reg.id_of("momentum"), Some(id));
+///
+/// let rule = reg.get(id).unwrap();
+/// let (mut w, mut v) = ([1.0], [0.0]);
+/// rule.apply(&mut w, &mut v, &[10.0]);
+/// rule.apply(&mut w, &mut v, &[10.0]);
+/// assert_eq!(v, [19.0]);
+/// assert!((w[0] - (1.0 - 1.0 - 1.9)).abs() < 1e-12);
+/// ```
 pub struct UpdateRegistry<T: Value> {
     /// Indexed by id; `None` for unused reserved ids.
     fns: Vec<Option<Arc<dyn UpdateFn<T>>>>,
@@ -238,22 +666,46 @@ impl<T: Value> fmt::Debug for UpdateRegistry<T> {
 }
 
 impl<T: Value> UpdateRegistry<T> {
-    /// A registry with the built-ins and `default` as id 0.
+    /// A registry with the built-ins and `default` as id 0. The parameterised built-ins
+    /// take the default's parameters when the default is of their kind.
     pub fn new(default: Arc<dyn UpdateFn<T>>) -> Self {
-        let lr = match default.spec() {
-            Some(UpdateSpec::Sgd { lr }) => lr,
-            _ => DEFAULT_SGD_LR,
+        let spec = default.spec();
+        let sgd = match spec {
+            Some(UpdateSpec::Sgd { lr }) => Sgd { lr },
+            _ => Sgd { lr: DEFAULT_SGD_LR },
+        };
+        let adagrad = match spec {
+            Some(UpdateSpec::Adagrad { lr, eps }) => Adagrad { lr, eps },
+            _ => Adagrad::default(),
+        };
+        let ftrl = match spec {
+            Some(UpdateSpec::Ftrl {
+                alpha,
+                beta,
+                l1,
+                l2,
+            }) => Ftrl {
+                alpha,
+                beta,
+                l1,
+                l2,
+            },
+            _ => Ftrl::default(),
         };
         let mut fns: Vec<Option<Arc<dyn UpdateFn<T>>>> = vec![None; ID_FIRST_USER as usize];
         fns[ID_DEFAULT as usize] = Some(default);
         fns[ID_ASSIGN as usize] = Some(Arc::new(Assign));
         fns[ID_SUM as usize] = Some(Arc::new(Sum));
-        fns[ID_SGD as usize] = Some(Arc::new(Sgd { lr }));
+        fns[ID_SGD as usize] = Some(Arc::new(sgd));
+        fns[ID_ADAGRAD as usize] = Some(Arc::new(adagrad));
+        fns[ID_FTRL as usize] = Some(Arc::new(ftrl));
         let names = [
             ("default", ID_DEFAULT),
             ("assign", ID_ASSIGN),
             ("sum", ID_SUM),
             ("sgd", ID_SGD),
+            ("adagrad", ID_ADAGRAD),
+            ("ftrl", ID_FTRL),
         ]
         .into_iter()
         .map(|(n, id)| (n.to_owned(), id))
@@ -265,8 +717,8 @@ impl<T: Value> UpdateRegistry<T> {
     /// Registering a name again replaces the rule and keeps the id.
     ///
     /// # Panics
-    /// If `name` is a built-in's (`default`, `assign`, `sum`, `sgd`), or all `u16` ids are
-    /// taken: both caller bugs.
+    /// If `name` is a built-in's (`default`, `assign`, `sum`, `sgd`, `adagrad`, `ftrl`), or
+    /// all `u16` ids are taken: both caller bugs.
     pub fn register(&mut self, name: &str, f: Arc<dyn UpdateFn<T>>) -> u16 {
         if let Some(&id) = self.names.get(name) {
             assert!(
@@ -280,6 +732,17 @@ impl<T: Value> UpdateRegistry<T> {
         self.fns.push(Some(f));
         self.names.insert(name.to_owned(), id);
         id
+    }
+
+    /// Register the closure `f` as a rule named `name` keeping `state_len` state elements
+    /// per weight element ([`from_fn`]), and return its id, as
+    /// [`register`](Self::register) does (same panics). See the [type doc](Self) for an
+    /// example.
+    pub fn register_fn<F>(&mut self, name: &str, state_len: usize, f: F) -> u16
+    where
+        F: Fn(&mut [T], &mut [T], &[T]) + Send + Sync + 'static,
+    {
+        self.register(name, from_fn(name, state_len, f))
     }
 
     /// The rule with function id `id`; id 0 is the default. `None` for an unknown id.
@@ -297,138 +760,5 @@ impl<T: Value> UpdateRegistry<T> {
         self.fns[ID_DEFAULT as usize]
             .clone()
             .expect("the default update rule is set at construction")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn check<T: Value>(f: &dyn UpdateFn<T>, w: &[f64], g: &[f64], want: &[f64]) {
-        let mut wt: Vec<T> = w.iter().map(|&x| T::from_f64(x)).collect();
-        let gt: Vec<T> = g.iter().map(|&x| T::from_f64(x)).collect();
-        let mut state: Vec<T> = vec![T::default(); w.len() * f.state_len()];
-        f.apply(&mut wt, &mut state, &gt);
-        for (i, (&got, &want)) in wt.iter().zip(want).enumerate() {
-            let got = got.to_f64();
-            assert!(
-                (got - want).abs() <= 1e-6 * want.abs().max(1.0),
-                "{} element {i}: got {got}, want {want}",
-                f.name()
-            );
-        }
-    }
-
-    fn builtins<T: Value>() {
-        // Long enough to go through the vectorised body and the scalar tail.
-        let w: Vec<f64> = (0..37).map(|i| i as f64 * 0.5 - 3.0).collect();
-        let g: Vec<f64> = (0..37).map(|i| (i as f64 * 1.25).sin()).collect();
-        check::<T>(&Assign, &w, &g, &g);
-        let sum: Vec<f64> = w.iter().zip(&g).map(|(a, b)| a + b).collect();
-        check::<T>(&Sum, &w, &g, &sum);
-        let sgd: Vec<f64> = w.iter().zip(&g).map(|(a, b)| a - 0.25 * b).collect();
-        check::<T>(&Sgd { lr: 0.25 }, &w, &g, &sgd);
-        check::<T>(&Sum, &[], &[], &[]);
-        check::<T>(&Sum, &[1.0], &[2.0], &[3.0]);
-    }
-
-    #[test]
-    fn builtins_match_direct_computation() {
-        builtins::<f32>();
-        builtins::<f64>();
-    }
-
-    #[test]
-    fn spec_parses_prints_and_builds() {
-        let cases = [
-            ("assign", UpdateSpec::Assign),
-            ("sum", UpdateSpec::Sum),
-            ("SUM", UpdateSpec::Sum),
-            ("sgd", UpdateSpec::Sgd { lr: DEFAULT_SGD_LR }),
-            ("sgd:0.05", UpdateSpec::Sgd { lr: 0.05 }),
-            (" sgd : 1e-3 ", UpdateSpec::Sgd { lr: 1e-3 }),
-        ];
-        for (text, want) in cases {
-            let got: UpdateSpec = text.parse().unwrap();
-            assert_eq!(got, want, "{text}");
-            assert_eq!(got.to_string().parse::<UpdateSpec>().unwrap(), want);
-            assert_eq!(got.build::<f32>().spec(), Some(want));
-            assert_eq!(got.build::<f64>().spec(), Some(want));
-        }
-        for bad in [
-            "", "sgdx", "sum:1", "sgd:", "sgd:abc", "sgd:-1", "sgd:0", "sgd:inf", "adagrad",
-        ] {
-            let err = bad.parse::<UpdateSpec>().unwrap_err();
-            assert_eq!(err.text, bad);
-            assert!(err.to_string().contains("expected assign"));
-        }
-        let json = serde_json::to_string(&UpdateSpec::Sgd { lr: 0.5 }).unwrap();
-        assert_eq!(
-            serde_json::from_str::<UpdateSpec>(&json).unwrap(),
-            UpdateSpec::Sgd { lr: 0.5 }
-        );
-    }
-
-    struct Double;
-    impl UpdateFn<f32> for Double {
-        fn name(&self) -> &str {
-            "double"
-        }
-        fn apply(&self, weights: &mut [f32], _state: &mut [f32], grads: &[f32]) {
-            for (w, g) in weights.iter_mut().zip(grads) {
-                *w += 2.0 * g;
-            }
-        }
-    }
-
-    #[test]
-    fn registry_lookups() {
-        let mut r = UpdateRegistry::<f32>::new(UpdateSpec::Sgd { lr: 0.5 }.build());
-        assert_eq!(
-            r.get(ID_DEFAULT).unwrap().spec(),
-            Some(UpdateSpec::Sgd { lr: 0.5 })
-        );
-        assert_eq!(r.default_fn().name(), "sgd");
-        assert_eq!(r.get(ID_ASSIGN).unwrap().name(), "assign");
-        assert_eq!(r.get(ID_SUM).unwrap().name(), "sum");
-        // The SGD id follows the configured learning rate.
-        assert_eq!(
-            r.get(ID_SGD).unwrap().spec(),
-            Some(UpdateSpec::Sgd { lr: 0.5 })
-        );
-        assert_eq!(r.id_of("sum"), Some(ID_SUM));
-        assert_eq!(r.id_of("default"), Some(ID_DEFAULT));
-        for unknown in [4, 15, 16, 17, u16::MAX] {
-            assert!(r.get(unknown).is_none(), "id {unknown}");
-        }
-        assert_eq!(r.id_of("double"), None);
-
-        let id = r.register("double", Arc::new(Double));
-        assert_eq!(id, ID_FIRST_USER);
-        assert_eq!(r.id_of("double"), Some(id));
-        let f = r.get(id).unwrap();
-        assert_eq!(f.name(), "double");
-        assert!(f.spec().is_none());
-        let mut w = [1.0f32];
-        f.apply(&mut w, &mut [], &[3.0]);
-        assert_eq!(w, [7.0]);
-        assert_eq!(r.register("triple", Arc::new(Sum)), ID_FIRST_USER + 1);
-        // Registering again keeps the id.
-        assert_eq!(r.register("double", Arc::new(Assign)), ID_FIRST_USER);
-        assert_eq!(r.get(ID_FIRST_USER).unwrap().name(), "assign");
-        assert!(r.get(ID_FIRST_USER + 2).is_none());
-
-        let plain = UpdateRegistry::<f64>::new(Arc::new(Sum));
-        assert_eq!(
-            plain.get(ID_SGD).unwrap().spec(),
-            Some(UpdateSpec::Sgd { lr: DEFAULT_SGD_LR })
-        );
-    }
-
-    #[test]
-    #[should_panic(expected = "reserved")]
-    fn registering_a_builtin_name_panics() {
-        let mut r = UpdateRegistry::<f32>::new(Arc::new(Sum));
-        r.register("sum", Arc::new(Assign));
     }
 }

@@ -29,12 +29,13 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 
-use pserv_transport::wire::{Header, MessageKind, FLAG_RANGE};
+use pserv_transport::wire::{Header, MessageKind, FLAG_ORDERED, FLAG_RANGE};
 use pserv_transport::{
     AsBytes, CloseReason, Conn, Handler, OutFrame, OwnedFrame, Payload, RecvFrame, TcpConfig,
     TcpTransport,
 };
 
+use crate::consistency::{Consistency, Gate};
 use crate::error::EngineError;
 use crate::keys::{Key, KeyRange};
 use crate::proto::{ClusterInfo, Control, Role, Status, WorkerStats};
@@ -59,6 +60,8 @@ pub struct WorkerConfig {
     pub spin_us: u64,
     /// How long to wait for the scheduler's cluster table.
     pub register_timeout: Duration,
+    /// The default consistency model of this worker's tasks (default: eventual).
+    pub consistency: Consistency,
     /// How long `wait` and `barrier` block before they give up with
     /// [`EngineError::Timeout`] (a server or the scheduler that stopped answering).
     pub timeout: Duration,
@@ -74,8 +77,21 @@ impl WorkerConfig {
             spin_us: 100,
             register_timeout: Duration::from_secs(120),
             timeout: Duration::from_secs(600),
+            consistency: Consistency::Eventual,
         }
     }
+}
+
+/// Options of one task (MISSION P5, P6).
+#[derive(Clone, Debug, Default)]
+pub struct TaskOpts {
+    /// Start only after these earlier tasks of this worker have finished
+    /// (execute-after-finished dependencies).
+    pub after: Vec<Timestamp>,
+    /// The consistency model of this task (default: the worker's).
+    pub consistency: Option<Consistency>,
+    /// Update function id for pushes (0: the server's default).
+    pub func: u16,
 }
 
 /// A shared, typed buffer that requests send from without copying.
@@ -171,6 +187,16 @@ impl<T: Value> Pulled<T> {
         }
     }
 
+    /// The smallest worker clock the servers had reached on these keys when they
+    /// answered (0 for unclocked pulls): how stale the values may be.
+    pub fn server_clock(&self) -> u64 {
+        self.parts
+            .iter()
+            .map(|p| p.header().clock)
+            .min()
+            .unwrap_or(0)
+    }
+
     /// Total number of values.
     pub fn len(&self) -> usize {
         self.segments().map(<[T]>::len).sum()
@@ -236,10 +262,22 @@ impl Task {
     }
 }
 
+/// The gate and the requests it holds back, under one lock (a task found ready by
+/// `finish` on a loop thread must find its frames already parked).
+struct GateState {
+    gate: Gate,
+    /// Frames of submitted tasks that may not start yet.
+    deferred: HashMap<Timestamp, Vec<(u32, OutFrame)>>,
+    /// The next task's timestamp (allocated under this lock, so submissions are in order).
+    next_ts: Timestamp,
+}
+
 /// State shared between the application threads and the event loops.
 struct Core {
     tasks: Mutex<HashMap<Timestamp, Arc<Task>>>,
     control: Sender<Control>,
+    gate: Mutex<GateState>,
+    servers: std::sync::OnceLock<Vec<Conn>>,
 }
 
 impl Core {
@@ -270,6 +308,46 @@ impl Core {
                 drop(st);
                 self.tasks.lock().remove(&ts);
             }
+            self.task_done(ts);
+        }
+    }
+
+    /// Task `ts` finished: tell the gate and start what it releases.
+    fn task_done(&self, ts: Timestamp) {
+        let mut start = Vec::new();
+        {
+            let mut g = self.gate.lock();
+            let mut finished = vec![ts];
+            while let Some(t) = finished.pop() {
+                for ready in g.gate.finish(t) {
+                    let frames = g.deferred.remove(&ready).unwrap_or_default();
+                    if frames.is_empty() {
+                        // Nothing to send (empty or refused before sending): done at once.
+                        finished.push(ready);
+                    } else {
+                        start.push((ready, frames));
+                    }
+                }
+            }
+        }
+        for (t, frames) in start {
+            for (server, frame) in frames {
+                self.send(t, server, frame);
+            }
+        }
+    }
+
+    fn send(&self, ts: Timestamp, server: u32, frame: OutFrame) {
+        let conn = self.servers.get().and_then(|s| s.get(server as usize));
+        let result = match conn {
+            Some(c) => c.send(frame).map_err(|e| e.to_string()),
+            None => Err("no connection".to_string()),
+        };
+        if let Err(e) = result {
+            tracing::debug!(server, error = %e, "send failed");
+            self.settle(ts, server, |st, _| {
+                st.error.get_or_insert(EngineError::Disconnected { server });
+            });
         }
     }
 
@@ -373,7 +451,8 @@ pub struct Worker {
     servers: Vec<Conn>,
     scheduler: Conn,
     control: Receiver<Control>,
-    next_ts: AtomicU64,
+    clock: AtomicU64,
+    consistency: Consistency,
     barrier_seq: AtomicU64,
     spin: Duration,
     timeout: Duration,
@@ -387,6 +466,12 @@ impl Worker {
         let core = Arc::new(Core {
             tasks: Mutex::new(HashMap::new()),
             control: tx,
+            gate: Mutex::new(GateState {
+                gate: Gate::new(),
+                deferred: HashMap::new(),
+                next_ts: 1,
+            }),
+            servers: std::sync::OnceLock::new(),
         });
         let transport =
             TcpTransport::start(cfg.tcp.clone(), |_| WorkerHandler { core: core.clone() })?;
@@ -429,6 +514,7 @@ impl Worker {
             servers.push(conn);
         }
         tracing::debug!(node_id, rank, servers = servers.len(), "worker connected");
+        let _ = core.servers.set(servers.clone());
         Ok(Worker {
             core,
             node_id,
@@ -437,7 +523,8 @@ impl Worker {
             servers,
             scheduler,
             control: rx,
-            next_ts: AtomicU64::new(1),
+            clock: AtomicU64::new(0),
+            consistency: cfg.consistency,
             barrier_seq: AtomicU64::new(0),
             spin: Duration::from_micros(cfg.spin_us),
             timeout: cfg.timeout,
@@ -486,7 +573,7 @@ impl Worker {
         keys: impl Into<Shared<Key>>,
         values: impl Into<Shared<T>>,
     ) -> Timestamp {
-        self.push_with(keys, values, 0)
+        self.push_opts(keys, values, &TaskOpts::default())
     }
 
     /// [`push`](Self::push) with an explicit update function id (0: the server default).
@@ -496,13 +583,35 @@ impl Worker {
         values: impl Into<Shared<T>>,
         func: u16,
     ) -> Timestamp {
-        self.keyed::<T>(MessageKind::Push, keys.into(), Some(values.into()), func)
+        self.push_opts(
+            keys,
+            values,
+            &TaskOpts {
+                func,
+                ..TaskOpts::default()
+            },
+        )
+    }
+
+    /// [`push`](Self::push) with task options (dependencies, consistency, function).
+    pub fn push_opts<T: Value>(
+        &self,
+        keys: impl Into<Shared<Key>>,
+        values: impl Into<Shared<T>>,
+        opts: &TaskOpts,
+    ) -> Timestamp {
+        self.keyed::<T>(MessageKind::Push, keys.into(), Some(values.into()), opts)
     }
 
     /// Pull the values of sorted, distinct `keys`. Returns at once; collect the values with
     /// [`wait_pull`](Self::wait_pull). Keys never pushed read as zero.
     pub fn pull<T: Value>(&self, keys: impl Into<Shared<Key>>) -> Timestamp {
-        self.keyed::<T>(MessageKind::Pull, keys.into(), None, 0)
+        self.pull_opts::<T>(keys, &TaskOpts::default())
+    }
+
+    /// [`pull`](Self::pull) with task options.
+    pub fn pull_opts<T: Value>(&self, keys: impl Into<Shared<Key>>, opts: &TaskOpts) -> Timestamp {
+        self.keyed::<T>(MessageKind::Pull, keys.into(), None, opts)
     }
 
     /// Push, then pull the updated values of the same keys, in one round trip per server.
@@ -511,17 +620,47 @@ impl Worker {
         keys: impl Into<Shared<Key>>,
         values: impl Into<Shared<T>>,
     ) -> Timestamp {
-        self.keyed::<T>(MessageKind::PushPull, keys.into(), Some(values.into()), 0)
+        self.push_pull_opts(keys, values, &TaskOpts::default())
+    }
+
+    /// [`push_pull`](Self::push_pull) with task options.
+    pub fn push_pull_opts<T: Value>(
+        &self,
+        keys: impl Into<Shared<Key>>,
+        values: impl Into<Shared<T>>,
+        opts: &TaskOpts,
+    ) -> Timestamp {
+        self.keyed::<T>(
+            MessageKind::PushPull,
+            keys.into(),
+            Some(values.into()),
+            opts,
+        )
     }
 
     /// Push dense values for every key of `range` (`range.len() * value_len` values).
     pub fn push_range<T: Value>(&self, range: KeyRange, values: impl Into<Shared<T>>) -> Timestamp {
-        self.ranged::<T>(MessageKind::Push, range, Some(values.into()))
+        self.push_range_opts(range, values, &TaskOpts::default())
+    }
+
+    /// [`push_range`](Self::push_range) with task options.
+    pub fn push_range_opts<T: Value>(
+        &self,
+        range: KeyRange,
+        values: impl Into<Shared<T>>,
+        opts: &TaskOpts,
+    ) -> Timestamp {
+        self.ranged::<T>(MessageKind::Push, range, Some(values.into()), opts)
     }
 
     /// Pull the dense values of every key of `range`.
     pub fn pull_range<T: Value>(&self, range: KeyRange) -> Timestamp {
-        self.ranged::<T>(MessageKind::Pull, range, None)
+        self.pull_range_opts::<T>(range, &TaskOpts::default())
+    }
+
+    /// [`pull_range`](Self::pull_range) with task options.
+    pub fn pull_range_opts<T: Value>(&self, range: KeyRange, opts: &TaskOpts) -> Timestamp {
+        self.ranged::<T>(MessageKind::Pull, range, None, opts)
     }
 
     /// Push dense values for `range`, then pull the updated values.
@@ -530,34 +669,82 @@ impl Worker {
         range: KeyRange,
         values: impl Into<Shared<T>>,
     ) -> Timestamp {
-        self.ranged::<T>(MessageKind::PushPull, range, Some(values.into()))
+        self.ranged::<T>(
+            MessageKind::PushPull,
+            range,
+            Some(values.into()),
+            &TaskOpts::default(),
+        )
     }
 
-    fn new_task(
+    /// Advance this worker's consistency clock by one and return it (the first call
+    /// returns 1). Once a worker ticks, its pushes carry its clock to every server, and
+    /// its pulls wait on the servers until every worker's clock has reached
+    /// `clock - tau - 1` (the task's consistency model decides tau): bounded delay across
+    /// workers (MISSION P6). A clocked worker should push once per tick.
+    pub fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// This worker's consistency clock (0: never ticked, requests carry no clock).
+    pub fn clock(&self) -> u64 {
+        self.clock.load(Ordering::Acquire)
+    }
+
+    /// Allocate the next timestamp, record the task, and start it now or park it until
+    /// the gate lets it start. `build` makes the task's segments and frames for the
+    /// timestamp, or refuses the request (the task then fails at once, without sending).
+    fn launch(
         &self,
         kind: MessageKind,
         dtype: u8,
-        segments: Vec<Segment>,
-    ) -> (Timestamp, Arc<Task>) {
-        let ts = self.next_ts.fetch_add(1, Ordering::Relaxed);
-        let task = Arc::new(Task {
-            remaining: AtomicUsize::new(segments.len()),
-            state: Mutex::new(TaskState {
-                segments,
-                error: None,
-                waiter: None,
-                keeps_values: kind != MessageKind::Push,
-                dtype,
-            }),
-        });
-        self.core.tasks.lock().insert(ts, task.clone());
-        (ts, task)
-    }
-
-    /// A task that failed before anything was sent.
-    fn failed(&self, err: EngineError) -> Timestamp {
-        let (ts, task) = self.new_task(MessageKind::Push, 0, Vec::new());
-        task.state.lock().error = Some(err);
+        opts: &TaskOpts,
+        build: impl FnOnce(Timestamp) -> Result<(Vec<Segment>, Vec<(u32, OutFrame)>), EngineError>,
+    ) -> Timestamp {
+        let model = opts.consistency.unwrap_or(self.consistency);
+        let (ts, start) = {
+            let mut g = self.core.gate.lock();
+            let ts = g.next_ts;
+            g.next_ts += 1;
+            let bad_dep = opts.after.iter().find(|&&d| d == 0 || d >= ts);
+            let built = match bad_dep {
+                Some(d) => Err(EngineError::InvalidRequest(format!(
+                    "task {ts} cannot wait for task {d}: dependencies must be earlier tasks"
+                ))),
+                None => build(ts),
+            };
+            let (segments, frames, error) = match built {
+                Ok((segments, frames)) => (segments, frames, None),
+                Err(e) => (Vec::new(), Vec::new(), Some(e)),
+            };
+            let deps: &[Timestamp] = if error.is_some() { &[] } else { &opts.after };
+            let task = Arc::new(Task {
+                remaining: AtomicUsize::new(segments.len()),
+                state: Mutex::new(TaskState {
+                    segments,
+                    error,
+                    waiter: None,
+                    keeps_values: kind != MessageKind::Push,
+                    dtype,
+                }),
+            });
+            self.core.tasks.lock().insert(ts, task);
+            if g.gate.submit(ts, model, deps) {
+                (ts, Some(frames))
+            } else {
+                g.deferred.insert(ts, frames);
+                (ts, None)
+            }
+        };
+        match start {
+            Some(frames) if frames.is_empty() => self.core.task_done(ts),
+            Some(frames) => {
+                for (server, frame) in frames {
+                    self.core.send(ts, server, frame);
+                }
+            }
+            None => {}
+        }
         ts
     }
 
@@ -572,62 +759,101 @@ impl Worker {
         Ok(())
     }
 
+    /// The header of a request of task `ts`, with its consistency clock and flags.
+    fn header<T: Value>(&self, kind: MessageKind, ts: Timestamp, opts: &TaskOpts) -> Header {
+        let mut h = Header::new(kind, self.node_id, ts);
+        h.dtype = T::DTYPE as u8;
+        h.value_len = self.value_len() as u32;
+        h.func = opts.func;
+        let clock = self.clock();
+        if clock > 0 {
+            let model = opts.consistency.unwrap_or(self.consistency);
+            if kind == MessageKind::Pull {
+                h.clock = model.min_clock(clock);
+            } else {
+                h.clock = clock;
+                if model == Consistency::Sequential {
+                    h.flags |= FLAG_ORDERED;
+                }
+            }
+        }
+        h
+    }
+
+    /// Whether a request of this kind advances this worker's clock on the servers (then
+    /// it goes to every server, with an empty key list where it has no keys).
+    fn clocked_write(&self, kind: MessageKind) -> bool {
+        self.clock() > 0 && kind != MessageKind::Pull
+    }
+
     fn keyed<T: Value>(
         &self,
         kind: MessageKind,
         keys: Shared<Key>,
         values: Option<Shared<T>>,
-        func: u16,
+        opts: &TaskOpts,
     ) -> Timestamp {
         let vlen = self.value_len();
-        let k = keys.as_slice();
-        if let Err(e) = self.check_types::<T>() {
-            return self.failed(e);
-        }
-        if let Some(i) = k.windows(2).position(|w| w[0] >= w[1]) {
-            return self.failed(EngineError::InvalidRequest(format!(
-                "keys must be sorted and distinct: keys[{i}] = {} then {}",
-                k[i],
-                k[i + 1]
-            )));
-        }
-        if k.last() == Some(&crate::keys::KEY_END) {
-            return self.failed(EngineError::InvalidRequest(
-                "key u64::MAX is outside the key space".into(),
-            ));
-        }
-        if let Some(v) = &values {
-            if v.len() != k.len() * vlen {
-                return self.failed(EngineError::InvalidRequest(format!(
-                    "{} values for {} keys x {vlen} values per key",
-                    v.len(),
-                    k.len()
+        self.launch(kind, T::DTYPE as u8, opts, |ts| {
+            let k = keys.as_slice();
+            self.check_types::<T>()?;
+            if let Some(i) = k.windows(2).position(|w| w[0] >= w[1]) {
+                return Err(EngineError::InvalidRequest(format!(
+                    "keys must be sorted and distinct: keys[{i}] = {} then {}",
+                    k[i],
+                    k[i + 1]
                 )));
             }
-        }
-        let parts = self.cluster.partition.split_keys(k);
-        let segments = parts
-            .iter()
-            .map(|(s, idx)| Segment {
-                server: *s as u32,
-                values: idx.len() * vlen,
-                answered: false,
-                part: None,
-            })
-            .collect();
-        let (ts, _task) = self.new_task(kind, T::DTYPE as u8, segments);
-        for (server, idx) in parts {
-            let mut h = Header::new(kind, self.node_id, ts);
-            h.dtype = T::DTYPE as u8;
-            h.value_len = vlen as u32;
-            h.func = func;
-            let vals = match &values {
-                Some(v) => v.payload(idx.start * vlen..idx.end * vlen),
-                None => Payload::empty(),
-            };
-            self.send(server as u32, ts, OutFrame::new(h, keys.payload(idx), vals));
-        }
-        ts
+            if k.last() == Some(&crate::keys::KEY_END) {
+                return Err(EngineError::InvalidRequest(
+                    "key u64::MAX is outside the key space".into(),
+                ));
+            }
+            if let Some(v) = &values {
+                if v.len() != k.len() * vlen {
+                    return Err(EngineError::InvalidRequest(format!(
+                        "{} values for {} keys x {vlen} values per key",
+                        v.len(),
+                        k.len()
+                    )));
+                }
+            }
+            let mut parts = self.cluster.partition.split_keys(k);
+            if self.clocked_write(kind) {
+                // Every server learns this worker's clock, even where it has no keys.
+                let mut all = Vec::with_capacity(self.servers.len());
+                let mut it = parts.into_iter().peekable();
+                for s in 0..self.servers.len() {
+                    match it.peek() {
+                        Some((ps, _)) if *ps == s => all.push(it.next().expect("peeked")),
+                        _ => {
+                            let at = all
+                                .last()
+                                .map_or(0, |(_, r): &(usize, std::ops::Range<usize>)| r.end);
+                            all.push((s, at..at));
+                        }
+                    }
+                }
+                parts = all;
+            }
+            let mut segments = Vec::with_capacity(parts.len());
+            let mut frames = Vec::with_capacity(parts.len());
+            for (server, idx) in parts {
+                segments.push(Segment {
+                    server: server as u32,
+                    values: idx.len() * vlen,
+                    answered: false,
+                    part: None,
+                });
+                let vals = match &values {
+                    Some(v) => v.payload(idx.start * vlen..idx.end * vlen),
+                    None => Payload::empty(),
+                };
+                let h = self.header::<T>(kind, ts, opts);
+                frames.push((server as u32, OutFrame::new(h, keys.payload(idx), vals)));
+            }
+            Ok((segments, frames))
+        })
     }
 
     fn ranged<T: Value>(
@@ -635,56 +861,66 @@ impl Worker {
         kind: MessageKind,
         range: KeyRange,
         values: Option<Shared<T>>,
+        opts: &TaskOpts,
     ) -> Timestamp {
         let vlen = self.value_len() as u64;
-        if let Err(e) = self.check_types::<T>() {
-            return self.failed(e);
-        }
-        if let Some(v) = &values {
-            if Some(v.len() as u64) != range.len().checked_mul(vlen) {
-                return self.failed(EngineError::InvalidRequest(format!(
-                    "{} values for a range of {} keys x {vlen} values per key",
-                    v.len(),
-                    range.len()
-                )));
-            }
-        }
-        let parts = self.cluster.partition.split_range(range);
-        let segments = parts
-            .iter()
-            .map(|(s, r)| Segment {
-                server: *s as u32,
-                values: (r.len() * vlen) as usize,
-                answered: false,
-                part: None,
-            })
-            .collect();
-        let (ts, _task) = self.new_task(kind, T::DTYPE as u8, segments);
-        for (server, part) in parts {
-            let mut h = Header::new(kind, self.node_id, ts);
-            h.dtype = T::DTYPE as u8;
-            h.value_len = vlen as u32;
-            h.flags = FLAG_RANGE;
-            let vals = match &values {
-                Some(v) => {
-                    let from = ((part.begin - range.begin) * vlen) as usize;
-                    v.payload(from..from + (part.len() * vlen) as usize)
+        self.launch(kind, T::DTYPE as u8, opts, |ts| {
+            self.check_types::<T>()?;
+            if let Some(v) = &values {
+                if Some(v.len() as u64) != range.len().checked_mul(vlen) {
+                    return Err(EngineError::InvalidRequest(format!(
+                        "{} values for a range of {} keys x {vlen} values per key",
+                        v.len(),
+                        range.len()
+                    )));
                 }
-                None => Payload::empty(),
-            };
-            let keys = Payload::owned(vec![part.begin, part.end]);
-            self.send(server as u32, ts, OutFrame::new(h, keys, vals));
-        }
-        ts
-    }
-
-    fn send(&self, server: u32, ts: Timestamp, frame: OutFrame) {
-        if let Err(e) = self.servers[server as usize].send(frame) {
-            tracing::debug!(server, error = %e, "send failed");
-            self.core.settle(ts, server, |st, _| {
-                st.error.get_or_insert(EngineError::Disconnected { server });
-            });
-        }
+            }
+            let mut parts: Vec<(usize, Option<KeyRange>)> = self
+                .cluster
+                .partition
+                .split_range(range)
+                .into_iter()
+                .map(|(s, r)| (s, Some(r)))
+                .collect();
+            if self.clocked_write(kind) {
+                let have: Vec<usize> = parts.iter().map(|(s, _)| *s).collect();
+                parts.extend(
+                    (0..self.servers.len())
+                        .filter(|s| !have.contains(s))
+                        .map(|s| (s, None)),
+                );
+                parts.sort_by_key(|(s, _)| *s);
+            }
+            let mut segments = Vec::with_capacity(parts.len());
+            let mut frames = Vec::with_capacity(parts.len());
+            for (server, part) in parts {
+                let n = part.map_or(0, |p| p.len());
+                segments.push(Segment {
+                    server: server as u32,
+                    values: (n * vlen) as usize,
+                    answered: false,
+                    part: None,
+                });
+                let mut h = self.header::<T>(kind, ts, opts);
+                let frame = match part {
+                    Some(part) => {
+                        h.flags |= FLAG_RANGE;
+                        let vals = match &values {
+                            Some(v) => {
+                                let from = ((part.begin - range.begin) * vlen) as usize;
+                                v.payload(from..from + (part.len() * vlen) as usize)
+                            }
+                            None => Payload::empty(),
+                        };
+                        OutFrame::new(h, Payload::owned(vec![part.begin, part.end]), vals)
+                    }
+                    // A clock-only message: no keys, no values.
+                    None => OutFrame::new(h, Payload::empty(), Payload::empty()),
+                };
+                frames.push((server as u32, frame));
+            }
+            Ok((segments, frames))
+        })
     }
 
     /// Block until task `ts` is complete; return its error if it failed. Values of a pull
@@ -705,7 +941,7 @@ impl Worker {
     fn collect(&self, ts: Timestamp) -> Result<Vec<OwnedFrame>, EngineError> {
         let Some(task) = self.core.tasks.lock().get(&ts).cloned() else {
             // Successful pushes are forgotten when they complete un-waited.
-            return if ts < self.next_ts.load(Ordering::Relaxed) {
+            return if ts < self.core.gate.lock().next_ts {
                 Ok(Vec::new())
             } else {
                 Err(EngineError::UnknownTimestamp(ts))
@@ -777,12 +1013,25 @@ impl Worker {
     /// Report that this worker is done and disconnect. Does not wait for the other
     /// workers (the scheduler ends the job when the last one is done).
     pub fn finish(self, examples: u64) -> Result<(), EngineError> {
+        self.finish_with(examples, 0.0, 0.0)
+    }
+
+    /// [`finish`](Self::finish), reporting the seconds spent training and, of those, the
+    /// seconds spent blocked on pulls.
+    pub fn finish_with(
+        self,
+        examples: u64,
+        seconds: f64,
+        blocked_seconds: f64,
+    ) -> Result<(), EngineError> {
         let (bytes_sent, bytes_received) = self.traffic();
         self.tell_scheduler(Control::Done {
             stats: WorkerStats {
                 examples,
                 bytes_sent,
                 bytes_received,
+                seconds,
+                blocked_seconds,
             },
         })?;
         // Let the report leave before the sockets close.

@@ -45,7 +45,7 @@ use parking_lot::Mutex;
 use self::dense::Block;
 use self::table::Table;
 use crate::keys::KeyRange;
-use crate::update::{Assign, Sgd, Sum, UpdateFn, UpdateSpec};
+use crate::update::{Adagrad, Assign, Ftrl, Sgd, Sum, UpdateFn, UpdateSpec};
 use crate::value::Value;
 
 /// The largest [`StoreConfig::sparse_initial_keys`] accepted (per shard).
@@ -216,6 +216,24 @@ macro_rules! with_inlined {
             }
             Some(UpdateSpec::Sgd { lr }) => {
                 let $g = &Sgd { lr };
+                $body
+            }
+            Some(UpdateSpec::Adagrad { lr, eps }) => {
+                let $g = &Adagrad { lr, eps };
+                $body
+            }
+            Some(UpdateSpec::Ftrl {
+                alpha,
+                beta,
+                l1,
+                l2,
+            }) => {
+                let $g = &Ftrl {
+                    alpha,
+                    beta,
+                    l1,
+                    l2,
+                };
                 $body
             }
             None => {
