@@ -7,6 +7,9 @@
 //!   backed by transparent huge pages where the kernel allows, and locked in RAM with
 //!   `mlock` where `RLIMIT_MEMLOCK` / `CAP_IPC_LOCK` allow. When it cannot lock, it says so
 //!   once in the log and carries on unlocked.
+//! - [`SharedRegion`]: a sealed memfd mapping that other processes of the host map by its
+//!   locator (`/proc/<pid>/fd/<n>`), accessed only through atomic words and racy copies
+//!   (`rep movsb`), so peers' concurrent writes are never undefined behaviour.
 //! - [`cpu`]: core counting and pinning the calling thread to a core.
 //! - [`prefetch_read`]: a software prefetch hint for hash-table probes.
 //! - [`fd::wait_writable`]: wait (bounded) until a socket can take more bytes.
@@ -14,11 +17,13 @@
 //! Nothing raw leaks out: no raw pointers, no file descriptors, no `unsafe fn`.
 
 mod region;
+mod shm;
 
 pub mod cpu;
 pub mod fd;
 
 pub use region::{page_size, PinnedRegion, RegionError};
+pub use shm::{SharedRegion, ShmError};
 
 /// Hint the CPU to fetch the cache line holding `value` into all cache levels.
 ///
