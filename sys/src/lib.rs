@@ -13,6 +13,9 @@
 //! - [`cpu`]: core counting and pinning the calling thread to a core.
 //! - [`prefetch_read`]: a software prefetch hint for hash-table probes.
 //! - [`fd::wait_writable`]: wait (bounded) until a socket can take more bytes.
+//! - `rdma` (cargo feature `rdma`, needs rdma-core's libibverbs): safe, owned RDMA verbs
+//!   over `rdma-sys`: devices, protection domains, memory regions over [`PinnedRegion`]s,
+//!   completion queues, and reliable-connected queue pairs set up as a typestate.
 //!
 //! Nothing raw leaks out: no raw pointers, no file descriptors, no `unsafe fn`.
 
@@ -21,7 +24,11 @@ mod shm;
 
 pub mod cpu;
 pub mod fd;
+#[cfg(feature = "rdma")]
+pub mod rdma;
 
+#[cfg(feature = "rdma")]
+pub use rdma::RdmaError;
 pub use region::{page_size, PinnedRegion, RegionError};
 pub use shm::{SharedRegion, ShmError};
 
