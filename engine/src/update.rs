@@ -762,3 +762,471 @@ impl<T: Value> UpdateRegistry<T> {
             .expect("the default update rule is set at construction")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Gradient sequences over four weights: signs change, one coordinate sees zeros, one
+    /// large values, so every branch of every rule runs.
+    const GRADS: [[f64; 4]; 6] = [
+        [0.5, -1.0, 0.0, 3.0],
+        [0.25, -0.5, 0.0, -2.0],
+        [-0.75, 2.0, 0.0, 4.0],
+        [0.5, 0.125, 0.0, 1.5],
+        [1.0, -3.0, 0.0, -0.5],
+        [-0.25, 0.5, 0.0, 2.5],
+    ];
+
+    /// A reference rule, written out per element in f64: `(w, state, g) -> w'`, updating
+    /// the element's state in place.
+    type Reference<'a> = dyn Fn(f64, &mut [f64], f64) -> f64 + 'a;
+
+    /// Drive `rule` over [`GRADS`] in `T` from `w0`, and the reference in f64 beside it;
+    /// after every step the weights and the state agree to `tol` (relative, with an
+    /// absolute floor of `tol` for values near zero).
+    fn check<T: Value>(rule: &dyn UpdateFn<T>, w0: [f64; 4], reference: &Reference<'_>, tol: f64) {
+        let sl = rule.state_len();
+        let mut w: Vec<T> = w0.iter().map(|&x| T::from_f64(x)).collect();
+        let mut s = vec![T::default(); 4 * sl];
+        let mut rw = w0.to_vec();
+        let mut rs = vec![0.0f64; 4 * sl];
+        let close = |got: f64, want: f64| (got - want).abs() <= tol * want.abs().max(1.0);
+        for (step, g) in GRADS.iter().enumerate() {
+            let gt: Vec<T> = g.iter().map(|&x| T::from_f64(x)).collect();
+            rule.apply(&mut w, &mut s, &gt);
+            for i in 0..4 {
+                rw[i] = reference(rw[i], &mut rs[i * sl..(i + 1) * sl], g[i]);
+            }
+            for i in 0..4 {
+                assert!(
+                    close(w[i].to_f64(), rw[i]),
+                    "{} step {step} weight {i}: got {:?}, want {}",
+                    rule.name(),
+                    w[i],
+                    rw[i]
+                );
+            }
+            for (j, (&got, &want)) in s.iter().zip(&rs).enumerate() {
+                assert!(
+                    close(got.to_f64(), want),
+                    "{} step {step} state {j}: got {got:?}, want {want}",
+                    rule.name()
+                );
+            }
+        }
+    }
+
+    /// Run `check` for f32 and f64.
+    fn check_both<R>(rule: R, w0: [f64; 4], reference: &Reference<'_>)
+    where
+        R: UpdateFn<f32> + UpdateFn<f64>,
+    {
+        check::<f32>(&rule, w0, reference, 1e-5);
+        check::<f64>(&rule, w0, reference, 1e-12);
+    }
+
+    const W0: [f64; 4] = [1.0, -2.0, 0.5, 0.0];
+
+    #[test]
+    fn assign_overwrites() {
+        check_both(Assign, W0, &|_, _, g| g);
+        assert_eq!(UpdateFn::<f32>::state_len(&Assign), 0);
+    }
+
+    #[test]
+    fn sum_adds() {
+        check_both(Sum, W0, &|w, _, g| w + g);
+    }
+
+    #[test]
+    fn sgd_steps_against_the_gradient() {
+        check_both(Sgd { lr: 0.3 }, W0, &|w, _, g| w - 0.3 * g);
+    }
+
+    #[test]
+    fn adagrad_scales_by_the_root_of_the_squared_gradient_sum() {
+        let (lr, eps) = (0.2, 1e-3);
+        // n_t = sum of g^2 so far; w_t = w_{t-1} - lr g_t / (sqrt(n_t) + eps).
+        check_both(Adagrad { lr, eps }, W0, &|w, s, g| {
+            s[0] += g * g;
+            w - lr * g / (s[0].sqrt() + eps)
+        });
+        // By hand, one coordinate: grads 3 then 4 from w = 0, eps tiny.
+        let a = Adagrad {
+            lr: 1.0,
+            eps: 1e-12,
+        };
+        let (mut w, mut n) = ([0.0f64], [0.0f64]);
+        a.apply(&mut w, &mut n, &[3.0]);
+        assert!((w[0] + 1.0).abs() < 1e-9 && n[0] == 9.0, "{w:?} {n:?}");
+        a.apply(&mut w, &mut n, &[4.0]);
+        assert!((w[0] + 1.8).abs() < 1e-9 && n[0] == 25.0, "{w:?} {n:?}");
+        // A zero gradient on a fresh key leaves it finite (eps > 0).
+        let (mut w, mut n) = ([0.0f32], [0.0f32]);
+        Adagrad::default().apply(&mut w, &mut n, &[0.0]);
+        assert_eq!((w, n), ([0.0], [0.0]));
+    }
+
+    /// FTRL-proximal as McMahan et al. 2013 (Algorithm 1) write it: the weight is
+    /// recomputed from (z, n) before each gradient; here the rule stores it after.
+    fn ftrl_reference(
+        alpha: f64,
+        beta: f64,
+        l1: f64,
+        l2: f64,
+    ) -> impl Fn(f64, &mut [f64], f64) -> f64 {
+        move |_w, s, g| {
+            let weight = |z: f64, n: f64| {
+                if z.abs() <= l1 {
+                    0.0
+                } else {
+                    -(z - z.signum() * l1) / ((beta + n.sqrt()) / alpha + l2)
+                }
+            };
+            let (z, n) = (s[0], s[1]);
+            let w = weight(z, n);
+            let sigma = ((n + g * g).sqrt() - n.sqrt()) / alpha;
+            s[0] = z + g - sigma * w;
+            s[1] = n + g * g;
+            weight(s[0], s[1])
+        }
+    }
+
+    #[test]
+    fn ftrl_matches_the_papers_algorithm() {
+        for (alpha, beta, l1, l2) in [
+            (0.1, 1.0, 0.0, 0.0),
+            (0.5, 1.0, 0.3, 0.1),
+            (1.0, 0.0, 1.0, 2.0),
+            (0.2, 0.5, 2.5, 0.0),
+        ] {
+            let rule = Ftrl {
+                alpha,
+                beta,
+                l1,
+                l2,
+            };
+            // The store starts a weight at 0 with zero state, as the reference assumes.
+            check_both(rule, [0.0; 4], &ftrl_reference(alpha, beta, l1, l2));
+        }
+        // By hand: alpha 1, beta 1, l1 0.5, l2 0; g = 2 from zero state. sigma = 2,
+        // z = 2, n = 4; w = -(2 - 0.5) / ((1 + 2) / 1) = -0.5.
+        let f = Ftrl {
+            alpha: 1.0,
+            beta: 1.0,
+            l1: 0.5,
+            l2: 0.0,
+        };
+        let (mut w, mut s) = ([0.0f64], [0.0f64; 2]);
+        f.apply(&mut w, &mut s, &[2.0]);
+        assert_eq!((w, s), ([-0.5], [2.0, 4.0]));
+    }
+
+    #[test]
+    fn ftrl_with_large_l1_gives_exact_zeros_and_keeps_strong_weights() {
+        fn run<T: Value>() {
+            let f = Ftrl {
+                alpha: 0.1,
+                beta: 1.0,
+                l1: 5.0,
+                l2: 0.0,
+            };
+            // Weights 0..8 see small gradients of changing sign; weight 8 a strong,
+            // consistent one.
+            let n = 9;
+            let mut w = vec![T::from_f64(0.0); n];
+            let mut s = vec![T::default(); 2 * n];
+            for step in 0..50 {
+                let g: Vec<T> = (0..n)
+                    .map(|i| {
+                        if i == n - 1 {
+                            T::from_f64(1.0)
+                        } else {
+                            let sign = if (step + i) % 2 == 0 { 1.0 } else { -1.0 };
+                            T::from_f64(sign * 0.05 * (1 + i) as f64)
+                        }
+                    })
+                    .collect();
+                f.apply(&mut w, &mut s, &g);
+            }
+            for (i, x) in w[..n - 1].iter().enumerate() {
+                // Exactly +0.0: not tiny, not -0.0.
+                assert_eq!(
+                    bytemuck::bytes_of(x),
+                    bytemuck::bytes_of(&T::default()),
+                    "weight {i} is {x:?}, not exactly zero"
+                );
+            }
+            let strong = w[n - 1].to_f64();
+            assert!(
+                strong < -0.1,
+                "strong weight {strong} should be clearly negative"
+            );
+            // Its z went past l1, the others' did not.
+            assert!(s[2 * (n - 1)].to_f64() > 5.0);
+            assert!(s[..2 * (n - 1)]
+                .chunks(2)
+                .all(|zn| zn[0].to_f64().abs() <= 5.0));
+        }
+        run::<f32>();
+        run::<f64>();
+    }
+
+    #[test]
+    fn specs_build_their_rule() {
+        let specs = [
+            UpdateSpec::Assign,
+            UpdateSpec::Sum,
+            UpdateSpec::Sgd { lr: 0.25 },
+            UpdateSpec::Adagrad { lr: 0.5, eps: 1e-6 },
+            UpdateSpec::Ftrl {
+                alpha: 0.1,
+                beta: 1.0,
+                l1: 2.0,
+                l2: 0.5,
+            },
+        ];
+        for spec in specs {
+            let f32_rule = spec.build::<f32>();
+            let f64_rule = spec.build::<f64>();
+            assert_eq!(f32_rule.spec(), Some(spec));
+            assert_eq!(f64_rule.spec(), Some(spec));
+            assert_eq!(f32_rule.name(), spec.name());
+            assert_eq!(f32_rule.state_len(), spec.state_len());
+            assert_eq!(f64_rule.state_len(), spec.state_len());
+        }
+        assert_eq!(UpdateSpec::default(), UpdateSpec::Sum);
+    }
+
+    #[test]
+    fn spec_text_round_trips() {
+        let specs = [
+            UpdateSpec::Assign,
+            UpdateSpec::Sum,
+            UpdateSpec::Sgd { lr: 0.05 },
+            UpdateSpec::Sgd { lr: 4.0 },
+            UpdateSpec::Adagrad { lr: 0.1, eps: 1e-6 },
+            UpdateSpec::Adagrad {
+                lr: 1.0 / 3.0,
+                eps: 1e-8,
+            },
+            UpdateSpec::Ftrl {
+                alpha: 0.1,
+                beta: 1.0,
+                l1: 2.0,
+                l2: 0.5,
+            },
+            UpdateSpec::Ftrl {
+                alpha: 0.7,
+                beta: 0.0,
+                l1: 0.0,
+                l2: 1e-5,
+            },
+        ];
+        for spec in specs {
+            let text = spec.to_string();
+            assert_eq!(text.parse::<UpdateSpec>(), Ok(spec), "{text}");
+            let json = serde_json::to_string(&spec).unwrap();
+            assert_eq!(serde_json::from_str::<UpdateSpec>(&json).unwrap(), spec);
+            assert_eq!(spec.problem(), None);
+        }
+        // Defaults, case and spaces.
+        let cases = [
+            ("SUM", UpdateSpec::Sum),
+            (" assign ", UpdateSpec::Assign),
+            ("sgd", UpdateSpec::Sgd { lr: DEFAULT_SGD_LR }),
+            ("Sgd : 0.5", UpdateSpec::Sgd { lr: 0.5 }),
+            (
+                "adagrad",
+                UpdateSpec::Adagrad {
+                    lr: DEFAULT_ADAGRAD_LR,
+                    eps: DEFAULT_ADAGRAD_EPS,
+                },
+            ),
+            (
+                "adagrad:0.3",
+                UpdateSpec::Adagrad {
+                    lr: 0.3,
+                    eps: DEFAULT_ADAGRAD_EPS,
+                },
+            ),
+            (
+                "ftrl",
+                UpdateSpec::Ftrl {
+                    alpha: DEFAULT_FTRL_ALPHA,
+                    beta: DEFAULT_FTRL_BETA,
+                    l1: DEFAULT_FTRL_L1,
+                    l2: DEFAULT_FTRL_L2,
+                },
+            ),
+        ];
+        for (text, want) in cases {
+            assert_eq!(text.parse::<UpdateSpec>(), Ok(want), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn bad_specs_say_what_is_wrong() {
+        let cases = [
+            ("", "no rule named"),
+            ("momentum", "unknown rule \"momentum\""),
+            ("sgd:abc", "learning rate \"abc\" is not a number"),
+            ("sgd:-1", "learning rate -1 must be a finite number above 0"),
+            ("sgd:0", "must be a finite number above 0"),
+            ("sgd:inf", "must be a finite number above 0"),
+            ("sgd:NaN", "must be a finite number above 0"),
+            ("sgd:0.1:2", "sgd takes 1 parameter, got 2"),
+            ("sum:1", "sum takes 0 parameters, got 1"),
+            ("adagrad:0.1:0", "epsilon 0 must be a finite number above 0"),
+            ("adagrad:0.1:1e-8:3", "adagrad takes 2 parameters, got 3"),
+            ("ftrl:0.1:1", "ftrl takes all four"),
+            (
+                "ftrl:0.1:1:-2:0",
+                "l1 -2 must be a finite number, not negative",
+            ),
+            ("ftrl:0:1:0:0", "alpha 0 must be a finite number above 0"),
+            ("ftrl:0.1:0:1:0", "ftrl needs beta or l2 above 0"),
+        ];
+        for (text, want) in cases {
+            let e = text.parse::<UpdateSpec>().unwrap_err();
+            assert_eq!(e.text, text);
+            let msg = e.to_string();
+            assert!(msg.contains(want), "{text:?}: {msg}");
+            // The message names the text and lists what would have been accepted.
+            assert!(msg.contains(&format!("{text:?}")), "{msg}");
+            assert!(msg.contains("expected assign, sum, sgd"), "{msg}");
+        }
+        // Specs built in code get the same checks.
+        assert!(UpdateSpec::Sgd { lr: -0.5 }
+            .problem()
+            .is_some_and(|p| p.contains("learning rate")));
+        assert!(UpdateSpec::Ftrl {
+            alpha: 0.1,
+            beta: 0.0,
+            l1: 0.0,
+            l2: 0.0
+        }
+        .problem()
+        .is_some());
+    }
+
+    #[test]
+    fn registry_ids() {
+        let mut reg = UpdateRegistry::<f32>::new(UpdateSpec::Sgd { lr: 0.5 }.build());
+        // Built-ins at their ids; the parameterised ones take the default's parameters
+        // when it is of their kind, their own defaults otherwise.
+        assert_eq!(
+            reg.get(ID_DEFAULT).unwrap().spec(),
+            Some(UpdateSpec::Sgd { lr: 0.5 })
+        );
+        assert_eq!(reg.get(ID_ASSIGN).unwrap().spec(), Some(UpdateSpec::Assign));
+        assert_eq!(reg.get(ID_SUM).unwrap().spec(), Some(UpdateSpec::Sum));
+        assert_eq!(
+            reg.get(ID_SGD).unwrap().spec(),
+            Some(UpdateSpec::Sgd { lr: 0.5 })
+        );
+        assert_eq!(
+            reg.get(ID_ADAGRAD).unwrap().spec(),
+            UpdateFn::<f32>::spec(&Adagrad::default())
+        );
+        assert_eq!(
+            reg.get(ID_FTRL).unwrap().spec(),
+            UpdateFn::<f32>::spec(&Ftrl::default())
+        );
+        for (name, id) in [
+            ("default", ID_DEFAULT),
+            ("assign", ID_ASSIGN),
+            ("sum", ID_SUM),
+            ("sgd", ID_SGD),
+            ("adagrad", ID_ADAGRAD),
+            ("ftrl", ID_FTRL),
+        ] {
+            assert_eq!(reg.id_of(name), Some(id));
+        }
+        // Unknown ids: unused reserved ones, the first user id before any registration,
+        // and far beyond.
+        for id in [6, 15, ID_FIRST_USER, 999, u16::MAX] {
+            assert!(reg.get(id).is_none(), "id {id}");
+        }
+        assert_eq!(reg.id_of("momentum"), None);
+        // User rules from ID_FIRST_USER up, in registration order.
+        let a = reg.register(
+            "double",
+            from_fn("double", 0, |w: &mut [f32], _: &mut [f32], g: &[f32]| {
+                for (w, &g) in w.iter_mut().zip(g) {
+                    *w += 2.0 * g;
+                }
+            }),
+        );
+        let b = reg.register_fn("neg", 0, |w: &mut [f32], _: &mut [f32], g: &[f32]| {
+            for (w, &g) in w.iter_mut().zip(g) {
+                *w = -g;
+            }
+        });
+        assert_eq!((a, b), (ID_FIRST_USER, ID_FIRST_USER + 1));
+        assert_eq!(reg.id_of("neg"), Some(b));
+        let mut w = [1.0f32];
+        reg.get(a).unwrap().apply(&mut w, &mut [], &[3.0]);
+        assert_eq!(w, [7.0]);
+        // Registering a name again replaces the rule and keeps its id.
+        let a2 = reg.register_fn("double", 0, |w: &mut [f32], _: &mut [f32], g: &[f32]| {
+            for (w, &g) in w.iter_mut().zip(g) {
+                *w *= g;
+            }
+        });
+        assert_eq!(a2, a);
+        reg.get(a).unwrap().apply(&mut w, &mut [], &[3.0]);
+        assert_eq!(w, [21.0]);
+        assert_eq!(
+            reg.register_fn("third", 0, |_: &mut [f32], _: &mut [f32], _: &[f32]| {}),
+            ID_FIRST_USER + 2
+        );
+        let dbg = format!("{reg:?}");
+        assert!(
+            dbg.contains("\"double\"") && dbg.contains("\"sgd\""),
+            "{dbg}"
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "reserved for a built-in")]
+    fn registering_a_built_in_name_panics() {
+        let mut reg = UpdateRegistry::<f64>::new(Arc::new(Sum));
+        reg.register_fn("sum", 0, |_: &mut [f64], _: &mut [f64], _: &[f64]| {});
+    }
+
+    #[test]
+    fn closures_capture_and_keep_state() {
+        // A rule that counts its calls (captured) and keeps a per-weight push count
+        // (state), keeping the largest value pushed.
+        let calls = Arc::new(AtomicUsize::new(0));
+        let seen = calls.clone();
+        let rule = from_fn::<f64, _>("max-count", 1, move |w, s, g| {
+            seen.fetch_add(1, Ordering::Relaxed);
+            for ((w, s), &g) in w.iter_mut().zip(s.iter_mut()).zip(g) {
+                *w = w.max(g);
+                *s += 1.0;
+            }
+        });
+        assert_eq!(
+            (rule.name(), rule.state_len(), rule.spec()),
+            ("max-count", 1, None)
+        );
+        let (mut w, mut s) = ([0.0f64, 10.0], [0.0f64; 2]);
+        for g in [[1.0, 2.0], [-1.0, 12.0], [5.0, 3.0]] {
+            rule.apply(&mut w, &mut s, &g);
+        }
+        assert_eq!((w, s), ([5.0, 12.0], [3.0, 3.0]));
+        assert_eq!(calls.load(Ordering::Relaxed), 3);
+        // As a registry's default rule it is served at id 0; no built-in takes its
+        // parameters from it.
+        let reg = UpdateRegistry::new(rule);
+        assert_eq!(reg.default_fn().name(), "max-count");
+        assert_eq!(
+            reg.get(ID_SGD).unwrap().spec(),
+            Some(UpdateSpec::Sgd { lr: DEFAULT_SGD_LR })
+        );
+    }
+}
