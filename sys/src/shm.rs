@@ -294,6 +294,29 @@ impl SharedRegion {
         unsafe { racy_copy(src.as_ptr(), self.map.as_mut_ptr().add(off), src.len()) }
     }
 
+    /// Copy `len` bytes at `off` of this region into `dst` at `dst_off`, at memcpy
+    /// speed. Either side may be written by others meanwhile (see
+    /// [`copy_out`](Self::copy_out)). `dst` may be this region or another mapping of
+    /// the same memory: overlapping ranges then leave unspecified bytes in the
+    /// destination, nothing worse.
+    ///
+    /// Panics if either range is outside its region.
+    #[inline]
+    pub fn copy_to(&self, off: usize, dst: &SharedRegion, dst_off: usize, len: usize) {
+        self.check(off, len, "copy_to (source)");
+        dst.check(dst_off, len, "copy_to (destination)");
+        // SAFETY: both ranges are inside live mappings (checked above), the destination
+        // one writable; no Rust reference covers either (only atomics and copies are
+        // ever handed out). Overlap is allowed by `racy_copy` (machine-level copy).
+        unsafe {
+            racy_copy(
+                self.map.as_ptr().add(off),
+                dst.map.as_mut_ptr().add(dst_off),
+                len,
+            )
+        }
+    }
+
     #[inline]
     fn check(&self, off: usize, len: usize, op: &str) {
         assert!(
@@ -350,9 +373,10 @@ fn canonical_locator(locator: &str) -> Option<String> {
 ///
 /// # Safety
 ///
-/// `src` must be valid for reads and `dst` for writes of `len` bytes, the ranges must not
-/// overlap, and no Rust reference (`&`/`&mut`) may cover the shared side for the
-/// duration of the call.
+/// `src` must be valid for reads and `dst` for writes of `len` bytes, and no Rust
+/// reference may cover `dst` (nor a `&mut` cover `src`) for the duration of the call.
+/// The ranges may overlap (two mappings of the same pages cannot be told apart by their
+/// addresses): the destination then holds unspecified bytes, as with any racing write.
 ///
 /// Why racing is sound: a plain `copy_nonoverlapping` that races with another writer is
 /// a data race, which the Rust abstract machine makes undefined behaviour. On x86-64 the
@@ -368,9 +392,10 @@ fn canonical_locator(locator: &str) -> Option<String> {
 unsafe fn racy_copy(src: *const u8, dst: *mut u8, len: usize) {
     #[cfg(target_arch = "x86_64")]
     {
-        // SAFETY: by this function's contract, `src`/`dst` are valid for `len` bytes and
-        // do not overlap, so `rep movsb` (forward copy, direction flag clear as the ABI
-        // guarantees at every call boundary) touches exactly those bytes. It uses no
+        // SAFETY: by this function's contract, `src`/`dst` are valid for `len` bytes, so
+        // `rep movsb` (forward copy, direction flag clear as the ABI guarantees at every
+        // call boundary) touches exactly those bytes; on overlap it still only reads and
+        // writes bytes of the two ranges. It uses no
         // stack and leaves the flags alone; rcx, rsi, rdi are declared clobbered.
         unsafe {
             core::arch::asm!(
@@ -474,6 +499,19 @@ mod tests {
     fn misaligned_words_panic() {
         let a = SharedRegion::create(page_size()).unwrap();
         a.atomic_u64(4);
+    }
+
+    #[test]
+    fn copy_to_moves_bytes_between_mappings() {
+        let a = SharedRegion::create(page_size()).unwrap();
+        let b = SharedRegion::create(page_size()).unwrap();
+        a.copy_in(10, b"between");
+        a.copy_to(10, &b, 100, 7);
+        let mut out = [0u8; 7];
+        b.copy_out(100, &mut out);
+        assert_eq!(&out, b"between");
+        // Overlapping copies within one region are allowed (bytes unspecified).
+        a.copy_to(0, &a, 1, 64);
     }
 
     #[test]

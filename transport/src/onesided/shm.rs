@@ -1,1 +1,766 @@
-//! The shared-memory backend of [`super::OneSided`]: in progress.
+//! The shared-memory backend of [`OneSided`]: for peers on the same host.
+//!
+//! A registered region is a [`SharedRegion`] (a sealed memfd) whose first page is a
+//! header and the rest the payload:
+//!
+//! ```text
+//!  offset  field (u64, little-endian)
+//!   0      magic "PSRVSHM1"
+//!   8      access key (random)
+//!  16      region id
+//!  24      payload length in bytes
+//!  32      owner pid
+//!  4096    payload (the region's bytes as peers address them)
+//! ```
+//!
+//! The descriptor's locator is the memfd's `/proc/<pid>/fd/<n>` and its `addr` is the
+//! payload's offset (4096). [`ShmBackend::attach`] maps the region and refuses it unless
+//! the header's magic, region id, length and key match the descriptor: a stale
+//! descriptor (pid and fd reused) or a wrong key gets a clear error. The key is not a
+//! capability against a hostile process of the same user (it can read the header); it
+//! stops mix-ups, as an rkey does.
+//!
+//! Reads and writes are plain copies made by the requesting process between its mapping
+//! of the peer's region and its own registered region: the owner's CPU is not on the
+//! data path. Every mapping is populated when made. Attached regions also implement
+//! [`Memory`], so a shm peer can run [`Seqlock::read`](super::seqlock::Seqlock::read)
+//! straight on the owner's blocks (one copy, validated block by block).
+//!
+//! Notifications are datagrams on Unix sockets in the abstract namespace (nothing to
+//! clean up after a crash): `[token u64][imm u32]`, where the token is the one the
+//! receiver handed out in its endpoint, so it knows the sender and drops anything else.
+//! Datagrams of one sender arrive in order; a sender blocks (bounded by
+//! [`ShmConfig::notify_timeout`]) while the receiver's queue is full.
+
+use std::collections::HashMap;
+use std::io::{self, Read};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use pserv_sys::{page_size, SharedRegion, ShmError};
+
+use super::{
+    check_range, BackendKind, Memory, Notice, OneSided, OneSidedError, PeerId, RegionDesc, Result,
+};
+
+/// Bytes before the payload of every region (one page on x86-64 Linux).
+pub const HEADER_LEN: usize = 4096;
+/// "PSRVSHM1" as a little-endian u64.
+const REGION_MAGIC: u64 = u64::from_le_bytes(*b"PSRVSHM1");
+/// "PSEP": endpoint bytes.
+const ENDPOINT_MAGIC: u32 = u32::from_le_bytes(*b"PSEP");
+const ENDPOINT_VERSION: u8 = 1;
+const ENDPOINT_FIXED: usize = 24;
+const NAME_MAX: usize = 100;
+const NOTICE_LEN: usize = 12;
+
+/// Configuration of a [`ShmBackend`].
+#[derive(Clone, Debug)]
+pub struct ShmConfig {
+    /// How long [`OneSided::notify`] may block while the receiver's queue is full.
+    pub notify_timeout: Duration,
+}
+
+impl Default for ShmConfig {
+    fn default() -> Self {
+        Self {
+            notify_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// The shared-memory backend: one per process (or per engine instance).
+#[derive(Debug)]
+pub struct ShmBackend {
+    cfg: ShmConfig,
+    /// Bound to `name` in the abstract namespace; receives notices.
+    recv: Mutex<Receiver>,
+    /// Unbound, blocking with a send timeout; sends notices.
+    send: UnixDatagram,
+    name: Vec<u8>,
+    /// Tokens this side handed out (in endpoints) -> the peer they belong to.
+    tokens: Mutex<HashMap<u64, PeerId>>,
+    next_region: AtomicU64,
+    next_peer: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Receiver {
+    sock: UnixDatagram,
+    nonblocking: bool,
+}
+
+/// A region this process registered.
+#[derive(Debug)]
+pub struct ShmLocal {
+    region: SharedRegion,
+    id: u64,
+    key: u64,
+    len: usize,
+}
+
+/// The pending half of a connection: the token the peer will put in its notices.
+#[derive(Debug)]
+pub struct ShmPending {
+    token: u64,
+}
+
+/// A connected peer.
+#[derive(Clone, Debug)]
+pub struct ShmPeer(Arc<PeerInner>);
+
+#[derive(Debug)]
+struct PeerInner {
+    id: PeerId,
+    /// Token the peer handed out: goes in every notice we send it.
+    remote_token: u64,
+    addr: SocketAddr,
+    remote_pid: u32,
+}
+
+/// A peer's region, mapped into this process.
+#[derive(Debug)]
+pub struct ShmRemote {
+    region: SharedRegion,
+    region_id: u64,
+    len: usize,
+    peer: ShmPeer,
+}
+
+impl ShmPeer {
+    /// The peer's process id.
+    pub fn pid(&self) -> u32 {
+        self.0.remote_pid
+    }
+
+    /// This side's id for the peer.
+    pub fn id(&self) -> PeerId {
+        self.0.id
+    }
+}
+
+impl ShmRemote {
+    /// The owner's id for the region.
+    pub fn region_id(&self) -> u64 {
+        self.region_id
+    }
+
+    /// The peer the region was attached through.
+    pub fn peer(&self) -> &ShmPeer {
+        &self.peer
+    }
+}
+
+impl ShmLocal {
+    /// The region's id (unique within this backend).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> OneSidedError {
+    move |source| OneSidedError::Io { op, source }
+}
+
+/// 64 random bits from the kernel.
+fn random_u64() -> Result<u64> {
+    let mut b = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(io_err("reading /dev/urandom"))?;
+    Ok(u64::from_le_bytes(b))
+}
+
+fn u64_at(b: &[u8], o: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[o..o + 8]);
+    u64::from_le_bytes(w)
+}
+
+/// Bounds check of the payload views (payload offset 0 is region offset `HEADER_LEN`).
+fn payload_memory_check(len: usize, off: usize, n: usize, op: &str) {
+    assert!(
+        off.checked_add(n).is_some_and(|e| e <= len),
+        "{op}({off}, {n}) outside a {len}-byte region"
+    );
+}
+
+macro_rules! payload_memory {
+    ($t:ty) => {
+        impl Memory for $t {
+            fn len(&self) -> usize {
+                self.len
+            }
+            fn atomic_u64(&self, off: usize) -> &AtomicU64 {
+                payload_memory_check(self.len, off, 8, "atomic_u64");
+                self.region.atomic_u64(HEADER_LEN + off)
+            }
+            fn copy_out(&self, off: usize, dst: &mut [u8]) {
+                payload_memory_check(self.len, off, dst.len(), "copy_out");
+                self.region.copy_out(HEADER_LEN + off, dst)
+            }
+            fn copy_in(&self, off: usize, src: &[u8]) {
+                payload_memory_check(self.len, off, src.len(), "copy_in");
+                self.region.copy_in(HEADER_LEN + off, src)
+            }
+        }
+    };
+}
+payload_memory!(ShmLocal);
+payload_memory!(ShmRemote);
+
+/// Endpoint bytes: what a peer needs to send us notices.
+///
+/// ```text
+///  0  4  magic "PSEP"     4  1  version     5  1  backend kind (1)
+///  6  2  name length N    8  4  pid        12  4  zero
+/// 16  8  token           24  N  abstract socket name
+/// ```
+struct Endpoint<'a> {
+    pid: u32,
+    token: u64,
+    name: &'a [u8],
+}
+
+impl<'a> Endpoint<'a> {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(ENDPOINT_FIXED + self.name.len());
+        out.extend_from_slice(&ENDPOINT_MAGIC.to_le_bytes());
+        out.push(ENDPOINT_VERSION);
+        out.push(BackendKind::Shm as u8);
+        out.extend_from_slice(&(self.name.len() as u16).to_le_bytes());
+        out.extend_from_slice(&self.pid.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&self.token.to_le_bytes());
+        out.extend_from_slice(self.name);
+        out
+    }
+
+    fn decode(b: &'a [u8]) -> Result<Self> {
+        let bad = |reason| OneSidedError::Malformed {
+            what: "endpoint",
+            reason,
+        };
+        if b.len() < ENDPOINT_FIXED {
+            return Err(bad("shorter than the fixed part"));
+        }
+        if b[0..4] != ENDPOINT_MAGIC.to_le_bytes() {
+            return Err(bad("bad magic"));
+        }
+        if b[4] != ENDPOINT_VERSION {
+            return Err(bad("unknown version"));
+        }
+        match BackendKind::from_u8(b[5]) {
+            Some(BackendKind::Shm) => {}
+            Some(found) => {
+                return Err(OneSidedError::WrongBackend {
+                    expected: BackendKind::Shm,
+                    found,
+                })
+            }
+            None => return Err(bad("unknown backend kind")),
+        }
+        let n = u16::from_le_bytes([b[6], b[7]]) as usize;
+        if n == 0 || n > NAME_MAX || b.len() != ENDPOINT_FIXED + n {
+            return Err(bad("bad socket name length"));
+        }
+        Ok(Self {
+            pid: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
+            token: u64_at(b, 16),
+            name: &b[ENDPOINT_FIXED..],
+        })
+    }
+}
+
+impl ShmBackend {
+    /// A backend with the default configuration.
+    pub fn new() -> Result<Self> {
+        Self::with_config(ShmConfig::default())
+    }
+
+    /// A backend: binds its notification socket (abstract namespace, a unique
+    /// unguessable name).
+    pub fn with_config(cfg: ShmConfig) -> Result<Self> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let name = format!(
+            "pserv-{}-{}-{:016x}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed),
+            random_u64()?
+        )
+        .into_bytes();
+        let addr = SocketAddr::from_abstract_name(&name).map_err(io_err("socket name"))?;
+        let sock = UnixDatagram::bind_addr(&addr).map_err(io_err("binding notice socket"))?;
+        sock.set_nonblocking(true)
+            .map_err(io_err("notice socket mode"))?;
+        let send = UnixDatagram::unbound().map_err(io_err("notice send socket"))?;
+        send.set_write_timeout(Some(cfg.notify_timeout.max(Duration::from_millis(1))))
+            .map_err(io_err("notice send socket"))?;
+        Ok(Self {
+            cfg,
+            recv: Mutex::new(Receiver {
+                sock,
+                nonblocking: true,
+            }),
+            send,
+            name,
+            tokens: Mutex::new(HashMap::new()),
+            next_region: AtomicU64::new(1),
+            next_peer: AtomicU64::new(1),
+        })
+    }
+
+    /// Map a shm error on `desc`'s region into the interface's words.
+    fn open_error(desc: &RegionDesc, e: ShmError) -> OneSidedError {
+        let region = desc.region_id;
+        match e {
+            ShmError::SizeMismatch { actual, .. } => OneSidedError::LengthMismatch {
+                region,
+                desc_len: desc.len,
+                actual_len: actual.saturating_sub(HEADER_LEN as u64),
+            },
+            ShmError::BadLocator { .. } => OneSidedError::Malformed {
+                what: "descriptor",
+                reason: "shm locator is not /proc/<pid>/fd/<n>",
+            },
+            ShmError::Open { locator, source } if source.kind() == io::ErrorKind::NotFound => {
+                OneSidedError::UnknownRegion {
+                    region,
+                    reason: format!("{locator} is gone (its owner exited or dropped it)"),
+                }
+            }
+            ShmError::NotSealed { locator } => OneSidedError::UnknownRegion {
+                region,
+                reason: format!("{locator} is not a pserv region"),
+            },
+            other => OneSidedError::Io {
+                op: "mapping a peer's region",
+                source: io::Error::other(other),
+            },
+        }
+    }
+
+    fn receive(r: &mut Receiver, tokens: &Mutex<HashMap<u64, PeerId>>) -> Result<Option<Notice>> {
+        let mut buf = [0u8; 64];
+        loop {
+            match r.sock.recv(&mut buf) {
+                Ok(NOTICE_LEN) => {
+                    let token = u64_at(&buf, 0);
+                    let imm = u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]);
+                    match tokens.lock().get(&token) {
+                        Some(&peer) => {
+                            // Pairs with the sender's fence: its writes before `notify`
+                            // are visible to our reads after this notice.
+                            fence(Ordering::SeqCst);
+                            return Ok(Some(Notice { peer, imm }));
+                        }
+                        None => tracing::debug!(token, "notice with an unknown token dropped"),
+                    }
+                }
+                Ok(n) => tracing::debug!(bytes = n, "malformed notice dropped"),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Ok(None)
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_err("receiving a notice")(e)),
+            }
+            // A dropped datagram: a blocking wait goes on waiting (its timeout restarts,
+            // which only a sender of garbage can exploit, and only to delay us).
+        }
+    }
+}
+
+impl OneSided for ShmBackend {
+    type Local = ShmLocal;
+    type Pending = ShmPending;
+    type Peer = ShmPeer;
+    type Remote = ShmRemote;
+
+    fn kind(&self) -> BackendKind {
+        BackendKind::Shm
+    }
+
+    fn register(&self, len: usize) -> Result<ShmLocal> {
+        let total = HEADER_LEN
+            .checked_add(len.max(1).div_ceil(page_size()) * page_size())
+            .ok_or(OneSidedError::OutOfRange {
+                side: "local",
+                off: 0,
+                len: len as u64,
+                region_len: usize::MAX as u64,
+            })?;
+        let region = SharedRegion::create(total).map_err(|e| OneSidedError::Io {
+            op: "creating a shared region",
+            source: io::Error::other(e),
+        })?;
+        let id = self.next_region.fetch_add(1, Ordering::Relaxed);
+        let key = random_u64()?;
+        region.atomic_u64(8).store(key, Ordering::Relaxed);
+        region.atomic_u64(16).store(id, Ordering::Relaxed);
+        region.atomic_u64(24).store(len as u64, Ordering::Relaxed);
+        region
+            .atomic_u64(32)
+            .store(u64::from(std::process::id()), Ordering::Relaxed);
+        region.atomic_u64(0).store(REGION_MAGIC, Ordering::Release);
+        Ok(ShmLocal {
+            region,
+            id,
+            key,
+            len,
+        })
+    }
+
+    fn describe(&self, local: &ShmLocal) -> RegionDesc {
+        RegionDesc {
+            kind: BackendKind::Shm,
+            region_id: local.id,
+            addr: HEADER_LEN as u64,
+            len: local.len as u64,
+            key: local.key,
+            locator: local.region.locator().as_bytes().to_vec(),
+        }
+    }
+
+    fn prepare(&self) -> Result<(ShmPending, Vec<u8>)> {
+        let token = random_u64()?;
+        let bytes = Endpoint {
+            pid: std::process::id(),
+            token,
+            name: &self.name,
+        }
+        .encode();
+        Ok((ShmPending { token }, bytes))
+    }
+
+    fn connect(&self, pending: ShmPending, remote_endpoint: &[u8]) -> Result<ShmPeer> {
+        let ep = Endpoint::decode(remote_endpoint)?;
+        let addr = SocketAddr::from_abstract_name(ep.name).map_err(io_err("socket name"))?;
+        let id = PeerId(self.next_peer.fetch_add(1, Ordering::Relaxed));
+        self.tokens.lock().insert(pending.token, id);
+        Ok(ShmPeer(Arc::new(PeerInner {
+            id,
+            remote_token: ep.token,
+            addr,
+            remote_pid: ep.pid,
+        })))
+    }
+
+    fn peer_id(&self, peer: &ShmPeer) -> PeerId {
+        peer.0.id
+    }
+
+    fn attach(&self, peer: &ShmPeer, desc: &RegionDesc) -> Result<ShmRemote> {
+        if desc.kind != BackendKind::Shm {
+            return Err(OneSidedError::WrongBackend {
+                expected: BackendKind::Shm,
+                found: desc.kind,
+            });
+        }
+        let bad = |reason| OneSidedError::Malformed {
+            what: "descriptor",
+            reason,
+        };
+        if desc.addr != HEADER_LEN as u64 {
+            return Err(bad("shm regions start at offset 4096"));
+        }
+        let locator = std::str::from_utf8(&desc.locator).map_err(|_| bad("locator not UTF-8"))?;
+        let len = usize::try_from(desc.len).map_err(|_| bad("length beyond the address space"))?;
+        let total = len
+            .max(1)
+            .checked_next_multiple_of(page_size())
+            .and_then(|p| p.checked_add(HEADER_LEN))
+            .ok_or(bad("length beyond the address space"))?;
+        let region = SharedRegion::open(locator, total).map_err(|e| Self::open_error(desc, e))?;
+        let word = |o| region.atomic_u64(o).load(Ordering::Acquire);
+        let unknown = |reason: String| OneSidedError::UnknownRegion {
+            region: desc.region_id,
+            reason,
+        };
+        if word(0) != REGION_MAGIC {
+            return Err(unknown(format!("{locator} is not a pserv region")));
+        }
+        if word(16) != desc.region_id {
+            return Err(unknown(format!("{locator} holds region {}", word(16))));
+        }
+        if word(24) != desc.len {
+            return Err(OneSidedError::LengthMismatch {
+                region: desc.region_id,
+                desc_len: desc.len,
+                actual_len: word(24),
+            });
+        }
+        if word(8) != desc.key {
+            return Err(OneSidedError::WrongKey {
+                region: desc.region_id,
+                key: desc.key,
+            });
+        }
+        Ok(ShmRemote {
+            region,
+            region_id: desc.region_id,
+            len,
+            peer: peer.clone(),
+        })
+    }
+
+    fn remote_len(&self, remote: &ShmRemote) -> usize {
+        remote.len
+    }
+
+    fn read(
+        &self,
+        remote: &ShmRemote,
+        remote_off: usize,
+        local: &mut ShmLocal,
+        local_off: usize,
+        len: usize,
+    ) -> Result<()> {
+        check_range("remote", remote_off, len, remote.len)?;
+        check_range("local", local_off, len, local.len)?;
+        remote.region.copy_to(
+            HEADER_LEN + remote_off,
+            &local.region,
+            HEADER_LEN + local_off,
+            len,
+        );
+        Ok(())
+    }
+
+    fn write(
+        &self,
+        remote: &ShmRemote,
+        remote_off: usize,
+        local: &ShmLocal,
+        local_off: usize,
+        len: usize,
+    ) -> Result<()> {
+        check_range("remote", remote_off, len, remote.len)?;
+        check_range("local", local_off, len, local.len)?;
+        local.region.copy_to(
+            HEADER_LEN + local_off,
+            &remote.region,
+            HEADER_LEN + remote_off,
+            len,
+        );
+        Ok(())
+    }
+
+    fn notify(&self, remote: &ShmRemote, imm: u32) -> Result<()> {
+        let p = &remote.peer.0;
+        let mut msg = [0u8; NOTICE_LEN];
+        msg[..8].copy_from_slice(&p.remote_token.to_le_bytes());
+        msg[8..].copy_from_slice(&imm.to_le_bytes());
+        // Our writes so far are ordered before the notice (pairs with `receive`).
+        fence(Ordering::SeqCst);
+        loop {
+            match self.send.send_to_addr(&msg, &p.addr) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(OneSidedError::Timeout {
+                        op: "notify (the owner's notice queue stayed full)",
+                        after: self.cfg.notify_timeout,
+                    })
+                }
+                Err(e) => return Err(io_err("sending a notice")(e)),
+            }
+        }
+    }
+
+    fn poll_notice(&self) -> Result<Option<Notice>> {
+        let mut r = self.recv.lock();
+        if !r.nonblocking {
+            r.sock
+                .set_nonblocking(true)
+                .map_err(io_err("notice socket mode"))?;
+            r.nonblocking = true;
+        }
+        Self::receive(&mut r, &self.tokens)
+    }
+
+    fn wait_notice(&self, timeout: Duration) -> Result<Option<Notice>> {
+        if timeout.is_zero() {
+            return self.poll_notice();
+        }
+        let mut r = self.recv.lock();
+        if r.nonblocking {
+            r.sock
+                .set_nonblocking(false)
+                .map_err(io_err("notice socket mode"))?;
+            r.nonblocking = false;
+        }
+        r.sock
+            .set_read_timeout(Some(timeout))
+            .map_err(io_err("notice socket timeout"))?;
+        Self::receive(&mut r, &self.tokens)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onesided::seqlock::{BlockLayout, Seqlock};
+
+    /// Two backends connected both ways, as two processes would be.
+    fn pair() -> (ShmBackend, ShmBackend, ShmPeer, ShmPeer) {
+        let (a, b) = (ShmBackend::new().unwrap(), ShmBackend::new().unwrap());
+        let (pa, ea) = a.prepare().unwrap();
+        let (pb, eb) = b.prepare().unwrap();
+        let a_to_b = a.connect(pa, &eb).unwrap();
+        let b_to_a = b.connect(pb, &ea).unwrap();
+        (a, b, a_to_b, b_to_a)
+    }
+
+    #[test]
+    fn read_write_notify_between_two_backends() {
+        let (owner, peer, _o2p, p2o) = pair();
+        let store = owner.register(10_000).unwrap();
+        store.copy_in(9_000, b"weights");
+        let desc = RegionDesc::decode(&owner.describe(&store).encode()).unwrap();
+        let remote = peer.attach(&p2o, &desc).unwrap();
+        assert_eq!(peer.remote_len(&remote), 10_000);
+        let mut buf = peer.register(4096).unwrap();
+        peer.read(&remote, 9_000, &mut buf, 100, 7).unwrap();
+        let mut out = [0u8; 7];
+        buf.copy_out(100, &mut out);
+        assert_eq!(&out, b"weights");
+
+        buf.copy_in(0, b"gradient");
+        peer.write_notify(&remote, 0, &buf, 0, 8, 77).unwrap();
+        let n = owner.wait_notice(Duration::from_secs(5)).unwrap().unwrap();
+        assert_eq!(n.imm, 77);
+        let mut got = [0u8; 8];
+        store.copy_out(0, &mut got);
+        assert_eq!(&got, b"gradient");
+        assert_eq!(owner.poll_notice().unwrap(), None);
+        assert_eq!(owner.wait_notice(Duration::from_millis(20)).unwrap(), None);
+    }
+
+    #[test]
+    fn wrong_key_length_backend_and_ranges_are_refused() {
+        let (owner, peer, _o2p, p2o) = pair();
+        let store = owner.register(8192).unwrap();
+        let desc = owner.describe(&store);
+
+        let mut d = desc.clone();
+        d.key ^= 1;
+        let e = peer.attach(&p2o, &d).unwrap_err();
+        assert!(matches!(e, OneSidedError::WrongKey { .. }), "{e}");
+        assert!(e.to_string().contains("access key does not match"));
+
+        let mut d = desc.clone();
+        d.len = 4096;
+        assert!(matches!(
+            peer.attach(&p2o, &d),
+            Err(OneSidedError::LengthMismatch { .. })
+        ));
+        let mut d = desc.clone();
+        d.len = 1 << 20;
+        assert!(matches!(
+            peer.attach(&p2o, &d),
+            Err(OneSidedError::LengthMismatch { .. })
+        ));
+        let mut d = desc.clone();
+        d.region_id += 1;
+        assert!(matches!(
+            peer.attach(&p2o, &d),
+            Err(OneSidedError::UnknownRegion { .. })
+        ));
+        let mut d = desc.clone();
+        d.kind = BackendKind::Rdma;
+        assert!(matches!(
+            peer.attach(&p2o, &d),
+            Err(OneSidedError::WrongBackend { .. })
+        ));
+        let mut d = desc.clone();
+        d.locator = b"/etc/passwd".to_vec();
+        assert!(matches!(
+            peer.attach(&p2o, &d),
+            Err(OneSidedError::Malformed { .. })
+        ));
+
+        let remote = peer.attach(&p2o, &desc).unwrap();
+        let mut buf = peer.register(4096).unwrap();
+        let e = peer.read(&remote, 8190, &mut buf, 0, 4).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "remote range [8190, 8190+4) does not fit in a region of 8192 bytes"
+        );
+        assert!(peer.read(&remote, usize::MAX, &mut buf, 0, 4).is_err());
+        assert!(matches!(
+            peer.write(&remote, 0, &buf, 4000, 200),
+            Err(OneSidedError::OutOfRange { side: "local", .. })
+        ));
+
+        // A dropped region cannot be attached any more.
+        drop(store);
+        assert!(matches!(
+            peer.attach(&p2o, &desc),
+            Err(OneSidedError::UnknownRegion { .. })
+        ));
+        // The mapped one stays readable.
+        peer.read(&remote, 0, &mut buf, 0, 4096).unwrap();
+    }
+
+    #[test]
+    fn endpoints_refuse_garbage() {
+        let b = ShmBackend::new().unwrap();
+        let (_, good) = b.prepare().unwrap();
+        for cut in 0..good.len() {
+            let (p, _) = b.prepare().unwrap();
+            assert!(b.connect(p, &good[..cut]).is_err());
+        }
+        let mut wrong = good.clone();
+        wrong[5] = BackendKind::Rdma as u8;
+        let (p, _) = b.prepare().unwrap();
+        assert!(matches!(
+            b.connect(p, &wrong),
+            Err(OneSidedError::WrongBackend { .. })
+        ));
+    }
+
+    #[test]
+    fn notices_from_unknown_tokens_are_dropped() {
+        let (owner, peer, _o2p, p2o) = pair();
+        let store = owner.register(64).unwrap();
+        let remote = peer.attach(&p2o, &owner.describe(&store)).unwrap();
+        // A forged notice straight to the owner's socket, with a made-up token.
+        let s = UnixDatagram::unbound().unwrap();
+        let addr = SocketAddr::from_abstract_name(&owner.name).unwrap();
+        s.send_to_addr(&[0u8; NOTICE_LEN], &addr).unwrap();
+        s.send_to_addr(b"short", &addr).unwrap();
+        peer.notify(&remote, 5).unwrap();
+        let n = owner.wait_notice(Duration::from_secs(5)).unwrap().unwrap();
+        assert_eq!(n.imm, 5);
+        assert_eq!(owner.poll_notice().unwrap(), None);
+    }
+
+    #[test]
+    fn seqlock_over_a_remote_mapping() {
+        let (owner, peer, _o2p, p2o) = pair();
+        let layout = BlockLayout::new(4096, 3);
+        let store = owner.register(layout.physical_len()).unwrap();
+        let w = Seqlock::new(layout, &store).unwrap();
+        let data: Vec<u8> = (0..3 * 4096u32).map(|i| (i % 251) as u8).collect();
+        w.write(0, &data).unwrap();
+        let remote = peer.attach(&p2o, &owner.describe(&store)).unwrap();
+        let r = Seqlock::new(layout, &remote).unwrap();
+        let mut out = vec![0u8; data.len()];
+        r.read(0, &mut out).unwrap();
+        assert_eq!(out, data);
+    }
+}
