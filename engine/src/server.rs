@@ -11,6 +11,7 @@
 //! [`Status`] and a text; the store is left as it was and the connection stays open.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -28,7 +29,7 @@ use crate::error::EngineError;
 use crate::keys::KeyRange;
 use crate::proto::{self, ClusterInfo, Control, Role, ServerStats, Status, ValueType};
 use crate::store::{Store, StoreConfig, StoreError};
-use crate::update::UpdateRegistry;
+use crate::update::{from_fn, Sum, UpdateFn, UpdateRegistry, ID_FIRST_USER};
 use crate::value::Value;
 use crate::worker::SCHEDULER_TAG;
 
@@ -49,6 +50,153 @@ pub struct ServerConfig {
     pub register_timeout: Duration,
     /// At shutdown, write the model to `DIR/model-RANK.bin` (see [`Server::run`]).
     pub dump_model: Option<std::path::PathBuf>,
+    /// User update rules this server serves beside the built-ins (MISSION.md P4), by the
+    /// ids [`UserRules`]' `add_*` methods return. Workers name them with
+    /// [`TaskOpts::func`](crate::worker::TaskOpts::func) or
+    /// [`Worker::push_with`](crate::worker::Worker::push_with).
+    pub rules: UserRules,
+}
+
+/// User update rules for a server: registered into its
+/// [`UpdateRegistry`] once the cluster table says which value type the cluster stores
+/// (the `f32` rules for an f32 cluster, the `f64` ones for f64).
+///
+/// Ids: the rules of one value type get [`ID_FIRST_USER`], [`ID_FIRST_USER`]` + 1`, ... in
+/// the order they were added, which is what the `add_*` methods return; every server of a
+/// cluster must add the same rules in the same order so that an id means the same rule
+/// everywhere. Rules are registered under their [`UpdateFn::name`]: adding a name again
+/// replaces the rule and keeps its id (as [`UpdateRegistry::register`] does). A name of a
+/// built-in (`default`, `assign`, `sum`, `sgd`, `adagrad`, `ftrl`) makes
+/// [`Server::start`] fail with [`EngineError::Config`].
+///
+/// The server's store keeps as much optimizer state per weight as the most demanding
+/// rule needs, its default rule and every user rule of its value type included, so a
+/// stateful user rule (momentum, counters) has its state beside the weights.
+///
+/// ```
+/// use pserv_engine::server::{ServerConfig, UserRules};
+/// use pserv_engine::update::ID_FIRST_USER;
+///
+/// let mut cfg = ServerConfig::new("127.0.0.1:9190".parse().unwrap());
+/// // Momentum: state v per weight, v = 0.9 v + g, w -= 0.1 v.
+/// let momentum = cfg.rules.add_f32_fn("momentum", 1, |w, v, g| {
+///     for ((w, v), &g) in w.iter_mut().zip(v.iter_mut()).zip(g) {
+///         *v = 0.9 * *v + g;
+///         *w -= 0.1 * *v;
+///     }
+/// });
+/// assert_eq!(momentum, ID_FIRST_USER);
+/// assert_eq!(cfg.rules.state_len_f32(), 1);
+/// assert_eq!(format!("{:?}", cfg.rules), r#"UserRules { f32: ["momentum"], f64: [] }"#);
+/// ```
+#[derive(Clone, Default)]
+pub struct UserRules {
+    /// Rules for clusters of `f32` values, in id order from [`ID_FIRST_USER`].
+    pub f32: Vec<Arc<dyn UpdateFn<f32>>>,
+    /// Rules for clusters of `f64` values, in id order from [`ID_FIRST_USER`].
+    pub f64: Vec<Arc<dyn UpdateFn<f64>>>,
+}
+
+impl std::fmt::Debug for UserRules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let f32: Vec<&str> = self.f32.iter().map(|r| r.name()).collect();
+        let f64: Vec<&str> = self.f64.iter().map(|r| r.name()).collect();
+        f.debug_struct("UserRules")
+            .field("f32", &f32)
+            .field("f64", &f64)
+            .finish()
+    }
+}
+
+/// Put `rule` into `rules` (replacing one of the same name) and return its id.
+fn add_rule<T: Value>(rules: &mut Vec<Arc<dyn UpdateFn<T>>>, rule: Arc<dyn UpdateFn<T>>) -> u16 {
+    let at = match rules.iter().position(|r| r.name() == rule.name()) {
+        Some(i) => {
+            rules[i] = rule;
+            i
+        }
+        None => {
+            rules.push(rule);
+            rules.len() - 1
+        }
+    };
+    u16::try_from(at)
+        .ok()
+        .and_then(|i| ID_FIRST_USER.checked_add(i))
+        .expect("all u16 update function ids are taken")
+}
+
+impl UserRules {
+    /// Add a rule for f32 clusters; returns the function id workers push with.
+    pub fn add_f32(&mut self, rule: Arc<dyn UpdateFn<f32>>) -> u16 {
+        add_rule(&mut self.f32, rule)
+    }
+
+    /// Add a rule for f64 clusters; returns the function id workers push with.
+    pub fn add_f64(&mut self, rule: Arc<dyn UpdateFn<f64>>) -> u16 {
+        add_rule(&mut self.f64, rule)
+    }
+
+    /// Add the closure `f(weights, state, grads)` as a rule named `name` for f32
+    /// clusters, keeping `state_len` state elements per weight ([`from_fn`] has the
+    /// contract); returns the function id workers push with.
+    pub fn add_f32_fn<F>(&mut self, name: &str, state_len: usize, f: F) -> u16
+    where
+        F: Fn(&mut [f32], &mut [f32], &[f32]) + Send + Sync + 'static,
+    {
+        self.add_f32(from_fn(name, state_len, f))
+    }
+
+    /// [`add_f32_fn`](Self::add_f32_fn) for f64 clusters.
+    pub fn add_f64_fn<F>(&mut self, name: &str, state_len: usize, f: F) -> u16
+    where
+        F: Fn(&mut [f64], &mut [f64], &[f64]) + Send + Sync + 'static,
+    {
+        self.add_f64(from_fn(name, state_len, f))
+    }
+
+    /// The most state per weight any f32 rule keeps (0 with none).
+    pub fn state_len_f32(&self) -> usize {
+        self.f32.iter().map(|r| r.state_len()).max().unwrap_or(0)
+    }
+
+    /// The most state per weight any f64 rule keeps (0 with none).
+    pub fn state_len_f64(&self) -> usize {
+        self.f64.iter().map(|r| r.state_len()).max().unwrap_or(0)
+    }
+
+    /// Whether no rule was added.
+    pub fn is_empty(&self) -> bool {
+        self.f32.is_empty() && self.f64.is_empty()
+    }
+}
+
+/// A registry with the cluster's default rule, the built-ins and `user` at their ids.
+fn registry<T: Value>(
+    default: Arc<dyn UpdateFn<T>>,
+    user: &[Arc<dyn UpdateFn<T>>],
+) -> Result<UpdateRegistry<T>, EngineError> {
+    let mut reg = UpdateRegistry::new(default);
+    for (i, rule) in user.iter().enumerate() {
+        let name = rule.name();
+        if let Some(id) = reg.id_of(name) {
+            return Err(EngineError::Config(format!(
+                "user update rule {name:?} (number {}): {}",
+                i + 1,
+                if id < ID_FIRST_USER {
+                    "the name is a built-in's".to_owned()
+                } else {
+                    format!(
+                        "the name is taken by rule number {}",
+                        id - ID_FIRST_USER + 1
+                    )
+                }
+            )));
+        }
+        let id = reg.register(name, rule.clone());
+        debug_assert_eq!(usize::from(id - ID_FIRST_USER), i);
+    }
+    Ok(reg)
 }
 
 impl ServerConfig {
@@ -62,6 +210,7 @@ impl ServerConfig {
             shards: 16,
             register_timeout: Duration::from_secs(120),
             dump_model: None,
+            rules: UserRules::default(),
         }
     }
 }
@@ -90,6 +239,9 @@ pub(crate) struct Ready {
     workers: u32,
     /// Worker clocks and the clocked requests waiting on them (bounded delay, P6).
     clocks: Mutex<ClockGate<Held>>,
+    /// Requests (pulls, and ordered pushes) the gate held, and their total wait in
+    /// nanoseconds.
+    held: (AtomicU64, AtomicU64),
 }
 
 struct Core {
@@ -174,9 +326,11 @@ impl Handler for ServerHandler {
         let held = Held {
             conn: conn.clone(),
             frame: frame.into_owned(),
+            since: std::time::Instant::now(),
         };
         let mut gate = ready.clocks.lock();
-        let actions = if h.kind == MessageKind::Pull as u8 {
+        let is_pull = h.kind == MessageKind::Pull as u8;
+        let actions = if is_pull {
             match gate.pull(h.clock, ready.range, held) {
                 Some(p) => vec![Action::Answer(p)],
                 None => Vec::new(),
@@ -202,11 +356,16 @@ impl Handler for ServerHandler {
     }
 }
 
-/// A clocked request the gate holds: where it came from and its bytes.
+/// A clocked request the gate holds: where it came from, its bytes, when it arrived.
 struct Held {
     conn: Conn,
     frame: OwnedFrame,
+    since: std::time::Instant,
 }
+
+/// A request served this long after it arrived counts as held by the gate (requests
+/// served at once take a few microseconds).
+const HELD_MIN: Duration = Duration::from_micros(50);
 
 /// Carry out the gate's decisions, in order, with the gate still locked (the order of
 /// applies is what sequential consistency promises).
@@ -214,6 +373,14 @@ fn run_actions(core: &Core, ready: &Ready, gate: &mut ClockGate<Held>, actions: 
     for a in actions {
         match a {
             Action::Apply(p) | Action::Answer(p) => {
+                let waited = p.since.elapsed();
+                if waited >= HELD_MIN {
+                    ready.held.0.fetch_add(1, Ordering::Relaxed);
+                    ready
+                        .held
+                        .1
+                        .fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
+                }
                 let clock = gate.clock().min(ready.range);
                 answer_request(core, ready, &p.frame.frame(), &p.conn, clock);
             }
@@ -392,6 +559,9 @@ impl Server {
     /// Start listening, register with the scheduler, and wait for the cluster table;
     /// from then on requests are served on the event loops.
     pub fn start(cfg: ServerConfig) -> Result<Server, EngineError> {
+        // Refuse bad user rules before registering, not once the cluster is up.
+        registry::<f32>(Arc::new(Sum), &cfg.rules.f32)?;
+        registry::<f64>(Arc::new(Sum), &cfg.rules.f64)?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let core = Arc::new(Core {
             ready: OnceLock::new(),
@@ -433,7 +603,7 @@ impl Server {
             }
         };
         transport.repin(node_id as usize);
-        let ready = make_ready(node_id, rank, &cluster, cfg.shards)?;
+        let ready = make_ready(node_id, rank, &cluster, cfg.shards, &cfg.rules)?;
         tracing::info!(node_id, rank, range = %ready.range, %addr, "server ready");
         let _ = core.ready.set(ready);
         scheduler.send(Control::Ready.to_frame(node_id))?;
@@ -463,8 +633,8 @@ impl Server {
         }
         if let Some(r) = self.core.ready.get() {
             let stats = match &r.store {
-                AnyStore::F32(t) => stats_of(r.rank, &t.store),
-                AnyStore::F64(t) => stats_of(r.rank, &t.store),
+                AnyStore::F32(t) => stats_of(r, &t.store),
+                AnyStore::F64(t) => stats_of(r, &t.store),
             };
             tracing::info!(
                 rank = r.rank,
@@ -496,12 +666,14 @@ impl Server {
     }
 }
 
-fn stats_of<T: Value>(rank: u32, store: &Store<T>) -> ServerStats {
+fn stats_of<T: Value>(ready: &Ready, store: &Store<T>) -> ServerStats {
     ServerStats {
-        rank,
+        rank: ready.rank,
         keys: store.key_count(),
         nonzero: store.nonzero_count(),
         bytes: store.bytes(),
+        held_pulls: ready.held.0.load(Ordering::Relaxed),
+        held_pull_seconds: ready.held.1.load(Ordering::Relaxed) as f64 * 1e-9,
     }
 }
 
@@ -527,23 +699,29 @@ fn make_ready(
     rank: u32,
     cluster: &ClusterInfo,
     shards: usize,
+    rules: &UserRules,
 ) -> Result<Ready, EngineError> {
     let range = cluster.partition.range(rank as usize);
+    // Enough state for the default rule and every user rule of the cluster's type.
+    let user_state_len = match cluster.value_type {
+        ValueType::F32 => rules.state_len_f32(),
+        ValueType::F64 => rules.state_len_f64(),
+    };
     let cfg = StoreConfig {
         shards,
         value_len: cluster.value_len as usize,
-        state_len: cluster.update.state_len(),
+        state_len: cluster.update.state_len().max(user_state_len),
         ..StoreConfig::default()
     };
     let err = |e: StoreError| EngineError::Config(format!("creating the store: {e}"));
     let store = match cluster.value_type {
         ValueType::F32 => AnyStore::F32(Typed {
+            updates: registry(cluster.update.build::<f32>(), &rules.f32)?,
             store: Store::new(range, cfg).map_err(err)?,
-            updates: UpdateRegistry::new(cluster.update.build::<f32>()),
         }),
         ValueType::F64 => AnyStore::F64(Typed {
+            updates: registry(cluster.update.build::<f64>(), &rules.f64)?,
             store: Store::new(range, cfg).map_err(err)?,
-            updates: UpdateRegistry::new(cluster.update.build::<f64>()),
         }),
     };
     Ok(Ready {
@@ -554,5 +732,6 @@ fn make_ready(
         servers: cluster.servers.len() as u32,
         workers: cluster.workers,
         clocks: Mutex::new(ClockGate::new(range, cluster.workers as usize)),
+        held: (AtomicU64::new(0), AtomicU64::new(0)),
     })
 }

@@ -110,6 +110,22 @@ pub fn net_flags() -> Vec<String> {
 
 impl Cluster {
     pub fn start(servers: u32, workers: u32, extra_scheduler: &[&str]) -> Cluster {
+        let mut c = Cluster::scheduler_only(servers, workers, extra_scheduler);
+        for r in 0..servers {
+            let mut a = vec![
+                "server".to_string(),
+                format!("--scheduler={}", c.scheduler),
+                format!("--rank={r}"),
+            ];
+            a.extend(net_flags());
+            c.procs.spawn(&format!("server {r}"), &a);
+        }
+        c
+    }
+
+    /// Only the scheduler process, expecting `servers` servers and `workers` workers that
+    /// the test starts itself (for example in-process `Server`s with user rules).
+    pub fn scheduler_only(servers: u32, workers: u32, extra_scheduler: &[&str]) -> Cluster {
         let scratch = Scratch::new("cluster");
         let port = scratch.path("sched.addr");
         let mut procs = Procs::default();
@@ -128,15 +144,6 @@ impl Cluster {
             .trim()
             .parse()
             .unwrap();
-        for r in 0..servers {
-            let mut a = vec![
-                "server".to_string(),
-                format!("--scheduler={scheduler}"),
-                format!("--rank={r}"),
-            ];
-            a.extend(net_flags());
-            procs.spawn(&format!("server {r}"), &a);
-        }
         Cluster {
             procs,
             scheduler,
