@@ -47,6 +47,8 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 pub mod seqlock;
+#[cfg(feature = "rdma")]
+pub mod rdma;
 pub mod shm;
 
 /// Errors of one-sided operations.
