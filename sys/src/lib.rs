@@ -9,7 +9,8 @@
 //!   once in the log and carries on unlocked.
 //! - [`SharedRegion`]: a sealed memfd mapping that other processes of the host map by its
 //!   locator (`/proc/<pid>/fd/<n>`), accessed only through atomic words and racy copies
-//!   (`rep movsb`), so peers' concurrent writes are never undefined behaviour.
+//!   (vector loads and stores in inline assembly), so peers' concurrent writes are never
+//!   undefined behaviour.
 //! - [`cpu`]: core counting and pinning the calling thread to a core.
 //! - [`prefetch_read`]: a software prefetch hint for hash-table probes.
 //! - [`fd::wait_writable`]: wait (bounded) until a socket can take more bytes.

@@ -38,9 +38,10 @@
 //! # Ordering assumption for RDMA (and for bulk copies)
 //!
 //! [`BlockLayout::validate_copied`] needs one version word of each block to be read
-//! before all of its payload and the other after. A CPU reader guarantees this (discrete
-//! loads around the copy; x86 orders a string copy as a whole against surrounding
-//! loads). For an RDMA READ of a span it assumes the NIC reads each block's first and
+//! before all of its payload and the other after. A CPU reader guarantees this: the
+//! live reader loads the versions around the copy, and a bulk copy
+//! (`SharedRegion::copy_out`, a vector load loop) loads in ascending address order, which
+//! x86-TSO keeps (loads are not reordered with older loads). For an RDMA READ of a span it assumes the NIC reads each block's first and
 //! last cache line no later / no earlier than its payload lines — true of NICs that DMA a
 //! READ in increasing address order (common practice), **not promised by the verbs
 //! specification**. FaRM avoids the assumption with a version in every cache line (it
