@@ -635,7 +635,12 @@ fn child_bench() {
     let mut dst2 = vec![1u8; BIG + 4096];
     let skip = 4096 - (dst2.as_ptr() as usize % 4096);
     let copy_out3 = median(15, || plain.copy_out(0, &mut dst2[skip..][..BIG]));
-    eprintln!("copy_out plain {} versioned {} aligned-dst {}", gbps(BIG, copy_out), gbps(BIG, copy_out2), gbps(BIG, copy_out3));
+    eprintln!(
+        "copy_out plain {} versioned {} aligned-dst {}",
+        gbps(BIG, copy_out),
+        gbps(BIG, copy_out2),
+        gbps(BIG, copy_out3)
+    );
     let mut local = env.backend.register(BIG).unwrap();
     let op_read = median(15, || {
         env.backend.read(&plain, 0, &mut local, 0, BIG).unwrap();

@@ -46,9 +46,9 @@ use std::fmt;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-pub mod seqlock;
 #[cfg(feature = "rdma")]
 pub mod rdma;
+pub mod seqlock;
 pub mod shm;
 
 /// Errors of one-sided operations.
