@@ -13,6 +13,7 @@
 //! - [`workload`]: the dense and sparse cells a worker runs.
 //! - [`report`]: Markdown tables and the RESULTS.md section.
 //! - [`run`]: one whole run.
+//! - [`tau`]: the bounded-delay sweep (`tau-sweep`): time to a target logloss vs tau.
 #![forbid(unsafe_code)]
 
 pub mod baseline;
@@ -22,6 +23,7 @@ pub mod machine;
 pub mod report;
 pub mod run;
 pub mod stats;
+pub mod tau;
 pub mod workload;
 
 pub use error::BenchError;

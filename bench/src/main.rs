@@ -1,14 +1,16 @@
 //! `pserv-bench`: pserv push / pull over TCP loopback against raw sockets and memcpy.
 //!
-//! `cargo run --release -p pserv-bench -- [--quick]`. The hidden subcommands
-//! `__scheduler` and `__server` are how the bench starts the cluster's other processes
-//! (it re-executes itself).
+//! `cargo run --release -p pserv-bench -- [--quick]`; `... -- tau-sweep [--quick]` runs the
+//! bounded-delay experiment. The hidden subcommands `__scheduler` and `__server`, and
+//! `pserv ...` (the whole `pserv` command line), are how the bench starts the cluster's
+//! other processes (it re-executes itself).
 #![forbid(unsafe_code)]
 
 use clap::{Parser, Subcommand};
 
 use pserv_bench::cluster::{scheduler_main, server_main, SchedulerArgs, ServerArgs};
 use pserv_bench::run::{run, RunArgs};
+use pserv_bench::tau::{tau_sweep, TauArgs};
 
 /// pserv bench harness: push / pull goodput and latency vs raw TCP and memcpy.
 #[derive(Debug, Parser)]
@@ -28,9 +30,21 @@ enum Role {
     /// The cluster's server (started by the bench itself).
     #[command(name = "__server", hide = true)]
     Server(ServerArgs),
+    /// The bounded-delay experiment: time to a target logloss for a range of tau.
+    TauSweep(TauArgs),
 }
 
 fn main() {
+    // `pserv-bench pserv ...` is the `pserv` binary (how tau-sweep starts its clusters).
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == "pserv") {
+        std::process::exit(
+            match pserv_engine::app::main(args[1..].to_vec(), vec!["pserv".into()]) {
+                c if c == std::process::ExitCode::SUCCESS => 0,
+                _ => 1,
+            },
+        );
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -42,6 +56,13 @@ fn main() {
     let result = match &cli.role {
         Some(Role::Scheduler(a)) => scheduler_main(a),
         Some(Role::Server(a)) => server_main(a),
+        Some(Role::TauSweep(a)) => {
+            let args: Vec<String> = std::env::args().skip(1).collect();
+            tau_sweep(
+                a,
+                format!("cargo run --release -p pserv-bench -- {}", args.join(" ")),
+            )
+        }
         None => {
             let args: Vec<String> = std::env::args().skip(1).collect();
             let command = if args.is_empty() {

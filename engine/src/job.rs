@@ -32,6 +32,17 @@ pub enum Optimizer {
     Ftrl,
 }
 
+/// One `--slow-worker` spec: a worker (or every worker) sleeping before minibatches.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Slowdown {
+    /// The worker rank, or every worker (`None`).
+    pub rank: Option<u32>,
+    /// How long it sleeps.
+    pub delay: std::time::Duration,
+    /// The share of minibatches it sleeps before (1: every one).
+    pub prob: f64,
+}
+
 /// Flags of the LR job.
 #[derive(Args, Clone, Debug)]
 pub struct JobArgs {
@@ -71,7 +82,9 @@ pub struct JobArgs {
     /// Consistency model: sequential, eventual, or bounded:TAU (bounded delay).
     #[arg(long, env = "PSERV_CONSISTENCY", default_value = "eventual")]
     pub consistency: Consistency,
-    /// Slow one worker down: `RANK:MS` sleeps MS milliseconds per minibatch on that rank.
+    /// Slow workers down: `RANK:MS` sleeps MS milliseconds before every minibatch on that
+    /// rank; `RANK:MS:P` only before a random share P of them (a straggler); `*` for
+    /// RANK means every worker; several specs separated by commas.
     #[arg(long, env = "PSERV_SLOW_WORKER")]
     pub slow_worker: Option<String>,
     /// Worker 0 also evaluates every N minibatches (0: only after each epoch).
@@ -165,20 +178,42 @@ impl JobArgs {
         a
     }
 
-    /// The slowed-down worker and its delay per minibatch (`--slow-worker RANK:MS`).
-    pub fn slow(&self) -> Result<Option<(u32, std::time::Duration)>, EngineError> {
+    /// The slowdowns of `--slow-worker`, checked.
+    pub fn slow(&self) -> Result<Vec<Slowdown>, EngineError> {
         let Some(s) = &self.slow_worker else {
-            return Ok(None);
+            return Ok(Vec::new());
         };
-        let bad =
-            || EngineError::Config(format!("--slow-worker {s:?}: expected RANK:MILLISECONDS"));
-        let (r, ms) = s.split_once(':').ok_or_else(bad)?;
-        let r: u32 = r.trim().parse().map_err(|_| bad())?;
-        let ms: f64 = ms.trim().parse().map_err(|_| bad())?;
-        if !(ms.is_finite() && ms >= 0.0) {
-            return Err(bad());
+        let bad = || {
+            EngineError::Config(format!(
+                "--slow-worker {s:?}: expected RANK:MS or RANK:MS:P (RANK a number or *, \
+                 MS milliseconds, P a probability), comma-separated"
+            ))
+        };
+        let mut out = Vec::new();
+        for spec in s.split(',') {
+            let parts: Vec<&str> = spec.split(':').map(str::trim).collect();
+            if !(2..=3).contains(&parts.len()) {
+                return Err(bad());
+            }
+            let rank = match parts[0] {
+                "*" => None,
+                r => Some(r.parse::<u32>().map_err(|_| bad())?),
+            };
+            let ms: f64 = parts[1].parse().map_err(|_| bad())?;
+            let prob: f64 = match parts.get(2) {
+                Some(p) => p.parse().map_err(|_| bad())?,
+                None => 1.0,
+            };
+            if !(ms.is_finite() && ms >= 0.0 && (0.0..=1.0).contains(&prob)) {
+                return Err(bad());
+            }
+            out.push(Slowdown {
+                rank,
+                delay: std::time::Duration::from_secs_f64(ms / 1000.0),
+                prob,
+            });
         }
-        Ok(Some((r, std::time::Duration::from_secs_f64(ms / 1000.0))))
+        Ok(out)
     }
 
     /// The servers' default update rule for this job.
@@ -278,12 +313,14 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
         .unwrap_or(0);
     let steps = longest.div_ceil(params.batch_size.max(1));
     let clocked = job.consistency != Consistency::Eventual;
-    let slow = job
-        .slow()
-        .ok()
-        .flatten()
-        .filter(|(r, _)| *r as usize == rank)
-        .map(|(_, d)| d);
+    let slow: Vec<Slowdown> = job
+        .slow()?
+        .into_iter()
+        .filter(|s| s.rank.is_none_or(|r| r as usize == rank))
+        .collect();
+    let mut straggle_rng = crate::lr::rng::SplitMix64::new(
+        job.seed ^ 0x005e_ed0f_57a6_61e5 ^ (rank as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+    );
     let mut trace = match &job.trace {
         Some(p) => {
             let path = PathBuf::from(format!("{}.{rank}", p.display()));
@@ -340,8 +377,10 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
                 }
                 continue;
             };
-            if let Some(d) = slow {
-                std::thread::sleep(d);
+            for s in &slow {
+                if s.prob >= 1.0 || straggle_rng.next_f64() < s.prob {
+                    std::thread::sleep(s.delay);
+                }
             }
             let keys: Arc<Vec<u64>> = Arc::new(batch.unique_keys().to_vec());
             let asked = Instant::now();

@@ -9,12 +9,13 @@
 //! - [`server`]: the server node, serving requests on the event loops.
 //! - [`worker`]: the worker API training code calls.
 //! - [`lr`] and [`job`]: the main job, sparse logistic regression.
-//! - [`local`] and [`cli`]: the `pserv` binary's launcher and flags.
+//! - [`app`], [`local`] and [`cli`]: the `pserv` command line, its launcher and flags.
 //!
 //! The engine does no unsafe: memory comes from `pserv-sys`, bytes move through
 //! `pserv-transport`.
 #![forbid(unsafe_code)]
 
+pub mod app;
 pub mod cli;
 pub mod clock;
 pub mod consistency;

@@ -15,8 +15,11 @@ use crate::error::EngineError;
 /// What `pserv local` starts.
 #[derive(Clone, Debug)]
 pub struct LocalPlan {
-    /// The `pserv` executable.
+    /// The executable that runs the `pserv` command line.
     pub exe: PathBuf,
+    /// Arguments before the role subcommand (empty for the `pserv` binary; see
+    /// [`crate::app::main`]).
+    pub exe_prefix: Vec<String>,
     /// Arguments of the scheduler command (after `scheduler`), without the address flags.
     pub scheduler_args: Vec<String>,
     /// Arguments of every server command (after `server`), without the address flags.
@@ -53,9 +56,11 @@ impl Drop for Procs {
     }
 }
 
-fn spawn(exe: &Path, name: String, args: Vec<String>) -> Result<Proc, EngineError> {
+fn spawn(plan: &LocalPlan, name: String, args: Vec<String>) -> Result<Proc, EngineError> {
     tracing::debug!(%name, ?args, "starting");
+    let exe = &plan.exe;
     let child = Command::new(exe)
+        .args(&plan.exe_prefix)
         .args(&args)
         .spawn()
         .map_err(|source| EngineError::Io {
@@ -104,7 +109,7 @@ fn run_in(plan: &LocalPlan, dir: &Path) -> Result<serde_json::Value, EngineError
         format!("--summary-json={}", summary.display()),
     ];
     args.extend(plan.scheduler_args.iter().cloned());
-    procs.0.push(spawn(&plan.exe, "scheduler".into(), args)?);
+    procs.0.push(spawn(plan, "scheduler".into(), args)?);
 
     // Wait for the scheduler's address.
     let addr = loop {
@@ -121,7 +126,7 @@ fn run_in(plan: &LocalPlan, dir: &Path) -> Result<serde_json::Value, EngineError
             format!("--rank={rank}"),
         ];
         a.extend(plan.server_args.iter().cloned());
-        procs.0.push(spawn(&plan.exe, format!("server {rank}"), a)?);
+        procs.0.push(spawn(plan, format!("server {rank}"), a)?);
     }
     for rank in 0..plan.workers {
         let mut a = vec![
@@ -130,7 +135,7 @@ fn run_in(plan: &LocalPlan, dir: &Path) -> Result<serde_json::Value, EngineError
             format!("--rank={rank}"),
         ];
         a.extend(plan.worker_args.iter().cloned());
-        procs.0.push(spawn(&plan.exe, format!("worker {rank}"), a)?);
+        procs.0.push(spawn(plan, format!("worker {rank}"), a)?);
     }
     // Wait for every process to exit successfully.
     while procs.0.iter().any(|p| p.status.is_none()) {

@@ -117,6 +117,13 @@ pub struct ServerStats {
     pub nonzero: u64,
     /// Pinned bytes of the store.
     pub bytes: u64,
+    /// Requests the clock gate held back: pulls waiting for the workers' clocks (bounded
+    /// delay, sequential) and ordered pushes waiting for their clock's batch (sequential).
+    #[serde(default)]
+    pub held_pulls: u64,
+    /// Total seconds the held requests waited in the clock gate.
+    #[serde(default)]
+    pub held_pull_seconds: f64,
 }
 
 /// Control-plane messages.

@@ -681,7 +681,10 @@ fn merge_summary(core: &SchedulerCore, seconds: f64) -> serde_json::Value {
     obj.insert("workers_finished".into(), (core.stats.len() as u64).into());
     let worked: f64 = core.stats.iter().map(|s| s.seconds).sum();
     let blocked: f64 = core.stats.iter().map(|s| s.blocked_seconds).sum();
+    obj.insert("worker_seconds".into(), worked.into());
     if worked > 0.0 {
+        // Share of the workers' time spent waiting for pulls: round trips plus any time
+        // the consistency gates held them (gate_held_seconds, from the servers).
         obj.insert("blocked_fraction".into(), (blocked / worked).into());
     }
     if !core.server_stats.is_empty() {
@@ -689,6 +692,10 @@ fn merge_summary(core: &SchedulerCore, seconds: f64) -> serde_json::Value {
         let keys: u64 = core.server_stats.iter().map(|s| s.keys).sum();
         obj.insert("nonzero_weights".into(), nonzero.into());
         obj.insert("stored_keys".into(), keys.into());
+        let held: u64 = core.server_stats.iter().map(|s| s.held_pulls).sum();
+        let held_s: f64 = core.server_stats.iter().map(|s| s.held_pull_seconds).sum();
+        obj.insert("gate_held_pulls".into(), held.into());
+        obj.insert("gate_held_seconds".into(), held_s.into());
     }
     serde_json::Value::Object(obj)
 }

@@ -278,7 +278,8 @@ fn borrowed_sends_reach_slow_readers_intact() {
     std::thread::sleep(Duration::from_millis(100));
     let mut all = Vec::new();
     use std::io::Read;
-    let want = wire::pad8(wire::HEADER_LEN + a.len() + b.len()) + wire::pad8(wire::HEADER_LEN + 8 + 4);
+    let want =
+        wire::pad8(wire::HEADER_LEN + a.len() + b.len()) + wire::pad8(wire::HEADER_LEN + 8 + 4);
     peer.set_read_timeout(Some(WAIT)).unwrap();
     while all.len() < want {
         let mut buf = vec![0u8; 1 << 20];

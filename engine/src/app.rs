@@ -1,0 +1,262 @@
+//! The `pserv` command line: `local` runs a whole cluster on this machine; `scheduler`,
+//! `server` and `worker` run one role each. The `pserv` binary is a call to [`main`];
+//! other binaries (the bench harness) embed the same command line and re-execute
+//! themselves with a prefix argument for each role (see [`main`]).
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::cli::{ClusterArgs, NetArgs, OutputArgs, SchedulerAddr};
+use crate::error::EngineError;
+use crate::job::JobArgs;
+use crate::local::{run_local, LocalPlan};
+use crate::scheduler::{run_scheduler, SchedulerConfig};
+use crate::server::{Server, ServerConfig};
+use crate::update::UpdateSpec;
+use crate::worker::{Worker, WorkerConfig};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "pserv",
+    version,
+    about = "A parameter server: scheduler, servers and workers over TCP"
+)]
+struct Cli {
+    /// Log filter (tracing env-filter syntax), e.g. `info` or `pserv_engine=debug`.
+    #[arg(long, global = true, env = "PSERV_LOG", default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run a whole cluster on this machine (scheduler, servers and workers as separate
+    /// processes on 127.0.0.1) training sparse logistic regression.
+    Local {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        #[command(flatten)]
+        job: JobArgs,
+        #[command(flatten)]
+        net: NetArgs,
+        #[command(flatten)]
+        output: OutputArgs,
+        /// Server update function (default: `sgd:<lr>`).
+        #[arg(long, env = "PSERV_UPDATE")]
+        update: Option<UpdateSpec>,
+        /// Kill the cluster if it has not finished after this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout_secs: u64,
+        /// At the end, every server writes its part of the model to DIR/model-RANK.bin.
+        #[arg(long, env = "PSERV_DUMP_MODEL")]
+        dump_model: Option<std::path::PathBuf>,
+    },
+    /// Run the scheduler.
+    Scheduler {
+        /// Address to listen on.
+        #[arg(long, env = "PSERV_SCHEDULER_LISTEN", default_value = crate::cli::DEFAULT_SCHEDULER)]
+        listen: std::net::SocketAddr,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        #[command(flatten)]
+        net: NetArgs,
+        #[command(flatten)]
+        output: OutputArgs,
+        /// Server update function: assign, sum, sgd or sgd:LR.
+        #[arg(long, env = "PSERV_UPDATE", default_value = "sum")]
+        update: UpdateSpec,
+        /// Write the bound address to this file once listening.
+        #[arg(long)]
+        port_file: Option<std::path::PathBuf>,
+        /// Draw a progress bar.
+        #[arg(long)]
+        progress: bool,
+        /// Give up if not every node registered within this many seconds.
+        #[arg(long, default_value_t = 120)]
+        register_timeout_secs: u64,
+    },
+    /// Run a server.
+    Server {
+        #[command(flatten)]
+        sched: SchedulerAddr,
+        /// Address to listen on for workers (port 0: any).
+        #[arg(long, env = "PSERV_SERVER_LISTEN", default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+        /// Requested rank.
+        #[arg(long, env = "PSERV_RANK")]
+        rank: Option<u32>,
+        /// Store shards (one lock each).
+        #[arg(long, env = "PSERV_SHARDS", default_value_t = 16)]
+        shards: usize,
+        /// At the end, write this server's part of the model to DIR/model-RANK.bin.
+        #[arg(long, env = "PSERV_DUMP_MODEL")]
+        dump_model: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        net: NetArgs,
+    },
+    /// Run a worker training sparse logistic regression.
+    Worker {
+        #[command(flatten)]
+        sched: SchedulerAddr,
+        /// Requested rank (decides the data shard).
+        #[arg(long, env = "PSERV_RANK")]
+        rank: Option<u32>,
+        /// Microseconds `wait` spins before parking.
+        #[arg(long, env = "PSERV_SPIN_US", default_value_t = 100)]
+        spin_us: u64,
+        #[command(flatten)]
+        job: JobArgs,
+        #[command(flatten)]
+        net: NetArgs,
+    },
+}
+
+/// Run the `pserv` command line on `args` (the first is the program name) and return the
+/// exit code. `exe_prefix` are the arguments the current executable needs before a
+/// `pserv` subcommand: empty for the `pserv` binary; e.g. `["pserv"]` for a binary that
+/// dispatches `BIN pserv ...` here. `local` starts its processes as
+/// `current_exe exe_prefix... ROLE ...`.
+pub fn main(args: Vec<OsString>, exe_prefix: Vec<String>) -> ExitCode {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    // A host binary may have set a subscriber already; keep it then.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    match run(cli.cmd, exe_prefix) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pserv: error: {e}");
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                eprintln!("  caused by: {s}");
+                src = s.source();
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> {
+    match cmd {
+        Cmd::Local {
+            cluster,
+            job,
+            net,
+            output,
+            update,
+            timeout_secs,
+            dump_model,
+        } => {
+            net.tcp()?;
+            job.check()?;
+            let update = update.unwrap_or(job.update_spec());
+            cluster.spec(update)?;
+            let exe = std::env::current_exe().map_err(|source| EngineError::Io {
+                context: "finding the pserv executable".into(),
+                source,
+            })?;
+            let mut scheduler_args = vec![
+                format!("--servers={}", cluster.servers),
+                format!("--workers={}", cluster.workers),
+                format!(
+                    "--value-type={}",
+                    match cluster.value_type {
+                        crate::proto::ValueType::F32 => "f32",
+                        crate::proto::ValueType::F64 => "f64",
+                    }
+                ),
+                format!("--value-len={}", cluster.value_len),
+                format!("--update={update}"),
+                "--progress".into(),
+            ];
+            scheduler_args.extend(net.to_args());
+            let plan = LocalPlan {
+                exe,
+                exe_prefix,
+                scheduler_args,
+                server_args: [
+                    net.to_args(),
+                    dump_model
+                        .iter()
+                        .map(|d| format!("--dump-model={}", d.display()))
+                        .collect(),
+                ]
+                .concat(),
+                worker_args: [job.to_args(), net.to_args()].concat(),
+                servers: cluster.servers,
+                workers: cluster.workers,
+                summary_json: output.summary_json.clone(),
+                timeout: Duration::from_secs(timeout_secs),
+            };
+            let summary = run_local(&plan)?;
+            println!(
+                "summary: {}",
+                serde_json::to_string(&summary).expect("json encodes")
+            );
+            Ok(())
+        }
+        Cmd::Scheduler {
+            listen,
+            cluster,
+            net,
+            output,
+            update,
+            port_file,
+            progress,
+            register_timeout_secs,
+        } => {
+            run_scheduler(SchedulerConfig {
+                listen,
+                spec: cluster.spec(update)?,
+                tcp: net.tcp()?,
+                port_file,
+                summary_json: output.summary_json,
+                progress,
+                register_timeout: Duration::from_secs(register_timeout_secs),
+            })?;
+            Ok(())
+        }
+        Cmd::Server {
+            sched,
+            listen,
+            rank,
+            shards,
+            dump_model,
+            net,
+        } => {
+            let mut cfg = ServerConfig::new(sched.scheduler);
+            cfg.listen = listen;
+            cfg.rank = rank;
+            cfg.shards = shards.max(1);
+            cfg.dump_model = dump_model;
+            cfg.tcp = net.tcp()?;
+            Server::start(cfg)?.run()
+        }
+        Cmd::Worker {
+            sched,
+            rank,
+            spin_us,
+            job,
+            net,
+        } => {
+            job.check()?;
+            let mut cfg = WorkerConfig::new(sched.scheduler);
+            cfg.rank = rank;
+            cfg.spin_us = spin_us;
+            cfg.consistency = job.consistency;
+            cfg.tcp = net.tcp()?;
+            let worker = Worker::connect(cfg)?;
+            crate::job::run_lr_worker(worker, &job)
+        }
+    }
+}
