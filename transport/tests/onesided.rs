@@ -403,7 +403,7 @@ fn a_descriptor_with_a_wrong_key_or_an_out_of_range_offset_is_refused() {
     let peer = ShmBackend::new().unwrap();
     let (po, eo) = owner.prepare().unwrap();
     let (pp, ep) = peer.prepare().unwrap();
-    let _ = owner.connect(po, &ep).unwrap();
+    let _o2p = owner.connect(po, &ep).unwrap();
     let to_owner = peer.connect(pp, &eo).unwrap();
     let store = owner.register(1 << 16).unwrap();
     let mut desc = RegionDesc::decode(&owner.describe(&store).encode()).unwrap();

@@ -26,19 +26,39 @@
 //! [`Memory`], so a shm peer can run [`Seqlock::read`](super::seqlock::Seqlock::read)
 //! straight on the owner's blocks (one copy, validated block by block).
 //!
-//! Notifications are datagrams on Unix sockets in the abstract namespace (nothing to
-//! clean up after a crash): `[token u64][imm u32]`, where the token is the one the
-//! receiver handed out in its endpoint, so it knows the sender and drops anything else.
-//! Datagrams of one sender arrive in order; a sender blocks (bounded by
-//! [`ShmConfig::notify_timeout`]) while the receiver's queue is full.
+//! # Notices
+//!
+//! Every connection has a **notice ring** in shared memory, created by the receiving
+//! side in [`OneSided::prepare`] (its locator and key travel in the endpoint bytes) and
+//! mapped by the sending side in [`OneSided::connect`]:
+//!
+//! ```text
+//!  offset  field (u64)
+//!   0      magic "PSRVRING"       8  key (random)
+//!   64     tail: notices published by the sender (its own cache line)
+//!   128    head: notices consumed by the receiver
+//!   192    sleeping: non-zero while the receiver blocks in wait_notice
+//!   4096   RING_SLOTS slots, one immediate each
+//! ```
+//!
+//! A sender writes slot `tail % RING_SLOTS`, then publishes `tail + 1` (release): the
+//! data it wrote before is visible to a receiver that sees the new tail. A full ring
+//! makes the sender wait, bounded by [`ShmConfig::notify_timeout`]. A busy-polling
+//! receiver ([`OneSided::poll_notice`]) checks one word per peer and never makes a system
+//! call, so a write-and-notify round trip costs cache-line transfers, not wake-ups.
+//! Only a receiver that sleeps ([`OneSided::wait_notice`]) is woken, by a datagram on its
+//! Unix socket (abstract namespace: nothing to clean up after a crash); the `sleeping`
+//! word and SeqCst fences on both sides (Dekker) make sure no notice is missed.
+//!
+//! A ring whose tail runs more than `RING_SLOTS` ahead (a peer gone mad) is dropped
+//! with one log line; the other peers are served on.
 
-use std::collections::HashMap;
 use std::io::{self, Read};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::sync::atomic::{fence, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use pserv_sys::{page_size, SharedRegion, ShmError};
@@ -51,12 +71,21 @@ use super::{
 pub const HEADER_LEN: usize = 4096;
 /// "PSRVSHM1" as a little-endian u64.
 const REGION_MAGIC: u64 = u64::from_le_bytes(*b"PSRVSHM1");
+/// "PSRVRING" as a little-endian u64.
+const RING_MAGIC: u64 = u64::from_le_bytes(*b"PSRVRING");
+/// Notices a ring holds.
+pub const RING_SLOTS: usize = 512;
+const RING_TAIL: usize = 64;
+const RING_HEAD: usize = 128;
+const RING_SLEEPING: usize = 192;
+const RING_SLOTS_AT: usize = 4096;
+const RING_LEN: usize = RING_SLOTS_AT + 8 * RING_SLOTS;
 /// "PSEP": endpoint bytes.
 const ENDPOINT_MAGIC: u32 = u32::from_le_bytes(*b"PSEP");
-const ENDPOINT_VERSION: u8 = 1;
+const ENDPOINT_VERSION: u8 = 2;
 const ENDPOINT_FIXED: usize = 24;
 const NAME_MAX: usize = 100;
-const NOTICE_LEN: usize = 12;
+const LOCATOR_MAX: usize = 64;
 
 /// Configuration of a [`ShmBackend`].
 #[derive(Clone, Debug)]
@@ -77,21 +106,37 @@ impl Default for ShmConfig {
 #[derive(Debug)]
 pub struct ShmBackend {
     cfg: ShmConfig,
-    /// Bound to `name` in the abstract namespace; receives notices.
-    recv: Mutex<Receiver>,
-    /// Unbound, blocking with a send timeout; sends notices.
+    /// Bound to `name` in the abstract namespace; receives wake-ups only.
+    wake: Mutex<WakeSocket>,
+    /// Unbound; sends wake-ups.
     send: UnixDatagram,
     name: Vec<u8>,
-    /// Tokens this side handed out (in endpoints) -> the peer they belong to.
-    tokens: Mutex<HashMap<u64, PeerId>>,
+    /// Rings of connected peers, polled round robin.
+    rx: Arc<Mutex<RxRings>>,
     next_region: AtomicU64,
     next_peer: AtomicU64,
 }
 
 #[derive(Debug)]
-struct Receiver {
+struct WakeSocket {
     sock: UnixDatagram,
     nonblocking: bool,
+}
+
+#[derive(Debug, Default)]
+struct RxRings {
+    rings: Vec<RxRing>,
+    /// Where the next poll starts (fairness between peers).
+    next: usize,
+}
+
+/// A ring this side consumes.
+#[derive(Debug)]
+struct RxRing {
+    peer: PeerId,
+    ring: SharedRegion,
+    /// Our copy of the head (we are its only writer).
+    head: u64,
 }
 
 /// A region this process registered.
@@ -103,10 +148,10 @@ pub struct ShmLocal {
     len: usize,
 }
 
-/// The pending half of a connection: the token the peer will put in its notices.
+/// The pending half of a connection: the notice ring the peer will write into.
 #[derive(Debug)]
 pub struct ShmPending {
-    token: u64,
+    ring: SharedRegion,
 }
 
 /// A connected peer.
@@ -116,10 +161,22 @@ pub struct ShmPeer(Arc<PeerInner>);
 #[derive(Debug)]
 struct PeerInner {
     id: PeerId,
-    /// Token the peer handed out: goes in every notice we send it.
-    remote_token: u64,
+    /// The peer's ring, mapped: we write notices into it. The lock orders notices of
+    /// this process's threads to that peer.
+    tx: Mutex<SharedRegion>,
+    /// The peer's wake-up socket.
     addr: SocketAddr,
     remote_pid: u32,
+    /// Our backend's rings, to forget ours when the last handle goes.
+    rx: Weak<Mutex<RxRings>>,
+}
+
+impl Drop for PeerInner {
+    fn drop(&mut self) {
+        if let Some(rx) = self.rx.upgrade() {
+            rx.lock().rings.retain(|r| r.peer != self.id);
+        }
+    }
 }
 
 /// A peer's region, mapped into this process.
@@ -216,27 +273,31 @@ payload_memory!(ShmRemote);
 /// Endpoint bytes: what a peer needs to send us notices.
 ///
 /// ```text
-///  0  4  magic "PSEP"     4  1  version     5  1  backend kind (1)
-///  6  2  name length N    8  4  pid        12  4  zero
-/// 16  8  token           24  N  abstract socket name
+///  0  4  magic "PSEP"     4  1  version (2)   5  1  backend kind (1)
+///  6  1  socket name length N                 7  1  ring locator length L
+///  8  4  pid             12  4  zero         16  8  ring key
+/// 24  N  abstract socket name, then L bytes of ring locator
 /// ```
 struct Endpoint<'a> {
     pid: u32,
-    token: u64,
+    ring_key: u64,
     name: &'a [u8],
+    ring: &'a [u8],
 }
 
 impl<'a> Endpoint<'a> {
     fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(ENDPOINT_FIXED + self.name.len());
+        let mut out = Vec::with_capacity(ENDPOINT_FIXED + self.name.len() + self.ring.len());
         out.extend_from_slice(&ENDPOINT_MAGIC.to_le_bytes());
         out.push(ENDPOINT_VERSION);
         out.push(BackendKind::Shm as u8);
-        out.extend_from_slice(&(self.name.len() as u16).to_le_bytes());
+        out.push(self.name.len() as u8);
+        out.push(self.ring.len() as u8);
         out.extend_from_slice(&self.pid.to_le_bytes());
         out.extend_from_slice(&0u32.to_le_bytes());
-        out.extend_from_slice(&self.token.to_le_bytes());
+        out.extend_from_slice(&self.ring_key.to_le_bytes());
         out.extend_from_slice(self.name);
+        out.extend_from_slice(self.ring);
         out
     }
 
@@ -264,14 +325,18 @@ impl<'a> Endpoint<'a> {
             }
             None => return Err(bad("unknown backend kind")),
         }
-        let n = u16::from_le_bytes([b[6], b[7]]) as usize;
-        if n == 0 || n > NAME_MAX || b.len() != ENDPOINT_FIXED + n {
-            return Err(bad("bad socket name length"));
+        let (n, l) = (b[6] as usize, b[7] as usize);
+        if n == 0 || n > NAME_MAX || l == 0 || l > LOCATOR_MAX {
+            return Err(bad("bad socket name or ring locator length"));
+        }
+        if b.len() != ENDPOINT_FIXED + n + l {
+            return Err(bad("length does not match the name and locator lengths"));
         }
         Ok(Self {
             pid: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
-            token: u64_at(b, 16),
-            name: &b[ENDPOINT_FIXED..],
+            ring_key: u64_at(b, 16),
+            name: &b[ENDPOINT_FIXED..ENDPOINT_FIXED + n],
+            ring: &b[ENDPOINT_FIXED + n..],
         })
     }
 }
@@ -294,21 +359,21 @@ impl ShmBackend {
         )
         .into_bytes();
         let addr = SocketAddr::from_abstract_name(&name).map_err(io_err("socket name"))?;
-        let sock = UnixDatagram::bind_addr(&addr).map_err(io_err("binding notice socket"))?;
+        let sock = UnixDatagram::bind_addr(&addr).map_err(io_err("binding the wake-up socket"))?;
         sock.set_nonblocking(true)
-            .map_err(io_err("notice socket mode"))?;
-        let send = UnixDatagram::unbound().map_err(io_err("notice send socket"))?;
-        send.set_write_timeout(Some(cfg.notify_timeout.max(Duration::from_millis(1))))
-            .map_err(io_err("notice send socket"))?;
+            .map_err(io_err("wake-up socket mode"))?;
+        let send = UnixDatagram::unbound().map_err(io_err("wake-up send socket"))?;
+        send.set_nonblocking(true)
+            .map_err(io_err("wake-up send socket"))?;
         Ok(Self {
             cfg,
-            recv: Mutex::new(Receiver {
+            wake: Mutex::new(WakeSocket {
                 sock,
                 nonblocking: true,
             }),
             send,
             name,
-            tokens: Mutex::new(HashMap::new()),
+            rx: Arc::new(Mutex::new(RxRings::default())),
             next_region: AtomicU64::new(1),
             next_peer: AtomicU64::new(1),
         })
@@ -344,38 +409,83 @@ impl ShmBackend {
         }
     }
 
-    fn receive(r: &mut Receiver, tokens: &Mutex<HashMap<u64, PeerId>>) -> Result<Option<Notice>> {
-        let mut buf = [0u8; 64];
-        loop {
-            match r.sock.recv(&mut buf) {
-                Ok(NOTICE_LEN) => {
-                    let token = u64_at(&buf, 0);
-                    let imm = u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]);
-                    match tokens.lock().get(&token) {
-                        Some(&peer) => {
-                            // Pairs with the sender's fence: its writes before `notify`
-                            // are visible to our reads after this notice.
-                            fence(Ordering::SeqCst);
-                            return Ok(Some(Notice { peer, imm }));
-                        }
-                        None => tracing::debug!(token, "notice with an unknown token dropped"),
-                    }
-                }
-                Ok(n) => tracing::debug!(bytes = n, "malformed notice dropped"),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return Ok(None)
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io_err("receiving a notice")(e)),
+    /// Take the next notice from any peer's ring (round robin), without blocking.
+    fn take_notice(&self) -> Option<Notice> {
+        let mut rx = self.rx.lock();
+        let n = rx.rings.len();
+        let start = rx.next;
+        for k in 0..n {
+            let i = (start + k) % n;
+            let r = &mut rx.rings[i];
+            let tail = r.ring.atomic_u64(RING_TAIL).load(Ordering::Acquire);
+            if tail == r.head {
+                continue;
             }
-            // A dropped datagram: a blocking wait goes on waiting (its timeout restarts,
-            // which only a sender of garbage can exploit, and only to delay us).
+            if tail.wrapping_sub(r.head) > RING_SLOTS as u64 {
+                tracing::warn!(
+                    peer = r.peer.0,
+                    tail,
+                    head = r.head,
+                    "notice ring corrupted by its peer; no more notices from it"
+                );
+                rx.rings.swap_remove(i);
+                return None;
+            }
+            let slot = RING_SLOTS_AT + 8 * (r.head % RING_SLOTS as u64) as usize;
+            let imm = r.ring.atomic_u64(slot).load(Ordering::Relaxed) as u32;
+            r.head += 1;
+            r.ring
+                .atomic_u64(RING_HEAD)
+                .store(r.head, Ordering::Release);
+            let peer = r.peer;
+            rx.next = (i + 1) % n;
+            return Some(Notice { peer, imm });
         }
+        None
+    }
+
+    /// Mark (or unmark) this side as sleeping in every ring, so senders wake it.
+    fn set_sleeping(&self, sleeping: bool) {
+        for r in &self.rx.lock().rings {
+            r.ring
+                .atomic_u64(RING_SLEEPING)
+                .store(u64::from(sleeping), Ordering::Relaxed);
+        }
+        // Dekker with `notify`: our flag store is ordered before our next ring check.
+        fence(Ordering::SeqCst);
+    }
+
+    /// Block on the wake-up socket for at most `timeout`, then drain it.
+    fn sleep(&self, timeout: Duration) -> Result<()> {
+        let mut w = self.wake.lock();
+        let mut buf = [0u8; 16];
+        if w.nonblocking {
+            w.sock
+                .set_nonblocking(false)
+                .map_err(io_err("wake-up socket mode"))?;
+            w.nonblocking = false;
+        }
+        w.sock
+            .set_read_timeout(Some(timeout.max(Duration::from_micros(1))))
+            .map_err(io_err("wake-up socket timeout"))?;
+        match w.sock.recv(&mut buf) {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(io_err("waiting for a wake-up")(e)),
+        }
+        w.sock
+            .set_nonblocking(true)
+            .map_err(io_err("wake-up socket mode"))?;
+        w.nonblocking = true;
+        // Wake-ups carry nothing: drop any that piled up.
+        while w.sock.recv(&mut buf).is_ok() {}
+        Ok(())
     }
 }
 
@@ -431,26 +541,57 @@ impl OneSided for ShmBackend {
     }
 
     fn prepare(&self) -> Result<(ShmPending, Vec<u8>)> {
-        let token = random_u64()?;
+        let ring = SharedRegion::create(RING_LEN).map_err(|e| OneSidedError::Io {
+            op: "creating a notice ring",
+            source: io::Error::other(e),
+        })?;
+        let ring_key = random_u64()?;
+        ring.atomic_u64(8).store(ring_key, Ordering::Relaxed);
+        ring.atomic_u64(0).store(RING_MAGIC, Ordering::Release);
         let bytes = Endpoint {
             pid: std::process::id(),
-            token,
+            ring_key,
             name: &self.name,
+            ring: ring.locator().as_bytes(),
         }
         .encode();
-        Ok((ShmPending { token }, bytes))
+        Ok((ShmPending { ring }, bytes))
     }
 
     fn connect(&self, pending: ShmPending, remote_endpoint: &[u8]) -> Result<ShmPeer> {
         let ep = Endpoint::decode(remote_endpoint)?;
         let addr = SocketAddr::from_abstract_name(ep.name).map_err(io_err("socket name"))?;
+        let bad = |reason| OneSidedError::Malformed {
+            what: "endpoint",
+            reason,
+        };
+        let locator = std::str::from_utf8(ep.ring).map_err(|_| bad("ring locator not UTF-8"))?;
+        let tx = SharedRegion::open(locator, RING_LEN).map_err(|e| match e {
+            ShmError::BadLocator { .. } => bad("ring locator is not /proc/<pid>/fd/<n>"),
+            other => OneSidedError::Io {
+                op: "mapping the peer's notice ring",
+                source: io::Error::other(other),
+            },
+        })?;
+        if tx.atomic_u64(0).load(Ordering::Acquire) != RING_MAGIC
+            || tx.atomic_u64(8).load(Ordering::Relaxed) != ep.ring_key
+        {
+            return Err(bad(
+                "the ring locator names something else (stale endpoint?)",
+            ));
+        }
         let id = PeerId(self.next_peer.fetch_add(1, Ordering::Relaxed));
-        self.tokens.lock().insert(pending.token, id);
+        self.rx.lock().rings.push(RxRing {
+            peer: id,
+            ring: pending.ring,
+            head: 0,
+        });
         Ok(ShmPeer(Arc::new(PeerInner {
             id,
-            remote_token: ep.token,
+            tx: Mutex::new(tx),
             addr,
             remote_pid: ep.pid,
+            rx: Arc::downgrade(&self.rx),
         })))
     }
 
@@ -556,57 +697,71 @@ impl OneSided for ShmBackend {
 
     fn notify(&self, remote: &ShmRemote, imm: u32) -> Result<()> {
         let p = &remote.peer.0;
-        let mut msg = [0u8; NOTICE_LEN];
-        msg[..8].copy_from_slice(&p.remote_token.to_le_bytes());
-        msg[8..].copy_from_slice(&imm.to_le_bytes());
-        // Our writes so far are ordered before the notice (pairs with `receive`).
+        let ring = p.tx.lock();
+        let tail_word = ring.atomic_u64(RING_TAIL);
+        let tail = tail_word.load(Ordering::Relaxed);
+        let mut deadline = None;
+        while tail.wrapping_sub(ring.atomic_u64(RING_HEAD).load(Ordering::Acquire))
+            >= RING_SLOTS as u64
+        {
+            // Full: the receiver is behind. Wait for it, bounded.
+            let d = *deadline.get_or_insert_with(|| Instant::now() + self.cfg.notify_timeout);
+            if Instant::now() >= d {
+                return Err(OneSidedError::Timeout {
+                    op: "notify (the receiver's notice ring stayed full)",
+                    after: self.cfg.notify_timeout,
+                });
+            }
+            std::thread::yield_now();
+        }
+        let slot = RING_SLOTS_AT + 8 * (tail % RING_SLOTS as u64) as usize;
+        ring.atomic_u64(slot)
+            .store(u64::from(imm), Ordering::Relaxed);
+        // Publishes the slot and every write of ours before this notice.
+        tail_word.store(tail + 1, Ordering::Release);
+        // Dekker with `set_sleeping`: either the receiver sees the tail, or we see it
+        // sleeping and wake it.
         fence(Ordering::SeqCst);
-        loop {
-            match self.send.send_to_addr(&msg, &p.addr) {
-                Ok(_) => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return Err(OneSidedError::Timeout {
-                        op: "notify (the owner's notice queue stayed full)",
-                        after: self.cfg.notify_timeout,
-                    })
-                }
-                Err(e) => return Err(io_err("sending a notice")(e)),
+        if ring.atomic_u64(RING_SLEEPING).load(Ordering::Relaxed) != 0 {
+            match self.send.send_to_addr(&[1], &p.addr) {
+                // A full wake-up queue already holds a wake-up.
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(io_err("waking the receiver")(e)),
             }
         }
+        Ok(())
     }
 
     fn poll_notice(&self) -> Result<Option<Notice>> {
-        let mut r = self.recv.lock();
-        if !r.nonblocking {
-            r.sock
-                .set_nonblocking(true)
-                .map_err(io_err("notice socket mode"))?;
-            r.nonblocking = true;
+        let n = self.take_notice();
+        if n.is_some() {
+            // The sender's writes before the notice are visible to our reads after it.
+            fence(Ordering::Acquire);
         }
-        Self::receive(&mut r, &self.tokens)
+        Ok(n)
     }
 
     fn wait_notice(&self, timeout: Duration) -> Result<Option<Notice>> {
-        if timeout.is_zero() {
-            return self.poll_notice();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(n) = self.poll_notice()? {
+                return Ok(Some(n));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            self.set_sleeping(true);
+            let n = self.poll_notice();
+            if !matches!(n, Ok(None)) {
+                self.set_sleeping(false);
+                return n;
+            }
+            let slept = self.sleep(left);
+            self.set_sleeping(false);
+            slept?;
         }
-        let mut r = self.recv.lock();
-        if r.nonblocking {
-            r.sock
-                .set_nonblocking(false)
-                .map_err(io_err("notice socket mode"))?;
-            r.nonblocking = false;
-        }
-        r.sock
-            .set_read_timeout(Some(timeout))
-            .map_err(io_err("notice socket timeout"))?;
-        Self::receive(&mut r, &self.tokens)
     }
 }
 
@@ -734,19 +889,86 @@ mod tests {
     }
 
     #[test]
-    fn notices_from_unknown_tokens_are_dropped() {
+    fn forged_wake_ups_and_a_mad_ring_harm_no_one() {
         let (owner, peer, _o2p, p2o) = pair();
         let store = owner.register(64).unwrap();
         let remote = peer.attach(&p2o, &owner.describe(&store)).unwrap();
-        // A forged notice straight to the owner's socket, with a made-up token.
+        // Datagrams straight to the owner's socket only wake it: no notice appears.
         let s = UnixDatagram::unbound().unwrap();
         let addr = SocketAddr::from_abstract_name(&owner.name).unwrap();
-        s.send_to_addr(&[0u8; NOTICE_LEN], &addr).unwrap();
-        s.send_to_addr(b"short", &addr).unwrap();
+        s.send_to_addr(&[0u8; 12], &addr).unwrap();
+        assert_eq!(owner.wait_notice(Duration::from_millis(20)).unwrap(), None);
         peer.notify(&remote, 5).unwrap();
         let n = owner.wait_notice(Duration::from_secs(5)).unwrap().unwrap();
         assert_eq!(n.imm, 5);
+
+        // A third backend whose ring gets a tail far ahead is dropped; the first peer
+        // keeps being served.
+        let third = ShmBackend::new().unwrap();
+        let (po, eo) = owner.prepare().unwrap();
+        let (pt, et) = third.prepare().unwrap();
+        let _o2t = owner.connect(po, &et).unwrap();
+        let t2o = third.connect(pt, &eo).unwrap();
+        t2o.0
+            .tx
+            .lock()
+            .atomic_u64(RING_TAIL)
+            .store(1 << 40, Ordering::Release);
         assert_eq!(owner.poll_notice().unwrap(), None);
+        assert_eq!(owner.rx.lock().rings.len(), 1);
+        peer.notify(&remote, 6).unwrap();
+        assert_eq!(owner.poll_notice().unwrap().unwrap().imm, 6);
+    }
+
+    #[test]
+    fn a_full_ring_blocks_the_sender_until_the_timeout() {
+        let owner = ShmBackend::new().unwrap();
+        let peer = ShmBackend::with_config(ShmConfig {
+            notify_timeout: Duration::from_millis(30),
+        })
+        .unwrap();
+        let (po, eo) = owner.prepare().unwrap();
+        let (pp, ep) = peer.prepare().unwrap();
+        let _o2p = owner.connect(po, &ep).unwrap();
+        let p2o = peer.connect(pp, &eo).unwrap();
+        let store = owner.register(64).unwrap();
+        let remote = peer.attach(&p2o, &owner.describe(&store)).unwrap();
+        for i in 0..RING_SLOTS as u32 {
+            peer.notify(&remote, i).unwrap();
+        }
+        assert!(matches!(
+            peer.notify(&remote, 0),
+            Err(OneSidedError::Timeout { .. })
+        ));
+        assert_eq!(owner.poll_notice().unwrap().unwrap().imm, 0);
+        peer.notify(&remote, 9).unwrap();
+    }
+
+    #[test]
+    fn dropped_peers_leave_the_poll_list() {
+        let (owner, _peer, o2p, _p2o) = pair();
+        assert_eq!(owner.rx.lock().rings.len(), 1);
+        drop(o2p);
+        assert_eq!(owner.rx.lock().rings.len(), 0);
+    }
+
+    #[test]
+    fn a_sleeping_receiver_is_woken() {
+        let (owner, peer, _o2p, p2o) = pair();
+        let store = owner.register(64).unwrap();
+        let remote = peer.attach(&p2o, &owner.describe(&store)).unwrap();
+        std::thread::scope(|s| {
+            let t = s.spawn(|| {
+                let t0 = Instant::now();
+                let n = owner.wait_notice(Duration::from_secs(10)).unwrap();
+                (n, t0.elapsed())
+            });
+            std::thread::sleep(Duration::from_millis(50));
+            peer.notify(&remote, 3).unwrap();
+            let (n, waited) = t.join().unwrap();
+            assert_eq!(n.unwrap().imm, 3);
+            assert!(waited < Duration::from_secs(5), "woken late: {waited:?}");
+        });
     }
 
     #[test]
