@@ -49,6 +49,7 @@ impl ChildProc {
             "1",
         ])
         .env(ROLE, role)
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
         for (k, v) in env {
@@ -72,6 +73,14 @@ impl ChildProc {
 
     fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Send the child one line on its stdin.
+    fn send_line(&mut self, line: &str) {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
     }
 
     /// The value of the next `@@ key value` line, which must have this key.
@@ -125,6 +134,10 @@ impl ChildEnv {
         println!("@@ ep {}", hex(&ep));
         let owner_ep = unhex(&std::env::var("PSERV_OWNER_EP").unwrap());
         let owner = backend.connect(pending, &owner_ep).unwrap();
+        // Stay alive (our ring open) until the owner has mapped our ring too.
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "connected", "no handshake from the owner");
         let descs = std::env::var("PSERV_DESCS")
             .unwrap()
             .split(',')
@@ -173,9 +186,10 @@ impl Owner {
             ("PSERV_DESCS", descs.join(",")),
         ];
         env.extend(extra.iter().map(|(k, v)| (*k, v.clone())));
-        let child = ChildProc::spawn(role, &env);
+        let mut child = ChildProc::spawn(role, &env);
         let child_ep = unhex(&child.expect("ep"));
         let peer = self.backend.connect(pending, &child_ep).unwrap();
+        child.send_line("connected");
         (child, peer)
     }
 }
