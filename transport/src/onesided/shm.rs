@@ -154,7 +154,8 @@ pub struct ShmPending {
     ring: SharedRegion,
 }
 
-/// A connected peer.
+/// A connected peer. Cloning is cheap; when the last handle drops, this side stops
+/// polling the peer's notices (its ring is unmapped).
 #[derive(Clone, Debug)]
 pub struct ShmPeer(Arc<PeerInner>);
 
