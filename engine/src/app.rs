@@ -240,6 +240,7 @@ fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> {
             cfg.shards = shards.max(1);
             cfg.dump_model = dump_model;
             cfg.tcp = net.tcp()?;
+            cfg.transport = net.transport;
             Server::start(cfg)?.run()
         }
         Cmd::Worker {
@@ -255,6 +256,7 @@ fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> {
             cfg.spin_us = spin_us;
             cfg.consistency = job.consistency;
             cfg.tcp = net.tcp()?;
+            cfg.transport = net.transport;
             let worker = Worker::connect(cfg)?;
             crate::job::run_lr_worker(worker, &job)
         }

@@ -20,9 +20,11 @@ pub const DEFAULT_SCHEDULER: &str = "127.0.0.1:9190";
 /// Transport flags.
 #[derive(Args, Clone, Debug)]
 pub struct NetArgs {
-    /// Transport: `tcp` (`auto` picks tcp; shm and rdma come with the one-sided engine).
-    #[arg(long, env = "PSERV_TRANSPORT", default_value = "tcp")]
-    pub transport: String,
+    /// Data path of dense one-sided windows: `auto` (rdma when both ends have an RDMA
+    /// device, shm on one host, tcp otherwise), `tcp`, `shm` or `rdma`. Control messages,
+    /// sparse key lists and ranges outside windows always go over TCP.
+    #[arg(long, env = "PSERV_TRANSPORT", default_value = "auto")]
+    pub transport: crate::onesided::TransportKind,
     /// Event-loop threads (default: one per core).
     #[arg(long, env = "PSERV_THREADS")]
     pub threads: Option<usize>,
@@ -40,17 +42,6 @@ pub struct NetArgs {
 impl NetArgs {
     /// The TCP transport configuration these flags describe.
     pub fn tcp(&self) -> Result<TcpConfig, EngineError> {
-        match self.transport.as_str() {
-            "tcp" => {}
-            "auto" => {
-                tracing::info!("transport auto: using tcp (no one-sided transport in this build)")
-            }
-            other => {
-                return Err(EngineError::Config(format!(
-                    "transport {other:?} is not available in this build (use tcp or auto)"
-                )))
-            }
-        }
         let mut cfg = TcpConfig::default();
         if let Some(t) = self.threads {
             if t == 0 {

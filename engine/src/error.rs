@@ -42,6 +42,9 @@ pub enum EngineError {
     /// The scheduler connection closed.
     #[error("lost the connection to the scheduler")]
     SchedulerGone,
+    /// A one-sided (shm / rdma) operation failed.
+    #[error("one-sided transport: {0}")]
+    OneSided(String),
     /// A configuration error.
     #[error("configuration: {0}")]
     Config(String),

@@ -4,6 +4,7 @@
 //! - [`value`]: the element types of parameter values.
 //! - [`store`]: one server's parameters in pinned memory, sharded by key sub-range.
 //! - [`update`]: server-side update functions (assign, sum, SGD, user functions).
+//! - [`onesided`]: the one-sided data path for dense ranges (shm, RDMA verbs).
 //! - [`proto`]: control messages, status codes, frame builders.
 //! - [`scheduler`]: the scheduler's state machine and process.
 //! - [`server`]: the server node, serving requests on the event loops.
@@ -24,6 +25,7 @@ pub mod job;
 pub mod keys;
 pub mod local;
 pub mod lr;
+pub mod onesided;
 pub mod proto;
 pub mod scheduler;
 pub mod server;

@@ -195,6 +195,26 @@ pub enum Control {
     },
     /// Stop: the job is over.
     Shutdown,
+    /// Worker to server: attach the server's one-sided window on `range`, with the
+    /// worker's host id and its connection endpoints by backend kind.
+    OpenWindow {
+        /// The dense key range (inside the server's range).
+        range: crate::keys::KeyRange,
+        /// The worker's host id (same-host check for shm).
+        host: String,
+        /// (backend kind, endpoint bytes) the worker can use.
+        offers: Vec<(u8, Vec<u8>)>,
+    },
+    /// Server to worker: the window is attached through this grant.
+    WindowGranted {
+        /// Descriptors and endpoint.
+        grant: crate::onesided::WindowGrant,
+    },
+    /// Server to worker: no one-sided window; use TCP.
+    WindowRefused {
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Status codes of error answers (the values carry a UTF-8 text).

@@ -27,6 +27,7 @@ use pserv_transport::{
 use crate::clock::{Action, ClockGate};
 use crate::error::EngineError;
 use crate::keys::KeyRange;
+use crate::onesided::{ServerOneSided, TransportKind, Window};
 use crate::proto::{self, ClusterInfo, Control, Role, ServerStats, Status, ValueType};
 use crate::store::{Store, StoreConfig, StoreError};
 use crate::update::{from_fn, Sum, UpdateFn, UpdateRegistry, ID_FIRST_USER};
@@ -55,6 +56,9 @@ pub struct ServerConfig {
     /// [`TaskOpts::func`](crate::worker::TaskOpts::func) or
     /// [`Worker::push_with`](crate::worker::Worker::push_with).
     pub rules: UserRules,
+    /// The data path offered for a dense one-sided window (see [`crate::onesided`]):
+    /// tcp (none), shm, rdma, or auto (rdma where a device is found, else shm).
+    pub transport: TransportKind,
 }
 
 /// User update rules for a server: registered into its
@@ -211,6 +215,7 @@ impl ServerConfig {
             register_timeout: Duration::from_secs(120),
             dump_model: None,
             rules: UserRules::default(),
+            transport: TransportKind::Tcp,
         }
     }
 }
@@ -239,6 +244,8 @@ pub(crate) struct Ready {
     workers: u32,
     /// Worker clocks and the clocked requests waiting on them (bounded delay, P6).
     clocks: Mutex<ClockGate<Held>>,
+    /// The one-sided window side (none over plain TCP).
+    onesided: Option<Arc<ServerOneSided>>,
     /// Requests (pulls, and ordered pushes) the gate held, and their total wait in
     /// nanoseconds.
     held: (AtomicU64, AtomicU64),
@@ -284,7 +291,19 @@ impl Handler for ServerHandler {
                     Err(e) => tracing::warn!(error = %e, "bad control message from the scheduler"),
                 }
             } else {
-                tracing::warn!(peer = %conn.peer_addr(), "control message from a non-scheduler peer; ignored");
+                match Control::from_frame(&f) {
+                    Ok(Control::OpenWindow {
+                        range,
+                        host,
+                        offers,
+                    }) => open_window(&self.core, conn, h.sender, range, &host, &offers),
+                    Ok(other) => {
+                        tracing::warn!(peer = %conn.peer_addr(), ?other, "unexpected control message from a worker; ignored")
+                    }
+                    Err(e) => {
+                        tracing::warn!(peer = %conn.peer_addr(), error = %e, "bad control message from a worker; ignored")
+                    }
+                }
             }
             return;
         }
@@ -370,6 +389,7 @@ const HELD_MIN: Duration = Duration::from_micros(50);
 /// Carry out the gate's decisions, in order, with the gate still locked (the order of
 /// applies is what sequential consistency promises).
 fn run_actions(core: &Core, ready: &Ready, gate: &mut ClockGate<Held>, actions: Vec<Action<Held>>) {
+    let publish = !actions.is_empty();
     for a in actions {
         match a {
             Action::Apply(p) | Action::Answer(p) => {
@@ -386,6 +406,131 @@ fn run_actions(core: &Core, ready: &Ready, gate: &mut ClockGate<Held>, actions: 
             }
         }
     }
+    if publish {
+        // One-sided readers wait on this word instead of the gate (after the applies).
+        if let Some(w) = ready.onesided.as_ref().and_then(|o| o.window()) {
+            w.publish_clock(gate.clock().min(w.range));
+        }
+    }
+}
+
+/// A worker asks for the one-sided window on `range`: grant it (creating the window on
+/// the first request, filled with the store's current values) or refuse, on `conn`.
+fn open_window(
+    core: &Core,
+    conn: &Conn,
+    sender: u32,
+    range: KeyRange,
+    host: &str,
+    offers: &[(u8, Vec<u8>)],
+) {
+    let answer = match core.ready.get() {
+        None => Control::WindowRefused {
+            reason: "server has no cluster table yet".into(),
+        },
+        Some(ready) => match &ready.onesided {
+            None => Control::WindowRefused {
+                reason: "the server runs with --transport tcp".into(),
+            },
+            Some(os) => {
+                let worker = sender.saturating_sub(1 + ready.servers);
+                let init = |w: &Window| match &ready.store {
+                    AnyStore::F32(t) => fill_window(t, w),
+                    AnyStore::F64(t) => fill_window(t, w),
+                };
+                match os.grant(worker, range, host, offers, init) {
+                    Ok(grant) => Control::WindowGranted { grant },
+                    Err(reason) => Control::WindowRefused { reason },
+                }
+            }
+        },
+    };
+    let _ = conn.send(answer.to_frame(core.ready.get().map_or(0, |r| r.node_id)));
+}
+
+/// Copy the store's values of the window's range into the new window.
+fn fill_window<T: Value>(t: &Typed<T>, w: &Window) {
+    let mut vals = vec![T::default(); w.range.len() as usize * t.store.value_len()];
+    if let Err(e) = t.store.pull_range(w.range, &mut vals) {
+        tracing::warn!(error = %e, "could not copy the store into the window; it starts at zero");
+        return;
+    }
+    w.init(bytemuck::cast_slice(&vals));
+}
+
+/// Apply a push that landed one-sidedly: function `func` on range `r` of the window,
+/// with the landed bytes as gradients.
+fn apply_landed<T: Value>(
+    t: &Typed<T>,
+    w: &Window,
+    func: u16,
+    r: KeyRange,
+    bytes: &[u8],
+) -> Result<(), String> {
+    let f = t
+        .updates
+        .get(func)
+        .ok_or_else(|| format!("no update function with id {func}"))?;
+    w.check_rule(f.as_ref())?;
+    let grads: &[T] = bytemuck::try_cast_slice(bytes)
+        .map_err(|e| format!("landed bytes are not whole values: {e}"))?;
+    w.push_range(r, grads, f.as_ref());
+    Ok(())
+}
+
+/// Serve a request whose keys all lie in the one-sided window.
+#[allow(clippy::too_many_arguments)]
+fn serve_window<T: Value>(
+    core: &Core,
+    ready: &Ready,
+    t: &Typed<T>,
+    w: &Window,
+    f: &Frame<'_>,
+    kind: MessageKind,
+    range: Option<KeyRange>,
+    out_elems: usize,
+) -> Result<Option<OutFrame>, Refusal> {
+    let h = f.header();
+    let bad = |msg: String| Refusal(Status::BadRequest, msg);
+    let grads = || {
+        f.values_as::<T>()
+            .ok_or_else(|| bad("value bytes are not a whole number of values".into()))
+    };
+    let update = || -> Result<_, Refusal> {
+        let fun = t.updates.get(h.func).ok_or_else(|| {
+            Refusal(
+                Status::UnknownFunction,
+                format!("no update function with id {}", h.func),
+            )
+        })?;
+        w.check_rule(fun.as_ref()).map_err(bad)?;
+        Ok(fun)
+    };
+    if matches!(kind, MessageKind::Push | MessageKind::PushPull) {
+        let fun = update()?;
+        match range {
+            Some(r) => w.push_range(r, grads()?, fun.as_ref()),
+            None => w.push_keys(f.keys(), grads()?, fun.as_ref()),
+        }
+        if kind == MessageKind::Push {
+            return Ok(Some(proto::answer(h, ready.node_id, 0, Payload::empty())));
+        }
+    }
+    let mut buf = core.pool.take(out_elems * std::mem::size_of::<T>());
+    {
+        let out: &mut [T] = bytemuck::cast_slice_mut(buf.bytes_mut());
+        match range {
+            Some(r) => w.pull_range(r, out),
+            None => w.pull_keys(f.keys(), out),
+        }
+        .map_err(|e| Refusal(Status::BadRequest, e))?;
+    }
+    Ok(Some(proto::answer(
+        h,
+        ready.node_id,
+        t.store.value_len() as u32,
+        Payload::owned(buf),
+    )))
 }
 
 /// Serve a data request and send the answer (or the refusal). `clock` goes into the
@@ -484,6 +629,32 @@ fn serve<T: Value>(
     if !needs_values && !f.values().is_empty() {
         return Err(bad("a pull carries no values".into()));
     }
+    if kind == MessageKind::Control {
+        return Err(bad("unexpected control message".into()));
+    }
+    if let Some(w) = ready.onesided.as_ref().and_then(|o| o.window()) {
+        let keys = f.keys();
+        let (inside, touches) = match range {
+            Some(r) => (w.covers(&r), r.intersect(&w.range).is_some()),
+            None => {
+                let first = keys.partition_point(|&k| k < w.range.begin);
+                let last = keys.partition_point(|&k| k < w.range.end);
+                (
+                    !keys.is_empty() && first == 0 && last == keys.len(),
+                    last > first,
+                )
+            }
+        };
+        if inside {
+            return serve_window(core, ready, t, w, f, kind, range, out_elems);
+        }
+        if touches {
+            return Err(bad(format!(
+                "the request's keys straddle the one-sided window {}: split it at the window's bounds",
+                w.range
+            )));
+        }
+    }
     match kind {
         MessageKind::Push => {
             let fun = update()?;
@@ -553,6 +724,8 @@ pub struct Server {
     transport: TcpTransport,
     _scheduler: Conn,
     dump_model: Option<std::path::PathBuf>,
+    /// The thread applying one-sided pushes, if any.
+    notices: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Server {
@@ -603,11 +776,36 @@ impl Server {
             }
         };
         transport.repin(node_id as usize);
-        let ready = make_ready(node_id, rank, &cluster, cfg.shards, &cfg.rules)?;
+        let ready = make_ready(
+            node_id,
+            rank,
+            &cluster,
+            cfg.shards,
+            &cfg.rules,
+            cfg.transport,
+        )?;
         tracing::info!(node_id, rank, range = %ready.range, %addr, "server ready");
         let _ = core.ready.set(ready);
+        let notices = core.ready.get().and_then(|r| r.onesided.clone()).map(|os| {
+            let core = core.clone();
+            std::thread::Builder::new()
+                .name("pserv-onesided".into())
+                .spawn(move || {
+                    let ready = core.ready.get().expect("set before the thread starts");
+                    os.serve_notices(|w, func, r, bytes| match &ready.store {
+                        AnyStore::F32(t) => apply_landed(t, w, func, r, bytes),
+                        AnyStore::F64(t) => apply_landed(t, w, func, r, bytes),
+                    })
+                })
+                .map_err(|source| EngineError::Io {
+                    context: "starting the one-sided notice thread".into(),
+                    source,
+                })
+        });
+        let notices = notices.transpose()?;
         scheduler.send(Control::Ready.to_frame(node_id))?;
         Ok(Server {
+            notices,
             core,
             control: rx,
             addr,
@@ -661,6 +859,12 @@ impl Server {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
+        if let Some(os) = self.core.ready.get().and_then(|r| r.onesided.as_ref()) {
+            os.stop();
+        }
+        if let Some(t) = self.notices {
+            let _ = t.join();
+        }
         self.transport.shutdown();
         Ok(())
     }
@@ -700,6 +904,7 @@ fn make_ready(
     cluster: &ClusterInfo,
     shards: usize,
     rules: &UserRules,
+    transport: TransportKind,
 ) -> Result<Ready, EngineError> {
     let range = cluster.partition.range(rank as usize);
     // Enough state for the default rule and every user rule of the cluster's type.
@@ -713,6 +918,17 @@ fn make_ready(
         state_len: cluster.update.state_len().max(user_state_len),
         ..StoreConfig::default()
     };
+    let onesided = ServerOneSided::new(
+        transport,
+        range,
+        cluster.value_len as usize,
+        match cluster.value_type {
+            ValueType::F32 => 4,
+            ValueType::F64 => 8,
+        },
+        cfg.state_len,
+    )?
+    .map(Arc::new);
     let err = |e: StoreError| EngineError::Config(format!("creating the store: {e}"));
     let store = match cluster.value_type {
         ValueType::F32 => AnyStore::F32(Typed {
@@ -733,5 +949,6 @@ fn make_ready(
         workers: cluster.workers,
         clocks: Mutex::new(ClockGate::new(range, cluster.workers as usize)),
         held: (AtomicU64::new(0), AtomicU64::new(0)),
+        onesided,
     })
 }

@@ -38,6 +38,7 @@ use pserv_transport::{
 use crate::consistency::{Consistency, Gate};
 use crate::error::EngineError;
 use crate::keys::{Key, KeyRange};
+use crate::onesided::{ClientOneSided, TransportKind};
 use crate::proto::{ClusterInfo, Control, Role, Status, WorkerStats};
 use crate::value::Value;
 
@@ -65,6 +66,9 @@ pub struct WorkerConfig {
     /// How long `wait` and `barrier` block before they give up with
     /// [`EngineError::Timeout`] (a server or the scheduler that stopped answering).
     pub timeout: Duration,
+    /// The data path of dense ranges in windows ([`Worker::open_window`]): auto, tcp, shm
+    /// or rdma (see [`crate::onesided`]).
+    pub transport: TransportKind,
 }
 
 impl WorkerConfig {
@@ -78,6 +82,7 @@ impl WorkerConfig {
             register_timeout: Duration::from_secs(120),
             timeout: Duration::from_secs(600),
             consistency: Consistency::Eventual,
+            transport: TransportKind::Tcp,
         }
     }
 }
@@ -397,6 +402,16 @@ impl Handler for WorkerHandler {
             conn.close();
             return;
         };
+        if h.kind == MessageKind::Control as u8 {
+            // Window grants and refusals (one-sided setup) go to the caller waiting for them.
+            match Control::from_frame(&f) {
+                Ok(msg) => {
+                    let _ = self.core.control.send(msg);
+                }
+                Err(e) => tracing::warn!(server, error = %e, "bad control message from a server"),
+            }
+            return;
+        }
         let server = server as u32;
         let value_bytes = f.values().len();
         let error_text = (h.status != Status::Ok as u8)
@@ -457,6 +472,7 @@ pub struct Worker {
     spin: Duration,
     timeout: Duration,
     transport: TcpTransport,
+    onesided: Option<ClientOneSided>,
 }
 
 impl Worker {
@@ -515,6 +531,14 @@ impl Worker {
         }
         tracing::debug!(node_id, rank, servers = servers.len(), "worker connected");
         let _ = core.servers.set(servers.clone());
+        let onesided = match ClientOneSided::new(cfg.transport) {
+            Ok(o) => o,
+            Err(e) if cfg.transport == TransportKind::Auto => {
+                tracing::info!(error = %e, "transport auto: no one-sided backend, using tcp");
+                None
+            }
+            Err(e) => return Err(e),
+        };
         Ok(Worker {
             core,
             node_id,
@@ -529,6 +553,7 @@ impl Worker {
             spin: Duration::from_micros(cfg.spin_us),
             timeout: cfg.timeout,
             transport,
+            onesided,
         })
     }
 
@@ -675,6 +700,173 @@ impl Worker {
             Some(values.into()),
             &TaskOpts::default(),
         )
+    }
+
+    /// Attach the servers' one-sided windows covering `range` (each server's part of it
+    /// becomes its window; one window per server). Returns, per server part, whether it
+    /// is one-sided and why: a server that runs over TCP only, or a backend the two ends
+    /// do not share, leaves that part on TCP (logged). With `--transport tcp` nothing is
+    /// attached. Call it once, before pushing and pulling the range, on every worker
+    /// that wants the one-sided path.
+    pub fn open_window(&self, range: KeyRange) -> Result<Vec<(u32, bool, String)>, EngineError> {
+        let mut out = Vec::new();
+        let Some(os) = &self.onesided else {
+            return Ok(self
+                .cluster
+                .partition
+                .split_range(range)
+                .into_iter()
+                .map(|(s, _)| (s as u32, false, "transport tcp".to_owned()))
+                .collect());
+        };
+        let host = crate::onesided::host_id();
+        for (server, piece) in self.cluster.partition.split_range(range) {
+            let server = server as u32;
+            let (pending, endpoint) = os.backend.prepare()?;
+            let msg = Control::OpenWindow {
+                range: piece,
+                host: host.clone(),
+                offers: vec![(os.backend.kind() as u8, endpoint)],
+            };
+            self.servers[server as usize].send(msg.to_frame(self.node_id))?;
+            let answer = self
+                .control
+                .recv_timeout(Duration::from_secs(30))
+                .map_err(|_| {
+                    EngineError::Timeout(format!(
+                        "server {server} did not answer the window request"
+                    ))
+                })?;
+            match answer {
+                Control::WindowGranted { grant } => {
+                    os.attach(server, pending, &grant)?;
+                    tracing::info!(
+                        server,
+                        range = %piece,
+                        backend = %os.backend.kind(),
+                        reason = %grant.reason,
+                        "one-sided window attached"
+                    );
+                    out.push((
+                        server,
+                        true,
+                        format!("{}: {}", os.backend.kind(), grant.reason),
+                    ));
+                }
+                Control::WindowRefused { reason } => {
+                    tracing::info!(server, range = %piece, %reason, "no one-sided window; this part stays on tcp");
+                    out.push((server, false, reason));
+                }
+                other => {
+                    return Err(EngineError::InvalidRequest(format!(
+                        "unexpected answer to a window request: {other:?}"
+                    )))
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The oldest clock a pull with these options may reflect (0: any).
+    fn pull_min_clock(&self, opts: &TaskOpts) -> u64 {
+        let clock = self.clock();
+        if clock == 0 {
+            0
+        } else {
+            opts.consistency
+                .unwrap_or(self.consistency)
+                .min_clock(clock)
+        }
+    }
+
+    /// Pull the dense values of `range` straight into `out` (`range.len() * value_len`
+    /// values) and return when they are there. Parts inside attached one-sided windows
+    /// ([`open_window`](Self::open_window)) are one-sided reads of the servers' memory
+    /// (after waiting, one-sidedly, for the servers' clock when the pull is clocked);
+    /// other parts go over TCP.
+    pub fn pull_range_into<T: Value>(
+        &self,
+        range: KeyRange,
+        out: &mut [T],
+        opts: &TaskOpts,
+    ) -> Result<(), EngineError> {
+        self.check_types::<T>()?;
+        let vl = self.value_len();
+        if out.len() as u64 != range.len() * vl as u64 {
+            return Err(EngineError::InvalidRequest(format!(
+                "{} values for {} keys x {vl}",
+                out.len(),
+                range.len()
+            )));
+        }
+        let mut at = 0usize;
+        for (server, piece) in self.cluster.partition.split_range(range) {
+            let n = piece.len() as usize * vl;
+            let dst = &mut out[at..at + n];
+            at += n;
+            let win = self
+                .onesided
+                .as_ref()
+                .and_then(|os| os.window_for(server as u32, &piece).map(|w| (os, w)));
+            match win {
+                Some((os, w)) => {
+                    os.wait_clock(&w, self.pull_min_clock(opts), self.timeout)?;
+                    os.read(&w, piece, bytemuck::cast_slice_mut(dst))?;
+                }
+                None => {
+                    let p = self.wait_pull::<T>(self.pull_range_opts::<T>(piece, opts))?;
+                    p.copy_to(dst);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Push dense values for `range` and return once the servers applied them. Parts
+    /// inside attached one-sided windows go as one-sided writes into the worker's
+    /// landing areas plus a notification, when the push is unclocked (this worker never
+    /// ticked); clocked pushes and other parts go over TCP.
+    pub fn push_range_now<T: Value>(
+        &self,
+        range: KeyRange,
+        values: &[T],
+        opts: &TaskOpts,
+    ) -> Result<(), EngineError> {
+        self.check_types::<T>()?;
+        let vl = self.value_len();
+        if values.len() as u64 != range.len() * vl as u64 {
+            return Err(EngineError::InvalidRequest(format!(
+                "{} values for {} keys x {vl}",
+                values.len(),
+                range.len()
+            )));
+        }
+        let mut at = 0usize;
+        let mut tcp = Vec::new();
+        for (server, piece) in self.cluster.partition.split_range(range) {
+            let n = piece.len() as usize * vl;
+            let src = &values[at..at + n];
+            at += n;
+            let win = self
+                .onesided
+                .as_ref()
+                .filter(|_| self.clock() == 0 && opts.after.is_empty())
+                .and_then(|os| os.window_for(server as u32, &piece).map(|w| (os, w)));
+            match win {
+                Some((os, w)) => os.push(
+                    &w,
+                    piece,
+                    opts.func,
+                    bytemuck::cast_slice(src),
+                    self.timeout,
+                )?,
+                None => tcp.push(self.push_range_opts::<T>(piece, src.to_vec(), opts)),
+            }
+        }
+        for ts in tcp {
+            self.wait(ts)?;
+        }
+        Ok(())
     }
 
     /// Advance this worker's consistency clock by one and return it (the first call

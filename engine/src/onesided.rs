@@ -1,0 +1,1123 @@
+//! The one-sided data path for dense key ranges (MISSION.md E1, E2).
+//!
+//! A server can expose one **window**: a dense key range of its own, whose values live
+//! in a registered region laid out in versioned blocks
+//! ([`pserv_transport::onesided::seqlock`]). Workers attach it once
+//! ([`crate::Worker::open_window`]) over their TCP connection (descriptors and
+//! connection endpoints travel as control messages), and from then on:
+//!
+//! - **pull** of a range inside the window ([`crate::Worker::pull_range_into`]) is a
+//!   one-sided read of the server's blocks straight into the caller's buffer, validated
+//!   block by block (a block caught mid-update is read again). The server's CPU is not
+//!   involved. A clocked pull (sequential or bounded delay) first waits, one-sidedly, for
+//!   the clock word the server publishes in the window's meta region.
+//! - **push** of a range inside the window ([`crate::Worker::push_range_now`]) is a
+//!   one-sided write of the values into a landing area the server registered for that
+//!   worker, plus a notification (verbs: `WRITE_WITH_IMM`). The server's notice thread
+//!   applies the update function to the window's blocks, publishing each block at a new
+//!   version, and then stores the push's sequence number in the landing area's `done`
+//!   word, which the worker polls. Clocked pushes keep the two-sided path (the server's
+//!   clock gate orders them).
+//! - Sparse key lists, and TCP requests for keys in the window, keep the two-sided path:
+//!   the server serves them from the window too, so both paths see one copy of the values.
+//!
+//! The backends are chosen at run time ([`TransportKind`]): `rdma` when both ends have an
+//! RDMA device (feature `rdma`), `shm` when both ends run on the same host (same boot
+//! id), TCP otherwise. On a machine without RDMA devices, `rdma` fails with a clear
+//! message and `auto` falls back to shm or TCP, saying why in the log.
+//!
+//! What is not verified here: the verbs arm compiles with `--features rdma` and its logic
+//! is shared with shm, but no RDMA device was available to run it (see
+//! `scripts/rdma-check`).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use pserv_transport::onesided::seqlock::{BlockLayout, Seqlock};
+use pserv_transport::onesided::shm::{ShmBackend, ShmPeer, ShmPending, ShmRemote};
+use pserv_transport::onesided::{BackendKind, Memory, OneSided, OneSidedError, PeerId, RegionDesc};
+
+use crate::error::EngineError;
+use crate::keys::{Key, KeyRange};
+use crate::update::UpdateFn;
+use crate::value::Value;
+
+/// Payload bytes per versioned block of a window.
+pub const BLOCK_PAYLOAD: usize = 16 << 10;
+/// Bytes before a landing area's payload (its header).
+pub const LANDING_HEADER: usize = 4096;
+/// Largest window, in bytes of values.
+pub const WINDOW_MAX_BYTES: usize = 1 << 30;
+
+// Landing header words (byte offsets).
+const L_SEQ: usize = 0;
+const L_BEGIN: usize = 8;
+const L_END: usize = 16;
+const L_FUNC: usize = 24;
+const L_BYTES: usize = 32;
+/// The server's answer lives on its own cache line.
+const L_DONE: usize = 64;
+const L_STATUS: usize = 72;
+const L_MSG_LEN: usize = 80;
+const L_MSG: usize = 128;
+const L_MSG_MAX: usize = 1024;
+// Meta region words.
+const M_CLOCK: usize = 0;
+const META_LEN: usize = 4096;
+
+/// Which transport carries dense ranges (`--transport`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum TransportKind {
+    /// rdma when both ends have a device, shm on one host, TCP otherwise.
+    #[default]
+    Auto,
+    /// Two-sided TCP only.
+    Tcp,
+    /// One-sided shared memory (same host only).
+    Shm,
+    /// One-sided RDMA verbs (needs a device and the `rdma` feature).
+    Rdma,
+}
+
+impl fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TransportKind::Auto => "auto",
+            TransportKind::Tcp => "tcp",
+            TransportKind::Shm => "shm",
+            TransportKind::Rdma => "rdma",
+        })
+    }
+}
+
+impl FromStr for TransportKind {
+    type Err = EngineError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(TransportKind::Auto),
+            "tcp" => Ok(TransportKind::Tcp),
+            "shm" => Ok(TransportKind::Shm),
+            "rdma" => Ok(TransportKind::Rdma),
+            other => Err(EngineError::Config(format!(
+                "unknown transport {other:?}: expected auto, tcp, shm or rdma"
+            ))),
+        }
+    }
+}
+
+/// This host's identity for "same host" decisions: the kernel's boot id (two processes
+/// on one host see the same), else the host name.
+pub fn host_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .or_else(|_| std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_owned()))
+        .unwrap_or_default()
+}
+
+/// Whether an RDMA device can be used here; `Err` says why not.
+pub fn rdma_available() -> Result<Vec<String>, String> {
+    #[cfg(feature = "rdma")]
+    {
+        pserv_transport::onesided::rdma::probe().map_err(|e| e.to_string())
+    }
+    #[cfg(not(feature = "rdma"))]
+    {
+        Err("this build has no RDMA support (build with --features rdma)".to_owned())
+    }
+}
+
+fn os_err(what: &str, e: OneSidedError) -> EngineError {
+    EngineError::OneSided(format!("{what}: {e}"))
+}
+
+/// A one-sided backend this process runs.
+pub(crate) enum Backend {
+    Shm(ShmBackend),
+    #[cfg(feature = "rdma")]
+    Rdma(pserv_transport::onesided::rdma::RdmaBackend),
+}
+
+impl fmt::Debug for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Backend({})", self.kind())
+    }
+}
+
+/// Registered local memory of either backend.
+type Region = Arc<dyn Memory + Send + Sync>;
+
+/// A connection's pending half.
+pub(crate) enum Pending {
+    Shm(ShmPending),
+    #[cfg(feature = "rdma")]
+    Rdma(pserv_transport::onesided::rdma::RdmaPending),
+}
+
+/// A connection to one peer.
+pub(crate) enum Peer {
+    Shm(ShmPeer),
+    #[cfg(feature = "rdma")]
+    Rdma(pserv_transport::onesided::rdma::RdmaPeer),
+}
+
+/// A peer's region, attached.
+pub(crate) enum Remote {
+    Shm(ShmRemote),
+    #[cfg(feature = "rdma")]
+    Rdma(pserv_transport::onesided::rdma::RdmaRemote),
+}
+
+impl Backend {
+    /// Open the backend of `kind`.
+    pub(crate) fn open(kind: BackendKind) -> Result<Backend, EngineError> {
+        match kind {
+            BackendKind::Shm => Ok(Backend::Shm(
+                ShmBackend::new().map_err(|e| os_err("opening the shm backend", e))?,
+            )),
+            BackendKind::Rdma => {
+                #[cfg(feature = "rdma")]
+                {
+                    use pserv_transport::onesided::rdma::{RdmaBackend, RdmaConfig};
+                    Ok(Backend::Rdma(
+                        RdmaBackend::new(RdmaConfig::default())
+                            .map_err(|e| os_err("opening the rdma backend", e))?,
+                    ))
+                }
+                #[cfg(not(feature = "rdma"))]
+                {
+                    Err(EngineError::Config(
+                        "--transport rdma: this build has no RDMA support (build with --features rdma)"
+                            .into(),
+                    ))
+                }
+            }
+        }
+    }
+
+    pub(crate) fn kind(&self) -> BackendKind {
+        match self {
+            Backend::Shm(_) => BackendKind::Shm,
+            #[cfg(feature = "rdma")]
+            Backend::Rdma(_) => BackendKind::Rdma,
+        }
+    }
+
+    fn register(&self, len: usize) -> Result<(Region, RegionDesc), EngineError> {
+        let reg = |e| os_err("registering a region", e);
+        match self {
+            Backend::Shm(b) => {
+                let l = b.register(len).map_err(reg)?;
+                let d = b.describe(&l);
+                Ok((Arc::new(l), d))
+            }
+            #[cfg(feature = "rdma")]
+            Backend::Rdma(b) => {
+                let l = b.register(len).map_err(reg)?;
+                let d = b.describe(&l);
+                Ok((Arc::new(l), d))
+            }
+        }
+    }
+
+    pub(crate) fn prepare(&self) -> Result<(Pending, Vec<u8>), EngineError> {
+        let e = |e| os_err("preparing a connection", e);
+        match self {
+            Backend::Shm(b) => b.prepare().map(|(p, ep)| (Pending::Shm(p), ep)).map_err(e),
+            #[cfg(feature = "rdma")]
+            Backend::Rdma(b) => b.prepare().map(|(p, ep)| (Pending::Rdma(p), ep)).map_err(e),
+        }
+    }
+
+    pub(crate) fn connect(&self, pending: Pending, ep: &[u8]) -> Result<Peer, EngineError> {
+        let e = |e| os_err("connecting to the peer", e);
+        match (self, pending) {
+            (Backend::Shm(b), Pending::Shm(p)) => b.connect(p, ep).map(Peer::Shm).map_err(e),
+            #[cfg(feature = "rdma")]
+            (Backend::Rdma(b), Pending::Rdma(p)) => b.connect(p, ep).map(Peer::Rdma).map_err(e),
+            #[allow(unreachable_patterns)]
+            _ => unreachable!("a pending half is finished by the backend that made it"),
+        }
+    }
+
+    fn peer_id(&self, peer: &Peer) -> PeerId {
+        match (self, peer) {
+            (Backend::Shm(b), Peer::Shm(p)) => b.peer_id(p),
+            #[cfg(feature = "rdma")]
+            (Backend::Rdma(b), Peer::Rdma(p)) => b.peer_id(p),
+            #[allow(unreachable_patterns)]
+            _ => unreachable!("peers belong to their backend"),
+        }
+    }
+
+    fn attach(&self, peer: &Peer, desc: &RegionDesc) -> Result<Remote, EngineError> {
+        let e = |e| os_err("attaching a server region", e);
+        match (self, peer) {
+            (Backend::Shm(b), Peer::Shm(p)) => b.attach(p, desc).map(Remote::Shm).map_err(e),
+            #[cfg(feature = "rdma")]
+            (Backend::Rdma(b), Peer::Rdma(p)) => b.attach(p, desc).map(Remote::Rdma).map_err(e),
+            #[allow(unreachable_patterns)]
+            _ => unreachable!("peers belong to their backend"),
+        }
+    }
+
+    fn notify(&self, remote: &Remote, imm: u32) -> Result<(), EngineError> {
+        let e = |e| os_err("notifying the server", e);
+        match (self, remote) {
+            (Backend::Shm(b), Remote::Shm(r)) => b.notify(r, imm).map_err(e),
+            #[cfg(feature = "rdma")]
+            (Backend::Rdma(b), Remote::Rdma(r)) => b.notify(r, imm).map_err(e),
+            #[allow(unreachable_patterns)]
+            _ => unreachable!("remotes belong to their backend"),
+        }
+    }
+
+    fn wait_notice(
+        &self,
+        timeout: Duration,
+    ) -> Result<Option<pserv_transport::onesided::Notice>, OneSidedError> {
+        match self {
+            Backend::Shm(b) => b.wait_notice(timeout),
+            #[cfg(feature = "rdma")]
+            Backend::Rdma(b) => b.wait_notice(timeout),
+        }
+    }
+
+    fn poll_notice(&self) -> Result<Option<pserv_transport::onesided::Notice>, OneSidedError> {
+        match self {
+            Backend::Shm(b) => b.poll_notice(),
+            #[cfg(feature = "rdma")]
+            Backend::Rdma(b) => b.poll_notice(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Server side
+// ---------------------------------------------------------------------------------------
+
+/// What a server answers to a worker's window request.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct WindowGrant {
+    /// The window's key range.
+    pub range: KeyRange,
+    /// Values per key.
+    pub value_len: u32,
+    /// Bytes per value element.
+    pub elem: u32,
+    /// Payload bytes per versioned block.
+    pub block_payload: u64,
+    /// The backend chosen.
+    pub backend: u8,
+    /// The server's endpoint bytes (for the worker's `connect`).
+    pub endpoint: Vec<u8>,
+    /// Encoded descriptors: the blocks, the meta words, this worker's landing area.
+    pub data: Vec<u8>,
+    /// See `data`.
+    pub meta: Vec<u8>,
+    /// See `data`.
+    pub landing: Vec<u8>,
+    /// Why this backend (for the worker's log).
+    pub reason: String,
+}
+
+/// A worker's landing area on the server.
+struct Landing {
+    worker: u32,
+    mem: Region,
+}
+
+/// The window's values and state.
+pub(crate) struct Window {
+    pub(crate) range: KeyRange,
+    vl: usize,
+    elem: usize,
+    layout: BlockLayout,
+    data: Seqlock<Region>,
+    meta: Region,
+    data_desc: RegionDesc,
+    meta_desc: RegionDesc,
+    /// Optimizer state, `keys * vl * state_len` elements, in u64 words (aligned for any
+    /// value type); its lock is also the writers' lock (one apply at a time).
+    state: Mutex<Vec<u64>>,
+    state_len: usize,
+}
+
+impl Window {
+    fn logical_off(&self, key: Key) -> usize {
+        (key - self.range.begin) as usize * self.vl * self.elem
+    }
+
+    /// Set the window's values (at creation, from the store).
+    pub(crate) fn init(&self, bytes: &[u8]) {
+        let n = bytes.len().min(self.layout.logical_len());
+        let _ = self.data.write(0, &bytes[..n]);
+    }
+
+    /// Refuse a rule that needs more state than the window keeps.
+    pub(crate) fn check_rule<T: Value>(&self, f: &dyn UpdateFn<T>) -> Result<(), String> {
+        if f.state_len() > self.state_len {
+            return Err(format!(
+                "update rule {:?} keeps {} state values per weight, this window keeps {}",
+                f.name(),
+                f.state_len(),
+                self.state_len
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether `r` lies inside the window.
+    pub(crate) fn covers(&self, r: &KeyRange) -> bool {
+        self.range.covers(r)
+    }
+
+    /// Publish the smallest worker clock (for clocked one-sided pulls).
+    pub(crate) fn publish_clock(&self, clock: u64) {
+        let w = self.meta.atomic_u64(M_CLOCK);
+        if clock > w.load(Ordering::Relaxed) {
+            w.store(clock, Ordering::Release);
+        }
+    }
+
+    /// Read the values of `r` into `out`.
+    pub(crate) fn pull_range<T: Value>(&self, r: KeyRange, out: &mut [T]) -> Result<(), String> {
+        assert!(self.covers(&r));
+        self.data
+            .read(self.logical_off(r.begin), bytemuck::cast_slice_mut(out))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Read the values of sorted `keys` (all inside the window) into `out`.
+    pub(crate) fn pull_keys<T: Value>(&self, keys: &[Key], out: &mut [T]) -> Result<(), String> {
+        let vl = self.vl;
+        for (i, &k) in keys.iter().enumerate() {
+            self.data
+                .read(
+                    self.logical_off(k),
+                    bytemuck::cast_slice_mut(&mut out[i * vl..(i + 1) * vl]),
+                )
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Apply `grads` for the consecutive keys of `r` with `f`, block by block.
+    pub(crate) fn push_range<T: Value>(&self, r: KeyRange, grads: &[T], f: &dyn UpdateFn<T>) {
+        assert!(self.covers(&r));
+        let mut state = self.state.lock();
+        let state: &mut [T] = bytemuck::cast_slice_mut(&mut state[..]);
+        let mut scratch: Vec<T> = Vec::new();
+        let start = self.logical_off(r.begin);
+        let elem = self.elem;
+        let (sl, fl) = (self.state_len, f.state_len());
+        let mut done = 0usize;
+        let total = grads.len() * elem;
+        while done < total {
+            let off = start + done;
+            let block = self.layout.block_of(off);
+            let in_block = off - block * self.layout.payload_len();
+            let n = (self.layout.payload_len() - in_block).min(total - done);
+            let (e0, ne) = (done / elem, n / elem);
+            scratch.resize(ne, T::default());
+            let w = self.data.begin(block);
+            w.copy_out(in_block, bytemuck::cast_slice_mut(&mut scratch));
+            // Element index of the piece's first value within the window.
+            let first = off / elem;
+            let g = &grads[e0..e0 + ne];
+            let s0 = first * sl;
+            let st = &mut state[s0..s0 + ne * sl];
+            apply_with_state(f, &mut scratch, st, g, sl, fl);
+            w.copy_in(in_block, bytemuck::cast_slice(&scratch));
+            drop(w);
+            done += n;
+        }
+    }
+
+    /// Apply `grads` for sorted `keys` (all inside the window) with `f`.
+    pub(crate) fn push_keys<T: Value>(&self, keys: &[Key], grads: &[T], f: &dyn UpdateFn<T>) {
+        let mut state = self.state.lock();
+        let state: &mut [T] = bytemuck::cast_slice_mut(&mut state[..]);
+        let vl = self.vl;
+        let (sl, fl) = (self.state_len, f.state_len());
+        let mut w = vec![T::default(); vl];
+        for (i, &k) in keys.iter().enumerate() {
+            let off = self.logical_off(k);
+            let block = self.layout.block_of(off);
+            let in_block = off - block * self.layout.payload_len();
+            let g = self.data.begin(block);
+            g.copy_out(in_block, bytemuck::cast_slice_mut(&mut w));
+            let e = (k - self.range.begin) as usize * vl;
+            let st = &mut state[e * sl..(e + vl) * sl];
+            apply_with_state(f, &mut w, st, &grads[i * vl..(i + 1) * vl], sl, fl);
+            g.copy_in(in_block, bytemuck::cast_slice(&w));
+        }
+    }
+}
+
+/// Apply `f` with the window's state layout (`sl` state elements kept per weight, the
+/// rule needing `fl <= sl`).
+fn apply_with_state<T: Value>(
+    f: &dyn UpdateFn<T>,
+    w: &mut [T],
+    s: &mut [T],
+    g: &[T],
+    sl: usize,
+    fl: usize,
+) {
+    if sl == fl {
+        f.apply(w, s, g);
+    } else {
+        for (e, (w, g)) in w.iter_mut().zip(g).enumerate() {
+            f.apply(
+                std::slice::from_mut(w),
+                &mut s[e * sl..e * sl + fl],
+                std::slice::from_ref(g),
+            );
+        }
+    }
+}
+
+/// A server's one-sided side: its backend, its window, the workers' landing areas.
+pub(crate) struct ServerOneSided {
+    backend: Backend,
+    host: String,
+    /// The key range this server owns (windows must lie inside it).
+    own: KeyRange,
+    vl: usize,
+    elem: usize,
+    state_len: usize,
+    window: std::sync::OnceLock<Arc<Window>>,
+    setup: Mutex<Setup>,
+    stop: AtomicBool,
+}
+
+#[derive(Default)]
+struct Setup {
+    landings: HashMap<PeerId, Arc<Landing>>,
+    /// Keeps the connections alive.
+    peers: Vec<Peer>,
+}
+
+impl ServerOneSided {
+    /// The server's one-sided side for `kind`: `None` for tcp; for auto, rdma where a
+    /// device is found, else shm.
+    pub(crate) fn new(
+        kind: TransportKind,
+        own: KeyRange,
+        vl: usize,
+        elem: usize,
+        state_len: usize,
+    ) -> Result<Option<ServerOneSided>, EngineError> {
+        let backend = match kind {
+            TransportKind::Tcp => return Ok(None),
+            TransportKind::Shm => Backend::open(BackendKind::Shm)?,
+            TransportKind::Rdma => match rdma_available() {
+                Ok(_) => Backend::open(BackendKind::Rdma)?,
+                Err(why) => {
+                    return Err(EngineError::Config(format!(
+                        "--transport rdma: {why}; use --transport auto, shm or tcp"
+                    )))
+                }
+            },
+            TransportKind::Auto => match rdma_available() {
+                Ok(devs) => {
+                    tracing::info!(?devs, "transport auto: RDMA devices found, offering rdma");
+                    Backend::open(BackendKind::Rdma)?
+                }
+                Err(why) => {
+                    tracing::info!(%why, "transport auto: no rdma; offering shm to workers on this host, tcp to the others");
+                    Backend::open(BackendKind::Shm)?
+                }
+            },
+        };
+        Ok(Some(ServerOneSided {
+            backend,
+            host: host_id(),
+            own,
+            vl,
+            elem,
+            state_len,
+            window: std::sync::OnceLock::new(),
+            setup: Mutex::new(Setup::default()),
+            stop: AtomicBool::new(false),
+        }))
+    }
+
+    /// The window, once a worker has opened it.
+    pub(crate) fn window(&self) -> Option<&Arc<Window>> {
+        self.window.get()
+    }
+
+    /// A worker asks for a window on `range` with its endpoints (by backend) and host id.
+    /// Creates the window on the first request; later requests must name the same range.
+    pub(crate) fn grant(
+        &self,
+        worker: u32,
+        range: KeyRange,
+        host: &str,
+        offers: &[(u8, Vec<u8>)],
+        init: impl FnOnce(&Window),
+    ) -> Result<WindowGrant, String> {
+        let mine = self.backend.kind();
+        let offer = offers.iter().find(|(k, _)| *k == mine as u8);
+        let Some((_, worker_ep)) = offer else {
+            return Err(format!(
+                "this server offers {mine}, the worker offered {:?}",
+                offers
+                    .iter()
+                    .filter_map(|(k, _)| BackendKind::from_u8(*k).map(|k| k.name()))
+                    .collect::<Vec<_>>()
+            ));
+        };
+        let reason = match mine {
+            BackendKind::Shm if host != self.host => {
+                return Err("the worker runs on another host; shm needs one host".into())
+            }
+            BackendKind::Shm => "same host (boot id matches)".to_owned(),
+            BackendKind::Rdma => "both ends have an RDMA device".to_owned(),
+        };
+        if range.is_empty() || !self.own.covers(&range) {
+            return Err(format!(
+                "window {range} is not a non-empty part of this server's range {}",
+                self.own
+            ));
+        }
+        let bytes = (range.len() as u128) * (self.vl * self.elem) as u128;
+        if bytes > WINDOW_MAX_BYTES as u128 {
+            return Err(format!(
+                "window {range} holds {bytes} bytes, more than the {WINDOW_MAX_BYTES} allowed"
+            ));
+        }
+        let bytes = bytes as usize;
+        let mut setup = self.setup.lock();
+        let window = match self.window.get() {
+            Some(w) if w.range == range => w.clone(),
+            Some(w) => {
+                return Err(format!(
+                    "this server's window is {}, not {range} (one window per server)",
+                    w.range
+                ))
+            }
+            None => {
+                let layout = BlockLayout::for_len(bytes, BLOCK_PAYLOAD);
+                let (data, data_desc) = self
+                    .backend
+                    .register(layout.physical_len())
+                    .map_err(|e| e.to_string())?;
+                let (meta, meta_desc) =
+                    self.backend.register(META_LEN).map_err(|e| e.to_string())?;
+                let data = Seqlock::new(layout, data).map_err(|e| e.to_string())?;
+                let w = Arc::new(Window {
+                    range,
+                    vl: self.vl,
+                    elem: self.elem,
+                    layout,
+                    data,
+                    meta,
+                    data_desc,
+                    meta_desc,
+                    state: Mutex::new(vec![0u64; (bytes * self.state_len).div_ceil(8)]),
+                    state_len: self.state_len,
+                });
+                init(&w);
+                let _ = self.window.set(w.clone());
+                tracing::info!(%range, bytes, backend = %mine, "one-sided window registered");
+                w
+            }
+        };
+        let (pending, endpoint) = self.backend.prepare().map_err(|e| e.to_string())?;
+        let peer = self
+            .backend
+            .connect(pending, worker_ep)
+            .map_err(|e| e.to_string())?;
+        let id = self.backend.peer_id(&peer);
+        let (landing, landing_desc) = self
+            .backend
+            .register(LANDING_HEADER + bytes)
+            .map_err(|e| e.to_string())?;
+        setup.landings.insert(
+            id,
+            Arc::new(Landing {
+                worker,
+                mem: landing,
+            }),
+        );
+        setup.peers.push(peer);
+        Ok(WindowGrant {
+            range,
+            value_len: self.vl as u32,
+            elem: self.elem as u32,
+            block_payload: BLOCK_PAYLOAD as u64,
+            backend: mine as u8,
+            endpoint,
+            data: window.data_desc.encode(),
+            meta: window.meta_desc.encode(),
+            landing: landing_desc.encode(),
+            reason,
+        })
+    }
+
+    /// Serve pushes that land: wait for notices and apply each with `apply` (which gets
+    /// the window, the function id, the range and the landed bytes and returns an error
+    /// text on refusal). Runs until [`stop`](Self::stop).
+    pub(crate) fn serve_notices(
+        &self,
+        mut apply: impl FnMut(&Window, u16, KeyRange, &[u8]) -> Result<(), String>,
+    ) {
+        // u64 words: the payload is aligned for any value type.
+        let mut payload: Vec<u64> = Vec::new();
+        let spin = Duration::from_micros(100);
+        let mut idle_since = Instant::now();
+        while !self.stop.load(Ordering::Relaxed) {
+            let notice = if idle_since.elapsed() < spin {
+                self.backend.poll_notice()
+            } else {
+                self.backend.wait_notice(Duration::from_millis(50))
+            };
+            let n = match notice {
+                Ok(Some(n)) => n,
+                Ok(None) => {
+                    std::thread::yield_now();
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "one-sided notice failed; going on");
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+            };
+            idle_since = Instant::now();
+            let Some(landing) = self.setup.lock().landings.get(&n.peer).cloned() else {
+                tracing::warn!(peer = ?n.peer, "notice from an unknown peer; ignored");
+                continue;
+            };
+            let mem = &landing.mem;
+            let word = |off| mem.atomic_u64(off).load(Ordering::Acquire);
+            let seq = word(L_SEQ);
+            let result = (|| {
+                if seq as u32 != n.imm {
+                    return Err(format!(
+                        "notice {} does not match the landed push {seq}",
+                        n.imm
+                    ));
+                }
+                let (b, e) = (word(L_BEGIN), word(L_END));
+                if b >= e {
+                    return Err(format!("empty or backwards range [{b}, {e})"));
+                }
+                let r = KeyRange::new(b, e);
+                let Some(w) = self.window.get() else {
+                    return Err("no window".into());
+                };
+                if !w.covers(&r) {
+                    return Err(format!("range {r} is outside the window {}", w.range));
+                }
+                let bytes = word(L_BYTES) as usize;
+                let want = r.len() as usize * self.vl * self.elem;
+                if bytes != want || LANDING_HEADER + bytes > mem.len() {
+                    return Err(format!("{bytes} bytes landed for {want} bytes of values"));
+                }
+                payload.resize(bytes.div_ceil(8), 0);
+                let landed = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut payload)[..bytes];
+                mem.copy_out(LANDING_HEADER, landed);
+                // A bug in an update rule must not stop the thread that serves every
+                // worker's pushes: it becomes this push's error.
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    apply(w, word(L_FUNC) as u16, r, landed)
+                }))
+                .unwrap_or_else(|_| Err("the update rule panicked".into()))
+            })();
+            match &result {
+                Ok(()) => mem.atomic_u64(L_STATUS).store(0, Ordering::Relaxed),
+                Err(msg) => {
+                    tracing::debug!(worker = landing.worker, %msg, "one-sided push refused");
+                    let m = &msg.as_bytes()[..msg.len().min(L_MSG_MAX)];
+                    mem.copy_in(L_MSG, m);
+                    mem.atomic_u64(L_MSG_LEN)
+                        .store(m.len() as u64, Ordering::Relaxed);
+                    mem.atomic_u64(L_STATUS).store(1, Ordering::Relaxed);
+                }
+            }
+            mem.atomic_u64(L_DONE).store(seq, Ordering::Release);
+        }
+    }
+
+    /// Make [`serve_notices`](Self::serve_notices) return.
+    pub(crate) fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Worker side
+// ---------------------------------------------------------------------------------------
+
+/// A window attached by a worker.
+pub(crate) struct ClientWindow {
+    pub(crate) range: KeyRange,
+    vl: usize,
+    elem: usize,
+    layout: BlockLayout,
+    data: Remote,
+    meta: Remote,
+    landing: Remote,
+    /// The last push's sequence number; its lock serialises pushes into the landing area.
+    seq: Mutex<u64>,
+    _peer: Peer,
+    /// A registered buffer verbs read into and write from.
+    #[cfg(feature = "rdma")]
+    staging: verbs::Staging,
+}
+
+/// A worker's one-sided side: its backend and the windows it attached, by server.
+pub(crate) struct ClientOneSided {
+    pub(crate) backend: Backend,
+    pub(crate) windows: Mutex<HashMap<u32, Arc<ClientWindow>>>,
+}
+
+impl ClientOneSided {
+    /// The worker's backends for `kind` (what it offers servers), or none for tcp.
+    pub(crate) fn new(kind: TransportKind) -> Result<Option<ClientOneSided>, EngineError> {
+        let backend = match kind {
+            TransportKind::Tcp => return Ok(None),
+            TransportKind::Shm => Backend::open(BackendKind::Shm)?,
+            TransportKind::Rdma => match rdma_available() {
+                Ok(_) => Backend::open(BackendKind::Rdma)?,
+                Err(why) => {
+                    return Err(EngineError::Config(format!(
+                        "--transport rdma: {why}; use --transport auto, shm or tcp"
+                    )))
+                }
+            },
+            TransportKind::Auto => match rdma_available() {
+                Ok(_) => Backend::open(BackendKind::Rdma)?,
+                Err(_) => Backend::open(BackendKind::Shm)?,
+            },
+        };
+        Ok(Some(ClientOneSided {
+            backend,
+            windows: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// Attach a granted window of `server`.
+    pub(crate) fn attach(
+        &self,
+        server: u32,
+        pending: Pending,
+        g: &WindowGrant,
+    ) -> Result<(), EngineError> {
+        let peer = self.backend.connect(pending, &g.endpoint)?;
+        let desc =
+            |b: &[u8]| RegionDesc::decode(b).map_err(|e| os_err("decoding a window descriptor", e));
+        let data = self.backend.attach(&peer, &desc(&g.data)?)?;
+        let meta = self.backend.attach(&peer, &desc(&g.meta)?)?;
+        let landing = self.backend.attach(&peer, &desc(&g.landing)?)?;
+        let bytes = g.range.len() as usize * g.value_len as usize * g.elem as usize;
+        let w = ClientWindow {
+            range: g.range,
+            vl: g.value_len as usize,
+            elem: g.elem as usize,
+            layout: BlockLayout::for_len(bytes, g.block_payload as usize),
+            data,
+            meta,
+            landing,
+            seq: Mutex::new(0),
+            _peer: peer,
+            #[cfg(feature = "rdma")]
+            staging: verbs::Staging::default(),
+        };
+        self.windows.lock().insert(server, Arc::new(w));
+        Ok(())
+    }
+
+    /// The window of `server` covering `r`, if attached.
+    pub(crate) fn window_for(&self, server: u32, r: &KeyRange) -> Option<Arc<ClientWindow>> {
+        self.windows
+            .lock()
+            .get(&server)
+            .filter(|w| w.range.covers(r))
+            .cloned()
+    }
+
+    #[cfg(feature = "rdma")]
+    fn rdma(&self) -> &pserv_transport::onesided::rdma::RdmaBackend {
+        match &self.backend {
+            Backend::Rdma(b) => b,
+            Backend::Shm(_) => unreachable!("rdma remotes belong to the rdma backend"),
+        }
+    }
+
+    fn word(&self, w: &ClientWindow, remote: &Remote, off: usize) -> Result<u64, EngineError> {
+        #[cfg(feature = "rdma")]
+        let staging = &w.staging;
+        #[cfg(not(feature = "rdma"))]
+        let _ = w;
+        match remote {
+            Remote::Shm(r) => Ok(r.atomic_u64(off).load(Ordering::Acquire)),
+            #[cfg(feature = "rdma")]
+            Remote::Rdma(r) => {
+                let mut b8 = [0u8; 8];
+                verbs::read_bytes(self.rdma(), staging, r, off, &mut b8)
+                    .map_err(|e| os_err("reading a remote word", e))?;
+                Ok(u64::from_le_bytes(b8))
+            }
+        }
+    }
+
+    /// Wait (polling the server's published clock, one-sidedly) until every worker has
+    /// reached `min_clock` on this window.
+    pub(crate) fn wait_clock(
+        &self,
+        w: &ClientWindow,
+        min_clock: u64,
+        timeout: Duration,
+    ) -> Result<(), EngineError> {
+        if min_clock == 0 {
+            return Ok(());
+        }
+        let start = Instant::now();
+        let mut n = 0u32;
+        while self.word(w, &w.meta, M_CLOCK)? < min_clock {
+            if start.elapsed() > timeout {
+                return Err(EngineError::Timeout(format!(
+                    "waiting for the servers' clock to reach {min_clock}"
+                )));
+            }
+            n += 1;
+            if n < 64 {
+                std::hint::spin_loop();
+            } else if n < 4096 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+        Ok(())
+    }
+
+    /// One-sided read of `r` (inside `w`) into `out`.
+    pub(crate) fn read(
+        &self,
+        w: &ClientWindow,
+        r: KeyRange,
+        out: &mut [u8],
+    ) -> Result<(), EngineError> {
+        let off = (r.begin - w.range.begin) as usize * w.vl * w.elem;
+        match &w.data {
+            Remote::Shm(remote) => {
+                let lock = Seqlock::new(w.layout, remote)
+                    .map_err(|e| os_err("the window's blocks", e))?;
+                lock.read(off, out)
+                    .map(|_| ())
+                    .map_err(|e| os_err("one-sided read", e))
+            }
+            #[cfg(feature = "rdma")]
+            Remote::Rdma(remote) => {
+                verbs::read_versioned(self.rdma(), &w.staging, remote, &w.layout, off, out)
+                    .map_err(|e| os_err("one-sided read", e))
+            }
+        }
+    }
+
+    /// One-sided push of `values` (bytes) for `r` (inside `w`) with update function
+    /// `func`: write into the landing area, notify, wait until the server applied it.
+    pub(crate) fn push(
+        &self,
+        w: &ClientWindow,
+        r: KeyRange,
+        func: u16,
+        values: &[u8],
+        timeout: Duration,
+    ) -> Result<(), EngineError> {
+        let mut seq = w.seq.lock();
+        let next = *seq + 1;
+        let header = [
+            (L_SEQ, next),
+            (L_BEGIN, r.begin),
+            (L_END, r.end),
+            (L_FUNC, u64::from(func)),
+            (L_BYTES, values.len() as u64),
+        ];
+        match &w.landing {
+            Remote::Shm(l) => {
+                l.copy_in(LANDING_HEADER, values);
+                for (off, v) in header {
+                    l.atomic_u64(off).store(v, Ordering::Relaxed);
+                }
+            }
+            #[cfg(feature = "rdma")]
+            Remote::Rdma(l) => {
+                let mut h = [0u8; 64];
+                for (off, v) in header {
+                    h[off..off + 8].copy_from_slice(&v.to_le_bytes());
+                }
+                verbs::write_bytes(self.rdma(), &w.staging, l, LANDING_HEADER, values)
+                    .and_then(|_| verbs::write_bytes(self.rdma(), &w.staging, l, 0, &h))
+                    .map_err(|e| os_err("one-sided write", e))?;
+            }
+        }
+        self.backend.notify(&w.landing, next as u32)?;
+        *seq = next;
+        let start = Instant::now();
+        let mut n = 0u32;
+        while self.word(w, &w.landing, L_DONE)? != next {
+            if start.elapsed() > timeout {
+                return Err(EngineError::Timeout(format!(
+                    "one-sided push {next} not applied by the server within {timeout:?}"
+                )));
+            }
+            n += 1;
+            if n < 256 {
+                std::hint::spin_loop();
+            } else if n < 8192 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(20));
+            }
+        }
+        if self.word(w, &w.landing, L_STATUS)? != 0 {
+            let len = (self.word(w, &w.landing, L_MSG_LEN)? as usize).min(L_MSG_MAX);
+            let mut msg = vec![0u8; len];
+            match &w.landing {
+                Remote::Shm(l) => l.copy_out(L_MSG, &mut msg),
+                #[cfg(feature = "rdma")]
+                Remote::Rdma(l) => {
+                    verbs::read_bytes(self.rdma(), &w.staging, l, L_MSG, &mut msg)
+                        .map_err(|e| os_err("reading the refusal", e))?;
+                }
+            }
+            return Err(EngineError::InvalidRequest(format!(
+                "server refused the one-sided push: {}",
+                String::from_utf8_lossy(&msg)
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Byte-level helpers over the verbs backend: reads and writes go through a registered
+/// staging buffer (verbs move bytes between registered regions only).
+#[cfg(feature = "rdma")]
+mod verbs {
+    use super::*;
+    use pserv_transport::onesided::rdma::{RdmaBackend, RdmaLocal, RdmaRemote};
+
+    /// A lazily registered buffer, grown to the largest transfer.
+    #[derive(Default)]
+    pub(super) struct Staging(Mutex<Option<RdmaLocal>>);
+
+    fn with_local<R>(
+        b: &RdmaBackend,
+        st: &Staging,
+        len: usize,
+        f: impl FnOnce(&mut RdmaLocal) -> Result<R, OneSidedError>,
+    ) -> Result<R, OneSidedError> {
+        let mut g = st.0.lock();
+        if g.as_ref().is_none_or(|l| l.len() < len) {
+            *g = Some(b.register(len.next_power_of_two().max(4096))?);
+        }
+        f(g.as_mut().expect("registered above"))
+    }
+
+    pub(super) fn read_bytes(
+        b: &RdmaBackend,
+        st: &Staging,
+        r: &RdmaRemote,
+        off: usize,
+        dst: &mut [u8],
+    ) -> Result<(), OneSidedError> {
+        with_local(b, st, dst.len(), |l| {
+            b.read(r, off, l, 0, dst.len())?;
+            l.copy_out(0, dst);
+            Ok(())
+        })
+    }
+
+    pub(super) fn write_bytes(
+        b: &RdmaBackend,
+        st: &Staging,
+        r: &RdmaRemote,
+        off: usize,
+        src: &[u8],
+    ) -> Result<(), OneSidedError> {
+        with_local(b, st, src.len(), |l| {
+            l.copy_in(0, src);
+            b.write(r, off, l, 0, src.len())
+        })
+    }
+
+    /// Read the blocks covering logical `[off, off + out.len())` in one READ, validate
+    /// every block's versions on the copy, retry torn copies.
+    pub(super) fn read_versioned(
+        b: &RdmaBackend,
+        st: &Staging,
+        r: &RdmaRemote,
+        layout: &BlockLayout,
+        off: usize,
+        out: &mut [u8],
+    ) -> Result<(), OneSidedError> {
+        let span = layout.physical_span(off, out.len())?;
+        let first = layout.block_of(off);
+        let mut copy = vec![0u8; span.len()];
+        let mut last = None;
+        for _ in 0..1000 {
+            read_bytes(b, st, r, span.start, &mut copy)?;
+            match layout.validate_copied(first, &copy) {
+                Ok(_) => {
+                    layout.extract(first, &copy, off, out);
+                    return Ok(());
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("the loop ran"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transport_kinds_parse() {
+        for k in ["auto", "tcp", "shm", "rdma"] {
+            assert_eq!(k.parse::<TransportKind>().unwrap().to_string(), k);
+        }
+        let e = "udp".parse::<TransportKind>().unwrap_err().to_string();
+        assert!(e.contains("auto, tcp, shm or rdma"), "{e}");
+    }
+
+    #[cfg(not(feature = "rdma"))]
+    #[test]
+    fn rdma_is_refused_clearly_without_the_feature() {
+        let e = ServerOneSided::new(TransportKind::Rdma, KeyRange::new(0, 10), 1, 4, 0)
+            .err()
+            .expect("no rdma here")
+            .to_string();
+        assert!(e.contains("rdma"), "{e}");
+    }
+
+    #[test]
+    fn auto_falls_back_to_shm_without_rdma() {
+        if rdma_available().is_ok() {
+            return; // a machine with a device offers rdma instead
+        }
+        let s = ServerOneSided::new(TransportKind::Auto, KeyRange::new(0, 10), 1, 4, 0)
+            .unwrap()
+            .expect("auto offers a one-sided backend");
+        assert_eq!(s.backend.kind(), BackendKind::Shm);
+        assert!(
+            ServerOneSided::new(TransportKind::Tcp, KeyRange::new(0, 10), 1, 4, 0)
+                .unwrap()
+                .is_none()
+        );
+    }
+}

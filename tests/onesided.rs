@@ -1,0 +1,174 @@
+//! The one-sided data path end to end: real scheduler and server processes on
+//! 127.0.0.1, in-test workers, dense windows read and written over shared memory while
+//! TCP workers and sparse requests see the same values.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Cluster;
+use pserv_engine::keys::{KeyRange, KEY_END};
+use pserv_engine::onesided::TransportKind;
+use pserv_engine::worker::{TaskOpts, Worker, WorkerConfig};
+use pserv_engine::EngineError;
+use pserv_transport::TcpConfig;
+
+fn worker(c: &Cluster, rank: u32, transport: TransportKind) -> Worker {
+    let mut cfg = WorkerConfig::new(c.scheduler);
+    cfg.rank = Some(rank);
+    cfg.tcp = TcpConfig {
+        threads: 1,
+        pin_cores: false,
+        ..TcpConfig::default()
+    };
+    cfg.register_timeout = Duration::from_secs(30);
+    cfg.timeout = Duration::from_secs(30);
+    cfg.transport = transport;
+    Worker::connect(cfg).expect("worker connects")
+}
+
+/// A range straddling the boundary between servers 0 and 1 of 2.
+fn straddling(n: u64) -> KeyRange {
+    let mid = KEY_END / 2;
+    KeyRange::new(mid - n / 2, mid + n / 2)
+}
+
+#[test]
+fn dense_windows_are_one_sided_and_agree_with_tcp_and_sparse_requests() {
+    let mut c = Cluster::start(2, 2, &["--update=sum"]);
+    let (w0, w1) = std::thread::scope(|s| {
+        let a = s.spawn(|| worker(&c, 0, TransportKind::Shm));
+        let b = s.spawn(|| worker(&c, 1, TransportKind::Tcp));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let r = straddling(20_000);
+    let n = r.len() as usize;
+    let opts = TaskOpts::default();
+
+    // Values pushed over TCP before the window exists are carried into it.
+    w1.wait(w1.push_range(r, vec![0.5f32; n])).unwrap();
+
+    let granted = w0.open_window(r).unwrap();
+    assert_eq!(granted.len(), 2, "{granted:?}");
+    assert!(
+        granted.iter().all(|(_, one_sided, _)| *one_sided),
+        "{granted:?}"
+    );
+    let tcp_only = w1.open_window(r).unwrap();
+    assert!(
+        tcp_only.iter().all(|(_, one_sided, _)| !*one_sided),
+        "{tcp_only:?}"
+    );
+
+    // One-sided push (worker 0) and TCP push (worker 1) land in the same values.
+    let ramp: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    w0.push_range_now(r, &ramp, &opts).unwrap();
+    w1.push_range_now(r, &vec![2.0f32; n], &opts).unwrap();
+    let want: Vec<f32> = (0..n).map(|i| i as f32 + 2.5).collect();
+
+    let mut one_sided = vec![0f32; n];
+    w0.pull_range_into(r, &mut one_sided, &opts).unwrap();
+    assert_eq!(one_sided, want);
+    let mut over_tcp = vec![0f32; n];
+    w1.pull_range_into(r, &mut over_tcp, &opts).unwrap();
+    assert_eq!(over_tcp, want);
+
+    // A sub-range, and sparse keys inside one window, served from the window.
+    let sub = KeyRange::new(r.begin + 10, r.begin + 20);
+    let mut part = vec![0f32; 10];
+    w0.pull_range_into(sub, &mut part, &opts).unwrap();
+    assert_eq!(part, want[10..20]);
+    let keys = vec![r.begin + 3, r.begin + 99];
+    let got = w1.wait_pull::<f32>(w1.pull::<f32>(keys)).unwrap().to_vec();
+    assert_eq!(got, vec![want[3], want[99]]);
+
+    // Sparse keys straddling a window's edge are refused clearly, and change nothing.
+    let edge = vec![r.begin - 1, r.begin];
+    let e = w1
+        .wait(w1.push(edge.clone(), vec![100.0f32; 2]))
+        .unwrap_err();
+    assert!(e.to_string().contains("straddle"), "{e}");
+    w0.pull_range_into(r, &mut one_sided, &opts).unwrap();
+    assert_eq!(one_sided, want);
+
+    // A one-sided push naming an unknown function gets a clear error; nothing changes.
+    let bad = TaskOpts {
+        func: 999,
+        ..TaskOpts::default()
+    };
+    let e = w0.push_range_now(r, &ramp, &bad).unwrap_err();
+    assert!(
+        matches!(&e, EngineError::InvalidRequest(m) if m.contains("no update function with id 999")),
+        "{e}"
+    );
+    w0.pull_range_into(r, &mut one_sided, &opts).unwrap();
+    assert_eq!(one_sided, want);
+
+    // One window per server: a different range stays on TCP, with the reason.
+    let other = KeyRange::new(r.begin - 100, r.begin - 50);
+    let refused = w0.open_window(other).unwrap();
+    assert!(
+        refused
+            .iter()
+            .all(|(_, ok, why)| !ok && why.contains("one window")),
+        "{refused:?}"
+    );
+
+    // Wrong lengths are refused before anything moves.
+    assert!(w0.push_range_now(r, &ramp[..10], &opts).is_err());
+
+    w0.finish(0).unwrap();
+    w1.finish(0).unwrap();
+    c.procs.wait_all(Duration::from_secs(30));
+}
+
+#[test]
+fn concurrent_one_sided_pushes_from_two_workers_all_apply() {
+    let mut c = Cluster::start(1, 2, &["--update=sum"]);
+    let ws: Vec<Worker> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..2)
+            .map(|r| {
+                let c = &c;
+                s.spawn(move || worker(c, r, TransportKind::Shm))
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let r = KeyRange::new(1000, 1000 + 300_000); // several blocks
+    let n = r.len() as usize;
+    for w in &ws {
+        assert!(w.open_window(r).unwrap().iter().all(|(_, ok, _)| *ok));
+    }
+    let rounds = 20;
+    std::thread::scope(|s| {
+        for w in &ws {
+            s.spawn(move || {
+                let ones = vec![1.0f32; n];
+                let mut seen = vec![0f32; n];
+                for _ in 0..rounds {
+                    w.push_range_now(r, &ones, &TaskOpts::default()).unwrap();
+                    // Reads while the other worker writes: every block is a state that
+                    // existed, so within a block all values are equal.
+                    w.pull_range_into(r, &mut seen, &TaskOpts::default())
+                        .unwrap();
+                    for block in seen.chunks(4096) {
+                        assert!(block.iter().all(|&v| v == block[0]), "torn block");
+                    }
+                }
+            });
+        }
+    });
+    let mut all = vec![0f32; n];
+    ws[0]
+        .pull_range_into(r, &mut all, &TaskOpts::default())
+        .unwrap();
+    assert!(
+        all.iter().all(|&v| v == 2.0 * rounds as f32),
+        "{:?}",
+        &all[..4]
+    );
+    for w in ws {
+        w.finish(0).unwrap();
+    }
+    c.procs.wait_all(Duration::from_secs(30));
+}
