@@ -913,8 +913,8 @@ impl ClientOneSided {
         let off = (r.begin - w.range.begin) as usize * w.vl * w.elem;
         match &w.data {
             Remote::Shm(remote) => {
-                let lock = Seqlock::new(w.layout, remote)
-                    .map_err(|e| os_err("the window's blocks", e))?;
+                let lock =
+                    Seqlock::new(w.layout, remote).map_err(|e| os_err("the window's blocks", e))?;
                 lock.read(off, out)
                     .map(|_| ())
                     .map_err(|e| os_err("one-sided read", e))
