@@ -410,15 +410,32 @@ impl Window {
 
     /// Apply `grads` for the consecutive keys of `r` with `f`, block by block.
     pub(crate) fn push_range<T: Value>(&self, r: KeyRange, grads: &[T], f: &dyn UpdateFn<T>) {
+        self.push_range_from(r, Grads::Slice(grads), f)
+    }
+
+    /// Apply the gradients for the consecutive keys of `r` that landed in `mem` at byte
+    /// offset `off` (a landing area), block by block, without a whole copy first.
+    pub(crate) fn push_range_landed<T: Value>(
+        &self,
+        r: KeyRange,
+        mem: &dyn Memory,
+        off: usize,
+        f: &dyn UpdateFn<T>,
+    ) {
+        self.push_range_from(r, Grads::Landed(mem, off), f)
+    }
+
+    fn push_range_from<T: Value>(&self, r: KeyRange, grads: Grads<'_, T>, f: &dyn UpdateFn<T>) {
         assert!(self.covers(&r));
         let mut state = self.state.lock();
         let state: &mut [T] = bytemuck::cast_slice_mut(&mut state[..]);
         let mut scratch: Vec<T> = Vec::new();
+        let mut gscratch: Vec<T> = Vec::new();
         let start = self.logical_off(r.begin);
         let elem = self.elem;
         let (sl, fl) = (self.state_len, f.state_len());
         let mut done = 0usize;
-        let total = grads.len() * elem;
+        let total = r.len() as usize * self.vl * elem;
         while done < total {
             let off = start + done;
             let block = self.layout.block_of(off);
@@ -426,14 +443,26 @@ impl Window {
             let n = (self.layout.payload_len() - in_block).min(total - done);
             let (e0, ne) = (done / elem, n / elem);
             scratch.resize(ne, T::default());
-            let w = self.data.begin(block);
-            w.copy_out(in_block, bytemuck::cast_slice_mut(&mut scratch));
+            // This thread holds the writers' lock, so the block cannot change under the
+            // copy out; readers see it mid-update only while the new values go in.
+            let phys = self.layout.physical_of(off);
+            self.data
+                .memory()
+                .copy_out(phys, bytemuck::cast_slice_mut(&mut scratch));
             // Element index of the piece's first value within the window.
             let first = off / elem;
-            let g = &grads[e0..e0 + ne];
+            let g: &[T] = match grads {
+                Grads::Slice(s) => &s[e0..e0 + ne],
+                Grads::Landed(m, at) => {
+                    gscratch.resize(ne, T::default());
+                    m.copy_out(at + done, bytemuck::cast_slice_mut(&mut gscratch));
+                    &gscratch
+                }
+            };
             let s0 = first * sl;
             let st = &mut state[s0..s0 + ne * sl];
             apply_with_state(f, &mut scratch, st, g, sl, fl);
+            let w = self.data.begin(block);
             w.copy_in(in_block, bytemuck::cast_slice(&scratch));
             drop(w);
             done += n;
@@ -459,6 +488,15 @@ impl Window {
             g.copy_in(in_block, bytemuck::cast_slice(&w));
         }
     }
+}
+
+/// Where a push's gradients are.
+#[derive(Clone, Copy)]
+enum Grads<'a, T> {
+    /// In memory of this process (a received frame).
+    Slice(&'a [T]),
+    /// In a registered landing area, at a byte offset.
+    Landed(&'a dyn Memory, usize),
 }
 
 /// Apply `f` with the window's state layout (`sl` state elements kept per weight, the
@@ -665,14 +703,13 @@ impl ServerOneSided {
     }
 
     /// Serve pushes that land: wait for notices and apply each with `apply` (which gets
-    /// the window, the function id, the range and the landed bytes and returns an error
-    /// text on refusal). Runs until [`stop`](Self::stop).
+    /// the window, the function id, the range, and the landing area with the offset of
+    /// the landed values, checked to hold the whole range; it returns an error text on
+    /// refusal). Runs until [`stop`](Self::stop).
     pub(crate) fn serve_notices(
         &self,
-        mut apply: impl FnMut(&Window, u16, KeyRange, &[u8]) -> Result<(), String>,
+        mut apply: impl FnMut(&Window, u16, KeyRange, &dyn Memory, usize) -> Result<(), String>,
     ) {
-        // u64 words: the payload is aligned for any value type.
-        let mut payload: Vec<u64> = Vec::new();
         let spin = Duration::from_micros(100);
         let mut idle_since = Instant::now();
         while !self.stop.load(Ordering::Relaxed) {
@@ -724,13 +761,10 @@ impl ServerOneSided {
                 if bytes != want || LANDING_HEADER + bytes > mem.len() {
                     return Err(format!("{bytes} bytes landed for {want} bytes of values"));
                 }
-                payload.resize(bytes.div_ceil(8), 0);
-                let landed = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut payload)[..bytes];
-                mem.copy_out(LANDING_HEADER, landed);
                 // A bug in an update rule must not stop the thread that serves every
                 // worker's pushes: it becomes this push's error.
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    apply(w, word(L_FUNC) as u16, r, landed)
+                    apply(w, word(L_FUNC) as u16, r, &**mem, LANDING_HEADER)
                 }))
                 .unwrap_or_else(|_| Err("the update rule panicked".into()))
             })();

@@ -459,22 +459,21 @@ fn fill_window<T: Value>(t: &Typed<T>, w: &Window) {
 }
 
 /// Apply a push that landed one-sidedly: function `func` on range `r` of the window,
-/// with the landed bytes as gradients.
+/// with the gradients in `mem` at byte offset `off`.
 fn apply_landed<T: Value>(
     t: &Typed<T>,
     w: &Window,
     func: u16,
     r: KeyRange,
-    bytes: &[u8],
+    mem: &dyn pserv_transport::onesided::Memory,
+    off: usize,
 ) -> Result<(), String> {
     let f = t
         .updates
         .get(func)
         .ok_or_else(|| format!("no update function with id {func}"))?;
     w.check_rule(f.as_ref())?;
-    let grads: &[T] = bytemuck::try_cast_slice(bytes)
-        .map_err(|e| format!("landed bytes are not whole values: {e}"))?;
-    w.push_range(r, grads, f.as_ref());
+    w.push_range_landed(r, mem, off, f.as_ref());
     Ok(())
 }
 
@@ -792,9 +791,9 @@ impl Server {
                 .name("pserv-onesided".into())
                 .spawn(move || {
                     let ready = core.ready.get().expect("set before the thread starts");
-                    os.serve_notices(|w, func, r, bytes| match &ready.store {
-                        AnyStore::F32(t) => apply_landed(t, w, func, r, bytes),
-                        AnyStore::F64(t) => apply_landed(t, w, func, r, bytes),
+                    os.serve_notices(|w, func, r, mem, off| match &ready.store {
+                        AnyStore::F32(t) => apply_landed(t, w, func, r, mem, off),
+                        AnyStore::F64(t) => apply_landed(t, w, func, r, mem, off),
                     })
                 })
                 .map_err(|source| EngineError::Io {
