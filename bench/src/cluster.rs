@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use pserv_engine::error::EngineError;
 use pserv_engine::keys::KeyRange;
+use pserv_engine::onesided::TransportKind;
 use pserv_engine::proto::{Status, ValueType};
 use pserv_engine::scheduler::{run_scheduler, ClusterSpec, SchedulerConfig};
 use pserv_engine::server::{Server, ServerConfig};
@@ -154,6 +155,10 @@ pub struct ServerArgs {
     /// The server's event loops.
     #[command(flatten)]
     pub loops: LoopSetup,
+    /// The data path the server offers for a dense one-sided window (`auto`, `tcp`,
+    /// `shm` or `rdma`, as the `pserv` server's `--transport`).
+    #[arg(long, default_value = "tcp")]
+    pub transport: TransportKind,
 }
 
 /// Body of the `__scheduler` subprocess: f32 values, one per key, update = sum.
@@ -182,6 +187,7 @@ pub fn server_main(args: &ServerArgs) -> Result<(), BenchError> {
     cfg.tcp = args.loops.tcp();
     cfg.shards = args.shards;
     cfg.register_timeout = REGISTER_TIMEOUT;
+    cfg.transport = args.transport;
     Server::start(cfg)?.run()?;
     Ok(())
 }
@@ -203,6 +209,9 @@ pub struct ClusterSetup {
     /// Pin worker `i`'s application thread (the one that pushes, pulls and waits) to
     /// core `app_core + i`; `None`: let the operating system place it.
     pub app_core: Option<usize>,
+    /// The data path of dense one-sided windows, for the server (`--transport`) and the
+    /// workers (`WorkerConfig::transport`); `Tcp`: no windows, the two-sided path only.
+    pub transport: TransportKind,
 }
 
 impl ClusterSetup {
@@ -223,8 +232,12 @@ impl ClusterSetup {
             Some(c) => format!("application thread pinned to core {c} + i"),
             None => "application thread unpinned".into(),
         };
+        let transport = match self.transport {
+            TransportKind::Tcp => String::new(),
+            t => format!(", --transport={t}"),
+        };
         format!(
-            "1 server ({}); {} worker{} ({}{}; {app}), spin_us={}; scheduler: 1 loop unpinned",
+            "1 server ({}{transport}); {} worker{} ({}{}; {app}), spin_us={}; scheduler: 1 loop unpinned",
             self.server.describe(),
             self.workers,
             if self.workers == 1 { "" } else { "s" },
@@ -462,6 +475,7 @@ where
         scheduler.to_string(),
     ];
     args.extend(setup.server.args());
+    args.push(format!("--transport={}", setup.transport));
     children.spawn("server", &exe, &args)?;
 
     let sync = SyncPoint::new(setup.workers as usize);
@@ -475,6 +489,7 @@ where
                 cfg.rank = Some(rank);
                 cfg.spin_us = setup.spin_us;
                 cfg.register_timeout = REGISTER_TIMEOUT;
+                cfg.transport = setup.transport;
                 thread::Builder::new()
                     .name(format!("bench-worker-{rank}"))
                     .spawn_scoped(s, move || -> Result<R, BenchError> {

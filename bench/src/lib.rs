@@ -5,13 +5,19 @@
 //! 10^3 to 10^6 keys) side by side with baselines taken in the same run: a raw
 //! single-stream TCP transfer, a raw TCP ping-pong and a memcpy of the same sizes. Every
 //! pserv figure is printed with its ratio to the matching baseline, and the tables replace
-//! the `tcp` section of `bench/RESULTS.md`.
+//! the `tcp` section of `bench/RESULTS.md`. The same dense cells also run over the
+//! engine's one-sided transports (`--transport tcp,shm[,rdma]`), side by side with the
+//! TCP cells and memcpy, into the `onesided` section.
 //!
 //! - [`stats`]: the measurement loop (N in flight) and its summary (hdrhistogram).
 //! - [`baseline`]: raw sockets and memcpy.
 //! - [`cluster`]: scheduler and server as subprocesses, workers as threads.
 //! - [`workload`]: the dense and sparse cells a worker runs.
 //! - [`report`]: Markdown tables and the RESULTS.md section.
+//! - [`onesided`]: the same dense cells over the engine's one-sided path (shm, rdma):
+//!   one window per cluster, `push_range_now` / `pull_range_into`.
+//! - [`onesided_report`]: the transport table (tcp / shm / rdma next to memcpy, with the
+//!   one-sided targets), the `onesided` section of `bench/RESULTS.md`.
 //! - [`run`]: one whole run.
 //! - [`tau`]: the bounded-delay sweep (`tau-sweep`): time to a target logloss vs tau.
 #![forbid(unsafe_code)]
@@ -20,6 +26,8 @@ pub mod baseline;
 pub mod cluster;
 pub mod error;
 pub mod machine;
+pub mod onesided;
+pub mod onesided_report;
 pub mod report;
 pub mod run;
 pub mod stats;

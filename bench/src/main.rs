@@ -1,7 +1,9 @@
-//! `pserv-bench`: pserv push / pull over TCP loopback against raw sockets and memcpy.
+//! `pserv-bench`: pserv push / pull over TCP loopback and over the one-sided transports
+//! (shm, rdma) against raw sockets and memcpy.
 //!
-//! `cargo run --release -p pserv-bench -- [--quick]`; `... -- tau-sweep [--quick]` runs the
-//! bounded-delay experiment. The hidden subcommands `__scheduler` and `__server`, and
+//! `cargo run --release -p pserv-bench -- [--quick] [--transport tcp,shm,rdma]` (default
+//! columns: tcp and shm; rdma needs `--features rdma` and a device); `... -- tau-sweep
+//! [--quick]` runs the bounded-delay experiment. The hidden subcommands `__scheduler` and `__server`, and
 //! `pserv ...` (the whole `pserv` command line), are how the bench starts the cluster's
 //! other processes (it re-executes itself).
 #![forbid(unsafe_code)]
@@ -12,7 +14,8 @@ use pserv_bench::cluster::{scheduler_main, server_main, SchedulerArgs, ServerArg
 use pserv_bench::run::{run, RunArgs};
 use pserv_bench::tau::{tau_sweep, TauArgs};
 
-/// pserv bench harness: push / pull goodput and latency vs raw TCP and memcpy.
+/// pserv bench harness: push / pull goodput and latency over tcp / shm / rdma vs raw TCP
+/// and memcpy.
 #[derive(Debug, Parser)]
 #[command(name = "pserv-bench", args_conflicts_with_subcommands = true)]
 struct Cli {

@@ -1,5 +1,7 @@
-//! One bench run: baselines, pserv dense and sparse cells with 1 and 2 workers, the knob
-//! sweep, then the report.
+//! One bench run: baselines, pserv dense and sparse cells with 1 and 2 workers over TCP,
+//! the same dense cells over the one-sided transports (shm, rdma where a device is
+//! present), the knob sweep, then the reports: the `tcp` section and the transport
+//! table (`onesided` section).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,6 +11,8 @@ use crate::baseline::{self, Placement};
 use crate::cluster::{with_cluster, ClusterSetup, LoopSetup};
 use crate::error::BenchError;
 use crate::machine::{load_average, wait_quiet, CpuTimes, Machine};
+use crate::onesided::{open_window, run_onesided, Transport, WindowPlan};
+use crate::onesided_report::{self, TransportReport, TransportRow};
 use crate::report::{
     size_name, write_section, BaselineRow, DenseRow, KnobRow, PlacedBaseline, Report, SparseRow,
     SECTION, SECTION_QUICK,
@@ -40,7 +44,8 @@ pub struct RunArgs {
     /// Short run (under a minute): shorter measurements, no knob sweep, baselines once.
     #[arg(long)]
     pub quick: bool,
-    /// The results file whose `tcp` section (`tcp-quick` for --quick) this run replaces.
+    /// The results file whose `tcp` and `onesided` sections (`tcp-quick` and
+    /// `onesided-quick` for --quick) this run replaces.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/RESULTS.md"))]
     pub results: PathBuf,
     /// Print the tables but do not touch the results file.
@@ -99,6 +104,11 @@ pub struct RunArgs {
     /// Scale every measurement time by this factor.
     #[arg(long, default_value_t = 1.0)]
     pub time_scale: f64,
+    /// Columns of the transport table: `tcp` (the two-sided path; also the `tcp`
+    /// section's tables), `shm` (one-sided shared memory), `rdma` (one-sided verbs; needs
+    /// a device and `--features rdma`, else the table says why it is missing).
+    #[arg(long, value_delimiter = ',', value_enum, default_values_t = [Transport::Tcp, Transport::Shm])]
+    pub transport: Vec<Transport>,
 }
 
 /// A part of the run.
@@ -141,7 +151,13 @@ impl RunArgs {
             worker_core_stride: self.worker_core_stride,
             spin_us: self.spin_us,
             app_core: self.app_core,
+            transport: Transport::Tcp.kind(),
         }
+    }
+
+    /// Whether `t` is a column of this run.
+    fn has(&self, t: Transport) -> bool {
+        self.transport.contains(&t)
     }
 
     /// Whether the run is cut down by a filter (then the report says so).
@@ -496,8 +512,94 @@ fn knobs(args: &RunArgs, budget: &Budget) -> Result<Vec<KnobRow>, BenchError> {
     Ok(rows)
 }
 
+/// Run the dense cells over the one-sided transport `t` on a cluster of `workers`
+/// workers whose server runs with `--transport t`: every worker opens the window of the
+/// run's [`WindowPlan`] once, then runs each (size, op) cell. Returns the merged rows and
+/// what the workers were told about the window.
+fn onesided_cells(
+    args: &RunArgs,
+    workers: u32,
+    t: Transport,
+    budget: &Budget,
+) -> Result<(Vec<TransportRow>, String), BenchError> {
+    let sizes = args.sizes();
+    let ops = pick(&args.ops, &DenseOp::ALL);
+    let plan = WindowPlan::new(workers, &sizes)?;
+    let mut setup = args.setup(workers);
+    setup.transport = t.kind();
+    let per_worker = with_cluster(&setup, |worker, rank, sync| {
+        let why = open_window(worker, &plan)?;
+        let mut out = Vec::with_capacity(sizes.len() * ops.len());
+        for &size in &sizes {
+            for &op in &ops {
+                let s = run_onesided(worker, plan.range(rank, size), op, budget, sync)?;
+                if rank == 0 {
+                    eprintln!(
+                        "  {workers}w {} {:>9} {:>7}: {:7.2} GB/s, p50 {:8.2} us, p99 {:8.2} us (worker 0)",
+                        t.name(),
+                        op.name(),
+                        size_name(size),
+                        s.gb_per_s(),
+                        s.latency_us_p50(),
+                        s.latency_us_p99()
+                    );
+                }
+                out.push(s);
+            }
+        }
+        Ok((why, out))
+    })?;
+    let why = per_worker.first().map(|w| w.0.clone()).unwrap_or_default();
+    let mut rows = Vec::new();
+    let mut i = 0;
+    for &size in &sizes {
+        for &op in &ops {
+            let mut sample = Sample::new();
+            for w in &per_worker {
+                sample.merge_concurrent(&w.1[i]);
+            }
+            rows.push(TransportRow {
+                transport: t,
+                workers,
+                op,
+                size_bytes: size,
+                sample,
+            });
+            i += 1;
+        }
+    }
+    Ok((rows, why))
+}
+
+/// Single-thread memcpy of each size (the baseline of the transport table when the raw
+/// TCP baselines do not run).
+fn memcpy_only(sizes: &[usize], budget: &Budget) -> Vec<(usize, Sample)> {
+    sizes
+        .iter()
+        .map(|&size| {
+            let m = baseline::memcpy(size, budget);
+            eprintln!(
+                "  baseline {:>7}: memcpy {:6.1} GB/s",
+                size_name(size),
+                m.gb_per_s()
+            );
+            (size, m)
+        })
+        .collect()
+}
+
+/// What a run produced: the `tcp` section's report (when the tcp column ran) and the
+/// transport table (when a one-sided column was asked for).
+#[derive(Clone, Debug)]
+pub struct RunOutcome {
+    /// The TCP tables (the `tcp` / `tcp-quick` section).
+    pub tcp: Option<Report>,
+    /// The transport table (the `onesided` / `onesided-quick` section).
+    pub transports: Option<TransportReport>,
+}
+
 /// Run the bench as `args` says; `command` is the command line to print.
-pub fn run(args: &RunArgs, command: String) -> Result<Report, BenchError> {
+pub fn run(args: &RunArgs, command: String) -> Result<RunOutcome, BenchError> {
     let mut notes = Vec::new();
     if args.wait_quiet > 0 {
         eprintln!(
@@ -523,6 +625,24 @@ pub fn run(args: &RunArgs, command: String) -> Result<Report, BenchError> {
     let budget = budget(args);
     println!("command: {command}");
     println!("machine: {}", machine.describe());
+    let tcp = args.has(Transport::Tcp);
+    // The one-sided columns that can run here; the others say why not.
+    let mut one_sided = Vec::new();
+    let mut unavailable = Vec::new();
+    for t in Transport::ALL
+        .into_iter()
+        .filter(|t| t.one_sided() && args.has(*t))
+    {
+        if t == Transport::Rdma {
+            if let Err(why) = pserv_engine::onesided::rdma_available() {
+                let line = format!("no device ({why})");
+                println!("rdma: {line}");
+                unavailable.push((t, line));
+                continue;
+            }
+        }
+        one_sided.push(t);
+    }
     notes.extend([
         format!(
             "Each figure: {:.2} s warm-up, then {:.2} s measured (at least {} operations); value bytes in GB/s = 10^9 B/s; push+pull counts its value bytes both ways; with 2 workers, GB/s and keys/s are the sum over both workers and latencies are merged.",
@@ -542,29 +662,58 @@ pub fn run(args: &RunArgs, command: String) -> Result<Report, BenchError> {
         );
     }
     let mut baseline_rows = Vec::new();
+    let mut memcpy_rows = Vec::new();
     if args.runs(Part::Baselines) {
         eprintln!("baselines (before the pserv cells):");
         let t = CpuTimes::now();
-        baseline_rows = baselines(&args.sizes(), &budget)?;
+        if tcp {
+            baseline_rows = baselines(&args.sizes(), &budget)?;
+        } else if !one_sided.is_empty() {
+            memcpy_rows = memcpy_only(&args.sizes(), &budget);
+        }
         disturbance.push(("baselines".into(), CpuTimes::now().others_since(&t)));
     }
     let mut dense = Vec::new();
     let mut sparse = Vec::new();
-    if args.runs(Part::Dense) || args.runs(Part::Sparse) {
-        for &w in &args.workers {
+    let mut transport_rows = Vec::new();
+    let mut configs: Vec<(Transport, String)> = Vec::new();
+    let mut granted = Vec::new();
+    let mut onesided_disturbance: Vec<(String, f64)> = Vec::new();
+    for &w in &args.workers {
+        // Each worker count measures tcp, then the one-sided columns, back to back.
+        if tcp && (args.runs(Part::Dense) || args.runs(Part::Sparse)) {
             eprintln!("pserv, {w} worker(s): {}", args.setup(w).describe());
             let t = CpuTimes::now();
             let (d, s) = pserv_cells(args, w, &budget)?;
-            disturbance.push((
-                format!("pserv, {w} worker(s)"),
-                CpuTimes::now().others_since(&t),
-            ));
+            let others = CpuTimes::now().others_since(&t);
+            disturbance.push((format!("pserv, {w} worker(s)"), others));
+            onesided_disturbance.push((format!("tcp, {w} worker(s)"), others));
             dense.extend(d);
             sparse.extend(s);
+            if !configs.iter().any(|(t, _)| *t == Transport::Tcp) {
+                configs.push((Transport::Tcp, args.setup(w).describe()));
+            }
+        }
+        if args.runs(Part::Dense) {
+            for &t in &one_sided {
+                let mut setup = args.setup(w);
+                setup.transport = t.kind();
+                eprintln!("pserv {}, {w} worker(s): {}", t.name(), setup.describe());
+                let cpu = CpuTimes::now();
+                let (rows, why) = onesided_cells(args, w, t, &budget)?;
+                let others = CpuTimes::now().others_since(&cpu);
+                disturbance.push((format!("pserv {}, {w} worker(s)", t.name()), others));
+                onesided_disturbance.push((format!("{}, {w} worker(s)", t.name()), others));
+                transport_rows.extend(rows);
+                if !configs.iter().any(|(c, _)| *c == t) {
+                    configs.push((t, setup.describe()));
+                    granted.push(format!("{} window: {why}", t.name()));
+                }
+            }
         }
     }
     let mut knob_rows = Vec::new();
-    if args.runs(Part::Knobs) {
+    if tcp && args.runs(Part::Knobs) {
         eprintln!("knob sweep (1 worker, half-length measurements):");
         let t = CpuTimes::now();
         knob_rows = knobs(args, &budget)?;
@@ -572,45 +721,188 @@ pub fn run(args: &RunArgs, command: String) -> Result<Report, BenchError> {
     } else {
         notes.push("Knob sweep not run (run without --quick, or with --only knobs).".into());
     }
-    if !args.quick && !baseline_rows.is_empty() {
+    if !args.quick && args.runs(Part::Baselines) {
         eprintln!("baselines (after the pserv cells):");
         let t = CpuTimes::now();
-        let again = baselines(&args.sizes(), &budget)?;
+        if !baseline_rows.is_empty() {
+            let again = baselines(&args.sizes(), &budget)?;
+            baseline_rows = merge_baselines(baseline_rows, again);
+            notes.push("Baselines were measured before and after the pserv cells; the tables keep the better of the two (the harder comparison for pserv).".into());
+        }
+        if !memcpy_rows.is_empty() {
+            let again = memcpy_only(&args.sizes(), &budget);
+            memcpy_rows = memcpy_rows
+                .into_iter()
+                .zip(again)
+                .map(|((s, a), (_, b))| (s, Sample::higher_goodput(a, b)))
+                .collect();
+        }
         disturbance.push(("baselines again".into(), CpuTimes::now().others_since(&t)));
-        baseline_rows = merge_baselines(baseline_rows, again);
-        notes.push("Baselines were measured before and after the pserv cells; the tables keep the better of the two (the harder comparison for pserv).".into());
     }
     disturbance.push(("whole run".into(), CpuTimes::now().others_since(&cpu_start)));
-    notes.push(format!(
-        "CPU used by other processes (cores, average; {} cores in all): {}.",
-        pserv_sys::cpu::core_count(),
-        disturbance
-            .iter()
-            .map(|(what, c)| format!("{what} {c:.2}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    ));
-    let config = args.setup(1).describe();
-    let report = Report {
-        command,
-        machine,
-        load_end: load_average(),
-        quick: args.quick,
-        config,
-        notes,
-        baselines: baseline_rows,
-        dense,
-        sparse,
-        knobs: knob_rows,
-        elapsed: started.elapsed(),
+    let cpu_note = |d: &[(String, f64)]| {
+        format!(
+            "CPU used by other processes (cores, average; {} cores in all): {}.",
+            pserv_sys::cpu::core_count(),
+            d.iter()
+                .map(|(what, c)| format!("{what} {c:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
     };
-    let md = report.to_markdown();
-    println!("\n{md}");
-    if !args.no_write {
-        let section = if args.quick { SECTION_QUICK } else { SECTION };
-        write_section(&args.results, section, &md)
-            .map_err(|e| BenchError::io(format!("writing {}", args.results.display()), e))?;
-        println!("wrote section `{section}` of {}", args.results.display());
+    notes.push(cpu_note(&disturbance));
+    let elapsed = started.elapsed();
+    let load_end = load_average();
+    if memcpy_rows.is_empty() {
+        memcpy_rows = baseline_rows
+            .iter()
+            .map(|b| (b.size_bytes, b.memcpy.clone()))
+            .collect();
     }
-    Ok(report)
+    let tcp_report = tcp.then(|| {
+        let report = Report {
+            command: command.clone(),
+            machine: machine.clone(),
+            load_end: load_end.clone(),
+            quick: args.quick,
+            config: args.setup(1).describe(),
+            notes,
+            baselines: baseline_rows,
+            dense: dense.clone(),
+            sparse: sparse.clone(),
+            knobs: knob_rows,
+            elapsed,
+        };
+        let md = report.to_markdown();
+        println!("\n{md}");
+        report
+    });
+    if let Some(report) = &tcp_report {
+        if !args.no_write {
+            let section = if args.quick { SECTION_QUICK } else { SECTION };
+            write_section(&args.results, section, &report.to_markdown())
+                .map_err(|e| BenchError::io(format!("writing {}", args.results.display()), e))?;
+            println!("wrote section `{section}` of {}", args.results.display());
+        }
+    }
+    let transports = (!one_sided.is_empty() || !unavailable.is_empty()).then(|| {
+        let mut columns: Vec<Transport> = Vec::new();
+        if tcp {
+            columns.push(Transport::Tcp);
+        }
+        columns.extend(one_sided.iter().copied());
+        let mut rows: Vec<TransportRow> = dense
+            .iter()
+            .filter(|r| r.cell.in_flight == 1)
+            .map(|r| TransportRow {
+                transport: Transport::Tcp,
+                workers: r.workers,
+                op: r.cell.op,
+                size_bytes: r.cell.size_bytes,
+                sample: r.sample.clone(),
+            })
+            .collect();
+        rows.extend(transport_rows);
+        let mut tnotes = vec![
+            format!(
+                "Each figure: {:.2} s warm-up, then {:.2} s measured (at least {} operations), one request at a time per worker; value bytes in GB/s = 10^9 B/s; push+pull counts its value bytes both ways; with 2 workers GB/s is the sum over both workers (so x memcpy can pass 1) and latencies are merged.",
+                budget.warmup.as_secs_f64(),
+                budget.measure.as_secs_f64(),
+                budget.min_ops
+            ),
+            "tcp: the `tcp` section's cells with 1 in flight, from this run (`push_range` / `pull_range` / `push_pull_range`, then `wait`; server `--transport tcp`).".into(),
+            "shm / rdma: server `--transport shm` / `rdma`, workers `WorkerConfig::transport` the same; each worker opens the server's one window once (`open_window`) on a range holding every worker's dense ranges (each starting on a 16 KiB block boundary). push = `push_range_now` (values written into the worker's landing area + a notice; returns once the server applied the sum and published the blocks); pull = `pull_range_into` (seqlock-validated one-sided read of the server's blocks into the worker's buffer); push+pull = `push_range_now` then `pull_range_into` (two calls, where tcp sends one `push_pull_range` request). After each cell a pull checks that every key holds the same sum.".into(),
+            "x memcpy: GB/s over the single-thread memcpy of the same size in this run's baselines; x tcp: over the tcp GB/s of the same cell; latency is the call (or issue to `wait`) per request.".into(),
+            "Sparse key lists take the two-sided path for every transport (the server serves them the same way whatever `--transport` says), so they are measured once, over tcp, and reported once.".into(),
+        ];
+        tnotes.push(format!(
+            "Worker counts {:?}: a fresh cluster per transport and worker count (the cluster lines above show the first); per worker count, tcp runs first, then the one-sided columns.",
+            args.workers
+        ));
+        tnotes.extend(granted.iter().cloned());
+        if args.filtered() {
+            tnotes.push("A filtered run (--only / --sizes / --ops / --in-flight / --keys / --workers): not every cell was measured.".into());
+        }
+        if !tcp {
+            tnotes.push("No tcp column in this run (--transport without tcp): no x tcp ratios, no sparse cells.".into());
+        }
+        onesided_disturbance.push(("whole run".into(), CpuTimes::now().others_since(&cpu_start)));
+        tnotes.push(cpu_note(&onesided_disturbance));
+        TransportReport {
+            command: command.clone(),
+            machine: machine.clone(),
+            load_end: load_end.clone(),
+            quick: args.quick,
+            configs,
+            notes: tnotes,
+            columns,
+            unavailable,
+            memcpy: memcpy_rows,
+            rows,
+            sparse: if tcp { sparse.clone() } else { Vec::new() },
+            elapsed,
+        }
+    });
+    if let Some(report) = &transports {
+        let md = report.to_markdown();
+        println!("\n{md}");
+        if one_sided.is_empty() {
+            println!(
+                "no one-sided column could run; section `{}` left as it is",
+                onesided_report::SECTION
+            );
+        } else if !args.no_write {
+            let section = if args.quick {
+                onesided_report::SECTION_QUICK
+            } else {
+                onesided_report::SECTION
+            };
+            write_section(&args.results, section, &md)
+                .map_err(|e| BenchError::io(format!("writing {}", args.results.display()), e))?;
+            println!("wrote section `{section}` of {}", args.results.display());
+        }
+    }
+    Ok(RunOutcome {
+        tcp: tcp_report,
+        transports,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn parse(args: &[&str]) -> RunArgs {
+        Cli::try_parse_from(std::iter::once("bench").chain(args.iter().copied()))
+            .expect("valid arguments")
+            .run
+    }
+
+    #[test]
+    fn transport_columns_default_to_tcp_and_shm() {
+        let a = parse(&[]);
+        assert_eq!(a.transport, [Transport::Tcp, Transport::Shm]);
+        assert!(a.has(Transport::Tcp) && !a.has(Transport::Rdma));
+        let a = parse(&["--transport", "shm,rdma"]);
+        assert_eq!(a.transport, [Transport::Shm, Transport::Rdma]);
+        assert!(!a.has(Transport::Tcp));
+        assert!(Cli::try_parse_from(["bench", "--transport", "udp"]).is_err());
+    }
+
+    #[test]
+    fn the_tcp_cluster_keeps_the_two_sided_server() {
+        let a = parse(&["--quick"]);
+        assert_eq!(
+            a.setup(1).transport,
+            pserv_engine::onesided::TransportKind::Tcp
+        );
+        assert!(!a.setup(1).describe().contains("--transport"));
+    }
 }
