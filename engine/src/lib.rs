@@ -7,6 +7,7 @@
 //! - [`onesided`]: the one-sided data path for dense ranges (shm, RDMA verbs).
 //! - [`proto`]: control messages, status codes, frame builders.
 //! - [`scheduler`]: the scheduler's state machine and process.
+//! - [`ring`]: the consistent-hashing ring with virtual nodes and its epochs (P9).
 //! - [`server`]: the server node, serving requests on the event loops.
 //! - [`worker`]: the worker API training code calls.
 //! - [`lr`] and [`job`]: the main job, sparse logistic regression.
@@ -27,6 +28,7 @@ pub mod local;
 pub mod lr;
 pub mod onesided;
 pub mod proto;
+pub mod ring;
 pub mod scheduler;
 pub mod server;
 pub mod store;
