@@ -8,6 +8,7 @@
 //! - [`proto`]: control messages, status codes, frame builders.
 //! - [`scheduler`]: the scheduler's state machine and process.
 //! - [`ring`]: the consistent-hashing ring with virtual nodes and its epochs (P9).
+//! - [`chain`]: chain replication with replication after aggregation, per server (P10).
 //! - [`server`]: the server node, serving requests on the event loops.
 //! - [`worker`]: the worker API training code calls.
 //! - [`lr`] and [`job`]: the main job, sparse logistic regression.
@@ -18,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod chain;
 pub mod cli;
 pub mod clock;
 pub mod consistency;
