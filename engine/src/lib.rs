@@ -9,6 +9,7 @@
 //! - [`scheduler`]: the scheduler's state machine and process.
 //! - [`ring`]: the consistent-hashing ring with virtual nodes and its epochs (P9).
 //! - [`chain`]: chain replication with replication after aggregation, per server (P10).
+//! - [`manager`]: the server manager: membership, failure detection, ring flips (P11, P12).
 //! - [`server`]: the server node, serving requests on the event loops.
 //! - [`worker`]: the worker API training code calls.
 //! - [`lr`] and [`job`]: the main job, sparse logistic regression.
@@ -28,6 +29,7 @@ pub mod job;
 pub mod keys;
 pub mod local;
 pub mod lr;
+pub mod manager;
 pub mod onesided;
 pub mod proto;
 pub mod ring;

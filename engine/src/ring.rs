@@ -310,7 +310,8 @@ impl Ring {
     }
 
     /// The pieces of the key space whose chain (for `k` replicas) differs between `old` and
-    /// `new`: the intersections of their owned ranges, sorted.
+    /// `new`: the intersections of their owned ranges, sorted; neighbours with the same
+    /// chains are merged, but a piece never spans two ranges of `new`.
     pub fn diff(old: &Ring, new: &Ring, k: usize) -> Vec<Moved> {
         let (a, b) = (old.ranges(k), new.ranges(k));
         let (mut i, mut j) = (0, 0);
@@ -321,6 +322,7 @@ impl Ring {
                     match out.last_mut() {
                         Some(m)
                             if m.range.end == piece.begin
+                                && m.range.begin >= b[j].0.begin
                                 && m.old_chain == a[i].1
                                 && m.new_chain == b[j].1 =>
                         {
