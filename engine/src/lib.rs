@@ -10,6 +10,7 @@
 //! - [`ring`]: the consistent-hashing ring with virtual nodes and its epochs (P9).
 //! - [`chain`]: chain replication with replication after aggregation, per server (P10).
 //! - [`manager`]: the server manager: membership, failure detection, ring flips (P11, P12).
+//! - `sim` (tests only): deterministic simulation of the manager, chains and workers.
 //! - [`server`]: the server node, serving requests on the event loops.
 //! - [`worker`]: the worker API training code calls.
 //! - [`lr`] and [`job`]: the main job, sparse logistic regression.
@@ -35,6 +36,8 @@ pub mod proto;
 pub mod ring;
 pub mod scheduler;
 pub mod server;
+#[cfg(test)]
+mod sim;
 pub mod store;
 pub mod update;
 pub mod value;
