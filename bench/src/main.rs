@@ -1,9 +1,9 @@
 //! `pserv-bench`: pserv push / pull over TCP loopback and over the one-sided transports
 //! (shm, rdma) against raw sockets and memcpy.
 //!
-//! `cargo run --release -p pserv-bench -- [--quick] [--transport tcp,shm,rdma]` (default
-//! columns: tcp and shm; rdma needs `--features rdma` and a device); `... -- tau-sweep
-//! [--quick]` runs the bounded-delay experiment. The hidden subcommands `__scheduler` and `__server`, and
+//! `cargo run --release -p pserv-bench -- [--quick] [--transport tcp,shm,rdma]` (default:
+//! all three; rdma needs `--features rdma` and a device, else the report says why it is
+//! missing); `... -- tau-sweep [--quick]` runs the bounded-delay experiment. The hidden subcommands `__scheduler` and `__server`, and
 //! `pserv ...` (the whole `pserv` command line), are how the bench starts the cluster's
 //! other processes (it re-executes itself).
 #![forbid(unsafe_code)]

@@ -106,8 +106,9 @@ pub struct RunArgs {
     pub time_scale: f64,
     /// Columns of the transport table: `tcp` (the two-sided path; also the `tcp`
     /// section's tables), `shm` (one-sided shared memory), `rdma` (one-sided verbs; needs
-    /// a device and `--features rdma`, else the table says why it is missing).
-    #[arg(long, value_delimiter = ',', value_enum, default_values_t = [Transport::Tcp, Transport::Shm])]
+    /// a device and `--features rdma`, else the report says "rdma: no device (why)" and
+    /// the run goes on without it). Default: all three.
+    #[arg(long, value_delimiter = ',', value_enum, default_values_t = [Transport::Tcp, Transport::Shm, Transport::Rdma])]
     pub transport: Vec<Transport>,
 }
 
@@ -810,7 +811,7 @@ pub fn run(args: &RunArgs, command: String) -> Result<RunOutcome, BenchError> {
                 budget.measure.as_secs_f64(),
                 budget.min_ops
             ),
-            "tcp: the `tcp` section's cells with 1 in flight, from this run (`push_range` / `pull_range` / `push_pull_range`, then `wait`; server `--transport tcp`).".into(),
+            "tcp: measured in this run, the same cells as the `tcp` section's with 1 in flight (`push_range` / `pull_range` / `push_pull_range`, then `wait`; server `--transport tcp`).".into(),
             "shm / rdma: server `--transport shm` / `rdma`, workers `WorkerConfig::transport` the same; each worker opens the server's one window once (`open_window`) on a range holding every worker's dense ranges (each starting on a 16 KiB block boundary). push = `push_range_now` (values written into the worker's landing area + a notice; returns once the server applied the sum and published the blocks); pull = `pull_range_into` (seqlock-validated one-sided read of the server's blocks into the worker's buffer); push+pull = `push_range_now` then `pull_range_into` (two calls, where tcp sends one `push_pull_range` request). After each cell a pull checks that every key holds the same sum.".into(),
             "x memcpy: GB/s over the single-thread memcpy of the same size in this run's baselines; x tcp: over the tcp GB/s of the same cell; latency is the call (or issue to `wait`) per request.".into(),
             "Sparse key lists take the two-sided path for every transport (the server serves them the same way whatever `--transport` says), so they are measured once, over tcp, and reported once.".into(),
@@ -886,9 +887,10 @@ mod tests {
     }
 
     #[test]
-    fn transport_columns_default_to_tcp_and_shm() {
+    fn transport_columns_default_to_all_three() {
         let a = parse(&[]);
-        assert_eq!(a.transport, [Transport::Tcp, Transport::Shm]);
+        assert_eq!(a.transport, Transport::ALL);
+        let a = parse(&["--transport", "tcp,shm"]);
         assert!(a.has(Transport::Tcp) && !a.has(Transport::Rdma));
         let a = parse(&["--transport", "shm,rdma"]);
         assert_eq!(a.transport, [Transport::Shm, Transport::Rdma]);
