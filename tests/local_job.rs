@@ -40,15 +40,19 @@ fn summary(path: &std::path::Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).expect("summary written")).unwrap()
 }
 
-/// The same job in one process, with the same data and hyper-parameters.
-fn single_process_logloss() -> (f64, f64) {
+/// The same job in one process, with the same data and hyper-parameters (`extra` added).
+fn single_process_logloss(extra: &[&str]) -> (f64, f64) {
     use clap::Parser;
     #[derive(Parser)]
     struct P {
         #[command(flatten)]
         job: JobArgs,
     }
-    let p = P::parse_from(std::iter::once("x").chain(SMALL));
+    let p = P::parse_from(
+        std::iter::once("x")
+            .chain(SMALL)
+            .chain(extra.iter().copied()),
+    );
     let (train, test) = p.job.load_data().unwrap();
     let (model, _) = train_single_process(&train, &p.job.sgd_params(), None);
     let e = model.evaluate(&test);
@@ -59,7 +63,12 @@ fn single_process_logloss() -> (f64, f64) {
 fn local_cluster_trains_to_the_single_process_loss() {
     let dir = Scratch::new("local");
     let path = dir.path("summary.json");
-    let out = run_local(&job_args(&path, 2, 2));
+    // lr 1: with the default lr 4 two asynchronous workers overshoot by an amount that
+    // depends on timing (logloss 0.57 to 0.65 on a loaded 2-core machine); at lr 1 the
+    // run is stable and comparable with the single-process run.
+    let mut args = job_args(&path, 2, 2);
+    args.push("--lr=1".into());
+    let out = run_local(&args);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -81,12 +90,12 @@ fn local_cluster_trains_to_the_single_process_loss() {
     assert_eq!(s["examples"], 3 * 6400);
     assert!(s["examples_per_sec"].as_f64().unwrap() > 0.0);
     assert!(s["bytes_sent"].as_u64().unwrap() > 0 && s["bytes_received"].as_u64().unwrap() > 0);
-    let (single, single_acc) = single_process_logloss();
+    let (single, single_acc) = single_process_logloss(&["--lr=1"]);
     // Two asynchronous workers apply each other's gradients a few steps late, in an order
-    // the scheduler decides: within 10% of the single-process loss, not bit for bit (the
+    // the timing decides: close to the single-process loss, not bit for bit (the
     // one-worker test below checks the exact match).
     assert!(
-        (logloss - single).abs() < 0.06,
+        (logloss - single).abs() < 0.02,
         "distributed logloss {logloss} vs single-process {single} (accuracy {acc} vs {single_acc})"
     );
 }
@@ -104,7 +113,7 @@ fn one_worker_one_server_matches_the_single_process_run_exactly() {
         String::from_utf8_lossy(&out.stderr)
     );
     let logloss = summary(&path)["test_logloss"].as_f64().unwrap();
-    let (single, _) = single_process_logloss();
+    let (single, _) = single_process_logloss(&[]);
     assert!((logloss - single).abs() < 1e-4, "{logloss} vs {single}");
 }
 
@@ -148,7 +157,10 @@ fn wrong_configurations_fail_fast_with_a_clear_message() {
         (&["--workers=0"], "at least one server and one worker"),
         (&["--data=/nonexistent/pserv.svm"], "no such file"),
         (&["--epochs=0"], "--epochs"),
-        (&["--transport=carrier-pigeon"], "not available"),
+        (
+            &["--transport=carrier-pigeon"],
+            "expected auto, tcp, shm or rdma",
+        ),
     ];
     for (args, want) in cases {
         let started = std::time::Instant::now();

@@ -53,6 +53,44 @@ pub const BLOCK_PAYLOAD: usize = 16 << 10;
 pub const LANDING_HEADER: usize = 4096;
 /// Largest window, in bytes of values.
 pub const WINDOW_MAX_BYTES: usize = 1 << 30;
+/// A one-sided push is written and notified in chunks of about this many bytes, so the
+/// server applies one chunk while the worker writes the next.
+pub const CHUNK_BYTES: usize = 1 << 20;
+
+/// Keys per push chunk for `vl` values of `elem` bytes per key.
+fn chunk_keys(vl: usize, elem: usize) -> u64 {
+    (CHUNK_BYTES / (vl * elem).max(1)).max(1) as u64
+}
+
+/// Wait until `done()` holds or `timeout` passes (`Ok(false)`): spin for a few
+/// microseconds (the answer usually comes from another core that fast), then yield (a
+/// thread on this core may be the one that answers), then sleep in short steps.
+fn spin_wait(
+    timeout: Duration,
+    mut done: impl FnMut() -> Result<bool, EngineError>,
+) -> Result<bool, EngineError> {
+    let start = Instant::now();
+    let mut i = 0u32;
+    loop {
+        if done()? {
+            return Ok(true);
+        }
+        i = i.wrapping_add(1);
+        if i % 32 != 0 {
+            std::hint::spin_loop();
+            continue;
+        }
+        let waited = start.elapsed();
+        if waited > timeout {
+            return Ok(false);
+        }
+        if waited > Duration::from_millis(2) {
+            std::thread::sleep(Duration::from_micros(20));
+        } else if waited > Duration::from_micros(5) {
+            std::thread::yield_now();
+        }
+    }
+}
 
 // Landing header words (byte offsets).
 const L_SEQ: usize = 0;
@@ -738,10 +776,15 @@ impl ServerOneSided {
             let mem = &landing.mem;
             let word = |off| mem.atomic_u64(off).load(Ordering::Acquire);
             let seq = word(L_SEQ);
-            let result = (|| {
-                if seq as u32 != n.imm {
+            if word(L_DONE) == seq {
+                // The rest of a push already refused at its first chunk.
+                continue;
+            }
+            let chunk = u64::from(n.imm & 0xffff);
+            let result = (|| -> Result<bool, String> {
+                if n.imm >> 16 != (seq & 0xffff) as u32 {
                     return Err(format!(
-                        "notice {} does not match the landed push {seq}",
+                        "notice {:#x} does not match the landed push {seq}",
                         n.imm
                     ));
                 }
@@ -761,15 +804,26 @@ impl ServerOneSided {
                 if bytes != want || LANDING_HEADER + bytes > mem.len() {
                     return Err(format!("{bytes} bytes landed for {want} bytes of values"));
                 }
+                let per = chunk_keys(self.vl, self.elem);
+                let chunks = r.len().div_ceil(per);
+                if chunk >= chunks {
+                    return Err(format!("chunk {chunk} of a push of {chunks} chunks"));
+                }
+                let cb = r.begin + chunk * per;
+                let part = KeyRange::new(cb, (cb + per).min(r.end));
+                let at = LANDING_HEADER + (chunk * per) as usize * self.vl * self.elem;
                 // A bug in an update rule must not stop the thread that serves every
-                // worker's pushes: it becomes this push's error.
+                // worker's pushes: it becomes this push's error. The first chunk checks
+                // the function before anything is applied.
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    apply(w, word(L_FUNC) as u16, r, &**mem, LANDING_HEADER)
+                    apply(w, word(L_FUNC) as u16, part, &**mem, at)
                 }))
-                .unwrap_or_else(|_| Err("the update rule panicked".into()))
+                .unwrap_or_else(|_| Err("the update rule panicked".into()))?;
+                Ok(chunk + 1 == chunks)
             })();
             match &result {
-                Ok(()) => mem.atomic_u64(L_STATUS).store(0, Ordering::Relaxed),
+                Ok(false) => continue,
+                Ok(true) => mem.atomic_u64(L_STATUS).store(0, Ordering::Relaxed),
                 Err(msg) => {
                     tracing::debug!(worker = landing.worker, %msg, "one-sided push refused");
                     let m = &msg.as_bytes()[..msg.len().min(L_MSG_MAX)];
@@ -917,24 +971,13 @@ impl ClientOneSided {
         if min_clock == 0 {
             return Ok(());
         }
-        let start = Instant::now();
-        let mut n = 0u32;
-        while self.word(w, &w.meta, M_CLOCK)? < min_clock {
-            if start.elapsed() > timeout {
-                return Err(EngineError::Timeout(format!(
-                    "waiting for the servers' clock to reach {min_clock}"
-                )));
-            }
-            n += 1;
-            if n < 64 {
-                std::hint::spin_loop();
-            } else if n < 4096 {
-                std::thread::yield_now();
-            } else {
-                std::thread::sleep(Duration::from_micros(50));
-            }
+        if spin_wait(timeout, || Ok(self.word(w, &w.meta, M_CLOCK)? >= min_clock))? {
+            Ok(())
+        } else {
+            Err(EngineError::Timeout(format!(
+                "waiting for the servers' clock to reach {min_clock}"
+            )))
         }
-        Ok(())
     }
 
     /// One-sided read of `r` (inside `w`) into `out`.
@@ -980,9 +1023,10 @@ impl ClientOneSided {
             (L_FUNC, u64::from(func)),
             (L_BYTES, values.len() as u64),
         ];
+        // The header first, then the values chunk by chunk, each followed by its notice
+        // (the server applies chunk i while this thread writes chunk i + 1).
         match &w.landing {
             Remote::Shm(l) => {
-                l.copy_in(LANDING_HEADER, values);
                 for (off, v) in header {
                     l.atomic_u64(off).store(v, Ordering::Relaxed);
                 }
@@ -993,29 +1037,27 @@ impl ClientOneSided {
                 for (off, v) in header {
                     h[off..off + 8].copy_from_slice(&v.to_le_bytes());
                 }
-                verbs::write_bytes(self.rdma(), &w.staging, l, LANDING_HEADER, values)
-                    .and_then(|_| verbs::write_bytes(self.rdma(), &w.staging, l, 0, &h))
+                verbs::write_bytes(self.rdma(), &w.staging, l, 0, &h)
                     .map_err(|e| os_err("one-sided write", e))?;
             }
         }
-        self.backend.notify(&w.landing, next as u32)?;
+        let per = chunk_keys(w.vl, w.elem) as usize * w.vl * w.elem;
+        let tag = ((next & 0xffff) as u32) << 16;
+        for (i, part) in values.chunks(per).enumerate() {
+            let at = LANDING_HEADER + i * per;
+            match &w.landing {
+                Remote::Shm(l) => l.copy_in(at, part),
+                #[cfg(feature = "rdma")]
+                Remote::Rdma(l) => verbs::write_bytes(self.rdma(), &w.staging, l, at, part)
+                    .map_err(|e| os_err("one-sided write", e))?,
+            }
+            self.backend.notify(&w.landing, tag | i as u32)?;
+        }
         *seq = next;
-        let start = Instant::now();
-        let mut n = 0u32;
-        while self.word(w, &w.landing, L_DONE)? != next {
-            if start.elapsed() > timeout {
-                return Err(EngineError::Timeout(format!(
-                    "one-sided push {next} not applied by the server within {timeout:?}"
-                )));
-            }
-            n += 1;
-            if n < 256 {
-                std::hint::spin_loop();
-            } else if n < 8192 {
-                std::thread::yield_now();
-            } else {
-                std::thread::sleep(Duration::from_micros(20));
-            }
+        if !spin_wait(timeout, || Ok(self.word(w, &w.landing, L_DONE)? == next))? {
+            return Err(EngineError::Timeout(format!(
+                "one-sided push {next} not applied by the server within {timeout:?}"
+            )));
         }
         if self.word(w, &w.landing, L_STATUS)? != 0 {
             let len = (self.word(w, &w.landing, L_MSG_LEN)? as usize).min(L_MSG_MAX);
