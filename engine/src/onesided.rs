@@ -76,7 +76,7 @@ fn spin_wait(
             return Ok(true);
         }
         i = i.wrapping_add(1);
-        if i % 32 != 0 {
+        if !i.is_multiple_of(32) {
             std::hint::spin_loop();
             continue;
         }
