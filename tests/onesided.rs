@@ -225,3 +225,83 @@ fn lr_job_over_shm_builds_the_same_model_as_over_tcp() {
         tcp["test_logloss"]
     );
 }
+
+/// The child side of `a_worker_killed_mid_push_leaves_the_window_consistent`: a worker
+/// process that attaches the window and pushes ones into it until it is killed.
+#[test]
+fn child_pusher() {
+    let Ok(addr) = std::env::var("PSERV_TEST_CHILD_SCHEDULER") else {
+        return; // only runs as the child
+    };
+    let mut cfg = WorkerConfig::new(addr.parse().unwrap());
+    cfg.rank = Some(1);
+    cfg.tcp = TcpConfig {
+        threads: 1,
+        pin_cores: false,
+        ..TcpConfig::default()
+    };
+    cfg.transport = TransportKind::Shm;
+    let w = Worker::connect(cfg).unwrap();
+    let r = killed_range();
+    assert!(w.open_window(r).unwrap().iter().all(|(_, ok, _)| *ok));
+    let ones = vec![1.0f32; r.len() as usize];
+    w.push_range_now(r, &ones, &TaskOpts::default()).unwrap();
+    println!("pushing");
+    loop {
+        w.push_range_now(r, &ones, &TaskOpts::default()).unwrap();
+    }
+}
+
+fn killed_range() -> KeyRange {
+    KeyRange::new(4096, 4096 + 3 * (1 << 20)) // 12 MiB of f32: 12 chunks, 768 blocks
+}
+
+#[test]
+fn a_worker_killed_mid_push_leaves_the_window_consistent() {
+    use std::io::BufRead;
+    let mut c = Cluster::start(1, 2, &["--update=sum"]);
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_pusher", "--nocapture", "--test-threads=1"])
+        .env("PSERV_TEST_CHILD_SCHEDULER", c.scheduler.to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let w = worker(&c, 0, TransportKind::Shm);
+    let r = killed_range();
+    let n = r.len() as usize;
+    assert!(w.open_window(r).unwrap().iter().all(|(_, ok, _)| *ok));
+    // Wait until the child pushes, let it run into the middle of some push, kill it.
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("pushing") {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "child ended early");
+    }
+    std::thread::sleep(Duration::from_millis(30));
+    child.kill().unwrap(); // SIGKILL, by pid
+    child.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+
+    // Every block is a state some sequence of whole chunks made: within a block all
+    // values are equal; across blocks they differ by at most one (the push in flight).
+    let mut before = vec![0f32; n];
+    w.pull_range_into(r, &mut before, &TaskOpts::default())
+        .unwrap();
+    let (lo, hi) = before
+        .iter()
+        .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+    assert!(lo >= 1.0 && hi - lo <= 1.0, "values from {lo} to {hi}");
+    for block in before.chunks(4096) {
+        assert!(block.iter().all(|&v| v == block[0]), "torn block");
+    }
+    // The server goes on serving: a push from the survivor lands exactly once.
+    w.push_range_now(r, &vec![1.0f32; n], &TaskOpts::default())
+        .unwrap();
+    let mut after = vec![0f32; n];
+    w.pull_range_into(r, &mut after, &TaskOpts::default())
+        .unwrap();
+    assert!(before.iter().zip(&after).all(|(b, a)| *a == b + 1.0));
+    w.finish(0).unwrap();
+    c.procs.wait_all(Duration::from_secs(30));
+}
