@@ -92,7 +92,7 @@ pub enum Event {
         /// The ring it holds.
         ring: Option<Ring>,
         /// `(range, synced, last seq)` of every range it is in the chain of.
-        ranges: Vec<(KeyRange, bool, u64)>,
+        ranges: Vec<HeldRange>,
         /// Now.
         now: u64,
     },
@@ -156,6 +156,9 @@ pub enum Cmd {
     },
 }
 
+/// `(range, synced, last seq)` as a node reports it.
+pub type HeldRange = (KeyRange, bool, u64);
+
 #[derive(Clone, Debug)]
 struct Member {
     addr: String,
@@ -179,7 +182,7 @@ pub struct Manager {
     joins: VecDeque<(ServerId, String)>,
     pending: Option<PendingJoin>,
     /// While rebuilding after a restart: when it started, reports seen.
-    recovering: Option<(u64, BTreeMap<ServerId, Vec<(KeyRange, bool, u64)>>)>,
+    recovering: Option<(u64, BTreeMap<ServerId, Vec<HeldRange>>)>,
     reported_ring: Option<Ring>,
 }
 

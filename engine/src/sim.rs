@@ -683,6 +683,7 @@ impl Sim {
         self.net.iter().all(|f| matches!(f.msg, Msg::Heartbeat))
             && self.workers.iter().all(|w| w.pending.is_empty())
             && self.servers.values().all(|s| s.node.is_quiet())
+            && self.stable()
     }
 
     fn final_check(&self) {
@@ -811,9 +812,9 @@ mod tests {
 
     #[test]
     fn sim_seeds() {
-        many(400, SimConfig::default());
+        many(2000, SimConfig::default());
         many(
-            200,
+            1000,
             SimConfig {
                 k: 2,
                 servers: 5,
@@ -821,7 +822,7 @@ mod tests {
             },
         );
         many(
-            100,
+            500,
             SimConfig {
                 agg_max_pushes: 1,
                 ..SimConfig::default()
