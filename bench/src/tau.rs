@@ -61,6 +61,9 @@ pub struct TauArgs {
     /// Do not write RESULTS.md.
     #[arg(long)]
     pub no_write: bool,
+    /// The RESULTS.md section to write (default `tau-sweep`, or `tau-sweep-quick`).
+    #[arg(long)]
+    pub section: Option<String>,
 }
 
 /// One run's outcome.
