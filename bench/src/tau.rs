@@ -240,11 +240,12 @@ pub fn tau_sweep(a: &TauArgs, command: String) -> Result<(), BenchError> {
     md.push_str("\n\"Pull wait\" is the share of the workers' time spent waiting for pull answers (round trips included; the eventual row is the round-trip floor). \"Held by the clock gate\" is the time the servers held requests (pulls until the slowest worker's clock allowed them; under sequential consistency also pushes until their clock's batch was complete), per server, as a share of the workers' time.\n");
     println!("{md}");
     if !a.no_write {
-        let section = if a.quick {
+        let default = if a.quick {
             "tau-sweep-quick"
         } else {
             "tau-sweep"
         };
+        let section = a.section.as_deref().unwrap_or(default);
         write_section(&a.results, section, &md)
             .map_err(|e| BenchError::io(format!("writing {}", a.results.display()), e))?;
         eprintln!("wrote section {section} of {}", a.results.display());
