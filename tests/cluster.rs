@@ -288,3 +288,84 @@ fn large_range_pulls_are_consistent_snapshots_under_concurrent_pushes() {
     }
     c.procs.wait_all(Duration::from_secs(30));
 }
+
+fn status(c: &Cluster) -> String {
+    let out = std::process::Command::new(common::pserv())
+        .args(["status", &format!("--scheduler={}", c.scheduler)])
+        .output()
+        .expect("pserv status runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn signal(c: &Cluster, name: &str, sig: &str) {
+    let pid = c
+        .procs
+        .0
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, child)| child.id())
+        .expect("process started");
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+#[test]
+fn status_shows_the_cluster_and_a_silent_server_turns_dead() {
+    let mut c = Cluster::start(2, 1, &["--update=sum", "--heartbeat-timeout-ms=800"]);
+    let w = worker(&c, 0);
+    let s = status(&c);
+    assert!(s.contains("routing table epoch 1"), "{s}");
+    assert!(s.contains("job running"), "{s}");
+    assert!(
+        s.contains("server 0 at 127.0.0.1:") && s.contains("server 1 at 127.0.0.1:"),
+        "{s}"
+    );
+    assert!(
+        s.contains("ranges (head first):\n  [0x0, ") && s.contains("  server 1\n"),
+        "{s}"
+    );
+    assert!(!s.contains("dead"), "{s}");
+    // A server that stops (no heartbeats, connection still open) is declared dead...
+    signal(&c, "server 1", "-STOP");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut s = status(&c);
+    while !s.contains("server 1 at")
+        || !s
+            .lines()
+            .any(|l| l.contains("server 1 at") && l.contains(": dead"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never declared dead:\n{s}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        s = status(&c);
+    }
+    assert!(
+        s.lines()
+            .any(|l| l.contains("server 0 at") && l.contains(": live")),
+        "{s}"
+    );
+    // ...and live again when it resumes.
+    signal(&c, "server 1", "-CONT");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !status(&c)
+        .lines()
+        .any(|l| l.contains("server 1 at") && l.contains(": live"))
+    {
+        assert!(std::time::Instant::now() < deadline, "never live again");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    w.wait(w.push(vec![1u64], vec![1.0f32])).unwrap();
+    w.finish(0).unwrap();
+    c.procs.wait_all(Duration::from_secs(30));
+}

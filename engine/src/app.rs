@@ -78,6 +78,19 @@ enum Cmd {
         /// Give up if not every node registered within this many seconds.
         #[arg(long, default_value_t = 120)]
         register_timeout_secs: u64,
+        /// Declare a server dead after this many milliseconds without a heartbeat
+        /// (servers send one every 300 ms).
+        #[arg(long, env = "PSERV_HEARTBEAT_TIMEOUT_MS", default_value_t = 3000)]
+        heartbeat_timeout_ms: u64,
+    },
+    /// Print the cluster as the scheduler sees it: routing-table epoch, each key range
+    /// with the servers holding it, node liveness, replication lag.
+    Status {
+        #[command(flatten)]
+        sched: SchedulerAddr,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Run a server.
     Server {
@@ -214,6 +227,7 @@ fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> {
             port_file,
             progress,
             register_timeout_secs,
+            heartbeat_timeout_ms,
         } => {
             run_scheduler(SchedulerConfig {
                 listen,
@@ -223,7 +237,20 @@ fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> {
                 summary_json: output.summary_json,
                 progress,
                 register_timeout: Duration::from_secs(register_timeout_secs),
+                heartbeat_timeout: Duration::from_millis(heartbeat_timeout_ms.max(1)),
             })?;
+            Ok(())
+        }
+        Cmd::Status { sched, json } => {
+            let report = crate::status::fetch(sched.scheduler, Duration::from_secs(5))?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("json encodes")
+                );
+            } else {
+                print!("{}", crate::status::render(&report));
+            }
             Ok(())
         }
         Cmd::Server {

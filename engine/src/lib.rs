@@ -11,6 +11,7 @@
 //! - [`chain`]: chain replication with replication after aggregation, per server (P10).
 //! - [`manager`]: the server manager: membership, failure detection, ring flips (P11, P12).
 //! - `sim` (tests only): deterministic simulation of the manager, chains and workers.
+//! - [`status`]: `pserv status`, the operator's view from the scheduler.
 //! - [`server`]: the server node, serving requests on the event loops.
 //! - [`worker`]: the worker API training code calls.
 //! - [`lr`] and [`job`]: the main job, sparse logistic regression.
@@ -38,6 +39,7 @@ pub mod scheduler;
 pub mod server;
 #[cfg(test)]
 mod sim;
+pub mod status;
 pub mod store;
 pub mod update;
 pub mod value;

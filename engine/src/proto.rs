@@ -195,6 +195,15 @@ pub enum Control {
     },
     /// Stop: the job is over.
     Shutdown,
+    /// Server to scheduler: still alive (sent every [`HEARTBEAT_EVERY`]).
+    Heartbeat,
+    /// Anyone to scheduler: describe the cluster (`pserv status`); no registration needed.
+    StatusRequest,
+    /// Scheduler to whoever asked: the cluster as the scheduler sees it.
+    Status {
+        /// The report.
+        report: StatusReport,
+    },
     /// Worker to server: attach the server's one-sided window on `range`, with the
     /// worker's host id and its connection endpoints by backend kind.
     OpenWindow {
@@ -215,6 +224,53 @@ pub enum Control {
         /// Why.
         reason: String,
     },
+}
+
+/// How often servers send [`Control::Heartbeat`].
+pub const HEARTBEAT_EVERY: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// One key range of the routing table and the servers that hold it, head first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RangeStatus {
+    /// The keys.
+    pub range: crate::keys::KeyRange,
+    /// Ranks of the servers holding it, head first (one: no replication).
+    pub chain: Vec<u32>,
+}
+
+/// One node as the scheduler sees it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// Server or worker.
+    pub role: Role,
+    /// Rank within its role.
+    pub rank: u32,
+    /// Where it listens (servers).
+    pub addr: Option<std::net::SocketAddr>,
+    /// `live`, `dead` (missed heartbeats), `gone` (connection closed) or `done`.
+    pub state: String,
+    /// Milliseconds since its last heartbeat (servers).
+    pub heartbeat_ms_ago: Option<u64>,
+}
+
+/// What `pserv status` prints.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// The routing table's epoch.
+    pub epoch: u64,
+    /// Replicas per range beyond the head.
+    pub replicas: u32,
+    /// The routing table.
+    pub ranges: Vec<RangeStatus>,
+    /// Every registered node.
+    pub nodes: Vec<NodeStatus>,
+    /// Whether the job runs (workers welcomed), and whether it is over.
+    pub running: bool,
+    /// See `running`.
+    pub finished: bool,
+    /// Replication lag per range; empty while replication is not wired (every range has
+    /// one copy).
+    pub replication_lag: Vec<(crate::keys::KeyRange, u64)>,
 }
 
 /// Status codes of error answers (the values carry a UTF-8 text).

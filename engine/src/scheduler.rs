@@ -18,7 +18,8 @@ use pserv_transport::{CloseReason, Conn, Handler, RecvFrame, TcpConfig, TcpTrans
 use crate::error::EngineError;
 use crate::keys::Partition;
 use crate::proto::{
-    ClusterInfo, Control, Role, ServerInfo, ServerStats, ValueType, WorkerStats, SCHEDULER_ID,
+    ClusterInfo, Control, NodeStatus, RangeStatus, Role, ServerInfo, ServerStats, StatusReport,
+    ValueType, WorkerStats, SCHEDULER_ID,
 };
 use crate::update::UpdateSpec;
 
@@ -55,6 +56,12 @@ pub enum Input {
         /// The connection.
         conn: ConnKey,
     },
+    /// Time passed: milliseconds since the scheduler started (never decreasing). Fed
+    /// before every other input and at least every 200 ms.
+    Tick {
+        /// Now.
+        now_ms: u64,
+    },
 }
 
 /// What the scheduler decided to do.
@@ -87,6 +94,10 @@ struct Node {
     addr: Option<SocketAddr>,
     done: bool,
     gone: bool,
+    /// When it last proved alive (registration or heartbeat), in `now_ms` time.
+    seen_ms: u64,
+    /// Missed heartbeats for longer than the timeout.
+    dead: bool,
 }
 
 /// The scheduler's state machine.
@@ -109,6 +120,8 @@ pub struct SchedulerCore {
     pub summaries: Vec<serde_json::Value>,
     /// Final counters of the servers that reported after the job ended.
     pub server_stats: Vec<ServerStats>,
+    now_ms: u64,
+    heartbeat_timeout_ms: u64,
 }
 
 impl SchedulerCore {
@@ -130,6 +143,79 @@ impl SchedulerCore {
             stats: Vec::new(),
             summaries: Vec::new(),
             server_stats: Vec::new(),
+            now_ms: 0,
+            heartbeat_timeout_ms: 3000,
+        }
+    }
+
+    /// Declare a server dead when it sent no heartbeat for this long (default 3 s).
+    pub fn with_heartbeat_timeout(mut self, timeout: Duration) -> Self {
+        self.heartbeat_timeout_ms = (timeout.as_millis() as u64).max(1);
+        self
+    }
+
+    /// The cluster as this scheduler sees it (what `pserv status` prints).
+    pub fn status(&self) -> StatusReport {
+        let partition = Partition::even(self.spec.servers as usize);
+        let mut nodes: Vec<NodeStatus> = self
+            .nodes
+            .values()
+            .map(|n| NodeStatus {
+                role: n.role,
+                rank: n.rank,
+                addr: n.addr,
+                state: if n.gone {
+                    "gone"
+                } else if n.dead {
+                    "dead"
+                } else if n.done {
+                    "done"
+                } else {
+                    "live"
+                }
+                .to_owned(),
+                heartbeat_ms_ago: (n.role == Role::Server)
+                    .then(|| self.now_ms.saturating_sub(n.seen_ms)),
+            })
+            .collect();
+        nodes.sort_by_key(|n| (n.role == Role::Worker, n.rank));
+        StatusReport {
+            epoch: 1,
+            replicas: 0,
+            ranges: partition
+                .ranges()
+                .iter()
+                .enumerate()
+                .map(|(i, r)| RangeStatus {
+                    range: *r,
+                    chain: vec![i as u32],
+                })
+                .collect(),
+            nodes,
+            running: self.welcomed,
+            finished: self.finished,
+            replication_lag: Vec::new(),
+        }
+    }
+
+    fn on_tick(&mut self, now_ms: u64, out: &mut Vec<Output>) {
+        debug_assert!(now_ms >= self.now_ms, "time never goes back");
+        self.now_ms = self.now_ms.max(now_ms);
+        if !self.welcomed || self.finished {
+            // Servers heartbeat once they serve (after the welcome); not before the job
+            // runs, and no verdicts once it is over.
+            return;
+        }
+        let (now, limit) = (self.now_ms, self.heartbeat_timeout_ms);
+        for n in self.nodes.values_mut() {
+            if n.role == Role::Server && !n.gone && !n.dead && now - n.seen_ms > limit {
+                n.dead = true;
+                out.push(Output::Log(format!(
+                    "server {} sent no heartbeat for {} ms: presumed dead",
+                    n.rank,
+                    now - n.seen_ms
+                )));
+            }
         }
     }
 
@@ -178,6 +264,7 @@ impl SchedulerCore {
         match input {
             Input::Message { conn, msg } => self.on_message(conn, msg, &mut out),
             Input::Closed { conn } => self.on_closed(conn, &mut out),
+            Input::Tick { now_ms } => self.on_tick(now_ms, &mut out),
         }
         out
     }
@@ -229,6 +316,28 @@ impl SchedulerCore {
                 out.push(Output::Progress { done: d, total: t });
             }
             Control::Log { line } => out.push(Output::Log(line)),
+            Control::Heartbeat => {
+                let now = self.now_ms;
+                match self.nodes.get_mut(&conn).filter(|n| n.role == Role::Server) {
+                    Some(n) => {
+                        n.seen_ms = now;
+                        if n.dead {
+                            n.dead = false;
+                            out.push(Output::Log(format!(
+                                "server {} is sending heartbeats again",
+                                n.rank
+                            )));
+                        }
+                    }
+                    None => self.refuse(conn, "heartbeat from an unknown node", out),
+                }
+            }
+            Control::StatusRequest => out.push(Output::Send {
+                conn,
+                msg: Control::Status {
+                    report: self.status(),
+                },
+            }),
             Control::ServerDone { stats } => {
                 let is_server = self
                     .nodes
@@ -346,6 +455,8 @@ impl SchedulerCore {
                 addr,
                 done: false,
                 gone: false,
+                seen_ms: self.now_ms,
+                dead: false,
             },
         );
         let registered = |r: Role| self.nodes.values().filter(|n| n.role == r).count() as u32;
@@ -382,6 +493,13 @@ impl SchedulerCore {
     /// Send the cluster table to every node of `role`: servers first (phase 1); workers
     /// once every server is ready (phase 2), so no request reaches a server without a store.
     fn welcome(&mut self, role: Role, out: &mut Vec<Output>) {
+        if role == Role::Worker {
+            // The job starts now: servers' heartbeat clocks start now too.
+            let now = self.now_ms;
+            for n in self.nodes.values_mut().filter(|n| n.role == Role::Server) {
+                n.seen_ms = n.seen_ms.max(now);
+            }
+        }
         let cluster = self.cluster();
         let mut conns: Vec<(ConnKey, u32)> = self
             .nodes
@@ -504,7 +622,12 @@ pub struct SchedulerConfig {
     pub progress: bool,
     /// Give up if the cluster is not complete after this long.
     pub register_timeout: Duration,
+    /// Declare a server dead after this long without a heartbeat.
+    pub heartbeat_timeout: Duration,
 }
+
+/// How often the scheduler's loop feeds time to its state machine.
+const TICK_EVERY: Duration = Duration::from_millis(200);
 
 /// What the job reported, merged.
 #[derive(Debug, Clone)]
@@ -549,7 +672,8 @@ pub fn run_scheduler(cfg: SchedulerConfig) -> Result<JobReport, EngineError> {
             })?;
     }
     tracing::info!(%addr, "scheduler listening");
-    let mut core = SchedulerCore::new(cfg.spec.clone());
+    let mut core =
+        SchedulerCore::new(cfg.spec.clone()).with_heartbeat_timeout(cfg.heartbeat_timeout);
     let conns: Arc<Mutex<HashMap<ConnKey, Conn>>> = Arc::default();
     let bar = if cfg.progress {
         let b = indicatif::ProgressBar::new(0);
@@ -575,32 +699,42 @@ pub fn run_scheduler(cfg: SchedulerConfig) -> Result<JobReport, EngineError> {
         let timeout = if core.is_finished() {
             Duration::from_millis(100)
         } else if core.is_running() {
-            Duration::from_secs(3600)
+            TICK_EVERY
         } else {
-            cfg.register_timeout.saturating_sub(started.elapsed())
+            cfg.register_timeout
+                .saturating_sub(started.elapsed())
+                .min(TICK_EVERY)
         };
-        let (conn, msg) = match rx.recv_timeout(timeout) {
-            Ok(ev) => ev,
-            Err(_) if core.is_finished() => continue,
+        let received = rx.recv_timeout(timeout);
+        let now_ms = started.elapsed().as_millis() as u64;
+        let mut outs = core.handle(Input::Tick { now_ms });
+        match received {
+            Ok((conn, msg)) => {
+                let key = conn.id();
+                let input = match msg {
+                    Some(msg) => {
+                        conns.lock().insert(key, conn);
+                        Input::Message { conn: key, msg }
+                    }
+                    None => {
+                        conns.lock().remove(&key);
+                        Input::Closed { conn: key }
+                    }
+                };
+                outs.extend(core.handle(input));
+            }
+            Err(_)
+                if core.is_finished()
+                    || core.is_running()
+                    || started.elapsed() < cfg.register_timeout => {}
             Err(_) => {
                 return Err(EngineError::Registration(format!(
                     "the cluster did not complete within {:?}",
                     cfg.register_timeout
                 )))
             }
-        };
-        let key = conn.id();
-        let input = match msg {
-            Some(msg) => {
-                conns.lock().insert(key, conn);
-                Input::Message { conn: key, msg }
-            }
-            None => {
-                conns.lock().remove(&key);
-                Input::Closed { conn: key }
-            }
-        };
-        for o in core.handle(input) {
+        }
+        for o in outs {
             match o {
                 Output::Send { conn, msg } => {
                     if let Some(c) = conns.lock().get(&conn) {
@@ -910,5 +1044,100 @@ mod tests {
         let mut c = running();
         let out = register(&mut c, 10, Role::Worker, None);
         assert!(matches!(sends(&out)[0].1, Control::Refused { .. }));
+    }
+
+    fn heartbeat(c: &mut SchedulerCore, conn: ConnKey, now_ms: u64) -> Vec<Output> {
+        let mut out = c.handle(Input::Tick { now_ms });
+        out.extend(c.handle(Input::Message {
+            conn,
+            msg: Control::Heartbeat,
+        }));
+        out
+    }
+
+    fn states(c: &SchedulerCore) -> Vec<(Role, u32, String)> {
+        c.status()
+            .nodes
+            .into_iter()
+            .map(|n| (n.role, n.rank, n.state))
+            .collect()
+    }
+
+    #[test]
+    fn heartbeats_keep_servers_live_and_silence_makes_them_dead() {
+        let mut c = running().with_heartbeat_timeout(Duration::from_millis(1000));
+        // Both servers beat for a while: live.
+        for t in (0..3000).step_by(300) {
+            heartbeat(&mut c, 1, t);
+            heartbeat(&mut c, 3, t);
+        }
+        assert!(
+            states(&c).iter().all(|(_, _, s)| s == "live"),
+            "{:?}",
+            states(&c)
+        );
+        // Server on conn 3 falls silent after its beat at 2700: dead once the timeout
+        // passes (after 3700), not before.
+        for t in (3000..3700).step_by(300) {
+            heartbeat(&mut c, 1, t);
+        }
+        c.handle(Input::Tick { now_ms: 3700 });
+        assert!(states(&c).iter().all(|(_, _, s)| s == "live"));
+        let out = heartbeat(&mut c, 1, 3800);
+        assert!(
+            out.iter()
+                .any(|o| matches!(o, Output::Log(l) if l.contains("presumed dead"))),
+            "{out:?}"
+        );
+        let dead: Vec<_> = states(&c)
+            .into_iter()
+            .filter(|(_, _, s)| s == "dead")
+            .collect();
+        assert_eq!(dead.len(), 1, "{dead:?}");
+        // It comes back: live again.
+        heartbeat(&mut c, 3, 4500);
+        assert!(states(&c).iter().all(|(_, _, s)| s == "live"));
+    }
+
+    #[test]
+    fn a_heartbeat_from_an_unknown_node_is_refused_and_changes_nothing() {
+        let mut c = running();
+        let before = c.status();
+        for (conn, why) in [(99, "unknown connection"), (2, "a worker, not a server")] {
+            let out = c.handle(Input::Message {
+                conn,
+                msg: Control::Heartbeat,
+            });
+            let sent = sends(&out);
+            assert!(
+                matches!(sent.as_slice(), [(to, Control::Refused { reason })]
+                    if *to == conn && reason.contains("heartbeat from an unknown node")),
+                "{why}: {out:?}"
+            );
+        }
+        assert_eq!(c.status(), before);
+    }
+
+    #[test]
+    fn status_reports_the_routing_table_and_every_node() {
+        let mut c = running();
+        let out = c.handle(Input::Message {
+            conn: 77,
+            msg: Control::StatusRequest,
+        });
+        let [(77, Control::Status { report })] = sends(&out).as_slice() else {
+            panic!("{out:?}")
+        };
+        assert_eq!(report.epoch, 1);
+        assert_eq!(report.ranges.len(), 2);
+        assert_eq!(report.ranges[0].range.begin, 0);
+        assert_eq!(report.ranges[1].range.end, crate::keys::KEY_END);
+        assert_eq!(report.ranges[1].chain, vec![1]);
+        assert_eq!(report.nodes.len(), 4);
+        assert!(report.running && !report.finished);
+        let text = crate::status::render(report);
+        assert!(text.contains("routing table epoch 1"), "{text}");
+        assert!(text.contains("server 1 at 127.0.0.1:"), "{text}");
+        assert!(text.contains("replication lag: none"), "{text}");
     }
 }

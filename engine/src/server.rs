@@ -12,6 +12,8 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use crossbeam_channel::RecvTimeoutError;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -823,9 +825,13 @@ impl Server {
     /// report the store's counters to the scheduler and, if configured, dump the model.
     pub fn run(self) -> Result<(), EngineError> {
         loop {
-            match self.control.recv() {
-                Ok(Control::Shutdown) | Err(_) => break,
+            match self.control.recv_timeout(proto::HEARTBEAT_EVERY) {
+                Ok(Control::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
                 Ok(other) => tracing::debug!(?other, "control message ignored by server"),
+                Err(RecvTimeoutError::Timeout) => {
+                    let id = self.core.ready.get().map_or(0, |r| r.node_id);
+                    let _ = self._scheduler.send(Control::Heartbeat.to_frame(id));
+                }
             }
         }
         if let Some(r) = self.core.ready.get() {

@@ -1,0 +1,94 @@
+//! `pserv status`: ask the scheduler for its view of the cluster and print it.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crossbeam_channel::Sender;
+use pserv_transport::{CloseReason, Conn, Handler, RecvFrame, TcpConfig, TcpTransport};
+
+use crate::error::EngineError;
+use crate::proto::{Control, Role, StatusReport};
+
+struct StatusHandler {
+    tx: Sender<Control>,
+}
+
+impl Handler for StatusHandler {
+    fn on_frame(&mut self, _conn: &Conn, frame: RecvFrame<'_>) {
+        if let Ok(msg) = Control::from_frame(&frame.frame()) {
+            let _ = self.tx.send(msg);
+        }
+    }
+
+    fn on_close(&mut self, _conn: &Conn, _reason: &CloseReason) {}
+}
+
+/// Connect to the scheduler at `addr`, ask for its status, and return the report.
+pub fn fetch(addr: SocketAddr, timeout: Duration) -> Result<StatusReport, EngineError> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let cfg = TcpConfig {
+        threads: 1,
+        pin_cores: false,
+        ..TcpConfig::default()
+    };
+    let transport = TcpTransport::start(cfg, |_| StatusHandler { tx: tx.clone() })?;
+    let conn = transport.connect(addr, timeout)?;
+    conn.send(Control::StatusRequest.to_frame(0))?;
+    let answer = rx.recv_timeout(timeout);
+    transport.shutdown();
+    match answer {
+        Ok(Control::Status { report }) => Ok(report),
+        Ok(Control::Refused { reason }) => Err(EngineError::Registration(reason)),
+        Ok(other) => Err(EngineError::InvalidRequest(format!(
+            "unexpected answer from the scheduler: {other:?}"
+        ))),
+        Err(_) => Err(EngineError::Timeout(format!(
+            "no status from the scheduler at {addr} within {timeout:?}"
+        ))),
+    }
+}
+
+/// The report as the text `pserv status` prints.
+pub fn render(r: &StatusReport) -> String {
+    let mut s = String::new();
+    s.push_str(&format!(
+        "routing table epoch {}, {} replica(s) per range beyond the head; job {}\n",
+        r.epoch,
+        r.replicas,
+        if r.finished {
+            "finished"
+        } else if r.running {
+            "running"
+        } else {
+            "waiting for nodes"
+        }
+    ));
+    s.push_str("\nranges (head first):\n");
+    for rs in &r.ranges {
+        let chain: Vec<String> = rs.chain.iter().map(|c| format!("server {c}")).collect();
+        s.push_str(&format!("  {}  {}\n", rs.range, chain.join(" -> ")));
+    }
+    s.push_str("\nnodes:\n");
+    for n in &r.nodes {
+        let hb = n
+            .heartbeat_ms_ago
+            .map(|ms| format!(", last heartbeat {ms} ms ago"))
+            .unwrap_or_default();
+        let addr = n.addr.map(|a| format!(" at {a}")).unwrap_or_default();
+        let role = match n.role {
+            Role::Server => "server",
+            Role::Worker => "worker",
+        };
+        s.push_str(&format!("  {role} {}{addr}: {}{hb}\n", n.rank, n.state));
+    }
+    s.push_str("\nreplication lag: ");
+    if r.replication_lag.is_empty() {
+        s.push_str("none (one copy per range: chain replication is not wired yet)\n");
+    } else {
+        s.push('\n');
+        for (range, lag) in &r.replication_lag {
+            s.push_str(&format!("  {range}: {lag} updates behind\n"));
+        }
+    }
+    s
+}
