@@ -92,7 +92,8 @@ fn push_then_pull_returns_the_sum_over_workers() {
 fn ranges_span_servers_and_round_trip() {
     let mut c = Cluster::start(2, 1, &["--update=assign", "--value-len=4"]);
     let w = worker(&c, 0);
-    let mid = w.cluster().partition.range(1).begin;
+    // The first boundary between two servers of the routing table.
+    let mid = w.cluster().partition.ranges()[1].begin;
     let range = KeyRange::new(mid - 1000, mid + 3000);
     let vals: Vec<f32> = (0..range.len() * 4).map(|i| i as f32).collect();
     w.wait(w.push_range(range, vals.clone())).unwrap();
@@ -366,6 +367,77 @@ fn status_shows_the_cluster_and_a_silent_server_turns_dead() {
         std::thread::sleep(Duration::from_millis(200));
     }
     w.wait(w.push(vec![1u64], vec![1.0f32])).unwrap();
+    w.finish(0).unwrap();
+    c.procs.wait_all(Duration::from_secs(30));
+}
+
+/// Send one frame on a raw connection and read the answer frame back.
+fn raw_request(server: std::net::SocketAddr, frame: &[u8]) -> (pserv_transport::Header, Vec<u8>) {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(server).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(frame).unwrap();
+    let mut buf = vec![0u8; pserv_transport::wire::HEADER_LEN];
+    s.read_exact(&mut buf).unwrap();
+    let h: pserv_transport::Header = *bytemuck::from_bytes(&buf);
+    let body = pserv_transport::wire::pad8(
+        pserv_transport::wire::HEADER_LEN + h.key_count as usize * 8 + h.value_bytes as usize,
+    ) - pserv_transport::wire::HEADER_LEN;
+    let mut rest = vec![0u8; body];
+    s.read_exact(&mut rest).unwrap();
+    let v = h.key_count as usize * 8;
+    (h, rest[v..v + h.value_bytes as usize].to_vec())
+}
+
+#[test]
+fn keys_are_routed_by_the_ring_and_stale_or_misrouted_requests_are_refused() {
+    let mut c = Cluster::start(2, 1, &["--update=sum", "--vnodes=32"]);
+    let w = worker(&c, 0);
+    let table = w.cluster().partition.clone();
+    assert_eq!(table.epoch(), 1);
+    // 32 virtual nodes per server: many ranges, each server owning several.
+    assert!(table.ranges().len() > 8, "{}", table.ranges().len());
+    assert!(table.ranges_of(0).len() > 1 && table.ranges_of(1).len() > 1);
+    // Keys spread over the ring land on their owners and come back in key order.
+    let keys = spread_keys(2000);
+    let vals: Vec<f32> = (0..keys.len()).map(|i| i as f32).collect();
+    w.wait(w.push(keys.clone(), vals.clone())).unwrap();
+    assert_eq!(
+        w.wait_pull::<f32>(w.pull::<f32>(keys.clone()))
+            .unwrap()
+            .to_vec(),
+        vals
+    );
+
+    // A push routed with a stale epoch: refused with StaleEpoch, nothing applied.
+    let owner = table.server_of(keys[0]);
+    let addr = w.cluster().servers[owner].addr;
+    let mut h = pserv_transport::Header::new(pserv_transport::MessageKind::Push, 1_000, 1);
+    h.dtype = pserv_transport::DType::F32 as u8;
+    h.value_len = 1;
+    h.epoch = 7;
+    let frame = pserv_transport::wire::encode(&h, &[keys[0]], &100.0f32.to_le_bytes());
+    let (answer, text) = raw_request(addr, &frame);
+    assert_eq!(Status::from_u8(answer.status), Status::StaleEpoch);
+    let text = String::from_utf8_lossy(&text);
+    assert!(
+        text.contains("epoch 7") && text.contains("epoch 1"),
+        "{text}"
+    );
+    // A push sent to a server that does not own the key: refused with NotOwner.
+    let other = w.cluster().servers[1 - owner].addr;
+    h.epoch = 1;
+    let frame = pserv_transport::wire::encode(&h, &[keys[0]], &100.0f32.to_le_bytes());
+    let (answer, text) = raw_request(other, &frame);
+    assert_eq!(Status::from_u8(answer.status), Status::NotOwner);
+    assert!(String::from_utf8_lossy(&text).contains("does not own"));
+    // Nothing changed.
+    assert_eq!(
+        w.wait_pull::<f32>(w.pull::<f32>(vec![keys[0]]))
+            .unwrap()
+            .to_vec(),
+        vec![0.0]
+    );
     w.finish(0).unwrap();
     c.procs.wait_all(Duration::from_secs(30));
 }

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::Cluster;
-use pserv_engine::keys::{KeyRange, KEY_END};
+use pserv_engine::keys::KeyRange;
 use pserv_engine::onesided::TransportKind;
 use pserv_engine::worker::{TaskOpts, Worker, WorkerConfig};
 use pserv_engine::EngineError;
@@ -27,9 +27,9 @@ fn worker(c: &Cluster, rank: u32, transport: TransportKind) -> Worker {
     Worker::connect(cfg).expect("worker connects")
 }
 
-/// A range straddling the boundary between servers 0 and 1 of 2.
-fn straddling(n: u64) -> KeyRange {
-    let mid = KEY_END / 2;
+/// A range straddling the first boundary between two servers of `w`'s routing table.
+fn straddling(w: &Worker, n: u64) -> KeyRange {
+    let mid = w.cluster().partition.ranges()[1].begin;
     KeyRange::new(mid - n / 2, mid + n / 2)
 }
 
@@ -41,7 +41,7 @@ fn dense_windows_are_one_sided_and_agree_with_tcp_and_sparse_requests() {
         let b = s.spawn(|| worker(&c, 1, TransportKind::Tcp));
         (a.join().unwrap(), b.join().unwrap())
     });
-    let r = straddling(20_000);
+    let r = straddling(&w0, 20_000);
     let n = r.len() as usize;
     let opts = TaskOpts::default();
 

@@ -171,12 +171,15 @@ pub fn scheduler_main(args: &SchedulerArgs) -> Result<(), BenchError> {
             value_type: ValueType::F32,
             value_len: 1,
             update: UpdateSpec::Sum,
+            // The bench lays its dense ranges out per server: an even split.
+            vnodes: 0,
         },
         tcp: args.loops.tcp(),
         port_file: Some(args.port_file.clone()),
         summary_json: None,
         progress: false,
         register_timeout: REGISTER_TIMEOUT,
+        heartbeat_timeout: Duration::from_secs(3),
     })?;
     Ok(())
 }

@@ -189,6 +189,7 @@ fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> {
                     }
                 ),
                 format!("--value-len={}", cluster.value_len),
+                format!("--vnodes={}", cluster.vnodes),
                 format!("--update={update}"),
                 "--progress".into(),
             ];

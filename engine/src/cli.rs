@@ -85,6 +85,10 @@ pub struct ClusterArgs {
     /// Values per key.
     #[arg(long, env = "PSERV_VALUE_LEN", default_value_t = 1)]
     pub value_len: u32,
+    /// Virtual nodes per server on the consistent-hashing ring that places keys (0: an
+    /// even split of the key space, one range per server).
+    #[arg(long, env = "PSERV_VNODES", default_value_t = 64)]
+    pub vnodes: u32,
 }
 
 impl ClusterArgs {
@@ -104,6 +108,7 @@ impl ClusterArgs {
             value_type: self.value_type,
             value_len: self.value_len,
             update,
+            vnodes: self.vnodes,
         })
     }
 }

@@ -119,7 +119,11 @@ impl DenseLayout {
     pub fn new(buckets: u64, partition: &crate::keys::Partition) -> Self {
         DenseLayout {
             buckets: buckets.max(1),
-            bases: partition.ranges().iter().map(|r| r.begin).collect(),
+            // Each server's buckets start at its largest range (ring ranges are ~2^64 /
+            // (servers x vnodes) keys wide: far more than any bucket count).
+            bases: (0..partition.len())
+                .map(|s| partition.largest_range_of(s).map_or(0, |r| r.begin))
+                .collect(),
         }
     }
 
@@ -389,6 +393,8 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
                 out.push((w, at));
                 at += w.len() as usize;
             }
+            // In key order, for the lookups below (ring bases are not in server order).
+            out.sort_by_key(|(w, _)| w.begin);
             out
         }
         None => Vec::new(),

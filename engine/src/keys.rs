@@ -71,15 +71,22 @@ impl std::fmt::Display for KeyRange {
     }
 }
 
-/// Which server owns which part of the key space: contiguous ranges in key order, server
-/// `i` owning `ranges[i]`, together covering `[0, u64::MAX)` without gaps.
+/// Which server owns which part of the key space: contiguous ranges in key order, each
+/// owned by one server, together covering `[0, u64::MAX)` without gaps. A server may own
+/// several ranges (the virtual nodes of a consistent-hashing ring, [`crate::ring`]); the
+/// even split gives server `i` the single range `i`. The partition has an epoch: every
+/// data message carries the epoch it was routed with.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Partition {
     ranges: Vec<KeyRange>,
+    /// The server owning each range.
+    owners: Vec<u32>,
+    servers: usize,
+    epoch: u64,
 }
 
 impl Partition {
-    /// Split the key space evenly over `servers` servers.
+    /// Split the key space evenly over `servers` servers (epoch 1).
     ///
     /// # Panics
     /// If `servers == 0`.
@@ -93,23 +100,69 @@ impl Partition {
                 KeyRange::new(b, e)
             })
             .collect();
-        let p = Partition { ranges };
+        let p = Partition {
+            ranges,
+            owners: (0..servers as u32).collect(),
+            servers,
+            epoch: 1,
+        };
         p.check();
         p
     }
 
-    /// Build from explicit ranges (sorted, contiguous, covering the key space).
+    /// The heads of a consistent-hashing ring whose servers are ranks `0..servers`:
+    /// each virtual node's range owned by its server, neighbours of one owner merged.
+    ///
+    /// # Panics
+    /// If a ring server is not below `servers`.
+    pub fn from_ring(ring: &crate::ring::Ring, servers: usize) -> Self {
+        let mut ranges: Vec<KeyRange> = Vec::new();
+        let mut owners: Vec<u32> = Vec::new();
+        for (r, chain) in ring.ranges(0) {
+            let owner = chain[0];
+            assert!(
+                (owner as usize) < servers,
+                "ring server {owner} out of range"
+            );
+            match (ranges.last_mut(), owners.last()) {
+                (Some(last), Some(&o)) if o == owner && last.end == r.begin => last.end = r.end,
+                _ => {
+                    ranges.push(r);
+                    owners.push(owner);
+                }
+            }
+        }
+        let p = Partition {
+            ranges,
+            owners,
+            servers,
+            epoch: ring.epoch(),
+        };
+        p.check();
+        p
+    }
+
+    /// Build from explicit ranges (sorted, contiguous, covering the key space), server
+    /// `i` owning `ranges[i]`.
     pub fn from_ranges(ranges: Vec<KeyRange>) -> Option<Self> {
-        let p = Partition { ranges };
+        let n = ranges.len();
+        let p = Partition {
+            owners: (0..n as u32).collect(),
+            ranges,
+            servers: n,
+            epoch: 1,
+        };
         p.is_valid().then_some(p)
     }
 
     fn is_valid(&self) -> bool {
         !self.ranges.is_empty()
+            && self.ranges.len() == self.owners.len()
             && self.ranges[0].begin == 0
             && self.ranges.last().is_some_and(|r| r.end == KEY_END)
             && self.ranges.windows(2).all(|w| w[0].end == w[1].begin)
             && self.ranges.iter().all(|r| !r.is_empty())
+            && self.owners.iter().all(|&o| (o as usize) < self.servers)
     }
 
     fn check(&self) {
@@ -122,7 +175,7 @@ impl Partition {
 
     /// Number of servers.
     pub fn len(&self) -> usize {
-        self.ranges.len()
+        self.servers
     }
 
     /// Always false: a partition has at least one server.
@@ -130,49 +183,96 @@ impl Partition {
         false
     }
 
-    /// The range of server `i`.
-    pub fn range(&self, i: usize) -> KeyRange {
-        self.ranges[i]
+    /// The epoch this routing table belongs to.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
-    /// All ranges, in server order.
+    /// The ranges server `i` owns, in key order.
+    pub fn ranges_of(&self, i: usize) -> Vec<KeyRange> {
+        self.ranges
+            .iter()
+            .zip(&self.owners)
+            .filter(|(_, &o)| o as usize == i)
+            .map(|(r, _)| *r)
+            .collect()
+    }
+
+    /// The largest range server `i` owns (the first of equal ones), if any.
+    pub fn largest_range_of(&self, i: usize) -> Option<KeyRange> {
+        self.ranges_of(i)
+            .into_iter()
+            .fold(None, |best: Option<KeyRange>, r| match best {
+                Some(b) if b.len() >= r.len() => Some(b),
+                _ => Some(r),
+            })
+    }
+
+    /// All ranges, in key order, with their owners.
     pub fn ranges(&self) -> &[KeyRange] {
         &self.ranges
+    }
+
+    /// The owner of each range of [`ranges`](Self::ranges).
+    pub fn owners(&self) -> &[u32] {
+        &self.owners
     }
 
     /// The server owning `key`.
     pub fn server_of(&self, key: Key) -> usize {
         debug_assert!(key < KEY_END);
-        self.ranges.partition_point(|r| r.end <= key)
+        self.owners[self.ranges.partition_point(|r| r.end <= key)] as usize
     }
 
-    /// Split a sorted key list into per-server slices: `(server, index range into keys)`,
-    /// in key order, only for servers that get at least one key. One binary search per
-    /// server, not one per key.
+    /// Whether server `i` owns every key of `range` (which then lies in one or several
+    /// adjacent ranges of `i`).
+    pub fn owns(&self, i: usize, range: &KeyRange) -> bool {
+        range.is_empty() || self.split_range(*range).iter().all(|(s, _)| *s == i)
+    }
+
+    /// Whether server `i` owns every key of the sorted list `keys`.
+    pub fn owns_keys(&self, i: usize, keys: &[Key]) -> bool {
+        self.split_keys(keys).iter().all(|(s, _)| *s == i)
+    }
+
+    /// Split a sorted key list into runs of keys with one owner: `(server, index range
+    /// into keys)`, in key order. A server may appear in several runs (several ranges);
+    /// one binary search per run, not one per key.
     pub fn split_keys(&self, keys: &[Key]) -> Vec<(usize, std::ops::Range<usize>)> {
-        let mut out = Vec::new();
+        let mut out: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
         let mut start = 0;
         while start < keys.len() {
-            let server = self.server_of(keys[start]);
-            let end_key = self.ranges[server].end;
+            let i = self.ranges.partition_point(|r| r.end <= keys[start]);
+            let server = self.owners[i] as usize;
+            let end_key = self.ranges[i].end;
             let end = start + keys[start..].partition_point(|&k| k < end_key);
-            out.push((server, start..end));
+            match out.last_mut() {
+                Some((s, run)) if *s == server && run.end == start => run.end = end,
+                _ => out.push((server, start..end)),
+            }
             start = end;
         }
         out
     }
 
-    /// Split a key range into the per-server parts it covers, in key order.
+    /// Split a key range into the parts owned by one server each, in key order
+    /// (adjacent ranges of one owner merged).
     pub fn split_range(&self, range: KeyRange) -> Vec<(usize, KeyRange)> {
         if range.is_empty() {
             return Vec::new();
         }
-        let first = self.server_of(range.begin);
-        self.ranges[first..]
-            .iter()
-            .enumerate()
-            .map_while(|(i, r)| r.intersect(&range).map(|part| (first + i, part)))
-            .collect()
+        let first = self.ranges.partition_point(|r| r.end <= range.begin);
+        let mut out: Vec<(usize, KeyRange)> = Vec::new();
+        for (r, &o) in self.ranges[first..].iter().zip(&self.owners[first..]) {
+            let Some(part) = r.intersect(&range) else {
+                break;
+            };
+            match out.last_mut() {
+                Some((s, p)) if *s == o as usize && p.end == part.begin => p.end = part.end,
+                _ => out.push((o as usize, part)),
+            }
+        }
+        out
     }
 }
 
@@ -186,8 +286,8 @@ mod tests {
         for n in [1, 2, 3, 7, 64] {
             let p = Partition::even(n);
             assert_eq!(p.len(), n);
-            assert_eq!(p.range(0).begin, 0);
-            assert_eq!(p.range(n - 1).end, KEY_END);
+            assert_eq!(p.ranges()[0].begin, 0);
+            assert_eq!(p.ranges()[n - 1].end, KEY_END);
             let lens: Vec<u64> = p.ranges().iter().map(|r| r.len()).collect();
             let (min, max) = (lens.iter().min().unwrap(), lens.iter().max().unwrap());
             assert!(max - min <= 1, "uneven split {lens:?}");
@@ -198,15 +298,15 @@ mod tests {
     fn server_of_edges() {
         let p = Partition::even(4);
         assert_eq!(p.server_of(0), 0);
-        assert_eq!(p.server_of(p.range(1).begin), 1);
-        assert_eq!(p.server_of(p.range(1).begin - 1), 0);
+        assert_eq!(p.server_of(p.ranges()[1].begin), 1);
+        assert_eq!(p.server_of(p.ranges()[1].begin - 1), 0);
         assert_eq!(p.server_of(KEY_END - 1), 3);
     }
 
     #[test]
     fn split_range_across_servers() {
         let p = Partition::even(4);
-        let b = p.range(1).begin;
+        let b = p.ranges()[1].begin;
         let parts = p.split_range(KeyRange::new(b - 10, b + 10));
         assert_eq!(
             parts,
@@ -250,12 +350,54 @@ mod tests {
                 if let Some(l) = last_server { prop_assert!(*server > l); }
                 last_server = Some(*server);
                 for &k in &keys[idx.clone()] {
-                    prop_assert!(p.range(*server).contains(k));
+                    prop_assert!(p.ranges()[*server].contains(k));
                     prop_assert_eq!(p.server_of(k), *server);
                 }
                 next = idx.end;
             }
             prop_assert_eq!(next, keys.len());
+        }
+    }
+
+    proptest! {
+        /// A ring's partition: every run and piece is owned by its server, runs tile the
+        /// key list and pieces tile the range, in key order.
+        #[test]
+        fn ring_partitions_route_every_key_to_its_owner(
+            servers in 1usize..6,
+            vnodes in 1u32..32,
+            mut keys in proptest::collection::vec(0u64..KEY_END, 0..300),
+            a in 0u64..KEY_END, b in 0u64..KEY_END,
+        ) {
+            let ids: Vec<u32> = (0..servers as u32).collect();
+            let ring = crate::ring::Ring::new(&ids, vnodes);
+            let p = Partition::from_ring(&ring, servers);
+            prop_assert_eq!(p.epoch(), ring.epoch());
+            keys.sort_unstable();
+            keys.dedup();
+            let mut next = 0;
+            for (server, idx) in p.split_keys(&keys) {
+                prop_assert_eq!(idx.start, next);
+                for &k in &keys[idx.clone()] {
+                    prop_assert_eq!(ring.owner(k) as usize, server);
+                    prop_assert_eq!(p.server_of(k), server);
+                }
+                prop_assert!(p.owns_keys(server, &keys[idx.clone()]));
+                next = idx.end;
+            }
+            prop_assert_eq!(next, keys.len());
+            let r = KeyRange::new(a.min(b), a.max(b));
+            let mut at = r.begin;
+            for (server, piece) in p.split_range(r) {
+                prop_assert_eq!(piece.begin, at);
+                prop_assert!(p.owns(server, &piece));
+                prop_assert_eq!(ring.owner(piece.begin) as usize, server);
+                prop_assert_eq!(ring.owner(piece.end - 1) as usize, server);
+                at = piece.end;
+            }
+            prop_assert!(r.is_empty() || at == r.end);
+            let total: u64 = (0..servers).flat_map(|s| p.ranges_of(s)).map(|r| r.len()).sum();
+            prop_assert_eq!(total, KEY_END);
         }
     }
 }

@@ -564,8 +564,8 @@ fn apply_with_state<T: Value>(
 pub(crate) struct ServerOneSided {
     backend: Backend,
     host: String,
-    /// The key range this server owns (windows must lie inside it).
-    own: KeyRange,
+    /// The key ranges this server owns (a window must lie inside one of them).
+    own: Vec<KeyRange>,
     vl: usize,
     elem: usize,
     state_len: usize,
@@ -586,7 +586,7 @@ impl ServerOneSided {
     /// device is found, else shm.
     pub(crate) fn new(
         kind: TransportKind,
-        own: KeyRange,
+        own: Vec<KeyRange>,
         vl: usize,
         elem: usize,
         state_len: usize,
@@ -659,10 +659,10 @@ impl ServerOneSided {
             BackendKind::Shm => "same host (boot id matches)".to_owned(),
             BackendKind::Rdma => "both ends have an RDMA device".to_owned(),
         };
-        if range.is_empty() || !self.own.covers(&range) {
+        if range.is_empty() || !self.own.iter().any(|o| o.covers(&range)) {
             return Err(format!(
-                "window {range} is not a non-empty part of this server's range {}",
-                self.own
+                "window {range} is not a non-empty part of one of this server's {} ranges",
+                self.own.len()
             ));
         }
         let bytes = (range.len() as u128) * (self.vl * self.elem) as u128;
@@ -1174,7 +1174,7 @@ mod tests {
     #[cfg(not(feature = "rdma"))]
     #[test]
     fn rdma_is_refused_clearly_without_the_feature() {
-        let e = ServerOneSided::new(TransportKind::Rdma, KeyRange::new(0, 10), 1, 4, 0)
+        let e = ServerOneSided::new(TransportKind::Rdma, vec![KeyRange::new(0, 10)], 1, 4, 0)
             .err()
             .expect("no rdma here")
             .to_string();
@@ -1186,12 +1186,12 @@ mod tests {
         if rdma_available().is_ok() {
             return; // a machine with a device offers rdma instead
         }
-        let s = ServerOneSided::new(TransportKind::Auto, KeyRange::new(0, 10), 1, 4, 0)
+        let s = ServerOneSided::new(TransportKind::Auto, vec![KeyRange::new(0, 10)], 1, 4, 0)
             .unwrap()
             .expect("auto offers a one-sided backend");
         assert_eq!(s.backend.kind(), BackendKind::Shm);
         assert!(
-            ServerOneSided::new(TransportKind::Tcp, KeyRange::new(0, 10), 1, 4, 0)
+            ServerOneSided::new(TransportKind::Tcp, vec![KeyRange::new(0, 10)], 1, 4, 0)
                 .unwrap()
                 .is_none()
         );

@@ -38,7 +38,7 @@ impl std::fmt::Display for Role {
 pub struct ServerInfo {
     /// Node id.
     pub id: u32,
-    /// Rank among servers; it owns `partition.range(rank)`.
+    /// Rank among servers; it owns `partition.ranges_of(rank)`.
     pub rank: u32,
     /// Where workers connect.
     pub addr: SocketAddr,
@@ -291,6 +291,9 @@ pub enum Status {
     NotReady = 5,
     /// The store refused (for example a dense block too large).
     StoreError = 6,
+    /// The request was routed with another epoch of the routing table than the server's
+    /// (a redirect: the worker must learn the current table and resend).
+    StaleEpoch = 7,
 }
 
 impl Status {
@@ -303,6 +306,7 @@ impl Status {
             4 => Status::WrongType,
             5 => Status::NotReady,
             6 => Status::StoreError,
+            7 => Status::StaleEpoch,
             _ => Status::BadRequest,
         }
     }

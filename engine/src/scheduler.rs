@@ -39,6 +39,22 @@ pub struct ClusterSpec {
     pub value_len: u32,
     /// The servers' default update function.
     pub update: UpdateSpec,
+    /// Virtual nodes per server on the consistent-hashing ring that routes keys
+    /// ([`crate::ring`]); 0 splits the key space evenly instead (one range per server).
+    pub vnodes: u32,
+}
+
+impl ClusterSpec {
+    /// The routing table this spec describes (epoch 1).
+    pub fn partition(&self) -> Partition {
+        let servers = self.servers as usize;
+        if self.vnodes == 0 {
+            Partition::even(servers)
+        } else {
+            let ids: Vec<u32> = (0..self.servers).collect();
+            Partition::from_ring(&crate::ring::Ring::new(&ids, self.vnodes), servers)
+        }
+    }
 }
 
 /// Something that happened at the scheduler.
@@ -156,7 +172,7 @@ impl SchedulerCore {
 
     /// The cluster as this scheduler sees it (what `pserv status` prints).
     pub fn status(&self) -> StatusReport {
-        let partition = Partition::even(self.spec.servers as usize);
+        let partition = self.spec.partition();
         let mut nodes: Vec<NodeStatus> = self
             .nodes
             .values()
@@ -180,15 +196,15 @@ impl SchedulerCore {
             .collect();
         nodes.sort_by_key(|n| (n.role == Role::Worker, n.rank));
         StatusReport {
-            epoch: 1,
+            epoch: partition.epoch(),
             replicas: 0,
             ranges: partition
                 .ranges()
                 .iter()
-                .enumerate()
-                .map(|(i, r)| RangeStatus {
+                .zip(partition.owners())
+                .map(|(r, &o)| RangeStatus {
                     range: *r,
-                    chain: vec![i as u32],
+                    chain: vec![o],
                 })
                 .collect(),
             nodes,
@@ -483,7 +499,7 @@ impl SchedulerCore {
         ClusterInfo {
             servers,
             workers: self.spec.workers,
-            partition: Partition::even(self.spec.servers as usize),
+            partition: self.spec.partition(),
             value_type: self.spec.value_type,
             value_len: self.spec.value_len,
             update: self.spec.update,
@@ -844,6 +860,7 @@ mod tests {
             value_type: ValueType::F32,
             value_len: 1,
             update: UpdateSpec::Sum,
+            vnodes: 0,
         }
     }
 

@@ -246,6 +246,8 @@ pub(crate) struct Ready {
     workers: u32,
     /// Worker clocks and the clocked requests waiting on them (bounded delay, P6).
     clocks: Mutex<ClockGate<Held>>,
+    /// The routing table: which keys this server serves, and its epoch.
+    partition: crate::keys::Partition,
     /// The one-sided window side (none over plain TCP).
     onesided: Option<Arc<ServerOneSided>>,
     /// Requests (pulls, and ordered pushes) the gate held, and their total wait in
@@ -633,6 +635,34 @@ fn serve<T: Value>(
     if kind == MessageKind::Control {
         return Err(bad("unexpected control message".into()));
     }
+    // Routed with this routing table? (Epoch 0: a client that does not route, such as a
+    // tool; it still must ask the right server.)
+    let table = &ready.partition;
+    if h.epoch != 0 && u64::from(h.epoch) != table.epoch() {
+        return Err(Refusal(
+            Status::StaleEpoch,
+            format!(
+                "request routed with routing-table epoch {}, this server is at epoch {}: \
+                 learn the current table and resend",
+                h.epoch,
+                table.epoch()
+            ),
+        ));
+    }
+    let me = ready.rank as usize;
+    let owned = match range {
+        Some(r) => table.owns(me, &r),
+        None => table.owns_keys(me, f.keys()),
+    };
+    if !owned {
+        return Err(Refusal(
+            Status::NotOwner,
+            format!(
+                "server {me} does not own all of these keys under epoch {}",
+                table.epoch()
+            ),
+        ));
+    }
     if let Some(w) = ready.onesided.as_ref().and_then(|o| o.window()) {
         let keys = f.keys();
         let (inside, touches) = match range {
@@ -785,7 +815,14 @@ impl Server {
             &cfg.rules,
             cfg.transport,
         )?;
-        tracing::info!(node_id, rank, range = %ready.range, %addr, "server ready");
+        tracing::info!(
+            node_id,
+            rank,
+            ranges = ready.partition.ranges_of(rank as usize).len(),
+            epoch = ready.partition.epoch(),
+            %addr,
+            "server ready"
+        );
         let _ = core.ready.set(ready);
         let notices = core.ready.get().and_then(|r| r.onesided.clone()).map(|os| {
             let core = core.clone();
@@ -911,7 +948,9 @@ fn make_ready(
     rules: &UserRules,
     transport: TransportKind,
 ) -> Result<Ready, EngineError> {
-    let range = cluster.partition.range(rank as usize);
+    // The store takes any key; which keys this server serves is the routing table's
+    // business (checked per request, with its epoch).
+    let range = KeyRange::FULL;
     // Enough state for the default rule and every user rule of the cluster's type.
     let user_state_len = match cluster.value_type {
         ValueType::F32 => rules.state_len_f32(),
@@ -925,7 +964,7 @@ fn make_ready(
     };
     let onesided = ServerOneSided::new(
         transport,
-        range,
+        cluster.partition.ranges_of(rank as usize),
         cluster.value_len as usize,
         match cluster.value_type {
             ValueType::F32 => 4,
@@ -953,6 +992,7 @@ fn make_ready(
         servers: cluster.servers.len() as u32,
         workers: cluster.workers,
         clocks: Mutex::new(ClockGate::new(range, cluster.workers as usize)),
+        partition: cluster.partition.clone(),
         held: (AtomicU64::new(0), AtomicU64::new(0)),
         onesided,
     })

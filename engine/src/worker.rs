@@ -168,26 +168,29 @@ impl<T: bytemuck::Pod + Send + Sync> From<&Vec<T>> for Shared<T> {
     }
 }
 
-/// Values returned by a pull: one segment per server, in key order, each still in the
-/// buffer it was received into (no copy until you ask for one).
+/// Values returned by a pull: one segment per answering server, each still in the buffer
+/// it was received into (no copy until you ask for one). A server that owns several
+/// ranges answers for all of its keys in one segment, so segments are in server order,
+/// not necessarily in key order: [`copy_to`](Self::copy_to) puts values back in key order.
 pub struct Pulled<T> {
-    parts: Vec<OwnedFrame>,
+    /// Each answer with the runs of the request's keys it holds, in its order.
+    parts: Vec<Answer>,
     _t: PhantomData<T>,
 }
 
 impl<T: Value> Pulled<T> {
-    /// The segments, in key order.
+    /// The segments, one per answer (see the type's doc for their order).
     pub fn segments(&self) -> impl Iterator<Item = &[T]> {
         self.parts
             .iter()
-            .map(|p| p.frame().values_as::<T>().expect("checked when received"))
+            .map(|(p, _)| p.frame().values_as::<T>().expect("checked when received"))
     }
 
-    /// The values as one slice, when they came from a single server.
+    /// The values as one slice in key order, when they came in one piece.
     pub fn as_slice(&self) -> Option<&[T]> {
-        match self.parts.len() {
-            0 => Some(&[]),
-            1 => self.segments().next(),
+        match self.parts.as_slice() {
+            [] => Some(&[]),
+            [(_, runs)] if runs.len() <= 1 => self.segments().next(),
             _ => None,
         }
     }
@@ -197,7 +200,7 @@ impl<T: Value> Pulled<T> {
     pub fn server_clock(&self) -> u64 {
         self.parts
             .iter()
-            .map(|p| p.header().clock)
+            .map(|(p, _)| p.header().clock)
             .min()
             .unwrap_or(0)
     }
@@ -212,7 +215,8 @@ impl<T: Value> Pulled<T> {
         self.len() == 0
     }
 
-    /// Copy the values into `out` (which must have exactly [`len`](Self::len) elements).
+    /// Copy the values into `out` in key order (which must have exactly
+    /// [`len`](Self::len) elements).
     ///
     /// # Panics
     /// If `out` has the wrong length.
@@ -222,20 +226,37 @@ impl<T: Value> Pulled<T> {
             self.len(),
             "pull destination has the wrong length"
         );
-        let mut at = 0;
-        for s in self.segments() {
-            out[at..at + s.len()].copy_from_slice(s);
-            at += s.len();
+        for ((frame, runs), seg) in self.parts.iter().zip(self.segments()) {
+            let keys: usize = runs.iter().map(|r| r.len()).sum();
+            if keys == 0 {
+                continue;
+            }
+            let vl = seg.len() / keys;
+            let mut at = 0;
+            for r in runs {
+                let n = r.len() * vl;
+                out[r.start * vl..r.start * vl + n].copy_from_slice(&seg[at..at + n]);
+                at += n;
+            }
+            debug_assert_eq!(
+                at,
+                seg.len(),
+                "answer {} sized for its runs",
+                frame.header().timestamp
+            );
         }
     }
 
-    /// The values in one new vector.
+    /// The values in one new vector, in key order.
     pub fn to_vec(&self) -> Vec<T> {
         let mut v = vec![T::default(); self.len()];
         self.copy_to(&mut v);
         v
     }
 }
+
+/// One server's answer to a task, with the runs of the request's keys it holds.
+type Answer = (OwnedFrame, Vec<std::ops::Range<usize>>);
 
 /// What a task expects from one server.
 struct Segment {
@@ -244,6 +265,9 @@ struct Segment {
     values: usize,
     answered: bool,
     part: Option<OwnedFrame>,
+    /// Where this segment's keys sit in the request's key order (index ranges, in the
+    /// order its answer holds them).
+    runs: Vec<std::ops::Range<usize>>,
 }
 
 struct TaskState {
@@ -957,6 +981,9 @@ impl Worker {
         h.dtype = T::DTYPE as u8;
         h.value_len = self.value_len() as u32;
         h.func = opts.func;
+        // The routing table this request was split with: a server at another epoch
+        // refuses it (StaleEpoch) instead of serving keys it may no longer own.
+        h.epoch = u32::try_from(self.cluster.partition.epoch()).unwrap_or(u32::MAX);
         let clock = self.clock();
         if clock > 0 {
             let model = opts.consistency.unwrap_or(self.consistency);
@@ -1010,39 +1037,57 @@ impl Worker {
                     )));
                 }
             }
-            let mut parts = self.cluster.partition.split_keys(k);
+            // Runs of keys by owner; one message per server (a server owning several
+            // runs gets them gathered into one key list, scattered back on answer).
+            let mut groups: std::collections::BTreeMap<usize, Vec<std::ops::Range<usize>>> =
+                std::collections::BTreeMap::new();
+            for (server, run) in self.cluster.partition.split_keys(k) {
+                groups.entry(server).or_default().push(run);
+            }
             if self.clocked_write(kind) {
                 // Every server learns this worker's clock, even where it has no keys.
-                let mut all = Vec::with_capacity(self.servers.len());
-                let mut it = parts.into_iter().peekable();
                 for s in 0..self.servers.len() {
-                    match it.peek() {
-                        Some((ps, _)) if *ps == s => all.push(it.next().expect("peeked")),
-                        _ => {
-                            let at = all
-                                .last()
-                                .map_or(0, |(_, r): &(usize, std::ops::Range<usize>)| r.end);
-                            all.push((s, at..at));
-                        }
-                    }
+                    groups.entry(s).or_default();
                 }
-                parts = all;
             }
-            let mut segments = Vec::with_capacity(parts.len());
-            let mut frames = Vec::with_capacity(parts.len());
-            for (server, idx) in parts {
+            let mut segments = Vec::with_capacity(groups.len());
+            let mut frames = Vec::with_capacity(groups.len());
+            for (server, runs) in groups {
+                let n: usize = runs.iter().map(|r| r.len()).sum();
+                let (kp, vals) = if runs.len() <= 1 {
+                    let idx = runs.first().cloned().unwrap_or(0..0);
+                    let vals = match &values {
+                        Some(v) => v.payload(idx.start * vlen..idx.end * vlen),
+                        None => Payload::empty(),
+                    };
+                    (keys.payload(idx), vals)
+                } else {
+                    let ks: Vec<Key> = runs
+                        .iter()
+                        .flat_map(|r| k[r.clone()].iter().copied())
+                        .collect();
+                    let vals = match &values {
+                        Some(v) => {
+                            let v = v.as_slice();
+                            let vs: Vec<T> = runs
+                                .iter()
+                                .flat_map(|r| v[r.start * vlen..r.end * vlen].iter().copied())
+                                .collect();
+                            Shared::from(vs).payload(0..n * vlen)
+                        }
+                        None => Payload::empty(),
+                    };
+                    (Shared::from(ks).payload(0..n), vals)
+                };
                 segments.push(Segment {
                     server: server as u32,
-                    values: idx.len() * vlen,
+                    values: n * vlen,
                     answered: false,
                     part: None,
+                    runs,
                 });
-                let vals = match &values {
-                    Some(v) => v.payload(idx.start * vlen..idx.end * vlen),
-                    None => Payload::empty(),
-                };
                 let h = self.header::<T>(kind, ts, opts);
-                frames.push((server as u32, OutFrame::new(h, keys.payload(idx), vals)));
+                frames.push((server as u32, OutFrame::new(h, kp, vals)));
             }
             Ok((segments, frames))
         })
@@ -1087,11 +1132,19 @@ impl Worker {
             let mut frames = Vec::with_capacity(parts.len());
             for (server, part) in parts {
                 let n = part.map_or(0, |p| p.len());
+                let runs = match part {
+                    Some(p) => {
+                        let at = (p.begin - range.begin) as usize;
+                        std::iter::once(at..at + p.len() as usize).collect()
+                    }
+                    None => Vec::new(),
+                };
                 segments.push(Segment {
                     server: server as u32,
                     values: (n * vlen) as usize,
                     answered: false,
                     part: None,
+                    runs,
                 });
                 let mut h = self.header::<T>(kind, ts, opts);
                 let frame = match part {
@@ -1130,7 +1183,7 @@ impl Worker {
         })
     }
 
-    fn collect(&self, ts: Timestamp) -> Result<Vec<OwnedFrame>, EngineError> {
+    fn collect(&self, ts: Timestamp) -> Result<Vec<Answer>, EngineError> {
         let Some(task) = self.core.tasks.lock().get(&ts).cloned() else {
             // Successful pushes are forgotten when they complete un-waited.
             return if ts < self.core.gate.lock().next_ts {
@@ -1171,7 +1224,7 @@ impl Worker {
         Ok(st
             .segments
             .iter_mut()
-            .filter_map(|s| s.part.take())
+            .filter_map(|s| s.part.take().map(|p| (p, std::mem::take(&mut s.runs))))
             .collect())
     }
 
