@@ -482,11 +482,11 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
                 }
             }
             let keys: Arc<Vec<u64>> = Arc::new(batch.unique_keys().to_vec());
-            if !windows.is_empty() {
+            let asked = Instant::now();
+            let server_clock = if !windows.is_empty() {
                 // Dense model: read every server's bucket range (one-sided where attached)
                 // and gather this minibatch's weights. Our previous push must be in first,
                 // as it is for a pull sent after it on the same connection.
-                let asked = Instant::now();
                 if let Some(ts) = previous_push.take() {
                     worker.wait(ts)?;
                 }
@@ -501,57 +501,30 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
                     let (w, at) = windows[i];
                     model[at + (k - w.begin) as usize]
                 }));
-                if let Some(t) = trace.as_mut() {
-                    use std::io::Write;
-                    let line = format!("{{\"clock\":{clock}}}\n");
-                    t.write_all(line.as_bytes())
-                        .map_err(|source| EngineError::Io {
-                            context: "writing the trace".into(),
-                            source,
-                        })?;
+                None
+            } else {
+                let pulled = worker.wait_pull::<f32>(worker.pull::<f32>(keys.clone()))?;
+                blocked += asked.elapsed();
+                // Requests to one server are answered in order, so the previous push is done.
+                if let Some(ts) = previous_push {
+                    worker.wait(ts)?;
                 }
-                let mut grad = vec![0.0f32; keys.len()];
-                gradient(batch, &weights, l2, &mut grad);
-                previous_push = Some(worker.push(keys, grad));
-                examples += batch.len() as u64;
-                unreported += batch.len() as u64;
-                step_count += 1;
-                if rank == 0 && job.eval_every > 0 && step_count.is_multiple_of(job.eval_every) {
-                    let eval = evaluate()?;
-                    note_eval(eval.logloss, started.elapsed().as_secs_f64(), &mut curve);
-                }
-                if reported_at.elapsed() >= PROGRESS_EVERY {
-                    worker.tell_scheduler(Control::Progress {
-                        done: unreported,
-                        total,
-                    })?;
-                    unreported = 0;
-                    reported_at = Instant::now();
-                }
-                continue;
-            }
-            let asked = Instant::now();
-            let pulled = worker.wait_pull::<f32>(worker.pull::<f32>(keys.clone()))?;
-            blocked += asked.elapsed();
+                weights.resize(keys.len(), 0.0);
+                pulled.copy_to(&mut weights);
+                Some(pulled.server_clock())
+            };
             if let Some(t) = trace.as_mut() {
                 use std::io::Write;
-                let line = format!(
-                    "{{\"clock\":{clock},\"server_clock\":{}}}\n",
-                    pulled.server_clock()
-                );
+                let line = match server_clock {
+                    Some(s) => format!("{{\"clock\":{clock},\"server_clock\":{s}}}\n"),
+                    None => format!("{{\"clock\":{clock}}}\n"),
+                };
                 t.write_all(line.as_bytes())
                     .map_err(|source| EngineError::Io {
                         context: "writing the trace".into(),
                         source,
                     })?;
             }
-            // Requests to one server are answered in order, so the previous push is done.
-            if let Some(ts) = previous_push {
-                worker.wait(ts)?;
-            }
-            weights.resize(keys.len(), 0.0);
-            pulled.copy_to(&mut weights);
-            drop(pulled);
             let mut grad = vec![0.0f32; keys.len()];
             gradient(batch, &weights, l2, &mut grad);
             previous_push = Some(worker.push(keys, grad));

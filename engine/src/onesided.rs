@@ -238,6 +238,35 @@ impl Backend {
         }
     }
 
+    /// The backend `kind` asks for: none for tcp; for auto, rdma where a device is found,
+    /// else shm (both ends then settle on what they share, see `ServerOneSided::grant`);
+    /// `rdma` without a device is a configuration error.
+    pub(crate) fn for_transport(kind: TransportKind) -> Result<Option<Backend>, EngineError> {
+        let b = match kind {
+            TransportKind::Tcp => return Ok(None),
+            TransportKind::Shm => Backend::open(BackendKind::Shm)?,
+            TransportKind::Rdma => match rdma_available() {
+                Ok(_) => Backend::open(BackendKind::Rdma)?,
+                Err(why) => {
+                    return Err(EngineError::Config(format!(
+                        "--transport rdma: {why}; use --transport auto, shm or tcp"
+                    )))
+                }
+            },
+            TransportKind::Auto => match rdma_available() {
+                Ok(devs) => {
+                    tracing::info!(?devs, "transport auto: RDMA devices found, offering rdma");
+                    Backend::open(BackendKind::Rdma)?
+                }
+                Err(why) => {
+                    tracing::info!(%why, "transport auto: no rdma; shm on this host, tcp to other hosts");
+                    Backend::open(BackendKind::Shm)?
+                }
+            },
+        };
+        Ok(Some(b))
+    }
+
     pub(crate) fn kind(&self) -> BackendKind {
         match self {
             Backend::Shm(_) => BackendKind::Shm,
@@ -591,27 +620,8 @@ impl ServerOneSided {
         elem: usize,
         state_len: usize,
     ) -> Result<Option<ServerOneSided>, EngineError> {
-        let backend = match kind {
-            TransportKind::Tcp => return Ok(None),
-            TransportKind::Shm => Backend::open(BackendKind::Shm)?,
-            TransportKind::Rdma => match rdma_available() {
-                Ok(_) => Backend::open(BackendKind::Rdma)?,
-                Err(why) => {
-                    return Err(EngineError::Config(format!(
-                        "--transport rdma: {why}; use --transport auto, shm or tcp"
-                    )))
-                }
-            },
-            TransportKind::Auto => match rdma_available() {
-                Ok(devs) => {
-                    tracing::info!(?devs, "transport auto: RDMA devices found, offering rdma");
-                    Backend::open(BackendKind::Rdma)?
-                }
-                Err(why) => {
-                    tracing::info!(%why, "transport auto: no rdma; offering shm to workers on this host, tcp to the others");
-                    Backend::open(BackendKind::Shm)?
-                }
-            },
+        let Some(backend) = Backend::for_transport(kind)? else {
+            return Ok(None);
         };
         Ok(Some(ServerOneSided {
             backend,
@@ -873,21 +883,8 @@ pub(crate) struct ClientOneSided {
 impl ClientOneSided {
     /// The worker's backends for `kind` (what it offers servers), or none for tcp.
     pub(crate) fn new(kind: TransportKind) -> Result<Option<ClientOneSided>, EngineError> {
-        let backend = match kind {
-            TransportKind::Tcp => return Ok(None),
-            TransportKind::Shm => Backend::open(BackendKind::Shm)?,
-            TransportKind::Rdma => match rdma_available() {
-                Ok(_) => Backend::open(BackendKind::Rdma)?,
-                Err(why) => {
-                    return Err(EngineError::Config(format!(
-                        "--transport rdma: {why}; use --transport auto, shm or tcp"
-                    )))
-                }
-            },
-            TransportKind::Auto => match rdma_available() {
-                Ok(_) => Backend::open(BackendKind::Rdma)?,
-                Err(_) => Backend::open(BackendKind::Shm)?,
-            },
+        let Some(backend) = Backend::for_transport(kind)? else {
+            return Ok(None);
         };
         Ok(Some(ClientOneSided {
             backend,
