@@ -488,6 +488,37 @@ pub trait OneSided {
     fn wait_notice(&self, timeout: Duration) -> Result<Option<Notice>>;
 }
 
+/// A conformance check every backend's tests run: a peer reads the owner's region into
+/// its own registered buffer, writes a buffer back with a notice, and the owner sees the
+/// bytes after the notice. Returns the owner's region, the attached remote and the
+/// peer's buffer for further checks.
+#[cfg(test)]
+pub(crate) fn check_read_write_notify<B: OneSided>(
+    owner: &B,
+    peer: &B,
+    peer_to_owner: &B::Peer,
+) -> (B::Local, B::Remote, B::Local) {
+    let store = owner.register(10_000).unwrap();
+    store.copy_in(9_000, b"weights");
+    let desc = RegionDesc::decode(&owner.describe(&store).encode()).unwrap();
+    let remote = peer.attach(peer_to_owner, &desc).unwrap();
+    assert_eq!(peer.remote_len(&remote), 10_000);
+    let mut buf = peer.register(4096).unwrap();
+    peer.read(&remote, 9_000, &mut buf, 100, 7).unwrap();
+    let mut out = [0u8; 7];
+    buf.copy_out(100, &mut out);
+    assert_eq!(&out, b"weights");
+
+    buf.copy_in(0, b"gradient");
+    peer.write_notify(&remote, 0, &buf, 0, 8, 77).unwrap();
+    let n = owner.wait_notice(Duration::from_secs(5)).unwrap().unwrap();
+    assert_eq!(n.imm, 77);
+    let mut got = [0u8; 8];
+    store.copy_out(0, &mut got);
+    assert_eq!(&got, b"gradient");
+    (store, remote, buf)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

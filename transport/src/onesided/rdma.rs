@@ -897,24 +897,7 @@ mod tests {
     #[ignore = "needs an RDMA device: set PSERV_RDMA_DEVICE and pass --ignored"]
     fn rdma_read_write_notify_between_two_backends() {
         let (owner, peer, _o2p, p2o) = pair();
-        let store = owner.register(10_000).unwrap();
-        store.copy_in(9_000, b"weights");
-        let desc = RegionDesc::decode(&owner.describe(&store).encode()).unwrap();
-        let remote = peer.attach(&p2o, &desc).unwrap();
-        assert_eq!(peer.remote_len(&remote), 10_000);
-        let mut buf = peer.register(4096).unwrap();
-        peer.read(&remote, 9_000, &mut buf, 100, 7).unwrap();
-        let mut out = [0u8; 7];
-        buf.copy_out(100, &mut out);
-        assert_eq!(&out, b"weights");
-
-        buf.copy_in(0, b"gradient");
-        peer.write_notify(&remote, 0, &buf, 0, 8, 77).unwrap();
-        let n = owner.wait_notice(Duration::from_secs(5)).unwrap().unwrap();
-        assert_eq!(n.imm, 77);
-        let mut got = [0u8; 8];
-        store.copy_out(0, &mut got);
-        assert_eq!(&got, b"gradient");
+        let (_store, remote, mut buf) = super::super::check_read_write_notify(&owner, &peer, &p2o);
         peer.notify(&remote, 78).unwrap();
         assert_eq!(
             owner
