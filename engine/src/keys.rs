@@ -81,6 +81,10 @@ pub struct Partition {
     ranges: Vec<KeyRange>,
     /// The server owning each range.
     owners: Vec<u32>,
+    /// The replicas of each range after its owner, in chain order (head, then these; the
+    /// last is the tail). Empty lists without replication.
+    #[serde(default)]
+    followers: Vec<Vec<u32>>,
     servers: usize,
     epoch: u64,
 }
@@ -101,6 +105,7 @@ impl Partition {
             })
             .collect();
         let p = Partition {
+            followers: vec![Vec::new(); servers],
             ranges,
             owners: (0..servers as u32).collect(),
             servers,
@@ -116,25 +121,42 @@ impl Partition {
     /// # Panics
     /// If a ring server is not below `servers`.
     pub fn from_ring(ring: &crate::ring::Ring, servers: usize) -> Self {
+        Self::from_ring_chains(ring, servers, 0)
+    }
+
+    /// The chains of a consistent-hashing ring for `replicas` replicas after each head
+    /// (fewer where the ring has fewer servers): neighbours with the same whole chain
+    /// merged.
+    ///
+    /// # Panics
+    /// If a ring server is not below `servers`.
+    pub fn from_ring_chains(ring: &crate::ring::Ring, servers: usize, replicas: usize) -> Self {
         let mut ranges: Vec<KeyRange> = Vec::new();
         let mut owners: Vec<u32> = Vec::new();
-        for (r, chain) in ring.ranges(0) {
+        let mut followers: Vec<Vec<u32>> = Vec::new();
+        for (r, chain) in ring.ranges(replicas) {
             let owner = chain[0];
             assert!(
-                (owner as usize) < servers,
-                "ring server {owner} out of range"
+                chain.iter().all(|&s| (s as usize) < servers),
+                "ring server in {chain:?} out of range"
             );
-            match (ranges.last_mut(), owners.last()) {
-                (Some(last), Some(&o)) if o == owner && last.end == r.begin => last.end = r.end,
+            match (ranges.last_mut(), owners.last(), followers.last()) {
+                (Some(last), Some(&o), Some(f))
+                    if o == owner && last.end == r.begin && f[..] == chain[1..] =>
+                {
+                    last.end = r.end
+                }
                 _ => {
                     ranges.push(r);
                     owners.push(owner);
+                    followers.push(chain[1..].to_vec());
                 }
             }
         }
         let p = Partition {
             ranges,
             owners,
+            followers,
             servers,
             epoch: ring.epoch(),
         };
@@ -148,6 +170,7 @@ impl Partition {
         let n = ranges.len();
         let p = Partition {
             owners: (0..n as u32).collect(),
+            followers: vec![Vec::new(); n],
             ranges,
             servers: n,
             epoch: 1,
@@ -158,6 +181,12 @@ impl Partition {
     fn is_valid(&self) -> bool {
         !self.ranges.is_empty()
             && self.ranges.len() == self.owners.len()
+            && self.followers.len() == self.owners.len()
+            && self
+                .followers
+                .iter()
+                .zip(&self.owners)
+                .all(|(f, o)| f.iter().all(|s| s != o && (*s as usize) < self.servers))
             && self.ranges[0].begin == 0
             && self.ranges.last().is_some_and(|r| r.end == KEY_END)
             && self.ranges.windows(2).all(|w| w[0].end == w[1].begin)
@@ -216,6 +245,30 @@ impl Partition {
     /// The owner of each range of [`ranges`](Self::ranges).
     pub fn owners(&self) -> &[u32] {
         &self.owners
+    }
+
+    /// The replicas of each range of [`ranges`](Self::ranges) after its owner, in chain
+    /// order (empty without replication).
+    pub fn followers(&self) -> &[Vec<u32>] {
+        &self.followers
+    }
+
+    /// The index into [`ranges`](Self::ranges) of the range holding `key`.
+    pub fn index_of(&self, key: Key) -> usize {
+        self.ranges.partition_point(|r| r.end <= key)
+    }
+
+    /// The longest chain of any range, less its head: the replication factor in effect.
+    pub fn replicas(&self) -> usize {
+        self.followers.iter().map(Vec::len).max().unwrap_or(0)
+    }
+
+    /// The chain holding `key`: owner first, then its replicas.
+    pub fn chain_of(&self, key: Key) -> Vec<u32> {
+        let i = self.index_of(key);
+        let mut c = vec![self.owners[i]];
+        c.extend_from_slice(&self.followers[i]);
+        c
     }
 
     /// The server owning `key`.
@@ -280,6 +333,39 @@ impl Partition {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn ring_chains_match_the_ring_for_every_key() {
+        let ring = crate::ring::Ring::new(&[0, 1, 2, 3], 16);
+        for k in [0usize, 1, 2, 5] {
+            let p = Partition::from_ring_chains(&ring, 4, k);
+            assert_eq!(p.replicas(), k.min(3));
+            for w in p.ranges().windows(2) {
+                assert_eq!(w[0].end, w[1].begin);
+            }
+            for (i, r) in p.ranges().iter().enumerate() {
+                for key in [r.begin, r.begin + r.len() / 2, r.end - 1] {
+                    assert_eq!(p.chain_of(key), ring.chain(key, k), "key {key:#x}, k {k}");
+                    assert_eq!(p.index_of(key), i);
+                }
+                if i > 0 {
+                    // Neighbours are merged unless their chains differ.
+                    assert!(p.chain_of(r.begin) != p.chain_of(r.begin - 1));
+                }
+            }
+        }
+        // Removing a server: its ranges pass to the next server of their chains.
+        let after = ring.remove_server(2);
+        let p1 = Partition::from_ring_chains(&ring, 4, 1);
+        let p2 = Partition::from_ring_chains(&after, 4, 1);
+        assert!(p2.epoch() > p1.epoch());
+        for r in p1.ranges() {
+            let c = p1.chain_of(r.begin);
+            if c[0] == 2 {
+                assert_eq!(p2.server_of(r.begin) as u32, c[1]);
+            }
+        }
+    }
 
     #[test]
     fn even_split_covers_the_key_space() {

@@ -224,6 +224,105 @@ pub enum Control {
         /// Why.
         reason: String,
     },
+    /// Scheduler to servers and workers: the routing table changed (a server failed,
+    /// joined or left). Nodes at an older epoch install it; requests routed with the old
+    /// table are refused with [`Status::StaleEpoch`] and resent by the workers.
+    Table {
+        /// The new routing table, with its chains and epoch.
+        partition: Partition,
+    },
+    /// Server to server: the values a chain's head replicates down the chain (chain
+    /// replication after aggregation, MISSION.md P10).
+    Replicate {
+        /// The batch.
+        batch: Box<ReplicaBatch>,
+    },
+    /// Tail to head: every replica of the chain installed batch `seq` of the head.
+    ReplicaAck {
+        /// The head's batch number.
+        seq: u64,
+    },
+}
+
+/// A push whose effect a replication batch carries, for exactly-once retries: a worker
+/// that resends it after a failover finds it applied on the new head.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushRecord {
+    /// The worker's node id.
+    pub sender: u32,
+    /// The push's task timestamp.
+    pub ts: u64,
+    /// The key ranges of the head the push touched (the routing table's ranges).
+    pub ranges: Vec<crate::keys::KeyRange>,
+}
+
+/// Values of keys after the head applied some pushes: weights and the update function's
+/// state, which the replica installs as they are (values, not gradients: installing
+/// twice changes nothing).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ReplicaPart {
+    /// Sorted keys, `keys.len() * value_len` weights and `* state_len` more of state.
+    Keys {
+        /// The keys, as little-endian u64s.
+        #[serde(with = "serde_bytes")]
+        keys: Vec<u8>,
+        /// Their weights.
+        #[serde(with = "serde_bytes")]
+        weights: Vec<u8>,
+        /// Their state.
+        #[serde(with = "serde_bytes")]
+        state: Vec<u8>,
+    },
+    /// Every key of a range (dense).
+    Range {
+        /// The keys.
+        range: crate::keys::KeyRange,
+        /// Their weights.
+        #[serde(with = "serde_bytes")]
+        weights: Vec<u8>,
+        /// Their state.
+        #[serde(with = "serde_bytes")]
+        state: Vec<u8>,
+    },
+}
+
+/// One replication message down a chain.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaBatch {
+    /// Rank of the head that made it.
+    pub origin: u32,
+    /// The head's batch number (acknowledged by the tail).
+    pub seq: u64,
+    /// The routing-table epoch the head made it under.
+    pub epoch: u64,
+    /// Ranks still to receive it after the one it is sent to (empty: that one is the tail).
+    pub rest: Vec<u32>,
+    /// The pushes whose effects it carries.
+    pub pushes: Vec<PushRecord>,
+    /// The values.
+    pub parts: Vec<ReplicaPart>,
+}
+
+/// Bits of a request header's `timestamp` that hold the worker's task timestamp; the
+/// bits above hold the index of the task's segment the request carries (a task split over
+/// several servers, and resent after a failover, has one segment per request, and the
+/// answer names its segment). Servers identify a push by (sender, [`task_of`]).
+pub const TASK_BITS: u32 = 48;
+
+/// The task timestamp of a request's `timestamp` field.
+pub fn task_of(timestamp: u64) -> u64 {
+    timestamp & ((1 << TASK_BITS) - 1)
+}
+
+/// The segment index of a request's `timestamp` field.
+pub fn segment_of(timestamp: u64) -> usize {
+    (timestamp >> TASK_BITS) as usize
+}
+
+/// The `timestamp` field of segment `segment` (below 2^16) of task `ts`.
+pub fn request_timestamp(ts: u64, segment: usize) -> u64 {
+    debug_assert!(ts < 1 << TASK_BITS && segment < 1 << (64 - TASK_BITS));
+    ts | ((segment as u64) << TASK_BITS)
 }
 
 /// How often servers send [`Control::Heartbeat`].
