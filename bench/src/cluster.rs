@@ -173,6 +173,7 @@ pub fn scheduler_main(args: &SchedulerArgs) -> Result<(), BenchError> {
             update: UpdateSpec::Sum,
             // The bench lays its dense ranges out per server: an even split.
             vnodes: 0,
+            replicas: 0,
         },
         tcp: args.loops.tcp(),
         port_file: Some(args.port_file.clone()),

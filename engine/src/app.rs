@@ -54,6 +54,15 @@ enum Cmd {
         /// At the end, every server writes its part of the model to DIR/model-RANK.bin.
         #[arg(long, env = "PSERV_DUMP_MODEL")]
         dump_model: Option<std::path::PathBuf>,
+        /// SIGKILL one server this many seconds after the workers started (the failure
+        /// path: with --replicas its ranges pass to their replicas and training goes on).
+        #[arg(long)]
+        kill_server_after: Option<f64>,
+        /// Which server --kill-server-after kills (default: the last).
+        #[arg(long)]
+        kill_server: Option<u32>,
+        #[command(flatten)]
+        repl: ReplArgs,
     },
     /// Run the scheduler.
     Scheduler {
@@ -110,6 +119,8 @@ enum Cmd {
         dump_model: Option<std::path::PathBuf>,
         #[command(flatten)]
         net: NetArgs,
+        #[command(flatten)]
+        repl: ReplArgs,
     },
     /// Run a worker training sparse logistic regression.
     Worker {
@@ -169,6 +180,9 @@ fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> {
             update,
             timeout_secs,
             dump_model,
+            kill_server_after,
+            kill_server,
+            repl,
         } => {
             net.tcp()?;
             job.check()?;
@@ -191,6 +205,7 @@ fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> {
                 format!("--value-len={}", cluster.value_len),
                 format!("--vnodes={}", cluster.vnodes),
                 format!("--update={update}"),
+                format!("--replicas={}", cluster.spec(update)?.replicas),
                 "--progress".into(),
             ];
             scheduler_args.extend(net.to_args());
@@ -200,6 +215,7 @@ fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> {
                 scheduler_args,
                 server_args: [
                     net.to_args(),
+                    repl.to_args(),
                     dump_model
                         .iter()
                         .map(|d| format!("--dump-model={}", d.display()))
@@ -211,6 +227,24 @@ fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> {
                 workers: cluster.workers,
                 summary_json: output.summary_json.clone(),
                 timeout: Duration::from_secs(timeout_secs),
+                kill_server: match kill_server_after {
+                    Some(secs) if secs.is_finite() && secs >= 0.0 => {
+                        let rank = kill_server.unwrap_or(cluster.servers - 1);
+                        if rank >= cluster.servers {
+                            return Err(EngineError::Config(format!(
+                                "--kill-server {rank}: there are {} servers",
+                                cluster.servers
+                            )));
+                        }
+                        Some((rank, Duration::from_secs_f64(secs)))
+                    }
+                    Some(secs) => {
+                        return Err(EngineError::Config(format!(
+                            "--kill-server-after {secs}: expected seconds, 0 or more"
+                        )))
+                    }
+                    None => None,
+                },
             };
             let summary = run_local(&plan)?;
             println!(
@@ -261,8 +295,10 @@ fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> {
             shards,
             dump_model,
             net,
+            repl,
         } => {
             let mut cfg = ServerConfig::new(sched.scheduler);
+            cfg.replication = repl.config();
             cfg.listen = listen;
             cfg.rank = rank;
             cfg.shards = shards.max(1);
@@ -288,5 +324,35 @@ fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> {
             let worker = Worker::connect(cfg)?;
             crate::job::run_lr_worker(worker, &job)
         }
+    }
+}
+
+/// How a chain's head batches replication (replication after aggregation).
+#[derive(clap::Args, Clone, Debug)]
+pub struct ReplArgs {
+    /// Send a replication batch once it holds this many pushes (1: no aggregation).
+    #[arg(long, env = "PSERV_REPLICATION_BATCH", default_value_t = 32)]
+    pub replication_batch: usize,
+    /// Send a replication batch once its oldest push waited this many microseconds
+    /// (0: at once, no aggregation).
+    #[arg(long, env = "PSERV_REPLICATION_WINDOW_US", default_value_t = 200)]
+    pub replication_window_us: u64,
+}
+
+impl ReplArgs {
+    /// The server's replication settings.
+    pub fn config(&self) -> crate::replicate::ReplicationConfig {
+        crate::replicate::ReplicationConfig {
+            max_pushes: self.replication_batch.max(1),
+            window: Duration::from_micros(self.replication_window_us),
+        }
+    }
+
+    /// The same flags for a server command line.
+    pub fn to_args(&self) -> Vec<String> {
+        vec![
+            format!("--replication-batch={}", self.replication_batch),
+            format!("--replication-window-us={}", self.replication_window_us),
+        ]
     }
 }

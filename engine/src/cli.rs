@@ -89,6 +89,11 @@ pub struct ClusterArgs {
     /// even split of the key space, one range per server).
     #[arg(long, env = "PSERV_VNODES", default_value_t = 64)]
     pub vnodes: u32,
+    /// Replicas of every key range after its head (chain replication; a failed server's
+    /// ranges pass to their replicas). Default: 1 with two or more servers on the ring,
+    /// else 0.
+    #[arg(long, env = "PSERV_REPLICAS")]
+    pub replicas: Option<u32>,
 }
 
 impl ClusterArgs {
@@ -102,14 +107,19 @@ impl ClusterArgs {
         if self.value_len == 0 {
             return Err(EngineError::Config("--value-len must be at least 1".into()));
         }
-        Ok(ClusterSpec {
+        let spec = ClusterSpec {
             servers: self.servers,
             workers: self.workers,
             value_type: self.value_type,
             value_len: self.value_len,
             update,
             vnodes: self.vnodes,
-        })
+            replicas: self
+                .replicas
+                .unwrap_or(u32::from(self.servers >= 2 && self.vnodes > 0)),
+        };
+        spec.validate().map_err(EngineError::Config)?;
+        Ok(spec)
     }
 }
 

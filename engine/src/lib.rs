@@ -34,6 +34,7 @@ pub mod lr;
 pub mod manager;
 pub mod onesided;
 pub mod proto;
+pub mod replicate;
 pub mod ring;
 pub mod scheduler;
 pub mod server;

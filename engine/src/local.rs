@@ -34,6 +34,9 @@ pub struct LocalPlan {
     pub summary_json: Option<PathBuf>,
     /// Kill everything after this long.
     pub timeout: Duration,
+    /// SIGKILL server `rank` this long after the workers started (`--kill-server-after`):
+    /// the failure path on one machine. Its death does not fail the run.
+    pub kill_server: Option<(u32, Duration)>,
 }
 
 struct Proc {
@@ -128,6 +131,7 @@ fn run_in(plan: &LocalPlan, dir: &Path) -> Result<serde_json::Value, EngineError
         a.extend(plan.server_args.iter().cloned());
         procs.0.push(spawn(plan, format!("server {rank}"), a)?);
     }
+    let workers_started = Instant::now();
     for rank in 0..plan.workers {
         let mut a = vec![
             "worker".to_string(),
@@ -138,7 +142,27 @@ fn run_in(plan: &LocalPlan, dir: &Path) -> Result<serde_json::Value, EngineError
         procs.0.push(spawn(plan, format!("worker {rank}"), a)?);
     }
     // Wait for every process to exit successfully.
+    let mut kill = plan.kill_server;
     while procs.0.iter().any(|p| p.status.is_none()) {
+        if let Some((rank, after)) = kill {
+            if workers_started.elapsed() >= after {
+                kill = None;
+                let name = format!("server {rank}");
+                if let Some(p) = procs.0.iter_mut().find(|p| p.name == name) {
+                    if p.status.is_none() {
+                        let pid = p.child.id();
+                        let _ = p.child.kill();
+                        if let Ok(st) = p.child.wait() {
+                            p.status = Some(st);
+                        }
+                        eprintln!(
+                            "pserv local: killed server {rank} (pid {pid}) with SIGKILL {:.2} s after the workers started",
+                            after.as_secs_f64()
+                        );
+                    }
+                }
+            }
+        }
         check(&mut procs, deadline)?;
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -124,6 +124,15 @@ pub struct ServerStats {
     /// Total seconds the held requests waited in the clock gate.
     #[serde(default)]
     pub held_pull_seconds: f64,
+    /// Replication batches this server sent as a chain's head.
+    #[serde(default)]
+    pub replica_batches: u64,
+    /// Pushes those batches carried (pushes per batch: the aggregation's saving).
+    #[serde(default)]
+    pub replica_pushes: u64,
+    /// Value bytes (weights and state) those batches carried.
+    #[serde(default)]
+    pub replica_bytes: u64,
 }
 
 /// Control-plane messages.

@@ -42,18 +42,41 @@ pub struct ClusterSpec {
     /// Virtual nodes per server on the consistent-hashing ring that routes keys
     /// ([`crate::ring`]); 0 splits the key space evenly instead (one range per server).
     pub vnodes: u32,
+    /// Replicas of every range after its head (chain replication, MISSION.md P10); needs
+    /// the ring (`vnodes > 0`). With replicas, a server that fails is taken off the ring
+    /// and its ranges pass to their replicas.
+    pub replicas: u32,
 }
 
 impl ClusterSpec {
     /// The routing table this spec describes (epoch 1).
     pub fn partition(&self) -> Partition {
         let servers = self.servers as usize;
-        if self.vnodes == 0 {
-            Partition::even(servers)
-        } else {
-            let ids: Vec<u32> = (0..self.servers).collect();
-            Partition::from_ring(&crate::ring::Ring::new(&ids, self.vnodes), servers)
+        match self.ring() {
+            None => Partition::even(servers),
+            Some(ring) => Partition::from_ring_chains(&ring, servers, self.replicas as usize),
         }
+    }
+
+    /// The ring of this spec (none for the even split).
+    pub fn ring(&self) -> Option<crate::ring::Ring> {
+        let ids: Vec<u32> = (0..self.servers).collect();
+        (self.vnodes > 0).then(|| crate::ring::Ring::new(&ids, self.vnodes))
+    }
+
+    /// Check the settings fit together.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.replicas > 0 && self.vnodes == 0 {
+            return Err("--replicas needs the consistent-hashing ring (--vnodes above 0)".into());
+        }
+        if self.replicas >= self.servers && self.replicas > 0 {
+            return Err(format!(
+                "--replicas {} needs at least {} servers (a chain holds distinct servers)",
+                self.replicas,
+                self.replicas + 1
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -138,6 +161,12 @@ pub struct SchedulerCore {
     pub server_stats: Vec<ServerStats>,
     now_ms: u64,
     heartbeat_timeout_ms: u64,
+    /// The ring as it is now (servers that failed taken off), if the cluster uses one.
+    ring: Option<crate::ring::Ring>,
+    /// The routing table as it is now.
+    table: Partition,
+    /// Servers taken off the ring: (rank, when, in `now_ms` time).
+    pub failovers: Vec<(u32, u64)>,
 }
 
 impl SchedulerCore {
@@ -148,6 +177,9 @@ impl SchedulerCore {
             "a cluster needs servers and workers"
         );
         SchedulerCore {
+            ring: spec.ring(),
+            table: spec.partition(),
+            failovers: Vec::new(),
             spec,
             nodes: HashMap::new(),
             servers_welcomed: false,
@@ -172,7 +204,7 @@ impl SchedulerCore {
 
     /// The cluster as this scheduler sees it (what `pserv status` prints).
     pub fn status(&self) -> StatusReport {
-        let partition = self.spec.partition();
+        let partition = &self.table;
         let mut nodes: Vec<NodeStatus> = self
             .nodes
             .values()
@@ -197,14 +229,15 @@ impl SchedulerCore {
         nodes.sort_by_key(|n| (n.role == Role::Worker, n.rank));
         StatusReport {
             epoch: partition.epoch(),
-            replicas: 0,
+            replicas: self.spec.replicas,
             ranges: partition
                 .ranges()
                 .iter()
                 .zip(partition.owners())
-                .map(|(r, &o)| RangeStatus {
+                .zip(partition.followers())
+                .map(|((r, &o), f)| RangeStatus {
                     range: *r,
-                    chain: vec![o],
+                    chain: std::iter::once(o).chain(f.iter().copied()).collect(),
                 })
                 .collect(),
             nodes,
@@ -223,15 +256,20 @@ impl SchedulerCore {
             return;
         }
         let (now, limit) = (self.now_ms, self.heartbeat_timeout_ms);
+        let mut died = Vec::new();
         for n in self.nodes.values_mut() {
             if n.role == Role::Server && !n.gone && !n.dead && now - n.seen_ms > limit {
                 n.dead = true;
+                died.push(n.rank);
                 out.push(Output::Log(format!(
                     "server {} sent no heartbeat for {} ms: presumed dead",
                     n.rank,
                     now - n.seen_ms
                 )));
             }
+        }
+        for rank in died {
+            self.fail_server(rank, out);
         }
     }
 
@@ -499,7 +537,7 @@ impl SchedulerCore {
         ClusterInfo {
             servers,
             workers: self.spec.workers,
-            partition: self.spec.partition(),
+            partition: self.table.clone(),
             value_type: self.spec.value_type,
             value_len: self.spec.value_len,
             update: self.spec.update,
@@ -588,15 +626,64 @@ impl SchedulerCore {
         }
         match role {
             Role::Worker if !done => {
-                out.push(Output::Log(format!("worker {rank} disconnected before finishing; its shard is skipped")));
+                out.push(Output::Log(format!(
+                    "worker {rank} disconnected before finishing; its shard is skipped"
+                )));
                 self.release_barriers(out);
                 self.maybe_finish(out);
             }
-            Role::Server => out.push(Output::Log(format!(
-                "server {rank} disconnected; its key range is unavailable (replication comes with the control plane)"
-            ))),
+            Role::Server => self.fail_server(rank, out),
             _ => {}
         }
+    }
+
+    /// Server `rank` failed (its connection closed, or it missed heartbeats). With
+    /// replicas, take it off the ring: its ranges pass to the next servers of their chains
+    /// (which hold every acknowledged push), a new epoch of the routing table goes to every
+    /// node, and the heads copy ranges to the replicas new in their chains. Without
+    /// replicas its ranges are lost: said so.
+    fn fail_server(&mut self, rank: u32, out: &mut Vec<Output>) {
+        let Some(ring) = self.ring.as_ref().filter(|r| r.has_server(rank)) else {
+            return;
+        };
+        if self.spec.replicas == 0 || ring.servers().len() < 2 {
+            out.push(Output::Log(format!(
+                "server {rank} failed; without replicas (--replicas 0) its key ranges are unavailable"
+            )));
+            return;
+        }
+        let ring = ring.remove_server(rank);
+        self.table = Partition::from_ring_chains(
+            &ring,
+            self.spec.servers as usize,
+            self.spec.replicas as usize,
+        );
+        self.ring = Some(ring);
+        self.failovers.push((rank, self.now_ms));
+        out.push(Output::Log(format!(
+            "server {rank} failed: routing table epoch {} moves its ranges to their replicas",
+            self.table.epoch()
+        )));
+        let mut targets: Vec<ConnKey> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| !n.gone)
+            .map(|(c, _)| *c)
+            .collect();
+        targets.sort_unstable();
+        for conn in targets {
+            out.push(Output::Send {
+                conn,
+                msg: Control::Table {
+                    partition: self.table.clone(),
+                },
+            });
+        }
+    }
+
+    /// The routing table as it is now.
+    pub fn table(&self) -> &Partition {
+        &self.table
     }
 
     fn maybe_finish(&mut self, out: &mut Vec<Output>) {
@@ -845,7 +932,14 @@ fn merge_summary(core: &SchedulerCore, seconds: f64) -> serde_json::Value {
         let held_s: f64 = core.server_stats.iter().map(|s| s.held_pull_seconds).sum();
         obj.insert("gate_held_pulls".into(), held.into());
         obj.insert("gate_held_seconds".into(), held_s.into());
+        let batches: u64 = core.server_stats.iter().map(|s| s.replica_batches).sum();
+        let pushes: u64 = core.server_stats.iter().map(|s| s.replica_pushes).sum();
+        let bytes: u64 = core.server_stats.iter().map(|s| s.replica_bytes).sum();
+        obj.insert("replica_batches".into(), batches.into());
+        obj.insert("replica_pushes".into(), pushes.into());
+        obj.insert("replica_bytes".into(), bytes.into());
     }
+    obj.insert("failovers".into(), (core.failovers.len() as u64).into());
     serde_json::Value::Object(obj)
 }
 
@@ -861,6 +955,7 @@ mod tests {
             value_len: 1,
             update: UpdateSpec::Sum,
             vnodes: 0,
+            replicas: 0,
         }
     }
 

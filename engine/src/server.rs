@@ -14,11 +14,12 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crossbeam_channel::RecvTimeoutError;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use crossbeam_channel::Sender;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use pserv_transport::wire::{MessageKind, FLAG_ORDERED, FLAG_RESPONSE};
 use pserv_transport::{
@@ -28,9 +29,10 @@ use pserv_transport::{
 
 use crate::clock::{Action, ClockGate};
 use crate::error::EngineError;
-use crate::keys::KeyRange;
+use crate::keys::{KeyRange, Partition};
 use crate::onesided::{ServerOneSided, TransportKind, Window};
 use crate::proto::{self, ClusterInfo, Control, Role, ServerStats, Status, ValueType};
+use crate::replicate::{EntryStore, KeysRef, ReplicationConfig, Replicator};
 use crate::store::{Store, StoreConfig, StoreError};
 use crate::update::{from_fn, Sum, UpdateFn, UpdateRegistry, ID_FIRST_USER};
 use crate::value::Value;
@@ -61,6 +63,9 @@ pub struct ServerConfig {
     /// The data path offered for a dense one-sided window (see [`crate::onesided`]):
     /// tcp (none), shm, rdma, or auto (rdma where a device is found, else shm).
     pub transport: TransportKind,
+    /// How this server batches replication as a chain's head (when the cluster
+    /// replicates: `pserv --replicas K`).
+    pub replication: ReplicationConfig,
 }
 
 /// User update rules for a server: registered into its
@@ -218,6 +223,7 @@ impl ServerConfig {
             dump_model: None,
             rules: UserRules::default(),
             transport: TransportKind::Tcp,
+            replication: ReplicationConfig::default(),
         }
     }
 }
@@ -246,8 +252,10 @@ pub(crate) struct Ready {
     workers: u32,
     /// Worker clocks and the clocked requests waiting on them (bounded delay, P6).
     clocks: Mutex<ClockGate<Held>>,
-    /// The routing table: which keys this server serves, and its epoch.
-    partition: crate::keys::Partition,
+    /// The routing table: which keys this server serves (heads), the chains, the epoch.
+    table: RwLock<Arc<Partition>>,
+    /// Chain replication (a no-op where the table has no replicas).
+    repl: Replicator,
     /// The one-sided window side (none over plain TCP).
     onesided: Option<Arc<ServerOneSided>>,
     /// Requests (pulls, and ordered pushes) the gate held, and their total wait in
@@ -301,6 +309,20 @@ impl Handler for ServerHandler {
                         host,
                         offers,
                     }) => open_window(&self.core, conn, h.sender, range, &host, &offers),
+                    Ok(Control::Replicate { batch }) => match self.core.ready.get() {
+                        Some(ready) if is_server(ready, h.sender) => {
+                            ready.repl.on_batch(entries(ready), batch)
+                        }
+                        _ => {
+                            tracing::warn!(peer = %conn.peer_addr(), sender = h.sender, "replica batch from a node that is not a server; ignored")
+                        }
+                    },
+                    Ok(Control::ReplicaAck { seq }) => match self.core.ready.get() {
+                        Some(ready) if is_server(ready, h.sender) => ready.repl.on_ack(seq),
+                        _ => {
+                            tracing::warn!(peer = %conn.peer_addr(), sender = h.sender, "replica ack from a node that is not a server; ignored")
+                        }
+                    },
                     Ok(other) => {
                         tracing::warn!(peer = %conn.peer_addr(), ?other, "unexpected control message from a worker; ignored")
                     }
@@ -369,13 +391,29 @@ impl Handler for ServerHandler {
         let (Some(ready), tag) = (self.core.ready.get(), conn.tag()) else {
             return;
         };
-        if tag == 0 || tag == SCHEDULER_TAG {
+        if tag == 0 || tag == SCHEDULER_TAG || tag >= PEER_TAG {
             return;
         }
         let worker = (tag - 1) as usize;
         let mut gate = ready.clocks.lock();
         let actions = gate.retire(worker);
         run_actions(&self.core, ready, &mut gate, actions);
+    }
+}
+
+/// Tags of the connections to other servers: `PEER_TAG + rank`.
+const PEER_TAG: u64 = 1 << 40;
+
+/// Whether node `id` is a server of the cluster.
+fn is_server(ready: &Ready, id: u32) -> bool {
+    (1..=ready.servers).contains(&id)
+}
+
+/// The store, for replication.
+fn entries(ready: &Ready) -> &dyn EntryStore {
+    match &ready.store {
+        AnyStore::F32(t) => &t.store,
+        AnyStore::F64(t) => &t.store,
     }
 }
 
@@ -431,6 +469,9 @@ fn open_window(
     let answer = match core.ready.get() {
         None => Control::WindowRefused {
             reason: "server has no cluster table yet".into(),
+        },
+        Some(ready) if ready.table.read().replicas() > 0 => Control::WindowRefused {
+            reason: "the cluster replicates (--replicas): one-sided pushes would bypass the chain, so this range stays on tcp".into(),
         },
         Some(ready) => match &ready.onesided {
             None => Control::WindowRefused {
@@ -552,6 +593,25 @@ fn answer_request(core: &Core, ready: &Ready, f: &Frame<'_>, conn: &Conn, clock:
             proto::error_answer(&h, ready.node_id, status, &msg)
         }
     };
+    let is_write = h.kind == MessageKind::Push as u8 || h.kind == MessageKind::PushPull as u8;
+    if is_write && out.header().status == Status::Ok as u8 {
+        // The answer waits until every replica of the touched ranges holds the push.
+        let table = ready.table.read().clone();
+        let keys = match f.range() {
+            Some((b, e)) => KeysRef::Range(KeyRange::new(b, e)),
+            None => KeysRef::List(f.keys()),
+        };
+        ready.repl.after_apply(
+            entries(ready),
+            &table,
+            h.sender,
+            proto::task_of(h.timestamp),
+            keys,
+            conn,
+            out,
+        );
+        return;
+    }
     // A failed send means the worker is gone; the transport logs and closes it.
     let _ = conn.send(out);
 }
@@ -637,7 +697,7 @@ fn serve<T: Value>(
     }
     // Routed with this routing table? (Epoch 0: a client that does not route, such as a
     // tool; it still must ask the right server.)
-    let table = &ready.partition;
+    let table = ready.table.read().clone();
     if h.epoch != 0 && u64::from(h.epoch) != table.epoch() {
         return Err(Refusal(
             Status::StaleEpoch,
@@ -685,6 +745,44 @@ fn serve<T: Value>(
                 w.range
             )));
         }
+    }
+    // A push resent after a failover that this server holds already (as the old head's
+    // replica): apply nothing, answer as applied (after re-replicating).
+    let duplicate = matches!(kind, MessageKind::Push | MessageKind::PushPull)
+        && table.replicas() > 0
+        && ready.repl.is_duplicate(
+            h.sender,
+            proto::task_of(h.timestamp),
+            match range {
+                Some(r) => KeysRef::Range(r),
+                None => KeysRef::List(f.keys()),
+            },
+        );
+    if duplicate {
+        tracing::debug!(
+            sender = h.sender,
+            ts = proto::task_of(h.timestamp),
+            "push resent after a failover is here already; not applied again"
+        );
+        let mut buf = core.pool.take(if kind == MessageKind::PushPull {
+            out_elems * std::mem::size_of::<T>()
+        } else {
+            0
+        });
+        if kind == MessageKind::PushPull {
+            let out: &mut [T] = bytemuck::cast_slice_mut(buf.bytes_mut());
+            match range {
+                Some(r) => t.store.pull_range(r, out)?,
+                None => t.store.pull(f.keys(), out)?,
+            }
+            return Ok(Some(proto::answer(
+                h,
+                ready.node_id,
+                vlen as u32,
+                Payload::owned(buf),
+            )));
+        }
+        return Ok(Some(proto::answer(h, ready.node_id, 0, Payload::empty())));
     }
     match kind {
         MessageKind::Push => {
@@ -757,6 +855,8 @@ pub struct Server {
     dump_model: Option<std::path::PathBuf>,
     /// The thread applying one-sided pushes, if any.
     notices: Option<std::thread::JoinHandle<()>>,
+    /// The replication window's thread and its stop flag.
+    flusher: Option<(std::thread::JoinHandle<()>, Arc<AtomicBool>)>,
 }
 
 impl Server {
@@ -807,6 +907,19 @@ impl Server {
             }
         };
         transport.repin(node_id as usize);
+        // Connections to the other servers, for chain replication (every server listens
+        // before it registers, so all of them accept by now).
+        let mut peers = Vec::with_capacity(cluster.servers.len());
+        for s in &cluster.servers {
+            if s.rank == rank || cluster.partition.replicas() == 0 {
+                peers.push(None);
+                continue;
+            }
+            let c = transport.connect(s.addr, Duration::from_secs(10))?;
+            c.set_tag(PEER_TAG + u64::from(s.rank));
+            peers.push(Some(c));
+        }
+        let repl = Replicator::new(rank, cfg.replication, peers);
         let ready = make_ready(
             node_id,
             rank,
@@ -814,12 +927,14 @@ impl Server {
             cfg.shards,
             &cfg.rules,
             cfg.transport,
+            repl,
         )?;
         tracing::info!(
             node_id,
             rank,
-            ranges = ready.partition.ranges_of(rank as usize).len(),
-            epoch = ready.partition.epoch(),
+            ranges = ready.table.read().ranges_of(rank as usize).len(),
+            epoch = ready.table.read().epoch(),
+            replicas = ready.table.read().replicas(),
             %addr,
             "server ready"
         );
@@ -841,8 +956,28 @@ impl Server {
                 })
         });
         let notices = notices.transpose()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flusher = {
+            let core = core.clone();
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("pserv-replicate".into())
+                .spawn(move || {
+                    let ready = core.ready.get().expect("set before the thread starts");
+                    ready.repl.run_flusher(
+                        entries(ready),
+                        || ready.table.read().epoch(),
+                        || stop.load(Ordering::Relaxed),
+                    )
+                })
+                .map_err(|source| EngineError::Io {
+                    context: "starting the replication thread".into(),
+                    source,
+                })?
+        };
         scheduler.send(Control::Ready.to_frame(node_id))?;
         Ok(Server {
+            flusher: Some((flusher, stop)),
             notices,
             core,
             control: rx,
@@ -851,6 +986,31 @@ impl Server {
             _scheduler: scheduler,
             dump_model: cfg.dump_model.clone(),
         })
+    }
+
+    /// The scheduler sent a new routing table: install it if it is newer, and move
+    /// replication to the new chains.
+    fn install_table(&self, new: Partition) {
+        let Some(ready) = self.core.ready.get() else {
+            return;
+        };
+        let new = Arc::new(new);
+        let old = {
+            let mut t = ready.table.write();
+            if new.epoch() <= t.epoch() {
+                tracing::debug!(epoch = new.epoch(), "older routing table ignored");
+                return;
+            }
+            std::mem::replace(&mut *t, new.clone())
+        };
+        tracing::info!(
+            rank = ready.rank,
+            from = old.epoch(),
+            to = new.epoch(),
+            ranges = new.ranges_of(ready.rank as usize).len(),
+            "routing table changed"
+        );
+        ready.repl.on_table(entries(ready), &old, &new);
     }
 
     /// Where workers connect.
@@ -864,6 +1024,7 @@ impl Server {
         loop {
             match self.control.recv_timeout(proto::HEARTBEAT_EVERY) {
                 Ok(Control::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
+                Ok(Control::Table { partition }) => self.install_table(partition),
                 Ok(other) => tracing::debug!(?other, "control message ignored by server"),
                 Err(RecvTimeoutError::Timeout) => {
                     let id = self.core.ready.get().map_or(0, |r| r.node_id);
@@ -907,12 +1068,17 @@ impl Server {
         if let Some(t) = self.notices {
             let _ = t.join();
         }
+        if let Some((t, stop)) = self.flusher {
+            stop.store(true, Ordering::Relaxed);
+            let _ = t.join();
+        }
         self.transport.shutdown();
         Ok(())
     }
 }
 
 fn stats_of<T: Value>(ready: &Ready, store: &Store<T>) -> ServerStats {
+    let repl = ready.repl.stats();
     ServerStats {
         rank: ready.rank,
         keys: store.key_count(),
@@ -920,6 +1086,9 @@ fn stats_of<T: Value>(ready: &Ready, store: &Store<T>) -> ServerStats {
         bytes: store.bytes(),
         held_pulls: ready.held.0.load(Ordering::Relaxed),
         held_pull_seconds: ready.held.1.load(Ordering::Relaxed) as f64 * 1e-9,
+        replica_batches: repl.batches,
+        replica_pushes: repl.pushes,
+        replica_bytes: repl.bytes,
     }
 }
 
@@ -947,6 +1116,7 @@ fn make_ready(
     shards: usize,
     rules: &UserRules,
     transport: TransportKind,
+    repl: Replicator,
 ) -> Result<Ready, EngineError> {
     // The store takes any key; which keys this server serves is the routing table's
     // business (checked per request, with its epoch).
@@ -992,7 +1162,8 @@ fn make_ready(
         servers: cluster.servers.len() as u32,
         workers: cluster.workers,
         clocks: Mutex::new(ClockGate::new(range, cluster.workers as usize)),
-        partition: cluster.partition.clone(),
+        table: RwLock::new(Arc::new(cluster.partition.clone())),
+        repl,
         held: (AtomicU64::new(0), AtomicU64::new(0)),
         onesided,
     })

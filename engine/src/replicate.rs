@@ -1,0 +1,979 @@
+//! Chain replication between server processes, with replication after aggregation
+//! (MISSION.md P10).
+//!
+//! The routing table ([`Partition`]) gives every key range a chain: its head (owner), then
+//! `k` replicas. Workers push to the head only. The head applies a push to its store, then
+//! remembers the touched keys (or dense ranges) in a *pending batch* per downstream chain;
+//! the push's answer waits. A batch is sent when it holds `max_pushes` pushes or when its
+//! oldest push waited `window` (0: at once): the head reads the *current values* of the
+//! batch's keys (weights and the update function's state) and sends them, once, to the
+//! first replica, which installs them and forwards them to the next; the tail answers
+//! [`Control::ReplicaAck`] to the head, which then answers every push of the batch. So n
+//! pushes of one window cost one replication, and a push is acknowledged only once every
+//! replica of its range holds its effect: a failover loses no acknowledged push.
+//!
+//! Replicas install values, not gradients: installing a batch twice changes nothing, and a
+//! later batch of the same key carries a later value (one connection per head and replica,
+//! so batches arrive in order).
+//!
+//! Exactly-once pushes: every server remembers, per (worker, task timestamp), the ranges of
+//! the routing table whose keys of that push it holds (as head, or as replica through
+//! [`PushRecord`]s in the batches). A worker that resends a push after a failover (it never
+//! got the answer) finds it applied on the new head, which then only re-replicates it and
+//! answers. The memory is bounded (the last [`SEEN_CAP`] pushes).
+//!
+//! When the table changes (a server failed), the head re-queues everything not yet
+//! acknowledged under the new chains, and copies whole ranges to replicas that are new in a
+//! chain (a snapshot batch), before anything else is sent to them.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use pserv_transport::{Conn, OutFrame};
+
+use crate::keys::{Key, KeyRange, Partition};
+use crate::proto::{Control, PushRecord, ReplicaBatch, ReplicaPart};
+use crate::store::Store;
+use crate::update::UpdateFn;
+use crate::value::Value;
+
+/// How many pushes every server remembers for exactly-once retries.
+pub const SEEN_CAP: usize = 1 << 16;
+
+/// How a head batches replication.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplicationConfig {
+    /// Send a batch once it holds this many pushes (1: no aggregation).
+    pub max_pushes: usize,
+    /// Send a batch once its oldest push waited this long (zero: at once).
+    pub window: Duration,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            max_pushes: 32,
+            window: Duration::from_micros(200),
+        }
+    }
+}
+
+/// A push answer that waits for replication: sent when every batch holding it is
+/// acknowledged by its tail.
+pub(crate) struct Ack {
+    remaining: AtomicUsize,
+    answer: Mutex<Option<(Conn, OutFrame)>>,
+}
+
+impl Ack {
+    fn new(conn: Conn, frame: OutFrame) -> Arc<Ack> {
+        Arc::new(Ack {
+            remaining: AtomicUsize::new(0),
+            answer: Mutex::new(Some((conn, frame))),
+        })
+    }
+
+    fn add(&self) {
+        self.remaining.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// One batch holding it is acknowledged.
+    fn done_one(&self) {
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.send();
+        }
+    }
+
+    fn send(&self) {
+        if let Some((conn, frame)) = self.answer.lock().take() {
+            // A failed send: the worker is gone; it will resend to whoever heads then.
+            let _ = conn.send(frame);
+        }
+    }
+}
+
+/// What a batch carries (before its values are read).
+#[derive(Default)]
+struct Batch {
+    keys: Vec<Key>,
+    ranges: Vec<KeyRange>,
+    /// Whole ranges to copy (every stored key), for a replica new in the chain.
+    snapshots: Vec<KeyRange>,
+    acks: Vec<Arc<Ack>>,
+    pushes: Vec<PushRecord>,
+    since: Option<Instant>,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+            && self.ranges.is_empty()
+            && self.snapshots.is_empty()
+            && self.acks.is_empty()
+            && self.pushes.is_empty()
+    }
+}
+
+/// A batch sent and not yet acknowledged.
+struct Sent {
+    keys: Vec<Key>,
+    ranges: Vec<KeyRange>,
+    snapshots: Vec<KeyRange>,
+    acks: Vec<Arc<Ack>>,
+    pushes: Vec<PushRecord>,
+}
+
+/// Counters for the operator and the bench.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplicationStats {
+    /// Batches sent by this head.
+    pub batches: u64,
+    /// Pushes those batches carried.
+    pub pushes: u64,
+    /// Value bytes those batches carried.
+    pub bytes: u64,
+    /// Batches sent and not acknowledged yet.
+    pub in_flight: u64,
+}
+
+struct State {
+    seq: u64,
+    /// Pending batches by downstream chain (the replicas after this head, in order).
+    pending: HashMap<Vec<u32>, Batch>,
+    in_flight: BTreeMap<u64, Sent>,
+    stats: ReplicationStats,
+}
+
+/// Exactly-once memory: (worker node id, task timestamp) -> ranges held.
+#[derive(Default)]
+struct Seen {
+    map: HashMap<(u32, u64), Vec<KeyRange>>,
+    order: VecDeque<(u32, u64)>,
+}
+
+impl Seen {
+    fn record(&mut self, id: (u32, u64), ranges: &[KeyRange]) {
+        if ranges.is_empty() {
+            return;
+        }
+        let e = self.map.entry(id).or_insert_with(|| {
+            self.order.push_back(id);
+            Vec::new()
+        });
+        for r in ranges {
+            if !e.contains(r) {
+                e.push(*r);
+            }
+        }
+        while self.order.len() > SEEN_CAP {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+    }
+
+    fn covers(&self, id: (u32, u64), keys: KeysRef<'_>) -> bool {
+        let Some(held) = self.map.get(&id) else {
+            return false;
+        };
+        let inside = |k: Key| held.iter().any(|r| r.contains(k));
+        match keys {
+            KeysRef::List(ks) => !ks.is_empty() && ks.iter().all(|&k| inside(k)),
+            KeysRef::Range(r) => {
+                !r.is_empty() && {
+                    // Covered when the held ranges tile it.
+                    let mut pos = r.begin;
+                    let mut sorted = held.clone();
+                    sorted.sort_by_key(|x| x.begin);
+                    for h in sorted {
+                        if h.begin <= pos && h.end > pos {
+                            pos = h.end;
+                        }
+                    }
+                    pos >= r.end
+                }
+            }
+        }
+    }
+}
+
+/// The keys of a request.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum KeysRef<'a> {
+    /// A sorted key list.
+    List(&'a [Key]),
+    /// A dense range.
+    Range(KeyRange),
+}
+
+/// The keys of a request grouped by the downstream chain of their ranges, with the
+/// table's ranges they touch.
+struct Groups {
+    /// (followers, keys, ranges) for ranges with replicas.
+    groups: Vec<(Vec<u32>, Vec<Key>, Vec<KeyRange>)>,
+    /// Every table range touched (replicated or not), clipped to the request.
+    touched: Vec<KeyRange>,
+}
+
+fn group(table: &Partition, keys: KeysRef<'_>) -> Groups {
+    let mut map: BTreeMap<Vec<u32>, (Vec<Key>, Vec<KeyRange>)> = BTreeMap::new();
+    let mut touched = Vec::new();
+    match keys {
+        KeysRef::List(ks) => {
+            let mut start = 0;
+            while start < ks.len() {
+                let i = table.index_of(ks[start]);
+                let r = table.ranges()[i];
+                let end = start + ks[start..].partition_point(|&k| k < r.end);
+                touched.push(r);
+                let f = &table.followers()[i];
+                if !f.is_empty() {
+                    map.entry(f.clone())
+                        .or_default()
+                        .0
+                        .extend_from_slice(&ks[start..end]);
+                }
+                start = end;
+            }
+        }
+        KeysRef::Range(range) => {
+            if !range.is_empty() {
+                let first = table.index_of(range.begin);
+                for i in first..table.ranges().len() {
+                    let Some(part) = table.ranges()[i].intersect(&range) else {
+                        break;
+                    };
+                    touched.push(table.ranges()[i]);
+                    let f = &table.followers()[i];
+                    if !f.is_empty() {
+                        map.entry(f.clone()).or_default().1.push(part);
+                    }
+                }
+            }
+        }
+    }
+    Groups {
+        groups: map.into_iter().map(|(f, (k, r))| (f, k, r)).collect(),
+        touched,
+    }
+}
+
+/// The replication side of one server.
+pub(crate) struct Replicator {
+    rank: u32,
+    cfg: ReplicationConfig,
+    state: Mutex<State>,
+    seen: Mutex<Seen>,
+    /// Outgoing connections to the other servers, by rank.
+    peers: Vec<Option<Conn>>,
+    /// Wakes the window flusher when a batch starts waiting.
+    kick: crossbeam_channel::Sender<()>,
+    kicked: crossbeam_channel::Receiver<()>,
+}
+
+/// Reads and writes whole store entries for replication.
+pub(crate) trait EntryStore: Send + Sync {
+    /// Read the weights and state of sorted `keys` as bytes.
+    fn read_keys(&self, keys: &[Key]) -> (Vec<u8>, Vec<u8>);
+    /// Read the weights and state of every key of `range` as bytes.
+    fn read_range(&self, range: KeyRange) -> (Vec<u8>, Vec<u8>);
+    /// Install one part of a batch.
+    fn install(&self, part: &ReplicaPart) -> Result<(), String>;
+    /// Every stored key inside `range`, sorted.
+    fn stored_keys(&self, range: KeyRange) -> Vec<Key>;
+}
+
+impl Replicator {
+    /// The replicator of server `rank` with connections to its peers.
+    pub(crate) fn new(rank: u32, cfg: ReplicationConfig, peers: Vec<Option<Conn>>) -> Self {
+        let (kick, kicked) = crossbeam_channel::unbounded();
+        Replicator {
+            rank,
+            cfg,
+            state: Mutex::new(State {
+                seq: 0,
+                pending: HashMap::new(),
+                in_flight: BTreeMap::new(),
+                stats: ReplicationStats::default(),
+            }),
+            seen: Mutex::new(Seen::default()),
+            peers,
+            kick,
+            kicked,
+        }
+    }
+
+    /// Counters.
+    pub(crate) fn stats(&self) -> ReplicationStats {
+        let s = self.state.lock();
+        ReplicationStats {
+            in_flight: s.in_flight.len() as u64,
+            ..s.stats
+        }
+    }
+
+    /// Whether push (sender, ts) with these keys was applied here already (as head or
+    /// replica): then it must not be applied again.
+    pub(crate) fn is_duplicate(&self, sender: u32, ts: u64, keys: KeysRef<'_>) -> bool {
+        self.seen.lock().covers((sender, ts), keys)
+    }
+
+    /// A push (sender, ts) on `keys` was applied (or found a duplicate) under `table`;
+    /// `answer` goes to `conn` once every replica of the touched ranges holds it (at once
+    /// when none has replicas).
+    pub(crate) fn after_apply(
+        &self,
+        store: &dyn EntryStore,
+        table: &Partition,
+        sender: u32,
+        ts: u64,
+        keys: KeysRef<'_>,
+        conn: &Conn,
+        answer: OutFrame,
+    ) {
+        let g = group(table, keys);
+        if table.replicas() > 0 {
+            self.seen.lock().record((sender, ts), &g.touched);
+        }
+        if g.groups.is_empty() {
+            let _ = conn.send(answer);
+            return;
+        }
+        let ack = Ack::new(conn.clone(), answer);
+        let mut st = self.state.lock();
+        let mut full = Vec::new();
+        for (followers, ks, rs) in g.groups {
+            let touched: Vec<KeyRange> = g
+                .touched
+                .iter()
+                .copied()
+                .filter(|r| {
+                    let i = table.index_of(r.begin);
+                    table.followers()[i] == followers
+                })
+                .collect();
+            let b = st.pending.entry(followers.clone()).or_default();
+            if b.since.is_none() {
+                b.since = Some(Instant::now());
+                let _ = self.kick.send(());
+            }
+            b.keys.extend_from_slice(&ks);
+            b.ranges.extend_from_slice(&rs);
+            ack.add();
+            b.acks.push(ack.clone());
+            b.pushes.push(PushRecord {
+                sender,
+                ts,
+                ranges: touched,
+            });
+            if b.pushes.len() >= self.cfg.max_pushes || self.cfg.window.is_zero() {
+                full.push(followers);
+            }
+        }
+        for f in full {
+            self.flush_chain(&mut st, store, table.epoch(), &f);
+        }
+    }
+
+    /// Send every pending batch whose oldest push waited the window (all with `all`).
+    /// Returns how long until the next one is due, if any waits.
+    pub(crate) fn flush_due(
+        &self,
+        store: &dyn EntryStore,
+        epoch: u64,
+        all: bool,
+    ) -> Option<Duration> {
+        let mut st = self.state.lock();
+        let now = Instant::now();
+        let due: Vec<Vec<u32>> = st
+            .pending
+            .iter()
+            .filter(|(_, b)| {
+                !b.is_empty()
+                    && (all
+                        || b.since
+                            .is_some_and(|t| now.duration_since(t) >= self.cfg.window))
+            })
+            .map(|(f, _)| f.clone())
+            .collect();
+        for f in due {
+            self.flush_chain(&mut st, store, epoch, &f);
+        }
+        st.pending
+            .values()
+            .filter_map(|b| b.since)
+            .min()
+            .map(|t| (t + self.cfg.window).saturating_duration_since(now))
+    }
+
+    /// Run the window flusher until `stop` says so (a thread of its own).
+    pub(crate) fn run_flusher(
+        &self,
+        store: &dyn EntryStore,
+        epoch: impl Fn() -> u64,
+        stop: impl Fn() -> bool,
+    ) {
+        while !stop() {
+            match self.kicked.recv_timeout(Duration::from_millis(100)) {
+                Ok(()) | Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+            }
+            while self.kicked.try_recv().is_ok() {}
+            loop {
+                match self.flush_due(store, epoch(), false) {
+                    Some(wait) if !stop() => {
+                        std::thread::sleep(wait.max(Duration::from_micros(20)))
+                    }
+                    _ => break,
+                }
+            }
+        }
+    }
+
+    fn flush_chain(&self, st: &mut State, store: &dyn EntryStore, epoch: u64, followers: &[u32]) {
+        let Some(mut b) = st.pending.remove(followers) else {
+            return;
+        };
+        if b.is_empty() {
+            return;
+        }
+        b.keys.sort_unstable();
+        b.keys.dedup();
+        let ranges = merge_ranges(std::mem::take(&mut b.ranges));
+        let snapshots = merge_ranges(std::mem::take(&mut b.snapshots));
+        let mut parts = Vec::new();
+        let mut bytes = 0u64;
+        for r in &snapshots {
+            let keys = store.stored_keys(*r);
+            if !keys.is_empty() {
+                let (weights, state) = store.read_keys(&keys);
+                bytes += (weights.len() + state.len()) as u64;
+                parts.push(ReplicaPart::Keys {
+                    keys: bytemuck::cast_slice(&keys).to_vec(),
+                    weights,
+                    state,
+                });
+            }
+        }
+        if !b.keys.is_empty() {
+            let (weights, state) = store.read_keys(&b.keys);
+            bytes += (weights.len() + state.len()) as u64;
+            parts.push(ReplicaPart::Keys {
+                keys: bytemuck::cast_slice(&b.keys).to_vec(),
+                weights,
+                state,
+            });
+        }
+        for r in &ranges {
+            let (weights, state) = store.read_range(*r);
+            bytes += (weights.len() + state.len()) as u64;
+            parts.push(ReplicaPart::Range {
+                range: *r,
+                weights,
+                state,
+            });
+        }
+        st.seq += 1;
+        let seq = st.seq;
+        st.stats.batches += 1;
+        st.stats.pushes += b.acks.len() as u64;
+        st.stats.bytes += bytes;
+        let batch = ReplicaBatch {
+            origin: self.rank,
+            seq,
+            epoch,
+            rest: followers[1..].to_vec(),
+            pushes: std::mem::take(&mut b.pushes),
+            parts,
+        };
+        let sent = self.send_to(
+            followers[0],
+            &Control::Replicate {
+                batch: Box::new(batch.clone()),
+            },
+        );
+        if !sent {
+            tracing::debug!(
+                to = followers[0],
+                seq,
+                "replica unreachable; the batch waits for a new table"
+            );
+        }
+        st.in_flight.insert(
+            seq,
+            Sent {
+                keys: b.keys,
+                ranges,
+                snapshots,
+                acks: b.acks,
+                pushes: batch.pushes,
+            },
+        );
+    }
+
+    fn send_to(&self, rank: u32, msg: &Control) -> bool {
+        match self.peers.get(rank as usize).and_then(Option::as_ref) {
+            Some(c) => c.send(msg.to_frame(1 + self.rank)).is_ok(),
+            None => false,
+        }
+    }
+
+    /// The tail acknowledged batch `seq`.
+    pub(crate) fn on_ack(&self, seq: u64) {
+        let sent = self.state.lock().in_flight.remove(&seq);
+        if let Some(s) = sent {
+            for a in s.acks {
+                a.done_one();
+            }
+        }
+    }
+
+    /// A batch from a head (or the replica before this one): install it, remember its
+    /// pushes, and forward it down the chain or, as the tail, acknowledge it to the head.
+    pub(crate) fn on_batch(&self, store: &dyn EntryStore, batch: Box<ReplicaBatch>) {
+        for part in &batch.parts {
+            if let Err(e) = store.install(part) {
+                tracing::warn!(origin = batch.origin, seq = batch.seq, error = %e, "could not install a replica batch part");
+            }
+        }
+        {
+            let mut seen = self.seen.lock();
+            for p in &batch.pushes {
+                seen.record((p.sender, p.ts), &p.ranges);
+            }
+        }
+        let mut batch = batch;
+        if batch.rest.is_empty() {
+            let (origin, seq) = (batch.origin, batch.seq);
+            if !self.send_to(origin, &Control::ReplicaAck { seq }) {
+                tracing::debug!(origin, seq, "head unreachable for a replica ack");
+            }
+        } else {
+            let next = batch.rest.remove(0);
+            if !self.send_to(next, &Control::Replicate { batch }) {
+                tracing::debug!(
+                    next,
+                    "next replica unreachable; the head resends after a new table"
+                );
+            }
+        }
+    }
+
+    /// The routing table changed from `old` to `new`: re-queue everything not yet
+    /// acknowledged under the new chains (their answers wait for the new replicas), and
+    /// copy whole ranges to replicas that are new in a chain this server heads.
+    pub(crate) fn on_table(&self, store: &dyn EntryStore, old: &Partition, new: &Partition) {
+        let mut st = self.state.lock();
+        let mut keys = Vec::new();
+        let mut ranges = Vec::new();
+        let mut snapshots = Vec::new();
+        let mut pushes = Vec::new();
+        let mut acks: Vec<Arc<Ack>> = Vec::new();
+        let mut old_batches: Vec<Sent> = st
+            .pending
+            .drain()
+            .map(|(_, b)| Sent {
+                keys: b.keys,
+                ranges: b.ranges,
+                snapshots: b.snapshots,
+                acks: b.acks,
+                pushes: b.pushes,
+            })
+            .collect();
+        old_batches.extend(std::mem::take(&mut st.in_flight).into_values());
+        for s in old_batches {
+            keys.extend(s.keys);
+            ranges.extend(s.ranges);
+            snapshots.extend(s.snapshots);
+            pushes.extend(s.pushes);
+            for x in s.acks {
+                if !acks.iter().any(|y| Arc::ptr_eq(&x, y)) {
+                    acks.push(x);
+                }
+            }
+        }
+        for a in &acks {
+            a.remaining.store(0, Ordering::Release);
+        }
+        let me = self.rank;
+        // New replicas in chains this server heads get the whole range first.
+        for (i, r) in new.ranges().iter().enumerate() {
+            if new.owners()[i] != me || new.followers()[i].is_empty() {
+                continue;
+            }
+            for (oi, or) in old.ranges().iter().enumerate() {
+                let Some(part) = or.intersect(r) else {
+                    continue;
+                };
+                let had: Vec<u32> = std::iter::once(old.owners()[oi])
+                    .chain(old.followers()[oi].iter().copied())
+                    .collect();
+                if new.followers()[i].iter().any(|f| !had.contains(f)) {
+                    snapshots.push(part);
+                }
+            }
+        }
+        // Regroup under the new chains (only what this server heads now).
+        let mut regroup: BTreeMap<Vec<u32>, Batch> = BTreeMap::new();
+        keys.sort_unstable();
+        keys.dedup();
+        keys.retain(|&k| new.owners()[new.index_of(k)] == me);
+        let g = group(new, KeysRef::List(&keys));
+        for (f, ks, _) in g.groups {
+            regroup.entry(f).or_default().keys = ks;
+        }
+        let mine = |r: &KeyRange| new.owners()[new.index_of(r.begin)] == me;
+        for (list, is_snapshot) in [
+            (merge_ranges(ranges), false),
+            (merge_ranges(snapshots), true),
+        ] {
+            for r in list {
+                let g = group(new, KeysRef::Range(r));
+                for (f, _, rs) in g.groups {
+                    for part in rs {
+                        if !mine(&part) {
+                            continue;
+                        }
+                        let b = regroup.entry(f.clone()).or_default();
+                        if is_snapshot {
+                            b.snapshots.push(part);
+                        } else {
+                            b.ranges.push(part);
+                        }
+                    }
+                }
+            }
+        }
+        let keep_mine = |f: &Vec<u32>| !f.contains(&me);
+        regroup.retain(|f, _| keep_mine(f));
+        if regroup.is_empty() {
+            for a in acks {
+                a.send();
+            }
+            return;
+        }
+        let now = Instant::now();
+        let n = regroup.len();
+        for (f, mut b) in regroup {
+            b.since = Some(now);
+            b.pushes = pushes.clone();
+            for a in &acks {
+                a.add();
+                b.acks.push(a.clone());
+            }
+            st.pending.insert(f, b);
+        }
+        tracing::info!(
+            epoch = new.epoch(),
+            batches = n,
+            acks = acks.len(),
+            "re-queued replication under the new table"
+        );
+        let due: Vec<Vec<u32>> = st.pending.keys().cloned().collect();
+        for f in due {
+            self.flush_chain(&mut st, store, new.epoch(), &f);
+        }
+    }
+}
+
+/// Sort and merge overlapping or touching ranges.
+fn merge_ranges(mut v: Vec<KeyRange>) -> Vec<KeyRange> {
+    v.retain(|r| !r.is_empty());
+    v.sort_by_key(|r| r.begin);
+    let mut out: Vec<KeyRange> = Vec::with_capacity(v.len());
+    for r in v {
+        match out.last_mut() {
+            Some(l) if r.begin <= l.end => l.end = l.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+/// Reads a store's entries: a rule that copies weights and state out and changes nothing.
+struct Capture<T> {
+    state_len: usize,
+    out: Mutex<(Vec<T>, Vec<T>)>,
+}
+
+impl<T: Value> UpdateFn<T> for Capture<T> {
+    fn name(&self) -> &str {
+        "replica-read"
+    }
+    fn state_len(&self) -> usize {
+        self.state_len
+    }
+    fn apply(&self, weights: &mut [T], state: &mut [T], _grads: &[T]) {
+        let mut o = self.out.lock();
+        o.0.extend_from_slice(weights);
+        o.1.extend_from_slice(state);
+    }
+}
+
+/// Installs entries: a rule that sets the weights to the pushed values and the state to
+/// the next elements of `state`.
+struct Install<T> {
+    state_len: usize,
+    state: Vec<T>,
+    at: AtomicUsize,
+}
+
+impl<T: Value> UpdateFn<T> for Install<T> {
+    fn name(&self) -> &str {
+        "replica-install"
+    }
+    fn state_len(&self) -> usize {
+        self.state_len
+    }
+    fn apply(&self, weights: &mut [T], state: &mut [T], grads: &[T]) {
+        weights.copy_from_slice(grads);
+        if !state.is_empty() {
+            let at = self.at.fetch_add(state.len(), Ordering::Relaxed);
+            state.copy_from_slice(&self.state[at..at + state.len()]);
+        }
+    }
+}
+
+fn to_values<T: Value>(bytes: &[u8]) -> Result<Vec<T>, String> {
+    if bytes.len() % std::mem::size_of::<T>() != 0 {
+        return Err(format!("{} value bytes are not whole values", bytes.len()));
+    }
+    Ok(pod_vec(bytes))
+}
+
+/// Copy bytes (a whole number of `P`s) into a vector of `P`.
+fn pod_vec<P: bytemuck::Pod>(bytes: &[u8]) -> Vec<P> {
+    let mut v = vec![P::zeroed(); bytes.len() / std::mem::size_of::<P>()];
+    bytemuck::cast_slice_mut::<P, u8>(&mut v).copy_from_slice(bytes);
+    v
+}
+
+impl<T: Value> EntryStore for Store<T> {
+    fn read_keys(&self, keys: &[Key]) -> (Vec<u8>, Vec<u8>) {
+        let vl = self.value_len();
+        let cap = Capture {
+            state_len: self.state_len(),
+            out: Mutex::new((
+                Vec::with_capacity(keys.len() * vl),
+                Vec::with_capacity(keys.len() * vl * self.state_len()),
+            )),
+        };
+        // The store applies rules in key order: the capture sees the keys in order.
+        let zeros = vec![T::default(); keys.len() * vl];
+        if let Err(e) = self.push(keys, &zeros, &cap) {
+            tracing::warn!(error = %e, "reading entries for replication");
+        }
+        let (w, s) = cap.out.into_inner();
+        (
+            bytemuck::cast_slice(&w).to_vec(),
+            bytemuck::cast_slice(&s).to_vec(),
+        )
+    }
+
+    fn read_range(&self, range: KeyRange) -> (Vec<u8>, Vec<u8>) {
+        let vl = self.value_len();
+        let n = range.len() as usize;
+        let cap = Capture {
+            state_len: self.state_len(),
+            out: Mutex::new((
+                Vec::with_capacity(n * vl),
+                Vec::with_capacity(n * vl * self.state_len()),
+            )),
+        };
+        let zeros = vec![T::default(); n * vl];
+        if let Err(e) = self.push_range(range, &zeros, &cap) {
+            tracing::warn!(error = %e, "reading a range for replication");
+        }
+        let (w, s) = cap.out.into_inner();
+        (
+            bytemuck::cast_slice(&w).to_vec(),
+            bytemuck::cast_slice(&s).to_vec(),
+        )
+    }
+
+    fn install(&self, part: &ReplicaPart) -> Result<(), String> {
+        let sl = self.state_len();
+        let vl = self.value_len();
+        match part {
+            ReplicaPart::Keys {
+                keys,
+                weights,
+                state,
+            } => {
+                if keys.len() % 8 != 0 {
+                    return Err("key bytes are not whole keys".into());
+                }
+                let ks: Vec<Key> = pod_vec(keys);
+                let w = to_values::<T>(weights)?;
+                let s = to_values::<T>(state)?;
+                if w.len() != ks.len() * vl || s.len() != ks.len() * vl * sl {
+                    return Err(format!(
+                        "{} keys with {} weights and {} state elements",
+                        ks.len(),
+                        w.len(),
+                        s.len()
+                    ));
+                }
+                let rule = Install {
+                    state_len: sl,
+                    state: s,
+                    at: AtomicUsize::new(0),
+                };
+                self.push(&ks, &w, &rule).map_err(|e| e.to_string())
+            }
+            ReplicaPart::Range {
+                range,
+                weights,
+                state,
+            } => {
+                let n = range.len() as usize;
+                let w = to_values::<T>(weights)?;
+                let s = to_values::<T>(state)?;
+                if w.len() != n * vl || s.len() != n * vl * sl {
+                    return Err(format!(
+                        "range {range} with {} weights and {} state elements",
+                        w.len(),
+                        s.len()
+                    ));
+                }
+                let rule = Install {
+                    state_len: sl,
+                    state: s,
+                    at: AtomicUsize::new(0),
+                };
+                self.push_range(*range, &w, &rule)
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    fn stored_keys(&self, range: KeyRange) -> Vec<Key> {
+        let mut keys = Vec::new();
+        self.for_each(|k, _| {
+            if range.contains(k) {
+                keys.push(k);
+            }
+        });
+        keys
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreConfig;
+    use crate::update::{Adagrad, Sum};
+
+    fn store(state_len: usize) -> Store<f32> {
+        Store::new(
+            KeyRange::FULL,
+            StoreConfig {
+                shards: 4,
+                value_len: 2,
+                state_len,
+                ..StoreConfig::default()
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn entries_read_from_one_store_install_the_same_state_in_another() {
+        let a = store(1);
+        let rule = Adagrad { lr: 0.5, eps: 1e-6 };
+        let keys = [3u64, 9, 1 << 40, u64::MAX - 7];
+        a.push(&keys, &[1.0, -2.0, 0.5, 0.25, 3.0, 1.0, -1.0, 2.0], &rule)
+            .unwrap();
+        a.push_range(KeyRange::new(100, 104), &[1.0; 8], &rule)
+            .unwrap();
+        let b = store(1);
+        let (w, s) = a.read_keys(&keys);
+        b.install(&ReplicaPart::Keys {
+            keys: bytemuck::cast_slice(&keys).to_vec(),
+            weights: w,
+            state: s,
+        })
+        .unwrap();
+        let (w, s) = a.read_range(KeyRange::new(100, 104));
+        b.install(&ReplicaPart::Range {
+            range: KeyRange::new(100, 104),
+            weights: w,
+            state: s,
+        })
+        .unwrap();
+        // Same weights, and the same state: one more identical push gives the same result.
+        let more = [0.5f32; 8];
+        a.push(&keys, &more, &rule).unwrap();
+        b.push(&keys, &more, &rule).unwrap();
+        a.push_range(KeyRange::new(100, 104), &more, &rule).unwrap();
+        b.push_range(KeyRange::new(100, 104), &more, &rule).unwrap();
+        let mut dump_a = Vec::new();
+        a.for_each(|k, w| dump_a.push((k, w.to_vec())));
+        let mut dump_b = Vec::new();
+        b.for_each(|k, w| dump_b.push((k, w.to_vec())));
+        assert_eq!(dump_a, dump_b);
+        assert_eq!(b.stored_keys(KeyRange::new(0, 10)), vec![3, 9]);
+    }
+
+    #[test]
+    fn malformed_parts_are_refused_and_change_nothing() {
+        let b = store(0);
+        let bad = ReplicaPart::Keys {
+            keys: vec![1, 2, 3],
+            weights: vec![],
+            state: vec![],
+        };
+        assert!(b.install(&bad).is_err());
+        let bad = ReplicaPart::Keys {
+            keys: bytemuck::cast_slice(&[1u64, 2]).to_vec(),
+            weights: bytemuck::cast_slice(&[1.0f32; 3]).to_vec(),
+            state: vec![],
+        };
+        assert!(b.install(&bad).is_err());
+        let bad = ReplicaPart::Range {
+            range: KeyRange::new(0, 4),
+            weights: vec![0; 5],
+            state: vec![],
+        };
+        assert!(b.install(&bad).is_err());
+        assert_eq!(b.key_count(), 0);
+        // Sum rule untouched by the internal rules.
+        b.push(&[5], &[1.0, 1.0], &Sum).unwrap();
+        assert_eq!(b.key_count(), 1);
+    }
+
+    #[test]
+    fn seen_covers_keys_only_inside_recorded_ranges() {
+        let mut s = Seen::default();
+        s.record((7, 1), &[KeyRange::new(10, 20), KeyRange::new(30, 40)]);
+        assert!(s.covers((7, 1), KeysRef::List(&[10, 19, 35])));
+        assert!(!s.covers((7, 1), KeysRef::List(&[10, 25])));
+        assert!(!s.covers((7, 2), KeysRef::List(&[10])));
+        assert!(!s.covers((8, 1), KeysRef::List(&[10])));
+        assert!(s.covers((7, 1), KeysRef::Range(KeyRange::new(12, 18))));
+        assert!(!s.covers((7, 1), KeysRef::Range(KeyRange::new(12, 32))));
+        s.record((7, 1), &[KeyRange::new(20, 30)]);
+        assert!(s.covers((7, 1), KeysRef::Range(KeyRange::new(12, 32))));
+        for i in 0..(SEEN_CAP as u64 + 10) {
+            s.record((1, 100 + i), &[KeyRange::new(0, 1)]);
+        }
+        assert!(!s.covers((7, 1), KeysRef::List(&[10])), "oldest forgotten");
+        assert!(s.map.len() <= SEEN_CAP);
+    }
+
+    #[test]
+    fn merge_ranges_merges_overlaps_and_neighbours() {
+        let m = merge_ranges(vec![
+            KeyRange::new(5, 8),
+            KeyRange::new(0, 2),
+            KeyRange::new(2, 3),
+            KeyRange::new(6, 10),
+            KeyRange::new(20, 20),
+        ]);
+        assert_eq!(m, vec![KeyRange::new(0, 3), KeyRange::new(5, 10)]);
+    }
+}
