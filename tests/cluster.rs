@@ -330,8 +330,12 @@ fn status_shows_the_cluster_and_a_silent_server_turns_dead() {
         s.contains("server 0 at 127.0.0.1:") && s.contains("server 1 at 127.0.0.1:"),
         "{s}"
     );
+    // Replication is on by default with two servers: every chain holds both.
+    assert!(s.contains("1 replica(s) per range"), "{s}");
     assert!(
-        s.contains("ranges (head first):\n  [0x0, ") && s.contains("  server 1\n"),
+        s.contains("ranges (head first):\n  [0x0, ")
+            && s.contains("server 0 -> server 1")
+            && s.contains("server 1 -> server 0"),
         "{s}"
     );
     assert!(!s.contains("dead"), "{s}");
@@ -356,7 +360,15 @@ fn status_shows_the_cluster_and_a_silent_server_turns_dead() {
             .any(|l| l.contains("server 0 at") && l.contains(": live")),
         "{s}"
     );
-    // ...and live again when it resumes.
+    // ...and taken off the ring: its ranges pass to their replica, server 0.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !s.contains("routing table epoch 2") {
+        assert!(std::time::Instant::now() < deadline, "no new table:\n{s}");
+        std::thread::sleep(Duration::from_millis(100));
+        s = status(&c);
+    }
+    assert!(!s.contains("server 1 ->") && !s.contains("-> server 1"), "{s}");
+    // ...and live again when it resumes (fenced: it heads nothing any more).
     signal(&c, "server 1", "-CONT");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !status(&c)

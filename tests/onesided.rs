@@ -35,7 +35,8 @@ fn straddling(w: &Worker, n: u64) -> KeyRange {
 
 #[test]
 fn dense_windows_are_one_sided_and_agree_with_tcp_and_sparse_requests() {
-    let mut c = Cluster::start(2, 2, &["--update=sum"]);
+    // One-sided pushes bypass chain replication: windows need --replicas 0.
+    let mut c = Cluster::start(2, 2, &["--update=sum", "--replicas=0"]);
     let (w0, w1) = std::thread::scope(|s| {
         let a = s.spawn(|| worker(&c, 0, TransportKind::Shm));
         let b = s.spawn(|| worker(&c, 1, TransportKind::Tcp));
@@ -185,6 +186,7 @@ fn lr_job_over_shm_builds_the_same_model_as_over_tcp() {
             .args([
                 "local",
                 "--servers=2",
+                "--replicas=0",
                 "--workers=2",
                 "--examples=8000",
                 "--features=30000",

@@ -988,7 +988,12 @@ mod tests {
 
     /// Two servers and two workers registered; returns the core.
     fn running() -> SchedulerCore {
-        let mut c = SchedulerCore::new(spec(2, 2));
+        running_spec(spec(2, 2))
+    }
+
+    /// Like [`running`], for a spec of two servers and two workers.
+    fn running_spec(sp: ClusterSpec) -> SchedulerCore {
+        let mut c = SchedulerCore::new(sp);
         assert!(sends(&register(&mut c, 1, Role::Server, Some(1))).is_empty());
         register(&mut c, 2, Role::Worker, None);
         register(&mut c, 3, Role::Server, None);
@@ -1039,6 +1044,60 @@ mod tests {
         assert_eq!(ids.len(), 4);
         assert!(c.is_running());
         c
+    }
+
+    #[test]
+    fn a_failed_server_leaves_the_ring_and_everyone_gets_the_new_table() {
+        let mut sp = spec(2, 2);
+        sp.vnodes = 16;
+        sp.replicas = 1;
+        assert!(sp.validate().is_ok());
+        let mut c = running_spec(sp.clone());
+        assert_eq!(c.table().replicas(), 1);
+        assert_eq!(c.status().ranges[0].chain.len(), 2);
+        // Server rank 1 (connection 1) dies.
+        let out = c.handle(Input::Closed { conn: 1 });
+        let tables: Vec<_> = sends(&out)
+            .into_iter()
+            .filter_map(|(conn, m)| match m {
+                Control::Table { partition } => Some((conn, partition.clone())),
+                _ => None,
+            })
+            .collect();
+        let mut to: Vec<ConnKey> = tables.iter().map(|t| t.0).collect();
+        to.sort_unstable();
+        assert_eq!(to, vec![2, 3, 4], "every live node learns the table");
+        let t = &tables[0].1;
+        assert_eq!(t.epoch(), 2);
+        assert!(t.owners().iter().all(|&o| o == 0), "server 0 heads everything");
+        assert!(t.followers().iter().all(Vec::is_empty), "no server left to replicate to");
+        assert_eq!(c.failovers.len(), 1);
+        assert_eq!(c.status().epoch, 2);
+        // Again: nothing more happens.
+        let out = c.handle(Input::Closed { conn: 1 });
+        assert!(sends(&out).is_empty());
+
+        // Without replicas the ranges are lost, said so, and the table stays.
+        sp.replicas = 0;
+        let mut c = running_spec(sp);
+        let out = c.handle(Input::Closed { conn: 1 });
+        assert!(sends(&out).is_empty());
+        assert!(out
+            .iter()
+            .any(|o| matches!(o, Output::Log(l) if l.contains("unavailable"))));
+        assert_eq!(c.table().epoch(), 1);
+    }
+
+    #[test]
+    fn replica_settings_that_cannot_work_are_refused() {
+        let mut sp = spec(2, 2);
+        sp.replicas = 1;
+        assert!(sp.validate().unwrap_err().contains("--vnodes"));
+        sp.vnodes = 8;
+        sp.replicas = 2;
+        assert!(sp.validate().unwrap_err().contains("at least 3 servers"));
+        sp.replicas = 1;
+        assert!(sp.validate().is_ok());
     }
 
     #[test]

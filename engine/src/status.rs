@@ -83,7 +83,9 @@ pub fn render(r: &StatusReport) -> String {
     }
     s.push_str("\nreplication lag: ");
     if r.replication_lag.is_empty() {
-        s.push_str("none (one copy per range: chain replication is not wired yet)\n");
+        s.push_str(
+            "not reported (a head answers a push only once every replica of its range holds it)\n",
+        );
     } else {
         s.push('\n');
         for (range, lag) in &r.replication_lag {
