@@ -13,21 +13,27 @@
 //!   (moved or shared into the request, not copied) with one vectored write.
 //! - Invalid requests (unsorted keys, lengths that do not fit) do not panic: the task
 //!   completes at once with the error, which `wait` returns.
+//! - The routing table can change (a server failed, joined or left): the scheduler sends
+//!   a newer one ([`Worker::table`]). A message lost with its server, or refused as routed
+//!   with another table (`StaleEpoch`, `NotOwner`), is resent: its keys are split again
+//!   by the newest table (servers apply a resent push once). A message that finds no
+//!   taker within the worker's `timeout` since it first failed fails its task.
 //!
 //! Waiting spins for `spin_us` before it parks the thread: an answer on loopback usually
 //! arrives within tens of microseconds, and waking a parked thread costs about 25 us on
 //! these machines. Set `spin_us` to 0 on oversubscribed hosts.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::marker::PhantomData;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard, RwLock};
 
 use pserv_transport::wire::{Header, MessageKind, FLAG_ORDERED, FLAG_RANGE};
 use pserv_transport::{
@@ -37,9 +43,12 @@ use pserv_transport::{
 
 use crate::consistency::{Consistency, Gate};
 use crate::error::EngineError;
-use crate::keys::{Key, KeyRange};
+use crate::keys::{Key, KeyRange, Partition};
 use crate::onesided::{ClientOneSided, TransportKind};
-use crate::proto::{ClusterInfo, Control, Role, Status, WorkerStats};
+use crate::proto::{
+    request_timestamp, segment_of, task_of, ClusterInfo, Control, Role, Status, WorkerStats,
+    TASK_BITS,
+};
 use crate::value::Value;
 
 /// Identifies a task (a push, pull or push-pull) of one worker. Increases by one per task.
@@ -171,7 +180,8 @@ impl<T: bytemuck::Pod + Send + Sync> From<&Vec<T>> for Shared<T> {
 /// Values returned by a pull: one segment per answering server, each still in the buffer
 /// it was received into (no copy until you ask for one). A server that owns several
 /// ranges answers for all of its keys in one segment, so segments are in server order,
-/// not necessarily in key order: [`copy_to`](Self::copy_to) puts values back in key order.
+/// not necessarily in key order (and parts resent after a routing change come last):
+/// [`copy_to`](Self::copy_to) puts values back in key order.
 pub struct Pulled<T> {
     /// Each answer with the runs of the request's keys it holds, in its order.
     parts: Vec<Answer>,
@@ -256,18 +266,361 @@ impl<T: Value> Pulled<T> {
 }
 
 /// One server's answer to a task, with the runs of the request's keys it holds.
-type Answer = (OwnedFrame, Vec<std::ops::Range<usize>>);
+type Answer = (OwnedFrame, Vec<Range<usize>>);
 
-/// What a task expects from one server.
+/// How often the retry thread looks at segments waiting for a delayed resend.
+const RETRY_TICK: Duration = Duration::from_millis(2);
+/// The first delay before resending a request a server refused as stale while this
+/// worker has no newer table (the server may be the one behind); it doubles with each
+/// attempt, up to [`RETRY_MAX_DELAY`].
+const RETRY_DELAY: Duration = Duration::from_millis(3);
+/// The longest delay between resends of a request refused as stale.
+const RETRY_MAX_DELAY: Duration = Duration::from_millis(200);
+/// Most segments one task may have: the segment index has the bits of a request's
+/// `timestamp` above [`TASK_BITS`].
+const MAX_SEGMENTS: usize = 1 << (64 - TASK_BITS);
+
+/// Why a segment failed: kept to end its task with a clear error if no resend succeeds
+/// within the worker's timeout.
+#[derive(Clone, Debug)]
+enum Failure {
+    /// The server's connection closed, or a send to it failed.
+    Disconnected {
+        /// Rank of the server.
+        server: u32,
+    },
+    /// The server answered with an error status.
+    Refused {
+        /// Rank of the server.
+        server: u32,
+        /// The status.
+        status: Status,
+        /// The server's text.
+        message: String,
+    },
+}
+
+impl Failure {
+    fn error(&self) -> EngineError {
+        match self {
+            Failure::Disconnected { server } => EngineError::Disconnected { server: *server },
+            Failure::Refused {
+                server,
+                status,
+                message,
+            } => EngineError::Server {
+                server: *server,
+                status: *status,
+                message: message.clone(),
+            },
+        }
+    }
+
+    /// Whether it is worth resending after a delay under the same table.
+    fn stale(&self) -> bool {
+        matches!(
+            self,
+            Failure::Refused {
+                status: Status::StaleEpoch,
+                ..
+            }
+        )
+    }
+}
+
+/// Where a segment stands.
+#[derive(Debug)]
+enum SegState {
+    /// Sent (or about to be); its answer is expected.
+    Sent,
+    /// Failed retryably; waits for a resend under a newer table (or, when refused as
+    /// stale, after `resend_at`).
+    Waiting {
+        /// The last failure.
+        failure: Failure,
+        /// When to resend even without a newer table.
+        resend_at: Option<Instant>,
+    },
+    /// Answered, failed for good, or replaced by resent segments.
+    Done,
+}
+
+/// One message of a task: what it expects from one server.
 struct Segment {
     server: u32,
     /// Values expected (pulls), in elements.
     values: usize,
-    answered: bool,
+    state: SegState,
     part: Option<OwnedFrame>,
     /// Where this segment's keys sit in the request's key order (index ranges, in the
-    /// order its answer holds them).
-    runs: Vec<std::ops::Range<usize>>,
+    /// order its answer holds them; for ranges, offsets from the range's begin). A
+    /// replaced segment has none.
+    runs: Vec<Range<usize>>,
+    /// The epoch of the routing table it was split with.
+    epoch: u64,
+    /// When the first segment it descends from failed (resent segments inherit it).
+    failed_at: Option<Instant>,
+    /// How many times its keys were resent before it.
+    attempt: u32,
+}
+
+/// The keys of a request.
+enum RequestKeys {
+    /// A sorted key list.
+    List(Shared<Key>),
+    /// A dense range (runs are offsets from its begin).
+    Range(KeyRange),
+}
+
+/// The key and value payloads of the message holding some runs of a request's keys.
+type Body = Box<dyn Fn(&[Range<usize>]) -> (Payload, Payload) + Send + Sync>;
+
+/// A task's request, kept to build its messages: the first ones, and those that resend a
+/// failed segment's keys under a newer routing table (same message, new epoch, new
+/// segment index).
+struct Request {
+    keys: RequestKeys,
+    /// Kind, sender, dtype, value length, function, clock and flags; the timestamp and
+    /// epoch are set per message.
+    header: Header,
+    /// Values per key.
+    vlen: usize,
+    /// Whether it goes to every server (an empty message where it has no keys) to carry
+    /// the worker's clock.
+    clocked: bool,
+    body: Body,
+}
+
+impl Request {
+    /// A request for sorted `keys` (values from `values`, gathered per message).
+    fn keyed<T: Value>(
+        header: Header,
+        vlen: usize,
+        clocked: bool,
+        keys: Shared<Key>,
+        values: Option<Shared<T>>,
+    ) -> Request {
+        let ks = keys.clone();
+        let body = move |runs: &[Range<usize>]| -> (Payload, Payload) {
+            if runs.len() <= 1 {
+                let idx = runs.first().cloned().unwrap_or(0..0);
+                let vals = match &values {
+                    Some(v) => v.payload(idx.start * vlen..idx.end * vlen),
+                    None => Payload::empty(),
+                };
+                return (ks.payload(idx), vals);
+            }
+            // A server owning several runs gets them gathered into one key list,
+            // scattered back on answer.
+            let k = ks.as_slice();
+            let n: usize = runs.iter().map(|r| r.len()).sum();
+            let gathered: Vec<Key> = runs
+                .iter()
+                .flat_map(|r| k[r.clone()].iter().copied())
+                .collect();
+            let vals = match &values {
+                Some(v) => {
+                    let v = v.as_slice();
+                    let vs: Vec<T> = runs
+                        .iter()
+                        .flat_map(|r| v[r.start * vlen..r.end * vlen].iter().copied())
+                        .collect();
+                    Shared::from(vs).payload(0..n * vlen)
+                }
+                None => Payload::empty(),
+            };
+            (Shared::from(gathered).payload(0..n), vals)
+        };
+        Request {
+            keys: RequestKeys::List(keys),
+            header,
+            vlen,
+            clocked,
+            body: Box::new(body),
+        }
+    }
+
+    /// A request for every key of `range` (dense values from `values`).
+    fn ranged<T: Value>(
+        header: Header,
+        vlen: usize,
+        clocked: bool,
+        range: KeyRange,
+        values: Option<Shared<T>>,
+    ) -> Request {
+        let body = move |runs: &[Range<usize>]| -> (Payload, Payload) {
+            let (Some(first), Some(last)) = (runs.first(), runs.last()) else {
+                // A clock-only message: no keys, no values.
+                return (Payload::empty(), Payload::empty());
+            };
+            debug_assert!(
+                runs.windows(2).all(|w| w[0].end == w[1].start),
+                "a range message holds one run"
+            );
+            let (from, to) = (first.start, last.end);
+            let vals = match &values {
+                Some(v) => v.payload(from * vlen..to * vlen),
+                None => Payload::empty(),
+            };
+            let keys = vec![range.begin + from as u64, range.begin + to as u64];
+            (Payload::owned(keys), vals)
+        };
+        Request {
+            keys: RequestKeys::Range(range),
+            header,
+            vlen,
+            clocked,
+            body: Box::new(body),
+        }
+    }
+
+    /// All of the request's keys as runs.
+    fn all(&self) -> Vec<Range<usize>> {
+        let n = match &self.keys {
+            RequestKeys::List(k) => k.len(),
+            RequestKeys::Range(r) => r.len() as usize,
+        };
+        if n == 0 {
+            Vec::new()
+        } else {
+            std::iter::once(0..n).collect()
+        }
+    }
+
+    /// Split the keys at `runs` by `table`: per message, its server and runs.
+    fn split(&self, table: &Partition, runs: &[Range<usize>]) -> Vec<(u32, Vec<Range<usize>>)> {
+        match &self.keys {
+            RequestKeys::List(k) => split_key_runs(table, k.as_slice(), runs),
+            RequestKeys::Range(r) => split_range_runs(table, *r, runs),
+        }
+    }
+
+    /// The first messages: every key split by `table`, plus, for clocked requests, an
+    /// empty message to each server of `clock_to` that gets no keys.
+    fn first_plan(&self, table: &Partition, clock_to: &[u32]) -> Vec<(u32, Vec<Range<usize>>)> {
+        let mut plan = self.split(table, &self.all());
+        if self.clocked {
+            for &s in clock_to {
+                if !plan.iter().any(|(p, _)| *p == s) {
+                    plan.push((s, Vec::new()));
+                }
+            }
+            // Stable: a server's several range messages stay in key order.
+            plan.sort_by_key(|(s, _)| *s);
+        }
+        plan
+    }
+
+    /// Segment `index` of task `ts`: the keys at `runs` to `server`, routed by a table
+    /// of epoch `epoch`.
+    fn message(
+        &self,
+        epoch: u64,
+        ts: Timestamp,
+        index: usize,
+        server: u32,
+        runs: Vec<Range<usize>>,
+    ) -> (Segment, OutFrame) {
+        let mut h = self.header;
+        h.timestamp = request_timestamp(ts, index);
+        // The routing table this request was split with: a server at another epoch
+        // refuses it (StaleEpoch) instead of serving keys it may no longer own.
+        h.epoch = u32::try_from(epoch).unwrap_or(u32::MAX);
+        if matches!(self.keys, RequestKeys::Range(_)) && !runs.is_empty() {
+            h.flags |= FLAG_RANGE;
+        }
+        let (keys, values) = (self.body)(&runs);
+        let n: usize = runs.iter().map(|r| r.len()).sum();
+        let seg = Segment {
+            server,
+            values: n * self.vlen,
+            state: SegState::Sent,
+            part: None,
+            runs,
+            epoch,
+            failed_at: None,
+            attempt: 0,
+        };
+        (seg, OutFrame::new(h, keys, values))
+    }
+
+    /// The segments and frames of a plan, numbered from segment `first`.
+    fn messages(
+        &self,
+        table: &Partition,
+        ts: Timestamp,
+        first: usize,
+        plan: Vec<(u32, Vec<Range<usize>>)>,
+    ) -> (Vec<Segment>, Vec<(u32, OutFrame)>) {
+        let mut segments = Vec::with_capacity(plan.len());
+        let mut frames = Vec::with_capacity(plan.len());
+        for (i, (server, runs)) in plan.into_iter().enumerate() {
+            let (seg, frame) = self.message(table.epoch(), ts, first + i, server, runs);
+            segments.push(seg);
+            frames.push((server, frame));
+        }
+        (segments, frames)
+    }
+}
+
+/// Split the keys at `runs` (index ranges into the sorted `keys`) by `table`: one entry
+/// per server, in server order, with its runs in key order (adjacent ones merged).
+fn split_key_runs(
+    table: &Partition,
+    keys: &[Key],
+    runs: &[Range<usize>],
+) -> Vec<(u32, Vec<Range<usize>>)> {
+    let mut groups: BTreeMap<u32, Vec<Range<usize>>> = BTreeMap::new();
+    for run in runs {
+        for (server, r) in table.split_keys(&keys[run.clone()]) {
+            let r = run.start + r.start..run.start + r.end;
+            let g = groups.entry(server as u32).or_default();
+            match g.last_mut() {
+                Some(last) if last.end == r.start => last.end = r.end,
+                _ => g.push(r),
+            }
+        }
+    }
+    groups.into_iter().collect()
+}
+
+/// Split the keys at `runs` (offsets from `range.begin`) by `table`: one entry per part
+/// with one owner, in key order, each with its one run.
+fn split_range_runs(
+    table: &Partition,
+    range: KeyRange,
+    runs: &[Range<usize>],
+) -> Vec<(u32, Vec<Range<usize>>)> {
+    let mut out = Vec::new();
+    for run in runs {
+        let piece = KeyRange::new(range.begin + run.start as u64, range.begin + run.end as u64);
+        for (server, p) in table.split_range(piece) {
+            let at = (p.begin - range.begin) as usize;
+            out.push((
+                server as u32,
+                std::iter::once(at..at + p.len() as usize).collect(),
+            ));
+        }
+    }
+    out
+}
+
+/// Whether `server` holds any range of `table` (as head or replica).
+fn in_table(table: &Partition, server: u32) -> bool {
+    table.owners().contains(&server) || table.followers().iter().any(|f| f.contains(&server))
+}
+
+/// What one look at a task's waiting segments decided.
+#[derive(Default)]
+struct Resend {
+    /// Segments added (resends).
+    added: usize,
+    /// Segments settled (replaced, dropped or given up).
+    closed: usize,
+    /// The resends' frames, by server.
+    sends: Vec<(u32, OutFrame)>,
+    /// Whether some segment still waits.
+    waiting: bool,
 }
 
 struct TaskState {
@@ -278,9 +631,134 @@ struct TaskState {
     keeps_values: bool,
     /// Element type tag expected in answers.
     dtype: u8,
+    /// The request, to resend failed segments (None: refused before sending).
+    request: Option<Arc<Request>>,
+    /// Whether the consistency gate let it start (before that, its messages are parked
+    /// unsent, and nothing of it may be resent).
+    started: bool,
+}
+
+impl TaskState {
+    /// Segment `seg` failed retryably at `now`: let it wait for a resend.
+    fn park(&mut self, seg: usize, failure: Failure, now: Instant) {
+        let s = &mut self.segments[seg];
+        let resend_at = failure.stale().then(|| {
+            let backoff = RETRY_DELAY
+                .saturating_mul(1 << s.attempt.min(16))
+                .min(RETRY_MAX_DELAY);
+            now + backoff
+        });
+        s.failed_at.get_or_insert(now);
+        s.state = SegState::Waiting { failure, resend_at };
+    }
+
+    /// Resend the waiting segments that are due under `table` (a newer table than they
+    /// were routed with, or a stale refusal's delay passed), give up on those waiting for
+    /// `timeout` since they first failed, and drop keyless ones whose server is gone
+    /// (`alive` says whose connection is open).
+    fn resend_due(
+        &mut self,
+        ts: Timestamp,
+        table: &Partition,
+        now: Instant,
+        timeout: Duration,
+        alive: &dyn Fn(u32) -> bool,
+    ) -> Resend {
+        let mut out = Resend::default();
+        let Some(req) = self.request.clone().filter(|_| self.started) else {
+            return out;
+        };
+        for i in 0..self.segments.len() {
+            let seg = &self.segments[i];
+            let SegState::Waiting { failure, resend_at } = &seg.state else {
+                continue;
+            };
+            let since = seg.failed_at.unwrap_or(now);
+            let keyless = seg.runs.is_empty();
+            if keyless && !(alive(seg.server) && in_table(table, seg.server)) {
+                // A clock-only message to a server that is gone: nothing to resend.
+                self.segments[i].state = SegState::Done;
+                out.closed += 1;
+                continue;
+            }
+            let give_up = |st: &mut TaskState, out: &mut Resend, failure: Failure| {
+                st.error.get_or_insert(failure.error());
+                st.segments[i].state = SegState::Done;
+                st.segments[i].runs.clear();
+                out.closed += 1;
+            };
+            if now.saturating_duration_since(since) >= timeout {
+                let failure = failure.clone();
+                tracing::warn!(
+                    ts,
+                    segment = i,
+                    ?failure,
+                    "no resend succeeded in time; task fails"
+                );
+                give_up(self, &mut out, failure);
+                continue;
+            }
+            let due = table.epoch() > seg.epoch || resend_at.is_some_and(|t| now >= t);
+            if !due {
+                out.waiting = true;
+                continue;
+            }
+            let plan = if keyless {
+                vec![(seg.server, Vec::new())]
+            } else {
+                req.split(table, &seg.runs)
+            };
+            if self.segments.len() + plan.len() > MAX_SEGMENTS {
+                let failure = failure.clone();
+                give_up(self, &mut out, failure);
+                continue;
+            }
+            let attempt = seg.attempt + 1;
+            tracing::debug!(
+                ts,
+                segment = i,
+                server = seg.server,
+                epoch = table.epoch(),
+                messages = plan.len(),
+                "resending a failed segment"
+            );
+            let seg = &mut self.segments[i];
+            seg.state = SegState::Done;
+            seg.runs.clear();
+            seg.part = None;
+            for (server, runs) in plan {
+                let index = self.segments.len();
+                let (mut s, frame) = req.message(table.epoch(), ts, index, server, runs);
+                s.failed_at = Some(since);
+                s.attempt = attempt;
+                self.segments.push(s);
+                out.sends.push((server, frame));
+                out.added += 1;
+            }
+            out.closed += 1;
+        }
+        out
+    }
+
+    /// The answered segments' values with their runs (replaced segments hold none).
+    fn take_answers(&mut self) -> Vec<Answer> {
+        self.segments
+            .iter_mut()
+            .filter_map(|s| s.part.take().map(|p| (p, std::mem::take(&mut s.runs))))
+            .collect()
+    }
+
+    /// The failure of a segment still waiting for a resend, if any.
+    fn waiting_failure(&self) -> Option<&Failure> {
+        self.segments.iter().find_map(|s| match &s.state {
+            SegState::Waiting { failure, .. } => Some(failure),
+            _ => None,
+        })
+    }
 }
 
 struct Task {
+    /// Segments not yet settled (sent or waiting for a resend).
     remaining: AtomicUsize,
     state: Mutex<TaskState>,
 }
@@ -295,50 +773,153 @@ impl Task {
 /// `finish` on a loop thread must find its frames already parked).
 struct GateState {
     gate: Gate,
-    /// Frames of submitted tasks that may not start yet.
-    deferred: HashMap<Timestamp, Vec<(u32, OutFrame)>>,
+    /// Frames of submitted tasks that may not start yet, with the routing table epoch
+    /// they were split with.
+    deferred: HashMap<Timestamp, (u64, Vec<(u32, OutFrame)>)>,
     /// The next task's timestamp (allocated under this lock, so submissions are in order).
     next_ts: Timestamp,
 }
 
-/// State shared between the application threads and the event loops.
+/// What an answer (or a failure) does to its segment.
+enum Outcome {
+    /// The segment is settled.
+    Done,
+    /// The segment failed retryably: resend it when possible.
+    Retry(Failure),
+}
+
+/// State shared between the application threads, the event loops and the retry thread.
 struct Core {
     tasks: Mutex<HashMap<Timestamp, Arc<Task>>>,
     control: Sender<Control>,
     gate: Mutex<GateState>,
     servers: std::sync::OnceLock<Vec<Conn>>,
+    /// The routing table requests are split by (None until the welcome; replaced by
+    /// newer tables from the scheduler).
+    table: RwLock<Option<Arc<Partition>>>,
+    /// Tasks with segments waiting for a resend.
+    retrying: Mutex<HashSet<Timestamp>>,
+    /// Wakes the retry thread.
+    wake: Sender<()>,
+    /// Tells the retry thread to stop.
+    stop: AtomicBool,
+    /// How long a failed segment may wait for a successful resend.
+    timeout: Duration,
 }
 
 impl Core {
-    /// Record one server's part of a task; returns the task when it is now complete.
-    fn settle(&self, ts: Timestamp, server: u32, settle: impl FnOnce(&mut TaskState, usize)) {
+    fn new(control: Sender<Control>, wake: Sender<()>, timeout: Duration) -> Core {
+        Core {
+            tasks: Mutex::new(HashMap::new()),
+            control,
+            gate: Mutex::new(GateState {
+                gate: Gate::new(),
+                deferred: HashMap::new(),
+                next_ts: 1,
+            }),
+            servers: std::sync::OnceLock::new(),
+            table: RwLock::new(None),
+            retrying: Mutex::new(HashSet::new()),
+            wake,
+            stop: AtomicBool::new(false),
+            timeout,
+        }
+    }
+
+    /// The current routing table.
+    ///
+    /// # Panics
+    /// Before the welcome's table is installed (a `Worker` always has one).
+    fn table(&self) -> Arc<Partition> {
+        self.table
+            .read()
+            .clone()
+            .expect("the routing table is installed before the worker is used")
+    }
+
+    /// Install `table` if it is newer than the current one; returns whether it did.
+    fn install(&self, table: Partition) -> bool {
+        let mut t = self.table.write();
+        if t.as_ref().is_some_and(|cur| cur.epoch() >= table.epoch()) {
+            return false;
+        }
+        *t = Some(Arc::new(table));
+        true
+    }
+
+    fn wake(&self) {
+        let _ = self.wake.send(());
+    }
+
+    /// Whether the connection to `server` is open.
+    fn alive(&self, server: u32) -> bool {
+        self.servers
+            .get()
+            .and_then(|s| s.get(server as usize))
+            .is_some_and(|c| !c.is_closed())
+    }
+
+    /// Record the answer (or failure) of the segment a request's `stamp` names, sent to
+    /// `server`.
+    fn settle(
+        &self,
+        stamp: u64,
+        server: u32,
+        settle: impl FnOnce(&mut TaskState, usize) -> Outcome,
+    ) {
+        let (ts, seg) = (task_of(stamp), segment_of(stamp));
         let Some(task) = self.tasks.lock().get(&ts).cloned() else {
             tracing::warn!(server, ts, "answer for an unknown task; dropped");
             return;
         };
         let mut st = task.state.lock();
-        let Some(seg) = st
+        let expected = st
             .segments
-            .iter()
-            .position(|s| s.server == server && !s.answered)
-        else {
-            tracing::warn!(server, ts, "duplicate or unexpected answer; dropped");
+            .get(seg)
+            .is_some_and(|s| s.server == server && matches!(s.state, SegState::Sent));
+        if !expected {
+            tracing::warn!(server, ts, seg, "duplicate or unexpected answer; dropped");
             return;
-        };
-        st.segments[seg].answered = true;
-        settle(&mut st, seg);
-        let left = task.remaining.fetch_sub(1, Ordering::AcqRel) - 1;
-        if left == 0 {
-            if let Some(t) = st.waiter.take() {
-                t.unpark();
-            } else if !st.keeps_values && st.error.is_none() {
-                // A push nobody waits for yet: forget it, so un-waited pushes do not pile
-                // up. `wait` on it later finds it gone and below `next_ts`: done, no error.
-                drop(st);
-                self.tasks.lock().remove(&ts);
-            }
-            self.task_done(ts);
         }
+        match settle(&mut st, seg) {
+            Outcome::Done => {
+                st.segments[seg].state = SegState::Done;
+                self.count_off(ts, &task, st, 1);
+            }
+            Outcome::Retry(failure) => {
+                tracing::debug!(server, ts, seg, ?failure, "segment failed; will resend");
+                st.park(seg, failure, Instant::now());
+                drop(st);
+                self.retrying.lock().insert(ts);
+                self.wake();
+            }
+        }
+    }
+
+    /// `n` segments of task `ts` were settled (under its lock `st`): count them off, and
+    /// finish the task when none is left.
+    fn count_off(&self, ts: Timestamp, task: &Task, mut st: MutexGuard<'_, TaskState>, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let left = task.remaining.fetch_sub(n, Ordering::AcqRel) - n;
+        if left > 0 {
+            return;
+        }
+        let forget = match st.waiter.take() {
+            Some(t) => {
+                t.unpark();
+                false
+            }
+            // A push nobody waits for yet: forget it, so un-waited pushes do not pile
+            // up. `wait` on it later finds it gone and below `next_ts`: done, no error.
+            None => !st.keeps_values && st.error.is_none(),
+        };
+        drop(st);
+        if forget {
+            self.tasks.lock().remove(&ts);
+        }
+        self.task_done(ts);
     }
 
     /// Task `ts` finished: tell the gate and start what it releases.
@@ -349,24 +930,59 @@ impl Core {
             let mut finished = vec![ts];
             while let Some(t) = finished.pop() {
                 for ready in g.gate.finish(t) {
-                    let frames = g.deferred.remove(&ready).unwrap_or_default();
+                    let (epoch, frames) = g.deferred.remove(&ready).unwrap_or_default();
                     if frames.is_empty() {
                         // Nothing to send (empty or refused before sending): done at once.
                         finished.push(ready);
                     } else {
-                        start.push((ready, frames));
+                        start.push((ready, epoch, frames));
                     }
                 }
             }
         }
-        for (t, frames) in start {
+        for (t, epoch, frames) in start {
+            if let Some(task) = self.tasks.lock().get(&t).cloned() {
+                task.state.lock().started = true;
+            }
+            if epoch != self.table().epoch() {
+                // Split with a table replaced while the task waited: resplit it now
+                // rather than have the servers refuse it.
+                self.requeue(t);
+                continue;
+            }
             for (server, frame) in frames {
-                self.send(t, server, frame);
+                self.send(server, frame);
             }
         }
     }
 
-    fn send(&self, ts: Timestamp, server: u32, frame: OutFrame) {
+    /// Let every unsent segment of task `ts` wait for a resend under the current table.
+    fn requeue(&self, ts: Timestamp) {
+        let Some(task) = self.tasks.lock().get(&ts).cloned() else {
+            return;
+        };
+        let mut st = task.state.lock();
+        let now = Instant::now();
+        for i in 0..st.segments.len() {
+            if matches!(st.segments[i].state, SegState::Sent) {
+                let server = st.segments[i].server;
+                let failure = Failure::Refused {
+                    server,
+                    status: Status::StaleEpoch,
+                    message: "not sent: the routing table changed while the task waited to start"
+                        .into(),
+                };
+                st.park(i, failure, now);
+            }
+        }
+        drop(st);
+        self.retrying.lock().insert(ts);
+        self.wake();
+    }
+
+    /// Send a request to `server`; a failed send fails its segment retryably.
+    fn send(&self, server: u32, frame: OutFrame) {
+        let stamp = frame.header().timestamp;
         let conn = self.servers.get().and_then(|s| s.get(server as usize));
         let result = match conn {
             Some(c) => c.send(frame).map_err(|e| e.to_string()),
@@ -374,13 +990,13 @@ impl Core {
         };
         if let Err(e) = result {
             tracing::debug!(server, error = %e, "send failed");
-            self.settle(ts, server, |st, _| {
-                st.error.get_or_insert(EngineError::Disconnected { server });
+            self.settle(stamp, server, |_, _| {
+                Outcome::Retry(Failure::Disconnected { server })
             });
         }
     }
 
-    /// Fail every segment still waiting on `server`.
+    /// Every segment still waiting on `server` fails retryably.
     fn server_lost(&self, server: u32) {
         let pending: Vec<(Timestamp, Arc<Task>)> = self
             .tasks
@@ -388,18 +1004,112 @@ impl Core {
             .iter()
             .map(|(ts, t)| (*ts, t.clone()))
             .collect();
+        let now = Instant::now();
+        let mut any = false;
         for (ts, task) in pending {
-            let waiting = task
-                .state
-                .lock()
-                .segments
-                .iter()
-                .any(|s| s.server == server && !s.answered);
-            if waiting {
-                self.settle(ts, server, |st, _| {
-                    st.error.get_or_insert(EngineError::Disconnected { server });
-                });
+            let mut st = task.state.lock();
+            if !st.started {
+                // Parked by the gate: its messages go out (and fail, if the server is
+                // gone) when it starts.
+                continue;
             }
+            let mut hit = false;
+            for i in 0..st.segments.len() {
+                let s = &st.segments[i];
+                if s.server == server && matches!(s.state, SegState::Sent) {
+                    st.park(i, Failure::Disconnected { server }, now);
+                    hit = true;
+                }
+            }
+            drop(st);
+            if hit {
+                self.retrying.lock().insert(ts);
+                any = true;
+            }
+        }
+        if any {
+            tracing::info!(
+                server,
+                "server connection lost; its requests wait for a resend"
+            );
+            self.wake();
+        }
+    }
+
+    /// Resend what is due of every task with waiting segments.
+    fn retry_pass(&self) {
+        let list: Vec<Timestamp> = self.retrying.lock().iter().copied().collect();
+        if list.is_empty() {
+            return;
+        }
+        let table = self.table();
+        let now = Instant::now();
+        for ts in list {
+            let Some(task) = self.tasks.lock().get(&ts).cloned() else {
+                self.retrying.lock().remove(&ts);
+                continue;
+            };
+            let mut st = task.state.lock();
+            let r = st.resend_due(ts, &table, now, self.timeout, &|s| self.alive(s));
+            if !r.waiting {
+                self.retrying.lock().remove(&ts);
+            }
+            // New segments first, so the task cannot complete before they are answered.
+            task.remaining.fetch_add(r.added, Ordering::AcqRel);
+            self.count_off(ts, &task, st, r.closed);
+            for (server, frame) in r.sends {
+                self.send(server, frame);
+            }
+        }
+    }
+}
+
+/// The thread that resends failed segments: woken when a segment fails or a new table
+/// arrives, and every [`RETRY_TICK`] while segments wait. Stopped when dropped.
+struct Retrier {
+    core: Arc<Core>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Retrier {
+    fn start(core: Arc<Core>, wake: Receiver<()>) -> Result<Retrier, EngineError> {
+        let c = core.clone();
+        let thread = std::thread::Builder::new()
+            .name("pserv-retry".into())
+            .spawn(move || loop {
+                let wait = if c.retrying.lock().is_empty() {
+                    Duration::from_millis(100)
+                } else {
+                    RETRY_TICK
+                };
+                if let Err(crossbeam_channel::RecvTimeoutError::Disconnected) =
+                    wake.recv_timeout(wait)
+                {
+                    return;
+                }
+                while wake.try_recv().is_ok() {}
+                if c.stop.load(Ordering::Acquire) {
+                    return;
+                }
+                c.retry_pass();
+            })
+            .map_err(|source| EngineError::Io {
+                context: "starting the worker's retry thread".into(),
+                source,
+            })?;
+        Ok(Retrier {
+            core,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Retrier {
+    fn drop(&mut self) {
+        self.core.stop.store(true, Ordering::Release);
+        self.core.wake();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }
@@ -414,6 +1124,15 @@ impl Handler for WorkerHandler {
         let h = *f.header();
         if conn.tag() == SCHEDULER_TAG {
             match Control::from_frame(&f) {
+                Ok(Control::Table { partition }) => {
+                    let epoch = partition.epoch();
+                    if self.core.install(partition) {
+                        tracing::info!(epoch, "new routing table installed");
+                        self.core.wake();
+                    } else {
+                        tracing::debug!(epoch, "routing table not newer than ours; ignored");
+                    }
+                }
                 Ok(msg) => {
                     let _ = self.core.control.send(msg);
                 }
@@ -438,19 +1157,25 @@ impl Handler for WorkerHandler {
         }
         let server = server as u32;
         let value_bytes = f.values().len();
+        let status = Status::from_u8(h.status);
         let error_text = (h.status != Status::Ok as u8)
             .then(|| String::from_utf8_lossy(f.values()).into_owned());
         self.core.settle(h.timestamp, server, |st, seg| {
             if let Some(message) = error_text {
-                st.error.get_or_insert(EngineError::Server {
+                let failure = Failure::Refused {
                     server,
-                    status: Status::from_u8(h.status),
+                    status,
                     message,
-                });
-                return;
+                };
+                if matches!(status, Status::StaleEpoch | Status::NotOwner) {
+                    // Routed by a table the server does not share: resend by a newer one.
+                    return Outcome::Retry(failure);
+                }
+                st.error.get_or_insert(failure.error());
+                return Outcome::Done;
             }
             if !st.keeps_values {
-                return;
+                return Outcome::Done;
             }
             let want = st.segments[seg].values;
             let elem = pserv_transport::DType::from_u8(st.dtype).map_or(1, |d| d.size());
@@ -463,9 +1188,10 @@ impl Handler for WorkerHandler {
                         h.dtype, st.dtype
                     ),
                 });
-                return;
+                return Outcome::Done;
             }
             st.segments[seg].part = Some(frame.into_owned());
+            Outcome::Done
         });
     }
 
@@ -497,22 +1223,16 @@ pub struct Worker {
     timeout: Duration,
     transport: TcpTransport,
     onesided: Option<ClientOneSided>,
+    /// Resends failed segments; stops when the worker is dropped.
+    _retrier: Retrier,
 }
 
 impl Worker {
     /// Register with the scheduler, wait for the cluster table, connect to every server.
     pub fn connect(cfg: WorkerConfig) -> Result<Worker, EngineError> {
         let (tx, rx) = crossbeam_channel::unbounded();
-        let core = Arc::new(Core {
-            tasks: Mutex::new(HashMap::new()),
-            control: tx,
-            gate: Mutex::new(GateState {
-                gate: Gate::new(),
-                deferred: HashMap::new(),
-                next_ts: 1,
-            }),
-            servers: std::sync::OnceLock::new(),
-        });
+        let (wake_tx, wake_rx) = crossbeam_channel::unbounded();
+        let core = Arc::new(Core::new(tx, wake_tx, cfg.timeout));
         let transport =
             TcpTransport::start(cfg.tcp.clone(), |_| WorkerHandler { core: core.clone() })?;
         let scheduler = transport.connect(cfg.scheduler, Duration::from_secs(10))?;
@@ -546,6 +1266,8 @@ impl Worker {
                 )))
             }
         };
+        // A newer table may already have come (then the welcome's is not installed).
+        core.install(cluster.partition.clone());
         transport.repin(node_id as usize);
         let mut servers = Vec::with_capacity(cluster.servers.len());
         for s in &cluster.servers {
@@ -563,6 +1285,7 @@ impl Worker {
             }
             Err(e) => return Err(e),
         };
+        let retrier = Retrier::start(core.clone(), wake_rx)?;
         Ok(Worker {
             core,
             node_id,
@@ -578,6 +1301,7 @@ impl Worker {
             timeout: cfg.timeout,
             transport,
             onesided,
+            _retrier: retrier,
         })
     }
 
@@ -591,9 +1315,17 @@ impl Worker {
         self.node_id
     }
 
-    /// The cluster table.
+    /// The cluster table as the scheduler's welcome gave it (its `partition` is the
+    /// first routing table; see [`table`](Self::table) for the current one).
     pub fn cluster(&self) -> &ClusterInfo {
         &self.cluster
+    }
+
+    /// The routing table requests are split by now: the welcome's, or a newer one the
+    /// scheduler sent after a server failed, joined or left (requests routed with an
+    /// older one are resent by this worker).
+    pub fn table(&self) -> Arc<Partition> {
+        self.core.table()
     }
 
     /// Number of workers in the cluster.
@@ -734,17 +1466,16 @@ impl Worker {
     /// that wants the one-sided path.
     pub fn open_window(&self, range: KeyRange) -> Result<Vec<(u32, bool, String)>, EngineError> {
         let mut out = Vec::new();
+        let table = self.table();
         let Some(os) = &self.onesided else {
-            return Ok(self
-                .cluster
-                .partition
+            return Ok(table
                 .split_range(range)
                 .into_iter()
                 .map(|(s, _)| (s as u32, false, "transport tcp".to_owned()))
                 .collect());
         };
         let host = crate::onesided::host_id();
-        for (server, piece) in self.cluster.partition.split_range(range) {
+        for (server, piece) in table.split_range(range) {
             let server = server as u32;
             let (pending, endpoint) = os.backend.prepare()?;
             let msg = Control::OpenWindow {
@@ -824,7 +1555,7 @@ impl Worker {
             )));
         }
         let mut at = 0usize;
-        for (server, piece) in self.cluster.partition.split_range(range) {
+        for (server, piece) in self.table().split_range(range) {
             let n = piece.len() as usize * vl;
             let dst = &mut out[at..at + n];
             at += n;
@@ -867,7 +1598,7 @@ impl Worker {
         }
         let mut at = 0usize;
         let mut tcp = Vec::new();
-        for (server, piece) in self.cluster.partition.split_range(range) {
+        for (server, piece) in self.table().split_range(range) {
             let n = piece.len() as usize * vl;
             let src = &values[at..at + n];
             at += n;
@@ -908,14 +1639,15 @@ impl Worker {
     }
 
     /// Allocate the next timestamp, record the task, and start it now or park it until
-    /// the gate lets it start. `build` makes the task's segments and frames for the
-    /// timestamp, or refuses the request (the task then fails at once, without sending).
+    /// the gate lets it start. `build` makes the task's request, or refuses it (the task
+    /// then fails at once, without sending); the request is split by the current routing
+    /// table into one message per server.
     fn launch(
         &self,
         kind: MessageKind,
         dtype: u8,
         opts: &TaskOpts,
-        build: impl FnOnce(Timestamp) -> Result<(Vec<Segment>, Vec<(u32, OutFrame)>), EngineError>,
+        build: impl FnOnce() -> Result<Request, EngineError>,
     ) -> Timestamp {
         let model = opts.consistency.unwrap_or(self.consistency);
         let (ts, start) = {
@@ -927,13 +1659,28 @@ impl Worker {
                 Some(d) => Err(EngineError::InvalidRequest(format!(
                     "task {ts} cannot wait for task {d}: dependencies must be earlier tasks"
                 ))),
-                None => build(ts),
+                None => build(),
             };
-            let (segments, frames, error) = match built {
-                Ok((segments, frames)) => (segments, frames, None),
-                Err(e) => (Vec::new(), Vec::new(), Some(e)),
+            // One table for the split and for the epoch of every message.
+            let table = self.table();
+            let (request, segments, frames, error) = match built {
+                Ok(request) => {
+                    let clock_to: Vec<u32> = if request.clocked {
+                        (0..self.servers.len() as u32)
+                            .filter(|&s| self.core.alive(s) && in_table(&table, s))
+                            .collect()
+                    } else {
+                        Vec::new()
+                    };
+                    let plan = request.first_plan(&table, &clock_to);
+                    let (segments, frames) = request.messages(&table, ts, 0, plan);
+                    (Some(Arc::new(request)), segments, frames, None)
+                }
+                Err(e) => (None, Vec::new(), Vec::new(), Some(e)),
             };
             let deps: &[Timestamp] = if error.is_some() { &[] } else { &opts.after };
+            // Under the gate lock: nothing can release it before it is recorded.
+            let started = g.gate.submit(ts, model, deps);
             let task = Arc::new(Task {
                 remaining: AtomicUsize::new(segments.len()),
                 state: Mutex::new(TaskState {
@@ -942,13 +1689,15 @@ impl Worker {
                     waiter: None,
                     keeps_values: kind != MessageKind::Push,
                     dtype,
+                    request,
+                    started,
                 }),
             });
             self.core.tasks.lock().insert(ts, task);
-            if g.gate.submit(ts, model, deps) {
+            if started {
                 (ts, Some(frames))
             } else {
-                g.deferred.insert(ts, frames);
+                g.deferred.insert(ts, (table.epoch(), frames));
                 (ts, None)
             }
         };
@@ -956,7 +1705,7 @@ impl Worker {
             Some(frames) if frames.is_empty() => self.core.task_done(ts),
             Some(frames) => {
                 for (server, frame) in frames {
-                    self.core.send(ts, server, frame);
+                    self.core.send(server, frame);
                 }
             }
             None => {}
@@ -975,15 +1724,13 @@ impl Worker {
         Ok(())
     }
 
-    /// The header of a request of task `ts`, with its consistency clock and flags.
-    fn header<T: Value>(&self, kind: MessageKind, ts: Timestamp, opts: &TaskOpts) -> Header {
-        let mut h = Header::new(kind, self.node_id, ts);
+    /// The header of a request, with its consistency clock and flags (the timestamp and
+    /// the routing epoch are set per message, see [`Request::message`]).
+    fn header<T: Value>(&self, kind: MessageKind, opts: &TaskOpts) -> Header {
+        let mut h = Header::new(kind, self.node_id, 0);
         h.dtype = T::DTYPE as u8;
         h.value_len = self.value_len() as u32;
         h.func = opts.func;
-        // The routing table this request was split with: a server at another epoch
-        // refuses it (StaleEpoch) instead of serving keys it may no longer own.
-        h.epoch = u32::try_from(self.cluster.partition.epoch()).unwrap_or(u32::MAX);
         let clock = self.clock();
         if clock > 0 {
             let model = opts.consistency.unwrap_or(self.consistency);
@@ -1013,7 +1760,7 @@ impl Worker {
         opts: &TaskOpts,
     ) -> Timestamp {
         let vlen = self.value_len();
-        self.launch(kind, T::DTYPE as u8, opts, |ts| {
+        self.launch(kind, T::DTYPE as u8, opts, || {
             let k = keys.as_slice();
             self.check_types::<T>()?;
             if let Some(i) = k.windows(2).position(|w| w[0] >= w[1]) {
@@ -1037,59 +1784,13 @@ impl Worker {
                     )));
                 }
             }
-            // Runs of keys by owner; one message per server (a server owning several
-            // runs gets them gathered into one key list, scattered back on answer).
-            let mut groups: std::collections::BTreeMap<usize, Vec<std::ops::Range<usize>>> =
-                std::collections::BTreeMap::new();
-            for (server, run) in self.cluster.partition.split_keys(k) {
-                groups.entry(server).or_default().push(run);
-            }
-            if self.clocked_write(kind) {
-                // Every server learns this worker's clock, even where it has no keys.
-                for s in 0..self.servers.len() {
-                    groups.entry(s).or_default();
-                }
-            }
-            let mut segments = Vec::with_capacity(groups.len());
-            let mut frames = Vec::with_capacity(groups.len());
-            for (server, runs) in groups {
-                let n: usize = runs.iter().map(|r| r.len()).sum();
-                let (kp, vals) = if runs.len() <= 1 {
-                    let idx = runs.first().cloned().unwrap_or(0..0);
-                    let vals = match &values {
-                        Some(v) => v.payload(idx.start * vlen..idx.end * vlen),
-                        None => Payload::empty(),
-                    };
-                    (keys.payload(idx), vals)
-                } else {
-                    let ks: Vec<Key> = runs
-                        .iter()
-                        .flat_map(|r| k[r.clone()].iter().copied())
-                        .collect();
-                    let vals = match &values {
-                        Some(v) => {
-                            let v = v.as_slice();
-                            let vs: Vec<T> = runs
-                                .iter()
-                                .flat_map(|r| v[r.start * vlen..r.end * vlen].iter().copied())
-                                .collect();
-                            Shared::from(vs).payload(0..n * vlen)
-                        }
-                        None => Payload::empty(),
-                    };
-                    (Shared::from(ks).payload(0..n), vals)
-                };
-                segments.push(Segment {
-                    server: server as u32,
-                    values: n * vlen,
-                    answered: false,
-                    part: None,
-                    runs,
-                });
-                let h = self.header::<T>(kind, ts, opts);
-                frames.push((server as u32, OutFrame::new(h, kp, vals)));
-            }
-            Ok((segments, frames))
+            Ok(Request::keyed(
+                self.header::<T>(kind, opts),
+                vlen,
+                self.clocked_write(kind),
+                keys,
+                values,
+            ))
         })
     }
 
@@ -1100,11 +1801,11 @@ impl Worker {
         values: Option<Shared<T>>,
         opts: &TaskOpts,
     ) -> Timestamp {
-        let vlen = self.value_len() as u64;
-        self.launch(kind, T::DTYPE as u8, opts, |ts| {
+        let vlen = self.value_len();
+        self.launch(kind, T::DTYPE as u8, opts, || {
             self.check_types::<T>()?;
             if let Some(v) = &values {
-                if Some(v.len() as u64) != range.len().checked_mul(vlen) {
+                if Some(v.len() as u64) != range.len().checked_mul(vlen as u64) {
                     return Err(EngineError::InvalidRequest(format!(
                         "{} values for a range of {} keys x {vlen} values per key",
                         v.len(),
@@ -1112,59 +1813,13 @@ impl Worker {
                     )));
                 }
             }
-            let mut parts: Vec<(usize, Option<KeyRange>)> = self
-                .cluster
-                .partition
-                .split_range(range)
-                .into_iter()
-                .map(|(s, r)| (s, Some(r)))
-                .collect();
-            if self.clocked_write(kind) {
-                let have: Vec<usize> = parts.iter().map(|(s, _)| *s).collect();
-                parts.extend(
-                    (0..self.servers.len())
-                        .filter(|s| !have.contains(s))
-                        .map(|s| (s, None)),
-                );
-                parts.sort_by_key(|(s, _)| *s);
-            }
-            let mut segments = Vec::with_capacity(parts.len());
-            let mut frames = Vec::with_capacity(parts.len());
-            for (server, part) in parts {
-                let n = part.map_or(0, |p| p.len());
-                let runs = match part {
-                    Some(p) => {
-                        let at = (p.begin - range.begin) as usize;
-                        std::iter::once(at..at + p.len() as usize).collect()
-                    }
-                    None => Vec::new(),
-                };
-                segments.push(Segment {
-                    server: server as u32,
-                    values: (n * vlen) as usize,
-                    answered: false,
-                    part: None,
-                    runs,
-                });
-                let mut h = self.header::<T>(kind, ts, opts);
-                let frame = match part {
-                    Some(part) => {
-                        h.flags |= FLAG_RANGE;
-                        let vals = match &values {
-                            Some(v) => {
-                                let from = ((part.begin - range.begin) * vlen) as usize;
-                                v.payload(from..from + (part.len() * vlen) as usize)
-                            }
-                            None => Payload::empty(),
-                        };
-                        OutFrame::new(h, Payload::owned(vec![part.begin, part.end]), vals)
-                    }
-                    // A clock-only message: no keys, no values.
-                    None => OutFrame::new(h, Payload::empty(), Payload::empty()),
-                };
-                frames.push((server as u32, frame));
-            }
-            Ok((segments, frames))
+            Ok(Request::ranged(
+                self.header::<T>(kind, opts),
+                vlen,
+                self.clocked_write(kind),
+                range,
+                values,
+            ))
         })
     }
 
@@ -1206,7 +1861,12 @@ impl Worker {
                 while !task.done() {
                     let now = Instant::now();
                     if now >= deadline {
-                        task.state.lock().waiter = None;
+                        let mut st = task.state.lock();
+                        st.waiter = None;
+                        // A segment still waiting for a resend: its failure says more.
+                        if let Some(f) = st.waiting_failure() {
+                            return Err(f.error());
+                        }
                         return Err(EngineError::Timeout(format!(
                             "task {ts} not answered within {:?}",
                             self.timeout
@@ -1221,11 +1881,7 @@ impl Worker {
         if let Some(e) = st.error.take() {
             return Err(e);
         }
-        Ok(st
-            .segments
-            .iter_mut()
-            .filter_map(|s| s.part.take().map(|p| (p, std::mem::take(&mut s.runs))))
-            .collect())
+        Ok(st.take_answers())
     }
 
     /// Wait until every worker has called `barrier` as often as this one.
@@ -1286,5 +1942,398 @@ impl Worker {
         }
         self.transport.shutdown();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ring::Ring;
+    use pserv_transport::wire::DType;
+    use pserv_transport::{BufPool, Frame};
+
+    /// Three servers, 8 virtual nodes each (epoch 1), and the table after server 1 left
+    /// (epoch 2).
+    fn tables() -> (Partition, Partition) {
+        let ring = Ring::new(&[0, 1, 2], 8);
+        let after = ring.remove_server(1);
+        (
+            Partition::from_ring_chains(&ring, 3, 0),
+            Partition::from_ring_chains(&after, 3, 0),
+        )
+    }
+
+    /// All of `n` keys as runs.
+    fn req_all(n: usize) -> Vec<Range<usize>> {
+        std::iter::once(0..n).collect()
+    }
+
+    /// Keys spread over the whole key space.
+    fn spread(n: u64) -> Vec<Key> {
+        (0..n).map(|i| i * (u64::MAX / n)).collect()
+    }
+
+    /// A received frame holding `values`, answering `request`.
+    fn answer(request: &Header, values: &[f32]) -> OwnedFrame {
+        let mut h = *request;
+        h.flags = pserv_transport::wire::FLAG_RESPONSE;
+        h.dtype = DType::F32 as u8;
+        let bytes = pserv_transport::wire::encode(&h, &[], bytemuck::cast_slice(values));
+        let mut buf = vec![0u64; bytes.len().div_ceil(8)];
+        bytemuck::cast_slice_mut::<u64, u8>(&mut buf)[..bytes.len()].copy_from_slice(&bytes);
+        let (frame, _) = Frame::new_checked(bytemuck::cast_slice(&buf), 1 << 20).unwrap();
+        let pool = BufPool::new(4);
+        RecvFrame::Borrowed { frame, pool: &pool }.into_owned()
+    }
+
+    fn pull_header() -> Header {
+        let mut h = Header::new(MessageKind::Pull, 7, 0);
+        h.dtype = DType::F32 as u8;
+        h.value_len = 1;
+        h
+    }
+
+    fn task_state(request: Request, segments: Vec<Segment>) -> TaskState {
+        TaskState {
+            segments,
+            error: None,
+            waiter: None,
+            keeps_values: true,
+            dtype: DType::F32 as u8,
+            request: Some(Arc::new(request)),
+            started: true,
+        }
+    }
+
+    /// Answer every sent segment of a pull of `keys` with the keys themselves as values.
+    fn answer_all(st: &mut TaskState, keys: &[Key], headers: &HashMap<usize, Header>) {
+        for (i, s) in st.segments.iter_mut().enumerate() {
+            if matches!(s.state, SegState::Sent) {
+                let vals: Vec<f32> = s
+                    .runs
+                    .iter()
+                    .flat_map(|r| keys[r.clone()].iter().map(|&k| k as f32))
+                    .collect();
+                s.part = Some(answer(&headers[&i], &vals));
+                s.state = SegState::Done;
+            }
+        }
+    }
+
+    #[test]
+    fn request_timestamps_carry_task_and_segment() {
+        for (ts, seg) in [
+            (1u64, 0usize),
+            (42, 3),
+            ((1 << TASK_BITS) - 1, MAX_SEGMENTS - 1),
+        ] {
+            let stamp = request_timestamp(ts, seg);
+            assert_eq!((task_of(stamp), segment_of(stamp)), (ts, seg));
+        }
+        // Segment 0 leaves the plain task timestamp.
+        assert_eq!(request_timestamp(9, 0), 9);
+    }
+
+    #[test]
+    fn resplitting_failed_keys_covers_exactly_them_grouped_by_new_owner() {
+        let (old, new) = tables();
+        let keys = spread(500);
+        let first = split_key_runs(&old, &keys, &req_all(keys.len()));
+        assert_eq!(
+            first.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
+        let failed = first[1].1.clone();
+        assert!(failed.len() > 1, "server 1 owns several runs: {failed:?}");
+        let again = split_key_runs(&new, &keys, &failed);
+        let servers: Vec<u32> = again.iter().map(|(s, _)| *s).collect();
+        assert!(!servers.contains(&1), "{servers:?}");
+        assert!(
+            servers.windows(2).all(|w| w[0] < w[1]),
+            "one group per server, in order"
+        );
+        let mut covered = Vec::new();
+        for (server, runs) in &again {
+            assert!(runs.windows(2).all(|w| w[0].end < w[1].start), "{runs:?}");
+            for r in runs {
+                assert!(new.owns_keys(*server as usize, &keys[r.clone()]));
+                covered.extend(r.clone());
+            }
+        }
+        covered.sort_unstable();
+        let want: Vec<usize> = failed.iter().flat_map(|r| r.clone()).collect();
+        assert_eq!(covered, want);
+    }
+
+    #[test]
+    fn resplitting_a_failed_range_part_covers_exactly_it() {
+        let (old, new) = tables();
+        let range = KeyRange::new(1000, u64::MAX - 1000);
+        let first = split_range_runs(&old, range, &req_all(range.len() as usize));
+        let (_, failed) = first.iter().find(|(s, _)| *s == 1).unwrap().clone();
+        assert_eq!(failed.len(), 1);
+        let again = split_range_runs(&new, range, &failed);
+        assert!(!again.is_empty());
+        let mut at = failed[0].start;
+        for (server, runs) in &again {
+            assert_eq!(runs.len(), 1);
+            assert_eq!(runs[0].start, at, "in key order, without gaps");
+            at = runs[0].end;
+            let part = KeyRange::new(
+                range.begin + runs[0].start as u64,
+                range.begin + runs[0].end as u64,
+            );
+            assert!(new.owns(*server as usize, &part));
+        }
+        assert_eq!(at, failed[0].end);
+    }
+
+    #[test]
+    fn clocked_requests_reach_every_listed_server() {
+        let (old, _) = tables();
+        let keys: Shared<Key> = vec![5u64].into();
+        let owner = old.server_of(5) as u32;
+        let req = Request::keyed::<f32>(pull_header(), 1, true, keys, None);
+        let plan = req.first_plan(&old, &[0, 1, 2]);
+        assert_eq!(
+            plan.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
+        for (s, runs) in plan {
+            assert_eq!(runs.is_empty(), s != owner);
+        }
+    }
+
+    #[test]
+    fn a_lost_segment_is_resent_by_the_new_table_and_the_pull_scatters_in_key_order() {
+        let (old, new) = tables();
+        let keys = spread(300);
+        let shared: Shared<Key> = keys.clone().into();
+        let req = Request::keyed::<f32>(pull_header(), 1, false, shared, None);
+        let plan = req.first_plan(&old, &[]);
+        let (segments, frames) = req.messages(&old, 5, 0, plan);
+        let mut headers: HashMap<usize, Header> = frames
+            .iter()
+            .map(|(_, f)| (segment_of(f.header().timestamp), *f.header()))
+            .collect();
+        let mut st = task_state(req, segments);
+        let t0 = Instant::now();
+        st.park(1, Failure::Disconnected { server: 1 }, t0);
+        let timeout = Duration::from_secs(60);
+        // Same table: nothing to do yet.
+        let r = st.resend_due(5, &old, t0, timeout, &|_| true);
+        assert!(r.waiting && r.added == 0 && r.closed == 0);
+        // A newer table: server 1's keys go to the others.
+        let r = st.resend_due(5, &new, t0, timeout, &|_| true);
+        assert!(!r.waiting);
+        assert_eq!(r.closed, 1);
+        assert_eq!(r.added, r.sends.len());
+        assert_eq!(st.segments.len(), 3 + r.added);
+        for (server, frame) in &r.sends {
+            let h = frame.header();
+            let seg = segment_of(h.timestamp);
+            assert_eq!(task_of(h.timestamp), 5);
+            assert!(seg >= 3);
+            assert_eq!(st.segments[seg].server, *server);
+            assert_eq!(u64::from(h.epoch), new.epoch());
+            assert_eq!(st.segments[seg].epoch, new.epoch());
+            assert_eq!(st.segments[seg].failed_at, Some(t0));
+            // The message holds the keys of its runs, gathered.
+            let want: Vec<Key> = st.segments[seg]
+                .runs
+                .iter()
+                .flat_map(|r| keys[r.clone()].iter().copied())
+                .collect();
+            assert_eq!(h.key_count as usize, want.len());
+            let (kp, _) = (st.request.as_ref().unwrap().body)(&st.segments[seg].runs);
+            assert_eq!(bytemuck::cast_slice::<u8, Key>(kp.bytes()), &want[..]);
+            headers.insert(seg, *h);
+        }
+        let replaced = &st.segments[1];
+        assert!(matches!(replaced.state, SegState::Done));
+        assert!(replaced.runs.is_empty() && replaced.part.is_none());
+        answer_all(&mut st, &keys, &headers);
+        let pulled: Pulled<f32> = Pulled {
+            parts: st.take_answers(),
+            _t: PhantomData,
+        };
+        let want: Vec<f32> = keys.iter().map(|&k| k as f32).collect();
+        assert_eq!(pulled.to_vec(), want);
+    }
+
+    #[test]
+    fn a_range_part_refused_as_stale_is_resent_as_ranges() {
+        let (old, new) = tables();
+        let range = KeyRange::new(0, 3000);
+        let vals: Vec<f32> = (0..3000).map(|i| i as f32).collect();
+        let mut h = Header::new(MessageKind::Push, 7, 0);
+        h.dtype = DType::F32 as u8;
+        h.value_len = 1;
+        let req = Request::ranged::<f32>(h, 1, false, range, Some(vals.clone().into()));
+        // One table routes the whole small range to one server; the new table may too.
+        let plan = req.first_plan(&old, &[]);
+        let (segments, _) = req.messages(&old, 9, 0, plan);
+        let n = segments.len();
+        let mut st = task_state(req, segments);
+        let t0 = Instant::now();
+        let failure = Failure::Refused {
+            server: st.segments[0].server,
+            status: Status::StaleEpoch,
+            message: "stale".into(),
+        };
+        st.park(0, failure, t0);
+        let r = st.resend_due(9, &new, t0, Duration::from_secs(60), &|_| true);
+        assert_eq!((r.closed, r.added), (1, r.sends.len()));
+        for (server, frame) in &r.sends {
+            let seg = segment_of(frame.header().timestamp);
+            assert!(seg >= n);
+            assert_ne!(frame.header().flags & FLAG_RANGE, 0);
+            let runs = st.segments[seg].runs.clone();
+            let (kp, vp) = (st.request.as_ref().unwrap().body)(&runs);
+            let kr: &[u64] = bytemuck::cast_slice(kp.bytes());
+            let part = KeyRange::new(kr[0], kr[1]);
+            assert!(new.owns(*server as usize, &part));
+            assert_eq!(part.begin, runs[0].start as u64);
+            let v: &[f32] = bytemuck::cast_slice(vp.bytes());
+            assert_eq!(v, &vals[runs[0].clone()]);
+        }
+    }
+
+    #[test]
+    fn stale_refusals_under_the_same_table_are_resent_after_a_delay() {
+        let (old, _) = tables();
+        let keys: Shared<Key> = vec![5u64, 6].into();
+        let req = Request::keyed::<f32>(pull_header(), 1, false, keys, None);
+        let plan = req.first_plan(&old, &[]);
+        let (segments, _) = req.messages(&old, 3, 0, plan);
+        let mut st = task_state(req, segments);
+        let server = st.segments[0].server;
+        let t0 = Instant::now();
+        let stale = || Failure::Refused {
+            server,
+            status: Status::StaleEpoch,
+            message: "behind".into(),
+        };
+        st.park(0, stale(), t0);
+        let timeout = Duration::from_secs(60);
+        let r = st.resend_due(3, &old, t0, timeout, &|_| true);
+        assert!(r.waiting && r.sends.is_empty());
+        let later = t0 + RETRY_DELAY;
+        let r = st.resend_due(3, &old, later, timeout, &|_| true);
+        assert_eq!((r.closed, r.added), (1, 1));
+        assert_eq!(r.sends[0].0, server);
+        assert_eq!(st.segments[1].runs, vec![0..2]);
+        assert_eq!(st.segments[1].attempt, 1);
+        // Refused again: the next delay is longer.
+        st.park(1, stale(), later);
+        let r = st.resend_due(3, &old, later + RETRY_DELAY, timeout, &|_| true);
+        assert!(r.waiting && r.sends.is_empty());
+        let r = st.resend_due(3, &old, later + RETRY_DELAY * 2, timeout, &|_| true);
+        assert_eq!(r.added, 1);
+        // And after the timeout since the first failure, the task fails with it.
+        st.park(2, stale(), later + RETRY_DELAY * 2);
+        let r = st.resend_due(3, &old, t0 + timeout, timeout, &|_| true);
+        assert_eq!((r.closed, r.added, r.waiting), (1, 0, false));
+        assert!(matches!(
+            st.error,
+            Some(EngineError::Server {
+                status: Status::StaleEpoch,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn clock_only_segments_are_dropped_when_their_server_is_gone() {
+        let (old, new) = tables();
+        let keys: Shared<Key> = vec![5u64].into();
+        let owner = old.server_of(5) as u32;
+        let req = Request::keyed::<f32>(pull_header(), 1, true, keys, None);
+        let plan = req.first_plan(&old, &[0, 1, 2]);
+        let (segments, _) = req.messages(&old, 4, 0, plan);
+        let mut st = task_state(req, segments);
+        let t0 = Instant::now();
+        let empty: Vec<usize> = (0..3).filter(|&i| i as u32 != owner).collect();
+        // One keyless segment lost with its server, one refused as stale by a live one.
+        st.park(
+            empty[0],
+            Failure::Disconnected {
+                server: empty[0] as u32,
+            },
+            t0,
+        );
+        st.park(
+            empty[1],
+            Failure::Refused {
+                server: empty[1] as u32,
+                status: Status::StaleEpoch,
+                message: String::new(),
+            },
+            t0,
+        );
+        let gone = empty[0] as u32;
+        let alive = move |s: u32| s != gone;
+        let table = if gone == 1 { &new } else { &old };
+        let r = st.resend_due(4, table, t0 + RETRY_DELAY, Duration::from_secs(60), &alive);
+        assert_eq!(r.closed, 2);
+        assert_eq!(r.sends.len(), 1);
+        assert_eq!(r.sends[0].0, empty[1] as u32);
+        assert_eq!(r.sends[0].1.header().key_count, 0);
+        assert!(st.error.is_none());
+    }
+
+    #[test]
+    fn answers_settle_their_segment_and_only_newer_tables_install() {
+        let (old, new) = tables();
+        let (tx, _rx) = crossbeam_channel::unbounded();
+        let (wtx, _wrx) = crossbeam_channel::unbounded();
+        let core = Core::new(tx, wtx, Duration::from_secs(60));
+        assert!(core.install(old.clone()));
+        assert!(!core.install(old.clone()));
+        let keys = spread(30);
+        let req = Request::keyed::<f32>(pull_header(), 1, false, keys.clone().into(), None);
+        let plan = req.first_plan(&old, &[]);
+        let (segments, frames) = req.messages(&old, 1, 0, plan);
+        let n = segments.len();
+        let task = Arc::new(Task {
+            remaining: AtomicUsize::new(n),
+            state: Mutex::new(task_state(req, segments)),
+        });
+        core.tasks.lock().insert(1, task.clone());
+        // An answer naming the wrong server for its segment is dropped.
+        let stamp = frames[0].1.header().timestamp;
+        core.settle(stamp, frames[0].0 + 1, |_, _| Outcome::Done);
+        assert_eq!(task.remaining.load(Ordering::Acquire), n);
+        // A stale refusal parks the segment for a resend.
+        let failure = Failure::Refused {
+            server: frames[0].0,
+            status: Status::StaleEpoch,
+            message: String::new(),
+        };
+        core.settle(stamp, frames[0].0, |_, _| Outcome::Retry(failure));
+        assert!(core.retrying.lock().contains(&1));
+        assert_eq!(task.remaining.load(Ordering::Acquire), n);
+        // A newer table: the segment is resent; without connections the send fails, so
+        // it waits again, now routed with the new epoch.
+        assert!(core.install(new.clone()));
+        assert_eq!(core.table().epoch(), new.epoch());
+        core.retry_pass();
+        let st = task.state.lock();
+        assert!(st.segments.len() > n);
+        assert!(matches!(st.segments[0].state, SegState::Done));
+        for s in &st.segments[n..] {
+            assert_eq!(s.epoch, new.epoch());
+            assert!(matches!(
+                s.state,
+                SegState::Waiting {
+                    failure: Failure::Disconnected { .. },
+                    ..
+                }
+            ));
+        }
+        assert_eq!(
+            task.remaining.load(Ordering::Acquire),
+            n - 1 + st.segments.len() - n
+        );
     }
 }
