@@ -367,7 +367,10 @@ fn status_shows_the_cluster_and_a_silent_server_turns_dead() {
         std::thread::sleep(Duration::from_millis(100));
         s = status(&c);
     }
-    assert!(!s.contains("server 1 ->") && !s.contains("-> server 1"), "{s}");
+    assert!(
+        !s.contains("server 1 ->") && !s.contains("-> server 1"),
+        "{s}"
+    );
     // ...and live again when it resumes (fenced: it heads nothing any more).
     signal(&c, "server 1", "-CONT");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -170,8 +170,8 @@ fn run_local(extra: &[String], dump: &Path) -> serde_json::Value {
             "local",
             "--servers=3",
             "--workers=2",
-            "--examples=6000",
-            "--features=20000",
+            "--examples=60000",
+            "--features=30000",
             "--epochs=3",
             "--seed=5",
             "--lr=1",
@@ -201,7 +201,10 @@ fn run_local(extra: &[String], dump: &Path) -> serde_json::Value {
 fn training_survives_a_sigkilled_server_and_ends_with_the_same_model() {
     let dir = Scratch::new("failover-local");
     let clean = run_local(&[], &dir.path("clean"));
-    let failed = run_local(&["--kill-server-after=0.4".to_string()], &dir.path("killed"));
+    let failed = run_local(
+        &["--kill-server-after=0.4".to_string()],
+        &dir.path("killed"),
+    );
     assert_eq!(failed["failovers"], 1, "one failover: {failed}");
     assert_eq!(clean["failovers"], 0);
     let (a, b) = (
@@ -216,6 +219,9 @@ fn training_survives_a_sigkilled_server_and_ends_with_the_same_model() {
         .take(5)
         .map(|(k, w)| (*k, f32::from_bits(*w), b.get(k).map(|x| f32::from_bits(*x))))
         .collect();
-    assert!(differ.is_empty(), "weights differ (key, clean, killed): {differ:?}");
+    assert!(
+        differ.is_empty(),
+        "weights differ (key, clean, killed): {differ:?}"
+    );
     assert_eq!(clean["test_logloss"], failed["test_logloss"]);
 }

@@ -1069,8 +1069,14 @@ mod tests {
         assert_eq!(to, vec![2, 3, 4], "every live node learns the table");
         let t = &tables[0].1;
         assert_eq!(t.epoch(), 2);
-        assert!(t.owners().iter().all(|&o| o == 0), "server 0 heads everything");
-        assert!(t.followers().iter().all(Vec::is_empty), "no server left to replicate to");
+        assert!(
+            t.owners().iter().all(|&o| o == 0),
+            "server 0 heads everything"
+        );
+        assert!(
+            t.followers().iter().all(Vec::is_empty),
+            "no server left to replicate to"
+        );
         assert_eq!(c.failovers.len(), 1);
         assert_eq!(c.status().epoch, 2);
         // Again: nothing more happens.
