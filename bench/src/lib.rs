@@ -20,6 +20,8 @@
 //!   one-sided targets), the `onesided` section of `bench/RESULTS.md`.
 //! - [`run`]: one whole run.
 //! - [`tau`]: the bounded-delay sweep (`tau-sweep`): time to a target logloss vs tau.
+//! - [`repl`]: chain replication (`replication`): push throughput with 0, 1, 2 replicas,
+//!   with and without aggregation, and recovery time after a SIGKILLed server.
 #![forbid(unsafe_code)]
 
 pub mod baseline;
@@ -28,6 +30,7 @@ pub mod error;
 pub mod machine;
 pub mod onesided;
 pub mod onesided_report;
+pub mod repl;
 pub mod report;
 pub mod run;
 pub mod stats;

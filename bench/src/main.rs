@@ -3,7 +3,8 @@
 //!
 //! `cargo run --release -p pserv-bench -- [--quick] [--transport tcp,shm,rdma]` (default:
 //! all three; rdma needs `--features rdma` and a device, else the report says why it is
-//! missing); `... -- tau-sweep [--quick]` runs the bounded-delay experiment. The hidden subcommands `__scheduler` and `__server`, and
+//! missing); `... -- tau-sweep [--quick]` runs the bounded-delay experiment; `... -- replication [--quick]` the chain-replication
+//! throughput and recovery tables. The hidden subcommands `__scheduler` and `__server`, and
 //! `pserv ...` (the whole `pserv` command line), are how the bench starts the cluster's
 //! other processes (it re-executes itself).
 #![forbid(unsafe_code)]
@@ -11,6 +12,7 @@
 use clap::{Parser, Subcommand};
 
 use pserv_bench::cluster::{scheduler_main, server_main, SchedulerArgs, ServerArgs};
+use pserv_bench::repl::{replication, ReplArgs};
 use pserv_bench::run::{run, RunArgs};
 use pserv_bench::tau::{tau_sweep, TauArgs};
 
@@ -35,6 +37,9 @@ enum Role {
     Server(ServerArgs),
     /// The bounded-delay experiment: time to a target logloss for a range of tau.
     TauSweep(TauArgs),
+    /// Chain replication: push throughput for 0, 1, 2 replicas with and without
+    /// aggregation, and recovery time after a SIGKILLed server.
+    Replication(ReplArgs),
 }
 
 fn main() {
@@ -62,6 +67,13 @@ fn main() {
         Some(Role::TauSweep(a)) => {
             let args: Vec<String> = std::env::args().skip(1).collect();
             tau_sweep(
+                a,
+                format!("cargo run --release -p pserv-bench -- {}", args.join(" ")),
+            )
+        }
+        Some(Role::Replication(a)) => {
+            let args: Vec<String> = std::env::args().skip(1).collect();
+            replication(
                 a,
                 format!("cargo run --release -p pserv-bench -- {}", args.join(" ")),
             )
