@@ -61,6 +61,10 @@ enum Cmd {
         /// Which server --kill-server-after kills (default: the last).
         #[arg(long)]
         kill_server: Option<u32>,
+        /// Start one more server this many seconds after the workers started; it joins
+        /// the running cluster (`pserv server --join`).
+        #[arg(long)]
+        add_server_after: Option<f64>,
         #[command(flatten)]
         repl: ReplArgs,
     },
@@ -121,6 +125,19 @@ enum Cmd {
         net: NetArgs,
         #[command(flatten)]
         repl: ReplArgs,
+        /// Join a running cluster: the scheduler gives this server a rank and a share of
+        /// the ring; it copies its ranges while training goes on, then the table flips.
+        #[arg(long)]
+        join: bool,
+    },
+    /// Ask the scheduler to let a server leave gracefully (its ranges are handed over
+    /// first; then it stops). A server also leaves this way on SIGTERM.
+    Leave {
+        #[command(flatten)]
+        sched: SchedulerAddr,
+        /// The server's rank.
+        #[arg(long)]
+        rank: u32,
     },
     /// Run a worker training sparse logistic regression.
     Worker {
@@ -182,6 +199,7 @@ fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> {
             dump_model,
             kill_server_after,
             kill_server,
+            add_server_after,
             repl,
         } => {
             net.tcp()?;
@@ -245,6 +263,17 @@ fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> {
                     }
                     None => None,
                 },
+                add_server: match add_server_after {
+                    Some(secs) if secs.is_finite() && secs >= 0.0 => {
+                        Some(Duration::from_secs_f64(secs))
+                    }
+                    Some(secs) => {
+                        return Err(EngineError::Config(format!(
+                            "--add-server-after {secs}: expected seconds, 0 or more"
+                        )))
+                    }
+                    None => None,
+                },
             };
             let summary = run_local(&plan)?;
             println!(
@@ -296,9 +325,11 @@ fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> {
             dump_model,
             net,
             repl,
+            join,
         } => {
             let mut cfg = ServerConfig::new(sched.scheduler);
             cfg.replication = repl.config();
+            cfg.join = join;
             cfg.listen = listen;
             cfg.rank = rank;
             cfg.shards = shards.max(1);
@@ -307,6 +338,7 @@ fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> {
             cfg.transport = net.transport;
             Server::start(cfg)?.run()
         }
+        Cmd::Leave { sched, rank } => crate::status::leave(sched.scheduler, rank),
         Cmd::Worker {
             sched,
             rank,

@@ -164,6 +164,48 @@ impl Partition {
         p
     }
 
+    /// Build from explicit (range, chain) pieces (sorted, contiguous, covering the key
+    /// space; chains head first, distinct servers below `servers`), neighbours with the
+    /// same chain merged. `None` when the pieces do not form a valid table.
+    pub fn from_chains(
+        pieces: Vec<(KeyRange, Vec<u32>)>,
+        servers: usize,
+        epoch: u64,
+    ) -> Option<Self> {
+        let mut ranges: Vec<KeyRange> = Vec::new();
+        let mut owners: Vec<u32> = Vec::new();
+        let mut followers: Vec<Vec<u32>> = Vec::new();
+        for (r, chain) in pieces {
+            let (&head, rest) = chain.split_first()?;
+            match (ranges.last_mut(), owners.last(), followers.last()) {
+                (Some(last), Some(&o), Some(f))
+                    if o == head && last.end == r.begin && f[..] == *rest =>
+                {
+                    last.end = r.end
+                }
+                _ => {
+                    ranges.push(r);
+                    owners.push(head);
+                    followers.push(rest.to_vec());
+                }
+            }
+        }
+        let distinct = followers.iter().zip(&owners).all(|(f, o)| {
+            let mut c = f.clone();
+            c.push(*o);
+            c.sort_unstable();
+            c.windows(2).all(|w| w[0] != w[1])
+        });
+        let p = Partition {
+            ranges,
+            owners,
+            followers,
+            servers,
+            epoch,
+        };
+        (distinct && p.is_valid()).then_some(p)
+    }
+
     /// Build from explicit ranges (sorted, contiguous, covering the key space), server
     /// `i` owning `ranges[i]`.
     pub fn from_ranges(ranges: Vec<KeyRange>) -> Option<Self> {

@@ -37,6 +37,9 @@ pub struct LocalPlan {
     /// SIGKILL server `rank` this long after the workers started (`--kill-server-after`):
     /// the failure path on one machine. Its death does not fail the run.
     pub kill_server: Option<(u32, Duration)>,
+    /// Start one more server (`server --join`) this long after the workers started
+    /// (`--add-server-after`).
+    pub add_server: Option<Duration>,
 }
 
 struct Proc {
@@ -143,7 +146,24 @@ fn run_in(plan: &LocalPlan, dir: &Path) -> Result<serde_json::Value, EngineError
     }
     // Wait for every process to exit successfully.
     let mut kill = plan.kill_server;
+    let mut add = plan.add_server;
     while procs.0.iter().any(|p| p.status.is_none()) {
+        if let Some(after) = add {
+            if workers_started.elapsed() >= after {
+                add = None;
+                let mut a = vec![
+                    "server".to_string(),
+                    format!("--scheduler={addr}"),
+                    "--join".into(),
+                ];
+                a.extend(plan.server_args.iter().cloned());
+                procs.0.push(spawn(plan, "joining server".into(), a)?);
+                eprintln!(
+                    "pserv local: started a server that joins {:.2} s after the workers started",
+                    after.as_secs_f64()
+                );
+            }
+        }
         if let Some((rank, after)) = kill {
             if workers_started.elapsed() >= after {
                 kill = None;

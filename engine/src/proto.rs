@@ -251,6 +251,32 @@ pub enum Control {
         /// The head's batch number.
         seq: u64,
     },
+    /// A server asks to join a running cluster (`pserv server --join`, MISSION.md P11).
+    Join {
+        /// Where it listens.
+        addr: SocketAddr,
+        /// A requested rank (must be free; default: the next one).
+        rank: Option<u32>,
+        /// Process id, for the operator.
+        pid: u32,
+    },
+    /// Anyone to scheduler: server `rank` should leave gracefully, after handing its
+    /// ranges over (`pserv leave`, or the server itself on SIGTERM).
+    Leave {
+        /// The server's rank.
+        rank: u32,
+    },
+    /// Scheduler to every node: the servers of the cluster now (a server joined).
+    Servers {
+        /// Every server, by rank.
+        servers: Vec<ServerInfo>,
+    },
+    /// Server to scheduler: under routing table `epoch`, every copy this server started
+    /// as a head (whole ranges for replicas new in its chains) is acknowledged.
+    Synced {
+        /// The table's epoch.
+        epoch: u64,
+    },
 }
 
 /// A push whose effect a replication batch carries, for exactly-once retries: a worker
@@ -312,11 +338,22 @@ pub struct ReplicaBatch {
     pub parts: Vec<ReplicaPart>,
 }
 
-/// Bits of a request header's `timestamp` that hold the worker's task timestamp; the
-/// bits above hold the index of the task's segment the request carries (a task split over
-/// several servers, and resent after a failover, has one segment per request, and the
-/// answer names its segment). Servers identify a push by (sender, [`task_of`]).
-pub const TASK_BITS: u32 = 48;
+/// Bits of a request header's `timestamp` that hold the worker's task timestamp. Above
+/// them: [`SEGMENT_BITS`] bits of the index of the task's segment the request carries (a
+/// task split over several servers, and resent after a failover, has one segment per
+/// request, and the answer names its segment), then [`SEGMENT_BITS`] bits of its *origin*:
+/// the index (plus one) of the segment of the task's first split its keys come from, kept
+/// when they are resent. Servers identify a piece of a push by (sender, [`push_id`]): the
+/// task and origin, not the segment, so a resent piece is recognised wherever it lands.
+pub const TASK_BITS: u32 = 40;
+
+/// Bits of the segment index, and of the origin, in a request's `timestamp`.
+pub const SEGMENT_BITS: u32 = 12;
+
+/// The most segments a task can have (and the most servers a first split can reach).
+pub const MAX_SEGMENTS: usize = 1 << SEGMENT_BITS;
+
+const SEGMENT_MASK: u64 = (1 << SEGMENT_BITS) - 1;
 
 /// The task timestamp of a request's `timestamp` field.
 pub fn task_of(timestamp: u64) -> u64 {
@@ -325,13 +362,26 @@ pub fn task_of(timestamp: u64) -> u64 {
 
 /// The segment index of a request's `timestamp` field.
 pub fn segment_of(timestamp: u64) -> usize {
-    (timestamp >> TASK_BITS) as usize
+    ((timestamp >> TASK_BITS) & SEGMENT_MASK) as usize
 }
 
-/// The `timestamp` field of segment `segment` (below 2^16) of task `ts`.
-pub fn request_timestamp(ts: u64, segment: usize) -> u64 {
-    debug_assert!(ts < 1 << TASK_BITS && segment < 1 << (64 - TASK_BITS));
+/// The origin (first-split segment plus one; 0: not given) of a request's `timestamp`.
+pub fn origin_of(timestamp: u64) -> usize {
+    (timestamp >> (TASK_BITS + SEGMENT_BITS)) as usize
+}
+
+/// What identifies a piece of a push for exactly-once resends: the task and the origin,
+/// without the segment index.
+pub fn push_id(timestamp: u64) -> u64 {
+    timestamp & !(SEGMENT_MASK << TASK_BITS)
+}
+
+/// The `timestamp` field of segment `segment` of task `ts` whose keys come from segment
+/// `origin` of the task's first split (both below [`MAX_SEGMENTS`]).
+pub fn request_timestamp(ts: u64, segment: usize, origin: usize) -> u64 {
+    debug_assert!(ts < 1 << TASK_BITS && segment < MAX_SEGMENTS && origin < MAX_SEGMENTS);
     ts | ((segment as u64) << TASK_BITS)
+        | (((origin + 1) as u64 & SEGMENT_MASK) << (TASK_BITS + SEGMENT_BITS))
 }
 
 /// How often servers send [`Control::Heartbeat`].

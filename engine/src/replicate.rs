@@ -120,6 +120,8 @@ impl Batch {
 
 /// A batch sent and not yet acknowledged.
 struct Sent {
+    /// The replicas it went to, in chain order.
+    chain: Vec<u32>,
     keys: Vec<Key>,
     ranges: Vec<KeyRange>,
     snapshots: Vec<KeyRange>,
@@ -265,11 +267,34 @@ fn group(table: &Partition, keys: KeysRef<'_>) -> Groups {
 /// The replication side of one server.
 pub(crate) struct Replicator {
     rank: u32,
+    /// This server's node id (the sender of its messages).
+    node_id: u32,
     cfg: ReplicationConfig,
     state: Mutex<State>,
     seen: Mutex<Seen>,
     /// Outgoing connections to the other servers, by rank.
-    peers: Vec<Option<Conn>>,
+    peers: parking_lot::RwLock<Vec<Option<Conn>>>,
+    /// What this server applied as a new head since the last table change.
+    fresh: Mutex<Fresh>,
+    /// Whether `fresh` has inherited ranges (a fast path for every push).
+    has_inherited: std::sync::atomic::AtomicBool,
+    /// Applies hold it shared from the store update until their push is queued; a flush
+    /// holds it exclusively while it reads values: the values a batch carries are then
+    /// exactly those of the pushes it lists (a push applied but not listed would be
+    /// applied again when resent after a failover).
+    apply_gate: parking_lot::RwLock<()>,
+    /// Hand-off markers received: origin head -> the newest table epoch it sent one for.
+    markers: Mutex<HashMap<u32, u64>>,
+    /// Whether ranges taken over at the current epoch still wait for a previous head's
+    /// hand-off (a fast path for every request).
+    gated: std::sync::atomic::AtomicBool,
+    /// Messages for servers not connected yet (a server that joined: its address comes
+    /// with a control message that may arrive after a batch to forward to it).
+    undelivered: Mutex<HashMap<u32, Vec<Control>>>,
+    /// Copies started by the last table change, not yet acknowledged: (epoch, batches).
+    sync: Mutex<Option<(u64, std::collections::BTreeSet<u64>)>>,
+    /// Called with the epoch once they are all acknowledged (tells the scheduler).
+    synced: Box<dyn Fn(u64) + Send + Sync>,
     /// Wakes the window flusher when a batch starts waiting.
     kick: crossbeam_channel::Sender<()>,
     kicked: crossbeam_channel::Receiver<()>,
@@ -283,16 +308,123 @@ pub(crate) trait EntryStore: Send + Sync {
     fn read_range(&self, range: KeyRange) -> (Vec<u8>, Vec<u8>);
     /// Install one part of a batch.
     fn install(&self, part: &ReplicaPart) -> Result<(), String>;
-    /// Every stored key inside `range`, sorted.
-    fn stored_keys(&self, range: KeyRange) -> Vec<Key>;
+    /// Every stored key inside any of `ranges` (sorted, disjoint), sorted.
+    fn stored_keys(&self, ranges: &[KeyRange]) -> Vec<Key>;
+    /// Weights per key, state elements per key, bytes per element.
+    fn shape(&self) -> (usize, usize, usize);
+}
+
+/// Keys this server applied as the head of ranges it took over under the current table:
+/// a batch made under an older table (a late batch of the previous head, still in flight
+/// when the table changed) must not overwrite them.
+#[derive(Default)]
+struct Fresh {
+    epoch: u64,
+    /// Ranges this server heads now and did not head under the previous table.
+    inherited: Vec<KeyRange>,
+    /// Previous heads of those whose hand-off marker has not come yet.
+    awaiting: Vec<u32>,
+    keys: std::collections::HashSet<Key>,
+    ranges: Vec<KeyRange>,
+}
+
+impl Fresh {
+    /// The parts of `part` no fresh key or range touches (all of it when none does).
+    fn filter(&self, part: &ReplicaPart, shape: (usize, usize, usize)) -> Vec<ReplicaPart> {
+        let (vl, sl, elem) = shape;
+        let (wb, sb) = (vl * elem, sl * elem);
+        let blocked = |k: Key| self.keys.contains(&k) || self.ranges.iter().any(|r| r.contains(k));
+        match part {
+            ReplicaPart::Keys {
+                keys,
+                weights,
+                state,
+            } => {
+                let ks: Vec<Key> = pod_vec(keys);
+                if weights.len() != ks.len() * wb || state.len() != ks.len() * sb {
+                    return vec![part.clone()];
+                }
+                let (mut k2, mut w2, mut s2) = (Vec::new(), Vec::new(), Vec::new());
+                for (i, &k) in ks.iter().enumerate() {
+                    if !blocked(k) {
+                        k2.extend_from_slice(&k.to_le_bytes());
+                        w2.extend_from_slice(&weights[i * wb..(i + 1) * wb]);
+                        s2.extend_from_slice(&state[i * sb..(i + 1) * sb]);
+                    }
+                }
+                vec![ReplicaPart::Keys {
+                    keys: k2,
+                    weights: w2,
+                    state: s2,
+                }]
+            }
+            ReplicaPart::Range {
+                range,
+                weights,
+                state,
+            } => {
+                let n = range.len() as usize;
+                if weights.len() != n * wb || state.len() != n * sb {
+                    return vec![part.clone()];
+                }
+                let mut blocks: Vec<KeyRange> = self
+                    .ranges
+                    .iter()
+                    .filter_map(|r| r.intersect(range))
+                    .chain(
+                        self.keys
+                            .iter()
+                            .filter(|&&k| range.contains(k))
+                            .map(|&k| KeyRange::new(k, k + 1)),
+                    )
+                    .collect();
+                blocks = merge_ranges(blocks);
+                let mut out = Vec::new();
+                let mut pos = range.begin;
+                for b in blocks
+                    .iter()
+                    .chain(std::iter::once(&KeyRange::new(range.end, range.end)))
+                {
+                    if b.begin > pos {
+                        let (lo, hi) = (
+                            (pos - range.begin) as usize,
+                            (b.begin - range.begin) as usize,
+                        );
+                        out.push(ReplicaPart::Range {
+                            range: KeyRange::new(pos, b.begin),
+                            weights: weights[lo * wb..hi * wb].to_vec(),
+                            state: state[lo * sb..hi * sb].to_vec(),
+                        });
+                    }
+                    pos = pos.max(b.end);
+                }
+                out
+            }
+        }
+    }
 }
 
 impl Replicator {
     /// The replicator of server `rank` with connections to its peers.
-    pub(crate) fn new(rank: u32, cfg: ReplicationConfig, peers: Vec<Option<Conn>>) -> Self {
+    pub(crate) fn new(
+        rank: u32,
+        node_id: u32,
+        cfg: ReplicationConfig,
+        peers: Vec<Option<Conn>>,
+        synced: Box<dyn Fn(u64) + Send + Sync>,
+    ) -> Self {
         let (kick, kicked) = crossbeam_channel::unbounded();
         Replicator {
             rank,
+            node_id,
+            sync: Mutex::new(None),
+            fresh: Mutex::new(Fresh::default()),
+            has_inherited: std::sync::atomic::AtomicBool::new(false),
+            markers: Mutex::new(HashMap::new()),
+            apply_gate: parking_lot::RwLock::new(()),
+            gated: std::sync::atomic::AtomicBool::new(false),
+            undelivered: Mutex::new(HashMap::new()),
+            synced,
             cfg,
             state: Mutex::new(State {
                 seq: 0,
@@ -301,7 +433,7 @@ impl Replicator {
                 stats: ReplicationStats::default(),
             }),
             seen: Mutex::new(Seen::default()),
-            peers,
+            peers: parking_lot::RwLock::new(peers),
             kick,
             kicked,
         }
@@ -322,9 +454,29 @@ impl Replicator {
         self.seen.lock().covers((sender, ts), keys)
     }
 
+    /// Hold while applying a push and queueing it ([`after_apply`](Self::after_apply)).
+    pub(crate) fn applying(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
+        self.apply_gate.read()
+    }
+
+    /// Send the batches of these chains now (what [`after_apply`](Self::after_apply)
+    /// returned), after the `applying` guard was dropped.
+    pub(crate) fn flush_chains(&self, store: &dyn EntryStore, epoch: u64, chains: Vec<Vec<u32>>) {
+        if chains.is_empty() {
+            return;
+        }
+        let _gate = self.apply_gate.write();
+        let mut st = self.state.lock();
+        for f in chains {
+            self.flush_chain(&mut st, store, epoch, &f);
+        }
+    }
+
     /// A push (sender, ts) on `keys` was applied (or found a duplicate) under `table`;
     /// `answer` goes to `conn` once every replica of the touched ranges holds it (at once
-    /// when none has replicas).
+    /// when none has replicas). Returns the chains whose batch is full: the caller drops
+    /// its `applying` guard and calls [`flush_chains`](Self::flush_chains).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn after_apply(
         &self,
         store: &dyn EntryStore,
@@ -334,14 +486,14 @@ impl Replicator {
         keys: KeysRef<'_>,
         conn: &Conn,
         answer: OutFrame,
-    ) {
+    ) -> Vec<Vec<u32>> {
         let g = group(table, keys);
         if table.replicas() > 0 {
             self.seen.lock().record((sender, ts), &g.touched);
         }
         if g.groups.is_empty() {
             let _ = conn.send(answer);
-            return;
+            return Vec::new();
         }
         let ack = Ack::new(conn.clone(), answer);
         let mut st = self.state.lock();
@@ -374,9 +526,8 @@ impl Replicator {
                 full.push(followers);
             }
         }
-        for f in full {
-            self.flush_chain(&mut st, store, table.epoch(), &f);
-        }
+        let _ = store;
+        full
     }
 
     /// Send every pending batch whose oldest push waited the window (all with `all`).
@@ -387,6 +538,7 @@ impl Replicator {
         epoch: u64,
         all: bool,
     ) -> Option<Duration> {
+        let _gate = self.apply_gate.write();
         let mut st = self.state.lock();
         let now = Instant::now();
         let due: Vec<Vec<u32>> = st
@@ -447,8 +599,8 @@ impl Replicator {
         let snapshots = merge_ranges(std::mem::take(&mut b.snapshots));
         let mut parts = Vec::new();
         let mut bytes = 0u64;
-        for r in &snapshots {
-            let keys = store.stored_keys(*r);
+        if !snapshots.is_empty() {
+            let keys = store.stored_keys(&snapshots);
             if !keys.is_empty() {
                 let (weights, state) = store.read_keys(&keys);
                 bytes += (weights.len() + state.len()) as u64;
@@ -506,6 +658,7 @@ impl Replicator {
         st.in_flight.insert(
             seq,
             Sent {
+                chain: followers.to_vec(),
                 keys: b.keys,
                 ranges,
                 snapshots,
@@ -516,10 +669,55 @@ impl Replicator {
     }
 
     fn send_to(&self, rank: u32, msg: &Control) -> bool {
-        match self.peers.get(rank as usize).and_then(Option::as_ref) {
-            Some(c) => c.send(msg.to_frame(1 + self.rank)).is_ok(),
-            None => false,
+        let peers = self.peers.read();
+        match peers.get(rank as usize).and_then(Option::as_ref) {
+            Some(c) => c.send(msg.to_frame(self.node_id)).is_ok(),
+            None => {
+                // Not connected yet: kept until `add_peer` (bounded: a rank that never
+                // connects keeps at most this many).
+                let mut u = self.undelivered.lock();
+                let q = u.entry(rank).or_default();
+                if q.len() < 4096 {
+                    q.push(msg.clone());
+                }
+                false
+            }
         }
+    }
+
+    /// Whether nothing waits for replication and every message to the other servers
+    /// left (a server that stops waits for this).
+    pub(crate) fn idle(&self) -> bool {
+        let st = self.state.lock();
+        st.in_flight.is_empty()
+            && st.pending.values().all(Batch::is_empty)
+            && self
+                .peers
+                .read()
+                .iter()
+                .flatten()
+                .all(|c| c.is_closed() || c.queued_bytes() == 0)
+    }
+
+    /// Whether there is a connection to server `rank`.
+    pub(crate) fn has_peer(&self, rank: u32) -> bool {
+        self.peers
+            .read()
+            .get(rank as usize)
+            .is_some_and(Option::is_some)
+    }
+
+    /// A connection to server `rank` (a server that joined).
+    pub(crate) fn add_peer(&self, rank: u32, conn: Conn) {
+        let mut p = self.peers.write();
+        if p.len() <= rank as usize {
+            p.resize(rank as usize + 1, None);
+        }
+        let queued = self.undelivered.lock().remove(&rank).unwrap_or_default();
+        for m in &queued {
+            let _ = conn.send(m.to_frame(self.node_id));
+        }
+        p[rank as usize] = Some(conn);
     }
 
     /// The tail acknowledged batch `seq`.
@@ -530,14 +728,58 @@ impl Replicator {
                 a.done_one();
             }
         }
+        let done = {
+            let mut sync = self.sync.lock();
+            let finished = match sync.as_mut() {
+                Some((epoch, seqs)) => (seqs.remove(&seq) && seqs.is_empty()).then_some(*epoch),
+                None => None,
+            };
+            if finished.is_some() {
+                *sync = None;
+            }
+            finished
+        };
+        if let Some(e) = done {
+            tracing::debug!(epoch = e, "copies of the table change acknowledged");
+            (self.synced)(e);
+        }
     }
 
     /// A batch from a head (or the replica before this one): install it, remember its
     /// pushes, and forward it down the chain or, as the tail, acknowledge it to the head.
     pub(crate) fn on_batch(&self, store: &dyn EntryStore, batch: Box<ReplicaBatch>) {
-        for part in &batch.parts {
-            if let Err(e) = store.install(part) {
-                tracing::warn!(origin = batch.origin, seq = batch.seq, error = %e, "could not install a replica batch part");
+        {
+            // Under the lock a head takes to note what it applies: a late batch of an
+            // older table never overwrites a newer apply (see `Fresh`).
+            let fresh = self.fresh.lock();
+            let stale =
+                batch.epoch < fresh.epoch && (!fresh.keys.is_empty() || !fresh.ranges.is_empty());
+            for part in &batch.parts {
+                let parts = if stale {
+                    fresh.filter(part, store.shape())
+                } else {
+                    vec![part.clone()]
+                };
+                for p in &parts {
+                    if let (Some(k), ReplicaPart::Keys { keys, weights, .. }) = (trace_key(), p) {
+                        let ks: Vec<Key> = pod_vec(keys);
+                        if let Some(i) = ks.iter().position(|&x| x == k) {
+                            let w: Vec<f32> = pod_vec(&weights[i * 4..i * 4 + 4]);
+                            tracing::info!(
+                                origin = batch.origin,
+                                seq = batch.seq,
+                                epoch = batch.epoch,
+                                my_epoch = fresh.epoch,
+                                value = w[0],
+                                pushes = batch.pushes.len(),
+                                "TRACE install"
+                            );
+                        }
+                    }
+                    if let Err(e) = store.install(p) {
+                        tracing::warn!(origin = batch.origin, seq = batch.seq, error = %e, "could not install a replica batch part");
+                    }
+                }
             }
         }
         {
@@ -547,7 +789,16 @@ impl Replicator {
             }
         }
         let mut batch = batch;
-        if batch.rest.is_empty() {
+        tracing::debug!(origin = batch.origin, seq = batch.seq, rest = ?batch.rest, parts = batch.parts.len(), "replica batch installed");
+        let marker = batch.seq == 0 && batch.parts.is_empty();
+        if marker {
+            let mut m = self.markers.lock();
+            let e = m.entry(batch.origin).or_default();
+            *e = (*e).max(batch.epoch);
+        }
+        if marker && batch.rest.is_empty() {
+            // A hand-off marker ends at the tail: nothing to acknowledge.
+        } else if batch.rest.is_empty() {
             let (origin, seq) = (batch.origin, batch.seq);
             if !self.send_to(origin, &Control::ReplicaAck { seq }) {
                 tracing::debug!(origin, seq, "head unreachable for a replica ack");
@@ -563,44 +814,166 @@ impl Replicator {
         }
     }
 
+    /// Before the table switches from `old` to `new` (under the table's write lock, so
+    /// no push of the new epoch is applied yet): start noting the keys this server applies
+    /// in the ranges it takes over.
+    pub(crate) fn prepare_table(&self, old: &Partition, new: &Partition) {
+        let me = self.rank;
+        let mut inherited = Vec::new();
+        for (i, r) in new.ranges().iter().enumerate() {
+            if new.owners()[i] != me {
+                continue;
+            }
+            let mut b = r.begin;
+            while b < r.end {
+                let oi = old.index_of(b);
+                let e = old.ranges()[oi].end.min(r.end);
+                if old.owners()[oi] != me {
+                    inherited.push(KeyRange::new(b, e));
+                }
+                b = e;
+            }
+        }
+        let inherited = merge_ranges(inherited);
+        // The previous heads of those ranges: wait for their hand-off markers (those
+        // still reachable; a failed head sends none, and its late batches are filtered).
+        let mut awaiting: Vec<u32> = Vec::new();
+        for r in &inherited {
+            let mut b = r.begin;
+            while b < r.end {
+                let oi = old.index_of(b);
+                let o = old.owners()[oi];
+                if o != me && !awaiting.contains(&o) {
+                    awaiting.push(o);
+                }
+                b = old.ranges()[oi].end.min(r.end);
+            }
+        }
+        self.has_inherited
+            .store(!inherited.is_empty(), Ordering::Release);
+        self.gated.store(!awaiting.is_empty(), Ordering::Release);
+        *self.fresh.lock() = Fresh {
+            epoch: new.epoch(),
+            inherited,
+            awaiting,
+            ..Fresh::default()
+        };
+    }
+
+    /// Whether a request on `keys` must wait: they lie in ranges this server took over
+    /// at the current epoch, and a previous head of those (still reachable) has not
+    /// handed over yet. Returns that head's rank.
+    pub(crate) fn handoff_pending(&self, keys: KeysRef<'_>) -> Option<u32> {
+        if !self.gated.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut f = self.fresh.lock();
+        let epoch = f.epoch;
+        {
+            let markers = self.markers.lock();
+            let peers = self.peers.read();
+            f.awaiting.retain(|o| {
+                let handed = markers.get(o).is_some_and(|&e| e >= epoch);
+                let reachable = peers
+                    .get(*o as usize)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|c| !c.is_closed());
+                !handed && reachable
+            });
+        }
+        if f.awaiting.is_empty() {
+            self.gated.store(false, Ordering::Release);
+            return None;
+        }
+        let touches = match keys {
+            KeysRef::List(ks) => ks
+                .iter()
+                .any(|&k| f.inherited.iter().any(|r| r.contains(k))),
+            KeysRef::Range(r) => f.inherited.iter().any(|i| i.intersect(&r).is_some()),
+        };
+        touches.then(|| f.awaiting[0])
+    }
+
+    /// A push of routing epoch `epoch` on `keys` is about to be applied here as head:
+    /// note the keys inside ranges taken over at this epoch.
+    pub(crate) fn note_apply(&self, epoch: u64, keys: KeysRef<'_>) {
+        if !self.has_inherited.load(Ordering::Acquire) {
+            return;
+        }
+        let mut f = self.fresh.lock();
+        if f.epoch != epoch || f.inherited.is_empty() {
+            return;
+        }
+        match keys {
+            KeysRef::List(ks) => {
+                for &k in ks {
+                    if f.inherited.iter().any(|r| r.contains(k)) {
+                        f.keys.insert(k);
+                    }
+                }
+            }
+            KeysRef::Range(r) => {
+                let parts: Vec<KeyRange> =
+                    f.inherited.iter().filter_map(|i| i.intersect(&r)).collect();
+                f.ranges.extend(parts);
+            }
+        }
+    }
+
     /// The routing table changed from `old` to `new`: re-queue everything not yet
     /// acknowledged under the new chains (their answers wait for the new replicas), and
     /// copy whole ranges to replicas that are new in a chain this server heads.
     pub(crate) fn on_table(&self, store: &dyn EntryStore, old: &Partition, new: &Partition) {
+        let _gate = self.apply_gate.write();
         let mut st = self.state.lock();
-        let mut keys = Vec::new();
-        let mut ranges = Vec::new();
-        let mut snapshots = Vec::new();
-        let mut pushes = Vec::new();
-        let mut acks: Vec<Arc<Ack>> = Vec::new();
-        let mut old_batches: Vec<Sent> = st
-            .pending
-            .drain()
-            .map(|(_, b)| Sent {
-                keys: b.keys,
-                ranges: b.ranges,
-                snapshots: b.snapshots,
-                acks: b.acks,
-                pushes: b.pushes,
-            })
-            .collect();
-        old_batches.extend(std::mem::take(&mut st.in_flight).into_values());
-        for s in old_batches {
-            keys.extend(s.keys);
-            ranges.extend(s.ranges);
-            snapshots.extend(s.snapshots);
-            pushes.extend(s.pushes);
-            for x in s.acks {
-                if !acks.iter().any(|y| Arc::ptr_eq(&x, y)) {
-                    acks.push(x);
-                }
+        let first_seq = st.seq + 1;
+        self.requeue(&mut st, store, old, new);
+        // The copies (and re-queued batches) of this change: report when all are in.
+        let seqs: std::collections::BTreeSet<u64> =
+            st.in_flight.range(first_seq..).map(|(s, _)| *s).collect();
+        // Set while the state is locked: an ack of these batches (which takes the state
+        // lock first) then always finds them.
+        let now_done = seqs.is_empty();
+        *self.sync.lock() = (!now_done).then(|| (new.epoch(), seqs));
+        drop(st);
+        if now_done {
+            (self.synced)(new.epoch());
+        }
+    }
+
+    fn requeue(&self, st: &mut State, store: &dyn EntryStore, old: &Partition, new: &Partition) {
+        // Pending batches go out now on their old chains while every replica of those
+        // is reachable (a join or a leave: the new heads wait for the old heads' hand-off
+        // markers, which follow these batches); the others are regrouped below.
+        let mut redo: Vec<Sent> = Vec::new();
+        let pending: Vec<(Vec<u32>, Batch)> = st.pending.drain().collect();
+        for (f, b) in pending {
+            if self.chain_alive(&f) {
+                st.pending.insert(f.clone(), b);
+                self.flush_chain(st, store, old.epoch(), &f);
+            } else {
+                redo.push(Sent {
+                    chain: f,
+                    keys: b.keys,
+                    ranges: b.ranges,
+                    snapshots: b.snapshots,
+                    acks: b.acks,
+                    pushes: b.pushes,
+                });
             }
         }
-        for a in &acks {
-            a.remaining.store(0, Ordering::Release);
+        let dead: Vec<u64> = st
+            .in_flight
+            .iter()
+            .filter(|(_, s)| !self.chain_alive(&s.chain))
+            .map(|(q, _)| *q)
+            .collect();
+        for q in dead {
+            redo.extend(st.in_flight.remove(&q));
         }
         let me = self.rank;
         // New replicas in chains this server heads get the whole range first.
+        let mut snapshots = Vec::new();
         for (i, r) in new.ranges().iter().enumerate() {
             if new.owners()[i] != me || new.followers()[i].is_empty() {
                 continue;
@@ -617,22 +990,134 @@ impl Replicator {
                 }
             }
         }
-        // Regroup under the new chains (only what this server heads now).
+        self.regroup(st, store, new, redo, snapshots);
+        // Hand-off markers down every chain this server headed under the old table,
+        // behind everything it sent on them: a new head of those ranges serves them once
+        // the marker arrived (no older value of this head can arrive after it).
+        let mut chains: Vec<Vec<u32>> = old
+            .owners()
+            .iter()
+            .zip(old.followers())
+            .filter(|(&o, f)| o == me && !f.is_empty())
+            .map(|(_, f)| f.clone())
+            .collect();
+        chains.sort();
+        chains.dedup();
+        for f in chains {
+            let marker = ReplicaBatch {
+                origin: me,
+                seq: 0,
+                epoch: new.epoch(),
+                rest: f[1..].to_vec(),
+                pushes: Vec::new(),
+                parts: Vec::new(),
+            };
+            self.send_to(
+                f[0],
+                &Control::Replicate {
+                    batch: Box::new(marker),
+                },
+            );
+        }
+    }
+
+    /// Whether every server of `chain` has an open connection from here.
+    fn chain_alive(&self, chain: &[u32]) -> bool {
+        let peers = self.peers.read();
+        chain.iter().all(|&r| {
+            peers
+                .get(r as usize)
+                .and_then(Option::as_ref)
+                .is_some_and(|c| !c.is_closed())
+        })
+    }
+
+    /// The connection to server `rank` closed: batches on chains through it are
+    /// regrouped under `table` (its replacement gets them once the table says who).
+    pub(crate) fn peer_lost(&self, store: &dyn EntryStore, table: &Partition, rank: u32) {
+        let _gate = self.apply_gate.write();
+        let mut st = self.state.lock();
+        let mut redo = Vec::new();
+        let pending: Vec<Vec<u32>> = st
+            .pending
+            .keys()
+            .filter(|f| f.contains(&rank))
+            .cloned()
+            .collect();
+        for f in pending {
+            if let Some(b) = st.pending.remove(&f) {
+                redo.push(Sent {
+                    chain: f,
+                    keys: b.keys,
+                    ranges: b.ranges,
+                    snapshots: b.snapshots,
+                    acks: b.acks,
+                    pushes: b.pushes,
+                });
+            }
+        }
+        let gone: Vec<u64> = st
+            .in_flight
+            .iter()
+            .filter(|(_, s)| s.chain.contains(&rank))
+            .map(|(q, _)| *q)
+            .collect();
+        for q in gone {
+            redo.extend(st.in_flight.remove(&q));
+        }
+        if !redo.is_empty() {
+            tracing::info!(
+                peer = rank,
+                batches = redo.len(),
+                "replica connection lost; its batches are regrouped"
+            );
+            self.regroup(&mut st, store, table, redo, Vec::new());
+        }
+    }
+
+    /// Regroup batches (sent on chains that no longer work) and whole-range copies under
+    /// `table`: only what this server heads there; their answers wait for the new chains
+    /// (at once when nothing is left to replicate).
+    fn regroup(
+        &self,
+        st: &mut State,
+        store: &dyn EntryStore,
+        table: &Partition,
+        redo: Vec<Sent>,
+        snapshots: Vec<KeyRange>,
+    ) {
+        let me = self.rank;
+        let mut keys = Vec::new();
+        let mut ranges = Vec::new();
+        let mut snaps = snapshots;
+        let mut pushes = Vec::new();
+        // Every answer, once per batch it leaves.
+        let mut leaving: Vec<Arc<Ack>> = Vec::new();
+        let mut acks: Vec<Arc<Ack>> = Vec::new();
+        for s in redo {
+            keys.extend(s.keys);
+            ranges.extend(s.ranges);
+            snaps.extend(s.snapshots);
+            pushes.extend(s.pushes);
+            for x in s.acks {
+                if !acks.iter().any(|y| Arc::ptr_eq(&x, y)) {
+                    acks.push(x.clone());
+                }
+                leaving.push(x);
+            }
+        }
         let mut regroup: BTreeMap<Vec<u32>, Batch> = BTreeMap::new();
         keys.sort_unstable();
         keys.dedup();
-        keys.retain(|&k| new.owners()[new.index_of(k)] == me);
-        let g = group(new, KeysRef::List(&keys));
+        keys.retain(|&k| table.owners()[table.index_of(k)] == me);
+        let g = group(table, KeysRef::List(&keys));
         for (f, ks, _) in g.groups {
             regroup.entry(f).or_default().keys = ks;
         }
-        let mine = |r: &KeyRange| new.owners()[new.index_of(r.begin)] == me;
-        for (list, is_snapshot) in [
-            (merge_ranges(ranges), false),
-            (merge_ranges(snapshots), true),
-        ] {
+        let mine = |r: &KeyRange| table.owners()[table.index_of(r.begin)] == me;
+        for (list, is_snapshot) in [(merge_ranges(ranges), false), (merge_ranges(snaps), true)] {
             for r in list {
-                let g = group(new, KeysRef::Range(r));
+                let g = group(table, KeysRef::Range(r));
                 for (f, _, rs) in g.groups {
                     for part in rs {
                         if !mine(&part) {
@@ -648,36 +1133,49 @@ impl Replicator {
                 }
             }
         }
-        let keep_mine = |f: &Vec<u32>| !f.contains(&me);
-        regroup.retain(|f, _| keep_mine(f));
-        if regroup.is_empty() {
-            for a in acks {
-                a.send();
-            }
-            return;
-        }
+        regroup.retain(|f, _| !f.contains(&me));
         let now = Instant::now();
         let n = regroup.len();
-        for (f, mut b) in regroup {
-            b.since = Some(now);
-            b.pushes = pushes.clone();
+        let mut due = Vec::new();
+        for (f, b) in regroup {
+            let slot = st.pending.entry(f.clone()).or_default();
+            slot.since.get_or_insert(now);
+            slot.keys.extend(b.keys);
+            slot.ranges.extend(b.ranges);
+            slot.snapshots.extend(b.snapshots);
+            slot.pushes.extend(pushes.iter().cloned());
             for a in &acks {
                 a.add();
-                b.acks.push(a.clone());
+                slot.acks.push(a.clone());
             }
-            st.pending.insert(f, b);
+            due.push(f);
         }
-        tracing::info!(
-            epoch = new.epoch(),
-            batches = n,
-            acks = acks.len(),
-            "re-queued replication under the new table"
-        );
-        let due: Vec<Vec<u32>> = st.pending.keys().cloned().collect();
+        // Counted on the new batches first, so an answer never goes out in between.
+        for a in leaving {
+            a.done_one();
+        }
+        if n > 0 || !acks.is_empty() {
+            tracing::info!(
+                epoch = table.epoch(),
+                batches = n,
+                acks = acks.len(),
+                "re-queued replication under the current table"
+            );
+        }
         for f in due {
-            self.flush_chain(&mut st, store, new.epoch(), &f);
+            self.flush_chain(st, store, table.epoch(), &f);
         }
     }
+}
+
+/// A key to trace (env `PSERV_TRACE_KEY`), for debugging replication.
+pub(crate) fn trace_key() -> Option<Key> {
+    static K: std::sync::OnceLock<Option<Key>> = std::sync::OnceLock::new();
+    *K.get_or_init(|| {
+        std::env::var("PSERV_TRACE_KEY")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    })
 }
 
 /// Sort and merge overlapping or touching ranges.
@@ -739,7 +1237,7 @@ impl<T: Value> UpdateFn<T> for Install<T> {
 }
 
 fn to_values<T: Value>(bytes: &[u8]) -> Result<Vec<T>, String> {
-    if bytes.len() % std::mem::size_of::<T>() != 0 {
+    if !bytes.len().is_multiple_of(std::mem::size_of::<T>()) {
         return Err(format!("{} value bytes are not whole values", bytes.len()));
     }
     Ok(pod_vec(bytes))
@@ -804,7 +1302,7 @@ impl<T: Value> EntryStore for Store<T> {
                 weights,
                 state,
             } => {
-                if keys.len() % 8 != 0 {
+                if !keys.len().is_multiple_of(8) {
                     return Err("key bytes are not whole keys".into());
                 }
                 let ks: Vec<Key> = pod_vec(keys);
@@ -851,10 +1349,19 @@ impl<T: Value> EntryStore for Store<T> {
         }
     }
 
-    fn stored_keys(&self, range: KeyRange) -> Vec<Key> {
+    fn shape(&self) -> (usize, usize, usize) {
+        (
+            self.value_len(),
+            self.value_len() * self.state_len(),
+            std::mem::size_of::<T>(),
+        )
+    }
+
+    fn stored_keys(&self, ranges: &[KeyRange]) -> Vec<Key> {
         let mut keys = Vec::new();
         self.for_each(|k, _| {
-            if range.contains(k) {
+            let i = ranges.partition_point(|r| r.end <= k);
+            if ranges.get(i).is_some_and(|r| r.contains(k)) {
                 keys.push(k);
             }
         });
@@ -916,7 +1423,11 @@ mod tests {
         let mut dump_b = Vec::new();
         b.for_each(|k, w| dump_b.push((k, w.to_vec())));
         assert_eq!(dump_a, dump_b);
-        assert_eq!(b.stored_keys(KeyRange::new(0, 10)), vec![3, 9]);
+        assert_eq!(b.stored_keys(&[KeyRange::new(0, 4)]), vec![3]);
+        assert_eq!(
+            b.stored_keys(&[KeyRange::new(0, 4), KeyRange::new(9, 101)]),
+            vec![9, 100]
+        );
     }
 
     #[test]

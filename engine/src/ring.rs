@@ -171,6 +171,20 @@ impl Ring {
         r
     }
 
+    /// The same ring at another epoch (the control plane numbers the tables of a change
+    /// in between: a join's copy phase takes one epoch).
+    ///
+    /// # Panics
+    /// If `epoch` is 0.
+    pub fn with_epoch(&self, epoch: u64) -> Ring {
+        let r = Ring {
+            epoch,
+            ..self.clone()
+        };
+        r.check();
+        r
+    }
+
     /// The ring's epoch (1 for a new ring; one more per change).
     pub fn epoch(&self) -> u64 {
         self.epoch

@@ -167,6 +167,25 @@ pub struct SchedulerCore {
     table: Partition,
     /// Servers taken off the ring: (rank, when, in `now_ms` time).
     pub failovers: Vec<(u32, u64)>,
+    /// A join or leave in progress.
+    change: Option<Change>,
+    /// Server ranks handed out so far (the initial servers, then joiners).
+    server_ranks: u32,
+}
+
+/// A join or a graceful leave in progress: the copy phase runs under the middle table
+/// (chains extended by the servers that will hold each range), and the final table is
+/// sent once every head reported its copies acknowledged.
+#[derive(Debug)]
+struct Change {
+    /// The ring after the change.
+    target: crate::ring::Ring,
+    /// The middle table's epoch.
+    epoch: u64,
+    /// Heads of the middle table that have not reported `Synced` yet.
+    waiting: BTreeSet<u32>,
+    /// The server that leaves, told to shut down after the flip.
+    leaving: Option<u32>,
 }
 
 impl SchedulerCore {
@@ -180,6 +199,8 @@ impl SchedulerCore {
             ring: spec.ring(),
             table: spec.partition(),
             failovers: Vec::new(),
+            change: None,
+            server_ranks: spec.servers,
             spec,
             nodes: HashMap::new(),
             servers_welcomed: false,
@@ -301,6 +322,8 @@ impl SchedulerCore {
 
     fn node_id(&self, role: Role, rank: u32) -> u32 {
         match role {
+            // Servers that joined later get ids above every worker's.
+            Role::Server if rank >= self.spec.servers => 1 + self.spec.workers + rank,
             Role::Server => 1 + rank,
             Role::Worker => 1 + self.spec.servers + rank,
         }
@@ -336,6 +359,14 @@ impl SchedulerCore {
                     .nodes
                     .get(&conn)
                     .is_some_and(|n| n.role == Role::Server);
+                let joining = self
+                    .nodes
+                    .get(&conn)
+                    .is_some_and(|n| n.role == Role::Server && n.rank >= self.spec.servers);
+                if is_server && joining && self.welcomed && !self.ready.contains(&conn) {
+                    self.ready.insert(conn);
+                    return self.joined(conn, out);
+                }
                 if !is_server || !self.servers_welcomed || self.welcomed {
                     return self.refuse(
                         conn,
@@ -385,6 +416,21 @@ impl SchedulerCore {
                     }
                     None => self.refuse(conn, "heartbeat from an unknown node", out),
                 }
+            }
+            Control::Join { addr, rank, pid } => self.on_join(conn, addr, rank, pid, out),
+            Control::Leave { rank } => self.on_leave(conn, rank, out),
+            Control::Synced { epoch } => {
+                let rank = self
+                    .nodes
+                    .get(&conn)
+                    .filter(|n| n.role == Role::Server)
+                    .map(|n| n.rank);
+                if let (Some(rank), Some(ch)) = (rank, self.change.as_mut()) {
+                    if ch.epoch == epoch {
+                        ch.waiting.remove(&rank);
+                    }
+                }
+                self.maybe_flip(out);
             }
             Control::StatusRequest => out.push(Output::Send {
                 conn,
@@ -643,6 +689,33 @@ impl SchedulerCore {
     /// node, and the heads copy ranges to the replicas new in their chains. Without
     /// replicas its ranges are lost: said so.
     fn fail_server(&mut self, rank: u32, out: &mut Vec<Output>) {
+        let joining = self.change.as_ref().is_some_and(|c| {
+            c.target.has_server(rank) && !self.ring.as_ref().is_some_and(|r| r.has_server(rank))
+        });
+        if joining {
+            // The joining server failed while it copied: back to the table without it.
+            self.change = None;
+            if let Some(ring) = &self.ring {
+                let ring = ring.with_epoch(self.table.epoch() + 1);
+                self.table = Partition::from_ring_chains(
+                    &ring,
+                    self.server_ranks as usize,
+                    self.spec.replicas as usize,
+                );
+                self.ring = Some(ring);
+                out.push(Output::Log(format!(
+                    "joining server {rank} failed: routing table epoch {} without it",
+                    self.table.epoch()
+                )));
+                self.broadcast(
+                    &Control::Table {
+                        partition: self.table.clone(),
+                    },
+                    out,
+                );
+            }
+            return;
+        }
         let Some(ring) = self.ring.as_ref().filter(|r| r.has_server(rank)) else {
             return;
         };
@@ -652,10 +725,18 @@ impl SchedulerCore {
             )));
             return;
         }
-        let ring = ring.remove_server(rank);
+        // A join or leave in progress is abandoned: back to the ring before it, less
+        // the failed server.
+        if let Some(ch) = self.change.take() {
+            out.push(Output::Log(format!(
+                "server {rank} failed during a ring change (epoch {}): change abandoned",
+                ch.epoch
+            )));
+        }
+        let ring = ring.remove_server(rank).with_epoch(self.table.epoch() + 1);
         self.table = Partition::from_ring_chains(
             &ring,
-            self.spec.servers as usize,
+            self.server_ranks as usize,
             self.spec.replicas as usize,
         );
         self.ring = Some(ring);
@@ -684,6 +765,252 @@ impl SchedulerCore {
     /// The routing table as it is now.
     pub fn table(&self) -> &Partition {
         &self.table
+    }
+
+    /// Send `msg` to every node still connected.
+    fn broadcast(&self, msg: &Control, out: &mut Vec<Output>) {
+        let mut targets: Vec<ConnKey> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| !n.gone)
+            .map(|(c, _)| *c)
+            .collect();
+        targets.sort_unstable();
+        for conn in targets {
+            out.push(Output::Send {
+                conn,
+                msg: msg.clone(),
+            });
+        }
+    }
+
+    /// A server asks to join the running job.
+    fn on_join(
+        &mut self,
+        conn: ConnKey,
+        addr: SocketAddr,
+        rank: Option<u32>,
+        pid: u32,
+        out: &mut Vec<Output>,
+    ) {
+        let refuse = |c: &mut Self, why: String, out: &mut Vec<Output>| c.refuse(conn, &why, out);
+        if !self.welcomed || self.finished {
+            return refuse(self, "joins are taken while a job runs".into(), out);
+        }
+        if self.ring.is_none() {
+            return refuse(
+                self,
+                "joins need the consistent-hashing ring (--vnodes above 0)".into(),
+                out,
+            );
+        }
+        if self.nodes.contains_key(&conn) {
+            return refuse(self, "this connection already registered".into(), out);
+        }
+        if self.change.is_some() {
+            return refuse(
+                self,
+                "another join or leave is in progress; try again when it is done".into(),
+                out,
+            );
+        }
+        let servers: Vec<&Node> = self
+            .nodes
+            .values()
+            .filter(|n| n.role == Role::Server)
+            .collect();
+        if let Some(r) = rank.filter(|r| servers.iter().any(|n| n.rank == *r)) {
+            return refuse(
+                self,
+                format!("server rank {r} is already taken (duplicate id)"),
+                out,
+            );
+        }
+        if servers.iter().any(|n| !n.gone && n.addr == Some(addr)) {
+            return refuse(
+                self,
+                format!("a live server already listens at {addr} (duplicate)"),
+                out,
+            );
+        }
+        let rank = rank.unwrap_or(self.server_ranks).max(self.server_ranks);
+        self.server_ranks = rank + 1;
+        out.push(Output::Log(format!(
+            "server {rank} asks to join (pid {pid}, {addr})"
+        )));
+        self.nodes.insert(
+            conn,
+            Node {
+                role: Role::Server,
+                rank,
+                addr: Some(addr),
+                done: false,
+                gone: false,
+                seen_ms: self.now_ms,
+                dead: false,
+            },
+        );
+        out.push(Output::Send {
+            conn,
+            msg: Control::Welcome {
+                node_id: self.node_id(Role::Server, rank),
+                rank,
+                cluster: self.cluster(),
+            },
+        });
+    }
+
+    /// A joining server has its store: everyone learns its address, and the copy phase
+    /// of the ring with it begins.
+    fn joined(&mut self, conn: ConnKey, out: &mut Vec<Output>) {
+        let Some(rank) = self.nodes.get(&conn).map(|n| n.rank) else {
+            return;
+        };
+        let servers = self.cluster().servers;
+        self.broadcast(&Control::Servers { servers }, out);
+        let Some(ring) = self.ring.as_ref() else {
+            return;
+        };
+        let target = ring.add_server(rank);
+        self.start_change(target, None, out);
+    }
+
+    /// Server `rank` should leave gracefully.
+    fn on_leave(&mut self, conn: ConnKey, rank: u32, out: &mut Vec<Output>) {
+        let Some(ring) = self.ring.as_ref() else {
+            return self.refuse(
+                conn,
+                "leaves need the consistent-hashing ring (--vnodes above 0)",
+                out,
+            );
+        };
+        if !ring.has_server(rank) {
+            return self.refuse(
+                conn,
+                &format!("server {rank} holds no ranges (not on the ring)"),
+                out,
+            );
+        }
+        if ring.servers().len() < 2 {
+            return self.refuse(conn, "the last server cannot leave", out);
+        }
+        if self.change.is_some() {
+            return self.refuse(
+                conn,
+                "another join or leave is in progress; try again when it is done",
+                out,
+            );
+        }
+        if !self.welcomed || self.finished {
+            return self.refuse(conn, "leaves are taken while a job runs", out);
+        }
+        let target = ring.remove_server(rank);
+        out.push(Output::Send {
+            conn,
+            msg: Control::Log {
+                line: format!(
+                    "server {rank} is leaving: its ranges are copied, then the table flips"
+                ),
+            },
+        });
+        self.start_change(target, Some(rank), out);
+    }
+
+    /// Begin moving to `target`: the middle table keeps every head and extends each chain
+    /// by the servers that will hold the range under `target`; heads copy to them and
+    /// report `Synced`; then [`maybe_flip`](Self::maybe_flip) sends the final table.
+    fn start_change(
+        &mut self,
+        target: crate::ring::Ring,
+        leaving: Option<u32>,
+        out: &mut Vec<Output>,
+    ) {
+        let k = self.spec.replicas as usize;
+        let ranks = self.server_ranks as usize;
+        let old = self.table.clone();
+        let fin = Partition::from_ring_chains(&target, ranks, k);
+        let mut pieces: Vec<(crate::keys::KeyRange, Vec<u32>)> = Vec::new();
+        for (i, r) in fin.ranges().iter().enumerate() {
+            // Cut by the old table's ranges too.
+            let mut b = r.begin;
+            while b < r.end {
+                let oi = old.index_of(b);
+                let e = old.ranges()[oi].end.min(r.end);
+                let mut chain: Vec<u32> = std::iter::once(old.owners()[oi])
+                    .chain(old.followers()[oi].iter().copied())
+                    .collect();
+                for s in std::iter::once(fin.owners()[i]).chain(fin.followers()[i].iter().copied())
+                {
+                    if !chain.contains(&s) {
+                        chain.push(s);
+                    }
+                }
+                pieces.push((crate::keys::KeyRange::new(b, e), chain));
+                b = e;
+            }
+        }
+        let epoch = old.epoch() + 1;
+        let mid = Partition::from_chains(pieces, ranks, epoch)
+            .expect("the middle table tiles the key space");
+        let waiting: BTreeSet<u32> = mid.owners().iter().copied().collect();
+        out.push(Output::Log(format!(
+            "routing table epoch {epoch}: copying ranges for {} (final epoch {})",
+            match leaving {
+                Some(r) => format!("the leave of server {r}"),
+                None => "a joining server".into(),
+            },
+            epoch + 1
+        )));
+        let target = target.with_epoch(epoch + 1);
+        self.table = mid;
+        self.change = Some(Change {
+            target,
+            epoch,
+            waiting,
+            leaving,
+        });
+        self.broadcast(
+            &Control::Table {
+                partition: self.table.clone(),
+            },
+            out,
+        );
+    }
+
+    /// Every head of the middle table has copied: send the final table.
+    fn maybe_flip(&mut self, out: &mut Vec<Output>) {
+        if !self.change.as_ref().is_some_and(|c| c.waiting.is_empty()) {
+            return;
+        }
+        let ch = self.change.take().expect("checked above");
+        self.table = Partition::from_ring_chains(
+            &ch.target,
+            self.server_ranks as usize,
+            self.spec.replicas as usize,
+        );
+        self.ring = Some(ch.target);
+        out.push(Output::Log(format!(
+            "routing table epoch {}: ranges moved",
+            self.table.epoch()
+        )));
+        self.broadcast(
+            &Control::Table {
+                partition: self.table.clone(),
+            },
+            out,
+        );
+        if let Some(rank) = ch.leaving {
+            if let Some((&conn, _)) = self
+                .nodes
+                .iter()
+                .find(|(_, n)| n.role == Role::Server && n.rank == rank && !n.gone)
+            {
+                out.push(Output::Send {
+                    conn,
+                    msg: Control::Shutdown,
+                });
+            }
+        }
     }
 
     fn maybe_finish(&mut self, out: &mut Vec<Output>) {
@@ -1094,6 +1421,113 @@ mod tests {
         assert_eq!(c.table().epoch(), 1);
     }
 
+    fn tables(out: &[Output]) -> Vec<(ConnKey, Partition)> {
+        sends(out)
+            .into_iter()
+            .filter_map(|(conn, m)| match m {
+                Control::Table { partition } => Some((conn, partition.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn msg(c: &mut SchedulerCore, conn: ConnKey, msg: Control) -> Vec<Output> {
+        c.handle(Input::Message { conn, msg })
+    }
+
+    #[test]
+    fn a_server_joins_copies_first_then_the_table_flips_and_another_leaves() {
+        let mut sp = spec(2, 2);
+        sp.vnodes = 16;
+        sp.replicas = 1;
+        let mut c = running_spec(sp);
+        let join = |addr: &str, rank| Control::Join {
+            addr: addr.parse().unwrap(),
+            rank,
+            pid: 9,
+        };
+        // Duplicates are refused and change nothing.
+        for bad in [
+            join("127.0.0.1:7001", None),
+            join("127.0.0.1:9000", Some(1)),
+        ] {
+            let out = msg(&mut c, 9, bad);
+            assert!(
+                matches!(sends(&out)[0].1, Control::Refused { reason } if reason.contains("duplicate"))
+            );
+        }
+        assert_eq!(c.table().epoch(), 1);
+        // A real join: welcomed with the current table, as rank 2, id above the workers'.
+        let out = msg(&mut c, 9, join("127.0.0.1:9000", None));
+        let Control::Welcome {
+            node_id,
+            rank,
+            cluster,
+        } = sends(&out)[0].1
+        else {
+            panic!("expected a welcome: {out:?}")
+        };
+        assert_eq!((*rank, *node_id), (2, 1 + 2 + 2));
+        assert_eq!(cluster.partition.epoch(), 1);
+        // Ready: everyone learns the servers, and the copy table (epoch 2) goes out.
+        let out = msg(&mut c, 9, Control::Ready);
+        assert!(sends(&out)
+            .iter()
+            .any(|(_, m)| matches!(m, Control::Servers { servers } if servers.len() == 3)));
+        let t = tables(&out);
+        assert_eq!(t.len(), 5, "all five nodes get the copy table");
+        let mid = t[0].1.clone();
+        assert_eq!(mid.epoch(), 2);
+        assert!(
+            mid.owners().iter().all(|&o| o < 2),
+            "heads do not change while copying"
+        );
+        assert!(
+            mid.followers().iter().any(|f| f.contains(&2)),
+            "the joiner receives copies"
+        );
+        // A second change waits for this one.
+        let out = msg(&mut c, 2, Control::Leave { rank: 0 });
+        assert!(
+            matches!(sends(&out)[0].1, Control::Refused { reason } if reason.contains("in progress"))
+        );
+        // Heads report their copies; a stale report does not count.
+        assert!(tables(&msg(&mut c, 1, Control::Synced { epoch: 1 })).is_empty());
+        assert!(tables(&msg(&mut c, 1, Control::Synced { epoch: 2 })).is_empty());
+        let out = msg(&mut c, 3, Control::Synced { epoch: 2 });
+        let t = tables(&out);
+        assert_eq!(t.len(), 5);
+        let fin = &t[0].1;
+        assert_eq!(fin.epoch(), 3);
+        assert!(fin.owners().contains(&2), "the joiner heads ranges now");
+        assert_eq!(c.table(), fin);
+        // Now server 0 (connection 3) leaves gracefully.
+        let out = msg(&mut c, 2, Control::Leave { rank: 7 });
+        assert!(matches!(sends(&out)[0].1, Control::Refused { .. }));
+        let out = msg(&mut c, 2, Control::Leave { rank: 0 });
+        let mid = &tables(&out)[0].1;
+        assert_eq!(mid.epoch(), 4);
+        let heads: BTreeSet<u32> = mid.owners().iter().copied().collect();
+        let mut out = Vec::new();
+        for (conn, rank) in [(1, 1), (3, 0), (9, 2)] {
+            if heads.contains(&rank) {
+                out = msg(&mut c, conn, Control::Synced { epoch: 4 });
+            }
+        }
+        let fin = &tables(&out)[0].1;
+        assert_eq!(fin.epoch(), 5);
+        assert!(fin.owners().iter().all(|&o| o != 0));
+        assert!(fin.followers().iter().all(|f| !f.contains(&0)));
+        assert!(
+            sends(&out).contains(&(3, &Control::Shutdown)),
+            "the leaver is told to stop"
+        );
+        // Its connection closing afterwards is no failure.
+        let out = c.handle(Input::Closed { conn: 3 });
+        assert!(tables(&out).is_empty());
+        assert!(c.failovers.is_empty());
+    }
+
     #[test]
     fn replica_settings_that_cannot_work_are_refused() {
         let mut sp = spec(2, 2);
@@ -1315,6 +1749,6 @@ mod tests {
         let text = crate::status::render(report);
         assert!(text.contains("routing table epoch 1"), "{text}");
         assert!(text.contains("server 1 at 127.0.0.1:"), "{text}");
-        assert!(text.contains("replication lag: none"), "{text}");
+        assert!(text.contains("replication lag: not reported"), "{text}");
     }
 }

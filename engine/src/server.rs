@@ -66,6 +66,10 @@ pub struct ServerConfig {
     /// How this server batches replication as a chain's head (when the cluster
     /// replicates: `pserv --replicas K`).
     pub replication: ReplicationConfig,
+    /// Join a running cluster (`pserv server --join`) instead of registering for a new
+    /// one: the scheduler gives it a rank, it copies the ranges it will hold, then the
+    /// routing table flips to a ring with it.
+    pub join: bool,
 }
 
 /// User update rules for a server: registered into its
@@ -224,6 +228,7 @@ impl ServerConfig {
             rules: UserRules::default(),
             transport: TransportKind::Tcp,
             replication: ReplicationConfig::default(),
+            join: false,
         }
     }
 }
@@ -368,6 +373,13 @@ impl Handler for ServerHandler {
             ));
             return;
         };
+        // Requests this server will refuse (routed with another table, keys it does not
+        // head, ranges not handed over yet) are refused before the clock gate sees them:
+        // the gate must not count a push that is not applied.
+        if let Some(Refusal(status, msg)) = precheck(ready, &f) {
+            let _ = conn.send(proto::error_answer(&h, ready.node_id, status, &msg));
+            return;
+        }
         let held = Held {
             conn: conn.clone(),
             frame: frame.into_owned(),
@@ -391,7 +403,16 @@ impl Handler for ServerHandler {
         let (Some(ready), tag) = (self.core.ready.get(), conn.tag()) else {
             return;
         };
-        if tag == 0 || tag == SCHEDULER_TAG || tag >= PEER_TAG {
+        if tag >= PEER_TAG && tag != SCHEDULER_TAG {
+            // A connection to another server closed: batches on chains through it are
+            // regrouped (it failed or left).
+            let table = ready.table.read().clone();
+            ready
+                .repl
+                .peer_lost(entries(ready), &table, (tag - PEER_TAG) as u32);
+            return;
+        }
+        if tag == 0 || tag == SCHEDULER_TAG {
             return;
         }
         let worker = (tag - 1) as usize;
@@ -401,12 +422,68 @@ impl Handler for ServerHandler {
     }
 }
 
+/// The routing checks of a data request (epoch, ownership, hand-off), without the store.
+fn precheck(ready: &Ready, f: &Frame<'_>) -> Option<Refusal> {
+    let h = f.header();
+    let table = ready.table.read();
+    if h.epoch != 0 && u64::from(h.epoch) != table.epoch() {
+        return Some(Refusal(
+            Status::StaleEpoch,
+            format!(
+                "request routed with routing-table epoch {}, this server is at epoch {}: \
+                 learn the current table and resend",
+                h.epoch,
+                table.epoch()
+            ),
+        ));
+    }
+    let me = ready.rank as usize;
+    let keys = match f.range() {
+        Some((b, e)) => {
+            if b > e {
+                return None; // malformed: serve() answers it
+            }
+            KeysRef::Range(KeyRange::new(b, e))
+        }
+        None => {
+            if f.keys().windows(2).any(|w| w[0] >= w[1]) {
+                return None; // unsorted: serve() answers it
+            }
+            KeysRef::List(f.keys())
+        }
+    };
+    let owned = match keys {
+        KeysRef::Range(r) => table.owns(me, &r),
+        KeysRef::List(ks) => table.owns_keys(me, ks),
+    };
+    if !owned {
+        return Some(Refusal(
+            Status::NotOwner,
+            format!(
+                "server {me} does not own all of these keys under epoch {}",
+                table.epoch()
+            ),
+        ));
+    }
+    ready.repl.handoff_pending(keys).map(|prev| {
+        Refusal(
+            Status::StaleEpoch,
+            format!(
+                "these keys passed to server {me} at epoch {}; server {prev} has not handed \
+                 them over yet: resend shortly",
+                table.epoch()
+            ),
+        )
+    })
+}
+
 /// Tags of the connections to other servers: `PEER_TAG + rank`.
 const PEER_TAG: u64 = 1 << 40;
 
-/// Whether node `id` is a server of the cluster.
+/// Whether node `id` is a server of the cluster (servers that joined later have ids
+/// above every worker's).
 fn is_server(ready: &Ready, id: u32) -> bool {
-    (1..=ready.servers).contains(&id)
+    (1..=ready.servers).contains(&id) || id > ready.servers + ready.workers
 }
 
 /// The store, for replication.
@@ -581,9 +658,14 @@ fn serve_window<T: Value>(
 /// answer: the smallest worker clock the server had when it answered.
 fn answer_request(core: &Core, ready: &Ready, f: &Frame<'_>, conn: &Conn, clock: u64) {
     let h = *f.header();
+    // The routing table stays as it is until the push is applied and queued for
+    // replication: a table change then finds it queued, under the chains it was applied
+    // for (and sends it before its hand-off markers).
+    let table = ready.table.read();
+    let applying = ready.repl.applying();
     let answer = match &ready.store {
-        AnyStore::F32(t) => serve(core, ready, t, f, conn, clock),
-        AnyStore::F64(t) => serve(core, ready, t, f, conn, clock),
+        AnyStore::F32(t) => serve(core, ready, &table, t, f, conn, clock),
+        AnyStore::F64(t) => serve(core, ready, &table, t, f, conn, clock),
     };
     let out = match answer {
         Ok(Some(frame)) => frame,
@@ -596,20 +678,23 @@ fn answer_request(core: &Core, ready: &Ready, f: &Frame<'_>, conn: &Conn, clock:
     let is_write = h.kind == MessageKind::Push as u8 || h.kind == MessageKind::PushPull as u8;
     if is_write && out.header().status == Status::Ok as u8 {
         // The answer waits until every replica of the touched ranges holds the push.
-        let table = ready.table.read().clone();
         let keys = match f.range() {
             Some((b, e)) => KeysRef::Range(KeyRange::new(b, e)),
             None => KeysRef::List(f.keys()),
         };
-        ready.repl.after_apply(
+        let full = ready.repl.after_apply(
             entries(ready),
             &table,
             h.sender,
-            proto::task_of(h.timestamp),
+            proto::push_id(h.timestamp),
             keys,
             conn,
             out,
         );
+        let epoch = table.epoch();
+        drop(applying);
+        drop(table);
+        ready.repl.flush_chains(entries(ready), epoch, full);
         return;
     }
     // A failed send means the worker is gone; the transport logs and closes it.
@@ -624,9 +709,11 @@ const BORROW_BLOCK_MAX: Duration = Duration::from_millis(50);
 
 /// Serve one data request against the typed store. Returns the answer to send, or `None`
 /// when the answer was sent already (large range pulls go straight from the store).
+#[allow(clippy::too_many_arguments)]
 fn serve<T: Value>(
     core: &Core,
     ready: &Ready,
+    table: &Partition,
     t: &Typed<T>,
     f: &Frame<'_>,
     conn: &Conn,
@@ -697,7 +784,6 @@ fn serve<T: Value>(
     }
     // Routed with this routing table? (Epoch 0: a client that does not route, such as a
     // tool; it still must ask the right server.)
-    let table = ready.table.read().clone();
     if h.epoch != 0 && u64::from(h.epoch) != table.epoch() {
         return Err(Refusal(
             Status::StaleEpoch,
@@ -719,6 +805,20 @@ fn serve<T: Value>(
             Status::NotOwner,
             format!(
                 "server {me} does not own all of these keys under epoch {}",
+                table.epoch()
+            ),
+        ));
+    }
+    let request_keys = match range {
+        Some(r) => KeysRef::Range(r),
+        None => KeysRef::List(f.keys()),
+    };
+    if let Some(prev) = ready.repl.handoff_pending(request_keys) {
+        return Err(Refusal(
+            Status::StaleEpoch,
+            format!(
+                "these keys passed to server {me} at epoch {}; server {prev} has not handed \
+                 them over yet: resend shortly",
                 table.epoch()
             ),
         ));
@@ -752,16 +852,25 @@ fn serve<T: Value>(
         && table.replicas() > 0
         && ready.repl.is_duplicate(
             h.sender,
-            proto::task_of(h.timestamp),
+            proto::push_id(h.timestamp),
             match range {
                 Some(r) => KeysRef::Range(r),
                 None => KeysRef::List(f.keys()),
             },
         );
+    if !duplicate && matches!(kind, MessageKind::Push | MessageKind::PushPull) {
+        ready.repl.note_apply(
+            table.epoch(),
+            match range {
+                Some(r) => KeysRef::Range(r),
+                None => KeysRef::List(f.keys()),
+            },
+        );
+    }
     if duplicate {
-        tracing::debug!(
+        tracing::info!(
             sender = h.sender,
-            ts = proto::task_of(h.timestamp),
+            ts = proto::push_id(h.timestamp),
             "push resent after a failover is here already; not applied again"
         );
         let mut buf = core.pool.take(if kind == MessageKind::PushPull {
@@ -790,6 +899,13 @@ fn serve<T: Value>(
             match range {
                 Some(r) => t.store.push_range(r, grads()?, fun.as_ref())?,
                 None => t.store.push(f.keys(), grads()?, fun.as_ref())?,
+            }
+            if let Some(k) = crate::replicate::trace_key() {
+                if range.is_none() && f.keys().binary_search(&k).is_ok() {
+                    let mut v = vec![T::default(); vlen];
+                    let _ = t.store.pull(&[k], &mut v);
+                    tracing::info!(sender = h.sender, stamp = h.timestamp, epoch = h.epoch, table = table.epoch(), value = ?v[0], "TRACE apply");
+                }
             }
             Ok(Some(proto::answer(h, ready.node_id, 0, Payload::empty())))
         }
@@ -878,15 +994,21 @@ impl Server {
         let addr = transport.listen(cfg.listen)?;
         let scheduler = transport.connect(cfg.scheduler, Duration::from_secs(10))?;
         scheduler.set_tag(SCHEDULER_TAG);
-        scheduler.send(
+        let hello = if cfg.join {
+            Control::Join {
+                addr,
+                rank: cfg.rank,
+                pid: std::process::id(),
+            }
+        } else {
             Control::Register {
                 role: Role::Server,
                 addr: Some(addr),
                 rank: cfg.rank,
                 pid: std::process::id(),
             }
-            .to_frame(0),
-        )?;
+        };
+        scheduler.send(hello.to_frame(0))?;
         let (node_id, rank, cluster) = match rx.recv_timeout(cfg.register_timeout) {
             Ok(Control::Welcome {
                 node_id,
@@ -909,17 +1031,30 @@ impl Server {
         transport.repin(node_id as usize);
         // Connections to the other servers, for chain replication (every server listens
         // before it registers, so all of them accept by now).
-        let mut peers = Vec::with_capacity(cluster.servers.len());
+        let mut peers: Vec<Option<Conn>> = Vec::new();
         for s in &cluster.servers {
-            if s.rank == rank || cluster.partition.replicas() == 0 {
-                peers.push(None);
+            if peers.len() <= s.rank as usize {
+                peers.resize(s.rank as usize + 1, None);
+            }
+            if s.rank == rank {
                 continue;
             }
-            let c = transport.connect(s.addr, Duration::from_secs(10))?;
-            c.set_tag(PEER_TAG + u64::from(s.rank));
-            peers.push(Some(c));
+            match transport.connect(s.addr, Duration::from_secs(5)) {
+                Ok(c) => {
+                    c.set_tag(PEER_TAG + u64::from(s.rank));
+                    peers[s.rank as usize] = Some(c);
+                }
+                // A server that failed earlier: nothing will be sent to it.
+                Err(e) => tracing::warn!(peer = s.rank, error = %e, "no connection to a server"),
+            }
         }
-        let repl = Replicator::new(rank, cfg.replication, peers);
+        let synced = {
+            let sched = scheduler.clone();
+            Box::new(move |epoch: u64| {
+                let _ = sched.send(Control::Synced { epoch }.to_frame(node_id));
+            })
+        };
+        let repl = Replicator::new(rank, node_id, cfg.replication, peers, synced);
         let ready = make_ready(
             node_id,
             rank,
@@ -1001,6 +1136,7 @@ impl Server {
                 tracing::debug!(epoch = new.epoch(), "older routing table ignored");
                 return;
             }
+            ready.repl.prepare_table(&t, &new);
             std::mem::replace(&mut *t, new.clone())
         };
         tracing::info!(
@@ -1013,6 +1149,26 @@ impl Server {
         ready.repl.on_table(entries(ready), &old, &new);
     }
 
+    /// Connect to servers that joined.
+    fn connect_peers(&self, servers: &[proto::ServerInfo]) {
+        let Some(ready) = self.core.ready.get() else {
+            return;
+        };
+        for s in servers {
+            if s.rank == ready.rank || ready.repl.has_peer(s.rank) {
+                continue;
+            }
+            match self.transport.connect(s.addr, Duration::from_secs(5)) {
+                Ok(c) => {
+                    c.set_tag(PEER_TAG + u64::from(s.rank));
+                    ready.repl.add_peer(s.rank, c);
+                    tracing::info!(peer = s.rank, addr = %s.addr, "connected to a server that joined");
+                }
+                Err(e) => tracing::warn!(peer = s.rank, error = %e, "no connection to a server"),
+            }
+        }
+    }
+
     /// Where workers connect.
     pub fn addr(&self) -> SocketAddr {
         self.addr
@@ -1021,10 +1177,39 @@ impl Server {
     /// Serve until the scheduler says the job is over (or its connection closes); then
     /// report the store's counters to the scheduler and, if configured, dump the model.
     pub fn run(self) -> Result<(), EngineError> {
+        // SIGTERM: leave gracefully (hand the ranges over first), then stop when told.
+        let term = Arc::new(AtomicBool::new(false));
+        if let Err(e) = signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone()) {
+            tracing::warn!(error = %e, "cannot catch SIGTERM; it will stop the server at once");
+        }
+        let mut leaving = false;
         loop {
-            match self.control.recv_timeout(proto::HEARTBEAT_EVERY) {
+            if term.load(Ordering::Relaxed) && !leaving {
+                leaving = true;
+                if let Some(r) = self.core.ready.get() {
+                    tracing::info!(
+                        rank = r.rank,
+                        "SIGTERM: asking the scheduler to let this server leave"
+                    );
+                    let _ = self
+                        ._scheduler
+                        .send(Control::Leave { rank: r.rank }.to_frame(r.node_id));
+                } else {
+                    break;
+                }
+            }
+            match self
+                .control
+                .recv_timeout(Duration::from_millis(100).min(proto::HEARTBEAT_EVERY))
+            {
                 Ok(Control::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
+                Ok(Control::Refused { reason }) if leaving => {
+                    tracing::warn!(%reason, "the scheduler refused the leave; stopping now");
+                    break;
+                }
+                Ok(Control::Log { line }) => tracing::info!("{line}"),
                 Ok(Control::Table { partition }) => self.install_table(partition),
+                Ok(Control::Servers { servers }) => self.connect_peers(&servers),
                 Ok(other) => tracing::debug!(?other, "control message ignored by server"),
                 Err(RecvTimeoutError::Timeout) => {
                     let id = self.core.ready.get().map_or(0, |r| r.node_id);
@@ -1060,6 +1245,14 @@ impl Server {
             let deadline = std::time::Instant::now() + Duration::from_secs(5);
             while self._scheduler.queued_bytes() > 0 && std::time::Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        if let Some(r) = self.core.ready.get() {
+            // Replication still on its way (a leaving server's last batches and hand-off
+            // markers) goes out first.
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while !r.repl.idle() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
             }
         }
         if let Some(os) = self.core.ready.get().and_then(|r| r.onesided.as_ref()) {
@@ -1159,7 +1352,12 @@ fn make_ready(
         rank,
         range,
         store,
-        servers: cluster.servers.len() as u32,
+        // The servers of the first table (ids 1..=S); joiners have ids above the workers.
+        servers: cluster
+            .servers
+            .iter()
+            .filter(|s| s.id == 1 + s.rank)
+            .count() as u32,
         workers: cluster.workers,
         clocks: Mutex::new(ClockGate::new(range, cluster.workers as usize)),
         table: RwLock::new(Arc::new(cluster.partition.clone())),

@@ -23,6 +23,39 @@ impl Handler for StatusHandler {
     fn on_close(&mut self, _conn: &Conn, _reason: &CloseReason) {}
 }
 
+/// `pserv leave`: ask the scheduler at `addr` to let server `rank` leave gracefully;
+/// prints the scheduler's answer. Fails when the scheduler refuses (the rank holds no
+/// ranges, it is the last server, another change is in progress).
+pub fn leave(addr: SocketAddr, rank: u32) -> Result<(), EngineError> {
+    let timeout = Duration::from_secs(10);
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let cfg = TcpConfig {
+        threads: 1,
+        pin_cores: false,
+        ..TcpConfig::default()
+    };
+    let transport = TcpTransport::start(cfg, |_| StatusHandler { tx: tx.clone() })?;
+    let conn = transport.connect(addr, timeout)?;
+    conn.send(Control::Leave { rank }.to_frame(0))?;
+    let answer = rx.recv_timeout(timeout);
+    transport.shutdown();
+    match answer {
+        Ok(Control::Log { line }) => {
+            println!("{line}");
+            Ok(())
+        }
+        Ok(Control::Refused { reason }) => Err(EngineError::InvalidRequest(format!(
+            "the scheduler refused: {reason}"
+        ))),
+        Ok(other) => Err(EngineError::InvalidRequest(format!(
+            "unexpected answer from the scheduler: {other:?}"
+        ))),
+        Err(_) => Err(EngineError::Timeout(format!(
+            "no answer from the scheduler at {addr} within {timeout:?}"
+        ))),
+    }
+}
+
 /// Connect to the scheduler at `addr`, ask for its status, and return the report.
 pub fn fetch(addr: SocketAddr, timeout: Duration) -> Result<StatusReport, EngineError> {
     let (tx, rx) = crossbeam_channel::unbounded();

@@ -47,7 +47,7 @@ use crate::keys::{Key, KeyRange, Partition};
 use crate::onesided::{ClientOneSided, TransportKind};
 use crate::proto::{
     request_timestamp, segment_of, task_of, ClusterInfo, Control, Role, Status, WorkerStats,
-    TASK_BITS,
+    MAX_SEGMENTS,
 };
 use crate::value::Value;
 
@@ -276,9 +276,6 @@ const RETRY_TICK: Duration = Duration::from_millis(2);
 const RETRY_DELAY: Duration = Duration::from_millis(3);
 /// The longest delay between resends of a request refused as stale.
 const RETRY_MAX_DELAY: Duration = Duration::from_millis(200);
-/// Most segments one task may have: the segment index has the bits of a request's
-/// `timestamp` above [`TASK_BITS`].
-const MAX_SEGMENTS: usize = 1 << (64 - TASK_BITS);
 
 /// Why a segment failed: kept to end its task with a clear error if no resend succeeds
 /// within the worker's timeout.
@@ -362,6 +359,9 @@ struct Segment {
     failed_at: Option<Instant>,
     /// How many times its keys were resent before it.
     attempt: u32,
+    /// The segment of the task's first split its keys come from (servers recognise a
+    /// resent piece of a push by it).
+    origin: usize,
 }
 
 /// The keys of a request.
@@ -517,12 +517,12 @@ impl Request {
         &self,
         epoch: u64,
         ts: Timestamp,
-        index: usize,
+        (index, origin): (usize, usize),
         server: u32,
         runs: Vec<Range<usize>>,
     ) -> (Segment, OutFrame) {
         let mut h = self.header;
-        h.timestamp = request_timestamp(ts, index);
+        h.timestamp = request_timestamp(ts, index, origin);
         // The routing table this request was split with: a server at another epoch
         // refuses it (StaleEpoch) instead of serving keys it may no longer own.
         h.epoch = u32::try_from(epoch).unwrap_or(u32::MAX);
@@ -540,6 +540,7 @@ impl Request {
             epoch,
             failed_at: None,
             attempt: 0,
+            origin,
         };
         (seg, OutFrame::new(h, keys, values))
     }
@@ -555,7 +556,8 @@ impl Request {
         let mut segments = Vec::with_capacity(plan.len());
         let mut frames = Vec::with_capacity(plan.len());
         for (i, (server, runs)) in plan.into_iter().enumerate() {
-            let (seg, frame) = self.message(table.epoch(), ts, first + i, server, runs);
+            let (seg, frame) =
+                self.message(table.epoch(), ts, (first + i, first + i), server, runs);
             segments.push(seg);
             frames.push((server, frame));
         }
@@ -714,6 +716,7 @@ impl TaskState {
                 continue;
             }
             let attempt = seg.attempt + 1;
+            let origin = seg.origin;
             tracing::debug!(
                 ts,
                 segment = i,
@@ -728,7 +731,7 @@ impl TaskState {
             seg.part = None;
             for (server, runs) in plan {
                 let index = self.segments.len();
-                let (mut s, frame) = req.message(table.epoch(), ts, index, server, runs);
+                let (mut s, frame) = req.message(table.epoch(), ts, (index, origin), server, runs);
                 s.failed_at = Some(since);
                 s.attempt = attempt;
                 self.segments.push(s);
@@ -793,7 +796,10 @@ struct Core {
     tasks: Mutex<HashMap<Timestamp, Arc<Task>>>,
     control: Sender<Control>,
     gate: Mutex<GateState>,
-    servers: std::sync::OnceLock<Vec<Conn>>,
+    /// Connections to the servers, by rank (none to one that could not be reached).
+    servers: RwLock<Vec<Option<Conn>>>,
+    /// Opens connections to servers that join.
+    connector: std::sync::OnceLock<pserv_transport::Connector>,
     /// The routing table requests are split by (None until the welcome; replaced by
     /// newer tables from the scheduler).
     table: RwLock<Option<Arc<Partition>>>,
@@ -817,7 +823,8 @@ impl Core {
                 deferred: HashMap::new(),
                 next_ts: 1,
             }),
-            servers: std::sync::OnceLock::new(),
+            servers: RwLock::new(Vec::new()),
+            connector: std::sync::OnceLock::new(),
             table: RwLock::new(None),
             retrying: Mutex::new(HashSet::new()),
             wake,
@@ -851,11 +858,51 @@ impl Core {
         let _ = self.wake.send(());
     }
 
+    /// Connect (on a thread of its own: connecting blocks) to the servers not connected
+    /// yet, then wake the resends waiting for them.
+    fn connect_new(self: &Arc<Self>, servers: Vec<crate::proto::ServerInfo>) {
+        let Some(connector) = self.connector.get().cloned() else {
+            return;
+        };
+        let core = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("pserv-connect".into())
+            .spawn(move || {
+                for s in servers {
+                    let have = core
+                        .servers
+                        .read()
+                        .get(s.rank as usize)
+                        .is_some_and(Option::is_some);
+                    if have {
+                        continue;
+                    }
+                    match connector.connect(s.addr, Duration::from_secs(5)) {
+                        Ok(conn) => {
+                            conn.set_tag(u64::from(s.rank) + 1);
+                            let mut v = core.servers.write();
+                            if v.len() <= s.rank as usize {
+                                v.resize(s.rank as usize + 1, None);
+                            }
+                            v[s.rank as usize] = Some(conn);
+                            tracing::info!(server = s.rank, addr = %s.addr, "connected to a server that joined");
+                        }
+                        Err(e) => tracing::warn!(server = s.rank, error = %e, "cannot reach a server"),
+                    }
+                }
+                core.wake();
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start a thread to connect to new servers");
+        }
+    }
+
     /// Whether the connection to `server` is open.
     fn alive(&self, server: u32) -> bool {
         self.servers
-            .get()
-            .and_then(|s| s.get(server as usize))
+            .read()
+            .get(server as usize)
+            .and_then(Option::as_ref)
             .is_some_and(|c| !c.is_closed())
     }
 
@@ -983,11 +1030,24 @@ impl Core {
     /// Send a request to `server`; a failed send fails its segment retryably.
     fn send(&self, server: u32, frame: OutFrame) {
         let stamp = frame.header().timestamp;
-        let conn = self.servers.get().and_then(|s| s.get(server as usize));
-        let result = match conn {
-            Some(c) => c.send(frame).map_err(|e| e.to_string()),
-            None => Err("no connection".to_string()),
+        let conn = self
+            .servers
+            .read()
+            .get(server as usize)
+            .and_then(Option::clone);
+        let Some(conn) = conn else {
+            // A server that joined and is not connected yet: try again shortly.
+            tracing::debug!(server, "no connection to this server yet");
+            self.settle(stamp, server, |_, _| {
+                Outcome::Retry(Failure::Refused {
+                    server,
+                    status: Status::StaleEpoch,
+                    message: "not connected to this server yet".into(),
+                })
+            });
+            return;
         };
+        let result = conn.send(frame).map_err(|e| e.to_string());
         if let Err(e) = result {
             tracing::debug!(server, error = %e, "send failed");
             self.settle(stamp, server, |_, _| {
@@ -1124,6 +1184,7 @@ impl Handler for WorkerHandler {
         let h = *f.header();
         if conn.tag() == SCHEDULER_TAG {
             match Control::from_frame(&f) {
+                Ok(Control::Servers { servers }) => self.core.connect_new(servers),
                 Ok(Control::Table { partition }) => {
                     let epoch = partition.epoch();
                     if self.core.install(partition) {
@@ -1213,7 +1274,6 @@ pub struct Worker {
     node_id: u32,
     rank: u32,
     cluster: ClusterInfo,
-    servers: Vec<Conn>,
     scheduler: Conn,
     control: Receiver<Control>,
     clock: AtomicU64,
@@ -1269,14 +1329,18 @@ impl Worker {
         // A newer table may already have come (then the welcome's is not installed).
         core.install(cluster.partition.clone());
         transport.repin(node_id as usize);
-        let mut servers = Vec::with_capacity(cluster.servers.len());
+        let _ = core.connector.set(transport.connector());
+        let mut servers: Vec<Option<Conn>> = Vec::with_capacity(cluster.servers.len());
         for s in &cluster.servers {
             let conn = transport.connect(s.addr, Duration::from_secs(10))?;
             conn.set_tag(u64::from(s.rank) + 1);
-            servers.push(conn);
+            if servers.len() <= s.rank as usize {
+                servers.resize(s.rank as usize + 1, None);
+            }
+            servers[s.rank as usize] = Some(conn);
         }
         tracing::debug!(node_id, rank, servers = servers.len(), "worker connected");
-        let _ = core.servers.set(servers.clone());
+        *core.servers.write() = servers;
         let onesided = match ClientOneSided::new(cfg.transport) {
             Ok(o) => o,
             Err(e) if cfg.transport == TransportKind::Auto => {
@@ -1291,7 +1355,6 @@ impl Worker {
             node_id,
             rank,
             cluster,
-            servers,
             scheduler,
             control: rx,
             clock: AtomicU64::new(0),
@@ -1483,7 +1546,14 @@ impl Worker {
                 host: host.clone(),
                 offers: vec![(os.backend.kind() as u8, endpoint)],
             };
-            self.servers[server as usize].send(msg.to_frame(self.node_id))?;
+            let conn = self
+                .core
+                .servers
+                .read()
+                .get(server as usize)
+                .and_then(Option::clone)
+                .ok_or(EngineError::Disconnected { server })?;
+            conn.send(msg.to_frame(self.node_id))?;
             let answer = self
                 .control
                 .recv_timeout(Duration::from_secs(30))
@@ -1666,7 +1736,7 @@ impl Worker {
             let (request, segments, frames, error) = match built {
                 Ok(request) => {
                     let clock_to: Vec<u32> = if request.clocked {
-                        (0..self.servers.len() as u32)
+                        (0..self.core.servers.read().len() as u32)
                             .filter(|&s| self.core.alive(s) && in_table(&table, s))
                             .collect()
                     } else {
@@ -1948,6 +2018,7 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::TASK_BITS;
     use crate::ring::Ring;
     use pserv_transport::wire::DType;
     use pserv_transport::{BufPool, Frame};
@@ -2027,11 +2098,21 @@ mod tests {
             (42, 3),
             ((1 << TASK_BITS) - 1, MAX_SEGMENTS - 1),
         ] {
-            let stamp = request_timestamp(ts, seg);
-            assert_eq!((task_of(stamp), segment_of(stamp)), (ts, seg));
+            for origin in [0, seg, MAX_SEGMENTS - 2] {
+                let stamp = request_timestamp(ts, seg, origin);
+                assert_eq!((task_of(stamp), segment_of(stamp)), (ts, seg));
+                assert_eq!(crate::proto::origin_of(stamp), origin + 1);
+                // The piece's identity does not depend on the segment it travels in.
+                assert_eq!(
+                    crate::proto::push_id(stamp),
+                    crate::proto::push_id(request_timestamp(ts, 0, origin))
+                );
+            }
         }
-        // Segment 0 leaves the plain task timestamp.
-        assert_eq!(request_timestamp(9, 0), 9);
+        assert_ne!(
+            crate::proto::push_id(request_timestamp(9, 0, 0)),
+            crate::proto::push_id(request_timestamp(9, 0, 1))
+        );
     }
 
     #[test]

@@ -18,5 +18,5 @@ pub mod tcp;
 pub mod wire;
 
 pub use buf::{AsBytes, BufPool, OutFrame, OwnedFrame, Payload, PoolBuf, RecvFrame};
-pub use tcp::{CloseReason, Conn, Handler, TcpConfig, TcpTransport, TransportError};
+pub use tcp::{CloseReason, Conn, Connector, Handler, TcpConfig, TcpTransport, TransportError};
 pub use wire::{DType, Frame, Header, MessageKind, WireError};

@@ -535,6 +535,39 @@ impl Shared {
     }
 }
 
+fn connect_on(
+    shared: &Arc<Shared>,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<Conn, TransportError> {
+    let err = |source| TransportError::Connect {
+        addr: addr.to_string(),
+        source,
+    };
+    let stream = TcpStream::connect_timeout(&addr, timeout).map_err(err)?;
+    let conn = shared.new_conn(stream).map_err(err)?;
+    shared.command(conn.0.loop_index, Command::Adopt(conn.clone()));
+    Ok(conn)
+}
+
+/// Opens connections on a [`TcpTransport`]'s loops; cheap to clone, usable from any
+/// thread. Connections it opens stop when the transport shuts down.
+#[derive(Clone)]
+pub struct Connector(Arc<Shared>);
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Connector")
+    }
+}
+
+impl Connector {
+    /// Connect to `addr` (blocking up to `timeout`) and hand the connection to a loop.
+    pub fn connect(&self, addr: SocketAddr, timeout: Duration) -> Result<Conn, TransportError> {
+        connect_on(&self.0, addr, timeout)
+    }
+}
+
 /// The TCP transport: event loops plus the handle application threads use.
 /// Dropping it shuts the loops down (closing every connection) and joins them.
 pub struct TcpTransport {
@@ -609,15 +642,13 @@ impl TcpTransport {
 
     /// Connect to `addr` (blocking up to `timeout`) and hand the connection to a loop.
     pub fn connect(&self, addr: SocketAddr, timeout: Duration) -> Result<Conn, TransportError> {
-        let err = |source| TransportError::Connect {
-            addr: addr.to_string(),
-            source,
-        };
-        let stream = TcpStream::connect_timeout(&addr, timeout).map_err(err)?;
-        let conn = self.shared.new_conn(stream).map_err(err)?;
-        self.shared
-            .command(conn.0.loop_index, Command::Adopt(conn.clone()));
-        Ok(conn)
+        connect_on(&self.shared, addr, timeout)
+    }
+
+    /// A handle that opens connections on these loops from any thread (for example from
+    /// a handler that learns about a new peer).
+    pub fn connector(&self) -> Connector {
+        Connector(self.shared.clone())
     }
 
     /// Traffic counters.
