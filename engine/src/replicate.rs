@@ -1426,7 +1426,7 @@ mod tests {
         assert_eq!(b.stored_keys(&[KeyRange::new(0, 4)]), vec![3]);
         assert_eq!(
             b.stored_keys(&[KeyRange::new(0, 4), KeyRange::new(9, 101)]),
-            vec![9, 100]
+            vec![3, 9, 100]
         );
     }
 
@@ -1474,6 +1474,57 @@ mod tests {
         }
         assert!(!s.covers((7, 1), KeysRef::List(&[10])), "oldest forgotten");
         assert!(s.map.len() <= SEEN_CAP);
+    }
+
+    #[test]
+    fn a_late_batch_keeps_what_the_new_head_applied_since() {
+        let mut f = Fresh {
+            epoch: 3,
+            ..Fresh::default()
+        };
+        f.keys.insert(5);
+        f.ranges.push(KeyRange::new(20, 22));
+        // One weight (4 bytes) and one state element per key.
+        let shape = (1, 1, 4);
+        let bytes = |v: &[f32]| bytemuck::cast_slice::<f32, u8>(v).to_vec();
+        let part = ReplicaPart::Keys {
+            keys: bytemuck::cast_slice(&[4u64, 5, 6, 21]).to_vec(),
+            weights: bytes(&[1.0, 2.0, 3.0, 4.0]),
+            state: bytes(&[10.0, 20.0, 30.0, 40.0]),
+        };
+        assert_eq!(
+            f.filter(&part, shape),
+            vec![ReplicaPart::Keys {
+                keys: bytemuck::cast_slice(&[4u64, 6]).to_vec(),
+                weights: bytes(&[1.0, 3.0]),
+                state: bytes(&[10.0, 30.0]),
+            }]
+        );
+        let part = ReplicaPart::Range {
+            range: KeyRange::new(3, 24),
+            weights: bytes(&(3..24).map(|k| k as f32).collect::<Vec<_>>()),
+            state: bytes(&(3..24).map(|k| -(k as f32)).collect::<Vec<_>>()),
+        };
+        let kept = f.filter(&part, shape);
+        let ranges: Vec<KeyRange> = kept
+            .iter()
+            .map(|p| match p {
+                ReplicaPart::Range { range, weights, .. } => {
+                    let w: Vec<f32> = pod_vec(weights);
+                    assert_eq!(w[0], range.begin as f32, "values follow their keys");
+                    *range
+                }
+                _ => panic!("range parts stay ranges"),
+            })
+            .collect();
+        assert_eq!(
+            ranges,
+            vec![
+                KeyRange::new(3, 5),
+                KeyRange::new(6, 20),
+                KeyRange::new(22, 24)
+            ]
+        );
     }
 
     #[test]

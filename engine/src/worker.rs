@@ -2098,7 +2098,7 @@ mod tests {
             (42, 3),
             ((1 << TASK_BITS) - 1, MAX_SEGMENTS - 1),
         ] {
-            for origin in [0, seg, MAX_SEGMENTS - 2] {
+            for origin in [0, seg.min(MAX_SEGMENTS - 2), MAX_SEGMENTS - 2] {
                 let stamp = request_timestamp(ts, seg, origin);
                 assert_eq!((task_of(stamp), segment_of(stamp)), (ts, seg));
                 assert_eq!(crate::proto::origin_of(stamp), origin + 1);
@@ -2394,8 +2394,8 @@ mod tests {
         core.settle(stamp, frames[0].0, |_, _| Outcome::Retry(failure));
         assert!(core.retrying.lock().contains(&1));
         assert_eq!(task.remaining.load(Ordering::Acquire), n);
-        // A newer table: the segment is resent; without connections the send fails, so
-        // it waits again, now routed with the new epoch.
+        // A newer table: the segment is resent; without a connection to its server it
+        // waits again (as for a server not connected yet), now routed with the new epoch.
         assert!(core.install(new.clone()));
         assert_eq!(core.table().epoch(), new.epoch());
         core.retry_pass();
@@ -2407,7 +2407,10 @@ mod tests {
             assert!(matches!(
                 s.state,
                 SegState::Waiting {
-                    failure: Failure::Disconnected { .. },
+                    failure: Failure::Refused {
+                        status: Status::StaleEpoch,
+                        ..
+                    },
                     ..
                 }
             ));
