@@ -366,3 +366,62 @@ fn a_server_joins_and_another_leaves_while_workers_push_and_nothing_is_lost() {
         w.finish(0).unwrap();
     }
 }
+
+/// `pserv local` with a worker SIGKILLed mid-training (elastic workers): training
+/// completes; the departed worker's data shard is split over the two others from the next
+/// epoch on (or skipped with `--skip-departed`), visible in the examples they trained.
+#[test]
+fn a_departed_workers_shard_passes_to_the_others() {
+    let dir = Scratch::new("departed");
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let summary = dir.path(&format!("s{}.json", extra.len()));
+        let out = Command::new(pserv())
+            .args([
+                "local",
+                "--servers=2",
+                "--workers=3",
+                "--epochs=4",
+                "--seed=9",
+                "--threads=2",
+                "--pin-cores=false",
+                "--kill-worker-after=0.2",
+                "--timeout-secs=60",
+            ])
+            .args(extra)
+            .arg(format!("--summary-json={}", summary.display()))
+            .output()
+            .expect("pserv runs");
+        assert!(
+            out.status.success(),
+            "pserv local {extra:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str(&std::fs::read_to_string(summary).unwrap()).unwrap()
+    };
+    let moved = run(&[]);
+    let skipped = run(&["--skip-departed"]);
+    let n = |s: &serde_json::Value, k: &str| s[k].as_u64().unwrap_or_else(|| panic!("{k}: {s}"));
+    for s in [&moved, &skipped] {
+        assert_eq!(n(s, "workers_finished"), 2, "{s}");
+    }
+    let train = n(&moved, "train_examples");
+    // Worker 2's shard: rows [2T/3, T).
+    let shard = train - train * 2 / 3;
+    let own = (train - shard) * 4;
+    assert_eq!(
+        n(&skipped, "examples"),
+        own,
+        "skipped: only their own shards"
+    );
+    let extra = n(&moved, "examples") - own;
+    assert!(
+        extra > 0 && extra % shard == 0 && extra / shard <= 3,
+        "the departed shard is trained once per epoch after the departure: {extra} extra examples, shard {shard}"
+    );
+    eprintln!(
+        "departed shard trained by the others in {} of the 4 epochs",
+        extra / shard
+    );
+    let baseline = 0.69;
+    assert!(moved["test_logloss"].as_f64().unwrap() < baseline);
+}

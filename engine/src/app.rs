@@ -61,6 +61,11 @@ enum Cmd {
         /// Which server --kill-server-after kills (default: the last).
         #[arg(long)]
         kill_server: Option<u32>,
+        /// SIGKILL the last worker this many seconds after the workers started (elastic
+        /// workers: its data shard passes to the others from the next epoch, unless
+        /// --skip-departed).
+        #[arg(long)]
+        kill_worker_after: Option<f64>,
         /// Start one more server this many seconds after the workers started; it joins
         /// the running cluster (`pserv server --join`).
         #[arg(long)]
@@ -199,6 +204,7 @@ fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> {
             dump_model,
             kill_server_after,
             kill_server,
+            kill_worker_after,
             add_server_after,
             repl,
         } => {
@@ -259,6 +265,17 @@ fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> {
                     Some(secs) => {
                         return Err(EngineError::Config(format!(
                             "--kill-server-after {secs}: expected seconds, 0 or more"
+                        )))
+                    }
+                    None => None,
+                },
+                kill_worker: match kill_worker_after {
+                    Some(secs) if secs.is_finite() && secs >= 0.0 => {
+                        Some((cluster.workers - 1, Duration::from_secs_f64(secs)))
+                    }
+                    Some(secs) => {
+                        return Err(EngineError::Config(format!(
+                            "--kill-worker-after {secs}: expected seconds, 0 or more"
                         )))
                     }
                     None => None,

@@ -87,6 +87,10 @@ pub struct JobArgs {
     /// RANK means every worker; several specs separated by commas.
     #[arg(long, env = "PSERV_SLOW_WORKER")]
     pub slow_worker: Option<String>,
+    /// When a worker leaves (dies) mid-training, skip its data shard instead of handing
+    /// it to the workers still running from the next epoch on.
+    #[arg(long, env = "PSERV_SKIP_DEPARTED")]
+    pub skip_departed: bool,
     /// Worker 0 also evaluates every N minibatches (0: only after each epoch).
     #[arg(long, env = "PSERV_EVAL_EVERY", default_value_t = 0)]
     pub eval_every: usize,
@@ -235,6 +239,9 @@ impl JobArgs {
         if let Some(s) = &self.slow_worker {
             a.push(format!("--slow-worker={s}"));
         }
+        if self.skip_departed {
+            a.push("--skip-departed".into());
+        }
         a.push(format!("--eval-every={}", self.eval_every));
         if let Some(t) = self.target_logloss {
             a.push(format!("--target-logloss={t}"));
@@ -360,6 +367,49 @@ impl JobArgs {
 /// Report progress to the scheduler at most this often.
 const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// What one epoch trains: the shards of departed workers split over the live ones, and
+/// the number of clock steps (the most minibatches any live worker has).
+struct EpochPlan {
+    /// Per live worker rank: rows of departed workers' shards it trains this epoch.
+    extra: std::collections::BTreeMap<u32, Vec<std::ops::Range<usize>>>,
+    steps: usize,
+}
+
+fn epoch_plan(len: usize, workers: usize, live: &[u32], batch: usize, skip: bool) -> EpochPlan {
+    let batch = batch.max(1);
+    let mut extra: std::collections::BTreeMap<u32, Vec<std::ops::Range<usize>>> =
+        live.iter().map(|&r| (r, Vec::new())).collect();
+    if !skip && !live.is_empty() {
+        for gone in (0..workers as u32).filter(|r| !live.contains(r)) {
+            let rows = Dataset::shard_range(len, gone as usize, workers);
+            for (j, &r) in live.iter().enumerate() {
+                let sub = Dataset::shard_range(rows.len(), j, live.len());
+                if !sub.is_empty() {
+                    extra
+                        .entry(r)
+                        .or_default()
+                        .push(rows.start + sub.start..rows.start + sub.end);
+                }
+            }
+        }
+    }
+    let steps = live
+        .iter()
+        .filter(|&&r| (r as usize) < workers)
+        .map(|&r| {
+            Dataset::shard_range(len, r as usize, workers)
+                .len()
+                .div_ceil(batch)
+                + extra[&r]
+                    .iter()
+                    .map(|x| x.len().div_ceil(batch))
+                    .sum::<usize>()
+        })
+        .max()
+        .unwrap_or(0);
+    EpochPlan { extra, steps }
+}
+
 /// Train this worker's shard (see the module docs), then report and finish.
 ///
 /// Under a consistency model other than eventual, every minibatch is one tick of the
@@ -405,12 +455,9 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
     let shard = train.shard(rank, workers);
     let params = job.sgd_params();
     let l2 = job.worker_l2();
-    let batches: Vec<Minibatch<'_>> = shard.minibatches(params.batch_size).collect();
-    let longest = (0..workers)
-        .map(|i| Dataset::shard_range(train.len(), i, workers).len())
-        .max()
-        .unwrap_or(0);
-    let steps = longest.div_ceil(params.batch_size.max(1));
+    // Elastic workers: the shards of workers that left, split over those still running
+    // (from the epoch after a barrier showed them gone). Re-planned every epoch.
+    let mut live: Vec<u32> = (0..workers as u32).collect();
     let clocked = job.consistency != Consistency::Eventual;
     let slow: Vec<Slowdown> = job
         .slow()?
@@ -464,6 +511,23 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
     let mut last_eval = None;
     let mut step_count = 0usize;
     for epoch in 1..=job.epochs {
+        let plan = epoch_plan(
+            train.len(),
+            workers,
+            &live,
+            params.batch_size,
+            job.skip_departed,
+        );
+        let steps = plan.steps;
+        let extra: Vec<Dataset> = plan
+            .extra
+            .get(&(rank as u32))
+            .map(|rs| rs.iter().map(|r| train.slice(r.clone())).collect())
+            .unwrap_or_default();
+        let batches: Vec<Minibatch<'_>> = shard
+            .minibatches(params.batch_size)
+            .chain(extra.iter().flat_map(|d| d.minibatches(params.batch_size)))
+            .collect();
         let mut unreported = 0u64;
         let mut reported_at = Instant::now();
         let mut previous_push: Option<Timestamp> = None;
@@ -566,7 +630,7 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
             })?;
             last_eval = Some(eval);
         }
-        worker.barrier()?;
+        live = worker.barrier_live()?;
     }
     let seconds = started.elapsed().as_secs_f64();
     if let Some(t) = trace.as_mut() {
@@ -599,4 +663,27 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
         })?;
     }
     worker.finish_with(examples, seconds, blocked.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_departed_shard_is_split_over_the_live_workers() {
+        // Nobody left: no extra rows; steps = the longest shard's minibatches.
+        let p = epoch_plan(100, 3, &[0, 1, 2], 10, false);
+        assert!(p.extra.values().all(Vec::is_empty));
+        assert_eq!(p.steps, 4);
+        // Worker 1 left: its rows [33, 66) go to 0 and 2, in halves, covering it once.
+        let p = epoch_plan(100, 3, &[0, 2], 10, false);
+        assert_eq!(p.extra[&0], vec![33..49]);
+        assert_eq!(p.extra[&2], vec![49..66]);
+        // Worker 2 trains its 34 rows (4 minibatches) plus 17 (2 minibatches).
+        assert_eq!(p.steps, 6);
+        // Skipped: nobody trains them.
+        let p = epoch_plan(100, 3, &[0, 2], 10, true);
+        assert!(p.extra.values().all(Vec::is_empty));
+        assert_eq!(p.steps, 4);
+    }
 }

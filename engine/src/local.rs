@@ -37,6 +37,10 @@ pub struct LocalPlan {
     /// SIGKILL server `rank` this long after the workers started (`--kill-server-after`):
     /// the failure path on one machine. Its death does not fail the run.
     pub kill_server: Option<(u32, Duration)>,
+    /// SIGKILL worker `rank` this long after the workers started (`--kill-worker-after`):
+    /// its data shard passes to the others from the next epoch. Its death does not fail
+    /// the run.
+    pub kill_worker: Option<(u32, Duration)>,
     /// Start one more server (`server --join`) this long after the workers started
     /// (`--add-server-after`).
     pub add_server: Option<Duration>,
@@ -145,7 +149,16 @@ fn run_in(plan: &LocalPlan, dir: &Path) -> Result<serde_json::Value, EngineError
         procs.0.push(spawn(plan, format!("worker {rank}"), a)?);
     }
     // Wait for every process to exit successfully.
-    let mut kill = plan.kill_server;
+    let mut kills: Vec<(String, Duration)> = plan
+        .kill_server
+        .iter()
+        .map(|(r, d)| (format!("server {r}"), *d))
+        .chain(
+            plan.kill_worker
+                .iter()
+                .map(|(r, d)| (format!("worker {r}"), *d)),
+        )
+        .collect();
     let mut add = plan.add_server;
     while procs.0.iter().any(|p| p.status.is_none()) {
         if let Some(after) = add {
@@ -164,22 +177,24 @@ fn run_in(plan: &LocalPlan, dir: &Path) -> Result<serde_json::Value, EngineError
                 );
             }
         }
-        if let Some((rank, after)) = kill {
-            if workers_started.elapsed() >= after {
-                kill = None;
-                let name = format!("server {rank}");
-                if let Some(p) = procs.0.iter_mut().find(|p| p.name == name) {
-                    if p.status.is_none() {
-                        let pid = p.child.id();
-                        let _ = p.child.kill();
-                        if let Ok(st) = p.child.wait() {
-                            p.status = Some(st);
-                        }
-                        eprintln!(
-                            "pserv local: killed server {rank} (pid {pid}) with SIGKILL {:.2} s after the workers started",
-                            after.as_secs_f64()
-                        );
+        let due: Vec<(String, Duration)> = kills
+            .iter()
+            .filter(|(_, after)| workers_started.elapsed() >= *after)
+            .cloned()
+            .collect();
+        kills.retain(|(_, after)| workers_started.elapsed() < *after);
+        for (name, after) in due {
+            if let Some(p) = procs.0.iter_mut().find(|p| p.name == name) {
+                if p.status.is_none() {
+                    let pid = p.child.id();
+                    let _ = p.child.kill();
+                    if let Ok(st) = p.child.wait() {
+                        p.status = Some(st);
                     }
+                    eprintln!(
+                        "pserv local: killed {name} (pid {pid}) with SIGKILL {:.2} s after the workers started",
+                        after.as_secs_f64()
+                    );
                 }
             }
         }

@@ -174,6 +174,9 @@ pub enum Control {
     BarrierDone {
         /// Barrier sequence number.
         seq: u64,
+        /// Ranks of the workers still running (sorted): a job hands the data shards of
+        /// workers that left to these (elastic workers, MISSION.md P11).
+        live: Vec<u32>,
     },
     /// Progress of a worker (job-defined units), for the operator's progress bar.
     Progress {

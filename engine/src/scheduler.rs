@@ -633,6 +633,13 @@ impl SchedulerCore {
     /// Release every barrier that all live workers have reached.
     fn release_barriers(&mut self, out: &mut Vec<Output>) {
         let live: BTreeSet<ConnKey> = self.live_workers().map(|(c, _)| *c).collect();
+        let mut ranks: Vec<u32> = self
+            .nodes
+            .values()
+            .filter(|n| n.role == Role::Worker && !n.gone)
+            .map(|n| n.rank)
+            .collect();
+        ranks.sort_unstable();
         let ready: Vec<u64> = self
             .barriers
             .iter()
@@ -645,7 +652,10 @@ impl SchedulerCore {
                 if self.nodes.get(&conn).is_some_and(|n| !n.gone) {
                     out.push(Output::Send {
                         conn,
-                        msg: Control::BarrierDone { seq },
+                        msg: Control::BarrierDone {
+                            seq,
+                            live: ranks.clone(),
+                        },
                     });
                 }
             }
@@ -673,7 +683,7 @@ impl SchedulerCore {
         match role {
             Role::Worker if !done => {
                 out.push(Output::Log(format!(
-                    "worker {rank} disconnected before finishing; its shard is skipped"
+                    "worker {rank} disconnected before finishing; the others learn it at the next barrier (its data shard passes to them unless the job skips it)"
                 )));
                 self.release_barriers(out);
                 self.maybe_finish(out);
@@ -1586,16 +1596,28 @@ mod tests {
         });
         let s = sends(&out);
         assert_eq!(s.len(), 2);
-        assert!(s
-            .iter()
-            .all(|(_, m)| **m == Control::BarrierDone { seq: 1 }));
+        assert!(s.iter().all(|(_, m)| **m
+            == Control::BarrierDone {
+                seq: 1,
+                live: vec![0, 1]
+            }));
         // A worker that vanishes no longer holds others back.
         c.handle(Input::Message {
             conn: 2,
             msg: Control::Barrier { seq: 2 },
         });
         let out = c.handle(Input::Closed { conn: 4 });
-        assert_eq!(sends(&out), vec![(2, &Control::BarrierDone { seq: 2 })]);
+        // ...and the others learn it left (its data shard passes to them).
+        assert_eq!(
+            sends(&out),
+            vec![(
+                2,
+                &Control::BarrierDone {
+                    seq: 2,
+                    live: vec![0]
+                }
+            )]
+        );
     }
 
     #[test]

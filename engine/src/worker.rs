@@ -1956,13 +1956,20 @@ impl Worker {
 
     /// Wait until every worker has called `barrier` as often as this one.
     pub fn barrier(&self) -> Result<(), EngineError> {
+        self.barrier_live().map(|_| ())
+    }
+
+    /// [`barrier`](Self::barrier), returning the ranks of the workers still running
+    /// (sorted; workers that left are missing): what a job needs to hand a departed
+    /// worker's data to the others.
+    pub fn barrier_live(&self) -> Result<Vec<u32>, EngineError> {
         let seq = self.barrier_seq.fetch_add(1, Ordering::Relaxed) + 1;
         self.scheduler
             .send(Control::Barrier { seq }.to_frame(self.node_id))?;
         let deadline = Instant::now() + self.timeout;
         loop {
             match self.control.recv_deadline(deadline) {
-                Ok(Control::BarrierDone { seq: s }) if s == seq => return Ok(()),
+                Ok(Control::BarrierDone { seq: s, live }) if s == seq => return Ok(live),
                 Ok(Control::Shutdown) => return Err(EngineError::SchedulerGone),
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
                     return Err(EngineError::Timeout(format!(
