@@ -339,6 +339,23 @@ fn status_shows_the_cluster_and_a_silent_server_turns_dead() {
         "{s}"
     );
     assert!(!s.contains("dead"), "{s}");
+    // Servers report their replication with every heartbeat.
+    w.wait(w.push(vec![1u64, 1 << 63], vec![1.0f32, 1.0]))
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut s = status(&c);
+    while !(s.contains("server 0 at")
+        && s.lines()
+            .any(|l| l.contains("server 0 at") && l.contains("replication: "))
+        && s.contains("not yet acknowledged by their tails"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no replication report:\n{s}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        s = status(&c);
+    }
     // A server that stops (no heartbeats, connection still open) is declared dead...
     signal(&c, "server 1", "-STOP");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

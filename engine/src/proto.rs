@@ -274,6 +274,15 @@ pub enum Control {
         /// Every server, by rank.
         servers: Vec<ServerInfo>,
     },
+    /// Server to scheduler, with every heartbeat: its replication as a chain's head.
+    ReplicationLag {
+        /// Batches queued or sent and not yet acknowledged by their tail.
+        batches: u64,
+        /// Pushes waiting in them for their answer.
+        pushes: u64,
+        /// Age of the oldest of them, in microseconds.
+        oldest_us: u64,
+    },
     /// Server to scheduler: under routing table `epoch`, every copy this server started
     /// as a head (whole ranges for replicas new in its chains) is acknowledged.
     Synced {
@@ -412,6 +421,10 @@ pub struct NodeStatus {
     pub state: String,
     /// Milliseconds since its last heartbeat (servers).
     pub heartbeat_ms_ago: Option<u64>,
+    /// A server's replication as head at its last heartbeat: batches not yet acknowledged
+    /// by their tail, pushes waiting in them, age of the oldest in microseconds.
+    #[serde(default)]
+    pub replication: Option<(u64, u64, u64)>,
 }
 
 /// What `pserv status` prints.

@@ -122,6 +122,8 @@ impl Batch {
 struct Sent {
     /// The replicas it went to, in chain order.
     chain: Vec<u32>,
+    /// When it was queued first (its oldest push).
+    since: Instant,
     keys: Vec<Key>,
     ranges: Vec<KeyRange>,
     snapshots: Vec<KeyRange>,
@@ -658,6 +660,7 @@ impl Replicator {
         st.in_flight.insert(
             seq,
             Sent {
+                since: b.since.unwrap_or_else(Instant::now),
                 chain: followers.to_vec(),
                 keys: b.keys,
                 ranges,
@@ -683,6 +686,28 @@ impl Replicator {
                 false
             }
         }
+    }
+
+    /// Replication not yet acknowledged: (batches, pushes waiting, age of the oldest).
+    pub(crate) fn lag(&self) -> (u64, u64, Duration) {
+        let st = self.state.lock();
+        let now = Instant::now();
+        let mut batches = 0u64;
+        let mut pushes = 0u64;
+        let mut oldest = Duration::ZERO;
+        for s in st.in_flight.values() {
+            batches += 1;
+            pushes += s.acks.len() as u64;
+            oldest = oldest.max(now.saturating_duration_since(s.since));
+        }
+        for b in st.pending.values().filter(|b| !b.is_empty()) {
+            batches += 1;
+            pushes += b.acks.len() as u64;
+            if let Some(t) = b.since {
+                oldest = oldest.max(now.saturating_duration_since(t));
+            }
+        }
+        (batches, pushes, oldest)
     }
 
     /// Whether nothing waits for replication and every message to the other servers
@@ -953,6 +978,7 @@ impl Replicator {
                 self.flush_chain(st, store, old.epoch(), &f);
             } else {
                 redo.push(Sent {
+                    since: b.since.unwrap_or_else(Instant::now),
                     chain: f,
                     keys: b.keys,
                     ranges: b.ranges,
@@ -1047,6 +1073,7 @@ impl Replicator {
         for f in pending {
             if let Some(b) = st.pending.remove(&f) {
                 redo.push(Sent {
+                    since: b.since.unwrap_or_else(Instant::now),
                     chain: f,
                     keys: b.keys,
                     ranges: b.ranges,

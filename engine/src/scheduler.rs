@@ -137,6 +137,8 @@ struct Node {
     seen_ms: u64,
     /// Missed heartbeats for longer than the timeout.
     dead: bool,
+    /// Its last replication report (servers).
+    lag: Option<(u64, u64, u64)>,
 }
 
 /// The scheduler's state machine.
@@ -243,6 +245,7 @@ impl SchedulerCore {
                     "live"
                 }
                 .to_owned(),
+                replication: n.lag,
                 heartbeat_ms_ago: (n.role == Role::Server)
                     .then(|| self.now_ms.saturating_sub(n.seen_ms)),
             })
@@ -418,6 +421,15 @@ impl SchedulerCore {
                 }
             }
             Control::Join { addr, rank, pid } => self.on_join(conn, addr, rank, pid, out),
+            Control::ReplicationLag {
+                batches,
+                pushes,
+                oldest_us,
+            } => {
+                if let Some(n) = self.nodes.get_mut(&conn).filter(|n| n.role == Role::Server) {
+                    n.lag = Some((batches, pushes, oldest_us));
+                }
+            }
             Control::Leave { rank } => self.on_leave(conn, rank, out),
             Control::Synced { epoch } => {
                 let rank = self
@@ -557,6 +569,7 @@ impl SchedulerCore {
                 gone: false,
                 seen_ms: self.now_ms,
                 dead: false,
+                lag: None,
             },
         );
         let registered = |r: Role| self.nodes.values().filter(|n| n.role == r).count() as u32;
@@ -858,6 +871,7 @@ impl SchedulerCore {
                 gone: false,
                 seen_ms: self.now_ms,
                 dead: false,
+                lag: None,
             },
         );
         out.push(Output::Send {
@@ -1771,6 +1785,9 @@ mod tests {
         let text = crate::status::render(report);
         assert!(text.contains("routing table epoch 1"), "{text}");
         assert!(text.contains("server 1 at 127.0.0.1:"), "{text}");
-        assert!(text.contains("replication lag: not reported"), "{text}");
+        assert!(
+            text.contains("replication lag: no server reported yet"),
+            "{text}"
+        );
     }
 }

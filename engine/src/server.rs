@@ -1214,6 +1214,15 @@ impl Server {
                 Err(RecvTimeoutError::Timeout) => {
                     let id = self.core.ready.get().map_or(0, |r| r.node_id);
                     let _ = self._scheduler.send(Control::Heartbeat.to_frame(id));
+                    if let Some(r) = self.core.ready.get() {
+                        let (batches, pushes, oldest) = r.repl.lag();
+                        let lag = Control::ReplicationLag {
+                            batches,
+                            pushes,
+                            oldest_us: oldest.as_micros() as u64,
+                        };
+                        let _ = self._scheduler.send(lag.to_frame(id));
+                    }
                 }
             }
         }

@@ -112,18 +112,36 @@ pub fn render(r: &StatusReport) -> String {
             Role::Server => "server",
             Role::Worker => "worker",
         };
-        s.push_str(&format!("  {role} {}{addr}: {}{hb}\n", n.rank, n.state));
+        let repl = n
+            .replication
+            .map(|(b, p, us)| {
+                format!(
+                    "; replication: {b} batch(es) with {p} push(es) waiting for their tail, oldest {:.1} ms",
+                    us as f64 / 1e3
+                )
+            })
+            .unwrap_or_default();
+        s.push_str(&format!(
+            "  {role} {}{addr}: {}{hb}{repl}\n",
+            n.rank, n.state
+        ));
     }
     s.push_str("\nreplication lag: ");
-    if r.replication_lag.is_empty() {
-        s.push_str(
-            "not reported (a head answers a push only once every replica of its range holds it)\n",
-        );
+    let reports: Vec<(u64, u64, u64)> = r.nodes.iter().filter_map(|n| n.replication).collect();
+    if reports.is_empty() {
+        s.push_str("no server reported yet\n");
     } else {
-        s.push('\n');
-        for (range, lag) in &r.replication_lag {
-            s.push_str(&format!("  {range}: {lag} updates behind\n"));
-        }
+        let batches: u64 = reports.iter().map(|x| x.0).sum();
+        let pushes: u64 = reports.iter().map(|x| x.1).sum();
+        let oldest = reports.iter().map(|x| x.2).max().unwrap_or(0);
+        s.push_str(&format!(
+            "{batches} batch(es) with {pushes} push(es) not yet acknowledged by their tails, \
+             oldest {:.1} ms (a head answers a push once every replica of its range holds it)\n",
+            oldest as f64 / 1e3
+        ));
+    }
+    for (range, lag) in &r.replication_lag {
+        s.push_str(&format!("  {range}: {lag} updates behind\n"));
     }
     s
 }
