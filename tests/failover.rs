@@ -425,3 +425,38 @@ fn a_departed_workers_shard_passes_to_the_others() {
     let baseline = 0.69;
     assert!(moved["test_logloss"].as_f64().unwrap() < baseline);
 }
+
+/// Bad membership requests get a clear answer and change nothing: a join with a rank
+/// that is taken, a leave of a server that does not exist.
+#[test]
+fn a_duplicate_join_and_an_unknown_leave_are_refused() {
+    let mut c = Cluster::start(2, 1, &["--update=sum", "--replicas=1"]);
+    let w = worker(&c, 0);
+    let before = w.table().epoch();
+    let out = Command::new(pserv())
+        .args([
+            "server",
+            &format!("--scheduler={}", c.scheduler),
+            "--join",
+            "--rank=1",
+            "--threads=1",
+            "--pin-cores=false",
+        ])
+        .output()
+        .expect("pserv runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already taken"), "{err}");
+    let out = Command::new(pserv())
+        .args(["leave", &format!("--scheduler={}", c.scheduler), "--rank=7"])
+        .output()
+        .expect("pserv runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("holds no ranges"), "{err}");
+    // Nothing changed: same table, pushes still work.
+    w.wait(w.push(vec![5u64], vec![1.0f32])).unwrap();
+    assert_eq!(w.table().epoch(), before);
+    w.finish(0).unwrap();
+    c.procs.wait_all(Duration::from_secs(30));
+}
