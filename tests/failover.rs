@@ -460,3 +460,53 @@ fn a_duplicate_join_and_an_unknown_leave_are_refused() {
     w.finish(0).unwrap();
     c.procs.wait_all(Duration::from_secs(30));
 }
+
+/// `pserv local` with a worker that joins mid-training (elastic workers, eventual
+/// consistency): it takes part from the next epoch with an even share of the data; every
+/// epoch still trains every example once.
+#[test]
+fn a_worker_that_joins_gets_a_share_of_the_data() {
+    let dir = Scratch::new("joined-worker");
+    let summary = dir.path("s.json");
+    let out = Command::new(pserv())
+        .args([
+            "local",
+            "--servers=2",
+            "--workers=2",
+            "--epochs=5",
+            "--seed=3",
+            "--threads=2",
+            "--pin-cores=false",
+            "--add-worker-after=0.1",
+            "--timeout-secs=60",
+        ])
+        .arg(format!("--summary-json={}", summary.display()))
+        .output()
+        .expect("pserv runs");
+    assert!(
+        out.status.success(),
+        "pserv local failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(summary).unwrap()).unwrap();
+    assert_eq!(s["workers_finished"], 3, "{s}");
+    let train = s["train_examples"].as_u64().unwrap();
+    assert_eq!(s["examples"].as_u64().unwrap(), train * 5, "{s}");
+    let per: Vec<u64> = s["worker_examples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(per.len(), 3);
+    let joined = *per.iter().min().unwrap();
+    assert!(joined > 0, "the joined worker trained nothing: {per:?}");
+    // It trained whole epochs of a third of the data (a third rounded either way).
+    let k = joined / (train / 3);
+    assert!(
+        (1..=4).contains(&k) && joined - k * (train / 3) <= k,
+        "{per:?}"
+    );
+    eprintln!("examples per worker: {per:?}");
+}

@@ -70,6 +70,11 @@ enum Cmd {
         /// the running cluster (`pserv server --join`).
         #[arg(long)]
         add_server_after: Option<f64>,
+        /// Start one more worker this many seconds after the workers started; it joins
+        /// the running job and gets a share of the data from the next epoch
+        /// (`--consistency eventual` only).
+        #[arg(long)]
+        add_worker_after: Option<f64>,
         #[command(flatten)]
         repl: ReplArgs,
     },
@@ -206,6 +211,7 @@ fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> {
             kill_server,
             kill_worker_after,
             add_server_after,
+            add_worker_after,
             repl,
         } => {
             net.tcp()?;
@@ -276,6 +282,17 @@ fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> {
                     Some(secs) => {
                         return Err(EngineError::Config(format!(
                             "--kill-worker-after {secs}: expected seconds, 0 or more"
+                        )))
+                    }
+                    None => None,
+                },
+                add_worker: match add_worker_after {
+                    Some(secs) if secs.is_finite() && secs >= 0.0 => {
+                        Some(Duration::from_secs_f64(secs))
+                    }
+                    Some(secs) => {
+                        return Err(EngineError::Config(format!(
+                            "--add-worker-after {secs}: expected seconds, 0 or more"
                         )))
                     }
                     None => None,

@@ -370,6 +370,9 @@ const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(100
 /// What one epoch trains: the shards of departed workers split over the live ones, and
 /// the number of clock steps (the most minibatches any live worker has).
 struct EpochPlan {
+    /// Whether the workers train their own shards (rank `r` of the first `workers`);
+    /// false once workers joined: then `extra` splits all the data over the live ones.
+    own: bool,
     /// Per live worker rank: rows of departed workers' shards it trains this epoch.
     extra: std::collections::BTreeMap<u32, Vec<std::ops::Range<usize>>>,
     steps: usize,
@@ -379,6 +382,22 @@ fn epoch_plan(len: usize, workers: usize, live: &[u32], batch: usize, skip: bool
     let batch = batch.max(1);
     let mut extra: std::collections::BTreeMap<u32, Vec<std::ops::Range<usize>>> =
         live.iter().map(|&r| (r, Vec::new())).collect();
+    if live.iter().any(|&r| r as usize >= workers) {
+        // Workers joined: every live worker gets an even share of all the data.
+        for (j, &r) in live.iter().enumerate() {
+            extra.insert(r, vec![Dataset::shard_range(len, j, live.len())]);
+        }
+        let steps = extra
+            .values()
+            .map(|v| v.iter().map(|x| x.len().div_ceil(batch)).sum::<usize>())
+            .max()
+            .unwrap_or(0);
+        return EpochPlan {
+            own: false,
+            extra,
+            steps,
+        };
+    }
     if !skip && !live.is_empty() {
         for gone in (0..workers as u32).filter(|r| !live.contains(r)) {
             let rows = Dataset::shard_range(len, gone as usize, workers);
@@ -407,7 +426,11 @@ fn epoch_plan(len: usize, workers: usize, live: &[u32], batch: usize, skip: bool
         })
         .max()
         .unwrap_or(0);
-    EpochPlan { extra, steps }
+    EpochPlan {
+        own: true,
+        extra,
+        steps,
+    }
 }
 
 /// Train this worker's shard (see the module docs), then report and finish.
@@ -452,12 +475,40 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
     let mut model: Vec<f32> = vec![0.0; windows.iter().map(|(w, _)| w.len() as usize).sum()];
     let rank = worker.rank() as usize;
     let workers = worker.num_workers() as usize;
-    let shard = train.shard(rank, workers);
+    // A worker that joined the running job (rank beyond the first ones) has no shard of its
+    // own: it gets a share from the epoch it joins (eventual consistency only: the
+    // servers' clocks count the first workers).
+    let late = rank >= workers;
+    if late && job.consistency != Consistency::Eventual {
+        return Err(EngineError::Config(format!(
+            "worker {rank} joined a running job: only --consistency eventual takes workers that join"
+        )));
+    }
+    let shard = if late {
+        train.slice(0..0)
+    } else {
+        train.shard(rank, workers)
+    };
     let params = job.sgd_params();
     let l2 = job.worker_l2();
     // Elastic workers: the shards of workers that left, split over those still running
     // (from the epoch after a barrier showed them gone). Re-planned every epoch.
     let mut live: Vec<u32> = (0..workers as u32).collect();
+    let mut first_epoch = 1;
+    if late {
+        // Take part from the next barrier the others reach: the end of an epoch's
+        // training (odd) or of its evaluation (even); start with the epoch after it.
+        let (seq, l) = worker.join_barrier()?;
+        live = l;
+        let mut seq = seq;
+        if seq % 2 == 1 {
+            live = worker.barrier_live()?;
+            seq += 1;
+        }
+        first_epoch = seq / 2 + 1;
+    }
+    let mut slices: std::collections::HashMap<(usize, usize), Dataset> =
+        std::collections::HashMap::new();
     let clocked = job.consistency != Consistency::Eventual;
     let slow: Vec<Slowdown> = job
         .slow()?
@@ -510,7 +561,7 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
     let mut weights: Vec<f32> = Vec::new();
     let mut last_eval = None;
     let mut step_count = 0usize;
-    for epoch in 1..=job.epochs {
+    for epoch in (first_epoch as u32)..=job.epochs {
         let plan = epoch_plan(
             train.len(),
             workers,
@@ -519,14 +570,27 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
             job.skip_departed,
         );
         let steps = plan.steps;
-        let extra: Vec<Dataset> = plan
+        for r in plan.extra.get(&(rank as u32)).into_iter().flatten() {
+            slices
+                .entry((r.start, r.end))
+                .or_insert_with(|| train.slice(r.clone()));
+        }
+        let extra: Vec<&Dataset> = plan
             .extra
             .get(&(rank as u32))
-            .map(|rs| rs.iter().map(|r| train.slice(r.clone())).collect())
-            .unwrap_or_default();
-        let batches: Vec<Minibatch<'_>> = shard
-            .minibatches(params.batch_size)
-            .chain(extra.iter().flat_map(|d| d.minibatches(params.batch_size)))
+            .into_iter()
+            .flatten()
+            .map(|r| &slices[&(r.start, r.end)])
+            .collect();
+        let own: &[Dataset] = if plan.own {
+            std::slice::from_ref(&shard)
+        } else {
+            &[]
+        };
+        let batches: Vec<Minibatch<'_>> = own
+            .iter()
+            .chain(extra.iter().copied())
+            .flat_map(|d| d.minibatches(params.batch_size))
             .collect();
         let mut unreported = 0u64;
         let mut reported_at = Instant::now();
@@ -684,6 +748,13 @@ mod tests {
         // Skipped: nobody trains them.
         let p = epoch_plan(100, 3, &[0, 2], 10, true);
         assert!(p.extra.values().all(Vec::is_empty));
+        assert_eq!(p.steps, 4);
+        // A worker joined (rank 3): all rows split evenly over the live workers.
+        let p = epoch_plan(100, 3, &[0, 2, 3], 10, false);
+        assert!(!p.own);
+        assert_eq!(p.extra[&0], vec![0..33]);
+        assert_eq!(p.extra[&2], vec![33..66]);
+        assert_eq!(p.extra[&3], vec![66..100]);
         assert_eq!(p.steps, 4);
     }
 }

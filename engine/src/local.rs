@@ -44,6 +44,9 @@ pub struct LocalPlan {
     /// Start one more server (`server --join`) this long after the workers started
     /// (`--add-server-after`).
     pub add_server: Option<Duration>,
+    /// Start one more worker this long after the workers started (`--add-worker-after`);
+    /// it joins the running job and gets a share of the data from the next epoch.
+    pub add_worker: Option<Duration>,
 }
 
 struct Proc {
@@ -160,7 +163,20 @@ fn run_in(plan: &LocalPlan, dir: &Path) -> Result<serde_json::Value, EngineError
         )
         .collect();
     let mut add = plan.add_server;
+    let mut add_worker = plan.add_worker;
     while procs.0.iter().any(|p| p.status.is_none()) {
+        if let Some(after) = add_worker {
+            if workers_started.elapsed() >= after {
+                add_worker = None;
+                let mut a = vec!["worker".to_string(), format!("--scheduler={addr}")];
+                a.extend(plan.worker_args.iter().cloned());
+                procs.0.push(spawn(plan, "joining worker".into(), a)?);
+                eprintln!(
+                    "pserv local: started a worker that joins {:.2} s after the workers started",
+                    after.as_secs_f64()
+                );
+            }
+        }
         if let Some(after) = add {
             if workers_started.elapsed() >= after {
                 add = None;

@@ -396,6 +396,10 @@ pub fn request_timestamp(ts: u64, segment: usize, origin: usize) -> u64 {
         | (((origin + 1) as u64 & SEGMENT_MASK) << (TASK_BITS + SEGMENT_BITS))
 }
 
+/// Node ids of servers that joined a running cluster start here (`JOINED_SERVER_BASE +
+/// rank`): above every worker's id, also of workers that join later (`1 + S + rank`).
+pub const JOINED_SERVER_BASE: u32 = 1 << 24;
+
 /// How often servers send [`Control::Heartbeat`].
 pub const HEARTBEAT_EVERY: std::time::Duration = std::time::Duration::from_millis(300);
 

@@ -173,6 +173,10 @@ pub struct SchedulerCore {
     change: Option<Change>,
     /// Server ranks handed out so far (the initial servers, then joiners).
     server_ranks: u32,
+    /// Worker ranks handed out so far (the initial workers, then joiners).
+    worker_ranks: u32,
+    /// The newest barrier released.
+    last_barrier: u64,
 }
 
 /// A join or a graceful leave in progress: the copy phase runs under the middle table
@@ -203,6 +207,8 @@ impl SchedulerCore {
             failovers: Vec::new(),
             change: None,
             server_ranks: spec.servers,
+            worker_ranks: spec.workers,
+            last_barrier: 0,
             spec,
             nodes: HashMap::new(),
             servers_welcomed: false,
@@ -326,7 +332,7 @@ impl SchedulerCore {
     fn node_id(&self, role: Role, rank: u32) -> u32 {
         match role {
             // Servers that joined later get ids above every worker's.
-            Role::Server if rank >= self.spec.servers => 1 + self.spec.workers + rank,
+            Role::Server if rank >= self.spec.servers => crate::proto::JOINED_SERVER_BASE + rank,
             Role::Server => 1 + rank,
             Role::Worker => 1 + self.spec.servers + rank,
         }
@@ -390,6 +396,9 @@ impl SchedulerCore {
                         out,
                     );
                 }
+                // Barrier 0: a worker that joined the running job takes part from the
+                // next barrier the others will reach.
+                let seq = if seq == 0 { self.last_barrier + 1 } else { seq };
                 self.barriers.entry(seq).or_default().insert(conn);
                 self.release_barriers(out);
             }
@@ -519,10 +528,13 @@ impl SchedulerCore {
         pid: u32,
         out: &mut Vec<Output>,
     ) {
+        if self.servers_welcomed && role == Role::Worker && self.welcomed && !self.finished {
+            return self.late_worker(conn, rank, pid, out);
+        }
         if self.servers_welcomed {
             return self.refuse(
                 conn,
-                "the cluster is complete; joining a running job is not supported yet",
+                "the cluster is complete; servers join a running job with `pserv server --join`",
                 out,
             );
         }
@@ -660,6 +672,7 @@ impl SchedulerCore {
             .map(|(seq, _)| *seq)
             .collect();
         for seq in ready {
+            self.last_barrier = self.last_barrier.max(seq);
             let arrived = self.barriers.remove(&seq).unwrap_or_default();
             for conn in arrived {
                 if self.nodes.get(&conn).is_some_and(|n| !n.gone) {
@@ -805,6 +818,47 @@ impl SchedulerCore {
                 msg: msg.clone(),
             });
         }
+    }
+
+    /// A worker registers while the job runs (elastic workers): it gets the next rank
+    /// and the current table, and takes part in barriers from the next one it joins.
+    fn late_worker(&mut self, conn: ConnKey, rank: Option<u32>, pid: u32, out: &mut Vec<Output>) {
+        if self.nodes.contains_key(&conn) {
+            return self.refuse(conn, "this connection already registered", out);
+        }
+        if let Some(r) = rank.filter(|r| {
+            self.nodes
+                .values()
+                .any(|n| n.role == Role::Worker && n.rank == *r)
+        }) {
+            return self.refuse(conn, &format!("worker rank {r} is already taken"), out);
+        }
+        let rank = rank.unwrap_or(self.worker_ranks).max(self.worker_ranks);
+        self.worker_ranks = rank + 1;
+        out.push(Output::Log(format!(
+            "worker {rank} joins the running job (pid {pid})"
+        )));
+        self.nodes.insert(
+            conn,
+            Node {
+                role: Role::Worker,
+                rank,
+                addr: None,
+                done: false,
+                gone: false,
+                seen_ms: self.now_ms,
+                dead: false,
+                lag: None,
+            },
+        );
+        out.push(Output::Send {
+            conn,
+            msg: Control::Welcome {
+                node_id: self.node_id(Role::Worker, rank),
+                rank,
+                cluster: self.cluster(),
+            },
+        });
     }
 
     /// A server asks to join the running job.
@@ -1266,6 +1320,14 @@ fn merge_summary(core: &SchedulerCore, seconds: f64) -> serde_json::Value {
     obj.insert("bytes_sent".into(), sent.into());
     obj.insert("bytes_received".into(), received.into());
     obj.insert("workers_finished".into(), (core.stats.len() as u64).into());
+    obj.insert(
+        "worker_examples".into(),
+        core.stats
+            .iter()
+            .map(|s| s.examples)
+            .collect::<Vec<u64>>()
+            .into(),
+    );
     let worked: f64 = core.stats.iter().map(|s| s.seconds).sum();
     let blocked: f64 = core.stats.iter().map(|s| s.blocked_seconds).sum();
     obj.insert("worker_seconds".into(), worked.into());
@@ -1491,7 +1553,7 @@ mod tests {
         else {
             panic!("expected a welcome: {out:?}")
         };
-        assert_eq!((*rank, *node_id), (2, 1 + 2 + 2));
+        assert_eq!((*rank, *node_id), (2, crate::proto::JOINED_SERVER_BASE + 2));
         assert_eq!(cluster.partition.epoch(), 1);
         // Ready: everyone learns the servers, and the copy table (epoch 2) goes out.
         let out = msg(&mut c, 9, Control::Ready);
@@ -1687,10 +1749,51 @@ mod tests {
     }
 
     #[test]
-    fn late_joiners_are_refused_once_running() {
+    fn late_servers_must_join_and_late_workers_take_part_from_the_next_barrier() {
         let mut c = running();
-        let out = register(&mut c, 10, Role::Worker, None);
-        assert!(matches!(sends(&out)[0].1, Control::Refused { .. }));
+        // A server registering the old way once the job runs is refused.
+        let out = register(&mut c, 10, Role::Server, None);
+        assert!(
+            matches!(sends(&out)[0].1, Control::Refused { reason } if reason.contains("--join"))
+        );
+        // Barrier 1 released for the two workers.
+        for conn in [2, 4] {
+            c.handle(Input::Message {
+                conn,
+                msg: Control::Barrier { seq: 1 },
+            });
+        }
+        // A worker joins: the next rank, an id after the other workers'.
+        let out = register(&mut c, 11, Role::Worker, None);
+        let Control::Welcome { node_id, rank, .. } = sends(&out)[0].1 else {
+            panic!("{out:?}")
+        };
+        assert_eq!((*rank, *node_id), (2, 1 + 2 + 2));
+        // A taken rank is refused.
+        let out = register(&mut c, 12, Role::Worker, Some(0));
+        assert!(
+            matches!(sends(&out)[0].1, Control::Refused { reason } if reason.contains("taken"))
+        );
+        // The others reach barrier 2; it waits for the joiner, who asks for "the next"
+        // (seq 0) and gets barrier 2 with every live rank.
+        for conn in [2, 4] {
+            let out = c.handle(Input::Message {
+                conn,
+                msg: Control::Barrier { seq: 2 },
+            });
+            assert!(sends(&out).is_empty());
+        }
+        let out = c.handle(Input::Message {
+            conn: 11,
+            msg: Control::Barrier { seq: 0 },
+        });
+        let s = sends(&out);
+        assert_eq!(s.len(), 3);
+        assert!(s.iter().all(|(_, m)| **m
+            == Control::BarrierDone {
+                seq: 2,
+                live: vec![0, 1, 2]
+            }));
     }
 
     fn heartbeat(c: &mut SchedulerCore, conn: ConnKey, now_ms: u64) -> Vec<Output> {

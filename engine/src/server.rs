@@ -483,7 +483,7 @@ const PEER_TAG: u64 = 1 << 40;
 /// Whether node `id` is a server of the cluster (servers that joined later have ids
 /// above every worker's).
 fn is_server(ready: &Ready, id: u32) -> bool {
-    (1..=ready.servers).contains(&id) || id > ready.servers + ready.workers
+    (1..=ready.servers).contains(&id) || id >= proto::JOINED_SERVER_BASE
 }
 
 /// The store, for replication.

@@ -1332,12 +1332,21 @@ impl Worker {
         let _ = core.connector.set(transport.connector());
         let mut servers: Vec<Option<Conn>> = Vec::with_capacity(cluster.servers.len());
         for s in &cluster.servers {
-            let conn = transport.connect(s.addr, Duration::from_secs(10))?;
-            conn.set_tag(u64::from(s.rank) + 1);
             if servers.len() <= s.rank as usize {
                 servers.resize(s.rank as usize + 1, None);
             }
-            servers[s.rank as usize] = Some(conn);
+            match transport.connect(s.addr, Duration::from_secs(10)) {
+                Ok(conn) => {
+                    conn.set_tag(u64::from(s.rank) + 1);
+                    servers[s.rank as usize] = Some(conn);
+                }
+                // A worker that joins late may find servers that failed since; the
+                // routing table sends it nothing there.
+                Err(e) if rank >= cluster.workers => {
+                    tracing::warn!(server = s.rank, error = %e, "cannot reach a server")
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         tracing::debug!(node_id, rank, servers = servers.len(), "worker connected");
         *core.servers.write() = servers;
@@ -1957,6 +1966,37 @@ impl Worker {
     /// Wait until every worker has called `barrier` as often as this one.
     pub fn barrier(&self) -> Result<(), EngineError> {
         self.barrier_live().map(|_| ())
+    }
+
+    /// Whether this worker joined a running job (its rank is beyond the first workers').
+    pub fn joined_late(&self) -> bool {
+        self.rank >= self.cluster.workers
+    }
+
+    /// For a worker that joined a running job: wait for the next barrier the others
+    /// reach and take part from there on. Returns that barrier's number and the ranks of
+    /// the workers running.
+    pub fn join_barrier(&self) -> Result<(u64, Vec<u32>), EngineError> {
+        self.scheduler
+            .send(Control::Barrier { seq: 0 }.to_frame(self.node_id))?;
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            match self.control.recv_deadline(deadline) {
+                Ok(Control::BarrierDone { seq, live }) => {
+                    self.barrier_seq.store(seq, Ordering::Relaxed);
+                    return Ok((seq, live));
+                }
+                Ok(Control::Shutdown) => return Err(EngineError::SchedulerGone),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    return Err(EngineError::Timeout(format!(
+                        "no barrier reached within {:?} of joining",
+                        self.timeout
+                    )))
+                }
+                Err(_) => return Err(EngineError::SchedulerGone),
+                Ok(other) => tracing::debug!(?other, "control message while joining"),
+            }
+        }
     }
 
     /// [`barrier`](Self::barrier), returning the ranks of the workers still running
