@@ -344,6 +344,10 @@ pub struct ReplicaBatch {
     pub epoch: u64,
     /// Ranks still to receive it after the one it is sent to (empty: that one is the tail).
     pub rest: Vec<u32>,
+    /// The whole chain after the head it travels (a hand-off marker is per chain: only
+    /// the marker that followed a range's batches says they all arrived).
+    #[serde(default)]
+    pub path: Vec<u32>,
     /// The pushes whose effects it carries.
     pub pushes: Vec<PushRecord>,
     /// The values.

@@ -285,8 +285,9 @@ pub(crate) struct Replicator {
     /// exactly those of the pushes it lists (a push applied but not listed would be
     /// applied again when resent after a failover).
     apply_gate: parking_lot::RwLock<()>,
-    /// Hand-off markers received: origin head -> the newest table epoch it sent one for.
-    markers: Mutex<HashMap<u32, u64>>,
+    /// Hand-off markers received: (origin head, chain) -> the newest table epoch it sent
+    /// one for on that chain.
+    markers: Mutex<HashMap<(u32, Vec<u32>), u64>>,
     /// Whether ranges taken over at the current epoch still wait for a previous head's
     /// hand-off (a fast path for every request).
     gated: std::sync::atomic::AtomicBool,
@@ -324,8 +325,9 @@ struct Fresh {
     epoch: u64,
     /// Ranges this server heads now and did not head under the previous table.
     inherited: Vec<KeyRange>,
-    /// Previous heads of those whose hand-off marker has not come yet.
-    awaiting: Vec<u32>,
+    /// Previous heads of those, with the chain their batches travelled, whose hand-off
+    /// marker has not come yet.
+    awaiting: Vec<(u32, Vec<u32>)>,
     keys: std::collections::HashSet<Key>,
     ranges: Vec<KeyRange>,
 }
@@ -640,6 +642,7 @@ impl Replicator {
             origin: self.rank,
             seq,
             epoch,
+            path: followers.to_vec(),
             rest: followers[1..].to_vec(),
             pushes: std::mem::take(&mut b.pushes),
             parts,
@@ -818,7 +821,7 @@ impl Replicator {
         let marker = batch.seq == 0 && batch.parts.is_empty();
         if marker {
             let mut m = self.markers.lock();
-            let e = m.entry(batch.origin).or_default();
+            let e = m.entry((batch.origin, batch.path.clone())).or_default();
             *e = (*e).max(batch.epoch);
         }
         if marker && batch.rest.is_empty() {
@@ -862,14 +865,18 @@ impl Replicator {
         let inherited = merge_ranges(inherited);
         // The previous heads of those ranges: wait for their hand-off markers (those
         // still reachable; a failed head sends none, and its late batches are filtered).
-        let mut awaiting: Vec<u32> = Vec::new();
+        let mut awaiting: Vec<(u32, Vec<u32>)> = Vec::new();
         for r in &inherited {
             let mut b = r.begin;
             while b < r.end {
                 let oi = old.index_of(b);
                 let o = old.owners()[oi];
-                if o != me && !awaiting.contains(&o) {
-                    awaiting.push(o);
+                let path = old.followers()[oi].clone();
+                if o != me
+                    && !path.is_empty()
+                    && !awaiting.iter().any(|(x, p)| *x == o && *p == path)
+                {
+                    awaiting.push((o, path));
                 }
                 b = old.ranges()[oi].end.min(r.end);
             }
@@ -897,8 +904,12 @@ impl Replicator {
         {
             let markers = self.markers.lock();
             let peers = self.peers.read();
-            f.awaiting.retain(|o| {
-                let handed = markers.get(o).is_some_and(|&e| e >= epoch);
+            // A head that stopped (it waited for its last batches to be acknowledged
+            // first, or it failed) has nothing more to hand over.
+            f.awaiting.retain(|(o, path)| {
+                let handed = markers
+                    .get(&(*o, path.clone()))
+                    .is_some_and(|&e| e >= epoch);
                 let reachable = peers
                     .get(*o as usize)
                     .and_then(Option::as_ref)
@@ -916,7 +927,7 @@ impl Replicator {
                 .any(|&k| f.inherited.iter().any(|r| r.contains(k))),
             KeysRef::Range(r) => f.inherited.iter().any(|i| i.intersect(&r).is_some()),
         };
-        touches.then(|| f.awaiting[0])
+        touches.then(|| f.awaiting[0].0)
     }
 
     /// A push of routing epoch `epoch` on `keys` is about to be applied here as head:
@@ -1034,6 +1045,7 @@ impl Replicator {
                 origin: me,
                 seq: 0,
                 epoch: new.epoch(),
+                path: f.clone(),
                 rest: f[1..].to_vec(),
                 pushes: Vec::new(),
                 parts: Vec::new(),
