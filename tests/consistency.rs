@@ -211,7 +211,7 @@ fn bounded_delay_keeps_every_worker_within_tau_of_the_slowest() {
         &common::net_flags(),
         &[
             flag("consistency", format!("bounded:{TAU}")),
-            flag("slow-worker", "2:3"),
+            flag("slow-worker", "2:8"),
             flag("trace", trace.display()),
             flag("lr", 1),
         ],
