@@ -113,6 +113,9 @@ fn sigkill_of_a_server_loses_no_acknowledged_push_and_applies_none_twice() {
     assert!(table.epoch() >= 2, "epoch {}", table.epoch());
     assert!(table.owners().iter().all(|&o| o != 2));
     assert!(table.followers().iter().all(|f| !f.contains(&2)));
+    // A request routed with the old table is a redirect: the server sends its table,
+    // then refuses (StaleEpoch), and changes nothing.
+    redirect_carries_the_table(ws[0].cluster().servers[0].addr, keys[0], table.epoch());
     let p = ws[0]
         .wait_pull::<f32>(ws[0].pull::<f32>(keys.clone()))
         .expect("pull after the failover");
@@ -509,4 +512,40 @@ fn a_worker_that_joins_gets_a_share_of_the_data() {
         "{per:?}"
     );
     eprintln!("examples per worker: {per:?}");
+}
+
+/// Send a push routed with epoch 1 to `server` (at `epoch` > 1): the answer is the current
+/// table (a control frame), then a StaleEpoch refusal.
+fn redirect_carries_the_table(server: std::net::SocketAddr, key: u64, epoch: u64) {
+    use std::io::{Read, Write};
+    let mut h = pserv_transport::Header::new(pserv_transport::MessageKind::Push, 1_000, 1);
+    h.dtype = pserv_transport::DType::F32 as u8;
+    h.value_len = 1;
+    h.epoch = 1;
+    let frame = pserv_transport::wire::encode(&h, &[key], &100.0f32.to_le_bytes());
+    let mut s = std::net::TcpStream::connect(server).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&frame).unwrap();
+    let mut read_frame = || {
+        let mut buf = vec![0u8; pserv_transport::wire::HEADER_LEN];
+        s.read_exact(&mut buf).unwrap();
+        let h: pserv_transport::Header = *bytemuck::from_bytes(&buf);
+        let body = pserv_transport::wire::pad8(
+            pserv_transport::wire::HEADER_LEN + h.key_count as usize * 8 + h.value_bytes as usize,
+        ) - pserv_transport::wire::HEADER_LEN;
+        let mut rest = vec![0u8; body];
+        s.read_exact(&mut rest).unwrap();
+        let v = h.key_count as usize * 8;
+        (h, rest[v..v + h.value_bytes as usize].to_vec())
+    };
+    let (h1, v1) = read_frame();
+    assert_eq!(h1.kind, pserv_transport::MessageKind::Control as u8);
+    match postcard::from_bytes::<pserv_engine::proto::Control>(&v1).unwrap() {
+        pserv_engine::proto::Control::Table { partition } => assert_eq!(partition.epoch(), epoch),
+        other => panic!("expected the table, got {other:?}"),
+    }
+    let (h2, v2) = read_frame();
+    assert_eq!(h2.status, pserv_engine::proto::Status::StaleEpoch as u8);
+    let text = String::from_utf8_lossy(&v2);
+    assert!(text.contains("epoch 1"), "{text}");
 }

@@ -376,8 +376,8 @@ impl Handler for ServerHandler {
         // Requests this server will refuse (routed with another table, keys it does not
         // head, ranges not handed over yet) are refused before the clock gate sees them:
         // the gate must not count a push that is not applied.
-        if let Some(Refusal(status, msg)) = precheck(ready, &f) {
-            let _ = conn.send(proto::error_answer(&h, ready.node_id, status, &msg));
+        if let Some(refusal) = precheck(ready, &f) {
+            refuse(ready, conn, &h, refusal);
             return;
         }
         let held = Held {
@@ -420,6 +420,24 @@ impl Handler for ServerHandler {
         let actions = gate.retire(worker);
         run_actions(&self.core, ready, &mut gate, actions);
     }
+}
+
+/// Answer `h` with `refusal`. A request routed with an older table than this server's is
+/// a redirect: the current table goes first, so the worker learns it from here too (not
+/// only from the scheduler) and resends.
+fn refuse(ready: &Ready, conn: &Conn, h: &pserv_transport::Header, refusal: Refusal) {
+    let Refusal(status, msg) = refusal;
+    if status == Status::StaleEpoch && h.epoch != 0 {
+        let table = ready.table.read().clone();
+        if u64::from(h.epoch) < table.epoch() {
+            let t = Control::Table {
+                partition: (*table).clone(),
+            };
+            let _ = conn.send(t.to_frame(ready.node_id));
+        }
+    }
+    tracing::debug!(peer = %conn.peer_addr(), %status, %msg, "refused a request");
+    let _ = conn.send(proto::error_answer(h, ready.node_id, status, &msg));
 }
 
 /// The routing checks of a data request (epoch, ownership, hand-off), without the store.
@@ -670,9 +688,10 @@ fn answer_request(core: &Core, ready: &Ready, f: &Frame<'_>, conn: &Conn, clock:
     let out = match answer {
         Ok(Some(frame)) => frame,
         Ok(None) => return,
-        Err(Refusal(status, msg)) => {
-            tracing::debug!(peer = %conn.peer_addr(), %status, %msg, "refused a request");
-            proto::error_answer(&h, ready.node_id, status, &msg)
+        Err(refusal) => {
+            drop(applying);
+            drop(table);
+            return refuse(ready, conn, &h, refusal);
         }
     };
     let is_write = h.kind == MessageKind::Push as u8 || h.kind == MessageKind::PushPull as u8;

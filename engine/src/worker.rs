@@ -1207,8 +1207,16 @@ impl Handler for WorkerHandler {
             return;
         };
         if h.kind == MessageKind::Control as u8 {
-            // Window grants and refusals (one-sided setup) go to the caller waiting for them.
+            // A server's redirect carries its routing table; window grants and refusals
+            // (one-sided setup) go to the caller waiting for them.
             match Control::from_frame(&f) {
+                Ok(Control::Table { partition }) => {
+                    let epoch = partition.epoch();
+                    if self.core.install(partition) {
+                        tracing::info!(epoch, server, "newer routing table learnt from a server");
+                        self.core.wake();
+                    }
+                }
                 Ok(msg) => {
                     let _ = self.core.control.send(msg);
                 }
