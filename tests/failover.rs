@@ -549,3 +549,102 @@ fn redirect_carries_the_table(server: std::net::SocketAddr, key: u64, epoch: u64
     let text = String::from_utf8_lossy(&v2);
     assert!(text.contains("epoch 1"), "{text}");
 }
+
+/// The scheduler fails (SIGKILL) while two workers push; training data keeps flowing
+/// (the data path does not need it); a scheduler restarted with `--recover` on the same
+/// address rebuilds its view from the nodes' reports: barriers work again, `pserv status`
+/// shows the routing table and every node, and it handles a server failure afterwards
+/// with nothing lost.
+#[test]
+fn a_restarted_scheduler_rebuilds_its_view_from_the_nodes() {
+    let mut c = Cluster::start(3, 2, &["--update=sum", "--replicas=1"]);
+    let ws = workers(&c, 2);
+    let keys = spread_keys(3000);
+    let push_all = |n: u64| {
+        std::thread::scope(|s| {
+            for w in &ws {
+                let keys = keys.clone();
+                s.spawn(move || {
+                    let ones = vec![1.0f32; keys.len()];
+                    for _ in 0..n {
+                        w.wait(w.push(keys.clone(), ones.clone()))
+                            .expect("push acknowledged");
+                    }
+                });
+            }
+        })
+    };
+    let barrier_all = || {
+        std::thread::scope(|s| {
+            for w in &ws {
+                s.spawn(move || w.barrier().expect("barrier"));
+            }
+        })
+    };
+    push_all(20);
+    barrier_all();
+    kill(&mut c, "scheduler");
+    c.procs.0.retain(|(n, _)| n != "scheduler");
+    // No scheduler: pushes still go.
+    push_all(20);
+    let mut a = vec![
+        "scheduler".to_string(),
+        format!("--listen={}", c.scheduler),
+        "--servers=3".into(),
+        "--workers=2".into(),
+        "--update=sum".into(),
+        "--replicas=1".into(),
+        "--recover".into(),
+        format!(
+            "--summary-json={}",
+            c.scratch.path("summary2.json").display()
+        ),
+    ];
+    a.extend(common::net_flags());
+    c.procs.spawn("scheduler 2", &a);
+    // Barriers resume once the workers rejoined (they ask again).
+    barrier_all();
+    let out = Command::new(pserv())
+        .args(["status", &format!("--scheduler={}", c.scheduler)])
+        .output()
+        .expect("pserv status");
+    let st = String::from_utf8_lossy(&out.stdout);
+    assert!(st.contains("routing table epoch 1"), "{st}");
+    for r in 0..3 {
+        assert!(
+            st.lines()
+                .any(|l| l.contains(&format!("server {r} at")) && l.contains(": live")),
+            "{st}"
+        );
+    }
+    assert!(
+        st.contains("server 2 -> ") || st.contains("-> server 2"),
+        "{st}"
+    );
+    // It decides again: a server failure moves the ranges.
+    kill(&mut c, "server 2");
+    c.procs.0.retain(|(n, _)| n != "server 2");
+    push_all(20);
+    assert!(ws[0].table().epoch() >= 2);
+    let got = ws[0]
+        .wait_pull::<f32>(ws[0].pull::<f32>(keys.clone()))
+        .unwrap()
+        .to_vec();
+    let want = (2 * 60) as f32;
+    assert!(
+        got.iter().all(|&v| v == want),
+        "keys not at {want}: {:?}",
+        got.iter()
+            .filter(|&&v| v != want)
+            .take(5)
+            .collect::<Vec<_>>()
+    );
+    for w in ws {
+        w.finish(0).unwrap();
+    }
+    c.procs.wait_all(Duration::from_secs(30));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(c.scratch.path("summary2.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["failovers"], 1, "{summary}");
+}

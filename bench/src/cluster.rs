@@ -181,6 +181,7 @@ pub fn scheduler_main(args: &SchedulerArgs) -> Result<(), BenchError> {
         progress: false,
         register_timeout: REGISTER_TIMEOUT,
         heartbeat_timeout: Duration::from_secs(3),
+        recover: None,
     })?;
     Ok(())
 }

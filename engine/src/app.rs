@@ -105,6 +105,15 @@ enum Cmd {
         /// (servers send one every 300 ms).
         #[arg(long, env = "PSERV_HEARTBEAT_TIMEOUT_MS", default_value_t = 3000)]
         heartbeat_timeout_ms: u64,
+        /// Restart a failed scheduler of a running job (same address and cluster flags):
+        /// rebuild the view (nodes, routing table, ring, barriers) from the nodes, which
+        /// reconnect and report.
+        #[arg(long)]
+        recover: bool,
+        /// With --recover: wait at most this long for the nodes after the first one
+        /// rejoined (less when every node of the cluster flags did).
+        #[arg(long, default_value_t = 3000)]
+        recover_wait_ms: u64,
     },
     /// Print the cluster as the scheduler sees it: routing-table epoch, each key range
     /// with the servers holding it, node liveness, replication lag.
@@ -326,6 +335,8 @@ fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> {
             progress,
             register_timeout_secs,
             heartbeat_timeout_ms,
+            recover,
+            recover_wait_ms,
         } => {
             run_scheduler(SchedulerConfig {
                 listen,
@@ -336,6 +347,7 @@ fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> {
                 progress,
                 register_timeout: Duration::from_secs(register_timeout_secs),
                 heartbeat_timeout: Duration::from_millis(heartbeat_timeout_ms.max(1)),
+                recover: recover.then(|| Duration::from_millis(recover_wait_ms)),
             })?;
             Ok(())
         }

@@ -274,6 +274,27 @@ pub enum Control {
         /// Every server, by rank.
         servers: Vec<ServerInfo>,
     },
+    /// A node reconnects to a scheduler that restarted (`pserv scheduler --recover`) and
+    /// reports what the scheduler needs to rebuild its view.
+    Rejoin {
+        /// Server or worker.
+        role: Role,
+        /// Its rank.
+        rank: u32,
+        /// Its node id.
+        node_id: u32,
+        /// Where a server listens.
+        addr: Option<SocketAddr>,
+        /// Process id.
+        pid: u32,
+        /// The routing table it has (the newest among the servers' wins).
+        table: Partition,
+        /// A worker's number of barriers passed.
+        barriers: u64,
+    },
+    /// Internal to a worker (never sent): the scheduler connection is back after a restart;
+    /// a barrier in progress is asked for again.
+    SchedulerBack,
     /// Server to scheduler, with every heartbeat: its replication as a chain's head.
     ReplicationLag {
         /// Batches queued or sent and not yet acknowledged by their tail.

@@ -175,6 +175,11 @@ pub struct SchedulerCore {
     server_ranks: u32,
     /// Worker ranks handed out so far (the initial workers, then joiners).
     worker_ranks: u32,
+    /// Rebuilding the view after a restart: until this time (`now_ms`), or until every
+    /// node of the spec reported, nodes rejoin and nothing is decided.
+    recovering_until: Option<u64>,
+    /// Milliseconds a restarted scheduler waits for nodes to rejoin.
+    recover_ms: u64,
     /// The newest barrier released.
     last_barrier: u64,
 }
@@ -208,6 +213,8 @@ impl SchedulerCore {
             change: None,
             server_ranks: spec.servers,
             worker_ranks: spec.workers,
+            recovering_until: None,
+            recover_ms: 0,
             last_barrier: 0,
             spec,
             nodes: HashMap::new(),
@@ -223,6 +230,124 @@ impl SchedulerCore {
             now_ms: 0,
             heartbeat_timeout_ms: 3000,
         }
+    }
+
+    /// A scheduler restarted while the job runs: it rebuilds its view (nodes, routing
+    /// table, ring, barriers) from the nodes' `Rejoin` reports, for up to `wait` after the
+    /// first one or until every node of the spec reported.
+    pub fn recovering(mut self, wait: Duration) -> Self {
+        self.servers_welcomed = true;
+        self.welcomed = true;
+        self.recover_ms = wait.as_millis() as u64;
+        self.recovering_until = Some(u64::MAX);
+        self
+    }
+
+    /// Whether the view is still being rebuilt after a restart.
+    pub fn is_recovering(&self) -> bool {
+        self.recovering_until.is_some()
+    }
+
+    fn on_rejoin(&mut self, conn: ConnKey, msg: Control, out: &mut Vec<Output>) {
+        let Control::Rejoin {
+            role,
+            rank,
+            node_id,
+            addr,
+            pid,
+            table,
+            barriers,
+        } = msg
+        else {
+            return;
+        };
+        if self.recovering_until.is_none() {
+            return self.refuse(
+                conn,
+                "this scheduler is not recovering; register instead",
+                out,
+            );
+        }
+        if self
+            .nodes
+            .values()
+            .any(|n| n.role == role && n.rank == rank)
+        {
+            return self.refuse(conn, &format!("{role} {rank} rejoined already"), out);
+        }
+        if self.recovering_until == Some(u64::MAX) {
+            self.recovering_until = Some(self.now_ms + self.recover_ms);
+        }
+        debug_assert_eq!(self.node_id(role, rank), node_id);
+        out.push(Output::Log(format!(
+            "{role} {rank} rejoined (pid {pid}, table epoch {})",
+            table.epoch()
+        )));
+        match role {
+            Role::Server => {
+                self.server_ranks = self.server_ranks.max(rank + 1);
+                if table.epoch() > self.table.epoch() {
+                    self.table = table;
+                }
+            }
+            Role::Worker => {
+                self.worker_ranks = self.worker_ranks.max(rank + 1);
+                self.last_barrier = self.last_barrier.max(barriers);
+            }
+        }
+        self.nodes.insert(
+            conn,
+            Node {
+                role,
+                rank,
+                addr,
+                done: false,
+                gone: false,
+                seen_ms: self.now_ms,
+                dead: false,
+                lag: None,
+            },
+        );
+        let count = |r: Role| self.nodes.values().filter(|n| n.role == r).count() as u32;
+        if count(Role::Server) >= self.spec.servers && count(Role::Worker) >= self.spec.workers {
+            self.finish_recovery(out);
+        }
+    }
+
+    /// The view is rebuilt: the ring from the newest table the servers had, every node
+    /// gets that table, and decisions resume.
+    fn finish_recovery(&mut self, out: &mut Vec<Output>) {
+        if self.recovering_until.take().is_none() {
+            return;
+        }
+        if self.ring.is_some() {
+            let mut ids: Vec<u32> = self.table.owners().to_vec();
+            ids.sort_unstable();
+            ids.dedup();
+            self.ring =
+                Some(crate::ring::Ring::new(&ids, self.spec.vnodes).with_epoch(self.table.epoch()));
+        }
+        let servers = self
+            .nodes
+            .values()
+            .filter(|n| n.role == Role::Server)
+            .count();
+        let workers = self
+            .nodes
+            .values()
+            .filter(|n| n.role == Role::Worker)
+            .count();
+        out.push(Output::Log(format!(
+            "view rebuilt after a restart: {servers} servers, {workers} workers, routing table epoch {}",
+            self.table.epoch()
+        )));
+        self.broadcast(
+            &Control::Table {
+                partition: self.table.clone(),
+            },
+            out,
+        );
+        self.release_barriers(out);
     }
 
     /// Declare a server dead when it sent no heartbeat for this long (default 3 s).
@@ -283,6 +408,12 @@ impl SchedulerCore {
         if !self.welcomed || self.finished {
             // Servers heartbeat once they serve (after the welcome); not before the job
             // runs, and no verdicts once it is over.
+            return;
+        }
+        if let Some(until) = self.recovering_until {
+            if until != u64::MAX && self.now_ms >= until {
+                self.finish_recovery(out);
+            }
             return;
         }
         let (now, limit) = (self.now_ms, self.heartbeat_timeout_ms);
@@ -430,6 +561,7 @@ impl SchedulerCore {
                 }
             }
             Control::Join { addr, rank, pid } => self.on_join(conn, addr, rank, pid, out),
+            msg @ Control::Rejoin { .. } => self.on_rejoin(conn, msg, out),
             Control::ReplicationLag {
                 batches,
                 pushes,
@@ -657,6 +789,9 @@ impl SchedulerCore {
 
     /// Release every barrier that all live workers have reached.
     fn release_barriers(&mut self, out: &mut Vec<Output>) {
+        if self.recovering_until.is_some() {
+            return;
+        }
         let live: BTreeSet<ConnKey> = self.live_workers().map(|(c, _)| *c).collect();
         let mut ranks: Vec<u32> = self
             .nodes
@@ -1132,6 +1267,9 @@ pub struct SchedulerConfig {
     pub register_timeout: Duration,
     /// Declare a server dead after this long without a heartbeat.
     pub heartbeat_timeout: Duration,
+    /// A restart of a failed scheduler: rebuild the view from the nodes' reports, waiting
+    /// at most this long after the first one (or until every node of the spec reported).
+    pub recover: Option<Duration>,
 }
 
 /// How often the scheduler's loop feeds time to its state machine.
@@ -1182,6 +1320,10 @@ pub fn run_scheduler(cfg: SchedulerConfig) -> Result<JobReport, EngineError> {
     tracing::info!(%addr, "scheduler listening");
     let mut core =
         SchedulerCore::new(cfg.spec.clone()).with_heartbeat_timeout(cfg.heartbeat_timeout);
+    if let Some(wait) = cfg.recover {
+        tracing::info!(%addr, "recovering: waiting for the nodes to rejoin");
+        core = core.recovering(wait);
+    }
     let conns: Arc<Mutex<HashMap<ConnKey, Conn>>> = Arc::default();
     let bar = if cfg.progress {
         let b = indicatif::ProgressBar::new(0);
@@ -1612,6 +1754,57 @@ mod tests {
         let out = c.handle(Input::Closed { conn: 3 });
         assert!(tables(&out).is_empty());
         assert!(c.failovers.is_empty());
+    }
+
+    #[test]
+    fn a_restarted_scheduler_rebuilds_its_view_from_the_rejoining_nodes() {
+        let mut sp = spec(2, 2);
+        sp.vnodes = 16;
+        sp.replicas = 1;
+        // The table the servers had: server 1 failed earlier (epoch 2).
+        let ring = crate::ring::Ring::new(&[0, 1], 16).remove_server(1);
+        let table = Partition::from_ring_chains(&ring, 2, 1);
+        assert_eq!(table.epoch(), 2);
+        let rejoin = |role, rank, node_id, table: &Partition, barriers| Control::Rejoin {
+            role,
+            rank,
+            node_id,
+            addr: (role == Role::Server).then(|| "127.0.0.1:7000".parse().unwrap()),
+            pid: 1,
+            table: table.clone(),
+            barriers,
+        };
+        // Not recovering: a rejoin is refused.
+        let mut fresh = running_spec(sp.clone());
+        let out = msg(&mut fresh, 50, rejoin(Role::Worker, 0, 3, &table, 0));
+        assert!(matches!(sends(&out)[0].1, Control::Refused { .. }));
+
+        let mut c = SchedulerCore::new(sp).recovering(Duration::from_millis(500));
+        assert!(c.is_recovering());
+        // Only server 0 is alive; the workers passed 4 barriers.
+        let out = msg(&mut c, 1, rejoin(Role::Server, 0, 1, &table, 0));
+        assert!(sends(&out).is_empty());
+        msg(&mut c, 2, rejoin(Role::Worker, 0, 3, &table, 4));
+        // A barrier before the view is rebuilt waits.
+        assert!(sends(&msg(&mut c, 2, Control::Barrier { seq: 5 })).is_empty());
+        msg(&mut c, 3, rejoin(Role::Worker, 1, 4, &table, 4));
+        // A rank that rejoined already is refused.
+        let out = msg(&mut c, 4, rejoin(Role::Worker, 1, 4, &table, 4));
+        assert!(matches!(sends(&out)[0].1, Control::Refused { .. }));
+        // Server 1 never comes: the wait ends and the view is the servers' newest table.
+        let out = c.handle(Input::Tick { now_ms: 600 });
+        assert!(!c.is_recovering());
+        assert_eq!(c.table().epoch(), 2);
+        let t = tables(&out);
+        assert_eq!(t.len(), 3, "every node gets the table");
+        // Barriers go on from where the workers are.
+        let out = msg(&mut c, 3, Control::Barrier { seq: 5 });
+        assert_eq!(sends(&out).len(), 2);
+        // And decisions resume: server 0 is the only one, so its failure is said plainly.
+        let out = c.handle(Input::Closed { conn: 1 });
+        assert!(out
+            .iter()
+            .any(|o| matches!(o, Output::Log(l) if l.contains("unavailable"))));
     }
 
     #[test]

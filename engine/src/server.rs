@@ -986,7 +986,10 @@ pub struct Server {
     control: crossbeam_channel::Receiver<Control>,
     addr: SocketAddr,
     transport: TcpTransport,
-    _scheduler: Conn,
+    /// The scheduler connection (replaced when a restarted scheduler comes back).
+    sched: Arc<Mutex<Conn>>,
+    /// The scheduler's address.
+    scheduler_addr: SocketAddr,
     dump_model: Option<std::path::PathBuf>,
     /// The thread applying one-sided pushes, if any.
     notices: Option<std::thread::JoinHandle<()>>,
@@ -1067,10 +1070,13 @@ impl Server {
                 Err(e) => tracing::warn!(peer = s.rank, error = %e, "no connection to a server"),
             }
         }
+        let sched = Arc::new(Mutex::new(scheduler.clone()));
         let synced = {
-            let sched = scheduler.clone();
+            let sched = sched.clone();
             Box::new(move |epoch: u64| {
-                let _ = sched.send(Control::Synced { epoch }.to_frame(node_id));
+                let _ = sched
+                    .lock()
+                    .send(Control::Synced { epoch }.to_frame(node_id));
             })
         };
         let repl = Replicator::new(rank, node_id, cfg.replication, peers, synced);
@@ -1137,7 +1143,8 @@ impl Server {
             control: rx,
             addr,
             transport,
-            _scheduler: scheduler,
+            sched,
+            scheduler_addr: cfg.scheduler,
             dump_model: cfg.dump_model.clone(),
         })
     }
@@ -1166,6 +1173,36 @@ impl Server {
             "routing table changed"
         );
         ready.repl.on_table(entries(ready), &old, &new);
+    }
+
+    /// The scheduler's connection closed (it failed): try once to reach a restarted one
+    /// (`pserv scheduler --recover` on the same address) and report this server to it. The
+    /// data path goes on meanwhile; this is tried again at the next tick.
+    fn reconnect_scheduler(&self) {
+        let Some(ready) = self.core.ready.get() else {
+            return;
+        };
+        let Ok(conn) = self
+            .transport
+            .connect(self.scheduler_addr, Duration::from_millis(200))
+        else {
+            return;
+        };
+        conn.set_tag(SCHEDULER_TAG);
+        let table = ready.table.read().as_ref().clone();
+        let rejoin = Control::Rejoin {
+            role: Role::Server,
+            rank: ready.rank,
+            node_id: ready.node_id,
+            addr: Some(self.addr),
+            pid: std::process::id(),
+            table,
+            barriers: 0,
+        };
+        if conn.send(rejoin.to_frame(ready.node_id)).is_ok() {
+            tracing::info!(scheduler = %self.scheduler_addr, "reconnected to a restarted scheduler");
+            *self.sched.lock() = conn;
+        }
     }
 
     /// Connect to servers that joined.
@@ -1211,7 +1248,8 @@ impl Server {
                         "SIGTERM: asking the scheduler to let this server leave"
                     );
                     let _ = self
-                        ._scheduler
+                        .sched
+                        .lock()
                         .send(Control::Leave { rank: r.rank }.to_frame(r.node_id));
                 } else {
                     break;
@@ -1231,8 +1269,11 @@ impl Server {
                 Ok(Control::Servers { servers }) => self.connect_peers(&servers),
                 Ok(other) => tracing::debug!(?other, "control message ignored by server"),
                 Err(RecvTimeoutError::Timeout) => {
+                    if self.sched.lock().is_closed() {
+                        self.reconnect_scheduler();
+                    }
                     let id = self.core.ready.get().map_or(0, |r| r.node_id);
-                    let _ = self._scheduler.send(Control::Heartbeat.to_frame(id));
+                    let _ = self.sched.lock().send(Control::Heartbeat.to_frame(id));
                     if let Some(r) = self.core.ready.get() {
                         let (batches, pushes, oldest) = r.repl.lag();
                         let lag = Control::ReplicationLag {
@@ -1240,7 +1281,7 @@ impl Server {
                             pushes,
                             oldest_us: oldest.as_micros() as u64,
                         };
-                        let _ = self._scheduler.send(lag.to_frame(id));
+                        let _ = self.sched.lock().send(lag.to_frame(id));
                     }
                 }
             }
@@ -1257,7 +1298,8 @@ impl Server {
                 "server shutting down"
             );
             let _ = self
-                ._scheduler
+                .sched
+                .lock()
                 .send(Control::ServerDone { stats }.to_frame(r.node_id));
             if let Some(dir) = &self.dump_model {
                 let path = dir.join(format!("model-{}.bin", r.rank));
@@ -1271,7 +1313,7 @@ impl Server {
                 })?;
             }
             let deadline = std::time::Instant::now() + Duration::from_secs(5);
-            while self._scheduler.queued_bytes() > 0 && std::time::Instant::now() < deadline {
+            while self.sched.lock().queued_bytes() > 0 && std::time::Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }

@@ -78,6 +78,9 @@ pub struct WorkerConfig {
     /// The data path of dense ranges in windows ([`Worker::open_window`]): auto, tcp, shm
     /// or rdma (see [`crate::onesided`]).
     pub transport: TransportKind,
+    /// When the scheduler's connection closes before it said the job is over, try this
+    /// long to reach a restarted scheduler (`pserv scheduler --recover`) before giving up.
+    pub scheduler_grace: Duration,
 }
 
 impl WorkerConfig {
@@ -92,6 +95,7 @@ impl WorkerConfig {
             timeout: Duration::from_secs(600),
             consistency: Consistency::Eventual,
             transport: TransportKind::Tcp,
+            scheduler_grace: Duration::from_secs(10),
         }
     }
 }
@@ -800,6 +804,15 @@ struct Core {
     servers: RwLock<Vec<Option<Conn>>>,
     /// Opens connections to servers that join.
     connector: std::sync::OnceLock<pserv_transport::Connector>,
+    /// The scheduler connection (replaced when a restarted scheduler comes back).
+    sched: Mutex<Option<Conn>>,
+    /// Where the scheduler is, who this worker is (rank, node id), and how long to look
+    /// for a restarted scheduler.
+    sched_info: std::sync::OnceLock<(SocketAddr, u32, u32, Duration)>,
+    /// Barriers passed (a restarted scheduler learns it).
+    barriers_passed: AtomicU64,
+    /// The job is over (the scheduler said so): a closed scheduler connection is expected.
+    over: AtomicBool,
     /// The routing table requests are split by (None until the welcome; replaced by
     /// newer tables from the scheduler).
     table: RwLock<Option<Arc<Partition>>>,
@@ -825,6 +838,10 @@ impl Core {
             }),
             servers: RwLock::new(Vec::new()),
             connector: std::sync::OnceLock::new(),
+            sched: Mutex::new(None),
+            sched_info: std::sync::OnceLock::new(),
+            barriers_passed: AtomicU64::new(0),
+            over: AtomicBool::new(false),
             table: RwLock::new(None),
             retrying: Mutex::new(HashSet::new()),
             wake,
@@ -856,6 +873,63 @@ impl Core {
 
     fn wake(&self) {
         let _ = self.wake.send(());
+    }
+
+    /// Send to the scheduler (over the current connection).
+    fn to_scheduler(&self, msg: &Control, sender: u32) -> Result<(), EngineError> {
+        let conn = self
+            .sched
+            .lock()
+            .clone()
+            .ok_or(EngineError::SchedulerGone)?;
+        Ok(conn.send(msg.to_frame(sender))?)
+    }
+
+    /// The scheduler's connection closed before the job was over: look for a restarted
+    /// scheduler for the grace period (on a thread of its own), report this worker to it
+    /// and let a barrier in progress ask again; else stop as before.
+    fn scheduler_lost(self: &Arc<Self>) {
+        if self.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let (Some(connector), Some(&(addr, rank, node_id, grace))) =
+            (self.connector.get().cloned(), self.sched_info.get())
+        else {
+            let _ = self.control.send(Control::Shutdown);
+            return;
+        };
+        let core = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("pserv-rejoin".into())
+            .spawn(move || {
+                let deadline = Instant::now() + grace;
+                while Instant::now() < deadline && !core.stop.load(Ordering::Relaxed) {
+                    if let Ok(conn) = connector.connect(addr, Duration::from_millis(200)) {
+                        conn.set_tag(SCHEDULER_TAG);
+                        let rejoin = Control::Rejoin {
+                            role: Role::Worker,
+                            rank,
+                            node_id,
+                            addr: None,
+                            pid: std::process::id(),
+                            table: core.table().as_ref().clone(),
+                            barriers: core.barriers_passed.load(Ordering::Acquire),
+                        };
+                        if conn.send(rejoin.to_frame(node_id)).is_ok() {
+                            tracing::info!(scheduler = %addr, "reconnected to a restarted scheduler");
+                            *core.sched.lock() = Some(conn);
+                            let _ = core.control.send(Control::SchedulerBack);
+                            return;
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                tracing::warn!(scheduler = %addr, "the scheduler did not come back; stopping");
+                let _ = core.control.send(Control::Shutdown);
+            });
+        if spawned.is_err() {
+            let _ = self.control.send(Control::Shutdown);
+        }
     }
 
     /// Connect (on a thread of its own: connecting blocks) to the servers not connected
@@ -1185,6 +1259,10 @@ impl Handler for WorkerHandler {
         if conn.tag() == SCHEDULER_TAG {
             match Control::from_frame(&f) {
                 Ok(Control::Servers { servers }) => self.core.connect_new(servers),
+                Ok(Control::Shutdown) => {
+                    self.core.over.store(true, Ordering::Release);
+                    let _ = self.core.control.send(Control::Shutdown);
+                }
                 Ok(Control::Table { partition }) => {
                     let epoch = partition.epoch();
                     if self.core.install(partition) {
@@ -1268,7 +1346,17 @@ impl Handler for WorkerHandler {
         match conn.tag() {
             SCHEDULER_TAG => {
                 tracing::debug!(%reason, "scheduler connection closed");
-                let _ = self.core.control.send(Control::Shutdown);
+                let current = self
+                    .core
+                    .sched
+                    .lock()
+                    .as_ref()
+                    .is_some_and(|c| c.id() == conn.id());
+                if self.core.over.load(Ordering::Acquire) {
+                    let _ = self.core.control.send(Control::Shutdown);
+                } else if current {
+                    self.core.scheduler_lost();
+                }
             }
             0 => {}
             t => self.core.server_lost((t - 1) as u32),
@@ -1279,10 +1367,12 @@ impl Handler for WorkerHandler {
 /// A worker node: the handle training code pushes and pulls through.
 pub struct Worker {
     core: Arc<Core>,
+    /// Resends failed segments; stops when the worker is dropped (before the transport,
+    /// whose closing connections must not look like a failed scheduler).
+    _retrier: Retrier,
     node_id: u32,
     rank: u32,
     cluster: ClusterInfo,
-    scheduler: Conn,
     control: Receiver<Control>,
     clock: AtomicU64,
     consistency: Consistency,
@@ -1291,8 +1381,6 @@ pub struct Worker {
     timeout: Duration,
     transport: TcpTransport,
     onesided: Option<ClientOneSided>,
-    /// Resends failed segments; stops when the worker is dropped.
-    _retrier: Retrier,
 }
 
 impl Worker {
@@ -1305,6 +1393,7 @@ impl Worker {
             TcpTransport::start(cfg.tcp.clone(), |_| WorkerHandler { core: core.clone() })?;
         let scheduler = transport.connect(cfg.scheduler, Duration::from_secs(10))?;
         scheduler.set_tag(SCHEDULER_TAG);
+        *core.sched.lock() = Some(scheduler.clone());
         scheduler.send(
             Control::Register {
                 role: Role::Worker,
@@ -1338,6 +1427,9 @@ impl Worker {
         core.install(cluster.partition.clone());
         transport.repin(node_id as usize);
         let _ = core.connector.set(transport.connector());
+        let _ = core
+            .sched_info
+            .set((cfg.scheduler, rank, node_id, cfg.scheduler_grace));
         let mut servers: Vec<Option<Conn>> = Vec::with_capacity(cluster.servers.len());
         for s in &cluster.servers {
             if servers.len() <= s.rank as usize {
@@ -1372,7 +1464,6 @@ impl Worker {
             node_id,
             rank,
             cluster,
-            scheduler,
             control: rx,
             clock: AtomicU64::new(0),
             consistency: cfg.consistency,
@@ -1985,14 +2076,19 @@ impl Worker {
     /// reach and take part from there on. Returns that barrier's number and the ranks of
     /// the workers running.
     pub fn join_barrier(&self) -> Result<(u64, Vec<u32>), EngineError> {
-        self.scheduler
-            .send(Control::Barrier { seq: 0 }.to_frame(self.node_id))?;
+        if let Err(e) = self.tell_scheduler(Control::Barrier { seq: 0 }) {
+            tracing::debug!(error = %e, "barrier not sent; waiting for the scheduler");
+        }
         let deadline = Instant::now() + self.timeout;
         loop {
             match self.control.recv_deadline(deadline) {
                 Ok(Control::BarrierDone { seq, live }) => {
                     self.barrier_seq.store(seq, Ordering::Relaxed);
+                    self.core.barriers_passed.store(seq, Ordering::Release);
                     return Ok((seq, live));
+                }
+                Ok(Control::SchedulerBack) => {
+                    let _ = self.tell_scheduler(Control::Barrier { seq: 0 });
                 }
                 Ok(Control::Shutdown) => return Err(EngineError::SchedulerGone),
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
@@ -2012,12 +2108,21 @@ impl Worker {
     /// worker's data to the others.
     pub fn barrier_live(&self) -> Result<Vec<u32>, EngineError> {
         let seq = self.barrier_seq.fetch_add(1, Ordering::Relaxed) + 1;
-        self.scheduler
-            .send(Control::Barrier { seq }.to_frame(self.node_id))?;
+        if let Err(e) = self.tell_scheduler(Control::Barrier { seq }) {
+            // The scheduler is gone: a restarted one gets it when this worker rejoins.
+            tracing::debug!(error = %e, "barrier not sent; waiting for the scheduler");
+        }
         let deadline = Instant::now() + self.timeout;
         loop {
             match self.control.recv_deadline(deadline) {
-                Ok(Control::BarrierDone { seq: s, live }) if s == seq => return Ok(live),
+                Ok(Control::BarrierDone { seq: s, live }) if s == seq => {
+                    self.core.barriers_passed.store(seq, Ordering::Release);
+                    return Ok(live);
+                }
+                // A restarted scheduler: ask again.
+                Ok(Control::SchedulerBack) => {
+                    let _ = self.tell_scheduler(Control::Barrier { seq });
+                }
                 Ok(Control::Shutdown) => return Err(EngineError::SchedulerGone),
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
                     return Err(EngineError::Timeout(format!(
@@ -2033,7 +2138,7 @@ impl Worker {
 
     /// Send a control message to the scheduler (progress, log lines, summaries).
     pub fn tell_scheduler(&self, msg: Control) -> Result<(), EngineError> {
-        Ok(self.scheduler.send(msg.to_frame(self.node_id))?)
+        self.core.to_scheduler(&msg, self.node_id)
     }
 
     /// Report that this worker is done and disconnect. Does not wait for the other
@@ -2051,6 +2156,7 @@ impl Worker {
         blocked_seconds: f64,
     ) -> Result<(), EngineError> {
         let (bytes_sent, bytes_received) = self.traffic();
+        self.core.over.store(true, Ordering::Release);
         self.tell_scheduler(Control::Done {
             stats: WorkerStats {
                 examples,
@@ -2062,7 +2168,14 @@ impl Worker {
         })?;
         // Let the report leave before the sockets close.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while self.scheduler.queued_bytes() > 0 && Instant::now() < deadline {
+        while self
+            .core
+            .sched
+            .lock()
+            .as_ref()
+            .is_some_and(|c| c.queued_bytes() > 0)
+            && Instant::now() < deadline
+        {
             std::thread::sleep(Duration::from_millis(1));
         }
         self.transport.shutdown();
