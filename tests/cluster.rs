@@ -7,37 +7,21 @@ use std::io::Write;
 use std::time::Duration;
 
 use common::Cluster;
-use pserv_engine::keys::{KeyRange, KEY_END};
+use pserv_engine::keys::KeyRange;
 use pserv_engine::proto::Status;
-use pserv_engine::worker::{Worker, WorkerConfig};
+use pserv_engine::worker::Worker;
 use pserv_engine::EngineError;
-use pserv_transport::TcpConfig;
 
 fn worker(c: &Cluster, rank: u32) -> Worker {
-    let mut cfg = WorkerConfig::new(c.scheduler);
-    cfg.rank = Some(rank);
-    cfg.tcp = TcpConfig {
-        threads: 1,
-        pin_cores: false,
-        ..TcpConfig::default()
-    };
-    cfg.register_timeout = Duration::from_secs(30);
-    // A failed assertion in one worker thread must not leave the others blocked forever.
-    cfg.timeout = Duration::from_secs(60);
-    Worker::connect(cfg).expect("worker connects")
+    common::worker(c, rank, Duration::from_secs(60))
 }
 
-/// Start `n` workers concurrently (registration completes only when all have joined).
 fn workers(c: &Cluster, n: u32) -> Vec<Worker> {
-    std::thread::scope(|s| {
-        let hs: Vec<_> = (0..n).map(|r| s.spawn(move || worker(c, r))).collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    })
+    common::workers(c, n, Duration::from_secs(60))
 }
 
-/// Keys spread over the whole key space (so every server gets some).
 fn spread_keys(n: u64) -> Vec<u64> {
-    (0..n).map(|i| (KEY_END / n) * i + 7).collect()
+    common::spread_keys(n, 7)
 }
 
 #[test]
@@ -303,22 +287,6 @@ fn status(c: &Cluster) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn signal(c: &Cluster, name: &str, sig: &str) {
-    let pid = c
-        .procs
-        .0
-        .iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, child)| child.id())
-        .expect("process started");
-    let ok = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig} {pid}");
-}
-
 #[test]
 fn status_shows_the_cluster_and_a_silent_server_turns_dead() {
     let mut c = Cluster::start(2, 1, &["--update=sum", "--heartbeat-timeout-ms=800"]);
@@ -357,7 +325,7 @@ fn status_shows_the_cluster_and_a_silent_server_turns_dead() {
         s = status(&c);
     }
     // A server that stops (no heartbeats, connection still open) is declared dead...
-    signal(&c, "server 1", "-STOP");
+    common::signal(&c, "server 1", "-STOP");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut s = status(&c);
     while !s.contains("server 1 at")
@@ -389,7 +357,7 @@ fn status_shows_the_cluster_and_a_silent_server_turns_dead() {
         "{s}"
     );
     // ...and live again when it resumes (fenced: it heads nothing any more).
-    signal(&c, "server 1", "-CONT");
+    common::signal(&c, "server 1", "-CONT");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !status(&c)
         .lines()
@@ -405,20 +373,10 @@ fn status_shows_the_cluster_and_a_silent_server_turns_dead() {
 
 /// Send one frame on a raw connection and read the answer frame back.
 fn raw_request(server: std::net::SocketAddr, frame: &[u8]) -> (pserv_transport::Header, Vec<u8>) {
-    use std::io::Read;
     let mut s = std::net::TcpStream::connect(server).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(frame).unwrap();
-    let mut buf = vec![0u8; pserv_transport::wire::HEADER_LEN];
-    s.read_exact(&mut buf).unwrap();
-    let h: pserv_transport::Header = *bytemuck::from_bytes(&buf);
-    let body = pserv_transport::wire::pad8(
-        pserv_transport::wire::HEADER_LEN + h.key_count as usize * 8 + h.value_bytes as usize,
-    ) - pserv_transport::wire::HEADER_LEN;
-    let mut rest = vec![0u8; body];
-    s.read_exact(&mut rest).unwrap();
-    let v = h.key_count as usize * 8;
-    (h, rest[v..v + h.value_bytes as usize].to_vec())
+    common::read_frame(&mut s)
 }
 
 #[test]

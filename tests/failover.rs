@@ -11,46 +11,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{pserv, Cluster, Scratch};
-use pserv_engine::keys::KEY_END;
-use pserv_engine::worker::{Worker, WorkerConfig};
-use pserv_transport::TcpConfig;
+use pserv_engine::worker::Worker;
 
 fn worker(c: &Cluster, rank: u32) -> Worker {
-    let mut cfg = WorkerConfig::new(c.scheduler);
-    cfg.rank = Some(rank);
-    cfg.tcp = TcpConfig {
-        threads: 1,
-        pin_cores: false,
-        ..TcpConfig::default()
-    };
-    cfg.register_timeout = Duration::from_secs(30);
-    cfg.timeout = Duration::from_secs(30);
-    Worker::connect(cfg).expect("worker connects")
+    common::worker(c, rank, Duration::from_secs(30))
 }
 
 fn workers(c: &Cluster, n: u32) -> Vec<Worker> {
-    std::thread::scope(|s| {
-        let hs: Vec<_> = (0..n).map(|r| s.spawn(move || worker(c, r))).collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    })
+    common::workers(c, n, Duration::from_secs(30))
 }
 
-/// Keys spread over the whole key space (so every server heads some).
 fn spread_keys(n: u64) -> Vec<u64> {
-    (0..n).map(|i| (KEY_END / n) * i + 11).collect()
-}
-
-fn kill(c: &mut Cluster, name: &str) -> u32 {
-    let (_, child) = c
-        .procs
-        .0
-        .iter_mut()
-        .find(|(n, _)| n == name)
-        .expect("process exists");
-    let pid = child.id();
-    child.kill().expect("SIGKILL");
-    child.wait().expect("reaped");
-    pid
+    common::spread_keys(n, 11)
 }
 
 /// Two workers push +1 to 3000 keys (all servers) 120 times each, four pushes in flight;
@@ -99,7 +71,7 @@ fn sigkill_of_a_server_loses_no_acknowledged_push_and_applies_none_twice() {
         while done.load(Ordering::Relaxed) < 40 {
             std::thread::sleep(Duration::from_millis(1));
         }
-        let pid = kill(&mut c, "server 2");
+        let pid = common::kill(&mut c, "server 2");
         killed.store(true, Ordering::Relaxed);
         eprintln!(
             "killed server 2 (pid {pid}) after {} acknowledged pushes",
@@ -116,11 +88,19 @@ fn sigkill_of_a_server_loses_no_acknowledged_push_and_applies_none_twice() {
     // A request routed with the old table is a redirect: the server sends its table,
     // then refuses (StaleEpoch), and changes nothing.
     redirect_carries_the_table(ws[0].cluster().servers[0].addr, keys[0], table.epoch());
-    let p = ws[0]
-        .wait_pull::<f32>(ws[0].pull::<f32>(keys.clone()))
-        .expect("pull after the failover");
-    let got = p.to_vec();
-    let want = (2 * PUSHES) as f32;
+    assert_all_at(&ws[0], &keys, (2 * PUSHES) as f32);
+    for w in ws {
+        w.finish(0).unwrap();
+    }
+}
+
+/// Pull `keys` through `w` and assert every one reads exactly `want` (nothing lost,
+/// nothing applied twice).
+fn assert_all_at(w: &Worker, keys: &[u64], want: f32) {
+    let got = w
+        .wait_pull::<f32>(w.pull::<f32>(keys.to_vec()))
+        .expect("pull")
+        .to_vec();
     let wrong: Vec<(u64, f32)> = keys
         .iter()
         .zip(&got)
@@ -130,11 +110,8 @@ fn sigkill_of_a_server_loses_no_acknowledged_push_and_applies_none_twice() {
         .collect();
     assert!(
         wrong.is_empty(),
-        "keys not at {want} after the failover (key, value): {wrong:?}"
+        "keys not at {want} (key, value): {wrong:?}"
     );
-    for w in ws {
-        w.finish(0).unwrap();
-    }
 }
 
 /// Every `model-*.bin` of a dump directory merged: replicas of a key must agree.
@@ -241,22 +218,6 @@ fn training_survives_a_sigkilled_server_and_ends_with_the_same_model() {
     assert!((la - lb).abs() < 2e-3, "test logloss {la} vs {lb}");
 }
 
-fn signal(c: &Cluster, name: &str, sig: &str) {
-    let pid = c
-        .procs
-        .0
-        .iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, child)| child.id())
-        .expect("process started");
-    let ok = Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig} {pid}");
-}
-
 fn wait_epoch(w: &Worker, epoch: u64) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while w.table().epoch() < epoch {
@@ -318,7 +279,7 @@ fn a_server_joins_and_another_leaves_while_workers_push_and_nothing_is_lost() {
             done.load(Ordering::Relaxed),
             ws[0].table().epoch()
         );
-        signal(&c, "server 0", "-TERM");
+        common::signal(&c, "server 0", "-TERM");
         wait_epoch(&ws[0], 5);
         eprintln!(
             "server 0 left at {} acknowledged pushes",
@@ -338,22 +299,7 @@ fn a_server_joins_and_another_leaves_while_workers_push_and_nothing_is_lost() {
     eprintln!("keys per server after the changes: {per_server:?}");
     assert_eq!(per_server[0], 0);
     assert!(per_server[1] > 0 && per_server[2] > 0, "{per_server:?}");
-    let got = ws[0]
-        .wait_pull::<f32>(ws[0].pull::<f32>(keys.clone()))
-        .unwrap()
-        .to_vec();
-    let want = (2 * PUSHES) as f32;
-    let wrong: Vec<(u64, f32)> = keys
-        .iter()
-        .zip(&got)
-        .filter(|(_, &v)| v != want)
-        .map(|(&k, &v)| (k, v))
-        .take(5)
-        .collect();
-    assert!(
-        wrong.is_empty(),
-        "keys not at {want} (key, value): {wrong:?}"
-    );
+    assert_all_at(&ws[0], &keys, (2 * PUSHES) as f32);
     // The leaver stopped by itself, successfully.
     let (_, leaver) = c.procs.0.iter_mut().find(|(n, _)| n == "server 0").unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -517,7 +463,7 @@ fn a_worker_that_joins_gets_a_share_of_the_data() {
 /// Send a push routed with epoch 1 to `server` (at `epoch` > 1): the answer is the current
 /// table (a control frame), then a StaleEpoch refusal.
 fn redirect_carries_the_table(server: std::net::SocketAddr, key: u64, epoch: u64) {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let mut h = pserv_transport::Header::new(pserv_transport::MessageKind::Push, 1_000, 1);
     h.dtype = pserv_transport::DType::F32 as u8;
     h.value_len = 1;
@@ -526,18 +472,7 @@ fn redirect_carries_the_table(server: std::net::SocketAddr, key: u64, epoch: u64
     let mut s = std::net::TcpStream::connect(server).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(&frame).unwrap();
-    let mut read_frame = || {
-        let mut buf = vec![0u8; pserv_transport::wire::HEADER_LEN];
-        s.read_exact(&mut buf).unwrap();
-        let h: pserv_transport::Header = *bytemuck::from_bytes(&buf);
-        let body = pserv_transport::wire::pad8(
-            pserv_transport::wire::HEADER_LEN + h.key_count as usize * 8 + h.value_bytes as usize,
-        ) - pserv_transport::wire::HEADER_LEN;
-        let mut rest = vec![0u8; body];
-        s.read_exact(&mut rest).unwrap();
-        let v = h.key_count as usize * 8;
-        (h, rest[v..v + h.value_bytes as usize].to_vec())
-    };
+    let mut read_frame = || common::read_frame(&mut s);
     let (h1, v1) = read_frame();
     assert_eq!(h1.kind, pserv_transport::MessageKind::Control as u8);
     match postcard::from_bytes::<pserv_engine::proto::Control>(&v1).unwrap() {
@@ -583,7 +518,7 @@ fn a_restarted_scheduler_rebuilds_its_view_from_the_nodes() {
     };
     push_all(20);
     barrier_all();
-    kill(&mut c, "scheduler");
+    common::kill(&mut c, "scheduler");
     c.procs.0.retain(|(n, _)| n != "scheduler");
     // No scheduler: pushes still go.
     push_all(20);
@@ -622,23 +557,11 @@ fn a_restarted_scheduler_rebuilds_its_view_from_the_nodes() {
         "{st}"
     );
     // It decides again: a server failure moves the ranges.
-    kill(&mut c, "server 2");
+    common::kill(&mut c, "server 2");
     c.procs.0.retain(|(n, _)| n != "server 2");
     push_all(20);
     assert!(ws[0].table().epoch() >= 2);
-    let got = ws[0]
-        .wait_pull::<f32>(ws[0].pull::<f32>(keys.clone()))
-        .unwrap()
-        .to_vec();
-    let want = (2 * 60) as f32;
-    assert!(
-        got.iter().all(|&v| v == want),
-        "keys not at {want}: {:?}",
-        got.iter()
-            .filter(|&&v| v != want)
-            .take(5)
-            .collect::<Vec<_>>()
-    );
+    assert_all_at(&ws[0], &keys, (2 * 60) as f32);
     for w in ws {
         w.finish(0).unwrap();
     }

@@ -151,3 +151,82 @@ impl Cluster {
         }
     }
 }
+
+/// A worker of `c` with rank `rank`: one event loop, unpinned; tasks fail after `timeout`
+/// (a failed assertion in one worker thread must not leave the others blocked forever).
+pub fn worker(c: &Cluster, rank: u32, timeout: Duration) -> pserv_engine::worker::Worker {
+    let mut cfg = pserv_engine::worker::WorkerConfig::new(c.scheduler);
+    cfg.rank = Some(rank);
+    cfg.tcp = pserv_transport::TcpConfig {
+        threads: 1,
+        pin_cores: false,
+        ..pserv_transport::TcpConfig::default()
+    };
+    cfg.register_timeout = Duration::from_secs(30);
+    cfg.timeout = timeout;
+    pserv_engine::worker::Worker::connect(cfg).expect("worker connects")
+}
+
+/// Start `n` workers concurrently (registration completes only when all have joined).
+pub fn workers(c: &Cluster, n: u32, timeout: Duration) -> Vec<pserv_engine::worker::Worker> {
+    std::thread::scope(|s| {
+        let hs: Vec<_> = (0..n)
+            .map(|r| s.spawn(move || worker(c, r, timeout)))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// `n` keys spread over the whole key space (so every server gets some), each `offset`
+/// above its slot's start.
+pub fn spread_keys(n: u64, offset: u64) -> Vec<u64> {
+    (0..n)
+        .map(|i| (pserv_engine::keys::KEY_END / n) * i + offset)
+        .collect()
+}
+
+/// Send signal `sig` (as `kill` takes it, e.g. `-STOP`) to the process named `name`.
+pub fn signal(c: &Cluster, name: &str, sig: &str) {
+    let pid = c
+        .procs
+        .0
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, child)| child.id())
+        .expect("process started");
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// SIGKILL the process named `name` and reap it; returns its pid.
+pub fn kill(c: &mut Cluster, name: &str) -> u32 {
+    let (_, child) = c
+        .procs
+        .0
+        .iter_mut()
+        .find(|(n, _)| n == name)
+        .expect("process exists");
+    let pid = child.id();
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reaped");
+    pid
+}
+
+/// Read one frame from `s`: its header and its values.
+pub fn read_frame(s: &mut std::net::TcpStream) -> (pserv_transport::Header, Vec<u8>) {
+    use std::io::Read;
+    let mut buf = vec![0u8; pserv_transport::wire::HEADER_LEN];
+    s.read_exact(&mut buf).unwrap();
+    let h: pserv_transport::Header = *bytemuck::from_bytes(&buf);
+    let body = pserv_transport::wire::pad8(
+        pserv_transport::wire::HEADER_LEN + h.key_count as usize * 8 + h.value_bytes as usize,
+    ) - pserv_transport::wire::HEADER_LEN;
+    let mut rest = vec![0u8; body];
+    s.read_exact(&mut rest).unwrap();
+    let v = h.key_count as usize * 8;
+    (h, rest[v..v + h.value_bytes as usize].to_vec())
+}
