@@ -266,8 +266,8 @@ fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> {
                 workers: cluster.workers,
                 summary_json: output.summary_json.clone(),
                 timeout: Duration::from_secs(timeout_secs),
-                kill_server: match kill_server_after {
-                    Some(secs) if secs.is_finite() && secs >= 0.0 => {
+                kill_server: match after("--kill-server-after", kill_server_after)? {
+                    Some(d) => {
                         let rank = kill_server.unwrap_or(cluster.servers - 1);
                         if rank >= cluster.servers {
                             return Err(EngineError::Config(format!(
@@ -275,48 +275,14 @@ fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> {
                                 cluster.servers
                             )));
                         }
-                        Some((rank, Duration::from_secs_f64(secs)))
-                    }
-                    Some(secs) => {
-                        return Err(EngineError::Config(format!(
-                            "--kill-server-after {secs}: expected seconds, 0 or more"
-                        )))
+                        Some((rank, d))
                     }
                     None => None,
                 },
-                kill_worker: match kill_worker_after {
-                    Some(secs) if secs.is_finite() && secs >= 0.0 => {
-                        Some((cluster.workers - 1, Duration::from_secs_f64(secs)))
-                    }
-                    Some(secs) => {
-                        return Err(EngineError::Config(format!(
-                            "--kill-worker-after {secs}: expected seconds, 0 or more"
-                        )))
-                    }
-                    None => None,
-                },
-                add_worker: match add_worker_after {
-                    Some(secs) if secs.is_finite() && secs >= 0.0 => {
-                        Some(Duration::from_secs_f64(secs))
-                    }
-                    Some(secs) => {
-                        return Err(EngineError::Config(format!(
-                            "--add-worker-after {secs}: expected seconds, 0 or more"
-                        )))
-                    }
-                    None => None,
-                },
-                add_server: match add_server_after {
-                    Some(secs) if secs.is_finite() && secs >= 0.0 => {
-                        Some(Duration::from_secs_f64(secs))
-                    }
-                    Some(secs) => {
-                        return Err(EngineError::Config(format!(
-                            "--add-server-after {secs}: expected seconds, 0 or more"
-                        )))
-                    }
-                    None => None,
-                },
+                kill_worker: after("--kill-worker-after", kill_worker_after)?
+                    .map(|d| (cluster.workers - 1, d)),
+                add_worker: after("--add-worker-after", add_worker_after)?,
+                add_server: after("--add-server-after", add_server_after)?,
             };
             let summary = run_local(&plan)?;
             println!(
@@ -432,5 +398,16 @@ impl ReplArgs {
             format!("--replication-batch={}", self.replication_batch),
             format!("--replication-window-us={}", self.replication_window_us),
         ]
+    }
+}
+
+/// A `--...-after SECS` flag as a duration (0 or more seconds).
+fn after(flag: &str, secs: Option<f64>) -> Result<Option<Duration>, EngineError> {
+    match secs {
+        Some(s) if s.is_finite() && s >= 0.0 => Ok(Some(Duration::from_secs_f64(s))),
+        Some(s) => Err(EngineError::Config(format!(
+            "{flag} {s}: expected seconds, 0 or more"
+        ))),
+        None => Ok(None),
     }
 }

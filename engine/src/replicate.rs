@@ -118,6 +118,21 @@ impl Batch {
     }
 }
 
+impl Batch {
+    /// This batch as if sent on `chain` (to be regrouped with the sent ones).
+    fn into_sent(self, chain: Vec<u32>) -> Sent {
+        Sent {
+            since: self.since.unwrap_or_else(Instant::now),
+            chain,
+            keys: self.keys,
+            ranges: self.ranges,
+            snapshots: self.snapshots,
+            acks: self.acks,
+            pushes: self.pushes,
+        }
+    }
+}
+
 /// A batch sent and not yet acknowledged.
 struct Sent {
     /// The replicas it went to, in chain order.
@@ -480,10 +495,8 @@ impl Replicator {
     /// `answer` goes to `conn` once every replica of the touched ranges holds it (at once
     /// when none has replicas). Returns the chains whose batch is full: the caller drops
     /// its `applying` guard and calls [`flush_chains`](Self::flush_chains).
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn after_apply(
         &self,
-        store: &dyn EntryStore,
         table: &Partition,
         sender: u32,
         ts: u64,
@@ -530,7 +543,6 @@ impl Replicator {
                 full.push(followers);
             }
         }
-        let _ = store;
         full
     }
 
@@ -792,13 +804,19 @@ impl Replicator {
                     if let (Some(k), ReplicaPart::Keys { keys, weights, .. }) = (trace_key(), p) {
                         let ks: Vec<Key> = pod_vec(keys);
                         if let Some(i) = ks.iter().position(|&x| x == k) {
-                            let w: Vec<f32> = pod_vec(&weights[i * 4..i * 4 + 4]);
+                            let (vl, _, elem) = store.shape();
+                            let at = i * vl * elem;
+                            let first = weights.get(at..at + elem).unwrap_or(&[]);
+                            let w: Vec<f64> = match elem {
+                                4 => pod_vec::<f32>(first).into_iter().map(f64::from).collect(),
+                                _ => pod_vec(first),
+                            };
                             tracing::info!(
                                 origin = batch.origin,
                                 seq = batch.seq,
                                 epoch = batch.epoch,
                                 my_epoch = fresh.epoch,
-                                value = w[0],
+                                value = ?w.first(),
                                 pushes = batch.pushes.len(),
                                 "TRACE install"
                             );
@@ -988,15 +1006,7 @@ impl Replicator {
                 st.pending.insert(f.clone(), b);
                 self.flush_chain(st, store, old.epoch(), &f);
             } else {
-                redo.push(Sent {
-                    since: b.since.unwrap_or_else(Instant::now),
-                    chain: f,
-                    keys: b.keys,
-                    ranges: b.ranges,
-                    snapshots: b.snapshots,
-                    acks: b.acks,
-                    pushes: b.pushes,
-                });
+                redo.push(b.into_sent(f));
             }
         }
         let dead: Vec<u64> = st
@@ -1084,15 +1094,7 @@ impl Replicator {
             .collect();
         for f in pending {
             if let Some(b) = st.pending.remove(&f) {
-                redo.push(Sent {
-                    since: b.since.unwrap_or_else(Instant::now),
-                    chain: f,
-                    keys: b.keys,
-                    ranges: b.ranges,
-                    snapshots: b.snapshots,
-                    acks: b.acks,
-                    pushes: b.pushes,
-                });
+                redo.push(b.into_sent(f));
             }
         }
         let gone: Vec<u64> = st

@@ -295,19 +295,7 @@ impl SchedulerCore {
                 self.last_barrier = self.last_barrier.max(barriers);
             }
         }
-        self.nodes.insert(
-            conn,
-            Node {
-                role,
-                rank,
-                addr,
-                done: false,
-                gone: false,
-                seen_ms: self.now_ms,
-                dead: false,
-                lag: None,
-            },
-        );
+        self.add_node(conn, role, rank, addr);
         let count = |r: Role| self.nodes.values().filter(|n| n.role == r).count() as u32;
         if count(Role::Server) >= self.spec.servers && count(Role::Worker) >= self.spec.workers {
             self.finish_recovery(out);
@@ -432,6 +420,23 @@ impl SchedulerCore {
         for rank in died {
             self.fail_server(rank, out);
         }
+    }
+
+    /// Record a node (registered, joined or rejoined) on `conn`, alive as of now.
+    fn add_node(&mut self, conn: ConnKey, role: Role, rank: u32, addr: Option<SocketAddr>) {
+        self.nodes.insert(
+            conn,
+            Node {
+                role,
+                rank,
+                addr,
+                done: false,
+                gone: false,
+                seen_ms: self.now_ms,
+                dead: false,
+                lag: None,
+            },
+        );
     }
 
     /// Whether every node registered and got the cluster table.
@@ -703,19 +708,7 @@ impl SchedulerCore {
             },
         };
         out.push(Output::Log(format!("{role} {rank} registered (pid {pid})")));
-        self.nodes.insert(
-            conn,
-            Node {
-                role,
-                rank,
-                addr,
-                done: false,
-                gone: false,
-                seen_ms: self.now_ms,
-                dead: false,
-                lag: None,
-            },
-        );
+        self.add_node(conn, role, rank, addr);
         let registered = |r: Role| self.nodes.values().filter(|n| n.role == r).count() as u32;
         if registered(Role::Server) == self.spec.servers
             && registered(Role::Worker) == self.spec.workers
@@ -973,19 +966,7 @@ impl SchedulerCore {
         out.push(Output::Log(format!(
             "worker {rank} joins the running job (pid {pid})"
         )));
-        self.nodes.insert(
-            conn,
-            Node {
-                role: Role::Worker,
-                rank,
-                addr: None,
-                done: false,
-                gone: false,
-                seen_ms: self.now_ms,
-                dead: false,
-                lag: None,
-            },
-        );
+        self.add_node(conn, Role::Worker, rank, None);
         out.push(Output::Send {
             conn,
             msg: Control::Welcome {
@@ -1050,19 +1031,7 @@ impl SchedulerCore {
         out.push(Output::Log(format!(
             "server {rank} asks to join (pid {pid}, {addr})"
         )));
-        self.nodes.insert(
-            conn,
-            Node {
-                role: Role::Server,
-                rank,
-                addr: Some(addr),
-                done: false,
-                gone: false,
-                seen_ms: self.now_ms,
-                dead: false,
-                lag: None,
-            },
-        );
+        self.add_node(conn, Role::Server, rank, Some(addr));
         out.push(Output::Send {
             conn,
             msg: Control::Welcome {

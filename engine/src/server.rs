@@ -442,34 +442,36 @@ fn refuse(ready: &Ready, conn: &Conn, h: &pserv_transport::Header, refusal: Refu
 
 /// The routing checks of a data request (epoch, ownership, hand-off), without the store.
 fn precheck(ready: &Ready, f: &Frame<'_>) -> Option<Refusal> {
-    let h = f.header();
-    let table = ready.table.read();
-    if h.epoch != 0 && u64::from(h.epoch) != table.epoch() {
+    let keys = match f.range() {
+        Some((b, e)) if b > e => return None, // malformed: serve() answers it
+        Some((b, e)) => KeysRef::Range(KeyRange::new(b, e)),
+        None if f.keys().windows(2).any(|w| w[0] >= w[1]) => return None, // unsorted: likewise
+        None => KeysRef::List(f.keys()),
+    };
+    routing_refusal(ready, &ready.table.read(), f.header().epoch, keys)
+}
+
+/// Why `table` does not let this server serve `keys` of a request routed with `epoch`:
+/// another epoch, keys it does not head, ranges not handed over yet.
+fn routing_refusal(
+    ready: &Ready,
+    table: &Partition,
+    epoch: u32,
+    keys: KeysRef<'_>,
+) -> Option<Refusal> {
+    // Epoch 0: a client that does not route, such as a tool; it still must ask the right
+    // server.
+    if epoch != 0 && u64::from(epoch) != table.epoch() {
         return Some(Refusal(
             Status::StaleEpoch,
             format!(
-                "request routed with routing-table epoch {}, this server is at epoch {}: \
+                "request routed with routing-table epoch {epoch}, this server is at epoch {}: \
                  learn the current table and resend",
-                h.epoch,
                 table.epoch()
             ),
         ));
     }
     let me = ready.rank as usize;
-    let keys = match f.range() {
-        Some((b, e)) => {
-            if b > e {
-                return None; // malformed: serve() answers it
-            }
-            KeysRef::Range(KeyRange::new(b, e))
-        }
-        None => {
-            if f.keys().windows(2).any(|w| w[0] >= w[1]) {
-                return None; // unsorted: serve() answers it
-            }
-            KeysRef::List(f.keys())
-        }
-    };
     let owned = match keys {
         KeysRef::Range(r) => table.owns(me, &r),
         KeysRef::List(ks) => table.owns_keys(me, ks),
@@ -702,7 +704,6 @@ fn answer_request(core: &Core, ready: &Ready, f: &Frame<'_>, conn: &Conn, clock:
             None => KeysRef::List(f.keys()),
         };
         let full = ready.repl.after_apply(
-            entries(ready),
             &table,
             h.sender,
             proto::push_id(h.timestamp),
@@ -801,46 +802,12 @@ fn serve<T: Value>(
     if kind == MessageKind::Control {
         return Err(bad("unexpected control message".into()));
     }
-    // Routed with this routing table? (Epoch 0: a client that does not route, such as a
-    // tool; it still must ask the right server.)
-    if h.epoch != 0 && u64::from(h.epoch) != table.epoch() {
-        return Err(Refusal(
-            Status::StaleEpoch,
-            format!(
-                "request routed with routing-table epoch {}, this server is at epoch {}: \
-                 learn the current table and resend",
-                h.epoch,
-                table.epoch()
-            ),
-        ));
-    }
-    let me = ready.rank as usize;
-    let owned = match range {
-        Some(r) => table.owns(me, &r),
-        None => table.owns_keys(me, f.keys()),
-    };
-    if !owned {
-        return Err(Refusal(
-            Status::NotOwner,
-            format!(
-                "server {me} does not own all of these keys under epoch {}",
-                table.epoch()
-            ),
-        ));
-    }
     let request_keys = match range {
         Some(r) => KeysRef::Range(r),
         None => KeysRef::List(f.keys()),
     };
-    if let Some(prev) = ready.repl.handoff_pending(request_keys) {
-        return Err(Refusal(
-            Status::StaleEpoch,
-            format!(
-                "these keys passed to server {me} at epoch {}; server {prev} has not handed \
-                 them over yet: resend shortly",
-                table.epoch()
-            ),
-        ));
+    if let Some(refusal) = routing_refusal(ready, table, h.epoch, request_keys) {
+        return Err(refusal);
     }
     if let Some(w) = ready.onesided.as_ref().and_then(|o| o.window()) {
         let keys = f.keys();
@@ -869,22 +836,11 @@ fn serve<T: Value>(
     // replica): apply nothing, answer as applied (after re-replicating).
     let duplicate = matches!(kind, MessageKind::Push | MessageKind::PushPull)
         && table.replicas() > 0
-        && ready.repl.is_duplicate(
-            h.sender,
-            proto::push_id(h.timestamp),
-            match range {
-                Some(r) => KeysRef::Range(r),
-                None => KeysRef::List(f.keys()),
-            },
-        );
+        && ready
+            .repl
+            .is_duplicate(h.sender, proto::push_id(h.timestamp), request_keys);
     if !duplicate && matches!(kind, MessageKind::Push | MessageKind::PushPull) {
-        ready.repl.note_apply(
-            table.epoch(),
-            match range {
-                Some(r) => KeysRef::Range(r),
-                None => KeysRef::List(f.keys()),
-            },
-        );
+        ready.repl.note_apply(table.epoch(), request_keys);
     }
     if duplicate {
         tracing::info!(

@@ -2076,31 +2076,7 @@ impl Worker {
     /// reach and take part from there on. Returns that barrier's number and the ranks of
     /// the workers running.
     pub fn join_barrier(&self) -> Result<(u64, Vec<u32>), EngineError> {
-        if let Err(e) = self.tell_scheduler(Control::Barrier { seq: 0 }) {
-            tracing::debug!(error = %e, "barrier not sent; waiting for the scheduler");
-        }
-        let deadline = Instant::now() + self.timeout;
-        loop {
-            match self.control.recv_deadline(deadline) {
-                Ok(Control::BarrierDone { seq, live }) => {
-                    self.barrier_seq.store(seq, Ordering::Relaxed);
-                    self.core.barriers_passed.store(seq, Ordering::Release);
-                    return Ok((seq, live));
-                }
-                Ok(Control::SchedulerBack) => {
-                    let _ = self.tell_scheduler(Control::Barrier { seq: 0 });
-                }
-                Ok(Control::Shutdown) => return Err(EngineError::SchedulerGone),
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                    return Err(EngineError::Timeout(format!(
-                        "no barrier reached within {:?} of joining",
-                        self.timeout
-                    )))
-                }
-                Err(_) => return Err(EngineError::SchedulerGone),
-                Ok(other) => tracing::debug!(?other, "control message while joining"),
-            }
-        }
+        self.await_barrier(0)
     }
 
     /// [`barrier`](Self::barrier), returning the ranks of the workers still running
@@ -2108,6 +2084,13 @@ impl Worker {
     /// worker's data to the others.
     pub fn barrier_live(&self) -> Result<Vec<u32>, EngineError> {
         let seq = self.barrier_seq.fetch_add(1, Ordering::Relaxed) + 1;
+        self.await_barrier(seq).map(|(_, live)| live)
+    }
+
+    /// Ask for barrier `seq` (0: the next one the others reach) and wait until it is
+    /// released; a restarted scheduler is asked again. Returns the barrier's number and
+    /// the live workers.
+    fn await_barrier(&self, seq: u64) -> Result<(u64, Vec<u32>), EngineError> {
         if let Err(e) = self.tell_scheduler(Control::Barrier { seq }) {
             // The scheduler is gone: a restarted one gets it when this worker rejoins.
             tracing::debug!(error = %e, "barrier not sent; waiting for the scheduler");
@@ -2115,20 +2098,21 @@ impl Worker {
         let deadline = Instant::now() + self.timeout;
         loop {
             match self.control.recv_deadline(deadline) {
-                Ok(Control::BarrierDone { seq: s, live }) if s == seq => {
-                    self.core.barriers_passed.store(seq, Ordering::Release);
-                    return Ok(live);
+                Ok(Control::BarrierDone { seq: s, live }) if seq == 0 || s == seq => {
+                    self.barrier_seq.store(s, Ordering::Relaxed);
+                    self.core.barriers_passed.store(s, Ordering::Release);
+                    return Ok((s, live));
                 }
-                // A restarted scheduler: ask again.
                 Ok(Control::SchedulerBack) => {
                     let _ = self.tell_scheduler(Control::Barrier { seq });
                 }
                 Ok(Control::Shutdown) => return Err(EngineError::SchedulerGone),
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                    return Err(EngineError::Timeout(format!(
-                        "barrier {seq} not released within {:?}",
-                        self.timeout
-                    )))
+                    return Err(EngineError::Timeout(if seq == 0 {
+                        format!("no barrier reached within {:?} of joining", self.timeout)
+                    } else {
+                        format!("barrier {seq} not released within {:?}", self.timeout)
+                    }))
                 }
                 Err(_) => return Err(EngineError::SchedulerGone),
                 Ok(other) => tracing::debug!(?other, "control message while in a barrier"),
