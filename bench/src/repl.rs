@@ -30,7 +30,7 @@ use pserv_transport::TcpConfig;
 use crate::cluster::SyncPoint;
 use crate::error::BenchError;
 use crate::machine::Machine;
-use crate::report::write_section;
+use crate::report::publish_section;
 
 /// Flags of `pserv-bench replication`.
 #[derive(Debug, Clone, Args)]
@@ -736,10 +736,7 @@ pub fn replication(a: &ReplArgs, command: String) -> Result<(), BenchError> {
         } else {
             "replication"
         };
-        let section = a.section.as_deref().unwrap_or(default);
-        write_section(&a.results, section, &md)
-            .map_err(|e| BenchError::io(format!("writing {}", a.results.display()), e))?;
-        eprintln!("wrote section {section} of {}", a.results.display());
+        publish_section(&a.results, a.section.as_deref().unwrap_or(default), &md)?;
     }
     if failures.is_empty() {
         Ok(())

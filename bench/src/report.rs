@@ -595,6 +595,19 @@ pub fn replace_section(doc: &str, name: &str, body: &str) -> String {
     out
 }
 
+/// Write `md` as section `name` of the results file at `path` and say so (what the
+/// sweeps that take `--results`, `--no-write` and `--section` do with their table).
+pub fn publish_section(
+    path: &std::path::Path,
+    name: &str,
+    md: &str,
+) -> Result<(), crate::error::BenchError> {
+    write_section(path, name, md)
+        .map_err(|e| crate::error::BenchError::io(format!("writing {}", path.display()), e))?;
+    eprintln!("wrote section {name} of {}", path.display());
+    Ok(())
+}
+
 /// Replace section `name` of the file at `path` (created if missing).
 pub fn write_section(path: &std::path::Path, name: &str, body: &str) -> std::io::Result<()> {
     let doc = match std::fs::read_to_string(path) {

@@ -15,7 +15,7 @@ use clap::Args;
 
 use crate::error::BenchError;
 use crate::machine::Machine;
-use crate::report::write_section;
+use crate::report::publish_section;
 
 /// Flags of `pserv-bench tau-sweep`.
 #[derive(Debug, Clone, Args)]
@@ -245,10 +245,7 @@ pub fn tau_sweep(a: &TauArgs, command: String) -> Result<(), BenchError> {
         } else {
             "tau-sweep"
         };
-        let section = a.section.as_deref().unwrap_or(default);
-        write_section(&a.results, section, &md)
-            .map_err(|e| BenchError::io(format!("writing {}", a.results.display()), e))?;
-        eprintln!("wrote section {section} of {}", a.results.display());
+        publish_section(&a.results, a.section.as_deref().unwrap_or(default), &md)?;
     }
     Ok(())
 }
