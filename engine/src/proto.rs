@@ -292,6 +292,15 @@ pub enum Control {
         /// A worker's number of barriers passed.
         barriers: u64,
     },
+    /// Worker to every server: a sequential push of clock `clock` that had to be resent
+    /// in part (after a failover or a refusal) is acknowledged, and so is every earlier
+    /// push of this worker. Servers move its clock up to `clock` on every range: its
+    /// resent pieces moved it only where they wrote, and no other message of this
+    /// worker may come to say so (it was its last push).
+    Completed {
+        /// The clock every push of the worker up to which is acknowledged.
+        clock: u64,
+    },
     /// Internal to a worker (never sent): the scheduler connection is back after a restart;
     /// a barrier in progress is asked for again.
     SchedulerBack,

@@ -21,7 +21,7 @@ use std::time::Duration;
 use crossbeam_channel::Sender;
 use parking_lot::{Mutex, RwLock};
 
-use pserv_transport::wire::{MessageKind, FLAG_ORDERED, FLAG_RESPONSE};
+use pserv_transport::wire::{MessageKind, FLAG_ORDERED, FLAG_RANGE, FLAG_RESPONSE};
 use pserv_transport::{
     BufPool, CloseReason, Conn, Frame, Handler, OutFrame, OwnedFrame, Payload, RecvFrame,
     TcpConfig, TcpTransport,
@@ -249,7 +249,6 @@ pub(crate) enum AnyStore {
 pub(crate) struct Ready {
     pub(crate) node_id: u32,
     pub(crate) rank: u32,
-    pub(crate) range: KeyRange,
     pub(crate) store: AnyStore,
     /// Number of servers (worker node ids follow theirs).
     servers: u32,
@@ -328,6 +327,19 @@ impl Handler for ServerHandler {
                             tracing::warn!(peer = %conn.peer_addr(), sender = h.sender, "replica ack from a node that is not a server; ignored")
                         }
                     },
+                    Ok(Control::Completed { clock }) => match self.core.ready.get() {
+                        Some(ready) => match h.sender.checked_sub(1 + ready.servers) {
+                            Some(w) if w < ready.workers => {
+                                let mut gate = ready.clocks.lock();
+                                let actions = gate.completed(w as usize, clock);
+                                run_actions(&self.core, ready, &mut gate, actions);
+                            }
+                            _ => {
+                                tracing::warn!(peer = %conn.peer_addr(), sender = h.sender, "clock notice from a node that is not a worker; ignored")
+                            }
+                        },
+                        None => {}
+                    },
                     Ok(other) => {
                         tracing::warn!(peer = %conn.peer_addr(), ?other, "unexpected control message from a worker; ignored")
                     }
@@ -380,22 +392,54 @@ impl Handler for ServerHandler {
             refuse(ready, conn, &h, refusal);
             return;
         }
+        let mut gate = ready.clocks.lock();
+        // A table installed since the precheck evicted what the gate held (under this
+        // lock): so check the epoch again, and nothing routed with an older table enters.
+        let table = ready.table.read().clone();
+        if h.epoch != 0 && u64::from(h.epoch) != table.epoch() {
+            drop(gate);
+            if let Some(refusal) = precheck(ready, &f) {
+                refuse(ready, conn, &h, refusal);
+            }
+            return;
+        }
+        let me = ready.rank as usize;
+        let ranges = touched(&table, me, &f);
+        let is_pull = h.kind == MessageKind::Pull as u8;
+        let ordered = h.has(FLAG_ORDERED);
+        let worker = worker as usize;
+        // A sequential request starts only when every earlier task of its worker has
+        // finished: every push of an older clock is acknowledged.
+        let mut actions = if ordered {
+            let done = if is_pull { h.clock } else { h.clock - 1 };
+            gate.completed(worker, done)
+        } else {
+            Vec::new()
+        };
         let held = Held {
             conn: conn.clone(),
             frame: frame.into_owned(),
             since: std::time::Instant::now(),
+            ranges: ranges.clone(),
         };
-        let mut gate = ready.clocks.lock();
-        let is_pull = h.kind == MessageKind::Pull as u8;
-        let actions = if is_pull {
-            match gate.pull(h.clock, ready.range, held) {
-                Some(p) => vec![Action::Answer(p)],
-                None => Vec::new(),
+        if is_pull {
+            if let Some(p) = gate.pull(h.clock, ranges, held) {
+                actions.push(Action::Answer(p));
             }
         } else {
-            let ordered = h.has(FLAG_ORDERED);
-            gate.push(worker as usize, h.clock, ready.range, ordered, held)
-        };
+            // A worker's first message of a clock to this server (one key list, or
+            // clock-only) carries all its keys here: it moves the worker's clock on every
+            // range this server heads. A resent piece, or one range of a range request,
+            // carries only some: it moves the clock where it writes.
+            let origin = proto::origin_of(h.timestamp);
+            let first = origin == 0 || proto::segment_of(h.timestamp) + 1 == origin;
+            let scope = if first && !h.has(FLAG_RANGE) {
+                table.ranges_of(me)
+            } else {
+                ranges.clone()
+            };
+            actions.extend(gate.push(worker, h.clock, ranges, scope, ordered, held));
+        }
         run_actions(&self.core, ready, &mut gate, actions);
     }
 
@@ -514,11 +558,38 @@ fn entries(ready: &Ready) -> &dyn EntryStore {
     }
 }
 
-/// A clocked request the gate holds: where it came from, its bytes, when it arrived.
+/// A clocked request the gate holds: where it came from, its bytes, when it arrived,
+/// the table ranges it touches.
 struct Held {
     conn: Conn,
     frame: OwnedFrame,
     since: std::time::Instant,
+    ranges: Vec<KeyRange>,
+}
+
+/// The ranges `table` gives server `me` that the keys of `f` fall in (clipped to the
+/// request for a range request). Call after [`precheck`] passed (keys sorted, owned).
+fn touched(table: &Partition, me: usize, f: &Frame<'_>) -> Vec<KeyRange> {
+    let mine = table
+        .ranges()
+        .iter()
+        .zip(table.owners())
+        .filter(|(_, &o)| o as usize == me)
+        .map(|(r, _)| *r);
+    match f.range() {
+        Some((b, e)) => {
+            let req = KeyRange::new(b, e);
+            mine.filter_map(|r| r.intersect(&req)).collect()
+        }
+        None => {
+            let keys = f.keys();
+            mine.filter(|r| {
+                let i = keys.partition_point(|&k| k < r.begin);
+                i < keys.len() && keys[i] < r.end
+            })
+            .collect()
+        }
+    }
 }
 
 /// A request served this long after it arrived counts as held by the gate (requests
@@ -540,7 +611,7 @@ fn run_actions(core: &Core, ready: &Ready, gate: &mut ClockGate<Held>, actions: 
                         .1
                         .fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
                 }
-                let clock = gate.clock().min(ready.range);
+                let clock = gate.min(&p.ranges);
                 answer_request(core, ready, &p.frame.frame(), &p.conn, clock);
             }
         }
@@ -1129,6 +1200,26 @@ impl Server {
             "routing table changed"
         );
         ready.repl.on_table(entries(ready), &old, &new);
+        // Clocked requests the gate holds were routed with the old table: refused (with
+        // the new table first), so the workers resend them; they moved no clock.
+        let epoch = new.epoch();
+        let mut gate = ready.clocks.lock();
+        let (stale, actions) = gate.evict(|p| {
+            let e = p.frame.header().epoch;
+            e != 0 && u64::from(e) != epoch
+        });
+        for p in stale {
+            let h = *p.frame.header();
+            let refusal = Refusal(
+                Status::StaleEpoch,
+                format!(
+                    "the routing table changed to epoch {epoch} while this request waited \
+                     for the workers' clocks: learn the table and resend"
+                ),
+            );
+            refuse(ready, &p.conn, &h, refusal);
+        }
+        run_actions(&self.core, ready, &mut gate, actions);
     }
 
     /// The scheduler's connection closed (it failed): try once to reach a restarted one
@@ -1376,7 +1467,6 @@ fn make_ready(
     Ok(Ready {
         node_id,
         rank,
-        range,
         store,
         // The servers of the first table (ids 1..=S); joiners have ids above the workers.
         servers: cluster

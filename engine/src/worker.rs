@@ -500,12 +500,16 @@ impl Request {
     }
 
     /// The first messages: every key split by `table`, plus, for clocked requests, an
-    /// empty message to each server of `clock_to` that gets no keys.
+    /// empty message to each server of `clock_to` that gets no keys. A range request's
+    /// messages carry one range each, and a server may get several: each moves the
+    /// worker's clock only on what it writes, so every server of `clock_to` gets a
+    /// closing empty message, which moves it on the rest.
     fn first_plan(&self, table: &Partition, clock_to: &[u32]) -> Vec<(u32, Vec<Range<usize>>)> {
         let mut plan = self.split(table, &self.all());
         if self.clocked {
+            let ranged = matches!(self.keys, RequestKeys::Range(_));
             for &s in clock_to {
-                if !plan.iter().any(|(p, _)| *p == s) {
+                if ranged || !plan.iter().any(|(p, _)| *p == s) {
                     plan.push((s, Vec::new()));
                 }
             }
@@ -609,6 +613,23 @@ fn split_range_runs(
         }
     }
     out
+}
+
+/// The [`Control::Completed`] notice a finished task calls for: it was a sequential
+/// clocked push and some of its keys were resent (a segment whose index is not its
+/// origin's), so the servers learnt its clock only where the resent pieces wrote.
+fn completed_notice(st: &TaskState) -> Option<(Control, u32)> {
+    let req = st.request.as_ref()?;
+    let h = &req.header;
+    let sequential_push =
+        h.kind == MessageKind::Push as u8 && h.clock > 0 && h.flags & FLAG_ORDERED != 0;
+    let resent = st
+        .segments
+        .iter()
+        .enumerate()
+        .any(|(i, s)| i != s.origin);
+    (sequential_push && resent && st.error.is_none())
+        .then(|| (Control::Completed { clock: h.clock }, h.sender))
 }
 
 /// Whether `server` holds any range of `table` (as head or replica).
@@ -1027,6 +1048,7 @@ impl Core {
         if left > 0 {
             return;
         }
+        let notice = completed_notice(&st);
         let forget = match st.waiter.take() {
             Some(t) => {
                 t.unpark();
@@ -1039,6 +1061,21 @@ impl Core {
         drop(st);
         if forget {
             self.tasks.lock().remove(&ts);
+        }
+        if let Some((notice, sender)) = notice {
+            let table = self.table();
+            let conns: Vec<Conn> = self
+                .servers
+                .read()
+                .iter()
+                .enumerate()
+                .filter(|(s, _)| in_table(&table, *s as u32))
+                .filter_map(|(_, c)| c.clone())
+                .collect();
+            for c in conns {
+                // A server that is gone needs no notice.
+                let _ = c.send(notice.to_frame(sender));
+            }
         }
         self.task_done(ts);
     }
@@ -1912,13 +1949,15 @@ impl Worker {
         let clock = self.clock();
         if clock > 0 {
             let model = opts.consistency.unwrap_or(self.consistency);
-            if kind == MessageKind::Pull {
-                h.clock = model.min_clock(clock);
+            h.clock = if kind == MessageKind::Pull {
+                model.min_clock(clock)
             } else {
-                h.clock = clock;
-                if model == Consistency::Sequential {
-                    h.flags |= FLAG_ORDERED;
-                }
+                clock
+            };
+            // Sequential: pushes apply in (clock, rank) order, and any request says that
+            // every earlier task of this worker finished (the servers move its clock).
+            if model == Consistency::Sequential {
+                h.flags |= FLAG_ORDERED;
             }
         }
         h
@@ -2335,6 +2374,19 @@ mod tests {
         for (s, runs) in plan {
             assert_eq!(runs.is_empty(), s != owner);
         }
+        // A range request: every server also gets a closing empty message, after its
+        // ranges.
+        let (lo, hi) = (old.ranges()[0].begin, old.ranges()[1].end);
+        let req = Request::ranged::<f32>(pull_header(), 1, true, KeyRange::new(lo, hi), None);
+        let plan = req.first_plan(&old, &[0, 1, 2]);
+        for s in 0..3u32 {
+            let mine: Vec<&Vec<Range<usize>>> =
+                plan.iter().filter(|(p, _)| *p == s).map(|(_, r)| r).collect();
+            assert!(mine.last().unwrap().is_empty(), "server {s}: {mine:?}");
+            assert!(mine[..mine.len() - 1].iter().all(|r| !r.is_empty()));
+        }
+        assert_eq!(plan.iter().filter(|(_, r)| r.is_empty()).count(), 3);
+        assert!(plan.len() > 3);
     }
 
     #[test]

@@ -46,8 +46,9 @@ pub const DEFAULT_MAX_FRAME: usize = 512 << 20;
 pub const FLAG_RESPONSE: u16 = 1 << 0;
 /// Header flag: the key list is a range `[keys[0], keys[1])`, values cover every key in it.
 pub const FLAG_RANGE: u16 = 1 << 1;
-/// Header flag: a clocked push under sequential consistency; the server applies the
-/// pushes of one clock together, in worker-rank order, so runs are deterministic.
+/// Header flag: a clocked request under sequential consistency. The server applies such
+/// pushes in (clock, worker rank) order on every key range, so runs are deterministic;
+/// and any such request says that every earlier task of its worker finished.
 pub const FLAG_ORDERED: u16 = 1 << 2;
 /// Flags this version knows; others are refused.
 pub const KNOWN_FLAGS: u16 = FLAG_RESPONSE | FLAG_RANGE | FLAG_ORDERED;
