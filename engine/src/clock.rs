@@ -237,10 +237,12 @@ struct HeldPull<P> {
 ///   the server heads; a resent piece (after a failover or a refusal) carries only some,
 ///   so its scope is what it writes;
 /// - an ordered push of clock `t` from worker `w` applies when, on every range it
-///   writes, every live worker ranked below `w` is at `t` and every one above at `t - 1`:
-///   so on every range, pushes apply in (clock, rank) order whatever the order they
-///   arrive in and whichever server heads the range when they do. A worker's ordered
-///   pushes apply in the order they arrived;
+///   writes, every live worker ranked below `w` is at `t` and every one above at `t - 1`
+///   and done with its pull of clock `t` (it sent a push of clock `t`, which follows
+///   that pull): so on every range, pushes apply in (clock, rank) order, and the pulls
+///   of clock `t` see every push of `t - 1` and none of `t`, whatever the order
+///   requests arrive in and whichever server heads the range when they do. A worker's
+///   ordered pushes apply in the order they arrived;
 /// - a pull with oldest clock `m` is answered when every live worker is at `m` or later on
 ///   the ranges it reads;
 /// - [`completed`](Self::completed): a sequential request says that every earlier task
@@ -254,6 +256,10 @@ pub struct ClockGate<P> {
     pushes: Vec<VecDeque<HeldPush<P>>>,
     /// Pulls waiting for the workers' clocks.
     pulls: Vec<HeldPull<P>>,
+    /// Per worker, the newest clock whose pull it is known to be done with: it sent a
+    /// sequential push of that clock (after the pull) or said its pushes up to it are
+    /// acknowledged.
+    passed: Vec<u64>,
 }
 
 impl<P> ClockGate<P> {
@@ -263,6 +269,7 @@ impl<P> ClockGate<P> {
             clock: RangeVectorClock::new(range, workers),
             pushes: (0..workers).map(|_| VecDeque::new()).collect(),
             pulls: Vec::new(),
+            passed: vec![0; workers],
         }
     }
 
@@ -305,6 +312,7 @@ impl<P> ClockGate<P> {
             out.push(Action::Apply(p));
             self.clock.raise(&scope, worker, t);
         } else {
+            self.passed[worker] = self.passed[worker].max(t);
             self.pushes[worker].push_back(HeldPush { t, write, scope, p });
             self.drain_pushes(&mut out);
         }
@@ -337,6 +345,7 @@ impl<P> ClockGate<P> {
         }
         let all = [self.clock.range()];
         self.clock.raise(&all, worker, t);
+        self.passed[worker] = self.passed[worker].max(t);
         self.drain_pushes(&mut out);
         self.release_pulls(&mut out);
         out
@@ -398,9 +407,18 @@ impl<P> ClockGate<P> {
             // Late (its clock passed here already): nothing to order it against.
             return true;
         }
+        // Workers ranked below: their push of this clock applied here. Ranked above: their
+        // push of the previous clock applied here, and their pull of this clock done (it
+        // must not see this push).
         (0..self.pushes.len())
             .filter(|&v| v != worker && !self.clock.is_retired(v))
-            .all(|v| clock_on(v) >= if v < worker { h.t } else { h.t - 1 })
+            .all(|v| {
+                if v < worker {
+                    clock_on(v) >= h.t
+                } else {
+                    clock_on(v) >= h.t - 1 && self.passed[v] >= h.t
+                }
+            })
     }
 
     /// Apply every held push whose turn came, until none does.
@@ -491,48 +509,40 @@ mod tests {
     #[test]
     fn ordered_pushes_apply_in_clock_then_rank_order() {
         let mut g = ClockGate::new(r(0, 10), 3);
-        // Worker 2 waits for workers 0 and 1 at clock 1.
         assert!(g.push(2, 1, v(0, 10), v(0, 10), true, "w2t1").is_empty());
-        // Worker 0 is first at clock 1: the others are at clock 0.
-        assert_eq!(
-            g.push(0, 1, v(0, 10), v(0, 10), true, "w0t1"),
-            vec![Action::Apply("w0t1")]
-        );
-        // Worker 0 at clock 2 comes after workers 1 and 2 at clock 1.
+        // Worker 0 goes first at clock 1, but not before worker 1 is done with its pull
+        // of clock 1 (it has not pushed yet).
+        assert!(g.push(0, 1, v(0, 10), v(0, 10), true, "w0t1").is_empty());
         assert!(g.push(0, 2, v(0, 10), v(0, 10), true, "w0t2").is_empty());
         assert_eq!(g.pull(1, v(0, 10), "pull"), None);
         let a = g.push(1, 1, v(0, 10), v(0, 10), true, "w1t1");
         assert_eq!(
             a,
             vec![
+                Action::Apply("w0t1"),
                 Action::Apply("w1t1"),
                 Action::Apply("w2t1"),
-                Action::Apply("w0t2"),
                 Action::Answer("pull"),
             ]
         );
-        assert_eq!(g.held_pushes(), 0);
-        // Worker 1 at clock 2 waits for nobody but worker 0 (done); worker 2 at clock 3
-        // waits for worker 1 at clock 3... until worker 1 leaves.
-        assert_eq!(
-            g.push(1, 2, v(0, 10), v(0, 10), true, "w1t2"),
-            vec![Action::Apply("w1t2")]
-        );
-        assert!(g.push(2, 3, v(0, 10), v(0, 10), true, "w2t3").is_empty());
-        assert!(g.retire(1).is_empty(), "worker 0 is still at clock 2");
-        assert!(g.push(2, 3, v(0, 10), v(0, 10), true, "again").is_empty());
-        assert_eq!(g.retire(0), vec![Action::Apply("w2t3"), Action::Apply("again")]);
+        assert_eq!(g.held_pushes(), 1, "worker 0 at clock 2 waits for the others' pulls");
+        // Worker 1 says it is done with clock 2 (a sequential pull of clock 3 would):
+        // worker 0 at clock 2 still waits for worker 2.
+        assert!(g.completed(1, 2).is_empty());
+        // Worker 2 leaves: worker 0's push of clock 2 goes through.
+        assert_eq!(g.retire(2), vec![Action::Apply("w0t2")]);
     }
 
     #[test]
     fn ordering_is_per_range() {
         let mut g = ClockGate::new(r(0, 20), 2);
         // Worker 1 writes only [10, 20): worker 0's clock on [0, 10) does not matter.
+        assert!(g.push(0, 1, v(0, 10), v(0, 10), true, "w0 low").is_empty());
         assert_eq!(
-            g.push(0, 1, v(0, 10), v(0, 10), true, "w0 low"),
-            vec![Action::Apply("w0 low")]
+            g.push(1, 1, v(10, 20), v(10, 20), true, "w1 high"),
+            vec![Action::Apply("w0 low")],
+            "worker 1 pushed: its pull of clock 1 is done"
         );
-        assert!(g.push(1, 1, v(10, 20), v(10, 20), true, "w1 high").is_empty());
         assert_eq!(
             g.push(0, 1, v(10, 20), v(10, 20), true, "w0 high"),
             vec![Action::Apply("w0 high"), Action::Apply("w1 high")]
@@ -554,15 +564,13 @@ mod tests {
         let own = r(0, 10);
         let inherited = r(10, 20);
         let mut g = ClockGate::new(r(0, 20), 2);
+        let mut applied = 0;
         for t in 1..=3 {
             for w in 0..2 {
-                assert_eq!(
-                    g.push(w, t, vec![own], vec![own], true, "own"),
-                    vec![Action::Apply("own")]
-                );
+                applied += g.push(w, t, vec![own], vec![own], true, "own").len();
             }
         }
-        assert_eq!(g.held_pushes(), 0);
+        assert_eq!((applied, g.held_pushes()), (6, 0));
         // Both workers' pushes of clock 3 on the inherited range were in flight to the
         // failed head: worker 1's resent piece comes first and waits for worker 0's.
         assert!(g.completed(1, 2).is_empty());
@@ -695,7 +703,8 @@ mod tests {
         /// the failover clock comes as a resent piece (scope: what it writes); later ones
         /// as whole first messages. Whatever the interleaving, on every range the visible
         /// pushes apply in (clock, rank) order, every pull sees every visible push of an
-        /// older clock on its ranges, and nothing waits forever.
+        /// older clock on its ranges and none of its own clock or newer, and nothing waits
+        /// forever.
         #[test]
         fn per_range_order_survives_a_failover(
             workers in 1usize..4,
@@ -804,6 +813,10 @@ mod tests {
                             for &(t, v) in &visible[i] {
                                 prop_assert!(t > m.t || applied[i].contains(&(t, v)),
                                     "pull of {} by {pw} on range {i} before ({t}, {v})", m.t + 1);
+                            }
+                            for &(t, v) in &applied[i] {
+                                prop_assert!(t <= m.t,
+                                    "pull of {} by {pw} on range {i} after ({t}, {v})", m.t + 1);
                             }
                         }
                     } else {
