@@ -525,7 +525,11 @@ mod tests {
                 Action::Answer("pull"),
             ]
         );
-        assert_eq!(g.held_pushes(), 1, "worker 0 at clock 2 waits for the others' pulls");
+        assert_eq!(
+            g.held_pushes(),
+            1,
+            "worker 0 at clock 2 waits for the others' pulls"
+        );
         // Worker 1 says it is done with clock 2 (a sequential pull of clock 3 would):
         // worker 0 at clock 2 still waits for worker 2.
         assert!(g.completed(1, 2).is_empty());
@@ -604,7 +608,9 @@ mod tests {
         let mut g = ClockGate::new(r(0, 10), 2);
         assert!(g.push(1, 1, v(0, 10), v(0, 10), true, ("w1", 7)).is_empty());
         assert_eq!(g.pull(1, v(0, 10), ("pull", 7)), None);
-        assert!(g.push(1, 2, v(0, 10), v(0, 10), true, ("w1 next", 8)).is_empty());
+        assert!(g
+            .push(1, 2, v(0, 10), v(0, 10), true, ("w1 next", 8))
+            .is_empty());
         let (gone, actions) = g.evict(|p| p.1 == 7);
         assert_eq!(gone, vec![("w1", 7), ("pull", 7)]);
         assert!(actions.is_empty());

@@ -334,7 +334,8 @@ pub(crate) trait EntryStore: Send + Sync {
 
 /// Keys this server applied as the head of ranges it took over under the current table:
 /// a batch made under an older table (a late batch of the previous head, still in flight
-/// when the table changed) must not overwrite them.
+/// when the table changed) that holds any of them is dropped whole (its pushes were never
+/// acknowledged and come again).
 #[derive(Default)]
 struct Fresh {
     epoch: u64,
@@ -348,76 +349,14 @@ struct Fresh {
 }
 
 impl Fresh {
-    /// The parts of `part` no fresh key or range touches (all of it when none does).
-    fn filter(&self, part: &ReplicaPart, shape: (usize, usize, usize)) -> Vec<ReplicaPart> {
-        let (vl, sl, elem) = shape;
-        let (wb, sb) = (vl * elem, sl * elem);
-        let blocked = |k: Key| self.keys.contains(&k) || self.ranges.iter().any(|r| r.contains(k));
+    /// Whether a fresh key or range is in `part`.
+    fn touches(&self, part: &ReplicaPart) -> bool {
+        let fresh = |k: Key| self.keys.contains(&k) || self.ranges.iter().any(|r| r.contains(k));
         match part {
-            ReplicaPart::Keys {
-                keys,
-                weights,
-                state,
-            } => {
-                let ks: Vec<Key> = pod_vec(keys);
-                if weights.len() != ks.len() * wb || state.len() != ks.len() * sb {
-                    return vec![part.clone()];
-                }
-                let (mut k2, mut w2, mut s2) = (Vec::new(), Vec::new(), Vec::new());
-                for (i, &k) in ks.iter().enumerate() {
-                    if !blocked(k) {
-                        k2.extend_from_slice(&k.to_le_bytes());
-                        w2.extend_from_slice(&weights[i * wb..(i + 1) * wb]);
-                        s2.extend_from_slice(&state[i * sb..(i + 1) * sb]);
-                    }
-                }
-                vec![ReplicaPart::Keys {
-                    keys: k2,
-                    weights: w2,
-                    state: s2,
-                }]
-            }
-            ReplicaPart::Range {
-                range,
-                weights,
-                state,
-            } => {
-                let n = range.len() as usize;
-                if weights.len() != n * wb || state.len() != n * sb {
-                    return vec![part.clone()];
-                }
-                let mut blocks: Vec<KeyRange> = self
-                    .ranges
-                    .iter()
-                    .filter_map(|r| r.intersect(range))
-                    .chain(
-                        self.keys
-                            .iter()
-                            .filter(|&&k| range.contains(k))
-                            .map(|&k| KeyRange::new(k, k + 1)),
-                    )
-                    .collect();
-                blocks = merge_ranges(blocks);
-                let mut out = Vec::new();
-                let mut pos = range.begin;
-                for b in blocks
-                    .iter()
-                    .chain(std::iter::once(&KeyRange::new(range.end, range.end)))
-                {
-                    if b.begin > pos {
-                        let (lo, hi) = (
-                            (pos - range.begin) as usize,
-                            (b.begin - range.begin) as usize,
-                        );
-                        out.push(ReplicaPart::Range {
-                            range: KeyRange::new(pos, b.begin),
-                            weights: weights[lo * wb..hi * wb].to_vec(),
-                            state: state[lo * sb..hi * sb].to_vec(),
-                        });
-                    }
-                    pos = pos.max(b.end);
-                }
-                out
+            ReplicaPart::Keys { keys, .. } => pod_vec::<Key>(keys).into_iter().any(fresh),
+            ReplicaPart::Range { range, .. } => {
+                self.ranges.iter().any(|r| r.intersect(range).is_some())
+                    || self.keys.iter().any(|&k| range.contains(k))
             }
         }
     }
@@ -794,37 +733,45 @@ impl Replicator {
             let fresh = self.fresh.lock();
             let stale =
                 batch.epoch < fresh.epoch && (!fresh.keys.is_empty() || !fresh.ranges.is_empty());
-            for part in &batch.parts {
-                let parts = if stale {
-                    fresh.filter(part, store.shape())
-                } else {
-                    vec![part.clone()]
-                };
-                for p in &parts {
-                    if let (Some(k), ReplicaPart::Keys { keys, weights, .. }) = (trace_key(), p) {
-                        let ks: Vec<Key> = pod_vec(keys);
-                        if let Some(i) = ks.iter().position(|&x| x == k) {
-                            let (vl, _, elem) = store.shape();
-                            let at = i * vl * elem;
-                            let first = weights.get(at..at + elem).unwrap_or(&[]);
-                            let w: Vec<f64> = match elem {
-                                4 => pod_vec::<f32>(first).into_iter().map(f64::from).collect(),
-                                _ => pod_vec(first),
-                            };
-                            tracing::info!(
-                                origin = batch.origin,
-                                seq = batch.seq,
-                                epoch = batch.epoch,
-                                my_epoch = fresh.epoch,
-                                value = ?w.first(),
-                                pushes = batch.pushes.len(),
-                                "TRACE install"
-                            );
-                        }
+            if stale && batch.parts.iter().any(|p| fresh.touches(p)) {
+                // This server applied some of these keys as the new head already (resent
+                // pushes), so installing the rest would mix two orders of the same
+                // pushes, and recording its pushes would drop their resends where the
+                // values were not installed. Drop it whole: its pushes were never
+                // acknowledged (it never reached the tail), so their workers resend them,
+                // and they apply here in their turn.
+                tracing::debug!(
+                    origin = batch.origin,
+                    seq = batch.seq,
+                    pushes = batch.pushes.len(),
+                    "late batch of an older table overlaps keys applied here since; dropped"
+                );
+                return;
+            }
+            for p in &batch.parts {
+                if let (Some(k), ReplicaPart::Keys { keys, weights, .. }) = (trace_key(), p) {
+                    let ks: Vec<Key> = pod_vec(keys);
+                    if let Some(i) = ks.iter().position(|&x| x == k) {
+                        let (vl, _, elem) = store.shape();
+                        let at = i * vl * elem;
+                        let first = weights.get(at..at + elem).unwrap_or(&[]);
+                        let w: Vec<f64> = match elem {
+                            4 => pod_vec::<f32>(first).into_iter().map(f64::from).collect(),
+                            _ => pod_vec(first),
+                        };
+                        tracing::info!(
+                            origin = batch.origin,
+                            seq = batch.seq,
+                            epoch = batch.epoch,
+                            my_epoch = fresh.epoch,
+                            value = ?w.first(),
+                            pushes = batch.pushes.len(),
+                            "TRACE install"
+                        );
                     }
-                    if let Err(e) = store.install(p) {
-                        tracing::warn!(origin = batch.origin, seq = batch.seq, error = %e, "could not install a replica batch part");
-                    }
+                }
+                if let Err(e) = store.install(p) {
+                    tracing::warn!(origin = batch.origin, seq = batch.seq, error = %e, "could not install a replica batch part");
                 }
             }
         }
@@ -1518,54 +1465,31 @@ mod tests {
     }
 
     #[test]
-    fn a_late_batch_keeps_what_the_new_head_applied_since() {
+    fn a_late_batch_is_recognised_when_it_holds_keys_the_new_head_applied_since() {
         let mut f = Fresh {
             epoch: 3,
             ..Fresh::default()
         };
         f.keys.insert(5);
         f.ranges.push(KeyRange::new(20, 22));
-        // One weight (4 bytes) and one state element per key.
-        let shape = (1, 1, 4);
         let bytes = |v: &[f32]| bytemuck::cast_slice::<f32, u8>(v).to_vec();
-        let part = ReplicaPart::Keys {
-            keys: bytemuck::cast_slice(&[4u64, 5, 6, 21]).to_vec(),
-            weights: bytes(&[1.0, 2.0, 3.0, 4.0]),
-            state: bytes(&[10.0, 20.0, 30.0, 40.0]),
+        let keys = |ks: &[u64]| ReplicaPart::Keys {
+            keys: bytemuck::cast_slice(ks).to_vec(),
+            weights: bytes(&vec![1.0; ks.len()]),
+            state: bytes(&vec![0.0; ks.len()]),
         };
-        assert_eq!(
-            f.filter(&part, shape),
-            vec![ReplicaPart::Keys {
-                keys: bytemuck::cast_slice(&[4u64, 6]).to_vec(),
-                weights: bytes(&[1.0, 3.0]),
-                state: bytes(&[10.0, 30.0]),
-            }]
-        );
-        let part = ReplicaPart::Range {
-            range: KeyRange::new(3, 24),
-            weights: bytes(&(3..24).map(|k| k as f32).collect::<Vec<_>>()),
-            state: bytes(&(3..24).map(|k| -(k as f32)).collect::<Vec<_>>()),
+        let range = |b: u64, e: u64| ReplicaPart::Range {
+            range: KeyRange::new(b, e),
+            weights: bytes(&vec![1.0; (e - b) as usize]),
+            state: bytes(&vec![0.0; (e - b) as usize]),
         };
-        let kept = f.filter(&part, shape);
-        let ranges: Vec<KeyRange> = kept
-            .iter()
-            .map(|p| match p {
-                ReplicaPart::Range { range, weights, .. } => {
-                    let w: Vec<f32> = pod_vec(weights);
-                    assert_eq!(w[0], range.begin as f32, "values follow their keys");
-                    *range
-                }
-                _ => panic!("range parts stay ranges"),
-            })
-            .collect();
-        assert_eq!(
-            ranges,
-            vec![
-                KeyRange::new(3, 5),
-                KeyRange::new(6, 20),
-                KeyRange::new(22, 24)
-            ]
-        );
+        assert!(f.touches(&keys(&[4, 5, 6])), "a fresh key");
+        assert!(f.touches(&keys(&[21])), "a key in a fresh range");
+        assert!(!f.touches(&keys(&[4, 6, 19, 22])));
+        assert!(f.touches(&range(3, 6)), "holds key 5");
+        assert!(f.touches(&range(21, 30)), "overlaps a fresh range");
+        assert!(!f.touches(&range(6, 20)));
+        assert!(!f.touches(&range(22, 40)));
     }
 
     #[test]

@@ -1183,6 +1183,9 @@ impl Server {
             return;
         };
         let new = Arc::new(new);
+        // The clock gate is locked across the switch and the eviction below: no request
+        // it holds for the old table may be let through (and move a clock) in between.
+        let mut gate = ready.clocks.lock();
         let old = {
             let mut t = ready.table.write();
             if new.epoch() <= t.epoch() {
@@ -1192,18 +1195,9 @@ impl Server {
             ready.repl.prepare_table(&t, &new);
             std::mem::replace(&mut *t, new.clone())
         };
-        tracing::info!(
-            rank = ready.rank,
-            from = old.epoch(),
-            to = new.epoch(),
-            ranges = new.ranges_of(ready.rank as usize).len(),
-            "routing table changed"
-        );
-        ready.repl.on_table(entries(ready), &old, &new);
         // Clocked requests the gate holds were routed with the old table: refused (with
         // the new table first), so the workers resend them; they moved no clock.
         let epoch = new.epoch();
-        let mut gate = ready.clocks.lock();
         let (stale, actions) = gate.evict(|p| {
             let e = p.frame.header().epoch;
             e != 0 && u64::from(e) != epoch
@@ -1220,6 +1214,15 @@ impl Server {
             refuse(ready, &p.conn, &h, refusal);
         }
         run_actions(&self.core, ready, &mut gate, actions);
+        drop(gate);
+        tracing::info!(
+            rank = ready.rank,
+            from = old.epoch(),
+            to = new.epoch(),
+            ranges = new.ranges_of(ready.rank as usize).len(),
+            "routing table changed"
+        );
+        ready.repl.on_table(entries(ready), &old, &new);
     }
 
     /// The scheduler's connection closed (it failed): try once to reach a restarted one

@@ -623,11 +623,7 @@ fn completed_notice(st: &TaskState) -> Option<(Control, u32)> {
     let h = &req.header;
     let sequential_push =
         h.kind == MessageKind::Push as u8 && h.clock > 0 && h.flags & FLAG_ORDERED != 0;
-    let resent = st
-        .segments
-        .iter()
-        .enumerate()
-        .any(|(i, s)| i != s.origin);
+    let resent = st.segments.iter().enumerate().any(|(i, s)| i != s.origin);
     (sequential_push && resent && st.error.is_none())
         .then(|| (Control::Completed { clock: h.clock }, h.sender))
 }
@@ -2380,8 +2376,11 @@ mod tests {
         let req = Request::ranged::<f32>(pull_header(), 1, true, KeyRange::new(lo, hi), None);
         let plan = req.first_plan(&old, &[0, 1, 2]);
         for s in 0..3u32 {
-            let mine: Vec<&Vec<Range<usize>>> =
-                plan.iter().filter(|(p, _)| *p == s).map(|(_, r)| r).collect();
+            let mine: Vec<&Vec<Range<usize>>> = plan
+                .iter()
+                .filter(|(p, _)| *p == s)
+                .map(|(_, r)| r)
+                .collect();
             assert!(mine.last().unwrap().is_empty(), "server {s}: {mine:?}");
             assert!(mine[..mine.len() - 1].iter().all(|r| !r.is_empty()));
         }
