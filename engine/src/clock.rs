@@ -9,10 +9,11 @@
 //! A [`ClockGate`] is what a server runs on top of it for the consistency models: workers
 //! tag their pushes with their clock (iteration) and their pulls with the oldest clock the
 //! answer may reflect ([`crate::consistency::Consistency::min_clock`]). The gate holds a
-//! pull until every live worker has reached that clock on the pulled range, and, for
-//! *ordered* (sequential) pushes, holds the pushes of clock `t` until every live worker's
-//! push of clock `t` is in, then applies them in worker rank order: the applied sequence
-//! is then the same in every run, so sequential runs give bitwise-identical models.
+//! pull until every live worker has reached that clock on the pulled ranges, and, for
+//! *ordered* (sequential) pushes, applies them on every key range in (clock, worker rank)
+//! order, after the pulls of their clock: the applied sequence of every key is then the
+//! same in every run, so sequential runs give bitwise-identical models, also when a
+//! server fails mid-run and another takes over its ranges (see [`ClockGate`]).
 //!
 //! Both are plain state machines: no sockets, no threads, no time. The caller carries out
 //! the [`Action`]s they return, in order.

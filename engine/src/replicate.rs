@@ -346,6 +346,9 @@ struct Fresh {
     awaiting: Vec<(u32, Vec<u32>)>,
     keys: std::collections::HashSet<Key>,
     ranges: Vec<KeyRange>,
+    /// Previous heads one of whose late batches was dropped: their later late batches are
+    /// dropped too (their values build on the dropped one's).
+    dropped: std::collections::HashSet<u32>,
 }
 
 impl Fresh {
@@ -410,6 +413,16 @@ impl Replicator {
     /// replica): then it must not be applied again.
     pub(crate) fn is_duplicate(&self, sender: u32, ts: u64, keys: KeysRef<'_>) -> bool {
         self.seen.lock().covers((sender, ts), keys)
+    }
+
+    /// The ranges of push (sender, ts) held here already (empty: none).
+    pub(crate) fn held_ranges(&self, sender: u32, ts: u64) -> Vec<KeyRange> {
+        self.seen
+            .lock()
+            .map
+            .get(&(sender, ts))
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Hold while applying a push and queueing it ([`after_apply`](Self::after_apply)).
@@ -730,21 +743,27 @@ impl Replicator {
         {
             // Under the lock a head takes to note what it applies: a late batch of an
             // older table never overwrites a newer apply (see `Fresh`).
-            let fresh = self.fresh.lock();
+            let mut fresh = self.fresh.lock();
             let stale =
                 batch.epoch < fresh.epoch && (!fresh.keys.is_empty() || !fresh.ranges.is_empty());
-            if stale && batch.parts.iter().any(|p| fresh.touches(p)) {
+            if stale
+                && !batch.parts.is_empty()
+                && (fresh.dropped.contains(&batch.origin)
+                    || batch.parts.iter().any(|p| fresh.touches(p)))
+            {
                 // This server applied some of these keys as the new head already (resent
                 // pushes), so installing the rest would mix two orders of the same
                 // pushes, and recording its pushes would drop their resends where the
                 // values were not installed. Drop it whole: its pushes were never
                 // acknowledged (it never reached the tail), so their workers resend them,
-                // and they apply here in their turn.
-                tracing::debug!(
+                // and they apply here in their turn. Later late batches of the same head
+                // hold values built on this one's: they are dropped too.
+                fresh.dropped.insert(batch.origin);
+                tracing::info!(
                     origin = batch.origin,
                     seq = batch.seq,
                     pushes = batch.pushes.len(),
-                    "late batch of an older table overlaps keys applied here since; dropped"
+                    "late batch of an older table dropped (it overlaps keys applied here since, or follows one that did); its pushes are resent"
                 );
                 return;
             }

@@ -913,12 +913,56 @@ fn serve<T: Value>(
     if !duplicate && matches!(kind, MessageKind::Push | MessageKind::PushPull) {
         ready.repl.note_apply(table.epoch(), request_keys);
     }
-    if duplicate {
+    // Part of it here already (a resent piece whose keys were split differently from the
+    // batches that brought some of them): apply only the rest.
+    let held = if !duplicate
+        && matches!(kind, MessageKind::Push | MessageKind::PushPull)
+        && table.replicas() > 0
+    {
+        ready
+            .repl
+            .held_ranges(h.sender, proto::push_id(h.timestamp))
+    } else {
+        Vec::new()
+    };
+    if !held.is_empty() {
+        let fun = update()?;
+        let g = grads()?;
+        let inside = |k: u64| held.iter().any(|r| r.contains(k));
+        match range {
+            Some(r) => {
+                for part in unheld_parts(r, &held) {
+                    let at = (part.begin - r.begin) as usize * vlen;
+                    let n = part.len() as usize * vlen;
+                    t.store.push_range(part, &g[at..at + n], fun.as_ref())?;
+                }
+            }
+            None => {
+                let mut keys = Vec::new();
+                let mut vals = Vec::new();
+                for (i, &k) in f.keys().iter().enumerate() {
+                    if !inside(k) {
+                        keys.push(k);
+                        vals.extend_from_slice(&g[i * vlen..(i + 1) * vlen]);
+                    }
+                }
+                t.store.push(&keys, &vals, fun.as_ref())?;
+            }
+        }
         tracing::info!(
             sender = h.sender,
             ts = proto::push_id(h.timestamp),
-            "push resent after a failover is here already; not applied again"
+            "push resent after a failover is here in part; applied the rest"
         );
+    }
+    if duplicate || !held.is_empty() {
+        if duplicate {
+            tracing::info!(
+                sender = h.sender,
+                ts = proto::push_id(h.timestamp),
+                "push resent after a failover is here already; not applied again"
+            );
+        }
         let mut buf = core.pool.take(if kind == MessageKind::PushPull {
             out_elems * std::mem::size_of::<T>()
         } else {
@@ -1005,6 +1049,24 @@ fn serve<T: Value>(
         }
         MessageKind::Control => Err(bad("unexpected control message".into())),
     }
+}
+
+/// The parts of `r` outside every range of `held`, in key order.
+fn unheld_parts(r: KeyRange, held: &[KeyRange]) -> Vec<KeyRange> {
+    let mut cut: Vec<KeyRange> = held.iter().filter_map(|h| h.intersect(&r)).collect();
+    cut.sort_by_key(|h| h.begin);
+    let mut out = Vec::new();
+    let mut pos = r.begin;
+    for c in cut {
+        if c.begin > pos {
+            out.push(KeyRange::new(pos, c.begin));
+        }
+        pos = pos.max(c.end);
+    }
+    if pos < r.end {
+        out.push(KeyRange::new(pos, r.end));
+    }
+    out
 }
 
 /// A running server node.
@@ -1484,4 +1546,24 @@ fn make_ready(
         held: (AtomicU64::new(0), AtomicU64::new(0)),
         onesided,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(b: u64, e: u64) -> KeyRange {
+        KeyRange::new(b, e)
+    }
+
+    #[test]
+    fn unheld_parts_are_what_no_held_range_covers() {
+        assert_eq!(unheld_parts(r(0, 100), &[]), vec![r(0, 100)]);
+        assert_eq!(
+            unheld_parts(r(10, 100), &[r(50, 60), r(0, 20), r(55, 70)]),
+            vec![r(20, 50), r(70, 100)]
+        );
+        assert!(unheld_parts(r(10, 20), &[r(0, 15), r(15, 30)]).is_empty());
+        assert_eq!(unheld_parts(r(10, 20), &[r(30, 40)]), vec![r(10, 20)]);
+    }
 }
