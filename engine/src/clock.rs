@@ -764,9 +764,9 @@ mod tests {
                         vec![Msg { pull: false, notice: false, t, write: mask_ranges(m, &all), scope: (0..RANGES).map(unit).collect() }]
                     };
                     let resent = t == f;
-                    for i in 0..RANGES {
+                    for (i, seen) in visible.iter_mut().enumerate() {
                         if m & (1 << i) != 0 && (is_own(i) || t >= f) {
-                            visible[i].push((t, w));
+                            seen.push((t, w));
                         }
                     }
                     steps.push(pieces);

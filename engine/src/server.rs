@@ -327,19 +327,20 @@ impl Handler for ServerHandler {
                             tracing::warn!(peer = %conn.peer_addr(), sender = h.sender, "replica ack from a node that is not a server; ignored")
                         }
                     },
-                    Ok(Control::Completed { clock }) => match self.core.ready.get() {
-                        Some(ready) => match h.sender.checked_sub(1 + ready.servers) {
-                            Some(w) if w < ready.workers => {
-                                let mut gate = ready.clocks.lock();
-                                let actions = gate.completed(w as usize, clock);
-                                run_actions(&self.core, ready, &mut gate, actions);
+                    Ok(Control::Completed { clock }) => {
+                        if let Some(ready) = self.core.ready.get() {
+                            match h.sender.checked_sub(1 + ready.servers) {
+                                Some(w) if w < ready.workers => {
+                                    let mut gate = ready.clocks.lock();
+                                    let actions = gate.completed(w as usize, clock);
+                                    run_actions(&self.core, ready, &mut gate, actions);
+                                }
+                                _ => {
+                                    tracing::warn!(peer = %conn.peer_addr(), sender = h.sender, "clock notice from a node that is not a worker; ignored")
+                                }
                             }
-                            _ => {
-                                tracing::warn!(peer = %conn.peer_addr(), sender = h.sender, "clock notice from a node that is not a worker; ignored")
-                            }
-                        },
-                        None => {}
-                    },
+                        }
+                    }
                     Ok(other) => {
                         tracing::warn!(peer = %conn.peer_addr(), ?other, "unexpected control message from a worker; ignored")
                     }

@@ -625,7 +625,7 @@ fn completed_notice(st: &TaskState) -> Option<(Control, u32)> {
         h.kind == MessageKind::Push as u8 && h.clock > 0 && h.flags & FLAG_ORDERED != 0;
     let resent = st.segments.iter().enumerate().any(|(i, s)| i != s.origin);
     (sequential_push && resent && st.error.is_none())
-        .then(|| (Control::Completed { clock: h.clock }, h.sender))
+        .then_some((Control::Completed { clock: h.clock }, h.sender))
 }
 
 /// Whether `server` holds any range of `table` (as head or replica).
