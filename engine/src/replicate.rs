@@ -602,19 +602,20 @@ impl Replicator {
         st.stats.batches += 1;
         st.stats.pushes += b.acks.len() as u64;
         st.stats.bytes += bytes;
+        let pushes = std::mem::take(&mut b.pushes);
         let batch = ReplicaBatch {
             origin: self.rank,
             seq,
             epoch,
             path: followers.to_vec(),
             rest: followers[1..].to_vec(),
-            pushes: std::mem::take(&mut b.pushes),
+            pushes: pushes.clone(),
             parts,
         };
         let sent = self.send_to(
             followers[0],
             &Control::Replicate {
-                batch: Box::new(batch.clone()),
+                batch: Box::new(batch),
             },
         );
         if !sent {
@@ -633,7 +634,7 @@ impl Replicator {
                 ranges,
                 snapshots,
                 acks: b.acks,
-                pushes: batch.pushes,
+                pushes,
             },
         );
     }
