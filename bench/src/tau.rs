@@ -237,7 +237,7 @@ pub fn tau_sweep(a: &TauArgs, command: String) -> Result<(), BenchError> {
             100.0 * median(outs.iter().map(|o| o.gate_held).collect()),
         ));
     }
-    md.push_str("\n\"Pull wait\" is the share of the workers' time spent waiting for pull answers (round trips included; the eventual row is the round-trip floor). \"Held by the clock gate\" is the time the servers held requests (pulls until the slowest worker's clock allowed them; under sequential consistency also pushes until their clock's batch was complete), per server, as a share of the workers' time.\n");
+    md.push_str("\n\"Pull wait\" is the share of the workers' time spent waiting for pull answers (round trips included; the eventual row is the round-trip floor). \"Held by the clock gate\" is the time the servers held requests (pulls until the slowest worker's clock allowed them; under sequential consistency also pushes until their turn in (clock, rank) order on their key ranges), per server, as a share of the workers' time.\n");
     println!("{md}");
     if !a.no_write {
         let default = if a.quick {

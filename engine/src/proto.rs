@@ -118,7 +118,7 @@ pub struct ServerStats {
     /// Pinned bytes of the store.
     pub bytes: u64,
     /// Requests the clock gate held back: pulls waiting for the workers' clocks (bounded
-    /// delay, sequential) and ordered pushes waiting for their clock's batch (sequential).
+    /// delay, sequential) and ordered pushes waiting for their turn (sequential).
     #[serde(default)]
     pub held_pulls: u64,
     /// Total seconds the held requests waited in the clock gate.
