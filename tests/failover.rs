@@ -144,34 +144,25 @@ fn merged_model(dir: &Path) -> BTreeMap<u64, u32> {
 
 fn run_local(extra: &[String], dump: &Path) -> serde_json::Value {
     std::fs::create_dir_all(dump).unwrap();
-    let summary = dump.join("summary.json");
-    let out = Command::new(pserv())
-        .args([
-            "local",
-            "--servers=3",
-            "--workers=2",
-            "--examples=60000",
-            "--features=30000",
-            "--epochs=3",
-            "--seed=5",
-            "--lr=1",
-            "--consistency=sequential",
-            "--replicas=1",
-            "--threads=2",
-            "--pin-cores=false",
-            "--timeout-secs=60",
-        ])
-        .args(extra)
-        .arg(format!("--dump-model={}", dump.display()))
-        .arg(format!("--summary-json={}", summary.display()))
-        .output()
-        .expect("pserv runs");
-    assert!(
-        out.status.success(),
-        "pserv local {extra:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_str(&std::fs::read_to_string(summary).unwrap()).unwrap()
+    let mut args: Vec<String> = [
+        "--servers=3",
+        "--workers=2",
+        "--examples=60000",
+        "--features=30000",
+        "--epochs=3",
+        "--seed=5",
+        "--lr=1",
+        "--consistency=sequential",
+        "--replicas=1",
+        "--threads=2",
+        "--pin-cores=false",
+        "--timeout-secs=60",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend_from_slice(extra);
+    args.push(format!("--dump-model={}", dump.display()));
+    common::local_summary(&args, &dump.join("summary.json"))
 }
 
 /// `pserv local` with sequential consistency: SIGKILL a server mid-training; training
@@ -323,28 +314,21 @@ fn a_departed_workers_shard_passes_to_the_others() {
     let dir = Scratch::new("departed");
     let run = |extra: &[&str]| -> serde_json::Value {
         let summary = dir.path(&format!("s{}.json", extra.len()));
-        let out = Command::new(pserv())
-            .args([
-                "local",
-                "--servers=2",
-                "--workers=3",
-                "--epochs=4",
-                "--seed=9",
-                "--threads=2",
-                "--pin-cores=false",
-                "--kill-worker-after=0.2",
-                "--timeout-secs=60",
-            ])
-            .args(extra)
-            .arg(format!("--summary-json={}", summary.display()))
-            .output()
-            .expect("pserv runs");
-        assert!(
-            out.status.success(),
-            "pserv local {extra:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_str(&std::fs::read_to_string(summary).unwrap()).unwrap()
+        let args: Vec<String> = [
+            "--servers=2",
+            "--workers=3",
+            "--epochs=4",
+            "--seed=9",
+            "--threads=2",
+            "--pin-cores=false",
+            "--kill-worker-after=0.2",
+            "--timeout-secs=60",
+        ]
+        .iter()
+        .chain(extra)
+        .map(|s| s.to_string())
+        .collect();
+        common::local_summary(&args, &summary)
     };
     let moved = run(&[]);
     let skipped = run(&["--skip-departed"]);
@@ -415,29 +399,18 @@ fn a_duplicate_join_and_an_unknown_leave_are_refused() {
 #[test]
 fn a_worker_that_joins_gets_a_share_of_the_data() {
     let dir = Scratch::new("joined-worker");
-    let summary = dir.path("s.json");
-    let out = Command::new(pserv())
-        .args([
-            "local",
-            "--servers=2",
-            "--workers=2",
-            "--epochs=5",
-            "--seed=3",
-            "--threads=2",
-            "--pin-cores=false",
-            "--add-worker-after=0.1",
-            "--timeout-secs=60",
-        ])
-        .arg(format!("--summary-json={}", summary.display()))
-        .output()
-        .expect("pserv runs");
-    assert!(
-        out.status.success(),
-        "pserv local failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let s: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(summary).unwrap()).unwrap();
+    let args = [
+        "--servers=2",
+        "--workers=2",
+        "--epochs=5",
+        "--seed=3",
+        "--threads=2",
+        "--pin-cores=false",
+        "--add-worker-after=0.1",
+        "--timeout-secs=60",
+    ]
+    .map(String::from);
+    let s = common::local_summary(&args, &dir.path("s.json"));
     assert_eq!(s["workers_finished"], 3, "{s}");
     let train = s["train_examples"].as_u64().unwrap();
     assert_eq!(s["examples"].as_u64().unwrap(), train * 5, "{s}");

@@ -220,6 +220,17 @@ impl Seen {
     }
 }
 
+/// How much of a push a server holds already (see [`Replicator::held`]).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum HeldPart {
+    /// None of it: apply it.
+    Nothing,
+    /// All of its keys: apply nothing.
+    All,
+    /// The keys inside these ranges: apply the others.
+    Part(Vec<KeyRange>),
+}
+
 /// The keys of a request.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum KeysRef<'a> {
@@ -409,20 +420,15 @@ impl Replicator {
         }
     }
 
-    /// Whether push (sender, ts) with these keys was applied here already (as head or
-    /// replica): then it must not be applied again.
-    pub(crate) fn is_duplicate(&self, sender: u32, ts: u64, keys: KeysRef<'_>) -> bool {
-        self.seen.lock().covers((sender, ts), keys)
-    }
-
-    /// The ranges of push (sender, ts) held here already (empty: none).
-    pub(crate) fn held_ranges(&self, sender: u32, ts: u64) -> Vec<KeyRange> {
-        self.seen
-            .lock()
-            .map
-            .get(&(sender, ts))
-            .cloned()
-            .unwrap_or_default()
+    /// How much of push (sender, ts) with these keys was applied here already (as head or
+    /// replica): what is held must not be applied again.
+    pub(crate) fn held(&self, sender: u32, ts: u64, keys: KeysRef<'_>) -> HeldPart {
+        let seen = self.seen.lock();
+        match seen.map.get(&(sender, ts)) {
+            None => HeldPart::Nothing,
+            Some(_) if seen.covers((sender, ts), keys) => HeldPart::All,
+            Some(ranges) => HeldPart::Part(ranges.clone()),
+        }
     }
 
     /// Hold while applying a push and queueing it ([`after_apply`](Self::after_apply)).

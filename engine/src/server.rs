@@ -32,7 +32,7 @@ use crate::error::EngineError;
 use crate::keys::{KeyRange, Partition};
 use crate::onesided::{ServerOneSided, TransportKind, Window};
 use crate::proto::{self, ClusterInfo, Control, Role, ServerStats, Status, ValueType};
-use crate::replicate::{EntryStore, KeysRef, ReplicationConfig, Replicator};
+use crate::replicate::{EntryStore, HeldPart, KeysRef, ReplicationConfig, Replicator};
 use crate::store::{Store, StoreConfig, StoreError};
 use crate::update::{from_fn, Sum, UpdateFn, UpdateRegistry, ID_FIRST_USER};
 use crate::value::Value;
@@ -399,9 +399,7 @@ impl Handler for ServerHandler {
         let table = ready.table.read().clone();
         if h.epoch != 0 && u64::from(h.epoch) != table.epoch() {
             drop(gate);
-            if let Some(refusal) = precheck(ready, &f) {
-                refuse(ready, conn, &h, refusal);
-            }
+            refuse(ready, conn, &h, stale_epoch(h.epoch, table.epoch()));
             return;
         }
         let me = ready.rank as usize;
@@ -496,6 +494,17 @@ fn precheck(ready: &Ready, f: &Frame<'_>) -> Option<Refusal> {
     routing_refusal(ready, &ready.table.read(), f.header().epoch, keys)
 }
 
+/// The refusal of a request routed with table `epoch` by a server at `current`.
+fn stale_epoch(epoch: u32, current: u64) -> Refusal {
+    Refusal(
+        Status::StaleEpoch,
+        format!(
+            "request routed with routing-table epoch {epoch}, this server is at epoch \
+             {current}: learn the current table and resend"
+        ),
+    )
+}
+
 /// Why `table` does not let this server serve `keys` of a request routed with `epoch`:
 /// another epoch, keys it does not head, ranges not handed over yet.
 fn routing_refusal(
@@ -507,14 +516,7 @@ fn routing_refusal(
     // Epoch 0: a client that does not route, such as a tool; it still must ask the right
     // server.
     if epoch != 0 && u64::from(epoch) != table.epoch() {
-        return Some(Refusal(
-            Status::StaleEpoch,
-            format!(
-                "request routed with routing-table epoch {epoch}, this server is at epoch {}: \
-                 learn the current table and resend",
-                table.epoch()
-            ),
-        ));
+        return Some(stale_epoch(epoch, table.epoch()));
     }
     let me = ready.rank as usize;
     let owned = match keys {
@@ -905,65 +907,51 @@ fn serve<T: Value>(
         }
     }
     // A push resent after a failover that this server holds already (as the old head's
-    // replica): apply nothing, answer as applied (after re-replicating).
-    let duplicate = matches!(kind, MessageKind::Push | MessageKind::PushPull)
-        && table.replicas() > 0
-        && ready
-            .repl
-            .is_duplicate(h.sender, proto::push_id(h.timestamp), request_keys);
-    if !duplicate && matches!(kind, MessageKind::Push | MessageKind::PushPull) {
-        ready.repl.note_apply(table.epoch(), request_keys);
-    }
-    // Part of it here already (a resent piece whose keys were split differently from the
-    // batches that brought some of them): apply only the rest.
-    let held = if !duplicate
-        && matches!(kind, MessageKind::Push | MessageKind::PushPull)
-        && table.replicas() > 0
+    // replica): apply nothing, answer as applied (after re-replicating). Held in part (a
+    // resent piece whose keys were split differently from the batches that brought some
+    // of them): apply only the rest.
+    let held = if matches!(kind, MessageKind::Push | MessageKind::PushPull) && table.replicas() > 0
     {
         ready
             .repl
-            .held_ranges(h.sender, proto::push_id(h.timestamp))
+            .held(h.sender, proto::push_id(h.timestamp), request_keys)
     } else {
-        Vec::new()
+        HeldPart::Nothing
     };
-    if !held.is_empty() {
-        let fun = update()?;
-        let g = grads()?;
-        let inside = |k: u64| held.iter().any(|r| r.contains(k));
-        match range {
-            Some(r) => {
-                for part in unheld_parts(r, &held) {
-                    let at = (part.begin - r.begin) as usize * vlen;
-                    let n = part.len() as usize * vlen;
-                    t.store.push_range(part, &g[at..at + n], fun.as_ref())?;
-                }
-            }
-            None => {
-                let mut keys = Vec::new();
-                let mut vals = Vec::new();
-                for (i, &k) in f.keys().iter().enumerate() {
-                    if !inside(k) {
-                        keys.push(k);
-                        vals.extend_from_slice(&g[i * vlen..(i + 1) * vlen]);
+    if held != HeldPart::All && matches!(kind, MessageKind::Push | MessageKind::PushPull) {
+        ready.repl.note_apply(table.epoch(), request_keys);
+    }
+    if held != HeldPart::Nothing {
+        if let HeldPart::Part(held) = &held {
+            let fun = update()?;
+            let g = grads()?;
+            match range {
+                Some(r) => {
+                    for part in unheld_parts(r, held) {
+                        let at = (part.begin - r.begin) as usize * vlen;
+                        let n = part.len() as usize * vlen;
+                        t.store.push_range(part, &g[at..at + n], fun.as_ref())?;
                     }
                 }
-                t.store.push(&keys, &vals, fun.as_ref())?;
+                None => {
+                    let mut keys = Vec::new();
+                    let mut vals = Vec::new();
+                    for (i, &k) in f.keys().iter().enumerate() {
+                        if !held.iter().any(|r| r.contains(k)) {
+                            keys.push(k);
+                            vals.extend_from_slice(&g[i * vlen..(i + 1) * vlen]);
+                        }
+                    }
+                    t.store.push(&keys, &vals, fun.as_ref())?;
+                }
             }
         }
         tracing::info!(
             sender = h.sender,
             ts = proto::push_id(h.timestamp),
-            "push resent after a failover is here in part; applied the rest"
+            all = held == HeldPart::All,
+            "push resent after a failover is here already (all of it, or the rest applied now)"
         );
-    }
-    if duplicate || !held.is_empty() {
-        if duplicate {
-            tracing::info!(
-                sender = h.sender,
-                ts = proto::push_id(h.timestamp),
-                "push resent after a failover is here already; not applied again"
-            );
-        }
         let mut buf = core.pool.take(if kind == MessageKind::PushPull {
             out_elems * std::mem::size_of::<T>()
         } else {

@@ -230,3 +230,20 @@ pub fn read_frame(s: &mut std::net::TcpStream) -> (pserv_transport::Header, Vec<
     let v = h.key_count as usize * 8;
     (h, rest[v..v + h.value_bytes as usize].to_vec())
 }
+
+/// Run `pserv local` with `args` and `--summary-json=summary`; asserts it succeeded and
+/// returns the summary.
+pub fn local_summary(args: &[String], summary: &Path) -> serde_json::Value {
+    let out = Command::new(pserv())
+        .arg("local")
+        .args(args)
+        .arg(format!("--summary-json={}", summary.display()))
+        .output()
+        .expect("pserv runs");
+    assert!(
+        out.status.success(),
+        "pserv local {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&std::fs::read_to_string(summary).unwrap()).unwrap()
+}
