@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use rdma_sys as ffi;
 
+use super::ext::{self, GidType};
 use super::{last_errno, returned_errno, zeroed, LinkLayer, Mtu, RdmaError, Result};
 
 /// `IBV_LINK_LAYER_INFINIBAND` (an anonymous enum in verbs.h that bindgen skips).
@@ -131,8 +132,12 @@ pub struct PortInfo {
     pub active_mtu: Option<Mtu>,
     /// Number of entries in the GID table.
     pub gid_table_len: u32,
-    /// Largest message the port carries, in bytes.
+    /// Largest message the port carries, in bytes (1 GiB or 2 GiB on InfiniBand HCAs,
+    /// 8 MiB on Soft-RoCE): longer transfers must be split.
     pub max_msg_size: u32,
+    /// `port_cap_flags2`: only the extended port query (with the struct's full size)
+    /// reports it; the exported compat `ibv_query_port` leaves it 0.
+    pub cap_flags2: u16,
 }
 
 /// Limits of a device that bound what pserv may ask of it.
@@ -233,10 +238,10 @@ impl ContextInner {
 
     fn port(&self, port: u8) -> Result<PortInfo> {
         let mut attr: ffi::ibv_port_attr = zeroed();
-        // SAFETY: the context is open and `attr` is a live `ibv_port_attr` of the layout
-        // the library's header declares; `___ibv_query_port` is the header's inline
-        // `ibv_query_port` (it passes the struct size to the provider).
-        let rc = unsafe { ffi::___ibv_query_port(self.ctx.as_ptr(), port, &mut attr) };
+        // SAFETY: the context is open and `attr` is a live, zeroed `ibv_port_attr` of
+        // the layout the library's header declares. Not rdma-sys's `___ibv_query_port`:
+        // its extended-context check is wrong (see `ext`).
+        let (rc, _) = unsafe { ext::query_port(self.ctx, port, &mut attr) };
         if rc != 0 {
             return Err(returned_errno("ibv_query_port", &self.name, rc));
         }
@@ -262,6 +267,7 @@ impl ContextInner {
             active_mtu: Mtu::from_code(attr.active_mtu),
             gid_table_len: u32::try_from(attr.gid_tbl_len).unwrap_or(0),
             max_msg_size: attr.max_msg_sz,
+            cap_flags2: attr.port_cap_flags2,
         })
     }
 
@@ -285,8 +291,27 @@ impl ContextInner {
         Ok(unsafe { gid.raw })
     }
 
-    /// Whether GID `index` of `port` is a RoCE v2 GID, from sysfs (`None`: unknown).
+    /// Whether the library gave this context the extended verbs (rdma-core's
+    /// `verbs_context`, marked by `abi_compat == UINTPTR_MAX`).
+    fn extended(&self) -> bool {
+        // SAFETY: the context is open.
+        unsafe { ext::verbs_ctx(self.ctx) }.is_some()
+    }
+
+    /// GID `index` of `port` with its type, asked of the library
+    /// (`ibv_query_gid_ex`); `None` for an empty entry.
+    fn gid_with_type(&self, port: u8, index: u32) -> Result<Option<([u8; 16], GidType)>> {
+        // SAFETY: the context is open.
+        unsafe { ext::gid_entry(self.ctx, port, index) }
+            .map_err(|e| returned_errno("ibv_query_gid_ex", &self.name, e))
+    }
+
+    /// Whether GID `index` of `port` is a RoCE v2 GID: asked of the library, else (an
+    /// old library) read from sysfs; `None`: unknown.
     fn gid_is_roce_v2(&self, port: u8, index: u32) -> Option<bool> {
+        if let Ok(entry) = self.gid_with_type(port, index) {
+            return entry.map(|(_, t)| t == GidType::RoceV2);
+        }
         let path = format!(
             "/sys/class/infiniband/{}/ports/{port}/gid_attrs/types/{index}",
             self.name
@@ -407,6 +432,20 @@ impl Context {
     /// GID `index` of `port` (16 bytes, network order).
     pub fn gid(&self, port: u8, index: u32) -> Result<[u8; 16]> {
         self.inner.gid(port, index)
+    }
+
+    /// GID `index` of `port` with its type (`ibv_query_gid_ex`); `None` for an empty
+    /// entry.
+    pub fn gid_with_type(&self, port: u8, index: u32) -> Result<Option<([u8; 16], GidType)>> {
+        self.inner.gid_with_type(port, index)
+    }
+
+    /// Whether the library gave this context rdma-core's extended verbs (a
+    /// `verbs_context`, `abi_compat == UINTPTR_MAX`). True for every rdma-core provider
+    /// and the software device; pserv dispatches extended verbs itself, correctly (see
+    /// the `ext` module: rdma-sys 0.3 gets this check wrong).
+    pub fn extended_verbs(&self) -> bool {
+        self.inner.extended()
     }
 
     /// The GID index queue pairs on `port` use unless configured otherwise (see

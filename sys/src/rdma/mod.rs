@@ -35,6 +35,7 @@
 mod context;
 mod cq;
 mod endpoint;
+mod ext;
 mod mr;
 mod qp;
 
@@ -43,6 +44,7 @@ use std::io;
 pub use context::{devices, Context, DeviceInfo, DeviceLimits, PortInfo, ProtectionDomain};
 pub use cq::{Completion, CompletionError, CompletionQueue, Opcode};
 pub use endpoint::{DecodeError, QpEndpoint, RemoteRegion};
+pub use ext::GidType;
 pub use mr::{Access, LocalRange, MemoryRegion};
 pub use qp::{PreparedQueuePair, QpConfig, QueuePair};
 
@@ -212,7 +214,7 @@ pub enum LinkLayer {
 ///
 /// Implement only for `repr(C)` types made solely of integers, raw pointers, and arrays
 /// or unions of those: no references, no `NonNull`, no Rust enums, no `bool`.
-unsafe trait Zeroable: Sized {}
+pub(crate) unsafe trait Zeroable: Sized {}
 
 // The impls below: each of these bindgen / rdma-sys structs consists only of integers,
 // raw pointers, and nested structs, unions or arrays of the same (checked against the
@@ -235,7 +237,7 @@ unsafe impl Zeroable for rdma_sys::ibv_wc {}
 unsafe impl Zeroable for rdma_sys::ibv_gid {}
 
 /// A zeroed verbs struct.
-fn zeroed<T: Zeroable>() -> T {
+pub(crate) fn zeroed<T: Zeroable>() -> T {
     // SAFETY: `T: Zeroable` promises all-zero bytes are a valid `T`.
     unsafe { std::mem::zeroed() }
 }
