@@ -434,6 +434,12 @@ impl QueuePair {
         self.max_recv
     }
 
+    /// The longest message one work request may carry (the port's `max_msg_sz`: 1 or
+    /// 2 GiB on InfiniBand HCAs, 8 MiB on Soft-RoCE); split longer transfers.
+    pub fn max_message(&self) -> usize {
+        self.max_msg as usize
+    }
+
     /// RDMA READ `local.len()` bytes at `remote_offset` of `remote` into `local` (which
     /// needs LOCAL_WRITE).
     pub fn post_read(
