@@ -35,10 +35,30 @@ fn straddling(w: &Worker, n: u64) -> KeyRange {
 
 #[test]
 fn dense_windows_are_one_sided_and_agree_with_tcp_and_sparse_requests() {
+    dense_windows(TransportKind::Shm, &[]);
+}
+
+/// The same over RDMA verbs (needs a device: `scripts/soft-rdma` or a NIC).
+#[cfg(feature = "rdma")]
+#[test]
+#[ignore = "needs an RDMA device (scripts/soft-rdma, or a NIC): pass --ignored"]
+fn dense_windows_over_rdma_are_one_sided_and_agree_with_tcp_and_sparse_requests() {
+    dense_windows(TransportKind::Rdma, &["--transport=rdma"]);
+}
+
+/// The reason a window's grant gives for the path `transport` takes.
+fn grant_reason(transport: TransportKind) -> &'static str {
+    match transport {
+        TransportKind::Rdma => "RDMA device",
+        _ => "same host",
+    }
+}
+
+fn dense_windows(transport: TransportKind, server_flags: &[&str]) {
     // One-sided pushes bypass chain replication: windows need --replicas 0.
-    let mut c = Cluster::start(2, 2, &["--update=sum", "--replicas=0"]);
+    let mut c = Cluster::start_with(2, 2, &["--update=sum", "--replicas=0"], server_flags);
     let (w0, w1) = std::thread::scope(|s| {
-        let a = s.spawn(|| worker(&c, 0, TransportKind::Shm));
+        let a = s.spawn(|| worker(&c, 0, transport));
         let b = s.spawn(|| worker(&c, 1, TransportKind::Tcp));
         (a.join().unwrap(), b.join().unwrap())
     });
@@ -52,7 +72,9 @@ fn dense_windows_are_one_sided_and_agree_with_tcp_and_sparse_requests() {
     let granted = w0.open_window(r).unwrap();
     assert_eq!(granted.len(), 2, "{granted:?}");
     assert!(
-        granted.iter().all(|(_, one_sided, _)| *one_sided),
+        granted
+            .iter()
+            .all(|(_, one_sided, why)| *one_sided && why.contains(grant_reason(transport))),
         "{granted:?}"
     );
     let tcp_only = w1.open_window(r).unwrap();
@@ -125,12 +147,23 @@ fn dense_windows_are_one_sided_and_agree_with_tcp_and_sparse_requests() {
 
 #[test]
 fn concurrent_one_sided_pushes_from_two_workers_all_apply() {
-    let mut c = Cluster::start(1, 2, &["--update=sum"]);
+    concurrent_pushes(TransportKind::Shm, &[]);
+}
+
+#[cfg(feature = "rdma")]
+#[test]
+#[ignore = "needs an RDMA device (scripts/soft-rdma, or a NIC): pass --ignored"]
+fn concurrent_rdma_pushes_from_two_workers_all_apply() {
+    concurrent_pushes(TransportKind::Rdma, &["--transport=rdma"]);
+}
+
+fn concurrent_pushes(transport: TransportKind, server_flags: &[&str]) {
+    let mut c = Cluster::start_with(1, 2, &["--update=sum"], server_flags);
     let ws: Vec<Worker> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..2)
             .map(|r| {
                 let c = &c;
-                s.spawn(move || worker(c, r, TransportKind::Shm))
+                s.spawn(move || worker(c, r, transport))
             })
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
@@ -174,44 +207,44 @@ fn concurrent_one_sided_pushes_from_two_workers_all_apply() {
     c.procs.wait_all(Duration::from_secs(30));
 }
 
-/// The sparse LR job with its features folded into dense buckets (`--hash-buckets`):
-/// over shm the workers pull the model one-sidedly, over TCP two-sidedly; with
+/// The sparse LR job with its features folded into dense buckets (`--hash-buckets`),
+/// run by `pserv local` with `--transport`; returns its summary.
+fn lr_folded(dir: &common::Scratch, transport: &str) -> serde_json::Value {
+    let summary = dir.path(&format!("{transport}.json"));
+    let out = std::process::Command::new(common::pserv())
+        .args([
+            "local",
+            "--servers=2",
+            "--replicas=0",
+            "--workers=2",
+            "--examples=8000",
+            "--features=30000",
+            "--hash-buckets=8192",
+            "--epochs=2",
+            "--lr=1",
+            "--consistency=sequential",
+            &format!("--transport={transport}"),
+            &format!("--summary-json={}", summary.display()),
+            "--timeout-secs=120",
+        ])
+        .args(common::net_flags())
+        .output()
+        .expect("pserv runs");
+    assert!(
+        out.status.success(),
+        "{transport}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap()
+}
+
+/// Over shm the workers pull the model one-sidedly, over TCP two-sidedly; with
 /// sequential consistency both runs must build exactly the same model.
 #[test]
 fn lr_job_over_shm_builds_the_same_model_as_over_tcp() {
     let dir = common::Scratch::new("lr-shm");
-    let run = |transport: &str| {
-        let summary = dir.path(&format!("{transport}.json"));
-        let out = std::process::Command::new(common::pserv())
-            .args([
-                "local",
-                "--servers=2",
-                "--replicas=0",
-                "--workers=2",
-                "--examples=8000",
-                "--features=30000",
-                "--hash-buckets=8192",
-                "--epochs=2",
-                "--lr=1",
-                "--consistency=sequential",
-                &format!("--transport={transport}"),
-                &format!("--summary-json={}", summary.display()),
-                "--timeout-secs=120",
-            ])
-            .args(common::net_flags())
-            .output()
-            .expect("pserv runs");
-        assert!(
-            out.status.success(),
-            "{transport}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let s: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
-        s
-    };
-    let tcp = run("tcp");
-    let shm = run("shm");
+    let tcp = lr_folded(&dir, "tcp");
+    let shm = lr_folded(&dir, "shm");
     assert_eq!(tcp["one_sided_windows"], 0);
     assert_eq!(
         shm["one_sided_windows"], 2,
@@ -228,6 +261,27 @@ fn lr_job_over_shm_builds_the_same_model_as_over_tcp() {
     );
 }
 
+/// Over RDMA verbs (servers and workers in separate processes, each with its own
+/// emulated or real NIC) the same job builds exactly the model of shm and TCP.
+#[cfg(feature = "rdma")]
+#[test]
+#[ignore = "needs an RDMA device (scripts/soft-rdma, or a NIC): pass --ignored"]
+fn lr_job_over_rdma_builds_the_same_model_as_over_shm_and_tcp() {
+    let dir = common::Scratch::new("lr-rdma");
+    let rdma = lr_folded(&dir, "rdma");
+    assert_eq!(
+        rdma["one_sided_windows"], 2,
+        "both servers' windows over rdma"
+    );
+    for other in ["shm", "tcp"] {
+        let o = lr_folded(&dir, other);
+        for k in ["test_logloss", "test_accuracy", "test_auc"] {
+            let (a, b) = (rdma[k].as_f64().unwrap(), o[k].as_f64().unwrap());
+            assert_eq!(a.to_bits(), b.to_bits(), "{k}: rdma {a} vs {other} {b}");
+        }
+    }
+}
+
 /// The child side of `a_worker_killed_mid_push_leaves_the_window_consistent`: a worker
 /// process that attaches the window and pushes ones into it until it is killed.
 #[test]
@@ -242,7 +296,10 @@ fn child_pusher() {
         pin_cores: false,
         ..TcpConfig::default()
     };
-    cfg.transport = TransportKind::Shm;
+    cfg.transport = match std::env::var("PSERV_TEST_CHILD_TRANSPORT").as_deref() {
+        Ok("rdma") => TransportKind::Rdma,
+        _ => TransportKind::Shm,
+    };
     let w = Worker::connect(cfg).unwrap();
     let r = killed_range();
     assert!(w.open_window(r).unwrap().iter().all(|(_, ok, _)| *ok));
@@ -260,16 +317,28 @@ fn killed_range() -> KeyRange {
 
 #[test]
 fn a_worker_killed_mid_push_leaves_the_window_consistent() {
+    killed_mid_push(TransportKind::Shm, &[]);
+}
+
+#[cfg(feature = "rdma")]
+#[test]
+#[ignore = "needs an RDMA device (scripts/soft-rdma, or a NIC): pass --ignored"]
+fn a_worker_killed_mid_rdma_push_leaves_the_window_consistent() {
+    killed_mid_push(TransportKind::Rdma, &["--transport=rdma"]);
+}
+
+fn killed_mid_push(transport: TransportKind, server_flags: &[&str]) {
     use std::io::BufRead;
-    let mut c = Cluster::start(1, 2, &["--update=sum"]);
+    let mut c = Cluster::start_with(1, 2, &["--update=sum"], server_flags);
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "child_pusher", "--nocapture", "--test-threads=1"])
         .env("PSERV_TEST_CHILD_SCHEDULER", c.scheduler.to_string())
+        .env("PSERV_TEST_CHILD_TRANSPORT", transport.to_string())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let w = worker(&c, 0, TransportKind::Shm);
+    let w = worker(&c, 0, transport);
     let r = killed_range();
     let n = r.len() as usize;
     assert!(w.open_window(r).unwrap().iter().all(|(_, ok, _)| *ok));

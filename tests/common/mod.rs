@@ -110,6 +110,16 @@ pub fn net_flags() -> Vec<String> {
 
 impl Cluster {
     pub fn start(servers: u32, workers: u32, extra_scheduler: &[&str]) -> Cluster {
+        Cluster::start_with(servers, workers, extra_scheduler, &[])
+    }
+
+    /// Like [`Cluster::start`], with `extra_server` flags for every server.
+    pub fn start_with(
+        servers: u32,
+        workers: u32,
+        extra_scheduler: &[&str],
+        extra_server: &[&str],
+    ) -> Cluster {
         let mut c = Cluster::scheduler_only(servers, workers, extra_scheduler);
         for r in 0..servers {
             let mut a = vec![
@@ -117,6 +127,7 @@ impl Cluster {
                 format!("--scheduler={}", c.scheduler),
                 format!("--rank={r}"),
             ];
+            a.extend(extra_server.iter().map(|s| s.to_string()));
             a.extend(net_flags());
             c.procs.spawn(&format!("server {r}"), &a);
         }
