@@ -16,6 +16,11 @@ use crate::workload::DenseOp;
 pub const SECTION: &str = "onesided";
 /// The section a `--quick` run writes.
 pub const SECTION_QUICK: &str = "onesided-quick";
+/// The sections a run whose rdma column used the software device writes (never the
+/// sections above, which hold hardware or shm figures).
+pub const SECTION_SOFT: &str = "onesided-softrdma";
+/// See [`SECTION_SOFT`].
+pub const SECTION_SOFT_QUICK: &str = "onesided-softrdma-quick";
 
 /// Target: shm pull of 16 MiB at least this fraction of the memcpy of the same run.
 pub const TARGET_PULL_16M_X_MEMCPY: f64 = 0.7;
@@ -82,6 +87,9 @@ pub struct TransportReport {
     pub sparse: Vec<SparseRow>,
     /// Wall-clock time of the run.
     pub elapsed: Duration,
+    /// Whether the rdma column ran on the software device of `sys/softrdma` (its
+    /// figures are the emulation's; the column says so).
+    pub soft_rdma: bool,
 }
 
 fn us(v: f64) -> String {
@@ -100,6 +108,26 @@ fn x(v: Option<f64>) -> String {
 }
 
 impl TransportReport {
+    /// The section of RESULTS.md this report belongs in.
+    pub fn section(&self) -> &'static str {
+        match (self.soft_rdma, self.quick) {
+            (true, true) => SECTION_SOFT_QUICK,
+            (true, false) => SECTION_SOFT,
+            (false, true) => SECTION_QUICK,
+            (false, false) => SECTION,
+        }
+    }
+
+    /// A column's name in the tables: `rdma (software device)` when it ran on
+    /// `sys/softrdma`.
+    pub fn label(&self, t: Transport) -> String {
+        if t == Transport::Rdma && self.soft_rdma {
+            "rdma (software device)".into()
+        } else {
+            t.name().into()
+        }
+    }
+
     /// The row of (transport, op, size, workers).
     pub fn row(
         &self,
@@ -233,9 +261,23 @@ impl TransportReport {
         let w = &mut s;
         let _ = writeln!(
             w,
-            "## Dense ranges by transport: tcp (two-sided) vs one-sided shm / rdma ({} run)\n",
+            "## Dense ranges by transport: tcp (two-sided) vs one-sided shm / rdma{} ({} run)\n",
+            if self.soft_rdma {
+                " on the software RDMA device"
+            } else {
+                ""
+            },
             if self.quick { "quick" } else { "full" }
         );
+        if self.soft_rdma {
+            let _ = writeln!(
+                w,
+                "The rdma column ran on the software RDMA device of `sys/softrdma` (`scripts/soft-rdma`): a \
+                 replacement libibverbs whose NIC is a progress thread per process moving data over Unix \
+                 sockets. It shows that the verbs path runs and what it costs in software; it says nothing \
+                 about RDMA hardware, whose figures come from `scripts/rdma-check` on a NIC.\n"
+            );
+        }
         let _ = writeln!(w, "- Command: `{}`", self.command);
         let _ = writeln!(w, "- Machine: {}", self.machine.describe());
         let _ = writeln!(
@@ -245,10 +287,10 @@ impl TransportReport {
             self.elapsed.as_secs_f64()
         );
         for (t, c) in &self.configs {
-            let _ = writeln!(w, "- Cluster, {}: {c}", t.name());
+            let _ = writeln!(w, "- Cluster, {}: {c}", self.label(*t));
         }
         for (t, why) in &self.unavailable {
-            let _ = writeln!(w, "- {}: {why}", t.name());
+            let _ = writeln!(w, "- {}: {why}", self.label(*t));
         }
         for n in &self.notes {
             let _ = writeln!(w, "- {n}");
@@ -293,15 +335,15 @@ impl TransportReport {
         let mut head = String::from("| op | size | workers | memcpy GB/s |");
         let mut rule = String::from("|---|---|---|---|");
         for t in &self.columns {
-            let _ = write!(head, " {} GB/s |", t.name());
+            let _ = write!(head, " {} GB/s |", self.label(*t));
             rule.push_str("---|");
         }
         for t in &one_sided {
-            let _ = write!(head, " {0} x memcpy | {0} x tcp |", t.name());
+            let _ = write!(head, " {0} x memcpy | {0} x tcp |", self.label(*t));
             rule.push_str("---|---|");
         }
         for t in &self.columns {
-            let _ = write!(head, " {} p50 / p99 us |", t.name());
+            let _ = write!(head, " {} p50 / p99 us |", self.label(*t));
             rule.push_str("---|");
         }
         let _ = writeln!(w, "{head}\n{rule}");
@@ -361,7 +403,7 @@ impl TransportReport {
                         w,
                         "| {} | {} | {:.2} | {:.2} | {} | {:.0} |",
                         op.name(),
-                        t.name(),
+                        self.label(*t),
                         p50,
                         r.sample.latency_us_p99(),
                         x(tcp.filter(|v| *v > 0.0).map(|v| p50 / v)),
@@ -432,6 +474,7 @@ mod tests {
             rows,
             sparse: vec![],
             elapsed: Duration::from_secs(1),
+            soft_rdma: false,
         }
     }
 
@@ -443,6 +486,26 @@ mod tests {
             size_bytes: size,
             sample: sample(gbps, p50),
         }
+    }
+
+    #[test]
+    fn a_software_device_column_says_so_and_goes_to_its_own_section() {
+        let mut r = report(vec![
+            row(Transport::Tcp, DenseOp::Pull, 4 << 10, 0.2, 16),
+            row(Transport::Rdma, DenseOp::Pull, 4 << 10, 0.1, 40),
+        ]);
+        r.columns = vec![Transport::Tcp, Transport::Rdma];
+        r.unavailable.clear();
+        assert_eq!(r.section(), SECTION_QUICK);
+        assert!(r.to_markdown().contains("| rdma GB/s |"));
+        r.soft_rdma = true;
+        assert_eq!(r.section(), SECTION_SOFT_QUICK);
+        r.quick = false;
+        assert_eq!(r.section(), SECTION_SOFT);
+        let md = r.to_markdown();
+        assert!(md.contains("| rdma (software device) GB/s |"), "{md}");
+        assert!(md.contains("says nothing about RDMA hardware"), "{md}");
+        assert!(md.contains("| pull | rdma (software device) |"), "{md}");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use crate::cluster::{with_cluster, ClusterSetup, LoopSetup};
 use crate::error::BenchError;
 use crate::machine::{load_average, wait_quiet, CpuTimes, Machine};
 use crate::onesided::{open_window, run_onesided, Transport, WindowPlan};
-use crate::onesided_report::{self, TransportReport, TransportRow};
+use crate::onesided_report::{TransportReport, TransportRow};
 use crate::report::{
     size_name, write_section, BaselineRow, DenseRow, KnobRow, PlacedBaseline, Report, SparseRow,
     SECTION, SECTION_QUICK,
@@ -644,6 +644,12 @@ pub fn run(args: &RunArgs, command: String) -> Result<RunOutcome, BenchError> {
         }
         one_sided.push(t);
     }
+    let soft_rdma =
+        one_sided.contains(&Transport::Rdma) && pserv_engine::onesided::rdma_is_software_device();
+    if one_sided.contains(&Transport::Rdma) {
+        let devs = pserv_engine::onesided::rdma_devices_described().unwrap_or_default();
+        println!("rdma: {}", devs.join(", "));
+    }
     notes.extend([
         format!(
             "Each figure: {:.2} s warm-up, then {:.2} s measured (at least {} operations); value bytes in GB/s = 10^9 B/s; push+pull counts its value bytes both ways; with 2 workers, GB/s and keys/s are the sum over both workers and latencies are merged.",
@@ -821,6 +827,10 @@ pub fn run(args: &RunArgs, command: String) -> Result<RunOutcome, BenchError> {
             args.workers
         ));
         tnotes.extend(granted.iter().cloned());
+        if one_sided.contains(&Transport::Rdma) {
+            let devs = pserv_engine::onesided::rdma_devices_described().unwrap_or_default();
+            tnotes.push(format!("rdma devices: {}.", devs.join(", ")));
+        }
         if args.filtered() {
             tnotes.push("A filtered run (--only / --sizes / --ops / --in-flight / --keys / --workers): not every cell was measured.".into());
         }
@@ -842,6 +852,7 @@ pub fn run(args: &RunArgs, command: String) -> Result<RunOutcome, BenchError> {
             rows,
             sparse: if tcp { sparse.clone() } else { Vec::new() },
             elapsed,
+            soft_rdma,
         }
     });
     if let Some(report) = &transports {
@@ -850,14 +861,10 @@ pub fn run(args: &RunArgs, command: String) -> Result<RunOutcome, BenchError> {
         if one_sided.is_empty() {
             println!(
                 "no one-sided column could run; section `{}` left as it is",
-                onesided_report::SECTION
+                report.section()
             );
         } else if !args.no_write {
-            let section = if args.quick {
-                onesided_report::SECTION_QUICK
-            } else {
-                onesided_report::SECTION
-            };
+            let section = report.section();
             write_section(&args.results, section, &md)
                 .map_err(|e| BenchError::io(format!("writing {}", args.results.display()), e))?;
             println!("wrote section `{section}` of {}", args.results.display());

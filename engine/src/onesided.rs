@@ -170,6 +170,32 @@ pub fn rdma_available() -> Result<Vec<String>, String> {
     }
 }
 
+/// The usable RDMA devices in words (name and firmware, and whether it is the software
+/// device of `sys/softrdma`); `Err` says why there are none.
+pub fn rdma_devices_described() -> Result<Vec<String>, String> {
+    #[cfg(feature = "rdma")]
+    {
+        pserv_transport::onesided::rdma::describe_devices().map_err(|e| e.to_string())
+    }
+    #[cfg(not(feature = "rdma"))]
+    {
+        Err("this build has no RDMA support (build with --features rdma)".to_owned())
+    }
+}
+
+/// Whether `--transport rdma` would run on the software device of `sys/softrdma`
+/// (figures measured there are the emulation's, not hardware's).
+pub fn rdma_is_software_device() -> bool {
+    #[cfg(feature = "rdma")]
+    {
+        pserv_transport::onesided::rdma::software_device()
+    }
+    #[cfg(not(feature = "rdma"))]
+    {
+        false
+    }
+}
+
 fn os_err(what: &str, e: OneSidedError) -> EngineError {
     EngineError::OneSided(format!("{what}: {e}"))
 }

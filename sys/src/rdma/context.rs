@@ -99,6 +99,10 @@ pub struct DeviceInfo {
     pub guid: u64,
     /// Its ports; empty when the device could not be opened (the reason is logged).
     pub ports: Vec<PortInfo>,
+    /// The firmware version it reports (`ibv_query_device`'s `fw_ver`; empty when the
+    /// device could not be opened). The software device of `sys/softrdma` says
+    /// `softrdma ...`.
+    pub firmware: String,
 }
 
 impl DeviceInfo {
@@ -157,6 +161,12 @@ pub struct DeviceLimits {
     pub phys_port_cnt: u8,
 }
 
+/// Whether a device's firmware string is that of the software device of
+/// `sys/softrdma`.
+pub fn is_software_firmware(firmware: &str) -> bool {
+    firmware.starts_with("softrdma")
+}
+
 /// List the RDMA devices of this machine with their ports.
 ///
 /// A machine without RDMA devices, including one whose kernel has no RDMA support at all
@@ -168,14 +178,21 @@ pub fn devices() -> Result<Vec<DeviceInfo>> {
     for &dev in list.devices() {
         let name = device_name(dev);
         let guid = device_guid(dev);
-        let ports = match ContextInner::open(dev, name.clone()).and_then(|c| c.ports()) {
-            Ok(ports) => ports,
+        let opened = ContextInner::open(dev, name.clone())
+            .and_then(|c| c.ports().map(|p| (p, c.firmware.clone())));
+        let (ports, firmware) = match opened {
+            Ok(found) => found,
             Err(err) => {
                 tracing::warn!(device = %name, error = %err, "cannot open RDMA device to list its ports");
-                Vec::new()
+                (Vec::new(), String::new())
             }
         };
-        out.push(DeviceInfo { name, guid, ports });
+        out.push(DeviceInfo {
+            name,
+            guid,
+            ports,
+            firmware,
+        });
     }
     Ok(out)
 }
@@ -184,6 +201,7 @@ pub(super) struct ContextInner {
     ctx: NonNull<ffi::ibv_context>,
     name: String,
     limits: DeviceLimits,
+    firmware: String,
 }
 
 // SAFETY: libibverbs is thread safe: every verb on a context (and on the objects created
@@ -204,6 +222,7 @@ impl ContextInner {
         let mut inner = ContextInner {
             ctx,
             name,
+            firmware: String::new(),
             limits: DeviceLimits {
                 max_qp_wr: 0,
                 max_cqe: 0,
@@ -221,6 +240,14 @@ impl ContextInner {
             return Err(returned_errno("ibv_query_device", &inner.name, rc));
         }
         let clamp_u8 = |v: libc::c_int| u8::try_from(v.max(0)).unwrap_or(u8::MAX);
+        // `fw_ver` is a NUL-terminated C string in a fixed array.
+        let fw: Vec<u8> = attr
+            .fw_ver
+            .iter()
+            .take_while(|&&c| c != 0)
+            .map(|&c| c as u8)
+            .collect();
+        inner.firmware = String::from_utf8_lossy(&fw).into_owned();
         inner.limits = DeviceLimits {
             max_qp_wr: u32::try_from(attr.max_qp_wr).unwrap_or(0),
             max_cqe: u32::try_from(attr.max_cqe).unwrap_or(0),
@@ -416,6 +443,17 @@ impl Context {
     /// The device's limits (queried once at open).
     pub fn limits(&self) -> DeviceLimits {
         self.inner.limits
+    }
+
+    /// The firmware version the device reports (`fw_ver`).
+    pub fn firmware(&self) -> &str {
+        &self.inner.firmware
+    }
+
+    /// Whether this is the software device of `sys/softrdma` (a replacement libibverbs
+    /// on `LD_LIBRARY_PATH`), whose figures say nothing about RDMA hardware.
+    pub fn is_software_device(&self) -> bool {
+        is_software_firmware(&self.inner.firmware)
     }
 
     /// Query one port (ports count from 1). Port state changes over time, so this asks

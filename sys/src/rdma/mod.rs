@@ -41,7 +41,9 @@ mod qp;
 
 use std::io;
 
-pub use context::{devices, Context, DeviceInfo, DeviceLimits, PortInfo, ProtectionDomain};
+pub use context::{
+    devices, is_software_firmware, Context, DeviceInfo, DeviceLimits, PortInfo, ProtectionDomain,
+};
 pub use cq::{Completion, CompletionError, CompletionQueue, Opcode};
 pub use endpoint::{DecodeError, QpEndpoint, RemoteRegion};
 pub use ext::GidType;

@@ -96,6 +96,36 @@ impl Default for RdmaConfig {
     }
 }
 
+/// The usable devices (those with an ACTIVE port) in words, for logs and reports:
+/// `soft0 (firmware softrdma 1.0: the software device)`, `mlx5_0 (firmware 20.31.1014)`.
+pub fn describe_devices() -> Result<Vec<String>> {
+    let devs = devices().map_err(|e| unavailable(&e))?;
+    Ok(devs
+        .iter()
+        .filter(|d| d.ports.iter().any(|p| p.active))
+        .map(|d| {
+            if pserv_sys::rdma::is_software_firmware(&d.firmware) {
+                format!(
+                    "{} (firmware {}: the software device of sys/softrdma, not RDMA hardware)",
+                    d.name, d.firmware
+                )
+            } else {
+                format!("{} (firmware {})", d.name, d.firmware)
+            }
+        })
+        .collect())
+}
+
+/// Whether the first usable device (the one `--transport rdma` opens by default) is the
+/// software device of `sys/softrdma`.
+pub fn software_device() -> bool {
+    devices().is_ok_and(|devs| {
+        devs.iter()
+            .find(|d| d.ports.iter().any(|p| p.active))
+            .is_some_and(|d| pserv_sys::rdma::is_software_firmware(&d.firmware))
+    })
+}
+
 /// The devices usable for `--transport rdma`: names of devices with an ACTIVE port.
 ///
 /// On a machine without any, [`OneSidedError::Unavailable`] says so in words a user can
@@ -414,7 +444,19 @@ impl RdmaBackend {
     pub fn new(cfg: RdmaConfig) -> Result<Self> {
         let ctx = Context::open(cfg.device.as_deref()).map_err(|e| unavailable(&e))?;
         let pd = ctx.alloc_pd().map_err(|e| map_err("alloc_pd", e))?;
-        tracing::info!(device = ctx.name(), "rdma backend opened");
+        if ctx.is_software_device() {
+            tracing::info!(
+                device = ctx.name(),
+                firmware = ctx.firmware(),
+                "rdma backend opened on the software device (sys/softrdma): verbs run, speed is not hardware's"
+            );
+        } else {
+            tracing::info!(
+                device = ctx.name(),
+                firmware = ctx.firmware(),
+                "rdma backend opened"
+            );
+        }
         Ok(Self {
             cfg,
             pd,
