@@ -418,3 +418,67 @@ fn loopback_bounds_queue_and_wrong_key() {
     eprintln!("wrong key: {err}");
     drop(b);
 }
+
+#[test]
+#[ignore = "needs an RDMA device: set PSERV_RDMA_DEVICE and pass --ignored"]
+fn receive_queues_of_several_queue_pairs_share_one_channel() {
+    let ctx = Context::open(Some(&device_name())).expect("open the device");
+    let pd = ctx.alloc_pd().unwrap();
+    let shared = ctx.create_channel().unwrap();
+    let cfg = config();
+    let (s, r) = (cfg.max_send_wr as usize, cfg.max_recv_wr as usize);
+    // Two connected pairs; the receivers' receive CQs sit on `shared`.
+    let mut pairs = Vec::new();
+    for _ in 0..2 {
+        let tx = pd
+            .prepare_qp(ctx.create_cq(s + r).unwrap(), cfg.clone())
+            .unwrap();
+        let rx = pd
+            .prepare_qp_split(
+                ctx.create_cq(s).unwrap(),
+                ctx.create_cq_on(r, &shared).unwrap(),
+                cfg.clone(),
+            )
+            .unwrap();
+        let (et, er) = (tx.endpoint(), rx.endpoint());
+        let tx = tx.handshake(er).unwrap();
+        let rx = rx.handshake(et).unwrap();
+        assert!(rx.recv_on(&shared) && !tx.recv_on(&shared));
+        pairs.push((tx, rx));
+    }
+    let mr = Arc::new(
+        pd.register(PinnedRegion::new(4096).unwrap(), Access::ALL)
+            .unwrap(),
+    );
+    let mut out = [Completion::default(); 4];
+    // Nothing armed, nothing arrives: the channel stays quiet.
+    assert!(!shared.wait(Duration::from_millis(20)).unwrap());
+    for (i, (tx, rx)) in pairs.iter_mut().enumerate() {
+        rx.post_recv(100 + i as u64, None).unwrap();
+        rx.arm_recv().unwrap();
+        assert_eq!(rx.poll(&mut out).unwrap(), 0);
+        tx.post_write_with_imm(i as u64, None, &mr.remote(), 0, 7 + i as u32, true)
+            .unwrap();
+    }
+    // Both notices arrive; the shared channel wakes for them, and each receiver's poll
+    // finds its own.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        assert!(Instant::now() < deadline, "notices {got:?}");
+        shared.wait(Duration::from_millis(100)).unwrap();
+        for (rx_i, (_, rx)) in pairs.iter_mut().enumerate() {
+            let n = rx.poll(&mut out).unwrap();
+            for c in &out[..n] {
+                assert_eq!(c.opcode, Opcode::RecvWithImm);
+                got.push((rx_i, c.wr_id, c.imm_data));
+            }
+            rx.arm_recv().unwrap();
+        }
+    }
+    got.sort();
+    assert_eq!(got, vec![(0, 100, Some(7)), (1, 101, Some(8))]);
+    for (tx, _) in &mut pairs {
+        assert_eq!(wait_one(tx).status, Ok(()));
+    }
+}

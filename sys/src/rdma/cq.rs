@@ -1,9 +1,11 @@
 //! Completion queues and work completions.
 
+use std::collections::HashSet;
 use std::ffi::CStr;
 use std::fmt;
 use std::mem::MaybeUninit;
 use std::ptr::NonNull;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rdma_sys as ffi;
@@ -144,16 +146,129 @@ impl Completion {
     }
 }
 
-/// A completion queue with its completion channel (for blocking waits).
+/// A completion channel: the file descriptor that completion events of the CQs attached
+/// to it arrive on, so that a thread can sleep until one of them has work. Several
+/// completion queues may share one channel ([`Context::create_cq_on`]); one thread can
+/// then wait for all of them at once ([`CompletionChannel::wait`]). Cheap to clone (an
+/// `Arc`); destroyed when the last clone and the last CQ attached to it are gone.
+#[derive(Clone)]
+pub struct CompletionChannel {
+    inner: Arc<ChannelInner>,
+}
+
+struct ChannelInner {
+    channel: NonNull<ffi::ibv_comp_channel>,
+    /// The CQs attached (their `ibv_cq` addresses). An event is acknowledged only for a
+    /// CQ in this set, under its lock; a CQ leaves it (under the lock) before it is
+    /// destroyed, so no acknowledgement can touch a destroyed CQ and `ibv_destroy_cq`
+    /// never waits for one.
+    live: Mutex<HashSet<usize>>,
+    ctx: Context,
+}
+
+// SAFETY: the channel is only passed to thread-safe verbs and its fd is only polled;
+// the set of live CQs is behind a mutex.
+unsafe impl Send for ChannelInner {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for ChannelInner {}
+
+impl fmt::Debug for CompletionChannel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CompletionChannel")
+            .field("device", &self.inner.ctx.name())
+            .field("cqs", &self.inner.live().len())
+            .finish()
+    }
+}
+
+impl Drop for ChannelInner {
+    fn drop(&mut self) {
+        // SAFETY: every CQ attached holds an `Arc` of this channel, so none is left (the
+        // library refuses with EBUSY otherwise); destroyed exactly once.
+        let rc = unsafe { ffi::ibv_destroy_comp_channel(self.channel.as_ptr()) };
+        if rc != 0 {
+            tracing::error!(device = %self.ctx.name(), rc, "ibv_destroy_comp_channel failed");
+        }
+    }
+}
+
+impl CompletionChannel {
+    /// Wait up to `timeout` for a completion event of any CQ on this channel; consume and
+    /// acknowledge it. Returns whether one came. Only CQs armed since their last event
+    /// raise one (see [`CompletionQueue`]'s waiting notes): arm, poll once more, then
+    /// wait.
+    pub fn wait(&self, timeout: Duration) -> Result<bool> {
+        self.inner.wait(timeout)
+    }
+}
+
+impl ChannelInner {
+    /// The live set (a panic while holding it leaves nothing half-done: take it anyway).
+    fn live(&self) -> MutexGuard<'_, HashSet<usize>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wait(&self, timeout: Duration) -> Result<bool> {
+        // SAFETY: the channel is live; its fd is read only to poll it.
+        let fd = unsafe { (*self.channel.as_ptr()).fd };
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+        // SAFETY: `pfd` is a live pollfd we own; the count is 1; the fd stays open while
+        // we hold `&self` (it closes only in `Drop`).
+        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if rc < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
+                return Ok(false);
+            }
+            return Err(RdmaError::Verb {
+                op: "poll on completion channel",
+                device: self.ctx.name().to_owned(),
+                source: err,
+            });
+        }
+        if rc == 0 {
+            return Ok(false);
+        }
+        let live = self.live();
+        let mut ev_cq: *mut ffi::ibv_cq = std::ptr::null_mut();
+        let mut ev_ctx: *mut libc::c_void = std::ptr::null_mut();
+        // SAFETY: the channel is live and non-blocking; the out-pointers are live locals.
+        let rc = unsafe { ffi::ibv_get_cq_event(self.channel.as_ptr(), &mut ev_cq, &mut ev_ctx) };
+        if rc != 0 {
+            // EAGAIN: another waiter took it, or a spurious wake-up; not an error.
+            return Ok(false);
+        }
+        if live.contains(&(ev_cq as usize)) {
+            // SAFETY: the CQ is attached and cannot be destroyed while we hold `live`
+            // (it leaves the set first); acknowledging keeps `ibv_destroy_cq` from
+            // waiting forever.
+            unsafe { ffi::ibv_ack_cq_events(ev_cq, 1) };
+        }
+        Ok(true)
+    }
+}
+
+/// A completion queue on a completion channel (its own, or one shared with other CQs).
 ///
-/// Not `Clone`: a [`QueuePair`](super::QueuePair) takes its CQ by value so that nobody
+/// Not `Clone`: a [`QueuePair`](super::QueuePair) takes its CQs by value so that nobody
 /// else can consume its completions (it needs every one to release the buffers of its
 /// work requests). A CQ on its own can be polled directly.
+///
+/// Waiting: [`wait`](Self::wait) arms the CQ (one event for the next completion only),
+/// polls once more (a completion that arrived before arming raises no event), then sleeps
+/// on the channel. With a shared channel, an event may belong to another CQ; waiters
+/// re-poll their CQ after each wake-up.
 pub struct CompletionQueue {
     cq: NonNull<ffi::ibv_cq>,
-    channel: NonNull<ffi::ibv_comp_channel>,
     depth: usize,
     ctx: Context,
+    // Dropped after the CQ is destroyed (in `Drop`): the channel outlives its CQs.
+    channel: Arc<ChannelInner>,
 }
 
 // SAFETY: the CQ and channel are only passed to thread-safe verbs; polling takes `&mut`.
@@ -171,18 +286,10 @@ impl fmt::Debug for CompletionQueue {
 }
 
 impl Context {
-    /// Create a completion queue of at least `depth` entries (at most the device's
-    /// `max_cqe`), with a completion channel for [`CompletionQueue::wait`].
-    pub fn create_cq(&self, depth: usize) -> Result<CompletionQueue> {
-        let max = self.limits().max_cqe as usize;
-        if depth == 0 || depth > max {
-            return Err(RdmaError::Config(format!(
-                "completion queue depth {depth} outside 1..={max} of device {}",
-                self.name()
-            )));
-        }
-        // SAFETY: the context is open; the channel is owned by the returned CQ and
-        // destroyed in its `Drop` after the CQ.
+    /// Create a completion channel that CQs can share ([`Context::create_cq_on`]).
+    pub fn create_channel(&self) -> Result<CompletionChannel> {
+        // SAFETY: the context is open; the channel is owned by the returned value and
+        // destroyed once, after every CQ attached to it (they hold `Arc`s of it).
         let channel = unsafe { ffi::ibv_create_comp_channel(self.inner.raw()) };
         let Some(channel) = NonNull::new(channel) else {
             return Err(last_errno("ibv_create_comp_channel", self.name()));
@@ -191,40 +298,72 @@ impl Context {
         let fd = unsafe { (*channel.as_ptr()).fd };
         // SAFETY: `fd` is the channel's open descriptor; F_GETFL/F_SETFL only change its
         // flags. Non-blocking so that `ibv_get_cq_event` never blocks after a spurious
-        // wake-up.
+        // wake-up or when another waiter took the event.
         let rc = unsafe {
             let flags = libc::fcntl(fd, libc::F_GETFL);
             libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK)
         };
+        let inner = Arc::new(ChannelInner {
+            channel,
+            live: Mutex::new(HashSet::new()),
+            ctx: self.clone(),
+        });
         if rc != 0 {
-            let err = last_errno("fcntl(O_NONBLOCK) on completion channel", self.name());
-            // SAFETY: created above, not yet used by anything.
-            unsafe { ffi::ibv_destroy_comp_channel(channel.as_ptr()) };
-            return Err(err);
+            return Err(last_errno(
+                "fcntl(O_NONBLOCK) on completion channel",
+                self.name(),
+            ));
+        }
+        Ok(CompletionChannel { inner })
+    }
+
+    /// Create a completion queue of at least `depth` entries (at most the device's
+    /// `max_cqe`), with a completion channel of its own for [`CompletionQueue::wait`].
+    pub fn create_cq(&self, depth: usize) -> Result<CompletionQueue> {
+        let channel = self.create_channel()?;
+        self.create_cq_on(depth, &channel)
+    }
+
+    /// Create a completion queue of at least `depth` entries on `channel` (which other
+    /// CQs may share).
+    pub fn create_cq_on(
+        &self,
+        depth: usize,
+        channel: &CompletionChannel,
+    ) -> Result<CompletionQueue> {
+        let max = self.limits().max_cqe as usize;
+        if depth == 0 || depth > max {
+            return Err(RdmaError::Config(format!(
+                "completion queue depth {depth} outside 1..={max} of device {}",
+                self.name()
+            )));
+        }
+        if !Arc::ptr_eq(&channel.inner.ctx.inner, &self.inner) {
+            return Err(RdmaError::Config(
+                "the completion channel belongs to another device context".into(),
+            ));
         }
         let depth_c = libc::c_int::try_from(depth).expect("depth <= max_cqe, an int");
-        // SAFETY: context and channel are live; the CQ is owned by the returned value and
-        // destroyed exactly once in `Drop`, before the channel.
+        // SAFETY: context and channel are live (the CQ keeps an `Arc` of the channel);
+        // the CQ is owned by the returned value and destroyed exactly once in `Drop`.
         let cq = unsafe {
             ffi::ibv_create_cq(
                 self.inner.raw(),
                 depth_c,
                 std::ptr::null_mut(),
-                channel.as_ptr(),
+                channel.inner.channel.as_ptr(),
                 0,
             )
         };
         let Some(cq) = NonNull::new(cq) else {
-            let err = last_errno("ibv_create_cq", self.name());
-            // SAFETY: the channel is live and nothing is attached to it.
-            unsafe { ffi::ibv_destroy_comp_channel(channel.as_ptr()) };
-            return Err(err);
+            return Err(last_errno("ibv_create_cq", self.name()));
         };
+        channel.inner.live().insert(cq.as_ptr() as usize);
         Ok(CompletionQueue {
             cq,
-            channel,
             depth,
             ctx: self.clone(),
+            channel: channel.inner.clone(),
         })
     }
 }
@@ -297,63 +436,31 @@ impl CompletionQueue {
         Ok(())
     }
 
-    /// Wait up to `timeout` for a completion event on an armed CQ; consume and
-    /// acknowledge it. Returns whether one came.
+    /// Wait up to `timeout` for a completion event on this CQ's channel (for this CQ,
+    /// or, with a shared channel, for another one); consume and acknowledge it. Returns
+    /// whether one came.
     pub(super) fn wait_event(&mut self, timeout: Duration) -> Result<bool> {
-        // SAFETY: the channel is live; its fd is read only to poll it.
-        let fd = unsafe { (*self.channel.as_ptr()).fd };
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
-        // SAFETY: `pfd` is a live pollfd we own; the count is 1; the fd stays open while
-        // we hold `&mut self`.
-        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if rc < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.kind() == std::io::ErrorKind::Interrupted {
-                return Ok(false);
-            }
-            return Err(RdmaError::Verb {
-                op: "poll on completion channel",
-                device: self.ctx.name().to_owned(),
-                source: err,
-            });
-        }
-        if rc == 0 {
-            return Ok(false);
-        }
-        let mut ev_cq: *mut ffi::ibv_cq = std::ptr::null_mut();
-        let mut ev_ctx: *mut libc::c_void = std::ptr::null_mut();
-        // SAFETY: the channel is live and non-blocking; the out-pointers are live locals.
-        let rc = unsafe { ffi::ibv_get_cq_event(self.channel.as_ptr(), &mut ev_cq, &mut ev_ctx) };
-        if rc != 0 {
-            // EAGAIN: another reader took it, or a spurious wake-up; not an error.
-            return Ok(false);
-        }
-        debug_assert_eq!(ev_cq, self.cq.as_ptr(), "one CQ per channel");
-        // SAFETY: the event was for our CQ (one CQ per channel); acknowledging it keeps
-        // `ibv_destroy_cq` from waiting forever.
-        unsafe { ffi::ibv_ack_cq_events(self.cq.as_ptr(), 1) };
-        Ok(true)
+        self.channel.wait(timeout)
+    }
+
+    /// Whether `self` sits on `channel`.
+    pub fn on_channel(&self, channel: &CompletionChannel) -> bool {
+        Arc::ptr_eq(&self.channel, &channel.inner)
     }
 }
 
 impl Drop for CompletionQueue {
     fn drop(&mut self) {
-        // SAFETY: queue pairs own their CQ and destroy themselves first (see `QpHandle`),
-        // every event taken from the channel was acknowledged, and the CQ is destroyed
-        // exactly once, before its channel.
+        // Leave the channel's live set first: from now on no waiter acknowledges an
+        // event of this CQ, and every event acknowledged so far was acknowledged, so
+        // `ibv_destroy_cq` (which waits for that) does not wait.
+        self.channel.live().remove(&(self.cq.as_ptr() as usize));
+        // SAFETY: queue pairs own their CQs and destroy themselves first (see
+        // `QpHandle`); the CQ is destroyed exactly once, before its channel (a field,
+        // dropped after this).
         let rc = unsafe { ffi::ibv_destroy_cq(self.cq.as_ptr()) };
         if rc != 0 {
             tracing::error!(device = %self.ctx.name(), rc, "ibv_destroy_cq failed");
-        }
-        // SAFETY: the only CQ attached to the channel is gone.
-        let rc = unsafe { ffi::ibv_destroy_comp_channel(self.channel.as_ptr()) };
-        if rc != 0 {
-            tracing::error!(device = %self.ctx.name(), rc, "ibv_destroy_comp_channel failed");
         }
     }
 }

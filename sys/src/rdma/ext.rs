@@ -184,10 +184,8 @@ mod tests {
         let ctx = Context::open(Some(&name)).unwrap();
         let raw = NonNull::new(ctx.inner.raw()).unwrap();
         // SAFETY: `raw` is the open context `ctx` keeps alive for this whole test.
-        assert!(
-            unsafe { verbs_ctx(raw) }.is_some(),
-            "abi_compat is UINTPTR_MAX"
-        );
+        let vctx = unsafe { verbs_ctx(raw) };
+        assert!(vctx.is_some(), "abi_compat is UINTPTR_MAX");
         assert!(ctx.extended_verbs());
         let mut ours: ffi::ibv_port_attr = crate::rdma::zeroed();
         // SAFETY: as above; `ours` is a live zeroed struct.

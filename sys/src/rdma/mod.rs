@@ -44,7 +44,7 @@ use std::io;
 pub use context::{
     devices, is_software_firmware, Context, DeviceInfo, DeviceLimits, PortInfo, ProtectionDomain,
 };
-pub use cq::{Completion, CompletionError, CompletionQueue, Opcode};
+pub use cq::{Completion, CompletionChannel, CompletionError, CompletionQueue, Opcode};
 pub use endpoint::{DecodeError, QpEndpoint, RemoteRegion};
 pub use ext::GidType;
 pub use mr::{Access, LocalRange, MemoryRegion};

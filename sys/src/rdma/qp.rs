@@ -83,8 +83,11 @@ impl Default for QpConfig {
 /// The verbs QP together with what it must not outlive; destroyed first on drop.
 struct QpHandle {
     qp: NonNull<ffi::ibv_qp>,
-    // Dropped after the QP is destroyed (field order): the CQ, then the PD.
+    // Dropped after the QP is destroyed (field order): the CQs, then the PD.
+    /// The send CQ (and the receive CQ too when `rcq` is `None`).
     cq: CompletionQueue,
+    /// A separate receive CQ (see [`ProtectionDomain::prepare_qp_split`]).
+    rcq: Option<CompletionQueue>,
     pd: ProtectionDomain,
 }
 
@@ -144,8 +147,32 @@ impl ProtectionDomain {
     /// (`depth >= max_send_wr + max_recv_wr`, so the CQ can never overrun), the queue
     /// sizes are within the device's limits, and the port is ACTIVE.
     pub fn prepare_qp(&self, cq: CompletionQueue, cfg: QpConfig) -> Result<PreparedQueuePair> {
+        self.prepare(cq, None, cfg)
+    }
+
+    /// Like [`prepare_qp`](Self::prepare_qp), with receive completions on their own CQ
+    /// `recv_cq` (which may sit on a completion channel shared with other queue pairs,
+    /// so one thread can wait for the receives of many: see
+    /// [`QueuePair::arm_recv`]). Checks `send_cq.depth() >= max_send_wr` and
+    /// `recv_cq.depth() >= max_recv_wr`.
+    pub fn prepare_qp_split(
+        &self,
+        send_cq: CompletionQueue,
+        recv_cq: CompletionQueue,
+        cfg: QpConfig,
+    ) -> Result<PreparedQueuePair> {
+        self.prepare(send_cq, Some(recv_cq), cfg)
+    }
+
+    fn prepare(
+        &self,
+        cq: CompletionQueue,
+        rcq: Option<CompletionQueue>,
+        cfg: QpConfig,
+    ) -> Result<PreparedQueuePair> {
         let ctx = self.context();
-        if !Arc::ptr_eq(&cq.context().inner, &ctx.inner) {
+        let foreign = |q: &CompletionQueue| !Arc::ptr_eq(&q.context().inner, &ctx.inner);
+        if foreign(&cq) || rcq.as_ref().is_some_and(foreign) {
             return Err(RdmaError::Config(
                 "the completion queue belongs to another device context".into(),
             ));
@@ -161,12 +188,28 @@ impl ProtectionDomain {
                 )));
             }
         }
-        let needed = cfg.max_send_wr as usize + cfg.max_recv_wr as usize;
-        if cq.depth() < needed {
-            return Err(RdmaError::Config(format!(
-                "completion queue depth {} below max_send_wr + max_recv_wr = {needed}",
-                cq.depth()
-            )));
+        match &rcq {
+            None => {
+                let needed = cfg.max_send_wr as usize + cfg.max_recv_wr as usize;
+                if cq.depth() < needed {
+                    return Err(RdmaError::Config(format!(
+                        "completion queue depth {} below max_send_wr + max_recv_wr = {needed}",
+                        cq.depth()
+                    )));
+                }
+            }
+            Some(r) => {
+                if cq.depth() < cfg.max_send_wr as usize || r.depth() < cfg.max_recv_wr as usize {
+                    return Err(RdmaError::Config(format!(
+                        "completion queue depths {} (send) and {} (receive) below max_send_wr \
+                         {} and max_recv_wr {}",
+                        cq.depth(),
+                        r.depth(),
+                        cfg.max_send_wr,
+                        cfg.max_recv_wr
+                    )));
+                }
+            }
         }
         let port = ctx.port(cfg.port)?;
         if !port.active {
@@ -185,7 +228,7 @@ impl ProtectionDomain {
 
         let mut init: ffi::ibv_qp_init_attr = zeroed();
         init.send_cq = cq.raw();
-        init.recv_cq = cq.raw();
+        init.recv_cq = rcq.as_ref().map_or(cq.raw(), |r| r.raw());
         init.cap.max_send_wr = cfg.max_send_wr;
         init.cap.max_recv_wr = cfg.max_recv_wr;
         init.cap.max_send_sge = 1;
@@ -201,6 +244,7 @@ impl ProtectionDomain {
         let handle = QpHandle {
             qp,
             cq,
+            rcq,
             pd: self.clone(),
         };
 
@@ -655,15 +699,41 @@ impl QueuePair {
     /// written to the front of `out`, with the callers' `wr_id`s and the opcodes that
     /// were posted. Releases the regions of completed requests.
     pub fn poll(&mut self, out: &mut [Completion]) -> Result<usize> {
-        let n = self.handle.cq.poll(out)?;
+        let mut n = self.handle.cq.poll(out)?;
+        if let Some(r) = self.handle.rcq.as_mut() {
+            n += r.poll(&mut out[n..])?;
+        }
         for c in &mut out[..n] {
             self.settle(c);
         }
         Ok(n)
     }
 
+    /// Ask for an event on the receive CQ's channel at its next completion (the receive
+    /// CQ is the send CQ unless the queue pair was prepared with
+    /// [`prepare_qp_split`](ProtectionDomain::prepare_qp_split)). Completions that
+    /// arrived before arming raise none: poll once more after arming, then wait on the
+    /// channel ([`CompletionChannel::wait`](super::CompletionChannel::wait)).
+    pub fn arm_recv(&mut self) -> Result<()> {
+        match self.handle.rcq.as_mut() {
+            Some(r) => r.arm(),
+            None => self.handle.cq.arm(),
+        }
+    }
+
+    /// Whether the receive CQ sits on `channel`.
+    pub fn recv_on(&self, channel: &super::CompletionChannel) -> bool {
+        self.handle
+            .rcq
+            .as_ref()
+            .unwrap_or(&self.handle.cq)
+            .on_channel(channel)
+    }
+
     /// Like [`poll`](Self::poll), but when nothing is ready waits up to `timeout` on the
-    /// completion channel (the thread sleeps; no busy polling). Returns 0 on timeout.
+    /// send CQ's completion channel (the thread sleeps; no busy polling). Returns 0 on
+    /// timeout. With a separate receive CQ, receive completions do not wake this wait
+    /// (they are polled when it wakes); wait for them with [`arm_recv`](Self::arm_recv).
     pub fn wait(&mut self, out: &mut [Completion], timeout: Duration) -> Result<usize> {
         let n = self.poll(out)?;
         if n > 0 || out.is_empty() {

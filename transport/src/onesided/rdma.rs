@@ -20,12 +20,14 @@
 //!
 //! # Waiting
 //!
-//! An operation busy-polls its completion queue for [`RdmaConfig::spin`] (the common case
-//! for small transfers: a few microseconds), then blocks on the queue's completion channel
-//! in slices of at most 10 ms until [`RdmaConfig::op_timeout`]. [`OneSided::wait_notice`]
-//! busy-polls every peer for `spin`, then blocks on the completion channel when there is
-//! exactly one peer, and otherwise polls all peers with a `yield` between rounds (a
-//! channel per queue pair cannot be waited on together without exposing descriptors).
+//! Each queue pair has two completion queues: one for its sends (READ, WRITE, notices it
+//! sends), on a channel of its own, and one for its receives (notices from the peer), on
+//! a completion channel the backend's queue pairs share. An operation busy-polls for
+//! [`RdmaConfig::spin`] (the common case for small transfers: a few microseconds), then
+//! blocks on its send queue's channel in slices of at most 10 ms until
+//! [`RdmaConfig::op_timeout`]. [`OneSided::wait_notice`] busy-polls every peer for `spin`,
+//! then arms every peer's receive queue and sleeps on the shared channel, so one thread
+//! serves the notices of any number of peers without spinning while they are idle.
 //!
 //! Operations on one peer are serialized (its queue pair is behind a mutex) and each has
 //! at most one work request in flight; pipelining several per peer is future work.
@@ -42,8 +44,8 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use pserv_sys::rdma::{
-    devices, Access, Completion, CompletionError, Context, MemoryRegion, Opcode, PreparedQueuePair,
-    ProtectionDomain, QpConfig, QpEndpoint, QueuePair, RdmaError, RemoteRegion,
+    devices, Access, Completion, CompletionChannel, CompletionError, Context, MemoryRegion, Opcode,
+    PreparedQueuePair, ProtectionDomain, QpConfig, QpEndpoint, QueuePair, RdmaError, RemoteRegion,
 };
 use pserv_sys::PinnedRegion;
 
@@ -284,6 +286,8 @@ pub fn remote_region(desc: &RegionDesc) -> Result<RemoteRegion> {
 pub struct RdmaBackend {
     cfg: RdmaConfig,
     pd: ProtectionDomain,
+    /// The channel every queue pair's receive CQ sits on (notices).
+    notice_channel: CompletionChannel,
     peers: Mutex<Vec<Arc<Conn>>>,
     notices: Arc<Mutex<VecDeque<Notice>>>,
     next_region: AtomicU64,
@@ -444,6 +448,9 @@ impl RdmaBackend {
     pub fn new(cfg: RdmaConfig) -> Result<Self> {
         let ctx = Context::open(cfg.device.as_deref()).map_err(|e| unavailable(&e))?;
         let pd = ctx.alloc_pd().map_err(|e| map_err("alloc_pd", e))?;
+        let notice_channel = ctx
+            .create_channel()
+            .map_err(|e| map_err("create_channel", e))?;
         if ctx.is_software_device() {
             tracing::info!(
                 device = ctx.name(),
@@ -460,6 +467,7 @@ impl RdmaBackend {
         Ok(Self {
             cfg,
             pd,
+            notice_channel,
             peers: Mutex::new(Vec::new()),
             notices: Arc::new(Mutex::new(VecDeque::new())),
             next_region: AtomicU64::new(1),
@@ -589,15 +597,16 @@ impl OneSided for RdmaBackend {
 
     fn prepare(&self) -> Result<(RdmaPending, Vec<u8>)> {
         let q = &self.cfg.qp;
-        let depth = q.max_send_wr as usize + q.max_recv_wr as usize;
-        let cq = self
-            .pd
-            .context()
-            .create_cq(depth)
+        let ctx = self.pd.context();
+        let send_cq = ctx
+            .create_cq(q.max_send_wr as usize)
+            .map_err(|e| map_err("create_cq", e))?;
+        let recv_cq = ctx
+            .create_cq_on(q.max_recv_wr as usize, &self.notice_channel)
             .map_err(|e| map_err("create_cq", e))?;
         let pending = self
             .pd
-            .prepare_qp(cq, q.clone())
+            .prepare_qp_split(send_cq, recv_cq, q.clone())
             .map_err(|e| map_err("prepare_qp", e))?;
         let bytes = encode_endpoint(&pending.endpoint()).to_vec();
         Ok((RdmaPending(pending), bytes))
@@ -762,30 +771,28 @@ impl OneSided for RdmaBackend {
                 std::hint::spin_loop();
                 continue;
             }
+            // Arm every peer's receive queue, look once more (a notice that came before
+            // arming raises no event), then sleep on the shared channel.
             let peers = self.peers.lock().clone();
-            match peers.as_slice() {
-                [only] => {
-                    let mut st = only.state.lock();
-                    if st.broken.is_some() {
-                        std::thread::yield_now();
-                        continue;
-                    }
-                    let mut buf = [Completion::default(); POLL_BATCH];
-                    let slice = timeout.saturating_sub(elapsed).min(WAIT_SLICE);
-                    let n = st
-                        .qp
-                        .wait(&mut buf, slice)
-                        .map_err(|e| map_err("wait_notice", e))?;
-                    for c in &buf[..n] {
-                        if c.opcode.is_recv() {
-                            st.on_recv(only.id, c, &self.notices);
-                        } else if let Err(e) = c.status {
-                            st.broken.get_or_insert_with(|| e.to_string());
-                        }
-                    }
+            for conn in &peers {
+                let mut st = conn.state.lock();
+                if st.broken.is_some() {
+                    continue;
                 }
-                _ => std::thread::yield_now(),
+                if let Err(e) = st.qp.arm_recv() {
+                    st.broken
+                        .get_or_insert_with(|| format!("arming the receive queue: {e}"));
+                    continue;
+                }
+                st.drain(conn.id, &self.notices)?;
             }
+            if let Some(n) = self.pop_notice() {
+                return Ok(Some(n));
+            }
+            let slice = timeout.saturating_sub(start.elapsed()).min(WAIT_SLICE);
+            self.notice_channel
+                .wait(slice)
+                .map_err(|e| map_err("wait_notice", e))?;
         }
     }
 }
@@ -996,6 +1003,52 @@ mod tests {
             peer.read(&remote, 9_999, &mut buf, 0, 2),
             Err(OneSidedError::OutOfRange { side: "remote", .. })
         ));
+    }
+
+    /// CPU time (user + system) of the calling thread, from /proc.
+    fn thread_cpu() -> Duration {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = after.split_whitespace().collect();
+        // Fields 14 and 15 of stat(5) (utime, stime), counted from `state` as 3.
+        let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+        Duration::from_millis(ticks * 10) // USER_HZ is 100 on Linux
+    }
+
+    #[test]
+    #[ignore = "needs an RDMA device: set PSERV_RDMA_DEVICE and pass --ignored"]
+    fn waiting_for_notices_of_several_idle_peers_sleeps_and_still_wakes() {
+        let owner = device_backend();
+        let peers: Vec<(RdmaBackend, RdmaPeer)> = (0..3)
+            .map(|_| {
+                let p = device_backend();
+                let (po, eo) = owner.prepare().unwrap();
+                let (pp, ep) = p.prepare().unwrap();
+                owner.connect(po, &ep).unwrap();
+                let to_owner = p.connect(pp, &eo).unwrap();
+                (p, to_owner)
+            })
+            .collect();
+        let store = owner.register(4096).unwrap();
+        let desc = owner.describe(&store);
+        // Idle: the wait sleeps instead of spinning (it used to yield in a loop).
+        let cpu0 = thread_cpu();
+        let t0 = Instant::now();
+        assert_eq!(owner.wait_notice(Duration::from_millis(600)).unwrap(), None);
+        let (wall, cpu) = (t0.elapsed(), thread_cpu() - cpu0);
+        eprintln!("idle wait of {wall:?} used {cpu:?} of CPU");
+        assert!(cpu < wall / 4, "waiting used {cpu:?} of CPU in {wall:?}");
+        // And a notice from any of the peers wakes it.
+        std::thread::scope(|s| {
+            let (p, to_owner) = &peers[2];
+            let remote = p.attach(to_owner, &desc).unwrap();
+            s.spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                p.notify(&remote, 31).unwrap();
+            });
+            let n = owner.wait_notice(Duration::from_secs(5)).unwrap().unwrap();
+            assert_eq!(n.imm, 31);
+        });
     }
 
     #[test]
