@@ -238,6 +238,60 @@ fn lr_folded(dir: &common::Scratch, transport: &str) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap()
 }
 
+/// The same job with `SOFTRDMA_FAULTS` set for every process (software device only):
+/// returns the summary and stderr.
+#[cfg(feature = "rdma")]
+fn lr_folded_with_faults(dir: &common::Scratch, faults: &str) -> (serde_json::Value, String) {
+    let summary = dir.path(&format!("faults-{}.json", faults.replace([',', '='], "-")));
+    let out = std::process::Command::new(common::pserv())
+        .args([
+            "local",
+            "--servers=2",
+            "--replicas=0",
+            "--workers=2",
+            "--examples=8000",
+            "--features=30000",
+            "--hash-buckets=8192",
+            "--epochs=2",
+            "--lr=1",
+            "--transport=rdma",
+            &format!("--summary-json={}", summary.display()),
+            "--timeout-secs=120",
+        ])
+        .args(common::net_flags())
+        .env("SOFTRDMA_FAULTS", faults)
+        .env("PSERV_LOG", "warn")
+        .output()
+        .expect("pserv runs");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{faults}: {stderr}");
+    let s = serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    (s, stderr)
+}
+
+/// A queue pair that fails (here: forced into the error state by the software device
+/// after a number of work requests, as a NIC's fatal error or a link flap would) does
+/// not end the job: the worker's pulls of that window fall back to TCP, which serves
+/// the same values, and training goes on.
+#[cfg(feature = "rdma")]
+#[test]
+#[ignore = "needs the software RDMA device (scripts/soft-rdma): pass --ignored"]
+fn lr_job_over_rdma_goes_on_over_tcp_when_a_queue_pair_fails() {
+    if std::env::var_os("PSERV_SOFT_RDMA").is_none() {
+        eprintln!("skipped: fault injection needs the software device (scripts/soft-rdma)");
+        return;
+    }
+    let dir = common::Scratch::new("lr-rdma-faults");
+    let (s, stderr) = lr_folded_with_faults(&dir, "qp_error_after=40");
+    assert!(
+        stderr.contains("goes over TCP from now on"),
+        "no window fell back: {stderr}"
+    );
+    assert_eq!(s["workers_finished"], 2, "{s}");
+    let loss = s["test_logloss"].as_f64().unwrap();
+    assert!(loss < 0.69, "the model still learns: {loss}");
+}
+
 /// Over shm the workers pull the model one-sidedly, over TCP two-sidedly; with
 /// sequential consistency both runs must build exactly the same model.
 #[test]

@@ -1027,6 +1027,12 @@ impl ClientOneSided {
         }
     }
 
+    /// Stop using the window of `server` (its one-sided path failed): its keys go over
+    /// TCP from now on (the server serves them from the window).
+    pub(crate) fn detach(&self, server: u32) {
+        self.windows.lock().remove(&server);
+    }
+
     /// One-sided push of `values` (bytes) for `r` (inside `w`) with update function
     /// `func`: write into the landing area, notify, wait until the server applied it.
     pub(crate) fn push(
@@ -1036,6 +1042,20 @@ impl ClientOneSided {
         func: u16,
         values: &[u8],
         timeout: Duration,
+    ) -> Result<(), PushFailure> {
+        let mut notified = false;
+        self.push_inner(w, r, func, values, timeout, &mut notified)
+            .map_err(|error| PushFailure { error, notified })
+    }
+
+    fn push_inner(
+        &self,
+        w: &ClientWindow,
+        r: KeyRange,
+        func: u16,
+        values: &[u8],
+        timeout: Duration,
+        notified: &mut bool,
     ) -> Result<(), EngineError> {
         let mut seq = w.seq.lock();
         let next = *seq + 1;
@@ -1074,6 +1094,8 @@ impl ClientOneSided {
                 Remote::Rdma(l) => verbs::write_bytes(self.rdma(), &w.staging, l, at, part)
                     .map_err(|e| os_err("one-sided write", e))?,
             }
+            // From the first notice on, the server may apply part of this push.
+            *notified = true;
             self.backend.notify(&w.landing, tag | i as u32)?;
         }
         *seq = next;
@@ -1100,6 +1122,16 @@ impl ClientOneSided {
         }
         Ok(())
     }
+}
+
+/// A one-sided push that failed, and whether the server may have applied part of it
+/// (`notified`: a notice for one of its chunks was handed to the transport). Without a
+/// notice nothing of it reached the server's update function, and it can be sent again
+/// another way.
+#[derive(Debug)]
+pub(crate) struct PushFailure {
+    pub(crate) error: EngineError,
+    pub(crate) notified: bool,
 }
 
 /// Byte-level helpers over the verbs backend: reads and writes go through a registered

@@ -1774,16 +1774,25 @@ impl Worker {
                 .onesided
                 .as_ref()
                 .and_then(|os| os.window_for(server as u32, &piece).map(|w| (os, w)));
-            match win {
-                Some((os, w)) => {
-                    os.wait_clock(&w, self.pull_min_clock(opts), self.timeout)?;
-                    os.read(&w, piece, bytemuck::cast_slice_mut(dst))?;
-                }
-                None => {
-                    let p = self.wait_pull::<T>(self.pull_range_opts::<T>(piece, opts))?;
-                    p.copy_to(dst);
+            if let Some((os, w)) = win {
+                let one_sided = os
+                    .wait_clock(&w, self.pull_min_clock(opts), self.timeout)
+                    .and_then(|()| os.read(&w, piece, bytemuck::cast_slice_mut(dst)));
+                match one_sided {
+                    Ok(()) => continue,
+                    // A broken path (a queue pair in error, a peer's NIC that stopped
+                    // answering, a mapping that went away): the keys are still served over
+                    // TCP, from the same window. Reads change nothing, so reading again
+                    // is safe.
+                    Err(e @ EngineError::OneSided(_)) => {
+                        tracing::warn!(server, %piece, error = %e, "one-sided pull failed; this window goes over TCP from now on");
+                        os.detach(server as u32);
+                    }
+                    Err(e) => return Err(e),
                 }
             }
+            let p = self.wait_pull::<T>(self.pull_range_opts::<T>(piece, opts))?;
+            p.copy_to(dst);
         }
         Ok(())
     }
@@ -1818,16 +1827,38 @@ impl Worker {
                 .as_ref()
                 .filter(|_| self.clock() == 0 && opts.after.is_empty())
                 .and_then(|os| os.window_for(server as u32, &piece).map(|w| (os, w)));
-            match win {
-                Some((os, w)) => os.push(
+            if let Some((os, w)) = win {
+                let pushed = os.push(
                     &w,
                     piece,
                     opts.func,
                     bytemuck::cast_slice(src),
                     self.timeout,
-                )?,
-                None => tcp.push(self.push_range_opts::<T>(piece, src.to_vec(), opts)),
+                );
+                match pushed {
+                    Ok(()) => continue,
+                    // The path broke before any of this push reached the server: send it
+                    // over TCP instead, and the window's keys from now on.
+                    Err(f) if !f.notified && matches!(f.error, EngineError::OneSided(_)) => {
+                        tracing::warn!(server, %piece, error = %f.error, "one-sided push failed before the server saw it; sent over TCP, and this window from now on");
+                        os.detach(server as u32);
+                    }
+                    // It broke after the server may have applied part of it: sending it
+                    // again could apply that part twice, so say so instead.
+                    Err(f) if matches!(f.error, EngineError::OneSided(_)) => {
+                        os.detach(server as u32);
+                        return Err(EngineError::OneSided(format!(
+                            "one-sided push of {piece} to server {server} failed after part of it \
+                             was handed to the server, which may have applied that part (not \
+                             resent, so nothing is applied twice; this window goes over TCP from \
+                             now on): {}",
+                            f.error
+                        )));
+                    }
+                    Err(f) => return Err(f.error),
+                }
             }
+            tcp.push(self.push_range_opts::<T>(piece, src.to_vec(), opts));
         }
         for ts in tcp {
             self.wait(ts)?;
