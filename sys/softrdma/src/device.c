@@ -375,11 +375,23 @@ EXPORT struct ibv_context *ibv_open_device(struct ibv_device *device)
 EXPORT int ibv_close_device(struct ibv_context *context)
 {
 	struct soft_ctx *ctx = to_ctx(context);
-	TRACE("ibv_close_device(%s)", ctx->dev->ibdev.name);
-	/* As the kernel does when the device file closes: whatever is left goes. */
-	int left = soft_destroy_all(ctx);
+	TRACE("ibv_close_device(%s)%s", ctx->dev->ibdev.name,
+	      ctx->dead ? ": the parent's context, after fork" : "");
+	/* As the kernel does when the device file closes: whatever is left goes. A child's
+	 * copy of its parent's context owns nothing in this process but its copies of the
+	 * descriptors: those close, the objects are left alone. */
+	int left = ctx->dead ? 0 : soft_destroy_all(ctx);
 	if (left)
 		TRACE("ibv_close_device: destroyed %d objects still open", left);
+	if (ctx->dead) {
+		struct soft_list *p;
+		list_for_each(p, &ctx->channels)
+		{
+			struct soft_channel *ch = container_of(p, struct soft_channel, link);
+			close(ch->ch.fd);
+			close(ch->wfd);
+		}
+	}
 	pthread_mutex_lock(&reg_lock);
 	struct soft_list *p, *t;
 	list_for_each_safe(p, t, &live_ctxs)
@@ -762,6 +774,8 @@ EXPORT int ibv_dealloc_pd(struct ibv_pd *ibpd)
 {
 	struct soft_pd *pd = to_pd(ibpd);
 	struct soft_ctx *ctx = pd->ctx;
+	if (ctx->dead)
+		return EIO;
 	pthread_mutex_lock(&ctx->lock);
 	if (pd->users) {
 		int u = pd->users;
@@ -877,6 +891,10 @@ static struct ibv_mr *reg_mr(struct ibv_pd *ibpd, void *addr, size_t length, uin
 	} else if (length > SOFT_MAX_MR_SIZE) {
 		err = EINVAL;
 		why = "longer than max_mr_size";
+	} else if ((a & (uintptr_t)(page - 1)) != (iova & (uint64_t)(page - 1))) {
+		/* the kernel's ib_uverbs_reg_mr: the HCA maps whole pages */
+		err = EINVAL;
+		why = "iova and address at different offsets in their page";
 	} else if ((err = check_mapping(lo, hi, writable))) {
 		why = writable ? "range not mapped writable" : "range not mapped";
 	}
@@ -996,6 +1014,8 @@ static int dereg_mr(struct soft_mr *mr, int ctx_locked)
 
 EXPORT int ibv_dereg_mr(struct ibv_mr *ibmr)
 {
+	if (to_mr(ibmr)->pd->ctx->dead)
+		return EIO; /* the parent's registration: not in this process's tables */
 	TRACE("ibv_dereg_mr(key %#x)", ibmr->lkey);
 	return dereg_mr(to_mr(ibmr), 0);
 }
@@ -1066,6 +1086,8 @@ EXPORT int ibv_destroy_comp_channel(struct ibv_comp_channel *channel)
 	struct ibv_context *context = channel->context;
 	struct soft_channel *ch = to_channel(channel);
 	int ret = 0, fd = channel->fd;
+	if (ch->ctx->dead)
+		return EIO;
 	pthread_mutex_lock(&context->mutex);
 	if (channel->refcnt) {
 		ret = EBUSY;
@@ -1225,7 +1247,12 @@ static int destroy_cq(struct soft_cq *cq, int ctx_locked, int wait_events)
 	return 0;
 }
 
-EXPORT int ibv_destroy_cq(struct ibv_cq *cq) { return destroy_cq(to_cq(cq), 0, 1); }
+EXPORT int ibv_destroy_cq(struct ibv_cq *cq)
+{
+	if (to_cq(cq)->ctx->dead)
+		return EIO;
+	return destroy_cq(to_cq(cq), 0, 1);
+}
 
 EXPORT int ibv_resize_cq(struct ibv_cq *ibcq, int cqe)
 {
@@ -1265,6 +1292,8 @@ EXPORT int ibv_resize_cq(struct ibv_cq *ibcq, int cqe)
 int soft_poll_cq(struct ibv_cq *ibcq, int num_entries, struct ibv_wc *wc)
 {
 	struct soft_cq *cq = to_cq(ibcq);
+	if (cq->ctx->dead)
+		return -1; /* the parent's CQ: its lock may have been held across fork() */
 	if (num_entries <= 0)
 		return 0;
 	pthread_mutex_lock(&cq->lock);
@@ -1287,6 +1316,8 @@ int soft_poll_cq(struct ibv_cq *ibcq, int num_entries, struct ibv_wc *wc)
 int soft_req_notify_cq(struct ibv_cq *ibcq, int solicited_only)
 {
 	struct soft_cq *cq = to_cq(ibcq);
+	if (cq->ctx->dead)
+		return EIO;
 	pthread_mutex_lock(&cq->lock);
 	if (!cq->armed) {
 		cq->armed = 1;
@@ -1530,19 +1561,49 @@ EXPORT int ibv_dofork_range(void *base, size_t size)
 	return madvise(base, size, MADV_DOFORK) ? errno : 0;
 }
 
+/* fork() copies the locks as they are: one held by another thread (the NIC thread holds
+ * the MR read lock while it moves data, and the random generator's lock for every
+ * completion) would stay held forever in the child. The forking thread takes them
+ * first, so that the child gets them in a known state. */
+static void atfork_prepare(void)
+{
+	pthread_mutex_lock(&reg_lock);
+	pthread_rwlock_wrlock(&mr_lock);
+	soft_rand_lock();
+}
+
+static void atfork_parent(void)
+{
+	soft_rand_unlock();
+	pthread_rwlock_unlock(&mr_lock);
+	pthread_mutex_unlock(&reg_lock);
+}
+
 static void atfork_child(void)
 {
+	/* Not unlocked but made anew: a write-locked rwlock remembers its owner's thread
+	 * id, which is not this thread's in the child. */
+	soft_rand_after_fork();
+	pthread_rwlock_init(&mr_lock, NULL);
+	pthread_mutex_init(&reg_lock, NULL);
 	/* The child has the parent's memory but not its NIC thread; its copies of the
 	 * parent's contexts are unusable (like the real device files after fork). */
 	struct soft_list *c;
 	list_for_each(c, &live_ctxs) container_of(c, struct ctx_link, link)->ctx->dead = 1;
+	/* Its memory regions are its own too: the parent's registrations pin nothing in
+	 * the child (the kernel starts a new mm with nothing pinned, so RLIMIT_MEMLOCK is
+	 * charged from 0) and their keys do not address the child's memory. */
+	memset(mr_hash, 0, sizeof mr_hash);
+	pinned_pages_total = 0;
+	mr_count = 0;
+	soft_qp_after_fork();
 	soft_nic_after_fork();
 }
 
 __attribute__((constructor)) static void soft_lib_init(void)
 {
 	soft_init();
-	pthread_atfork(NULL, NULL, atfork_child);
+	pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
 }
 
 /* ------------------------------------------------------------------ unsupported */

@@ -97,6 +97,7 @@ struct hello {
 struct ritem { /* a response waiting to be sent */
 	struct ritem *next;
 	struct wire hdr;
+	uint32_t gen; /* the QP generation the request was accepted in */
 	int is_read;
 	uint64_t va, total, off;
 	uint32_t rkey;
@@ -112,6 +113,7 @@ struct rxmsg {
 	uint64_t va; /* WRITE */
 	uint32_t rkey;
 	int rq; /* SEND / WRITE_IMM: holds the head receive */
+	uint32_t gen; /* the QP generation it was accepted in */
 };
 
 enum conn_role { ROLE_REQ, ROLE_RESP };
@@ -361,11 +363,21 @@ static void sq_retire(struct soft_qp *qp)
 		}
 		qp->sq_head++;
 	}
-	if (qp->state == IBV_QPS_SQD && qp->sq_head == qp->sq_tx && !qp->sqd_notified) {
-		qp->sqd_notified = 1;
-		if (qp->en_sqd_async_notify)
-			soft_async_event(qp->ctx, IBV_EVENT_SQ_DRAINED, (uintptr_t)&qp->qp);
-	}
+	soft_qp_sqd_check_locked(qp);
+}
+
+/* In SQD, once every request that had started is finished (none is half sent, none
+ * awaits its answer), announce IBV_EVENT_SQ_DRAINED if it was asked for. Caller holds
+ * qp->lock. */
+void soft_qp_sqd_check_locked(struct soft_qp *qp)
+{
+	if (qp->state != IBV_QPS_SQD || qp->sqd_notified || qp->sq_head != qp->sq_tx)
+		return;
+	if (qp->sq_tx != qp->sq_tail && qp->sq[qp->sq_tx % qp->cap.max_send_wr].state == WQE_SENDING)
+		return; /* a message is half on the wire: it is finished first */
+	qp->sqd_notified = 1;
+	if (qp->en_sqd_async_notify)
+		soft_async_event(qp->ctx, IBV_EVENT_SQ_DRAINED, (uintptr_t)&qp->qp);
 }
 
 static void rq_complete(struct soft_qp *qp, enum ibv_wc_status st, enum ibv_wc_opcode op,
@@ -609,7 +621,7 @@ static void conn_close(struct conn *c, const char *why)
 	epoll_ctl(nic.epfd, EPOLL_CTL_DEL, c->fd, NULL);
 	close(c->fd);
 	if (c->role == ROLE_RESP) {
-		if (c->msg.active && c->msg.rq)
+		if (c->msg.active && c->msg.rq && !c->msg.discard && c->msg.gen == qp->gen)
 			qp->rq_busy = 0; /* the receive stays posted */
 		list_del(&c->link);
 	} else if (qp->req == c) {
@@ -678,6 +690,7 @@ static void resp_queue(struct conn *c, const struct wire *h, int is_read, uint64
 		return;
 	}
 	r->hdr = *h;
+	r->gen = c->qp->gen;
 	r->is_read = is_read;
 	r->va = va;
 	r->total = total;
@@ -717,12 +730,24 @@ static void resp_flush(struct conn *c)
 		struct ritem *it = c->q_head;
 		if (!it)
 			return;
-		if (it->is_read && (qp->state == IBV_QPS_ERR || qp->state == IBV_QPS_RESET)) {
-			/* a responder in error sends no more data */
+		if (it->is_read && (qp->state == IBV_QPS_ERR || qp->state == IBV_QPS_RESET ||
+				    it->gen != qp->gen)) {
+			/* A responder in error sends no more data. A real requester then
+			 * runs into its transport timer; say DROP so that this one does
+			 * too, instead of waiting for the rest of the response forever. */
 			c->q_head = it->next;
 			if (!c->q_head)
 				c->q_tail = NULL;
 			c->nreads_queued--;
+			if (!c->drop_sent) {
+				struct wire *w = tx_start(c, 0);
+				w->type = W_DROP;
+				w->psn = it->hdr.psn;
+				c->drop_sent = 1;
+				c->dropping = 1;
+				TRACE("qpn %#x: READ response psn %#x abandoned: the queue pair is in %s",
+				      qp->qp.qp_num, it->hdr.psn, soft_qp_state_str(qp->state));
+			}
 			free(it);
 			continue;
 		}
@@ -819,18 +844,29 @@ static void requester_lost(struct soft_qp *qp, const char *why)
 		schedule_retry(qp, why);
 }
 
+/* One past the last WQE that has started: sq_tx, or sq_tx + 1 while the WQE at sq_tx is
+ * half transmitted. A NAK (RNR, remote access, ...) can answer the first segment of a
+ * long message while its last ones are still going out; lookups by PSN must see it. */
+static uint32_t sq_started_end(const struct soft_qp *qp)
+{
+	if (qp->sq_tx != qp->sq_tail &&
+	    qp->sq[qp->sq_tx % qp->cap.max_send_wr].state == WQE_SENDING)
+		return qp->sq_tx + 1;
+	return qp->sq_tx;
+}
+
 /* Transmission restarts at the WQE with `psn` (or at the oldest unfinished one). */
 static void rewind_to(struct soft_qp *qp, int by_psn, uint32_t psn)
 {
-	uint32_t cap = qp->cap.max_send_wr, i;
-	for (i = qp->sq_head; i != qp->sq_tx; i++) {
+	uint32_t cap = qp->cap.max_send_wr, i, end = sq_started_end(qp);
+	for (i = qp->sq_head; i != end; i++) {
 		struct swqe *w = &qp->sq[i % cap];
 		if (w->state == WQE_DONE)
 			continue;
 		if (!by_psn || w->psn == psn)
 			break;
 	}
-	if (i == qp->sq_tx)
+	if (i == end)
 		return;
 	qp->next_psn = qp->sq[i % cap].psn;
 	int rd = 0;
@@ -839,7 +875,7 @@ static void rewind_to(struct soft_qp *qp, int by_psn, uint32_t psn)
 		if (w->state != WQE_DONE && is_read_like(w->opcode))
 			rd++;
 	}
-	for (uint32_t j = i; j != qp->sq_tx; j++) {
+	for (uint32_t j = i; j != end; j++) {
 		struct swqe *w = &qp->sq[j % cap];
 		if (w->state == WQE_DONE)
 			continue;
@@ -848,7 +884,7 @@ static void rewind_to(struct soft_qp *qp, int by_psn, uint32_t psn)
 	}
 	qp->rd_outstanding = rd;
 	TRACE2("qpn %#x: rewind to psn %#x (%u WQEs resent)", qp->qp.qp_num, qp->next_psn,
-	       qp->sq_tx - i);
+	       end - i);
 	qp->sq_tx = i;
 }
 
@@ -1115,8 +1151,8 @@ static void qp_progress(struct soft_qp *qp)
 /* ------------------------------------------------------------------ requester: replies */
 static struct swqe *oldest_pending(struct soft_qp *qp)
 {
-	uint32_t cap = qp->cap.max_send_wr;
-	for (uint32_t i = qp->sq_head; i != qp->sq_tx; i++) {
+	uint32_t cap = qp->cap.max_send_wr, end = sq_started_end(qp);
+	for (uint32_t i = qp->sq_head; i != end; i++) {
 		struct swqe *w = &qp->sq[i % cap];
 		if (w->state != WQE_DONE)
 			return w;
@@ -1126,8 +1162,8 @@ static struct swqe *oldest_pending(struct soft_qp *qp)
 
 static struct swqe *find_psn(struct soft_qp *qp, uint32_t psn)
 {
-	uint32_t cap = qp->cap.max_send_wr;
-	for (uint32_t i = qp->sq_head; i != qp->sq_tx; i++) {
+	uint32_t cap = qp->cap.max_send_wr, end = sq_started_end(qp);
+	for (uint32_t i = qp->sq_head; i != end; i++) {
 		struct swqe *w = &qp->sq[i % cap];
 		if (w->state != WQE_DONE && w->psn == psn)
 			return w;
@@ -1254,6 +1290,24 @@ static void resp_fatal(struct conn *c, uint32_t psn, int nak, enum ibv_event_typ
 	qp_error(qp, NULL, IBV_WC_SUCCESS, ev);
 	c->dropping = 1;
 	c->drop_sent = 1;
+}
+
+/* The memory a message was landing in went away while it arrived (its region was
+ * deregistered, or unmapped): the rest is discarded and the responder fails the
+ * message as it would have at its first segment, so that the requester gets an error
+ * completion rather than no answer at all. Caller holds qp->lock. */
+static void resp_memory_gone(struct conn *c, const char *how)
+{
+	struct rxmsg *m = &c->msg;
+	char why[128];
+	m->discard = 1;
+	if (m->op == OP_WRITE || m->op == OP_WRITE_IMM) {
+		snprintf(why, sizeof why, "RDMA WRITE: the target region was %s while it arrived", how);
+		resp_fatal(c, m->psn, NAK_REM_ACCESS, IBV_EVENT_QP_ACCESS_ERR, IBV_WC_SUCCESS, why);
+	} else {
+		snprintf(why, sizeof why, "SEND: the receive buffer was %s while it arrived", how);
+		resp_fatal(c, m->psn, NAK_REM_OP, IBV_EVENT_QP_FATAL, IBV_WC_LOC_PROT_ERR, why);
+	}
 }
 
 /* Decide about the first segment of a message. Caller holds qp->lock. */
@@ -1407,6 +1461,21 @@ static void finish_message(struct conn *c)
 	m->active = 0;
 	if (m->discard)
 		return;
+	if (m->gen != qp->gen ||
+	    (qp->state != IBV_QPS_RTR && qp->state != IBV_QPS_RTS && qp->state != IBV_QPS_SQD)) {
+		/* The QP went to ERR or RESET while the message was arriving: its receive
+		 * was flushed, and a responder in that state executes and acknowledges
+		 * nothing. The requester learns it by its transport timer. */
+		TRACE("qpn %#x: message psn %#x from qpn %#x dropped: the queue pair left RTR/RTS "
+		      "while it arrived",
+		      qp->qp.qp_num, m->psn, qp->dest_qpn);
+		if (!c->drop_sent) {
+			resp_reply(c, W_DROP, m->psn, 0, 0);
+			c->drop_sent = 1;
+		}
+		c->dropping = 1;
+		return;
+	}
 	qp->epsn = psn_add(qp->epsn, m->npkts);
 	if (m->rq) {
 		int imm = m->op == OP_SEND_IMM || m->op == OP_WRITE_IMM;
@@ -1471,6 +1540,7 @@ static int resp_header(struct conn *c)
 			c->msg.flags = h->flags;
 			c->msg.va = h->va;
 			c->msg.rkey = h->rkey;
+			c->msg.gen = qp->gen;
 			if (v == V_ACCEPT) {
 				c->msg.rq = h->op != OP_WRITE;
 				if (c->msg.rq)
@@ -1533,7 +1603,8 @@ static int resp_body_iov(struct conn *c, struct iovec *iov, int max, uint64_t le
 {
 	struct soft_qp *qp = c->qp;
 	struct rxmsg *m = &c->msg;
-	if (m->discard || qp->state == IBV_QPS_ERR || qp->state == IBV_QPS_RESET)
+	if (m->discard || m->gen != qp->gen || qp->state == IBV_QPS_ERR ||
+	    qp->state == IBV_QPS_RESET)
 		return 0;
 	if (m->op == OP_WRITE || m->op == OP_WRITE_IMM) {
 		struct soft_mr *mr = remote_mr(qp, m->rkey, m->va + c->body_off, len,
@@ -1683,8 +1754,9 @@ static int conn_read(struct conn *c)
 		} else if (c->role == ROLE_RESP) {
 			k = resp_body_iov(c, iov, SOFT_MAX_SGE, want);
 			if (k < 0) {
-				/* memory went away mid-message */
-				c->msg.discard = 1;
+				soft_mr_unlock();
+				resp_memory_gone(c, "deregistered");
+				soft_mr_rdlock();
 				k = 0;
 			}
 		} else if (c->gen == qp->gen && c->hdr.type == W_RRESP) {
@@ -1713,11 +1785,18 @@ static int conn_read(struct conn *c)
 			if (e == EAGAIN || e == EINTR)
 				return 0;
 			if (e == EFAULT) {
+				/* Registered memory that is not mapped any more (munmap without
+				 * ibv_dereg_mr): an error completion, as for a bad key. The bytes
+				 * stay in the socket and go to scratch from now on. */
 				TRACE("qpn %#x: registered memory is not mapped any more; the data "
 				      "is dropped",
 				      qp->qp.qp_num);
-				if (c->role == ROLE_RESP)
-					c->msg.discard = 1;
+				if (c->role == ROLE_RESP) {
+					if (!c->msg.discard)
+						resp_memory_gone(c, "unmapped");
+				} else if (c->gen == qp->gen && c->hdr.type == W_RRESP) {
+					qp_error(qp, oldest_pending(qp), IBV_WC_LOC_PROT_ERR, 0);
+				}
 				continue;
 			}
 			return -1;
@@ -2094,8 +2173,9 @@ void soft_nic_cq_overrun(struct soft_cq *cq)
 	c->next = nic.cmds;
 	nic.cmds = c;
 	pthread_mutex_unlock(&nic.lock);
-	if (!on_nic_thread())
-		wake();
+	/* Also from the NIC thread itself (a completion timer overran the CQ): it runs
+	 * commands only after epoll_wait returns, and nothing else may wake it. */
+	wake();
 }
 
 void soft_nic_after_fork(void)

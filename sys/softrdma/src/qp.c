@@ -24,8 +24,10 @@ struct transition {
 static struct transition rc_transition(enum ibv_qp_state cur, enum ibv_qp_state next)
 {
 	struct transition t = {0, 0, 0};
-	if (next == IBV_QPS_RESET || next == IBV_QPS_ERR) {
-		t.valid = 1; /* from every state */
+	if (next == IBV_QPS_RESET || (next == IBV_QPS_ERR && cur != IBV_QPS_RESET)) {
+		/* From every state, with no attributes; but RESET -> ERR is not in the
+		 * kernel's table (a QP in RESET has no work to flush). */
+		t.valid = 1;
 		return t;
 	}
 	switch (cur) {
@@ -111,6 +113,14 @@ static const char *mask_names(int mask, char *buf, size_t size)
 /* ------------------------------------------------------------------ create */
 static int qp_counts;
 static pthread_mutex_t qp_count_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* In a forked child: the parent's QPs are not the child's (their contexts are dead),
+ * and the count's lock may have been held by a thread that does not exist here. */
+void soft_qp_after_fork(void)
+{
+	pthread_mutex_init(&qp_count_lock, NULL);
+	qp_counts = 0;
+}
 
 static void qp_free_arrays(struct soft_qp *qp)
 {
@@ -484,6 +494,12 @@ EXPORT int ibv_modify_qp(struct ibv_qp *ibqp, struct ibv_qp_attr *attr, int mask
 		default: break;
 		}
 		qp->state = next;
+		if (next == IBV_QPS_SQD && old == IBV_QPS_RTS) {
+			/* Each drain is announced once; one that has nothing to wait for is
+			 * drained at once, as on a real device. */
+			qp->sqd_notified = 0;
+			soft_qp_sqd_check_locked(qp);
+		}
 	}
 	pthread_mutex_unlock(&qp->lock);
 	if (mask & IBV_QP_STATE)
@@ -506,8 +522,9 @@ EXPORT int ibv_modify_qp(struct ibv_qp *ibqp, struct ibv_qp_attr *attr, int mask
 EXPORT int ibv_query_qp(struct ibv_qp *ibqp, struct ibv_qp_attr *attr, int attr_mask,
 			struct ibv_qp_init_attr *init)
 {
-	(void)attr_mask;
 	struct soft_qp *qp = to_qp(ibqp);
+	if (qp->ctx->dead)
+		return EIO;
 	pthread_mutex_lock(&qp->lock);
 	memset(attr, 0, sizeof *attr);
 	attr->qp_state = qp->state;
@@ -540,6 +557,10 @@ EXPORT int ibv_query_qp(struct ibv_qp *ibqp, struct ibv_qp_attr *attr, int attr_
 		init->sq_sig_all = qp->sq_sig_all;
 	}
 	pthread_mutex_unlock(&qp->lock);
+	/* The real ibv_query_qp refreshes the public field too: a QP the device moved to
+	 * ERR reads as ERR in ibv_qp::state after a query. */
+	if (attr_mask & IBV_QP_STATE)
+		ibqp->state = attr->qp_state;
 	return 0;
 }
 
@@ -590,7 +611,14 @@ int soft_destroy_qp_internal(struct soft_qp *qp, int wait_events)
 	return 0;
 }
 
-EXPORT int ibv_destroy_qp(struct ibv_qp *qp) { return soft_destroy_qp_internal(to_qp(qp), 1); }
+EXPORT int ibv_destroy_qp(struct ibv_qp *qp)
+{
+	/* A child's copy of its parent's QP: its sockets belong to the parent's NIC, and
+	 * their descriptor numbers may be the child's own files by now. */
+	if (to_qp(qp)->ctx->dead)
+		return EIO;
+	return soft_destroy_qp_internal(to_qp(qp), 1);
+}
 
 /* ------------------------------------------------------------------ post */
 static const char *post_state_err(enum ibv_qp_state s)

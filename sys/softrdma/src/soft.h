@@ -67,6 +67,9 @@ void soft_warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 uint64_t soft_now_ns(void);
 uint64_t soft_rand(void);
+void soft_rand_lock(void);
+void soft_rand_unlock(void);
+void soft_rand_after_fork(void);
 void soft_init(void);
 
 /* ------------------------------------------------------------------ lists */
@@ -299,4 +302,6 @@ void soft_nic_after_fork(void);
 /* QP creation (qp.c) uses this to pick the QPN and listen on it. */
 int soft_qp_listen(uint32_t *qpn_out);
 void soft_qp_flush_locked(struct soft_qp *qp);
+void soft_qp_sqd_check_locked(struct soft_qp *qp);
+void soft_qp_after_fork(void);
 #endif

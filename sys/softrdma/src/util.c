@@ -43,6 +43,19 @@ uint64_t soft_rand(void)
 	return z ^ (z >> 31);
 }
 
+/* fork() support (device.c's handlers): the generator's lock is taken while forking;
+ * unless SOFTRDMA_SEED fixes the sequence, a child draws its own rather than a copy of
+ * its parent's (QPNs are drawn from it: fewer collisions to retry). */
+void soft_rand_lock(void) { pthread_mutex_lock(&rng_lock); }
+void soft_rand_unlock(void) { pthread_mutex_unlock(&rng_lock); }
+void soft_rand_after_fork(void)
+{
+	pthread_mutex_init(&rng_lock, NULL);
+	const char *seed = getenv("SOFTRDMA_SEED");
+	if (!seed || !*seed)
+		rng_state ^= ((uint64_t)getpid() << 32) ^ soft_now_ns();
+}
+
 static void vline(int fd, const char *prefix, const char *fmt, va_list ap)
 {
 	char buf[1024];
