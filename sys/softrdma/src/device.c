@@ -1326,7 +1326,7 @@ int soft_req_notify_cq(struct ibv_cq *ibcq, int solicited_only)
 		cq->solicited_only = 0;
 	}
 	pthread_mutex_unlock(&cq->lock);
-	TRACE2("ibv_req_notify_cq(cq %u, solicited %d)", ibcq->handle, solicited_only);
+	TRACE("ibv_req_notify_cq(cq %u, solicited %d)", ibcq->handle, solicited_only);
 	return 0;
 }
 
@@ -1380,13 +1380,14 @@ EXPORT int ibv_get_cq_event(struct ibv_comp_channel *channel, struct ibv_cq **cq
 		pthread_mutex_unlock(&reg_lock);
 		*cq = &scq->cq;
 		*cq_context = scq->cq.cq_context;
-		TRACE2("ibv_get_cq_event(fd %d) = cq %u", channel->fd, scq->cq.handle);
+		TRACE("ibv_get_cq_event(fd %d) = cq %u", channel->fd, scq->cq.handle);
 		return 0;
 	}
 }
 
 EXPORT void ibv_ack_cq_events(struct ibv_cq *cq, unsigned int nevents)
 {
+	TRACE("ibv_ack_cq_events(cq %u, %u)", cq->handle, nevents);
 	pthread_mutex_lock(&cq->mutex);
 	cq->comp_events_completed += nevents;
 	pthread_cond_signal(&cq->cond);

@@ -785,7 +785,7 @@ int soft_post_recv(struct ibv_qp *ibqp, struct ibv_recv_wr *wr, struct ibv_recv_
 			r->total += wr->sg_list[i].length;
 		qp->rq_tail++;
 		posted++;
-		TRACE2("ibv_post_recv(qpn %#x): wr_id %#llx len %llu", ibqp->qp_num,
+		TRACE("ibv_post_recv(qpn %#x): wr_id %#llx len %llu", ibqp->qp_num,
 		       (unsigned long long)wr->wr_id, (unsigned long long)r->total);
 	}
 	int in_err = qp->state == IBV_QPS_ERR;
