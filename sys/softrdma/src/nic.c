@@ -988,7 +988,8 @@ static int build_request(struct soft_qp *qp, struct conn *c)
 		if (is_read_like(w->opcode) &&
 		    qp->rd_outstanding >= (qp->max_rd_atomic ? qp->max_rd_atomic : 1))
 			return 0;
-		if (nic.faults_qp_err >= 0 && nic.faults_qp_err-- == 0) {
+		if (__atomic_load_n(&nic.faults_qp_err, __ATOMIC_RELAXED) >= 0 &&
+		    __atomic_fetch_sub(&nic.faults_qp_err, 1, __ATOMIC_RELAXED) == 0) {
 			TRACE("fault injection: qpn %#x forced to the error state", qp->qp.qp_num);
 			qp_error(qp, NULL, IBV_WC_FATAL_ERR, IBV_EVENT_QP_FATAL);
 			return 0;
@@ -1146,6 +1147,33 @@ static void qp_progress(struct soft_qp *qp)
 	}
 	if (qp->state == IBV_QPS_ERR && qp->req)
 		conn_close(qp->req, "queue pair in error");
+}
+
+/* Start transmitting on the caller's thread (ibv_post_send) when that needs nothing but
+ * writes on an established connection: the QP is RTS, not waiting for a timer, its
+ * connection is up and introduced, and nothing is queued on it. Connecting, closing and
+ * error handling stay on the NIC thread (only it frees connections, so it never sees an
+ * event for a freed one). Returns 1 when every posted request went out (or the rest is
+ * flow-controlled by the socket, which the NIC thread watches), 0 when the NIC must be
+ * woken. Caller holds qp->lock. */
+int soft_nic_kick_locked(struct soft_qp *qp)
+{
+	struct conn *c = qp->req;
+	if (!nic.started || qp->destroying || qp->state != IBV_QPS_RTS || qp->waiting || !c ||
+	    c->gen != qp->gen || !c->hello_sent || c->dead || c->tx_len)
+		return 0;
+	for (;;) {
+		if (!build_request(qp, c))
+			break;
+		int r = conn_write_pending(c);
+		if (r < 0)
+			return 0; /* broken: the NIC thread finds it and handles it */
+		if (r == 0)
+			return 1; /* the socket is full; EPOLLOUT is armed for the NIC thread */
+	}
+	/* An error (validation, fault injection) needs the NIC thread to close the
+	 * connection; a READ window or fence that stopped us is resumed by its answers. */
+	return qp->state == IBV_QPS_RTS && qp->sq_tx == qp->sq_tail;
 }
 
 /* ------------------------------------------------------------------ requester: replies */

@@ -739,8 +739,11 @@ int soft_post_send(struct ibv_qp *ibqp, struct ibv_send_wr *wr, struct ibv_send_
 		      (wr->send_flags & IBV_SEND_INLINE) ? " inline" : "",
 		      (wr->send_flags & IBV_SEND_FENCE) ? " fence" : "");
 	}
+	/* Like a doorbell that starts the NIC's DMA at once: transmission may begin on this
+	 * thread when the connection is up; completions still come only from the NIC. */
+	int sent_here = posted && soft_nic_kick_locked(qp);
 	pthread_mutex_unlock(&qp->lock);
-	if (posted)
+	if (posted && !sent_here)
 		soft_nic_doorbell(qp);
 	if (err) {
 		*bad = wr;

@@ -294,6 +294,7 @@ void soft_async_event(struct soft_ctx *ctx, enum ibv_event_type type, uint64_t e
 /* the NIC (nic.c) */
 int soft_nic_start(void);
 void soft_nic_doorbell(struct soft_qp *qp);
+int soft_nic_kick_locked(struct soft_qp *qp);
 void soft_nic_qp_add(struct soft_qp *qp);
 void soft_nic_qp_changed(struct soft_qp *qp);
 void soft_nic_qp_remove(struct soft_qp *qp);
