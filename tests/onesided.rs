@@ -208,9 +208,21 @@ fn concurrent_pushes(transport: TransportKind, server_flags: &[&str]) {
 }
 
 /// The sparse LR job with its features folded into dense buckets (`--hash-buckets`),
-/// run by `pserv local` with `--transport`; returns its summary.
+/// run by `pserv local` with `--transport` and sequential consistency; returns its
+/// summary.
 fn lr_folded(dir: &common::Scratch, transport: &str) -> serde_json::Value {
-    let summary = dir.path(&format!("{transport}.json"));
+    lr_folded_with(dir, transport, &[]).0
+}
+
+/// [`lr_folded`] with extra environment for every process; returns the summary and the
+/// job's stderr.
+fn lr_folded_with(
+    dir: &common::Scratch,
+    transport: &str,
+    env: &[(&str, &str)],
+) -> (serde_json::Value, String) {
+    let tag: String = env.iter().map(|(k, v)| format!("-{k}-{v}")).collect();
+    let summary = dir.path(&format!("{transport}{}.json", tag.replace([',', '='], "-")));
     let out = std::process::Command::new(common::pserv())
         .args([
             "local",
@@ -228,43 +240,11 @@ fn lr_folded(dir: &common::Scratch, transport: &str) -> serde_json::Value {
             "--timeout-secs=120",
         ])
         .args(common::net_flags())
-        .output()
-        .expect("pserv runs");
-    assert!(
-        out.status.success(),
-        "{transport}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap()
-}
-
-/// The same job with `SOFTRDMA_FAULTS` set for every process (software device only):
-/// returns the summary and stderr.
-#[cfg(feature = "rdma")]
-fn lr_folded_with_faults(dir: &common::Scratch, faults: &str) -> (serde_json::Value, String) {
-    let summary = dir.path(&format!("faults-{}.json", faults.replace([',', '='], "-")));
-    let out = std::process::Command::new(common::pserv())
-        .args([
-            "local",
-            "--servers=2",
-            "--replicas=0",
-            "--workers=2",
-            "--examples=8000",
-            "--features=30000",
-            "--hash-buckets=8192",
-            "--epochs=2",
-            "--lr=1",
-            "--transport=rdma",
-            &format!("--summary-json={}", summary.display()),
-            "--timeout-secs=120",
-        ])
-        .args(common::net_flags())
-        .env("SOFTRDMA_FAULTS", faults)
-        .env("PSERV_LOG", "warn")
+        .envs(env.iter().copied())
         .output()
         .expect("pserv runs");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "{faults}: {stderr}");
+    assert!(out.status.success(), "{transport} {env:?}: {stderr}");
     let s = serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
     (s, stderr)
 }
@@ -282,7 +262,11 @@ fn lr_job_over_rdma_goes_on_over_tcp_when_a_queue_pair_fails() {
         return;
     }
     let dir = common::Scratch::new("lr-rdma-faults");
-    let (s, stderr) = lr_folded_with_faults(&dir, "qp_error_after=40");
+    let env = [
+        ("SOFTRDMA_FAULTS", "qp_error_after=40"),
+        ("PSERV_LOG", "warn"),
+    ];
+    let (s, stderr) = lr_folded_with(&dir, "rdma", &env);
     assert!(
         stderr.contains("goes over TCP from now on"),
         "no window fell back: {stderr}"

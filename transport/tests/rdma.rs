@@ -297,7 +297,7 @@ fn a_peer_killed_mid_write_leaves_the_owner_serving() {
     let mut b = vec![0u8; LANDING];
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut last = None;
-    let mut drain = |last: &mut Option<u32>| {
+    let drain = |last: &mut Option<u32>| {
         while let Some(n) = owner.poll_notice().unwrap() {
             if let Some(l) = *last {
                 assert_eq!(n.imm, l + 1, "notices in order");
@@ -473,7 +473,7 @@ fn readers_in_another_process_accept_only_whole_block_states() {
                 }
                 // Gaps of varying length (often none), so that reads meet both quiet
                 // blocks and blocks mid-update.
-                if k % 64 == 0 {
+                if k.is_multiple_of(64) {
                     std::thread::sleep(Duration::from_micros(k % 7 * 50));
                 }
             }
