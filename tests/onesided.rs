@@ -35,7 +35,7 @@ fn straddling(w: &Worker, n: u64) -> KeyRange {
 
 #[test]
 fn dense_windows_are_one_sided_and_agree_with_tcp_and_sparse_requests() {
-    dense_windows(TransportKind::Shm, &[]);
+    dense_windows(TransportKind::Shm, &["--transport=shm"]);
 }
 
 /// The same over RDMA verbs (needs a device: `scripts/soft-rdma` or a NIC).
@@ -147,7 +147,7 @@ fn dense_windows(transport: TransportKind, server_flags: &[&str]) {
 
 #[test]
 fn concurrent_one_sided_pushes_from_two_workers_all_apply() {
-    concurrent_pushes(TransportKind::Shm, &[]);
+    concurrent_pushes(TransportKind::Shm, &["--transport=shm"]);
 }
 
 #[cfg(feature = "rdma")]
@@ -355,7 +355,7 @@ fn killed_range() -> KeyRange {
 
 #[test]
 fn a_worker_killed_mid_push_leaves_the_window_consistent() {
-    killed_mid_push(TransportKind::Shm, &[]);
+    killed_mid_push(TransportKind::Shm, &["--transport=shm"]);
 }
 
 #[cfg(feature = "rdma")]
