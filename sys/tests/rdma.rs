@@ -42,7 +42,10 @@ fn devices_lists_without_error() {
     if std::env::var_os(DEVICE_ENV).is_none()
         && !std::path::Path::new("/sys/class/infiniband").exists()
     {
-        assert!(kernel_devs.is_empty(), "no sysfs RDMA class but devices {devs:?}");
+        assert!(
+            kernel_devs.is_empty(),
+            "no sysfs RDMA class but devices {devs:?}"
+        );
     }
 }
 
