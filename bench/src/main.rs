@@ -47,7 +47,7 @@ fn main() {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if args.get(1).is_some_and(|a| a == "pserv") {
         std::process::exit(
-            match pserv_engine::app::main(args[1..].to_vec(), vec!["pserv".into()]) {
+            match pserv_engine::cli::app::main(args[1..].to_vec(), vec!["pserv".into()]) {
                 c if c == std::process::ExitCode::SUCCESS => 0,
                 _ => 1,
             },

@@ -3,7 +3,7 @@
 //!
 //! Every configuration is a fresh cluster: the scheduler and the servers are `pserv`
 //! processes (this binary re-executed as `pserv-bench pserv scheduler|server ...`, see
-//! `pserv_engine::app`), the workers are [`Worker`]s on threads of this process. Child
+//! `pserv_engine::cli::app`), the workers are [`Worker`]s on threads of this process. Child
 //! processes are held by a guard that kills them by pid when dropped.
 //!
 //! Every push also adds 1 to a small fixed set of check keys spread over the key space;

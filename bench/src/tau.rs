@@ -5,7 +5,7 @@
 //!
 //! Every run is a whole `pserv local` cluster (scheduler, servers and workers as separate
 //! processes), started by re-executing this binary as `pserv-bench pserv local ...` (the
-//! `pserv` command line is embedded, see `pserv_engine::app`). Each tau runs `reps` times;
+//! `pserv` command line is embedded, see `pserv_engine::cli::app`). Each tau runs `reps` times;
 //! the table shows medians.
 
 use std::path::PathBuf;

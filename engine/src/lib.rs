@@ -1,52 +1,47 @@
-//! `pserv-engine`: the parameter server itself (MISSION.md P1-P4).
+//! `pserv-engine`: the parameter server itself (the paper's P1-P12 on top of the
+//! transports).
 //!
-//! - [`keys`]: keys, key ranges and the partition of the key space over servers.
-//! - [`value`]: the element types of parameter values.
+//! One folder per concern (see ARCHITECTURE.md for the map and each folder's invariant):
+//!
+//! - [`base`]: keys, key ranges, value types, status codes, the error type.
+//! - [`placement`]: the consistent-hashing ring and the routing table ([`Partition`]).
+//! - [`proto`]: control messages and frame builders.
 //! - [`store`]: one server's parameters in pinned memory, sharded by key sub-range.
-//! - [`update`]: server-side update functions (assign, sum, SGD, user functions).
-//! - [`onesided`]: the one-sided data path for dense ranges (shm, RDMA verbs).
-//! - [`proto`]: control messages, status codes, frame builders.
+//! - [`update`]: server-side update functions (assign, sum, SGD, AdaGrad, FTRL, user rules).
+//! - [`consistency`]: the worker's task gate and the servers' range vector clocks.
+//! - [`replication`]: chain replication between servers, after aggregation.
 //! - [`scheduler`]: the scheduler's state machine and process.
-//! - [`ring`]: the consistent-hashing ring with virtual nodes and its epochs (P9).
-//! - [`chain`]: chain replication with replication after aggregation, per server (P10).
-//! - [`manager`]: the server manager: membership, failure detection, ring flips (P11, P12).
-//! - `sim` (tests only): deterministic simulation of the manager, chains and workers.
-//! - [`status`]: `pserv status`, the operator's view from the scheduler.
 //! - [`server`]: the server node, serving requests on the event loops.
 //! - [`worker`]: the worker API training code calls.
+//! - [`onesided`]: the one-sided data path for dense ranges (shm, RDMA verbs).
 //! - [`lr`] and [`job`]: the main job, sparse logistic regression.
-//! - [`app`], [`local`] and [`cli`]: the `pserv` command line, its launcher and flags.
+//! - [`cli`]: the `pserv` command line, its launcher and the operator's commands.
+//! - `sim` (tests only): the deterministic simulation.
 //!
 //! The engine does no unsafe: memory comes from `pserv-sys`, bytes move through
 //! `pserv-transport`.
 #![forbid(unsafe_code)]
 
-pub mod app;
-pub mod chain;
+pub mod base;
 pub mod cli;
-pub mod clock;
 pub mod consistency;
-pub mod error;
 pub mod job;
-pub mod keys;
-pub mod local;
 pub mod lr;
-pub mod manager;
 pub mod onesided;
+pub mod placement;
 pub mod proto;
-pub mod replicate;
-pub mod ring;
+pub mod replication;
 pub mod scheduler;
 pub mod server;
 #[cfg(test)]
 mod sim;
-pub mod status;
 pub mod store;
 pub mod update;
-pub mod value;
 pub mod worker;
 
+pub use base::{error, keys, value};
 pub use error::EngineError;
-pub use keys::{Key, KeyRange, Partition};
+pub use keys::{Key, KeyRange};
+pub use placement::Partition;
 pub use value::Value;
 pub use worker::{Pulled, Timestamp, Worker, WorkerConfig};

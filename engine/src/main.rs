@@ -1,8 +1,8 @@
 //! The `pserv` binary: `local` runs a whole cluster on this machine; `scheduler`,
-//! `server` and `worker` run one role each. See [`pserv_engine::app`].
+//! `server` and `worker` run one role each. See [`pserv_engine::cli::app`].
 
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    pserv_engine::app::main(std::env::args_os().collect(), Vec::new())
+    pserv_engine::cli::app::main(std::env::args_os().collect(), Vec::new())
 }

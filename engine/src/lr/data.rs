@@ -2,7 +2,7 @@
 
 use std::ops::Range;
 
-use crate::keys::{Key, KEY_END};
+use crate::base::keys::{Key, KEY_END};
 
 use super::rng::SplitMix64;
 use super::LrError;

@@ -13,7 +13,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 
-use crate::keys::Key;
+use crate::base::keys::Key;
 
 use super::data::Dataset;
 use super::rng::feature_key;

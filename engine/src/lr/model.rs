@@ -10,7 +10,7 @@ use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
-use crate::keys::Key;
+use crate::base::keys::Key;
 
 use super::data::Dataset;
 

@@ -5,7 +5,7 @@
 //! (`+ - * /`, `sqrt`, `round`, bit casts), never the platform's libm, so the same seed
 //! gives bit-identical data on every machine and with every version of the `rand` crate.
 
-use crate::keys::{Key, KEY_END};
+use crate::base::keys::{Key, KEY_END};
 
 /// The golden-ratio increment of SplitMix64.
 const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;

@@ -10,9 +10,9 @@ use std::marker::PhantomData;
 use pserv_sys::{PinnedRegion, RegionError};
 
 use super::Rule;
-use crate::keys::KeyRange;
+use crate::base::keys::KeyRange;
+use crate::base::value::Value;
 use crate::update::UpdateFn;
-use crate::value::Value;
 
 /// The values of one key range of one shard.
 pub(super) struct Block<T> {

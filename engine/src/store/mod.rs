@@ -44,9 +44,9 @@ use parking_lot::Mutex;
 
 use self::dense::Block;
 use self::table::Table;
-use crate::keys::KeyRange;
+use crate::base::keys::KeyRange;
+use crate::base::value::Value;
 use crate::update::{Adagrad, Assign, Ftrl, Sgd, Sum, UpdateFn, UpdateSpec};
-use crate::value::Value;
 
 /// The largest [`StoreConfig::sparse_initial_keys`] accepted (per shard).
 pub const MAX_INITIAL_KEYS: usize = 1 << 36;

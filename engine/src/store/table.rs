@@ -18,9 +18,9 @@ use std::marker::PhantomData;
 use pserv_sys::{prefetch_read, PinnedRegion, RegionError};
 
 use super::Rule;
-use crate::keys::KeyRange;
+use crate::base::keys::KeyRange;
+use crate::base::value::Value;
 use crate::update::UpdateFn;
-use crate::value::Value;
 
 /// The key of an empty bucket. Never a valid key (key ranges end at `u64::MAX`).
 pub(super) const EMPTY: u64 = u64::MAX;

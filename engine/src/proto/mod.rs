@@ -9,8 +9,10 @@ use serde::{Deserialize, Serialize};
 use pserv_transport::wire::{DType, Header, MessageKind, FLAG_RESPONSE};
 use pserv_transport::{Frame, OutFrame, Payload};
 
-use crate::keys::Partition;
+use crate::placement::Partition;
 use crate::update::UpdateSpec;
+
+pub use crate::base::status::Status;
 
 /// Node id of the scheduler.
 pub const SCHEDULER_ID: u32 = 0;
@@ -220,7 +222,7 @@ pub enum Control {
     /// worker's host id and its connection endpoints by backend kind.
     OpenWindow {
         /// The dense key range (inside the server's range).
-        range: crate::keys::KeyRange,
+        range: crate::base::keys::KeyRange,
         /// The worker's host id (same-host check for shm).
         host: String,
         /// (backend kind, endpoint bytes) the worker can use.
@@ -229,7 +231,7 @@ pub enum Control {
     /// Server to worker: the window is attached through this grant.
     WindowGranted {
         /// Descriptors and endpoint.
-        grant: crate::onesided::WindowGrant,
+        grant: WindowGrant,
     },
     /// Server to worker: no one-sided window; use TCP.
     WindowRefused {
@@ -330,7 +332,7 @@ pub struct PushRecord {
     /// The push's task timestamp.
     pub ts: u64,
     /// The key ranges of the head the push touched (the routing table's ranges).
-    pub ranges: Vec<crate::keys::KeyRange>,
+    pub ranges: Vec<crate::base::keys::KeyRange>,
 }
 
 /// Values of keys after the head applied some pushes: weights and the update function's
@@ -353,7 +355,7 @@ pub enum ReplicaPart {
     /// Every key of a range (dense).
     Range {
         /// The keys.
-        range: crate::keys::KeyRange,
+        range: crate::base::keys::KeyRange,
         /// Their weights.
         #[serde(with = "serde_bytes")]
         weights: Vec<u8>,
@@ -441,7 +443,7 @@ pub const HEARTBEAT_EVERY: std::time::Duration = std::time::Duration::from_milli
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RangeStatus {
     /// The keys.
-    pub range: crate::keys::KeyRange,
+    pub range: crate::base::keys::KeyRange,
     /// Ranks of the servers holding it, head first (one: no replication).
     pub chain: Vec<u32>,
 }
@@ -482,52 +484,7 @@ pub struct StatusReport {
     pub finished: bool,
     /// Replication lag per range; empty while replication is not wired (every range has
     /// one copy).
-    pub replication_lag: Vec<(crate::keys::KeyRange, u64)>,
-}
-
-/// Status codes of error answers (the values carry a UTF-8 text).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Status {
-    /// Success.
-    Ok = 0,
-    /// Malformed request (unsorted keys, bad lengths, wrong kind).
-    BadRequest = 1,
-    /// Keys outside the server's range.
-    NotOwner = 2,
-    /// The update function id is not registered.
-    UnknownFunction = 3,
-    /// The value type differs from the cluster's.
-    WrongType = 4,
-    /// The server has not received its cluster table yet.
-    NotReady = 5,
-    /// The store refused (for example a dense block too large).
-    StoreError = 6,
-    /// The request was routed with another epoch of the routing table than the server's
-    /// (a redirect: the worker must learn the current table and resend).
-    StaleEpoch = 7,
-}
-
-impl Status {
-    /// Decode a status byte (unknown codes map to `BadRequest`).
-    pub fn from_u8(v: u8) -> Status {
-        match v {
-            0 => Status::Ok,
-            2 => Status::NotOwner,
-            3 => Status::UnknownFunction,
-            4 => Status::WrongType,
-            5 => Status::NotReady,
-            6 => Status::StoreError,
-            7 => Status::StaleEpoch,
-            _ => Status::BadRequest,
-        }
-    }
-}
-
-impl std::fmt::Display for Status {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Debug::fmt(self, f)
-    }
+    pub replication_lag: Vec<(crate::base::keys::KeyRange, u64)>,
 }
 
 /// Errors decoding a control message.
@@ -627,4 +584,29 @@ mod tests {
         let (frame, _) = Frame::new_checked(bytemuck::cast_slice(&buf), 1 << 20).unwrap();
         assert!(Control::from_frame(&frame).is_err());
     }
+}
+
+/// What a server answers to a worker's window request.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct WindowGrant {
+    /// The window's key range.
+    pub range: crate::base::keys::KeyRange,
+    /// Values per key.
+    pub value_len: u32,
+    /// Bytes per value element.
+    pub elem: u32,
+    /// Payload bytes per versioned block.
+    pub block_payload: u64,
+    /// The backend chosen.
+    pub backend: u8,
+    /// The server's endpoint bytes (for the worker's `connect`).
+    pub endpoint: Vec<u8>,
+    /// Encoded descriptors: the blocks, the meta words, this worker's landing area.
+    pub data: Vec<u8>,
+    /// See `data`.
+    pub meta: Vec<u8>,
+    /// See `data`.
+    pub landing: Vec<u8>,
+    /// Why this backend (for the worker's log).
+    pub reason: String,
 }

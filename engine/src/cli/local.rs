@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
-use crate::error::EngineError;
+use crate::base::error::EngineError;
 
 /// What `pserv local` starts.
 #[derive(Clone, Debug)]
@@ -18,7 +18,7 @@ pub struct LocalPlan {
     /// The executable that runs the `pserv` command line.
     pub exe: PathBuf,
     /// Arguments before the role subcommand (empty for the `pserv` binary; see
-    /// [`crate::app::main`]).
+    /// [`crate::cli::app::main`]).
     pub exe_prefix: Vec<String>,
     /// Arguments of the scheduler command (after `scheduler`), without the address flags.
     pub scheduler_args: Vec<String>,

@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::value::Value;
+use crate::base::value::Value;
 
 /// A server-side update rule (MISSION.md P4). Runs where the data lives.
 ///

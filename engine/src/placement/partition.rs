@@ -1,79 +1,13 @@
-//! Keys, key ranges and the partition of the key space over servers (MISSION.md P2, P3).
-//!
-//! Keys are `u64`, ordered. A [`KeyRange`] is half-open, `[begin, end)`; the whole key
-//! space is `[0, u64::MAX)`, so the key `u64::MAX` is never a valid key (the server store
-//! uses it as its empty-slot marker).
+//! The partition of the key space over servers: the routing table (MISSION.md P2, P3,
+//! P9).
 
 use serde::{Deserialize, Serialize};
 
-/// A parameter key.
-pub type Key = u64;
-
-/// The largest valid key plus one: every key is below it.
-pub const KEY_END: Key = u64::MAX;
-
-/// A half-open range of keys `[begin, end)`. `begin <= end` always holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct KeyRange {
-    /// First key in the range.
-    pub begin: Key,
-    /// One past the last key in the range.
-    pub end: Key,
-}
-
-impl KeyRange {
-    /// The whole key space `[0, u64::MAX)`.
-    pub const FULL: KeyRange = KeyRange {
-        begin: 0,
-        end: KEY_END,
-    };
-
-    /// `[begin, end)`.
-    ///
-    /// # Panics
-    /// If `begin > end` (a caller bug; ranges from the network are checked by the codec).
-    pub fn new(begin: Key, end: Key) -> Self {
-        assert!(begin <= end, "key range [{begin}, {end}) runs backwards");
-        KeyRange { begin, end }
-    }
-
-    /// Number of keys in the range.
-    pub fn len(&self) -> u64 {
-        self.end - self.begin
-    }
-
-    /// Whether the range holds no key.
-    pub fn is_empty(&self) -> bool {
-        self.begin == self.end
-    }
-
-    /// Whether `key` is in the range.
-    pub fn contains(&self, key: Key) -> bool {
-        self.begin <= key && key < self.end
-    }
-
-    /// Whether `other` lies entirely within this range.
-    pub fn covers(&self, other: &KeyRange) -> bool {
-        self.begin <= other.begin && other.end <= self.end
-    }
-
-    /// The common part of two ranges, if any.
-    pub fn intersect(&self, other: &KeyRange) -> Option<KeyRange> {
-        let begin = self.begin.max(other.begin);
-        let end = self.end.min(other.end);
-        (begin < end).then_some(KeyRange { begin, end })
-    }
-}
-
-impl std::fmt::Display for KeyRange {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "[{:#x}, {:#x})", self.begin, self.end)
-    }
-}
+use crate::base::keys::{Key, KeyRange, KEY_END};
 
 /// Which server owns which part of the key space: contiguous ranges in key order, each
 /// owned by one server, together covering `[0, u64::MAX)` without gaps. A server may own
-/// several ranges (the virtual nodes of a consistent-hashing ring, [`crate::ring`]); the
+/// several ranges (the virtual nodes of a consistent-hashing ring, [`crate::placement::ring`]); the
 /// even split gives server `i` the single range `i`. The partition has an epoch: every
 /// data message carries the epoch it was routed with.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,7 +54,7 @@ impl Partition {
     ///
     /// # Panics
     /// If a ring server is not below `servers`.
-    pub fn from_ring(ring: &crate::ring::Ring, servers: usize) -> Self {
+    pub fn from_ring(ring: &crate::placement::ring::Ring, servers: usize) -> Self {
         Self::from_ring_chains(ring, servers, 0)
     }
 
@@ -130,7 +64,11 @@ impl Partition {
     ///
     /// # Panics
     /// If a ring server is not below `servers`.
-    pub fn from_ring_chains(ring: &crate::ring::Ring, servers: usize, replicas: usize) -> Self {
+    pub fn from_ring_chains(
+        ring: &crate::placement::ring::Ring,
+        servers: usize,
+        replicas: usize,
+    ) -> Self {
         let mut ranges: Vec<KeyRange> = Vec::new();
         let mut owners: Vec<u32> = Vec::new();
         let mut followers: Vec<Vec<u32>> = Vec::new();
@@ -378,7 +316,7 @@ mod tests {
 
     #[test]
     fn ring_chains_match_the_ring_for_every_key() {
-        let ring = crate::ring::Ring::new(&[0, 1, 2, 3], 16);
+        let ring = crate::placement::ring::Ring::new(&[0, 1, 2, 3], 16);
         for k in [0usize, 1, 2, 5] {
             let p = Partition::from_ring_chains(&ring, 4, k);
             assert_eq!(p.replicas(), k.min(3));
@@ -498,7 +436,7 @@ mod tests {
             a in 0u64..KEY_END, b in 0u64..KEY_END,
         ) {
             let ids: Vec<u32> = (0..servers as u32).collect();
-            let ring = crate::ring::Ring::new(&ids, vnodes);
+            let ring = crate::placement::ring::Ring::new(&ids, vnodes);
             let p = Partition::from_ring(&ring, servers);
             prop_assert_eq!(p.epoch(), ring.epoch());
             keys.sort_unstable();

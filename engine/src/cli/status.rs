@@ -6,7 +6,7 @@ use std::time::Duration;
 use crossbeam_channel::Sender;
 use pserv_transport::{CloseReason, Conn, Handler, RecvFrame, TcpConfig, TcpTransport};
 
-use crate::error::EngineError;
+use crate::base::error::EngineError;
 use crate::proto::{Control, Role, StatusReport};
 
 struct StatusHandler {

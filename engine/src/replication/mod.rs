@@ -35,11 +35,12 @@ use parking_lot::Mutex;
 
 use pserv_transport::{Conn, OutFrame};
 
-use crate::keys::{Key, KeyRange, Partition};
+use crate::base::keys::{Key, KeyRange};
+use crate::base::value::Value;
+use crate::placement::Partition;
 use crate::proto::{Control, PushRecord, ReplicaBatch, ReplicaPart};
 use crate::store::Store;
 use crate::update::UpdateFn;
-use crate::value::Value;
 
 /// How many pushes every server remembers for exactly-once retries.
 pub const SEEN_CAP: usize = 1 << 16;

@@ -15,7 +15,7 @@
 //! the next distinct server; adding one inserts it (as head of the ranges its points cut
 //! off, or inside the chains whose walk meets its points) and drops the last member. Either
 //! way the survivors keep their relative order, and the head's successor is the one that
-//! takes over when the head dies. Chain replication (P10, [`crate::chain`]) relies on that:
+//! takes over when the head dies. Chain replication (P10, [`crate::replication`]) relies on that:
 //! a survivor's history contains that of every survivor after it.
 //!
 //! A ring has an epoch; [`Ring::add_server`] and [`Ring::remove_server`] return a new ring
@@ -30,7 +30,7 @@ use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
-use crate::keys::{Key, KeyRange, KEY_END};
+use crate::base::keys::{Key, KeyRange, KEY_END};
 
 /// A server's id on the ring.
 pub type ServerId = u32;

@@ -27,15 +27,16 @@ use pserv_transport::{
     TcpConfig, TcpTransport,
 };
 
-use crate::clock::{Action, ClockGate};
-use crate::error::EngineError;
-use crate::keys::{KeyRange, Partition};
+use crate::base::error::EngineError;
+use crate::base::keys::KeyRange;
+use crate::base::value::Value;
+use crate::consistency::clock::{Action, ClockGate};
 use crate::onesided::{ServerOneSided, TransportKind, Window};
+use crate::placement::Partition;
 use crate::proto::{self, ClusterInfo, Control, Role, ServerStats, Status, ValueType};
-use crate::replicate::{EntryStore, HeldPart, KeysRef, ReplicationConfig, Replicator};
+use crate::replication::{EntryStore, HeldPart, KeysRef, ReplicationConfig, Replicator};
 use crate::store::{Store, StoreConfig, StoreError};
 use crate::update::{from_fn, Sum, UpdateFn, UpdateRegistry, ID_FIRST_USER};
-use crate::value::Value;
 use crate::worker::SCHEDULER_TAG;
 
 /// Configuration of a [`Server`].
@@ -979,7 +980,7 @@ fn serve<T: Value>(
                 Some(r) => t.store.push_range(r, grads()?, fun.as_ref())?,
                 None => t.store.push(f.keys(), grads()?, fun.as_ref())?,
             }
-            if let Some(k) = crate::replicate::trace_key() {
+            if let Some(k) = crate::replication::trace_key() {
                 if range.is_none() && f.keys().binary_search(&k).is_ok() {
                     let mut v = vec![T::default(); vlen];
                     let _ = t.store.pull(&[k], &mut v);

@@ -2,7 +2,7 @@
 
 use pserv_transport::TransportError;
 
-use crate::proto::Status;
+use crate::base::status::Status;
 
 /// Errors of engine operations, each with the context needed to act on it.
 #[derive(Debug, thiserror::Error)]

@@ -42,10 +42,11 @@ use pserv_transport::onesided::seqlock::{BlockLayout, Seqlock};
 use pserv_transport::onesided::shm::{ShmBackend, ShmPeer, ShmPending, ShmRemote};
 use pserv_transport::onesided::{BackendKind, Memory, OneSided, OneSidedError, PeerId, RegionDesc};
 
-use crate::error::EngineError;
-use crate::keys::{Key, KeyRange};
+use crate::base::error::EngineError;
+use crate::base::keys::{Key, KeyRange};
+use crate::base::value::Value;
+use crate::proto::WindowGrant;
 use crate::update::UpdateFn;
-use crate::value::Value;
 
 /// Payload bytes per versioned block of a window.
 pub const BLOCK_PAYLOAD: usize = 16 << 10;
@@ -393,31 +394,6 @@ impl Backend {
 // ---------------------------------------------------------------------------------------
 // Server side
 // ---------------------------------------------------------------------------------------
-
-/// What a server answers to a worker's window request.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct WindowGrant {
-    /// The window's key range.
-    pub range: KeyRange,
-    /// Values per key.
-    pub value_len: u32,
-    /// Bytes per value element.
-    pub elem: u32,
-    /// Payload bytes per versioned block.
-    pub block_payload: u64,
-    /// The backend chosen.
-    pub backend: u8,
-    /// The server's endpoint bytes (for the worker's `connect`).
-    pub endpoint: Vec<u8>,
-    /// Encoded descriptors: the blocks, the meta words, this worker's landing area.
-    pub data: Vec<u8>,
-    /// See `data`.
-    pub meta: Vec<u8>,
-    /// See `data`.
-    pub landing: Vec<u8>,
-    /// Why this backend (for the worker's log).
-    pub reason: String,
-}
 
 /// A worker's landing area on the server.
 struct Landing {

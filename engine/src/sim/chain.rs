@@ -40,8 +40,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use crate::keys::{Key, KeyRange};
-use crate::ring::{Ring, Route, ServerId};
+use crate::base::keys::{Key, KeyRange};
+use crate::placement::ring::{Ring, Route, ServerId};
 
 /// A push, named by its worker and the worker's push number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -208,7 +208,7 @@ impl ChainMsg {
     }
 }
 
-/// A handover named in a flip's plan (computed by the manager, [`crate::manager`]).
+/// A handover named in a flip's plan (computed by the manager, [`crate::sim::manager`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Handover {
     /// The piece of key space.

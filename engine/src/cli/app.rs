@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::cli::{ClusterArgs, NetArgs, OutputArgs, SchedulerAddr};
-use crate::error::EngineError;
+use crate::base::error::EngineError;
+use crate::cli::args::{ClusterArgs, NetArgs, OutputArgs, SchedulerAddr};
+use crate::cli::local::{run_local, LocalPlan};
 use crate::job::JobArgs;
-use crate::local::{run_local, LocalPlan};
 use crate::scheduler::{run_scheduler, SchedulerConfig};
 use crate::server::{Server, ServerConfig};
 use crate::update::UpdateSpec;
@@ -81,7 +81,7 @@ enum Cmd {
     /// Run the scheduler.
     Scheduler {
         /// Address to listen on.
-        #[arg(long, env = "PSERV_SCHEDULER_LISTEN", default_value = crate::cli::DEFAULT_SCHEDULER)]
+        #[arg(long, env = "PSERV_SCHEDULER_LISTEN", default_value = crate::cli::args::DEFAULT_SCHEDULER)]
         listen: std::net::SocketAddr,
         #[command(flatten)]
         cluster: ClusterArgs,
@@ -318,14 +318,14 @@ fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> {
             Ok(())
         }
         Cmd::Status { sched, json } => {
-            let report = crate::status::fetch(sched.scheduler, Duration::from_secs(5))?;
+            let report = crate::cli::status::fetch(sched.scheduler, Duration::from_secs(5))?;
             if json {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&report).expect("json encodes")
                 );
             } else {
-                print!("{}", crate::status::render(&report));
+                print!("{}", crate::cli::status::render(&report));
             }
             Ok(())
         }
@@ -350,7 +350,7 @@ fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> {
             cfg.transport = net.transport;
             Server::start(cfg)?.run()
         }
-        Cmd::Leave { sched, rank } => crate::status::leave(sched.scheduler, rank),
+        Cmd::Leave { sched, rank } => crate::cli::status::leave(sched.scheduler, rank),
         Cmd::Worker {
             sched,
             rank,
@@ -385,8 +385,8 @@ pub struct ReplArgs {
 
 impl ReplArgs {
     /// The server's replication settings.
-    pub fn config(&self) -> crate::replicate::ReplicationConfig {
-        crate::replicate::ReplicationConfig {
+    pub fn config(&self) -> crate::replication::ReplicationConfig {
+        crate::replication::ReplicationConfig {
             max_pushes: self.replication_batch.max(1),
             window: Duration::from_micros(self.replication_window_us),
         }

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use pserv_transport::{CloseReason, Conn, Handler, RecvFrame, TcpConfig, TcpTransport};
 
-use crate::error::EngineError;
-use crate::keys::Partition;
+use crate::base::error::EngineError;
+use crate::placement::Partition;
 use crate::proto::{
     ClusterInfo, Control, NodeStatus, RangeStatus, Role, ServerInfo, ServerStats, StatusReport,
     ValueType, WorkerStats, SCHEDULER_ID,
@@ -40,7 +40,7 @@ pub struct ClusterSpec {
     /// The servers' default update function.
     pub update: UpdateSpec,
     /// Virtual nodes per server on the consistent-hashing ring that routes keys
-    /// ([`crate::ring`]); 0 splits the key space evenly instead (one range per server).
+    /// ([`crate::placement::ring`]); 0 splits the key space evenly instead (one range per server).
     pub vnodes: u32,
     /// Replicas of every range after its head (chain replication, MISSION.md P10); needs
     /// the ring (`vnodes > 0`). With replicas, a server that fails is taken off the ring
@@ -59,9 +59,9 @@ impl ClusterSpec {
     }
 
     /// The ring of this spec (none for the even split).
-    pub fn ring(&self) -> Option<crate::ring::Ring> {
+    pub fn ring(&self) -> Option<crate::placement::ring::Ring> {
         let ids: Vec<u32> = (0..self.servers).collect();
-        (self.vnodes > 0).then(|| crate::ring::Ring::new(&ids, self.vnodes))
+        (self.vnodes > 0).then(|| crate::placement::ring::Ring::new(&ids, self.vnodes))
     }
 
     /// Check the settings fit together.
@@ -164,7 +164,7 @@ pub struct SchedulerCore {
     now_ms: u64,
     heartbeat_timeout_ms: u64,
     /// The ring as it is now (servers that failed taken off), if the cluster uses one.
-    ring: Option<crate::ring::Ring>,
+    ring: Option<crate::placement::ring::Ring>,
     /// The routing table as it is now.
     table: Partition,
     /// Servers taken off the ring: (rank, when, in `now_ms` time).
@@ -190,7 +190,7 @@ pub struct SchedulerCore {
 #[derive(Debug)]
 struct Change {
     /// The ring after the change.
-    target: crate::ring::Ring,
+    target: crate::placement::ring::Ring,
     /// The middle table's epoch.
     epoch: u64,
     /// Heads of the middle table that have not reported `Synced` yet.
@@ -312,8 +312,10 @@ impl SchedulerCore {
             let mut ids: Vec<u32> = self.table.owners().to_vec();
             ids.sort_unstable();
             ids.dedup();
-            self.ring =
-                Some(crate::ring::Ring::new(&ids, self.spec.vnodes).with_epoch(self.table.epoch()));
+            self.ring = Some(
+                crate::placement::ring::Ring::new(&ids, self.spec.vnodes)
+                    .with_epoch(self.table.epoch()),
+            );
         }
         let servers = self
             .nodes
@@ -1103,7 +1105,7 @@ impl SchedulerCore {
     /// report `Synced`; then [`maybe_flip`](Self::maybe_flip) sends the final table.
     fn start_change(
         &mut self,
-        target: crate::ring::Ring,
+        target: crate::placement::ring::Ring,
         leaving: Option<u32>,
         out: &mut Vec<Output>,
     ) {
@@ -1111,7 +1113,7 @@ impl SchedulerCore {
         let ranks = self.server_ranks as usize;
         let old = self.table.clone();
         let fin = Partition::from_ring_chains(&target, ranks, k);
-        let mut pieces: Vec<(crate::keys::KeyRange, Vec<u32>)> = Vec::new();
+        let mut pieces: Vec<(crate::base::keys::KeyRange, Vec<u32>)> = Vec::new();
         for (i, r) in fin.ranges().iter().enumerate() {
             // Cut by the old table's ranges too.
             let mut b = r.begin;
@@ -1127,7 +1129,7 @@ impl SchedulerCore {
                         chain.push(s);
                     }
                 }
-                pieces.push((crate::keys::KeyRange::new(b, e), chain));
+                pieces.push((crate::base::keys::KeyRange::new(b, e), chain));
                 b = e;
             }
         }
@@ -1731,7 +1733,7 @@ mod tests {
         sp.vnodes = 16;
         sp.replicas = 1;
         // The table the servers had: server 1 failed earlier (epoch 2).
-        let ring = crate::ring::Ring::new(&[0, 1], 16).remove_server(1);
+        let ring = crate::placement::ring::Ring::new(&[0, 1], 16).remove_server(1);
         let table = Partition::from_ring_chains(&ring, 2, 1);
         assert_eq!(table.epoch(), 2);
         let rejoin = |role, rank, node_id, table: &Partition, barriers| Control::Rejoin {
@@ -2043,11 +2045,11 @@ mod tests {
         assert_eq!(report.epoch, 1);
         assert_eq!(report.ranges.len(), 2);
         assert_eq!(report.ranges[0].range.begin, 0);
-        assert_eq!(report.ranges[1].range.end, crate::keys::KEY_END);
+        assert_eq!(report.ranges[1].range.end, crate::base::keys::KEY_END);
         assert_eq!(report.ranges[1].chain, vec![1]);
         assert_eq!(report.nodes.len(), 4);
         assert!(report.running && !report.finished);
-        let text = crate::status::render(report);
+        let text = crate::cli::status::render(report);
         assert!(text.contains("routing table epoch 1"), "{text}");
         assert!(text.contains("server 1 at 127.0.0.1:"), "{text}");
         assert!(

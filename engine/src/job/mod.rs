@@ -13,8 +13,8 @@ use std::time::Instant;
 
 use clap::Args;
 
+use crate::base::error::EngineError;
 use crate::consistency::Consistency;
-use crate::error::EngineError;
 use crate::lr::{gradient, Dataset, Minibatch, SgdParams, SparseModel, SyntheticSpec};
 use crate::proto::Control;
 use crate::update::UpdateSpec;
@@ -120,7 +120,7 @@ pub struct DenseLayout {
 
 impl DenseLayout {
     /// The layout of `buckets` buckets over the servers of `partition`.
-    pub fn new(buckets: u64, partition: &crate::keys::Partition) -> Self {
+    pub fn new(buckets: u64, partition: &crate::placement::Partition) -> Self {
         DenseLayout {
             buckets: buckets.max(1),
             // Each server's buckets start at its largest range (ring ranges are ~2^64 /
@@ -139,14 +139,14 @@ impl DenseLayout {
     }
 
     /// Each server's range of buckets, in server order.
-    pub fn windows(&self) -> Vec<crate::keys::KeyRange> {
+    pub fn windows(&self) -> Vec<crate::base::keys::KeyRange> {
         let s = self.bases.len() as u64;
         self.bases
             .iter()
             .enumerate()
             .map(|(i, &b)| {
                 let n = (self.buckets + s - 1 - i as u64) / s;
-                crate::keys::KeyRange::new(b, b + n)
+                crate::base::keys::KeyRange::new(b, b + n)
             })
             .collect()
     }
@@ -450,7 +450,7 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
         None => (train, test),
     };
     let mut one_sided_windows = 0usize;
-    let windows: Vec<(crate::keys::KeyRange, usize)> = match &dense {
+    let windows: Vec<(crate::base::keys::KeyRange, usize)> = match &dense {
         Some(l) => {
             let mut at = 0;
             let mut out = Vec::new();

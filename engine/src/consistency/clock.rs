@@ -20,7 +20,7 @@
 
 use std::collections::VecDeque;
 
-use crate::keys::KeyRange;
+use crate::base::keys::KeyRange;
 
 /// Clocks of every node over one key range, kept as segments.
 #[derive(Debug, Clone)]

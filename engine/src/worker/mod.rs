@@ -41,15 +41,16 @@ use pserv_transport::{
     TcpTransport,
 };
 
+use crate::base::error::EngineError;
+use crate::base::keys::{Key, KeyRange};
+use crate::base::value::Value;
 use crate::consistency::{Consistency, Gate};
-use crate::error::EngineError;
-use crate::keys::{Key, KeyRange, Partition};
 use crate::onesided::{ClientOneSided, TransportKind};
+use crate::placement::Partition;
 use crate::proto::{
     request_timestamp, segment_of, task_of, ClusterInfo, Control, Role, Status, WorkerStats,
     MAX_SEGMENTS,
 };
-use crate::value::Value;
 
 /// Identifies a task (a push, pull or push-pull) of one worker. Increases by one per task.
 pub type Timestamp = u64;
@@ -2014,7 +2015,7 @@ impl Worker {
                     k[i + 1]
                 )));
             }
-            if k.last() == Some(&crate::keys::KEY_END) {
+            if k.last() == Some(&crate::base::keys::KEY_END) {
                 return Err(EngineError::InvalidRequest(
                     "key u64::MAX is outside the key space".into(),
                 ));
@@ -2236,8 +2237,8 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::placement::ring::Ring;
     use crate::proto::TASK_BITS;
-    use crate::ring::Ring;
     use pserv_transport::wire::DType;
     use pserv_transport::{BufPool, Frame};
 

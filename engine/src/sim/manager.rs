@@ -30,9 +30,9 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use crate::chain::Handover;
-use crate::keys::KeyRange;
-use crate::ring::{Ring, ServerId};
+use crate::base::keys::KeyRange;
+use crate::placement::ring::{Ring, ServerId};
+use crate::sim::chain::Handover;
 
 /// Manager settings.
 #[derive(Clone, Debug)]

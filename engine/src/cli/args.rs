@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use clap::Args;
 use pserv_transport::TcpConfig;
 
-use crate::error::EngineError;
+use crate::base::error::EngineError;
 use crate::proto::ValueType;
 use crate::scheduler::ClusterSpec;
 use crate::update::UpdateSpec;

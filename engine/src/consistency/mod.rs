@@ -17,8 +17,10 @@
 //! sockets, no clocks, so it is tested exhaustively with property tests below.
 //!
 //! The same model also tells the servers how stale a pull may be ([`Consistency::min_clock`]):
-//! with vector clocks (see [`crate::clock`]), a pull issued at worker clock `c` is answered
+//! with vector clocks (see [`crate::consistency::clock`]), a pull issued at worker clock `c` is answered
 //! once every worker has finished its iteration `c - tau - 1`.
+
+pub mod clock;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;

@@ -1,0 +1,9 @@
+//! What every other part of the engine builds on: keys and key ranges, the value types,
+//! the status codes of answers, the engine's error type.
+//!
+//! Invariant: depends on nothing else in the engine.
+
+pub mod error;
+pub mod keys;
+pub mod status;
+pub mod value;
