@@ -1,0 +1,275 @@
+//! The transport handler of a server: frames in, decisions out (control messages, the
+//! clock gate, refusals), and what a closed connection means.
+
+use std::sync::atomic::Ordering;
+
+use std::time::Duration;
+
+use pserv_transport::wire::{MessageKind, FLAG_ORDERED, FLAG_RANGE};
+use pserv_transport::{CloseReason, Conn, Frame, Handler, OwnedFrame, RecvFrame};
+
+use crate::base::keys::KeyRange;
+use crate::consistency::clock::{Action, ClockGate};
+use crate::proto::{self, Control, Status};
+use crate::replication::{EntryStore, KeysRef};
+use crate::worker::SCHEDULER_TAG;
+
+use super::admit::{admit, Clocked};
+use super::route::{route, stale_epoch, touched_ranges, Refusal};
+use super::serve::answer_request;
+use super::window::open_window;
+use super::{AnyStore, Core, Ready, ServerHandler};
+
+impl Handler for ServerHandler {
+    fn on_frame(&mut self, conn: &Conn, frame: RecvFrame<'_>) {
+        let f = frame.frame();
+        let h = *f.header();
+        if h.kind == MessageKind::Control as u8 {
+            if conn.tag() == SCHEDULER_TAG {
+                match Control::from_frame(&f) {
+                    Ok(msg) => {
+                        let _ = self.core.control.send(msg);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "bad control message from the scheduler"),
+                }
+            } else {
+                match Control::from_frame(&f) {
+                    Ok(Control::OpenWindow {
+                        range,
+                        host,
+                        offers,
+                    }) => open_window(&self.core, conn, h.sender, range, &host, &offers),
+                    Ok(Control::Replicate { batch }) => match self.core.ready.get() {
+                        Some(ready) if is_server(ready, h.sender) => {
+                            ready.repl.on_batch(entries(ready), batch)
+                        }
+                        _ => {
+                            tracing::warn!(peer = %conn.peer_addr(), sender = h.sender, "replica batch from a node that is not a server; ignored")
+                        }
+                    },
+                    Ok(Control::ReplicaAck { seq }) => match self.core.ready.get() {
+                        Some(ready) if is_server(ready, h.sender) => ready.repl.on_ack(seq),
+                        _ => {
+                            tracing::warn!(peer = %conn.peer_addr(), sender = h.sender, "replica ack from a node that is not a server; ignored")
+                        }
+                    },
+                    Ok(Control::Completed { clock }) => {
+                        if let Some(ready) = self.core.ready.get() {
+                            match h.sender.checked_sub(1 + ready.servers) {
+                                Some(w) if w < ready.workers => {
+                                    let mut gate = ready.clocks.lock();
+                                    let actions = gate.completed(w as usize, clock);
+                                    run_actions(&self.core, ready, &mut gate, actions);
+                                }
+                                _ => {
+                                    tracing::warn!(peer = %conn.peer_addr(), sender = h.sender, "clock notice from a node that is not a worker; ignored")
+                                }
+                            }
+                        }
+                    }
+                    Ok(other) => {
+                        tracing::warn!(peer = %conn.peer_addr(), ?other, "unexpected control message from a worker; ignored")
+                    }
+                    Err(e) => {
+                        tracing::warn!(peer = %conn.peer_addr(), error = %e, "bad control message from a worker; ignored")
+                    }
+                }
+            }
+            return;
+        }
+        let Some(ready) = self.core.ready.get() else {
+            let _ = conn.send(proto::error_answer(
+                &h,
+                0,
+                Status::NotReady,
+                "server has no cluster table yet",
+            ));
+            return;
+        };
+        // Remember which worker this connection belongs to, so its clock can be retired
+        // when it goes away.
+        let servers = ready.servers;
+        let worker = h.sender.checked_sub(1 + servers);
+        if conn.tag() == 0 {
+            if let Some(w) = worker {
+                conn.set_tag(u64::from(w) + 1);
+            }
+        }
+        if h.clock == 0 {
+            // Unclocked: serve at once, from the receive buffer.
+            answer_request(&self.core, ready, &f, conn, 0);
+            return;
+        }
+        let Some(worker) = worker.filter(|&w| w < ready.workers) else {
+            let _ = conn.send(proto::error_answer(
+                &h,
+                ready.node_id,
+                Status::BadRequest,
+                &format!(
+                    "clocked request from node {}, which is not a worker",
+                    h.sender
+                ),
+            ));
+            return;
+        };
+        // Requests this server will refuse (routed with another table, keys it does not
+        // head, ranges not handed over yet) are refused before the clock gate sees them:
+        // the gate must not count a push that is not applied.
+        if let Some(refusal) = precheck(ready, &f) {
+            refuse(ready, conn, &h, refusal);
+            return;
+        }
+        let mut gate = ready.clocks.lock();
+        // A table installed since the precheck evicted what the gate held (under this
+        // lock): so check the epoch again, and nothing routed with an older table enters.
+        let table = ready.table.read().clone();
+        if h.epoch != 0 && u64::from(h.epoch) != table.epoch() {
+            drop(gate);
+            refuse(ready, conn, &h, stale_epoch(h.epoch, table.epoch()));
+            return;
+        }
+        let me = ready.rank as usize;
+        let keys = keys_of(&f).expect("the precheck refused malformed keys");
+        let ranges = touched_ranges(&table, me, keys);
+        let req = Clocked {
+            worker: worker as usize,
+            clock: h.clock,
+            is_pull: h.kind == MessageKind::Pull as u8,
+            ordered: h.has(FLAG_ORDERED),
+            timestamp: h.timestamp,
+            is_range: h.has(FLAG_RANGE),
+        };
+        let held = Held {
+            conn: conn.clone(),
+            frame: frame.into_owned(),
+            since: std::time::Instant::now(),
+            ranges: ranges.clone(),
+        };
+        let actions = admit(&mut gate, &table, me, &req, ranges, held);
+        run_actions(&self.core, ready, &mut gate, actions);
+    }
+
+    fn on_close(&mut self, conn: &Conn, _reason: &CloseReason) {
+        let (Some(ready), tag) = (self.core.ready.get(), conn.tag()) else {
+            return;
+        };
+        if tag >= PEER_TAG && tag != SCHEDULER_TAG {
+            // A connection to another server closed: batches on chains through it are
+            // regrouped (it failed or left).
+            let table = ready.table.read().clone();
+            ready
+                .repl
+                .peer_lost(entries(ready), &table, (tag - PEER_TAG) as u32);
+            return;
+        }
+        if tag == 0 || tag == SCHEDULER_TAG {
+            return;
+        }
+        let worker = (tag - 1) as usize;
+        let mut gate = ready.clocks.lock();
+        let actions = gate.retire(worker);
+        run_actions(&self.core, ready, &mut gate, actions);
+    }
+}
+
+/// Answer `h` with `refusal`. A request routed with an older table than this server's is
+/// a redirect: the current table goes first, so the worker learns it from here too (not
+/// only from the scheduler) and resends.
+pub(super) fn refuse(ready: &Ready, conn: &Conn, h: &pserv_transport::Header, refusal: Refusal) {
+    let Refusal(status, msg) = refusal;
+    if status == Status::StaleEpoch && h.epoch != 0 {
+        let table = ready.table.read().clone();
+        if u64::from(h.epoch) < table.epoch() {
+            let t = Control::Table {
+                partition: (*table).clone(),
+            };
+            let _ = conn.send(t.to_frame(ready.node_id));
+        }
+    }
+    tracing::debug!(peer = %conn.peer_addr(), %status, %msg, "refused a request");
+    let _ = conn.send(proto::error_answer(h, ready.node_id, status, &msg));
+}
+
+/// The keys of a data request, or `None` when they are malformed (a backwards range,
+/// unsorted keys: `serve` refuses those with the reason).
+pub(super) fn keys_of<'a>(f: &'a Frame<'_>) -> Option<KeysRef<'a>> {
+    match f.range() {
+        Some((b, e)) if b > e => None,
+        Some((b, e)) => Some(KeysRef::Range(KeyRange::new(b, e))),
+        None if f.keys().windows(2).any(|w| w[0] >= w[1]) => None,
+        None => Some(KeysRef::List(f.keys())),
+    }
+}
+
+/// The routing checks of a data request (epoch, ownership, hand-off), without the store.
+pub(super) fn precheck(ready: &Ready, f: &Frame<'_>) -> Option<Refusal> {
+    // Malformed keys: serve() answers them with the reason.
+    let keys = keys_of(f)?;
+    let table = ready.table.read();
+    route(&table, ready.rank as usize, f.header().epoch, keys, |k| {
+        ready.repl.handoff_pending(k)
+    })
+}
+
+/// Tags of the connections to other servers: `PEER_TAG + rank`.
+pub(super) const PEER_TAG: u64 = 1 << 40;
+
+/// Whether node `id` is a server of the cluster (servers that joined later have ids
+/// above every worker's).
+pub(super) fn is_server(ready: &Ready, id: u32) -> bool {
+    (1..=ready.servers).contains(&id) || id >= proto::JOINED_SERVER_BASE
+}
+
+/// The store, for replication.
+pub(super) fn entries(ready: &Ready) -> &dyn EntryStore {
+    match &ready.store {
+        AnyStore::F32(t) => &t.store,
+        AnyStore::F64(t) => &t.store,
+    }
+}
+
+/// A clocked request the gate holds: where it came from, its bytes, when it arrived,
+/// the table ranges it touches.
+pub(super) struct Held {
+    pub(super) conn: Conn,
+    pub(super) frame: OwnedFrame,
+    pub(super) since: std::time::Instant,
+    pub(super) ranges: Vec<KeyRange>,
+}
+
+/// A request served this long after it arrived counts as held by the gate (requests
+/// served at once take a few microseconds).
+pub(super) const HELD_MIN: Duration = Duration::from_micros(50);
+
+/// Carry out the gate's decisions, in order, with the gate still locked (the order of
+/// applies is what sequential consistency promises).
+pub(super) fn run_actions(
+    core: &Core,
+    ready: &Ready,
+    gate: &mut ClockGate<Held>,
+    actions: Vec<Action<Held>>,
+) {
+    let publish = !actions.is_empty();
+    for a in actions {
+        match a {
+            Action::Apply(p) | Action::Answer(p) => {
+                let waited = p.since.elapsed();
+                if waited >= HELD_MIN {
+                    ready.held.0.fetch_add(1, Ordering::Relaxed);
+                    ready
+                        .held
+                        .1
+                        .fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
+                }
+                let clock = gate.min(&p.ranges);
+                answer_request(core, ready, &p.frame.frame(), &p.conn, clock);
+            }
+        }
+    }
+    if publish {
+        // One-sided readers wait on this word instead of the gate (after the applies).
+        if let Some(w) = ready.onesided.as_ref().and_then(|o| o.window()) {
+            w.publish_clock(gate.clock().min(w.range));
+        }
+    }
+}

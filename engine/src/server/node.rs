@@ -1,0 +1,515 @@
+//! The server process: start-up (registration, the cluster table, the store), the
+//! control loop (tables, joins, leaves, the scheduler), shutdown.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crossbeam_channel::RecvTimeoutError;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
+
+use pserv_transport::{BufPool, Conn, TcpTransport};
+
+use crate::base::error::EngineError;
+use crate::base::keys::KeyRange;
+use crate::base::value::Value;
+use crate::consistency::clock::ClockGate;
+use crate::onesided::{ServerOneSided, TransportKind};
+use crate::placement::Partition;
+use crate::proto::{self, ClusterInfo, Control, Role, ServerStats, Status, ValueType};
+use crate::replication::Replicator;
+use crate::store::{Store, StoreConfig, StoreError};
+use crate::update::Sum;
+use crate::worker::SCHEDULER_TAG;
+
+use super::config::registry;
+use super::config::{ServerConfig, UserRules};
+use super::handler::{entries, refuse, run_actions, PEER_TAG};
+use super::route::Refusal;
+use super::window::apply_landed;
+use super::{AnyStore, Core, Ready, ServerHandler, Typed};
+
+/// A running server node.
+pub struct Server {
+    core: Arc<Core>,
+    control: crossbeam_channel::Receiver<Control>,
+    addr: SocketAddr,
+    transport: TcpTransport,
+    /// The scheduler connection (replaced when a restarted scheduler comes back).
+    sched: Arc<Mutex<Conn>>,
+    /// The scheduler's address.
+    scheduler_addr: SocketAddr,
+    dump_model: Option<std::path::PathBuf>,
+    /// The thread applying one-sided pushes, if any.
+    notices: Option<std::thread::JoinHandle<()>>,
+    /// The replication window's thread and its stop flag.
+    flusher: Option<(std::thread::JoinHandle<()>, Arc<AtomicBool>)>,
+}
+
+impl Server {
+    /// Start listening, register with the scheduler, and wait for the cluster table;
+    /// from then on requests are served on the event loops.
+    pub fn start(cfg: ServerConfig) -> Result<Server, EngineError> {
+        // Refuse bad user rules before registering, not once the cluster is up.
+        registry::<f32>(Arc::new(Sum), &cfg.rules.f32)?;
+        registry::<f64>(Arc::new(Sum), &cfg.rules.f64)?;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let core = Arc::new(Core {
+            ready: OnceLock::new(),
+            control: tx,
+            pool: BufPool::new(64),
+            max_frame: cfg.tcp.max_frame,
+        });
+        let transport =
+            TcpTransport::start(cfg.tcp.clone(), |_| ServerHandler { core: core.clone() })?;
+        let addr = transport.listen(cfg.listen)?;
+        let scheduler = transport.connect(cfg.scheduler, Duration::from_secs(10))?;
+        scheduler.set_tag(SCHEDULER_TAG);
+        let hello = if cfg.join {
+            Control::Join {
+                addr,
+                rank: cfg.rank,
+                pid: std::process::id(),
+            }
+        } else {
+            Control::Register {
+                role: Role::Server,
+                addr: Some(addr),
+                rank: cfg.rank,
+                pid: std::process::id(),
+            }
+        };
+        scheduler.send(hello.to_frame(0))?;
+        let (node_id, rank, cluster) = match rx.recv_timeout(cfg.register_timeout) {
+            Ok(Control::Welcome {
+                node_id,
+                rank,
+                cluster,
+            }) => (node_id, rank, cluster),
+            Ok(Control::Refused { reason }) => return Err(EngineError::Registration(reason)),
+            Ok(other) => {
+                return Err(EngineError::Registration(format!(
+                    "unexpected answer {other:?}"
+                )))
+            }
+            Err(_) => {
+                return Err(EngineError::Registration(format!(
+                    "no cluster table from the scheduler at {} within {:?}",
+                    cfg.scheduler, cfg.register_timeout
+                )))
+            }
+        };
+        transport.repin(node_id as usize);
+        // Connections to the other servers, for chain replication (every server listens
+        // before it registers, so all of them accept by now).
+        let mut peers: Vec<Option<Conn>> = Vec::new();
+        for s in &cluster.servers {
+            if peers.len() <= s.rank as usize {
+                peers.resize(s.rank as usize + 1, None);
+            }
+            if s.rank == rank {
+                continue;
+            }
+            match transport.connect(s.addr, Duration::from_secs(5)) {
+                Ok(c) => {
+                    c.set_tag(PEER_TAG + u64::from(s.rank));
+                    peers[s.rank as usize] = Some(c);
+                }
+                // A server that failed earlier: nothing will be sent to it.
+                Err(e) => tracing::warn!(peer = s.rank, error = %e, "no connection to a server"),
+            }
+        }
+        let sched = Arc::new(Mutex::new(scheduler.clone()));
+        let synced = {
+            let sched = sched.clone();
+            Box::new(move |epoch: u64| {
+                let _ = sched
+                    .lock()
+                    .send(Control::Synced { epoch }.to_frame(node_id));
+            })
+        };
+        let repl = Replicator::new(rank, node_id, cfg.replication, peers, synced);
+        let ready = make_ready(
+            node_id,
+            rank,
+            &cluster,
+            cfg.shards,
+            &cfg.rules,
+            cfg.transport,
+            repl,
+        )?;
+        tracing::info!(
+            node_id,
+            rank,
+            ranges = ready.table.read().ranges_of(rank as usize).len(),
+            epoch = ready.table.read().epoch(),
+            replicas = ready.table.read().replicas(),
+            %addr,
+            "server ready"
+        );
+        let _ = core.ready.set(ready);
+        let notices = core.ready.get().and_then(|r| r.onesided.clone()).map(|os| {
+            let core = core.clone();
+            std::thread::Builder::new()
+                .name("pserv-onesided".into())
+                .spawn(move || {
+                    let ready = core.ready.get().expect("set before the thread starts");
+                    os.serve_notices(|w, func, r, mem, off| match &ready.store {
+                        AnyStore::F32(t) => apply_landed(t, w, func, r, mem, off),
+                        AnyStore::F64(t) => apply_landed(t, w, func, r, mem, off),
+                    })
+                })
+                .map_err(|source| EngineError::Io {
+                    context: "starting the one-sided notice thread".into(),
+                    source,
+                })
+        });
+        let notices = notices.transpose()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flusher = {
+            let core = core.clone();
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("pserv-replicate".into())
+                .spawn(move || {
+                    let ready = core.ready.get().expect("set before the thread starts");
+                    ready.repl.run_flusher(
+                        entries(ready),
+                        || ready.table.read().epoch(),
+                        || stop.load(Ordering::Relaxed),
+                    )
+                })
+                .map_err(|source| EngineError::Io {
+                    context: "starting the replication thread".into(),
+                    source,
+                })?
+        };
+        scheduler.send(Control::Ready.to_frame(node_id))?;
+        Ok(Server {
+            flusher: Some((flusher, stop)),
+            notices,
+            core,
+            control: rx,
+            addr,
+            transport,
+            sched,
+            scheduler_addr: cfg.scheduler,
+            dump_model: cfg.dump_model.clone(),
+        })
+    }
+
+    /// The scheduler sent a new routing table: install it if it is newer, and move
+    /// replication to the new chains.
+    fn install_table(&self, new: Partition) {
+        let Some(ready) = self.core.ready.get() else {
+            return;
+        };
+        let new = Arc::new(new);
+        // The clock gate is locked across the switch and the eviction below: no request
+        // it holds for the old table may be let through (and move a clock) in between.
+        let mut gate = ready.clocks.lock();
+        let old = {
+            let mut t = ready.table.write();
+            if new.epoch() <= t.epoch() {
+                tracing::debug!(epoch = new.epoch(), "older routing table ignored");
+                return;
+            }
+            ready.repl.prepare_table(&t, &new);
+            std::mem::replace(&mut *t, new.clone())
+        };
+        // Clocked requests the gate holds were routed with the old table: refused (with
+        // the new table first), so the workers resend them; they moved no clock.
+        let epoch = new.epoch();
+        let (stale, actions) = gate.evict(|p| {
+            let e = p.frame.header().epoch;
+            e != 0 && u64::from(e) != epoch
+        });
+        for p in stale {
+            let h = *p.frame.header();
+            let refusal = Refusal(
+                Status::StaleEpoch,
+                format!(
+                    "the routing table changed to epoch {epoch} while this request waited \
+                     for the workers' clocks: learn the table and resend"
+                ),
+            );
+            refuse(ready, &p.conn, &h, refusal);
+        }
+        run_actions(&self.core, ready, &mut gate, actions);
+        drop(gate);
+        tracing::info!(
+            rank = ready.rank,
+            from = old.epoch(),
+            to = new.epoch(),
+            ranges = new.ranges_of(ready.rank as usize).len(),
+            "routing table changed"
+        );
+        ready.repl.on_table(entries(ready), &old, &new);
+    }
+
+    /// The scheduler's connection closed (it failed): try once to reach a restarted one
+    /// (`pserv scheduler --recover` on the same address) and report this server to it. The
+    /// data path goes on meanwhile; this is tried again at the next tick.
+    fn reconnect_scheduler(&self) {
+        let Some(ready) = self.core.ready.get() else {
+            return;
+        };
+        let Ok(conn) = self
+            .transport
+            .connect(self.scheduler_addr, Duration::from_millis(200))
+        else {
+            return;
+        };
+        conn.set_tag(SCHEDULER_TAG);
+        let table = ready.table.read().as_ref().clone();
+        let rejoin = Control::Rejoin {
+            role: Role::Server,
+            rank: ready.rank,
+            node_id: ready.node_id,
+            addr: Some(self.addr),
+            pid: std::process::id(),
+            table,
+            barriers: 0,
+        };
+        if conn.send(rejoin.to_frame(ready.node_id)).is_ok() {
+            tracing::info!(scheduler = %self.scheduler_addr, "reconnected to a restarted scheduler");
+            *self.sched.lock() = conn;
+        }
+    }
+
+    /// Connect to servers that joined.
+    fn connect_peers(&self, servers: &[proto::ServerInfo]) {
+        let Some(ready) = self.core.ready.get() else {
+            return;
+        };
+        for s in servers {
+            if s.rank == ready.rank || ready.repl.has_peer(s.rank) {
+                continue;
+            }
+            match self.transport.connect(s.addr, Duration::from_secs(5)) {
+                Ok(c) => {
+                    c.set_tag(PEER_TAG + u64::from(s.rank));
+                    ready.repl.add_peer(s.rank, c);
+                    tracing::info!(peer = s.rank, addr = %s.addr, "connected to a server that joined");
+                }
+                Err(e) => tracing::warn!(peer = s.rank, error = %e, "no connection to a server"),
+            }
+        }
+    }
+
+    /// Where workers connect.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serve until the scheduler says the job is over (or its connection closes); then
+    /// report the store's counters to the scheduler and, if configured, dump the model.
+    pub fn run(self) -> Result<(), EngineError> {
+        // SIGTERM: leave gracefully (hand the ranges over first), then stop when told.
+        let term = Arc::new(AtomicBool::new(false));
+        if let Err(e) = signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone()) {
+            tracing::warn!(error = %e, "cannot catch SIGTERM; it will stop the server at once");
+        }
+        let mut leaving = false;
+        loop {
+            if term.load(Ordering::Relaxed) && !leaving {
+                leaving = true;
+                if let Some(r) = self.core.ready.get() {
+                    tracing::info!(
+                        rank = r.rank,
+                        "SIGTERM: asking the scheduler to let this server leave"
+                    );
+                    let _ = self
+                        .sched
+                        .lock()
+                        .send(Control::Leave { rank: r.rank }.to_frame(r.node_id));
+                } else {
+                    break;
+                }
+            }
+            match self
+                .control
+                .recv_timeout(Duration::from_millis(100).min(proto::HEARTBEAT_EVERY))
+            {
+                Ok(Control::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
+                Ok(Control::Refused { reason }) if leaving => {
+                    tracing::warn!(%reason, "the scheduler refused the leave; stopping now");
+                    break;
+                }
+                Ok(Control::Log { line }) => tracing::info!("{line}"),
+                Ok(Control::Table { partition }) => self.install_table(partition),
+                Ok(Control::Servers { servers }) => self.connect_peers(&servers),
+                Ok(other) => tracing::debug!(?other, "control message ignored by server"),
+                Err(RecvTimeoutError::Timeout) => {
+                    if self.sched.lock().is_closed() {
+                        self.reconnect_scheduler();
+                    }
+                    let id = self.core.ready.get().map_or(0, |r| r.node_id);
+                    let _ = self.sched.lock().send(Control::Heartbeat.to_frame(id));
+                    if let Some(r) = self.core.ready.get() {
+                        let (batches, pushes, oldest) = r.repl.lag();
+                        let lag = Control::ReplicationLag {
+                            batches,
+                            pushes,
+                            oldest_us: oldest.as_micros() as u64,
+                        };
+                        let _ = self.sched.lock().send(lag.to_frame(id));
+                    }
+                }
+            }
+        }
+        if let Some(r) = self.core.ready.get() {
+            let stats = match &r.store {
+                AnyStore::F32(t) => stats_of(r, &t.store),
+                AnyStore::F64(t) => stats_of(r, &t.store),
+            };
+            tracing::info!(
+                rank = r.rank,
+                keys = stats.keys,
+                nonzero = stats.nonzero,
+                "server shutting down"
+            );
+            let _ = self
+                .sched
+                .lock()
+                .send(Control::ServerDone { stats }.to_frame(r.node_id));
+            if let Some(dir) = &self.dump_model {
+                let path = dir.join(format!("model-{}.bin", r.rank));
+                let written = match &r.store {
+                    AnyStore::F32(t) => dump_model(&t.store, &path),
+                    AnyStore::F64(t) => dump_model(&t.store, &path),
+                };
+                written.map_err(|source| EngineError::Io {
+                    context: format!("writing the model to {}", path.display()),
+                    source,
+                })?;
+            }
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while self.sched.lock().queued_bytes() > 0 && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        if let Some(r) = self.core.ready.get() {
+            // Replication still on its way (a leaving server's last batches and hand-off
+            // markers) goes out first.
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while !r.repl.idle() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        if let Some(os) = self.core.ready.get().and_then(|r| r.onesided.as_ref()) {
+            os.stop();
+        }
+        if let Some(t) = self.notices {
+            let _ = t.join();
+        }
+        if let Some((t, stop)) = self.flusher {
+            stop.store(true, Ordering::Relaxed);
+            let _ = t.join();
+        }
+        self.transport.shutdown();
+        Ok(())
+    }
+}
+
+pub(super) fn stats_of<T: Value>(ready: &Ready, store: &Store<T>) -> ServerStats {
+    let repl = ready.repl.stats();
+    ServerStats {
+        rank: ready.rank,
+        keys: store.key_count(),
+        nonzero: store.nonzero_count(),
+        bytes: store.bytes(),
+        held_pulls: ready.held.0.load(Ordering::Relaxed),
+        held_pull_seconds: ready.held.1.load(Ordering::Relaxed) as f64 * 1e-9,
+        replica_batches: repl.batches,
+        replica_pushes: repl.pushes,
+        replica_bytes: repl.bytes,
+    }
+}
+
+/// Write every stored key and its weights, in key order: per key the u64 key then the
+/// weights, little-endian. Two runs that built the same model write the same bytes.
+pub(super) fn dump_model<T: Value>(
+    store: &Store<T>,
+    path: &std::path::Path,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut result = Ok(());
+    store.for_each(|key, weights| {
+        if result.is_ok() {
+            result = out
+                .write_all(&key.to_le_bytes())
+                .and_then(|_| out.write_all(bytemuck::cast_slice(weights)));
+        }
+    });
+    result?;
+    out.flush()
+}
+
+pub(super) fn make_ready(
+    node_id: u32,
+    rank: u32,
+    cluster: &ClusterInfo,
+    shards: usize,
+    rules: &UserRules,
+    transport: TransportKind,
+    repl: Replicator,
+) -> Result<Ready, EngineError> {
+    // The store takes any key; which keys this server serves is the routing table's
+    // business (checked per request, with its epoch).
+    let range = KeyRange::FULL;
+    // Enough state for the default rule and every user rule of the cluster's type.
+    let user_state_len = match cluster.value_type {
+        ValueType::F32 => rules.state_len_f32(),
+        ValueType::F64 => rules.state_len_f64(),
+    };
+    let cfg = StoreConfig {
+        shards,
+        value_len: cluster.value_len as usize,
+        state_len: cluster.update.state_len().max(user_state_len),
+        ..StoreConfig::default()
+    };
+    let onesided = ServerOneSided::new(
+        transport,
+        cluster.partition.ranges_of(rank as usize),
+        cluster.value_len as usize,
+        match cluster.value_type {
+            ValueType::F32 => 4,
+            ValueType::F64 => 8,
+        },
+        cfg.state_len,
+    )?
+    .map(Arc::new);
+    let err = |e: StoreError| EngineError::Config(format!("creating the store: {e}"));
+    let store = match cluster.value_type {
+        ValueType::F32 => AnyStore::F32(Typed {
+            updates: registry(cluster.update.build::<f32>(), &rules.f32)?,
+            store: Store::new(range, cfg).map_err(err)?,
+        }),
+        ValueType::F64 => AnyStore::F64(Typed {
+            updates: registry(cluster.update.build::<f64>(), &rules.f64)?,
+            store: Store::new(range, cfg).map_err(err)?,
+        }),
+    };
+    Ok(Ready {
+        node_id,
+        rank,
+        store,
+        // The servers of the first table (ids 1..=S); joiners have ids above the workers.
+        servers: cluster
+            .servers
+            .iter()
+            .filter(|s| s.id == 1 + s.rank)
+            .count() as u32,
+        workers: cluster.workers,
+        clocks: Mutex::new(ClockGate::new(range, cluster.workers as usize)),
+        table: RwLock::new(Arc::new(cluster.partition.clone())),
+        repl,
+        held: (AtomicU64::new(0), AtomicU64::new(0)),
+        onesided,
+    })
+}
