@@ -1,0 +1,132 @@
+//! The transport handler: control messages from the scheduler and the servers, and the
+//! servers' answers, which complete the segments of tasks.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use pserv_transport::wire::MessageKind;
+use pserv_transport::{CloseReason, Conn, Handler, RecvFrame};
+
+use crate::base::error::EngineError;
+use crate::proto::{Control, Status};
+
+use super::registration::SCHEDULER_TAG;
+use super::retry::Failure;
+use super::state::Core;
+use super::tasks::Outcome;
+
+pub(super) struct WorkerHandler {
+    pub(super) core: Arc<Core>,
+}
+
+impl Handler for WorkerHandler {
+    fn on_frame(&mut self, conn: &Conn, frame: RecvFrame<'_>) {
+        let f = frame.frame();
+        let h = *f.header();
+        if conn.tag() == SCHEDULER_TAG {
+            match Control::from_frame(&f) {
+                Ok(Control::Servers { servers }) => self.core.connect_new(servers),
+                Ok(Control::Shutdown) => {
+                    self.core.over.store(true, Ordering::Release);
+                    let _ = self.core.control.send(Control::Shutdown);
+                }
+                Ok(Control::Table { partition }) => {
+                    let epoch = partition.epoch();
+                    if self.core.install(partition) {
+                        tracing::info!(epoch, "new routing table installed");
+                        self.core.wake();
+                    } else {
+                        tracing::debug!(epoch, "routing table not newer than ours; ignored");
+                    }
+                }
+                Ok(msg) => {
+                    let _ = self.core.control.send(msg);
+                }
+                Err(e) => tracing::warn!(error = %e, "bad control message from the scheduler"),
+            }
+            return;
+        }
+        let Some(server) = conn.tag().checked_sub(1) else {
+            tracing::warn!(peer = %conn.peer_addr(), "frame from an unknown peer; closing it");
+            conn.close();
+            return;
+        };
+        if h.kind == MessageKind::Control as u8 {
+            // A server's redirect carries its routing table; window grants and refusals
+            // (one-sided setup) go to the caller waiting for them.
+            match Control::from_frame(&f) {
+                Ok(Control::Table { partition }) => {
+                    let epoch = partition.epoch();
+                    if self.core.install(partition) {
+                        tracing::info!(epoch, server, "newer routing table learnt from a server");
+                        self.core.wake();
+                    }
+                }
+                Ok(msg) => {
+                    let _ = self.core.control.send(msg);
+                }
+                Err(e) => tracing::warn!(server, error = %e, "bad control message from a server"),
+            }
+            return;
+        }
+        let server = server as u32;
+        let value_bytes = f.values().len();
+        let status = Status::from_u8(h.status);
+        let error_text = (h.status != Status::Ok as u8)
+            .then(|| String::from_utf8_lossy(f.values()).into_owned());
+        self.core.settle(h.timestamp, server, |st, seg| {
+            if let Some(message) = error_text {
+                let failure = Failure::Refused {
+                    server,
+                    status,
+                    message,
+                };
+                if matches!(status, Status::StaleEpoch | Status::NotOwner) {
+                    // Routed by a table the server does not share: resend by a newer one.
+                    return Outcome::Retry(failure);
+                }
+                st.error.get_or_insert(failure.error());
+                return Outcome::Done;
+            }
+            if !st.keeps_values {
+                return Outcome::Done;
+            }
+            let want = st.segments[seg].values;
+            let elem = pserv_transport::DType::from_u8(st.dtype).map_or(1, |d| d.size());
+            if h.dtype != st.dtype || value_bytes != want * elem {
+                st.error.get_or_insert(EngineError::Server {
+                    server,
+                    status: Status::BadRequest,
+                    message: format!(
+                        "answer holds {value_bytes} value bytes of type {}, expected {want} values of type {}",
+                        h.dtype, st.dtype
+                    ),
+                });
+                return Outcome::Done;
+            }
+            st.segments[seg].part = Some(frame.into_owned());
+            Outcome::Done
+        });
+    }
+
+    fn on_close(&mut self, conn: &Conn, reason: &CloseReason) {
+        match conn.tag() {
+            SCHEDULER_TAG => {
+                tracing::debug!(%reason, "scheduler connection closed");
+                let current = self
+                    .core
+                    .sched
+                    .lock()
+                    .as_ref()
+                    .is_some_and(|c| c.id() == conn.id());
+                if self.core.over.load(Ordering::Acquire) {
+                    let _ = self.core.control.send(Control::Shutdown);
+                } else if current {
+                    self.core.scheduler_lost();
+                }
+            }
+            0 => {}
+            t => self.core.server_lost((t - 1) as u32),
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! Joining and leaving the job: registering with the scheduler, connecting to the
+//! servers (also those that join later), rejoining a restarted scheduler, and reporting
+//! the worker done.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pserv_transport::{Conn, TcpTransport};
+
+use crate::base::error::EngineError;
+use crate::onesided::{ClientOneSided, TransportKind};
+use crate::proto::{Control, Role, WorkerStats};
+
+use super::config::WorkerConfig;
+use super::handler::WorkerHandler;
+use super::retry::Retrier;
+use super::state::Core;
+use super::Worker;
+
+/// Conn tag of the scheduler connection.
+pub(crate) const SCHEDULER_TAG: u64 = u64::MAX;
+
+impl Core {
+    /// Send to the scheduler (over the current connection).
+    fn to_scheduler(&self, msg: &Control, sender: u32) -> Result<(), EngineError> {
+        let conn = self
+            .sched
+            .lock()
+            .clone()
+            .ok_or(EngineError::SchedulerGone)?;
+        Ok(conn.send(msg.to_frame(sender))?)
+    }
+
+    /// The scheduler's connection closed before the job was over: look for a restarted
+    /// scheduler for the grace period (on a thread of its own), report this worker to it
+    /// and let a barrier in progress ask again; else stop as before.
+    pub(super) fn scheduler_lost(self: &Arc<Self>) {
+        if self.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let (Some(connector), Some(&(addr, rank, node_id, grace))) =
+            (self.connector.get().cloned(), self.sched_info.get())
+        else {
+            let _ = self.control.send(Control::Shutdown);
+            return;
+        };
+        let core = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("pserv-rejoin".into())
+            .spawn(move || {
+                let deadline = Instant::now() + grace;
+                while Instant::now() < deadline && !core.stop.load(Ordering::Relaxed) {
+                    if let Ok(conn) = connector.connect(addr, Duration::from_millis(200)) {
+                        conn.set_tag(SCHEDULER_TAG);
+                        let rejoin = Control::Rejoin {
+                            role: Role::Worker,
+                            rank,
+                            node_id,
+                            addr: None,
+                            pid: std::process::id(),
+                            table: core.table().as_ref().clone(),
+                            barriers: core.barriers_passed.load(Ordering::Acquire),
+                        };
+                        if conn.send(rejoin.to_frame(node_id)).is_ok() {
+                            tracing::info!(scheduler = %addr, "reconnected to a restarted scheduler");
+                            *core.sched.lock() = Some(conn);
+                            let _ = core.control.send(Control::SchedulerBack);
+                            return;
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                tracing::warn!(scheduler = %addr, "the scheduler did not come back; stopping");
+                let _ = core.control.send(Control::Shutdown);
+            });
+        if spawned.is_err() {
+            let _ = self.control.send(Control::Shutdown);
+        }
+    }
+
+    /// Connect (on a thread of its own: connecting blocks) to the servers not connected
+    /// yet, then wake the resends waiting for them.
+    pub(super) fn connect_new(self: &Arc<Self>, servers: Vec<crate::proto::ServerInfo>) {
+        let Some(connector) = self.connector.get().cloned() else {
+            return;
+        };
+        let core = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("pserv-connect".into())
+            .spawn(move || {
+                for s in servers {
+                    let have = core
+                        .servers
+                        .read()
+                        .get(s.rank as usize)
+                        .is_some_and(Option::is_some);
+                    if have {
+                        continue;
+                    }
+                    match connector.connect(s.addr, Duration::from_secs(5)) {
+                        Ok(conn) => {
+                            conn.set_tag(u64::from(s.rank) + 1);
+                            let mut v = core.servers.write();
+                            if v.len() <= s.rank as usize {
+                                v.resize(s.rank as usize + 1, None);
+                            }
+                            v[s.rank as usize] = Some(conn);
+                            tracing::info!(server = s.rank, addr = %s.addr, "connected to a server that joined");
+                        }
+                        Err(e) => tracing::warn!(server = s.rank, error = %e, "cannot reach a server"),
+                    }
+                }
+                core.wake();
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start a thread to connect to new servers");
+        }
+    }
+}
+
+impl Worker {
+    /// Register with the scheduler, wait for the cluster table, connect to every server.
+    pub fn connect(cfg: WorkerConfig) -> Result<Worker, EngineError> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let (wake_tx, wake_rx) = crossbeam_channel::unbounded();
+        let core = Arc::new(Core::new(tx, wake_tx, cfg.timeout));
+        let transport =
+            TcpTransport::start(cfg.tcp.clone(), |_| WorkerHandler { core: core.clone() })?;
+        let scheduler = transport.connect(cfg.scheduler, Duration::from_secs(10))?;
+        scheduler.set_tag(SCHEDULER_TAG);
+        *core.sched.lock() = Some(scheduler.clone());
+        scheduler.send(
+            Control::Register {
+                role: Role::Worker,
+                addr: None,
+                rank: cfg.rank,
+                pid: std::process::id(),
+            }
+            .to_frame(0),
+        )?;
+        let (node_id, rank, cluster) = match rx.recv_timeout(cfg.register_timeout) {
+            Ok(Control::Welcome {
+                node_id,
+                rank,
+                cluster,
+            }) => (node_id, rank, cluster),
+            Ok(Control::Refused { reason }) => return Err(EngineError::Registration(reason)),
+            Ok(Control::Shutdown) => return Err(EngineError::SchedulerGone),
+            Ok(other) => {
+                return Err(EngineError::Registration(format!(
+                    "unexpected answer {other:?}"
+                )))
+            }
+            Err(_) => {
+                return Err(EngineError::Registration(format!(
+                    "no cluster table from the scheduler at {} within {:?}",
+                    cfg.scheduler, cfg.register_timeout
+                )))
+            }
+        };
+        // A newer table may already have come (then the welcome's is not installed).
+        core.install(cluster.partition.clone());
+        transport.repin(node_id as usize);
+        let _ = core.connector.set(transport.connector());
+        let _ = core
+            .sched_info
+            .set((cfg.scheduler, rank, node_id, cfg.scheduler_grace));
+        let mut servers: Vec<Option<Conn>> = Vec::with_capacity(cluster.servers.len());
+        for s in &cluster.servers {
+            if servers.len() <= s.rank as usize {
+                servers.resize(s.rank as usize + 1, None);
+            }
+            match transport.connect(s.addr, Duration::from_secs(10)) {
+                Ok(conn) => {
+                    conn.set_tag(u64::from(s.rank) + 1);
+                    servers[s.rank as usize] = Some(conn);
+                }
+                // A worker that joins late may find servers that failed since; the
+                // routing table sends it nothing there.
+                Err(e) if rank >= cluster.workers => {
+                    tracing::warn!(server = s.rank, error = %e, "cannot reach a server")
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        tracing::debug!(node_id, rank, servers = servers.len(), "worker connected");
+        *core.servers.write() = servers;
+        let onesided = match ClientOneSided::new(cfg.transport) {
+            Ok(o) => o,
+            Err(e) if cfg.transport == TransportKind::Auto => {
+                tracing::info!(error = %e, "transport auto: no one-sided backend, using tcp");
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        let retrier = Retrier::start(core.clone(), wake_rx)?;
+        Ok(Worker {
+            core,
+            node_id,
+            rank,
+            cluster,
+            control: rx,
+            clock: AtomicU64::new(0),
+            consistency: cfg.consistency,
+            barrier_seq: AtomicU64::new(0),
+            spin: Duration::from_micros(cfg.spin_us),
+            timeout: cfg.timeout,
+            transport,
+            onesided,
+            _retrier: retrier,
+        })
+    }
+
+    /// Send a control message to the scheduler (progress, log lines, summaries).
+    pub fn tell_scheduler(&self, msg: Control) -> Result<(), EngineError> {
+        self.core.to_scheduler(&msg, self.node_id)
+    }
+
+    /// Report that this worker is done and disconnect. Does not wait for the other
+    /// workers (the scheduler ends the job when the last one is done).
+    pub fn finish(self, examples: u64) -> Result<(), EngineError> {
+        self.finish_with(examples, 0.0, 0.0)
+    }
+
+    /// [`finish`](Self::finish), reporting the seconds spent training and, of those, the
+    /// seconds spent blocked on pulls.
+    pub fn finish_with(
+        self,
+        examples: u64,
+        seconds: f64,
+        blocked_seconds: f64,
+    ) -> Result<(), EngineError> {
+        let (bytes_sent, bytes_received) = self.traffic();
+        self.core.over.store(true, Ordering::Release);
+        self.tell_scheduler(Control::Done {
+            stats: WorkerStats {
+                examples,
+                bytes_sent,
+                bytes_received,
+                seconds,
+                blocked_seconds,
+            },
+        })?;
+        // Let the report leave before the sockets close.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self
+            .core
+            .sched
+            .lock()
+            .as_ref()
+            .is_some_and(|c| c.queued_bytes() > 0)
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.transport.shutdown();
+        Ok(())
+    }
+}

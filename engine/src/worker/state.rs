@@ -1,0 +1,143 @@
+//! The state the application threads, the event loops and the retry thread share.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::Sender;
+use parking_lot::{Mutex, RwLock};
+
+use pserv_transport::{Conn, OutFrame};
+
+use crate::consistency::Gate;
+use crate::placement::Partition;
+use crate::proto::{Control, Status};
+
+use super::retry::Failure;
+use super::tasks::{GateState, Outcome, Task, Timestamp};
+
+/// State shared between the application threads, the event loops and the retry thread.
+pub(super) struct Core {
+    pub(super) tasks: Mutex<HashMap<Timestamp, Arc<Task>>>,
+    pub(super) control: Sender<Control>,
+    pub(super) gate: Mutex<GateState>,
+    /// Connections to the servers, by rank (none to one that could not be reached).
+    pub(super) servers: RwLock<Vec<Option<Conn>>>,
+    /// Opens connections to servers that join.
+    pub(super) connector: std::sync::OnceLock<pserv_transport::Connector>,
+    /// The scheduler connection (replaced when a restarted scheduler comes back).
+    pub(super) sched: Mutex<Option<Conn>>,
+    /// Where the scheduler is, who this worker is (rank, node id), and how long to look
+    /// for a restarted scheduler.
+    pub(super) sched_info: std::sync::OnceLock<(SocketAddr, u32, u32, Duration)>,
+    /// Barriers passed (a restarted scheduler learns it).
+    pub(super) barriers_passed: AtomicU64,
+    /// The job is over (the scheduler said so): a closed scheduler connection is expected.
+    pub(super) over: AtomicBool,
+    /// The routing table requests are split by (None until the welcome; replaced by
+    /// newer tables from the scheduler).
+    table: RwLock<Option<Arc<Partition>>>,
+    /// Tasks with segments waiting for a resend.
+    pub(super) retrying: Mutex<HashSet<Timestamp>>,
+    /// Wakes the retry thread.
+    wake: Sender<()>,
+    /// Tells the retry thread to stop.
+    pub(super) stop: AtomicBool,
+    /// How long a failed segment may wait for a successful resend.
+    pub(super) timeout: Duration,
+}
+
+impl Core {
+    pub(super) fn new(control: Sender<Control>, wake: Sender<()>, timeout: Duration) -> Core {
+        Core {
+            tasks: Mutex::new(HashMap::new()),
+            control,
+            gate: Mutex::new(GateState {
+                gate: Gate::new(),
+                deferred: HashMap::new(),
+                next_ts: 1,
+            }),
+            servers: RwLock::new(Vec::new()),
+            connector: std::sync::OnceLock::new(),
+            sched: Mutex::new(None),
+            sched_info: std::sync::OnceLock::new(),
+            barriers_passed: AtomicU64::new(0),
+            over: AtomicBool::new(false),
+            table: RwLock::new(None),
+            retrying: Mutex::new(HashSet::new()),
+            wake,
+            stop: AtomicBool::new(false),
+            timeout,
+        }
+    }
+
+    /// The current routing table.
+    ///
+    /// # Panics
+    /// Before the welcome's table is installed (a `Worker` always has one).
+    pub(super) fn table(&self) -> Arc<Partition> {
+        self.table
+            .read()
+            .clone()
+            .expect("the routing table is installed before the worker is used")
+    }
+
+    /// Install `table` if it is newer than the current one; returns whether it did.
+    pub(super) fn install(&self, table: Partition) -> bool {
+        let mut t = self.table.write();
+        if t.as_ref().is_some_and(|cur| cur.epoch() >= table.epoch()) {
+            return false;
+        }
+        *t = Some(Arc::new(table));
+        true
+    }
+
+    pub(super) fn wake(&self) {
+        let _ = self.wake.send(());
+    }
+
+    /// Whether the connection to `server` is open.
+    pub(super) fn alive(&self, server: u32) -> bool {
+        self.servers
+            .read()
+            .get(server as usize)
+            .and_then(Option::as_ref)
+            .is_some_and(|c| !c.is_closed())
+    }
+
+    /// Send a request to `server`; a failed send fails its segment retryably.
+    pub(super) fn send(&self, server: u32, frame: OutFrame) {
+        let stamp = frame.header().timestamp;
+        let conn = self
+            .servers
+            .read()
+            .get(server as usize)
+            .and_then(Option::clone);
+        let Some(conn) = conn else {
+            // A server that joined and is not connected yet: try again shortly.
+            tracing::debug!(server, "no connection to this server yet");
+            self.settle(stamp, server, |_, _| {
+                Outcome::Retry(Failure::Refused {
+                    server,
+                    status: Status::StaleEpoch,
+                    message: "not connected to this server yet".into(),
+                })
+            });
+            return;
+        };
+        let result = conn.send(frame).map_err(|e| e.to_string());
+        if let Err(e) = result {
+            tracing::debug!(server, error = %e, "send failed");
+            self.settle(stamp, server, |_, _| {
+                Outcome::Retry(Failure::Disconnected { server })
+            });
+        }
+    }
+}
+
+/// Whether `server` holds any range of `table` (as head or replica).
+pub(super) fn in_table(table: &Partition, server: u32) -> bool {
+    table.owners().contains(&server) || table.followers().iter().any(|f| f.contains(&server))
+}

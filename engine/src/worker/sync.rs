@@ -1,0 +1,83 @@
+//! Synchronisation across workers: the consistency clock and barriers.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use crate::base::error::EngineError;
+use crate::proto::Control;
+
+use super::Worker;
+
+impl Worker {
+    /// Advance this worker's consistency clock by one and return it (the first call
+    /// returns 1). Once a worker ticks, its pushes carry its clock to every server, and
+    /// its pulls wait on the servers until every worker's clock has reached
+    /// `clock - tau - 1` (the task's consistency model decides tau): bounded delay across
+    /// workers (MISSION P6). A clocked worker should push once per tick.
+    pub fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// This worker's consistency clock (0: never ticked, requests carry no clock).
+    pub fn clock(&self) -> u64 {
+        self.clock.load(Ordering::Acquire)
+    }
+
+    /// Wait until every worker has called `barrier` as often as this one.
+    pub fn barrier(&self) -> Result<(), EngineError> {
+        self.barrier_live().map(|_| ())
+    }
+
+    /// Whether this worker joined a running job (its rank is beyond the first workers').
+    pub fn joined_late(&self) -> bool {
+        self.rank >= self.cluster.workers
+    }
+
+    /// For a worker that joined a running job: wait for the next barrier the others
+    /// reach and take part from there on. Returns that barrier's number and the ranks of
+    /// the workers running.
+    pub fn join_barrier(&self) -> Result<(u64, Vec<u32>), EngineError> {
+        self.await_barrier(0)
+    }
+
+    /// [`barrier`](Self::barrier), returning the ranks of the workers still running
+    /// (sorted; workers that left are missing): what a job needs to hand a departed
+    /// worker's data to the others.
+    pub fn barrier_live(&self) -> Result<Vec<u32>, EngineError> {
+        let seq = self.barrier_seq.fetch_add(1, Ordering::Relaxed) + 1;
+        self.await_barrier(seq).map(|(_, live)| live)
+    }
+
+    /// Ask for barrier `seq` (0: the next one the others reach) and wait until it is
+    /// released; a restarted scheduler is asked again. Returns the barrier's number and
+    /// the live workers.
+    fn await_barrier(&self, seq: u64) -> Result<(u64, Vec<u32>), EngineError> {
+        if let Err(e) = self.tell_scheduler(Control::Barrier { seq }) {
+            // The scheduler is gone: a restarted one gets it when this worker rejoins.
+            tracing::debug!(error = %e, "barrier not sent; waiting for the scheduler");
+        }
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            match self.control.recv_deadline(deadline) {
+                Ok(Control::BarrierDone { seq: s, live }) if seq == 0 || s == seq => {
+                    self.barrier_seq.store(s, Ordering::Relaxed);
+                    self.core.barriers_passed.store(s, Ordering::Release);
+                    return Ok((s, live));
+                }
+                Ok(Control::SchedulerBack) => {
+                    let _ = self.tell_scheduler(Control::Barrier { seq });
+                }
+                Ok(Control::Shutdown) => return Err(EngineError::SchedulerGone),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    return Err(EngineError::Timeout(if seq == 0 {
+                        format!("no barrier reached within {:?} of joining", self.timeout)
+                    } else {
+                        format!("barrier {seq} not released within {:?}", self.timeout)
+                    }))
+                }
+                Err(_) => return Err(EngineError::SchedulerGone),
+                Ok(other) => tracing::debug!(?other, "control message while in a barrier"),
+            }
+        }
+    }
+}

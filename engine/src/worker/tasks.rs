@@ -1,0 +1,405 @@
+//! The task table: timestamps, segments, completion, the consistency gate, and
+//! waiting for a task.
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::Thread;
+use std::time::Instant;
+
+use parking_lot::{Mutex, MutexGuard};
+
+use pserv_transport::wire::{MessageKind, FLAG_ORDERED};
+use pserv_transport::{Conn, OutFrame, OwnedFrame};
+
+use crate::base::error::EngineError;
+use crate::base::value::Value;
+use crate::consistency::Gate;
+use crate::proto::{segment_of, task_of, Control};
+
+use super::config::TaskOpts;
+use super::pulled::{Answer, Pulled};
+use super::request::Request;
+use super::retry::Failure;
+use super::state::{in_table, Core};
+use super::Worker;
+
+/// Identifies a task (a push, pull or push-pull) of one worker. Increases by one per task.
+pub type Timestamp = u64;
+
+/// Where a segment stands.
+#[derive(Debug)]
+pub(super) enum SegState {
+    /// Sent (or about to be); its answer is expected.
+    Sent,
+    /// Failed retryably; waits for a resend under a newer table (or, when refused as
+    /// stale, after `resend_at`).
+    Waiting {
+        /// The last failure.
+        failure: Failure,
+        /// When to resend even without a newer table.
+        resend_at: Option<Instant>,
+    },
+    /// Answered, failed for good, or replaced by resent segments.
+    Done,
+}
+
+/// One message of a task: what it expects from one server.
+pub(super) struct Segment {
+    pub(super) server: u32,
+    /// Values expected (pulls), in elements.
+    pub(super) values: usize,
+    pub(super) state: SegState,
+    pub(super) part: Option<OwnedFrame>,
+    /// Where this segment's keys sit in the request's key order (index ranges, in the
+    /// order its answer holds them; for ranges, offsets from the range's begin). A
+    /// replaced segment has none.
+    pub(super) runs: Vec<Range<usize>>,
+    /// The epoch of the routing table it was split with.
+    pub(super) epoch: u64,
+    /// When the first segment it descends from failed (resent segments inherit it).
+    pub(super) failed_at: Option<Instant>,
+    /// How many times its keys were resent before it.
+    pub(super) attempt: u32,
+    /// The segment of the task's first split its keys come from (servers recognise a
+    /// resent piece of a push by it).
+    pub(super) origin: usize,
+}
+
+/// The [`Control::Completed`] notice a finished task calls for: it was a sequential
+/// clocked push and some of its keys were resent (a segment whose index is not its
+/// origin's), so the servers learnt its clock only where the resent pieces wrote.
+fn completed_notice(st: &TaskState) -> Option<(Control, u32)> {
+    let req = st.request.as_ref()?;
+    let h = &req.header;
+    let sequential_push =
+        h.kind == MessageKind::Push as u8 && h.clock > 0 && h.flags & FLAG_ORDERED != 0;
+    let resent = st.segments.iter().enumerate().any(|(i, s)| i != s.origin);
+    (sequential_push && resent && st.error.is_none())
+        .then_some((Control::Completed { clock: h.clock }, h.sender))
+}
+
+pub(super) struct TaskState {
+    pub(super) segments: Vec<Segment>,
+    pub(super) error: Option<EngineError>,
+    pub(super) waiter: Option<Thread>,
+    /// Whether answers carry values to keep.
+    pub(super) keeps_values: bool,
+    /// Element type tag expected in answers.
+    pub(super) dtype: u8,
+    /// The request, to resend failed segments (None: refused before sending).
+    pub(super) request: Option<Arc<Request>>,
+    /// Whether the consistency gate let it start (before that, its messages are parked
+    /// unsent, and nothing of it may be resent).
+    pub(super) started: bool,
+}
+
+impl TaskState {
+    /// The answered segments' values with their runs (replaced segments hold none).
+    pub(super) fn take_answers(&mut self) -> Vec<Answer> {
+        self.segments
+            .iter_mut()
+            .filter_map(|s| s.part.take().map(|p| (p, std::mem::take(&mut s.runs))))
+            .collect()
+    }
+
+    /// The failure of a segment still waiting for a resend, if any.
+    fn waiting_failure(&self) -> Option<&Failure> {
+        self.segments.iter().find_map(|s| match &s.state {
+            SegState::Waiting { failure, .. } => Some(failure),
+            _ => None,
+        })
+    }
+}
+
+pub(super) struct Task {
+    /// Segments not yet settled (sent or waiting for a resend).
+    pub(super) remaining: AtomicUsize,
+    pub(super) state: Mutex<TaskState>,
+}
+
+impl Task {
+    fn done(&self) -> bool {
+        self.remaining.load(Ordering::Acquire) == 0
+    }
+}
+
+/// The gate and the requests it holds back, under one lock (a task found ready by
+/// `finish` on a loop thread must find its frames already parked).
+pub(super) struct GateState {
+    pub(super) gate: Gate,
+    /// Frames of submitted tasks that may not start yet, with the routing table epoch
+    /// they were split with.
+    pub(super) deferred: HashMap<Timestamp, (u64, Vec<(u32, OutFrame)>)>,
+    /// The next task's timestamp (allocated under this lock, so submissions are in order).
+    pub(super) next_ts: Timestamp,
+}
+
+/// What an answer (or a failure) does to its segment.
+pub(super) enum Outcome {
+    /// The segment is settled.
+    Done,
+    /// The segment failed retryably: resend it when possible.
+    Retry(Failure),
+}
+
+impl Core {
+    /// Record the answer (or failure) of the segment a request's `stamp` names, sent to
+    /// `server`.
+    pub(super) fn settle(
+        &self,
+        stamp: u64,
+        server: u32,
+        settle: impl FnOnce(&mut TaskState, usize) -> Outcome,
+    ) {
+        let (ts, seg) = (task_of(stamp), segment_of(stamp));
+        let Some(task) = self.tasks.lock().get(&ts).cloned() else {
+            tracing::warn!(server, ts, "answer for an unknown task; dropped");
+            return;
+        };
+        let mut st = task.state.lock();
+        let expected = st
+            .segments
+            .get(seg)
+            .is_some_and(|s| s.server == server && matches!(s.state, SegState::Sent));
+        if !expected {
+            tracing::warn!(server, ts, seg, "duplicate or unexpected answer; dropped");
+            return;
+        }
+        match settle(&mut st, seg) {
+            Outcome::Done => {
+                st.segments[seg].state = SegState::Done;
+                self.count_off(ts, &task, st, 1);
+            }
+            Outcome::Retry(failure) => {
+                tracing::debug!(server, ts, seg, ?failure, "segment failed; will resend");
+                st.park(seg, failure, Instant::now());
+                drop(st);
+                self.retrying.lock().insert(ts);
+                self.wake();
+            }
+        }
+    }
+
+    /// `n` segments of task `ts` were settled (under its lock `st`): count them off, and
+    /// finish the task when none is left.
+    pub(super) fn count_off(
+        &self,
+        ts: Timestamp,
+        task: &Task,
+        mut st: MutexGuard<'_, TaskState>,
+        n: usize,
+    ) {
+        if n == 0 {
+            return;
+        }
+        let left = task.remaining.fetch_sub(n, Ordering::AcqRel) - n;
+        if left > 0 {
+            return;
+        }
+        let notice = completed_notice(&st);
+        let forget = match st.waiter.take() {
+            Some(t) => {
+                t.unpark();
+                false
+            }
+            // A push nobody waits for yet: forget it, so un-waited pushes do not pile
+            // up. `wait` on it later finds it gone and below `next_ts`: done, no error.
+            None => !st.keeps_values && st.error.is_none(),
+        };
+        drop(st);
+        if forget {
+            self.tasks.lock().remove(&ts);
+        }
+        if let Some((notice, sender)) = notice {
+            let table = self.table();
+            let conns: Vec<Conn> = self
+                .servers
+                .read()
+                .iter()
+                .enumerate()
+                .filter(|(s, _)| in_table(&table, *s as u32))
+                .filter_map(|(_, c)| c.clone())
+                .collect();
+            for c in conns {
+                // A server that is gone needs no notice.
+                let _ = c.send(notice.to_frame(sender));
+            }
+        }
+        self.task_done(ts);
+    }
+
+    /// Task `ts` finished: tell the gate and start what it releases.
+    fn task_done(&self, ts: Timestamp) {
+        let mut start = Vec::new();
+        {
+            let mut g = self.gate.lock();
+            let mut finished = vec![ts];
+            while let Some(t) = finished.pop() {
+                for ready in g.gate.finish(t) {
+                    let (epoch, frames) = g.deferred.remove(&ready).unwrap_or_default();
+                    if frames.is_empty() {
+                        // Nothing to send (empty or refused before sending): done at once.
+                        finished.push(ready);
+                    } else {
+                        start.push((ready, epoch, frames));
+                    }
+                }
+            }
+        }
+        for (t, epoch, frames) in start {
+            if let Some(task) = self.tasks.lock().get(&t).cloned() {
+                task.state.lock().started = true;
+            }
+            if epoch != self.table().epoch() {
+                // Split with a table replaced while the task waited: resplit it now
+                // rather than have the servers refuse it.
+                self.requeue(t);
+                continue;
+            }
+            for (server, frame) in frames {
+                self.send(server, frame);
+            }
+        }
+    }
+}
+
+impl Worker {
+    /// Allocate the next timestamp, record the task, and start it now or park it until
+    /// the gate lets it start. `build` makes the task's request, or refuses it (the task
+    /// then fails at once, without sending); the request is split by the current routing
+    /// table into one message per server.
+    pub(super) fn launch(
+        &self,
+        kind: MessageKind,
+        dtype: u8,
+        opts: &TaskOpts,
+        build: impl FnOnce() -> Result<Request, EngineError>,
+    ) -> Timestamp {
+        let model = opts.consistency.unwrap_or(self.consistency);
+        let (ts, start) = {
+            let mut g = self.core.gate.lock();
+            let ts = g.next_ts;
+            g.next_ts += 1;
+            let bad_dep = opts.after.iter().find(|&&d| d == 0 || d >= ts);
+            let built = match bad_dep {
+                Some(d) => Err(EngineError::InvalidRequest(format!(
+                    "task {ts} cannot wait for task {d}: dependencies must be earlier tasks"
+                ))),
+                None => build(),
+            };
+            // One table for the split and for the epoch of every message.
+            let table = self.table();
+            let (request, segments, frames, error) = match built {
+                Ok(request) => {
+                    let clock_to: Vec<u32> = if request.clocked {
+                        (0..self.core.servers.read().len() as u32)
+                            .filter(|&s| self.core.alive(s) && in_table(&table, s))
+                            .collect()
+                    } else {
+                        Vec::new()
+                    };
+                    let plan = request.first_plan(&table, &clock_to);
+                    let (segments, frames) = request.messages(&table, ts, 0, plan);
+                    (Some(Arc::new(request)), segments, frames, None)
+                }
+                Err(e) => (None, Vec::new(), Vec::new(), Some(e)),
+            };
+            let deps: &[Timestamp] = if error.is_some() { &[] } else { &opts.after };
+            // Under the gate lock: nothing can release it before it is recorded.
+            let started = g.gate.submit(ts, model, deps);
+            let task = Arc::new(Task {
+                remaining: AtomicUsize::new(segments.len()),
+                state: Mutex::new(TaskState {
+                    segments,
+                    error,
+                    waiter: None,
+                    keeps_values: kind != MessageKind::Push,
+                    dtype,
+                    request,
+                    started,
+                }),
+            });
+            self.core.tasks.lock().insert(ts, task);
+            if started {
+                (ts, Some(frames))
+            } else {
+                g.deferred.insert(ts, (table.epoch(), frames));
+                (ts, None)
+            }
+        };
+        match start {
+            Some(frames) if frames.is_empty() => self.core.task_done(ts),
+            Some(frames) => {
+                for (server, frame) in frames {
+                    self.core.send(server, frame);
+                }
+            }
+            None => {}
+        }
+        ts
+    }
+
+    /// Block until task `ts` is complete; return its error if it failed. Values of a pull
+    /// waited on this way are dropped.
+    pub fn wait(&self, ts: Timestamp) -> Result<(), EngineError> {
+        self.collect(ts).map(|_| ())
+    }
+
+    /// Block until pull (or push-pull) `ts` is complete and take its values.
+    pub fn wait_pull<T: Value>(&self, ts: Timestamp) -> Result<Pulled<T>, EngineError> {
+        let parts = self.collect(ts)?;
+        Ok(Pulled {
+            parts,
+            _t: PhantomData,
+        })
+    }
+
+    fn collect(&self, ts: Timestamp) -> Result<Vec<Answer>, EngineError> {
+        let Some(task) = self.core.tasks.lock().get(&ts).cloned() else {
+            // Successful pushes are forgotten when they complete un-waited.
+            return if ts < self.core.gate.lock().next_ts {
+                Ok(Vec::new())
+            } else {
+                Err(EngineError::UnknownTimestamp(ts))
+            };
+        };
+        if !task.done() {
+            let start = Instant::now();
+            // Spin, but yield between checks: on a small machine the thread that will
+            // answer may be waiting for this very core.
+            while !task.done() && start.elapsed() < self.spin {
+                std::hint::spin_loop();
+                std::thread::yield_now();
+            }
+            if !task.done() {
+                task.state.lock().waiter = Some(std::thread::current());
+                let deadline = start + self.timeout;
+                while !task.done() {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        let mut st = task.state.lock();
+                        st.waiter = None;
+                        // A segment still waiting for a resend: its failure says more.
+                        if let Some(f) = st.waiting_failure() {
+                            return Err(f.error());
+                        }
+                        return Err(EngineError::Timeout(format!(
+                            "task {ts} not answered within {:?}",
+                            self.timeout
+                        )));
+                    }
+                    std::thread::park_timeout(deadline - now);
+                }
+            }
+        }
+        self.core.tasks.lock().remove(&ts);
+        let mut st = task.state.lock();
+        if let Some(e) = st.error.take() {
+            return Err(e);
+        }
+        Ok(st.take_answers())
+    }
+}
