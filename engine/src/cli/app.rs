@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use crate::base::error::EngineError;
 use crate::cli::args::{ClusterArgs, NetArgs, OutputArgs, SchedulerAddr};
 use crate::cli::local::{run_local, LocalPlan};
+use crate::cli::roles::{SchedulerArgs, ServerArgs, WorkerArgs};
 use crate::job::JobArgs;
 use crate::scheduler::{run_scheduler, SchedulerConfig};
 use crate::server::{Server, ServerConfig};
@@ -24,97 +25,21 @@ use crate::worker::{Worker, WorkerConfig};
     version,
     about = "A parameter server: scheduler, servers and workers over TCP"
 )]
-struct Cli {
+pub(super) struct Cli {
     /// Log filter (tracing env-filter syntax), e.g. `info` or `pserv_engine=debug`.
     #[arg(long, global = true, env = "PSERV_LOG", default_value = "warn")]
     log: String,
     #[command(subcommand)]
-    cmd: Cmd,
+    pub(super) cmd: Cmd,
 }
 
 #[derive(Subcommand, Debug)]
-enum Cmd {
+pub(super) enum Cmd {
     /// Run a whole cluster on this machine (scheduler, servers and workers as separate
     /// processes on 127.0.0.1) training sparse logistic regression.
-    Local {
-        #[command(flatten)]
-        cluster: ClusterArgs,
-        #[command(flatten)]
-        job: JobArgs,
-        #[command(flatten)]
-        net: NetArgs,
-        #[command(flatten)]
-        output: OutputArgs,
-        /// Server update function (default: `sgd:<lr>`).
-        #[arg(long, env = "PSERV_UPDATE")]
-        update: Option<UpdateSpec>,
-        /// Kill the cluster if it has not finished after this many seconds.
-        #[arg(long, default_value_t = 3600)]
-        timeout_secs: u64,
-        /// At the end, every server writes its part of the model to DIR/model-RANK.bin.
-        #[arg(long, env = "PSERV_DUMP_MODEL")]
-        dump_model: Option<std::path::PathBuf>,
-        /// SIGKILL one server this many seconds after the workers started (the failure
-        /// path: with --replicas its ranges pass to their replicas and training goes on).
-        #[arg(long)]
-        kill_server_after: Option<f64>,
-        /// Which server --kill-server-after kills (default: the last).
-        #[arg(long)]
-        kill_server: Option<u32>,
-        /// SIGKILL the last worker this many seconds after the workers started (elastic
-        /// workers: its data shard passes to the others from the next epoch, unless
-        /// --skip-departed).
-        #[arg(long)]
-        kill_worker_after: Option<f64>,
-        /// Start one more server this many seconds after the workers started; it joins
-        /// the running cluster (`pserv server --join`).
-        #[arg(long)]
-        add_server_after: Option<f64>,
-        /// Start one more worker this many seconds after the workers started; it joins
-        /// the running job and gets a share of the data from the next epoch
-        /// (`--consistency eventual` only).
-        #[arg(long)]
-        add_worker_after: Option<f64>,
-        #[command(flatten)]
-        repl: ReplArgs,
-    },
+    Local(LocalArgs),
     /// Run the scheduler.
-    Scheduler {
-        /// Address to listen on.
-        #[arg(long, env = "PSERV_SCHEDULER_LISTEN", default_value = crate::cli::args::DEFAULT_SCHEDULER)]
-        listen: std::net::SocketAddr,
-        #[command(flatten)]
-        cluster: ClusterArgs,
-        #[command(flatten)]
-        net: NetArgs,
-        #[command(flatten)]
-        output: OutputArgs,
-        /// Server update function: assign, sum, sgd or sgd:LR.
-        #[arg(long, env = "PSERV_UPDATE", default_value = "sum")]
-        update: UpdateSpec,
-        /// Write the bound address to this file once listening.
-        #[arg(long)]
-        port_file: Option<std::path::PathBuf>,
-        /// Draw a progress bar.
-        #[arg(long)]
-        progress: bool,
-        /// Give up if not every node registered within this many seconds.
-        #[arg(long, default_value_t = 120)]
-        register_timeout_secs: u64,
-        /// Declare a server dead after this many milliseconds without a heartbeat
-        /// (servers send one every 300 ms).
-        #[arg(long, env = "PSERV_HEARTBEAT_TIMEOUT_MS", default_value_t = 3000)]
-        heartbeat_timeout_ms: u64,
-        /// Restart a failed scheduler of a running job (same address and cluster flags):
-        /// rebuild the view (nodes, routing table, ring, barriers) from the nodes, which
-        /// reconnect and report.
-        #[arg(long)]
-        recover: bool,
-        /// With --recover: wait at most this long for the nodes after the first one
-        /// rejoined (less when every node of the cluster flags did).
-        #[arg(long, default_value_t = 3000)]
-        recover_wait_ms: u64,
-    },
+    Scheduler(SchedulerArgs),
     /// Print the cluster as the scheduler sees it: routing-table epoch, each key range
     /// with the servers holding it, node liveness, replication lag.
     Status {
@@ -125,30 +50,7 @@ enum Cmd {
         json: bool,
     },
     /// Run a server.
-    Server {
-        #[command(flatten)]
-        sched: SchedulerAddr,
-        /// Address to listen on for workers (port 0: any).
-        #[arg(long, env = "PSERV_SERVER_LISTEN", default_value = "127.0.0.1:0")]
-        listen: std::net::SocketAddr,
-        /// Requested rank.
-        #[arg(long, env = "PSERV_RANK")]
-        rank: Option<u32>,
-        /// Store shards (one lock each).
-        #[arg(long, env = "PSERV_SHARDS", default_value_t = 16)]
-        shards: usize,
-        /// At the end, write this server's part of the model to DIR/model-RANK.bin.
-        #[arg(long, env = "PSERV_DUMP_MODEL")]
-        dump_model: Option<std::path::PathBuf>,
-        #[command(flatten)]
-        net: NetArgs,
-        #[command(flatten)]
-        repl: ReplArgs,
-        /// Join a running cluster: the scheduler gives this server a rank and a share of
-        /// the ring; it copies its ranges while training goes on, then the table flips.
-        #[arg(long)]
-        join: bool,
-    },
+    Server(ServerArgs),
     /// Ask the scheduler to let a server leave gracefully (its ranges are handed over
     /// first; then it stops). A server also leaves this way on SIGTERM.
     Leave {
@@ -159,20 +61,111 @@ enum Cmd {
         rank: u32,
     },
     /// Run a worker training sparse logistic regression.
-    Worker {
-        #[command(flatten)]
-        sched: SchedulerAddr,
-        /// Requested rank (decides the data shard).
-        #[arg(long, env = "PSERV_RANK")]
-        rank: Option<u32>,
-        /// Microseconds `wait` spins before parking.
-        #[arg(long, env = "PSERV_SPIN_US", default_value_t = 100)]
-        spin_us: u64,
-        #[command(flatten)]
-        job: JobArgs,
-        #[command(flatten)]
-        net: NetArgs,
-    },
+    Worker(WorkerArgs),
+}
+
+/// Flags of `pserv local`.
+#[derive(clap::Args, Debug)]
+pub(super) struct LocalArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    #[command(flatten)]
+    job: JobArgs,
+    #[command(flatten)]
+    net: NetArgs,
+    #[command(flatten)]
+    output: OutputArgs,
+    /// Server update function (default: `sgd:<lr>`).
+    #[arg(long, env = "PSERV_UPDATE")]
+    update: Option<UpdateSpec>,
+    /// Kill the cluster if it has not finished after this many seconds.
+    #[arg(long, default_value_t = 3600)]
+    timeout_secs: u64,
+    /// At the end, every server writes its part of the model to DIR/model-RANK.bin.
+    #[arg(long, env = "PSERV_DUMP_MODEL")]
+    dump_model: Option<std::path::PathBuf>,
+    /// SIGKILL one server this many seconds after the workers started (the failure
+    /// path: with --replicas its ranges pass to their replicas and training goes on).
+    #[arg(long)]
+    kill_server_after: Option<f64>,
+    /// Which server --kill-server-after kills (default: the last).
+    #[arg(long)]
+    kill_server: Option<u32>,
+    /// SIGKILL the last worker this many seconds after the workers started (elastic
+    /// workers: its data shard passes to the others from the next epoch, unless
+    /// --skip-departed).
+    #[arg(long)]
+    kill_worker_after: Option<f64>,
+    /// Start one more server this many seconds after the workers started; it joins
+    /// the running cluster (`pserv server --join`).
+    #[arg(long)]
+    add_server_after: Option<f64>,
+    /// Start one more worker this many seconds after the workers started; it joins
+    /// the running job and gets a share of the data from the next epoch
+    /// (`--consistency eventual` only).
+    #[arg(long)]
+    add_worker_after: Option<f64>,
+    #[command(flatten)]
+    repl: ReplArgs,
+}
+
+impl LocalArgs {
+    /// Check the flags and plan the cluster (`exe_prefix`: see [`main`]).
+    pub(super) fn plan(self, exe_prefix: Vec<String>) -> Result<LocalPlan, EngineError> {
+        let LocalArgs {
+            mut cluster,
+            job,
+            net,
+            output,
+            update,
+            timeout_secs,
+            dump_model,
+            kill_server_after,
+            kill_server,
+            kill_worker_after,
+            add_server_after,
+            add_worker_after,
+            repl,
+        } = self;
+        net.tcp()?;
+        job.check()?;
+        let update = update.unwrap_or(job.update_spec());
+        // The scheduler gets the replicas resolved.
+        cluster.replicas = Some(cluster.spec(update)?.replicas);
+        let exe = std::env::current_exe().map_err(|source| EngineError::Io {
+            context: "finding the pserv executable".into(),
+            source,
+        })?;
+        Ok(LocalPlan {
+            exe,
+            exe_prefix,
+            kill_server: match after("--kill-server-after", kill_server_after)? {
+                Some(d) => {
+                    let rank = kill_server.unwrap_or(cluster.servers - 1);
+                    if rank >= cluster.servers {
+                        return Err(EngineError::Config(format!(
+                            "--kill-server {rank}: there are {} servers",
+                            cluster.servers
+                        )));
+                    }
+                    Some((rank, d))
+                }
+                None => None,
+            },
+            kill_worker: after("--kill-worker-after", kill_worker_after)?
+                .map(|d| (cluster.workers - 1, d)),
+            add_worker: after("--add-worker-after", add_worker_after)?,
+            add_server: after("--add-server-after", add_server_after)?,
+            cluster,
+            update,
+            net,
+            repl,
+            job,
+            dump_model,
+            summary_json: output.summary_json,
+            timeout: Duration::from_secs(timeout_secs),
+        })
+    }
 }
 
 /// Run the `pserv` command line on `args` (the first is the program name) and return the
@@ -208,82 +201,8 @@ pub fn main(args: Vec<OsString>, exe_prefix: Vec<String>) -> ExitCode {
 
 fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> {
     match cmd {
-        Cmd::Local {
-            cluster,
-            job,
-            net,
-            output,
-            update,
-            timeout_secs,
-            dump_model,
-            kill_server_after,
-            kill_server,
-            kill_worker_after,
-            add_server_after,
-            add_worker_after,
-            repl,
-        } => {
-            net.tcp()?;
-            job.check()?;
-            let update = update.unwrap_or(job.update_spec());
-            cluster.spec(update)?;
-            let exe = std::env::current_exe().map_err(|source| EngineError::Io {
-                context: "finding the pserv executable".into(),
-                source,
-            })?;
-            let mut scheduler_args = vec![
-                format!("--servers={}", cluster.servers),
-                format!("--workers={}", cluster.workers),
-                format!(
-                    "--value-type={}",
-                    match cluster.value_type {
-                        crate::proto::ValueType::F32 => "f32",
-                        crate::proto::ValueType::F64 => "f64",
-                    }
-                ),
-                format!("--value-len={}", cluster.value_len),
-                format!("--vnodes={}", cluster.vnodes),
-                format!("--update={update}"),
-                format!("--replicas={}", cluster.spec(update)?.replicas),
-                "--progress".into(),
-            ];
-            scheduler_args.extend(net.to_args());
-            let plan = LocalPlan {
-                exe,
-                exe_prefix,
-                scheduler_args,
-                server_args: [
-                    net.to_args(),
-                    repl.to_args(),
-                    dump_model
-                        .iter()
-                        .map(|d| format!("--dump-model={}", d.display()))
-                        .collect(),
-                ]
-                .concat(),
-                worker_args: [job.to_args(), net.to_args()].concat(),
-                servers: cluster.servers,
-                workers: cluster.workers,
-                summary_json: output.summary_json.clone(),
-                timeout: Duration::from_secs(timeout_secs),
-                kill_server: match after("--kill-server-after", kill_server_after)? {
-                    Some(d) => {
-                        let rank = kill_server.unwrap_or(cluster.servers - 1);
-                        if rank >= cluster.servers {
-                            return Err(EngineError::Config(format!(
-                                "--kill-server {rank}: there are {} servers",
-                                cluster.servers
-                            )));
-                        }
-                        Some((rank, d))
-                    }
-                    None => None,
-                },
-                kill_worker: after("--kill-worker-after", kill_worker_after)?
-                    .map(|d| (cluster.workers - 1, d)),
-                add_worker: after("--add-worker-after", add_worker_after)?,
-                add_server: after("--add-server-after", add_server_after)?,
-            };
+        Cmd::Local(local) => {
+            let plan = local.plan(exe_prefix)?;
             let summary = run_local(&plan)?;
             println!(
                 "summary: {}",
@@ -291,7 +210,7 @@ fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> {
             );
             Ok(())
         }
-        Cmd::Scheduler {
+        Cmd::Scheduler(SchedulerArgs {
             listen,
             cluster,
             net,
@@ -303,7 +222,7 @@ fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> {
             heartbeat_timeout_ms,
             recover,
             recover_wait_ms,
-        } => {
+        }) => {
             run_scheduler(SchedulerConfig {
                 listen,
                 spec: cluster.spec(update)?,
@@ -329,7 +248,7 @@ fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> {
             }
             Ok(())
         }
-        Cmd::Server {
+        Cmd::Server(ServerArgs {
             sched,
             listen,
             rank,
@@ -338,7 +257,7 @@ fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> {
             net,
             repl,
             join,
-        } => {
+        }) => {
             let mut cfg = ServerConfig::new(sched.scheduler);
             cfg.replication = repl.config();
             cfg.join = join;
@@ -351,13 +270,13 @@ fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> {
             Server::start(cfg)?.run()
         }
         Cmd::Leave { sched, rank } => crate::cli::status::leave(sched.scheduler, rank),
-        Cmd::Worker {
+        Cmd::Worker(WorkerArgs {
             sched,
             rank,
             spin_us,
             job,
             net,
-        } => {
+        }) => {
             job.check()?;
             let mut cfg = WorkerConfig::new(sched.scheduler);
             cfg.rank = rank;

@@ -6,13 +6,20 @@
 //! passes, every process it started is killed (by pid, through its `Child`), and the
 //! error names the one that failed.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use crate::base::error::EngineError;
+use crate::cli::app::ReplArgs;
+use crate::cli::args::{ClusterArgs, NetArgs};
+use crate::cli::roles::{SchedulerLaunch, ServerLaunch, WorkerLaunch};
+use crate::job::JobArgs;
+use crate::update::UpdateSpec;
 
-/// What `pserv local` starts.
+/// What `pserv local` starts: typed flags of the whole cluster, from which each child's
+/// config is built ([`LocalPlan::scheduler`], [`LocalPlan::server`], [`LocalPlan::worker`]).
 #[derive(Clone, Debug)]
 pub struct LocalPlan {
     /// The executable that runs the `pserv` command line.
@@ -20,16 +27,18 @@ pub struct LocalPlan {
     /// Arguments before the role subcommand (empty for the `pserv` binary; see
     /// [`crate::cli::app::main`]).
     pub exe_prefix: Vec<String>,
-    /// Arguments of the scheduler command (after `scheduler`), without the address flags.
-    pub scheduler_args: Vec<String>,
-    /// Arguments of every server command (after `server`), without the address flags.
-    pub server_args: Vec<String>,
-    /// Arguments of every worker command (after `worker`), without address and rank.
-    pub worker_args: Vec<String>,
-    /// Number of servers.
-    pub servers: u32,
-    /// Number of workers.
-    pub workers: u32,
+    /// The cluster's shape (the scheduler's flags; `replicas` as the scheduler gets it).
+    pub cluster: ClusterArgs,
+    /// The servers' default update function.
+    pub update: UpdateSpec,
+    /// Transport flags of every process.
+    pub net: NetArgs,
+    /// Replication flags of every server.
+    pub repl: ReplArgs,
+    /// The job's flags, given to every worker.
+    pub job: JobArgs,
+    /// At the end, every server writes its part of the model to DIR/model-RANK.bin.
+    pub dump_model: Option<PathBuf>,
     /// Where the scheduler writes the summary.
     pub summary_json: Option<PathBuf>,
     /// Kill everything after this long.
@@ -47,6 +56,44 @@ pub struct LocalPlan {
     /// Start one more worker this long after the workers started (`--add-worker-after`);
     /// it joins the running job and gets a share of the data from the next epoch.
     pub add_worker: Option<Duration>,
+}
+
+impl LocalPlan {
+    /// The scheduler's config: on port 0 of 127.0.0.1, writing its address to
+    /// `port_file` and the job summary to `summary`, drawing the progress bar.
+    pub fn scheduler(&self, port_file: &Path, summary: &Path) -> SchedulerLaunch {
+        SchedulerLaunch {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            port_file: Some(port_file.to_path_buf()),
+            summary_json: Some(summary.to_path_buf()),
+            cluster: self.cluster.clone(),
+            update: self.update,
+            progress: true,
+            net: self.net.clone(),
+        }
+    }
+
+    /// Server `rank`'s config; with no rank, a server that joins the running cluster.
+    pub fn server(&self, scheduler: SocketAddr, rank: Option<u32>) -> ServerLaunch {
+        ServerLaunch {
+            scheduler,
+            rank,
+            join: rank.is_none(),
+            net: self.net.clone(),
+            repl: self.repl.clone(),
+            dump_model: self.dump_model.clone(),
+        }
+    }
+
+    /// Worker `rank`'s config; with no rank, a worker that joins the running job.
+    pub fn worker(&self, scheduler: SocketAddr, rank: Option<u32>) -> WorkerLaunch {
+        WorkerLaunch {
+            scheduler,
+            rank,
+            job: self.job.clone(),
+            net: self.net.clone(),
+        }
+    }
 }
 
 struct Proc {
@@ -115,41 +162,30 @@ fn run_in(plan: &LocalPlan, dir: &Path) -> Result<serde_json::Value, EngineError
         .clone()
         .unwrap_or_else(|| dir.join("summary.json"));
     let mut procs = Procs(Vec::new());
-    let mut args = vec![
-        "scheduler".to_string(),
-        "--listen=127.0.0.1:0".into(),
-        format!("--port-file={}", port_file.display()),
-        format!("--summary-json={}", summary.display()),
-    ];
-    args.extend(plan.scheduler_args.iter().cloned());
+    let args = plan.scheduler(&port_file, &summary).to_args();
     procs.0.push(spawn(plan, "scheduler".into(), args)?);
 
     // Wait for the scheduler's address.
-    let addr = loop {
+    let addr: SocketAddr = loop {
         if let Ok(s) = std::fs::read_to_string(&port_file) {
-            break s.trim().to_string();
+            break s.trim().parse().map_err(|e| {
+                EngineError::Config(format!(
+                    "the scheduler wrote {s:?} to {}: {e}",
+                    port_file.display()
+                ))
+            })?;
         }
         check(&mut procs, deadline)?;
         std::thread::sleep(Duration::from_millis(10));
     };
-    for rank in 0..plan.servers {
-        let mut a = vec![
-            "server".to_string(),
-            format!("--scheduler={addr}"),
-            format!("--rank={rank}"),
-        ];
-        a.extend(plan.server_args.iter().cloned());
-        procs.0.push(spawn(plan, format!("server {rank}"), a)?);
+    for rank in 0..plan.cluster.servers {
+        let args = plan.server(addr, Some(rank)).to_args();
+        procs.0.push(spawn(plan, format!("server {rank}"), args)?);
     }
     let workers_started = Instant::now();
-    for rank in 0..plan.workers {
-        let mut a = vec![
-            "worker".to_string(),
-            format!("--scheduler={addr}"),
-            format!("--rank={rank}"),
-        ];
-        a.extend(plan.worker_args.iter().cloned());
-        procs.0.push(spawn(plan, format!("worker {rank}"), a)?);
+    for rank in 0..plan.cluster.workers {
+        let args = plan.worker(addr, Some(rank)).to_args();
+        procs.0.push(spawn(plan, format!("worker {rank}"), args)?);
     }
     // Wait for every process to exit successfully.
     let mut kills: Vec<(String, Duration)> = plan
@@ -168,9 +204,8 @@ fn run_in(plan: &LocalPlan, dir: &Path) -> Result<serde_json::Value, EngineError
         if let Some(after) = add_worker {
             if workers_started.elapsed() >= after {
                 add_worker = None;
-                let mut a = vec!["worker".to_string(), format!("--scheduler={addr}")];
-                a.extend(plan.worker_args.iter().cloned());
-                procs.0.push(spawn(plan, "joining worker".into(), a)?);
+                let args = plan.worker(addr, None).to_args();
+                procs.0.push(spawn(plan, "joining worker".into(), args)?);
                 eprintln!(
                     "pserv local: started a worker that joins {:.2} s after the workers started",
                     after.as_secs_f64()
@@ -180,13 +215,8 @@ fn run_in(plan: &LocalPlan, dir: &Path) -> Result<serde_json::Value, EngineError
         if let Some(after) = add {
             if workers_started.elapsed() >= after {
                 add = None;
-                let mut a = vec![
-                    "server".to_string(),
-                    format!("--scheduler={addr}"),
-                    "--join".into(),
-                ];
-                a.extend(plan.server_args.iter().cloned());
-                procs.0.push(spawn(plan, "joining server".into(), a)?);
+                let args = plan.server(addr, None).to_args();
+                procs.0.push(spawn(plan, "joining server".into(), args)?);
                 eprintln!(
                     "pserv local: started a server that joins {:.2} s after the workers started",
                     after.as_secs_f64()

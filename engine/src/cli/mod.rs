@@ -1,5 +1,6 @@
-//! The `pserv` command line: subcommands ([`app`]), shared flags ([`args`]), the `local`
-//! launcher ([`local`]) and the operator's `status` / `leave` commands ([`status`]).
+//! The `pserv` command line: subcommands ([`app`]), shared flags ([`args`]), each role's
+//! flags and the typed config a launcher passes to a child of that role ([`roles`]), the
+//! `local` launcher ([`local`]) and the operator's `status` / `leave` commands ([`status`]).
 //!
 //! Invariant: only parses, launches and prints; the roles themselves live in
 //! `scheduler`, `server`, `worker` and `job`.
@@ -7,4 +8,7 @@
 pub mod app;
 pub mod args;
 pub mod local;
+pub mod roles;
 pub mod status;
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,117 @@
+//! Recovery: a scheduler restarted with `--recover` rebuilds its view (nodes, routing
+//! table, ring, barriers) from the nodes' `Rejoin` reports before it decides anything.
+
+use std::time::Duration;
+
+use super::core::{ConnKey, Output, SchedulerCore};
+use crate::proto::{Control, Role};
+
+impl SchedulerCore {
+    /// A scheduler restarted while the job runs: it rebuilds its view (nodes, routing
+    /// table, ring, barriers) from the nodes' `Rejoin` reports, for up to `wait` after the
+    /// first one or until every node of the spec reported.
+    pub fn recovering(mut self, wait: Duration) -> Self {
+        self.servers_welcomed = true;
+        self.welcomed = true;
+        self.recover_ms = wait.as_millis() as u64;
+        self.recovering_until = Some(u64::MAX);
+        self
+    }
+
+    /// Whether the view is still being rebuilt after a restart.
+    pub fn is_recovering(&self) -> bool {
+        self.recovering_until.is_some()
+    }
+
+    pub(super) fn on_rejoin(&mut self, conn: ConnKey, msg: Control, out: &mut Vec<Output>) {
+        let Control::Rejoin {
+            role,
+            rank,
+            node_id,
+            addr,
+            pid,
+            table,
+            barriers,
+        } = msg
+        else {
+            return;
+        };
+        if self.recovering_until.is_none() {
+            return self.refuse(
+                conn,
+                "this scheduler is not recovering; register instead",
+                out,
+            );
+        }
+        if self
+            .nodes
+            .values()
+            .any(|n| n.role == role && n.rank == rank)
+        {
+            return self.refuse(conn, &format!("{role} {rank} rejoined already"), out);
+        }
+        if self.recovering_until == Some(u64::MAX) {
+            self.recovering_until = Some(self.now_ms + self.recover_ms);
+        }
+        debug_assert_eq!(self.node_id(role, rank), node_id);
+        out.push(Output::Log(format!(
+            "{role} {rank} rejoined (pid {pid}, table epoch {})",
+            table.epoch()
+        )));
+        match role {
+            Role::Server => {
+                self.server_ranks = self.server_ranks.max(rank + 1);
+                if table.epoch() > self.table.epoch() {
+                    self.table = table;
+                }
+            }
+            Role::Worker => {
+                self.worker_ranks = self.worker_ranks.max(rank + 1);
+                self.last_barrier = self.last_barrier.max(barriers);
+            }
+        }
+        self.add_node(conn, role, rank, addr);
+        let count = |r: Role| self.nodes.values().filter(|n| n.role == r).count() as u32;
+        if count(Role::Server) >= self.spec.servers && count(Role::Worker) >= self.spec.workers {
+            self.finish_recovery(out);
+        }
+    }
+
+    /// The view is rebuilt: the ring from the newest table the servers had, every node
+    /// gets that table, and decisions resume.
+    pub(super) fn finish_recovery(&mut self, out: &mut Vec<Output>) {
+        if self.recovering_until.take().is_none() {
+            return;
+        }
+        if self.ring.is_some() {
+            let mut ids: Vec<u32> = self.table.owners().to_vec();
+            ids.sort_unstable();
+            ids.dedup();
+            self.ring = Some(
+                crate::placement::ring::Ring::new(&ids, self.spec.vnodes)
+                    .with_epoch(self.table.epoch()),
+            );
+        }
+        let servers = self
+            .nodes
+            .values()
+            .filter(|n| n.role == Role::Server)
+            .count();
+        let workers = self
+            .nodes
+            .values()
+            .filter(|n| n.role == Role::Worker)
+            .count();
+        out.push(Output::Log(format!(
+            "view rebuilt after a restart: {servers} servers, {workers} workers, routing table epoch {}",
+            self.table.epoch()
+        )));
+        self.broadcast(
+            &Control::Table {
+                partition: self.table.clone(),
+            },
+            out,
+        );
+        self.release_barriers(out);
+    }
+}

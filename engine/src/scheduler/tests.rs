@@ -1,0 +1,584 @@
+//! Unit tests of the scheduler's state machine.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use super::run::merge_summary;
+use super::{ClusterSpec, ConnKey, Input, Output, SchedulerCore};
+use crate::placement::Partition;
+use crate::proto::{Control, Role, ValueType, WorkerStats};
+use crate::update::UpdateSpec;
+
+fn spec(servers: u32, workers: u32) -> ClusterSpec {
+    ClusterSpec {
+        servers,
+        workers,
+        value_type: ValueType::F32,
+        value_len: 1,
+        update: UpdateSpec::Sum,
+        vnodes: 0,
+        replicas: 0,
+    }
+}
+
+fn register(core: &mut SchedulerCore, conn: ConnKey, role: Role, rank: Option<u32>) -> Vec<Output> {
+    core.handle(Input::Message {
+        conn,
+        msg: Control::Register {
+            role,
+            addr: (role == Role::Server)
+                .then(|| format!("127.0.0.1:{}", 7000 + conn).parse().unwrap()),
+            rank,
+            pid: 1,
+        },
+    })
+}
+
+fn sends(out: &[Output]) -> Vec<(ConnKey, &Control)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Send { conn, msg } => Some((*conn, msg)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Two servers and two workers registered; returns the core.
+fn running() -> SchedulerCore {
+    running_spec(spec(2, 2))
+}
+
+/// Like [`running`], for a spec of two servers and two workers.
+fn running_spec(sp: ClusterSpec) -> SchedulerCore {
+    let mut c = SchedulerCore::new(sp);
+    assert!(sends(&register(&mut c, 1, Role::Server, Some(1))).is_empty());
+    register(&mut c, 2, Role::Worker, None);
+    register(&mut c, 3, Role::Server, None);
+    let out = register(&mut c, 4, Role::Worker, None);
+    // Phase 1: servers only.
+    let mut welcomes = sends(&out);
+    assert_eq!(welcomes.len(), 2);
+    assert!(welcomes.iter().all(|(c, _)| [1, 3].contains(c)));
+    let out = c.handle(Input::Message {
+        conn: 1,
+        msg: Control::Ready,
+    });
+    assert!(sends(&out).is_empty());
+    assert!(!c.is_running());
+    // Phase 2: the last server is ready; workers get the table.
+    let out = c.handle(Input::Message {
+        conn: 3,
+        msg: Control::Ready,
+    });
+    let workers = sends(&out);
+    assert_eq!(workers.len(), 2);
+    assert!(workers.iter().all(|(c, _)| [2, 4].contains(c)));
+    welcomes.extend(workers);
+    // Servers are welcomed first, ranks honoured, ids distinct.
+    let mut ids = BTreeSet::new();
+    for (i, (conn, msg)) in welcomes.iter().enumerate() {
+        let Control::Welcome {
+            node_id,
+            rank,
+            cluster,
+        } = msg
+        else {
+            panic!("expected a welcome, got {msg:?}")
+        };
+        ids.insert(*node_id);
+        assert_eq!(cluster.servers.len(), 2);
+        assert_eq!(cluster.servers[1].addr.port(), 7001);
+        if i < 2 {
+            assert!([1, 3].contains(conn));
+        }
+        if *conn == 1 {
+            assert_eq!(*rank, 1);
+        }
+        if *conn == 3 {
+            assert_eq!(*rank, 0);
+        }
+    }
+    assert_eq!(ids.len(), 4);
+    assert!(c.is_running());
+    c
+}
+
+#[test]
+fn a_failed_server_leaves_the_ring_and_everyone_gets_the_new_table() {
+    let mut sp = spec(2, 2);
+    sp.vnodes = 16;
+    sp.replicas = 1;
+    assert!(sp.validate().is_ok());
+    let mut c = running_spec(sp.clone());
+    assert_eq!(c.table().replicas(), 1);
+    assert_eq!(c.status().ranges[0].chain.len(), 2);
+    // Server rank 1 (connection 1) dies.
+    let out = c.handle(Input::Closed { conn: 1 });
+    let tables: Vec<_> = sends(&out)
+        .into_iter()
+        .filter_map(|(conn, m)| match m {
+            Control::Table { partition } => Some((conn, partition.clone())),
+            _ => None,
+        })
+        .collect();
+    let mut to: Vec<ConnKey> = tables.iter().map(|t| t.0).collect();
+    to.sort_unstable();
+    assert_eq!(to, vec![2, 3, 4], "every live node learns the table");
+    let t = &tables[0].1;
+    assert_eq!(t.epoch(), 2);
+    assert!(
+        t.owners().iter().all(|&o| o == 0),
+        "server 0 heads everything"
+    );
+    assert!(
+        t.followers().iter().all(Vec::is_empty),
+        "no server left to replicate to"
+    );
+    assert_eq!(c.failovers.len(), 1);
+    assert_eq!(c.status().epoch, 2);
+    // Again: nothing more happens.
+    let out = c.handle(Input::Closed { conn: 1 });
+    assert!(sends(&out).is_empty());
+
+    // Without replicas the ranges are lost, said so, and the table stays.
+    sp.replicas = 0;
+    let mut c = running_spec(sp);
+    let out = c.handle(Input::Closed { conn: 1 });
+    assert!(sends(&out).is_empty());
+    assert!(out
+        .iter()
+        .any(|o| matches!(o, Output::Log(l) if l.contains("unavailable"))));
+    assert_eq!(c.table().epoch(), 1);
+}
+
+fn tables(out: &[Output]) -> Vec<(ConnKey, Partition)> {
+    sends(out)
+        .into_iter()
+        .filter_map(|(conn, m)| match m {
+            Control::Table { partition } => Some((conn, partition.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn msg(c: &mut SchedulerCore, conn: ConnKey, msg: Control) -> Vec<Output> {
+    c.handle(Input::Message { conn, msg })
+}
+
+#[test]
+fn a_server_joins_copies_first_then_the_table_flips_and_another_leaves() {
+    let mut sp = spec(2, 2);
+    sp.vnodes = 16;
+    sp.replicas = 1;
+    let mut c = running_spec(sp);
+    let join = |addr: &str, rank| Control::Join {
+        addr: addr.parse().unwrap(),
+        rank,
+        pid: 9,
+    };
+    // Duplicates are refused and change nothing.
+    for bad in [
+        join("127.0.0.1:7001", None),
+        join("127.0.0.1:9000", Some(1)),
+    ] {
+        let out = msg(&mut c, 9, bad);
+        assert!(
+            matches!(sends(&out)[0].1, Control::Refused { reason } if reason.contains("duplicate"))
+        );
+    }
+    assert_eq!(c.table().epoch(), 1);
+    // A real join: welcomed with the current table, as rank 2, id above the workers'.
+    let out = msg(&mut c, 9, join("127.0.0.1:9000", None));
+    let Control::Welcome {
+        node_id,
+        rank,
+        cluster,
+    } = sends(&out)[0].1
+    else {
+        panic!("expected a welcome: {out:?}")
+    };
+    assert_eq!((*rank, *node_id), (2, crate::proto::JOINED_SERVER_BASE + 2));
+    assert_eq!(cluster.partition.epoch(), 1);
+    // Ready: everyone learns the servers, and the copy table (epoch 2) goes out.
+    let out = msg(&mut c, 9, Control::Ready);
+    assert!(sends(&out)
+        .iter()
+        .any(|(_, m)| matches!(m, Control::Servers { servers } if servers.len() == 3)));
+    let t = tables(&out);
+    assert_eq!(t.len(), 5, "all five nodes get the copy table");
+    let mid = t[0].1.clone();
+    assert_eq!(mid.epoch(), 2);
+    assert!(
+        mid.owners().iter().all(|&o| o < 2),
+        "heads do not change while copying"
+    );
+    assert!(
+        mid.followers().iter().any(|f| f.contains(&2)),
+        "the joiner receives copies"
+    );
+    // A second change waits for this one.
+    let out = msg(&mut c, 2, Control::Leave { rank: 0 });
+    assert!(
+        matches!(sends(&out)[0].1, Control::Refused { reason } if reason.contains("in progress"))
+    );
+    // Heads report their copies; a stale report does not count.
+    assert!(tables(&msg(&mut c, 1, Control::Synced { epoch: 1 })).is_empty());
+    assert!(tables(&msg(&mut c, 1, Control::Synced { epoch: 2 })).is_empty());
+    let out = msg(&mut c, 3, Control::Synced { epoch: 2 });
+    let t = tables(&out);
+    assert_eq!(t.len(), 5);
+    let fin = &t[0].1;
+    assert_eq!(fin.epoch(), 3);
+    assert!(fin.owners().contains(&2), "the joiner heads ranges now");
+    assert_eq!(c.table(), fin);
+    // Now server 0 (connection 3) leaves gracefully.
+    let out = msg(&mut c, 2, Control::Leave { rank: 7 });
+    assert!(matches!(sends(&out)[0].1, Control::Refused { .. }));
+    let out = msg(&mut c, 2, Control::Leave { rank: 0 });
+    let mid = &tables(&out)[0].1;
+    assert_eq!(mid.epoch(), 4);
+    let heads: BTreeSet<u32> = mid.owners().iter().copied().collect();
+    let mut out = Vec::new();
+    for (conn, rank) in [(1, 1), (3, 0), (9, 2)] {
+        if heads.contains(&rank) {
+            out = msg(&mut c, conn, Control::Synced { epoch: 4 });
+        }
+    }
+    let fin = &tables(&out)[0].1;
+    assert_eq!(fin.epoch(), 5);
+    assert!(fin.owners().iter().all(|&o| o != 0));
+    assert!(fin.followers().iter().all(|f| !f.contains(&0)));
+    assert!(
+        sends(&out).contains(&(3, &Control::Shutdown)),
+        "the leaver is told to stop"
+    );
+    // Its connection closing afterwards is no failure.
+    let out = c.handle(Input::Closed { conn: 3 });
+    assert!(tables(&out).is_empty());
+    assert!(c.failovers.is_empty());
+}
+
+#[test]
+fn a_restarted_scheduler_rebuilds_its_view_from_the_rejoining_nodes() {
+    let mut sp = spec(2, 2);
+    sp.vnodes = 16;
+    sp.replicas = 1;
+    // The table the servers had: server 1 failed earlier (epoch 2).
+    let ring = crate::placement::ring::Ring::new(&[0, 1], 16).remove_server(1);
+    let table = Partition::from_ring_chains(&ring, 2, 1);
+    assert_eq!(table.epoch(), 2);
+    let rejoin = |role, rank, node_id, table: &Partition, barriers| Control::Rejoin {
+        role,
+        rank,
+        node_id,
+        addr: (role == Role::Server).then(|| "127.0.0.1:7000".parse().unwrap()),
+        pid: 1,
+        table: table.clone(),
+        barriers,
+    };
+    // Not recovering: a rejoin is refused.
+    let mut fresh = running_spec(sp.clone());
+    let out = msg(&mut fresh, 50, rejoin(Role::Worker, 0, 3, &table, 0));
+    assert!(matches!(sends(&out)[0].1, Control::Refused { .. }));
+
+    let mut c = SchedulerCore::new(sp).recovering(Duration::from_millis(500));
+    assert!(c.is_recovering());
+    // Only server 0 is alive; the workers passed 4 barriers.
+    let out = msg(&mut c, 1, rejoin(Role::Server, 0, 1, &table, 0));
+    assert!(sends(&out).is_empty());
+    msg(&mut c, 2, rejoin(Role::Worker, 0, 3, &table, 4));
+    // A barrier before the view is rebuilt waits.
+    assert!(sends(&msg(&mut c, 2, Control::Barrier { seq: 5 })).is_empty());
+    msg(&mut c, 3, rejoin(Role::Worker, 1, 4, &table, 4));
+    // A rank that rejoined already is refused.
+    let out = msg(&mut c, 4, rejoin(Role::Worker, 1, 4, &table, 4));
+    assert!(matches!(sends(&out)[0].1, Control::Refused { .. }));
+    // Server 1 never comes: the wait ends and the view is the servers' newest table.
+    let out = c.handle(Input::Tick { now_ms: 600 });
+    assert!(!c.is_recovering());
+    assert_eq!(c.table().epoch(), 2);
+    let t = tables(&out);
+    assert_eq!(t.len(), 3, "every node gets the table");
+    // Barriers go on from where the workers are.
+    let out = msg(&mut c, 3, Control::Barrier { seq: 5 });
+    assert_eq!(sends(&out).len(), 2);
+    // And decisions resume: server 0 is the only one, so its failure is said plainly.
+    let out = c.handle(Input::Closed { conn: 1 });
+    assert!(out
+        .iter()
+        .any(|o| matches!(o, Output::Log(l) if l.contains("unavailable"))));
+}
+
+#[test]
+fn replica_settings_that_cannot_work_are_refused() {
+    let mut sp = spec(2, 2);
+    sp.replicas = 1;
+    assert!(sp.validate().unwrap_err().contains("--vnodes"));
+    sp.vnodes = 8;
+    sp.replicas = 2;
+    assert!(sp.validate().unwrap_err().contains("at least 3 servers"));
+    sp.replicas = 1;
+    assert!(sp.validate().is_ok());
+}
+
+#[test]
+fn registration_assigns_ranks_and_welcomes_everyone() {
+    running();
+}
+
+#[test]
+fn bad_registrations_are_refused() {
+    let mut c = SchedulerCore::new(spec(1, 1));
+    let out = register(&mut c, 1, Role::Server, Some(5));
+    assert!(matches!(sends(&out)[0].1, Control::Refused { .. }));
+    register(&mut c, 2, Role::Server, Some(0));
+    let out = register(&mut c, 3, Role::Server, Some(0));
+    assert!(matches!(sends(&out)[0].1, Control::Refused { reason } if reason.contains("taken")));
+    let out = register(&mut c, 4, Role::Server, None);
+    assert!(matches!(sends(&out)[0].1, Control::Refused { .. }));
+    let out = c.handle(Input::Message {
+        conn: 9,
+        msg: Control::Register {
+            role: Role::Server,
+            addr: None,
+            rank: None,
+            pid: 1,
+        },
+    });
+    assert!(matches!(sends(&out)[0].1, Control::Refused { .. }));
+    // A node leaving before the cluster completes frees its rank.
+    c.handle(Input::Closed { conn: 2 });
+    assert!(sends(&register(&mut c, 5, Role::Server, Some(0))).is_empty());
+}
+
+#[test]
+fn barriers_release_when_all_live_workers_arrive() {
+    let mut c = running();
+    let out = c.handle(Input::Message {
+        conn: 2,
+        msg: Control::Barrier { seq: 1 },
+    });
+    assert!(sends(&out).is_empty());
+    let out = c.handle(Input::Message {
+        conn: 4,
+        msg: Control::Barrier { seq: 1 },
+    });
+    let s = sends(&out);
+    assert_eq!(s.len(), 2);
+    assert!(s.iter().all(|(_, m)| **m
+        == Control::BarrierDone {
+            seq: 1,
+            live: vec![0, 1]
+        }));
+    // A worker that vanishes no longer holds others back.
+    c.handle(Input::Message {
+        conn: 2,
+        msg: Control::Barrier { seq: 2 },
+    });
+    let out = c.handle(Input::Closed { conn: 4 });
+    // ...and the others learn it left (its data shard passes to them).
+    assert_eq!(
+        sends(&out),
+        vec![(
+            2,
+            &Control::BarrierDone {
+                seq: 2,
+                live: vec![0]
+            }
+        )]
+    );
+}
+
+#[test]
+fn barrier_from_a_server_or_stranger_is_refused() {
+    let mut c = running();
+    let out = c.handle(Input::Message {
+        conn: 1,
+        msg: Control::Barrier { seq: 1 },
+    });
+    assert!(matches!(sends(&out)[0].1, Control::Refused { .. }));
+    let out = c.handle(Input::Message {
+        conn: 77,
+        msg: Control::Done {
+            stats: WorkerStats::default(),
+        },
+    });
+    assert!(matches!(sends(&out)[0].1, Control::Refused { .. }));
+    assert!(!c.is_finished());
+}
+
+#[test]
+fn job_ends_when_every_worker_is_done_and_everyone_is_told() {
+    let mut c = running();
+    let done = |examples| Control::Done {
+        stats: WorkerStats {
+            examples,
+            bytes_sent: 10,
+            bytes_received: 20,
+            seconds: 2.0,
+            blocked_seconds: 0.5,
+        },
+    };
+    let out = c.handle(Input::Message {
+        conn: 2,
+        msg: done(5),
+    });
+    assert!(!out.contains(&Output::JobDone));
+    let out = c.handle(Input::Message {
+        conn: 4,
+        msg: done(7),
+    });
+    assert!(out.contains(&Output::JobDone));
+    let shut: Vec<ConnKey> = sends(&out)
+        .iter()
+        .filter(|(_, m)| **m == Control::Shutdown)
+        .map(|(c, _)| *c)
+        .collect();
+    assert_eq!(shut.len(), 4);
+    let s = merge_summary(&c, 2.0);
+    assert_eq!(s["examples"], 12);
+    assert_eq!(s["examples_per_sec"], 6.0);
+    assert_eq!(s["bytes_sent"], 20);
+}
+
+#[test]
+fn late_servers_must_join_and_late_workers_take_part_from_the_next_barrier() {
+    let mut c = running();
+    // A server registering the old way once the job runs is refused.
+    let out = register(&mut c, 10, Role::Server, None);
+    assert!(matches!(sends(&out)[0].1, Control::Refused { reason } if reason.contains("--join")));
+    // Barrier 1 released for the two workers.
+    for conn in [2, 4] {
+        c.handle(Input::Message {
+            conn,
+            msg: Control::Barrier { seq: 1 },
+        });
+    }
+    // A worker joins: the next rank, an id after the other workers'.
+    let out = register(&mut c, 11, Role::Worker, None);
+    let Control::Welcome { node_id, rank, .. } = sends(&out)[0].1 else {
+        panic!("{out:?}")
+    };
+    assert_eq!((*rank, *node_id), (2, 1 + 2 + 2));
+    // A taken rank is refused.
+    let out = register(&mut c, 12, Role::Worker, Some(0));
+    assert!(matches!(sends(&out)[0].1, Control::Refused { reason } if reason.contains("taken")));
+    // The others reach barrier 2; it waits for the joiner, who asks for "the next"
+    // (seq 0) and gets barrier 2 with every live rank.
+    for conn in [2, 4] {
+        let out = c.handle(Input::Message {
+            conn,
+            msg: Control::Barrier { seq: 2 },
+        });
+        assert!(sends(&out).is_empty());
+    }
+    let out = c.handle(Input::Message {
+        conn: 11,
+        msg: Control::Barrier { seq: 0 },
+    });
+    let s = sends(&out);
+    assert_eq!(s.len(), 3);
+    assert!(s.iter().all(|(_, m)| **m
+        == Control::BarrierDone {
+            seq: 2,
+            live: vec![0, 1, 2]
+        }));
+}
+
+fn heartbeat(c: &mut SchedulerCore, conn: ConnKey, now_ms: u64) -> Vec<Output> {
+    let mut out = c.handle(Input::Tick { now_ms });
+    out.extend(c.handle(Input::Message {
+        conn,
+        msg: Control::Heartbeat,
+    }));
+    out
+}
+
+fn states(c: &SchedulerCore) -> Vec<(Role, u32, String)> {
+    c.status()
+        .nodes
+        .into_iter()
+        .map(|n| (n.role, n.rank, n.state))
+        .collect()
+}
+
+#[test]
+fn heartbeats_keep_servers_live_and_silence_makes_them_dead() {
+    let mut c = running().with_heartbeat_timeout(Duration::from_millis(1000));
+    // Both servers beat for a while: live.
+    for t in (0..3000).step_by(300) {
+        heartbeat(&mut c, 1, t);
+        heartbeat(&mut c, 3, t);
+    }
+    assert!(
+        states(&c).iter().all(|(_, _, s)| s == "live"),
+        "{:?}",
+        states(&c)
+    );
+    // Server on conn 3 falls silent after its beat at 2700: dead once the timeout
+    // passes (after 3700), not before.
+    for t in (3000..3700).step_by(300) {
+        heartbeat(&mut c, 1, t);
+    }
+    c.handle(Input::Tick { now_ms: 3700 });
+    assert!(states(&c).iter().all(|(_, _, s)| s == "live"));
+    let out = heartbeat(&mut c, 1, 3800);
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Output::Log(l) if l.contains("presumed dead"))),
+        "{out:?}"
+    );
+    let dead: Vec<_> = states(&c)
+        .into_iter()
+        .filter(|(_, _, s)| s == "dead")
+        .collect();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    // It comes back: live again.
+    heartbeat(&mut c, 3, 4500);
+    assert!(states(&c).iter().all(|(_, _, s)| s == "live"));
+}
+
+#[test]
+fn a_heartbeat_from_an_unknown_node_is_refused_and_changes_nothing() {
+    let mut c = running();
+    let before = c.status();
+    for (conn, why) in [(99, "unknown connection"), (2, "a worker, not a server")] {
+        let out = c.handle(Input::Message {
+            conn,
+            msg: Control::Heartbeat,
+        });
+        let sent = sends(&out);
+        assert!(
+            matches!(sent.as_slice(), [(to, Control::Refused { reason })]
+                if *to == conn && reason.contains("heartbeat from an unknown node")),
+            "{why}: {out:?}"
+        );
+    }
+    assert_eq!(c.status(), before);
+}
+
+#[test]
+fn status_reports_the_routing_table_and_every_node() {
+    let mut c = running();
+    let out = c.handle(Input::Message {
+        conn: 77,
+        msg: Control::StatusRequest,
+    });
+    let [(77, Control::Status { report })] = sends(&out).as_slice() else {
+        panic!("{out:?}")
+    };
+    assert_eq!(report.epoch, 1);
+    assert_eq!(report.ranges.len(), 2);
+    assert_eq!(report.ranges[0].range.begin, 0);
+    assert_eq!(report.ranges[1].range.end, crate::base::keys::KEY_END);
+    assert_eq!(report.ranges[1].chain, vec![1]);
+    assert_eq!(report.nodes.len(), 4);
+    assert!(report.running && !report.finished);
+    let text = crate::cli::status::render(report);
+    assert!(text.contains("routing table epoch 1"), "{text}");
+    assert!(text.contains("server 1 at 127.0.0.1:"), "{text}");
+    assert!(
+        text.contains("replication lag: no server reported yet"),
+        "{text}"
+    );
+}
