@@ -421,6 +421,23 @@ fn keys_are_routed_by_the_ring_and_stale_or_misrouted_requests_are_refused() {
     let (answer, text) = raw_request(other, &frame);
     assert_eq!(Status::from_u8(answer.status), Status::NotOwner);
     assert!(String::from_utf8_lossy(&text).contains("does not own"));
+    // A clocked request with unsorted keys, as worker 0 (node id 1 + 2 servers): refused
+    // with the reason; the server keeps serving.
+    let mut bad = pserv_transport::Header::new(pserv_transport::MessageKind::Pull, 3, 2);
+    bad.dtype = pserv_transport::DType::F32 as u8;
+    bad.value_len = 1;
+    bad.clock = 1;
+    bad.epoch = 1;
+    let mine: Vec<u64> = keys
+        .iter()
+        .copied()
+        .filter(|&k| table.server_of(k) == owner)
+        .take(2)
+        .collect();
+    let frame = pserv_transport::wire::encode(&bad, &[mine[1], mine[0]], &[]);
+    let (answer, text) = raw_request(addr, &frame);
+    assert_eq!(Status::from_u8(answer.status), Status::BadRequest);
+    assert!(String::from_utf8_lossy(&text).contains("sorted"), "{}", String::from_utf8_lossy(&text));
     // Nothing changed.
     assert_eq!(
         w.wait_pull::<f32>(w.pull::<f32>(vec![keys[0]]))

@@ -159,6 +159,17 @@ impl OutFrame {
         pad8(HEADER_LEN + self.keys.len() + self.values.len())
     }
 
+    /// The frame as it goes on the wire, in one buffer (a copy: for tests and the
+    /// simulation, which carry frames as bytes; the loops write the parts as they are).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.wire_len());
+        for p in self.parts() {
+            out.extend_from_slice(p);
+        }
+        debug_assert_eq!(out.len(), self.wire_len());
+        out
+    }
+
     /// The frame's parts in wire order: header, keys, values, padding.
     pub(crate) fn parts(&self) -> [&[u8]; 4] {
         let pad = self.wire_len() - HEADER_LEN - self.keys.len() - self.values.len();

@@ -445,6 +445,11 @@ impl SchedulerCore {
         });
     }
 
+    /// Whether a join or a graceful leave is in progress (the copy phase).
+    pub fn is_changing(&self) -> bool {
+        self.change.is_some()
+    }
+
     /// The routing table as it is now.
     pub fn table(&self) -> &Partition {
         &self.table

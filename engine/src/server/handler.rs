@@ -112,6 +112,12 @@ impl Handler for ServerHandler {
             ));
             return;
         };
+        if keys_of(&f).is_none() {
+            // Malformed keys (unsorted, repeated): refused with the reason, and the gate
+            // never sees them.
+            answer_request(&self.core, ready, &f, conn, 0);
+            return;
+        }
         // Requests this server will refuse (routed with another table, keys it does not
         // head, ranges not handed over yet) are refused before the clock gate sees them:
         // the gate must not count a push that is not applied.

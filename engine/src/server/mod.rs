@@ -16,6 +16,7 @@ mod handler;
 mod node;
 pub(crate) mod route;
 mod serve;
+pub(crate) mod switch;
 mod window;
 
 pub use config::{ServerConfig, UserRules};

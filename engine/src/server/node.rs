@@ -29,6 +29,7 @@ use super::config::registry;
 use super::config::{ServerConfig, UserRules};
 use super::handler::{entries, refuse, run_actions, PEER_TAG};
 use super::route::Refusal;
+use super::switch::{switch_table, Switched};
 use super::window::apply_landed;
 use super::{AnyStore, Core, Ready, ServerHandler, Typed};
 
@@ -208,25 +209,31 @@ impl Server {
             return;
         };
         let new = Arc::new(new);
-        // The clock gate is locked across the switch and the eviction below: no request
-        // it holds for the old table may be let through (and move a clock) in between.
+        // The clock gate is locked across the switch and the eviction: no request it
+        // holds for the old table may be let through (and move a clock) in between.
         let mut gate = ready.clocks.lock();
-        let old = {
+        let switched = {
             let mut t = ready.table.write();
-            if new.epoch() <= t.epoch() {
-                tracing::debug!(epoch = new.epoch(), "older routing table ignored");
-                return;
-            }
-            ready.repl.prepare_table(&t, &new);
-            std::mem::replace(&mut *t, new.clone())
+            switch_table(
+                &mut gate,
+                &mut t,
+                new.clone(),
+                |old, new| ready.repl.prepare_table(old, new),
+                |p| p.frame.header().epoch,
+            )
         };
-        // Clocked requests the gate holds were routed with the old table: refused (with
+        let Some(Switched {
+            old,
+            stale,
+            actions,
+        }) = switched
+        else {
+            tracing::debug!(epoch = new.epoch(), "older routing table ignored");
+            return;
+        };
+        // Clocked requests the gate held were routed with the old table: refused (with
         // the new table first), so the workers resend them; they moved no clock.
         let epoch = new.epoch();
-        let (stale, actions) = gate.evict(|p| {
-            let e = p.frame.header().epoch;
-            e != 0 && u64::from(e) != epoch
-        });
         for p in stale {
             let h = *p.frame.header();
             let refusal = Refusal(

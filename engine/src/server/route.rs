@@ -3,7 +3,7 @@
 //! parts of a resent push are not held yet. The server and the simulation both use
 //! these.
 
-use crate::base::keys::KeyRange;
+use crate::base::keys::{Key, KeyRange};
 use crate::placement::Partition;
 use crate::proto::Status;
 use crate::replication::KeysRef;
@@ -118,6 +118,19 @@ pub(crate) fn unheld_parts(r: KeyRange, held: &[KeyRange]) -> Vec<KeyRange> {
     out
 }
 
+/// The positions of the keys of `keys` outside every range of `held` (the part of a
+/// resent push this server does not hold yet), in key order.
+pub(crate) fn unheld_keys(keys: &[Key], held: &[KeyRange]) -> Vec<usize> {
+    let out: Vec<usize> = keys
+        .iter()
+        .enumerate()
+        .filter(|(_, &k)| !held.iter().any(|r| r.contains(k)))
+        .map(|(i, _)| i)
+        .collect();
+    debug_assert!(out.len() <= keys.len());
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,6 +148,8 @@ mod tests {
         );
         assert!(unheld_parts(r(10, 20), &[r(0, 15), r(15, 30)]).is_empty());
         assert_eq!(unheld_parts(r(10, 20), &[r(30, 40)]), vec![r(10, 20)]);
+        assert_eq!(unheld_keys(&[1, 5, 12, 40], &[r(0, 6), r(30, 50)]), vec![2]);
+        assert!(unheld_keys(&[1, 5], &[r(0, 6)]).is_empty());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::proto::{self, Status};
 use crate::replication::{HeldPart, KeysRef};
 
 use super::handler::{entries, refuse};
-use super::route::{route, unheld_parts, Refusal};
+use super::route::{route, unheld_keys, unheld_parts, Refusal};
 use super::window::serve_window;
 use super::{AnyStore, Core, Ready, Typed};
 
@@ -207,11 +207,9 @@ pub(super) fn serve<T: Value>(
                 None => {
                     let mut keys = Vec::new();
                     let mut vals = Vec::new();
-                    for (i, &k) in f.keys().iter().enumerate() {
-                        if !held.iter().any(|r| r.contains(k)) {
-                            keys.push(k);
-                            vals.extend_from_slice(&g[i * vlen..(i + 1) * vlen]);
-                        }
+                    for i in unheld_keys(f.keys(), held) {
+                        keys.push(f.keys()[i]);
+                        vals.extend_from_slice(&g[i * vlen..(i + 1) * vlen]);
                     }
                     t.store.push(&keys, &vals, fun.as_ref())?;
                 }

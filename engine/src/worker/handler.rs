@@ -7,13 +7,11 @@ use std::sync::Arc;
 use pserv_transport::wire::MessageKind;
 use pserv_transport::{CloseReason, Conn, Handler, RecvFrame};
 
-use crate::base::error::EngineError;
 use crate::proto::{Control, Status};
 
 use super::registration::SCHEDULER_TAG;
-use super::retry::Failure;
 use super::state::Core;
-use super::tasks::Outcome;
+use super::tasks::judge_answer;
 
 pub(super) struct WorkerHandler {
     pub(super) core: Arc<Core>,
@@ -71,41 +69,14 @@ impl Handler for WorkerHandler {
         }
         let server = server as u32;
         let value_bytes = f.values().len();
-        let status = Status::from_u8(h.status);
         let error_text = (h.status != Status::Ok as u8)
             .then(|| String::from_utf8_lossy(f.values()).into_owned());
         self.core.settle(h.timestamp, server, |st, seg| {
-            if let Some(message) = error_text {
-                let failure = Failure::Refused {
-                    server,
-                    status,
-                    message,
-                };
-                if matches!(status, Status::StaleEpoch | Status::NotOwner) {
-                    // Routed by a table the server does not share: resend by a newer one.
-                    return Outcome::Retry(failure);
-                }
-                st.error.get_or_insert(failure.error());
-                return Outcome::Done;
+            let (outcome, keep) = judge_answer(st, seg, server, &h, value_bytes, error_text);
+            if keep {
+                st.segments[seg].part = Some(frame.into_owned());
             }
-            if !st.keeps_values {
-                return Outcome::Done;
-            }
-            let want = st.segments[seg].values;
-            let elem = pserv_transport::DType::from_u8(st.dtype).map_or(1, |d| d.size());
-            if h.dtype != st.dtype || value_bytes != want * elem {
-                st.error.get_or_insert(EngineError::Server {
-                    server,
-                    status: Status::BadRequest,
-                    message: format!(
-                        "answer holds {value_bytes} value bytes of type {}, expected {want} values of type {}",
-                        h.dtype, st.dtype
-                    ),
-                });
-                return Outcome::Done;
-            }
-            st.segments[seg].part = Some(frame.into_owned());
-            Outcome::Done
+            outcome
         });
     }
 

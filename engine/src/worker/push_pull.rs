@@ -139,31 +139,21 @@ impl Worker {
     /// The header of a request, with its consistency clock and flags (the timestamp and
     /// the routing epoch are set per message, see [`Request::message`]).
     fn header<T: Value>(&self, kind: MessageKind, opts: &TaskOpts) -> Header {
-        let mut h = Header::new(kind, self.node_id, 0);
-        h.dtype = T::DTYPE as u8;
-        h.value_len = self.value_len() as u32;
-        h.func = opts.func;
-        let clock = self.clock();
-        if clock > 0 {
-            let model = opts.consistency.unwrap_or(self.consistency);
-            h.clock = if kind == MessageKind::Pull {
-                model.min_clock(clock)
-            } else {
-                clock
-            };
-            // Sequential: pushes apply in (clock, rank) order, and any request says that
-            // every earlier task of this worker finished (the servers move its clock).
-            if model == Consistency::Sequential {
-                h.flags |= FLAG_ORDERED;
-            }
-        }
-        h
+        let model = opts.consistency.unwrap_or(self.consistency);
+        request_header(
+            kind,
+            self.node_id,
+            (T::DTYPE as u8, self.value_len() as u32),
+            opts.func,
+            self.clock(),
+            model,
+        )
     }
 
     /// Whether a request of this kind advances this worker's clock on the servers (then
     /// it goes to every server, with an empty key list where it has no keys).
     fn clocked_write(&self, kind: MessageKind) -> bool {
-        self.clock() > 0 && kind != MessageKind::Pull
+        clocked_write(self.clock(), kind)
     }
 
     fn keyed<T: Value>(
@@ -236,4 +226,46 @@ impl Worker {
             ))
         })
     }
+}
+
+/// The header of a request of `kind` from node `sender` with values of (type tag,
+/// length per key), update function `func`, sent at worker clock `clock` under `model`:
+/// the consistency clock and flags set (the timestamp and the routing epoch are set per
+/// message, see [`Request::message`]). The worker and the simulation build requests
+/// with it.
+pub(crate) fn request_header(
+    kind: MessageKind,
+    sender: u32,
+    (dtype, value_len): (u8, u32),
+    func: u16,
+    clock: u64,
+    model: Consistency,
+) -> Header {
+    let mut h = Header::new(kind, sender, 0);
+    h.dtype = dtype;
+    h.value_len = value_len;
+    h.func = func;
+    if clock > 0 {
+        h.clock = if kind == MessageKind::Pull {
+            model.min_clock(clock)
+        } else {
+            clock
+        };
+        // Sequential: pushes apply in (clock, rank) order, and any request says that
+        // every earlier task of this worker finished (the servers move its clock).
+        if model == Consistency::Sequential {
+            h.flags |= FLAG_ORDERED;
+        }
+    }
+    debug_assert!(
+        clock == 0 || h.clock <= clock,
+        "a request never carries a clock ahead of its worker"
+    );
+    h
+}
+
+/// Whether a request of `kind` at worker clock `clock` advances the worker's clock on the
+/// servers (then it goes to every server, with an empty key list where it has no keys).
+pub(crate) fn clocked_write(clock: u64, kind: MessageKind) -> bool {
+    clock > 0 && kind != MessageKind::Pull
 }

@@ -28,22 +28,22 @@ type Body = Box<dyn Fn(&[Range<usize>]) -> (Payload, Payload) + Send + Sync>;
 /// A task's request, kept to build its messages: the first ones, and those that resend a
 /// failed segment's keys under a newer routing table (same message, new epoch, new
 /// segment index).
-pub(super) struct Request {
+pub(crate) struct Request {
     keys: RequestKeys,
     /// Kind, sender, dtype, value length, function, clock and flags; the timestamp and
     /// epoch are set per message.
-    pub(super) header: Header,
+    pub(crate) header: Header,
     /// Values per key.
     vlen: usize,
     /// Whether it goes to every server (an empty message where it has no keys) to carry
     /// the worker's clock.
-    pub(super) clocked: bool,
-    pub(super) body: Body,
+    pub(crate) clocked: bool,
+    pub(crate) body: Body,
 }
 
 impl Request {
     /// A request for sorted `keys` (values from `values`, gathered per message).
-    pub(super) fn keyed<T: Value>(
+    pub(crate) fn keyed<T: Value>(
         header: Header,
         vlen: usize,
         clocked: bool,
@@ -91,7 +91,7 @@ impl Request {
     }
 
     /// A request for every key of `range` (dense values from `values`).
-    pub(super) fn ranged<T: Value>(
+    pub(crate) fn ranged<T: Value>(
         header: Header,
         vlen: usize,
         clocked: bool,
@@ -138,7 +138,7 @@ impl Request {
     }
 
     /// Split the keys at `runs` by `table`: per message, its server and runs.
-    pub(super) fn split(
+    pub(crate) fn split(
         &self,
         table: &Partition,
         runs: &[Range<usize>],
@@ -154,7 +154,7 @@ impl Request {
     /// messages carry one range each, and a server may get several: each moves the
     /// worker's clock only on what it writes, so every server of `clock_to` gets a
     /// closing empty message, which moves it on the rest.
-    pub(super) fn first_plan(
+    pub(crate) fn first_plan(
         &self,
         table: &Partition,
         clock_to: &[u32],
@@ -175,7 +175,7 @@ impl Request {
 
     /// Segment `index` of task `ts`: the keys at `runs` to `server`, routed by a table
     /// of epoch `epoch`.
-    pub(super) fn message(
+    pub(crate) fn message(
         &self,
         epoch: u64,
         ts: Timestamp,
@@ -208,7 +208,7 @@ impl Request {
     }
 
     /// The segments and frames of a plan, numbered from segment `first`.
-    pub(super) fn messages(
+    pub(crate) fn messages(
         &self,
         table: &Partition,
         ts: Timestamp,
@@ -229,7 +229,7 @@ impl Request {
 
 /// Split the keys at `runs` (index ranges into the sorted `keys`) by `table`: one entry
 /// per server, in server order, with its runs in key order (adjacent ones merged).
-pub(super) fn split_key_runs(
+pub(crate) fn split_key_runs(
     table: &Partition,
     keys: &[Key],
     runs: &[Range<usize>],
@@ -250,7 +250,7 @@ pub(super) fn split_key_runs(
 
 /// Split the keys at `runs` (offsets from `range.begin`) by `table`: one entry per part
 /// with one owner, in key order, each with its one run.
-pub(super) fn split_range_runs(
+pub(crate) fn split_range_runs(
     table: &Partition,
     range: KeyRange,
     runs: &[Range<usize>],

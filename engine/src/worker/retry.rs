@@ -28,7 +28,7 @@ const RETRY_MAX_DELAY: Duration = Duration::from_millis(200);
 /// Why a segment failed: kept to end its task with a clear error if no resend succeeds
 /// within the worker's timeout.
 #[derive(Clone, Debug)]
-pub(super) enum Failure {
+pub(crate) enum Failure {
     /// The server's connection closed, or a send to it failed.
     Disconnected {
         /// Rank of the server.
@@ -46,7 +46,7 @@ pub(super) enum Failure {
 }
 
 impl Failure {
-    pub(super) fn error(&self) -> EngineError {
+    pub(crate) fn error(&self) -> EngineError {
         match self {
             Failure::Disconnected { server } => EngineError::Disconnected { server: *server },
             Failure::Refused {
@@ -75,20 +75,20 @@ impl Failure {
 
 /// What one look at a task's waiting segments decided.
 #[derive(Default)]
-pub(super) struct Resend {
+pub(crate) struct Resend {
     /// Segments added (resends).
-    pub(super) added: usize,
+    pub(crate) added: usize,
     /// Segments settled (replaced, dropped or given up).
-    pub(super) closed: usize,
+    pub(crate) closed: usize,
     /// The resends' frames, by server.
-    pub(super) sends: Vec<(u32, OutFrame)>,
+    pub(crate) sends: Vec<(u32, OutFrame)>,
     /// Whether some segment still waits.
-    pub(super) waiting: bool,
+    pub(crate) waiting: bool,
 }
 
 impl TaskState {
     /// Segment `seg` failed retryably at `now`: let it wait for a resend.
-    pub(super) fn park(&mut self, seg: usize, failure: Failure, now: Instant) {
+    pub(crate) fn park(&mut self, seg: usize, failure: Failure, now: Instant) {
         let s = &mut self.segments[seg];
         let resend_at = failure.stale().then(|| {
             let backoff = RETRY_DELAY
@@ -104,7 +104,7 @@ impl TaskState {
     /// were routed with, or a stale refusal's delay passed), give up on those waiting for
     /// `timeout` since they first failed, and drop keyless ones whose server is gone
     /// (`alive` says whose connection is open).
-    pub(super) fn resend_due(
+    pub(crate) fn resend_due(
         &mut self,
         ts: Timestamp,
         table: &Partition,

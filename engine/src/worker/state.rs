@@ -138,6 +138,6 @@ impl Core {
 }
 
 /// Whether `server` holds any range of `table` (as head or replica).
-pub(super) fn in_table(table: &Partition, server: u32) -> bool {
+pub(crate) fn in_table(table: &Partition, server: u32) -> bool {
     table.owners().contains(&server) || table.followers().iter().any(|f| f.contains(&server))
 }

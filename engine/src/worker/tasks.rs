@@ -11,13 +11,13 @@ use std::time::Instant;
 
 use parking_lot::{Mutex, MutexGuard};
 
-use pserv_transport::wire::{MessageKind, FLAG_ORDERED};
+use pserv_transport::wire::{Header, MessageKind, FLAG_ORDERED};
 use pserv_transport::{Conn, OutFrame, OwnedFrame};
 
 use crate::base::error::EngineError;
 use crate::base::value::Value;
 use crate::consistency::Gate;
-use crate::proto::{segment_of, task_of, Control};
+use crate::proto::{segment_of, task_of, Control, Status};
 
 use super::config::TaskOpts;
 use super::pulled::{Answer, Pulled};
@@ -31,7 +31,7 @@ pub type Timestamp = u64;
 
 /// Where a segment stands.
 #[derive(Debug)]
-pub(super) enum SegState {
+pub(crate) enum SegState {
     /// Sent (or about to be); its answer is expected.
     Sent,
     /// Failed retryably; waits for a resend under a newer table (or, when refused as
@@ -47,31 +47,31 @@ pub(super) enum SegState {
 }
 
 /// One message of a task: what it expects from one server.
-pub(super) struct Segment {
-    pub(super) server: u32,
+pub(crate) struct Segment {
+    pub(crate) server: u32,
     /// Values expected (pulls), in elements.
-    pub(super) values: usize,
-    pub(super) state: SegState,
-    pub(super) part: Option<OwnedFrame>,
+    pub(crate) values: usize,
+    pub(crate) state: SegState,
+    pub(crate) part: Option<OwnedFrame>,
     /// Where this segment's keys sit in the request's key order (index ranges, in the
     /// order its answer holds them; for ranges, offsets from the range's begin). A
     /// replaced segment has none.
-    pub(super) runs: Vec<Range<usize>>,
+    pub(crate) runs: Vec<Range<usize>>,
     /// The epoch of the routing table it was split with.
-    pub(super) epoch: u64,
+    pub(crate) epoch: u64,
     /// When the first segment it descends from failed (resent segments inherit it).
-    pub(super) failed_at: Option<Instant>,
+    pub(crate) failed_at: Option<Instant>,
     /// How many times its keys were resent before it.
-    pub(super) attempt: u32,
+    pub(crate) attempt: u32,
     /// The segment of the task's first split its keys come from (servers recognise a
     /// resent piece of a push by it).
-    pub(super) origin: usize,
+    pub(crate) origin: usize,
 }
 
 /// The [`Control::Completed`] notice a finished task calls for: it was a sequential
 /// clocked push and some of its keys were resent (a segment whose index is not its
 /// origin's), so the servers learnt its clock only where the resent pieces wrote.
-fn completed_notice(st: &TaskState) -> Option<(Control, u32)> {
+pub(crate) fn completed_notice(st: &TaskState) -> Option<(Control, u32)> {
     let req = st.request.as_ref()?;
     let h = &req.header;
     let sequential_push =
@@ -81,24 +81,24 @@ fn completed_notice(st: &TaskState) -> Option<(Control, u32)> {
         .then_some((Control::Completed { clock: h.clock }, h.sender))
 }
 
-pub(super) struct TaskState {
-    pub(super) segments: Vec<Segment>,
-    pub(super) error: Option<EngineError>,
-    pub(super) waiter: Option<Thread>,
+pub(crate) struct TaskState {
+    pub(crate) segments: Vec<Segment>,
+    pub(crate) error: Option<EngineError>,
+    pub(crate) waiter: Option<Thread>,
     /// Whether answers carry values to keep.
-    pub(super) keeps_values: bool,
+    pub(crate) keeps_values: bool,
     /// Element type tag expected in answers.
-    pub(super) dtype: u8,
+    pub(crate) dtype: u8,
     /// The request, to resend failed segments (None: refused before sending).
-    pub(super) request: Option<Arc<Request>>,
+    pub(crate) request: Option<Arc<Request>>,
     /// Whether the consistency gate let it start (before that, its messages are parked
     /// unsent, and nothing of it may be resent).
-    pub(super) started: bool,
+    pub(crate) started: bool,
 }
 
 impl TaskState {
     /// The answered segments' values with their runs (replaced segments hold none).
-    pub(super) fn take_answers(&mut self) -> Vec<Answer> {
+    pub(crate) fn take_answers(&mut self) -> Vec<Answer> {
         self.segments
             .iter_mut()
             .filter_map(|s| s.part.take().map(|p| (p, std::mem::take(&mut s.runs))))
@@ -138,11 +138,61 @@ pub(super) struct GateState {
 }
 
 /// What an answer (or a failure) does to its segment.
-pub(super) enum Outcome {
+pub(crate) enum Outcome {
     /// The segment is settled.
     Done,
     /// The segment failed retryably: resend it when possible.
     Retry(Failure),
+}
+
+/// Judge the answer `h` (`value_bytes` of values; the error text where its status is
+/// not Ok) of segment `seg`, sent to `server`: the
+/// outcome, and whether the answer's frame is to be kept as the segment's values. A
+/// refusal as routed with another table (`StaleEpoch`, `NotOwner`) is retryable; any
+/// other error, or values of the wrong type or length, fail the task (the error is kept
+/// in `st`). The worker's handler and the simulation both judge answers with it.
+pub(crate) fn judge_answer(
+    st: &mut TaskState,
+    seg: usize,
+    server: u32,
+    h: &Header,
+    value_bytes: usize,
+    error_text: Option<String>,
+) -> (Outcome, bool) {
+    debug_assert!(seg < st.segments.len(), "an answer names a segment of its task");
+    if h.status != Status::Ok as u8 {
+        let status = Status::from_u8(h.status);
+        let failure = Failure::Refused {
+            server,
+            status,
+            message: error_text.unwrap_or_default(),
+        };
+        if matches!(status, Status::StaleEpoch | Status::NotOwner) {
+            // Routed by a table the server does not share: resend by a newer one.
+            return (Outcome::Retry(failure), false);
+        }
+        st.error.get_or_insert(failure.error());
+        return (Outcome::Done, false);
+    }
+    if !st.keeps_values {
+        return (Outcome::Done, false);
+    }
+    let want = st.segments[seg].values;
+    let elem = pserv_transport::DType::from_u8(st.dtype).map_or(1, |d| d.size());
+    if h.dtype != st.dtype || value_bytes != want * elem {
+        st.error.get_or_insert(EngineError::Server {
+            server,
+            status: Status::BadRequest,
+            message: format!(
+                "answer holds {} value bytes of type {}, expected {want} values of type {}",
+                value_bytes,
+                h.dtype,
+                st.dtype
+            ),
+        });
+        return (Outcome::Done, false);
+    }
+    (Outcome::Done, true)
 }
 
 impl Core {

@@ -1,0 +1,95 @@
+//! The simulation's seeds: many per run, in parallel; a failure names its replay line.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use super::*;
+
+fn seeds(default: u64) -> Vec<u64> {
+    if let Ok(s) = std::env::var("PSERV_SIM_SEED") {
+        return vec![s.parse().expect("PSERV_SIM_SEED is a number")];
+    }
+    let n = std::env::var("PSERV_SIM_SEEDS")
+        .ok()
+        .map(|v| v.parse().expect("PSERV_SIM_SEEDS is a number"))
+        .unwrap_or(default);
+    let first = std::env::var("PSERV_SIM_FIRST")
+        .ok()
+        .map(|v| v.parse().expect("PSERV_SIM_FIRST is a number"))
+        .unwrap_or(1);
+    (first..first + n).collect()
+}
+
+/// Run `list` on every core; returns the failures.
+fn run_all(list: &[u64]) -> (Vec<String>, u64, u64) {
+    let next = AtomicU64::new(0);
+    let failures = Mutex::new(Vec::new());
+    let acked = AtomicU64::new(0);
+    let faults = AtomicU64::new(0);
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                let Some(&seed) = list.get(i) else {
+                    return;
+                };
+                match run_seed(seed) {
+                    Ok(r) => {
+                        acked.fetch_add(r.acked as u64, Ordering::Relaxed);
+                        faults.fetch_add(r.faults.len() as u64, Ordering::Relaxed);
+                        if list.len() == 1 {
+                            eprintln!("seed {seed}: {r:?}");
+                        }
+                    }
+                    Err(e) => failures.lock().unwrap().push(e),
+                }
+            });
+        }
+    });
+    (
+        failures.into_inner().unwrap(),
+        acked.into_inner(),
+        faults.into_inner(),
+    )
+}
+
+#[test]
+fn sim_seeds() {
+    let list = seeds(10_000);
+    let t = std::time::Instant::now();
+    let (failures, acked, faults) = run_all(&list);
+    eprintln!(
+        "{} seeds in {:?}: {acked} pushes acknowledged, {faults} faults injected, {} failed",
+        list.len(),
+        t.elapsed(),
+        failures.len()
+    );
+    if let Some(first) = failures.first() {
+        for f in failures.iter().take(5) {
+            eprintln!("{f}");
+        }
+        panic!("{} of {} seeds failed; the first: {first}", failures.len(), list.len());
+    }
+    assert!(acked > 0, "the seeds acknowledged pushes");
+}
+
+#[test]
+fn a_seed_replays_exactly() {
+    let a = run_seed(7).unwrap();
+    let b = run_seed(7).unwrap();
+    assert_eq!(a.events, b.events);
+    assert_eq!(a.finals, b.finals);
+    assert_eq!(a.faults, b.faults);
+}
+
+#[test]
+fn a_failure_free_run_acknowledges_every_push() {
+    let cfg = SimConfig {
+        faults: Vec::new(),
+        ..SimConfig::draw(3, false)
+    };
+    let r = world::World::new(3, cfg.clone()).run().unwrap();
+    let pushes = u64::from(cfg.workers) * cfg.iterations;
+    assert_eq!(r.acked as u64, pushes, "{r:?}");
+}
