@@ -3,7 +3,8 @@
 //!
 //! One folder per concern (see ARCHITECTURE.md for the map and each folder's invariant):
 //!
-//! - [`base`]: keys, key ranges, value types, status codes, the error type.
+//! - [`base`]: keys, key ranges, value types, status codes, the error type, node ids,
+//!   ranks and connection tags.
 //! - [`placement`]: the consistent-hashing ring and the routing table ([`Partition`]).
 //! - [`proto`]: control messages and frame builders.
 //! - [`store`]: one server's parameters in pinned memory, sharded by key sub-range.

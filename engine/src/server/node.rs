@@ -14,6 +14,7 @@ use parking_lot::{Mutex, RwLock};
 use pserv_transport::{BufPool, Conn, TcpTransport};
 
 use crate::base::error::EngineError;
+use crate::base::ids::{ConnTag, Holder, NodeId, ServerRank};
 use crate::base::keys::KeyRange;
 use crate::base::value::Value;
 use crate::consistency::clock::ClockGate;
@@ -23,11 +24,10 @@ use crate::proto::{self, ClusterInfo, Control, Role, ServerStats, Status, ValueT
 use crate::replication::Replicator;
 use crate::store::{Store, StoreConfig, StoreError};
 use crate::update::Sum;
-use crate::worker::SCHEDULER_TAG;
 
 use super::config::registry;
 use super::config::{ServerConfig, UserRules};
-use super::handler::{entries, refuse, run_actions, PEER_TAG};
+use super::handler::{entries, refuse, run_actions};
 use super::route::Refusal;
 use super::window::apply_landed;
 use super::{AnyStore, Core, Ready, ServerHandler, Typed};
@@ -67,7 +67,7 @@ impl Server {
             TcpTransport::start(cfg.tcp.clone(), |_| ServerHandler { core: core.clone() })?;
         let addr = transport.listen(cfg.listen)?;
         let scheduler = transport.connect(cfg.scheduler, Duration::from_secs(10))?;
-        scheduler.set_tag(SCHEDULER_TAG);
+        scheduler.set_tag(ConnTag::Scheduler.to_u64(Holder::Server));
         let hello = if cfg.join {
             Control::Join {
                 addr,
@@ -115,7 +115,7 @@ impl Server {
             }
             match transport.connect(s.addr, Duration::from_secs(5)) {
                 Ok(c) => {
-                    c.set_tag(PEER_TAG + u64::from(s.rank));
+                    c.set_tag(ConnTag::Server(ServerRank(s.rank)).to_u64(Holder::Server));
                     peers[s.rank as usize] = Some(c);
                 }
                 // A server that failed earlier: nothing will be sent to it.
@@ -263,7 +263,7 @@ impl Server {
         else {
             return;
         };
-        conn.set_tag(SCHEDULER_TAG);
+        conn.set_tag(ConnTag::Scheduler.to_u64(Holder::Server));
         let table = ready.table.read().as_ref().clone();
         let rejoin = Control::Rejoin {
             role: Role::Server,
@@ -291,7 +291,7 @@ impl Server {
             }
             match self.transport.connect(s.addr, Duration::from_secs(5)) {
                 Ok(c) => {
-                    c.set_tag(PEER_TAG + u64::from(s.rank));
+                    c.set_tag(ConnTag::Server(ServerRank(s.rank)).to_u64(Holder::Server));
                     ready.repl.add_peer(s.rank, c);
                     tracing::info!(peer = s.rank, addr = %s.addr, "connected to a server that joined");
                 }
@@ -503,7 +503,7 @@ pub(super) fn make_ready(
         servers: cluster
             .servers
             .iter()
-            .filter(|s| s.id == 1 + s.rank)
+            .filter(|s| NodeId(s.id) == NodeId::first_server(ServerRank(s.rank)))
             .count() as u32,
         workers: cluster.workers,
         clocks: Mutex::new(ClockGate::new(range, cluster.workers as usize)),

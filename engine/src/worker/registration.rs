@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use pserv_transport::{Conn, TcpTransport};
 
 use crate::base::error::EngineError;
+use crate::base::ids::{ConnTag, Holder, ServerRank};
 use crate::onesided::{ClientOneSided, TransportKind};
 use crate::proto::{Control, Role, WorkerStats};
 
@@ -17,9 +18,6 @@ use super::handler::WorkerHandler;
 use super::retry::Retrier;
 use super::state::Core;
 use super::Worker;
-
-/// Conn tag of the scheduler connection.
-pub(crate) const SCHEDULER_TAG: u64 = u64::MAX;
 
 impl Core {
     /// Send to the scheduler (over the current connection).
@@ -52,7 +50,7 @@ impl Core {
                 let deadline = Instant::now() + grace;
                 while Instant::now() < deadline && !core.stop.load(Ordering::Relaxed) {
                     if let Ok(conn) = connector.connect(addr, Duration::from_millis(200)) {
-                        conn.set_tag(SCHEDULER_TAG);
+                        conn.set_tag(ConnTag::Scheduler.to_u64(Holder::Worker));
                         let rejoin = Control::Rejoin {
                             role: Role::Worker,
                             rank,
@@ -100,7 +98,7 @@ impl Core {
                     }
                     match connector.connect(s.addr, Duration::from_secs(5)) {
                         Ok(conn) => {
-                            conn.set_tag(u64::from(s.rank) + 1);
+                            conn.set_tag(ConnTag::Server(ServerRank(s.rank)).to_u64(Holder::Worker));
                             let mut v = core.servers.write();
                             if v.len() <= s.rank as usize {
                                 v.resize(s.rank as usize + 1, None);
@@ -128,7 +126,7 @@ impl Worker {
         let transport =
             TcpTransport::start(cfg.tcp.clone(), |_| WorkerHandler { core: core.clone() })?;
         let scheduler = transport.connect(cfg.scheduler, Duration::from_secs(10))?;
-        scheduler.set_tag(SCHEDULER_TAG);
+        scheduler.set_tag(ConnTag::Scheduler.to_u64(Holder::Worker));
         *core.sched.lock() = Some(scheduler.clone());
         scheduler.send(
             Control::Register {
@@ -173,7 +171,7 @@ impl Worker {
             }
             match transport.connect(s.addr, Duration::from_secs(10)) {
                 Ok(conn) => {
-                    conn.set_tag(u64::from(s.rank) + 1);
+                    conn.set_tag(ConnTag::Server(ServerRank(s.rank)).to_u64(Holder::Worker));
                     servers[s.rank as usize] = Some(conn);
                 }
                 // A worker that joins late may find servers that failed since; the
