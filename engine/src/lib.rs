@@ -14,6 +14,8 @@
 //! - [`scheduler`]: the scheduler's state machine and process.
 //! - [`server`]: the server node, serving requests on the event loops.
 //! - [`worker`]: the worker API training code calls.
+//! - `node` (crate-internal): what servers and workers both do with the scheduler
+//!   (register, rejoin a restarted one).
 //! - [`onesided`]: the one-sided data path for dense ranges (shm, RDMA verbs).
 //! - [`lr`] and [`job`]: the main job, sparse logistic regression.
 //! - [`cli`]: the `pserv` command line, its launcher and the operator's commands.
@@ -28,6 +30,7 @@ pub mod cli;
 pub mod consistency;
 pub mod job;
 pub mod lr;
+pub(crate) mod node;
 pub mod onesided;
 pub mod placement;
 pub mod proto;
