@@ -3,7 +3,8 @@
 //!
 //! One folder per concern (see ARCHITECTURE.md for the map and each folder's invariant):
 //!
-//! - [`base`]: keys, key ranges, value types, status codes, the error type.
+//! - [`base`]: keys, key ranges, value types, status codes, the error type, node ids,
+//!   ranks and connection tags.
 //! - [`placement`]: the consistent-hashing ring and the routing table ([`Partition`]).
 //! - [`proto`]: control messages and frame builders.
 //! - [`store`]: one server's parameters in pinned memory, sharded by key sub-range.
@@ -13,6 +14,8 @@
 //! - [`scheduler`]: the scheduler's state machine and process.
 //! - [`server`]: the server node, serving requests on the event loops.
 //! - [`worker`]: the worker API training code calls.
+//! - `node` (crate-internal): what servers and workers both do with the scheduler
+//!   (register, rejoin a restarted one).
 //! - [`onesided`]: the one-sided data path for dense ranges (shm, RDMA verbs).
 //! - [`lr`] and [`job`]: the main job, sparse logistic regression.
 //! - [`cli`]: the `pserv` command line, its launcher and the operator's commands.
@@ -27,6 +30,7 @@ pub mod cli;
 pub mod consistency;
 pub mod job;
 pub mod lr;
+pub(crate) mod node;
 pub mod onesided;
 pub mod placement;
 pub mod proto;

@@ -1,9 +1,11 @@
 //! What every other part of the engine builds on: keys and key ranges, the value types,
-//! the status codes of answers, the engine's error type.
+//! the status codes of answers, the engine's error type, node ids, ranks and connection
+//! tags.
 //!
 //! Invariant: depends on nothing else in the engine.
 
 pub mod error;
+pub mod ids;
 pub mod keys;
 pub mod status;
 pub mod value;

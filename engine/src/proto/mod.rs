@@ -14,8 +14,8 @@ use crate::update::UpdateSpec;
 
 pub use crate::base::status::Status;
 
-/// Node id of the scheduler.
-pub const SCHEDULER_ID: u32 = 0;
+/// Node id of the scheduler ([`NodeId::SCHEDULER`](crate::base::ids::NodeId::SCHEDULER)).
+pub const SCHEDULER_ID: u32 = crate::base::ids::NodeId::SCHEDULER.0;
 
 /// What a node is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -434,7 +434,8 @@ pub fn request_timestamp(ts: u64, segment: usize, origin: usize) -> u64 {
 
 /// Node ids of servers that joined a running cluster start here (`JOINED_SERVER_BASE +
 /// rank`): above every worker's id, also of workers that join later (`1 + S + rank`).
-pub const JOINED_SERVER_BASE: u32 = 1 << 24;
+/// The node ids are encoded and decoded in [`crate::base::ids`].
+pub const JOINED_SERVER_BASE: u32 = crate::base::ids::JOINED_SERVER_BASE;
 
 /// How often servers send [`Control::Heartbeat`].
 pub const HEARTBEAT_EVERY: std::time::Duration = std::time::Duration::from_millis(300);

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::membership::Change;
 use super::spec::ClusterSpec;
+use crate::base::ids::{NodeId, ServerRank, WorkerRank};
 use crate::placement::Partition;
 use crate::proto::{
     Control, NodeStatus, RangeStatus, Role, ServerStats, StatusReport, WorkerStats,
@@ -255,12 +256,13 @@ impl SchedulerCore {
     }
 
     pub(super) fn node_id(&self, role: Role, rank: u32) -> u32 {
-        match role {
-            // Servers that joined later get ids above every worker's.
-            Role::Server if rank >= self.spec.servers => crate::proto::JOINED_SERVER_BASE + rank,
-            Role::Server => 1 + rank,
-            Role::Worker => 1 + self.spec.servers + rank,
-        }
+        // Servers that joined later (ranks from `spec.servers` on) get ids above every
+        // worker's.
+        let id = match role {
+            Role::Server => NodeId::server(ServerRank(rank), self.spec.servers),
+            Role::Worker => NodeId::worker(WorkerRank(rank), self.spec.servers),
+        };
+        id.0
     }
 
     pub(super) fn live_workers(&self) -> impl Iterator<Item = (&ConnKey, &Node)> {

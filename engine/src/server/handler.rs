@@ -8,11 +8,11 @@ use std::time::Duration;
 use pserv_transport::wire::{MessageKind, FLAG_ORDERED, FLAG_RANGE};
 use pserv_transport::{CloseReason, Conn, Frame, Handler, OwnedFrame, RecvFrame};
 
+use crate::base::ids::{ConnTag, Holder, NodeId, Who, WorkerRank};
 use crate::base::keys::KeyRange;
 use crate::consistency::clock::{Action, ClockGate};
 use crate::proto::{self, Control, Status};
 use crate::replication::{EntryStore, KeysRef};
-use crate::worker::SCHEDULER_TAG;
 
 use super::admit::{admit, Clocked};
 use super::route::{route, stale_epoch, touched_ranges, Refusal};
@@ -25,7 +25,7 @@ impl Handler for ServerHandler {
         let f = frame.frame();
         let h = *f.header();
         if h.kind == MessageKind::Control as u8 {
-            if conn.tag() == SCHEDULER_TAG {
+            if ConnTag::from_u64(conn.tag(), Holder::Server) == ConnTag::Scheduler {
                 match Control::from_frame(&f) {
                     Ok(msg) => {
                         let _ = self.core.control.send(msg);
@@ -55,8 +55,8 @@ impl Handler for ServerHandler {
                     },
                     Ok(Control::Completed { clock }) => {
                         if let Some(ready) = self.core.ready.get() {
-                            match h.sender.checked_sub(1 + ready.servers) {
-                                Some(w) if w < ready.workers => {
+                            match worker_of(ready, h.sender) {
+                                Some(WorkerRank(w)) if w < ready.workers => {
                                     let mut gate = ready.clocks.lock();
                                     let actions = gate.completed(w as usize, clock);
                                     run_actions(&self.core, ready, &mut gate, actions);
@@ -88,11 +88,10 @@ impl Handler for ServerHandler {
         };
         // Remember which worker this connection belongs to, so its clock can be retired
         // when it goes away.
-        let servers = ready.servers;
-        let worker = h.sender.checked_sub(1 + servers);
-        if conn.tag() == 0 {
+        let worker = worker_of(ready, h.sender);
+        if ConnTag::from_u64(conn.tag(), Holder::Server) == ConnTag::Unknown {
             if let Some(w) = worker {
-                conn.set_tag(u64::from(w) + 1);
+                conn.set_tag(ConnTag::Worker(w).to_u64(Holder::Server));
             }
         }
         if h.clock == 0 {
@@ -100,7 +99,7 @@ impl Handler for ServerHandler {
             answer_request(&self.core, ready, &f, conn, 0);
             return;
         }
-        let Some(worker) = worker.filter(|&w| w < ready.workers) else {
+        let Some(WorkerRank(worker)) = worker.filter(|w| w.0 < ready.workers) else {
             let _ = conn.send(proto::error_answer(
                 &h,
                 ready.node_id,
@@ -156,25 +155,23 @@ impl Handler for ServerHandler {
     }
 
     fn on_close(&mut self, conn: &Conn, _reason: &CloseReason) {
-        let (Some(ready), tag) = (self.core.ready.get(), conn.tag()) else {
+        let Some(ready) = self.core.ready.get() else {
             return;
         };
-        if tag >= PEER_TAG && tag != SCHEDULER_TAG {
-            // A connection to another server closed: batches on chains through it are
-            // regrouped (it failed or left).
-            let table = ready.table.read().clone();
-            ready
-                .repl
-                .peer_lost(entries(ready), &table, (tag - PEER_TAG) as u32);
-            return;
+        match ConnTag::from_u64(conn.tag(), Holder::Server) {
+            ConnTag::Server(peer) => {
+                // A connection to another server closed: batches on chains through it
+                // are regrouped (it failed or left).
+                let table = ready.table.read().clone();
+                ready.repl.peer_lost(entries(ready), &table, peer.0);
+            }
+            ConnTag::Worker(WorkerRank(w)) => {
+                let mut gate = ready.clocks.lock();
+                let actions = gate.retire(w as usize);
+                run_actions(&self.core, ready, &mut gate, actions);
+            }
+            ConnTag::Unknown | ConnTag::Scheduler => {}
         }
-        if tag == 0 || tag == SCHEDULER_TAG {
-            return;
-        }
-        let worker = (tag - 1) as usize;
-        let mut gate = ready.clocks.lock();
-        let actions = gate.retire(worker);
-        run_actions(&self.core, ready, &mut gate, actions);
     }
 }
 
@@ -217,13 +214,19 @@ pub(super) fn precheck(ready: &Ready, f: &Frame<'_>) -> Option<Refusal> {
     })
 }
 
-/// Tags of the connections to other servers: `PEER_TAG + rank`.
-pub(super) const PEER_TAG: u64 = 1 << 40;
-
 /// Whether node `id` is a server of the cluster (servers that joined later have ids
 /// above every worker's).
 pub(super) fn is_server(ready: &Ready, id: u32) -> bool {
-    (1..=ready.servers).contains(&id) || id >= proto::JOINED_SERVER_BASE
+    matches!(NodeId(id).who(ready.servers), Who::Server(_))
+}
+
+/// The worker whose node id is `id`, if it is one (also a worker that joined after this
+/// server got its table: its rank is not below the number of workers then).
+pub(super) fn worker_of(ready: &Ready, id: u32) -> Option<WorkerRank> {
+    match NodeId(id).who(ready.servers) {
+        Who::Worker(w) => Some(w),
+        Who::Scheduler | Who::Server(_) => None,
+    }
 }
 
 /// The store, for replication.

@@ -14,20 +14,22 @@ use parking_lot::{Mutex, RwLock};
 use pserv_transport::{BufPool, Conn, TcpTransport};
 
 use crate::base::error::EngineError;
+use crate::base::ids::{ConnTag, Holder, NodeId, ServerRank};
 use crate::base::keys::KeyRange;
 use crate::base::value::Value;
 use crate::consistency::clock::ClockGate;
+use crate::node::register::{self, Hello, Registration, Welcome};
+use crate::node::rejoin::{self, Report};
 use crate::onesided::{ServerOneSided, TransportKind};
 use crate::placement::Partition;
 use crate::proto::{self, ClusterInfo, Control, Role, ServerStats, Status, ValueType};
 use crate::replication::Replicator;
 use crate::store::{Store, StoreConfig, StoreError};
 use crate::update::Sum;
-use crate::worker::SCHEDULER_TAG;
 
 use super::config::registry;
 use super::config::{ServerConfig, UserRules};
-use super::handler::{entries, refuse, run_actions, PEER_TAG};
+use super::handler::{entries, refuse, run_actions};
 use super::route::Refusal;
 use super::switch::{switch_table, Switched};
 use super::window::apply_landed;
@@ -67,42 +69,32 @@ impl Server {
         let transport =
             TcpTransport::start(cfg.tcp.clone(), |_| ServerHandler { core: core.clone() })?;
         let addr = transport.listen(cfg.listen)?;
-        let scheduler = transport.connect(cfg.scheduler, Duration::from_secs(10))?;
-        scheduler.set_tag(SCHEDULER_TAG);
+        let scheduler = register::connect(&transport, cfg.scheduler, Holder::Server)?;
         let hello = if cfg.join {
-            Control::Join {
+            Hello::Join {
                 addr,
                 rank: cfg.rank,
-                pid: std::process::id(),
             }
         } else {
-            Control::Register {
+            Hello::Register {
                 role: Role::Server,
                 addr: Some(addr),
                 rank: cfg.rank,
-                pid: std::process::id(),
             }
         };
-        scheduler.send(hello.to_frame(0))?;
-        let (node_id, rank, cluster) = match rx.recv_timeout(cfg.register_timeout) {
-            Ok(Control::Welcome {
-                node_id,
-                rank,
-                cluster,
-            }) => (node_id, rank, cluster),
-            Ok(Control::Refused { reason }) => return Err(EngineError::Registration(reason)),
-            Ok(other) => {
-                return Err(EngineError::Registration(format!(
-                    "unexpected answer {other:?}"
-                )))
-            }
-            Err(_) => {
-                return Err(EngineError::Registration(format!(
-                    "no cluster table from the scheduler at {} within {:?}",
-                    cfg.scheduler, cfg.register_timeout
-                )))
-            }
+        let registration = Registration {
+            hello,
+            scheduler: cfg.scheduler,
+            timeout: cfg.register_timeout,
+            // Nothing here turns a closed scheduler connection into a `Shutdown`: one
+            // sent instead of the welcome is unexpected.
+            shutdown_is_gone: false,
         };
+        let Welcome {
+            node_id,
+            rank,
+            cluster,
+        } = register::register(&scheduler, &rx, &registration)?;
         transport.repin(node_id as usize);
         // Connections to the other servers, for chain replication (every server listens
         // before it registers, so all of them accept by now).
@@ -116,7 +108,7 @@ impl Server {
             }
             match transport.connect(s.addr, Duration::from_secs(5)) {
                 Ok(c) => {
-                    c.set_tag(PEER_TAG + u64::from(s.rank));
+                    c.set_tag(ConnTag::Server(ServerRank(s.rank)).to_u64(Holder::Server));
                     peers[s.rank as usize] = Some(c);
                 }
                 // A server that failed earlier: nothing will be sent to it.
@@ -264,25 +256,17 @@ impl Server {
         let Some(ready) = self.core.ready.get() else {
             return;
         };
-        let Ok(conn) = self
-            .transport
-            .connect(self.scheduler_addr, Duration::from_millis(200))
-        else {
-            return;
-        };
-        conn.set_tag(SCHEDULER_TAG);
-        let table = ready.table.read().as_ref().clone();
-        let rejoin = Control::Rejoin {
+        let report = || Report {
             role: Role::Server,
             rank: ready.rank,
             node_id: ready.node_id,
             addr: Some(self.addr),
-            pid: std::process::id(),
-            table,
+            table: ready.table.read().as_ref().clone(),
+            // Barriers are the workers' business.
             barriers: 0,
         };
-        if conn.send(rejoin.to_frame(ready.node_id)).is_ok() {
-            tracing::info!(scheduler = %self.scheduler_addr, "reconnected to a restarted scheduler");
+        let connect = |addr, timeout| self.transport.connect(addr, timeout);
+        if let Some(conn) = rejoin::rejoin(connect, self.scheduler_addr, Holder::Server, report) {
             *self.sched.lock() = conn;
         }
     }
@@ -298,7 +282,7 @@ impl Server {
             }
             match self.transport.connect(s.addr, Duration::from_secs(5)) {
                 Ok(c) => {
-                    c.set_tag(PEER_TAG + u64::from(s.rank));
+                    c.set_tag(ConnTag::Server(ServerRank(s.rank)).to_u64(Holder::Server));
                     ready.repl.add_peer(s.rank, c);
                     tracing::info!(peer = s.rank, addr = %s.addr, "connected to a server that joined");
                 }
@@ -510,7 +494,7 @@ pub(super) fn make_ready(
         servers: cluster
             .servers
             .iter()
-            .filter(|s| s.id == 1 + s.rank)
+            .filter(|s| NodeId(s.id) == NodeId::first_server(ServerRank(s.rank)))
             .count() as u32,
         workers: cluster.workers,
         clocks: Mutex::new(ClockGate::new(range, cluster.workers as usize)),

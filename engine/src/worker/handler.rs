@@ -7,9 +7,9 @@ use std::sync::Arc;
 use pserv_transport::wire::MessageKind;
 use pserv_transport::{CloseReason, Conn, Handler, RecvFrame};
 
+use crate::base::ids::{ConnTag, Holder, ServerRank};
 use crate::proto::{Control, Status};
 
-use super::registration::SCHEDULER_TAG;
 use super::state::Core;
 use super::tasks::judge_answer;
 
@@ -21,7 +21,8 @@ impl Handler for WorkerHandler {
     fn on_frame(&mut self, conn: &Conn, frame: RecvFrame<'_>) {
         let f = frame.frame();
         let h = *f.header();
-        if conn.tag() == SCHEDULER_TAG {
+        let tag = ConnTag::from_u64(conn.tag(), Holder::Worker);
+        if tag == ConnTag::Scheduler {
             match Control::from_frame(&f) {
                 Ok(Control::Servers { servers }) => self.core.connect_new(servers),
                 Ok(Control::Shutdown) => {
@@ -44,7 +45,7 @@ impl Handler for WorkerHandler {
             }
             return;
         }
-        let Some(server) = conn.tag().checked_sub(1) else {
+        let ConnTag::Server(ServerRank(server)) = tag else {
             tracing::warn!(peer = %conn.peer_addr(), "frame from an unknown peer; closing it");
             conn.close();
             return;
@@ -67,7 +68,6 @@ impl Handler for WorkerHandler {
             }
             return;
         }
-        let server = server as u32;
         let value_bytes = f.values().len();
         let error_text = (h.status != Status::Ok as u8)
             .then(|| String::from_utf8_lossy(f.values()).into_owned());
@@ -81,8 +81,8 @@ impl Handler for WorkerHandler {
     }
 
     fn on_close(&mut self, conn: &Conn, reason: &CloseReason) {
-        match conn.tag() {
-            SCHEDULER_TAG => {
+        match ConnTag::from_u64(conn.tag(), Holder::Worker) {
+            ConnTag::Scheduler => {
                 tracing::debug!(%reason, "scheduler connection closed");
                 let current = self
                     .core
@@ -96,8 +96,9 @@ impl Handler for WorkerHandler {
                     self.core.scheduler_lost();
                 }
             }
-            0 => {}
-            t => self.core.server_lost((t - 1) as u32),
+            ConnTag::Server(ServerRank(server)) => self.core.server_lost(server),
+            // A worker connects to no other worker.
+            ConnTag::Unknown | ConnTag::Worker(_) => {}
         }
     }
 }

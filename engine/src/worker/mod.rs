@@ -44,6 +44,5 @@ mod windows;
 pub use api::Worker;
 pub use config::{TaskOpts, WorkerConfig};
 pub use pulled::Pulled;
-pub(crate) use registration::SCHEDULER_TAG;
 pub use shared::Shared;
 pub use tasks::Timestamp;

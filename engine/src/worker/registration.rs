@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 use pserv_transport::{Conn, TcpTransport};
 
 use crate::base::error::EngineError;
+use crate::base::ids::{ConnTag, Holder, ServerRank};
+use crate::node::register::{self, Hello, Registration, Welcome};
+use crate::node::rejoin::{self, Report};
 use crate::onesided::{ClientOneSided, TransportKind};
 use crate::proto::{Control, Role, WorkerStats};
 
@@ -17,9 +20,6 @@ use super::handler::WorkerHandler;
 use super::retry::Retrier;
 use super::state::Core;
 use super::Worker;
-
-/// Conn tag of the scheduler connection.
-pub(crate) const SCHEDULER_TAG: u64 = u64::MAX;
 
 impl Core {
     /// Send to the scheduler (over the current connection).
@@ -51,23 +51,20 @@ impl Core {
             .spawn(move || {
                 let deadline = Instant::now() + grace;
                 while Instant::now() < deadline && !core.stop.load(Ordering::Relaxed) {
-                    if let Ok(conn) = connector.connect(addr, Duration::from_millis(200)) {
-                        conn.set_tag(SCHEDULER_TAG);
-                        let rejoin = Control::Rejoin {
-                            role: Role::Worker,
-                            rank,
-                            node_id,
-                            addr: None,
-                            pid: std::process::id(),
-                            table: core.table().as_ref().clone(),
-                            barriers: core.barriers_passed.load(Ordering::Acquire),
-                        };
-                        if conn.send(rejoin.to_frame(node_id)).is_ok() {
-                            tracing::info!(scheduler = %addr, "reconnected to a restarted scheduler");
-                            *core.sched.lock() = Some(conn);
-                            let _ = core.control.send(Control::SchedulerBack);
-                            return;
-                        }
+                    let report = || Report {
+                        role: Role::Worker,
+                        rank,
+                        node_id,
+                        // Workers listen nowhere.
+                        addr: None,
+                        table: core.table().as_ref().clone(),
+                        barriers: core.barriers_passed.load(Ordering::Acquire),
+                    };
+                    let connect = |addr, timeout| connector.connect(addr, timeout);
+                    if let Some(conn) = rejoin::rejoin(connect, addr, Holder::Worker, report) {
+                        *core.sched.lock() = Some(conn);
+                        let _ = core.control.send(Control::SchedulerBack);
+                        return;
                     }
                     std::thread::sleep(Duration::from_millis(100));
                 }
@@ -100,7 +97,7 @@ impl Core {
                     }
                     match connector.connect(s.addr, Duration::from_secs(5)) {
                         Ok(conn) => {
-                            conn.set_tag(u64::from(s.rank) + 1);
+                            conn.set_tag(ConnTag::Server(ServerRank(s.rank)).to_u64(Holder::Worker));
                             let mut v = core.servers.write();
                             if v.len() <= s.rank as usize {
                                 v.resize(s.rank as usize + 1, None);
@@ -127,38 +124,27 @@ impl Worker {
         let core = Arc::new(Core::new(tx, wake_tx, cfg.timeout));
         let transport =
             TcpTransport::start(cfg.tcp.clone(), |_| WorkerHandler { core: core.clone() })?;
-        let scheduler = transport.connect(cfg.scheduler, Duration::from_secs(10))?;
-        scheduler.set_tag(SCHEDULER_TAG);
+        let scheduler = register::connect(&transport, cfg.scheduler, Holder::Worker)?;
+        // Before the hello: the handler tells a closing current scheduler connection
+        // from an old one by this.
         *core.sched.lock() = Some(scheduler.clone());
-        scheduler.send(
-            Control::Register {
+        let registration = Registration {
+            hello: Hello::Register {
                 role: Role::Worker,
                 addr: None,
                 rank: cfg.rank,
-                pid: std::process::id(),
-            }
-            .to_frame(0),
-        )?;
-        let (node_id, rank, cluster) = match rx.recv_timeout(cfg.register_timeout) {
-            Ok(Control::Welcome {
-                node_id,
-                rank,
-                cluster,
-            }) => (node_id, rank, cluster),
-            Ok(Control::Refused { reason }) => return Err(EngineError::Registration(reason)),
-            Ok(Control::Shutdown) => return Err(EngineError::SchedulerGone),
-            Ok(other) => {
-                return Err(EngineError::Registration(format!(
-                    "unexpected answer {other:?}"
-                )))
-            }
-            Err(_) => {
-                return Err(EngineError::Registration(format!(
-                    "no cluster table from the scheduler at {} within {:?}",
-                    cfg.scheduler, cfg.register_timeout
-                )))
-            }
+            },
+            scheduler: cfg.scheduler,
+            timeout: cfg.register_timeout,
+            // The handler turns a closed scheduler connection into a `Shutdown` (nothing
+            // to rejoin yet).
+            shutdown_is_gone: true,
         };
+        let Welcome {
+            node_id,
+            rank,
+            cluster,
+        } = register::register(&scheduler, &rx, &registration)?;
         // A newer table may already have come (then the welcome's is not installed).
         core.install(cluster.partition.clone());
         transport.repin(node_id as usize);
@@ -173,7 +159,7 @@ impl Worker {
             }
             match transport.connect(s.addr, Duration::from_secs(10)) {
                 Ok(conn) => {
-                    conn.set_tag(u64::from(s.rank) + 1);
+                    conn.set_tag(ConnTag::Server(ServerRank(s.rank)).to_u64(Holder::Worker));
                     servers[s.rank as usize] = Some(conn);
                 }
                 // A worker that joins late may find servers that failed since; the

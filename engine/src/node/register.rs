@@ -1,0 +1,122 @@
+//! Registering with the scheduler: connect, say hello, wait (bounded) for the welcome.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crossbeam_channel::Receiver;
+use pserv_transport::{Conn, TcpTransport};
+
+use crate::base::error::EngineError;
+use crate::base::ids::{ConnTag, Holder};
+use crate::proto::{ClusterInfo, Control, Role};
+
+/// How long connecting to the scheduler may take.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The first message to the scheduler.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Hello {
+    /// Register: for the job about to start (a worker may also join a running job so).
+    Register {
+        /// Server or worker.
+        role: Role,
+        /// Where the node listens (servers).
+        addr: Option<SocketAddr>,
+        /// The rank asked for, if any.
+        rank: Option<u32>,
+    },
+    /// A server joins a running job.
+    Join {
+        /// Where the server listens.
+        addr: SocketAddr,
+        /// The rank asked for, if any.
+        rank: Option<u32>,
+    },
+}
+
+impl Hello {
+    /// The control message, with this process's id.
+    fn to_control(self) -> Control {
+        let pid = std::process::id();
+        match self {
+            Hello::Register { role, addr, rank } => Control::Register {
+                role,
+                addr,
+                rank,
+                pid,
+            },
+            Hello::Join { addr, rank } => Control::Join { addr, rank, pid },
+        }
+    }
+}
+
+/// How to register.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Registration {
+    /// What to say.
+    pub(crate) hello: Hello,
+    /// The scheduler's address (named in the error when it does not answer).
+    pub(crate) scheduler: SocketAddr,
+    /// How long to wait for the welcome.
+    pub(crate) timeout: Duration,
+    /// Whether a `Shutdown` in place of the welcome means the scheduler is gone
+    /// ([`EngineError::SchedulerGone`]; a worker's handler turns a closed scheduler
+    /// connection into one) or is an unexpected answer like any other (a server).
+    pub(crate) shutdown_is_gone: bool,
+}
+
+/// What the scheduler's welcome says.
+#[derive(Debug)]
+pub(crate) struct Welcome {
+    /// This node's id: the sender of every frame it sends from now on.
+    pub(crate) node_id: u32,
+    /// This node's rank.
+    pub(crate) rank: u32,
+    /// The cluster table.
+    pub(crate) cluster: ClusterInfo,
+}
+
+/// Connect to the scheduler (within [`CONNECT_TIMEOUT`]) and tag the connection as the
+/// scheduler's, in a process of kind `holder`.
+pub(crate) fn connect(
+    transport: &TcpTransport,
+    scheduler: SocketAddr,
+    holder: Holder,
+) -> Result<Conn, EngineError> {
+    let conn = transport.connect(scheduler, CONNECT_TIMEOUT)?;
+    conn.set_tag(ConnTag::Scheduler.to_u64(holder));
+    Ok(conn)
+}
+
+/// Send the hello over `conn` and wait up to `how.timeout` for the answer on `answers`
+/// (where the node's handler puts the scheduler's control messages): the welcome, or
+/// [`EngineError::Registration`] with the scheduler's reason, the unexpected answer, or
+/// the timeout.
+pub(crate) fn register(
+    conn: &Conn,
+    answers: &Receiver<Control>,
+    how: &Registration,
+) -> Result<Welcome, EngineError> {
+    // No node id yet: the hello goes out as 0.
+    conn.send(how.hello.to_control().to_frame(0))?;
+    match answers.recv_timeout(how.timeout) {
+        Ok(Control::Welcome {
+            node_id,
+            rank,
+            cluster,
+        }) => Ok(Welcome {
+            node_id,
+            rank,
+            cluster,
+        }),
+        Ok(Control::Refused { reason }) => Err(EngineError::Registration(reason)),
+        Ok(Control::Shutdown) if how.shutdown_is_gone => Err(EngineError::SchedulerGone),
+        Ok(other) => Err(EngineError::Registration(format!(
+            "unexpected answer {other:?}"
+        ))),
+        Err(_) => Err(EngineError::Registration(format!(
+            "no cluster table from the scheduler at {} within {:?}",
+            how.scheduler, how.timeout
+        ))),
+    }
+}
