@@ -575,7 +575,9 @@ impl SchedulerCore {
     }
 
     pub(super) fn maybe_finish(&mut self, out: &mut Vec<Output>) {
-        if self.finished || self.live_workers().next().is_some() {
+        // While recovering, the workers that have not rejoined yet are unknown: the job
+        // ends only once the view is rebuilt.
+        if self.finished || self.recovering_until.is_some() || self.live_workers().next().is_some() {
             return;
         }
         self.finished = true;

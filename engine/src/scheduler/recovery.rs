@@ -113,5 +113,7 @@ impl SchedulerCore {
             out,
         );
         self.release_barriers(out);
+        // Workers that finished while the view was rebuilt.
+        self.maybe_finish(out);
     }
 }

@@ -309,6 +309,63 @@ fn a_restarted_scheduler_rebuilds_its_view_from_the_rejoining_nodes() {
         .any(|o| matches!(o, Output::Log(l) if l.contains("unavailable"))));
 }
 
+/// Found by the simulation (seed 191): a restarted scheduler ended the job as soon as
+/// the first worker that rejoined reported `Done`, although the other workers had not
+/// rejoined yet (and were still training).
+#[test]
+fn a_recovering_scheduler_ends_the_job_only_once_its_view_is_rebuilt() {
+    let sp = spec(1, 2);
+    let table = Partition::from_ring_chains(&crate::placement::ring::Ring::new(&[0], 4), 1, 0);
+    let rejoin = |role, rank, node_id| Control::Rejoin {
+        role,
+        rank,
+        node_id,
+        addr: (role == Role::Server).then(|| "127.0.0.1:7000".parse().unwrap()),
+        pid: 1,
+        table: table.clone(),
+        barriers: 0,
+    };
+    let mut c = SchedulerCore::new(sp).recovering(Duration::from_millis(500));
+    msg(&mut c, 1, rejoin(Role::Server, 0, 1));
+    msg(&mut c, 2, rejoin(Role::Worker, 0, 2));
+    let out = msg(
+        &mut c,
+        2,
+        Control::Done {
+            stats: WorkerStats::default(),
+        },
+    );
+    assert!(!out.contains(&Output::JobDone), "worker 1 has not rejoined yet");
+    assert!(!c.is_finished());
+    // Worker 1 rejoins: the view is complete, the job goes on until it is done too.
+    let out = msg(&mut c, 3, rejoin(Role::Worker, 1, 3));
+    assert!(!c.is_recovering());
+    assert!(!out.contains(&Output::JobDone));
+    let out = msg(
+        &mut c,
+        3,
+        Control::Done {
+            stats: WorkerStats::default(),
+        },
+    );
+    assert!(out.contains(&Output::JobDone));
+
+    // Every rejoined worker finished during the wait: the job ends with the wait.
+    let mut c = SchedulerCore::new(spec(1, 2)).recovering(Duration::from_millis(500));
+    msg(&mut c, 1, rejoin(Role::Server, 0, 1));
+    msg(&mut c, 2, rejoin(Role::Worker, 0, 2));
+    msg(
+        &mut c,
+        2,
+        Control::Done {
+            stats: WorkerStats::default(),
+        },
+    );
+    let out = c.handle(Input::Tick { now_ms: 600 });
+    assert!(!c.is_recovering());
+    assert!(out.contains(&Output::JobDone), "{out:?}");
+}
+
 #[test]
 fn replica_settings_that_cannot_work_are_refused() {
     let mut sp = spec(2, 2);

@@ -174,8 +174,24 @@ impl Checker {
     }
 
     /// Server `head` released the answer of push `id` (request `push` from node
-    /// `sender`) on `keys`.
-    pub(crate) fn released(&mut self, head: u32, sender: u32, push: u64, id: PushId, keys: Vec<Key>) {
+    /// `sender`) on `keys`; `store` is the head's store at that moment (a leaving server
+    /// may release its last answers in the step it exits).
+    pub(crate) fn released(
+        &mut self,
+        head: u32,
+        sender: u32,
+        push: u64,
+        id: PushId,
+        keys: Vec<Key>,
+        store: &SimStore,
+    ) {
+        for &k in &keys {
+            if !store.holds(k, id) {
+                self.violations.push(format!(
+                    "server {head} acknowledged push {id:#x} without holding it on key {k:#x}"
+                ));
+            }
+        }
         self.released.push((head, sender, push, id, keys));
     }
 
@@ -200,13 +216,6 @@ impl Checker {
                 .collect()
         };
         for (head, sender, push, id, keys) in std::mem::take(&mut self.released) {
-            for &k in &keys {
-                if !holds(head, k, id) {
-                    self.violations.push(format!(
-                        "server {head} acknowledged push {id:#x} without holding it on key {k:#x}"
-                    ));
-                }
-            }
             for ((origin, seq), b) in &self.batches {
                 if *origin != head || !b.acked || !b.pushes.contains(&(sender, push)) {
                     continue;

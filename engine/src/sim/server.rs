@@ -588,7 +588,13 @@ impl SimServer {
                 }
                 Output::Answer(id) => match ready.answers.remove(&id) {
                     Some((conn, frame, (sender, push, pid, keys))) => {
-                        ctx.check.released(self.rank, sender, push, pid, keys);
+                        ctx.trace(format!(
+                            "server {} releases push {pid:#x} of node {sender} ({} keys from {:#x})",
+                            self.rank,
+                            keys.len(),
+                            keys.first().copied().unwrap_or(0)
+                        ));
+                        ctx.check.released(self.rank, sender, push, pid, keys, &ready.store);
                         ctx.net.send(conn, me, Msg::Data(frame));
                     }
                     None => ctx

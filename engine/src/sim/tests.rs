@@ -69,6 +69,11 @@ fn sim_seeds() {
         for f in failures.iter().take(5) {
             eprintln!("{f}");
         }
+        if std::env::var_os("PSERV_SIM_LIST").is_some() {
+            for f in &failures {
+                eprintln!("FAILED {}", f.lines().next().unwrap_or(""));
+            }
+        }
         panic!("{} of {} seeds failed; the first: {first}", failures.len(), list.len());
     }
     assert!(acked > 0, "the seeds acknowledged pushes");

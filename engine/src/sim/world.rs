@@ -26,7 +26,7 @@ const SCHED_TICK_US: u64 = 100_000;
 /// The longest run, in simulated time.
 const RUN_LIMIT_US: u64 = 120_000_000;
 /// Lines of the event log kept for a failure report.
-const LOG_LINES: usize = 400;
+const LOG_LINES: usize = 4000;
 
 /// A fault or membership change.
 #[derive(Clone, Copy, Debug)]
@@ -246,6 +246,25 @@ pub(crate) struct World {
     base: Instant,
     worker_rngs: Rng,
     report: SimReport,
+    /// `PSERV_SIM_VERBOSE`: every delivered message goes into the event log.
+    verbose: bool,
+}
+
+/// One line for a delivered message.
+fn describe(conn: ConnId, to: Addr, msg: &Msg) -> String {
+    match msg {
+        Msg::Control(c) => format!("{conn:?} -> {to:?}: {c:?}").chars().take(300).collect(),
+        Msg::Data(b) if b.len() >= pserv_transport::wire::HEADER_LEN => {
+            let mut h = [0u8; pserv_transport::wire::HEADER_LEN];
+            h.copy_from_slice(&b[..pserv_transport::wire::HEADER_LEN]);
+            let h = pserv_transport::wire::Header::from_bytes(&h);
+            format!(
+                "{conn:?} -> {to:?}: kind {} status {} sender {} flags {:#x} ts {:#x} keys {} epoch {} clock {}",
+                h.kind, h.status, h.sender, h.flags, h.timestamp, h.key_count, h.epoch, h.clock
+            )
+        }
+        Msg::Data(b) => format!("{conn:?} -> {to:?}: {} bytes", b.len()),
+    }
 }
 
 macro_rules! ctx {
@@ -317,6 +336,7 @@ impl World {
             base: Instant::now(),
             worker_rngs,
             report: SimReport::default(),
+            verbose: std::env::var_os("PSERV_SIM_VERBOSE").is_some(),
             cfg,
         }
     }
@@ -484,6 +504,10 @@ impl World {
                     return;
                 }
                 self.net.delivered += 1;
+                if self.verbose {
+                    let line = describe(conn, to, &msg);
+                    self.trace(line);
+                }
                 self.deliver(conn, to, msg);
             }
             Event::Closed { conn, at } => {
