@@ -91,6 +91,10 @@ pub struct ClusterInfo {
     pub value_len: u32,
     /// The servers' default update function.
     pub update: UpdateSpec,
+    /// Ranks of the workers that have left (finished or failed) by the time of this
+    /// message. A server that joins later never sees their connections close, so its
+    /// clock gate retires them from this list instead of waiting for them forever.
+    pub gone_workers: Vec<u32>,
 }
 
 /// Per-worker traffic and work counters, reported when a worker finishes.
@@ -320,6 +324,14 @@ pub enum Control {
     Synced {
         /// The table's epoch.
         epoch: u64,
+    },
+    /// Scheduler to servers: worker `rank` has left the job (finished or failed). Servers
+    /// retire it from their clock gates, as when its connection closes; this reaches
+    /// servers it never connected to (one that joined after it, or before it sent them
+    /// anything).
+    WorkerGone {
+        /// The worker's rank.
+        rank: u32,
     },
 }
 

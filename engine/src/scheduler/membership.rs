@@ -131,7 +131,16 @@ impl SchedulerCore {
             })
             .collect();
         servers.sort_by_key(|s| s.rank);
+        let mut gone_workers: Vec<u32> = self
+            .nodes
+            .values()
+            .filter(|n| n.role == Role::Worker && (n.gone || n.done))
+            .map(|n| n.rank)
+            .collect();
+        gone_workers.sort_unstable();
+        gone_workers.dedup();
         ClusterInfo {
+            gone_workers,
             servers,
             workers: self.spec.workers,
             partition: self.table.clone(),
@@ -235,6 +244,10 @@ impl SchedulerCore {
         if self.finished {
             return;
         }
+        if role == Role::Worker {
+            // Servers it never connected to would wait for its clock forever.
+            self.tell_servers(&Control::WorkerGone { rank }, out);
+        }
         match role {
             Role::Worker if !done => {
                 out.push(Output::Log(format!(
@@ -245,6 +258,23 @@ impl SchedulerCore {
             }
             Role::Server => self.fail_server(rank, out),
             _ => {}
+        }
+    }
+
+    /// Send `msg` to every server still connected.
+    fn tell_servers(&self, msg: &Control, out: &mut Vec<Output>) {
+        let mut targets: Vec<(u32, ConnKey)> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.role == Role::Server && !n.gone)
+            .map(|(c, n)| (n.rank, *c))
+            .collect();
+        targets.sort_unstable();
+        for (_, conn) in targets {
+            out.push(Output::Send {
+                conn,
+                msg: msg.clone(),
+            });
         }
     }
 

@@ -271,6 +271,17 @@ impl Server {
         }
     }
 
+    /// Worker `rank` left the job (the scheduler says so): the clock gate stops waiting
+    /// for it, as when its connection to this server closes.
+    fn retire_worker(&self, rank: u32) {
+        let Some(ready) = self.core.ready.get() else {
+            return;
+        };
+        let mut gate = ready.clocks.lock();
+        let actions = gate.retire(rank as usize);
+        super::handler::run_actions(&self.core, ready, &mut gate, actions);
+    }
+
     /// Connect to servers that joined.
     fn connect_peers(&self, servers: &[proto::ServerInfo]) {
         let Some(ready) = self.core.ready.get() else {
@@ -333,6 +344,7 @@ impl Server {
                 Ok(Control::Log { line }) => tracing::info!("{line}"),
                 Ok(Control::Table { partition }) => self.install_table(partition),
                 Ok(Control::Servers { servers }) => self.connect_peers(&servers),
+                Ok(Control::WorkerGone { rank }) => self.retire_worker(rank),
                 Ok(other) => tracing::debug!(?other, "control message ignored by server"),
                 Err(RecvTimeoutError::Timeout) => {
                     if self.sched.lock().is_closed() {
@@ -497,7 +509,15 @@ pub(super) fn make_ready(
             .filter(|s| NodeId(s.id) == NodeId::first_server(ServerRank(s.rank)))
             .count() as u32,
         workers: cluster.workers,
-        clocks: Mutex::new(ClockGate::new(range, cluster.workers as usize)),
+        clocks: Mutex::new({
+            let mut gate = ClockGate::new(range, cluster.workers as usize);
+            // Workers gone before this server joined: nothing held waits for them yet.
+            for &w in &cluster.gone_workers {
+                let held = gate.retire(w as usize);
+                debug_assert!(held.is_empty(), "a new gate holds nothing");
+            }
+            gate
+        }),
         table: RwLock::new(Arc::new(cluster.partition.clone())),
         repl,
         held: (AtomicU64::new(0), AtomicU64::new(0)),

@@ -225,6 +225,12 @@ impl SimServer {
                         }
                     }
                 }
+                Control::WorkerGone { rank } => {
+                    if let Some(ready) = self.ready.as_mut() {
+                        let actions = ready.gate.retire(rank as usize);
+                        self.run_actions(ctx, actions);
+                    }
+                }
                 Control::Shutdown => {
                     self.stopping = true;
                     self.maybe_stop(ctx);
@@ -259,7 +265,13 @@ impl SimServer {
             first_servers: cluster.servers.iter().filter(|s| s.id == 1 + s.rank).count() as u32,
             workers: cluster.workers,
             table,
-            gate: ClockGate::new(KeyRange::FULL, cluster.workers as usize),
+            gate: {
+                let mut gate = ClockGate::new(KeyRange::FULL, cluster.workers as usize);
+                for &w in &cluster.gone_workers {
+                    gate.retire(w as usize);
+                }
+                gate
+            },
             core: ReplicationCore::new(rank, self.cfg, reachable),
             store: SimStore::default(),
             peers,

@@ -721,4 +721,39 @@ impl SimWorker {
     pub(crate) fn open_tasks(&self) -> usize {
         self.tasks.len()
     }
+
+    /// The open tasks and what each waits for, for a report.
+    pub(crate) fn open_detail(&self) -> String {
+        let mut parts = Vec::new();
+        for (ts, t) in &self.tasks {
+            let segs: Vec<String> = t
+                .st
+                .segments
+                .iter()
+                .filter(|s| !matches!(s.state, SegState::Done))
+                .map(|s| {
+                    let st = match &s.state {
+                        SegState::Sent => "sent".to_string(),
+                        SegState::Waiting { failure, .. } => format!("waiting ({failure:?})"),
+                        SegState::Done => "done".to_string(),
+                    };
+                    format!("server {} epoch {} {st}", s.server, s.epoch)
+                })
+                .collect();
+            parts.push(format!(
+                "ts {ts:#x} started {} deferred {} segs [{}]",
+                t.st.started,
+                self.deferred.contains_key(ts),
+                segs.join(", ")
+            ));
+        }
+        format!(
+            "clock {} gate {:?} table {:?} phase {:?}: {}",
+            self.clock,
+            self.gate,
+            self.table.as_ref().map(|t| t.epoch()),
+            self.phase,
+            parts.join("; ")
+        )
+    }
 }

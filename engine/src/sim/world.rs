@@ -442,6 +442,9 @@ impl World {
         for (r, w) in &self.workers {
             if w.alive && !w.done() {
                 parts.push(format!("worker {r}: {} tasks open", w.open_tasks()));
+                if self.verbose {
+                    parts.push(format!("worker {r} detail: {}", w.open_detail()));
+                }
             }
         }
         for (r, s) in &self.servers {
