@@ -24,6 +24,11 @@ pub(super) struct Change {
     pub(super) leaving: Option<u32>,
 }
 
+/// The refusal of a membership change asked for while the view is rebuilt: the nodes
+/// that have not rejoined yet are unknown, so no rank, range or table can be decided.
+const RECOVERING: &str =
+    "the scheduler is rebuilding its view after a restart; try again in a few seconds";
+
 impl SchedulerCore {
     pub(super) fn on_tick(&mut self, now_ms: u64, out: &mut Vec<Output>) {
         debug_assert!(now_ms >= self.now_ms, "time never goes back");
@@ -360,6 +365,9 @@ impl SchedulerCore {
     /// A worker registers while the job runs (elastic workers): it gets the next rank
     /// and the current table, and takes part in barriers from the next one it joins.
     fn late_worker(&mut self, conn: ConnKey, rank: Option<u32>, pid: u32, out: &mut Vec<Output>) {
+        if self.recovering_until.is_some() {
+            return self.refuse(conn, RECOVERING, out);
+        }
         if self.nodes.contains_key(&conn) {
             return self.refuse(conn, "this connection already registered", out);
         }
@@ -398,6 +406,9 @@ impl SchedulerCore {
         let refuse = |c: &mut Self, why: String, out: &mut Vec<Output>| c.refuse(conn, &why, out);
         if !self.welcomed || self.finished {
             return refuse(self, "joins are taken while a job runs".into(), out);
+        }
+        if self.recovering_until.is_some() {
+            return refuse(self, RECOVERING.into(), out);
         }
         if self.ring.is_none() {
             return refuse(
@@ -468,6 +479,9 @@ impl SchedulerCore {
 
     /// Server `rank` should leave gracefully.
     pub(super) fn on_leave(&mut self, conn: ConnKey, rank: u32, out: &mut Vec<Output>) {
+        if self.recovering_until.is_some() {
+            return self.refuse(conn, RECOVERING, out);
+        }
         let Some(ring) = self.ring.as_ref() else {
             return self.refuse(
                 conn,

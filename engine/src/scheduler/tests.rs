@@ -366,6 +366,42 @@ fn a_recovering_scheduler_ends_the_job_only_once_its_view_is_rebuilt() {
     assert!(out.contains(&Output::JobDone), "{out:?}");
 }
 
+/// Found by the simulation (seed 63): a restarted scheduler accepted a server's join
+/// before any server had rejoined, and built the joiner a table from an empty view.
+#[test]
+fn a_recovering_scheduler_refuses_membership_changes() {
+    let mut sp = spec(2, 2);
+    sp.vnodes = 8;
+    let mut c = SchedulerCore::new(sp).recovering(Duration::from_millis(500));
+    let out = msg(
+        &mut c,
+        1,
+        Control::Join {
+            addr: "127.0.0.1:7003".parse().unwrap(),
+            rank: None,
+            pid: 1,
+        },
+    );
+    assert!(
+        matches!(&sends(&out)[0].1, Control::Refused { reason } if reason.contains("rebuilding")),
+        "{out:?}"
+    );
+    let out = msg(&mut c, 2, Control::Leave { rank: 0 });
+    assert!(matches!(&sends(&out)[0].1, Control::Refused { reason } if reason.contains("rebuilding")));
+    let out = msg(
+        &mut c,
+        3,
+        Control::Register {
+            role: Role::Worker,
+            addr: None,
+            rank: None,
+            pid: 1,
+        },
+    );
+    assert!(matches!(&sends(&out)[0].1, Control::Refused { reason } if reason.contains("rebuilding")));
+    assert!(tables(&out).is_empty());
+}
+
 #[test]
 fn replica_settings_that_cannot_work_are_refused() {
     let mut sp = spec(2, 2);
@@ -433,9 +469,12 @@ fn barriers_release_when_all_live_workers_arrive() {
         msg: Control::Barrier { seq: 2 },
     });
     let out = c.handle(Input::Closed { conn: 4 });
-    // ...and the others learn it left (its data shard passes to them).
+    // The servers are told, for their clock gates...
+    let gone = Control::WorkerGone { rank: 1 };
+    assert_eq!(sends(&out)[..2], [(3, &gone), (1, &gone)]);
+    // ...and the other workers learn it left (its data shard passes to them).
     assert_eq!(
-        sends(&out),
+        sends(&out)[2..],
         vec![(
             2,
             &Control::BarrierDone {

@@ -507,7 +507,7 @@ impl World {
                     return;
                 }
                 self.net.delivered += 1;
-                if self.verbose {
+                if self.verbose && !matches!(msg, Msg::Control(Control::Heartbeat)) {
                     let line = describe(conn, to, &msg);
                     self.trace(line);
                 }
