@@ -31,6 +31,10 @@ use super::world::Ctx;
 
 /// The largest frame a simulated server takes.
 const MAX_FRAME: usize = 1 << 24;
+/// How long a server told to shut down waits for its replication to go idle (the
+/// real server's bound).
+const STOP_WAIT_US: u64 = 5_000_000;
+
 /// The control loop's timeout: heartbeats, reconnects, stopping once idle.
 pub(crate) const TICK_US: u64 = 100_000;
 
@@ -89,6 +93,9 @@ pub(crate) struct SimServer {
     pub(crate) ready: Option<Ready>,
     /// Told to shut down: stops once replication is idle.
     stopping: bool,
+    /// When told to shut down: the real server waits at most 5 s for its replication
+    /// to go idle, then exits anyway.
+    stop_by: u64,
     /// Asked to leave.
     pub(crate) leaving: bool,
     cfg: ReplicationConfig,
@@ -112,6 +119,7 @@ impl SimServer {
             sched: None,
             ready: None,
             stopping: false,
+            stop_by: u64::MAX,
             leaving: false,
             cfg,
             control: VecDeque::new(),
@@ -233,6 +241,7 @@ impl SimServer {
                 }
                 Control::Shutdown => {
                     self.stopping = true;
+                    self.stop_by = ctx.net.now + STOP_WAIT_US;
                     self.maybe_stop(ctx);
                 }
                 _ => {}
@@ -700,7 +709,7 @@ impl SimServer {
         if !self.stopping || !self.alive {
             return;
         }
-        if self.ready.as_ref().is_some_and(|r| !r.core.idle()) {
+        if self.ready.as_ref().is_some_and(|r| !r.core.idle()) && ctx.net.now < self.stop_by {
             return;
         }
         ctx.trace(format!("server {} stops", self.rank));

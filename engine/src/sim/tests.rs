@@ -71,7 +71,9 @@ fn sim_seeds() {
         }
         if std::env::var_os("PSERV_SIM_LIST").is_some() {
             for f in &failures {
-                eprintln!("FAILED {}", f.lines().next().unwrap_or(""));
+                let faults = f.lines().nth(1).and_then(|l| l.split("faults: ").nth(1)).unwrap_or("");
+                let model = f.lines().nth(1).and_then(|l| l.split("model: ").nth(1)).and_then(|m| m.split(',').next()).unwrap_or("");
+                eprintln!("FAILED {} | {model} | {faults}", f.lines().next().unwrap_or(""));
             }
         }
         panic!("{} of {} seeds failed; the first: {first}", failures.len(), list.len());
