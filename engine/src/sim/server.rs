@@ -754,6 +754,13 @@ impl SimServer {
         self.alive || (self.exited && self.stopping && !self.leaving)
     }
 
+    /// Whether it ended with table `epoch` and nothing of its replication waiting.
+    pub(crate) fn settled_at(&self, epoch: u64) -> bool {
+        self.ready
+            .as_ref()
+            .is_some_and(|r| r.table.epoch() == epoch && r.core.idle())
+    }
+
     /// Whether replication waits for nothing (or the process is gone).
     pub(crate) fn quiet(&self) -> bool {
         !self.alive || self.on_table.is_none() && self.ready.as_ref().is_none_or(|r| r.core.idle())

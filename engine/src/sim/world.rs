@@ -483,7 +483,13 @@ impl World {
             .iter()
             .map(|(r, s)| (*r, (s.holds_data(), s.ready.as_ref().map(|r| &r.store))))
             .collect();
-        let finals = self.check.at_end(&table, &view);
+        let settled: BTreeSet<u32> = self
+            .servers
+            .iter()
+            .filter(|(_, s)| s.settled_at(table.epoch()))
+            .map(|(r, _)| *r)
+            .collect();
+        let finals = self.check.at_end(&table, &view, &settled);
         for (r, w) in &self.workers {
             if w.alive && !w.done() && !w.exited {
                 self.check.violations.push(format!("worker {r} never finished"));
