@@ -71,8 +71,16 @@ impl SchedulerCore {
             }
         }
         self.add_node(conn, role, rank, addr);
-        let count = |r: Role| self.nodes.values().filter(|n| n.role == r).count() as u32;
-        if count(Role::Server) >= self.spec.servers && count(Role::Worker) >= self.spec.workers {
+        // Every rank known to exist (those of the spec, and below the highest that
+        // rejoined: joined servers and late workers) is back: no need to wait longer. A
+        // count is not enough: a joined server or late worker would stand in for one
+        // that has not rejoined yet.
+        let all_back = |r: Role, n: u32| {
+            (0..n).all(|k| self.nodes.values().any(|x| x.role == r && x.rank == k))
+        };
+        if all_back(Role::Server, self.spec.servers.max(self.server_ranks))
+            && all_back(Role::Worker, self.spec.workers.max(self.worker_ranks))
+        {
             self.finish_recovery(out);
         }
     }

@@ -366,6 +366,34 @@ fn a_recovering_scheduler_ends_the_job_only_once_its_view_is_rebuilt() {
     assert!(out.contains(&Output::JobDone), "{out:?}");
 }
 
+/// Found by the simulation (seeds 483, 761 and more): a restarted scheduler ended its
+/// wait for rejoins once as many workers as the spec names were back, counting a
+/// late worker (rank above the spec's) in place of an original one that had not
+/// rejoined yet; that one was then refused and the job ended without it.
+#[test]
+fn recovery_waits_for_every_rank_not_for_a_count() {
+    let sp = spec(1, 2);
+    let table = Partition::from_ring_chains(&crate::placement::ring::Ring::new(&[0], 4), 1, 0);
+    let rejoin = |role, rank, node_id| Control::Rejoin {
+        role,
+        rank,
+        node_id,
+        addr: (role == Role::Server).then(|| "127.0.0.1:7000".parse().unwrap()),
+        pid: 1,
+        table: table.clone(),
+        barriers: 0,
+    };
+    let mut c = SchedulerCore::new(sp).recovering(Duration::from_millis(500));
+    msg(&mut c, 1, rejoin(Role::Server, 0, 1));
+    msg(&mut c, 2, rejoin(Role::Worker, 0, 2));
+    // A late worker (rank 2) is back; worker 1 is not.
+    msg(&mut c, 3, rejoin(Role::Worker, 2, 4));
+    assert!(c.is_recovering(), "worker 1 has not rejoined");
+    let out = msg(&mut c, 4, rejoin(Role::Worker, 1, 3));
+    assert!(!c.is_recovering());
+    assert!(!out.iter().any(|o| matches!(o, Output::Send { msg: Control::Refused { .. }, .. })));
+}
+
 /// Found by the simulation (seed 63): a restarted scheduler accepted a server's join
 /// before any server had rejoined, and built the joiner a table from an empty view.
 #[test]
