@@ -288,7 +288,7 @@ impl SchedulerCore {
     /// (which hold every acknowledged push), a new epoch of the routing table goes to every
     /// node, and the heads copy ranges to the replicas new in their chains. Without
     /// replicas its ranges are lost: said so.
-    fn fail_server(&mut self, rank: u32, out: &mut Vec<Output>) {
+    pub(super) fn fail_server(&mut self, rank: u32, out: &mut Vec<Output>) {
         let joining = self.change.as_ref().is_some_and(|c| {
             c.target.has_server(rank) && !self.ring.as_ref().is_some_and(|r| r.has_server(rank))
         });

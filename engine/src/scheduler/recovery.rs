@@ -95,6 +95,10 @@ impl SchedulerCore {
             let mut ids: Vec<u32> = self.table.owners().to_vec();
             ids.sort_unstable();
             ids.dedup();
+            // Servers of the table that have not rejoined still count in the ranks.
+            if let Some(&top) = ids.last() {
+                self.server_ranks = self.server_ranks.max(top + 1);
+            }
             self.ring = Some(
                 crate::placement::ring::Ring::new(&ids, self.spec.vnodes)
                     .with_epoch(self.table.epoch()),
@@ -120,6 +124,23 @@ impl SchedulerCore {
             },
             out,
         );
+        // Servers of the table that never rejoined failed while no scheduler ran (or
+        // since): their ranges move to their replicas now, as for any failure.
+        let mut missing: Vec<u32> = self.table.owners().to_vec();
+        missing.sort_unstable();
+        missing.dedup();
+        missing.retain(|&r| {
+            !self
+                .nodes
+                .values()
+                .any(|n| n.role == Role::Server && n.rank == r && !n.gone)
+        });
+        for rank in missing {
+            out.push(Output::Log(format!(
+                "server {rank} did not rejoin after the restart: presumed failed"
+            )));
+            self.fail_server(rank, out);
+        }
         self.release_barriers(out);
         // Workers that finished while the view was rebuilt.
         self.maybe_finish(out);

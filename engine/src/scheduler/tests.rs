@@ -394,6 +394,36 @@ fn recovery_waits_for_every_rank_not_for_a_count() {
     assert!(!out.iter().any(|o| matches!(o, Output::Send { msg: Control::Refused { .. }, .. })));
 }
 
+/// Found by the simulation (seed 9890): a server that crashed while no scheduler ran
+/// (so nobody declared it failed) stayed head of its ranges in the rebuilt view, and
+/// requests for them failed for good. It is failed over once the wait ends.
+#[test]
+fn a_server_that_never_rejoins_is_failed_over_after_recovery() {
+    let mut sp = spec(3, 1);
+    sp.vnodes = 8;
+    sp.replicas = 1;
+    let table = Partition::from_ring_chains(&crate::placement::ring::Ring::new(&[0, 1, 2], 8), 3, 1);
+    let rejoin = |role, rank, node_id| Control::Rejoin {
+        role,
+        rank,
+        node_id,
+        addr: (role == Role::Server).then(|| "127.0.0.1:7000".parse().unwrap()),
+        pid: 1,
+        table: table.clone(),
+        barriers: 0,
+    };
+    let mut c = SchedulerCore::new(sp).recovering(Duration::from_millis(500));
+    msg(&mut c, 1, rejoin(Role::Server, 0, 1));
+    msg(&mut c, 2, rejoin(Role::Server, 1, 2));
+    msg(&mut c, 3, rejoin(Role::Worker, 0, 4));
+    let out = c.handle(Input::Tick { now_ms: 600 });
+    assert!(!c.is_recovering());
+    let sent = tables(&out);
+    let last = &sent.last().expect("tables sent").1;
+    assert!(last.epoch() > table.epoch());
+    assert!(last.owners().iter().all(|&o| o != 2), "server 2 heads nothing");
+}
+
 /// Found by the simulation (seed 63): a restarted scheduler accepted a server's join
 /// before any server had rejoined, and built the joiner a table from an empty view.
 #[test]

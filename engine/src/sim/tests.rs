@@ -34,7 +34,19 @@ fn run_all(list: &[u64], mix: Mix) -> (Vec<String>, u64, u64) {
                 let Some(&seed) = list.get(i) else {
                     return;
                 };
-                match run_seed(seed, mix) {
+                let run = std::panic::catch_unwind(|| run_seed(seed, mix));
+                let run = run.unwrap_or_else(|p| {
+                    let what = p
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default();
+                    Err(format!(
+                        "seed {seed}: panicked: {what}\n  replay: {}",
+                        super::replay_line(seed, mix)
+                    ))
+                });
+                match run {
                     Ok(r) => {
                         acked.fetch_add(r.acked as u64, Ordering::Relaxed);
                         faults.fetch_add(r.faults.len() as u64, Ordering::Relaxed);
