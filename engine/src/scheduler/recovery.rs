@@ -78,7 +78,9 @@ impl SchedulerCore {
         let all_back = |r: Role, n: u32| {
             (0..n).all(|k| self.nodes.values().any(|x| x.role == r && x.rank == k))
         };
-        if all_back(Role::Server, self.spec.servers.max(self.server_ranks))
+        // The newest table names servers too (joined ones may not have rejoined yet).
+        let in_table = self.table.owners().iter().max().map_or(0, |&r| r + 1);
+        if all_back(Role::Server, self.spec.servers.max(self.server_ranks).max(in_table))
             && all_back(Role::Worker, self.spec.workers.max(self.worker_ranks))
         {
             self.finish_recovery(out);

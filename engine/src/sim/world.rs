@@ -258,7 +258,7 @@ impl Ctx<'_> {
 
     /// A line for the event log.
     pub(crate) fn trace(&mut self, line: String) {
-        if self.log.len() >= LOG_LINES {
+        if self.log.len() >= LOG_LINES && std::env::var_os("PSERV_SIM_VERBOSE").is_none() {
             self.log.pop_front();
         }
         self.log.push_back(format!("{:>9}us {line}", self.net.now));
