@@ -211,7 +211,9 @@ impl SchedulerCore {
         let ready: Vec<u64> = self
             .barriers
             .iter()
-            .filter(|(_, arrived)| live.is_subset(arrived))
+            // A barrier some worker passed already (one asking again after a scheduler
+            // restart lost its answer) is released at once.
+            .filter(|(seq, arrived)| **seq <= self.last_barrier || live.is_subset(arrived))
             .map(|(seq, _)| *seq)
             .collect();
         for seq in ready {

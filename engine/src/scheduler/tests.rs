@@ -424,6 +424,40 @@ fn a_server_that_never_rejoins_is_failed_over_after_recovery() {
     assert!(last.owners().iter().all(|&o| o != 2), "server 2 heads nothing");
 }
 
+/// Found by the simulation (seeds 2583, 9721): a worker whose barrier answer was lost
+/// with a crashed scheduler asks the restarted one again; the others had passed that
+/// barrier (they said so when they rejoined), so it waited forever.
+#[test]
+fn a_barrier_passed_before_a_restart_is_released_at_once() {
+    let sp = spec(1, 2);
+    let table = Partition::from_ring_chains(&crate::placement::ring::Ring::new(&[0], 4), 1, 0);
+    let rejoin = |role, rank, node_id, barriers| Control::Rejoin {
+        role,
+        rank,
+        node_id,
+        addr: (role == Role::Server).then(|| "127.0.0.1:7000".parse().unwrap()),
+        pid: 1,
+        table: table.clone(),
+        barriers,
+    };
+    let mut c = SchedulerCore::new(sp).recovering(Duration::from_millis(500));
+    msg(&mut c, 1, rejoin(Role::Server, 0, 1, 0));
+    msg(&mut c, 2, rejoin(Role::Worker, 0, 2, 1));
+    msg(&mut c, 3, rejoin(Role::Worker, 1, 3, 0));
+    assert!(!c.is_recovering());
+    let out = msg(&mut c, 3, Control::Barrier { seq: 1 });
+    assert_eq!(
+        sends(&out),
+        vec![(
+            3,
+            &Control::BarrierDone {
+                seq: 1,
+                live: vec![0, 1]
+            }
+        )]
+    );
+}
+
 /// Found by the simulation (seed 63): a restarted scheduler accepted a server's join
 /// before any server had rejoined, and built the joiner a table from an empty view.
 #[test]

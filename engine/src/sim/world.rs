@@ -817,6 +817,11 @@ impl World {
                 self.start_scheduler(true);
             }
             Fault::CrashWorker => {
+                // Before the job runs a dead worker only means the cluster never
+                // completes (no replacement comes): wait until it runs.
+                if !self.sched.as_ref().is_some_and(|s| s.is_running()) {
+                    return postpone(self, f);
+                }
                 let ws: Vec<u32> = self
                     .workers
                     .iter()
