@@ -37,11 +37,36 @@ impl SchedulerCore {
             return;
         };
         if self.recovering_until.is_none() {
-            return self.refuse(
+            // A worker whose rejoin came after the wait (a slow link) takes its place
+            // back if nobody holds its rank: it gets the current table. A server's
+            // ranges were failed over by then; it must not serve them.
+            let free = role == Role::Worker
+                && self.welcomed
+                && !self.finished
+                && !self
+                    .nodes
+                    .values()
+                    .any(|n| n.role == Role::Worker && n.rank == rank && !n.gone);
+            if !free {
+                return self.refuse(
+                    conn,
+                    "this scheduler is not recovering; register instead",
+                    out,
+                );
+            }
+            out.push(Output::Log(format!(
+                "worker {rank} rejoined after the view was rebuilt (pid {pid})"
+            )));
+            self.worker_ranks = self.worker_ranks.max(rank + 1);
+            self.last_barrier = self.last_barrier.max(barriers);
+            self.add_node(conn, role, rank, addr);
+            out.push(Output::Send {
                 conn,
-                "this scheduler is not recovering; register instead",
-                out,
-            );
+                msg: Control::Table {
+                    partition: self.table.clone(),
+                },
+            });
+            return;
         }
         if self
             .nodes
