@@ -298,7 +298,7 @@ impl Checker {
                     None => first = Some((r, h)),
                     Some((r0, h0)) if *h0 != h && settled.contains(r0) => {
                         self.violations.push(format!(
-                            "key {k:#x}: server {r0} holds {} pushes, server {r} {} (or another order)",
+                            "key {k:#x}: server {r0} holds {} pushes, server {r} {} (or another order): {h0:x?} vs {h:x?}",
                             h0.len(),
                             h.len()
                         ));
