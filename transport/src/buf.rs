@@ -11,8 +11,9 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytemuck::Pod;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 
+use crate::tcp::lock_order::{Rank, Ranked};
 use crate::wire::{pad8, Frame, Header, Layout, HEADER_LEN};
 
 /// Anything that can lend its contents as bytes for sending.
@@ -85,7 +86,11 @@ impl Payload {
     /// If the range is not within the buffer (a caller bug).
     pub fn shared(data: Arc<dyn AsBytes>, range: std::ops::Range<usize>) -> Self {
         assert!(
-            range.start <= range.end && range.end <= data.as_bytes().len(),
+            range.start <= range.end,
+            "payload range {range:?} runs backwards"
+        );
+        assert!(
+            range.end <= data.as_bytes().len(),
             "payload range {range:?} outside a buffer of {} bytes",
             data.as_bytes().len()
         );
@@ -203,7 +208,7 @@ impl BufPool {
     pub fn take(self: &Arc<Self>, len: usize) -> PoolBuf {
         let words = len.div_ceil(8);
         let mut v = {
-            let mut free = self.free.lock();
+            let mut free = self.lock_free();
             let best = free
                 .iter()
                 .enumerate()
@@ -224,6 +229,11 @@ impl BufPool {
         if v.len() < words {
             v.resize(words, 0);
         }
+        debug_assert!(
+            v.len() * 8 >= len,
+            "pooled buffer of {} bytes handed out for {len} bytes",
+            v.len() * 8
+        );
         PoolBuf {
             words: v,
             len,
@@ -232,15 +242,27 @@ impl BufPool {
     }
 
     fn give_back(&self, v: Vec<u64>) {
-        let mut free = self.free.lock();
+        let mut free = self.lock_free();
         if free.len() < self.max_free {
             free.push_back(v);
         }
+        debug_assert!(
+            free.len() <= self.max_free,
+            "pool keeps {} idle buffers, more than its bound of {}",
+            free.len(),
+            self.max_free
+        );
     }
 
     /// Number of idle buffers (tests).
     pub fn idle(&self) -> usize {
-        self.free.lock().len()
+        self.lock_free().len()
+    }
+
+    /// The free list, locked: a leaf lock, last in the transport's lock order (see
+    /// [`tcp`](crate::tcp)).
+    fn lock_free(&self) -> Ranked<MutexGuard<'_, VecDeque<Vec<u64>>>> {
+        Ranked::lock(Rank::Pool, || self.free.lock())
     }
 }
 
@@ -299,7 +321,13 @@ pub struct OwnedFrame {
 impl OwnedFrame {
     /// Wrap a body already checked against `header` (receivers only).
     pub(crate) fn from_checked(header: Header, layout: Layout, body: PoolBuf) -> Self {
-        debug_assert!(body.len() >= layout.body_len);
+        layout.debug_check_against(&header);
+        debug_assert!(
+            body.len() >= layout.body_len,
+            "owned frame body of {} bytes for a layout of {}",
+            body.len(),
+            layout.body_len
+        );
         OwnedFrame {
             header,
             layout,

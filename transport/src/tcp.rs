@@ -23,6 +23,45 @@
 //! Bad input: a frame that fails [`Header::layout`] / [`Frame::from_body`], a peer that
 //! closes mid-frame, or a socket error closes that connection with one log line and an
 //! [`Handler::on_close`] call; the loop keeps serving every other connection.
+//!
+//! # Locks and their order
+//!
+//! What is shared between threads, and how:
+//!
+//! - Per connection ([`Conn`]):
+//!   - `write: Mutex<WriteState>`: the send queue, the bytes of its front frame already
+//!     written and the count of queued bytes. Every write to the socket is made under it
+//!     (so the bytes of two frames never interleave); the loop's reads take no lock.
+//!   - `space: Condvar`, paired with `write`: application threads over the queue bound
+//!     wait on it (releasing `write`); the loop notifies it after a flush that leaves at
+//!     most half the bound queued, and closing notifies it.
+//!   - `closed: AtomicBool`: set once, by `mark_closed`, *before* it takes `write` to drop
+//!     the queue; senders read it under `write`. So once `mark_closed` has released
+//!     `write`, nothing is ever queued on the connection again.
+//!   - `tag: AtomicU64`: the application's value, independent of everything else.
+//! - Per loop: the command channel (crossbeam, synchronised inside) and its `Waker`. The
+//!   loop's own state (connections, read buffers, listeners) belongs to its thread and
+//!   takes no lock.
+//! - Per transport: `BufPool::free` (a `Mutex`, in [`buf`](crate::buf)); the counters
+//!   `next_conn`, `next_loop` and [`Stats`] (relaxed atomics, never used to order
+//!   anything).
+//!
+//! Lock order (a thread takes them in this order, never the other way round):
+//!
+//! 1. Locks of the application: the [`Handler`]'s own, a parameter store's shard (held
+//!    across [`Conn::send_borrowed`]), the engine's replication locks. The transport
+//!    calls the handler only while it holds none of its locks.
+//! 2. `write` of one connection. A thread never holds the `write` of two connections,
+//!    and never closes a connection while holding its `write` (`mark_closed` takes it):
+//!    every path that closes after a failed write releases it first. Sending a command
+//!    to a loop (waking it) happens after `write` is released too.
+//! 3. `BufPool::free`, a leaf: taken under `write` when a queued frame whose payload is
+//!    a pooled buffer is dropped (a flushed frame, or the queue of a closed connection),
+//!    and on its own anywhere else. Nothing is taken while it is held. (So the `Drop` of
+//!    an [`AsBytes`](crate::buf::AsBytes) payload must take no lock but the pool's.)
+//!
+//! Debug builds check 2 and 3 (module `lock_order`): taking a `write` while holding one,
+//! or any transport lock while holding the pool's, panics before the lock is tried.
 
 use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
@@ -37,7 +76,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, MutexGuard};
+
+use self::lock_order::{Rank, Ranked};
 
 use crate::buf::{BufPool, OutFrame, OwnedFrame, RecvFrame};
 use crate::wire::{Frame, Header, Layout, WireError, DEFAULT_MAX_FRAME, HEADER_LEN};
@@ -54,6 +95,97 @@ const MAX_FRAMES_PER_WRITE: usize = 64;
 
 thread_local! {
     static ON_LOOP: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The transport's lock order (see the [module docs](self)), checked in debug builds.
+///
+/// Each thread keeps the rank of the innermost transport lock it holds; taking a lock
+/// whose rank is not above it panics before the lock is tried, so an order violation (or
+/// a lock taken twice) panics in the tests instead of deadlocking some day. Release
+/// builds compile the check away.
+pub(crate) mod lock_order {
+    #[cfg(debug_assertions)]
+    use std::cell::Cell;
+    use std::ops::{Deref, DerefMut};
+
+    /// The transport's locks, in the order a thread may take them.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+    pub(crate) enum Rank {
+        /// A connection's write state: at most one per thread.
+        Write,
+        /// The free list of a [`BufPool`](crate::buf::BufPool): a leaf.
+        Pool,
+    }
+
+    #[cfg(debug_assertions)]
+    thread_local! {
+        /// The rank of the innermost transport lock this thread holds.
+        static HELD: Cell<Option<Rank>> = const { Cell::new(None) };
+    }
+
+    /// Restores the thread's previous rank when dropped.
+    #[cfg(debug_assertions)]
+    struct Order {
+        prev: Option<Rank>,
+    }
+
+    #[cfg(debug_assertions)]
+    impl Drop for Order {
+        fn drop(&mut self) {
+            HELD.with(|h| h.set(self.prev));
+        }
+    }
+
+    /// A lock guard that holds its rank in the thread's lock order while it lives.
+    pub(crate) struct Ranked<G> {
+        guard: G,
+        /// Dropped after `guard`: the rank is given up once the lock is.
+        #[cfg(debug_assertions)]
+        _order: Order,
+    }
+
+    impl<G> Ranked<G> {
+        /// Take a lock of `rank` with `lock`, checking the order first.
+        #[inline(always)]
+        pub(crate) fn lock(rank: Rank, lock: impl FnOnce() -> G) -> Self {
+            #[cfg(debug_assertions)]
+            let order = {
+                let prev = HELD.with(Cell::get);
+                assert!(
+                    prev < Some(rank),
+                    "lock order: the {rank:?} lock taken while this thread holds the {prev:?} \
+                     lock (see the lock order in tcp.rs)"
+                );
+                HELD.with(|h| h.set(Some(rank)));
+                Order { prev }
+            };
+            #[cfg(not(debug_assertions))]
+            let _ = rank;
+            Ranked {
+                guard: lock(),
+                #[cfg(debug_assertions)]
+                _order: order,
+            }
+        }
+
+        /// The guard itself (to wait on a condition variable with it).
+        pub(crate) fn guard_mut(&mut self) -> &mut G {
+            &mut self.guard
+        }
+    }
+
+    impl<G: Deref> Deref for Ranked<G> {
+        type Target = G::Target;
+        fn deref(&self) -> &G::Target {
+            &self.guard
+        }
+    }
+
+    impl<G: DerefMut> DerefMut for Ranked<G> {
+        fn deref_mut(&mut self) -> &mut G::Target {
+            &mut self.guard
+        }
+    }
 }
 
 /// Configuration of a [`TcpTransport`].
@@ -183,6 +315,78 @@ struct WriteState {
     front_written: usize,
     /// Bytes queued (unwritten), all frames.
     queued: usize,
+    /// Set by `mark_closed` once it dropped the queue: nothing is queued after it.
+    shut: bool,
+}
+
+impl WriteState {
+    /// The invariants of a send queue, checked whenever its lock is taken or released:
+    /// the counters agree with the queue, and a partial write stays inside its frame.
+    fn check(&self) {
+        match self.queue.front() {
+            None => {
+                debug_assert_eq!(self.queued, 0, "an empty send queue counts queued bytes");
+                debug_assert_eq!(
+                    self.front_written, 0,
+                    "an empty send queue has a partly written front frame"
+                );
+            }
+            Some(front) => {
+                let len = front.wire_len();
+                debug_assert!(
+                    self.front_written < len,
+                    "a partial write advanced past its frame ({} of {len} bytes)",
+                    self.front_written
+                );
+                debug_assert!(
+                    self.queued >= len - self.front_written,
+                    "{} bytes queued, fewer than the {} left of the front frame",
+                    self.queued,
+                    len - self.front_written
+                );
+            }
+        }
+        // The exact count, on queues short enough to add up on every lock.
+        if cfg!(debug_assertions) && self.queue.len() <= MAX_FRAMES_PER_WRITE {
+            let total: usize = self.queue.iter().map(OutFrame::wire_len).sum();
+            debug_assert_eq!(
+                self.queued + self.front_written,
+                total,
+                "queued bytes do not add up to the frames in the send queue"
+            );
+        }
+        if self.shut {
+            debug_assert!(
+                self.queue.is_empty(),
+                "a closed connection has frames queued"
+            );
+        }
+    }
+}
+
+/// A connection's write state, locked at its rank in the lock order; its invariants
+/// are checked when it is taken and when it is released.
+struct WriteGuard<'a>(Ranked<MutexGuard<'a, WriteState>>);
+
+impl Drop for WriteGuard<'_> {
+    fn drop(&mut self) {
+        if cfg!(debug_assertions) && !std::thread::panicking() {
+            self.0.check();
+        }
+    }
+}
+
+impl std::ops::Deref for WriteGuard<'_> {
+    type Target = WriteState;
+    fn deref(&self) -> &WriteState {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for WriteGuard<'_> {
+    fn deref_mut(&mut self) -> &mut WriteState {
+        &mut self.0
+    }
 }
 
 struct ConnInner {
@@ -195,6 +399,15 @@ struct ConnInner {
     closed: AtomicBool,
     tag: AtomicU64,
     shared: Arc<Shared>,
+}
+
+impl ConnInner {
+    /// Lock the write state (rank [`Rank::Write`]).
+    fn lock_write(&self) -> WriteGuard<'_> {
+        let w = WriteGuard(Ranked::lock(Rank::Write, || self.write.lock()));
+        w.check();
+        w
+    }
 }
 
 /// A connection: cheap to clone, usable from any thread.
@@ -235,7 +448,7 @@ impl Conn {
 
     /// Bytes queued and not yet written.
     pub fn queued_bytes(&self) -> usize {
-        self.0.write.lock().queued
+        self.0.lock_write().queued
     }
 
     /// Send a frame. Writes it at once when nothing is queued before it, else queues it
@@ -244,15 +457,17 @@ impl Conn {
     pub fn send(&self, frame: OutFrame) -> Result<(), TransportError> {
         let inner = &*self.0;
         let max = inner.shared.cfg.send_queue_max_bytes;
-        let mut w = inner.write.lock();
+        let mut w = inner.lock_write();
         if !ON_LOOP.with(Cell::get) {
             while w.queued > max && !self.is_closed() {
-                inner.space.wait(&mut w);
+                inner.space.wait(w.0.guard_mut());
             }
         }
         if self.is_closed() {
             return Err(self.closed_error());
         }
+        // Open under `write`: `mark_closed` has not dropped the queue yet.
+        debug_assert!(!w.shut, "sending on a connection whose queue was dropped");
         let len = frame.wire_len();
         let was_idle = w.queue.is_empty();
         w.queued += len;
@@ -304,7 +519,7 @@ impl Conn {
             crate::buf::Payload::owned(buf)
         };
         let inner = &*self.0;
-        let mut w = inner.write.lock();
+        let mut w = inner.lock_write();
         if self.is_closed() {
             return Err(self.closed_error());
         }
@@ -312,6 +527,11 @@ impl Conn {
             drop(w);
             return self.send(OutFrame::new(header, keys, copy()));
         }
+        debug_assert!(
+            keys.len().is_multiple_of(8),
+            "key payload must hold whole u64 keys"
+        );
+        debug_assert!(!w.shut, "sending on a connection whose queue was dropped");
         let values_len: usize = values.iter().map(|v| v.len()).sum();
         let mut h = header;
         h.key_count = (keys.len() / 8) as u64;
@@ -346,6 +566,10 @@ impl Conn {
                 }
                 Ok(n) => {
                     written += n;
+                    debug_assert!(
+                        written <= wire_len,
+                        "a partial write advanced past its frame ({written} of {wire_len} bytes)"
+                    );
                     inner
                         .shared
                         .stats
@@ -374,8 +598,26 @@ impl Conn {
             }
         }
         if written < wire_len {
-            // A slow reader: queue the rest (as a copy) for the loop to flush.
-            w.queue.push_back(OutFrame::new(header, keys, copy()));
+            // A slow reader: queue the rest (as a copy) for the loop to flush. The copy
+            // goes on where the borrowed bytes stopped, so it must be the same frame.
+            let rest = OutFrame::new(header, keys, copy());
+            debug_assert_eq!(
+                rest.wire_len(),
+                wire_len,
+                "the copy of a borrowed frame has another length"
+            );
+            debug_assert_eq!(
+                *rest.header(),
+                h,
+                "the copy of a borrowed frame has another header"
+            );
+            // `front_written` counts the front frame's bytes: the rest must be the front.
+            // (`write` was held since the queue was found empty.)
+            debug_assert!(
+                w.queue.is_empty(),
+                "a frame was queued during a borrowed send"
+            );
+            w.queue.push_back(rest);
             w.front_written = written;
             w.queued += wire_len - written;
         }
@@ -404,9 +646,11 @@ impl Conn {
     fn mark_closed(&self) -> bool {
         let first = !self.0.closed.swap(true, Ordering::AcqRel);
         if first {
-            let mut w = self.0.write.lock();
+            let mut w = self.0.lock_write();
             w.queue.clear();
             w.queued = 0;
+            w.front_written = 0;
+            w.shut = true;
             self.0.space.notify_all();
         }
         first
@@ -441,6 +685,11 @@ impl Conn {
                         .stats
                         .bytes_sent
                         .fetch_add(n as u64, Ordering::Relaxed);
+                    debug_assert!(
+                        n <= w.queued,
+                        "the socket took {n} bytes of {} queued",
+                        w.queued
+                    );
                     w.queued -= n;
                     let mut left = n + w.front_written;
                     while let Some(front) = w.queue.front() {
@@ -452,6 +701,9 @@ impl Conn {
                             break;
                         }
                     }
+                    if w.queue.is_empty() {
+                        debug_assert_eq!(left, 0, "a write advanced past the last queued frame");
+                    }
                     w.front_written = left;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
@@ -459,14 +711,18 @@ impl Conn {
                 Err(e) => return Err(e),
             }
         }
-        debug_assert_eq!(w.queued, 0);
+        debug_assert_eq!(w.queued, 0, "a drained send queue counts queued bytes");
+        debug_assert_eq!(
+            w.front_written, 0,
+            "a drained send queue has a partly written front frame"
+        );
         w.front_written = 0;
         Ok(true)
     }
 
     /// Flush from the loop; wakes blocked senders once below half the bound.
     fn flush_from_loop(&self) -> io::Result<()> {
-        let mut w = self.0.write.lock();
+        let mut w = self.0.lock_write();
         self.flush_locked(&mut w)?;
         if w.queued <= self.0.shared.cfg.send_queue_max_bytes / 2 {
             self.0.space.notify_all();
@@ -475,7 +731,7 @@ impl Conn {
     }
 
     fn over_bound(&self) -> bool {
-        self.0.write.lock().queued > self.0.shared.cfg.send_queue_max_bytes
+        self.0.lock_write().queued > self.0.shared.cfg.send_queue_max_bytes
     }
 }
 
@@ -526,6 +782,7 @@ impl Shared {
                 queue: VecDeque::new(),
                 front_written: 0,
                 queued: 0,
+                shut: false,
             }),
             space: Condvar::new(),
             closed: AtomicBool::new(false),
@@ -715,6 +972,50 @@ struct BigFrame {
     filled: usize,
 }
 
+impl ReadState {
+    /// The invariants of a connection's receive state, checked before every step.
+    fn check(&self) {
+        debug_assert!(
+            self.start <= self.end,
+            "staging start {} past its end {}",
+            self.start,
+            self.end
+        );
+        debug_assert!(
+            self.end <= STAGING_BYTES,
+            "staging end {} past the buffer",
+            self.end
+        );
+        // Frames are padded to 8 bytes, so each starts 8-aligned (keys are viewed in place).
+        debug_assert!(
+            self.start.is_multiple_of(8),
+            "a frame in the staging buffer starts unaligned at {}",
+            self.start
+        );
+        if let Some(big) = &self.big {
+            debug_assert_eq!(
+                self.start, 0,
+                "staging bytes left behind while a large frame is read"
+            );
+            debug_assert_eq!(
+                self.end, 0,
+                "staging bytes left behind while a large frame is read"
+            );
+            debug_assert!(
+                big.filled <= big.layout.body_len,
+                "a large frame read past its body ({} of {} bytes)",
+                big.filled,
+                big.layout.body_len
+            );
+            debug_assert_eq!(
+                big.body.len(),
+                big.layout.body_len,
+                "a large frame's buffer does not have its body's length"
+            );
+        }
+    }
+}
+
 struct LoopConn {
     conn: Conn,
     read: ReadState,
@@ -871,6 +1172,14 @@ impl<H: Handler> EventLoop<H> {
 
     fn adopt(&mut self, conn: Conn) {
         let id = conn.id();
+        debug_assert_eq!(
+            conn.0.loop_index, self.index,
+            "connection {id} adopted by another loop than its own"
+        );
+        debug_assert!(
+            id < LISTENER_BASE,
+            "connection id {id} collides with the listener tokens"
+        );
         let fd = conn.0.stream.as_raw_fd();
         if let Err(e) = self.poll.registry().register(
             &mut SourceFd(&fd),
@@ -882,7 +1191,7 @@ impl<H: Handler> EventLoop<H> {
             self.handler.on_close(&conn, &CloseReason::Io(e));
             return;
         }
-        self.conns.insert(
+        let before = self.conns.insert(
             id,
             LoopConn {
                 conn: conn.clone(),
@@ -895,6 +1204,7 @@ impl<H: Handler> EventLoop<H> {
                 },
             },
         );
+        debug_assert!(before.is_none(), "connection {id} adopted twice");
         self.handler.on_open(&conn);
         if conn.is_closed() {
             self.close_conn(id, CloseReason::Local);
@@ -965,6 +1275,7 @@ fn read_frames<H: Handler>(
     let mut budget = READ_BUDGET_BYTES;
     let stream = &conn.0.stream;
     loop {
+        rs.check();
         if conn.is_closed() {
             return ReadOutcome::Idle;
         }
@@ -974,6 +1285,11 @@ fn read_frames<H: Handler>(
         // 1. A large frame being read into its own buffer.
         if let Some(big) = rs.big.as_mut() {
             let len = big.layout.body_len;
+            // Else the read below asks for nothing and its 0 looks like the peer closing.
+            debug_assert!(
+                big.filled < len,
+                "a complete large frame ({len} bytes) was not delivered"
+            );
             match (&*stream).read(&mut big.body.bytes_mut()[big.filled..len]) {
                 Ok(0) => {
                     return ReadOutcome::Close(CloseReason::VanishedMidFrame {
@@ -1028,6 +1344,11 @@ fn read_frames<H: Handler>(
                 // Move to a dedicated buffer; read the rest straight into it.
                 let mut body = shared.pool.take(layout.body_len);
                 let have = rs.end - rs.start - HEADER_LEN;
+                // The staging buffer holds less than the frame: some of it is left to read.
+                debug_assert!(
+                    have < layout.body_len,
+                    "a frame larger than the staging buffer is complete in it"
+                );
                 body.bytes_mut()[..have].copy_from_slice(&bytes[rs.start + HEADER_LEN..rs.end]);
                 rs.start = 0;
                 rs.end = 0;
@@ -1083,6 +1404,13 @@ fn read_frames<H: Handler>(
         if budget == 0 {
             return ReadOutcome::More;
         }
+        debug_assert_eq!(rs.start, 0, "staging buffer not compacted before a read");
+        // Room is left: a frame that fits was delivered, a larger one moved out. Else the
+        // read asks for nothing and its 0 looks like the peer closing.
+        debug_assert!(
+            rs.end < STAGING_BYTES,
+            "staging buffer full without a complete frame"
+        );
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut rs.staging);
         match (&*stream).read(&mut bytes[rs.end..]) {
             Ok(0) => {
@@ -1113,5 +1441,41 @@ fn read_frames<H: Handler>(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return ReadOutcome::Close(CloseReason::Io(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lock_order::{Rank, Ranked};
+
+    #[test]
+    fn locks_taken_in_order_and_their_rank_given_back() {
+        let (a, b) = (parking_lot::Mutex::new(1), parking_lot::Mutex::new(2));
+        {
+            let w = Ranked::lock(Rank::Write, || a.lock());
+            let p = Ranked::lock(Rank::Pool, || b.lock());
+            assert_eq!(*w + *p, 3);
+        }
+        // Both released: the thread may start from the first rank again.
+        let w = Ranked::lock(Rank::Write, || a.lock());
+        assert_eq!(*w, 1);
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "lock order")]
+    fn a_lock_taken_against_the_order_panics() {
+        let (a, b) = (parking_lot::Mutex::new(()), parking_lot::Mutex::new(()));
+        let _p = Ranked::lock(Rank::Pool, || b.lock());
+        let _w = Ranked::lock(Rank::Write, || a.lock());
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "lock order")]
+    fn two_write_locks_at_once_panic() {
+        let (a, b) = (parking_lot::Mutex::new(()), parking_lot::Mutex::new(()));
+        let _w = Ranked::lock(Rank::Write, || a.lock());
+        let _w2 = Ranked::lock(Rank::Write, || b.lock());
     }
 }

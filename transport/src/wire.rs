@@ -231,6 +231,40 @@ impl Layout {
     pub fn frame_len(&self) -> usize {
         HEADER_LEN + self.body_len
     }
+
+    /// Debug-build check that this layout is `header`'s (as [`Header::layout`] made it):
+    /// its parts are the header's, they lie within the body, and the body is padded to
+    /// a multiple of 8 with less than 8 bytes.
+    pub(crate) fn debug_check_against(&self, header: &Header) {
+        debug_assert_eq!(
+            self.keys_len as u64,
+            header.key_count.wrapping_mul(8),
+            "layout's key bytes are not the header's key count"
+        );
+        debug_assert_eq!(
+            self.values_len as u64, header.value_bytes,
+            "layout's value bytes are not the header's"
+        );
+        debug_assert!(
+            self.keys_len + self.values_len <= self.body_len,
+            "keys ({}) and values ({}) overrun a body of {} bytes",
+            self.keys_len,
+            self.values_len,
+            self.body_len
+        );
+        debug_assert!(
+            self.body_len - self.keys_len - self.values_len < 8,
+            "a body of {} bytes pads {} + {} bytes by 8 or more",
+            self.body_len,
+            self.keys_len,
+            self.values_len
+        );
+        debug_assert!(
+            self.frame_len().is_multiple_of(8),
+            "frame of {} bytes is not padded to 8",
+            self.frame_len()
+        );
+    }
 }
 
 /// Round `n` up to a multiple of 8.
@@ -334,11 +368,18 @@ impl Header {
         }
         let keys_len = keys_len as usize;
         let values_len = self.value_bytes as usize;
-        Ok(Layout {
+        let layout = Layout {
             keys_len,
             values_len,
             body_len: total as usize - HEADER_LEN,
-        })
+        };
+        layout.debug_check_against(self);
+        debug_assert!(
+            layout.frame_len() <= max_frame,
+            "a frame of {} bytes passed a bound of {max_frame}",
+            layout.frame_len()
+        );
+        Ok(layout)
     }
 }
 
@@ -375,6 +416,8 @@ impl<'a> Frame<'a> {
     /// Assemble a frame from a header already checked by [`Header::layout`] and its body
     /// (`layout.body_len` bytes, 8-byte aligned). Checks what needs the keys: ranges.
     pub fn from_body(header: Header, layout: &Layout, body: &'a [u8]) -> Result<Self, WireError> {
+        // A caller's bug, not the peer's: the layout is this header's.
+        layout.debug_check_against(&header);
         if body.len() < layout.body_len {
             return Err(WireError::Truncated {
                 need: HEADER_LEN + layout.body_len,

@@ -36,6 +36,7 @@ impl<T: Value> Block<T> {
     /// A zeroed block over `range` (not empty).
     pub(super) fn new(range: KeyRange, vl: usize, sl: usize) -> Result<Self, RegionError> {
         assert!(!range.is_empty(), "a dense block covers at least one key");
+        debug_assert!(vl > 0, "a dense block holds at least one weight per key");
         let keys = usize::try_from(range.len()).expect("block size checked against the limit");
         let elem = std::mem::size_of::<T>();
         let weights = PinnedRegion::new(keys * vl * elem)?;
@@ -84,10 +85,35 @@ impl<T: Value> Block<T> {
         (w, s)
     }
 
+    /// Debug-build check that ascending `keys` lie in the block (the first and the last
+    /// tell).
+    fn debug_check_keys(&self, keys: &[u64]) {
+        if let (Some(&first), Some(&last)) = (keys.first(), keys.last()) {
+            debug_assert!(
+                self.range.contains(first),
+                "key {first} outside block {}",
+                self.range
+            );
+            debug_assert!(
+                self.range.contains(last),
+                "key {last} outside block {}",
+                self.range
+            );
+        }
+    }
+
     /// Take over `key` from the sparse table: `vals` is its weights then its state.
     pub(super) fn adopt(&mut self, key: u64, vals: &[T]) {
-        debug_assert!(self.range.contains(key));
-        debug_assert_eq!(vals.len(), self.vl + self.sl);
+        debug_assert!(
+            self.range.contains(key),
+            "key {key} adopted by block {}",
+            self.range
+        );
+        debug_assert_eq!(
+            vals.len(),
+            self.vl + self.sl,
+            "adopted values are not one key's weights and state"
+        );
         let i = (key - self.range.begin) as usize;
         let (vl, sl) = (self.vl, self.sl);
         let (w, s) = self.parts_mut();
@@ -105,8 +131,17 @@ impl<T: Value> Block<T> {
         out: &mut [T],
     ) {
         let (vl, sl, begin) = (self.vl, self.sl, self.range.begin);
-        debug_assert!(keys.first().is_none_or(|&k| k >= begin));
-        debug_assert!(keys.last().is_none_or(|&k| k < self.range.end));
+        self.debug_check_keys(keys);
+        debug_assert_eq!(
+            grads.len(),
+            keys.len() * vl,
+            "gradients do not match the keys"
+        );
+        debug_assert_eq!(
+            out.len(),
+            if OUT { grads.len() } else { 0 },
+            "output buffer does not match the keys"
+        );
         let (w, s) = self.parts_mut();
         let mut i = 0;
         while i < keys.len() {
@@ -125,6 +160,12 @@ impl<T: Value> Block<T> {
     /// Copy the weights of the ascending `keys` (all inside the block) into `out`.
     pub(super) fn pull_keys(&self, keys: &[u64], out: &mut [T]) {
         let (vl, begin) = (self.vl, self.range.begin);
+        self.debug_check_keys(keys);
+        debug_assert_eq!(
+            out.len(),
+            keys.len() * vl,
+            "output buffer does not match the keys"
+        );
         let w = self.weights();
         let mut i = 0;
         while i < keys.len() {
@@ -151,6 +192,11 @@ impl<T: Value> Block<T> {
             self.range
         );
         let (vl, sl) = (self.vl, self.sl);
+        debug_assert_eq!(
+            grads.len(),
+            part.len() as usize * vl,
+            "gradients do not match range {part}"
+        );
         let lo = (part.begin - self.range.begin) as usize;
         let hi = (part.end - self.range.begin) as usize;
         let (w, s) = self.parts_mut();
@@ -167,6 +213,11 @@ impl<T: Value> Block<T> {
             self.range.covers(&part),
             "{part} is not inside block {}",
             self.range
+        );
+        debug_assert_eq!(
+            out.len(),
+            part.len() as usize * self.vl,
+            "output buffer does not match range {part}"
         );
         let lo = (part.begin - self.range.begin) as usize;
         let hi = (part.end - self.range.begin) as usize;

@@ -172,7 +172,10 @@ impl<'a, F: ?Sized> Rule<'a, F> {
         F: UpdateFn<T>,
     {
         let needs = f.state_len();
-        assert!(needs <= has, "rule state checked before use");
+        assert!(
+            needs <= has,
+            "rule keeps {needs} state values per weight, the store {has}: checked before use"
+        );
         Rule { f, needs, has }
     }
 
@@ -182,7 +185,12 @@ impl<'a, F: ?Sized> Rule<'a, F> {
     where
         F: UpdateFn<T>,
     {
-        debug_assert_eq!(s.len(), w.len() * self.has);
+        debug_assert_eq!(
+            s.len(),
+            w.len() * self.has,
+            "state does not match the weights"
+        );
+        debug_assert_eq!(g.len(), w.len(), "gradients do not match the weights");
         if self.needs == self.has {
             self.f.apply(w, s, g);
         } else if self.needs == 0 {
@@ -340,8 +348,14 @@ impl<T: Value> Store<T> {
             bounds,
             shards,
         };
-        assert_eq!(store.bounds[0], range.begin);
-        assert_eq!(store.bounds[n], range.end);
+        assert_eq!(store.bounds[0], range.begin, "shards start below the range");
+        assert_eq!(store.bounds[n], range.end, "shards end short of the range");
+        debug_assert_eq!(store.shards.len(), n, "a shard for every pair of bounds");
+        if cfg!(debug_assertions) && !range.is_empty() {
+            for b in store.bounds.windows(2) {
+                debug_assert!(b[0] < b[1], "an empty shard [{}, {})", b[0], b[1]);
+            }
+        }
         Ok(store)
     }
 
@@ -441,6 +455,7 @@ impl<T: Value> Store<T> {
             return Ok(());
         }
         let vl = self.value_len;
+        let mut next = 0;
         for s in self.shard_of(range.begin)..=self.shard_of(range.end - 1) {
             let shard = self.shards[s].0.lock();
             let sub = shard
@@ -449,8 +464,11 @@ impl<T: Value> Store<T> {
                 .expect("shard overlaps the range");
             let lo = ((sub.begin - range.begin) as usize) * vl;
             let hi = ((sub.end - range.begin) as usize) * vl;
+            debug_assert_eq!(lo, next, "shard parts of {range} are not contiguous");
+            next = hi;
             shard.pull_range(sub, &mut out[lo..hi]);
         }
+        debug_assert_eq!(next, out.len(), "shard parts do not cover {range}");
         Ok(())
     }
 
@@ -498,7 +516,12 @@ impl<T: Value> Store<T> {
                 return Ok(None);
             }
         }
-        debug_assert_eq!(pos, range.end);
+        debug_assert_eq!(pos, range.end, "dense parts do not cover {range}");
+        debug_assert_eq!(
+            parts.iter().map(|p| p.len()).sum::<usize>(),
+            range.len() as usize * vl,
+            "dense parts of {range} hold another number of weights"
+        );
         Ok(Some(f(&parts)))
     }
 
@@ -561,9 +584,15 @@ impl<T: Value> Store<T> {
 
     /// The shard holding `key` (in range).
     fn shard_of(&self, key: u64) -> usize {
-        debug_assert!(self.range.contains(key));
+        debug_assert!(
+            self.range.contains(key),
+            "key {key} outside the store's range"
+        );
         let n = self.shards.len();
-        self.bounds[1..n].partition_point(|&b| b <= key)
+        let s = self.bounds[1..n].partition_point(|&b| b <= key);
+        debug_assert!(self.bounds[s] <= key, "key {key} below its shard {s}");
+        debug_assert!(key < self.bounds[s + 1], "key {key} above its shard {s}");
+        s
     }
 
     /// Cut sorted, in-range keys into per-shard index ranges, in shard order.
@@ -574,6 +603,7 @@ impl<T: Value> Store<T> {
             let s = self.shard_of(first);
             let end_key = self.bounds[s + 1];
             let end = start + keys[start..].partition_point(|&k| k < end_key);
+            debug_assert!(end > start, "an empty chunk for shard {s}");
             let r = start..end;
             start = end;
             Some((s, r))
@@ -589,6 +619,16 @@ impl<T: Value> Store<T> {
     ) -> Result<(), StoreError> {
         let rule = Rule::new(f, self.state_len);
         let vl = self.value_len;
+        debug_assert_eq!(
+            grads.len(),
+            keys.len() * vl,
+            "gradients do not match the keys"
+        );
+        debug_assert_eq!(
+            out.len(),
+            if OUT { grads.len() } else { 0 },
+            "output buffer does not match the keys"
+        );
         for (s, r) in self.chunks(keys) {
             let mut shard = self.shards[s].0.lock();
             let o: &mut [T] = if OUT {
@@ -626,6 +666,8 @@ impl<T: Value> Store<T> {
                 .intersect(&range)
                 .expect("shard overlaps the range");
             for gap in shard.gaps(sub) {
+                debug_assert!(!gap.is_empty(), "an empty gap in {sub}");
+                debug_assert!(sub.covers(&gap), "gap {gap} outside {sub}");
                 let bytes = Block::<T>::bytes_for(gap.len(), vl, sl);
                 if bytes > u128::from(self.dense_max_bytes) {
                     return Err(StoreError::DenseTooLarge {
@@ -646,6 +688,7 @@ impl<T: Value> Store<T> {
             guards[i].install(block);
         }
         let rule = Rule::new(f, self.state_len);
+        let mut next = 0;
         for mut shard in guards {
             let sub = shard
                 .range
@@ -653,10 +696,14 @@ impl<T: Value> Store<T> {
                 .expect("shard overlaps the range");
             let lo = ((sub.begin - range.begin) as usize) * vl;
             let hi = ((sub.end - range.begin) as usize) * vl;
+            // Each gradient goes to exactly one shard.
+            debug_assert_eq!(lo, next, "shard parts of {range} are not contiguous");
+            next = hi;
             let o = out.as_mut().map(|o| &mut o[lo..hi]);
             shard.push_range(sub, &grads[lo..hi], &rule, o);
             // The guard drops here: this shard is released while later ones are applied.
         }
+        debug_assert_eq!(next, grads.len(), "shard parts do not cover {range}");
         Ok(())
     }
 
@@ -750,6 +797,23 @@ impl<T: Value> Store<T> {
 }
 
 impl<T: Value> Shard<T> {
+    /// Debug-build check that a key chunk belongs to this shard (keys are sorted: the
+    /// first and the last tell).
+    fn debug_check_keys(&self, keys: &[u64]) {
+        if let (Some(&first), Some(&last)) = (keys.first(), keys.last()) {
+            debug_assert!(
+                self.range.contains(first),
+                "key {first} outside shard {}",
+                self.range
+            );
+            debug_assert!(
+                self.range.contains(last),
+                "key {last} outside shard {}",
+                self.range
+            );
+        }
+    }
+
     fn push_keys<F: UpdateFn<T> + ?Sized, const OUT: bool>(
         &mut self,
         keys: &[u64],
@@ -757,6 +821,12 @@ impl<T: Value> Shard<T> {
         rule: &Rule<'_, F>,
         out: &mut [T],
     ) -> Result<(), pserv_sys::RegionError> {
+        self.debug_check_keys(keys);
+        debug_assert_eq!(
+            grads.len(),
+            keys.len() * self.vl,
+            "gradients do not match the keys"
+        );
         if self.blocks.is_empty() {
             return self.table.push::<F, OUT>(keys, grads, rule, out);
         }
@@ -778,6 +848,12 @@ impl<T: Value> Shard<T> {
     }
 
     fn pull_keys(&self, keys: &[u64], out: &mut [T]) {
+        self.debug_check_keys(keys);
+        debug_assert_eq!(
+            out.len(),
+            keys.len() * self.vl,
+            "output buffer does not match the keys"
+        );
         if self.blocks.is_empty() {
             return self.table.pull(keys.len(), |i| keys[i], out);
         }
@@ -824,14 +900,12 @@ impl<T: Value> Shard<T> {
         );
         self.table.take_range(r, |key, vals| block.adopt(key, vals));
         let at = self.blocks.partition_point(|b| b.range().begin < r.begin);
-        assert!(
-            at == 0 || self.blocks[at - 1].range().end <= r.begin,
-            "block {r} overlaps"
-        );
-        assert!(
-            at == self.blocks.len() || r.end <= self.blocks[at].range().begin,
-            "block {r} overlaps"
-        );
+        if let Some(before) = at.checked_sub(1).map(|i| self.blocks[i].range()) {
+            assert!(before.end <= r.begin, "block {r} overlaps block {before}");
+        }
+        if let Some(after) = self.blocks.get(at).map(Block::range) {
+            assert!(r.end <= after.begin, "block {r} overlaps block {after}");
+        }
         self.blocks.insert(at, block);
     }
 
@@ -844,6 +918,16 @@ impl<T: Value> Shard<T> {
         mut out: Option<&mut [T]>,
     ) {
         let vl = self.vl;
+        debug_assert!(
+            self.range.covers(&sub),
+            "range {sub} outside shard {}",
+            self.range
+        );
+        debug_assert_eq!(
+            grads.len(),
+            sub.len() as usize * vl,
+            "gradients do not match range {sub}"
+        );
         let mut pos = sub.begin;
         let first = self.blocks.partition_point(|b| b.range().end <= sub.begin);
         for block in &mut self.blocks[first..] {
@@ -867,6 +951,16 @@ impl<T: Value> Shard<T> {
     /// Pull a range: blocks where they cover it, the sparse table elsewhere.
     fn pull_range(&self, sub: KeyRange, out: &mut [T]) {
         let vl = self.vl;
+        debug_assert!(
+            self.range.covers(&sub),
+            "range {sub} outside shard {}",
+            self.range
+        );
+        debug_assert_eq!(
+            out.len(),
+            sub.len() as usize * vl,
+            "output buffer does not match range {sub}"
+        );
         let slot = |r: KeyRange| {
             ((r.begin - sub.begin) as usize) * vl..((r.end - sub.begin) as usize) * vl
         };
@@ -917,9 +1011,21 @@ impl Segments {
         };
         if key < b.begin {
             self.pos += keys[start..].partition_point(|&k| k < b.begin);
+            debug_assert!(self.pos > start, "an empty sparse segment");
+            debug_assert!(
+                keys[self.pos - 1] < b.begin,
+                "a sparse segment runs into block {b}"
+            );
             return Some((None, start..self.pos));
         }
         self.pos += keys[start..].partition_point(|&k| k < b.end);
+        debug_assert!(self.pos > start, "an empty segment of block {b}");
+        debug_assert!(b.contains(key), "key {key} outside its block {b}");
+        debug_assert!(
+            b.contains(keys[self.pos - 1]),
+            "key {} outside its block {b}",
+            keys[self.pos - 1]
+        );
         self.block += 1;
         Some((Some(self.block - 1), start..self.pos))
     }

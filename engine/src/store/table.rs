@@ -77,9 +77,10 @@ struct Geom {
 impl Geom {
     fn new<T>(vl: usize, sl: usize, cap: usize) -> Geom {
         assert!(
-            cap.is_power_of_two() && cap >= 2,
-            "bad table capacity {cap}"
+            cap.is_power_of_two(),
+            "table capacity {cap} is not a power of two"
         );
+        assert!(cap >= 2, "table capacity {cap} below 2");
         let value_bytes = (vl + sl) * std::mem::size_of::<T>();
         Geom {
             stride: 1 + value_bytes.div_ceil(8),
@@ -174,9 +175,13 @@ impl<T: Value> Table<T> {
         let mut next = Table::<T>::with_capacity(self.g.vl, self.g.sl, cap)?;
         {
             let g = next.g;
-            debug_assert_eq!(g.stride, self.g.stride);
+            debug_assert_eq!(
+                g.stride, self.g.stride,
+                "a grown table has another bucket size"
+            );
             let old: &[u64] = self.region.as_slice();
             let new: &mut [u64] = next.region.as_mut_slice();
+            let mut moved = 0;
             for bucket in old[..self.g.cap * g.stride].chunks_exact(g.stride) {
                 let key = bucket[0];
                 if key == EMPTY {
@@ -187,10 +192,20 @@ impl<T: Value> Table<T> {
                     b = (b + 1) & g.mask;
                 }
                 new[b * g.stride..(b + 1) * g.stride].copy_from_slice(bucket);
+                moved += 1;
             }
+            debug_assert_eq!(
+                moved, self.len,
+                "rehashing moved another number of keys than stored"
+            );
         }
         next.len = self.len;
         *self = next;
+        debug_assert!(
+            self.len < self.g.grow_at,
+            "a table grown for {keys} keys is at its load limit with {}",
+            self.len
+        );
         Ok(())
     }
 
@@ -207,8 +222,16 @@ impl<T: Value> Table<T> {
         rule: &Rule<'_, F>,
         out: &mut [T],
     ) -> Result<(), RegionError> {
-        debug_assert_eq!(grads.len(), keys.len() * self.g.vl);
-        debug_assert_eq!(out.len(), if OUT { grads.len() } else { 0 });
+        debug_assert_eq!(
+            grads.len(),
+            keys.len() * self.g.vl,
+            "gradients do not match the keys"
+        );
+        debug_assert_eq!(
+            out.len(),
+            if OUT { grads.len() } else { 0 },
+            "output buffer does not match the keys"
+        );
         let mut done = 0;
         let mut may_grow = true;
         loop {
@@ -217,6 +240,13 @@ impl<T: Value> Table<T> {
             } else {
                 self.push_run::<F, OUT>(done, keys, grads, rule, out, may_grow)
             };
+            // An empty bucket is left, so every probe ends.
+            debug_assert!(
+                self.len < self.g.cap,
+                "a sparse table of {} buckets holds {} keys",
+                self.g.cap,
+                self.len
+            );
             if done == keys.len() {
                 return Ok(());
             }
@@ -257,7 +287,7 @@ impl<T: Value> Table<T> {
                 prefetch_read(&words[g.home(ahead) * g.stride]);
             }
             let key = keys[i];
-            debug_assert_ne!(key, EMPTY);
+            debug_assert_ne!(key, EMPTY, "the empty-bucket key pushed");
             let mut b = g.home(key);
             loop {
                 let k = words[b * g.stride];
@@ -302,7 +332,7 @@ impl<T: Value> Table<T> {
         may_grow: bool,
     ) -> usize {
         let g = self.g;
-        debug_assert!(g.is_pair());
+        debug_assert!(g.is_pair(), "pair loop on a table of another shape");
         let limit = if may_grow { g.grow_at } else { g.cap - 1 };
         let n = keys.len();
         let grads = &grads[..n];
@@ -316,7 +346,7 @@ impl<T: Value> Table<T> {
             ($i:expr) => {{
                 let i = $i;
                 let key = keys[i];
-                debug_assert_ne!(key, EMPTY);
+                debug_assert_ne!(key, EMPTY, "the empty-bucket key pushed");
                 let b = probe_pair(pairs, g.home(key), key);
                 let bucket = &mut pairs[b];
                 if bucket[0] != key {
@@ -354,7 +384,7 @@ impl<T: Value> Table<T> {
 
     /// The buckets as `[key, value word]` pairs (pair shape only).
     fn pairs(&self) -> &[[u64; 2]] {
-        debug_assert!(self.g.is_pair());
+        debug_assert!(self.g.is_pair(), "pair view of a table of another shape");
         let words: &[u64] = self.region.as_slice();
         bytemuck::cast_slice(&words[..self.g.cap * 2])
     }
@@ -362,7 +392,11 @@ impl<T: Value> Table<T> {
     /// Copy the weights of the `n` keys `key_at(0..n)` (ascending) into `out`
     /// (`n * vl` elements); keys not present read as zero.
     pub(super) fn pull(&self, n: usize, key_at: impl Fn(usize) -> u64, out: &mut [T]) {
-        debug_assert_eq!(out.len(), n * self.g.vl);
+        debug_assert_eq!(
+            out.len(),
+            n * self.g.vl,
+            "output buffer does not match the keys"
+        );
         if self.len == 0 {
             out.fill(T::default());
         } else if self.g.is_pair() {
@@ -379,6 +413,11 @@ impl<T: Value> Table<T> {
         if self.len == 0 || n <= self.g.cap {
             return self.pull(n, |i| range.begin + i as u64, out);
         }
+        debug_assert_eq!(
+            out.len(),
+            n * self.g.vl,
+            "output buffer does not match the range"
+        );
         out.fill(T::default());
         let vl = self.g.vl;
         for (k, b) in self.occupied() {
@@ -465,6 +504,8 @@ impl<T: Value> Table<T> {
     /// The weights and state of bucket `b`, `vl + sl` elements.
     fn values_at(&self, b: usize) -> &[T] {
         let g = self.g;
+        // The region is rounded up to pages: a bucket past `cap` would read as one.
+        debug_assert!(b < g.cap, "bucket {b} of a table of {}", g.cap);
         let words: &[u64] = self.region.as_slice();
         let vals: &[T] = bytemuck::cast_slice(&words[b * g.stride + 1..(b + 1) * g.stride]);
         &vals[..g.vl + g.sl]
@@ -500,8 +541,9 @@ impl<T: Value> Table<T> {
     /// the probe run into the hole while that keeps each reachable from its home bucket).
     fn remove_at(&mut self, mut hole: usize) {
         let g = self.g;
+        debug_assert!(hole < g.cap, "bucket {hole} of a table of {}", g.cap);
         let words: &mut [u64] = self.region.as_mut_slice();
-        debug_assert_ne!(words[hole * g.stride], EMPTY);
+        debug_assert_ne!(words[hole * g.stride], EMPTY, "removing an empty bucket");
         let mut j = hole;
         loop {
             j = (j + 1) & g.mask;

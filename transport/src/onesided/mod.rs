@@ -264,6 +264,11 @@ impl RegionDesc {
         out.extend_from_slice(&self.len.to_le_bytes());
         out.extend_from_slice(&self.key.to_le_bytes());
         out.extend_from_slice(&self.locator);
+        debug_assert_eq!(
+            out.len(),
+            self.encoded_len(),
+            "a descriptor encodes to another length than it announces"
+        );
         out
     }
 

@@ -36,6 +36,13 @@
 //! connection broken: later operations on it fail at once with the first error (a queue
 //! pair in the error state flushes everything anyway). Reconnect with a fresh
 //! `prepare`/`connect`.
+//!
+//! # Locks
+//!
+//! A peer's `state` (its queue pair) is taken before the backend's `notices` (receive
+//! completions found while polling a queue pair are queued under it), never after.
+//! `peers` is a leaf: it is held only to push a new peer or to clone the list, and
+//! released before any peer's `state` is taken.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -375,6 +382,15 @@ impl RdmaRemote {
     }
 }
 
+/// Debug-build check that the pieces `chunks` gave for a transfer of `len` bytes, ending
+/// at `end`, covered all of it.
+fn debug_assert_covered(end: usize, len: usize, op: &str) {
+    debug_assert_eq!(
+        end, len,
+        "the pieces of a {op} do not cover its {len} bytes"
+    );
+}
+
 fn memory_check(len: usize, off: usize, n: usize, op: &str) {
     assert!(
         off.checked_add(n).is_some_and(|e| e <= len),
@@ -577,6 +593,11 @@ impl OneSided for RdmaBackend {
             .pd
             .register(region, Access::ALL)
             .map_err(|e| map_err("register", e))?;
+        debug_assert!(
+            mr.len() >= len,
+            "a memory region of {} bytes registered for {len}",
+            mr.len()
+        );
         Ok(RdmaLocal {
             mr: Arc::new(mr),
             id: self.next_region.fetch_add(1, Ordering::Relaxed),
@@ -661,7 +682,10 @@ impl OneSided for RdmaBackend {
     ) -> Result<()> {
         check_range("remote", remote_off, len, remote.len)?;
         check_range("local", local_off, len, local.len)?;
+        let mut end = 0;
         for (at, n) in remote.conn.chunks(len) {
+            debug_assert_eq!(at, end, "the pieces of a read are not contiguous");
+            end = at + n;
             self.run("read", remote, |qp, wr| {
                 qp.post_read(
                     wr,
@@ -672,6 +696,7 @@ impl OneSided for RdmaBackend {
                 )
             })?;
         }
+        debug_assert_covered(end, len, "read");
         Ok(())
     }
 
@@ -685,7 +710,10 @@ impl OneSided for RdmaBackend {
     ) -> Result<()> {
         check_range("remote", remote_off, len, remote.len)?;
         check_range("local", local_off, len, local.len)?;
+        let mut end = 0;
         for (at, n) in remote.conn.chunks(len) {
+            debug_assert_eq!(at, end, "the pieces of a write are not contiguous");
+            end = at + n;
             self.run("write", remote, |qp, wr| {
                 qp.post_write(
                     wr,
@@ -696,6 +724,7 @@ impl OneSided for RdmaBackend {
                 )
             })?;
         }
+        debug_assert_covered(end, len, "write");
         Ok(())
     }
 
@@ -720,7 +749,10 @@ impl OneSided for RdmaBackend {
         // lands after the others (a queue pair executes its requests in order).
         let mut pieces = remote.conn.chunks(len).peekable();
         let mut last = (0, 0);
+        let mut end = 0;
         while let Some((at, n)) = pieces.next() {
+            debug_assert_eq!(at, end, "the pieces of a write_notify are not contiguous");
+            end = at + n;
             if pieces.peek().is_none() {
                 last = (at, n);
                 break;
@@ -736,6 +768,8 @@ impl OneSided for RdmaBackend {
             })?;
         }
         let (at, n) = last;
+        // The notice rides on the piece that ends the transfer: it lands after all of it.
+        debug_assert_covered(at + n, len, "write_notify");
         self.run("write_notify", remote, |qp, wr| {
             let data = (n > 0).then(|| local.mr.slice(local_off + at..local_off + at + n));
             qp.post_write_with_imm(

@@ -51,7 +51,16 @@
 //! word and SeqCst fences on both sides (Dekker) make sure no notice is missed.
 //!
 //! A ring whose tail runs more than `RING_SLOTS` ahead (a peer gone mad) is dropped
-//! with one log line; the other peers are served on.
+//! with one log line; the other peers are served on. Everything in a mapping may be
+//! written by the peer at any time, so nothing read from one is asserted on: asserts here
+//! are about this process's own state (the lengths of its regions and mappings).
+//!
+//! # Locks
+//!
+//! `wake` (the wake-up socket), `rx` (the rings this side consumes) and each peer's `tx`
+//! (the ring it writes notices into) are never held together: each is taken alone and
+//! released before another is taken (dropping the last handle of a peer takes `rx`, and
+//! no peer handle is dropped while a lock is held).
 
 use std::io::{self, Read};
 use std::os::linux::net::SocketAddrExt;
@@ -522,6 +531,11 @@ impl OneSided for ShmBackend {
             .atomic_u64(32)
             .store(u64::from(std::process::id()), Ordering::Relaxed);
         region.atomic_u64(0).store(REGION_MAGIC, Ordering::Release);
+        debug_assert!(
+            region.len() >= HEADER_LEN + len,
+            "a region of {} bytes holds no header and {len} payload bytes",
+            region.len()
+        );
         Ok(ShmLocal {
             region,
             id,
@@ -646,6 +660,12 @@ impl OneSided for ShmBackend {
                 key: desc.key,
             });
         }
+        // Ranges checked against `len` then lie inside the mapping.
+        debug_assert!(
+            region.len() >= HEADER_LEN + len,
+            "a mapping of {} bytes holds no header and {len} payload bytes",
+            region.len()
+        );
         Ok(ShmRemote {
             region,
             region_id: desc.region_id,
