@@ -437,7 +437,11 @@ fn keys_are_routed_by_the_ring_and_stale_or_misrouted_requests_are_refused() {
     let frame = pserv_transport::wire::encode(&bad, &[mine[1], mine[0]], &[]);
     let (answer, text) = raw_request(addr, &frame);
     assert_eq!(Status::from_u8(answer.status), Status::BadRequest);
-    assert!(String::from_utf8_lossy(&text).contains("sorted"), "{}", String::from_utf8_lossy(&text));
+    assert!(
+        String::from_utf8_lossy(&text).contains("sorted"),
+        "{}",
+        String::from_utf8_lossy(&text)
+    );
     // Nothing changed.
     assert_eq!(
         w.wait_pull::<f32>(w.pull::<f32>(vec![keys[0]]))

@@ -623,7 +623,8 @@ impl SchedulerCore {
     pub(super) fn maybe_finish(&mut self, out: &mut Vec<Output>) {
         // While recovering, the workers that have not rejoined yet are unknown: the job
         // ends only once the view is rebuilt.
-        if self.finished || self.recovering_until.is_some() || self.live_workers().next().is_some() {
+        if self.finished || self.recovering_until.is_some() || self.live_workers().next().is_some()
+        {
             return;
         }
         self.finished = true;

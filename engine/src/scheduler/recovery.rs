@@ -105,8 +105,10 @@ impl SchedulerCore {
         };
         // The newest table names servers too (joined ones may not have rejoined yet).
         let in_table = self.table.owners().iter().max().map_or(0, |&r| r + 1);
-        if all_back(Role::Server, self.spec.servers.max(self.server_ranks).max(in_table))
-            && all_back(Role::Worker, self.spec.workers.max(self.worker_ranks))
+        if all_back(
+            Role::Server,
+            self.spec.servers.max(self.server_ranks).max(in_table),
+        ) && all_back(Role::Worker, self.spec.workers.max(self.worker_ranks))
         {
             self.finish_recovery(out);
         }

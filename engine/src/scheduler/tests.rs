@@ -335,7 +335,10 @@ fn a_recovering_scheduler_ends_the_job_only_once_its_view_is_rebuilt() {
             stats: WorkerStats::default(),
         },
     );
-    assert!(!out.contains(&Output::JobDone), "worker 1 has not rejoined yet");
+    assert!(
+        !out.contains(&Output::JobDone),
+        "worker 1 has not rejoined yet"
+    );
     assert!(!c.is_finished());
     // Worker 1 rejoins: the view is complete, the job goes on until it is done too.
     let out = msg(&mut c, 3, rejoin(Role::Worker, 1, 3));
@@ -391,7 +394,13 @@ fn recovery_waits_for_every_rank_not_for_a_count() {
     assert!(c.is_recovering(), "worker 1 has not rejoined");
     let out = msg(&mut c, 4, rejoin(Role::Worker, 1, 3));
     assert!(!c.is_recovering());
-    assert!(!out.iter().any(|o| matches!(o, Output::Send { msg: Control::Refused { .. }, .. })));
+    assert!(!out.iter().any(|o| matches!(
+        o,
+        Output::Send {
+            msg: Control::Refused { .. },
+            ..
+        }
+    )));
 }
 
 /// Found by the simulation (seed 9890): a server that crashed while no scheduler ran
@@ -402,7 +411,8 @@ fn a_server_that_never_rejoins_is_failed_over_after_recovery() {
     let mut sp = spec(3, 1);
     sp.vnodes = 8;
     sp.replicas = 1;
-    let table = Partition::from_ring_chains(&crate::placement::ring::Ring::new(&[0, 1, 2], 8), 3, 1);
+    let table =
+        Partition::from_ring_chains(&crate::placement::ring::Ring::new(&[0, 1, 2], 8), 3, 1);
     let rejoin = |role, rank, node_id| Control::Rejoin {
         role,
         rank,
@@ -421,7 +431,10 @@ fn a_server_that_never_rejoins_is_failed_over_after_recovery() {
     let sent = tables(&out);
     let last = &sent.last().expect("tables sent").1;
     assert!(last.epoch() > table.epoch());
-    assert!(last.owners().iter().all(|&o| o != 2), "server 2 heads nothing");
+    assert!(
+        last.owners().iter().all(|&o| o != 2),
+        "server 2 heads nothing"
+    );
 }
 
 /// Found by the simulation (seeds 2583, 9721): a worker whose barrier answer was lost
@@ -479,7 +492,9 @@ fn a_recovering_scheduler_refuses_membership_changes() {
         "{out:?}"
     );
     let out = msg(&mut c, 2, Control::Leave { rank: 0 });
-    assert!(matches!(&sends(&out)[0].1, Control::Refused { reason } if reason.contains("rebuilding")));
+    assert!(
+        matches!(&sends(&out)[0].1, Control::Refused { reason } if reason.contains("rebuilding"))
+    );
     let out = msg(
         &mut c,
         3,
@@ -490,7 +505,9 @@ fn a_recovering_scheduler_refuses_membership_changes() {
             pid: 1,
         },
     );
-    assert!(matches!(&sends(&out)[0].1, Control::Refused { reason } if reason.contains("rebuilding")));
+    assert!(
+        matches!(&sends(&out)[0].1, Control::Refused { reason } if reason.contains("rebuilding"))
+    );
     assert!(tables(&out).is_empty());
 }
 

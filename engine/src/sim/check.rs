@@ -95,7 +95,10 @@ impl Checker {
         let c = clock_of(id);
         if c > 0 {
             for &k in keys {
-                self.by_worker_key.entry((worker, k)).or_default().push((c, id));
+                self.by_worker_key
+                    .entry((worker, k))
+                    .or_default()
+                    .push((c, id));
             }
         }
     }
@@ -246,7 +249,10 @@ impl Checker {
         let keys: Vec<Key> = if all {
             self.acked.keys().copied().collect()
         } else {
-            dirty.into_iter().filter(|k| self.acked.contains_key(k)).collect()
+            dirty
+                .into_iter()
+                .filter(|k| self.acked.contains_key(k))
+                .collect()
         };
         for k in keys {
             for (id, had) in &self.acked[&k] {
@@ -337,7 +343,11 @@ impl Checker {
 
     /// Pushes acknowledged (answers released) so far, over all keys.
     pub(crate) fn acked_pushes(&self) -> usize {
-        let ids: BTreeSet<PushId> = self.acked.values().flat_map(|m| m.keys().copied()).collect();
+        let ids: BTreeSet<PushId> = self
+            .acked
+            .values()
+            .flat_map(|m| m.keys().copied())
+            .collect();
         ids.len()
     }
 }

@@ -70,7 +70,14 @@ pub(crate) struct Ready {
     undelivered: BTreeMap<u32, Vec<Control>>,
     /// Answers waiting for replication, with what they acknowledge (sender node, push,
     /// push id, keys).
-    answers: BTreeMap<AnswerId, (ConnId, Vec<u8>, (u32, u64, u64, Vec<crate::base::keys::Key>))>,
+    answers: BTreeMap<
+        AnswerId,
+        (
+            ConnId,
+            Vec<u8>,
+            (u32, u64, u64, Vec<crate::base::keys::Key>),
+        ),
+    >,
     next_answer: u64,
     /// Accepted connections that sent a worker's data (tagged, as the real server does).
     tags: BTreeMap<ConnId, u32>,
@@ -139,7 +146,10 @@ impl SimServer {
         self.life += 1;
         if !ctx.accepting(Addr::Sched) {
             // The real server fails to start: the launcher sees it exit.
-            ctx.trace(format!("server {} cannot reach the scheduler; exits", self.rank));
+            ctx.trace(format!(
+                "server {} cannot reach the scheduler; exits",
+                self.rank
+            ));
             self.exit(ctx, false);
             return;
         }
@@ -220,11 +230,15 @@ impl SimServer {
                         continue;
                     };
                     for s in servers {
-                        if s.rank == self.rank || ready.peers.get(&s.rank).is_some_and(Option::is_some) {
+                        if s.rank == self.rank
+                            || ready.peers.get(&s.rank).is_some_and(Option::is_some)
+                        {
                             continue;
                         }
                         if ctx.accepting(Addr::Server(s.rank)) {
-                            let c = ctx.net.connect(Addr::Server(self.rank), Addr::Server(s.rank));
+                            let c = ctx
+                                .net
+                                .connect(Addr::Server(self.rank), Addr::Server(s.rank));
                             for m in ready.undelivered.remove(&s.rank).unwrap_or_default() {
                                 ctx.net.send(c, Addr::Server(self.rank), Msg::Control(m));
                             }
@@ -271,7 +285,11 @@ impl SimServer {
         ctx.check.table_seen(me, &table);
         self.ready = Some(Ready {
             node_id,
-            first_servers: cluster.servers.iter().filter(|s| s.id == 1 + s.rank).count() as u32,
+            first_servers: cluster
+                .servers
+                .iter()
+                .filter(|s| s.id == 1 + s.rank)
+                .count() as u32,
             workers: cluster.workers,
             table,
             gate: {
@@ -386,7 +404,8 @@ impl SimServer {
     /// precheck, gate).
     fn on_data(&mut self, ctx: &mut Ctx<'_>, conn: ConnId, bytes: Vec<u8>) {
         let Ok((f, _)) = Frame::new_checked(&bytes, MAX_FRAME) else {
-            ctx.check.violation("a malformed frame on the simulated wire".into());
+            ctx.check
+                .violation("a malformed frame on the simulated wire".into());
             return;
         };
         let h = *f.header();
@@ -404,7 +423,10 @@ impl SimServer {
             return;
         }
         let Some(worker) = worker.filter(|&w| w < ready.workers) else {
-            let msg = format!("clocked request from node {}, which is not a worker", h.sender);
+            let msg = format!(
+                "clocked request from node {}, which is not a worker",
+                h.sender
+            );
             let e = proto::error_answer(&h, ready.node_id, Status::BadRequest, &msg);
             ctx.net.send(conn, self.me(), Msg::Data(e.to_bytes()));
             return;
@@ -413,7 +435,9 @@ impl SimServer {
         let me = self.rank as usize;
         let refusal = match keys {
             None => None,
-            Some(k) => route(&ready.table, me, h.epoch, k, |k| ready.core.handoff_pending(k).0),
+            Some(k) => route(&ready.table, me, h.epoch, k, |k| {
+                ready.core.handoff_pending(k).0
+            }),
         };
         if let Some(r) = refusal {
             self.refuse(ctx, conn, &h, r);
@@ -452,10 +476,7 @@ impl SimServer {
         for a in actions {
             match a {
                 Action::Apply(p) | Action::Answer(p) => {
-                    let clock = self
-                        .ready
-                        .as_ref()
-                        .map_or(0, |r| r.gate.min(&p.ranges));
+                    let clock = self.ready.as_ref().map_or(0, |r| r.gate.min(&p.ranges));
                     self.answer_request(ctx, p.conn, &p.frame, clock);
                 }
             }
@@ -491,9 +512,13 @@ impl SimServer {
             if is_push && vals.len() != f.keys().len() {
                 return Err(bad("one value per key"));
             }
-            if let Some(r) = route(&ready.table, rank as usize, h.epoch, KeysRef::List(f.keys()), |k| {
-                ready.core.handoff_pending(k).0
-            }) {
+            if let Some(r) = route(
+                &ready.table,
+                rank as usize,
+                h.epoch,
+                KeysRef::List(f.keys()),
+                |k| ready.core.handoff_pending(k).0,
+            ) {
                 return Err(r);
             }
             Ok((kind, is_push))
@@ -546,15 +571,29 @@ impl SimServer {
         }
         let id = AnswerId(ready.next_answer);
         ready.next_answer += 1;
-        let pid = f.values_as::<f64>().and_then(|v| v.first()).map_or(0, |&v| v as u64);
-        ready
-            .answers
-            .insert(id, (conn, answer.to_bytes(), (h.sender, push, pid, keys.to_vec())));
+        let pid = f
+            .values_as::<f64>()
+            .and_then(|v| v.first())
+            .map_or(0, |&v| v as u64);
+        ready.answers.insert(
+            id,
+            (
+                conn,
+                answer.to_bytes(),
+                (h.sender, push, pid, keys.to_vec()),
+            ),
+        );
         let now = Duration::from_micros(ctx.net.now);
         let mut out = Vec::new();
-        let q = ready
-            .core
-            .after_apply(&table, h.sender, push, KeysRef::List(keys), id, now, &mut out);
+        let q = ready.core.after_apply(
+            &table,
+            h.sender,
+            push,
+            KeysRef::List(keys),
+            id,
+            now,
+            &mut out,
+        );
         if !q.full.is_empty() {
             ready
                 .core
@@ -572,7 +611,8 @@ impl SimServer {
             return;
         };
         let me = self.me();
-        if status == Status::StaleEpoch && h.epoch != 0 && u64::from(h.epoch) < ready.table.epoch() {
+        if status == Status::StaleEpoch && h.epoch != 0 && u64::from(h.epoch) < ready.table.epoch()
+        {
             let t = Control::Table {
                 partition: (*ready.table).clone(),
             };
@@ -615,12 +655,14 @@ impl SimServer {
                             keys.len(),
                             keys.first().copied().unwrap_or(0)
                         ));
-                        ctx.check.released(self.rank, sender, push, pid, keys, &ready.store);
+                        ctx.check
+                            .released(self.rank, sender, push, pid, keys, &ready.store);
                         ctx.net.send(conn, me, Msg::Data(frame));
                     }
-                    None => ctx
-                        .check
-                        .violation(format!("server {}: answer {id:?} released twice", self.rank)),
+                    None => ctx.check.violation(format!(
+                        "server {}: answer {id:?} released twice",
+                        self.rank
+                    )),
                 },
                 Output::Synced(epoch) => {
                     if let Some(c) = sched {
@@ -639,7 +681,10 @@ impl SimServer {
             return;
         };
         let due_us = (due.as_micros() as u64).max(ctx.net.now + 20);
-        if self.flush_at.is_some_and(|t| t <= due_us && t >= ctx.net.now) {
+        if self
+            .flush_at
+            .is_some_and(|t| t <= due_us && t >= ctx.net.now)
+        {
             return;
         }
         self.flush_at = Some(due_us);
@@ -667,7 +712,9 @@ impl SimServer {
                 let mut out = Vec::new();
                 if let Some(ready) = self.ready.as_mut() {
                     let epoch = ready.table.epoch();
-                    ready.core.flush_due(&ready.store, epoch, false, now, &mut out);
+                    ready
+                        .core
+                        .flush_due(&ready.store, epoch, false, now, &mut out);
                 }
                 self.outputs(ctx, out);
                 self.arm_flusher(ctx);
@@ -696,7 +743,10 @@ impl SimServer {
                 barriers: 0,
             };
             ctx.net.send(c, me, Msg::Control(rejoin));
-            ctx.trace(format!("server {} rejoins a restarted scheduler", self.rank));
+            ctx.trace(format!(
+                "server {} rejoins a restarted scheduler",
+                self.rank
+            ));
             self.sched = Some(c);
         }
         if let Some(c) = self.sched {
@@ -728,7 +778,9 @@ impl SimServer {
             let now = Duration::from_micros(ctx.net.now);
             let mut out = Vec::new();
             let table = ready.table.clone();
-            ready.core.peer_lost(&ready.store, &table, rank, now, &mut out);
+            ready
+                .core
+                .peer_lost(&ready.store, &table, rank, now, &mut out);
             self.outputs(ctx, out);
             return;
         }

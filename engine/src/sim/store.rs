@@ -199,7 +199,10 @@ mod tests {
             state: s,
         })
         .unwrap();
-        assert!(c.history(6).is_empty(), "dense: a key the range lacks is cleared");
+        assert!(
+            c.history(6).is_empty(),
+            "dense: a key the range lacks is cleared"
+        );
         assert_eq!(c.history(5), a.history(5));
         assert_eq!(clock_of(push_id(7, 3, 9)), 7);
         assert_eq!(c.stored_keys(&[KeyRange::new(0, 6)]), vec![5]);

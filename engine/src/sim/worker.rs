@@ -152,7 +152,10 @@ impl SimWorker {
         self.alive = true;
         self.life += 1;
         if !ctx.accepting(Addr::Sched) {
-            ctx.trace(format!("worker {} cannot reach the scheduler; exits", self.rank));
+            ctx.trace(format!(
+                "worker {} cannot reach the scheduler; exits",
+                self.rank
+            ));
             self.exit(ctx);
             return;
         }
@@ -216,7 +219,12 @@ impl SimWorker {
                 }
                 self.node_id = node_id;
                 let me = self.me();
-                let n = cluster.servers.iter().map(|s| s.rank + 1).max().unwrap_or(0);
+                let n = cluster
+                    .servers
+                    .iter()
+                    .map(|s| s.rank + 1)
+                    .max()
+                    .unwrap_or(0);
                 self.servers = vec![None; n as usize];
                 for s in &cluster.servers {
                     if ctx.accepting(Addr::Server(s.rank)) {
@@ -262,7 +270,11 @@ impl SimWorker {
     }
 
     fn install(&mut self, ctx: &mut Ctx<'_>, table: Partition) {
-        if self.table.as_ref().is_some_and(|t| t.epoch() >= table.epoch()) {
+        if self
+            .table
+            .as_ref()
+            .is_some_and(|t| t.epoch() >= table.epoch())
+        {
             return;
         }
         ctx.check.table_seen(self.me(), &table);
@@ -473,17 +485,20 @@ impl SimWorker {
 
     fn on_answer(&mut self, ctx: &mut Ctx<'_>, server: u32, bytes: &[u8]) {
         let Ok((f, _)) = Frame::new_checked(bytes, 1 << 24) else {
-            ctx.check.violation("a malformed answer on the simulated wire".into());
+            ctx.check
+                .violation("a malformed answer on the simulated wire".into());
             return;
         };
         let h = *f.header();
         let value_bytes = f.values().len();
-        let error_text =
-            (h.status != Status::Ok as u8).then(|| String::from_utf8_lossy(f.values()).into_owned());
+        let error_text = (h.status != Status::Ok as u8)
+            .then(|| String::from_utf8_lossy(f.values()).into_owned());
         let mut acked: Option<(PushId, Vec<Key>)> = None;
         self.settle(ctx, h.timestamp, server, |t, seg| {
-            let (outcome, _keep) = judge_answer(&mut t.st, seg, server, &h, value_bytes, error_text);
-            if let (Outcome::Done, Some(id), true) = (&outcome, t.id, h.status == Status::Ok as u8) {
+            let (outcome, _keep) =
+                judge_answer(&mut t.st, seg, server, &h, value_bytes, error_text);
+            if let (Outcome::Done, Some(id), true) = (&outcome, t.id, h.status == Status::Ok as u8)
+            {
                 let keys: Vec<Key> = t.st.segments[seg]
                     .runs
                     .iter()
@@ -511,11 +526,10 @@ impl SimWorker {
         let Some(t) = self.tasks.get_mut(&ts) else {
             return;
         };
-        let expected = t
-            .st
-            .segments
-            .get(seg)
-            .is_some_and(|s| s.server == server && matches!(s.state, SegState::Sent));
+        let expected =
+            t.st.segments
+                .get(seg)
+                .is_some_and(|s| s.server == server && matches!(s.state, SegState::Sent));
         if !expected {
             return;
         }
@@ -698,7 +712,11 @@ impl SimWorker {
             return;
         }
         let c = ctx.net.connect(me, Addr::Sched);
-        let table = self.table.as_ref().map(|t| (**t).clone()).unwrap_or_else(|| Partition::even(1));
+        let table = self
+            .table
+            .as_ref()
+            .map(|t| (**t).clone())
+            .unwrap_or_else(|| Partition::even(1));
         let rejoin = Control::Rejoin {
             role: Role::Worker,
             rank: self.rank,
@@ -714,7 +732,10 @@ impl SimWorker {
         }
         self.sched = Some(c);
         self.lost_sched_at = None;
-        ctx.trace(format!("worker {} rejoins a restarted scheduler", self.rank));
+        ctx.trace(format!(
+            "worker {} rejoins a restarted scheduler",
+            self.rank
+        ));
     }
 
     /// Tasks not finished.
@@ -726,20 +747,19 @@ impl SimWorker {
     pub(crate) fn open_detail(&self) -> String {
         let mut parts = Vec::new();
         for (ts, t) in &self.tasks {
-            let segs: Vec<String> = t
-                .st
-                .segments
-                .iter()
-                .filter(|s| !matches!(s.state, SegState::Done))
-                .map(|s| {
-                    let st = match &s.state {
-                        SegState::Sent => "sent".to_string(),
-                        SegState::Waiting { failure, .. } => format!("waiting ({failure:?})"),
-                        SegState::Done => "done".to_string(),
-                    };
-                    format!("server {} epoch {} {st}", s.server, s.epoch)
-                })
-                .collect();
+            let segs: Vec<String> =
+                t.st.segments
+                    .iter()
+                    .filter(|s| !matches!(s.state, SegState::Done))
+                    .map(|s| {
+                        let st = match &s.state {
+                            SegState::Sent => "sent".to_string(),
+                            SegState::Waiting { failure, .. } => format!("waiting ({failure:?})"),
+                            SegState::Done => "done".to_string(),
+                        };
+                        format!("server {} epoch {} {st}", s.server, s.epoch)
+                    })
+                    .collect();
             parts.push(format!(
                 "ts {ts:#x} started {} deferred {} segs [{}]",
                 t.st.started,

@@ -292,7 +292,10 @@ pub(crate) struct World {
 /// One line for a delivered message.
 fn describe(conn: ConnId, to: Addr, msg: &Msg) -> String {
     match msg {
-        Msg::Control(c) => format!("{conn:?} -> {to:?}: {c:?}").chars().take(300).collect(),
+        Msg::Control(c) => format!("{conn:?} -> {to:?}: {c:?}")
+            .chars()
+            .take(300)
+            .collect(),
         Msg::Data(b) if b.len() >= pserv_transport::wire::HEADER_LEN => {
             let mut h = [0u8; pserv_transport::wire::HEADER_LEN];
             h.copy_from_slice(&b[..pserv_transport::wire::HEADER_LEN]);
@@ -336,7 +339,9 @@ impl World {
             replicas: cfg.replicas,
         };
         let keys: Vec<Key> = {
-            let mut k: Vec<Key> = (0..cfg.keys).map(|i| splitmix64(seed ^ (i + 1)) >> 1).collect();
+            let mut k: Vec<Key> = (0..cfg.keys)
+                .map(|i| splitmix64(seed ^ (i + 1)) >> 1)
+                .collect();
             k.sort_unstable();
             k.dedup();
             k
@@ -465,7 +470,10 @@ impl World {
             }
         }
         if !self.job_done {
-            self.check.violation(format!("the run went quiet without the job ending ({})", self.stuck()));
+            self.check.violation(format!(
+                "the run went quiet without the job ending ({})",
+                self.stuck()
+            ));
             return Err(self.failure());
         }
         self.end()
@@ -489,7 +497,10 @@ impl World {
         for (r, s) in &self.servers {
             if s.alive {
                 let (p, q) = s.held();
-                parts.push(format!("server {r}: {p} pulls, {q} pushes held, quiet {}", s.quiet()));
+                parts.push(format!(
+                    "server {r}: {p} pulls, {q} pushes held, quiet {}",
+                    s.quiet()
+                ));
             }
         }
         parts.join("; ")
@@ -531,7 +542,9 @@ impl World {
         let finals = self.check.at_end(&table, &view, &settled);
         for (r, w) in &self.workers {
             if w.alive && !w.done() && !w.exited {
-                self.check.violations.push(format!("worker {r} never finished"));
+                self.check
+                    .violations
+                    .push(format!("worker {r} never finished"));
             }
         }
         if !self.check.violations.is_empty() {
@@ -592,7 +605,8 @@ impl World {
                     if self.sched.is_some() && life == self.sched_life {
                         let now_ms = self.net.now / 1_000;
                         self.sched_input(Input::Tick { now_ms });
-                        self.net.timer(Addr::Sched, life, Timer::SchedTick, SCHED_TICK_US);
+                        self.net
+                            .timer(Addr::Sched, life, Timer::SchedTick, SCHED_TICK_US);
                     }
                 }
                 Addr::Server(r) => {
@@ -642,7 +656,10 @@ impl World {
                     return;
                 }
                 match msg {
-                    Msg::Control(c) => self.sched_input(Input::Message { conn: conn.0, msg: c }),
+                    Msg::Control(c) => self.sched_input(Input::Message {
+                        conn: conn.0,
+                        msg: c,
+                    }),
                     Msg::Data(_) => {}
                 }
             }
@@ -704,9 +721,11 @@ impl World {
         }
         let epoch = sched.table().epoch();
         !sched.is_changing()
-            && self.servers.values().filter(|s| s.alive).all(|s| {
-                s.quiet() && s.ready.as_ref().is_some_and(|r| r.table.epoch() == epoch)
-            })
+            && self
+                .servers
+                .values()
+                .filter(|s| s.alive)
+                .all(|s| s.quiet() && s.ready.as_ref().is_some_and(|r| r.table.epoch() == epoch))
     }
 
     fn live_ring_servers(&self) -> Vec<u32> {
@@ -751,7 +770,9 @@ impl World {
                         self.settle_server(r, s);
                     }
                     Fault::IsolateServer(us) => {
-                        self.trace(format!("FAULT server {r} cut off from the scheduler for {us} us"));
+                        self.trace(format!(
+                            "FAULT server {r} cut off from the scheduler for {us} us"
+                        ));
                         self.report.faults.push(format!("isolate server {r}"));
                         let until = self.net.now + us;
                         self.net.stall(Addr::Server(r), Addr::Sched, until);
@@ -789,14 +810,23 @@ impl World {
             }
             Fault::SplitWorker(us) => {
                 let ring = self.live_ring_servers();
-                let ws: Vec<u32> = self.workers.iter().filter(|(_, w)| w.alive).map(|(r, _)| *r).collect();
+                let ws: Vec<u32> = self
+                    .workers
+                    .iter()
+                    .filter(|(_, w)| w.alive)
+                    .map(|(r, _)| *r)
+                    .collect();
                 if ring.is_empty() || ws.is_empty() {
                     return;
                 }
                 let s = ring[self.faults.below(ring.len() as u64) as usize];
                 let w = ws[self.faults.below(ws.len() as u64) as usize];
-                self.trace(format!("FAULT worker {w} and server {s} cut off for {us} us"));
-                self.report.faults.push(format!("split worker {w} server {s}"));
+                self.trace(format!(
+                    "FAULT worker {w} and server {s} cut off for {us} us"
+                ));
+                self.report
+                    .faults
+                    .push(format!("split worker {w} server {s}"));
                 let until = self.net.now + us;
                 self.net.stall(Addr::Worker(w), Addr::Server(s), until);
             }

@@ -159,7 +159,10 @@ pub(crate) fn judge_answer(
     value_bytes: usize,
     error_text: Option<String>,
 ) -> (Outcome, bool) {
-    debug_assert!(seg < st.segments.len(), "an answer names a segment of its task");
+    debug_assert!(
+        seg < st.segments.len(),
+        "an answer names a segment of its task"
+    );
     if h.status != Status::Ok as u8 {
         let status = Status::from_u8(h.status);
         let failure = Failure::Refused {
@@ -185,9 +188,7 @@ pub(crate) fn judge_answer(
             status: Status::BadRequest,
             message: format!(
                 "answer holds {} value bytes of type {}, expected {want} values of type {}",
-                value_bytes,
-                h.dtype,
-                st.dtype
+                value_bytes, h.dtype, st.dtype
             ),
         });
         return (Outcome::Done, false);
