@@ -19,8 +19,9 @@
 //! a survivor's history contains that of every survivor after it.
 //!
 //! A ring has an epoch; [`Ring::add_server`] and [`Ring::remove_server`] return a new ring
-//! with the epoch one higher. Rings travel in messages (serde). [`Ring::route_check`] is
-//! the server-side check of the epoch a data message was routed with.
+//! with the epoch one higher. Rings travel in messages (serde). Servers check the epoch a
+//! request was routed with against the routing table ([`crate::placement::Partition`]),
+//! which the scheduler builds from the ring.
 //!
 //! Edge cases: two points may collide (same hash modulo `KEY_END`); the earlier one (by
 //! server id) then owns an empty range, which [`Ring::ranges`] leaves out. A ring always
@@ -58,33 +59,6 @@ pub struct Ring {
     servers: Vec<ServerId>,
     /// `(point, server)`, sorted; `vnodes` per server.
     points: Vec<(Key, ServerId)>,
-}
-
-/// One piece of the key space whose chain differs between two rings (see [`Ring::diff`]).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Moved {
-    /// The keys.
-    pub range: KeyRange,
-    /// Their chain in the old ring (head first).
-    pub old_chain: Vec<ServerId>,
-    /// Their chain in the new ring (head first).
-    pub new_chain: Vec<ServerId>,
-}
-
-/// The answer of [`Ring::route_check`] to a data message routed with some epoch.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Route {
-    /// Routed with the current epoch to the key's head: serve it.
-    Ok,
-    /// Routed with an older epoch, or to a server that is not the key's head: here is the
-    /// current ring, route again.
-    Redirect(Box<Ring>),
-    /// Routed with a *newer* epoch than this server knows: it has not yet heard of the
-    /// change; the sender retries a little later (nothing changed here).
-    Behind {
-        /// The server's epoch.
-        epoch: u64,
-    },
 }
 
 /// Balance of a ring: the share of the key space each server heads.
@@ -323,55 +297,6 @@ impl Ring {
         out
     }
 
-    /// The pieces of the key space whose chain (for `k` replicas) differs between `old` and
-    /// `new`: the intersections of their owned ranges, sorted; neighbours with the same
-    /// chains are merged, but a piece never spans two ranges of `new`.
-    pub fn diff(old: &Ring, new: &Ring, k: usize) -> Vec<Moved> {
-        let (a, b) = (old.ranges(k), new.ranges(k));
-        let (mut i, mut j) = (0, 0);
-        let mut out: Vec<Moved> = Vec::new();
-        while i < a.len() && j < b.len() {
-            if let Some(piece) = a[i].0.intersect(&b[j].0) {
-                if a[i].1 != b[j].1 {
-                    match out.last_mut() {
-                        Some(m)
-                            if m.range.end == piece.begin
-                                && m.range.begin >= b[j].0.begin
-                                && m.old_chain == a[i].1
-                                && m.new_chain == b[j].1 =>
-                        {
-                            m.range.end = piece.end
-                        }
-                        _ => out.push(Moved {
-                            range: piece,
-                            old_chain: a[i].1.clone(),
-                            new_chain: b[j].1.clone(),
-                        }),
-                    }
-                }
-            }
-            if a[i].0.end <= b[j].0.end {
-                i += 1;
-            } else {
-                j += 1;
-            }
-        }
-        out
-    }
-
-    /// The server-side check of a data message for `key` routed with `epoch`, at `server`
-    /// holding this ring: [`Route::Ok`] when the epoch is current and `server` heads `key`,
-    /// [`Route::Behind`] when the epoch is newer than ours, else a redirect with this ring.
-    pub fn route_check(&self, server: ServerId, epoch: u64, key: Key) -> Route {
-        if epoch > self.epoch {
-            Route::Behind { epoch: self.epoch }
-        } else if epoch == self.epoch && self.owner(key) == server {
-            Route::Ok
-        } else {
-            Route::Redirect(Box::new(self.clone()))
-        }
-    }
-
     /// How much of the key space each server heads, and the max/min ratio.
     pub fn balance(&self) -> Balance {
         let mut keys: Vec<(ServerId, u64)> = self.servers.iter().map(|&s| (s, 0)).collect();
@@ -437,21 +362,6 @@ mod tests {
         assert_eq!(r.owner(KEY_END - 1), r.points().last().unwrap().1);
         let parts = r.split_range(KeyRange::FULL);
         assert_eq!(parts.len(), r.ranges(0).len());
-    }
-
-    #[test]
-    fn route_check_answers() {
-        let r = Ring::new(&[1, 2], 8);
-        let key = 12345;
-        let owner = r.owner(key);
-        let other = if owner == 1 { 2 } else { 1 };
-        assert_eq!(r.route_check(owner, 1, key), Route::Ok);
-        assert!(matches!(r.route_check(other, 1, key), Route::Redirect(_)));
-        let r2 = r.add_server(3);
-        assert!(
-            matches!(r2.route_check(r2.owner(key), 1, key), Route::Redirect(x) if x.epoch() == 2)
-        );
-        assert_eq!(r.route_check(owner, 2, key), Route::Behind { epoch: 1 });
     }
 
     #[test]
@@ -529,17 +439,6 @@ mod tests {
                 let cd = removed.chain(key, k);
                 let c_minus: Vec<u32> = c.iter().copied().filter(|&s| s != gone).collect();
                 prop_assert!(cd.starts_with(&c_minus), "remove reordered survivors: {:?} {:?}", c, cd);
-            }
-            // diff covers exactly the pieces whose chain changed.
-            for m in Ring::diff(&r, &added, k) {
-                prop_assert!(m.new_chain.contains(&newcomer));
-                prop_assert_eq!(r.chain(m.range.begin, k), m.old_chain.clone());
-                prop_assert_eq!(added.chain(m.range.end - 1, k), m.new_chain.clone());
-            }
-            for &key in &keys {
-                if r.chain(key, k) != added.chain(key, k) {
-                    prop_assert!(Ring::diff(&r, &added, k).iter().any(|m| m.range.contains(key)));
-                }
             }
         }
 
