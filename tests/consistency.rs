@@ -1,4 +1,4 @@
-//! Consistency models and server-side optimizers end to end (MISSION.md P4, P6): `pserv
+//! Consistency models and server-side optimizers end to end: `pserv
 //! local` runs scheduler, servers and workers as separate processes on 127.0.0.1.
 //!
 //! - Sequential (tau = 0): two runs with the same seed give bitwise-identical models,

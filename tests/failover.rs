@@ -1,4 +1,4 @@
-//! Chain replication and recovery with real processes (MISSION.md P10, P12): a scheduler
+//! Chain replication and recovery with real processes: a scheduler
 //! and server processes on 127.0.0.1; a server is SIGKILLed (no goodbye) while workers
 //! push, and no acknowledged push is lost, and none is applied twice.
 

@@ -1,4 +1,4 @@
-//! User-registered update rules on servers (MISSION.md P4): a test registers closures in
+//! User-registered update rules on servers: a test registers closures in
 //! `ServerConfig::rules` and runs `Server`s in-process (the scheduler is a real process),
 //! without touching the engine; workers name the rules by the ids registration returned.
 //! Also: pushes naming a function the server cannot run get a clear error back and leave

@@ -1,4 +1,4 @@
-//! `pserv-bench`: the cluster bench harness (MISSION.md E4).
+//! `pserv-bench`: the cluster bench harness.
 //!
 //! It measures pserv push / pull goodput and latency over TCP on 127.0.0.1 (dense ranges
 //! of 4 KiB to 16 MiB, 1 and 8 requests in flight, 1 and 2 workers; sparse key lists of

@@ -1,4 +1,4 @@
-//! `pserv-engine`: the parameter server itself (the paper's P1-P12 on top of the
+//! `pserv-engine`: the parameter server itself (the OSDI 2014 parameter server on top of the
 //! transports).
 //!
 //! One folder per concern (see ARCHITECTURE.md for the map and each folder's invariant):

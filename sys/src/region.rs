@@ -57,7 +57,7 @@ fn memlock_limit() -> u64 {
 /// A page-aligned anonymous memory region whose pages are populated at creation and,
 /// where the system allows, locked in RAM (`mlock`).
 ///
-/// This is the memory parameter buffers live in (MISSION.md E1): it is allocated once,
+/// This is the memory parameter buffers live in: it is allocated once,
 /// reused, and later registered with the one-sided transports. The region is zeroed.
 ///
 /// Edge cases: a zero-length request maps one page; lengths are rounded up to whole pages,

@@ -1,4 +1,4 @@
-//! Keys, key ranges and the partition of the key space over servers (MISSION.md P2, P3).
+//! Keys, key ranges and the partition of the key space over servers.
 //!
 //! Keys are `u64`, ordered. A [`KeyRange`] is half-open, `[begin, end)`; the whole key
 //! space is `[0, u64::MAX)`, so the key `u64::MAX` is never a valid key (the server store

@@ -1,4 +1,4 @@
-//! The element types parameter values can have (MISSION.md P2: dense vectors of a Pod
+//! The element types parameter values can have (dense vectors of a Pod
 //! type, f32 first).
 
 use pserv_transport::DType;

@@ -1,4 +1,4 @@
-//! Range vector clocks and the server-side clock gate (MISSION.md P8, P6).
+//! Range vector clocks and the server-side clock gate.
 //!
 //! A [`RangeVectorClock`] records, for each key range a node holds, the clock up to which
 //! it has seen each peer. It is kept per *range*, not per key: a list of segments, each a

@@ -1,4 +1,4 @@
-//! Tasks, their dependencies and the consistency models (MISSION.md P5, P6).
+//! Tasks, their dependencies and the consistency models.
 //!
 //! Every push, pull and server-side function call a worker issues is a *task* with a
 //! timestamp: 1, 2, 3, ... in the order the worker issued them. A task may start (send its

@@ -1,4 +1,4 @@
-//! Sparse logistic regression, the compute side of the main job (MISSION.md P1, P2).
+//! Sparse logistic regression, the compute side of the main job.
 //!
 //! The model is L2-regularised logistic regression over hashed sparse features, trained by
 //! minibatch SGD. A distributed worker runs, for each minibatch of its shard:

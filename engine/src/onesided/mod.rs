@@ -1,4 +1,4 @@
-//! The one-sided data path for dense key ranges (MISSION.md E1, E2).
+//! The one-sided data path for dense key ranges.
 //!
 //! A server can expose one **window**: a dense key range of its own, whose values live
 //! in a registered region laid out in versioned blocks

@@ -1,4 +1,4 @@
-//! Where keys live: the consistent-hashing ring with virtual nodes (P9) and the routing
+//! Where keys live: the consistent-hashing ring with virtual nodes and the routing
 //! table it produces ([`Partition`]: ranges, their heads and chains, an epoch).
 //!
 //! Invariant: pure data and functions, no I/O; a partition covers the key space without

@@ -1,5 +1,4 @@
-//! The partition of the key space over servers: the routing table (MISSION.md P2, P3,
-//! P9).
+//! The partition of the key space over servers: the routing table (its ranges and their chains).
 
 use serde::{Deserialize, Serialize};
 

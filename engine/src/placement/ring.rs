@@ -1,4 +1,4 @@
-//! The consistent-hashing ring with virtual nodes (MISSION.md P9).
+//! The consistent-hashing ring with virtual nodes.
 //!
 //! Every server id gets `vnodes` points on the `u64` key ring, each from a deterministic
 //! hash of `(server id, i)` ([`vnode_point`]), so every node that knows the server set and
@@ -15,7 +15,7 @@
 //! the next distinct server; adding one inserts it (as head of the ranges its points cut
 //! off, or inside the chains whose walk meets its points) and drops the last member. Either
 //! way the survivors keep their relative order, and the head's successor is the one that
-//! takes over when the head dies. Chain replication (P10, [`crate::replication`]) relies on that:
+//! takes over when the head dies. Chain replication ([`crate::replication`]) relies on that:
 //! a survivor's history contains that of every survivor after it.
 //!
 //! A ring has an epoch; [`Ring::add_server`] and [`Ring::remove_server`] return a new ring

@@ -181,7 +181,7 @@ pub enum Control {
         /// Barrier sequence number.
         seq: u64,
         /// Ranks of the workers still running (sorted): a job hands the data shards of
-        /// workers that left to these (elastic workers, MISSION.md P11).
+        /// workers that left to these (elastic workers).
         live: Vec<u32>,
     },
     /// Progress of a worker (job-defined units), for the operator's progress bar.
@@ -250,7 +250,7 @@ pub enum Control {
         partition: Partition,
     },
     /// Server to server: the values a chain's head replicates down the chain (chain
-    /// replication after aggregation, MISSION.md P10).
+    /// replication after aggregation).
     Replicate {
         /// The batch.
         batch: Box<ReplicaBatch>,
@@ -260,7 +260,7 @@ pub enum Control {
         /// The head's batch number.
         seq: u64,
     },
-    /// A server asks to join a running cluster (`pserv server --join`, MISSION.md P11).
+    /// A server asks to join a running cluster (`pserv server --join`).
     Join {
         /// Where it listens.
         addr: SocketAddr,

@@ -1,5 +1,5 @@
 //! Chain replication between server processes, with replication after aggregation
-//! (MISSION.md P10).
+//!.
 //!
 //! The routing table ([`Partition`]) gives every key range a chain: its head (owner), then
 //! `k` replicas. Workers push to the head only. The head applies a push to its store, then

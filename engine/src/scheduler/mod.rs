@@ -1,4 +1,4 @@
-//! The scheduler: registration, the cluster table, barriers, the job's end (MISSION.md P1).
+//! The scheduler: registration, the cluster table, barriers, the job's end.
 //!
 //! [`SchedulerCore`] is the decision logic as a plain state machine: it is fed
 //! [`Input`]s (a control message from a connection, a connection closed) and returns

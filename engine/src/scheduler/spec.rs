@@ -20,7 +20,7 @@ pub struct ClusterSpec {
     /// Virtual nodes per server on the consistent-hashing ring that routes keys
     /// ([`crate::placement::ring`]); 0 splits the key space evenly instead (one range per server).
     pub vnodes: u32,
-    /// Replicas of every range after its head (chain replication, MISSION.md P10); needs
+    /// Replicas of every range after its head (chain replication); needs
     /// the ring (`vnodes > 0`). With replicas, a server that fails is taken off the ring
     /// and its ranges pass to their replicas.
     pub replicas: u32,

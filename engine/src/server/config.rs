@@ -30,7 +30,7 @@ pub struct ServerConfig {
     pub register_timeout: Duration,
     /// At shutdown, write the model to `DIR/model-RANK.bin` (see [`Server::run`]).
     pub dump_model: Option<std::path::PathBuf>,
-    /// User update rules this server serves beside the built-ins (MISSION.md P4), by the
+    /// User update rules this server serves beside the built-ins, by the
     /// ids [`UserRules`]' `add_*` methods return. Workers name them with
     /// [`TaskOpts::func`](crate::worker::TaskOpts::func) or
     /// [`Worker::push_with`](crate::worker::Worker::push_with).

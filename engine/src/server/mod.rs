@@ -1,5 +1,5 @@
 //! The server node: holds one partition of the parameters and answers pushes and pulls
-//! on the transport's event-loop threads (MISSION.md P1, P3, P4).
+//! on the transport's event-loop threads.
 //!
 //! A request is served where it arrives: the loop that read it looks its keys up in the
 //! [`Store`] (sharded by key sub-range, one lock per shard, so loops rarely contend),
@@ -63,7 +63,7 @@ pub(crate) struct Ready {
     servers: u32,
     /// Number of workers.
     workers: u32,
-    /// Worker clocks and the clocked requests waiting on them (bounded delay, P6).
+    /// Worker clocks and the clocked requests waiting on them (bounded delay).
     clocks: Mutex<ClockGate<Held>>,
     /// The routing table: which keys this server serves (heads), the chains, the epoch.
     table: RwLock<Arc<Partition>>,

@@ -1,4 +1,4 @@
-//! The parameter store of one server (MISSION.md P2, P3, P4, E1).
+//! The parameter store of one server.
 //!
 //! A server owns one [`KeyRange`]; its [`Store`] holds, for every key it has seen,
 //! `value_len` weights of a [`Value`] type and `value_len * state_len` optimizer-state

@@ -20,7 +20,7 @@ use super::{
 ///
 /// State: two elements per weight, `z` then `n` ([`state_len`](UpdateFn::state_len) 2).
 /// The stored weight is `w` itself, so pulls read the model directly; with a large `l1`
-/// weights are exactly `0.0` (sparse models, and the KKT filter's zeros, MISSION.md P7).
+/// weights are exactly `0.0` (sparse models, and the KKT filter's zeros).
 ///
 /// Parameters: `alpha > 0`, `beta >= 0`, `l1 >= 0`, `l2 >= 0`, and `beta` or `l2`
 /// positive, so the denominator is never zero ([`UpdateSpec`]'s parser enforces this).

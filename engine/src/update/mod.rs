@@ -1,4 +1,4 @@
-//! Server-side update functions (MISSION.md P4): the rule that folds a worker's push into
+//! Server-side update functions: the rule that folds a worker's push into
 //! the stored weights runs on the server, where the data lives.
 //!
 //! - [`UpdateFn`]: the trait a rule implements; it works on whole slices so that the
@@ -46,7 +46,7 @@ pub use sum::Sum;
 
 use crate::base::value::Value;
 
-/// A server-side update rule (MISSION.md P4). Runs where the data lives.
+/// A server-side update rule. Runs where the data lives.
 ///
 /// The store calls [`apply`](Self::apply) with the weights of one key, or of a whole dense
 /// run of keys, at a time, under the lock of the shard that holds them; it must not block.

@@ -59,7 +59,7 @@ impl WorkerConfig {
     }
 }
 
-/// Options of one task (MISSION P5, P6).
+/// Options of one task.
 #[derive(Clone, Debug, Default)]
 pub struct TaskOpts {
     /// Start only after these earlier tasks of this worker have finished

@@ -1,4 +1,4 @@
-//! The worker API: what training code calls (MISSION.md P1, P2, P3).
+//! The worker API: what training code calls.
 //!
 //! A [`Worker`] registers with the scheduler, learns the cluster table, connects to every
 //! server, and then offers asynchronous range push and pull:

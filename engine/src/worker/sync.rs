@@ -13,7 +13,7 @@ impl Worker {
     /// returns 1). Once a worker ticks, its pushes carry its clock to every server, and
     /// its pulls wait on the servers until every worker's clock has reached
     /// `clock - tau - 1` (the task's consistency model decides tau): bounded delay across
-    /// workers (MISSION P6). A clocked worker should push once per tick.
+    /// workers. A clocked worker should push once per tick.
     pub fn tick(&self) -> u64 {
         self.clock.fetch_add(1, Ordering::AcqRel) + 1
     }
