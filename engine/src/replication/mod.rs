@@ -1,5 +1,4 @@
-//! Chain replication between server processes, with replication after aggregation
-//!.
+//! Chain replication between server processes, with replication after aggregation.
 //!
 //! The routing table ([`Partition`]) gives every key range a chain: its head (owner), then
 //! `k` replicas. Workers push to the head only. The head applies a push to its store, then
