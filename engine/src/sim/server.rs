@@ -56,6 +56,14 @@ fn header_of(bytes: &[u8]) -> pserv_transport::Header {
     *f.header()
 }
 
+/// A push answer waiting for replication: the connection, the answer's bytes, and what
+/// it acknowledges (sender node, push, push id, keys).
+type WaitingAnswer = (
+    ConnId,
+    Vec<u8>,
+    (u32, u64, u64, Vec<crate::base::keys::Key>),
+);
+
 /// What a server knows once welcomed.
 pub(crate) struct Ready {
     pub(crate) node_id: u32,
@@ -70,14 +78,7 @@ pub(crate) struct Ready {
     undelivered: BTreeMap<u32, Vec<Control>>,
     /// Answers waiting for replication, with what they acknowledge (sender node, push,
     /// push id, keys).
-    answers: BTreeMap<
-        AnswerId,
-        (
-            ConnId,
-            Vec<u8>,
-            (u32, u64, u64, Vec<crate::base::keys::Key>),
-        ),
-    >,
+    answers: BTreeMap<AnswerId, WaitingAnswer>,
     next_answer: u64,
     /// Accepted connections that sent a worker's data (tagged, as the real server does).
     tags: BTreeMap<ConnId, u32>,
@@ -185,18 +186,18 @@ impl SimServer {
     pub(crate) fn on_msg(&mut self, ctx: &mut Ctx<'_>, conn: ConnId, msg: Msg) {
         if Some(conn) == self.sched {
             match msg {
-                Msg::Control(c) => self.from_scheduler(ctx, c),
+                Msg::Control(c) => self.on_scheduler_msg(ctx, c),
                 Msg::Data(_) => ctx.trace("data frame from the scheduler; ignored".into()),
             }
             return;
         }
         match msg {
-            Msg::Control(c) => self.from_peer(ctx, conn, c),
+            Msg::Control(c) => self.on_peer_msg(ctx, conn, c),
             Msg::Data(bytes) => self.on_data(ctx, conn, bytes),
         }
     }
 
-    fn from_scheduler(&mut self, ctx: &mut Ctx<'_>, msg: Control) {
+    fn on_scheduler_msg(&mut self, ctx: &mut Ctx<'_>, msg: Control) {
         match msg {
             Control::Welcome {
                 node_id,
@@ -373,7 +374,7 @@ impl SimServer {
         self.run_control(ctx);
     }
 
-    fn from_peer(&mut self, ctx: &mut Ctx<'_>, conn: ConnId, msg: Control) {
+    fn on_peer_msg(&mut self, ctx: &mut Ctx<'_>, conn: ConnId, msg: Control) {
         let from = ctx.net.peer(conn, self.me());
         let Some(ready) = self.ready.as_mut() else {
             return;

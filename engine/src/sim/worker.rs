@@ -190,7 +190,7 @@ impl SimWorker {
     pub(crate) fn on_msg(&mut self, ctx: &mut Ctx<'_>, conn: ConnId, msg: Msg) {
         if Some(conn) == self.sched {
             if let Msg::Control(c) = msg {
-                self.from_scheduler(ctx, c);
+                self.on_scheduler_msg(ctx, c);
             }
             return;
         }
@@ -204,7 +204,7 @@ impl SimWorker {
         }
     }
 
-    fn from_scheduler(&mut self, ctx: &mut Ctx<'_>, msg: Control) {
+    fn on_scheduler_msg(&mut self, ctx: &mut Ctx<'_>, msg: Control) {
         match msg {
             Control::Welcome {
                 node_id,
@@ -256,13 +256,13 @@ impl SimWorker {
                     }
                 }
             }
-            Control::BarrierDone { seq, .. } => {
-                if self.phase == Phase::Barrier(seq) || matches!(self.phase, Phase::Barrier(0)) {
-                    self.barriers = seq;
-                    self.phase = Phase::Running;
-                    let me = self.me();
-                    ctx.net.timer(me, self.life, Timer::Step, 10);
-                }
+            Control::BarrierDone { seq, .. }
+                if self.phase == Phase::Barrier(seq) || matches!(self.phase, Phase::Barrier(0)) =>
+            {
+                self.barriers = seq;
+                self.phase = Phase::Running;
+                let me = self.me();
+                ctx.net.timer(me, self.life, Timer::Step, 10);
             }
             Control::Shutdown => self.over = true,
             _ => {}
@@ -376,7 +376,7 @@ impl SimWorker {
             self.launch(ctx, MessageKind::Pull, keys.clone());
         }
         self.launch(ctx, MessageKind::Push, keys);
-        if self.plan.barrier_every > 0 && c % self.plan.barrier_every == 0 && !self.late {
+        if self.plan.barrier_every > 0 && c.is_multiple_of(self.plan.barrier_every) && !self.late {
             let seq = self.barriers + 1;
             self.phase = Phase::Barrier(seq);
             if let Some(conn) = self.sched {
