@@ -438,7 +438,7 @@ fn keys_are_routed_by_the_ring_and_stale_or_misrouted_requests_are_refused() {
     let (answer, text) = raw_request(addr, &frame);
     assert_eq!(Status::from_u8(answer.status), Status::BadRequest);
     assert!(
-        String::from_utf8_lossy(&text).contains("sorted"),
+        String::from_utf8_lossy(&text).contains("strictly increasing"),
         "{}",
         String::from_utf8_lossy(&text)
     );
