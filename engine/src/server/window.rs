@@ -4,6 +4,7 @@
 use pserv_transport::wire::MessageKind;
 use pserv_transport::{Conn, Frame, OutFrame, Payload};
 
+use crate::base::ids::{NodeId, Who, WorkerRank};
 use crate::base::keys::KeyRange;
 use crate::base::value::Value;
 use crate::onesided::Window;
@@ -33,17 +34,21 @@ pub(super) fn open_window(
             None => Control::WindowRefused {
                 reason: "the server runs with --transport tcp".into(),
             },
-            Some(os) => {
-                let worker = sender.saturating_sub(1 + ready.servers);
-                let init = |w: &Window| match &ready.store {
-                    AnyStore::F32(t) => fill_window(t, w),
-                    AnyStore::F64(t) => fill_window(t, w),
-                };
-                match os.grant(worker, range, host, offers, init) {
-                    Ok(grant) => Control::WindowGranted { grant },
-                    Err(reason) => Control::WindowRefused { reason },
+            Some(os) => match NodeId(sender).who(ready.servers) {
+                Who::Worker(WorkerRank(worker)) => {
+                    let init = |w: &Window| match &ready.store {
+                        AnyStore::F32(t) => fill_window(t, w),
+                        AnyStore::F64(t) => fill_window(t, w),
+                    };
+                    match os.grant(worker, range, host, offers, init) {
+                        Ok(grant) => Control::WindowGranted { grant },
+                        Err(reason) => Control::WindowRefused { reason },
+                    }
                 }
-            }
+                _ => Control::WindowRefused {
+                    reason: format!("node {sender} is not a worker: windows are granted to workers"),
+                },
+            },
         },
     };
     let _ = conn.send(answer.to_frame(core.ready.get().map_or(0, |r| r.node_id)));
