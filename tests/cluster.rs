@@ -452,3 +452,34 @@ fn keys_are_routed_by_the_ring_and_stale_or_misrouted_requests_are_refused() {
     w.finish(0).unwrap();
     c.procs.wait_all(Duration::from_secs(30));
 }
+
+#[test]
+fn filtered_pushes_send_only_significant_changes_and_the_drain_completes_the_sum() {
+    use pserv_engine::filter::{FilterChain, Significant, Threshold};
+    use pserv_engine::worker::TaskOpts;
+    let mut c = Cluster::start(2, 1, &["--update=sum"]);
+    let w = worker(&c, 0);
+    let keys = spread_keys(300);
+    let vals = vec![0.375f32; keys.len()];
+    let mut chain = FilterChain::<f32>::new().with(Significant::new(Threshold::Absolute(1.0)));
+    let pull = |w: &Worker| {
+        w.wait_pull::<f32>(w.pull::<f32>(keys.clone()))
+            .unwrap()
+            .to_vec()
+    };
+    // 0.375, 0.75 are held; 1.125 goes; then 0.375 is held again.
+    for _ in 0..4 {
+        let ts = w.push_filtered(&keys, &vals, &mut chain, &TaskOpts::default());
+        w.wait(ts).unwrap();
+    }
+    assert!(pull(&w).iter().all(|&v| v == 1.125));
+    let stats = chain.stats();
+    assert_eq!(stats[0].1.offered, 4 * keys.len() as u64);
+    assert_eq!(stats[0].1.sent, keys.len() as u64);
+    // The end of training: the residuals go, and the servers hold every push.
+    let ts = w.push_drained(&mut chain, &TaskOpts::default());
+    w.wait(ts).unwrap();
+    assert!(pull(&w).iter().all(|&v| v == 1.5));
+    w.finish(0).unwrap();
+    c.procs.wait_all(Duration::from_secs(30));
+}

@@ -10,6 +10,8 @@
 //! - [`store`]: one server's parameters in pinned memory, sharded by key sub-range.
 //! - [`update`]: server-side update functions (assign, sum, SGD, AdaGrad, FTRL, user rules).
 //! - [`consistency`]: the worker's task gate and the servers' range vector clocks.
+//! - [`filter`]: what a worker sends of a push (significantly-modified, KKT, random
+//!   skip, and the user's own).
 //! - [`replication`]: chain replication between servers, after aggregation.
 //! - [`scheduler`]: the scheduler's state machine and process.
 //! - [`server`]: the server node, serving requests on the event loops.
@@ -28,6 +30,7 @@
 pub mod base;
 pub mod cli;
 pub mod consistency;
+pub mod filter;
 pub mod job;
 pub mod lr;
 pub(crate) mod node;

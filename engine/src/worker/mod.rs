@@ -27,6 +27,7 @@
 
 mod api;
 mod config;
+mod filtered;
 mod handler;
 mod pulled;
 pub(crate) mod push_pull;
