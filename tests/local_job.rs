@@ -153,7 +153,9 @@ fn libsvm_data_trains_too() {
 
 #[test]
 fn wrong_configurations_fail_fast_with_a_clear_message() {
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 6] = [
+        (&["--filter=nope"], "unknown filter"),
+        (&["--filter=kkt"], "--filter kkt needs --l1"),
         (&["--workers=0"], "at least one server and one worker"),
         (&["--data=/nonexistent/pserv.svm"], "no such file"),
         (&["--epochs=0"], "--epochs"),
@@ -182,4 +184,44 @@ fn wrong_configurations_fail_fast_with_a_clear_message() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("line 2") || err.contains(":2:"), "{err}");
+}
+
+/// The KKT filter on an L1 problem: most gradients are not sent, and the model is close
+/// to the unfiltered one (same seed; eventual consistency, so not bit for bit).
+#[test]
+fn the_kkt_filter_skips_most_gradients_and_keeps_the_model() {
+    let dir = Scratch::new("kkt");
+    let run = |name: &str, extra: &[&str]| {
+        let path = dir.path(name);
+        let mut a = job_args(&path, 2, 2);
+        a.extend(
+            ["--optimizer=ftrl", "--l1=1", "--lr=0.1"]
+                .iter()
+                .chain(extra)
+                .map(|s| s.to_string()),
+        );
+        let out = run_local(&a);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        summary(&path)
+    };
+    let plain = run("plain.json", &[]);
+    let kkt = run("kkt.json", &["--filter=kkt"]);
+    for w in ["filters_worker_0", "filters_worker_1"] {
+        let f = &kkt[w][0];
+        assert_eq!(f["filter"], "kkt");
+        assert!(f["skipped_fraction"].as_f64().unwrap() > 0.5, "{kkt}");
+    }
+    let (a, b) = (
+        plain["test_logloss"].as_f64().unwrap(),
+        kkt["test_logloss"].as_f64().unwrap(),
+    );
+    assert!(
+        (a - b).abs() < 0.05,
+        "logloss {a} unfiltered, {b} with the KKT filter"
+    );
+    assert!(kkt["bytes_sent"].as_u64().unwrap() < plain["bytes_sent"].as_u64().unwrap());
 }

@@ -71,6 +71,10 @@ fn job_all() -> JobArgs {
         target_logloss: Some(0.45),
         trace: Some(PathBuf::from("/tmp/trace")),
         hash_buckets: Some(1 << 20),
+        filters: vec![
+            crate::filter::FilterSpec::Significant(0.01),
+            crate::filter::FilterSpec::Kkt,
+        ],
     }
 }
 
@@ -95,6 +99,7 @@ fn job_min() -> JobArgs {
         target_logloss: None,
         trace: None,
         hash_buckets: None,
+        filters: Vec::new(),
     }
 }
 

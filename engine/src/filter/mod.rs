@@ -26,10 +26,13 @@
 //! of the input's keys plus keys it held back earlier, `value_len` values per key);
 //! [`FilterChain::apply`] checks it in debug builds.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::base::keys::Key;
 use crate::base::value::Value;
+
+mod spec;
+pub use spec::FilterSpec;
 
 /// A push as filters see it: sorted, distinct keys and `value_len` values per key.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -100,6 +103,27 @@ impl<T: Value> Entries<T> {
         self.value_len > 0
             && self.keys.len() * self.value_len == self.values.len()
             && self.keys.windows(2).all(|w| w[0] < w[1])
+    }
+
+    /// These entries plus `other`'s, summed where a key is in both.
+    ///
+    /// # Panics
+    /// When their `value_len`s differ.
+    pub fn merge_sum(&self, other: &Entries<T>) -> Entries<T> {
+        assert_eq!(
+            self.value_len, other.value_len,
+            "merging entries of different widths"
+        );
+        let mut map: BTreeMap<Key, Vec<T>> = BTreeMap::new();
+        for (k, v) in self.iter().chain(other.iter()) {
+            let slot = map
+                .entry(k)
+                .or_insert_with(|| vec![T::default(); self.value_len]);
+            for (s, x) in slot.iter_mut().zip(v) {
+                *s += *x;
+            }
+        }
+        Entries::from_map(map, self.value_len)
     }
 
     /// Build from `(key, values)` pairs in any order (later pairs of a key replace earlier
@@ -264,8 +288,8 @@ pub enum Threshold {
 /// arithmetic (floating-point sums round as any sum does).
 pub struct Significant<T: Value> {
     threshold: Threshold,
-    residual: BTreeMap<Key, Vec<T>>,
-    weights: BTreeMap<Key, Vec<T>>,
+    residual: HashMap<Key, Vec<T>>,
+    weights: HashMap<Key, Vec<T>>,
     stats: FilterStats,
 }
 
@@ -284,8 +308,8 @@ impl<T: Value> Significant<T> {
         );
         Significant {
             threshold,
-            residual: BTreeMap::new(),
-            weights: BTreeMap::new(),
+            residual: HashMap::new(),
+            weights: HashMap::new(),
             stats: FilterStats::default(),
         }
     }
@@ -368,11 +392,19 @@ impl<T: Value> Filter<T> for Significant<T> {
 /// is at most the L1 strength `lambda` is not sent, because the proximal update would
 /// leave the weight at 0. Weights come from the pulls the filter is shown; a feature
 /// never pulled is always sent.
+///
+/// With stochastic gradients and an optimizer that accumulates them (FTRL's `z`), many
+/// small gradients of one sign do move a weight off 0, so a skipped gradient is not
+/// dropped: it is kept as the key's residual and judged with the next one (the residual
+/// plus the gradient against `lambda`), sent with the first gradient that goes, and
+/// returned by [`drain`](Filter::drain). With several workers each pushing its share, a
+/// worker should use its share of the strength ([`Kkt::with_share`]), so that what all
+/// of them hold back together stays within `lambda`.
 pub struct Kkt<T: Value> {
     lambda: f64,
-    zero: BTreeMap<Key, bool>,
+    zero: HashMap<Key, bool>,
+    residual: HashMap<Key, Vec<T>>,
     stats: FilterStats,
-    _t: std::marker::PhantomData<T>,
 }
 
 impl<T: Value> Kkt<T> {
@@ -387,10 +419,25 @@ impl<T: Value> Kkt<T> {
         );
         Kkt {
             lambda,
-            zero: BTreeMap::new(),
+            zero: HashMap::new(),
+            residual: HashMap::new(),
             stats: FilterStats::default(),
-            _t: std::marker::PhantomData,
         }
+    }
+
+    /// A filter for one of several workers: it holds back at most `share` of `lambda`
+    /// per key (`share` = 1 / workers).
+    ///
+    /// # Panics
+    /// When `share` is not in `(0, 1]`, or as [`new`](Self::new).
+    pub fn with_share(lambda: f64, share: f64) -> Self {
+        assert!(share > 0.0 && share <= 1.0, "a share is in (0, 1]");
+        Kkt::new(lambda * share)
+    }
+
+    /// The gradient held back for `key`, if any.
+    pub fn residual(&self, key: Key) -> Option<&[T]> {
+        self.residual.get(&key).map(Vec::as_slice)
     }
 }
 
@@ -402,16 +449,39 @@ impl<T: Value> Filter<T> for Kkt<T> {
     fn push(&mut self, entries: Entries<T>) -> Entries<T> {
         let value_len = entries.value_len;
         let mut out = Entries::empty(value_len);
+        let lambda = self.lambda;
+        let small = |g: &[T]| g.iter().all(|x| x.to_f64().abs() <= lambda);
         for (k, v) in entries.iter() {
             self.stats.offered += 1;
             let at_zero = self.zero.get(&k).copied().unwrap_or(false);
-            let small = v.iter().all(|g| g.to_f64().abs() <= self.lambda);
-            if at_zero && small {
-                continue;
+            // The gradient plus what is held for the key, summed in place.
+            let send = match self.residual.get_mut(&k) {
+                Some(r) => {
+                    for (a, b) in r.iter_mut().zip(v) {
+                        *a += *b;
+                    }
+                    if at_zero && small(r) {
+                        false
+                    } else {
+                        let r = self.residual.remove(&k).expect("found above");
+                        out.keys.push(k);
+                        out.values.extend_from_slice(&r);
+                        true
+                    }
+                }
+                None if at_zero && small(v) => {
+                    self.residual.insert(k, v.to_vec());
+                    false
+                }
+                None => {
+                    out.keys.push(k);
+                    out.values.extend_from_slice(v);
+                    true
+                }
+            };
+            if send {
+                self.stats.sent += 1;
             }
-            out.keys.push(k);
-            out.values.extend_from_slice(v);
-            self.stats.sent += 1;
         }
         out
     }
@@ -420,6 +490,16 @@ impl<T: Value> Filter<T> for Kkt<T> {
         for (k, v) in entries.iter() {
             self.zero.insert(k, v.iter().all(|w| w.to_f64() == 0.0));
         }
+    }
+
+    fn drain(&mut self, value_len: usize) -> Entries<T> {
+        let held = std::mem::take(&mut self.residual);
+        Entries::from_map(
+            held.into_iter()
+                .filter(|(_, v)| v.len() == value_len)
+                .collect(),
+            value_len,
+        )
     }
 
     fn stats(&self) -> FilterStats {

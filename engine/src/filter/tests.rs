@@ -103,9 +103,25 @@ fn kkt_skips_small_gradients_of_zero_weights_only() {
         }
     );
     assert!((f.stats().skipped_fraction() - 0.25).abs() < 1e-12);
-    // The weight of key 1 moved away from 0: its gradients go again.
+    assert_eq!(f.residual(1), Some(&[0.4][..]));
+    // The weight of key 1 moved away from 0: its gradient goes again, with what was held.
     f.pulled(&e(&[1], &[0.2], 1));
-    assert_eq!(f.push(e(&[1], &[0.4], 1)).keys, vec![1]);
+    assert_eq!(f.push(e(&[1], &[0.4], 1)), e(&[1], &[0.8], 1));
+    assert_eq!(f.residual(1), None);
+}
+
+#[test]
+fn kkt_sends_small_gradients_once_they_add_up() {
+    let mut f = Kkt::<f64>::with_share(1.0, 0.5);
+    f.pulled(&e(&[3], &[0.0], 1));
+    // Held while the sum stays within 0.5 (this worker's half of the strength).
+    assert!(f.push(e(&[3], &[0.25], 1)).is_empty());
+    assert!(f.push(e(&[3], &[0.25], 1)).is_empty());
+    assert_eq!(f.push(e(&[3], &[0.125], 1)), e(&[3], &[0.625], 1));
+    // Opposite signs cancel and stay held; the end of training sends them.
+    assert!(f.push(e(&[3], &[0.25], 1)).is_empty());
+    assert!(f.push(e(&[3], &[-0.125], 1)).is_empty());
+    assert_eq!(f.drain(1), e(&[3], &[0.125], 1));
 }
 
 /// The filter against the proximal step itself: a skipped gradient is one whose L1
@@ -119,6 +135,7 @@ fn kkt_skips_exactly_what_the_proximal_step_would_leave_at_zero() {
     };
     let mut f = Kkt::<f64>::new(lambda);
     let keys: Vec<Key> = (0..41).collect();
+    // One step from weights at 0 (nothing held back yet).
     f.pulled(&Entries::new(keys.clone(), vec![0.0; 41], 1));
     let grads: Vec<f64> = (0..41).map(|i| (f64::from(i) - 20.0) / 40.0).collect();
     let out = f.push(Entries::new(keys.clone(), grads.clone(), 1));

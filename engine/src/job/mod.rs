@@ -107,6 +107,13 @@ pub struct JobArgs {
     /// sparse gradients.
     #[arg(long, env = "PSERV_HASH_BUCKETS")]
     pub hash_buckets: Option<u64>,
+    /// Filters every worker runs on its pushes, in order (comma-separated or repeated):
+    /// `significant:T` (send a key once its accumulated gradient exceeds T; the rest is
+    /// held and sent with the last push), `significant-rel:R` (... exceeds R times its
+    /// weight), `kkt` (skip gradients the L1 proximal step leaves at 0: needs --l1 and
+    /// --optimizer ftrl), `skip:P` (send each key with probability P, scaled by 1/P).
+    #[arg(long = "filter", env = "PSERV_FILTER", value_delimiter = ',')]
+    pub filters: Vec<crate::filter::FilterSpec>,
 }
 
 /// The dense layout of `--hash-buckets`: bucket `j` of `D` lives on server `j % S` at key
@@ -192,6 +199,9 @@ impl JobArgs {
         if self.l1 > 0.0 && self.optimizer != Optimizer::Ftrl {
             return bad("--l1 needs --optimizer ftrl (the proximal step runs on the servers)");
         }
+        if self.filters.contains(&crate::filter::FilterSpec::Kkt) && self.l1 == 0.0 {
+            return bad("--filter kkt needs --l1 above 0 (and --optimizer ftrl)");
+        }
         self.slow()?;
         if let Some(p) = &self.data {
             if !p.is_file() {
@@ -248,6 +258,9 @@ impl JobArgs {
         }
         if let Some(p) = &self.trace {
             a.push(format!("--trace={}", p.display()));
+        }
+        for f in &self.filters {
+            a.push(format!("--filter={f}"));
         }
         a
     }
@@ -515,6 +528,10 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
         .into_iter()
         .filter(|s| s.rank.is_none_or(|r| r as usize == rank))
         .collect();
+    let mut filters = crate::filter::FilterChain::<f32>::new();
+    for f in &job.filters {
+        filters.push_filter(f.build(job.l1, workers, job.seed ^ (rank as u64 + 1)));
+    }
     let mut straggle_rng = crate::lr::rng::SplitMix64::new(
         job.seed ^ 0x005e_ed0f_57a6_61e5 ^ (rank as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
     );
@@ -598,9 +615,16 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
         for step in 0..steps {
             let clock = if clocked { worker.tick() } else { 0 };
             let Some(batch) = batches.get(step) else {
-                // This shard is out of rows: an empty push keeps the clock in step.
-                if clocked {
-                    previous_push = Some(worker.push::<f32>(Vec::new(), Vec::new()));
+                // This shard is out of rows: an empty push keeps the clock in step (and
+                // the last one carries what the filters held back).
+                let last = epoch == job.epochs && step + 1 == steps;
+                if clocked || (last && !filters.is_empty()) {
+                    let held = if last {
+                        filters.drain(1)
+                    } else {
+                        crate::filter::Entries::empty(1)
+                    };
+                    previous_push = Some(worker.push::<f32>(held.keys, held.values));
                 }
                 continue;
             };
@@ -655,7 +679,18 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
             }
             let mut grad = vec![0.0f32; keys.len()];
             gradient(batch, &weights, l2, &mut grad);
-            previous_push = Some(worker.push(keys, grad));
+            previous_push = Some(if filters.is_empty() {
+                worker.push(keys, grad)
+            } else {
+                use crate::filter::Entries;
+                filters.pulled(&Entries::new(keys.to_vec(), weights.clone(), 1));
+                let mut out = filters.apply(Entries::new(keys.to_vec(), grad, 1));
+                if epoch == job.epochs && step + 1 == steps {
+                    // The last push of training carries what the filters held back.
+                    out = out.merge_sum(&filters.drain(1));
+                }
+                worker.push(out.keys, out.values)
+            });
             examples += batch.len() as u64;
             unreported += batch.len() as u64;
             step_count += 1;
@@ -704,6 +739,25 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
             source,
         })?;
     }
+    if !filters.is_empty() {
+        let stats: Vec<serde_json::Value> = filters
+            .stats()
+            .into_iter()
+            .map(|(name, s)| {
+                serde_json::json!({
+                    "filter": name,
+                    "offered": s.offered,
+                    "sent": s.sent,
+                    "skipped_fraction": s.skipped_fraction(),
+                })
+            })
+            .collect();
+        let mut m = serde_json::Map::new();
+        m.insert(format!("filters_worker_{rank}"), stats.into());
+        worker.tell_scheduler(Control::Summary {
+            json: serde_json::Value::Object(m).to_string(),
+        })?;
+    }
     if let Some(eval) = last_eval {
         let summary = serde_json::json!({
             "test_logloss": eval.logloss,
@@ -721,6 +775,7 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
             "hash_buckets": job.hash_buckets,
             "one_sided_windows": one_sided_windows,
             "eval_curve": curve,
+            "filters": job.filters.iter().map(ToString::to_string).collect::<Vec<_>>(),
         });
         worker.tell_scheduler(Control::Summary {
             json: summary.to_string(),
