@@ -3,6 +3,7 @@
 //! - [`wire`]: the frame format (a 56-byte `Pod` header, a key list, value bytes), with
 //!   checked zero-copy views for anything that comes from the network.
 //! - [`buf`]: payloads sent straight from the caller's buffers, and pooled receive buffers.
+//! - [`compress`]: value compression into self-describing blocks (none, LZ4, zstd, zero runs).
 //! - [`tcp`]: TCP on per-core mio event loops, the transport that runs everywhere.
 //! - [`onesided`]: one-sided reads, writes and notifications of registered memory (the
 //!   [`onesided::OneSided`] interface; shared memory here, RDMA verbs where a device is),
@@ -13,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod buf;
+pub mod compress;
 pub mod onesided;
 pub mod tcp;
 pub mod wire;
