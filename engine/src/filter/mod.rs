@@ -26,12 +26,14 @@
 //! of the input's keys plus keys it held back earlier, `value_len` values per key);
 //! [`FilterChain::apply`] checks it in debug builds.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use crate::base::keys::Key;
 use crate::base::value::Value;
 
+mod residuals;
 mod spec;
+use residuals::{KeyMap, Residuals};
 pub use spec::FilterSpec;
 
 /// A push as filters see it: sorted, distinct keys and `value_len` values per key.
@@ -288,8 +290,8 @@ pub enum Threshold {
 /// arithmetic (floating-point sums round as any sum does).
 pub struct Significant<T: Value> {
     threshold: Threshold,
-    residual: HashMap<Key, Vec<T>>,
-    weights: HashMap<Key, Vec<T>>,
+    residual: Residuals<T>,
+    weights: KeyMap<Vec<T>>,
     stats: FilterStats,
 }
 
@@ -308,15 +310,15 @@ impl<T: Value> Significant<T> {
         );
         Significant {
             threshold,
-            residual: HashMap::new(),
-            weights: HashMap::new(),
+            residual: Residuals::new(),
+            weights: KeyMap::default(),
             stats: FilterStats::default(),
         }
     }
 
     /// The residual held back for `key`, if any.
     pub fn residual(&self, key: Key) -> Option<&[T]> {
-        self.residual.get(&key).map(Vec::as_slice)
+        self.residual.get(key)
     }
 
     fn significant(&self, key: Key, r: &[T]) -> bool {
@@ -343,21 +345,26 @@ impl<T: Value> Filter<T> for Significant<T> {
         let mut out = Entries::empty(value_len);
         for (k, v) in entries.iter() {
             self.stats.offered += 1;
-            let r = self
-                .residual
-                .entry(k)
-                .or_insert_with(|| vec![T::default(); value_len]);
-            for (a, b) in r.iter_mut().zip(v) {
-                *a += *b;
-            }
-            let send = {
-                let r = &self.residual[&k];
-                self.significant(k, r)
+            let send = if let Some(r) = self.residual.get_mut(k) {
+                for (a, b) in r.iter_mut().zip(v) {
+                    *a += *b;
+                }
+                let r = self.residual.get(k).expect("found above");
+                if self.significant(k, r) {
+                    self.residual.take_into(k, &mut out.values);
+                    true
+                } else {
+                    false
+                }
+            } else if self.significant(k, v) {
+                out.values.extend_from_slice(v);
+                true
+            } else {
+                self.residual.insert(k, v);
+                false
             };
             if send {
-                let r = self.residual.remove(&k).expect("inserted above");
                 out.keys.push(k);
-                out.values.extend_from_slice(&r);
                 self.stats.sent += 1;
             }
         }
@@ -373,13 +380,7 @@ impl<T: Value> Filter<T> for Significant<T> {
     }
 
     fn drain(&mut self, value_len: usize) -> Entries<T> {
-        let held = std::mem::take(&mut self.residual);
-        Entries::from_map(
-            held.into_iter()
-                .filter(|(_, v)| v.len() == value_len)
-                .collect(),
-            value_len,
-        )
+        Entries::from_map(self.residual.drain(value_len), value_len)
     }
 
     fn stats(&self) -> FilterStats {
@@ -402,8 +403,8 @@ impl<T: Value> Filter<T> for Significant<T> {
 /// of them hold back together stays within `lambda`.
 pub struct Kkt<T: Value> {
     lambda: f64,
-    zero: HashMap<Key, bool>,
-    residual: HashMap<Key, Vec<T>>,
+    zero: KeyMap<bool>,
+    residual: Residuals<T>,
     stats: FilterStats,
 }
 
@@ -419,8 +420,8 @@ impl<T: Value> Kkt<T> {
         );
         Kkt {
             lambda,
-            zero: HashMap::new(),
-            residual: HashMap::new(),
+            zero: KeyMap::default(),
+            residual: Residuals::new(),
             stats: FilterStats::default(),
         }
     }
@@ -437,7 +438,7 @@ impl<T: Value> Kkt<T> {
 
     /// The gradient held back for `key`, if any.
     pub fn residual(&self, key: Key) -> Option<&[T]> {
-        self.residual.get(&key).map(Vec::as_slice)
+        self.residual.get(key)
     }
 }
 
@@ -455,7 +456,7 @@ impl<T: Value> Filter<T> for Kkt<T> {
             self.stats.offered += 1;
             let at_zero = self.zero.get(&k).copied().unwrap_or(false);
             // The gradient plus what is held for the key, summed in place.
-            let send = match self.residual.get_mut(&k) {
+            let send = match self.residual.get_mut(k) {
                 Some(r) => {
                     for (a, b) in r.iter_mut().zip(v) {
                         *a += *b;
@@ -463,14 +464,13 @@ impl<T: Value> Filter<T> for Kkt<T> {
                     if at_zero && small(r) {
                         false
                     } else {
-                        let r = self.residual.remove(&k).expect("found above");
                         out.keys.push(k);
-                        out.values.extend_from_slice(&r);
+                        self.residual.take_into(k, &mut out.values);
                         true
                     }
                 }
                 None if at_zero && small(v) => {
-                    self.residual.insert(k, v.to_vec());
+                    self.residual.insert(k, v);
                     false
                 }
                 None => {
@@ -493,13 +493,7 @@ impl<T: Value> Filter<T> for Kkt<T> {
     }
 
     fn drain(&mut self, value_len: usize) -> Entries<T> {
-        let held = std::mem::take(&mut self.residual);
-        Entries::from_map(
-            held.into_iter()
-                .filter(|(_, v)| v.len() == value_len)
-                .collect(),
-            value_len,
-        )
+        Entries::from_map(self.residual.drain(value_len), value_len)
     }
 
     fn stats(&self) -> FilterStats {
