@@ -12,8 +12,10 @@
 //! pull until every live worker has reached that clock on the pulled ranges, and, for
 //! *ordered* (sequential) pushes, applies them on every key range in (clock, worker rank)
 //! order, after the pulls of their clock: the applied sequence of every key is then the
-//! same in every run, so sequential runs give bitwise-identical models, also when a
-//! server fails mid-run and another takes over its ranges (see [`ClockGate`]).
+//! same in every run, so sequential runs give bitwise-identical models. When a server
+//! fails mid-run and another takes over its ranges (see [`ClockGate`]), the new head
+//! starts with its own clocks for them, not the failed head's: pushes of one clock may
+//! then apply there in another order (an open finding of the simulation).
 //!
 //! Both are plain state machines: no sockets, no threads, no time. The caller carries out
 //! the [`Action`]s they return, in order.
