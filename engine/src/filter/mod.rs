@@ -250,19 +250,11 @@ impl<T: Value> FilterChain<T> {
     /// Everything the filters hold back, summed per key, as one push (sent as it is: a
     /// residual is what was pushed and not sent, so no filter judges it again).
     pub fn drain(&mut self, value_len: usize) -> Entries<T> {
-        let mut out: BTreeMap<Key, Vec<T>> = BTreeMap::new();
+        let mut out = Entries::empty(value_len);
         for f in &mut self.filters {
-            let d = f.drain(value_len);
-            for (k, v) in d.iter() {
-                let slot = out
-                    .entry(k)
-                    .or_insert_with(|| vec![T::default(); value_len]);
-                for (s, x) in slot.iter_mut().zip(v) {
-                    *s += *x;
-                }
-            }
+            out = out.merge_sum(&f.drain(value_len));
         }
-        Entries::from_map(out, value_len)
+        out
     }
 
     /// Each filter's name and counters.

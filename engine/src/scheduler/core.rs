@@ -466,7 +466,16 @@ impl SchedulerCore {
             .map(|(c, _)| *c)
             .collect();
         targets.sort_unstable();
-        for conn in targets {
+        Self::send_each(targets, msg, out);
+    }
+
+    /// Send `msg` to each of `conns`, in that order.
+    pub(super) fn send_each(
+        conns: impl IntoIterator<Item = ConnKey>,
+        msg: &Control,
+        out: &mut Vec<Output>,
+    ) {
+        for conn in conns {
             out.push(Output::Send {
                 conn,
                 msg: msg.clone(),

@@ -277,12 +277,7 @@ impl SchedulerCore {
             .map(|(c, n)| (n.rank, *c))
             .collect();
         targets.sort_unstable();
-        for (_, conn) in targets {
-            out.push(Output::Send {
-                conn,
-                msg: msg.clone(),
-            });
-        }
+        Self::send_each(targets.into_iter().map(|(_, c)| c), msg, out);
     }
 
     /// Server `rank` failed (its connection closed, or it missed heartbeats). With

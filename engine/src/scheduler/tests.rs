@@ -258,6 +258,19 @@ fn a_server_joins_copies_first_then_the_table_flips_and_another_leaves() {
     assert!(c.failovers.is_empty());
 }
 
+/// The `Rejoin` report a node sends a restarted scheduler.
+fn rejoin_report(role: Role, rank: u32, node_id: u32, table: &Partition, barriers: u64) -> Control {
+    Control::Rejoin {
+        role,
+        rank,
+        node_id,
+        addr: (role == Role::Server).then(|| "127.0.0.1:7000".parse().unwrap()),
+        pid: 1,
+        table: table.clone(),
+        barriers,
+    }
+}
+
 #[test]
 fn a_restarted_scheduler_rebuilds_its_view_from_the_rejoining_nodes() {
     let mut sp = spec(2, 2);
@@ -267,14 +280,8 @@ fn a_restarted_scheduler_rebuilds_its_view_from_the_rejoining_nodes() {
     let ring = crate::placement::ring::Ring::new(&[0, 1], 16).remove_server(1);
     let table = Partition::from_ring_chains(&ring, 2, 1);
     assert_eq!(table.epoch(), 2);
-    let rejoin = |role, rank, node_id, table: &Partition, barriers| Control::Rejoin {
-        role,
-        rank,
-        node_id,
-        addr: (role == Role::Server).then(|| "127.0.0.1:7000".parse().unwrap()),
-        pid: 1,
-        table: table.clone(),
-        barriers,
+    let rejoin = |role, rank, node_id, table: &Partition, barriers| {
+        rejoin_report(role, rank, node_id, table, barriers)
     };
     // Not recovering: a rejoin is refused.
     let mut fresh = running_spec(sp.clone());
@@ -316,15 +323,7 @@ fn a_restarted_scheduler_rebuilds_its_view_from_the_rejoining_nodes() {
 fn a_recovering_scheduler_ends_the_job_only_once_its_view_is_rebuilt() {
     let sp = spec(1, 2);
     let table = Partition::from_ring_chains(&crate::placement::ring::Ring::new(&[0], 4), 1, 0);
-    let rejoin = |role, rank, node_id| Control::Rejoin {
-        role,
-        rank,
-        node_id,
-        addr: (role == Role::Server).then(|| "127.0.0.1:7000".parse().unwrap()),
-        pid: 1,
-        table: table.clone(),
-        barriers: 0,
-    };
+    let rejoin = |role, rank, node_id| rejoin_report(role, rank, node_id, &table, 0);
     let mut c = SchedulerCore::new(sp).recovering(Duration::from_millis(500));
     msg(&mut c, 1, rejoin(Role::Server, 0, 1));
     msg(&mut c, 2, rejoin(Role::Worker, 0, 2));
@@ -377,15 +376,7 @@ fn a_recovering_scheduler_ends_the_job_only_once_its_view_is_rebuilt() {
 fn recovery_waits_for_every_rank_not_for_a_count() {
     let sp = spec(1, 2);
     let table = Partition::from_ring_chains(&crate::placement::ring::Ring::new(&[0], 4), 1, 0);
-    let rejoin = |role, rank, node_id| Control::Rejoin {
-        role,
-        rank,
-        node_id,
-        addr: (role == Role::Server).then(|| "127.0.0.1:7000".parse().unwrap()),
-        pid: 1,
-        table: table.clone(),
-        barriers: 0,
-    };
+    let rejoin = |role, rank, node_id| rejoin_report(role, rank, node_id, &table, 0);
     let mut c = SchedulerCore::new(sp).recovering(Duration::from_millis(500));
     msg(&mut c, 1, rejoin(Role::Server, 0, 1));
     msg(&mut c, 2, rejoin(Role::Worker, 0, 2));
@@ -413,15 +404,7 @@ fn a_server_that_never_rejoins_is_failed_over_after_recovery() {
     sp.replicas = 1;
     let table =
         Partition::from_ring_chains(&crate::placement::ring::Ring::new(&[0, 1, 2], 8), 3, 1);
-    let rejoin = |role, rank, node_id| Control::Rejoin {
-        role,
-        rank,
-        node_id,
-        addr: (role == Role::Server).then(|| "127.0.0.1:7000".parse().unwrap()),
-        pid: 1,
-        table: table.clone(),
-        barriers: 0,
-    };
+    let rejoin = |role, rank, node_id| rejoin_report(role, rank, node_id, &table, 0);
     let mut c = SchedulerCore::new(sp).recovering(Duration::from_millis(500));
     msg(&mut c, 1, rejoin(Role::Server, 0, 1));
     msg(&mut c, 2, rejoin(Role::Server, 1, 2));
@@ -444,15 +427,8 @@ fn a_server_that_never_rejoins_is_failed_over_after_recovery() {
 fn a_barrier_passed_before_a_restart_is_released_at_once() {
     let sp = spec(1, 2);
     let table = Partition::from_ring_chains(&crate::placement::ring::Ring::new(&[0], 4), 1, 0);
-    let rejoin = |role, rank, node_id, barriers| Control::Rejoin {
-        role,
-        rank,
-        node_id,
-        addr: (role == Role::Server).then(|| "127.0.0.1:7000".parse().unwrap()),
-        pid: 1,
-        table: table.clone(),
-        barriers,
-    };
+    let rejoin =
+        |role, rank, node_id, barriers| rejoin_report(role, rank, node_id, &table, barriers);
     let mut c = SchedulerCore::new(sp).recovering(Duration::from_millis(500));
     msg(&mut c, 1, rejoin(Role::Server, 0, 1, 0));
     msg(&mut c, 2, rejoin(Role::Worker, 0, 2, 1));
