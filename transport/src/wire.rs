@@ -50,8 +50,28 @@ pub const FLAG_RANGE: u16 = 1 << 1;
 /// pushes in (clock, worker rank) order on every key range, so runs are deterministic;
 /// and any such request says that every earlier task of its worker finished.
 pub const FLAG_ORDERED: u16 = 1 << 2;
+/// Header flag: the key section holds no key list but [`CACHED_KEY_WORDS`] words naming
+/// one the receiver cached: the list's 128-bit hash (low word, high word) and its length.
+/// The values are those of that many keys. Never with [`FLAG_RANGE`]; a receiver that
+/// does not hold the list refuses the request (a cache miss) and changes nothing.
+pub const FLAG_KEYS_CACHED: u16 = 1 << 3;
+/// Header flag: the key list is a full one that the sender asks the receiver to cache
+/// (the receiver hashes it itself; later requests may name it by [`FLAG_KEYS_CACHED`]).
+pub const FLAG_CACHE_KEYS: u16 = 1 << 4;
+/// Header flag: the value section is one compression block (see
+/// [`compress`](crate::compress)) of `value_bytes` bytes, which decodes to the values the
+/// key count and value length call for. The transport decodes it before a handler sees
+/// the frame.
+pub const FLAG_COMPRESSED: u16 = 1 << 5;
 /// Flags this version knows; others are refused.
-pub const KNOWN_FLAGS: u16 = FLAG_RESPONSE | FLAG_RANGE | FLAG_ORDERED;
+pub const KNOWN_FLAGS: u16 = FLAG_RESPONSE
+    | FLAG_RANGE
+    | FLAG_ORDERED
+    | FLAG_KEYS_CACHED
+    | FLAG_CACHE_KEYS
+    | FLAG_COMPRESSED;
+/// Words in the key section of a [`FLAG_KEYS_CACHED`] frame: hash low, hash high, length.
+pub const CACHED_KEY_WORDS: u64 = 3;
 
 /// What a frame asks for or answers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -210,6 +230,9 @@ pub enum WireError {
     /// A range frame without exactly two keys, or with `begin >= end`.
     #[error("bad range frame: {0}")]
     BadRange(&'static str),
+    /// A cached-keys frame whose key words or flags are inconsistent.
+    #[error("bad cached-keys frame: {0}")]
+    BadCachedKeys(&'static str),
     /// The buffer holding the frame is not 8-byte aligned (a receiver bug, not peer input).
     #[error("frame buffer is not 8-byte aligned")]
     Misaligned,
@@ -350,13 +373,33 @@ impl Header {
             elem,
             value_bytes: self.value_bytes,
         };
-        if !self.value_bytes.is_multiple_of(elem as u64) {
-            return Err(mismatch(self.key_count));
-        }
-        if self.has(FLAG_RANGE) {
-            if self.key_count != 2 {
-                return Err(WireError::BadRange("a range frame carries exactly 2 keys"));
+        if self.has(FLAG_KEYS_CACHED) {
+            if self.has(FLAG_RANGE) || self.has(FLAG_CACHE_KEYS) {
+                return Err(WireError::BadCachedKeys(
+                    "a cached-keys frame is neither a range nor a list to cache",
+                ));
             }
+            if self.key_count != CACHED_KEY_WORDS {
+                return Err(WireError::BadCachedKeys(
+                    "a cached-keys frame carries exactly 3 key words",
+                ));
+            }
+        }
+        if self.has(FLAG_CACHE_KEYS) && self.has(FLAG_RANGE) {
+            return Err(WireError::BadCachedKeys(
+                "a range is not a key list to cache",
+            ));
+        }
+        if self.has(FLAG_RANGE) && self.key_count != 2 {
+            return Err(WireError::BadRange("a range frame carries exactly 2 keys"));
+        }
+        if self.has(FLAG_COMPRESSED) || self.has(FLAG_KEYS_CACHED) {
+            // The value bytes are a block (checked once decoded), or those of a key count
+            // that sits in the key section (checked by `Frame::from_body`).
+        } else if !self.value_bytes.is_multiple_of(elem as u64) {
+            return Err(mismatch(self.key_count));
+        } else if self.has(FLAG_RANGE) {
+            // Checked against the range by `Frame::from_body`.
         } else if self.key_count > 0 && self.value_bytes > 0 {
             let want = self
                 .key_count
@@ -427,12 +470,33 @@ impl<'a> Frame<'a> {
         let keys: &[u64] = bytemuck::try_cast_slice(&body[..layout.keys_len])
             .map_err(|_| WireError::Misaligned)?;
         let values = &body[layout.keys_len..layout.keys_len + layout.values_len];
+        if header.has(FLAG_KEYS_CACHED) {
+            let count = keys[2];
+            let elem = DType::from_u8(header.dtype).map_or(1, DType::size);
+            let want = count
+                .checked_mul(u64::from(header.value_len))
+                .and_then(|n| n.checked_mul(elem as u64));
+            if count == 0 {
+                return Err(WireError::BadCachedKeys("a cached key list is never empty"));
+            }
+            if header.value_bytes > 0
+                && !header.has(FLAG_COMPRESSED)
+                && (header.value_len == 0 || want != Some(header.value_bytes))
+            {
+                return Err(WireError::ValueMismatch {
+                    keys: count,
+                    value_len: header.value_len,
+                    elem,
+                    value_bytes: header.value_bytes,
+                });
+            }
+        }
         if header.has(FLAG_RANGE) {
             let (begin, end) = (keys[0], keys[1]);
             if begin >= end {
                 return Err(WireError::BadRange("range begin must be below its end"));
             }
-            if header.value_bytes > 0 {
+            if header.value_bytes > 0 && !header.has(FLAG_COMPRESSED) {
                 let elem = DType::from_u8(header.dtype).map_or(1, DType::size);
                 let want = (end - begin)
                     .checked_mul(u64::from(header.value_len))
@@ -640,6 +704,40 @@ mod tests {
         assert!(matches!(check(&empty), Err(WireError::BadRange(_))));
         let three = encode(&h, &[1, 2, 3], &[]);
         assert!(matches!(check(&three), Err(WireError::BadRange(_))));
+    }
+
+    #[test]
+    fn cached_key_frames_are_checked() {
+        let mut h = push_header(1);
+        h.flags = FLAG_KEYS_CACHED;
+        let vals = vec![0f32; 5];
+        let ok = encode(&h, &[0xabc, 0xdef, 5], bytemuck::cast_slice(&vals));
+        let (_, keys, values, _) = check(&ok).unwrap();
+        assert_eq!(keys, vec![0xabc, 0xdef, 5]);
+        assert_eq!(values.len(), 20);
+        // The values must be those of the named list's length.
+        let short = encode(&h, &[0xabc, 0xdef, 6], bytemuck::cast_slice(&vals));
+        assert!(matches!(
+            check(&short),
+            Err(WireError::ValueMismatch { keys: 6, .. })
+        ));
+        let empty = encode(&h, &[0xabc, 0xdef, 0], &[]);
+        assert!(matches!(check(&empty), Err(WireError::BadCachedKeys(_))));
+        let two = encode(&h, &[0xabc, 5], bytemuck::cast_slice(&vals));
+        assert!(matches!(check(&two), Err(WireError::BadCachedKeys(_))));
+        h.flags = FLAG_KEYS_CACHED | FLAG_RANGE;
+        let ranged = encode(&h, &[0xabc, 0xdef, 5], bytemuck::cast_slice(&vals));
+        assert!(matches!(check(&ranged), Err(WireError::BadCachedKeys(_))));
+        h.flags = FLAG_KEYS_CACHED | FLAG_CACHE_KEYS;
+        let both = encode(&h, &[0xabc, 0xdef, 5], bytemuck::cast_slice(&vals));
+        assert!(matches!(check(&both), Err(WireError::BadCachedKeys(_))));
+        // A compressed frame's value bytes are a block: not checked against the keys.
+        h.flags = FLAG_COMPRESSED;
+        let block = encode(&h, &[1, 2, 3], &[7u8; 13]);
+        assert!(check(&block).is_ok());
+        h.flags = FLAG_COMPRESSED | FLAG_RANGE;
+        let backwards = encode(&h, &[9, 3], &[7u8; 13]);
+        assert!(matches!(check(&backwards), Err(WireError::BadRange(_))));
     }
 
     #[test]
