@@ -483,3 +483,89 @@ fn filtered_pushes_send_only_significant_changes_and_the_drain_completes_the_sum
     w.finish(0).unwrap();
     c.procs.wait_all(Duration::from_secs(30));
 }
+
+#[test]
+fn key_lists_are_cached_a_miss_is_resent_and_a_wrong_name_changes_nothing() {
+    use pserv_engine::keycache::ListId;
+    use pserv_transport::wire::FLAG_KEYS_CACHED;
+    // Each server caches at most 120 keys: two of the 50-key lists below, not three.
+    let mut c = Cluster::start_with(2, 1, &["--update=sum"], &["--key-cache-keys=120"]);
+    let mut cfg = pserv_engine::worker::WorkerConfig::new(c.scheduler);
+    cfg.rank = Some(0);
+    cfg.tcp = pserv_transport::TcpConfig {
+        threads: 1,
+        pin_cores: false,
+        ..pserv_transport::TcpConfig::default()
+    };
+    cfg.timeout = Duration::from_secs(60);
+    cfg.key_cache = true;
+    let w = Worker::connect(cfg).unwrap();
+    let table = w.cluster().partition.clone();
+    // Three lists of 100 keys, about 50 per server.
+    let lists: Vec<Vec<u64>> = (0..3).map(|i| common::spread_keys(100, 11 + i)).collect();
+    let push = |keys: &Vec<u64>, v: f32| {
+        w.wait(w.push(keys.clone(), vec![v; keys.len()])).unwrap();
+    };
+    let pull = |keys: &Vec<u64>| {
+        w.wait_pull::<f32>(w.pull::<f32>(keys.clone()))
+            .unwrap()
+            .to_vec()
+    };
+    // First push: in full, cached. Second: by name.
+    push(&lists[0], 1.0);
+    let s = w.key_cache_stats().unwrap();
+    assert_eq!((s.eligible, s.by_name, s.confirmed), (2, 0, 2), "{s:?}");
+    push(&lists[0], 2.0);
+    let s = w.key_cache_stats().unwrap();
+    assert_eq!((s.by_name, s.misses), (2, 0), "{s:?}");
+    assert!(s.key_bytes_saved > 0);
+    assert!(pull(&lists[0]).iter().all(|&v| v == 3.0));
+    // Lists 1 and 2 push list 0 out of the servers' caches (the pull of list 0 touched
+    // it last, so 0 is evicted when 2 arrives): naming it again misses, and the worker
+    // resends it with its keys, applied once.
+    push(&lists[1], 1.0);
+    push(&lists[2], 1.0);
+    push(&lists[0], 4.0);
+    let s = w.key_cache_stats().unwrap();
+    assert!(s.misses >= 1, "{s:?}");
+    assert!(pull(&lists[0]).iter().all(|&v| v == 7.0));
+    assert!(pull(&lists[1]).iter().all(|&v| v == 1.0));
+    assert!(pull(&lists[2]).iter().all(|&v| v == 1.0));
+
+    // A raw push naming a list by a wrong second hash, and one naming a list the server
+    // never saw: refused as misses, nothing applied.
+    let owner = table.server_of(lists[1][0]);
+    let mine: Vec<u64> = lists[1]
+        .iter()
+        .copied()
+        .filter(|&k| table.server_of(k) == owner)
+        .collect();
+    let addr = w.cluster().servers[owner].addr;
+    let real = ListId::of(&mine);
+    for id in [
+        ListId {
+            hi: real.hi ^ 1,
+            ..real
+        },
+        ListId::of(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]),
+    ] {
+        let mut h =
+            pserv_transport::Header::new(pserv_transport::MessageKind::Push, w.node_id(), 1);
+        h.dtype = pserv_transport::DType::F32 as u8;
+        h.value_len = 1;
+        h.epoch = 1;
+        h.flags = FLAG_KEYS_CACHED;
+        let vals = vec![100.0f32; id.len as usize];
+        let frame = pserv_transport::wire::encode(&h, &id.words(), bytemuck::cast_slice(&vals));
+        let (answer, text) = raw_request(addr, &frame);
+        assert_eq!(Status::from_u8(answer.status), Status::KeyCacheMiss);
+        assert!(
+            String::from_utf8_lossy(&text).contains("resend the keys"),
+            "{}",
+            String::from_utf8_lossy(&text)
+        );
+    }
+    assert!(pull(&lists[1]).iter().all(|&v| v == 1.0));
+    w.finish(0).unwrap();
+    c.procs.wait_all(Duration::from_secs(30));
+}

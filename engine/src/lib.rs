@@ -32,6 +32,7 @@ pub mod cli;
 pub mod consistency;
 pub mod filter;
 pub mod job;
+pub mod keycache;
 pub mod lr;
 pub(crate) mod node;
 pub mod onesided;

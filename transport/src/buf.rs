@@ -350,6 +350,37 @@ impl OwnedFrame {
     pub fn header(&self) -> &Header {
         &self.header
     }
+
+    /// A frame of `header` (its `key_count` and `value_bytes` set from the slices) with
+    /// `keys` and `values` copied into a buffer from `pool`, checked like a received
+    /// frame: how a receiver rebuilds a frame it expanded (cached keys resolved).
+    pub fn assemble(
+        pool: &Arc<BufPool>,
+        header: Header,
+        keys: &[u64],
+        values: &[u8],
+        max_frame: usize,
+    ) -> Result<OwnedFrame, crate::wire::WireError> {
+        let mut h = header;
+        h.key_count = keys.len() as u64;
+        h.value_bytes = values.len() as u64;
+        let layout = h.layout(max_frame)?;
+        let mut body = pool.take(layout.body_len);
+        {
+            let bytes = body.bytes_mut();
+            let (k, rest) = bytes.split_at_mut(layout.keys_len);
+            k.copy_from_slice(bytemuck::cast_slice(keys));
+            rest[..values.len()].copy_from_slice(values);
+            rest[values.len()..].fill(0);
+        }
+        let frame = OwnedFrame {
+            header: h,
+            layout,
+            body,
+        };
+        frame.frame_checked()?;
+        Ok(frame)
+    }
 }
 
 /// A frame handed to a [`Handler`](crate::tcp::Handler): either a view into the

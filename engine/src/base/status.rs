@@ -21,6 +21,10 @@ pub enum Status {
     /// The request was routed with another epoch of the routing table than the server's
     /// (a redirect: the worker must learn the current table and resend).
     StaleEpoch = 7,
+    /// The request named its key list by a cached name (`FLAG_KEYS_CACHED`) this server
+    /// does not hold (evicted, never stored, or another list under that name); nothing
+    /// was applied. The worker resends with the keys.
+    KeyCacheMiss = 8,
 }
 
 impl Status {
@@ -34,6 +38,7 @@ impl Status {
             5 => Status::NotReady,
             6 => Status::StoreError,
             7 => Status::StaleEpoch,
+            8 => Status::KeyCacheMiss,
             _ => Status::BadRequest,
         }
     }

@@ -257,8 +257,10 @@ fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> {
             net,
             repl,
             join,
+            key_cache_keys,
         }) => {
             let mut cfg = ServerConfig::new(sched.scheduler);
+            cfg.key_cache_keys = key_cache_keys;
             cfg.replication = repl.config();
             cfg.join = join;
             cfg.listen = listen;
@@ -284,6 +286,7 @@ fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> {
             cfg.consistency = job.consistency;
             cfg.tcp = net.tcp()?;
             cfg.transport = net.transport;
+            cfg.key_cache = job.key_cache;
             let worker = Worker::connect(cfg)?;
             crate::job::run_lr_worker(worker, &job)
         }

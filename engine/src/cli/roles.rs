@@ -90,6 +90,10 @@ pub struct ServerArgs {
     /// the ring; it copies its ranges while training goes on, then the table flips.
     #[arg(long)]
     pub join: bool,
+    /// Bound of this server's cache of workers' key lists (`--key-cache` on workers), in
+    /// keys over all lists, 8 bytes each (0: cache nothing).
+    #[arg(long, env = "PSERV_KEY_CACHE_KEYS", default_value_t = crate::keycache::DEFAULT_SERVER_KEYS)]
+    pub key_cache_keys: usize,
 }
 
 /// Flags of `pserv worker`.

@@ -114,6 +114,15 @@ pub struct JobArgs {
     /// --optimizer ftrl), `skip:P` (send each key with probability P, scaled by 1/P).
     #[arg(long = "filter", env = "PSERV_FILTER", value_delimiter = ',')]
     pub filters: Vec<crate::filter::FilterSpec>,
+    /// Send repeated key lists by name once a server cached them (the paper's key
+    /// caching; servers bound their caches with `--key-cache-keys`).
+    #[arg(long, env = "PSERV_KEY_CACHE")]
+    pub key_cache: bool,
+    /// Compress the values of this worker's requests, and so (a server answers in the
+    /// codec a worker sends) of the answers: none, lz4, zstd, zstd:LEVEL or zeros (runs
+    /// of zero words). A frame is sent compressed only when that makes it smaller.
+    #[arg(long, env = "PSERV_COMPRESS", default_value = "none")]
+    pub compress: pserv_transport::compress::Codec,
 }
 
 /// The dense layout of `--hash-buckets`: bucket `j` of `D` lives on server `j % S` at key
@@ -262,6 +271,10 @@ impl JobArgs {
         for f in &self.filters {
             a.push(format!("--filter={f}"));
         }
+        if self.key_cache {
+            a.push("--key-cache".into());
+        }
+        a.push(format!("--compress={}", self.compress));
         a
     }
 
@@ -739,6 +752,22 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
             source,
         })?;
     }
+    {
+        let mut traffic = serde_json::Map::new();
+        let (sent, received) = worker.traffic();
+        traffic.insert("bytes_sent".into(), sent.into());
+        traffic.insert("bytes_received".into(), received.into());
+        if let Some(k) = worker.key_cache_stats() {
+            let mut v = serde_json::to_value(k).expect("json encodes");
+            v["hit_rate"] = k.hit_rate().into();
+            traffic.insert("key_cache".into(), v);
+        }
+        let mut m = serde_json::Map::new();
+        m.insert(format!("traffic_worker_{rank}"), traffic.into());
+        worker.tell_scheduler(Control::Summary {
+            json: serde_json::Value::Object(m).to_string(),
+        })?;
+    }
     if !filters.is_empty() {
         let stats: Vec<serde_json::Value> = filters
             .stats()
@@ -776,6 +805,8 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
             "one_sided_windows": one_sided_windows,
             "eval_curve": curve,
             "filters": job.filters.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "key_cache": job.key_cache,
+            "compress": job.compress.to_string(),
         });
         worker.tell_scheduler(Control::Summary {
             json: summary.to_string(),

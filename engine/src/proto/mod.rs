@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use pserv_transport::wire::{DType, Header, MessageKind, FLAG_RESPONSE};
+use pserv_transport::wire::{DType, Header, MessageKind, FLAG_CACHE_KEYS, FLAG_RESPONSE};
 use pserv_transport::{Frame, OutFrame, Payload};
 
 use crate::placement::Partition;
@@ -522,7 +522,9 @@ impl Control {
 fn response_header(request: &Header, sender: u32) -> Header {
     let mut h = *request;
     h.sender = sender;
-    h.flags = FLAG_RESPONSE;
+    // An answer says it cached the request's key list by echoing FLAG_CACHE_KEYS (a
+    // server that did not cache it clears the flag before serving).
+    h.flags = FLAG_RESPONSE | (request.flags & FLAG_CACHE_KEYS);
     h.status = Status::Ok as u8;
     h
 }

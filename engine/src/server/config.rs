@@ -45,6 +45,9 @@ pub struct ServerConfig {
     /// one: the scheduler gives it a rank, it copies the ranges it will hold, then the
     /// routing table flips to a ring with it.
     pub join: bool,
+    /// Bound of this server's cache of workers' key lists, in keys over all lists (see
+    /// [`crate::keycache`]; 0: cache nothing, so workers always send their keys).
+    pub key_cache_keys: usize,
 }
 
 /// User update rules for a server: registered into its
@@ -207,6 +210,7 @@ impl ServerConfig {
             transport: TransportKind::Tcp,
             replication: ReplicationConfig::default(),
             join: false,
+            key_cache_keys: crate::keycache::DEFAULT_SERVER_KEYS,
         }
     }
 }

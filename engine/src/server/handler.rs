@@ -15,6 +15,7 @@ use crate::proto::{self, Control, Status};
 use crate::replication::{EntryStore, KeysRef};
 
 use super::admit::{admit, Clocked};
+use super::keys::resolve;
 use super::route::{route, stale_epoch, touched_ranges, Refusal};
 use super::serve::answer_request;
 use super::window::open_window;
@@ -86,6 +87,12 @@ impl Handler for ServerHandler {
             ));
             return;
         };
+        // Named key lists resolved, lists to cache stored: nothing past here sees a name.
+        let Some(frame) = resolve(&self.core, ready, conn, frame) else {
+            return;
+        };
+        let f = frame.frame();
+        let h = *f.header();
         // Remember which worker this connection belongs to, so its clock can be retired
         // when it goes away.
         let worker = worker_of(ready, h.sender);
@@ -166,6 +173,11 @@ impl Handler for ServerHandler {
                 ready.repl.peer_lost(entries(ready), &table, peer.0);
             }
             ConnTag::Worker(WorkerRank(w)) => {
+                // Its key lists go with it (a worker that comes back populates anew,
+                // and its side forgot this server when the connection closed).
+                self.core
+                    .key_cache
+                    .forget_sender(NodeId::worker(WorkerRank(w), ready.servers).0);
                 let mut gate = ready.clocks.lock();
                 let actions = gate.retire(w as usize);
                 run_actions(&self.core, ready, &mut gate, actions);

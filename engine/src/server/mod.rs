@@ -13,6 +13,7 @@
 pub(crate) mod admit;
 mod config;
 mod handler;
+mod keys;
 mod node;
 pub(crate) mod route;
 mod serve;
@@ -35,6 +36,7 @@ use pserv_transport::BufPool;
 
 use crate::base::value::Value;
 use crate::consistency::clock::ClockGate;
+use crate::keycache::KeyCache;
 use crate::onesided::ServerOneSided;
 use crate::placement::Partition;
 use crate::proto::Control;
@@ -81,6 +83,8 @@ struct Core {
     control: Sender<Control>,
     pool: Arc<BufPool>,
     max_frame: usize,
+    /// The key lists workers asked this server to cache.
+    key_cache: KeyCache,
 }
 
 struct ServerHandler {

@@ -18,6 +18,7 @@ use crate::base::ids::{ConnTag, Holder, NodeId, ServerRank};
 use crate::base::keys::KeyRange;
 use crate::base::value::Value;
 use crate::consistency::clock::ClockGate;
+use crate::keycache::KeyCache;
 use crate::node::register::{self, Hello, Registration, Welcome};
 use crate::node::rejoin::{self, Report};
 use crate::onesided::{ServerOneSided, TransportKind};
@@ -65,6 +66,7 @@ impl Server {
             control: tx,
             pool: BufPool::new(64),
             max_frame: cfg.tcp.max_frame,
+            key_cache: KeyCache::new(cfg.key_cache_keys),
         });
         let transport =
             TcpTransport::start(cfg.tcp.clone(), |_| ServerHandler { core: core.clone() })?;

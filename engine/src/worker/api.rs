@@ -69,6 +69,11 @@ impl Worker {
         self.cluster.value_len as usize
     }
 
+    /// What key caching did so far (None: off; see [`crate::keycache`]).
+    pub fn key_cache_stats(&self) -> Option<crate::keycache::SentStats> {
+        self.core.sent_lists.as_ref().map(|l| l.stats())
+    }
+
     /// Bytes written to and read from sockets so far.
     pub fn traffic(&self) -> (u64, u64) {
         let s = self.transport.stats();

@@ -40,6 +40,9 @@ pub struct WorkerConfig {
     /// When the scheduler's connection closes before it said the job is over, try this
     /// long to reach a restarted scheduler (`pserv scheduler --recover`) before giving up.
     pub scheduler_grace: Duration,
+    /// Send repeated key lists by name once a server confirmed it cached them (see
+    /// [`crate::keycache`]); default off.
+    pub key_cache: bool,
 }
 
 impl WorkerConfig {
@@ -55,6 +58,7 @@ impl WorkerConfig {
             consistency: Consistency::Eventual,
             transport: TransportKind::Tcp,
             scheduler_grace: Duration::from_secs(10),
+            key_cache: false,
         }
     }
 }

@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use pserv_transport::wire::MessageKind;
+use pserv_transport::wire::{MessageKind, FLAG_CACHE_KEYS};
 use pserv_transport::{CloseReason, Conn, Handler, RecvFrame};
 
 use crate::base::ids::{ConnTag, Holder, ServerRank};
@@ -71,7 +71,15 @@ impl Handler for WorkerHandler {
         let value_bytes = f.values().len();
         let error_text = (h.status != Status::Ok as u8)
             .then(|| String::from_utf8_lossy(f.values()).into_owned());
+        let lists = self.core.sent_lists.as_ref();
         self.core.settle(h.timestamp, server, |st, seg| {
+            if let (Some(lists), Some(id)) = (lists, st.segments[seg].list) {
+                if h.status == Status::KeyCacheMiss as u8 {
+                    lists.missed(server, id);
+                } else if h.status == Status::Ok as u8 && h.has(FLAG_CACHE_KEYS) {
+                    lists.confirm(server, id);
+                }
+            }
             let (outcome, keep) = judge_answer(st, seg, server, &h, value_bytes, error_text);
             if keep {
                 st.segments[seg].part = Some(frame.into_owned());

@@ -194,7 +194,8 @@ impl Worker {
                 self.clocked_write(kind),
                 keys,
                 values,
-            ))
+            )
+            .with_lists(self.core.sent_lists.clone()))
         })
     }
 

@@ -121,7 +121,7 @@ impl Worker {
     pub fn connect(cfg: WorkerConfig) -> Result<Worker, EngineError> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let (wake_tx, wake_rx) = crossbeam_channel::unbounded();
-        let core = Arc::new(Core::new(tx, wake_tx, cfg.timeout));
+        let core = Arc::new(Core::new(tx, wake_tx, cfg.timeout).with_key_cache(cfg.key_cache));
         let transport =
             TcpTransport::start(cfg.tcp.clone(), |_| WorkerHandler { core: core.clone() })?;
         let scheduler = register::connect(&transport, cfg.scheduler, Holder::Worker)?;

@@ -3,11 +3,14 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 
-use pserv_transport::wire::{Header, FLAG_RANGE};
+use std::sync::Arc;
+
+use pserv_transport::wire::{Header, FLAG_CACHE_KEYS, FLAG_KEYS_CACHED, FLAG_RANGE};
 use pserv_transport::{OutFrame, Payload};
 
 use crate::base::keys::{Key, KeyRange};
 use crate::base::value::Value;
+use crate::keycache::{ListId, SentLists, MIN_KEYS};
 use crate::placement::Partition;
 use crate::proto::request_timestamp;
 
@@ -39,6 +42,8 @@ pub(crate) struct Request {
     /// the worker's clock.
     pub(crate) clocked: bool,
     pub(crate) body: Body,
+    /// Which lists each server caches (key caching on), for key-list requests.
+    lists: Option<Arc<SentLists>>,
 }
 
 impl Request {
@@ -87,6 +92,7 @@ impl Request {
             vlen,
             clocked,
             body: Box::new(body),
+            lists: None,
         }
     }
 
@@ -121,7 +127,17 @@ impl Request {
             vlen,
             clocked,
             body: Box::new(body),
+            lists: None,
         }
+    }
+
+    /// Name key lists servers confirmed they cache (`lists`), and ask them to cache the
+    /// others (see [`crate::keycache`]). Ranges are never named.
+    pub(crate) fn with_lists(mut self, lists: Option<Arc<SentLists>>) -> Request {
+        if matches!(self.keys, RequestKeys::List(_)) {
+            self.lists = lists;
+        }
+        self
     }
 
     /// All of the request's keys as runs.
@@ -191,8 +207,23 @@ impl Request {
         if matches!(self.keys, RequestKeys::Range(_)) && !runs.is_empty() {
             h.flags |= FLAG_RANGE;
         }
-        let (keys, values) = (self.body)(&runs);
+        let (mut keys, values) = (self.body)(&runs);
         let n: usize = runs.iter().map(|r| r.len()).sum();
+        let mut list = None;
+        if let Some(lists) = self.lists.as_ref().filter(|_| n >= MIN_KEYS) {
+            if let Ok(ks) = bytemuck::try_cast_slice::<u8, u64>(keys.bytes()) {
+                let id = ListId::of(ks);
+                // A resent segment (not its own origin) carries its keys: it may be the
+                // answer to a miss.
+                if lists.send_by_name(server, id, index == origin) {
+                    h.flags |= FLAG_KEYS_CACHED;
+                    keys = Payload::owned(id.words().to_vec());
+                } else {
+                    h.flags |= FLAG_CACHE_KEYS;
+                }
+                list = Some(id);
+            }
+        }
         let seg = Segment {
             server,
             values: n * self.vlen,
@@ -203,6 +234,7 @@ impl Request {
             failed_at: None,
             attempt: 0,
             origin,
+            list,
         };
         (seg, OutFrame::new(h, keys, values))
     }

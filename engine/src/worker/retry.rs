@@ -61,6 +61,17 @@ impl Failure {
         }
     }
 
+    /// Whether it is to be resent at once under the same table (with its keys).
+    fn resend_now(&self) -> bool {
+        matches!(
+            self,
+            Failure::Refused {
+                status: Status::KeyCacheMiss,
+                ..
+            }
+        )
+    }
+
     /// Whether it is worth resending after a delay under the same table.
     fn stale(&self) -> bool {
         matches!(
@@ -90,12 +101,16 @@ impl TaskState {
     /// Segment `seg` failed retryably at `now`: let it wait for a resend.
     pub(crate) fn park(&mut self, seg: usize, failure: Failure, now: Instant) {
         let s = &mut self.segments[seg];
-        let resend_at = failure.stale().then(|| {
-            let backoff = RETRY_DELAY
-                .saturating_mul(1 << s.attempt.min(16))
-                .min(RETRY_MAX_DELAY);
-            now + backoff
-        });
+        let resend_at = if failure.resend_now() {
+            Some(now)
+        } else {
+            failure.stale().then(|| {
+                let backoff = RETRY_DELAY
+                    .saturating_mul(1 << s.attempt.min(16))
+                    .min(RETRY_MAX_DELAY);
+                now + backoff
+            })
+        };
         s.failed_at.get_or_insert(now);
         s.state = SegState::Waiting { failure, resend_at };
     }
@@ -217,6 +232,10 @@ impl Core {
 
     /// Every segment still waiting on `server` fails retryably.
     pub(super) fn server_lost(&self, server: u32) {
+        if let Some(lists) = &self.sent_lists {
+            // Whoever answers for this rank next holds none of this worker's lists.
+            lists.forget_server(server);
+        }
         let pending: Vec<(Timestamp, Arc<Task>)> = self
             .tasks
             .lock()

@@ -12,6 +12,7 @@ use parking_lot::{Mutex, RwLock};
 use pserv_transport::{Conn, OutFrame};
 
 use crate::consistency::Gate;
+use crate::keycache::{SentLists, DEFAULT_SENT_LISTS};
 use crate::placement::Partition;
 use crate::proto::{Control, Status};
 
@@ -47,6 +48,8 @@ pub(super) struct Core {
     pub(super) stop: AtomicBool,
     /// How long a failed segment may wait for a successful resend.
     pub(super) timeout: Duration,
+    /// Which key lists each server confirmed it caches (None: key caching off).
+    pub(super) sent_lists: Option<Arc<SentLists>>,
 }
 
 impl Core {
@@ -70,7 +73,14 @@ impl Core {
             wake,
             stop: AtomicBool::new(false),
             timeout,
+            sent_lists: None,
         }
+    }
+
+    /// Turn key caching on: requests name the lists servers confirmed.
+    pub(super) fn with_key_cache(mut self, on: bool) -> Core {
+        self.sent_lists = on.then(|| Arc::new(SentLists::new(DEFAULT_SENT_LISTS)));
+        self
     }
 
     /// The current routing table.

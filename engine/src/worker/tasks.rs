@@ -66,6 +66,9 @@ pub(crate) struct Segment {
     /// The segment of the task's first split its keys come from (servers recognise a
     /// resent piece of a push by it).
     pub(crate) origin: usize,
+    /// The name of its key list when key caching applies to it (sent by name, or in
+    /// full asking the server to cache it).
+    pub(crate) list: Option<crate::keycache::ListId>,
 }
 
 /// The [`Control::Completed`] notice a finished task calls for: it was a sequential
@@ -172,6 +175,11 @@ pub(crate) fn judge_answer(
         };
         if matches!(status, Status::StaleEpoch | Status::NotOwner) {
             // Routed by a table the server does not share: resend by a newer one.
+            return (Outcome::Retry(failure), false);
+        }
+        if status == Status::KeyCacheMiss && st.segments[seg].list.is_some() {
+            // Named by a list the server does not hold: nothing was applied; resent at
+            // once with its keys.
             return (Outcome::Retry(failure), false);
         }
         st.error.get_or_insert(failure.error());

@@ -1,0 +1,97 @@
+//! Cached key lists at the door: a request that names its key list
+//! (`FLAG_KEYS_CACHED`) gets its keys back from the cache, and a list sent to be cached
+//! (`FLAG_CACHE_KEYS`) is stored, before anything else (routing, the clock gate, the
+//! store, replication) sees the request. See [`crate::keycache`].
+
+use pserv_transport::wire::{FLAG_CACHE_KEYS, FLAG_KEYS_CACHED, FLAG_RANGE};
+use pserv_transport::{Conn, OwnedFrame, RecvFrame};
+
+use crate::keycache::{ListId, Lookup};
+use crate::proto::{self, Status};
+
+use super::{Core, Ready};
+
+/// `frame` as the rest of the server serves it: unchanged, or with its named key list
+/// resolved (then in its own buffer). `None` when it was answered here: a name this
+/// server does not hold is refused as a cache miss, and nothing changed.
+pub(super) fn resolve<'a>(
+    core: &Core,
+    ready: &Ready,
+    conn: &Conn,
+    frame: RecvFrame<'a>,
+) -> Option<RecvFrame<'a>> {
+    let f = frame.frame();
+    let h = *f.header();
+    if h.has(FLAG_KEYS_CACHED) {
+        let Some(id) = ListId::from_words(f.keys()) else {
+            // The wire checks hold three words; nothing else reaches here.
+            let _ = conn.send(proto::error_answer(
+                &h,
+                ready.node_id,
+                Status::BadRequest,
+                "a cached-keys request carries exactly 3 key words",
+            ));
+            return None;
+        };
+        let keys = match core.key_cache.lookup(h.sender, id) {
+            Lookup::Hit(keys) => keys,
+            Lookup::Absent | Lookup::Mismatch => {
+                tracing::debug!(
+                    sender = h.sender,
+                    list = id.lo,
+                    len = id.len,
+                    "key cache miss"
+                );
+                let _ = conn.send(proto::error_answer(
+                    &h,
+                    ready.node_id,
+                    Status::KeyCacheMiss,
+                    &format!(
+                        "this server holds no key list {:016x}:{:016x} of {} keys from node {}: resend the keys",
+                        id.lo, id.hi, id.len, h.sender
+                    ),
+                ));
+                return None;
+            }
+        };
+        let mut expanded = h;
+        expanded.flags &= !FLAG_KEYS_CACHED;
+        return match OwnedFrame::assemble(&core.pool, expanded, &keys, f.values(), core.max_frame) {
+            Ok(o) => Some(RecvFrame::Owned(o)),
+            Err(e) => {
+                let _ = conn.send(proto::error_answer(
+                    &h,
+                    ready.node_id,
+                    Status::BadRequest,
+                    &format!("the cached key list does not fit this request: {e}"),
+                ));
+                None
+            }
+        };
+    }
+    if h.has(FLAG_CACHE_KEYS) {
+        let keys = f.keys();
+        let sorted = !h.has(FLAG_RANGE) && keys.windows(2).all(|w| w[0] < w[1]);
+        if sorted && core.key_cache.store(h.sender, keys).is_some() {
+            // The answer echoes the flag: the worker may name this list from now on.
+            return Some(frame);
+        }
+        // Not stored (off, too long, or malformed keys that serving refuses): served
+        // without the flag, so the answer does not claim it.
+        let mut plain = h;
+        plain.flags &= !FLAG_CACHE_KEYS;
+        return match OwnedFrame::assemble(&core.pool, plain, keys, f.values(), core.max_frame) {
+            Ok(o) => Some(RecvFrame::Owned(o)),
+            Err(e) => {
+                let _ = conn.send(proto::error_answer(
+                    &h,
+                    ready.node_id,
+                    Status::BadRequest,
+                    &format!("malformed request: {e}"),
+                ));
+                None
+            }
+        };
+    }
+    Some(frame)
+}
