@@ -75,6 +75,8 @@ fn job_all() -> JobArgs {
             crate::filter::FilterSpec::Significant(0.01),
             crate::filter::FilterSpec::Kkt,
         ],
+        key_cache: true,
+        compress: pserv_transport::compress::Codec::Zstd { level: 7 },
     }
 }
 
@@ -100,6 +102,8 @@ fn job_min() -> JobArgs {
         trace: None,
         hash_buckets: None,
         filters: Vec::new(),
+        key_cache: false,
+        compress: pserv_transport::compress::Codec::None,
     }
 }
 

@@ -274,7 +274,9 @@ impl JobArgs {
         if self.key_cache {
             a.push("--key-cache".into());
         }
-        a.push(format!("--compress={}", self.compress));
+        if self.compress != pserv_transport::compress::Codec::None {
+            a.push(format!("--compress={}", self.compress));
+        }
         a
     }
 
