@@ -175,6 +175,21 @@ impl OutFrame {
         out
     }
 
+    /// The value bytes.
+    pub(crate) fn values(&self) -> &Payload {
+        &self.values
+    }
+
+    /// The key bytes.
+    pub(crate) fn keys(&self) -> &Payload {
+        &self.keys
+    }
+
+    /// Header, keys and values, to rebuild the frame (with compressed values).
+    pub(crate) fn into_parts(self) -> (Header, Payload, Payload) {
+        (self.header, self.keys, self.values)
+    }
+
     /// The frame's parts in wire order: header, keys, values, padding.
     pub(crate) fn parts(&self) -> [&[u8]; 4] {
         let pad = self.wire_len() - HEADER_LEN - self.keys.len() - self.values.len();
@@ -298,6 +313,20 @@ impl PoolBuf {
     /// Whether the buffer holds no bytes.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Shorten the buffer to its first `len` bytes (it keeps its capacity, and returns
+    /// to the pool whole).
+    ///
+    /// # Panics
+    /// If `len` is above the current length (a caller bug).
+    pub(crate) fn truncate(&mut self, len: usize) {
+        assert!(
+            len <= self.len,
+            "truncating a buffer of {} bytes to {len}",
+            self.len
+        );
+        self.len = len;
     }
 }
 

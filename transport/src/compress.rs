@@ -17,6 +17,11 @@
 //! the claimed length against the caller's limit before allocating, and reports a
 //! truncated, unknown or inconsistent block as a [`CodecError`], never a panic.
 //!
+//! [`encode_into`], [`compress_into`] and [`decode_into`] are the same codecs working in
+//! the caller's buffers with a reusable [`Context`] (zstd's contexts cost more to make
+//! than a small block costs to compress); [`inspect`] makes every check [`decode`] makes
+//! before allocating, for a receiver that allocates the output itself.
+//!
 //! This module is pure: no connection state, no I/O.
 
 use std::fmt;
@@ -81,6 +86,28 @@ impl Codec {
             Codec::Lz4 => TAG_LZ4,
             Codec::Zstd { .. } => TAG_ZSTD,
             Codec::ZeroRuns => TAG_ZERO_RUNS,
+        }
+    }
+
+    /// The codec in one word (for an atomic): the tag in the low byte, a zstd level's
+    /// bits in the high half. [`from_bits`](Self::from_bits) reads it back.
+    pub(crate) fn to_bits(self) -> u64 {
+        let level = match self {
+            Codec::Zstd { level } => level as u32,
+            _ => 0,
+        };
+        u64::from(self.tag()) | u64::from(level) << 32
+    }
+
+    /// The codec [`to_bits`](Self::to_bits) made this word from.
+    pub(crate) fn from_bits(bits: u64) -> Self {
+        match bits as u8 {
+            TAG_LZ4 => Codec::Lz4,
+            TAG_ZSTD => Codec::Zstd {
+                level: (bits >> 32) as u32 as i32,
+            },
+            TAG_ZERO_RUNS => Codec::ZeroRuns,
+            _ => Codec::None,
         }
     }
 }
@@ -239,81 +266,198 @@ pub enum CodecError {
     },
 }
 
+/// What a block's header says, once [`inspect`] has checked it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockInfo {
+    /// The block's codec. A block does not record a zstd level (decoding does not need
+    /// it), so a zstd block reads as `zstd` at [`ZSTD_DEFAULT_LEVEL`].
+    pub codec: Codec,
+    /// The uncompressed length the block claims (at most the `max_len` it was checked
+    /// against).
+    pub len: usize,
+}
+
+/// Codec state worth keeping between blocks: a zstd compression context (with the level
+/// it is set to) and a zstd decompression context, each made on first use. Making a zstd
+/// context costs more than compressing a few KiB, so a thread that encodes or decodes
+/// many blocks keeps one `Context` (the TCP transport keeps one per thread). LZ4 and zero
+/// runs need no state. [`encode`] and [`decode`] make a fresh one per call.
+#[derive(Default)]
+pub struct Context {
+    zstd_c: Option<(i32, zstd::bulk::Compressor<'static>)>,
+    zstd_d: Option<zstd::bulk::Decompressor<'static>>,
+}
+
+impl fmt::Debug for Context {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Context")
+            .field("zstd_level", &self.zstd_c.as_ref().map(|(l, _)| *l))
+            .field("zstd_decompressor", &self.zstd_d.is_some())
+            .finish()
+    }
+}
+
+impl Context {
+    /// A context with no codec state yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The zstd compressor, set to `level`; `None` if zstd could not make or set it.
+    fn compressor(&mut self, level: i32) -> Option<&mut zstd::bulk::Compressor<'static>> {
+        match &mut self.zstd_c {
+            Some((l, c)) => {
+                if *l != level {
+                    c.set_compression_level(level).ok()?;
+                    *l = level;
+                }
+            }
+            slot @ None => {
+                *slot = Some((level, zstd::bulk::Compressor::new(level).ok()?));
+            }
+        }
+        self.zstd_c.as_mut().map(|(_, c)| c)
+    }
+
+    fn decompressor(&mut self) -> Option<&mut zstd::bulk::Decompressor<'static>> {
+        if self.zstd_d.is_none() {
+            self.zstd_d = Some(zstd::bulk::Decompressor::new().ok()?);
+        }
+        self.zstd_d.as_mut()
+    }
+}
+
+/// The room [`encode_into`] and [`compress_into`] need for `input_len` bytes: a block
+/// header and LZ4's worst case (about 1.1 times the input), which covers every codec's.
+/// At least [`max_block_len`]`(input_len)`; the block they write is at most that.
+pub const fn encode_room(input_len: usize) -> usize {
+    HEADER_LEN + lz4_flex::block::get_maximum_output_size(input_len)
+}
+
 /// Appends to `out` a block holding `input` in `codec`, or in the `none` form when that
 /// codec would not make the payload smaller than the input (an empty input is always
 /// written in the `none` form). The block is at most [`max_block_len`]`(input.len())`
-/// bytes; what is in `out` before it is left alone.
+/// bytes; what is in `out` before it is left alone. One-off use: it makes a fresh
+/// [`Context`]; see [`encode_into`] to reuse one.
 pub fn encode(codec: Codec, input: &[u8], out: &mut Vec<u8>) -> Encoded {
     let start = out.len();
-    if codec != Codec::None && !input.is_empty() {
-        write_header(out, codec.tag(), input.len());
-        let body = out.len();
-        let paid = match codec {
-            Codec::None => false,
-            Codec::Lz4 => encode_lz4(input, out, body),
-            Codec::Zstd { level } => encode_zstd(level, input, out, body),
-            Codec::ZeroRuns => encode_zero_runs(input, out),
-        };
-        if paid {
-            debug_assert!(out.len() - body < input.len());
-            return Encoded {
-                codec_used: codec,
-                bytes_in: input.len(),
-                bytes_out: out.len() - start,
-            };
-        }
-        out.truncate(start);
+    out.resize(start + encode_room(input.len()), 0);
+    let enc = encode_into(&mut Context::new(), codec, input, &mut out[start..]);
+    out.truncate(start + enc.bytes_out);
+    enc
+}
+
+/// [`encode`] into the start of a slice, with a reusable [`Context`]: the block is
+/// `out[..bytes_out]` (the rest of `out` is left in an unspecified state).
+///
+/// # Panics
+/// If `out` is shorter than [`encode_room`]`(input.len())` (a caller bug).
+pub fn encode_into(ctx: &mut Context, codec: Codec, input: &[u8], out: &mut [u8]) -> Encoded {
+    if let Some(enc) = compress_into(ctx, codec, input, out) {
+        return enc;
     }
+    let block = HEADER_LEN + input.len();
     write_header(out, TAG_NONE, input.len());
-    out.extend_from_slice(input);
+    out[HEADER_LEN..block].copy_from_slice(input);
     Encoded {
         codec_used: Codec::None,
         bytes_in: input.len(),
-        bytes_out: out.len() - start,
+        bytes_out: block,
     }
 }
 
-fn write_header(out: &mut Vec<u8>, tag: u8, len: usize) {
-    out.push(tag);
-    out.extend_from_slice(&(len as u64).to_le_bytes());
-}
-
-/// Writes an LZ4 block at `out[body..]`; true if it is smaller than the input.
-fn encode_lz4(input: &[u8], out: &mut Vec<u8>, body: usize) -> bool {
-    // lz4_flex wants room for its worst case, about 1.1 times the input.
-    out.resize(
-        body + lz4_flex::block::get_maximum_output_size(input.len()),
-        0,
+/// The compressing half of [`encode_into`]: writes a block in `codec` at the start of
+/// `out` and returns what it wrote, if that block is smaller than the `none` form would
+/// be; else returns `None` (having written nothing useful) and leaves the fallback to the
+/// caller, which can often send the raw input instead of a copy of it. `codec` `none`
+/// and an empty input always return `None`.
+///
+/// # Panics
+/// If `out` is shorter than [`encode_room`]`(input.len())` (a caller bug).
+pub fn compress_into(
+    ctx: &mut Context,
+    codec: Codec,
+    input: &[u8],
+    out: &mut [u8],
+) -> Option<Encoded> {
+    assert!(
+        out.len() >= encode_room(input.len()),
+        "an output of {} bytes for a block of {} input bytes (encode_room: {})",
+        out.len(),
+        input.len(),
+        encode_room(input.len())
     );
-    match lz4_flex::block::compress_into(input, &mut out[body..]) {
-        Ok(n) if n < input.len() => {
-            out.truncate(body + n);
-            true
-        }
-        _ => false,
+    if codec == Codec::None || input.is_empty() {
+        return None;
+    }
+    write_header(out, codec.tag(), input.len());
+    let body = &mut out[HEADER_LEN..];
+    let payload = match codec {
+        Codec::None => None,
+        Codec::Lz4 => compress_lz4(input, body),
+        Codec::Zstd { level } => compress_zstd(ctx, level, input, body),
+        Codec::ZeroRuns => compress_zero_runs(input, &mut body[..input.len() - 1]),
+    }?;
+    debug_assert!(payload < input.len(), "{codec} payload does not pay");
+    Some(Encoded {
+        codec_used: codec,
+        bytes_in: input.len(),
+        bytes_out: HEADER_LEN + payload,
+    })
+}
+
+fn write_header(out: &mut [u8], tag: u8, len: usize) {
+    out[0] = tag;
+    out[1..HEADER_LEN].copy_from_slice(&(len as u64).to_le_bytes());
+}
+
+/// Writes an LZ4 block at the start of `body` (room for LZ4's worst case); its length if
+/// it is smaller than the input.
+fn compress_lz4(input: &[u8], body: &mut [u8]) -> Option<usize> {
+    let room = lz4_flex::block::get_maximum_output_size(input.len());
+    match lz4_flex::block::compress_into(input, &mut body[..room]) {
+        Ok(n) if n < input.len() => Some(n),
+        _ => None,
     }
 }
 
-/// Writes a zstd frame at `out[body..]`; true if it is smaller than the input.
-fn encode_zstd(level: i32, input: &[u8], out: &mut Vec<u8>, body: usize) -> bool {
+/// Writes a zstd frame at the start of `body`; its length if it is smaller than the input.
+fn compress_zstd(ctx: &mut Context, level: i32, input: &[u8], body: &mut [u8]) -> Option<usize> {
     // Room for one byte less than the input: zstd gives up (dstSize_tooSmall) as soon as
     // the frame would not pay, rather than finishing it.
-    out.resize(body + input.len() - 1, 0);
-    match zstd::bulk::compress_to_buffer(input, &mut out[body..], level) {
-        Ok(n) => {
-            out.truncate(body + n);
-            true
+    let room = &mut body[..input.len() - 1];
+    ctx.compressor(level)?.compress_to_buffer(input, room).ok()
+}
+
+/// Bytes written at the start of a slice, refusing to run past its end.
+struct Cursor<'a> {
+    buf: &'a mut [u8],
+    pos: usize,
+}
+
+impl Cursor<'_> {
+    fn put(&mut self, bytes: &[u8]) -> Option<()> {
+        let end = self.pos.checked_add(bytes.len())?;
+        self.buf.get_mut(self.pos..end)?.copy_from_slice(bytes);
+        self.pos = end;
+        Some(())
+    }
+
+    fn put_varint(&mut self, mut v: u64) -> Option<()> {
+        while v >= 0x80 {
+            self.put(&[v as u8 | 0x80])?;
+            v >>= 7;
         }
-        Err(_) => false,
+        self.put(&[v as u8])
     }
 }
 
-/// Appends the zero-runs payload; true if it is smaller than the input. Stops early once
-/// it is not.
-fn encode_zero_runs(input: &[u8], out: &mut Vec<u8>) -> bool {
-    let limit = out.len() + input.len();
+/// Writes the zero-runs payload into `room` (one byte less than the input); its length
+/// if it fits, that is if it is smaller than the input. Stops as soon as it does not.
+fn compress_zero_runs(input: &[u8], room: &mut [u8]) -> Option<usize> {
     let whole = input.len() / 4 * 4;
     let words: &[[u8; 4]] = bytemuck::cast_slice(&input[..whole]);
+    let mut out = Cursor { buf: room, pos: 0 };
     let mut i = 0;
     while i < words.len() {
         let zeros = words[i..]
@@ -325,24 +469,13 @@ fn encode_zero_runs(input: &[u8], out: &mut Vec<u8>) -> bool {
             .iter()
             .position(|w| *w == [0; 4])
             .unwrap_or(words.len() - i);
-        put_varint(out, zeros as u64);
-        put_varint(out, literals as u64);
-        out.extend_from_slice(&input[i * 4..(i + literals) * 4]);
+        out.put_varint(zeros as u64)?;
+        out.put_varint(literals as u64)?;
+        out.put(&input[i * 4..(i + literals) * 4])?;
         i += literals;
-        if out.len() >= limit {
-            return false;
-        }
     }
-    out.extend_from_slice(&input[whole..]);
-    out.len() < limit
-}
-
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push(v as u8 | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
+    out.put(&input[whole..])?;
+    Some(out.pos)
 }
 
 /// Reads a LEB128 `u64` at `payload[*pos..]`, advancing `pos`.
@@ -374,22 +507,61 @@ fn get_varint(payload: &[u8], pos: &mut usize, what: &'static str) -> Result<u64
 
 /// Appends to `out` the bytes that `block` (exactly one block, nothing after it) holds,
 /// after checking, before allocating anything, that their claimed length is at most
-/// `max_len`. On an error, `out` is left as it was (its capacity may have grown).
+/// `max_len`. On an error, `out` is left as it was (its capacity may have grown). One-off
+/// use: it makes a fresh [`Context`]; see [`decode_into`] to reuse one.
 pub fn decode(block: &[u8], max_len: usize, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    let parsed = parse(block, max_len)?;
     let start = out.len();
-    let result = decode_into(block, max_len, out, start);
+    out.try_reserve_exact(parsed.len)
+        .map_err(|_| CodecError::OutOfMemory { len: parsed.len })?;
+    out.resize(start + parsed.len, 0);
+    let result = decode_payload(&mut Context::new(), &parsed, &mut out[start..]);
     if result.is_err() {
         out.truncate(start);
     }
     result
 }
 
-fn decode_into(
-    block: &[u8],
-    max_len: usize,
-    out: &mut Vec<u8>,
-    start: usize,
-) -> Result<(), CodecError> {
+/// [`decode`] into the start of a slice, with a reusable [`Context`]: the limit is
+/// `out.len()`, the decoded bytes are `out[..n]` for the `n` it returns (the length the
+/// block claims). On an error the contents of `out` are unspecified.
+pub fn decode_into(ctx: &mut Context, block: &[u8], out: &mut [u8]) -> Result<usize, CodecError> {
+    let parsed = parse(block, out.len())?;
+    decode_payload(ctx, &parsed, &mut out[..parsed.len])?;
+    Ok(parsed.len)
+}
+
+/// Every check of `block` that needs no output buffer, as [`decode`] makes them before it
+/// allocates: a whole header, a known tag, a claimed length of at most `max_len`, and a
+/// payload that can be that long (raw bytes: exactly; LZ4: at most 255 bytes out per byte
+/// in; zstd: the frame header's content size, when it has one, is the claimed length).
+/// A receiver that must allocate for the decoded bytes itself calls this first.
+pub fn inspect(block: &[u8], max_len: usize) -> Result<BlockInfo, CodecError> {
+    let parsed = parse(block, max_len)?;
+    let codec = match parsed.tag {
+        TAG_NONE => Codec::None,
+        TAG_LZ4 => Codec::Lz4,
+        TAG_ZSTD => Codec::Zstd {
+            level: ZSTD_DEFAULT_LEVEL,
+        },
+        _ => Codec::ZeroRuns,
+    };
+    Ok(BlockInfo {
+        codec,
+        len: parsed.len,
+    })
+}
+
+/// A block whose header passed [`inspect`]'s checks.
+struct Parsed<'a> {
+    tag: u8,
+    claimed: u64,
+    /// `claimed`, which is at most the caller's limit.
+    len: usize,
+    payload: &'a [u8],
+}
+
+fn parse(block: &[u8], max_len: usize) -> Result<Parsed<'_>, CodecError> {
     let Some((header, payload)) = block.split_first_chunk::<HEADER_LEN>() else {
         return Err(CodecError::Truncated {
             what: "block header",
@@ -426,63 +598,76 @@ fn decode_into(
                     extra: payload.len() - len,
                 });
             }
-            reserve(out, len)?;
-            out.extend_from_slice(payload);
+        }
+        // An LZ4 sequence writes at most 255 bytes per byte it takes (a match-length byte
+        // of 255), so a shorter payload cannot honestly claim this much.
+        TAG_LZ4 if claimed > (payload.len() as u64).saturating_mul(255) => {
+            return Err(CodecError::Corrupt {
+                codec: "lz4",
+                reason: format!(
+                    "{} bytes of LZ4 cannot expand to the {claimed} the block claims",
+                    payload.len()
+                ),
+            });
+        }
+        TAG_ZSTD => match zstd::zstd_safe::get_frame_content_size(payload) {
+            Ok(Some(n)) if n != claimed => {
+                return Err(CodecError::LengthMismatch {
+                    codec: "zstd",
+                    claimed,
+                    actual: n,
+                })
+            }
+            Ok(_) => {}
+            Err(_) => {
+                return Err(CodecError::Corrupt {
+                    codec: "zstd",
+                    reason: "no valid zstd frame header".into(),
+                })
+            }
+        },
+        _ => {}
+    }
+    Ok(Parsed {
+        tag,
+        claimed,
+        len,
+        payload,
+    })
+}
+
+/// Decodes a parsed block's payload into `out`, which is exactly `p.len` bytes long.
+fn decode_payload(ctx: &mut Context, p: &Parsed<'_>, out: &mut [u8]) -> Result<(), CodecError> {
+    debug_assert_eq!(out.len(), p.len, "decode output is not the claimed length");
+    let (claimed, len, payload) = (p.claimed, p.len, p.payload);
+    match p.tag {
+        TAG_NONE => {
+            out.copy_from_slice(payload);
             Ok(())
         }
-        TAG_LZ4 => {
-            // An LZ4 sequence writes at most 255 bytes per byte it takes (a match-length
-            // byte of 255), so a shorter payload cannot honestly claim this much.
-            if claimed > (payload.len() as u64).saturating_mul(255) {
-                return Err(CodecError::Corrupt {
-                    codec: "lz4",
-                    reason: format!(
-                        "{} bytes of LZ4 cannot expand to the {claimed} the block claims",
-                        payload.len()
-                    ),
-                });
-            }
-            reserve(out, len)?;
-            out.resize(start + len, 0);
-            match lz4_flex::block::decompress_into(payload, &mut out[start..]) {
-                Ok(n) if n == len => Ok(()),
-                Ok(n) => Err(CodecError::LengthMismatch {
+        TAG_LZ4 => match lz4_flex::block::decompress_into(payload, out) {
+            Ok(n) if n == len => Ok(()),
+            Ok(n) => Err(CodecError::LengthMismatch {
+                codec: "lz4",
+                claimed,
+                actual: n as u64,
+            }),
+            Err(lz4_flex::block::DecompressError::OutputTooSmall { .. }) => {
+                Err(CodecError::Overrun {
                     codec: "lz4",
                     claimed,
-                    actual: n as u64,
-                }),
-                Err(lz4_flex::block::DecompressError::OutputTooSmall { .. }) => {
-                    Err(CodecError::Overrun {
-                        codec: "lz4",
-                        claimed,
-                    })
-                }
-                Err(e) => Err(CodecError::Corrupt {
-                    codec: "lz4",
-                    reason: e.to_string(),
-                }),
+                })
             }
-        }
+            Err(e) => Err(CodecError::Corrupt {
+                codec: "lz4",
+                reason: e.to_string(),
+            }),
+        },
         TAG_ZSTD => {
-            match zstd::zstd_safe::get_frame_content_size(payload) {
-                Ok(Some(n)) if n != claimed => {
-                    return Err(CodecError::LengthMismatch {
-                        codec: "zstd",
-                        claimed,
-                        actual: n,
-                    })
-                }
-                Ok(_) => {}
-                Err(_) => {
-                    return Err(CodecError::Corrupt {
-                        codec: "zstd",
-                        reason: "no valid zstd frame header".into(),
-                    })
-                }
-            }
-            reserve(out, len)?;
-            out.resize(start + len, 0);
-            match zstd::bulk::decompress_to_buffer(payload, &mut out[start..]) {
+            let Some(d) = ctx.decompressor() else {
+                return Err(CodecError::OutOfMemory { len });
+            };
+            match d.decompress_to_buffer(payload, out) {
                 Ok(n) if n == len => Ok(()),
                 Ok(n) => Err(CodecError::LengthMismatch {
                     codec: "zstd",
@@ -495,19 +680,13 @@ fn decode_into(
                 }),
             }
         }
-        _ => {
-            reserve(out, len)?;
-            decode_zero_runs(payload, len, out)
-        }
+        _ => decode_zero_runs(payload, out),
     }
 }
 
-fn reserve(out: &mut Vec<u8>, len: usize) -> Result<(), CodecError> {
-    out.try_reserve_exact(len)
-        .map_err(|_| CodecError::OutOfMemory { len })
-}
-
-fn decode_zero_runs(payload: &[u8], len: usize, out: &mut Vec<u8>) -> Result<(), CodecError> {
+/// Decodes a zero-runs payload into `out` (the claimed length), writing every byte of it.
+fn decode_zero_runs(payload: &[u8], out: &mut [u8]) -> Result<(), CodecError> {
+    let len = out.len();
     let words = len / 4;
     let mut done = 0;
     let mut pos = 0;
@@ -523,7 +702,8 @@ fn decode_zero_runs(payload: &[u8], len: usize, out: &mut Vec<u8>) -> Result<(),
         }
         // Both fit in usize: together they are at most `words`.
         let (zeros, literals) = (zeros as usize, literals as usize);
-        out.resize(out.len() + zeros * 4, 0);
+        out[done * 4..(done + zeros) * 4].fill(0);
+        done += zeros;
         let bytes = literals * 4;
         let Some(lit) = payload.get(pos..).and_then(|rest| rest.get(..bytes)) else {
             return Err(CodecError::Truncated {
@@ -532,9 +712,9 @@ fn decode_zero_runs(payload: &[u8], len: usize, out: &mut Vec<u8>) -> Result<(),
                 got: payload.len() - pos,
             });
         };
-        out.extend_from_slice(lit);
+        out[done * 4..done * 4 + bytes].copy_from_slice(lit);
         pos += bytes;
-        done += zeros + literals;
+        done += literals;
     }
     let rest = &payload[pos..];
     let tail = len % 4;
@@ -551,7 +731,7 @@ fn decode_zero_runs(payload: &[u8], len: usize, out: &mut Vec<u8>) -> Result<(),
             extra: rest.len() - tail,
         });
     }
-    out.extend_from_slice(rest);
+    out[words * 4..].copy_from_slice(rest);
     Ok(())
 }
 
@@ -892,6 +1072,121 @@ mod tests {
         assert_eq!(out.len(), 0);
     }
 
+    #[test]
+    fn context_apis_agree_with_the_one_off_ones() {
+        let mut rng = Rng(4);
+        let mut repeated = Vec::new();
+        for i in 0..3000u32 {
+            repeated.extend_from_slice(&((i % 7) as f32).to_le_bytes());
+        }
+        let inputs = [
+            vec![0u8; 10_000],
+            sparse_f32(&mut rng, 5000, 0.9),
+            rng.bytes(7777),
+            repeated,
+            vec![3u8; 1],
+            Vec::new(),
+        ];
+        // One context for everything: zstd levels change under it, blocks of all codecs
+        // are decoded with it.
+        let mut ctx = Context::new();
+        for data in &inputs {
+            for codec in ALL {
+                let mut one_off = Vec::new();
+                let enc = encode(codec, data, &mut one_off);
+                let mut out = vec![0xEE; encode_room(data.len())];
+                let with = encode_into(&mut ctx, codec, data, &mut out);
+                assert_eq!(with, enc, "{codec}");
+                assert_eq!(&out[..with.bytes_out], &one_off[..], "{codec}");
+                let compressed = compress_into(&mut ctx, codec, data, &mut out);
+                assert_eq!(compressed.is_some(), enc.compressed(), "{codec}");
+                if let Some(c) = compressed {
+                    assert_eq!(c, enc);
+                    assert_eq!(&out[..c.bytes_out], &one_off[..], "{codec}");
+                }
+                let info = inspect(&one_off, data.len()).unwrap();
+                assert_eq!(info.len, data.len());
+                let expect = match enc.codec_used {
+                    Codec::Zstd { .. } => Codec::Zstd {
+                        level: ZSTD_DEFAULT_LEVEL,
+                    },
+                    other => other,
+                };
+                assert_eq!(info.codec, expect);
+                // Decoding into a dirty slice writes every byte; a longer slice is fine,
+                // a shorter one is the limit.
+                for extra in [0usize, 5] {
+                    let mut dec = vec![0xAA; data.len() + extra];
+                    let n = decode_into(&mut ctx, &one_off, &mut dec).unwrap();
+                    assert_eq!(n, data.len());
+                    assert!(dec[..n] == data[..], "{codec}: decode_into differs");
+                }
+                if !data.is_empty() {
+                    let mut short = vec![0; data.len() - 1];
+                    assert!(matches!(
+                        decode_into(&mut ctx, &one_off, &mut short),
+                        Err(CodecError::TooLarge { .. })
+                    ));
+                    assert!(matches!(
+                        inspect(&one_off, data.len() - 1),
+                        Err(CodecError::TooLarge { .. })
+                    ));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn inspect_refuses_what_decode_refuses_before_allocating() {
+        const TIB: u64 = 1 << 40;
+        assert_eq!(
+            inspect(&block(TAG_LZ4, TIB, &[0; 7]), 1 << 20),
+            Err(CodecError::TooLarge {
+                claimed: TIB,
+                max: 1 << 20
+            })
+        );
+        assert!(matches!(
+            inspect(&block(TAG_LZ4, 4096, &[0; 7]), usize::MAX),
+            Err(CodecError::Corrupt { codec: "lz4", .. })
+        ));
+        assert!(matches!(
+            inspect(&block(TAG_NONE, 10, &[0; 7]), usize::MAX),
+            Err(CodecError::Truncated { .. })
+        ));
+        assert!(matches!(
+            inspect(&block(TAG_ZSTD, 10, &[1, 2, 3, 4]), usize::MAX),
+            Err(CodecError::Corrupt { codec: "zstd", .. })
+        ));
+        assert_eq!(
+            inspect(&block(9, 0, &[]), 10),
+            Err(CodecError::UnknownTag(9))
+        );
+    }
+
+    #[test]
+    fn codecs_survive_their_atomic_word() {
+        let range = zstd::compression_level_range();
+        let mut codecs = ALL.to_vec();
+        codecs.push(Codec::Zstd {
+            level: *range.start(),
+        });
+        codecs.push(Codec::Zstd {
+            level: *range.end(),
+        });
+        for codec in codecs {
+            assert_eq!(Codec::from_bits(codec.to_bits()), codec);
+        }
+        assert_eq!(Codec::None.to_bits(), 0);
+    }
+
+    #[test]
+    #[should_panic(expected = "encode_room")]
+    fn too_little_room_is_a_caller_bug() {
+        let mut out = vec![0; max_block_len(100)];
+        compress_into(&mut Context::new(), Codec::Lz4, &[0; 100], &mut out);
+    }
+
     fn some_codec() -> impl Strategy<Value = Codec> {
         prop::sample::select(ALL.to_vec())
     }
@@ -972,8 +1267,12 @@ mod tests {
         }
     }
 
-    /// Not a check: prints each codec's ratio and speed on 1 MiB of f32 gradients, 90 %
-    /// of them zero, and on 1 MiB of random f32. Best run in release:
+    /// Not a check: prints each codec's ratio and speed (GB/s of uncompressed bytes) on
+    /// 4 MiB of f32 gradients, 90 % of them zero, and on 4 MiB of random f32 gradients in
+    /// [-1, 1), through the paths the TCP transport uses ([`compress_into`] and
+    /// [`decode_into`] with one [`Context`], into buffers that are reused); then the cost
+    /// of one call on small blocks (what `COMPRESS_MIN_BYTES` in `tcp` weighs). Best run
+    /// in release:
     /// `cargo test --release -p pserv-transport ratios_report -- --ignored --nocapture`.
     #[test]
     #[ignore]
@@ -981,63 +1280,111 @@ mod tests {
         use std::time::{Duration, Instant};
 
         let mut rng = Rng(42);
-        let words = (1 << 20) / 4;
+        let words = (4 << 20) / 4;
         let sparse = sparse_f32(&mut rng, words, 0.9);
         let random: Vec<u8> = (0..words)
             .flat_map(|_| (((rng.next_f64() * 2.0) - 1.0) as f32).to_le_bytes())
             .collect();
         let codecs = [
-            Codec::None,
             Codec::Lz4,
             Codec::ZeroRuns,
             Codec::Zstd { level: -5 },
             Codec::Zstd { level: 1 },
             Codec::Zstd { level: 3 },
             Codec::Zstd { level: 9 },
-            Codec::Zstd { level: 19 },
         ];
-        // Repeats `f` for at least 0.3 s (and 3 times), returns MB/s of `bytes` per call.
-        fn speed(bytes: usize, mut f: impl FnMut()) -> f64 {
+        // Repeats `f` for at least `min` (and 3 times); returns seconds per call.
+        fn per_call(min: Duration, mut f: impl FnMut()) -> f64 {
             let t = Instant::now();
             let mut n = 0u32;
-            while n < 3 || t.elapsed() < Duration::from_millis(300) {
+            while n < 3 || t.elapsed() < min {
                 f();
                 n += 1;
             }
-            bytes as f64 * f64::from(n) / t.elapsed().as_secs_f64() / 1e6
+            t.elapsed().as_secs_f64() / f64::from(n)
         }
+        let mut ctx = Context::new();
         for (name, data) in [
-            ("1 MiB f32 gradients, 90% zero", &sparse),
-            ("1 MiB random f32 in [-1, 1)", &random),
+            ("4 MiB f32 gradients, 90% zero", &sparse),
+            ("4 MiB random f32 gradients in [-1, 1)", &random),
         ] {
             println!("\n{name} ({} bytes)", data.len());
             println!(
                 "{:<10} {:<8} {:>9} {:>8} {:>10} {:>10}",
-                "codec", "used", "bytes", "ratio", "enc MB/s", "dec MB/s"
+                "codec", "used", "bytes", "ratio", "enc GB/s", "dec GB/s"
+            );
+            let gbs = |secs: f64| data.len() as f64 / secs / 1e9;
+            let mut out = vec![0u8; encode_room(data.len())];
+            let mut dec = vec![0u8; data.len()];
+            let copy = per_call(Duration::from_millis(300), || {
+                dec.copy_from_slice(data);
+                std::hint::black_box(&dec);
+            });
+            println!(
+                "{:<10} {:<8} {:>9} {:>8} {:>10.2} {:>10}",
+                "memcpy",
+                "",
+                "",
+                "",
+                gbs(copy),
+                ""
             );
             for codec in codecs {
-                let mut block = Vec::with_capacity(max_block_len(data.len()));
-                let enc = encode(codec, data, &mut block);
-                let enc_speed = speed(data.len(), || {
-                    block.clear();
-                    encode(codec, data, &mut block);
+                let enc = encode_into(&mut ctx, codec, data, &mut out);
+                let block = out[..enc.bytes_out].to_vec();
+                let enc_s = per_call(Duration::from_millis(300), || {
+                    std::hint::black_box(compress_into(&mut ctx, codec, data, &mut out));
                 });
-                let mut out = Vec::with_capacity(data.len());
-                let dec_speed = speed(data.len(), || {
-                    out.clear();
-                    decode(&block, data.len(), &mut out).unwrap();
+                let dec_s = per_call(Duration::from_millis(300), || {
+                    decode_into(&mut ctx, &block, &mut dec).unwrap();
                 });
-                assert!(out == *data);
+                assert!(dec == *data);
                 println!(
-                    "{:<10} {:<8} {:>9} {:>8.2} {:>10.0} {:>10.0}",
+                    "{:<10} {:<8} {:>9} {:>8.2} {:>10.2} {:>10}",
                     codec.to_string(),
                     enc.codec_used.to_string(),
                     enc.bytes_out,
                     enc.ratio(),
-                    enc_speed,
-                    dec_speed
+                    gbs(enc_s),
+                    if enc.compressed() {
+                        format!("{:.2}", gbs(dec_s))
+                    } else {
+                        "(raw)".into()
+                    }
                 );
             }
         }
+        println!("\nsmall blocks of f32, 90% zero: microseconds per call (encode / decode)");
+        print!("{:<10}", "codec");
+        let sizes = [256usize, 1024, 4096, 65536];
+        for n in sizes {
+            print!(" {:>16}", format!("{n} B"));
+        }
+        println!();
+        for codec in codecs {
+            print!("{:<10}", codec.to_string());
+            for n in sizes {
+                let data = &sparse[..n];
+                let mut out = vec![0u8; encode_room(n)];
+                let enc = encode_into(&mut ctx, codec, data, &mut out);
+                let block = out[..enc.bytes_out].to_vec();
+                let e = per_call(Duration::from_millis(100), || {
+                    std::hint::black_box(compress_into(&mut ctx, codec, data, &mut out));
+                });
+                let mut dec = vec![0u8; n];
+                let d = per_call(Duration::from_millis(100), || {
+                    decode_into(&mut ctx, &block, &mut dec).unwrap();
+                });
+                let cell = format!(
+                    "{:.2}/{:.2}{}",
+                    e * 1e6,
+                    d * 1e6,
+                    if enc.compressed() { "" } else { "*" }
+                );
+                print!(" {cell:>16}");
+            }
+            println!();
+        }
+        println!("(* compression did not pay: the decode is of the raw form)");
     }
 }

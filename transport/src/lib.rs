@@ -20,5 +20,6 @@ pub mod tcp;
 pub mod wire;
 
 pub use buf::{AsBytes, BufPool, OutFrame, OwnedFrame, Payload, PoolBuf, RecvFrame};
+pub use compress::Codec;
 pub use tcp::{CloseReason, Conn, Connector, Handler, TcpConfig, TcpTransport, TransportError};
 pub use wire::{DType, Frame, Header, MessageKind, WireError};

@@ -20,9 +20,42 @@
 //! it; a loop thread never blocks: instead the loop stops reading requests from a peer
 //! whose answers it cannot deliver, until they drain.
 //!
-//! Bad input: a frame that fails [`Header::layout`] / [`Frame::from_body`], a peer that
-//! closes mid-frame, or a socket error closes that connection with one log line and an
-//! [`Handler::on_close`] call; the loop keeps serving every other connection.
+//! Bad input: a frame that fails [`Header::layout`] / [`Frame::from_body`], a compressed
+//! frame whose block does not decode to its values, a peer that closes mid-frame, or a
+//! socket error closes that connection with one log line and an [`Handler::on_close`]
+//! call; the loop keeps serving every other connection.
+//!
+//! # Value compression, negotiated per connection
+//!
+//! A connection may compress the values of the data frames it sends
+//! ([`Conn::set_codec`]; [`Codec::None`] by default). [`Conn::send`] encodes the value
+//! section of a frame of `f32` or `f64` values, status 0, not compressed already, with
+//! at least [`COMPRESS_MIN_BYTES`] of values (exactly as many as its keys and value length
+//! call for) into one [`compress`] block. When the block is smaller than the values the
+//! frame goes out with [`FLAG_COMPRESSED`] and the block as its values; otherwise it goes
+//! out unchanged. Keys are never compressed, nor are control frames, error answers
+//! (dtype bytes or a non-zero status) or frames sent with [`Conn::send_borrowed`] (large
+//! range pulls streamed from a store under its lock, which compressing would hold longer).
+//! Compression runs on the sending thread, before it takes the connection's write lock,
+//! with one codec [`Context`](compress::Context) per thread.
+//!
+//! The receiving loop decodes a compressed frame before its handler sees it. The block
+//! must decode to exactly the value bytes the header calls for: keys x value length x
+//! element size, where the keys are the key count, the keys in the range of a
+//! [`FLAG_RANGE`] frame, or the list length of a [`FLAG_KEYS_CACHED`] frame; and the
+//! decoded frame must pass the usual checks within `max_frame`. Its claimed length is
+//! checked before anything is allocated. The handler gets an owned frame with the flag
+//! cleared and `value_bytes` the decoded length. A block that does not decode to that
+//! closes the connection with [`CloseReason::BadBlock`], like any malformed frame.
+//!
+//! Negotiation needs no handshake: a peer that sends a compressed frame shows that it
+//! decodes them. With [`TcpConfig::mirror_codec`] (the default) a connection whose own
+//! codec is none takes the codec of the first compressed frame it receives, so a server
+//! answers compressed exactly to the workers that compress, and raw to the others. A
+//! peer must only be sent compressed frames once it is known to decode them (a build
+//! without compression refuses [`FLAG_COMPRESSED`] as an unknown flag): turn a codec on
+//! at the side that knows, the other side follows. [`Stats`] counts the value bytes of
+//! the frames compression was tried on, before and after, both ways.
 //!
 //! # Locks and their order
 //!
@@ -39,6 +72,8 @@
 //!     the queue; senders read it under `write`. So once `mark_closed` has released
 //!     `write`, nothing is ever queued on the connection again.
 //!   - `tag: AtomicU64`: the application's value, independent of everything else.
+//!   - `codec: AtomicU64`: the send codec, read once per frame by senders, set by the
+//!     application or (mirroring) by the loop; independent of everything else.
 //! - Per loop: the command channel (crossbeam, synchronised inside) and its `Waker`. The
 //!   loop's own state (connections, read buffers, listeners) belongs to its thread and
 //!   takes no lock.
@@ -63,7 +98,7 @@
 //! Debug builds check 2 and 3 (module `lock_order`): taking a `write` while holding one,
 //! or any transport lock while holding the pool's, panics before the lock is tried.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -80,8 +115,12 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use self::lock_order::{Rank, Ranked};
 
-use crate::buf::{BufPool, OutFrame, OwnedFrame, RecvFrame};
-use crate::wire::{Frame, Header, Layout, WireError, DEFAULT_MAX_FRAME, HEADER_LEN};
+use crate::buf::{BufPool, OutFrame, OwnedFrame, Payload, RecvFrame};
+use crate::compress::{self, Codec};
+use crate::wire::{
+    DType, Frame, Header, Layout, WireError, DEFAULT_MAX_FRAME, FLAG_COMPRESSED, FLAG_KEYS_CACHED,
+    FLAG_RANGE, HEADER_LEN,
+};
 
 const WAKER: Token = Token(usize::MAX);
 const STAGING_BYTES: usize = 64 << 10;
@@ -93,8 +132,64 @@ const HANDOFF_MIN_BYTES: usize = 1 << 20;
 /// Frames gathered into one vectored write.
 const MAX_FRAMES_PER_WRITE: usize = 64;
 
+/// The smallest value section [`Conn::send`] tries to compress, in bytes.
+///
+/// Below it a try cannot pay. On 256 bytes of f32 values (90% zero), one try costs about
+/// 0.08 us in zero runs, 0.19 us in LZ4 and 1 to 2.5 us in zstd, mostly its context reset
+/// (`ratios_report` in [`compress`], on a shared 2-core x86 VM). What it can save is at
+/// most the values less the block's 9-byte header, about 250 bytes: 0.2 us on a 10 Gb/s
+/// link, while the frame's 56-byte header and its system call (several us) stay. So at
+/// 256 bytes the fast codecs about break even on a fast link, zstd pays only on slow
+/// ones, and a smaller frame cannot even save what a failed try (pure loss) costs. Above
+/// it the possible saving grows with the size, as does the cost, but zstd's fixed part
+/// does not.
+pub const COMPRESS_MIN_BYTES: usize = 256;
+
 thread_local! {
     static ON_LOOP: Cell<bool> = const { Cell::new(false) };
+    /// This thread's codec state (a zstd context or two), for sending and receiving.
+    static CODEC_CTX: RefCell<compress::Context> = RefCell::new(compress::Context::new());
+}
+
+/// Run `f` with this thread's codec context (a fresh one if the thread's is not
+/// available: during thread teardown, or were it ever re-entered).
+fn with_codec_ctx<R>(f: impl FnOnce(&mut compress::Context) -> R) -> R {
+    let mut f = Some(f);
+    let done = CODEC_CTX.try_with(|c| {
+        let mut c = c.try_borrow_mut().ok()?;
+        Some((f.take().expect("called once"))(&mut c))
+    });
+    match done {
+        Ok(Some(r)) => r,
+        _ => (f.take().expect("not called yet"))(&mut compress::Context::new()),
+    }
+}
+
+/// The value bytes a frame's values are once decoded: (number of keys) x `value_len` x
+/// element size, where the number of keys is the range's length for [`FLAG_RANGE`], the
+/// list's length (the third key word) for [`FLAG_KEYS_CACHED`], else the key count.
+/// `None` when the key words needed are missing, a range runs backwards, the dtype is
+/// unknown, or the product overflows. `keys` are the key section's bytes.
+fn decoded_values_len(h: &Header, keys: &[u8]) -> Option<u64> {
+    let word = |i: usize| {
+        keys.get(i * 8..i * 8 + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    };
+    let n = if h.has(FLAG_KEYS_CACHED) {
+        word(2)?
+    } else if h.has(FLAG_RANGE) {
+        word(1)?.checked_sub(word(0)?)?
+    } else {
+        h.key_count
+    };
+    let elem = DType::from_u8(h.dtype)?.size() as u64;
+    n.checked_mul(u64::from(h.value_len))?.checked_mul(elem)
+}
+
+/// Whether a frame carries values without keys to count them by (answers: the requester
+/// knows its keys). Its compressed values decode to the length their block claims.
+fn keyless(h: &Header) -> bool {
+    h.key_count == 0 && !h.has(FLAG_RANGE) && !h.has(FLAG_KEYS_CACHED)
 }
 
 /// The transport's lock order (see the [module docs](self)), checked in debug builds.
@@ -209,6 +304,15 @@ pub struct TcpConfig {
     pub busy_poll_us: u64,
     /// Idle receive buffers kept per transport.
     pub pool_buffers_max: usize,
+    /// Mirror a peer's compression (default: true). When a connection whose own codec is
+    /// [`Codec::None`] receives a compressed frame, it takes that frame's codec as its
+    /// send codec ([`Conn::set_codec`]; a zstd block does not name its level, so zstd is
+    /// mirrored at [`compress::ZSTD_DEFAULT_LEVEL`]). A peer that compresses shows that it
+    /// decodes, so a server answers compressed exactly to the workers that compress.
+    /// With `false`, connections compress only when told to; a connection that should
+    /// never compress needs `false` (setting its codec to none is undone by the next
+    /// compressed frame it receives).
+    pub mirror_codec: bool,
 }
 
 impl Default for TcpConfig {
@@ -221,6 +325,7 @@ impl Default for TcpConfig {
             send_queue_max_bytes: 256 << 20,
             busy_poll_us: 100,
             pool_buffers_max: 64,
+            mirror_codec: true,
         }
     }
 }
@@ -243,6 +348,11 @@ pub enum CloseReason {
     /// The peer sent bytes that are not a valid frame.
     #[error("malformed frame: {0}")]
     Malformed(#[from] WireError),
+    /// The peer sent a compressed frame ([`FLAG_COMPRESSED`]) whose value block does not
+    /// decode to the values its header calls for (a corrupt or truncated block, a length
+    /// other than the header's, a decoded frame that would be invalid or too large).
+    #[error("malformed compressed frame: {0}")]
+    BadBlock(String),
     /// A socket error.
     #[error("socket error: {0}")]
     Io(#[source] io::Error),
@@ -295,6 +405,22 @@ pub struct Stats {
     pub bytes_received: AtomicU64,
     /// Frames delivered to handlers.
     pub frames_received: AtomicU64,
+    /// Value bytes of the outgoing frames compression was tried on (a connection with a
+    /// codec sending a data frame of at least [`COMPRESS_MIN_BYTES`] of values), before
+    /// compression. Frames it was not tried on count neither here nor in
+    /// `values_wire_out`.
+    pub values_raw_out: AtomicU64,
+    /// Value bytes of the same frames as sent: the block's length where compression paid,
+    /// the raw length where it did not. `values_raw_out / values_wire_out` is the ratio.
+    pub values_wire_out: AtomicU64,
+    /// Outgoing frames sent compressed (with [`FLAG_COMPRESSED`]).
+    pub frames_compressed_out: AtomicU64,
+    /// Value bytes of the compressed frames received, as they came (the blocks).
+    pub values_wire_in: AtomicU64,
+    /// Value bytes of the compressed frames received, once decoded.
+    pub values_raw_in: AtomicU64,
+    /// Compressed frames received, decoded and delivered.
+    pub frames_compressed_in: AtomicU64,
 }
 
 /// What a loop's owner does with incoming frames. Each loop owns one handler, made by the
@@ -398,6 +524,8 @@ struct ConnInner {
     space: Condvar,
     closed: AtomicBool,
     tag: AtomicU64,
+    /// The send codec, as [`Codec::to_bits`].
+    codec: AtomicU64,
     shared: Arc<Shared>,
 }
 
@@ -451,10 +579,103 @@ impl Conn {
         self.0.lock_write().queued
     }
 
+    /// The codec [`send`](Self::send) compresses values with ([`Codec::None`], the
+    /// default: it does not). See the [module docs](self) for which frames it compresses.
+    pub fn codec(&self) -> Codec {
+        Codec::from_bits(self.0.codec.load(Ordering::Acquire))
+    }
+
+    /// Compress the values of the data frames sent from now on with `codec` (none: stop
+    /// compressing). Only for a peer known to decode compressed frames; with
+    /// [`TcpConfig::mirror_codec`] the peer's side of the connection then answers in the
+    /// same codec. Frames already queued are not changed.
+    pub fn set_codec(&self, codec: Codec) {
+        self.0.codec.store(codec.to_bits(), Ordering::Release)
+    }
+
+    /// Take `codec` as the send codec if the connection has none (mirroring a peer).
+    fn mirror_codec(&self, codec: Codec) {
+        if codec != Codec::None {
+            let _ = self.0.codec.compare_exchange(
+                Codec::None.to_bits(),
+                codec.to_bits(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
+    }
+
     /// Send a frame. Writes it at once when nothing is queued before it, else queues it
     /// for the loop. On an application thread this blocks while the connection has more
     /// than `send_queue_max_bytes` queued; on a loop thread it never blocks.
+    ///
+    /// With a codec set ([`set_codec`](Self::set_codec)), the values of a data frame of
+    /// at least [`COMPRESS_MIN_BYTES`] are compressed first, on this thread, and sent
+    /// compressed when that makes them smaller (see the [module docs](self)).
     pub fn send(&self, frame: OutFrame) -> Result<(), TransportError> {
+        let frame = self.compress_values(frame);
+        self.send_frame(frame)
+    }
+
+    /// The frame as it goes out: with its values compressed, when the connection has a
+    /// codec, the frame is one to try it on, and the block is smaller than the values.
+    fn compress_values(&self, frame: OutFrame) -> OutFrame {
+        let codec = self.codec();
+        if codec == Codec::None || self.is_closed() {
+            return frame;
+        }
+        let h = frame.header();
+        let values = frame.values().bytes();
+        let raw_len = values.len();
+        // Data frames only, with exactly the values the receiver will expect: anything
+        // else goes out as it is, and the receiver judges it as it would have.
+        if !matches!(h.value_type(), Some(DType::F32 | DType::F64))
+            || h.status != 0
+            || h.has(FLAG_COMPRESSED)
+            || raw_len < COMPRESS_MIN_BYTES
+            || !(keyless(h) || decoded_values_len(h, frame.keys().bytes()) == Some(raw_len as u64))
+        {
+            return frame;
+        }
+        let shared = &self.0.shared;
+        let stats = &shared.stats;
+        stats
+            .values_raw_out
+            .fetch_add(raw_len as u64, Ordering::Relaxed);
+        let mut block = shared.pool.take(compress::encode_room(raw_len));
+        let encoded =
+            with_codec_ctx(|ctx| compress::compress_into(ctx, codec, values, block.bytes_mut()));
+        let Some(encoded) = encoded else {
+            stats
+                .values_wire_out
+                .fetch_add(raw_len as u64, Ordering::Relaxed);
+            return frame;
+        };
+        debug_assert!(
+            encoded.bytes_out < raw_len,
+            "a compressed block of {} bytes for {raw_len} bytes of values",
+            encoded.bytes_out
+        );
+        stats
+            .values_wire_out
+            .fetch_add(encoded.bytes_out as u64, Ordering::Relaxed);
+        stats.frames_compressed_out.fetch_add(1, Ordering::Relaxed);
+        // The send queue's bound counts wire bytes, so a queued block must not pin much
+        // more memory than its length: a small one moves to a buffer of its size (the
+        // room it was written in goes back to the pool for the next frame).
+        let block = if encoded.bytes_out <= block.len() / 2 {
+            Payload::owned(block.bytes()[..encoded.bytes_out].to_vec())
+        } else {
+            block.truncate(encoded.bytes_out);
+            Payload::owned(block)
+        };
+        let (mut header, keys, _raw) = frame.into_parts();
+        header.flags |= FLAG_COMPRESSED;
+        OutFrame::new(header, keys, block)
+    }
+
+    /// [`send`](Self::send) of a frame as it is (no compression).
+    fn send_frame(&self, frame: OutFrame) -> Result<(), TransportError> {
         let inner = &*self.0;
         let max = inner.shared.cfg.send_queue_max_bytes;
         let mut w = inner.lock_write();
@@ -504,6 +725,11 @@ impl Conn {
     /// ends when this returns. When frames are queued already, the values are copied and
     /// queued at once. This blocks the calling thread (possibly a loop) for up to
     /// `block_max`: use it for large frames, where the copy it saves costs more.
+    ///
+    /// The values go out uncompressed whatever the connection's codec (also when they are
+    /// copied): compressing would keep the borrow, often a store's lock, for longer than
+    /// sending them does on a fast link; these frames are not counted in the compression
+    /// [`Stats`].
     pub fn send_borrowed(
         &self,
         header: Header,
@@ -525,7 +751,7 @@ impl Conn {
         }
         if !w.queue.is_empty() {
             drop(w);
-            return self.send(OutFrame::new(header, keys, copy()));
+            return self.send_frame(OutFrame::new(header, keys, copy()));
         }
         debug_assert!(
             keys.len().is_multiple_of(8),
@@ -787,6 +1013,7 @@ impl Shared {
             space: Condvar::new(),
             closed: AtomicBool::new(false),
             tag: AtomicU64::new(0),
+            codec: AtomicU64::new(Codec::None.to_bits()),
             shared: self.clone(),
         })))
     }
@@ -1263,6 +1490,114 @@ impl<H: Handler> EventLoop<H> {
     }
 }
 
+/// Decode a checked [`FLAG_COMPRESSED`] frame into a frame of its own, as if it had come
+/// uncompressed: the flag cleared, `value_bytes` the decoded length, the same keys, and
+/// the block's values in a pooled buffer. The block must decode to exactly the values
+/// the header calls for, and the decoded frame must pass the usual checks within
+/// `max_frame`; nothing is allocated before the block's claimed length is found to be
+/// that. Counts the frame in [`Stats`] and mirrors its codec (if so configured).
+fn decompress_frame(
+    conn: &Conn,
+    frame: &Frame<'_>,
+    shared: &Shared,
+) -> Result<OwnedFrame, CloseReason> {
+    let h = *frame.header();
+    debug_assert!(h.has(FLAG_COMPRESSED), "decompressing a plain frame");
+    let block = frame.values();
+    let keys: &[u8] = bytemuck::cast_slice(frame.keys());
+    let claimed = if keyless(&h) {
+        // No keys to count the values by (an answer): the block's own length, bounded
+        // by the frame limit before anything is allocated.
+        let max = shared.cfg.max_frame.saturating_sub(crate::wire::HEADER_LEN);
+        Some(
+            compress::inspect(block, max)
+                .map_err(|e| {
+                    CloseReason::BadBlock(format!(
+                        "its {}-byte value block, for at most {max} bytes of values: {e}",
+                        block.len()
+                    ))
+                })?
+                .len as u64,
+        )
+    } else {
+        decoded_values_len(&h, keys)
+    };
+    let Some(want) = claimed else {
+        return Err(CloseReason::BadBlock(format!(
+            "the values it calls for ({} x {} of dtype {}) do not fit in 64 bits",
+            if h.has(FLAG_RANGE) {
+                "the range's keys"
+            } else if h.has(FLAG_KEYS_CACHED) {
+                "the cached list's keys"
+            } else {
+                "its keys"
+            },
+            h.value_len,
+            h.dtype
+        )));
+    };
+    let mut plain = h;
+    plain.flags &= !FLAG_COMPRESSED;
+    plain.value_bytes = want;
+    // Bounds the decoded frame by `max_frame` (and so `want` by usize) before anything
+    // is allocated for it.
+    let layout = plain
+        .layout(shared.cfg.max_frame)
+        .map_err(|e| CloseReason::BadBlock(format!("decoded, it would be invalid: {e}")))?;
+    let want = layout.values_len;
+    let info = compress::inspect(block, want).map_err(|e| {
+        CloseReason::BadBlock(format!(
+            "its {}-byte value block, for {want} bytes of values: {e}",
+            block.len()
+        ))
+    })?;
+    if info.len != want {
+        return Err(CloseReason::BadBlock(format!(
+            "its {}-byte {} value block holds {} bytes, the header calls for {want}",
+            block.len(),
+            info.codec.name(),
+            info.len
+        )));
+    }
+    let mut body = shared.pool.take(layout.body_len);
+    let bytes = body.bytes_mut();
+    let (k, rest) = bytes.split_at_mut(layout.keys_len);
+    k.copy_from_slice(keys);
+    let (v, pad) = rest.split_at_mut(want);
+    pad.fill(0);
+    let got = with_codec_ctx(|ctx| compress::decode_into(ctx, block, v)).map_err(|e| {
+        CloseReason::BadBlock(format!(
+            "its {}-byte {} value block does not decode: {e}",
+            block.len(),
+            info.codec.name()
+        ))
+    })?;
+    if got != want {
+        // `inspect` saw this length claimed; `decode_into` returns the claimed length.
+        return Err(CloseReason::BadBlock(format!(
+            "its value block decodes to {got} bytes, the header calls for {want}"
+        )));
+    }
+    let owned = OwnedFrame::from_checked(plain, layout, body);
+    if let Err(e) = owned.frame_checked() {
+        return Err(CloseReason::BadBlock(format!(
+            "decoded, it would be invalid: {e}"
+        )));
+    }
+    let stats = &shared.stats;
+    stats
+        .values_wire_in
+        .fetch_add(block.len() as u64, Ordering::Relaxed);
+    stats
+        .values_raw_in
+        .fetch_add(want as u64, Ordering::Relaxed);
+    stats.frames_compressed_in.fetch_add(1, Ordering::Relaxed);
+    if shared.cfg.mirror_codec {
+        conn.mirror_codec(info.codec);
+    }
+    Ok(owned)
+}
+
 /// Read and deliver frames until the socket is drained, the budget is spent, reading is
 /// paused by backpressure, or the connection must close.
 fn read_frames<H: Handler>(
@@ -1308,10 +1643,18 @@ fn read_frames<H: Handler>(
                         let big = rs.big.take().expect("checked above");
                         let owned = OwnedFrame::from_checked(big.header, big.layout, big.body);
                         // Range checks need the keys: re-check before delivering.
-                        let frame = owned.frame_checked();
-                        if let Err(e) = frame {
-                            return ReadOutcome::Close(CloseReason::Malformed(e));
-                        }
+                        let decoded = match owned.frame_checked() {
+                            Err(e) => return ReadOutcome::Close(CloseReason::Malformed(e)),
+                            Ok(f) if f.header().has(FLAG_COMPRESSED) => {
+                                Some(decompress_frame(conn, &f, shared))
+                            }
+                            Ok(_) => None,
+                        };
+                        let owned = match decoded {
+                            None => owned,
+                            Some(Ok(plain)) => plain,
+                            Some(Err(reason)) => return ReadOutcome::Close(reason),
+                        };
                         shared.stats.frames_received.fetch_add(1, Ordering::Relaxed);
                         handler.on_frame(conn, RecvFrame::Owned(owned));
                         if conn.over_bound() {
@@ -1369,14 +1712,19 @@ fn read_frames<H: Handler>(
                 Err(e) => return ReadOutcome::Close(CloseReason::Malformed(e)),
             };
             rs.start += frame_len;
-            shared.stats.frames_received.fetch_add(1, Ordering::Relaxed);
-            handler.on_frame(
-                conn,
+            let frame = if header.has(FLAG_COMPRESSED) {
+                match decompress_frame(conn, &frame, shared) {
+                    Ok(plain) => RecvFrame::Owned(plain),
+                    Err(reason) => return ReadOutcome::Close(reason),
+                }
+            } else {
                 RecvFrame::Borrowed {
                     frame,
                     pool: &shared.pool,
-                },
-            );
+                }
+            };
+            shared.stats.frames_received.fetch_add(1, Ordering::Relaxed);
+            handler.on_frame(conn, frame);
             if conn.is_closed() {
                 return ReadOutcome::Idle;
             }

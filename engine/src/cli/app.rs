@@ -287,6 +287,7 @@ fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> {
             cfg.tcp = net.tcp()?;
             cfg.transport = net.transport;
             cfg.key_cache = job.key_cache;
+            cfg.compress = job.compress;
             let worker = Worker::connect(cfg)?;
             crate::job::run_lr_worker(worker, &job)
         }

@@ -77,6 +77,7 @@ fn job_all() -> JobArgs {
         ],
         key_cache: true,
         compress: pserv_transport::compress::Codec::Zstd { level: 7 },
+        pull_filter: crate::job::PullFilter::ZeroSmall,
     }
 }
 
@@ -104,6 +105,7 @@ fn job_min() -> JobArgs {
         filters: Vec::new(),
         key_cache: false,
         compress: pserv_transport::compress::Codec::None,
+        pull_filter: crate::job::PullFilter::None,
     }
 }
 

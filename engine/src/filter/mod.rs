@@ -22,6 +22,10 @@
 //!
 //! Users write their own by implementing [`Filter`]; nothing in the engine changes.
 //!
+//! On the servers, [`AnswerFilter`]s change what a pull's answer carries (a pull names
+//! one by id: [`ANSWER_BF16`], [`ANSWER_ZERO_SMALL`], or one the server added); see
+//! the `answer` part of this module.
+//!
 //! Invariant: a filter's output is valid push input (keys sorted and distinct, a subset
 //! of the input's keys plus keys it held back earlier, `value_len` values per key);
 //! [`FilterChain::apply`] checks it in debug builds.
@@ -31,8 +35,13 @@ use std::collections::BTreeMap;
 use crate::base::keys::Key;
 use crate::base::value::Value;
 
+mod answer;
 mod residuals;
 mod spec;
+pub use answer::{
+    round_bf16, AnswerFilter, AnswerFilterSet, AnswerFilters, AnswerKeys, Bf16Round, ZeroBelow,
+    ANSWER_BF16, ANSWER_FIRST_USER, ANSWER_NONE, ANSWER_ZERO_SMALL, ZERO_SMALL_BELOW,
+};
 use residuals::{KeyMap, Residuals};
 pub use spec::FilterSpec;
 

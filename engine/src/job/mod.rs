@@ -123,6 +123,41 @@ pub struct JobArgs {
     /// of zero words). A frame is sent compressed only when that makes it smaller.
     #[arg(long, env = "PSERV_COMPRESS", default_value = "none")]
     pub compress: pserv_transport::compress::Codec,
+    /// The answer filter the servers run on training pulls: none, bf16 (weights rounded
+    /// to bfloat16 precision) or zero-small (|w| < 1e-6 answered as 0); they pay with
+    /// `--compress` (see `filter::AnswerFilter`). Evaluation pulls are never filtered.
+    #[arg(long, env = "PSERV_PULL_FILTER", value_enum, default_value = "none")]
+    pub pull_filter: PullFilter,
+}
+
+/// `--pull-filter`: a built-in answer filter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PullFilter {
+    /// The weights as stored.
+    None,
+    /// Rounded to bfloat16 precision.
+    Bf16,
+    /// Magnitudes below 1e-6 answered as 0.
+    ZeroSmall,
+}
+
+impl PullFilter {
+    /// The answer filter id pulls name.
+    pub fn id(self) -> u16 {
+        match self {
+            PullFilter::None => crate::filter::ANSWER_NONE,
+            PullFilter::Bf16 => crate::filter::ANSWER_BF16,
+            PullFilter::ZeroSmall => crate::filter::ANSWER_ZERO_SMALL,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            PullFilter::None => "none",
+            PullFilter::Bf16 => "bf16",
+            PullFilter::ZeroSmall => "zero-small",
+        }
+    }
 }
 
 /// The dense layout of `--hash-buckets`: bucket `j` of `D` lives on server `j % S` at key
@@ -276,6 +311,9 @@ impl JobArgs {
         }
         if self.compress != pserv_transport::compress::Codec::None {
             a.push(format!("--compress={}", self.compress));
+        }
+        if self.pull_filter != PullFilter::None {
+            a.push(format!("--pull-filter={}", self.pull_filter.name()));
         }
         a
     }
@@ -569,6 +607,10 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
     } else {
         Vec::new()
     });
+    let pull_opts = TaskOpts {
+        func: job.pull_filter.id(),
+        ..TaskOpts::default()
+    };
     let eval_opts = TaskOpts {
         consistency: Some(Consistency::Eventual),
         ..TaskOpts::default()
@@ -659,7 +701,7 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
                 }
                 for &(w, at) in &windows {
                     let n = w.len() as usize;
-                    worker.pull_range_into(w, &mut model[at..at + n], &TaskOpts::default())?;
+                    worker.pull_range_into(w, &mut model[at..at + n], &pull_opts)?;
                 }
                 blocked += asked.elapsed();
                 weights.clear();
@@ -670,7 +712,8 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
                 }));
                 None
             } else {
-                let pulled = worker.wait_pull::<f32>(worker.pull::<f32>(keys.clone()))?;
+                let pulled =
+                    worker.wait_pull::<f32>(worker.pull_opts::<f32>(keys.clone(), &pull_opts))?;
                 blocked += asked.elapsed();
                 // Requests to one server are answered in order, so the previous push is done.
                 if let Some(ts) = previous_push {
@@ -759,6 +802,25 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
         let (sent, received) = worker.traffic();
         traffic.insert("bytes_sent".into(), sent.into());
         traffic.insert("bytes_received".into(), received.into());
+        let t = worker.transport_stats();
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        if job.compress != pserv_transport::compress::Codec::None {
+            let (raw_out, wire_out) = (load(&t.values_raw_out), load(&t.values_wire_out));
+            let (raw_in, wire_in) = (load(&t.values_raw_in), load(&t.values_wire_in));
+            traffic.insert(
+                "compression".into(),
+                serde_json::json!({
+                    "codec": job.compress.to_string(),
+                    "frames_out": load(&t.frames_compressed_out),
+                    "values_raw_out": raw_out,
+                    "values_wire_out": wire_out,
+                    "frames_in": load(&t.frames_compressed_in),
+                    "values_raw_in": raw_in,
+                    "values_wire_in": wire_in,
+                    "ratio": (raw_out + raw_in) as f64 / ((wire_out + wire_in).max(1)) as f64,
+                }),
+            );
+        }
         if let Some(k) = worker.key_cache_stats() {
             let mut v = serde_json::to_value(k).expect("json encodes");
             v["hit_rate"] = k.hit_rate().into();
@@ -809,6 +871,7 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
             "filters": job.filters.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "key_cache": job.key_cache,
             "compress": job.compress.to_string(),
+            "pull_filter": job.pull_filter.name(),
         });
         worker.tell_scheduler(Control::Summary {
             json: summary.to_string(),

@@ -333,6 +333,13 @@ pub enum Control {
         /// The worker's rank.
         rank: u32,
     },
+    /// Worker to a server, first on a new connection: compress the answers on this
+    /// connection with `codec` (a codec name, `pserv_transport::compress::Codec`'s
+    /// syntax) when that makes them smaller. The worker compresses its requests so.
+    Compress {
+        /// The codec's name.
+        codec: String,
+    },
 }
 
 /// A push whose effect a replication batch carries, for exactly-once retries: a worker

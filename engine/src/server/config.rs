@@ -48,6 +48,10 @@ pub struct ServerConfig {
     /// Bound of this server's cache of workers' key lists, in keys over all lists (see
     /// [`crate::keycache`]; 0: cache nothing, so workers always send their keys).
     pub key_cache_keys: usize,
+    /// Answer filters this server runs on pulls that name them, beside the built-ins
+    /// (see [`crate::filter::AnswerFilter`]; ids from
+    /// [`ANSWER_FIRST_USER`](crate::filter::ANSWER_FIRST_USER) in the order added).
+    pub answer_filters: crate::filter::AnswerFilterSet,
 }
 
 /// User update rules for a server: registered into its
@@ -211,6 +215,7 @@ impl ServerConfig {
             replication: ReplicationConfig::default(),
             join: false,
             key_cache_keys: crate::keycache::DEFAULT_SERVER_KEYS,
+            answer_filters: crate::filter::AnswerFilterSet::default(),
         }
     }
 }

@@ -68,6 +68,17 @@ impl Handler for ServerHandler {
                             }
                         }
                     }
+                    Ok(Control::Compress { codec }) => {
+                        match codec.parse::<pserv_transport::compress::Codec>() {
+                            Ok(c) => {
+                                tracing::debug!(peer = %conn.peer_addr(), codec = %c, "answers on this connection are compressed");
+                                conn.set_codec(c);
+                            }
+                            Err(e) => {
+                                tracing::warn!(peer = %conn.peer_addr(), error = %e, "a worker asked for a codec this server does not know; answers stay uncompressed")
+                            }
+                        }
+                    }
                     Ok(other) => {
                         tracing::warn!(peer = %conn.peer_addr(), ?other, "unexpected control message from a worker; ignored")
                     }

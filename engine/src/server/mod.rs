@@ -48,6 +48,8 @@ use crate::update::UpdateRegistry;
 pub(crate) struct Typed<T: Value> {
     pub(crate) store: Store<T>,
     pub(crate) updates: UpdateRegistry<T>,
+    /// The filters pulls may name for their answers.
+    pub(crate) answers: crate::filter::AnswerFilters<T>,
 }
 
 /// The store in the cluster's value type.

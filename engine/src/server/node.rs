@@ -132,7 +132,7 @@ impl Server {
             rank,
             &cluster,
             cfg.shards,
-            &cfg.rules,
+            (&cfg.rules, &cfg.answer_filters),
             cfg.transport,
             repl,
         )?;
@@ -460,7 +460,7 @@ pub(super) fn make_ready(
     rank: u32,
     cluster: &ClusterInfo,
     shards: usize,
-    rules: &UserRules,
+    (rules, answers): (&UserRules, &crate::filter::AnswerFilterSet),
     transport: TransportKind,
     repl: Replicator,
 ) -> Result<Ready, EngineError> {
@@ -493,10 +493,12 @@ pub(super) fn make_ready(
     let store = match cluster.value_type {
         ValueType::F32 => AnyStore::F32(Typed {
             updates: registry(cluster.update.build::<f32>(), &rules.f32)?,
+            answers: answers.f32.clone(),
             store: Store::new(range, cfg).map_err(err)?,
         }),
         ValueType::F64 => AnyStore::F64(Typed {
             updates: registry(cluster.update.build::<f64>(), &rules.f64)?,
+            answers: answers.f64.clone(),
             store: Store::new(range, cfg).map_err(err)?,
         }),
     };

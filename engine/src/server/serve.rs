@@ -8,6 +8,7 @@ use pserv_transport::{Conn, Frame, OutFrame, Payload};
 
 use crate::base::keys::KeyRange;
 use crate::base::value::Value;
+use crate::filter::AnswerKeys;
 use crate::placement::Partition;
 use crate::proto::{self, Status};
 use crate::replication::{HeldPart, KeysRef};
@@ -258,7 +259,9 @@ pub(super) fn serve<T: Value>(
             Ok(Some(proto::answer(h, ready.node_id, 0, Payload::empty())))
         }
         MessageKind::Pull
-            if range.is_some() && out_elems * std::mem::size_of::<T>() >= BORROW_MIN_BYTES =>
+            if range.is_some()
+                && h.func == crate::filter::ANSWER_NONE
+                && out_elems * std::mem::size_of::<T>() >= BORROW_MIN_BYTES =>
         {
             let r = range.expect("checked by the guard");
             let header = *proto::answer(h, ready.node_id, vlen as u32, Payload::empty()).header();
@@ -297,6 +300,9 @@ pub(super) fn serve<T: Value>(
                         .store
                         .push_pull(f.keys(), grads()?, update()?.as_ref(), out)?,
                 }
+                if kind == MessageKind::Pull {
+                    filter_answer(t, h, range, f.keys(), out)?;
+                }
             }
             Ok(Some(proto::answer(
                 h,
@@ -307,4 +313,21 @@ pub(super) fn serve<T: Value>(
         }
         MessageKind::Control => Err(bad("unexpected control message".into())),
     }
+}
+
+/// Run the answer filter a pull names (its function id; 0: none) on its values.
+pub(super) fn filter_answer<T: Value>(
+    t: &Typed<T>,
+    h: &pserv_transport::Header,
+    range: Option<KeyRange>,
+    keys: &[u64],
+    out: &mut [T],
+) -> Result<(), Refusal> {
+    let keys = match range {
+        Some(r) => AnswerKeys::Range(r),
+        None => AnswerKeys::List(keys),
+    };
+    t.answers
+        .apply(h.func, keys, t.store.value_len(), out)
+        .map_err(|m| Refusal(Status::UnknownFunction, m))
 }

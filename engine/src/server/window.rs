@@ -129,6 +129,9 @@ pub(super) fn serve_window<T: Value>(
             None => w.pull_keys(f.keys(), out),
         }
         .map_err(|e| Refusal(Status::BadRequest, e))?;
+        if kind == MessageKind::Pull {
+            super::serve::filter_answer(t, h, range, f.keys(), out)?;
+        }
     }
     Ok(Some(proto::answer(
         h,

@@ -74,6 +74,11 @@ impl Worker {
         self.core.sent_lists.as_ref().map(|l| l.stats())
     }
 
+    /// The transport's counters: bytes, frames, and what value compression did.
+    pub fn transport_stats(&self) -> &pserv_transport::tcp::Stats {
+        self.transport.stats()
+    }
+
     /// Bytes written to and read from sockets so far.
     pub fn traffic(&self) -> (u64, u64) {
         let s = self.transport.stats();

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use pserv_transport::compress::Codec;
 use pserv_transport::TcpConfig;
 
 use crate::consistency::Consistency;
@@ -43,6 +44,10 @@ pub struct WorkerConfig {
     /// Send repeated key lists by name once a server confirmed it cached them (see
     /// [`crate::keycache`]); default off.
     pub key_cache: bool,
+    /// Compress the values of requests to servers when that makes them smaller (and,
+    /// since a server answers in the codec a worker sends, of their answers); default
+    /// none. See `pserv_transport::tcp` on how connections agree.
+    pub compress: Codec,
 }
 
 impl WorkerConfig {
@@ -59,6 +64,7 @@ impl WorkerConfig {
             transport: TransportKind::Tcp,
             scheduler_grace: Duration::from_secs(10),
             key_cache: false,
+            compress: Codec::None,
         }
     }
 }
@@ -71,6 +77,8 @@ pub struct TaskOpts {
     pub after: Vec<Timestamp>,
     /// The consistency model of this task (default: the worker's).
     pub consistency: Option<Consistency>,
-    /// Update function id for pushes (0: the server's default).
+    /// Update function id for pushes (0: the server's default); for pulls, the answer
+    /// filter the servers run on the values before answering (0: none; see
+    /// [`crate::filter::AnswerFilter`]).
     pub func: u16,
 }

@@ -98,6 +98,8 @@ impl Core {
                     match connector.connect(s.addr, Duration::from_secs(5)) {
                         Ok(conn) => {
                             conn.set_tag(ConnTag::Server(ServerRank(s.rank)).to_u64(Holder::Worker));
+                            let me = core.sched_info.get().map_or(0, |i| i.2);
+                            offer_codec(&conn, core.codec, me);
                             let mut v = core.servers.write();
                             if v.len() <= s.rank as usize {
                                 v.resize(s.rank as usize + 1, None);
@@ -121,7 +123,11 @@ impl Worker {
     pub fn connect(cfg: WorkerConfig) -> Result<Worker, EngineError> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let (wake_tx, wake_rx) = crossbeam_channel::unbounded();
-        let core = Arc::new(Core::new(tx, wake_tx, cfg.timeout).with_key_cache(cfg.key_cache));
+        let core = Arc::new(
+            Core::new(tx, wake_tx, cfg.timeout)
+                .with_key_cache(cfg.key_cache)
+                .with_codec(cfg.compress),
+        );
         let transport =
             TcpTransport::start(cfg.tcp.clone(), |_| WorkerHandler { core: core.clone() })?;
         let scheduler = register::connect(&transport, cfg.scheduler, Holder::Worker)?;
@@ -160,6 +166,7 @@ impl Worker {
             match transport.connect(s.addr, Duration::from_secs(10)) {
                 Ok(conn) => {
                     conn.set_tag(ConnTag::Server(ServerRank(s.rank)).to_u64(Holder::Worker));
+                    offer_codec(&conn, cfg.compress, node_id);
                     servers[s.rank as usize] = Some(conn);
                 }
                 // A worker that joins late may find servers that failed since; the
@@ -242,5 +249,21 @@ impl Worker {
         }
         self.transport.shutdown();
         Ok(())
+    }
+}
+
+/// Compress requests on a new server connection with `codec`, and ask the server to
+/// compress its answers on it so (a server that never got this still answers in the
+/// codec of the first compressed request it gets).
+fn offer_codec(conn: &Conn, codec: pserv_transport::compress::Codec, node_id: u32) {
+    if codec == pserv_transport::compress::Codec::None {
+        return;
+    }
+    conn.set_codec(codec);
+    let ask = Control::Compress {
+        codec: codec.to_string(),
+    };
+    if let Err(e) = conn.send(ask.to_frame(node_id)) {
+        tracing::debug!(error = %e, "could not ask a server to compress its answers");
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use crossbeam_channel::Sender;
 use parking_lot::{Mutex, RwLock};
 
+use pserv_transport::compress::Codec;
 use pserv_transport::{Conn, OutFrame};
 
 use crate::consistency::Gate;
@@ -50,6 +51,8 @@ pub(super) struct Core {
     pub(super) timeout: Duration,
     /// Which key lists each server confirmed it caches (None: key caching off).
     pub(super) sent_lists: Option<Arc<SentLists>>,
+    /// The codec of this worker's requests to servers (and so of their answers).
+    pub(super) codec: Codec,
 }
 
 impl Core {
@@ -74,7 +77,14 @@ impl Core {
             stop: AtomicBool::new(false),
             timeout,
             sent_lists: None,
+            codec: Codec::None,
         }
+    }
+
+    /// Compress the values of requests with `codec` (servers mirror it in answers).
+    pub(super) fn with_codec(mut self, codec: Codec) -> Core {
+        self.codec = codec;
+        self
     }
 
     /// Turn key caching on: requests name the lists servers confirmed.
