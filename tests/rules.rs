@@ -311,3 +311,101 @@ fn built_ins_whose_state_does_not_fit_are_refused_and_change_nothing() {
     w.finish(0).unwrap();
     c.procs.wait_all(Duration::from_secs(20));
 }
+
+/// An answer filter of the user's: each weight answered as its key's position in the
+/// answer (so the test sees the keys reach it in order) plus the weight clipped to
+/// [-1, 1].
+struct ClipWithIndex;
+
+impl pserv_engine::filter::AnswerFilter<f32> for ClipWithIndex {
+    fn name(&self) -> &str {
+        "clip-with-index"
+    }
+    fn apply(
+        &self,
+        keys: pserv_engine::filter::AnswerKeys<'_>,
+        value_len: usize,
+        values: &mut [f32],
+    ) {
+        let n = match keys {
+            pserv_engine::filter::AnswerKeys::List(k) => k.len(),
+            pserv_engine::filter::AnswerKeys::Range(r) => r.len() as usize,
+        };
+        assert_eq!(values.len(), n * value_len);
+        for (i, v) in values.iter_mut().enumerate() {
+            *v = (i / value_len) as f32 * 10.0 + v.clamp(-1.0, 1.0);
+        }
+    }
+}
+
+#[test]
+fn pulls_name_answer_filters_built_in_and_the_users_and_an_unknown_one_is_refused() {
+    use pserv_engine::filter::{round_bf16, ANSWER_BF16, ANSWER_FIRST_USER, ANSWER_ZERO_SMALL};
+    let mut c = Cluster::scheduler_only(1, 1, &["--update=sum"]);
+    let mut cfg = ServerConfig::new(c.scheduler);
+    cfg.rank = Some(0);
+    cfg.tcp = tcp();
+    cfg.shards = 4;
+    cfg.register_timeout = Duration::from_secs(30);
+    let clip = cfg
+        .answer_filters
+        .f32
+        .add(std::sync::Arc::new(ClipWithIndex));
+    assert_eq!(clip, ANSWER_FIRST_USER);
+    let server = std::thread::spawn(move || {
+        Server::start(cfg)
+            .expect("server starts")
+            .run()
+            .expect("server runs")
+    });
+    let w = worker(c.scheduler, 0);
+    let keys = vec![3u64, 30, 300, 3000];
+    let vals = vec![1.234_567_8f32, -5.0, 3e-7, 0.5];
+    w.wait(w.push(keys.clone(), vals.clone())).unwrap();
+    let pull = |func: u16| {
+        let opts = TaskOpts {
+            func,
+            ..TaskOpts::default()
+        };
+        w.wait_pull::<f32>(w.pull_opts::<f32>(keys.clone(), &opts))
+            .map(|p| p.to_vec())
+    };
+    assert_eq!(pull(0).unwrap(), vals);
+    let bf16 = pull(ANSWER_BF16).unwrap();
+    assert_eq!(
+        bf16,
+        vals.iter().map(|&v| round_bf16(v)).collect::<Vec<_>>()
+    );
+    assert_ne!(bf16[0], vals[0]);
+    assert!(bf16.iter().all(|v| v.to_bits() & 0xffff == 0));
+    assert_eq!(
+        pull(ANSWER_ZERO_SMALL).unwrap(),
+        vec![vals[0], -5.0, 0.0, 0.5]
+    );
+    assert_eq!(pull(clip).unwrap(), vec![1.0, 9.0, 20.0 + 3e-7, 30.5]);
+    // Ranges too.
+    let range = KeyRange::new(30, 32);
+    let opts = TaskOpts {
+        func: clip,
+        ..TaskOpts::default()
+    };
+    let r = w
+        .wait_pull::<f32>(w.pull_range_opts::<f32>(range, &opts))
+        .unwrap()
+        .to_vec();
+    assert_eq!(r, vec![-1.0, 10.0]);
+    // An id no filter has: a clear error; the weights as they were.
+    match pull(ANSWER_FIRST_USER + 1) {
+        Err(EngineError::Server {
+            status, message, ..
+        }) => {
+            assert_eq!(status, Status::UnknownFunction);
+            assert!(message.contains("no answer filter with id 17"), "{message}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(pull(0).unwrap(), vals);
+    w.finish(0).unwrap();
+    server.join().expect("server thread");
+    c.procs.wait_all(Duration::from_secs(20));
+}

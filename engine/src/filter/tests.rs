@@ -220,3 +220,38 @@ fn bad_settings_are_refused() {
     assert!(std::panic::catch_unwind(|| RandomSkip::<f64>::new(0.0, 1)).is_err());
     assert!(std::panic::catch_unwind(|| Entries::<f64>::new(vec![1, 2], vec![1.0], 1)).is_err());
 }
+
+#[test]
+fn answer_filters_match_a_direct_computation() {
+    use super::{round_bf16, AnswerFilter, AnswerFilters, AnswerKeys, Bf16Round, ZeroBelow};
+    // bf16: 8 significant bits, round to nearest even.
+    assert_eq!(round_bf16(1.0), 1.0);
+    assert_eq!(round_bf16(1.0 + 1.0 / 256.0), 1.0, "a tie rounds to even");
+    assert_eq!(round_bf16(1.0 + 3.0 / 256.0), 1.0 + 4.0 / 256.0);
+    assert_eq!(round_bf16(-3.0), -3.0);
+    assert!(round_bf16(f32::NAN).is_nan());
+    assert_eq!(round_bf16(f32::INFINITY), f32::INFINITY);
+    for x in [0.1f32, -7.77, 1e-20, 123_456.79] {
+        let r = round_bf16(x);
+        assert_eq!(r.to_bits() & 0xffff, 0);
+        assert!(((r - x) / x).abs() <= 1.0 / 256.0, "{x} -> {r}");
+    }
+    let keys = AnswerKeys::List(&[1, 2]);
+    let mut v = vec![0.1f64, -2.5, 1e-7, 3.0];
+    Bf16Round.apply(keys, 2, &mut v);
+    assert_eq!(v[1], -2.5);
+    assert_eq!(v[0], f64::from(round_bf16(0.1)));
+    let mut v = vec![0.1f32, -2e-7, 1e-7, -3.0];
+    ZeroBelow(1e-6).apply(keys, 2, &mut v);
+    assert_eq!(v, vec![0.1, 0.0, 0.0, -3.0]);
+    // Ids: 0 changes nothing; unknown ids are refused with the reason.
+    let reg = AnswerFilters::<f32>::default();
+    let mut v = vec![0.1f32, 5e-7];
+    reg.apply(0, keys, 1, &mut v).unwrap();
+    assert_eq!(v, vec![0.1, 5e-7]);
+    reg.apply(super::ANSWER_ZERO_SMALL, keys, 1, &mut v)
+        .unwrap();
+    assert_eq!(v, vec![0.1, 0.0]);
+    let e = reg.apply(3, keys, 1, &mut v).unwrap_err();
+    assert!(e.contains("no answer filter with id 3"), "{e}");
+}
