@@ -153,8 +153,10 @@ fn libsvm_data_trains_too() {
 
 #[test]
 fn wrong_configurations_fail_fast_with_a_clear_message() {
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 8] = [
         (&["--filter=nope"], "unknown filter"),
+        (&["--compress=brotli"], "unknown codec `brotli`"),
+        (&["--pull-filter=fp8"], "invalid value 'fp8'"),
         (&["--filter=kkt"], "--filter kkt needs --l1"),
         (&["--workers=0"], "at least one server and one worker"),
         (&["--data=/nonexistent/pserv.svm"], "no such file"),
@@ -187,7 +189,7 @@ fn wrong_configurations_fail_fast_with_a_clear_message() {
 }
 
 /// The KKT filter on an L1 problem: most gradients are not sent, and the model is close
-/// to the unfiltered one (same seed; eventual consistency, so not bit for bit).
+/// to the unfiltered one (same seed, sequential consistency: both runs deterministic).
 #[test]
 fn the_kkt_filter_skips_most_gradients_and_keeps_the_model() {
     let dir = Scratch::new("kkt");
@@ -195,10 +197,15 @@ fn the_kkt_filter_skips_most_gradients_and_keeps_the_model() {
         let path = dir.path(name);
         let mut a = job_args(&path, 2, 2);
         a.extend(
-            ["--optimizer=ftrl", "--l1=1", "--lr=0.1"]
-                .iter()
-                .chain(extra)
-                .map(|s| s.to_string()),
+            [
+                "--optimizer=ftrl",
+                "--l1=1",
+                "--lr=0.1",
+                "--consistency=sequential",
+            ]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string()),
         );
         let out = run_local(&a);
         assert!(
@@ -224,4 +231,71 @@ fn the_kkt_filter_skips_most_gradients_and_keeps_the_model() {
         "logloss {a} unfiltered, {b} with the KKT filter"
     );
     assert!(kkt["bytes_sent"].as_u64().unwrap() < plain["bytes_sent"].as_u64().unwrap());
+}
+
+/// The reducers that change no value: cached key lists and compressed values. Under
+/// sequential consistency (deterministic runs) the model is the same to the last bit as
+/// without them, with less traffic; the summary says how much each did. An answer filter
+/// that rounds (bf16) costs little accuracy.
+#[test]
+fn key_caching_and_compression_cut_traffic_and_change_no_weight() {
+    let dir = Scratch::new("reducers");
+    let run = |name: &str, extra: &[&str]| {
+        let path = dir.path(name);
+        let mut a = job_args(&path, 2, 2);
+        a.extend(
+            [
+                "--optimizer=ftrl",
+                "--l1=1",
+                "--lr=0.1",
+                "--consistency=sequential",
+            ]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string()),
+        );
+        let out = run_local(&a);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        summary(&path)
+    };
+    let plain = run("plain.json", &[]);
+    let reduced = run("reduced.json", &["--key-cache", "--compress=zstd"]);
+    assert_eq!(
+        plain["test_logloss"], reduced["test_logloss"],
+        "the same model: {plain} vs {reduced}"
+    );
+    assert_eq!(plain["nonzero_weights"], reduced["nonzero_weights"]);
+    let total = |s: &serde_json::Value| {
+        s["bytes_sent"].as_u64().unwrap() + s["bytes_received"].as_u64().unwrap()
+    };
+    assert!(
+        total(&reduced) * 2 < total(&plain),
+        "less than half the traffic: {} vs {}",
+        total(&reduced),
+        total(&plain)
+    );
+    for w in ["traffic_worker_0", "traffic_worker_1"] {
+        let t = &reduced[w];
+        let hit = t["key_cache"]["hit_rate"].as_f64().unwrap();
+        assert!(hit > 0.5, "{w}: key cache hit rate {hit}");
+        assert_eq!(t["key_cache"]["misses"], 0);
+        let ratio = t["compression"]["ratio"].as_f64().unwrap();
+        // An L1 model's weights are mostly 0: the pulled values shrink several-fold.
+        assert!(ratio > 2.0, "{w}: compression ratio {ratio}");
+        assert_eq!(t["compression"]["codec"], "zstd:3");
+    }
+    assert!(plain["traffic_worker_0"].get("key_cache").is_none());
+    let bf16 = run("bf16.json", &["--pull-filter=bf16", "--compress=zstd"]);
+    let (a, b) = (
+        plain["test_logloss"].as_f64().unwrap(),
+        bf16["test_logloss"].as_f64().unwrap(),
+    );
+    assert!(
+        (a - b).abs() < 0.01,
+        "logloss {a} exact, {b} with bf16 pulls"
+    );
 }
