@@ -644,7 +644,9 @@ impl Conn {
             .fetch_add(raw_len as u64, Ordering::Relaxed);
         let mut block = shared.pool.take(compress::encode_room(raw_len));
         let encoded =
-            with_codec_ctx(|ctx| compress::compress_into(ctx, codec, values, block.bytes_mut()));
+            with_codec_ctx(|ctx| compress::compress_into(ctx, codec, values, block.bytes_mut()))
+                // The block's header counts: a block no smaller than the values goes raw.
+                .filter(|e| e.bytes_out < raw_len);
         let Some(encoded) = encoded else {
             stats
                 .values_wire_out
