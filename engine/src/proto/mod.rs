@@ -139,6 +139,10 @@ pub struct ServerStats {
     /// Value bytes (weights and state) those batches carried.
     #[serde(default)]
     pub replica_bytes: u64,
+    /// The key cache: lists stored, names resolved, names missed (absent or mismatched),
+    /// lists evicted.
+    #[serde(default)]
+    pub key_cache: [u64; 4],
 }
 
 /// Control-plane messages.

@@ -260,6 +260,15 @@ pub(super) fn merge_summary(core: &SchedulerCore, seconds: f64) -> serde_json::V
         obj.insert("replica_batches".into(), batches.into());
         obj.insert("replica_pushes".into(), pushes.into());
         obj.insert("replica_bytes".into(), bytes.into());
+        let kc = |i: usize| -> u64 { core.server_stats.iter().map(|s| s.key_cache[i]).sum() };
+        if kc(0) > 0 {
+            obj.insert(
+                "key_cache_servers".into(),
+                serde_json::json!({
+                    "stored": kc(0), "resolved": kc(1), "missed": kc(2), "evicted": kc(3),
+                }),
+            );
+        }
     }
     obj.insert("failovers".into(), (core.failovers.len() as u64).into());
     serde_json::Value::Object(obj)

@@ -371,6 +371,11 @@ impl Server {
                 AnyStore::F32(t) => stats_of(r, &t.store),
                 AnyStore::F64(t) => stats_of(r, &t.store),
             };
+            let kc = self.core.key_cache.stats();
+            let stats = ServerStats {
+                key_cache: [kc.stored, kc.hits, kc.absent + kc.mismatches, kc.evicted],
+                ..stats
+            };
             tracing::info!(
                 rank = r.rank,
                 keys = stats.keys,
@@ -432,6 +437,7 @@ pub(super) fn stats_of<T: Value>(ready: &Ready, store: &Store<T>) -> ServerStats
         replica_batches: repl.batches,
         replica_pushes: repl.pushes,
         replica_bytes: repl.bytes,
+        key_cache: [0; 4],
     }
 }
 
