@@ -19,6 +19,8 @@
 //!   leave it at 0. Counts what it skipped.
 //! - [`RandomSkip`]: send each entry with probability `p`, scaled by `1/p` (an unbiased
 //!   estimate of the push), from a seeded generator.
+//! - [`Quantize`]: values on a `bits`-bit grid with one scale per push, the rounding
+//!   error kept per key (error feedback); entries that round to 0 are held.
 //!
 //! Users write their own by implementing [`Filter`]; nothing in the engine changes.
 //!
@@ -36,12 +38,14 @@ use crate::base::keys::Key;
 use crate::base::value::Value;
 
 mod answer;
+mod quantize;
 mod residuals;
 mod spec;
 pub use answer::{
     round_bf16, AnswerFilter, AnswerFilterSet, AnswerFilters, AnswerKeys, Bf16Round, ZeroBelow,
     ANSWER_BF16, ANSWER_FIRST_USER, ANSWER_NONE, ANSWER_ZERO_SMALL, ZERO_SMALL_BELOW,
 };
+pub use quantize::Quantize;
 use residuals::{KeyMap, Residuals};
 pub use spec::FilterSpec;
 

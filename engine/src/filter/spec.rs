@@ -5,7 +5,7 @@ use std::str::FromStr;
 
 use crate::base::value::Value;
 
-use super::{Filter, Kkt, RandomSkip, Significant, Threshold};
+use super::{Filter, Kkt, Quantize, RandomSkip, Significant, Threshold};
 
 /// A built-in filter and its setting, as `--filter` names it.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -18,9 +18,11 @@ pub enum FilterSpec {
     Kkt,
     /// `skip:P`: send each entry with probability `P`, scaled by `1/P`.
     Skip(f64),
+    /// `quantize:BITS`: values on a BITS-bit grid per push, error feedback.
+    Quantize(u32),
 }
 
-const NAMES: &str = "significant:T, significant-rel:R, kkt, skip:P";
+const NAMES: &str = "significant:T, significant-rel:R, kkt, skip:P, quantize:BITS";
 
 impl FromStr for FilterSpec {
     type Err = String;
@@ -56,6 +58,15 @@ impl FromStr for FilterSpec {
                 }
                 Ok(FilterSpec::Skip(p))
             }
+            "quantize" => {
+                let b = number("a number of bits")?;
+                if b.fract() != 0.0 || !(2.0..=16.0).contains(&b) {
+                    return Err(format!(
+                        "filter quantize: {b} bits is not a whole number in 2..=16"
+                    ));
+                }
+                Ok(FilterSpec::Quantize(b as u32))
+            }
             other => Err(format!("unknown filter {other:?}; the filters are {NAMES}")),
         }
     }
@@ -68,6 +79,7 @@ impl fmt::Display for FilterSpec {
             FilterSpec::SignificantRel(r) => write!(f, "significant-rel:{r}"),
             FilterSpec::Kkt => write!(f, "kkt"),
             FilterSpec::Skip(p) => write!(f, "skip:{p}"),
+            FilterSpec::Quantize(b) => write!(f, "quantize:{b}"),
         }
     }
 }
@@ -81,6 +93,7 @@ impl FilterSpec {
             FilterSpec::SignificantRel(r) => Box::new(Significant::new(Threshold::Relative(r))),
             FilterSpec::Kkt => Box::new(Kkt::with_share(l1, 1.0 / workers.max(1) as f64)),
             FilterSpec::Skip(p) => Box::new(RandomSkip::new(p, seed)),
+            FilterSpec::Quantize(b) => Box::new(Quantize::new(b)),
         }
     }
 }
@@ -96,6 +109,7 @@ mod tests {
             "significant-rel:0.5",
             "kkt",
             "skip:0.25",
+            "quantize:8",
         ] {
             let f: FilterSpec = s.parse().unwrap();
             assert_eq!(f.to_string(), s);
@@ -119,6 +133,14 @@ mod tests {
             .unwrap_err()
             .contains("(0, 1]"));
         assert!("kkt:1".parse::<FilterSpec>().unwrap_err().contains("--l1"));
+        assert!("quantize:1"
+            .parse::<FilterSpec>()
+            .unwrap_err()
+            .contains("2..=16"));
+        assert!("quantize:7.5"
+            .parse::<FilterSpec>()
+            .unwrap_err()
+            .contains("whole number"));
         assert_eq!(FilterSpec::Kkt.build::<f32>(0.5, 2, 0).name(), "kkt");
     }
 }

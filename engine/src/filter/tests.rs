@@ -255,3 +255,49 @@ fn answer_filters_match_a_direct_computation() {
     let e = reg.apply(3, keys, 1, &mut v).unwrap_err();
     assert!(e.contains("no answer filter with id 3"), "{e}");
 }
+
+#[test]
+fn quantize_sends_grid_values_and_keeps_the_rounding_error() {
+    use super::Quantize;
+    // 3 bits: 3 steps per sign; the push's largest magnitude is 3.0, so the step is 1.
+    let mut q = Quantize::<f64>::new(3);
+    let out = q.push(e(&[1, 2, 3, 4], &[3.0, 1.4, -0.4, 0.6], 1));
+    // 0.6 -> 1 (residual -0.4), 1.4 -> 1 (0.4), -0.4 -> 0: held whole.
+    assert_eq!(out, e(&[1, 2, 4], &[3.0, 1.0, 1.0], 1));
+    assert!((q.residual(2).unwrap()[0] - 0.4).abs() < 1e-12);
+    assert_eq!(q.residual(3), Some(&[-0.4][..]));
+    assert!(q.residual(1).is_none(), "3.0 is on the grid: nothing held");
+    // The next push adds what was held: key 3 now -0.4 - 0.4 = -0.8, this push's largest
+    // magnitude, so it is on its grid and sent whole.
+    let out = q.push(e(&[3], &[-0.4], 1));
+    assert_eq!(out.keys, vec![3]);
+    assert!((out.values[0] + 0.8).abs() < 1e-12);
+    assert!(q.residual(3).is_none_or(|r| r[0].abs() < 1e-12));
+    // Sent plus held equals pushed, key by key (up to the rounding of the sums).
+    let mut sent = std::collections::BTreeMap::<u64, f64>::new();
+    let mut pushed = std::collections::BTreeMap::<u64, f64>::new();
+    let mut q = Quantize::<f64>::new(4);
+    let mut rng = crate::lr::rng::SplitMix64::new(3);
+    for _ in 0..200 {
+        let keys: Vec<u64> = (0..20).filter(|_| rng.next_f64() < 0.5).collect();
+        let vals: Vec<f64> = keys.iter().map(|_| rng.next_f64() * 2.0 - 1.0).collect();
+        for (k, v) in keys.iter().zip(&vals) {
+            *pushed.entry(*k).or_default() += v;
+        }
+        let out = q.push(Entries::new(keys, vals, 1));
+        for (k, v) in out.iter() {
+            *sent.entry(k).or_default() += v[0];
+        }
+    }
+    for (k, v) in q.drain(1).iter() {
+        *sent.entry(k).or_default() += v[0];
+    }
+    for (k, p) in &pushed {
+        assert!(
+            (sent[k] - p).abs() < 1e-9,
+            "key {k}: sent {} pushed {p}",
+            sent[k]
+        );
+    }
+    assert!(q.stats().sent < q.stats().offered);
+}

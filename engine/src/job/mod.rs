@@ -111,7 +111,8 @@ pub struct JobArgs {
     /// `significant:T` (send a key once its accumulated gradient exceeds T; the rest is
     /// held and sent with the last push), `significant-rel:R` (... exceeds R times its
     /// weight), `kkt` (skip gradients the L1 proximal step leaves at 0: needs --l1 and
-    /// --optimizer ftrl), `skip:P` (send each key with probability P, scaled by 1/P).
+    /// --optimizer ftrl), `skip:P` (send each key with probability P, scaled by 1/P),
+    /// `quantize:BITS` (values on a BITS-bit grid per push, the rounding error kept).
     #[arg(long = "filter", env = "PSERV_FILTER", value_delimiter = ',')]
     pub filters: Vec<crate::filter::FilterSpec>,
     /// Send repeated key lists by name once a server cached them (the paper's key
