@@ -569,3 +569,86 @@ fn key_lists_are_cached_a_miss_is_resent_and_a_wrong_name_changes_nothing() {
     w.finish(0).unwrap();
     c.procs.wait_all(Duration::from_secs(30));
 }
+
+/// A filter of the user's, written against the public API only: each push sends its `k`
+/// largest-magnitude entries and holds the rest (added to the key's next push), which
+/// the drain sends at the end.
+struct TopK {
+    k: usize,
+    held: std::collections::BTreeMap<u64, f32>,
+    stats: pserv_engine::filter::FilterStats,
+}
+
+impl pserv_engine::filter::Filter<f32> for TopK {
+    fn name(&self) -> &str {
+        "top-k"
+    }
+    fn push(
+        &mut self,
+        entries: pserv_engine::filter::Entries<f32>,
+    ) -> pserv_engine::filter::Entries<f32> {
+        let mut all: Vec<(u64, f32)> = entries
+            .iter()
+            .map(|(k, v)| (k, v[0] + self.held.remove(&k).unwrap_or(0.0)))
+            .collect();
+        self.stats.offered += all.len() as u64;
+        all.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()));
+        let rest = all.split_off(self.k.min(all.len()));
+        self.held.extend(rest);
+        all.sort_by_key(|e| e.0);
+        self.stats.sent += all.len() as u64;
+        pserv_engine::filter::Entries::new(
+            all.iter().map(|e| e.0).collect(),
+            all.iter().map(|e| e.1).collect(),
+            1,
+        )
+    }
+    fn drain(&mut self, value_len: usize) -> pserv_engine::filter::Entries<f32> {
+        let held = std::mem::take(&mut self.held);
+        pserv_engine::filter::Entries::new(
+            held.keys().copied().collect(),
+            held.values().copied().collect(),
+            value_len,
+        )
+    }
+    fn stats(&self) -> pserv_engine::filter::FilterStats {
+        self.stats
+    }
+}
+
+#[test]
+fn a_users_own_filter_runs_on_pushes_and_its_drain_completes_the_sum() {
+    use pserv_engine::filter::FilterChain;
+    use pserv_engine::worker::TaskOpts;
+    let mut c = Cluster::start(2, 1, &["--update=sum"]);
+    let w = worker(&c, 0);
+    let keys = spread_keys(100);
+    let mut chain = FilterChain::<f32>::new().with(TopK {
+        k: 10,
+        held: Default::default(),
+        stats: Default::default(),
+    });
+    let mut want = vec![0f32; keys.len()];
+    for round in 0..5 {
+        let vals: Vec<f32> = (0..keys.len())
+            .map(|i| ((i * 7 + round * 13) % 17) as f32 - 8.0)
+            .collect();
+        for (a, v) in want.iter_mut().zip(&vals) {
+            *a += v;
+        }
+        let ts = w.push_filtered(&keys, &vals, &mut chain, &TaskOpts::default());
+        w.wait(ts).unwrap();
+    }
+    let stats = chain.stats();
+    assert_eq!(stats[0].0, "top-k");
+    assert_eq!((stats[0].1.offered, stats[0].1.sent), (500, 50));
+    let ts = w.push_drained(&mut chain, &TaskOpts::default());
+    w.wait(ts).unwrap();
+    let got = w
+        .wait_pull::<f32>(w.pull::<f32>(keys.clone()))
+        .unwrap()
+        .to_vec();
+    assert_eq!(got, want, "sent plus drained is every push");
+    w.finish(0).unwrap();
+    c.procs.wait_all(Duration::from_secs(30));
+}

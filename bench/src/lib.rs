@@ -22,6 +22,8 @@
 //! - [`tau`]: the bounded-delay sweep (`tau-sweep`): time to a target logloss vs tau.
 //! - [`repl`]: chain replication (`replication`): push throughput with 0, 1, 2 replicas,
 //!   with and without aggregation, and recovery time after a SIGKILLed server.
+//! - [`traffic`]: the traffic reducers on the main job (`traffic`): push filters, key
+//!   caching and value compression against a baseline, and where each pays on 10 Gb/s.
 #![forbid(unsafe_code)]
 
 pub mod baseline;
@@ -35,6 +37,7 @@ pub mod report;
 pub mod run;
 pub mod stats;
 pub mod tau;
+pub mod traffic;
 pub mod workload;
 
 pub use error::BenchError;

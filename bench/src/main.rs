@@ -3,8 +3,10 @@
 //!
 //! `cargo run --release -p pserv-bench -- [--quick] [--transport tcp,shm,rdma]` (default:
 //! all three; rdma needs `--features rdma` and a device, else the report says why it is
-//! missing); `... -- tau-sweep [--quick]` runs the bounded-delay experiment; `... -- replication [--quick]` the chain-replication
-//! throughput and recovery tables. The hidden subcommands `__scheduler` and `__server`, and
+//! missing); `... -- tau-sweep [--quick]` runs the bounded-delay experiment;
+//! `... -- replication [--quick]` the chain-replication throughput and recovery tables;
+//! `... -- traffic [--data FILE]` the traffic reducers (push filters, key caching,
+//! compression) on the main job. The hidden subcommands `__scheduler` and `__server`, and
 //! `pserv ...` (the whole `pserv` command line), are how the bench starts the cluster's
 //! other processes (it re-executes itself).
 #![forbid(unsafe_code)]
@@ -15,6 +17,7 @@ use pserv_bench::cluster::{scheduler_main, server_main, SchedulerArgs, ServerArg
 use pserv_bench::repl::{replication, ReplArgs};
 use pserv_bench::run::{run, RunArgs};
 use pserv_bench::tau::{tau_sweep, TauArgs};
+use pserv_bench::traffic::{traffic, TrafficArgs};
 
 /// pserv bench harness: push / pull goodput and latency over tcp / shm / rdma vs raw TCP
 /// and memcpy.
@@ -40,6 +43,9 @@ enum Role {
     /// Chain replication: push throughput for 0, 1, 2 replicas with and without
     /// aggregation, and recovery time after a SIGKILLed server.
     Replication(ReplArgs),
+    /// Traffic reducers on the main job: push filters, key caching and value compression,
+    /// bytes and time per epoch against a baseline, and where each pays on 10 Gb/s.
+    Traffic(TrafficArgs),
 }
 
 fn main() {
@@ -74,6 +80,13 @@ fn main() {
         Some(Role::Replication(a)) => {
             let args: Vec<String> = std::env::args().skip(1).collect();
             replication(
+                a,
+                format!("cargo run --release -p pserv-bench -- {}", args.join(" ")),
+            )
+        }
+        Some(Role::Traffic(a)) => {
+            let args: Vec<String> = std::env::args().skip(1).collect();
+            traffic(
                 a,
                 format!("cargo run --release -p pserv-bench -- {}", args.join(" ")),
             )
