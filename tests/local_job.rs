@@ -182,10 +182,19 @@ fn wrong_configurations_fail_fast_with_a_clear_message() {
     let dir = Scratch::new("bad");
     let data = dir.path("bad.svm");
     std::fs::write(&data, "+1 1:1 2:1\nthis is not libsvm\n").unwrap();
-    let out = run_local(&[format!("--data={}", data.display())]);
+    let path = dir.path("failed.json");
+    std::fs::write(&path, "{\"test_logloss\": 0.1}").unwrap();
+    let out = run_local(&[
+        format!("--data={}", data.display()),
+        format!("--summary-json={}", path.display()),
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("line 2") || err.contains(":2:"), "{err}");
+    // The summary says it failed, and holds no metric.
+    let s = summary(&path);
+    assert!(s["error"].as_str().is_some_and(|e| !e.is_empty()), "{s}");
+    assert!(s.get("test_logloss").is_none(), "{s}");
 }
 
 /// The KKT filter on an L1 problem: most gradients are not sent, and the model is close

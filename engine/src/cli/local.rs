@@ -151,6 +151,13 @@ pub fn run_local(plan: &LocalPlan) -> Result<serde_json::Value, EngineError> {
     let dir = scratch_dir()?;
     let result = run_in(plan, &dir);
     let _ = std::fs::remove_dir_all(&dir);
+    if let (Err(e), Some(path)) = (&result, &plan.summary_json) {
+        // A failed run leaves no summary that looks like a result: only the error.
+        let failed = serde_json::json!({ "error": e.to_string() });
+        if let Err(w) = std::fs::write(path, failed.to_string()) {
+            tracing::warn!(path = %path.display(), error = %w, "could not write the failed run's summary");
+        }
+    }
     result
 }
 
