@@ -308,3 +308,50 @@ fn key_caching_and_compression_cut_traffic_and_change_no_weight() {
         "logloss {a} exact, {b} with bf16 pulls"
     );
 }
+
+/// Key-cache misses under sequential consistency: servers that cache only 2000 keys
+/// evict lists all the time, so named requests miss and are resent with their keys
+/// (before the clock gate sees them); the model is still the model of the run without a
+/// cache, to the last bit.
+#[test]
+fn key_cache_misses_under_sequential_consistency_change_no_weight() {
+    let dir = Scratch::new("kc-misses");
+    let run = |name: &str, cache: Option<&str>| {
+        let path = dir.path(name);
+        let mut a = job_args(&path, 2, 2);
+        a.extend(
+            [
+                "--optimizer=ftrl",
+                "--l1=1",
+                "--lr=0.1",
+                "--consistency=sequential",
+            ]
+            .map(String::from),
+        );
+        let mut cmd = Command::new(pserv());
+        cmd.arg("local").args(&a).args(common::net_flags());
+        cmd.arg("--timeout-secs=120");
+        if let Some(keys) = cache {
+            // The servers read their cache bound from the environment they inherit.
+            cmd.arg("--key-cache").env("PSERV_KEY_CACHE_KEYS", keys);
+        }
+        let out = cmd.output().expect("pserv runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        summary(&path)
+    };
+    let plain = run("plain.json", None);
+    let small = run("small.json", Some("2000"));
+    let kc = &small["traffic_worker_0"]["key_cache"];
+    assert!(kc["misses"].as_u64().unwrap() > 0, "{kc}");
+    assert!(kc["by_name"].as_u64().unwrap() > 0, "{kc}");
+    assert!(
+        small["key_cache_servers"]["evicted"].as_u64().unwrap() > 0,
+        "{small}"
+    );
+    assert_eq!(plain["test_logloss"], small["test_logloss"]);
+    assert_eq!(plain["nonzero_weights"], small["nonzero_weights"]);
+}
