@@ -327,15 +327,25 @@ impl<T: Value> Significant<T> {
     }
 
     fn significant(&self, key: Key, r: &[T]) -> bool {
-        match self.threshold {
-            Threshold::Absolute(t) => r.iter().any(|x| x.to_f64().abs() > t),
-            Threshold::Relative(t) => {
-                let w = self.weights.get(&key);
-                r.iter().enumerate().any(|(i, x)| {
-                    let base = w.and_then(|w| w.get(i)).map_or(0.0, |v| v.to_f64().abs());
-                    x.to_f64().abs() > t * base
-                })
-            }
+        significant(self.threshold, &self.weights, key, r)
+    }
+}
+
+/// Whether `r` (the accumulated change of `key`) exceeds `threshold`.
+fn significant<T: Value>(
+    threshold: Threshold,
+    weights: &KeyMap<Vec<T>>,
+    key: Key,
+    r: &[T],
+) -> bool {
+    match threshold {
+        Threshold::Absolute(t) => r.iter().any(|x| x.to_f64().abs() > t),
+        Threshold::Relative(t) => {
+            let w = weights.get(&key);
+            r.iter().enumerate().any(|(i, x)| {
+                let base = w.and_then(|w| w.get(i)).map_or(0.0, |v| v.to_f64().abs());
+                x.to_f64().abs() > t * base
+            })
         }
     }
 }
@@ -350,12 +360,12 @@ impl<T: Value> Filter<T> for Significant<T> {
         let mut out = Entries::empty(value_len);
         for (k, v) in entries.iter() {
             self.stats.offered += 1;
+            // One map lookup for a key that stays held, two for one that goes.
             let send = if let Some(r) = self.residual.get_mut(k) {
                 for (a, b) in r.iter_mut().zip(v) {
                     *a += *b;
                 }
-                let r = self.residual.get(k).expect("found above");
-                if self.significant(k, r) {
+                if significant(self.threshold, &self.weights, k, r) {
                     self.residual.take_into(k, &mut out.values);
                     true
                 } else {
