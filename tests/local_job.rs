@@ -40,6 +40,45 @@ fn summary(path: &std::path::Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).expect("summary written")).unwrap()
 }
 
+/// `pserv local` with 2 servers and 2 workers on the small job, FTRL with L1 under
+/// sequential consistency (deterministic), with `extra` flags and `env` set for every
+/// process; its summary, after checking the run succeeded.
+fn sequential_l1_run(
+    dir: &Scratch,
+    name: &str,
+    extra: &[&str],
+    env: Option<(&str, &str)>,
+) -> serde_json::Value {
+    let path = dir.path(name);
+    let mut a = job_args(&path, 2, 2);
+    a.extend(
+        [
+            "--optimizer=ftrl",
+            "--l1=1",
+            "--lr=0.1",
+            "--consistency=sequential",
+        ]
+        .iter()
+        .chain(extra)
+        .map(|s| s.to_string()),
+    );
+    let mut cmd = Command::new(pserv());
+    cmd.arg("local")
+        .args(&a)
+        .args(common::net_flags())
+        .arg("--timeout-secs=120");
+    if let Some((k, v)) = env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("pserv runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    summary(&path)
+}
+
 /// The same job in one process, with the same data and hyper-parameters (`extra` added).
 fn single_process_logloss(extra: &[&str]) -> (f64, f64) {
     use clap::Parser;
@@ -202,28 +241,7 @@ fn wrong_configurations_fail_fast_with_a_clear_message() {
 #[test]
 fn the_kkt_filter_skips_most_gradients_and_keeps_the_model() {
     let dir = Scratch::new("kkt");
-    let run = |name: &str, extra: &[&str]| {
-        let path = dir.path(name);
-        let mut a = job_args(&path, 2, 2);
-        a.extend(
-            [
-                "--optimizer=ftrl",
-                "--l1=1",
-                "--lr=0.1",
-                "--consistency=sequential",
-            ]
-            .iter()
-            .chain(extra)
-            .map(|s| s.to_string()),
-        );
-        let out = run_local(&a);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        summary(&path)
-    };
+    let run = |name: &str, extra: &[&str]| sequential_l1_run(&dir, name, extra, None);
     let plain = run("plain.json", &[]);
     let kkt = run("kkt.json", &["--filter=kkt"]);
     for w in ["filters_worker_0", "filters_worker_1"] {
@@ -249,28 +267,7 @@ fn the_kkt_filter_skips_most_gradients_and_keeps_the_model() {
 #[test]
 fn key_caching_and_compression_cut_traffic_and_change_no_weight() {
     let dir = Scratch::new("reducers");
-    let run = |name: &str, extra: &[&str]| {
-        let path = dir.path(name);
-        let mut a = job_args(&path, 2, 2);
-        a.extend(
-            [
-                "--optimizer=ftrl",
-                "--l1=1",
-                "--lr=0.1",
-                "--consistency=sequential",
-            ]
-            .iter()
-            .chain(extra)
-            .map(|s| s.to_string()),
-        );
-        let out = run_local(&a);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        summary(&path)
-    };
+    let run = |name: &str, extra: &[&str]| sequential_l1_run(&dir, name, extra, None);
     let plain = run("plain.json", &[]);
     let reduced = run("reduced.json", &["--key-cache", "--compress=zstd"]);
     assert_eq!(
@@ -316,32 +313,15 @@ fn key_caching_and_compression_cut_traffic_and_change_no_weight() {
 #[test]
 fn key_cache_misses_under_sequential_consistency_change_no_weight() {
     let dir = Scratch::new("kc-misses");
-    let run = |name: &str, cache: Option<&str>| {
-        let path = dir.path(name);
-        let mut a = job_args(&path, 2, 2);
-        a.extend(
-            [
-                "--optimizer=ftrl",
-                "--l1=1",
-                "--lr=0.1",
-                "--consistency=sequential",
-            ]
-            .map(String::from),
-        );
-        let mut cmd = Command::new(pserv());
-        cmd.arg("local").args(&a).args(common::net_flags());
-        cmd.arg("--timeout-secs=120");
-        if let Some(keys) = cache {
-            // The servers read their cache bound from the environment they inherit.
-            cmd.arg("--key-cache").env("PSERV_KEY_CACHE_KEYS", keys);
-        }
-        let out = cmd.output().expect("pserv runs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        summary(&path)
+    // The servers read their cache bound from the environment they inherit.
+    let run = |name: &str, cache: Option<&str>| match cache {
+        Some(keys) => sequential_l1_run(
+            &dir,
+            name,
+            &["--key-cache"],
+            Some(("PSERV_KEY_CACHE_KEYS", keys)),
+        ),
+        None => sequential_l1_run(&dir, name, &[], None),
     };
     let plain = run("plain.json", None);
     let small = run("small.json", Some("2000"));

@@ -4,7 +4,7 @@
 //! store, replication) sees the request. See [`crate::keycache`].
 
 use pserv_transport::wire::{FLAG_CACHE_KEYS, FLAG_KEYS_CACHED, FLAG_RANGE};
-use pserv_transport::{Conn, OwnedFrame, RecvFrame};
+use pserv_transport::{Conn, Frame, OwnedFrame, RecvFrame};
 
 use crate::keycache::{ListId, Lookup};
 use crate::proto::{self, Status};
@@ -54,20 +54,12 @@ pub(super) fn resolve<'a>(
                 return None;
             }
         };
-        let mut expanded = h;
-        expanded.flags &= !FLAG_KEYS_CACHED;
-        return match OwnedFrame::assemble(&core.pool, expanded, &keys, f.values(), core.max_frame) {
-            Ok(o) => Some(RecvFrame::Owned(o)),
-            Err(e) => {
-                let _ = conn.send(proto::error_answer(
-                    &h,
-                    ready.node_id,
-                    Status::BadRequest,
-                    &format!("the cached key list does not fit this request: {e}"),
-                ));
-                None
-            }
-        };
+        return rebuilt(
+            (core, ready, conn),
+            &f,
+            (FLAG_KEYS_CACHED, &keys),
+            "the cached key list does not fit this request",
+        );
     }
     if h.has(FLAG_CACHE_KEYS) {
         let keys = f.keys();
@@ -78,20 +70,38 @@ pub(super) fn resolve<'a>(
         }
         // Not stored (off, too long, or malformed keys that serving refuses): served
         // without the flag, so the answer does not claim it.
-        let mut plain = h;
-        plain.flags &= !FLAG_CACHE_KEYS;
-        return match OwnedFrame::assemble(&core.pool, plain, keys, f.values(), core.max_frame) {
-            Ok(o) => Some(RecvFrame::Owned(o)),
-            Err(e) => {
-                let _ = conn.send(proto::error_answer(
-                    &h,
-                    ready.node_id,
-                    Status::BadRequest,
-                    &format!("malformed request: {e}"),
-                ));
-                None
-            }
-        };
+        return rebuilt(
+            (core, ready, conn),
+            &f,
+            (FLAG_CACHE_KEYS, keys),
+            "malformed request",
+        );
     }
     Some(frame)
+}
+
+/// `f` in its own buffer, with `keys` and without header flag `clear`; a frame that does
+/// not check is refused as a bad request, its reason after `why`.
+fn rebuilt<'a>(
+    (core, ready, conn): (&Core, &Ready, &Conn),
+    f: &Frame<'_>,
+    (clear, keys): (u16, &[u64]),
+    why: &str,
+) -> Option<RecvFrame<'a>> {
+    let h = *f.header();
+    let mut plain = h;
+    plain.flags &= !clear;
+    match OwnedFrame::assemble(&core.pool, plain, keys, f.values(), core.max_frame) {
+        Ok(o) => Some(RecvFrame::Owned(o)),
+        Err(e) => {
+            let msg = format!("{why}: {e}");
+            let _ = conn.send(proto::error_answer(
+                &h,
+                ready.node_id,
+                Status::BadRequest,
+                &msg,
+            ));
+            None
+        }
+    }
 }
