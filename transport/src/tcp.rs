@@ -104,7 +104,7 @@ use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -117,6 +117,7 @@ use self::lock_order::{Rank, Ranked};
 
 use crate::buf::{BufPool, OutFrame, OwnedFrame, Payload, RecvFrame};
 use crate::compress::{self, Codec};
+use crate::shmpipe::{Hello, HelloKind, Refusal, ShmMessages, ShmPipe, HELLO_LEN, HELLO_MAGIC};
 use crate::wire::{
     DType, Frame, Header, Layout, WireError, DEFAULT_MAX_FRAME, FLAG_COMPRESSED, FLAG_KEYS_CACHED,
     FLAG_RANGE, HEADER_LEN,
@@ -313,6 +314,15 @@ pub struct TcpConfig {
     /// never compress needs `false` (setting its codec to none is undone by the next
     /// compressed frame it receives).
     pub mirror_codec: bool,
+    /// Move the frames of connections between processes of this host through shared
+    /// memory (see [`shmpipe`](crate::shmpipe)); default [`ShmMessages::SameHost`].
+    pub shm_messages: ShmMessages,
+    /// Bytes of each of a shared-memory connection's two rings (a power of two between
+    /// 64 KiB and 1 GiB; rounded up). Both are populated when the connection is made.
+    pub shm_ring_bytes: usize,
+    /// How long a connection that offered shared memory waits for the answer before it
+    /// closes (the frames sent meanwhile are held, not lost, until then).
+    pub shm_offer_timeout: Duration,
 }
 
 impl Default for TcpConfig {
@@ -326,6 +336,9 @@ impl Default for TcpConfig {
             busy_poll_us: 100,
             pool_buffers_max: 64,
             mirror_codec: true,
+            shm_messages: ShmMessages::SameHost,
+            shm_ring_bytes: 4 << 20,
+            shm_offer_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -353,9 +366,13 @@ pub enum CloseReason {
     /// other than the header's, a decoded frame that would be invalid or too large).
     #[error("malformed compressed frame: {0}")]
     BadBlock(String),
-    /// A socket error.
+    /// A socket error, or a shared-memory ring whose positions do not fit it.
     #[error("socket error: {0}")]
     Io(#[source] io::Error),
+    /// The shared-memory handshake went wrong: no answer to an offer in time, or a
+    /// hello where none may come.
+    #[error("shared-memory handshake: {0}")]
+    Handshake(String),
     /// This side closed it ([`Conn::close`] or transport shutdown).
     #[error("closed locally")]
     Local,
@@ -421,6 +438,10 @@ pub struct Stats {
     pub values_raw_in: AtomicU64,
     /// Compressed frames received, decoded and delivered.
     pub frames_compressed_in: AtomicU64,
+    /// Connections whose frames moved to shared memory (both sides count theirs).
+    pub shm_connections: AtomicU64,
+    /// Shared-memory offers refused (by this side or by the peer).
+    pub shm_refused: AtomicU64,
 }
 
 /// What a loop's owner does with incoming frames. Each loop owns one handler, made by the
@@ -443,6 +464,9 @@ struct WriteState {
     queued: usize,
     /// Set by `mark_closed` once it dropped the queue: nothing is queued after it.
     shut: bool,
+    /// While a shared-memory offer waits for its answer: frames are queued, not written,
+    /// until the answer says where they go (or until this deadline closes the connection).
+    hold: Option<Instant>,
 }
 
 impl WriteState {
@@ -526,10 +550,78 @@ struct ConnInner {
     tag: AtomicU64,
     /// The send codec, as [`Codec::to_bits`].
     codec: AtomicU64,
+    /// Set once, under `write`, when the connection's frames move to shared memory.
+    pipe: OnceLock<ShmPipe>,
+    /// The connecting side's region while its offer waits for an answer.
+    offered: Mutex<Option<ShmPipe>>,
+    /// Whether this side accepted the connection (only an acceptor takes offers).
+    accepted: bool,
+    /// Whether any byte was written to the socket (an offer must come before).
+    wrote: AtomicBool,
     shared: Arc<Shared>,
 }
 
 impl ConnInner {
+    /// Write to the peer: into the shared-memory ring once the connection moved there,
+    /// else to the socket. Like a non-blocking socket write (`WouldBlock` when full).
+    fn write_out(&self, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self.pipe.get() {
+            Some(pipe) => {
+                let (n, wake) = pipe.write_vectored(slices)?;
+                if wake {
+                    self.doorbell();
+                }
+                Ok(n)
+            }
+            None => {
+                let n = (&self.stream).write_vectored(slices)?;
+                self.wrote.store(true, Ordering::Relaxed);
+                Ok(n)
+            }
+        }
+    }
+
+    /// Wake the peer's loop: one byte on the socket, which carries nothing else once the
+    /// frames moved to shared memory. A full socket buffer means doorbells are pending
+    /// already; a broken socket shows on the read side.
+    fn doorbell(&self) {
+        let _ = (&self.stream).write(&[0u8]);
+    }
+
+    /// Read from the peer (the ring once moved, else the socket), like a non-blocking
+    /// socket read: `Ok(0)` once the peer is gone and everything it sent was read.
+    fn read_in(&self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(pipe) = self.pipe.get() else {
+            return (&self.stream).read(buf);
+        };
+        loop {
+            match pipe.read(buf) {
+                Ok((n, wake)) => {
+                    if wake {
+                        self.doorbell();
+                    }
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            // The ring is empty: take the doorbells off the socket (edge-triggered polls
+            // report new bytes only once they were drained), and see whether it closed.
+            let mut bells = [0u8; 256];
+            match (&self.stream).read(&mut bells) {
+                Ok(0) if !pipe.readable() => return Ok(0),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if !pipe.readable() {
+                        return Err(e);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Lock the write state (rank [`Rank::Write`]).
     fn lock_write(&self) -> WriteGuard<'_> {
         let w = WriteGuard(Ranked::lock(Rank::Write, || self.write.lock()));
@@ -572,6 +664,23 @@ impl Conn {
     /// Whether the connection is closed.
     pub fn is_closed(&self) -> bool {
         self.0.closed.load(Ordering::Acquire)
+    }
+
+    /// Whether the connection's frames travel through shared memory.
+    pub fn is_shm(&self) -> bool {
+        self.0.pipe.get().is_some()
+    }
+
+    /// The path its frames take: `shm`, `tcp`, or `tcp (shm offered)` while an offer
+    /// waits for its answer.
+    pub fn path(&self) -> &'static str {
+        if self.is_shm() {
+            "shm"
+        } else if self.0.offered.lock().is_some() {
+            "tcp (shm offered)"
+        } else {
+            "tcp"
+        }
     }
 
     /// Bytes queued and not yet written.
@@ -751,7 +860,7 @@ impl Conn {
         if self.is_closed() {
             return Err(self.closed_error());
         }
-        if !w.queue.is_empty() {
+        if !w.queue.is_empty() || w.hold.is_some() {
             drop(w);
             return self.send_frame(OutFrame::new(header, keys, copy()));
         }
@@ -784,7 +893,7 @@ impl Conn {
                         skip = 0;
                     }
                 }
-                (&inner.stream).write_vectored(&slices)
+                inner.write_out(&slices)
             };
             match result {
                 Ok(0) => {
@@ -809,7 +918,10 @@ impl Conn {
                     if now >= deadline {
                         break;
                     }
-                    if let Err(e) = pserv_sys::fd::wait_writable(
+                    if inner.pipe.get().is_some() {
+                        // The peer's loop empties the ring; nothing to poll on.
+                        std::thread::yield_now();
+                    } else if let Err(e) = pserv_sys::fd::wait_writable(
                         std::os::fd::AsFd::as_fd(&inner.stream),
                         deadline - now,
                     ) {
@@ -887,6 +999,10 @@ impl Conn {
     /// Write as much of the queue as the socket takes. Returns whether it drained.
     fn flush_locked(&self, w: &mut WriteState) -> io::Result<bool> {
         let inner = &*self.0;
+        if w.hold.is_some() {
+            // A shared-memory offer waits for its answer; the frames wait with it.
+            return Ok(false);
+        }
         while !w.queue.is_empty() {
             let result = {
                 let mut slices = [IoSlice::new(&[]); 4 * MAX_FRAMES_PER_WRITE];
@@ -903,7 +1019,7 @@ impl Conn {
                         }
                     }
                 }
-                (&inner.stream).write_vectored(&slices[..count])
+                inner.write_out(&slices[..count])
             };
             match result {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -996,7 +1112,7 @@ impl Shared {
         }
     }
 
-    fn new_conn(self: &Arc<Self>, stream: TcpStream) -> io::Result<Conn> {
+    fn new_conn(self: &Arc<Self>, stream: TcpStream, accepted: bool) -> io::Result<Conn> {
         stream.set_nodelay(true)?;
         stream.set_nonblocking(true)?;
         let peer = stream.peer_addr()?;
@@ -1011,11 +1127,16 @@ impl Shared {
                 front_written: 0,
                 queued: 0,
                 shut: false,
+                hold: None,
             }),
             space: Condvar::new(),
             closed: AtomicBool::new(false),
             tag: AtomicU64::new(0),
             codec: AtomicU64::new(Codec::None.to_bits()),
+            pipe: OnceLock::new(),
+            offered: Mutex::new(None),
+            accepted,
+            wrote: AtomicBool::new(false),
             shared: self.clone(),
         })))
     }
@@ -1031,9 +1152,63 @@ fn connect_on(
         source,
     };
     let stream = TcpStream::connect_timeout(&addr, timeout).map_err(err)?;
-    let conn = shared.new_conn(stream).map_err(err)?;
+    let conn = shared.new_conn(stream, false).map_err(err)?;
+    offer_shm(shared, &conn).map_err(err)?;
     shared.command(conn.0.loop_index, Command::Adopt(conn.clone()));
     Ok(conn)
+}
+
+/// Whether the socket's peer is a process of this host: a loopback address, or the
+/// address this side's end has (a connection to one's own interface).
+fn same_host(stream: &TcpStream) -> bool {
+    match (stream.peer_addr(), stream.local_addr()) {
+        (Ok(peer), Ok(local)) => peer.ip().is_loopback() || peer.ip() == local.ip(),
+        _ => false,
+    }
+}
+
+/// Write all of `bytes` to a fresh non-blocking socket now (a hello: 64 bytes always
+/// fit an empty socket buffer; anything less is an error, not a wait).
+fn write_now(stream: &TcpStream, bytes: &[u8]) -> io::Result<()> {
+    let mut done = 0;
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while done < bytes.len() {
+        match (&*stream).write(&bytes[done..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                pserv_sys::fd::wait_writable(
+                    std::os::fd::AsFd::as_fd(stream),
+                    deadline - Instant::now(),
+                )?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The connecting side of the shared-memory handshake: when configured and the peer is
+/// on this host, make the region, hold the connection's frames and send the offer as the
+/// stream's first bytes. A region that cannot be made leaves the connection on TCP.
+fn offer_shm(shared: &Arc<Shared>, conn: &Conn) -> io::Result<()> {
+    let inner = &*conn.0;
+    if shared.cfg.shm_messages == ShmMessages::Off || !same_host(&inner.stream) {
+        return Ok(());
+    }
+    let (pipe, offer) = match ShmPipe::create(shared.cfg.shm_ring_bytes) {
+        Ok(made) => made,
+        Err(e) => {
+            tracing::info!(peer = %inner.peer, error = %e, "no shared-memory region for a connection; it stays on TCP");
+            return Ok(());
+        }
+    };
+    *inner.offered.lock() = Some(pipe);
+    inner.lock_write().hold = Some(Instant::now() + shared.cfg.shm_offer_timeout);
+    write_now(&inner.stream, &offer.encode())?;
+    inner.wrote.store(true, Ordering::Relaxed);
+    Ok(())
 }
 
 /// Opens connections on a [`TcpTransport`]'s loops; cheap to clone, usable from any
@@ -1098,6 +1273,8 @@ impl TcpTransport {
                 conns: HashMap::new(),
                 listeners: Vec::new(),
                 again: Vec::new(),
+                shm: Vec::new(),
+                offers: Vec::new(),
                 shared: shared.clone(),
             };
             let t = std::thread::Builder::new()
@@ -1192,6 +1369,8 @@ struct ReadState {
     end: usize,
     big: Option<BigFrame>,
     paused: bool,
+    /// Nothing was read yet (a shared-memory offer is taken only as the first bytes).
+    fresh: bool,
 }
 
 struct BigFrame {
@@ -1248,6 +1427,8 @@ impl ReadState {
 struct LoopConn {
     conn: Conn,
     read: ReadState,
+    /// Listed in the loop's `shm` (its frames moved to shared memory).
+    on_shm: bool,
 }
 
 struct EventLoop<H> {
@@ -1259,6 +1440,10 @@ struct EventLoop<H> {
     listeners: Vec<TcpListener>,
     /// Connections whose read budget ran out with data left.
     again: Vec<u64>,
+    /// Connections whose frames moved to shared memory: looked at on every turn.
+    shm: Vec<u64>,
+    /// Connections whose shared-memory offer waits for an answer, with its deadline.
+    offers: Vec<(u64, Instant)>,
     shared: Arc<Shared>,
 }
 
@@ -1294,11 +1479,14 @@ impl<H: Handler> EventLoop<H> {
         let spin = Duration::from_micros(self.shared.cfg.busy_poll_us);
         let mut last_active = Instant::now();
         loop {
-            let timeout = if !self.again.is_empty() || last_active.elapsed() < spin {
+            let mut timeout = if !self.again.is_empty() || last_active.elapsed() < spin {
                 Some(Duration::ZERO)
             } else {
                 None
             };
+            if timeout.is_none() {
+                timeout = self.before_sleep();
+            }
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -1332,12 +1520,95 @@ impl<H: Handler> EventLoop<H> {
             for id in std::mem::take(&mut self.again) {
                 self.read_conn(id);
             }
+            if !self.shm.is_empty() && self.poll_rings() {
+                last_active = Instant::now();
+            }
+            if !self.offers.is_empty() {
+                self.expire_offers();
+            }
             if self.drain_commands() {
                 break;
             }
         }
         for id in self.conns.keys().copied().collect::<Vec<_>>() {
             self.close_conn(id, CloseReason::Local);
+        }
+    }
+
+    /// Look at the rings of the shared-memory connections: read what arrived, write what
+    /// waits for room. Returns whether anything moved.
+    fn poll_rings(&mut self) -> bool {
+        let mut moved = false;
+        for i in 0..self.shm.len() {
+            let Some(id) = self.shm.get(i).copied() else {
+                break;
+            };
+            let Some(lc) = self.conns.get(&id) else {
+                continue;
+            };
+            let Some(pipe) = lc.conn.0.pipe.get() else {
+                continue;
+            };
+            let read = !lc.read.paused && pipe.readable();
+            let write = pipe.writable() && lc.conn.queued_bytes() > 0;
+            if write {
+                self.on_writable(id);
+                moved = true;
+            }
+            if read {
+                self.read_conn(id);
+                moved = true;
+            }
+        }
+        moved
+    }
+
+    /// The poll timeout for a loop about to sleep: ask the peers of its shared-memory
+    /// connections for a doorbell, and do not sleep if something is there already; wake
+    /// for the first offer deadline.
+    fn before_sleep(&mut self) -> Option<Duration> {
+        for id in &self.shm {
+            let Some(lc) = self.conns.get(id) else {
+                continue;
+            };
+            let Some(pipe) = lc.conn.0.pipe.get() else {
+                continue;
+            };
+            let queued = lc.conn.queued_bytes() > 0;
+            pipe.arm(queued);
+            if (!lc.read.paused && pipe.readable()) || (queued && pipe.writable()) {
+                return Some(Duration::ZERO);
+            }
+        }
+        let now = Instant::now();
+        self.offers
+            .iter()
+            .map(|&(_, deadline)| deadline.saturating_duration_since(now))
+            .min()
+    }
+
+    /// Close the connections whose offer had no answer in time.
+    fn expire_offers(&mut self) {
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        self.offers.retain(|&(id, deadline)| {
+            let waiting = self
+                .conns
+                .get(&id)
+                .is_some_and(|lc| lc.conn.0.offered.lock().is_some());
+            if waiting && now >= deadline {
+                expired.push(id);
+            }
+            waiting && now < deadline
+        });
+        let limit = self.shared.cfg.shm_offer_timeout;
+        for id in expired {
+            self.close_conn(
+                id,
+                CloseReason::Handshake(format!(
+                    "the peer did not answer the shared-memory offer within {limit:?}"
+                )),
+            );
         }
     }
 
@@ -1376,7 +1647,7 @@ impl<H: Handler> EventLoop<H> {
         loop {
             let accepted = self.listeners[which].accept();
             match accepted {
-                Ok((stream, _)) => match self.shared.new_conn(stream) {
+                Ok((stream, _)) => match self.shared.new_conn(stream, true) {
                     Ok(conn) => {
                         if conn.0.loop_index == self.index {
                             self.adopt(conn);
@@ -1430,10 +1701,15 @@ impl<H: Handler> EventLoop<H> {
                     end: 0,
                     big: None,
                     paused: false,
+                    fresh: true,
                 },
+                on_shm: false,
             },
         );
         debug_assert!(before.is_none(), "connection {id} adopted twice");
+        if let Some(deadline) = conn.0.lock_write().hold {
+            self.offers.push((id, deadline));
+        }
         self.handler.on_open(&conn);
         if conn.is_closed() {
             self.close_conn(id, CloseReason::Local);
@@ -1466,6 +1742,10 @@ impl<H: Handler> EventLoop<H> {
             return;
         };
         let outcome = read_frames(&lc.conn, &mut lc.read, &mut self.handler, &self.shared);
+        if !lc.on_shm && lc.conn.0.pipe.get().is_some() {
+            lc.on_shm = true;
+            self.shm.push(id);
+        }
         match outcome {
             ReadOutcome::Idle => {}
             ReadOutcome::More => self.again.push(id),
@@ -1478,6 +1758,9 @@ impl<H: Handler> EventLoop<H> {
             return;
         };
         let conn = lc.conn;
+        if lc.on_shm {
+            self.shm.retain(|&s| s != id);
+        }
         let fd = conn.0.stream.as_raw_fd();
         let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
         conn.mark_closed();
@@ -1600,6 +1883,103 @@ fn decompress_frame(
     Ok(owned)
 }
 
+/// Take a shared-memory hello read from `conn` (`first`: as the stream's first bytes;
+/// `after`: bytes read behind it).
+///
+/// - An offer, on an accepted connection as its first bytes: open the region and answer
+///   accept (and move to it) or refuse with the reason (and stay on TCP). The answer is
+///   the first thing this side writes; an acceptor that wrote before cannot answer first
+///   and closes the connection.
+/// - An answer to this side's offer: move to the region (accept) or stay on TCP
+///   (refuse); either way the frames held meanwhile go out.
+///
+/// Any other hello is a protocol error that closes the connection.
+fn on_hello(
+    conn: &Conn,
+    bytes: &[u8; HELLO_LEN],
+    first: bool,
+    after: usize,
+    shared: &Shared,
+) -> Result<(), CloseReason> {
+    let inner = &*conn.0;
+    let hello = Hello::decode(bytes).map_err(CloseReason::Handshake)?;
+    match hello.kind {
+        HelloKind::Offer => {
+            if !(inner.accepted && first) {
+                return Err(CloseReason::Handshake(
+                    "a shared-memory offer that is not the first bytes of an accepted connection"
+                        .into(),
+                ));
+            }
+            let opened = if shared.cfg.shm_messages == ShmMessages::Off {
+                Err((Refusal::Disabled, "shared memory is off here".to_string()))
+            } else if inner.wrote.load(Ordering::Relaxed) {
+                Err((Refusal::TooLate, "frames were sent first".to_string()))
+            } else if after > 0 {
+                Err((
+                    Refusal::BadOffer,
+                    format!("{after} bytes followed the offer before its answer"),
+                ))
+            } else {
+                ShmPipe::accept(&hello)
+            };
+            let w = inner.lock_write();
+            if inner.wrote.load(Ordering::Relaxed) || !w.queue.is_empty() {
+                // The answer cannot be the first bytes any more.
+                return Err(CloseReason::Handshake(
+                    "frames were sent on the connection before its shared-memory offer was read"
+                        .into(),
+                ));
+            }
+            match opened {
+                Ok(pipe) => {
+                    write_now(&inner.stream, &Hello::reply(HelloKind::Accept, 0).encode())
+                        .map_err(CloseReason::Io)?;
+                    let ring = pipe.ring_bytes();
+                    let _ = inner.pipe.set(pipe);
+                    drop(w);
+                    shared.stats.shm_connections.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(conn = inner.id, peer = %inner.peer, ring, "frames move to shared memory (offer accepted)");
+                }
+                Err((why, detail)) => {
+                    write_now(
+                        &inner.stream,
+                        &Hello::reply(HelloKind::Refuse, why as u16).encode(),
+                    )
+                    .map_err(CloseReason::Io)?;
+                    inner.wrote.store(true, Ordering::Relaxed);
+                    drop(w);
+                    shared.stats.shm_refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(conn = inner.id, peer = %inner.peer, reason = %detail, "refused a shared-memory offer; the connection stays on TCP");
+                }
+            }
+            Ok(())
+        }
+        HelloKind::Accept | HelloKind::Refuse => {
+            let Some(pipe) = inner.offered.lock().take() else {
+                return Err(CloseReason::Handshake(
+                    "a shared-memory answer to an offer this side did not make".into(),
+                ));
+            };
+            let mut w = inner.lock_write();
+            w.hold = None;
+            if hello.kind == HelloKind::Accept {
+                let ring = pipe.ring_bytes();
+                let _ = inner.pipe.set(pipe);
+                shared.stats.shm_connections.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(conn = inner.id, peer = %inner.peer, ring, "frames move to shared memory (offer accepted by the peer)");
+            } else {
+                shared.stats.shm_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(conn = inner.id, peer = %inner.peer, reason = Refusal::describe(hello.reason), "the peer refused shared memory; the connection stays on TCP");
+            }
+            // The frames held while the offer was out go now, where the answer says.
+            let flushed = conn.flush_locked(&mut w);
+            drop(w);
+            flushed.map(|_| ()).map_err(CloseReason::Io)
+        }
+    }
+}
+
 /// Read and deliver frames until the socket is drained, the budget is spent, reading is
 /// paused by backpressure, or the connection must close.
 fn read_frames<H: Handler>(
@@ -1610,7 +1990,6 @@ fn read_frames<H: Handler>(
 ) -> ReadOutcome {
     let max_frame = shared.cfg.max_frame;
     let mut budget = READ_BUDGET_BYTES;
-    let stream = &conn.0.stream;
     loop {
         rs.check();
         if conn.is_closed() {
@@ -1627,7 +2006,7 @@ fn read_frames<H: Handler>(
                 big.filled < len,
                 "a complete large frame ({len} bytes) was not delivered"
             );
-            match (&*stream).read(&mut big.body.bytes_mut()[big.filled..len]) {
+            match conn.0.read_in(&mut big.body.bytes_mut()[big.filled..len]) {
                 Ok(0) => {
                     return ReadOutcome::Close(CloseReason::VanishedMidFrame {
                         got: HEADER_LEN + big.filled,
@@ -1676,6 +2055,27 @@ fn read_frames<H: Handler>(
         // 2. Complete frames in the staging buffer.
         while rs.end - rs.start >= HEADER_LEN {
             let bytes: &[u8] = bytemuck::cast_slice(&rs.staging);
+            if bytes[rs.start..rs.start + 4] == HELLO_MAGIC.to_le_bytes() {
+                // A shared-memory hello where a frame would start.
+                if rs.end - rs.start < HELLO_LEN {
+                    break;
+                }
+                let hello: [u8; HELLO_LEN] = bytes[rs.start..rs.start + HELLO_LEN]
+                    .try_into()
+                    .expect("length checked");
+                rs.start += HELLO_LEN;
+                let first = std::mem::replace(&mut rs.fresh, false);
+                if let Err(reason) = on_hello(conn, &hello, first, rs.end - rs.start, shared) {
+                    return ReadOutcome::Close(reason);
+                }
+                if conn.0.pipe.get().is_some() {
+                    // Past the hello, the socket carries only doorbells.
+                    rs.start = rs.end;
+                    break;
+                }
+                continue;
+            }
+            rs.fresh = false;
             let head: &[u8; HEADER_LEN] = bytes[rs.start..rs.start + HEADER_LEN]
                 .try_into()
                 .expect("length checked");
@@ -1762,7 +2162,7 @@ fn read_frames<H: Handler>(
             "staging buffer full without a complete frame"
         );
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut rs.staging);
-        match (&*stream).read(&mut bytes[rs.end..]) {
+        match conn.0.read_in(&mut bytes[rs.end..]) {
             Ok(0) => {
                 return ReadOutcome::Close(if rs.end == 0 {
                     CloseReason::PeerClosed

@@ -1,5 +1,6 @@
 //! TCP transport on loopback: echo of small and large frames, many in flight, and bad
-//! peers (garbage, vanishing mid-frame) that must not disturb the others.
+//! peers (garbage, vanishing mid-frame) that must not disturb the others. Connections
+//! here stay on TCP (`ShmMessages::Off`); `tests/shm.rs` runs the shared-memory path.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -48,6 +49,7 @@ fn cfg(threads: usize) -> TcpConfig {
     TcpConfig {
         threads,
         pin_cores: false,
+        shm_messages: pserv_transport::ShmMessages::Off,
         ..TcpConfig::default()
     }
 }
