@@ -115,19 +115,26 @@ fn sequential_runs_with_the_same_seed_give_bitwise_identical_models() {
         v
     };
     let seq = flag("consistency", "sequential");
-    // Run A as the other tests do; run B with one event loop per process and worker 1
-    // slowed down, so the interleaving of messages differs. Both at once, to vary it more.
+    // Run A with every message over TCP; run B over shared memory, with one event loop
+    // per process and worker 1 slowed down, so the transport and the interleaving of
+    // messages differ. Both at once, to vary it more. The models must be the same bits.
     let (sa, sb) = std::thread::scope(|s| {
         let ra = s.spawn(|| {
+            let mut net = common::base_net_flags();
+            net.push("--transport=tcp".into());
             run_local(
-                &common::net_flags(),
+                &net,
                 &job(std::slice::from_ref(&seq), &a),
                 &dir.path("a.json"),
             )
         });
         let rb = s.spawn(|| {
             run_local(
-                &["--threads=1".into(), "--pin-cores=false".into()],
+                &[
+                    "--threads=1".into(),
+                    "--pin-cores=false".into(),
+                    "--transport=shm".into(),
+                ],
                 &job(&[seq.clone(), flag("slow-worker", "1:1")], &b),
                 &dir.path("b.json"),
             )
@@ -173,6 +180,20 @@ fn sequential_runs_with_the_same_seed_give_bitwise_identical_models() {
         nonzero > keys / 2,
         "{nonzero} of {keys} weights are non-zero"
     );
+    // Run A's messages all went over TCP, run B's over shared memory (each worker to the
+    // scheduler and both servers at least), and nothing was refused.
+    for (run, s, want_shm) in [("A", &sa, false), ("B", &sb, true)] {
+        for w in 0..3 {
+            let t = &s[format!("traffic_worker_{w}")];
+            let shm = t["shm_connections"].as_u64().expect("shm_connections");
+            assert_eq!(t["shm_refused"], 0, "run {run}, worker {w}: {t}");
+            if want_shm {
+                assert!(shm >= 3, "run {run}, worker {w}: {shm} shm connections");
+            } else {
+                assert_eq!(shm, 0, "run {run}, worker {w}: shm with --transport=tcp");
+            }
+        }
+    }
     // The same model evaluates the same.
     assert_eq!(sa["test_logloss"], sb["test_logloss"]);
     assert!(num(&sa, "test_logloss") < baseline_logloss(num(&sa, "majority_rate")));

@@ -239,7 +239,7 @@ fn lr_folded_with(
             &format!("--summary-json={}", summary.display()),
             "--timeout-secs=120",
         ])
-        .args(common::net_flags())
+        .args(common::base_net_flags())
         .envs(env.iter().copied())
         .output()
         .expect("pserv runs");

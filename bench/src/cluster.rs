@@ -22,7 +22,7 @@ use pserv_engine::scheduler::{run_scheduler, ClusterSpec, SchedulerConfig};
 use pserv_engine::server::{Server, ServerConfig};
 use pserv_engine::update::UpdateSpec;
 use pserv_engine::worker::{Worker, WorkerConfig};
-use pserv_transport::TcpConfig;
+use pserv_transport::{ShmMessages, TcpConfig};
 
 use crate::error::BenchError;
 
@@ -49,6 +49,11 @@ pub struct LoopSetup {
     /// Busy-poll the loops for this long after activity (0: block at once).
     #[arg(long, default_value_t = 0)]
     pub busy_poll_us: u64,
+    /// Move messages to peers on this host through shared memory
+    /// (`ShmMessages::SameHost`); without it every message goes over TCP (what the
+    /// `tcp` sections measure).
+    #[arg(long)]
+    pub shm_messages: bool,
 }
 
 impl LoopSetup {
@@ -59,6 +64,7 @@ impl LoopSetup {
             no_pin: false,
             core_offset: None,
             busy_poll_us: 0,
+            shm_messages: false,
         }
     }
 
@@ -69,6 +75,7 @@ impl LoopSetup {
             no_pin: false,
             core_offset: Some(core),
             busy_poll_us: 0,
+            shm_messages: false,
         }
     }
 
@@ -84,6 +91,11 @@ impl LoopSetup {
             pin_cores: !self.no_pin,
             core_offset: self.core_offset,
             busy_poll_us: self.busy_poll_us,
+            shm_messages: if self.shm_messages {
+                ShmMessages::SameHost
+            } else {
+                ShmMessages::Off
+            },
             ..d
         }
     }
@@ -101,6 +113,9 @@ impl LoopSetup {
         }
         if self.no_pin {
             a.push("--no-pin".into());
+        }
+        if self.shm_messages {
+            a.push("--shm-messages".into());
         }
         a
     }
@@ -122,7 +137,12 @@ impl LoopSetup {
                 (Some(c), _) => format!("pinned from core {c}"),
             }
         };
-        format!("{loops} {place}, busy_poll_us={}", self.busy_poll_us)
+        let path = if self.shm_messages {
+            ", messages over shm"
+        } else {
+            ""
+        };
+        format!("{loops} {place}, busy_poll_us={}{path}", self.busy_poll_us)
     }
 }
 
@@ -463,6 +483,7 @@ where
         no_pin: true,
         core_offset: None,
         busy_poll_us: 0,
+        shm_messages: setup.server.shm_messages,
     };
     let mut args = vec![
         "__scheduler".to_string(),

@@ -22,6 +22,8 @@
 //! - [`tau`]: the bounded-delay sweep (`tau-sweep`): time to a target logloss vs tau.
 //! - [`repl`]: chain replication (`replication`): push throughput with 0, 1, 2 replicas,
 //!   with and without aggregation, and recovery time after a SIGKILLed server.
+//! - [`messages`]: the message path (`messages`): the two-sided cells over TCP and over
+//!   the shared-memory rings in one run, and the main job against the single-process SGD.
 //! - [`traffic`]: the traffic reducers on the main job (`traffic`): push filters, key
 //!   caching and value compression against a baseline, and where each pays on 10 Gb/s.
 #![forbid(unsafe_code)]
@@ -30,6 +32,7 @@ pub mod baseline;
 pub mod cluster;
 pub mod error;
 pub mod machine;
+pub mod messages;
 pub mod onesided;
 pub mod onesided_report;
 pub mod repl;

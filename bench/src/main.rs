@@ -14,6 +14,7 @@
 use clap::{Parser, Subcommand};
 
 use pserv_bench::cluster::{scheduler_main, server_main, SchedulerArgs, ServerArgs};
+use pserv_bench::messages::{messages, MessagesArgs};
 use pserv_bench::repl::{replication, ReplArgs};
 use pserv_bench::run::{run, RunArgs};
 use pserv_bench::tau::{tau_sweep, TauArgs};
@@ -43,6 +44,9 @@ enum Role {
     /// Chain replication: push throughput for 0, 1, 2 replicas with and without
     /// aggregation, and recovery time after a SIGKILLed server.
     Replication(ReplArgs),
+    /// The message path: two-sided cells with every message over TCP and over shared
+    /// memory, and the main job over both against the single-process SGD.
+    Messages(MessagesArgs),
     /// Traffic reducers on the main job: push filters, key caching and value compression,
     /// bytes and time per epoch against a baseline, and where each pays on 10 Gb/s.
     Traffic(TrafficArgs),
@@ -80,6 +84,13 @@ fn main() {
         Some(Role::Replication(a)) => {
             let args: Vec<String> = std::env::args().skip(1).collect();
             replication(
+                a,
+                format!("cargo run --release -p pserv-bench -- {}", args.join(" ")),
+            )
+        }
+        Some(Role::Messages(a)) => {
+            let args: Vec<String> = std::env::args().skip(1).collect();
+            messages(
                 a,
                 format!("cargo run --release -p pserv-bench -- {}", args.join(" ")),
             )

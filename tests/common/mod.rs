@@ -103,8 +103,32 @@ pub struct Cluster {
     pub scratch: Scratch,
 }
 
-/// Common flags: two loops per process, unpinned (tests share two cores).
+/// The transport the whole-cluster tests run over: `PSERV_TEST_TRANSPORT` (`auto`, the
+/// default: messages over shared memory between these processes of one host; `tcp`:
+/// every message over TCP; `shm`; `rdma` on the software device). `scripts/test` runs
+/// these tests over `auto` and again over `tcp`.
+pub fn transport() -> String {
+    std::env::var("PSERV_TEST_TRANSPORT").unwrap_or_else(|_| "auto".into())
+}
+
+/// Whether the test processes' messages travel over shared memory.
+pub fn shm_messages() -> pserv_transport::ShmMessages {
+    match transport().as_str() {
+        "auto" | "shm" => pserv_transport::ShmMessages::SameHost,
+        _ => pserv_transport::ShmMessages::Off,
+    }
+}
+
+/// Common flags: two loops per process, unpinned (tests share two cores), the tests'
+/// transport.
 pub fn net_flags() -> Vec<String> {
+    let mut v = base_net_flags();
+    v.push(format!("--transport={}", transport()));
+    v
+}
+
+/// [`net_flags`] without the transport (for a test that names its own).
+pub fn base_net_flags() -> Vec<String> {
     vec!["--threads=2".into(), "--pin-cores=false".into()]
 }
 
@@ -128,7 +152,11 @@ impl Cluster {
                 format!("--rank={r}"),
             ];
             a.extend(extra_server.iter().map(|s| s.to_string()));
-            a.extend(net_flags());
+            if extra_server.iter().any(|f| f.starts_with("--transport")) {
+                a.extend(base_net_flags());
+            } else {
+                a.extend(net_flags());
+            }
             c.procs.spawn(&format!("server {r}"), &a);
         }
         c
@@ -171,6 +199,7 @@ pub fn worker(c: &Cluster, rank: u32, timeout: Duration) -> pserv_engine::worker
     cfg.tcp = pserv_transport::TcpConfig {
         threads: 1,
         pin_cores: false,
+        shm_messages: shm_messages(),
         ..pserv_transport::TcpConfig::default()
     };
     cfg.register_timeout = Duration::from_secs(30);

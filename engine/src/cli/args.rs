@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Args;
-use pserv_transport::TcpConfig;
+use pserv_transport::{ShmMessages, TcpConfig};
 
 use crate::base::error::EngineError;
 use crate::proto::ValueType;
@@ -20,9 +20,11 @@ pub const DEFAULT_SCHEDULER: &str = "127.0.0.1:9190";
 /// Transport flags.
 #[derive(Args, Clone, Debug)]
 pub struct NetArgs {
-    /// Data path of dense one-sided windows: `auto` (rdma when both ends have an RDMA
-    /// device, shm on one host, tcp otherwise), `tcp`, `shm` or `rdma`. Control messages,
-    /// sparse key lists and ranges outside windows always go over TCP.
+    /// Transport: `auto` (messages over shared memory between processes of one host,
+    /// TCP otherwise; dense one-sided windows over RDMA when both ends have a device,
+    /// shared memory on one host), `tcp` (everything over TCP), `shm` (messages and
+    /// windows over shared memory on one host) or `rdma` (windows over RDMA verbs;
+    /// messages over TCP: the verbs message path is not built yet).
     #[arg(long, env = "PSERV_TRANSPORT", default_value = "auto")]
     pub transport: crate::onesided::TransportKind,
     /// Event-loop threads (default: one per core).
@@ -49,10 +51,30 @@ impl NetArgs {
             }
             cfg.threads = t;
         }
+        cfg.shm_messages = self.message_path();
+        tracing::info!(
+            transport = %self.transport,
+            messages = match cfg.shm_messages {
+                ShmMessages::SameHost => "shared memory with peers on this host, TCP with others",
+                ShmMessages::Off => "TCP with every peer",
+            },
+            "message path"
+        );
         cfg.pin_cores = self.pin_cores;
         cfg.busy_poll_us = self.busy_poll_us;
         cfg.max_frame = self.max_frame_mb.max(1) << 20;
         Ok(cfg)
+    }
+
+    /// Where this node's messages travel to the peers on its host: shared memory with
+    /// `auto` and `shm`, TCP with `tcp` and with `rdma` (whose message path over verbs
+    /// does not exist yet; its windows still go over verbs).
+    pub fn message_path(&self) -> ShmMessages {
+        use crate::onesided::TransportKind;
+        match self.transport {
+            TransportKind::Auto | TransportKind::Shm => ShmMessages::SameHost,
+            TransportKind::Tcp | TransportKind::Rdma => ShmMessages::Off,
+        }
     }
 
     /// These flags as command-line arguments (to start child processes).

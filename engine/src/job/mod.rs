@@ -805,6 +805,9 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
         traffic.insert("bytes_received".into(), received.into());
         let t = worker.transport_stats();
         let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        // The message path: connections moved to shared memory, offers refused.
+        traffic.insert("shm_connections".into(), load(&t.shm_connections).into());
+        traffic.insert("shm_refused".into(), load(&t.shm_refused).into());
         if job.compress != pserv_transport::compress::Codec::None {
             let (raw_out, wire_out) = (load(&t.values_raw_out), load(&t.values_wire_out));
             let (raw_in, wire_in) = (load(&t.values_raw_in), load(&t.values_wire_in));
