@@ -240,7 +240,7 @@ fn run_job(a: &MessagesArgs, flags: &[&str], tag: &str) -> Result<JobRow, BenchE
             .map_err(|e| BenchError::Cluster(format!("bad summary JSON: {e}")))?;
         let eps = v["examples_per_sec"].as_f64().unwrap_or(0.0);
         eprintln!("  job {}: {:.0} examples/s", flags.join(" "), eps);
-        runs.push((eps, v["accuracy"].as_f64()));
+        runs.push((eps, v["test_accuracy"].as_f64()));
     }
     let _ = std::fs::remove_dir_all(&dir);
     runs.sort_by(|x, y| x.0.total_cmp(&y.0));

@@ -558,6 +558,10 @@ struct ConnInner {
     accepted: bool,
     /// Whether any byte was written to the socket (an offer must come before).
     wrote: AtomicBool,
+    /// Set by the loop when the socket of a shared-memory connection reported bytes
+    /// (doorbells) or its end: the next empty ring drains it. Without it an empty ring
+    /// costs no system call.
+    bells: AtomicBool,
     shared: Arc<Shared>,
 }
 
@@ -606,17 +610,27 @@ impl ConnInner {
                 Err(e) => return Err(e),
             }
             // The ring is empty: take the doorbells off the socket (edge-triggered polls
-            // report new bytes only once they were drained), and see whether it closed.
+            // report new bytes only once they were drained), and see whether it closed;
+            // unless the socket reported nothing since it was last drained.
+            if !self.bells.swap(false, Ordering::AcqRel) {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
             let mut bells = [0u8; 256];
             match (&self.stream).read(&mut bells) {
-                Ok(0) if !pipe.readable() => return Ok(0),
-                Ok(_) => {}
+                Ok(0) if !pipe.readable() => {
+                    // The end stays reported: every later read sees it again.
+                    self.bells.store(true, Ordering::Release);
+                    return Ok(0);
+                }
+                Ok(_) => self.bells.store(true, Ordering::Release),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if !pipe.readable() {
                         return Err(e);
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                    self.bells.store(true, Ordering::Release)
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -1137,6 +1151,7 @@ impl Shared {
             offered: Mutex::new(None),
             accepted,
             wrote: AtomicBool::new(false),
+            bells: AtomicBool::new(true),
             shared: self.clone(),
         })))
     }
@@ -1514,6 +1529,9 @@ impl<H: Handler> EventLoop<H> {
                     self.on_writable(id);
                 }
                 if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                    if let Some(lc) = self.conns.get(&id) {
+                        lc.conn.0.bells.store(true, Ordering::Release);
+                    }
                     self.read_conn(id);
                 }
             }

@@ -119,6 +119,9 @@ pub struct SchedulerCore {
     pub(super) recover_ms: u64,
     /// The newest barrier released.
     pub(super) last_barrier: u64,
+    /// Workers beyond the spec that registered after the servers got the table but
+    /// before the job ran (connection, asked rank, pid): they join once it runs.
+    pub(super) early_workers: Vec<(ConnKey, Option<u32>, u32)>,
 }
 
 impl SchedulerCore {
@@ -138,6 +141,7 @@ impl SchedulerCore {
             recovering_until: None,
             recover_ms: 0,
             last_barrier: 0,
+            early_workers: Vec::new(),
             spec,
             nodes: HashMap::new(),
             servers_welcomed: false,

@@ -74,6 +74,21 @@ impl SchedulerCore {
         if self.servers_welcomed && role == Role::Worker && self.welcomed && !self.finished {
             return self.late_worker(conn, rank, pid, out);
         }
+        if self.servers_welcomed
+            && role == Role::Worker
+            && !self.welcomed
+            && !self.finished
+            && !self.early_workers.iter().any(|e| e.0 == conn)
+            && !self.nodes.contains_key(&conn)
+        {
+            // The servers are setting up: the job is about to run. The worker joins it
+            // then, like any worker that comes late.
+            out.push(Output::Log(format!(
+                "a worker registered before the job started (pid {pid}); it joins once the job runs"
+            )));
+            self.early_workers.push((conn, rank, pid));
+            return;
+        }
         if self.servers_welcomed {
             return self.refuse(
                 conn,
@@ -191,6 +206,9 @@ impl SchedulerCore {
                     "cluster complete: {} servers, {} workers",
                     self.spec.servers, self.spec.workers
                 )));
+                for (conn, rank, pid) in std::mem::take(&mut self.early_workers) {
+                    self.late_worker(conn, rank, pid, out);
+                }
             }
         }
     }
@@ -234,6 +252,7 @@ impl SchedulerCore {
     }
 
     pub(super) fn on_closed(&mut self, conn: ConnKey, out: &mut Vec<Output>) {
+        self.early_workers.retain(|e| e.0 != conn);
         if !self.servers_welcomed {
             if let Some(n) = self.nodes.remove(&conn) {
                 out.push(Output::Log(format!(

@@ -763,3 +763,35 @@ fn status_reports_the_routing_table_and_every_node() {
         "{text}"
     );
 }
+
+#[test]
+fn a_worker_that_registers_while_the_servers_set_up_joins_once_the_job_runs() {
+    let mut c = SchedulerCore::new(spec(1, 1));
+    register(&mut c, 1, Role::Server, None);
+    let out = register(&mut c, 2, Role::Worker, None);
+    assert_eq!(sends(&out).len(), 1, "the server gets the table");
+    // A worker beyond the spec, before the server is ready: not refused, not welcomed.
+    let out = register(&mut c, 3, Role::Worker, None);
+    assert!(sends(&out).is_empty(), "{out:?}");
+    // Another one that goes away before the job runs is forgotten.
+    register(&mut c, 4, Role::Worker, None);
+    c.handle(Input::Closed { conn: 4 });
+    let out = c.handle(Input::Message {
+        conn: 1,
+        msg: Control::Ready,
+    });
+    let mut welcomed: Vec<(ConnKey, u32)> = sends(&out)
+        .into_iter()
+        .filter_map(|(conn, m)| match m {
+            Control::Welcome { rank, .. } => Some((conn, *rank)),
+            _ => None,
+        })
+        .collect();
+    welcomed.sort_unstable();
+    assert_eq!(
+        welcomed,
+        vec![(2, 0), (3, 1)],
+        "the early worker joins as worker 1"
+    );
+    assert!(c.is_running());
+}
