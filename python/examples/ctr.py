@@ -291,26 +291,29 @@ def main(argv: Optional[List[str]] = None) -> int:
             p.start()
         try:
             deadline = time.monotonic() + args.timeout * (args.epochs + 2)
+            ended = False           # a worker failed, all exited, or out of time
             while len(epochs) < args.epochs:
                 try:
-                    e = results.get(timeout=1.0)
+                    e = results.get(timeout=0.2 if ended else 1.0)
                 except queue.Empty:
-                    if any(p.exitcode not in (None, 0) for p in procs):
-                        break
+                    if ended:
+                        break       # drained what the exited workers sent
                     if time.monotonic() > deadline:
                         print("ctr: no result in time", file=sys.stderr)
-                        break
-                    if all(p.exitcode == 0 for p in procs):
-                        break
+                        ended = True
+                    elif all(p.exitcode is not None for p in procs) or any(
+                            p.exitcode not in (None, 0) for p in procs):
+                        ended = True
                     continue
                 epochs.append(e)
                 print(f"epoch {e['epoch']}: train logloss {e['train_logloss']:.4f}  "
                       f"held-out logloss {e['logloss']:.4f}  AUC {e['auc']:.4f}  "
                       f"({e['seconds']:.1f} s)", flush=True)
-            for p in procs:
-                p.join(timeout=max(1.0, deadline - time.monotonic()))
+            if not any(p.exitcode not in (None, 0) for p in procs):
+                for p in procs:     # finishing: the job ends when both finished
+                    p.join(timeout=max(1.0, min(30.0, deadline - time.monotonic())))
         finally:
-            for p in procs:
+            for p in procs:     # a failed worker leaves the others at a barrier
                 if p.is_alive():
                     p.terminate()
                     p.join(10)

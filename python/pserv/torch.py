@@ -282,7 +282,7 @@ class ShardedEmbedding(torch.nn.Module):
             raise IndexError(f"rows must be in [0, {self.num_features})")
         uniq, inverse = np.unique(r, return_inverse=True)
         got = self._pull(self._keys_of(uniq))
-        return got[torch.from_numpy(inverse.reshape(-1))].clone()
+        return got[torch.from_numpy(inverse.reshape(-1))]
 
     def weight(self) -> torch.Tensor:
         """The whole table, ``(num_features, dim)`` (pulls every key: small tables)."""
