@@ -88,13 +88,14 @@ def libsvm(path: str) -> Tuple[Data, int]:
     return (ids, vals, np.array(labels, np.float32)), int(ids.max()) + 1
 
 
-def split(data: Tuple[np.ndarray, ...], test_frac: float, seed: int) -> Tuple[Data, Data]:
+def split(data: Tuple[np.ndarray, ...], test_frac: float,
+          seed: int) -> Tuple[Tuple[np.ndarray, ...], Tuple[np.ndarray, ...]]:
     """A seeded shuffle of the rows of every array (all of one length), then the last
     ``test_frac`` of it held out."""
     order = np.random.default_rng(seed + 1).permutation(len(data[-1]))
     cut = len(order) - max(1, int(round(len(order) * test_frac)))
     tr, te = order[:cut], order[cut:]
-    return tuple(a[tr] for a in data), tuple(a[te] for a in data)  # type: ignore[return-value]
+    return tuple(a[tr] for a in data), tuple(a[te] for a in data)
 
 
 # ---------------------------------------------------------------------------- metrics

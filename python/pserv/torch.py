@@ -47,7 +47,7 @@ Example::
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -274,7 +274,7 @@ class ShardedEmbedding(torch.nn.Module):
         mode is on."""
         return _Lookup.apply(self._anchor, self, ids)
 
-    def pull_rows(self, rows: Sequence[int]) -> torch.Tensor:
+    def pull_rows(self, rows: Union[Sequence[int], np.ndarray]) -> torch.Tensor:
         """The current values of table rows ``rows`` (row numbers, not hashed), as a new
         ``(len(rows), dim)`` tensor without grad."""
         r = np.asarray(rows, dtype=np.int64).reshape(-1)
@@ -288,7 +288,8 @@ class ShardedEmbedding(torch.nn.Module):
         """The whole table, ``(num_features, dim)`` (pulls every key: small tables)."""
         return self.pull_rows(range(self.num_features))
 
-    def assign_(self, values: torch.Tensor, rows: Optional[Sequence[int]] = None) -> None:
+    def assign_(self, values: torch.Tensor,
+                rows: Union[Sequence[int], np.ndarray, None] = None) -> None:
         """Set rows ``rows`` (default: all, in order) to ``values`` (shape
         ``(len(rows), dim)``) on the servers with the ``assign`` rule, and wait. Not
         collective: the other workers see it once it is done (use a barrier)."""
