@@ -146,19 +146,36 @@ fn scratch_dir() -> Result<PathBuf, EngineError> {
     Ok(dir)
 }
 
-/// Run the cluster to the end. Returns the job summary the scheduler wrote.
+/// Run the cluster to the end. Returns the job summary the scheduler wrote. The data
+/// files are checked first (before any process starts); on any failure the summary file,
+/// if one was asked for, holds only the error ([`write_failed_summary`]).
 pub fn run_local(plan: &LocalPlan) -> Result<serde_json::Value, EngineError> {
-    let dir = scratch_dir()?;
-    let result = run_in(plan, &dir);
-    let _ = std::fs::remove_dir_all(&dir);
-    if let (Err(e), Some(path)) = (&result, &plan.summary_json) {
-        // A failed run leaves no summary that looks like a result: only the error.
-        let failed = serde_json::json!({ "error": e.to_string() });
-        if let Err(w) = std::fs::write(path, failed.to_string()) {
-            tracing::warn!(path = %path.display(), error = %w, "could not write the failed run's summary");
+    let result = plan.job.check_files().and_then(|()| {
+        if let (Some(data), Some(test)) = (&plan.job.data, &plan.job.test_data) {
+            eprintln!(
+                "pserv local: training on all of {}, evaluating on {} (--test-fraction is not used)",
+                data.display(),
+                test.display()
+            );
         }
+        let dir = scratch_dir()?;
+        let result = run_in(plan, &dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        result
+    });
+    if let (Err(e), Some(path)) = (&result, &plan.summary_json) {
+        write_failed_summary(path, e);
     }
     result
+}
+
+/// Write a failed run's summary to `path`: only `{"error": ...}`, no metric that could be
+/// taken for a result (a warning in the log if the file cannot be written).
+pub fn write_failed_summary(path: &Path, error: &EngineError) {
+    let failed = serde_json::json!({ "error": error.to_string() });
+    if let Err(w) = std::fs::write(path, failed.to_string()) {
+        tracing::warn!(path = %path.display(), error = %w, "could not write the failed run's summary");
+    }
 }
 
 fn run_in(plan: &LocalPlan, dir: &Path) -> Result<serde_json::Value, EngineError> {

@@ -2,12 +2,14 @@
 //! parameter server (the paper's first application).
 //!
 //! Every worker loads (or generates, deterministically from the seed) the same data set,
-//! takes its shard by rank, and for each minibatch pulls the weights of the keys it
-//! touches, computes the gradient, and pushes it; the servers apply `w -= lr * g`.
+//! puts it in the same seeded order, takes its shard by rank, and for each minibatch pulls
+//! the weights of the keys it touches, computes the gradient, and pushes it; the servers
+//! apply the update rule (AdaGrad by default: `n += g^2; w -= lr * g / sqrt(n)`). Every
+//! epoch each worker trains its shard in a new order drawn from the seed (`--shuffle`).
 //! After each epoch all workers meet at a barrier, worker 0 pulls the weights of the
 //! held-out set's keys, evaluates, and reports the line to the scheduler's console.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -23,13 +25,112 @@ use crate::worker::{TaskOpts, Timestamp, Worker};
 /// The server-side optimizer of the LR job.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Optimizer {
-    /// Plain SGD: `w -= lr * g` (the worker adds the L2 term to the gradient).
+    /// Plain SGD: `w -= lr * g` (the worker adds the L2 term to the gradient). Its step
+    /// size has to suit the data's scale: the default 4 suits the synthetic set (rows of
+    /// squared norm 2) and diverges on one-hot data with 14 ones a row (use ~0.5 there).
     Sgd,
-    /// AdaGrad with learning rate `lr` (the worker adds the L2 term).
+    /// AdaGrad with learning rate `lr` (the worker adds the L2 term): per-key steps
+    /// `lr / sqrt(sum of g^2)`, which adapt to the features' scale and frequency. The
+    /// default.
     Adagrad,
     /// FTRL-proximal with alpha = `lr`, beta = 1 and the servers applying `--l1`, `--l2`:
     /// weights become exactly zero, a sparse model.
     Ftrl,
+}
+
+impl Optimizer {
+    /// The learning rate (FTRL: alpha) when `--lr` is not given. AdaGrad's 0.5 was picked
+    /// by measurement on the synthetic set and on real and realistic files (README, "The
+    /// main job"); SGD's and FTRL's 4 are the synthetic set's.
+    pub fn default_lr(self) -> f64 {
+        match self {
+            Optimizer::Adagrad => 0.5,
+            Optimizer::Sgd | Optimizer::Ftrl => 4.0,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Optimizer::Sgd => "sgd",
+            Optimizer::Adagrad => "adagrad",
+            Optimizer::Ftrl => "ftrl",
+        }
+    }
+}
+
+/// `--shuffle`: the order in which the workers train the rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Shuffle {
+    /// The data's own order (a file's lines, the synthetic set's rows): contiguous shards,
+    /// the same minibatches every epoch. A file sorted by label trains badly this way.
+    None,
+    /// The training set in one random order drawn from `--seed` (the same on every
+    /// worker) before it is sharded; the same minibatches every epoch, so their key lists
+    /// repeat (what `--key-cache` names from the second epoch on).
+    Once,
+    /// As `once`, and every epoch each worker trains its shard in a new order drawn from
+    /// `--seed`, the epoch and the shard: the same seed gives the same orders on every
+    /// run, each epoch its own. The default.
+    Epoch,
+}
+
+impl Shuffle {
+    fn name(self) -> &'static str {
+        match self {
+            Shuffle::None => "none",
+            Shuffle::Once => "once",
+            Shuffle::Epoch => "epoch",
+        }
+    }
+}
+
+/// The seed of the order in which the rows `first_row..` of the (ordered) training set,
+/// a shard or a departed worker's part of one, are trained in `epoch` under
+/// `--shuffle epoch`: a function of the job's seed, the epoch and the first row only, so
+/// every run with the same seed trains the same orders, whichever worker trains them.
+pub fn epoch_seed(seed: u64, epoch: u32, first_row: usize) -> u64 {
+    use crate::lr::rng::mix64;
+    mix64(seed ^ 0x6570_6f63_6873_6875) // "epochshu"
+        ^ mix64(u64::from(epoch).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        ^ mix64((first_row as u64) ^ 0x726f_7773_0000_0000) // "rows"
+}
+
+/// The rows `d` (the rows `first_row..` of the ordered training set) in the order they
+/// train in `epoch`: under [`Shuffle::Epoch`] a permutation drawn from
+/// [`epoch_seed`]`(seed, epoch, first_row)`, otherwise `d` itself.
+pub fn epoch_order(
+    shuffle: Shuffle,
+    seed: u64,
+    epoch: u32,
+    first_row: usize,
+    d: &Dataset,
+) -> std::borrow::Cow<'_, Dataset> {
+    match shuffle {
+        Shuffle::Epoch => std::borrow::Cow::Owned(d.shuffled(epoch_seed(seed, epoch, first_row))),
+        Shuffle::None | Shuffle::Once => std::borrow::Cow::Borrowed(d),
+    }
+}
+
+/// The seed of the one order `--shuffle once|epoch` puts the training set in before it is
+/// sharded.
+fn order_seed(seed: u64) -> u64 {
+    crate::lr::rng::mix64(seed ^ 0x7472_6169_6e6f_7264) // "trainord"
+}
+
+/// A clap value parser: a whole number of at least `MIN`. A negative number gets this
+/// message too (with `allow_negative_numbers`), not clap's "unexpected argument".
+fn whole<T: TryFrom<u64>, const MIN: u64>(s: &str) -> Result<T, String> {
+    let n: i128 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("must be a whole number >= {MIN}"))?;
+    if n < i128::from(MIN) {
+        return Err(format!("must be >= {MIN}"));
+    }
+    u64::try_from(n)
+        .ok()
+        .and_then(|n| T::try_from(n).ok())
+        .ok_or_else(|| "too large".to_string())
 }
 
 /// One `--slow-worker` spec: a worker (or every worker) sleeping before minibatches.
@@ -49,36 +150,60 @@ pub struct JobArgs {
     /// Training data in libsvm format (default: a synthetic data set from --seed).
     #[arg(long, env = "PSERV_DATA")]
     pub data: Option<PathBuf>,
-    /// Seed of the synthetic data set.
-    #[arg(long, env = "PSERV_SEED", default_value_t = 1)]
+    /// Held-out data in libsvm format, evaluated after each epoch (needs --data; all of
+    /// --data then trains and --test-fraction is ignored).
+    #[arg(long, env = "PSERV_TEST_DATA")]
+    pub test_data: Option<PathBuf>,
+    /// Seed of the synthetic data set and of the training order (--shuffle).
+    #[arg(long, env = "PSERV_SEED", default_value_t = 1, value_parser = whole::<u64, 0>, allow_negative_numbers = true)]
     pub seed: u64,
     /// Examples of the synthetic data set (training plus held-out).
-    #[arg(long, env = "PSERV_EXAMPLES")]
+    #[arg(long, env = "PSERV_EXAMPLES", value_parser = whole::<usize, 1>, allow_negative_numbers = true)]
     pub examples: Option<usize>,
     /// Distinct features of the synthetic data set.
-    #[arg(long, env = "PSERV_FEATURES")]
+    #[arg(long, env = "PSERV_FEATURES", value_parser = whole::<usize, 1>, allow_negative_numbers = true)]
     pub features: Option<usize>,
-    /// Fraction of the data held out for evaluation.
-    #[arg(long, env = "PSERV_TEST_FRACTION", default_value_t = 0.2)]
+    /// Fraction of the data held out for evaluation (without --test-data).
+    #[arg(
+        long,
+        env = "PSERV_TEST_FRACTION",
+        default_value_t = 0.2,
+        allow_negative_numbers = true
+    )]
     pub test_fraction: f64,
     /// Passes over the training data.
-    #[arg(long, env = "PSERV_EPOCHS", default_value_t = 3)]
+    #[arg(long, env = "PSERV_EPOCHS", default_value_t = 3, value_parser = whole::<u32, 1>, allow_negative_numbers = true)]
     pub epochs: u32,
     /// Examples per minibatch.
-    #[arg(long, env = "PSERV_BATCH_SIZE", default_value_t = 100)]
+    #[arg(long, env = "PSERV_BATCH_SIZE", default_value_t = 100, value_parser = whole::<usize, 1>, allow_negative_numbers = true)]
     pub batch_size: usize,
-    /// SGD learning rate.
-    #[arg(long, env = "PSERV_LR", default_value_t = 4.0)]
-    pub lr: f64,
+    /// Learning rate of the servers' rule (FTRL: alpha). Default: 0.5 for adagrad, 4 for
+    /// sgd and ftrl.
+    #[arg(long, env = "PSERV_LR", allow_negative_numbers = true)]
+    pub lr: Option<f64>,
     /// L2 regularisation.
-    #[arg(long, env = "PSERV_L2", default_value_t = 1e-5)]
+    #[arg(
+        long,
+        env = "PSERV_L2",
+        default_value_t = 1e-5,
+        allow_negative_numbers = true
+    )]
     pub l2: f64,
     /// L1 regularisation (FTRL only: applied by the servers' proximal step).
-    #[arg(long, env = "PSERV_L1", default_value_t = 0.0)]
+    #[arg(
+        long,
+        env = "PSERV_L1",
+        default_value_t = 0.0,
+        allow_negative_numbers = true
+    )]
     pub l1: f64,
     /// The servers' update rule.
-    #[arg(long, env = "PSERV_OPTIMIZER", value_enum, default_value = "sgd")]
+    #[arg(long, env = "PSERV_OPTIMIZER", value_enum, default_value = "adagrad")]
     pub optimizer: Optimizer,
+    /// Training order: none (the data's own), once (one random order from --seed before
+    /// sharding), epoch (that, and each worker reorders its shard every epoch).
+    #[arg(long, env = "PSERV_SHUFFLE", value_enum, default_value = "epoch")]
+    pub shuffle: Shuffle,
     /// Consistency model: sequential, eventual, or bounded:TAU (bounded delay).
     #[arg(long, env = "PSERV_CONSISTENCY", default_value = "eventual")]
     pub consistency: Consistency,
@@ -92,10 +217,10 @@ pub struct JobArgs {
     #[arg(long, env = "PSERV_SKIP_DEPARTED")]
     pub skip_departed: bool,
     /// Worker 0 also evaluates every N minibatches (0: only after each epoch).
-    #[arg(long, env = "PSERV_EVAL_EVERY", default_value_t = 0)]
+    #[arg(long, env = "PSERV_EVAL_EVERY", default_value_t = 0, value_parser = whole::<usize, 0>, allow_negative_numbers = true)]
     pub eval_every: usize,
     /// Report the time at which the held-out logloss first fell to this value.
-    #[arg(long, env = "PSERV_TARGET_LOGLOSS")]
+    #[arg(long, env = "PSERV_TARGET_LOGLOSS", allow_negative_numbers = true)]
     pub target_logloss: Option<f64>,
     /// Each worker appends one JSON line per training pull to `PATH.RANK`: its clock and
     /// the smallest worker clock the servers had when they answered.
@@ -105,7 +230,7 @@ pub struct JobArgs {
     /// the servers, each server's share one contiguous key range: workers then pull the
     /// model as dense ranges, one-sidedly where `--transport` gives shm or rdma, and push
     /// sparse gradients.
-    #[arg(long, env = "PSERV_HASH_BUCKETS")]
+    #[arg(long, env = "PSERV_HASH_BUCKETS", value_parser = whole::<u64, 1>, allow_negative_numbers = true)]
     pub hash_buckets: Option<u64>,
     /// Filters every worker runs on its pushes, in order (comma-separated or repeated):
     /// `significant:T` (send a key once its accumulated gradient exceeds T; the rest is
@@ -232,7 +357,7 @@ impl JobArgs {
         if !(self.test_fraction > 0.0 && self.test_fraction < 1.0) {
             return bad("--test-fraction must be between 0 and 1");
         }
-        if !(self.lr.is_finite() && self.lr > 0.0) {
+        if !(self.lr().is_finite() && self.lr() > 0.0) {
             return bad("--lr must be a positive number");
         }
         if !(self.l2.is_finite() && self.l2 >= 0.0) {
@@ -247,13 +372,31 @@ impl JobArgs {
         if self.filters.contains(&crate::filter::FilterSpec::Kkt) && self.l1 == 0.0 {
             return bad("--filter kkt needs --l1 above 0 (and --optimizer ftrl)");
         }
+        if let Some(t) = self.target_logloss {
+            if !(t.is_finite() && t > 0.0) {
+                return bad("--target-logloss must be a positive number");
+            }
+        }
+        if self.test_data.is_some() && self.data.is_none() {
+            return bad("--test-data needs --data (the held-out rows of a file's features)");
+        }
         self.slow()?;
-        if let Some(p) = &self.data {
-            if !p.is_file() {
-                return Err(EngineError::Config(format!(
-                    "--data {}: no such file",
-                    p.display()
-                )));
+        Ok(())
+    }
+
+    /// The learning rate: `--lr`, or the optimizer's default.
+    pub fn lr(&self) -> f64 {
+        self.lr.unwrap_or_else(|| self.optimizer.default_lr())
+    }
+
+    /// Check that `--data` and `--test-data` name readable, non-empty regular files, with
+    /// a message naming the flag and the file. `pserv local` checks before it starts any
+    /// process (a failure then leaves only the error in `--summary-json`); every worker
+    /// checks again when it loads them.
+    pub fn check_files(&self) -> Result<(), EngineError> {
+        for (flag, path) in [("--data", &self.data), ("--test-data", &self.test_data)] {
+            if let Some(p) = path {
+                check_file(flag, p)?;
             }
         }
         Ok(())
@@ -266,11 +409,17 @@ impl JobArgs {
             format!("--test-fraction={}", self.test_fraction),
             format!("--epochs={}", self.epochs),
             format!("--batch-size={}", self.batch_size),
-            format!("--lr={}", self.lr),
             format!("--l2={}", self.l2),
+            format!("--shuffle={}", self.shuffle.name()),
         ];
+        if let Some(lr) = self.lr {
+            a.push(format!("--lr={lr}"));
+        }
         if let Some(p) = &self.data {
             a.push(format!("--data={}", p.display()));
+        }
+        if let Some(p) = &self.test_data {
+            a.push(format!("--test-data={}", p.display()));
         }
         if let Some(d) = self.hash_buckets {
             a.push(format!("--hash-buckets={d}"));
@@ -282,14 +431,7 @@ impl JobArgs {
             a.push(format!("--features={n}"));
         }
         a.push(format!("--l1={}", self.l1));
-        a.push(format!(
-            "--optimizer={}",
-            match self.optimizer {
-                Optimizer::Sgd => "sgd",
-                Optimizer::Adagrad => "adagrad",
-                Optimizer::Ftrl => "ftrl",
-            }
-        ));
+        a.push(format!("--optimizer={}", self.optimizer.name()));
         a.push(format!("--consistency={}", self.consistency));
         if let Some(s) = &self.slow_worker {
             a.push(format!("--slow-worker={s}"));
@@ -360,13 +502,13 @@ impl JobArgs {
     /// The servers' default update rule for this job.
     pub fn update_spec(&self) -> UpdateSpec {
         match self.optimizer {
-            Optimizer::Sgd => UpdateSpec::Sgd { lr: self.lr },
+            Optimizer::Sgd => UpdateSpec::Sgd { lr: self.lr() },
             Optimizer::Adagrad => UpdateSpec::Adagrad {
-                lr: self.lr,
+                lr: self.lr(),
                 eps: 1e-8,
             },
             Optimizer::Ftrl => UpdateSpec::Ftrl {
-                alpha: self.lr,
+                alpha: self.lr(),
                 beta: 1.0,
                 l1: self.l1,
                 l2: self.l2,
@@ -387,29 +529,44 @@ impl JobArgs {
     /// The SGD hyper-parameters.
     pub fn sgd_params(&self) -> SgdParams {
         SgdParams {
-            lr: self.lr as f32,
+            lr: self.lr() as f32,
             l2: self.l2 as f32,
             batch_size: self.batch_size,
             epochs: self.epochs as usize,
         }
     }
 
-    /// Load or generate `(train, held-out)`. Deterministic: every worker gets the same.
+    /// Load or generate `(train, held-out)`, the training rows in the order `--shuffle`
+    /// gives them before sharding. Deterministic: every worker gets the same.
     pub fn load_data(&self) -> Result<(Dataset, Dataset), EngineError> {
-        match &self.data {
-            Some(path) => {
-                let all = Dataset::read_libsvm(path)
-                    .map_err(|e| EngineError::Config(format!("loading the training data: {e}")))?;
-                if all.len() < 2 {
-                    return Err(EngineError::Config(format!(
-                        "{} holds {} examples; need at least 2",
-                        path.display(),
-                        all.len()
-                    )));
-                }
-                Ok(all.split_holdout(self.test_fraction))
+        let (train, test) = self.load_unordered()?;
+        Ok(match self.shuffle {
+            Shuffle::None => (train, test),
+            Shuffle::Once | Shuffle::Epoch => (train.shuffled(order_seed(self.seed)), test),
+        })
+    }
+
+    /// `(train, held-out)` as read, split or generated.
+    fn load_unordered(&self) -> Result<(Dataset, Dataset), EngineError> {
+        let Some(path) = &self.data else {
+            return Ok(Dataset::synthetic(&self.synthetic_spec()));
+        };
+        self.check_files()?;
+        let read = |flag: &str, p: &Path, least: usize| {
+            let d = Dataset::read_libsvm(p)
+                .map_err(|e| EngineError::Config(format!("loading {flag}: {e}")))?;
+            if d.len() < least {
+                return Err(EngineError::Config(format!(
+                    "{flag} {} holds {} examples; need at least {least}",
+                    p.display(),
+                    d.len()
+                )));
             }
-            None => Ok(Dataset::synthetic(&self.synthetic_spec())),
+            Ok(d)
+        };
+        match &self.test_data {
+            Some(test) => Ok((read("--data", path, 1)?, read("--test-data", test, 1)?)),
+            None => Ok(read("--data", path, 2)?.split_holdout(self.test_fraction)),
         }
     }
 
@@ -429,6 +586,34 @@ impl JobArgs {
         }
         spec
     }
+}
+
+/// `path` is a readable, non-empty regular file, or the error says which of these it is not.
+fn check_file(flag: &str, path: &Path) -> Result<(), EngineError> {
+    let bad = |what: String| {
+        Err(EngineError::Config(format!(
+            "{flag} {}: {what}",
+            path.display()
+        )))
+    };
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return bad("no such file".into()),
+        Err(e) => return bad(format!("cannot be read: {e}")),
+    };
+    if meta.is_dir() {
+        return bad("is a directory, not a data file".into());
+    }
+    if !meta.is_file() {
+        return bad("is not a regular file (a device or a pipe?); give a libsvm file".into());
+    }
+    if let Err(e) = std::fs::File::open(path) {
+        return bad(format!("cannot be read: {e}"));
+    }
+    if meta.len() == 0 {
+        return bad("is empty".into());
+    }
+    Ok(())
 }
 
 /// Report progress to the scheduler at most this often.
@@ -551,10 +736,11 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
             "worker {rank} joined a running job: only --consistency eventual takes workers that join"
         )));
     }
-    let shard = if late {
-        train.slice(0..0)
+    let (shard, shard_start) = if late {
+        (train.slice(0..0), 0)
     } else {
-        train.shard(rank, workers)
+        let rows = Dataset::shard_range(train.len(), rank, workers);
+        (train.slice(rows.clone()), rows.start)
     };
     let params = job.sgd_params();
     let l2 = job.worker_l2();
@@ -603,6 +789,31 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
     };
     let total = shard.len() as u64 * u64::from(job.epochs);
     worker.tell_scheduler(Control::Progress { done: 0, total })?;
+    if rank == 0 {
+        let data = match (&job.data, &job.test_data) {
+            (None, _) => format!("the synthetic set of seed {}", job.seed),
+            (Some(d), None) => format!(
+                "{}, {:.0}% held out",
+                d.display(),
+                job.test_fraction * 100.0
+            ),
+            (Some(d), Some(t)) => format!(
+                "{}, held-out rows from {} (--test-fraction is not used)",
+                d.display(),
+                t.display()
+            ),
+        };
+        worker.tell_scheduler(Control::Log {
+            line: format!(
+                "data: {data}: {} training and {} held-out rows; {} lr {}, shuffle {}",
+                train.len(),
+                test.len(),
+                job.optimizer.name(),
+                job.lr(),
+                job.shuffle.name()
+            ),
+        })?;
+    }
     let test_keys: Arc<Vec<u64>> = Arc::new(if rank == 0 {
         test.unique_keys()
     } else {
@@ -650,21 +861,23 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
                 .entry((r.start, r.end))
                 .or_insert_with(|| train.slice(r.clone()));
         }
-        let extra: Vec<&Dataset> = plan
+        // This epoch's rows: the own shard (unless workers joined) and parts of departed
+        // workers' shards, each with its first row in the training set; under
+        // `--shuffle epoch` each in this epoch's order.
+        let own = plan.own.then_some((shard_start, &shard));
+        let extra = plan
             .extra
             .get(&(rank as u32))
             .into_iter()
             .flatten()
-            .map(|r| &slices[&(r.start, r.end)])
+            .map(|r| (r.start, &slices[&(r.start, r.end)]));
+        let pieces: Vec<std::borrow::Cow<'_, Dataset>> = own
+            .into_iter()
+            .chain(extra)
+            .map(|(first_row, d)| epoch_order(job.shuffle, job.seed, epoch, first_row, d))
             .collect();
-        let own: &[Dataset] = if plan.own {
-            std::slice::from_ref(&shard)
-        } else {
-            &[]
-        };
-        let batches: Vec<Minibatch<'_>> = own
+        let batches: Vec<Minibatch<'_>> = pieces
             .iter()
-            .chain(extra.iter().copied())
             .flat_map(|d| d.minibatches(params.batch_size))
             .collect();
         let mut unreported = 0u64;
@@ -867,7 +1080,9 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
             "workers": worker.num_workers(),
             "servers": worker.cluster().servers.len(),
             "consistency": job.consistency.to_string(),
-            "optimizer": format!("{:?}", job.optimizer).to_lowercase(),
+            "optimizer": job.optimizer.name(),
+            "lr": job.lr(),
+            "shuffle": job.shuffle.name(),
             "seconds_to_target": reached,
             "hash_buckets": job.hash_buckets,
             "one_sided_windows": one_sided_windows,
@@ -887,6 +1102,155 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct P {
+        #[command(flatten)]
+        job: JobArgs,
+    }
+
+    fn job(args: &[&str]) -> JobArgs {
+        P::try_parse_from(std::iter::once("x").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+            .job
+    }
+
+    /// Each row as (label, keys, value bits), sorted: the multiset of a data set's rows.
+    fn row_set(d: &Dataset) -> Vec<(u32, Vec<u64>, Vec<u32>)> {
+        let mut v: Vec<_> = d
+            .rows()
+            .map(|r| {
+                let bits = r.values.iter().map(|x| x.to_bits()).collect();
+                (r.label.to_bits(), r.keys.to_vec(), bits)
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn numbered(n: usize) -> Dataset {
+        let mut d = Dataset::new();
+        for i in 0..n as u64 {
+            d.push_row((i % 2) as f32, [(i, 1.0), (1_000_000 + i % 7, 0.5)]);
+        }
+        d
+    }
+
+    #[test]
+    fn the_epoch_order_is_a_reproducible_permutation_new_every_epoch() {
+        let d = numbered(500);
+        let order = |epoch, first| epoch_order(Shuffle::Epoch, 9, epoch, first, &d).into_owned();
+        let (e1, e2) = (order(1, 0), order(2, 0));
+        assert_eq!(row_set(&e1), row_set(&d), "a permutation of the rows");
+        assert_eq!(row_set(&e2), row_set(&d));
+        assert_eq!(
+            e1,
+            order(1, 0),
+            "the same seed and epoch give the same order"
+        );
+        assert_ne!(e1, d, "reordered");
+        assert_ne!(e1, e2, "each epoch its own order");
+        assert_ne!(e1, order(1, 500), "another shard, another order");
+        let other_seed = epoch_order(Shuffle::Epoch, 10, 1, 0, &d).into_owned();
+        assert_ne!(e1, other_seed);
+        // Rows that stay in place: about 1 of 500 for a random permutation.
+        let fixed = e1.rows().zip(d.rows()).filter(|(a, b)| a == b).count();
+        assert!(fixed < 10, "{fixed} rows kept their place");
+        for s in [Shuffle::None, Shuffle::Once] {
+            assert!(matches!(
+                epoch_order(s, 9, 1, 0, &d),
+                std::borrow::Cow::Borrowed(x) if *x == d
+            ));
+        }
+    }
+
+    #[test]
+    fn load_data_orders_the_training_rows_by_the_shuffle_flag() {
+        let synthetic = ["--examples=600", "--features=500", "--seed=3"];
+        let with = |s: &str| {
+            let mut a = synthetic.to_vec();
+            a.push(s);
+            job(&a).load_data().unwrap()
+        };
+        let (none, test_none) = with("--shuffle=none");
+        let (once, test_once) = with("--shuffle=once");
+        let (epoch, _) = with("--shuffle=epoch");
+        assert_eq!(test_none, test_once, "the held-out rows do not move");
+        assert_ne!(none, once);
+        assert_eq!(row_set(&none), row_set(&once));
+        assert_eq!(once, epoch, "epoch starts from the same order as once");
+        assert_eq!(with("--shuffle=once").0, once, "reproducible");
+    }
+
+    #[test]
+    fn test_data_files_are_checked_and_loaded() {
+        let dir = std::env::temp_dir().join(format!("pserv-job-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let train = dir.join("train.svm");
+        let test = dir.join("test.svm");
+        let empty = dir.join("empty.svm");
+        let comments = dir.join("comments.svm");
+        std::fs::write(&train, "1 1:1\n0 2:1\n1 1:1 3:1\n").unwrap();
+        std::fs::write(&test, "0 2:1\n1 1:1\n").unwrap();
+        std::fs::write(&empty, "").unwrap();
+        std::fs::write(&comments, "# nothing here\n\n").unwrap();
+        let load = |t: &Path| {
+            let (d, t) = (
+                format!("--data={}", train.display()),
+                format!("--test-data={}", t.display()),
+            );
+            let j = job(&[&d, &t, "--test-fraction=0.5"]);
+            j.check().and_then(|()| j.load_data())
+        };
+        let (tr, te) = load(&test).unwrap();
+        assert_eq!((tr.len(), te.len()), (3, 2), "all of --data trains");
+        assert_eq!(te.labels(), &[0.0, 1.0]);
+        let err = |t: &Path| load(t).unwrap_err().to_string();
+        let missing = dir.join("missing.svm");
+        for (path, want) in [
+            (missing.as_path(), "no such file"),
+            (Path::new("/dev/null"), "not a regular file"),
+            (empty.as_path(), "is empty"),
+            (dir.as_path(), "is a directory"),
+            (comments.as_path(), "holds 0 examples"),
+        ] {
+            let e = err(path);
+            assert!(e.contains(want), "{}: {e}", path.display());
+            assert!(e.contains("--test-data"), "{e}");
+            assert!(e.contains(&path.display().to_string()), "{e}");
+        }
+        assert!(!err(Path::new("/dev/null")).contains("no such file"));
+        let only_test = job(&[&format!("--test-data={}", test.display())]);
+        assert!(only_test
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("needs --data"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn numeric_flags_say_their_bound() {
+        let err =
+            |a: &[&str]| match P::try_parse_from(std::iter::once("x").chain(a.iter().copied())) {
+                Ok(_) => panic!("{a:?} parsed"),
+                Err(e) => e.to_string(),
+            };
+        assert!(err(&["--epochs", "-1"]).contains("must be >= 1"));
+        assert!(err(&["--epochs=0"]).contains("must be >= 1"));
+        assert!(err(&["--batch-size", "-3"]).contains("must be >= 1"));
+        assert!(err(&["--seed", "-1"]).contains("must be >= 0"));
+        assert!(err(&["--eval-every", "x"]).contains("whole number"));
+        assert_eq!(job(&["--epochs", "5"]).epochs, 5);
+        // Negative floats reach the checks, which name the flag.
+        let lr = job(&["--lr", "-1"]).check().unwrap_err().to_string();
+        assert!(lr.contains("--lr must be a positive number"), "{lr}");
+        // The default rate follows the optimizer.
+        assert_eq!(job(&[]).lr(), Optimizer::Adagrad.default_lr());
+        assert_eq!(job(&["--optimizer=sgd"]).lr(), 4.0);
+        assert_eq!(job(&["--optimizer=sgd", "--lr=0.5"]).lr(), 0.5);
+    }
 
     #[test]
     fn a_departed_shard_is_split_over_the_live_workers() {
