@@ -110,6 +110,10 @@ fn run_one(a: &TauArgs, tau: Option<u64>, rep: usize) -> Result<Outcome, BenchEr
         .arg(format!("--servers={}", a.servers))
         .arg(format!("--workers={}", a.workers))
         .arg(format!("--epochs={epochs}"))
+        // Plain SGD on the servers and a fixed data order, as the recorded tables were
+        // measured (the job's defaults are AdaGrad and a per-epoch shuffle).
+        .arg("--optimizer=sgd")
+        .arg("--shuffle=once")
         .arg(format!("--lr={}", a.lr))
         .arg(format!("--consistency={}", consistency(tau)))
         .arg(format!("--slow-worker={}", a.slow))

@@ -529,7 +529,13 @@ impl DataSet {
 
     /// The data set's flags, and those of its optimizer.
     fn flags(&self, opt: Optimizer) -> Vec<String> {
-        let mut f = vec![format!("--epochs={}", self.epochs())];
+        // A fixed data order: a per-epoch shuffle (the job's default) changes every
+        // minibatch's key list each epoch, which the key cache cannot reuse.
+        let mut f = vec![format!("--epochs={}", self.epochs()), "--shuffle=once".into()];
+        if opt == Optimizer::Sgd {
+            // The job's default optimizer is AdaGrad; these rows are plain SGD.
+            f.push("--optimizer=sgd".into());
+        }
         match self {
             DataSet::Synthetic { examples, .. } => f.push(format!("--examples={examples}")),
             DataSet::File { path, lr, .. } => {
