@@ -44,7 +44,11 @@ use clap::Parser;
 use serde::Serialize;
 
 use crate::base::error::EngineError;
-use crate::cli::app::Cli;
+use crate::cli::app::{Cli, ReplArgs};
+use crate::cli::args::NetArgs;
+use crate::cli::roles::{ServerLaunch, WorkerLaunch};
+use crate::job::JobArgs;
+use crate::update::UpdateSpec;
 
 /// The environment as [`detect`] reads it.
 pub type Env = BTreeMap<String, String>;
@@ -91,13 +95,30 @@ pub struct LaunchFlags {
     pub launcher: LauncherChoice,
 }
 
-/// Flags of `pserv launch`. Every other flag of the role reaches it through its `PSERV_*`
-/// variable (for example `PSERV_EPOCHS`, `PSERV_THREADS`, `PSERV_UPDATE`).
+/// Flags of `pserv launch`: its own, and the roles' (each also from its `PSERV_*`
+/// variable, so identical commands can run everywhere). The scheduler's other flags
+/// (`--value-type`, `--vnodes`, `--replicas`, `--summary-json`, ...) and a server's
+/// `--shards` / `--key-cache-keys` reach them through their `PSERV_*` variables only.
 #[derive(clap::Args, Clone, Debug)]
 pub struct LaunchArgs {
     /// What detection reads besides the environment.
     #[command(flatten)]
     pub flags: LaunchFlags,
+    /// The job's flags (the built-in LR worker; the scheduler's default update rule).
+    #[command(flatten)]
+    pub job: JobArgs,
+    /// Transport flags of every role.
+    #[command(flatten)]
+    pub net: NetArgs,
+    /// Replication flags of a server.
+    #[command(flatten)]
+    pub repl: ReplArgs,
+    /// The servers' update function (default: the job's, e.g. `sgd:<lr>`).
+    #[arg(long, env = "PSERV_UPDATE")]
+    pub update: Option<UpdateSpec>,
+    /// At the end, a server writes its part of the model to DIR/model-RANK.bin.
+    #[arg(long, env = "PSERV_DUMP_MODEL")]
+    pub dump_model: Option<std::path::PathBuf>,
     /// This host's address, which a server listens on (default: the local address that
     /// routes to the scheduler).
     #[arg(long, env = "PSERV_HOST_IP")]
@@ -799,27 +820,31 @@ pub(super) fn run_launch(args: LaunchArgs) -> Result<ExitCode, EngineError> {
     let scheduler = resolve(&plan.scheduler, deadline, wait)?;
     let role_args: Vec<String> = match plan.role {
         RoleKind::Scheduler => {
+            let update = args.update.unwrap_or(args.job.update_spec());
             let mut a = vec![
                 "scheduler".to_string(),
                 format!("--servers={}", plan.servers),
                 format!("--workers={}", plan.workers),
+                format!("--update={update}"),
             ];
             if var(&env, "PSERV_SCHEDULER_LISTEN").is_none() {
                 a.push(format!("--listen={}", scheduler_listen(scheduler)));
             }
+            a.extend(args.net.to_args());
             a
         }
-        RoleKind::Server | RoleKind::Worker => {
+        RoleKind::Server => {
             wait_for_scheduler(scheduler, deadline, wait)?;
-            if plan.role == RoleKind::Worker && !args.cmd.is_empty() {
-                return run_cmd(&args, &plan, scheduler);
+            let mut a = ServerLaunch {
+                scheduler,
+                rank: Some(plan.rank),
+                join: false,
+                net: args.net.clone(),
+                repl: args.repl.clone(),
+                dump_model: args.dump_model.clone(),
             }
-            let mut a = vec![
-                plan.role.to_string(),
-                format!("--scheduler={scheduler}"),
-                format!("--rank={}", plan.rank),
-            ];
-            if plan.role == RoleKind::Server && var(&env, "PSERV_SERVER_LISTEN").is_none() {
+            .to_args();
+            if var(&env, "PSERV_SERVER_LISTEN").is_none() {
                 let ip = match args.host_ip {
                     Some(ip) => ip,
                     None => route_ip(scheduler)?,
@@ -827,6 +852,19 @@ pub(super) fn run_launch(args: LaunchArgs) -> Result<ExitCode, EngineError> {
                 a.push(format!("--listen={}", SocketAddr::new(ip, 0)));
             }
             a
+        }
+        RoleKind::Worker => {
+            wait_for_scheduler(scheduler, deadline, wait)?;
+            if !args.cmd.is_empty() {
+                return run_cmd(&args, &plan, scheduler);
+            }
+            WorkerLaunch {
+                scheduler,
+                rank: Some(plan.rank),
+                job: args.job.clone(),
+                net: args.net.clone(),
+            }
+            .to_args()
         }
     };
     if !args.cmd.is_empty() {

@@ -619,3 +619,9 @@ fn the_scheduler_listens_on_loopback_as_is_else_everywhere() {
         a("127.0.0.1:1").ip()
     );
 }
+
+#[test]
+fn launch_flags_do_not_clash_with_the_roles_flags() {
+    use clap::CommandFactory;
+    crate::cli::app::Cli::command().debug_assert();
+}
