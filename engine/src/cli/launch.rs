@@ -26,9 +26,10 @@
 //!    PMIx (`PMIX_RANK`),
 //! 4. torchrun-style (`RANK`, `WORLD_SIZE`).
 //!
-//! The scheduler's address: `PSERV_SCHEDULER` (host:port) whenever it is set; else the
-//! first host of the Slurm node list, else `MASTER_ADDR`; the port `--scheduler-port`,
-//! else `MASTER_PORT`, else 9190.
+//! The scheduler's address: `PSERV_SCHEDULER` (host:port) whenever it is set; else, for
+//! Slurm, the first host of the node list (then `MASTER_ADDR`), for MPI and torchrun-style
+//! launchers `MASTER_ADDR` (MPI then the Slurm node list, if in an allocation); the port
+//! `--scheduler-port`, else (MPI, torchrun-style) `MASTER_PORT`, else 9190.
 //!
 //! Invariant: every wait is bounded (the scheduler's name resolving and accepting, CMD
 //! running); a CMD child is stopped on every signal this process gets (forwarded to its
@@ -86,7 +87,8 @@ pub struct LaunchFlags {
     /// PSERV_NUM_WORKERS). When the world size is known this must agree with it.
     #[arg(long)]
     pub workers: Option<u32>,
-    /// The scheduler's port (default: PSERV_SCHEDULER's, else MASTER_PORT, else 9190).
+    /// The scheduler's port (default: PSERV_SCHEDULER's, else MASTER_PORT under MPI and
+    /// torchrun-style launchers, else 9190).
     #[arg(long)]
     pub scheduler_port: Option<u16>,
     /// Where role and rank come from (auto: PSERV_ROLE, then Slurm, then MPI/PMI, then
@@ -1027,7 +1029,11 @@ fn run_cmd(
     let deadline = Instant::now() + limit;
     let mut kill_at: Option<Instant> = None;
     let mut timed_out = false;
-    loop {
+    let wait_err = |source| EngineError::Io {
+        context: format!("waiting for CMD (pid {pid})"),
+        source,
+    };
+    let st = loop {
         for sig in signals.pending() {
             eprintln!("pserv launch: signal {sig}: forwarding it to CMD (pid {pid})");
             if let Some(s) = rustix::process::Signal::from_named_raw(sig) {
@@ -1035,30 +1041,8 @@ fn run_cmd(
             }
             kill_at.get_or_insert(Instant::now() + grace);
         }
-        if let Some(st) = guard
-            .child
-            .try_wait()
-            .map_err(io(format!("waiting for CMD (pid {pid})")))?
-        {
-            guard.status = Some(st);
-            // What it left running in its group goes with it.
-            let _ = rustix::process::kill_process_group(
-                rustix::process::Pid::from_child(&guard.child),
-                rustix::process::Signal::KILL,
-            );
-            if timed_out {
-                return Err(EngineError::Timeout(format!(
-                    "CMD {:?} ran past --timeout-secs {} and was stopped ({st})",
-                    args.cmd, args.timeout_secs
-                )));
-            }
-            eprintln!("pserv launch: CMD (pid {pid}) exited: {st}");
-            let code = match (st.code(), st.signal()) {
-                (Some(c), _) => c,
-                (None, Some(s)) => 128 + s,
-                (None, None) => 1,
-            };
-            return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
+        if let Some(st) = guard.child.try_wait().map_err(&wait_err)? {
+            break st;
         }
         let now = Instant::now();
         if now >= deadline && !timed_out {
@@ -1071,12 +1055,35 @@ fn run_cmd(
             kill_at.get_or_insert(now + grace);
         }
         if kill_at.is_some_and(|k| now >= k) {
-            eprintln!("pserv launch: CMD (pid {pid}) did not stop within {grace:?} (--grace-secs): SIGKILL");
+            eprintln!(
+                "pserv launch: CMD (pid {pid}) did not stop within {grace:?} (--grace-secs): SIGKILL"
+            );
             guard.signal(rustix::process::Signal::KILL);
-            kill_at = Some(now + Duration::from_secs(3600));
+            // SIGKILL cannot be caught: this wait ends.
+            break guard.child.wait().map_err(&wait_err)?;
         }
         std::thread::sleep(Duration::from_millis(20));
+    };
+    guard.status = Some(st);
+    // What it left running in its group goes with it (the group outlives its leader only
+    // while a member runs, so this reaches no other process).
+    let _ = rustix::process::kill_process_group(
+        rustix::process::Pid::from_child(&guard.child),
+        rustix::process::Signal::KILL,
+    );
+    if timed_out {
+        return Err(EngineError::Timeout(format!(
+            "CMD {:?} ran past --timeout-secs {} and was stopped ({st})",
+            args.cmd, args.timeout_secs
+        )));
     }
+    eprintln!("pserv launch: CMD (pid {pid}) exited: {st}");
+    let code = match (st.code(), st.signal()) {
+        (Some(c), _) => c,
+        (None, Some(s)) => 128 + s,
+        (None, None) => 1,
+    };
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
 }
 
 #[cfg(test)]
