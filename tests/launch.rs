@@ -14,12 +14,16 @@ use common::{pserv, Scratch};
 use pserv_engine::cli::launch::{detect, LaunchFlags, RoleKind};
 use yaml_rust2::{Yaml, YamlLoader};
 
-/// A small job that trains in about a second on two cores (0.75 held-out accuracy
-/// against a majority class of 0.57), and two unpinned loops per process.
-const JOB: [(&str, &str); 7] = [
+/// A small job that trains in about half a second on two cores (0.74 held-out accuracy
+/// against a majority class of 0.57, logloss 0.58 against 0.68 for the constant
+/// predictor; at lr 1 two asynchronous workers do not overshoot), and two unpinned loops
+/// per process.
+const JOB: [(&str, &str); 9] = [
     ("PSERV_EXAMPLES", "8000"),
     ("PSERV_FEATURES", "1000"),
-    ("PSERV_EPOCHS", "1"),
+    ("PSERV_EPOCHS", "3"),
+    ("PSERV_LR", "1"),
+    ("PSERV_BATCH_SIZE", "50"),
     ("PSERV_SEED", "7"),
     ("PSERV_THREADS", "2"),
     ("PSERV_PIN_CORES", "false"),
@@ -134,19 +138,20 @@ fn run_cluster(
     serde_json::from_str(&std::fs::read_to_string(&summary).expect("summary written")).unwrap()
 }
 
-/// The job trained: every example of one epoch seen, better than the majority class and
-/// the constant predictor's logloss (0.68 here).
+/// The job trained: every example of the three epochs seen, well above the majority
+/// class and below the constant predictor's logloss.
 fn check_trained(s: &serde_json::Value, workers: u64) {
     let acc = s["test_accuracy"].as_f64().unwrap();
     let majority = s["majority_rate"].as_f64().unwrap();
     let logloss = s["test_logloss"].as_f64().unwrap();
+    eprintln!("trained: accuracy {acc} (majority class {majority}), logloss {logloss}");
     assert!(
-        acc > majority + 0.05,
+        acc > majority + 0.08,
         "accuracy {acc} vs majority {majority}: {s}"
     );
-    assert!(logloss < 0.66, "logloss {logloss}: {s}");
-    assert_eq!(s["epochs"], 1, "{s}");
-    assert_eq!(s["examples"], 6400, "{s}");
+    assert!(logloss < 0.63, "logloss {logloss}: {s}");
+    assert_eq!(s["epochs"], 3, "{s}");
+    assert_eq!(s["examples"], 3 * 6400, "{s}");
     let traffic: Vec<&String> = s
         .as_object()
         .unwrap()
@@ -240,7 +245,6 @@ fn torchrun_ranks_form_a_cluster_whose_worker_is_a_cmd() {
                 kv("LOCAL_RANK", 0),
                 kv("MASTER_ADDR", "localhost"),
                 kv("MASTER_PORT", port),
-                kv("PSERV_LR", 4),
             ]
         },
     );

@@ -438,7 +438,7 @@ pub fn detect(env: &Env, flags: &LaunchFlags) -> Result<LaunchPlan, EngineError>
         ""
     };
     Err(config(format!(
-        "pserv launch found no launcher in the environment{hint}: set PSERV_ROLE (with PSERV_RANK, \
+        "found no launcher in the environment{hint}: set PSERV_ROLE (with PSERV_RANK, \
          PSERV_NUM_SERVERS, PSERV_NUM_WORKERS, PSERV_SCHEDULER), or run it under srun \
          (SLURM_PROCID), mpirun (OMPI_COMM_WORLD_RANK, PMI_RANK, PMIX_RANK) or a \
          torchrun-style launcher (RANK, WORLD_SIZE, MASTER_ADDR)"
@@ -813,6 +813,22 @@ pub(super) fn run_launch(args: LaunchArgs) -> Result<ExitCode, EngineError> {
         }
     };
     eprintln!("pserv launch: {plan}");
+    // Slurm places task 0 on the first node of the list unless told otherwise.
+    if let (Source::Slurm, RoleKind::Scheduler, None, Some(node)) = (
+        plan.source,
+        plan.role,
+        var(&env, "PSERV_SCHEDULER"),
+        var(&env, "SLURMD_NODENAME"),
+    ) {
+        if node != plan.scheduler.host {
+            eprintln!(
+                "pserv launch: warning: task 0 runs on {node} (SLURMD_NODENAME), not on {} \
+                 where the others look for the scheduler (a --distribution or --nodelist \
+                 order?); set PSERV_SCHEDULER=HOST:PORT",
+                plan.scheduler.host
+            );
+        }
+    }
     if args.dry_run {
         println!("{}", serde_json::to_string(&plan).expect("json encodes"));
         return Ok(ExitCode::SUCCESS);
