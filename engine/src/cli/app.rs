@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 
 use crate::base::error::EngineError;
 use crate::cli::args::{ClusterArgs, NetArgs, OutputArgs, SchedulerAddr};
+use crate::cli::launch::{run_launch, LaunchArgs};
 use crate::cli::local::{run_local, LocalPlan};
 use crate::cli::roles::{SchedulerArgs, ServerArgs, WorkerArgs};
 use crate::job::JobArgs;
@@ -62,6 +63,10 @@ pub(super) enum Cmd {
     },
     /// Run a worker training sparse logistic regression.
     Worker(WorkerArgs),
+    /// Run this process's role in a cluster a cluster manager started (Slurm, MPI/PMI,
+    /// torchrun-style, Kubernetes or plain PSERV_* variables): global rank 0 is the
+    /// scheduler, ranks 1..=S servers, the rest workers (the built-in LR worker, or CMD).
+    Launch(LaunchArgs),
 }
 
 /// Flags of `pserv local`.
@@ -185,8 +190,12 @@ pub fn main(args: Vec<OsString>, exe_prefix: Vec<String>) -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
-    match run(cli.cmd, exe_prefix) {
-        Ok(()) => ExitCode::SUCCESS,
+    let result = match cli.cmd {
+        Cmd::Launch(launch) => run_launch(launch),
+        cmd => run(cmd, exe_prefix).map(|()| ExitCode::SUCCESS),
+    };
+    match result {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("pserv: error: {e}");
             let mut src = std::error::Error::source(&e);
@@ -199,8 +208,13 @@ pub fn main(args: Vec<OsString>, exe_prefix: Vec<String>) -> ExitCode {
     }
 }
 
-fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> {
+/// Run one subcommand (`launch` runs its role through here too).
+pub(super) fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> {
     match cmd {
+        // `main` runs it (it has an exit status of its own); a role it derives never is.
+        Cmd::Launch(_) => Err(EngineError::Config(
+            "pserv launch runs only as the command itself".into(),
+        )),
         Cmd::Local(local) => {
             let plan = local.plan(exe_prefix)?;
             let summary = run_local(&plan)?;

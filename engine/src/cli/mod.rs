@@ -1,12 +1,14 @@
 //! The `pserv` command line: subcommands ([`app`]), shared flags ([`args`]), each role's
 //! flags and the typed config a launcher passes to a child of that role ([`roles`]), the
-//! `local` launcher ([`local`]) and the operator's `status` / `leave` commands ([`status`]).
+//! `local` launcher ([`local`]), `launch` for processes a cluster manager starts
+//! ([`launch`]) and the operator's `status` / `leave` commands ([`status`]).
 //!
 //! Invariant: only parses, launches and prints; the roles themselves live in
 //! `scheduler`, `server`, `worker` and `job`.
 
 pub mod app;
 pub mod args;
+pub mod launch;
 pub mod local;
 pub mod roles;
 pub mod status;
