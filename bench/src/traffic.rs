@@ -531,7 +531,10 @@ impl DataSet {
     fn flags(&self, opt: Optimizer) -> Vec<String> {
         // A fixed data order: a per-epoch shuffle (the job's default) changes every
         // minibatch's key list each epoch, which the key cache cannot reuse.
-        let mut f = vec![format!("--epochs={}", self.epochs()), "--shuffle=once".into()];
+        let mut f = vec![
+            format!("--epochs={}", self.epochs()),
+            "--shuffle=once".into(),
+        ];
         if opt == Optimizer::Sgd {
             // The job's default optimizer is AdaGrad; these rows are plain SGD.
             f.push("--optimizer=sgd".into());
