@@ -369,7 +369,9 @@ fn to_markdown(
     command: &str,
     secs: u64,
 ) -> String {
-    let mut md = String::new();
+    let mut md = String::from(
+        "## The message path: every message over TCP vs over the shared-memory rings; the main job\n\n",
+    );
     md.push_str(&format!(
         "Command: `{command}` ({secs} s). Machine: {}. Load average at the end: {}.\n\n",
         machine.describe(),
