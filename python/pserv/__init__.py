@@ -37,12 +37,13 @@ from ._errors import (
     UnknownTimestampError,
 )
 from ._pserv import Buffer, PulledBuffer, Worker, __version__, is_shared, zeros
-from ._cluster import LocalCluster, find_pserv_binary
+from ._cluster import LocalCluster, find_pserv_binary, pserv_command
 
 __all__ = [
     "Worker",
     "LocalCluster",
     "find_pserv_binary",
+    "pserv_command",
     "zeros",
     "is_shared",
     "Buffer",

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -17,12 +18,25 @@ from typing import Any, Dict, List, Optional, Sequence
 from ._errors import BinaryNotFoundError, ClusterError
 from . import _pserv
 
-__all__ = ["LocalCluster", "find_pserv_binary"]
+__all__ = ["LocalCluster", "find_pserv_binary", "pserv_command"]
 
 _HOW_TO_GET = (
     "build it with `cargo build --release` in the pserv repository and set "
     "PSERV_BIN=/path/to/pserv/target/release/pserv, or put `pserv` on PATH"
 )
+
+
+def pserv_command() -> List[str]:
+    """The command :class:`LocalCluster` starts roles with: ``[find_pserv_binary()]``
+    when there is an executable, else ``[sys.executable, "-m", "pserv"]``: the engine
+    this package carries, which needs nothing beyond the installed package. An explicit
+    ``PSERV_BIN`` that is not an executable is an error, not a fallback."""
+    try:
+        return [find_pserv_binary()]
+    except BinaryNotFoundError:
+        if os.environ.get("PSERV_BIN"):
+            raise
+        return [sys.executable, "-m", "pserv"]
 
 
 def find_pserv_binary() -> str:
@@ -189,7 +203,9 @@ class LocalCluster:
         timeout: the default ``timeout`` of the workers ``worker()`` makes.
         start_timeout: seconds to wait for the scheduler's address.
         stop_timeout: seconds between SIGTERM and SIGKILL when stopping.
-        binary: the pserv executable (default: ``find_pserv_binary()``).
+        binary: the pserv executable (default: ``pserv_command()``: the executable
+            ``find_pserv_binary()`` finds, else ``python -m pserv``, the engine in this
+            package).
         log: log filter of every process (``PSERV_LOG`` syntax, e.g. "info").
     """
 
@@ -249,7 +265,7 @@ class LocalCluster:
             return self
         if not self._finalizer.alive:
             raise ClusterError("this LocalCluster was stopped; make a new one")
-        exe = self.binary or find_pserv_binary()
+        exe = [self.binary] if self.binary else pserv_command()
         st = self._state
         try:
             st.dir = Path(tempfile.mkdtemp(prefix="pserv-py-"))
@@ -293,13 +309,13 @@ class LocalCluster:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _spawn(self, exe: str, name: str, args: List[str]) -> None:
+    def _spawn(self, exe: List[str], name: str, args: List[str]) -> None:
         assert self._state.dir is not None
         log = self._state.dir / (name.replace(" ", "-") + ".log")
         with open(log, "wb") as out:
             try:
                 popen = subprocess.Popen(
-                    [exe, *args], stdin=subprocess.DEVNULL, stdout=out,
+                    [*exe, *args], stdin=subprocess.DEVNULL, stdout=out,
                     stderr=subprocess.STDOUT, close_fds=True,
                 )
             except OSError as e:

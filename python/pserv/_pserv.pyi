@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from types import TracebackType
-from typing import Optional, Sequence, Tuple, Type, Union, final
+from typing import List, Optional, Sequence, Tuple, Type, Union, final
 
 import numpy as np
 import numpy.typing as npt
@@ -34,6 +34,10 @@ def zeros(n: int, dtype: _DType = None) -> npt.NDArray[np.generic]:
 
 def is_shared(array: object) -> bool:
     """Whether a push sends ``array`` without copying it."""
+
+def _run_cli(args: List[str]) -> int:
+    """Run the ``pserv`` command line in this process (``python -m pserv``); returns
+    its exit status (0 or 1)."""
 
 @final
 class Worker:

@@ -44,6 +44,29 @@ fn zeros<'py>(
 ///
 /// Whether a push sends ``array`` without copying it: an array made by ``pserv.zeros``
 /// (or a view of all of it). Other arrays are copied once when the push is made.
+/// _run_cli(args) -> int
+///
+/// Run the ``pserv`` command line (``scheduler``, ``server``, ``worker``, ``local``,
+/// ``status``, ``launch``, ...) in this process with ``args`` (without the program name)
+/// and return its exit status: 0 on success, 1 on failure. The package carries the whole
+/// engine, so ``python -m pserv ARGS`` is the ``pserv`` executable; ``pserv local``
+/// started this way starts its processes as ``$PSERV_SELF_EXE -m pserv ROLE ...``. The
+/// GIL is released while it runs. Parse errors, ``--help`` and ``--version`` print and
+/// exit the process, as the executable does.
+#[pyfunction]
+fn _run_cli(py: Python<'_>, args: Vec<String>) -> i32 {
+    let argv: Vec<std::ffi::OsString> = std::iter::once("pserv".into())
+        .chain(args.into_iter().map(Into::into))
+        .collect();
+    let code = py
+        .detach(|| pserv_engine::cli::app::main(argv, vec!["-m".to_string(), "pserv".to_string()]));
+    if code == std::process::ExitCode::SUCCESS {
+        0
+    } else {
+        1
+    }
+}
+
 #[pyfunction]
 fn is_shared(array: &Bound<'_, PyAny>) -> bool {
     buffer::is_shared(array)
@@ -57,6 +80,7 @@ fn _pserv(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<pulled::PulledBuffer>()?;
     m.add_function(wrap_pyfunction!(zeros, m)?)?;
     m.add_function(wrap_pyfunction!(is_shared, m)?)?;
+    m.add_function(wrap_pyfunction!(_run_cli, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     // Where this crate was built from: LocalCluster looks for ../target/release/pserv.
     m.add("_source_dir", env!("CARGO_MANIFEST_DIR"))?;

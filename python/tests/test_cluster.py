@@ -117,3 +117,56 @@ def test_bad_arguments():
 def test_scheduler_refusing_flags_is_a_clear_error():
     with pytest.raises(pserv.ClusterError, match="scheduler exited"):
         pserv.LocalCluster(extra_args=["--no-such-flag"]).start()
+
+
+def test_the_package_runs_the_engine_without_an_executable(monkeypatch, tmp_path):
+    # No pserv executable anywhere: the roles run as `python -m pserv`, the engine this
+    # package carries.
+    import pserv._cluster as cl
+
+    def nowhere() -> str:
+        raise pserv.BinaryNotFoundError("no executable in this test")
+
+    monkeypatch.delenv("PSERV_BIN", raising=False)
+    monkeypatch.setattr(cl, "find_pserv_binary", nowhere)
+    assert pserv.pserv_command() == [sys.executable, "-m", "pserv"]
+    with pserv.LocalCluster(servers=2, workers=1, timeout=20) as c:
+        w = c.worker(0)
+        keys = np.array([3, 7, 1 << 62], dtype=np.uint64)
+        w.wait(w.push(keys, np.ones(3, dtype=np.float32)))
+        w.wait(w.push(keys, np.full(3, 2.0, dtype=np.float32)))
+        assert list(w.wait_pull(w.pull(keys))) == [3.0, 3.0, 3.0]
+        w.finish()
+        cmdlines = [open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")[:3]
+                    for pid in c.pids.values() if pid_alive(pid)]
+        assert cmdlines and all(cl_[1:3] == [b"-m", b"pserv"] for cl_ in cmdlines), cmdlines
+    # An explicit PSERV_BIN that is wrong stays an error.
+    monkeypatch.setenv("PSERV_BIN", "/nonexistent/pserv")
+    with pytest.raises(pserv.BinaryNotFoundError):
+        pserv.pserv_command()
+
+
+def test_python_m_pserv_is_the_command_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "pserv", "--version"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert pserv.__version__ in out.stdout
+    # A whole local job, its processes started as `python -m pserv ROLE` too.
+    summary = tmp_path / "summary.json"
+    env = dict(os.environ)
+    env.pop("PSERV_SELF_EXE", None)
+    out = subprocess.run(
+        [sys.executable, "-m", "pserv", "local", "--servers=1", "--workers=2",
+         "--examples=3000", "--features=2000", "--epochs=1", "--threads=1",
+         "--pin-cores=false", f"--summary-json={summary}", "--timeout-secs=60"],
+        capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    import json
+    s = json.loads(summary.read_text())
+    assert s["workers_finished"] == 2
+    assert s["test_accuracy"] > s["majority_rate"], s
+    # A bad flag: a clear message and a failure status, as from the executable.
+    out = subprocess.run([sys.executable, "-m", "pserv", "local", "--epochs=0"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert "epochs" in out.stderr

@@ -137,10 +137,15 @@ impl LocalArgs {
         let update = update.unwrap_or(job.update_spec());
         // The scheduler gets the replicas resolved.
         cluster.replicas = Some(cluster.spec(update)?.replicas);
-        let exe = std::env::current_exe().map_err(|source| EngineError::Io {
-            context: "finding the pserv executable".into(),
-            source,
-        })?;
+        // A host that the OS cannot restart by its own path plus a prefix (an interpreter
+        // whose current_exe is the system's, not the environment's) names itself.
+        let exe = match std::env::var_os("PSERV_SELF_EXE") {
+            Some(exe) if !exe.is_empty() => std::path::PathBuf::from(exe),
+            _ => std::env::current_exe().map_err(|source| EngineError::Io {
+                context: "finding the pserv executable".into(),
+                source,
+            })?,
+        };
         Ok(LocalPlan {
             exe,
             exe_prefix,
@@ -177,7 +182,8 @@ impl LocalArgs {
 /// exit code. `exe_prefix` are the arguments the current executable needs before a
 /// `pserv` subcommand: empty for the `pserv` binary; e.g. `["pserv"]` for a binary that
 /// dispatches `BIN pserv ...` here. `local` starts its processes as
-/// `current_exe exe_prefix... ROLE ...`.
+/// `current_exe exe_prefix... ROLE ...` (`$PSERV_SELF_EXE` instead of `current_exe` when
+/// set: the Python package's `python -m pserv` sets its interpreter there).
 pub fn main(args: Vec<OsString>, exe_prefix: Vec<String>) -> ExitCode {
     let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
