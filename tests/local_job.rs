@@ -264,6 +264,16 @@ fn wrong_configurations_fail_fast_with_a_clear_message() {
     assert_eq!(s.as_object().map(|o| o.len()), Some(1), "{s}");
     assert!(s["error"].as_str().unwrap().contains("/dev/null"), "{s}");
     assert!(started.elapsed() < Duration::from_secs(10));
+    // A flag refused while planning the cluster: the same.
+    std::fs::write(&path, "{\"test_logloss\": 0.1}").unwrap();
+    let out = run_local(&[
+        "--lr=-1".into(),
+        format!("--summary-json={}", path.display()),
+    ]);
+    assert!(!out.status.success());
+    let s = summary(&path);
+    assert_eq!(s.as_object().map(|o| o.len()), Some(1), "{s}");
+    assert!(s["error"].as_str().unwrap().contains("--lr"), "{s}");
 }
 
 /// Rows like a9a (UCI Adult in libsvm form): 14 categorical fields with a9a's level

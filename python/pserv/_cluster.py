@@ -194,7 +194,8 @@ class LocalCluster:
             default, 1 with two or more servers).
         value_type: "f32" or "f64".
         value_len: values per key.
-        update: the servers' update function: "sum", "assign", "sgd" or "sgd:LR".
+        update: the servers' update function, as `pserv scheduler --update`: "sum",
+            "assign", "sgd[:LR]", "adagrad[:LR[:EPSILON]]" or "ftrl[:ALPHA:BETA:L1:L2]".
         consistency: the default consistency model of the workers ``worker()`` makes
             ("eventual", "sequential", "bounded:TAU"; ``None``: eventual).
         extra_args: more flags for the scheduler (``pserv scheduler --help``).

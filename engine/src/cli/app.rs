@@ -222,7 +222,13 @@ pub(super) fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> 
             "pserv launch runs only as the command itself".into(),
         )),
         Cmd::Local(local) => {
-            let plan = local.plan(exe_prefix)?;
+            // A flag refused while planning: the summary says so too (no stale metrics).
+            let summary_path = local.output.summary_json.clone();
+            let plan = local.plan(exe_prefix).inspect_err(|e| {
+                if let Some(p) = &summary_path {
+                    crate::cli::local::write_failed_summary(p, e);
+                }
+            })?;
             let summary = run_local(&plan)?;
             println!(
                 "summary: {}",
