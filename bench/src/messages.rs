@@ -10,18 +10,17 @@
 //! (what a quiet machine gives; the spread between runs is noise on a shared 2-core VM).
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Args;
-use serde_json::Value;
 
 use crate::cluster::{with_cluster, ClusterSetup, LoopSetup};
 use crate::error::BenchError;
 use crate::machine::{load_average, wait_quiet, Machine};
 use crate::report::{publish_section, size_name};
 use crate::stats::{Budget, Sample};
+use crate::traffic::local_summary;
 use crate::workload::{
     run_dense, run_sparse, sparse_keys, DenseCell, DenseOp, KeyPattern, SparseCell, SparseOp,
 };
@@ -205,44 +204,22 @@ struct JobRow {
 }
 
 fn run_job(a: &MessagesArgs, flags: &[&str], tag: &str) -> Result<JobRow, BenchError> {
-    let exe = std::env::current_exe().map_err(|e| BenchError::io("finding the bench binary", e))?;
-    let dir = std::env::temp_dir().join(format!("pserv-messages-{}-{tag}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| BenchError::io("creating a scratch dir", e))?;
-    let summary = dir.join("summary.json");
+    let mut args: Vec<String> = vec!["--servers=2".into(), "--workers=2".into()];
+    args.extend(flags.iter().map(|f| f.to_string()));
+    args.push("--timeout-secs=600".into());
+    if a.quick {
+        args.push("--examples=30000".into());
+    }
     let mut runs = Vec::new();
     for _ in 0..a.job_reps.max(1) {
         if a.wait_quiet > 0 {
             wait_quiet(std::time::Duration::from_secs(a.wait_quiet), 0.25);
         }
-        let _ = std::fs::remove_file(&summary);
-        let mut cmd = Command::new(&exe);
-        cmd.args(["pserv", "local", "--servers=2", "--workers=2"])
-            .args(flags)
-            .arg(format!("--summary-json={}", summary.display()))
-            .arg("--timeout-secs=600");
-        if a.quick {
-            cmd.arg("--examples=30000");
-        }
-        let out = cmd
-            .output()
-            .map_err(|e| BenchError::io("running pserv local", e))?;
-        let text = std::fs::read_to_string(&summary);
-        if !out.status.success() {
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(BenchError::Cluster(format!(
-                "pserv local {} failed: {}",
-                flags.join(" "),
-                String::from_utf8_lossy(&out.stderr)
-            )));
-        }
-        let text = text.map_err(|e| BenchError::io(format!("reading {}", summary.display()), e))?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| BenchError::Cluster(format!("bad summary JSON: {e}")))?;
+        let v = local_summary(&args, &format!("messages-{tag}"))?;
         let eps = v["examples_per_sec"].as_f64().unwrap_or(0.0);
         eprintln!("  job {}: {:.0} examples/s", flags.join(" "), eps);
         runs.push((eps, v["test_accuracy"].as_f64()));
     }
-    let _ = std::fs::remove_dir_all(&dir);
     runs.sort_by(|x, y| x.0.total_cmp(&y.0));
     let (eps, acc) = runs[runs.len() / 2];
     Ok(JobRow {

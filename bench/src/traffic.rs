@@ -597,40 +597,49 @@ impl Row {
     }
 }
 
-/// Run one `pserv local`, return its summary.
-fn run_one(a: &TrafficArgs, flags: &[String], tag: &str) -> Result<Measure, BenchError> {
+/// Run `pserv local ARGS --summary-json=...` (this binary re-executed as `pserv`) and
+/// return its summary; `tag` names the scratch directory. A failed run is an error with
+/// its stderr.
+pub(crate) fn local_summary(args: &[String], tag: &str) -> Result<Value, BenchError> {
     let exe = std::env::current_exe().map_err(|e| BenchError::io("finding the bench binary", e))?;
-    let dir = std::env::temp_dir().join(format!("pserv-traffic-{}-{tag}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("pserv-bench-{}-{tag}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| BenchError::io("creating a scratch dir", e))?;
     let summary = dir.join("summary.json");
-    let _ = std::fs::remove_file(&summary);
-    if a.wait_quiet > 0 {
-        wait_quiet(std::time::Duration::from_secs(a.wait_quiet), 0.25);
-    }
-    let cpu = CpuTimes::now();
     let out = Command::new(&exe)
         .arg("pserv")
         .arg("local")
-        .arg(format!("--servers={}", a.servers))
-        .arg(format!("--workers={}", a.workers))
-        .args(flags)
+        .args(args)
         .arg(format!("--summary-json={}", summary.display()))
-        .arg("--timeout-secs=600")
-        .args(a.extra.split_whitespace())
         .output()
-        .map_err(|e| BenchError::io("running pserv local", e))?;
+        .map_err(|e| BenchError::io("running pserv local", e));
     let text = std::fs::read_to_string(&summary);
     let _ = std::fs::remove_dir_all(&dir);
+    let out = out?;
     if !out.status.success() {
         return Err(BenchError::Cluster(format!(
             "pserv local {} failed: {}",
-            flags.join(" "),
+            args.join(" "),
             String::from_utf8_lossy(&out.stderr)
         )));
     }
     let text = text.map_err(|e| BenchError::io(format!("reading {}", summary.display()), e))?;
-    let v: Value = serde_json::from_str(&text)
-        .map_err(|e| BenchError::Cluster(format!("bad summary JSON: {e}")))?;
+    serde_json::from_str(&text).map_err(|e| BenchError::Cluster(format!("bad summary JSON: {e}")))
+}
+
+/// Run one `pserv local`, return its summary.
+fn run_one(a: &TrafficArgs, flags: &[String], tag: &str) -> Result<Measure, BenchError> {
+    if a.wait_quiet > 0 {
+        wait_quiet(std::time::Duration::from_secs(a.wait_quiet), 0.25);
+    }
+    let cpu = CpuTimes::now();
+    let mut args = vec![
+        format!("--servers={}", a.servers),
+        format!("--workers={}", a.workers),
+    ];
+    args.extend(flags.iter().cloned());
+    args.push("--timeout-secs=600".into());
+    args.extend(a.extra.split_whitespace().map(str::to_string));
+    let v = local_summary(&args, &format!("traffic-{tag}"))?;
     Ok(Measure {
         others_cores: Some(CpuTimes::now().others_since(&cpu)),
         ..Measure::from_summary(&v)

@@ -92,8 +92,6 @@ pub(crate) enum Refusal {
     Mismatch = 3,
     /// The offer is malformed (version, ring size, locator).
     BadOffer = 4,
-    /// Frames were sent on the connection before the offer was read.
-    TooLate = 5,
 }
 
 impl Refusal {
@@ -103,7 +101,6 @@ impl Refusal {
             2 => Refusal::CannotOpen,
             3 => Refusal::Mismatch,
             4 => Refusal::BadOffer,
-            5 => Refusal::TooLate,
             _ => return None,
         })
     }
@@ -117,7 +114,6 @@ impl Refusal {
             }
             Some(Refusal::Mismatch) => "the region the peer opened is not the one offered",
             Some(Refusal::BadOffer) => "the peer found the offer malformed",
-            Some(Refusal::TooLate) => "the peer had sent frames before it read the offer",
             None => "the peer gave an unknown reason",
         }
     }
@@ -319,6 +315,13 @@ impl ShmPipe {
         self.region.atomic_u64(CTRL + dir * CTRL_STRIDE + w)
     }
 
+    /// Clear a waiting flag the peer set; whether it was set (then ring its doorbell).
+    /// A plain load first: the common case, no one waiting, takes no read-modify-write.
+    fn take_flag(&self, dir: usize, w: usize) -> bool {
+        let flag = self.word(dir, w);
+        flag.load(Ordering::SeqCst) != 0 && flag.swap(0, Ordering::SeqCst) != 0
+    }
+
     fn data(&self, dir: usize) -> usize {
         DATA + dir * self.ring
     }
@@ -398,14 +401,7 @@ impl ShmPipe {
             self.word(self.out_dir, C_WRITER_WAITING)
                 .store(1, Ordering::SeqCst);
         }
-        let wake = self
-            .word(self.out_dir, C_READER_WAITING)
-            .load(Ordering::SeqCst)
-            != 0
-            && self
-                .word(self.out_dir, C_READER_WAITING)
-                .swap(0, Ordering::SeqCst)
-                != 0;
+        let wake = self.take_flag(self.out_dir, C_READER_WAITING);
         Ok((written, wake))
     }
 
@@ -434,14 +430,7 @@ impl ShmPipe {
         }
         self.head.store(head, Ordering::Relaxed);
         self.word(self.in_dir, C_HEAD).store(head, Ordering::SeqCst);
-        let wake = self
-            .word(self.in_dir, C_WRITER_WAITING)
-            .load(Ordering::SeqCst)
-            != 0
-            && self
-                .word(self.in_dir, C_WRITER_WAITING)
-                .swap(0, Ordering::SeqCst)
-                != 0;
+        let wake = self.take_flag(self.in_dir, C_WRITER_WAITING);
         Ok((n, wake))
     }
 

@@ -1929,10 +1929,17 @@ fn on_hello(
                         .into(),
                 ));
             }
+            let too_late = || {
+                CloseReason::Handshake(
+                    "frames were sent on the connection before its shared-memory offer was read"
+                        .into(),
+                )
+            };
+            if inner.wrote.load(Ordering::Relaxed) {
+                return Err(too_late());
+            }
             let opened = if shared.cfg.shm_messages == ShmMessages::Off {
                 Err((Refusal::Disabled, "shared memory is off here".to_string()))
-            } else if inner.wrote.load(Ordering::Relaxed) {
-                Err((Refusal::TooLate, "frames were sent first".to_string()))
             } else if after > 0 {
                 Err((
                     Refusal::BadOffer,
@@ -1944,10 +1951,7 @@ fn on_hello(
             let w = inner.lock_write();
             if inner.wrote.load(Ordering::Relaxed) || !w.queue.is_empty() {
                 // The answer cannot be the first bytes any more.
-                return Err(CloseReason::Handshake(
-                    "frames were sent on the connection before its shared-memory offer was read"
-                        .into(),
-                ));
+                return Err(too_late());
             }
             match opened {
                 Ok(pipe) => {
