@@ -44,9 +44,7 @@ use pserv_transport::onesided::{BackendKind, Memory, OneSided, OneSidedError, Pe
 
 use crate::base::error::EngineError;
 use crate::base::keys::{Key, KeyRange};
-use crate::base::value::Value;
 use crate::proto::WindowGrant;
-use crate::update::UpdateFn;
 
 /// Payload bytes per versioned block of a window.
 pub const BLOCK_PAYLOAD: usize = 16 << 10;
@@ -54,6 +52,9 @@ pub const BLOCK_PAYLOAD: usize = 16 << 10;
 pub const LANDING_HEADER: usize = 4096;
 /// Largest window, in bytes of values.
 pub const WINDOW_MAX_BYTES: usize = 1 << 30;
+/// The most bytes a server registers for all its windows and landing areas together
+/// (a window request past it is refused and stays on TCP).
+pub const REGISTERED_MAX_BYTES: usize = 8 << 30;
 /// A one-sided push is written and notified in chunks of about this many bytes, so the
 /// server applies one chunk while the worker writes the next.
 pub const CHUNK_BYTES: usize = 1 << 20;
@@ -99,6 +100,9 @@ const L_BEGIN: usize = 8;
 const L_END: usize = 16;
 const L_FUNC: usize = 24;
 const L_BYTES: usize = 32;
+/// The push's request timestamp (its identity for exactly-once) and routing epoch.
+const L_TS: usize = 40;
+const L_EPOCH: usize = 48;
 /// The server's answer lives on its own cache line.
 const L_DONE: usize = 64;
 const L_STATUS: usize = 72;
@@ -107,6 +111,8 @@ const L_MSG: usize = 128;
 const L_MSG_MAX: usize = 1024;
 // Meta region words.
 const M_CLOCK: usize = 0;
+/// Non-zero once the server stopped heading the window's range.
+const M_RETIRED: usize = 8;
 const META_LEN: usize = 4096;
 
 /// Which transport carries dense ranges (`--transport`).
@@ -395,13 +401,22 @@ impl Backend {
 // Server side
 // ---------------------------------------------------------------------------------------
 
-/// A worker's landing area on the server.
+/// A worker's landing area on the server, for one window.
 struct Landing {
     worker: u32,
     mem: Region,
+    window: Arc<Window>,
+    /// Whether the push in flight is applied whole at its last chunk (decided at its
+    /// first chunk: always where the table replicates, so a batch never carries part of
+    /// a push) rather than chunk by chunk as the chunks land.
+    whole: AtomicBool,
 }
 
-/// The window's values and state.
+/// A window: the values of a dense key range this server heads, mirrored from the store
+/// into a registered region laid out in versioned blocks. The store stays the one copy
+/// that is updated, replicated and dumped; every write to keys of the window updates
+/// the store and then the mirror, under the window's writer lock, before it is
+/// acknowledged.
 pub(crate) struct Window {
     pub(crate) range: KeyRange,
     vl: usize,
@@ -411,10 +426,12 @@ pub(crate) struct Window {
     meta: Region,
     data_desc: RegionDesc,
     meta_desc: RegionDesc,
-    /// Optimizer state, `keys * vl * state_len` elements, in u64 words (aligned for any
-    /// value type); its lock is also the writers' lock (one apply at a time).
-    state: Mutex<Vec<u64>>,
-    state_len: usize,
+    /// Held from a store update of the window's keys until the mirror shows it, so the
+    /// mirror's updates come in the store's order.
+    writer: Mutex<()>,
+    /// Set when the server stopped heading the range (also in the meta region, for
+    /// readers): the mirror is no longer updated.
+    retired: AtomicBool,
 }
 
 impl Window {
@@ -428,22 +445,40 @@ impl Window {
         let _ = self.data.write(0, &bytes[..n]);
     }
 
-    /// Refuse a rule that needs more state than the window keeps.
-    pub(crate) fn check_rule<T: Value>(&self, f: &dyn UpdateFn<T>) -> Result<(), String> {
-        if f.state_len() > self.state_len {
-            return Err(format!(
-                "update rule {:?} keeps {} state values per weight, this window keeps {}",
-                f.name(),
-                f.state_len(),
-                self.state_len
-            ));
-        }
-        Ok(())
+    /// Take the writer lock (store update, then [`refresh`](Self::refresh)).
+    pub(crate) fn lock_writes(&self) -> parking_lot::MutexGuard<'_, ()> {
+        self.writer.lock()
+    }
+
+    /// Try the writer lock (see [`lock_writes`](Self::lock_writes)).
+    pub(crate) fn try_lock_writes(&self) -> Option<parking_lot::MutexGuard<'_, ()>> {
+        self.writer.try_lock()
+    }
+
+    /// Publish the values `bytes` of keys `r` (inside the window), read from the store
+    /// after an update, block by block at new versions. The caller holds the writer lock.
+    pub(crate) fn refresh(&self, r: KeyRange, bytes: &[u8]) {
+        debug_assert!(self.covers(&r));
+        debug_assert_eq!(bytes.len(), r.len() as usize * self.vl * self.elem);
+        let _ = self.data.write(self.logical_off(r.begin), bytes);
     }
 
     /// Whether `r` lies inside the window.
     pub(crate) fn covers(&self, r: &KeyRange) -> bool {
         self.range.covers(r)
+    }
+
+    /// Whether the server stopped heading the window's range.
+    pub(crate) fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+
+    /// Stop using the window: readers that see the retired word go over TCP, landed
+    /// pushes are sent there. (Without the writer lock: a writer that holds it may still
+    /// refresh the mirror, which nobody reads any more.)
+    fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+        self.meta.atomic_u64(M_RETIRED).store(1, Ordering::Release);
     }
 
     /// Publish the smallest worker clock (for clocked one-sided pulls).
@@ -454,153 +489,100 @@ impl Window {
         }
     }
 
-    /// Read the values of `r` into `out`.
-    pub(crate) fn pull_range<T: Value>(&self, r: KeyRange, out: &mut [T]) -> Result<(), String> {
-        assert!(self.covers(&r));
-        self.data
-            .read(self.logical_off(r.begin), bytemuck::cast_slice_mut(out))
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+    /// Bytes of values.
+    fn bytes(&self) -> usize {
+        self.range.len() as usize * self.vl * self.elem
+    }
+}
+
+/// A push that landed (one chunk of it), for the server to apply.
+pub(crate) struct LandedPush<'a> {
+    /// Rank of the worker that wrote it.
+    pub(crate) worker: u32,
+    pub(crate) window: &'a Arc<Window>,
+    pub(crate) func: u16,
+    /// The whole push's range.
+    pub(crate) range: KeyRange,
+    /// Chunk index and count.
+    pub(crate) chunk: u64,
+    pub(crate) chunks: u64,
+    /// The keys of this chunk, and the byte offset of their values in `mem`.
+    pub(crate) part: KeyRange,
+    pub(crate) part_off: usize,
+    /// The request timestamp the worker gave the push (its identity for exactly-once) and
+    /// the routing epoch it was split with.
+    pub(crate) timestamp: u64,
+    pub(crate) epoch: u64,
+    pub(crate) mem: &'a (dyn Memory + Send + Sync),
+    landing: &'a Arc<Landing>,
+    seq: u64,
+}
+
+impl LandedPush<'_> {
+    /// Whether this push is applied whole at its last chunk (see [`Landing`]).
+    pub(crate) fn whole(&self) -> bool {
+        self.landing.whole.load(Ordering::Relaxed)
     }
 
-    /// Read the values of sorted `keys` (all inside the window) into `out`.
-    pub(crate) fn pull_keys<T: Value>(&self, keys: &[Key], out: &mut [T]) -> Result<(), String> {
-        let vl = self.vl;
-        for (i, &k) in keys.iter().enumerate() {
-            self.data
-                .read(
-                    self.logical_off(k),
-                    bytemuck::cast_slice_mut(&mut out[i * vl..(i + 1) * vl]),
-                )
-                .map_err(|e| e.to_string())?;
-        }
-        Ok(())
+    /// Decide, at the first chunk, whether the push is applied whole at its last chunk.
+    pub(crate) fn set_whole(&self, whole: bool) {
+        self.landing.whole.store(whole, Ordering::Relaxed)
     }
 
-    /// Apply `grads` for the consecutive keys of `r` with `f`, block by block.
-    pub(crate) fn push_range<T: Value>(&self, r: KeyRange, grads: &[T], f: &dyn UpdateFn<T>) {
-        self.push_range_from(r, Grads::Slice(grads), f)
+    /// Byte offset in `mem` of the whole push's values.
+    pub(crate) fn values_off(&self) -> usize {
+        LANDING_HEADER
     }
 
-    /// Apply the gradients for the consecutive keys of `r` that landed in `mem` at byte
-    /// offset `off` (a landing area), block by block, without a whole copy first.
-    pub(crate) fn push_range_landed<T: Value>(
-        &self,
-        r: KeyRange,
-        mem: &dyn Memory,
-        off: usize,
-        f: &dyn UpdateFn<T>,
-    ) {
-        self.push_range_from(r, Grads::Landed(mem, off), f)
-    }
-
-    fn push_range_from<T: Value>(&self, r: KeyRange, grads: Grads<'_, T>, f: &dyn UpdateFn<T>) {
-        assert!(self.covers(&r));
-        let mut state = self.state.lock();
-        let state: &mut [T] = bytemuck::cast_slice_mut(&mut state[..]);
-        let mut scratch: Vec<T> = Vec::new();
-        let mut gscratch: Vec<T> = Vec::new();
-        let start = self.logical_off(r.begin);
-        let elem = self.elem;
-        let (sl, fl) = (self.state_len, f.state_len());
-        let mut done = 0usize;
-        let total = r.len() as usize * self.vl * elem;
-        while done < total {
-            let off = start + done;
-            let block = self.layout.block_of(off);
-            let in_block = off - block * self.layout.payload_len();
-            let n = (self.layout.payload_len() - in_block).min(total - done);
-            let (e0, ne) = (done / elem, n / elem);
-            scratch.resize(ne, T::default());
-            // This thread holds the writers' lock, so the block cannot change under the
-            // copy out; readers see it mid-update only while the new values go in.
-            let phys = self.layout.physical_of(off);
-            self.data
-                .memory()
-                .copy_out(phys, bytemuck::cast_slice_mut(&mut scratch));
-            // Element index of the piece's first value within the window.
-            let first = off / elem;
-            let g: &[T] = match grads {
-                Grads::Slice(s) => &s[e0..e0 + ne],
-                Grads::Landed(m, at) => {
-                    gscratch.resize(ne, T::default());
-                    m.copy_out(at + done, bytemuck::cast_slice_mut(&mut gscratch));
-                    &gscratch
-                }
-            };
-            let s0 = first * sl;
-            let st = &mut state[s0..s0 + ne * sl];
-            apply_with_state(f, &mut scratch, st, g, sl, fl);
-            let w = self.data.begin(block);
-            w.copy_in(in_block, bytemuck::cast_slice(&scratch));
-            drop(w);
-            done += n;
-        }
-    }
-
-    /// Apply `grads` for sorted `keys` (all inside the window) with `f`.
-    pub(crate) fn push_keys<T: Value>(&self, keys: &[Key], grads: &[T], f: &dyn UpdateFn<T>) {
-        let mut state = self.state.lock();
-        let state: &mut [T] = bytemuck::cast_slice_mut(&mut state[..]);
-        let vl = self.vl;
-        let (sl, fl) = (self.state_len, f.state_len());
-        let mut w = vec![T::default(); vl];
-        for (i, &k) in keys.iter().enumerate() {
-            let off = self.logical_off(k);
-            let block = self.layout.block_of(off);
-            let in_block = off - block * self.layout.payload_len();
-            let g = self.data.begin(block);
-            g.copy_out(in_block, bytemuck::cast_slice_mut(&mut w));
-            let e = (k - self.range.begin) as usize * vl;
-            let st = &mut state[e * sl..(e + vl) * sl];
-            apply_with_state(f, &mut w, st, &grads[i * vl..(i + 1) * vl], sl, fl);
-            g.copy_in(in_block, bytemuck::cast_slice(&w));
+    /// The handle that acknowledges the push (the worker polls its done word).
+    pub(crate) fn done(&self) -> DoneWord {
+        DoneWord {
+            landing: self.landing.clone(),
+            seq: self.seq,
         }
     }
 }
 
-/// Where a push's gradients are.
-#[derive(Clone, Copy)]
-enum Grads<'a, T> {
-    /// In memory of this process (a received frame).
-    Slice(&'a [T]),
-    /// In a registered landing area, at a byte offset.
-    Landed(&'a dyn Memory, usize),
+/// Acknowledges one landed push: [`finish`](Self::finish) stores its sequence number in
+/// the landing area's done word. Dropping it writes nothing.
+pub(crate) struct DoneWord {
+    landing: Arc<Landing>,
+    seq: u64,
 }
 
-/// Apply `f` with the window's state layout (`sl` state elements kept per weight, the
-/// rule needing `fl <= sl`).
-fn apply_with_state<T: Value>(
-    f: &dyn UpdateFn<T>,
-    w: &mut [T],
-    s: &mut [T],
-    g: &[T],
-    sl: usize,
-    fl: usize,
-) {
-    if sl == fl {
-        f.apply(w, s, g);
-    } else {
-        for (e, (w, g)) in w.iter_mut().zip(g).enumerate() {
-            f.apply(
-                std::slice::from_mut(w),
-                &mut s[e * sl..e * sl + fl],
-                std::slice::from_ref(g),
-            );
-        }
+impl DoneWord {
+    /// The push was applied (and, with replication, every replica holds it).
+    pub(crate) fn finish(self) {
+        let mem = &self.landing.mem;
+        mem.atomic_u64(L_STATUS).store(0, Ordering::Relaxed);
+        mem.atomic_u64(L_DONE).store(self.seq, Ordering::Release);
     }
 }
 
-/// A server's one-sided side: its backend, its window, the workers' landing areas.
+/// Why a landed push was not applied: `code` is [`REFUSED_ERROR`] (an error for the
+/// caller) or [`REFUSED_ELSEWHERE`] (send it over TCP); nothing of it was applied.
+pub(crate) struct Refused {
+    pub(crate) code: u64,
+    pub(crate) msg: String,
+}
+
+/// Landing status: refused with an error, nothing applied.
+pub(crate) const REFUSED_ERROR: u64 = 1;
+/// Landing status: not served one-sidedly here (the window retired, another table, a
+/// range not handed over yet), nothing applied: send it over TCP.
+pub(crate) const REFUSED_ELSEWHERE: u64 = 2;
+
+/// A server's one-sided side: its backend, its windows (one per dense range asked for),
+/// the workers' landing areas.
 pub(crate) struct ServerOneSided {
     backend: Backend,
     host: String,
-    /// The key ranges this server owns (a window must lie inside one of them).
-    own: Vec<KeyRange>,
     vl: usize,
     elem: usize,
-    state_len: usize,
-    window: std::sync::OnceLock<Arc<Window>>,
+    /// Live windows, disjoint, sorted by range.
+    windows: parking_lot::RwLock<Vec<Arc<Window>>>,
+    /// The most bytes all windows and landing areas may register together.
+    registered_max: usize,
     setup: Mutex<Setup>,
     stop: AtomicBool,
 }
@@ -610,6 +592,9 @@ struct Setup {
     landings: HashMap<PeerId, Arc<Landing>>,
     /// Keeps the connections alive.
     peers: Vec<Peer>,
+    /// Bytes registered for windows and landing areas (retired ones included: workers
+    /// may still map them).
+    registered: usize,
 }
 
 impl ServerOneSided {
@@ -617,10 +602,8 @@ impl ServerOneSided {
     /// device is found, else shm.
     pub(crate) fn new(
         kind: TransportKind,
-        own: Vec<KeyRange>,
         vl: usize,
         elem: usize,
-        state_len: usize,
     ) -> Result<Option<ServerOneSided>, EngineError> {
         let Some(backend) = Backend::for_transport(kind)? else {
             return Ok(None);
@@ -628,23 +611,61 @@ impl ServerOneSided {
         Ok(Some(ServerOneSided {
             backend,
             host: host_id(),
-            own,
             vl,
             elem,
-            state_len,
-            window: std::sync::OnceLock::new(),
+            windows: parking_lot::RwLock::new(Vec::new()),
+            registered_max: REGISTERED_MAX_BYTES,
             setup: Mutex::new(Setup::default()),
             stop: AtomicBool::new(false),
         }))
     }
 
-    /// The window, once a worker has opened it.
-    pub(crate) fn window(&self) -> Option<&Arc<Window>> {
-        self.window.get()
+    /// The live windows that share keys with `r`, in key order.
+    pub(crate) fn windows_touching(&self, r: KeyRange) -> Vec<Arc<Window>> {
+        let ws = self.windows.read();
+        if ws.is_empty() {
+            return Vec::new();
+        }
+        let first = ws.partition_point(|w| w.range.end <= r.begin);
+        ws[first..]
+            .iter()
+            .take_while(|w| w.range.begin < r.end)
+            .filter(|w| w.range.intersect(&r).is_some())
+            .cloned()
+            .collect()
     }
 
-    /// A worker asks for a window on `range` with its endpoints (by backend) and host id.
-    /// Creates the window on the first request; later requests must name the same range.
+    /// Every live window.
+    pub(crate) fn windows(&self) -> Vec<Arc<Window>> {
+        self.windows.read().clone()
+    }
+
+    /// Retire the windows whose range `heads` says this server no longer heads (after a
+    /// table change): readers see it and go over TCP, landed pushes are refused to TCP.
+    pub(crate) fn retire_unheaded(&self, heads: impl Fn(KeyRange) -> bool) {
+        let mut ws = self.windows.write();
+        ws.retain(|w| {
+            if heads(w.range) {
+                return true;
+            }
+            w.retire();
+            tracing::info!(range = %w.range, "one-sided window retired: this server no longer heads its range");
+            false
+        });
+    }
+
+    /// Retire window `w` now (it could not be kept equal to the store).
+    pub(crate) fn retire_now(&self, w: &Arc<Window>) {
+        w.retire();
+        self.windows.write().retain(|o| !Arc::ptr_eq(o, w));
+        tracing::warn!(range = %w.range, "one-sided window retired: a replica batch touched it while it was being written; its keys go over TCP");
+    }
+
+    /// A worker asks for a window on `range` (which this server heads: the caller checked)
+    /// with its endpoints (by backend) and host id. Creates the window on the first
+    /// request for the range (filled by `init`); a range that overlaps another window
+    /// without being it is refused, and so is one that would take the registered bytes
+    /// past the bound.
     pub(crate) fn grant(
         &self,
         worker: u32,
@@ -671,30 +692,49 @@ impl ServerOneSided {
             BackendKind::Shm => "same host (boot id matches)".to_owned(),
             BackendKind::Rdma => "both ends have an RDMA device".to_owned(),
         };
-        if range.is_empty() || !self.own.iter().any(|o| o.covers(&range)) {
-            return Err(format!(
-                "window {range} is not a non-empty part of one of this server's {} ranges",
-                self.own.len()
-            ));
+        if range.is_empty() {
+            return Err(format!("window {range} is empty"));
         }
         let bytes = (range.len() as u128) * (self.vl * self.elem) as u128;
         if bytes > WINDOW_MAX_BYTES as u128 {
             return Err(format!(
-                "window {range} holds {bytes} bytes, more than the {WINDOW_MAX_BYTES} allowed"
+                "window {range} holds {bytes} bytes, more than the {WINDOW_MAX_BYTES} allowed per window"
             ));
         }
         let bytes = bytes as usize;
         let mut setup = self.setup.lock();
-        let window = match self.window.get() {
-            Some(w) if w.range == range => w.clone(),
-            Some(w) => {
-                return Err(format!(
-                    "this server's window is {}, not {range} (one window per server)",
-                    w.range
-                ))
+        let existing = {
+            let ws = self.windows.read();
+            let overlap = ws.iter().find(|w| w.range.intersect(&range).is_some());
+            match overlap {
+                Some(w) if w.range == range => Some(w.clone()),
+                Some(w) => {
+                    return Err(format!(
+                        "window {range} overlaps this server's window {} (windows are disjoint: ask for that one, or for the ranges of the routing table)",
+                        w.range
+                    ))
+                }
+                None => None,
             }
+        };
+        let layout = BlockLayout::for_len(bytes, BLOCK_PAYLOAD);
+        let new_bytes = LANDING_HEADER
+            + bytes
+            + if existing.is_none() {
+                layout.physical_len() + META_LEN
+            } else {
+                0
+            };
+        if setup.registered + new_bytes > self.registered_max {
+            return Err(format!(
+                "window {range} would take this server's registered windows and landing areas to {} bytes, more than the {} allowed",
+                setup.registered + new_bytes,
+                self.registered_max
+            ));
+        }
+        let window = match existing {
+            Some(w) => w,
             None => {
-                let layout = BlockLayout::for_len(bytes, BLOCK_PAYLOAD);
                 let (data, data_desc) = self
                     .backend
                     .register(layout.physical_len())
@@ -711,12 +751,19 @@ impl ServerOneSided {
                     meta,
                     data_desc,
                     meta_desc,
-                    state: Mutex::new(vec![0u64; (bytes * self.state_len).div_ceil(8)]),
-                    state_len: self.state_len,
+                    writer: Mutex::new(()),
+                    retired: AtomicBool::new(false),
                 });
-                init(&w);
-                let _ = self.window.set(w.clone());
-                tracing::info!(%range, bytes, backend = %mine, "one-sided window registered");
+                {
+                    // Filled under the writer lock and listed before it is released:
+                    // a write to its keys meanwhile waits, then refreshes it.
+                    let _w = w.writer.lock();
+                    let mut ws = self.windows.write();
+                    init(&w);
+                    let at = ws.partition_point(|o| o.range.begin < range.begin);
+                    ws.insert(at, w.clone());
+                }
+                tracing::info!(%range, bytes = w.bytes(), backend = %mine, "one-sided window registered");
                 w
             }
         };
@@ -730,11 +777,14 @@ impl ServerOneSided {
             .backend
             .register(LANDING_HEADER + bytes)
             .map_err(|e| e.to_string())?;
+        setup.registered += new_bytes;
         setup.landings.insert(
             id,
             Arc::new(Landing {
                 worker,
                 mem: landing,
+                window: window.clone(),
+                whole: AtomicBool::new(false),
             }),
         );
         setup.peers.push(peer);
@@ -752,13 +802,14 @@ impl ServerOneSided {
         })
     }
 
-    /// Serve pushes that land: wait for notices and apply each with `apply` (which gets
-    /// the window, the function id, the range, and the landing area with the offset of
-    /// the landed values, checked to hold the whole range; it returns an error text on
-    /// refusal). Runs until [`stop`](Self::stop).
+    /// Serve pushes that land: wait for notices and hand each chunk, checked against its
+    /// landing area's window, to `apply`. `Ok(())` for the last chunk means `apply` took
+    /// over acknowledging it ([`LandedPush::done`], now or once replicated); a refusal
+    /// (for any chunk) is written to the landing area and ends the push. Runs until
+    /// [`stop`](Self::stop).
     pub(crate) fn serve_notices(
         &self,
-        mut apply: impl FnMut(&Window, u16, KeyRange, &dyn Memory, usize) -> Result<(), String>,
+        mut apply: impl FnMut(&LandedPush<'_>) -> Result<(), Refused>,
     ) {
         let spin = Duration::from_micros(100);
         let mut idle_since = Instant::now();
@@ -793,59 +844,74 @@ impl ServerOneSided {
                 continue;
             }
             let chunk = u64::from(n.imm & 0xffff);
-            let result = (|| -> Result<bool, String> {
+            let refuse = |msg: String| Refused {
+                code: REFUSED_ERROR,
+                msg,
+            };
+            let result = (|| -> Result<(), Refused> {
                 if n.imm >> 16 != (seq & 0xffff) as u32 {
-                    return Err(format!(
+                    return Err(refuse(format!(
                         "notice {:#x} does not match the landed push {seq}",
                         n.imm
-                    ));
+                    )));
                 }
                 let (b, e) = (word(L_BEGIN), word(L_END));
                 if b >= e {
-                    return Err(format!("empty or backwards range [{b}, {e})"));
+                    return Err(refuse(format!("empty or backwards range [{b}, {e})")));
                 }
                 let r = KeyRange::new(b, e);
-                let Some(w) = self.window.get() else {
-                    return Err("no window".into());
-                };
+                let w = &landing.window;
                 if !w.covers(&r) {
-                    return Err(format!("range {r} is outside the window {}", w.range));
+                    return Err(refuse(format!(
+                        "range {r} is outside the window {}",
+                        w.range
+                    )));
                 }
                 let bytes = word(L_BYTES) as usize;
                 let want = r.len() as usize * self.vl * self.elem;
                 if bytes != want || LANDING_HEADER + bytes > mem.len() {
-                    return Err(format!("{bytes} bytes landed for {want} bytes of values"));
+                    return Err(refuse(format!(
+                        "{bytes} bytes landed for {want} bytes of values"
+                    )));
                 }
                 let per = chunk_keys(self.vl, self.elem);
                 let chunks = r.len().div_ceil(per);
                 if chunk >= chunks {
-                    return Err(format!("chunk {chunk} of a push of {chunks} chunks"));
+                    return Err(refuse(format!(
+                        "chunk {chunk} of a push of {chunks} chunks"
+                    )));
                 }
                 let cb = r.begin + chunk * per;
                 let part = KeyRange::new(cb, (cb + per).min(r.end));
-                let at = LANDING_HEADER + (chunk * per) as usize * self.vl * self.elem;
+                let push = LandedPush {
+                    worker: landing.worker,
+                    window: w,
+                    func: word(L_FUNC) as u16,
+                    range: r,
+                    chunk,
+                    chunks,
+                    part,
+                    part_off: LANDING_HEADER + (chunk * per) as usize * self.vl * self.elem,
+                    timestamp: word(L_TS),
+                    epoch: word(L_EPOCH),
+                    mem: &**mem,
+                    landing: &landing,
+                    seq,
+                };
                 // A bug in an update rule must not stop the thread that serves every
-                // worker's pushes: it becomes this push's error. The first chunk checks
-                // the function before anything is applied.
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    apply(w, word(L_FUNC) as u16, part, &**mem, at)
-                }))
-                .unwrap_or_else(|_| Err("the update rule panicked".into()))?;
-                Ok(chunk + 1 == chunks)
+                // worker's pushes: it becomes this push's error.
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| apply(&push)))
+                    .unwrap_or_else(|_| Err(refuse("the update rule panicked".into())))
             })();
-            match &result {
-                Ok(false) => continue,
-                Ok(true) => mem.atomic_u64(L_STATUS).store(0, Ordering::Relaxed),
-                Err(msg) => {
-                    tracing::debug!(worker = landing.worker, %msg, "one-sided push refused");
-                    let m = &msg.as_bytes()[..msg.len().min(L_MSG_MAX)];
-                    mem.copy_in(L_MSG, m);
-                    mem.atomic_u64(L_MSG_LEN)
-                        .store(m.len() as u64, Ordering::Relaxed);
-                    mem.atomic_u64(L_STATUS).store(1, Ordering::Relaxed);
-                }
+            if let Err(Refused { code, msg }) = result {
+                tracing::debug!(worker = landing.worker, %msg, code, "one-sided push refused");
+                let m = &msg.as_bytes()[..msg.len().min(L_MSG_MAX)];
+                mem.copy_in(L_MSG, m);
+                mem.atomic_u64(L_MSG_LEN)
+                    .store(m.len() as u64, Ordering::Relaxed);
+                mem.atomic_u64(L_STATUS).store(code, Ordering::Relaxed);
+                mem.atomic_u64(L_DONE).store(seq, Ordering::Release);
             }
-            mem.atomic_u64(L_DONE).store(seq, Ordering::Release);
         }
     }
 
@@ -876,10 +942,11 @@ pub(crate) struct ClientWindow {
     staging: verbs::Staging,
 }
 
-/// A worker's one-sided side: its backend and the windows it attached, by server.
+/// A worker's one-sided side: its backend and the windows it attached, by server (a
+/// server may have several, disjoint).
 pub(crate) struct ClientOneSided {
     pub(crate) backend: Backend,
-    pub(crate) windows: Mutex<HashMap<u32, Arc<ClientWindow>>>,
+    pub(crate) windows: Mutex<HashMap<u32, Vec<Arc<ClientWindow>>>>,
 }
 
 impl ClientOneSided {
@@ -921,17 +988,66 @@ impl ClientOneSided {
             #[cfg(feature = "rdma")]
             staging: verbs::Staging::default(),
         };
-        self.windows.lock().insert(server, Arc::new(w));
+        let mut all = self.windows.lock();
+        let list = all.entry(server).or_default();
+        list.retain(|o| o.range.intersect(&g.range).is_none());
+        let at = list.partition_point(|o| o.range.begin < g.range.begin);
+        list.insert(at, Arc::new(w));
         Ok(())
+    }
+
+    /// Whether any window is attached.
+    pub(crate) fn any_window(&self) -> bool {
+        self.windows.lock().values().any(|l| !l.is_empty())
     }
 
     /// The window of `server` covering `r`, if attached.
     pub(crate) fn window_for(&self, server: u32, r: &KeyRange) -> Option<Arc<ClientWindow>> {
         self.windows
             .lock()
-            .get(&server)
-            .filter(|w| w.range.covers(r))
+            .get(&server)?
+            .iter()
+            .find(|w| w.range.covers(r))
             .cloned()
+    }
+
+    /// The windows of `server` that together cover `r` (in key order), if they do.
+    pub(crate) fn windows_covering(
+        &self,
+        server: u32,
+        r: &KeyRange,
+    ) -> Option<Vec<Arc<ClientWindow>>> {
+        let all = self.windows.lock();
+        let list = all.get(&server)?;
+        let mut out = Vec::new();
+        let mut at = r.begin;
+        for w in list {
+            if at >= r.end {
+                break;
+            }
+            if w.range.end <= at {
+                continue;
+            }
+            if w.range.begin > at {
+                return None;
+            }
+            out.push(w.clone());
+            at = w.range.end;
+        }
+        (at >= r.end && !out.is_empty()).then_some(out)
+    }
+
+    /// Stop using `server`'s window on `range` (its server retired it).
+    pub(crate) fn detach_window(&self, server: u32, range: KeyRange) {
+        if let Some(list) = self.windows.lock().get_mut(&server) {
+            list.retain(|w| w.range != range);
+        }
+    }
+
+    /// Whether the server retired window `w` (it no longer heads the range: what the
+    /// window shows may be stale, go over TCP).
+    pub(crate) fn retired(&self, w: &ClientWindow) -> Result<bool, EngineError> {
+        Ok(self.word(w, &w.meta, M_RETIRED)? != 0)
     }
 
     #[cfg(feature = "rdma")]
@@ -1003,36 +1119,51 @@ impl ClientOneSided {
         }
     }
 
-    /// Stop using the window of `server` (its one-sided path failed): its keys go over
-    /// TCP from now on (the server serves them from the window).
+    /// Stop using the windows of `server` (its one-sided path failed, or it is gone): its
+    /// keys go over TCP from now on.
     pub(crate) fn detach(&self, server: u32) {
         self.windows.lock().remove(&server);
     }
 
     /// One-sided push of `values` (bytes) for `r` (inside `w`) with update function
-    /// `func`: write into the landing area, notify, wait until the server applied it.
+    /// `func`, identified by request timestamp `timestamp` and routed with table `epoch`:
+    /// write into the landing area, notify, wait until the server acknowledged it (applied,
+    /// and replicated where the table replicates). `alive` says whether the server's
+    /// connection is still up (a dead server's landing area is never answered).
     pub(crate) fn push(
         &self,
         w: &ClientWindow,
         r: KeyRange,
-        func: u16,
+        (func, timestamp, epoch): (u16, u64, u64),
         values: &[u8],
         timeout: Duration,
+        alive: &dyn Fn() -> bool,
     ) -> Result<(), PushFailure> {
         let mut notified = false;
-        self.push_inner(w, r, func, values, timeout, &mut notified)
-            .map_err(|error| PushFailure { error, notified })
+        self.push_inner(
+            w,
+            r,
+            (func, timestamp, epoch),
+            values,
+            (timeout, alive),
+            &mut notified,
+        )
+        .map_err(|(error, elsewhere)| PushFailure {
+            error,
+            notified,
+            elsewhere,
+        })
     }
 
     fn push_inner(
         &self,
         w: &ClientWindow,
         r: KeyRange,
-        func: u16,
+        (func, timestamp, epoch): (u16, u64, u64),
         values: &[u8],
-        timeout: Duration,
+        (timeout, alive): (Duration, &dyn Fn() -> bool),
         notified: &mut bool,
-    ) -> Result<(), EngineError> {
+    ) -> Result<(), (EngineError, bool)> {
         let mut seq = w.seq.lock();
         let next = *seq + 1;
         let header = [
@@ -1041,7 +1172,10 @@ impl ClientOneSided {
             (L_END, r.end),
             (L_FUNC, u64::from(func)),
             (L_BYTES, values.len() as u64),
+            (L_TS, timestamp),
+            (L_EPOCH, epoch),
         ];
+        let plain = |e: EngineError| (e, false);
         // The header first, then the values chunk by chunk, each followed by its notice
         // (the server applies chunk i while this thread writes chunk i + 1).
         match &w.landing {
@@ -1057,7 +1191,7 @@ impl ClientOneSided {
                     h[off..off + 8].copy_from_slice(&v.to_le_bytes());
                 }
                 verbs::write_bytes(self.rdma(), &w.staging, l, 0, &h)
-                    .map_err(|e| os_err("one-sided write", e))?;
+                    .map_err(|e| plain(os_err("one-sided write", e)))?;
             }
         }
         let per = chunk_keys(w.vl, w.elem) as usize * w.vl * w.elem;
@@ -1068,33 +1202,57 @@ impl ClientOneSided {
                 Remote::Shm(l) => l.copy_in(at, part),
                 #[cfg(feature = "rdma")]
                 Remote::Rdma(l) => verbs::write_bytes(self.rdma(), &w.staging, l, at, part)
-                    .map_err(|e| os_err("one-sided write", e))?,
+                    .map_err(|e| plain(os_err("one-sided write", e)))?,
             }
             // From the first notice on, the server may apply part of this push.
             *notified = true;
-            self.backend.notify(&w.landing, tag | i as u32)?;
+            self.backend
+                .notify(&w.landing, tag | i as u32)
+                .map_err(plain)?;
         }
         *seq = next;
-        if !spin_wait(timeout, || Ok(self.word(w, &w.landing, L_DONE)? == next))? {
-            return Err(EngineError::Timeout(format!(
-                "one-sided push {next} not applied by the server within {timeout:?}"
-            )));
+        let mut gone = false;
+        let answered = spin_wait(timeout, || {
+            if self.word(w, &w.landing, L_DONE)? == next {
+                return Ok(true);
+            }
+            gone = !alive();
+            Ok(gone)
+        })
+        .map_err(plain)?;
+        if gone || !answered {
+            // The landing area stays busy until the server finishes with it: this window
+            // is not used again (the caller detaches it).
+            return Err(plain(EngineError::OneSided(if gone {
+                format!(
+                    "the server's connection closed before it acknowledged one-sided push {next}"
+                )
+            } else {
+                format!("one-sided push {next} not acknowledged by the server within {timeout:?}")
+            })));
         }
-        if self.word(w, &w.landing, L_STATUS)? != 0 {
-            let len = (self.word(w, &w.landing, L_MSG_LEN)? as usize).min(L_MSG_MAX);
+        let status = self.word(w, &w.landing, L_STATUS).map_err(plain)?;
+        if status != 0 {
+            let len = (self.word(w, &w.landing, L_MSG_LEN).map_err(plain)? as usize).min(L_MSG_MAX);
             let mut msg = vec![0u8; len];
             match &w.landing {
                 Remote::Shm(l) => l.copy_out(L_MSG, &mut msg),
                 #[cfg(feature = "rdma")]
                 Remote::Rdma(l) => {
                     verbs::read_bytes(self.rdma(), &w.staging, l, L_MSG, &mut msg)
-                        .map_err(|e| os_err("reading the refusal", e))?;
+                        .map_err(|e| plain(os_err("reading the refusal", e)))?;
                 }
             }
-            return Err(EngineError::InvalidRequest(format!(
-                "server refused the one-sided push: {}",
-                String::from_utf8_lossy(&msg)
-            )));
+            let msg = String::from_utf8_lossy(&msg);
+            if status == REFUSED_ELSEWHERE {
+                return Err((
+                    EngineError::OneSided(format!("not served one-sidedly: {msg}")),
+                    true,
+                ));
+            }
+            return Err(plain(EngineError::InvalidRequest(format!(
+                "server refused the one-sided push: {msg}"
+            ))));
         }
         Ok(())
     }
@@ -1108,6 +1266,8 @@ impl ClientOneSided {
 pub(crate) struct PushFailure {
     pub(crate) error: EngineError,
     pub(crate) notified: bool,
+    /// The server answered that it applied nothing and the push goes over TCP.
+    pub(crate) elsewhere: bool,
 }
 
 /// Byte-level helpers over the verbs backend: reads and writes go through a registered
@@ -1205,7 +1365,7 @@ mod tests {
     #[cfg(not(feature = "rdma"))]
     #[test]
     fn rdma_is_refused_clearly_without_the_feature() {
-        let e = ServerOneSided::new(TransportKind::Rdma, vec![KeyRange::new(0, 10)], 1, 4, 0)
+        let e = ServerOneSided::new(TransportKind::Rdma, 1, 4)
             .err()
             .expect("no rdma here")
             .to_string();
@@ -1217,14 +1377,12 @@ mod tests {
         if rdma_available().is_ok() {
             return; // a machine with a device offers rdma instead
         }
-        let s = ServerOneSided::new(TransportKind::Auto, vec![KeyRange::new(0, 10)], 1, 4, 0)
+        let s = ServerOneSided::new(TransportKind::Auto, 1, 4)
             .unwrap()
             .expect("auto offers a one-sided backend");
         assert_eq!(s.backend.kind(), BackendKind::Shm);
-        assert!(
-            ServerOneSided::new(TransportKind::Tcp, vec![KeyRange::new(0, 10)], 1, 4, 0)
-                .unwrap()
-                .is_none()
-        );
+        assert!(ServerOneSided::new(TransportKind::Tcp, 1, 4)
+            .unwrap()
+            .is_none());
     }
 }

@@ -71,6 +71,14 @@ impl std::ops::DerefMut for CoreGuard<'_> {
     }
 }
 
+/// A push's answer, waiting for replication.
+enum Waiting {
+    /// A frame for the worker's connection (a push over TCP).
+    Frame(Conn, OutFrame),
+    /// A call that acknowledges it (a one-sided push: its done word).
+    Call(Box<dyn FnOnce() + Send>),
+}
+
 /// The replication side of one server.
 pub(crate) struct Replicator {
     /// This server's node id (the sender of its messages).
@@ -87,7 +95,7 @@ pub(crate) struct Replicator {
     /// with a control message that may arrive after a batch to forward to it).
     undelivered: Mutex<HashMap<u32, Vec<Control>>>,
     /// Answers waiting for replication, by id.
-    answers: Mutex<HashMap<AnswerId, (Conn, OutFrame)>>,
+    answers: Mutex<HashMap<AnswerId, Waiting>>,
     next_answer: AtomicU64,
     /// Whether ranges taken over at the current epoch exist (a fast path for every push).
     has_inherited: AtomicBool,
@@ -169,10 +177,12 @@ impl Replicator {
             match o {
                 Output::Answer(id) => {
                     let answer = self.answers.lock().remove(&id);
-                    if let Some((conn, frame)) = answer {
+                    if let Some(Waiting::Frame(conn, frame)) = answer {
                         // A failed send: the worker is gone; it will resend to whoever
                         // heads then.
                         let _ = conn.send(frame);
+                    } else if let Some(Waiting::Call(done)) = answer {
+                        done();
                     } else {
                         debug_assert!(false, "answer {id:?} released twice or never queued");
                     }
@@ -254,8 +264,38 @@ impl Replicator {
         conn: &Conn,
         answer: OutFrame,
     ) -> Vec<Vec<u32>> {
+        self.queue_answer(
+            table,
+            sender,
+            ts,
+            keys,
+            Waiting::Frame(conn.clone(), answer),
+        )
+    }
+
+    /// [`after_apply`](Self::after_apply) for a push answered by a call (a one-sided
+    /// push: `done` writes its done word) rather than a frame.
+    pub(crate) fn after_apply_with(
+        &self,
+        table: &Partition,
+        sender: u32,
+        ts: u64,
+        keys: KeysRef<'_>,
+        done: Box<dyn FnOnce() + Send>,
+    ) -> Vec<Vec<u32>> {
+        self.queue_answer(table, sender, ts, keys, Waiting::Call(done))
+    }
+
+    fn queue_answer(
+        &self,
+        table: &Partition,
+        sender: u32,
+        ts: u64,
+        keys: KeysRef<'_>,
+        answer: Waiting,
+    ) -> Vec<Vec<u32>> {
         let id = AnswerId(self.next_answer.fetch_add(1, Ordering::Relaxed));
-        self.answers.lock().insert(id, (conn.clone(), answer));
+        self.answers.lock().insert(id, answer);
         let now = self.now();
         let q = self.drive(|core, out| core.after_apply(table, sender, ts, keys, id, now, out));
         if q.armed {

@@ -19,7 +19,7 @@ use super::keys::resolve;
 use super::route::{route, stale_epoch, touched_ranges, Refusal};
 use super::serve::answer_request;
 use super::window::open_window;
-use super::{AnyStore, Core, Ready, ServerHandler};
+use super::{Core, Ready, ServerHandler};
 
 impl Handler for ServerHandler {
     fn on_frame(&mut self, conn: &Conn, frame: RecvFrame<'_>) {
@@ -252,12 +252,10 @@ pub(super) fn worker_of(ready: &Ready, id: u32) -> Option<WorkerRank> {
     }
 }
 
-/// The store, for replication.
+/// The store, for replication (through the server, so installs into keys of a
+/// one-sided window update the window too).
 pub(super) fn entries(ready: &Ready) -> &dyn EntryStore {
-    match &ready.store {
-        AnyStore::F32(t) => &t.store,
-        AnyStore::F64(t) => &t.store,
-    }
+    ready
 }
 
 /// A clocked request the gate holds: where it came from, its bytes, when it arrived,
@@ -300,8 +298,10 @@ pub(super) fn run_actions(
     }
     if publish {
         // One-sided readers wait on this word instead of the gate (after the applies).
-        if let Some(w) = ready.onesided.as_ref().and_then(|o| o.window()) {
-            w.publish_clock(gate.clock().min(w.range));
+        if let Some(os) = ready.onesided.as_ref() {
+            for w in os.windows() {
+                w.publish_clock(gate.clock().min(w.range));
+            }
         }
     }
 }

@@ -33,7 +33,7 @@ use super::config::{ServerConfig, UserRules};
 use super::handler::{entries, refuse, run_actions};
 use super::route::Refusal;
 use super::switch::{switch_table, Switched};
-use super::window::apply_landed;
+use super::window::{apply_landed, heads_all};
 use super::{AnyStore, Core, Ready, ServerHandler, Typed};
 
 /// A running server node.
@@ -152,10 +152,7 @@ impl Server {
                 .name("pserv-onesided".into())
                 .spawn(move || {
                     let ready = core.ready.get().expect("set before the thread starts");
-                    os.serve_notices(|w, func, r, mem, off| match &ready.store {
-                        AnyStore::F32(t) => apply_landed(t, w, func, r, mem, off),
-                        AnyStore::F64(t) => apply_landed(t, w, func, r, mem, off),
-                    })
+                    os.serve_notices(|push| apply_landed(ready, push))
                 })
                 .map_err(|source| EngineError::Io {
                     context: "starting the one-sided notice thread".into(),
@@ -208,13 +205,19 @@ impl Server {
         let mut gate = ready.clocks.lock();
         let switched = {
             let mut t = ready.table.write();
-            switch_table(
+            let switched = switch_table(
                 &mut gate,
                 &mut t,
                 new.clone(),
                 |old, new| ready.repl.prepare_table(old, new),
                 |p| p.frame.header().epoch,
-            )
+            );
+            // Windows of ranges this server no longer heads stop being used, before any
+            // request of the new table is served (readers see them retired).
+            if let (Some(_), Some(os)) = (&switched, &ready.onesided) {
+                os.retire_unheaded(|r| heads_all(&t, ready.rank, r));
+            }
+            switched
         };
         let Some(Switched {
             old,
@@ -486,13 +489,11 @@ pub(super) fn make_ready(
     };
     let onesided = ServerOneSided::new(
         transport,
-        cluster.partition.ranges_of(rank as usize),
         cluster.value_len as usize,
         match cluster.value_type {
             ValueType::F32 => 4,
             ValueType::F64 => 8,
         },
-        cfg.state_len,
     )?
     .map(Arc::new);
     let err = |e: StoreError| EngineError::Config(format!("creating the store: {e}"));

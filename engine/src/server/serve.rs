@@ -13,9 +13,9 @@ use crate::placement::Partition;
 use crate::proto::{self, Status};
 use crate::replication::{HeldPart, KeysRef};
 
-use super::handler::{entries, refuse};
+use super::handler::{entries, keys_of, refuse};
 use super::route::{route, unheld_keys, unheld_parts, Refusal};
-use super::window::serve_window;
+use super::window::write_through;
 use super::{AnyStore, Core, Ready, Typed};
 
 /// Serve a data request and send the answer (or the refusal). `clock` goes into the
@@ -27,10 +27,13 @@ pub(super) fn answer_request(core: &Core, ready: &Ready, f: &Frame<'_>, conn: &C
     // for (and sends it before its hand-off markers).
     let table = ready.table.read();
     let applying = ready.repl.applying();
-    let answer = match &ready.store {
+    let is_write = h.kind == MessageKind::Push as u8 || h.kind == MessageKind::PushPull as u8;
+    // A write to keys of a one-sided window shows in the window before it is answered.
+    let touched = if is_write { keys_of(f) } else { None };
+    let answer = write_through(ready, touched, || match &ready.store {
         AnyStore::F32(t) => serve(core, ready, &table, t, f, conn, clock),
         AnyStore::F64(t) => serve(core, ready, &table, t, f, conn, clock),
-    };
+    });
     let out = match answer {
         Ok(Some(frame)) => frame,
         Ok(None) => return,
@@ -40,7 +43,6 @@ pub(super) fn answer_request(core: &Core, ready: &Ready, f: &Frame<'_>, conn: &C
             return refuse(ready, conn, &h, refusal);
         }
     };
-    let is_write = h.kind == MessageKind::Push as u8 || h.kind == MessageKind::PushPull as u8;
     if is_write && out.header().status == Status::Ok as u8 {
         // The answer waits until every replica of the touched ranges holds the push.
         let keys = match f.range() {
@@ -154,29 +156,6 @@ pub(super) fn serve<T: Value>(
         ready.repl.handoff_pending(k)
     }) {
         return Err(refusal);
-    }
-    if let Some(w) = ready.onesided.as_ref().and_then(|o| o.window()) {
-        let keys = f.keys();
-        let (inside, touches) = match range {
-            Some(r) => (w.covers(&r), r.intersect(&w.range).is_some()),
-            None => {
-                let first = keys.partition_point(|&k| k < w.range.begin);
-                let last = keys.partition_point(|&k| k < w.range.end);
-                (
-                    !keys.is_empty() && first == 0 && last == keys.len(),
-                    last > first,
-                )
-            }
-        };
-        if inside {
-            return serve_window(core, ready, t, w, f, kind, range, out_elems);
-        }
-        if touches {
-            return Err(bad(format!(
-                "the request's keys straddle the one-sided window {}: split it at the window's bounds",
-                w.range
-            )));
-        }
     }
     // A push resent after a failover that this server holds already (as the old head's
     // replica): apply nothing, answer as applied (after re-replicating). Held in part (a

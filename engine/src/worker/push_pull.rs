@@ -138,7 +138,7 @@ impl Worker {
 
     /// The header of a request, with its consistency clock and flags (the timestamp and
     /// the routing epoch are set per message, see [`Request::message`]).
-    fn header<T: Value>(&self, kind: MessageKind, opts: &TaskOpts) -> Header {
+    pub(super) fn header<T: Value>(&self, kind: MessageKind, opts: &TaskOpts) -> Header {
         let model = opts.consistency.unwrap_or(self.consistency);
         request_header(
             kind,

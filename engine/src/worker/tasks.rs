@@ -337,6 +337,33 @@ impl Worker {
         opts: &TaskOpts,
         build: impl FnOnce() -> Result<Request, EngineError>,
     ) -> Timestamp {
+        let (ts, start) = self.launch_held(kind, dtype, opts, build);
+        if let Some(frames) = start {
+            self.send_first(ts, frames);
+        }
+        ts
+    }
+
+    /// Send the first messages of started task `ts` (none: it is done at once).
+    pub(super) fn send_first(&self, ts: Timestamp, frames: Vec<(u32, OutFrame)>) {
+        if frames.is_empty() {
+            self.core.task_done(ts);
+        }
+        for (server, frame) in frames {
+            self.core.send(server, frame);
+        }
+    }
+
+    /// [`launch`](Self::launch) without sending: the first messages of the task if it
+    /// started at once (the caller sends them, see [`send_first`](Self::send_first)),
+    /// `None` where the gate deferred it.
+    pub(super) fn launch_held(
+        &self,
+        kind: MessageKind,
+        dtype: u8,
+        opts: &TaskOpts,
+        build: impl FnOnce() -> Result<Request, EngineError>,
+    ) -> (Timestamp, Option<Vec<(u32, OutFrame)>>) {
         let model = opts.consistency.unwrap_or(self.consistency);
         let (ts, start) = {
             let mut g = self.core.gate.lock();
@@ -389,16 +416,7 @@ impl Worker {
                 (ts, None)
             }
         };
-        match start {
-            Some(frames) if frames.is_empty() => self.core.task_done(ts),
-            Some(frames) => {
-                for (server, frame) in frames {
-                    self.core.send(server, frame);
-                }
-            }
-            None => {}
-        }
-        ts
+        (ts, start)
     }
 
     /// Block until task `ts` is complete; return its error if it failed. Values of a pull

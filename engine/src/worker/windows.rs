@@ -3,21 +3,31 @@
 
 use std::time::Duration;
 
+use pserv_transport::wire::MessageKind;
+
 use crate::base::error::EngineError;
 use crate::base::keys::KeyRange;
 use crate::base::value::Value;
+use crate::onesided::{ClientOneSided, ClientWindow};
 use crate::proto::Control;
 
 use super::config::TaskOpts;
+use super::request::Request;
+use super::retry::Failure;
+use super::shared::Shared;
+use super::tasks::Outcome;
 use super::Worker;
 
 impl Worker {
-    /// Attach the servers' one-sided windows covering `range` (each server's part of it
-    /// becomes its window; one window per server). Returns, per server part, whether it
-    /// is one-sided and why: a server that runs over TCP only, or a backend the two ends
-    /// do not share, leaves that part on TCP (logged). With `--transport tcp` nothing is
-    /// attached. Call it once, before pushing and pulling the range, on every worker
-    /// that wants the one-sided path.
+    /// Attach the servers' one-sided windows covering `range`: each server's part of it
+    /// (a run of the routing table's ranges it heads) becomes one of its windows; a
+    /// server has as many windows as ranges asked for, disjoint. Returns, per server
+    /// part, whether it is one-sided and why: a server that runs over TCP only, a backend
+    /// the two ends do not share, a part that overlaps another window of the server
+    /// without being it, or windows past the server's bound on registered bytes leave
+    /// that part on TCP (logged). With `--transport tcp` nothing is attached. Call it
+    /// before pushing and pulling the range, on every worker that wants the one-sided
+    /// path; after a table change, calling it again attaches the new heads' windows.
     pub fn open_window(&self, range: KeyRange) -> Result<Vec<(u32, bool, String)>, EngineError> {
         let mut out = Vec::new();
         let table = self.table();
@@ -31,6 +41,17 @@ impl Worker {
         let host = crate::onesided::host_id();
         for (server, piece) in table.split_range(range) {
             let server = server as u32;
+            if os
+                .window_for(server, &piece)
+                .is_some_and(|w| w.range == piece)
+            {
+                out.push((
+                    server,
+                    true,
+                    format!("{}: attached already", os.backend.kind()),
+                ));
+                continue;
+            }
             let (pending, endpoint) = os.backend.prepare()?;
             let msg = Control::OpenWindow {
                 range: piece,
@@ -99,7 +120,9 @@ impl Worker {
     /// values) and return when they are there. Parts inside attached one-sided windows
     /// ([`open_window`](Self::open_window)) are one-sided reads of the servers' memory
     /// (after waiting, one-sidedly, for the servers' clock when the pull is clocked);
-    /// other parts go over TCP.
+    /// other parts go over TCP. A window its server retired (it no longer heads the
+    /// range, after a table change) or whose server's connection closed is detached and
+    /// its part read over TCP instead, so a read never returns a window's stale values.
     pub fn pull_range_into<T: Value>(
         &self,
         range: KeyRange,
@@ -120,25 +143,21 @@ impl Worker {
             let n = piece.len() as usize * vl;
             let dst = &mut out[at..at + n];
             at += n;
-            let win = self
-                .onesided
-                .as_ref()
-                .and_then(|os| os.window_for(server as u32, &piece).map(|w| (os, w)));
-            if let Some((os, w)) = win {
-                let one_sided = os
-                    .wait_clock(&w, self.pull_min_clock(opts), self.timeout)
-                    .and_then(|()| os.read(&w, piece, bytemuck::cast_slice_mut(dst)));
-                match one_sided {
-                    Ok(()) => continue,
-                    // A broken path (a queue pair in error, a peer's NIC that stopped
-                    // answering, a mapping that went away): the keys are still served over
-                    // TCP, from the same window. Reads change nothing, so reading again
-                    // is safe.
-                    Err(e @ EngineError::OneSided(_)) => {
-                        tracing::warn!(server, %piece, error = %e, "one-sided pull failed; this window goes over TCP from now on");
-                        os.detach(server as u32);
+            let server = server as u32;
+            if let Some(os) = self.onesided.as_ref() {
+                if let Some(ws) = os.windows_covering(server, &piece) {
+                    match self.pull_one_sided(os, server, &ws, piece, dst, opts) {
+                        Ok(true) => continue,
+                        Ok(false) => {}
+                        // A broken path (a queue pair in error, a peer's NIC that stopped
+                        // answering, a mapping that went away): the keys are read over
+                        // TCP. Reads change nothing, so reading again is safe.
+                        Err(e @ EngineError::OneSided(_)) => {
+                            tracing::warn!(server, %piece, error = %e, "one-sided pull failed; this server's windows go over TCP from now on");
+                            os.detach(server);
+                        }
+                        Err(e) => return Err(e),
                     }
-                    Err(e) => return Err(e),
                 }
             }
             let p = self.wait_pull::<T>(self.pull_range_opts::<T>(piece, opts))?;
@@ -147,10 +166,54 @@ impl Worker {
         Ok(())
     }
 
-    /// Push dense values for `range` and return once the servers applied them. Parts
-    /// inside attached one-sided windows go as one-sided writes into the worker's
-    /// landing areas plus a notification, when the push is unclocked (this worker never
-    /// ticked); clocked pushes and other parts go over TCP.
+    /// Read `piece` of `server` from its windows `ws` (which cover it, in key order) into
+    /// `dst`. `Ok(false)`: a window was retired or the server is gone (detached): read it
+    /// over TCP.
+    fn pull_one_sided<T: Value>(
+        &self,
+        os: &ClientOneSided,
+        server: u32,
+        ws: &[std::sync::Arc<ClientWindow>],
+        piece: KeyRange,
+        dst: &mut [T],
+        opts: &TaskOpts,
+    ) -> Result<bool, EngineError> {
+        let vl = self.value_len();
+        let min_clock = self.pull_min_clock(opts);
+        for w in ws {
+            let Some(part) = w.range.intersect(&piece) else {
+                continue;
+            };
+            let from = (part.begin - piece.begin) as usize * vl;
+            let to = from + part.len() as usize * vl;
+            os.wait_clock(w, min_clock, self.timeout)?;
+            os.read(w, part, bytemuck::cast_slice_mut(&mut dst[from..to]))?;
+            // Checked after the read: a window retired (or a server gone) before it may
+            // show values its range's new head has since changed.
+            if os.retired(w)? {
+                tracing::info!(server, range = %w.range, "the server retired this window (it no longer heads the range); its keys go over TCP");
+                os.detach_window(server, w.range);
+                return Ok(false);
+            }
+            if !self.core.alive(server) {
+                tracing::info!(
+                    server,
+                    "the server's connection closed; its windows are detached"
+                );
+                os.detach(server);
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Push dense values for `range` and return once the servers acknowledged them (with
+    /// replication: once every replica holds them). Parts inside attached one-sided
+    /// windows go as one-sided writes into the worker's landing areas plus a notification,
+    /// when the push is unclocked (this worker never ticked); clocked pushes and other
+    /// parts go over TCP. Each part is a piece of one task, identified as a TCP push is:
+    /// a part whose server fails before acknowledging it is resent over TCP to the
+    /// range's next head, which applies it only if the chain does not hold it already.
     pub fn push_range_now<T: Value>(
         &self,
         range: KeyRange,
@@ -166,53 +229,111 @@ impl Worker {
                 range.len()
             )));
         }
-        let mut at = 0usize;
+        let os = self
+            .onesided
+            .as_ref()
+            .filter(|os| self.clock() == 0 && opts.after.is_empty() && os.any_window());
+        let Some(os) = os else {
+            return self.wait(self.push_range_opts::<T>(range, values.to_vec(), opts));
+        };
+        let table = self.table();
+        let (ts, started) = self.launch_held(MessageKind::Push, T::DTYPE as u8, opts, || {
+            Ok(Request::ranged(
+                self.header::<T>(MessageKind::Push, opts),
+                vl,
+                false,
+                range,
+                Some(Shared::from(values.to_vec())),
+            ))
+        });
+        let Some(frames) = started else {
+            return self.wait(ts);
+        };
+        if frames.is_empty() {
+            self.send_first(ts, frames);
+            return self.wait(ts);
+        }
+        let pieces = table.split_range(range);
+        let matches = frames.len() == pieces.len()
+            && frames.iter().all(|(_, f)| {
+                u64::from(f.header().epoch) == table.epoch().min(u64::from(u32::MAX))
+            });
         let mut tcp = Vec::new();
-        for (server, piece) in self.table().split_range(range) {
-            let n = piece.len() as usize * vl;
-            let src = &values[at..at + n];
-            at += n;
-            let win = self
-                .onesided
-                .as_ref()
-                .filter(|_| self.clock() == 0 && opts.after.is_empty())
-                .and_then(|os| os.window_for(server as u32, &piece).map(|w| (os, w)));
-            if let Some((os, w)) = win {
-                let pushed = os.push(
-                    &w,
-                    piece,
-                    opts.func,
-                    bytemuck::cast_slice(src),
-                    self.timeout,
-                );
-                match pushed {
-                    Ok(()) => continue,
-                    // The path broke before any of this push reached the server: send it
-                    // over TCP instead, and the window's keys from now on.
-                    Err(f) if !f.notified && matches!(f.error, EngineError::OneSided(_)) => {
-                        tracing::warn!(server, %piece, error = %f.error, "one-sided push failed before the server saw it; sent over TCP, and this window from now on");
-                        os.detach(server as u32);
+        for (i, (server, frame)) in frames.into_iter().enumerate() {
+            let piece = pieces
+                .get(i)
+                .filter(|(s, _)| matches && *s as u32 == server);
+            let win = piece.and_then(|(_, p)| os.window_for(server, p).map(|w| (w, *p)));
+            let Some((w, piece)) = win else {
+                tcp.push((server, frame));
+                continue;
+            };
+            let stamp = frame.header().timestamp;
+            let from = (piece.begin - range.begin) as usize * vl;
+            let src = &values[from..from + piece.len() as usize * vl];
+            let alive = || self.core.alive(server);
+            let pushed = os.push(
+                &w,
+                piece,
+                (opts.func, stamp, u64::from(frame.header().epoch)),
+                bytemuck::cast_slice(src),
+                self.timeout,
+                &alive,
+            );
+            match pushed {
+                Ok(()) => self.core.settle(stamp, server, |_, _| Outcome::Done),
+                // Nothing applied: the server does not serve it one-sidedly (another
+                // table, a retired window, a range not handed over yet). Over TCP, it is
+                // refused or redirected like any request.
+                Err(f) if f.elsewhere => {
+                    if os.retired(&w).unwrap_or(true) {
+                        os.detach_window(server, w.range);
                     }
-                    // It broke after the server may have applied part of it: sending it
-                    // again could apply that part twice, so say so instead.
-                    Err(f) if matches!(f.error, EngineError::OneSided(_)) => {
-                        os.detach(server as u32);
-                        return Err(EngineError::OneSided(format!(
+                    tracing::debug!(server, %piece, error = %f.error, "one-sided push not taken; sent over TCP");
+                    tcp.push((server, frame));
+                }
+                // The path broke before any of this push reached the server: send it
+                // over TCP instead, and the server's windows from now on.
+                Err(f) if !f.notified && matches!(f.error, EngineError::OneSided(_)) => {
+                    tracing::warn!(server, %piece, error = %f.error, "one-sided push failed before the server saw it; sent over TCP, and this server's windows from now on");
+                    os.detach(server);
+                    tcp.push((server, frame));
+                }
+                // It broke after the server may have applied it. With replication the
+                // server remembers the push by its identity, as does every replica it
+                // reached: resent over TCP (to whoever heads the range then), it is
+                // applied only where it is not held. Without replication nothing would
+                // notice a second apply, so it fails saying so.
+                Err(f) if matches!(f.error, EngineError::OneSided(_)) => {
+                    os.detach(server);
+                    if table.replicas() > 0 {
+                        tracing::warn!(server, %piece, error = %f.error, "one-sided push not acknowledged; resent over TCP (applied once: the chain remembers it)");
+                        self.core.settle(stamp, server, |_, _| {
+                            Outcome::Retry(Failure::Disconnected { server })
+                        });
+                    } else {
+                        let error = EngineError::OneSided(format!(
                             "one-sided push of {piece} to server {server} failed after part of it \
                              was handed to the server, which may have applied that part (not \
-                             resent, so nothing is applied twice; this window goes over TCP from \
-                             now on): {}",
+                             resent, so nothing is applied twice; this server's windows go over \
+                             TCP from now on): {}",
                             f.error
-                        )));
+                        ));
+                        self.core.settle(stamp, server, |st, _| {
+                            st.error = Some(error);
+                            Outcome::Done
+                        });
                     }
-                    Err(f) => return Err(f.error),
                 }
+                Err(f) => self.core.settle(stamp, server, |st, _| {
+                    st.error = Some(f.error);
+                    Outcome::Done
+                }),
             }
-            tcp.push(self.push_range_opts::<T>(piece, src.to_vec(), opts));
         }
-        for ts in tcp {
-            self.wait(ts)?;
+        for (server, frame) in tcp {
+            self.core.send(server, frame);
         }
-        Ok(())
+        self.wait(ts)
     }
 }
