@@ -1,25 +1,33 @@
 //! The one-sided data path for dense key ranges.
 //!
-//! A server can expose one **window**: a dense key range of its own, whose values live
+//! A server exposes **windows**: one per dense key range a worker asks for, inside the
+//! ranges it heads (disjoint, created on the first request, their registered bytes
+//! bounded by [`REGISTERED_MAX_BYTES`]). A window mirrors the store's values of its range
 //! in a registered region laid out in versioned blocks
-//! ([`pserv_transport::onesided::seqlock`]). Workers attach it once
-//! ([`crate::Worker::open_window`]) over their TCP connection (descriptors and
-//! connection endpoints travel as control messages), and from then on:
+//! ([`pserv_transport::onesided::seqlock`]); the store stays the one copy that is
+//! updated, replicated and dumped, and every write to a window's keys reaches the window
+//! before it is acknowledged. Workers attach windows ([`crate::Worker::open_window`])
+//! over their TCP connection (descriptors and connection endpoints travel as control
+//! messages), and from then on:
 //!
-//! - **pull** of a range inside the window ([`crate::Worker::pull_range_into`]) is a
+//! - **pull** of a range inside windows ([`crate::Worker::pull_range_into`]) is a
 //!   one-sided read of the server's blocks straight into the caller's buffer, validated
 //!   block by block (a block caught mid-update is read again). The server's CPU is not
 //!   involved. A clocked pull (sequential or bounded delay) first waits, one-sidedly, for
-//!   the clock word the server publishes in the window's meta region.
-//! - **push** of a range inside the window ([`crate::Worker::push_range_now`]) is a
+//!   the clock word the server publishes in the window's meta region. After the read the
+//!   worker checks the window's retired word: a server that no longer heads the range
+//!   (after a table change) sets it, and the worker reads over TCP instead.
+//! - **push** of a range inside a window ([`crate::Worker::push_range_now`]) is a
 //!   one-sided write of the values into a landing area the server registered for that
-//!   worker, plus a notification (verbs: `WRITE_WITH_IMM`). The server's notice thread
-//!   applies the update function to the window's blocks, publishing each block at a new
-//!   version, and then stores the push's sequence number in the landing area's `done`
-//!   word, which the worker polls. Clocked pushes keep the two-sided path (the server's
+//!   worker, plus a notification (verbs: `WRITE_WITH_IMM`). The push is a piece of a
+//!   worker task: the landing header carries its request timestamp and routing epoch.
+//!   The server's notice thread routes it as a TCP request, applies the update function
+//!   to the store and the window, queues it for chain replication, and stores the push's
+//!   sequence number in the landing area's `done` word once every replica holds it
+//!   (which the worker polls). Clocked pushes keep the two-sided path (the server's
 //!   clock gate orders them).
-//! - Sparse key lists, and TCP requests for keys in the window, keep the two-sided path:
-//!   the server serves them from the window too, so both paths see one copy of the values.
+//! - Sparse key lists, and TCP requests for keys in a window, keep the two-sided path
+//!   and are served from the store; writes among them refresh the window.
 //!
 //! The backends are chosen at run time ([`TransportKind`]): `rdma` when both ends have an
 //! RDMA device (feature `rdma`), `shm` when both ends run on the same host (same boot
@@ -1384,5 +1392,68 @@ mod tests {
         assert!(ServerOneSided::new(TransportKind::Tcp, 1, 4)
             .unwrap()
             .is_none());
+    }
+
+    /// A window over shm in one process: granted, read, an overlapping one refused, the
+    /// bound on registered bytes, and retirement seen by the reader.
+    #[test]
+    fn windows_are_disjoint_bounded_and_retire_for_their_readers() {
+        let Ok(Some(mut server)) = ServerOneSided::new(TransportKind::Shm, 1, 4) else {
+            return; // no shared memory here
+        };
+        let client = ClientOneSided::new(TransportKind::Shm).unwrap().unwrap();
+        let offer = |c: &ClientOneSided| {
+            let (pending, ep) = c.backend.prepare().unwrap();
+            (pending, vec![(BackendKind::Shm as u8, ep)])
+        };
+        let host = host_id();
+        let r = KeyRange::new(100, 5100);
+        let (pending, offers) = offer(&client);
+        let grant = server
+            .grant(0, r, &host, &offers, |w| {
+                w.init(bytemuck::cast_slice(&vec![1.5f32; 5000]))
+            })
+            .unwrap();
+        client.attach(3, pending, &grant).unwrap();
+        let w = client.window_for(3, &r).unwrap();
+        let mut out = vec![0f32; 5000];
+        client
+            .read(&w, r, bytemuck::cast_slice_mut(&mut out))
+            .unwrap();
+        assert!(out.iter().all(|&v| v == 1.5));
+        assert!(!client.retired(&w).unwrap());
+
+        let (_, offers) = offer(&client);
+        let e = server
+            .grant(0, KeyRange::new(200, 300), &host, &offers, |_| {})
+            .unwrap_err();
+        assert!(e.contains("overlaps"), "{e}");
+        server.registered_max = 100_000;
+        let (_, offers) = offer(&client);
+        let e = server
+            .grant(0, KeyRange::new(10_000, 40_000), &host, &offers, |_| {})
+            .unwrap_err();
+        assert!(e.contains("more than the 100000 allowed"), "{e}");
+        server.registered_max = REGISTERED_MAX_BYTES;
+
+        let other = KeyRange::new(6000, 7000);
+        let (pending, offers) = offer(&client);
+        let g = server.grant(0, other, &host, &offers, |_| {}).unwrap();
+        client.attach(3, pending, &g).unwrap();
+        assert_eq!(server.windows().len(), 2);
+        assert_eq!(server.windows_touching(KeyRange::new(5000, 6001)).len(), 2);
+        assert!(client
+            .windows_covering(3, &KeyRange::new(100, 5100))
+            .is_some());
+        assert!(client
+            .windows_covering(3, &KeyRange::new(100, 7000))
+            .is_none());
+
+        // The table moved `r` away: its readers see it retired; the other stays.
+        server.retire_unheaded(|x| x != r);
+        assert!(client.retired(&w).unwrap());
+        let o = client.window_for(3, &other).unwrap();
+        assert!(!client.retired(&o).unwrap());
+        assert_eq!(server.windows().len(), 1);
     }
 }
