@@ -537,6 +537,11 @@ impl LandedPush<'_> {
         self.landing.whole.store(whole, Ordering::Relaxed)
     }
 
+    /// Bytes of values per key.
+    pub(crate) fn value_bytes(&self) -> usize {
+        self.window.vl * self.window.elem
+    }
+
     /// Byte offset in `mem` of the whole push's values.
     pub(crate) fn values_off(&self) -> usize {
         LANDING_HEADER

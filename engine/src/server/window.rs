@@ -13,10 +13,10 @@ use crate::base::value::Value;
 use crate::onesided::{LandedPush, Refused, Window, REFUSED_ELSEWHERE, REFUSED_ERROR};
 use crate::placement::Partition;
 use crate::proto::{self, Control, ReplicaPart};
-use crate::replication::{EntryStore, KeysRef};
+use crate::replication::{EntryStore, HeldPart, KeysRef};
 
 use super::handler::entries;
-use super::route::{route, Refusal};
+use super::route::{route, unheld_parts, Refusal};
 use super::{AnyStore, Core, Ready, Typed};
 
 /// Whether server `rank` heads every key of `r` under `table`.
@@ -293,19 +293,40 @@ pub(super) fn apply_landed(ready: &Ready, push: &LandedPush<'_>) -> Result<(), R
             });
         }
     }
+    let sender = NodeId::worker(WorkerRank(push.worker), ready.servers).0;
     let applying = ready.repl.applying();
-    ready.repl.note_apply(table.epoch(), KeysRef::Range(apply));
-    let applied = write_through(ready, Some(KeysRef::Range(apply)), || match &ready.store {
-        AnyStore::F32(t) => apply_to_store(t, push, apply, off),
-        AnyStore::F64(t) => apply_to_store(t, push, apply, off),
-    });
-    if let Err(msg) = applied {
-        return Err(error(msg));
+    // The same piece resent over TCP (its acknowledgement came too late) and applied
+    // already: only what is not held is applied (as for a TCP push resent).
+    let held = if whole {
+        ready.repl.held(
+            sender,
+            proto::push_id(push.timestamp),
+            KeysRef::Range(push.range),
+        )
+    } else {
+        HeldPart::Nothing
+    };
+    let parts = match &held {
+        HeldPart::Nothing => vec![apply],
+        HeldPart::All => Vec::new(),
+        HeldPart::Part(h) => unheld_parts(apply, h),
+    };
+    if held != HeldPart::All {
+        ready.repl.note_apply(table.epoch(), KeysRef::Range(apply));
+    }
+    for part in parts {
+        let at = off + (part.begin - apply.begin) as usize * push.value_bytes();
+        let applied = write_through(ready, Some(KeysRef::Range(part)), || match &ready.store {
+            AnyStore::F32(t) => apply_to_store(t, push, part, at),
+            AnyStore::F64(t) => apply_to_store(t, push, part, at),
+        });
+        if let Err(msg) = applied {
+            return Err(error(msg));
+        }
     }
     if !last {
         return Ok(());
     }
-    let sender = NodeId::worker(WorkerRank(push.worker), ready.servers).0;
     let done = push.done();
     let full = ready.repl.after_apply_with(
         &table,
