@@ -24,6 +24,8 @@
 //!   with and without aggregation, and recovery time after a SIGKILLed server.
 //! - [`messages`]: the message path (`messages`): the two-sided cells over TCP and over
 //!   the shared-memory rings in one run, and the main job against the single-process SGD.
+//! - [`job`]: the main job (`job`): `pserv local` over tcp and shm, K=0 and K=1, against
+//!   the same SGD trained in one process, with the goals of examples per second.
 //! - [`traffic`]: the traffic reducers on the main job (`traffic`): push filters, key
 //!   caching and value compression against a baseline, and where each pays on 10 Gb/s.
 #![forbid(unsafe_code)]
@@ -31,6 +33,7 @@
 pub mod baseline;
 pub mod cluster;
 pub mod error;
+pub mod job;
 pub mod machine;
 pub mod messages;
 pub mod onesided;

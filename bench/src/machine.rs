@@ -66,7 +66,7 @@ pub fn load_average() -> String {
 }
 
 /// Clock ticks per second of /proc/stat and /proc/self/stat (USER_HZ, 100 on Linux).
-const TICKS_PER_S: f64 = 100.0;
+pub(crate) const TICKS_PER_S: f64 = 100.0;
 
 /// CPU time counters: the whole machine's busy time and this process's own (itself and
 /// its waited-for children, i.e. the cluster's subprocesses).

@@ -6,7 +6,8 @@
 //! missing); `... -- tau-sweep [--quick]` runs the bounded-delay experiment;
 //! `... -- replication [--quick]` the chain-replication throughput and recovery tables;
 //! `... -- traffic [--data FILE]` the traffic reducers (push filters, key caching,
-//! compression) on the main job. The hidden subcommands `__scheduler` and `__server`, and
+//! compression) on the main job; `... -- job [--quick]` the main job against the same SGD
+//! in one process. The hidden subcommands `__scheduler` and `__server`, and
 //! `pserv ...` (the whole `pserv` command line), are how the bench starts the cluster's
 //! other processes (it re-executes itself).
 #![forbid(unsafe_code)]
@@ -14,6 +15,7 @@
 use clap::{Parser, Subcommand};
 
 use pserv_bench::cluster::{scheduler_main, server_main, SchedulerArgs, ServerArgs};
+use pserv_bench::job::{job, JobBenchArgs};
 use pserv_bench::messages::{messages, MessagesArgs};
 use pserv_bench::repl::{replication, ReplArgs};
 use pserv_bench::run::{run, RunArgs};
@@ -47,6 +49,9 @@ enum Role {
     /// The message path: two-sided cells with every message over TCP and over shared
     /// memory, and the main job over both against the single-process SGD.
     Messages(MessagesArgs),
+    /// The main job against the single-process SGD: `pserv local` over tcp and shm, with
+    /// 0 and 1 replicas, examples per second and the ratios the goals name.
+    Job(JobBenchArgs),
     /// Traffic reducers on the main job: push filters, key caching and value compression,
     /// bytes and time per epoch against a baseline, and where each pays on 10 Gb/s.
     Traffic(TrafficArgs),
@@ -91,6 +96,13 @@ fn main() {
         Some(Role::Messages(a)) => {
             let args: Vec<String> = std::env::args().skip(1).collect();
             messages(
+                a,
+                format!("cargo run --release -p pserv-bench -- {}", args.join(" ")),
+            )
+        }
+        Some(Role::Job(a)) => {
+            let args: Vec<String> = std::env::args().skip(1).collect();
+            job(
                 a,
                 format!("cargo run --release -p pserv-bench -- {}", args.join(" ")),
             )

@@ -1,5 +1,6 @@
 //! Store micro benches: push (Sum) and pull of sorted key lists into a store that already
-//! holds the keys, and range push / pull of a 16 MiB dense block, single thread. Criterion
+//! holds the keys, the first push of 10^6 keys into an empty store (every key inserted,
+//! the tables growing from their initial size), and range push / pull of a 16 MiB dense block, single thread. Criterion
 //! reports `thrpt` in elements per second: one element is one key (f32, value_len 1).
 //!
 //! Run: `cargo bench -p pserv-engine --bench store -- --warm-up-time 1 --measurement-time 3`
@@ -98,6 +99,35 @@ fn key_lists(c: &mut Criterion) {
     push_pull.finish();
 }
 
+/// The first push of 10^6 new keys into a fresh store (16 shards, the server's default
+/// configuration over the whole key space): allocation, growth and insertion. The store is
+/// built (and later dropped) outside the timed part.
+fn first_insert(c: &mut Criterion) {
+    let mut g = c.benchmark_group("first_push_sum_f32");
+    let cases = [
+        ("random/1e6", random_keys(1_000_000, 3)),
+        (
+            "sequential/1e6",
+            (1u64 << 40..(1 << 40) + 1_000_000).collect(),
+        ),
+    ];
+    for (name, keys) in &cases {
+        let grads = vec![0.5f32; keys.len()];
+        g.throughput(Throughput::Elements(keys.len() as u64));
+        g.bench_with_input(BenchmarkId::from_parameter(name), keys, |b, keys| {
+            b.iter_batched(
+                || Store::<f32>::new(KeyRange::FULL, StoreConfig::default()).unwrap(),
+                |store| {
+                    store.push(black_box(keys), &grads, &Sum).unwrap();
+                    store
+                },
+                criterion::BatchSize::PerIteration,
+            )
+        });
+    }
+    g.finish();
+}
+
 fn ranges(c: &mut Criterion) {
     const KEYS: u64 = (16 << 20) / 4;
     let range = KeyRange::new(1 << 40, (1 << 40) + KEYS);
@@ -130,5 +160,5 @@ fn ranges(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, key_lists, ranges);
+criterion_group!(benches, key_lists, first_insert, ranges);
 criterion_main!(benches);

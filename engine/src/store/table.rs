@@ -3,8 +3,10 @@
 //!
 //! A bucket is `[key: u64][value_len T weights][value_len * state_len T state]`, padded to
 //! whole `u64` words, so a key, its weights and its state share one cache miss (for small
-//! values). An empty bucket holds the key [`EMPTY`] (`u64::MAX`, never a valid key) and
-//! zero weights and state: that invariant is what lets an insert just write the key.
+//! values). The key word holds the key's complement ([`word`]), so an empty bucket (the
+//! key [`EMPTY`], `u64::MAX`, never a valid key) is all zero words: key word, weights and
+//! state. That invariant is what lets an insert just write the key word, and a table
+//! start from a freshly mapped region (zeroed by the kernel) with nothing written.
 //! Keys are hashed multiplicatively (Fibonacci hashing: the top bits of `key * 2^64/phi`).
 //! The table doubles (rehashing into a fresh region) when an insert would take the load
 //! above 0.6. Deletion (only when a dense block takes keys over) shifts later entries of
@@ -25,6 +27,23 @@ use crate::update::UpdateFn;
 /// The key of an empty bucket. Never a valid key (key ranges end at `u64::MAX`).
 pub(super) const EMPTY: u64 = u64::MAX;
 
+/// The key word of an empty bucket: [`word`]`(EMPTY)`, zero, so that a freshly mapped
+/// region (zeroed by the kernel) is a table of empty buckets without a pass writing them.
+const EMPTY_WORD: u64 = 0;
+
+/// The word a key is stored as in its bucket: its complement, so that [`EMPTY`] is the
+/// zero word ([`EMPTY_WORD`]). [`key_of`] undoes it.
+#[inline(always)]
+const fn word(key: u64) -> u64 {
+    !key
+}
+
+/// The key a bucket's key word holds (the inverse of [`word`]).
+#[inline(always)]
+const fn key_of(word: u64) -> u64 {
+    !word
+}
+
 /// 2^64 / golden ratio, odd: the multiplier of Fibonacci hashing.
 const FIB: u64 = 0x9E37_79B9_7F4A_7C15;
 
@@ -35,15 +54,15 @@ pub(super) const PREFETCH_AHEAD: usize = 32;
 const LOAD_NUM: usize = 3;
 const LOAD_DEN: usize = 5;
 
-/// The first bucket at or after `home` (linear probing order) that holds `key` or is
-/// empty, in a pair-shaped table (`pairs.len()` a power of two).
+/// The first bucket at or after `home` (linear probing order) whose key word is `w` (a
+/// key's [`word`]) or that is empty, in a pair-shaped table (`pairs.len()` a power of two).
 #[inline(always)]
-fn probe_pair(pairs: &[[u64; 2]], home: usize, key: u64) -> usize {
+fn probe_pair(pairs: &[[u64; 2]], home: usize, w: u64) -> usize {
     let mask = pairs.len() - 1;
     let mut b = home & mask;
     loop {
         let k = pairs[b][0];
-        if k == key || k == EMPTY {
+        if k == w || k == EMPTY_WORD {
             return b;
         }
         b = (b + 1) & mask;
@@ -119,6 +138,8 @@ pub(super) struct Table<T> {
     g: Geom,
     /// Occupied buckets.
     len: usize,
+    /// Times the table has grown (rehashed into a larger region) since it was created.
+    grown: u32,
     _values: PhantomData<fn() -> T>,
 }
 
@@ -140,15 +161,19 @@ impl<T: Value> Table<T> {
 
     fn with_capacity(vl: usize, sl: usize, cap: usize) -> Result<Self, RegionError> {
         let g = Geom::new::<T>(vl, sl, cap);
-        let mut region = PinnedRegion::new(cap * g.stride * 8)?;
-        let words: &mut [u64] = region.as_mut_slice();
-        for b in 0..cap {
-            words[b * g.stride] = EMPTY;
-        }
+        // Zeroed by the kernel: every bucket already holds EMPTY_WORD and zero values.
+        let region = PinnedRegion::new(cap * g.stride * 8)?;
+        debug_assert!(
+            region.as_slice::<u64>()[..cap * g.stride]
+                .iter()
+                .all(|&w| w == 0),
+            "a fresh region is not zeroed"
+        );
         Ok(Table {
             region,
             g,
             len: 0,
+            grown: 0,
             _values: PhantomData,
         })
     }
@@ -162,6 +187,12 @@ impl<T: Value> Table<T> {
     #[cfg(test)]
     pub(super) fn capacity(&self) -> usize {
         self.g.cap
+    }
+
+    /// Times the table has grown since it was created.
+    #[cfg(test)]
+    pub(super) fn grown(&self) -> u32 {
+        self.grown
     }
 
     /// Pinned bytes held.
@@ -183,12 +214,11 @@ impl<T: Value> Table<T> {
             let new: &mut [u64] = next.region.as_mut_slice();
             let mut moved = 0;
             for bucket in old[..self.g.cap * g.stride].chunks_exact(g.stride) {
-                let key = bucket[0];
-                if key == EMPTY {
+                if bucket[0] == EMPTY_WORD {
                     continue;
                 }
-                let mut b = g.home(key);
-                while new[b * g.stride] != EMPTY {
+                let mut b = g.home(key_of(bucket[0]));
+                while new[b * g.stride] != EMPTY_WORD {
                     b = (b + 1) & g.mask;
                 }
                 new[b * g.stride..(b + 1) * g.stride].copy_from_slice(bucket);
@@ -200,6 +230,7 @@ impl<T: Value> Table<T> {
             );
         }
         next.len = self.len;
+        next.grown = self.grown + 1;
         *self = next;
         debug_assert!(
             self.len < self.g.grow_at,
@@ -234,6 +265,15 @@ impl<T: Value> Table<T> {
         );
         let mut done = 0;
         let mut may_grow = true;
+        if self.len == 0 && keys.len() > self.g.grow_at {
+            // Every key is new (they are distinct): size the table for all of them at
+            // once rather than growing (and rehashing) on the way. On failure the loop
+            // below grows step by step as usual.
+            if let Err(err) = self.grow_for(keys.len()) {
+                tracing::debug!(error = %err, keys = keys.len(),
+                    "could not size a sparse table for a batch of new keys");
+            }
+        }
         loop {
             done = if self.g.is_pair() {
                 self.push_run_pair::<F, OUT>(done, keys, grads, rule, out, may_grow)
@@ -250,8 +290,11 @@ impl<T: Value> Table<T> {
             if done == keys.len() {
                 return Ok(());
             }
-            // keys[done] is new and the table is at its load limit.
-            let want = self.len + 1 + (keys.len() - done) / 2;
+            // keys[done] is new and the table is at its load limit: grow once, for
+            // exactly the keys of the request it does not hold yet.
+            let new = self.count_new(&keys[done..]);
+            debug_assert!(new >= 1, "the key that stopped the insert loop is new");
+            let want = self.len + new;
             match self.grow_for(want) {
                 Ok(()) => may_grow = true,
                 Err(err) if !may_grow || self.len + 1 >= self.g.cap => return Err(err),
@@ -263,6 +306,34 @@ impl<T: Value> Table<T> {
                 }
             }
         }
+    }
+
+    /// How many of `keys` (distinct) the table does not hold: a probe of each, pipelined
+    /// like the push loops (it runs only before the table grows, which rehashes every key
+    /// it holds anyway).
+    fn count_new(&self, keys: &[u64]) -> usize {
+        let g = self.g;
+        let words: &[u64] = self.region.as_slice();
+        let mut new = 0;
+        for (i, &key) in keys.iter().enumerate() {
+            if let Some(&ahead) = keys.get(i + PREFETCH_AHEAD) {
+                prefetch_read(&words[g.home(ahead) * g.stride]);
+            }
+            let w = word(key);
+            let mut b = g.home(key);
+            loop {
+                let k = words[b * g.stride];
+                if k == w {
+                    break;
+                }
+                if k == EMPTY_WORD {
+                    new += 1;
+                    break;
+                }
+                b = (b + 1) & g.mask;
+            }
+        }
+        new
     }
 
     /// The pipelined loop of [`push`](Self::push) from key `start`. Returns where it
@@ -288,18 +359,19 @@ impl<T: Value> Table<T> {
             }
             let key = keys[i];
             debug_assert_ne!(key, EMPTY, "the empty-bucket key pushed");
+            let w = word(key);
             let mut b = g.home(key);
             loop {
                 let k = words[b * g.stride];
-                if k == key {
+                if k == w {
                     break;
                 }
-                if k == EMPTY {
+                if k == EMPTY_WORD {
                     if len >= limit {
                         self.len = len;
                         return i;
                     }
-                    words[b * g.stride] = key;
+                    words[b * g.stride] = w;
                     len += 1;
                     break;
                 }
@@ -347,14 +419,15 @@ impl<T: Value> Table<T> {
                 let i = $i;
                 let key = keys[i];
                 debug_assert_ne!(key, EMPTY, "the empty-bucket key pushed");
-                let b = probe_pair(pairs, g.home(key), key);
+                let w = word(key);
+                let b = probe_pair(pairs, g.home(key), w);
                 let bucket = &mut pairs[b];
-                if bucket[0] != key {
+                if bucket[0] != w {
                     if len >= limit {
                         self.len = len;
                         return i;
                     }
-                    bucket[0] = key;
+                    bucket[0] = w;
                     len += 1;
                 }
                 let vals: &mut [T] = bytemuck::cast_slice_mut(&mut bucket[1..]);
@@ -438,16 +511,17 @@ impl<T: Value> Table<T> {
                 prefetch_read(&words[g.home(key_at(i + PREFETCH_AHEAD)) * g.stride]);
             }
             let key = key_at(i);
+            let w = word(key);
             let mut b = g.home(key);
             loop {
                 let k = words[b * g.stride];
-                if k == key {
+                if k == w {
                     let base = b * g.stride;
                     let vals: &[T] = bytemuck::cast_slice(&words[base + 1..base + g.stride]);
                     o.copy_from_slice(&vals[..vl]);
                     break;
                 }
-                if k == EMPTY {
+                if k == EMPTY_WORD {
                     o.fill(T::default());
                     break;
                 }
@@ -467,10 +541,11 @@ impl<T: Value> Table<T> {
         let pairs = &self.pairs()[..=g.mask];
         let step = |i: usize| {
             let key = key_at(i);
-            let b = probe_pair(pairs, g.home(key), key);
+            let w = word(key);
+            let b = probe_pair(pairs, g.home(key), w);
             let bucket = &pairs[b];
             let vals: &[T] = bytemuck::cast_slice(&bucket[1..]);
-            if bucket[0] == key {
+            if bucket[0] == w {
                 vals[0]
             } else {
                 T::default()
@@ -491,11 +566,12 @@ impl<T: Value> Table<T> {
     fn find(&self, key: u64) -> Option<usize> {
         let g = self.g;
         let words: &[u64] = self.region.as_slice();
+        let w = word(key);
         let mut b = g.home(key);
         loop {
             match words[b * g.stride] {
-                k if k == key => return Some(b),
-                EMPTY => return None,
+                k if k == w => return Some(b),
+                EMPTY_WORD => return None,
                 _ => b = (b + 1) & g.mask,
             }
         }
@@ -543,15 +619,19 @@ impl<T: Value> Table<T> {
         let g = self.g;
         debug_assert!(hole < g.cap, "bucket {hole} of a table of {}", g.cap);
         let words: &mut [u64] = self.region.as_mut_slice();
-        debug_assert_ne!(words[hole * g.stride], EMPTY, "removing an empty bucket");
+        debug_assert_ne!(
+            words[hole * g.stride],
+            EMPTY_WORD,
+            "removing an empty bucket"
+        );
         let mut j = hole;
         loop {
             j = (j + 1) & g.mask;
             let k = words[j * g.stride];
-            if k == EMPTY {
+            if k == EMPTY_WORD {
                 break;
             }
-            let h = g.home(k);
+            let h = g.home(key_of(k));
             // The entry at j must stay if its home lies cyclically in (hole, j].
             let stays = if hole <= j {
                 hole < h && h <= j
@@ -565,7 +645,7 @@ impl<T: Value> Table<T> {
         }
         let bucket = &mut words[hole * g.stride..(hole + 1) * g.stride];
         bucket.fill(0);
-        bucket[0] = EMPTY;
+        debug_assert_eq!(bucket[0], EMPTY_WORD, "an empty bucket's key word is zero");
         self.len -= 1;
     }
 
@@ -576,8 +656,8 @@ impl<T: Value> Table<T> {
         words[..g.cap * g.stride]
             .chunks_exact(g.stride)
             .enumerate()
-            .filter(|(_, bucket)| bucket[0] != EMPTY)
-            .map(|(b, bucket)| (bucket[0], b))
+            .filter(|(_, bucket)| bucket[0] != EMPTY_WORD)
+            .map(|(b, bucket)| (key_of(bucket[0]), b))
     }
 
     /// `(key, bucket)` of every key, ascending by key.
@@ -608,7 +688,7 @@ impl<T: Value> Table<T> {
         let mut n = 0;
         for b in 0..g.cap {
             let bucket = &words[b * g.stride..(b + 1) * g.stride];
-            if bucket[0] == EMPTY {
+            if bucket[0] == EMPTY_WORD {
                 assert!(
                     bucket[1..].iter().all(|&w| w == 0),
                     "dirty empty bucket {b}"
@@ -616,12 +696,9 @@ impl<T: Value> Table<T> {
                 continue;
             }
             n += 1;
-            assert_eq!(
-                self.find(bucket[0]),
-                Some(b),
-                "key {} unreachable",
-                bucket[0]
-            );
+            let key = key_of(bucket[0]);
+            assert_ne!(key, EMPTY, "bucket {b} holds the empty-bucket key");
+            assert_eq!(self.find(key), Some(b), "key {key} unreachable");
         }
         assert_eq!(n, self.len);
         assert!(self.len < g.cap);

@@ -794,3 +794,187 @@ fn with_dense_range_lends_the_blocks_or_says_none() {
         .with_dense_range(KeyRange::new(1 << 20, (1 << 20) + 1), |_| ())
         .is_err());
 }
+
+/// The capacity a table grown for `n` keys gets: the smallest power of two whose load
+/// limit (3/5) holds them (as `table::Geom::cap_for`).
+fn cap_for(n: usize) -> usize {
+    ((n * 5).div_ceil(3) + 1).next_power_of_two()
+}
+
+/// `(keys, capacity, times grown)` of each shard's sparse table.
+fn tables<T: Value>(s: &Store<T>) -> Vec<(usize, usize, u32)> {
+    s.shards
+        .iter()
+        .map(|c| {
+            let shard = c.0.lock();
+            (
+                shard.table.len(),
+                shard.table.capacity(),
+                shard.table.grown(),
+            )
+        })
+        .collect()
+}
+
+/// Push `keys` into a fresh store of `cfg` and check each value against the model, the
+/// store's invariants, and that every table grew at most once, to the exact size.
+fn check_first_insert<T: Value>(cfg: StoreConfig, range: KeyRange, keys: &[u64]) {
+    let store = Store::<T>::new(range, cfg.clone()).unwrap();
+    let initial: Vec<usize> = tables(&store).iter().map(|t| t.1).collect();
+    let vl = cfg.value_len;
+    let g: Vec<T> = grads(keys.len() * vl, 3);
+    let mut model = Model::new(&store, cfg.dense_max_bytes);
+    let f = Accum;
+    let f: &dyn UpdateFn<T> = if cfg.state_len >= 1 { &f } else { &Sum };
+    store.push(keys, &g, f).unwrap();
+    model.push(keys, &g, f, None);
+    model.check(&store);
+    store.check_invariants();
+    for ((n, cap, grown), cap0) in tables(&store).into_iter().zip(initial) {
+        if n * 5 <= cap0 * 3 {
+            assert_eq!((cap, grown), (cap0, 0), "a table that held its keys grew");
+        } else {
+            assert_eq!(grown, 1, "a table of {n} new keys grew more than once");
+            assert_eq!(cap, cap_for(n), "a table of {n} new keys sized wrong");
+        }
+    }
+    // The same keys again: nothing new, nothing grows.
+    let before = tables(&store);
+    store.push(keys, &g, f).unwrap();
+    model.push(keys, &g, f, None);
+    model.check(&store);
+    assert_eq!(tables(&store), before);
+}
+
+#[test]
+fn a_batch_of_new_keys_sizes_each_table_once() {
+    let range = KeyRange::new(1 << 20, 1 << 40);
+    // Spread over the shards, and all in one shard (sequential keys).
+    let spread: Vec<u64> = (0..30_000u64).map(|i| (1 << 20) + i * 36_599_989).collect();
+    let packed: Vec<u64> = (0..30_000u64).map(|i| (1 << 20) + i).collect();
+    for keys in [&spread, &packed] {
+        for (vl, sl) in [(1, 0), (1, 1), (2, 0), (3, 2)] {
+            let cfg = StoreConfig {
+                shards: 4,
+                value_len: vl,
+                state_len: sl,
+                sparse_initial_keys: 0,
+                ..StoreConfig::default()
+            };
+            check_first_insert::<f32>(cfg.clone(), range, keys);
+            check_first_insert::<f64>(cfg, range, keys);
+        }
+    }
+}
+
+#[test]
+fn a_mix_of_held_and_new_keys_grows_once_for_the_new_ones() {
+    let cfg = StoreConfig {
+        shards: 1,
+        value_len: 1,
+        state_len: 1,
+        sparse_initial_keys: 0,
+        ..StoreConfig::default()
+    };
+    let store = Store::<f32>::new(KeyRange::new(0, 1 << 40), cfg.clone()).unwrap();
+    let mut model = Model::new(&store, cfg.dense_max_bytes);
+    // Fill the table to just below its load limit with even keys.
+    let (_, cap0, _) = tables(&store)[0];
+    let held: Vec<u64> = (0..(cap0 * 3 / 5) as u64 - 1).map(|i| i * 2).collect();
+    let g: Vec<f32> = grads(held.len(), 1);
+    store.push(&held, &g, &Accum).unwrap();
+    model.push(&held, &g, &Accum, None);
+    assert_eq!(tables(&store)[0], (held.len(), cap0, 0));
+    // Every held key again, interleaved with 5000 new odd keys: the insert stops at the
+    // first new key past the load limit and grows once, for exactly the new keys of the
+    // request.
+    let end = (held.len() as u64 * 2).max(10_000);
+    let mixed: Vec<u64> = (0..end)
+        .filter(|k| (k % 2 == 0 && *k < held.len() as u64 * 2) || k % 2 == 1)
+        .collect();
+    let new = mixed.len() - held.len();
+    assert_eq!(new, 5000);
+    let g: Vec<f32> = grads(mixed.len(), 2);
+    let mut out = Vec::new();
+    let mut got = vec![0f32; mixed.len()];
+    store.push_pull(&mixed, &g, &Accum, &mut got).unwrap();
+    model.push(&mixed, &g, &Accum, Some(&mut out));
+    assert_eq!(got, out);
+    model.check(&store);
+    store.check_invariants();
+    let (n, cap, grown) = tables(&store)[0];
+    assert_eq!(n, held.len() + new);
+    assert_eq!(grown, 1);
+    assert_eq!(cap, cap_for(n).max(cap0 * 2));
+}
+
+#[test]
+fn a_batch_with_a_duplicate_key_is_refused_before_anything_is_allocated() {
+    let cfg = StoreConfig {
+        shards: 2,
+        sparse_initial_keys: 0,
+        ..StoreConfig::default()
+    };
+    let store = Store::<f32>::new(KeyRange::new(0, 1 << 30), cfg).unwrap();
+    let mut keys: Vec<u64> = (0..20_000u64).map(|i| i * 3).collect();
+    keys[10_000] = keys[9_999];
+    let before = (snapshot(&store), tables(&store));
+    let err = store.push(&keys, &vec![1.0; keys.len()], &Sum).unwrap_err();
+    assert!(matches!(err, StoreError::KeysNotSorted { index: 10_000 }));
+    assert_eq!((snapshot(&store), tables(&store)), before);
+}
+
+#[test]
+fn two_threads_inserting_new_keys_at_once_lose_nothing() {
+    const ROUNDS: u64 = 20;
+    let cfg = StoreConfig {
+        shards: 4,
+        value_len: 1,
+        sparse_initial_keys: 0,
+        ..StoreConfig::default()
+    };
+    let store = Arc::new(Store::<f32>::new(KeyRange::new(0, 1 << 40), cfg).unwrap());
+    // Each round, both threads push a batch of keys never seen before: the multiples of
+    // 3 of the round's window (pushed by both, so one of them inserts each) and the
+    // thread's own residue class mod 3 of it (new to the store).
+    let batch = |t: u64, round: u64| -> Vec<u64> {
+        let base = round * 1_000_000;
+        (base..base + 60_000)
+            .filter(|k| k % 3 == 0 || k % 3 == t + 1)
+            .map(|k| k * 7)
+            .collect()
+    };
+    let barrier = Arc::new(std::sync::Barrier::new(2));
+    let handles: Vec<_> = (0..2u64)
+        .map(|t| {
+            let store = Arc::clone(&store);
+            let barrier = Arc::clone(&barrier);
+            std::thread::spawn(move || {
+                for round in 0..ROUNDS {
+                    let keys = batch(t, round);
+                    barrier.wait();
+                    store.push(&keys, &vec![1.0; keys.len()], &Sum).unwrap();
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    store.check_invariants();
+    let mut want: BTreeMap<u64, f32> = BTreeMap::new();
+    for t in 0..2 {
+        for round in 0..ROUNDS {
+            for k in batch(t, round) {
+                *want.entry(k).or_default() += 1.0;
+            }
+        }
+    }
+    assert_eq!(store.key_count(), want.len() as u64);
+    let keys: Vec<u64> = want.keys().copied().collect();
+    let mut out = vec![0f32; keys.len()];
+    store.pull(&keys, &mut out).unwrap();
+    for (k, w) in keys.iter().zip(&out) {
+        assert_eq!(*w, want[k], "key {k}");
+    }
+}
