@@ -261,6 +261,50 @@ fn servers_stop_when_the_scheduler_stays_gone_or_on_sigterm_without_it() {
 }
 
 #[test]
+fn a_server_or_worker_pointed_at_a_port_that_is_not_a_scheduler_fails_at_once() {
+    // A listener that answers every connection with an HTTP error.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    l.set_nonblocking(true).unwrap();
+    let t = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok((mut s, _)) = l.accept() {
+                // Longer than a frame header, so it is read as one (and refused).
+                let _ = s.write_all(&b"HTTP/1.1 400 Bad Request\r\n\r\n".repeat(8));
+                held.push(s);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    for role in ["server", "worker"] {
+        let started = std::time::Instant::now();
+        let out = std::process::Command::new(common::pserv())
+            .args([role, &format!("--scheduler={addr}")])
+            .args(common::net_flags())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{role}: {err}");
+        assert!(
+            err.contains(&format!(
+                "the connection to {addr} closed before it answered"
+            )),
+            "{role}: {err}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "{role} took {:?}",
+            started.elapsed()
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    t.join().unwrap();
+}
+
+#[test]
 fn garbage_and_vanishing_clients_do_not_take_the_server_down() {
     let mut c = Cluster::start(1, 2, &["--update=sum"]);
     let ws = workers(&c, 2);

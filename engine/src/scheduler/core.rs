@@ -408,13 +408,11 @@ impl SchedulerCore {
                 }
             }
             // Only the job's workers write into its summary.
-            Control::Summary { .. } if !self.is_worker(conn) => {
-                self.refuse(
-                    conn,
-                    "a summary from a node that is not a registered worker",
-                    out,
-                )
-            }
+            Control::Summary { .. } if !self.is_worker(conn) => self.refuse(
+                conn,
+                "a summary from a node that is not a registered worker",
+                out,
+            ),
             Control::Summary { json } => match serde_json::from_str(&json) {
                 Ok(v) => self.summaries.push(v),
                 Err(e) => out.push(Output::Log(format!("ignored a malformed summary: {e}"))),
