@@ -155,6 +155,156 @@ fn bad_requests_get_clear_errors_and_change_nothing() {
 }
 
 #[test]
+fn pushes_of_nan_or_infinity_are_refused_whole_unless_the_server_allows_them() {
+    let mut c = Cluster::start(1, 1, &["--update=sum"]);
+    let w = worker(&c, 0);
+    let keys = vec![10u64, 20, 30];
+    w.wait(w.push(keys.clone(), vec![1.0f32, 2.0, 3.0]))
+        .unwrap();
+    let refused = |e: EngineError, key: u64| match e {
+        EngineError::Server {
+            status, message, ..
+        } => {
+            assert_eq!(status, Status::BadRequest);
+            assert!(message.contains("non-finite"), "{message}");
+            assert!(message.contains(&format!("key {key}")), "{message}");
+        }
+        other => panic!("expected a refusal, got {other}"),
+    };
+    // NaN in a key list (the other keys' finite values are not applied either).
+    let e = w
+        .wait(w.push(keys.clone(), vec![5.0f32, f32::NAN, 5.0]))
+        .unwrap_err();
+    refused(e, 20);
+    // An infinity in a range push, and in a push-pull.
+    let r = KeyRange::new(100, 104);
+    let e = w
+        .wait(w.push_range(r, vec![0.0f32, 0.0, 0.0, f32::NEG_INFINITY]))
+        .unwrap_err();
+    refused(e, 103);
+    let Err(e) = w.wait_pull::<f32>(w.push_pull::<f32>(vec![30u64], vec![f32::INFINITY])) else {
+        panic!("a push-pull of infinity was applied");
+    };
+    refused(e, 30);
+    // Nothing of them was applied; the server still serves.
+    let got = w
+        .wait_pull::<f32>(w.pull::<f32>(keys.clone()))
+        .unwrap()
+        .to_vec();
+    assert_eq!(got, vec![1.0, 2.0, 3.0]);
+    let got = w.wait_pull::<f32>(w.pull_range::<f32>(r)).unwrap().to_vec();
+    assert_eq!(got, vec![0.0; 4]);
+    w.wait(w.push(keys.clone(), vec![1.0f32; 3])).unwrap();
+    w.finish(0).unwrap();
+    c.procs.wait_all(Duration::from_secs(30));
+
+    // A server started with --allow-non-finite applies them.
+    let mut c = Cluster::start_with(1, 1, &["--update=sum"], &["--allow-non-finite"]);
+    let w = worker(&c, 0);
+    w.wait(w.push(keys.clone(), vec![1.0f32, f32::NAN, 3.0]))
+        .unwrap();
+    let got = w.wait_pull::<f32>(w.pull::<f32>(keys)).unwrap().to_vec();
+    assert_eq!(got[0], 1.0);
+    assert!(got[1].is_nan());
+    w.finish(0).unwrap();
+    c.procs.wait_all(Duration::from_secs(30));
+}
+
+/// Wait for the process named `name` to exit; its status.
+fn exit_of(c: &mut Cluster, name: &str, limit: Duration) -> std::process::ExitStatus {
+    let (_, child) = c.procs.0.iter_mut().find(|(n, _)| n == name).unwrap();
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} still runs after {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn servers_stop_when_the_scheduler_stays_gone_or_on_sigterm_without_it() {
+    // Server 0 gives a lost scheduler 1 s; server 1 keeps the default (60 s) and is
+    // sent SIGTERM once the scheduler is gone.
+    let mut c = Cluster::scheduler_only(2, 1, &["--update=sum"]);
+    for (r, extra) in [
+        (0, "--scheduler-grace-secs=1"),
+        (1, "--scheduler-grace-secs=60"),
+    ] {
+        let mut a = vec![
+            "server".to_string(),
+            format!("--scheduler={}", c.scheduler),
+            format!("--rank={r}"),
+            extra.to_string(),
+        ];
+        a.extend(common::net_flags());
+        c.procs.spawn(&format!("server {r}"), &a);
+    }
+    let w = worker(&c, 0);
+    w.wait(w.push(spread_keys(10), vec![1.0f32; 10])).unwrap();
+    common::kill(&mut c, "scheduler");
+    let started = std::time::Instant::now();
+    common::signal(&c, "server 1", "-TERM");
+    let st = exit_of(&mut c, "server 1", Duration::from_secs(10));
+    assert!(st.code().is_some(), "server 1 did not exit by itself: {st}");
+    let st = exit_of(&mut c, "server 0", Duration::from_secs(15));
+    assert!(!st.success(), "server 0: {st}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "server 0 stopped before its grace"
+    );
+    drop(w);
+}
+
+#[test]
+fn a_server_or_worker_pointed_at_a_port_that_is_not_a_scheduler_fails_at_once() {
+    // A listener that answers every connection with an HTTP error.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    l.set_nonblocking(true).unwrap();
+    let t = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok((mut s, _)) = l.accept() {
+                // Longer than a frame header, so it is read as one (and refused).
+                let _ = s.write_all(&b"HTTP/1.1 400 Bad Request\r\n\r\n".repeat(8));
+                held.push(s);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    for role in ["server", "worker"] {
+        let started = std::time::Instant::now();
+        let out = std::process::Command::new(common::pserv())
+            .args([role, &format!("--scheduler={addr}")])
+            .args(common::net_flags())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{role}: {err}");
+        assert!(
+            err.contains(&format!(
+                "the connection to {addr} closed before it answered"
+            )),
+            "{role}: {err}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "{role} took {:?}",
+            started.elapsed()
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    t.join().unwrap();
+}
+
+#[test]
 fn garbage_and_vanishing_clients_do_not_take_the_server_down() {
     let mut c = Cluster::start(1, 2, &["--update=sum"]);
     let ws = workers(&c, 2);

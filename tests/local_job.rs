@@ -511,3 +511,118 @@ fn key_cache_misses_under_sequential_consistency_change_no_weight() {
     assert_eq!(plain["test_logloss"], small["test_logloss"]);
     assert_eq!(plain["nonzero_weights"], small["nonzero_weights"]);
 }
+
+/// The pids of `pid`'s children (those its main thread started).
+fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+/// Whether `pid` is gone (or a zombie nobody reaped yet: it runs no more).
+fn is_dead(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(s) => s
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+    }
+}
+
+/// Start a long `pserv local` (1 scheduler, 2 servers, 2 workers) and wait until all
+/// five children run; returns the launcher (the caller waits for it) and their pids.
+#[allow(clippy::zombie_processes)]
+fn long_local_job() -> (std::process::Child, Vec<u32>) {
+    let mut child = Command::new(pserv())
+        .arg("local")
+        .args(["--examples=8000", "--features=30000", "--epochs=100000"])
+        .args(["--servers=2", "--workers=2", "--timeout-secs=120"])
+        .args(common::net_flags())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("pserv runs");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let kids = children_of(child.id());
+        if kids.len() >= 5 {
+            // Let the workers register and start training.
+            std::thread::sleep(Duration::from_millis(500));
+            return (child, kids);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("pserv local started {} of 5 processes in 30 s", kids.len());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_dead(pids: &[u32], limit: Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    while !pids.iter().all(|&p| is_dead(p)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running {limit:?} after the launcher stopped: {:?}",
+            pids.iter().filter(|&&p| !is_dead(p)).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_signal_to_the_launcher_stops_every_child_and_removes_its_run_folder() {
+    for (sig, name) in [("-TERM", "SIGTERM"), ("-INT", "SIGINT")] {
+        let (mut launcher, kids) = long_local_job();
+        let pid = launcher.id();
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(st) = launcher.try_wait().unwrap() {
+                break st;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = launcher.kill();
+                panic!("pserv local still runs 20 s after {name}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        use std::io::Read;
+        launcher
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert!(!status.success(), "{name}: exited with {status}");
+        assert!(err.contains(&format!("stopped by {name}")), "{err}");
+        // Every child had stopped by the time the launcher exited.
+        wait_dead(&kids, Duration::from_millis(1));
+        // And its run folder is gone.
+        let prefix = format!("pserv-local-{pid}-");
+        let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .map(|e| e.path())
+            .collect();
+        assert!(left.is_empty(), "{name}: left {left:?}");
+    }
+}
+
+#[test]
+fn children_die_with_a_launcher_that_is_sigkilled() {
+    let (mut launcher, kids) = long_local_job();
+    launcher.kill().unwrap();
+    launcher.wait().unwrap();
+    wait_dead(&kids, Duration::from_secs(10));
+}

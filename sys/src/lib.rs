@@ -14,6 +14,7 @@
 //! - [`cpu`]: core counting and pinning the calling thread to a core.
 //! - [`prefetch_read`]: a software prefetch hint for hash-table probes.
 //! - [`fd::wait_writable`]: wait (bounded) until a socket can take more bytes.
+//! - [`process::die_with_parent`]: children killed when their launcher dies.
 //! - `rdma` (cargo feature `rdma`, needs rdma-core's libibverbs): safe, owned RDMA verbs
 //!   over `rdma-sys`: devices, protection domains, memory regions over [`PinnedRegion`]s,
 //!   completion queues, and reliable-connected queue pairs set up as a typestate.
@@ -25,6 +26,7 @@ mod shm;
 
 pub mod cpu;
 pub mod fd;
+pub mod process;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 

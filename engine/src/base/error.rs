@@ -45,6 +45,9 @@ pub enum EngineError {
     /// A one-sided (shm / rdma) operation failed.
     #[error("one-sided transport: {0}")]
     OneSided(String),
+    /// The job cannot give a result (for example its model turned non-finite).
+    #[error("the job failed: {0}")]
+    JobFailed(String),
     /// A configuration error.
     #[error("configuration: {0}")]
     Config(String),

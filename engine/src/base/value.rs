@@ -33,6 +33,8 @@ pub trait Value:
     fn abs(self) -> Self;
     /// -1, 0 or 1.
     fn signum0(self) -> Self;
+    /// Neither NaN nor an infinity.
+    fn is_finite(self) -> bool;
 }
 
 macro_rules! impl_value {
@@ -54,6 +56,10 @@ macro_rules! impl_value {
             #[inline]
             fn abs(self) -> Self {
                 <$t>::abs(self)
+            }
+            #[inline]
+            fn is_finite(self) -> bool {
+                <$t>::is_finite(self)
             }
             #[inline]
             fn signum0(self) -> Self {

@@ -112,6 +112,10 @@ pub(super) struct LocalArgs {
     add_worker_after: Option<f64>,
     #[command(flatten)]
     repl: ReplArgs,
+    /// Servers apply pushes that hold NaN or infinite values (by default such a push is
+    /// refused whole, and the job fails with the reason).
+    #[arg(long, env = "PSERV_ALLOW_NON_FINITE")]
+    allow_non_finite: bool,
 }
 
 impl LocalArgs {
@@ -131,6 +135,7 @@ impl LocalArgs {
             add_server_after,
             add_worker_after,
             repl,
+            allow_non_finite,
         } = self;
         net.tcp()?;
         job.check()?;
@@ -173,6 +178,7 @@ impl LocalArgs {
             job,
             dump_model,
             summary_json: output.summary_json,
+            allow_non_finite,
             timeout: Duration::from_secs(timeout_secs),
         })
     }
@@ -284,8 +290,12 @@ pub(super) fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> 
             repl,
             join,
             key_cache_keys,
+            allow_non_finite,
+            scheduler_grace_secs,
         }) => {
             let mut cfg = ServerConfig::new(sched.scheduler);
+            cfg.allow_non_finite = allow_non_finite;
+            cfg.scheduler_grace = Duration::from_secs(scheduler_grace_secs);
             cfg.key_cache_keys = key_cache_keys;
             cfg.replication = repl.config();
             cfg.join = join;

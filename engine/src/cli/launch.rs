@@ -860,6 +860,8 @@ pub(super) fn run_launch(args: LaunchArgs) -> Result<ExitCode, EngineError> {
                 net: args.net.clone(),
                 repl: args.repl.clone(),
                 dump_model: args.dump_model.clone(),
+                // PSERV_ALLOW_NON_FINITE in the environment still reaches the server.
+                allow_non_finite: false,
             }
             .to_args();
             if var(&env, "PSERV_SERVER_LISTEN").is_none() {
@@ -1028,7 +1030,8 @@ fn run_cmd(
     if let Some(l) = plan.local_rank {
         cmd.env("PSERV_LOCAL_RANK", l.to_string());
     }
-    let child = cmd
+    // And it dies with this process, however this one dies.
+    let child = pserv_sys::process::die_with_parent(&mut cmd)
         .spawn()
         .map_err(io(format!("starting CMD {:?}", args.cmd)))?;
     let pid = child.id();

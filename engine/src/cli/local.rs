@@ -5,6 +5,13 @@
 //! then starts the servers and workers, and waits. If any process fails, or the time limit
 //! passes, every process it started is killed (by pid, through its `Child`), and the
 //! error names the one that failed.
+//!
+//! Lifecycles: every child is started with [`pserv_sys::process::die_with_parent`], so
+//! it gets SIGKILL when the launcher dies, however it dies (SIGKILL included). SIGTERM,
+//! SIGINT, SIGHUP or SIGQUIT sent to the launcher alone (a service manager, `kill PID`, a
+//! CI timeout) is forwarded to every child as the same signal; the children get
+//! [`STOP_GRACE`] to exit, what is left is killed, the run folder is removed, and the
+//! launcher fails with an error naming the signal.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -41,6 +48,8 @@ pub struct LocalPlan {
     pub dump_model: Option<PathBuf>,
     /// Where the scheduler writes the summary.
     pub summary_json: Option<PathBuf>,
+    /// Servers apply pushes with non-finite values (`--allow-non-finite`).
+    pub allow_non_finite: bool,
     /// Kill everything after this long.
     pub timeout: Duration,
     /// SIGKILL server `rank` this long after the workers started (`--kill-server-after`):
@@ -82,6 +91,7 @@ impl LocalPlan {
             net: self.net.clone(),
             repl: self.repl.clone(),
             dump_model: self.dump_model.clone(),
+            allow_non_finite: self.allow_non_finite,
         }
     }
 
@@ -102,6 +112,17 @@ struct Proc {
     status: Option<ExitStatus>,
 }
 
+/// How long children get to exit after a signal was forwarded to them, before SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(3);
+
+/// The signals the launcher forwards to its children (then stops).
+const FORWARDED: [i32; 4] = [
+    signal_hook::consts::SIGTERM,
+    signal_hook::consts::SIGINT,
+    signal_hook::consts::SIGHUP,
+    signal_hook::consts::SIGQUIT,
+];
+
 /// Kills (by pid) every process still running when dropped.
 struct Procs(Vec<Proc>);
 
@@ -119,9 +140,9 @@ impl Drop for Procs {
 fn spawn(plan: &LocalPlan, name: String, args: Vec<String>) -> Result<Proc, EngineError> {
     tracing::debug!(%name, ?args, "starting");
     let exe = &plan.exe;
-    let child = Command::new(exe)
-        .args(&plan.exe_prefix)
-        .args(&args)
+    let mut cmd = Command::new(exe);
+    cmd.args(&plan.exe_prefix).args(&args);
+    let child = pserv_sys::process::die_with_parent(&mut cmd)
         .spawn()
         .map_err(|source| EngineError::Io {
             context: format!("starting {name} ({})", exe.display()),
@@ -158,8 +179,15 @@ pub fn run_local(plan: &LocalPlan) -> Result<serde_json::Value, EngineError> {
                 test.display()
             );
         }
+        // Caught before any child exists, so no signal is lost in between.
+        let mut signals =
+            signal_hook::iterator::Signals::new(FORWARDED).map_err(|source| EngineError::Io {
+                context: "catching SIGTERM, SIGINT, SIGHUP, SIGQUIT".into(),
+                source,
+            })?;
         let dir = scratch_dir()?;
-        let result = run_in(plan, &dir);
+        let result = run_in(plan, &dir, &mut signals);
+        signals.handle().close();
         let _ = std::fs::remove_dir_all(&dir);
         result
     });
@@ -178,7 +206,11 @@ pub fn write_failed_summary(path: &Path, error: &EngineError) {
     }
 }
 
-fn run_in(plan: &LocalPlan, dir: &Path) -> Result<serde_json::Value, EngineError> {
+fn run_in(
+    plan: &LocalPlan,
+    dir: &Path,
+    signals: &mut signal_hook::iterator::Signals,
+) -> Result<serde_json::Value, EngineError> {
     let deadline = Instant::now() + plan.timeout;
     let port_file = dir.join("scheduler.addr");
     let summary = plan
@@ -199,7 +231,7 @@ fn run_in(plan: &LocalPlan, dir: &Path) -> Result<serde_json::Value, EngineError
                 ))
             })?;
         }
-        check(&mut procs, deadline)?;
+        check(&mut procs, deadline, signals)?;
         std::thread::sleep(Duration::from_millis(10));
     };
     for rank in 0..plan.cluster.servers {
@@ -268,7 +300,7 @@ fn run_in(plan: &LocalPlan, dir: &Path) -> Result<serde_json::Value, EngineError
                 }
             }
         }
-        check(&mut procs, deadline)?;
+        check(&mut procs, deadline, signals)?;
         std::thread::sleep(Duration::from_millis(20));
     }
     let text = std::fs::read_to_string(&summary).map_err(|source| EngineError::Io {
@@ -279,8 +311,16 @@ fn run_in(plan: &LocalPlan, dir: &Path) -> Result<serde_json::Value, EngineError
         .map_err(|e| EngineError::Config(format!("malformed job summary: {e}")))
 }
 
-/// Reap exited processes; fail on the first failure or at the deadline.
-fn check(procs: &mut Procs, deadline: Instant) -> Result<(), EngineError> {
+/// Reap exited processes; fail on the first failure, at the deadline, or on a signal
+/// (forwarded to every child first, see [`stop_on_signal`]).
+fn check(
+    procs: &mut Procs,
+    deadline: Instant,
+    signals: &mut signal_hook::iterator::Signals,
+) -> Result<(), EngineError> {
+    if let Some(sig) = signals.pending().next() {
+        return Err(stop_on_signal(procs, sig));
+    }
     for p in &mut procs.0 {
         if p.status.is_none() {
             if let Ok(Some(st)) = p.child.try_wait() {
@@ -307,4 +347,63 @@ fn check(procs: &mut Procs, deadline: Instant) -> Result<(), EngineError> {
         )));
     }
     Ok(())
+}
+
+/// Forward `sig` to every running child, give them [`STOP_GRACE`] to exit, SIGKILL the
+/// rest; the error to fail with.
+fn stop_on_signal(procs: &mut Procs, sig: i32) -> EngineError {
+    let name = signal_name(sig);
+    let running: Vec<String> = procs
+        .0
+        .iter()
+        .filter(|p| p.status.is_none())
+        .map(|p| format!("{} (pid {})", p.name, p.child.id()))
+        .collect();
+    eprintln!(
+        "pserv local: {name}: forwarding it to {}",
+        running.join(", ")
+    );
+    let signal = rustix::process::Signal::from_named_raw(sig);
+    for p in procs.0.iter().filter(|p| p.status.is_none()) {
+        if let Some(s) = signal {
+            let _ = rustix::process::kill_process(rustix::process::Pid::from_child(&p.child), s);
+        }
+    }
+    let until = Instant::now() + STOP_GRACE;
+    while Instant::now() < until && procs.0.iter().any(|p| p.status.is_none()) {
+        for p in procs.0.iter_mut().filter(|p| p.status.is_none()) {
+            if let Ok(Some(st)) = p.child.try_wait() {
+                p.status = Some(st);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut killed = Vec::new();
+    for p in procs.0.iter_mut().filter(|p| p.status.is_none()) {
+        let _ = p.child.kill();
+        if let Ok(st) = p.child.wait() {
+            p.status = Some(st);
+        }
+        killed.push(p.name.clone());
+    }
+    if !killed.is_empty() {
+        eprintln!(
+            "pserv local: SIGKILLed {} (still running {} s after {name})",
+            killed.join(", "),
+            STOP_GRACE.as_secs()
+        );
+    }
+    EngineError::JobFailed(format!(
+        "stopped by {name}: every process of the cluster was stopped and the run folder removed"
+    ))
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        signal_hook::consts::SIGTERM => "SIGTERM",
+        signal_hook::consts::SIGINT => "SIGINT",
+        signal_hook::consts::SIGHUP => "SIGHUP",
+        signal_hook::consts::SIGQUIT => "SIGQUIT",
+        _ => "a signal",
+    }
 }

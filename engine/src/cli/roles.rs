@@ -94,6 +94,15 @@ pub struct ServerArgs {
     /// keys over all lists, 8 bytes each (0: cache nothing).
     #[arg(long, env = "PSERV_KEY_CACHE_KEYS", default_value_t = crate::keycache::DEFAULT_SERVER_KEYS)]
     pub key_cache_keys: usize,
+    /// Apply pushes that hold NaN or infinite values (by default such a push is refused
+    /// whole and nothing of it is applied).
+    #[arg(long, env = "PSERV_ALLOW_NON_FINITE")]
+    pub allow_non_finite: bool,
+    /// Stop (with an error naming the scheduler) when the scheduler has been unreachable
+    /// this long: its connection closed and no restarted scheduler (`--recover`) came
+    /// back at its address.
+    #[arg(long, env = "PSERV_SCHEDULER_GRACE_SECS", default_value_t = 60)]
+    pub scheduler_grace_secs: u64,
 }
 
 /// Flags of `pserv worker`.
@@ -190,6 +199,8 @@ pub struct ServerLaunch {
     pub repl: ReplArgs,
     /// `--dump-model`, if any.
     pub dump_model: Option<PathBuf>,
+    /// `--allow-non-finite`.
+    pub allow_non_finite: bool,
 }
 
 impl ServerLaunch {
@@ -209,6 +220,9 @@ impl ServerLaunch {
         a.extend(self.repl.to_args());
         if let Some(d) = &self.dump_model {
             a.push(format!("--dump-model={}", d.display()));
+        }
+        if self.allow_non_finite {
+            a.push("--allow-non-finite".into());
         }
         a
     }

@@ -185,12 +185,14 @@ fn a_server_launch_round_trips_through_the_server_parser() {
             replication_window_us: 6,
         },
         dump_model: Some(PathBuf::from("/tmp/model")),
+        allow_non_finite: true,
     };
     let min = ServerLaunch {
         rank: None,
         join: false,
         net: net_min(),
         dump_model: None,
+        allow_non_finite: false,
         ..full.clone()
     };
     for l in [full, min] {
@@ -203,6 +205,7 @@ fn a_server_launch_round_trips_through_the_server_parser() {
         same(&a.net, &l.net);
         same(&a.repl, &l.repl);
         assert_eq!(a.dump_model, l.dump_model);
+        assert_eq!(a.allow_non_finite, l.allow_non_finite);
     }
 }
 

@@ -831,6 +831,18 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
         let values = worker
             .wait_pull::<f32>(worker.pull_opts::<f32>(test_keys.clone(), &eval_opts))?
             .to_vec();
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            let why = format!(
+                "the model is not finite: the weight of key {} is {} (a learning rate too \
+                 large, or pushes of non-finite values let in with --allow-non-finite)",
+                test_keys[i], values[i]
+            );
+            // The scheduler fails the job with this reason (its summary holds it).
+            let _ = worker.tell_scheduler(Control::Summary {
+                json: serde_json::json!({ "error": why }).to_string(),
+            });
+            return Err(EngineError::JobFailed(why));
+        }
         Ok(SparseModel::new(test_keys.as_ref().clone(), values).evaluate(&test))
     };
     let started = Instant::now();

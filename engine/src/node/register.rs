@@ -13,6 +13,9 @@ use crate::proto::{ClusterInfo, Control, Role};
 /// How long connecting to the scheduler may take.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How often a registration that waits looks whether its connection closed.
+const REGISTER_TICK: Duration = Duration::from_millis(100);
+
 /// The first message to the scheduler.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Hello {
@@ -60,7 +63,7 @@ pub(crate) struct Registration {
     /// How long to wait for the welcome.
     pub(crate) timeout: Duration,
     /// Whether a `Shutdown` in place of the welcome means the scheduler is gone
-    /// ([`EngineError::SchedulerGone`]; a worker's handler turns a closed scheduler
+    /// (a registration error naming the address; a worker's handler turns a closed scheduler
     /// connection into one) or is an unexpected answer like any other (a server).
     pub(crate) shutdown_is_gone: bool,
 }
@@ -99,24 +102,40 @@ pub(crate) fn register(
 ) -> Result<Welcome, EngineError> {
     // No node id yet: the hello goes out as 0.
     conn.send(how.hello.to_control().to_frame(0))?;
-    match answers.recv_timeout(how.timeout) {
-        Ok(Control::Welcome {
-            node_id,
-            rank,
-            cluster,
-        }) => Ok(Welcome {
-            node_id,
-            rank,
-            cluster,
-        }),
-        Ok(Control::Refused { reason }) => Err(EngineError::Registration(reason)),
-        Ok(Control::Shutdown) if how.shutdown_is_gone => Err(EngineError::SchedulerGone),
-        Ok(other) => Err(EngineError::Registration(format!(
-            "unexpected answer {other:?}"
-        ))),
-        Err(_) => Err(EngineError::Registration(format!(
-            "no cluster table from the scheduler at {} within {:?}",
-            how.scheduler, how.timeout
-        ))),
+    let deadline = std::time::Instant::now() + how.timeout;
+    let closed = || {
+        EngineError::Registration(format!(
+            "the connection to {} closed before it answered the registration (is a pserv \
+             scheduler listening there? the log above says why the connection closed)",
+            how.scheduler
+        ))
+    };
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        // Looked at every tick, so a closed connection (a peer that is not a scheduler,
+        // a scheduler that died) fails the registration at once, not at the timeout.
+        return match answers.recv_timeout(left.min(REGISTER_TICK)) {
+            Ok(Control::Welcome {
+                node_id,
+                rank,
+                cluster,
+            }) => Ok(Welcome {
+                node_id,
+                rank,
+                cluster,
+            }),
+            Ok(Control::Refused { reason }) => Err(EngineError::Registration(reason)),
+            Ok(Control::Shutdown) if how.shutdown_is_gone => Err(closed()),
+            Ok(other) => Err(EngineError::Registration(format!(
+                "unexpected answer {other:?} from {}",
+                how.scheduler
+            ))),
+            Err(_) if conn.is_closed() && answers.is_empty() => Err(closed()),
+            Err(_) if !left.is_zero() => continue,
+            Err(_) => Err(EngineError::Registration(format!(
+                "no cluster table from the scheduler at {} within {:?}",
+                how.scheduler, how.timeout
+            ))),
+        };
     }
 }

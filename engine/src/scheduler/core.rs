@@ -407,6 +407,12 @@ impl SchedulerCore {
                     self.server_stats.push(stats);
                 }
             }
+            // Only the job's workers write into its summary.
+            Control::Summary { .. } if !self.is_worker(conn) => self.refuse(
+                conn,
+                "a summary from a node that is not a registered worker",
+                out,
+            ),
             Control::Summary { json } => match serde_json::from_str(&json) {
                 Ok(v) => self.summaries.push(v),
                 Err(e) => out.push(Output::Log(format!("ignored a malformed summary: {e}"))),

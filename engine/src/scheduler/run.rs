@@ -200,6 +200,11 @@ pub fn run_scheduler(cfg: SchedulerConfig) -> Result<JobReport, EngineError> {
         std::thread::sleep(Duration::from_millis(5));
     }
     transport.shutdown();
+    // A worker that found the job's result unusable (a model that turned non-finite)
+    // said why: the job failed, whatever else the summary holds.
+    if let Some(why) = summary.get("error").and_then(|e| e.as_str()) {
+        return Err(EngineError::JobFailed(why.to_string()));
+    }
     Ok(JobReport { summary })
 }
 

@@ -52,6 +52,13 @@ pub struct ServerConfig {
     /// (see [`crate::filter::AnswerFilter`]; ids from
     /// [`ANSWER_FIRST_USER`](crate::filter::ANSWER_FIRST_USER) in the order added).
     pub answer_filters: crate::filter::AnswerFilterSet,
+    /// Apply pushes that hold NaN or infinite values (`--allow-non-finite`). By default
+    /// such a push is refused whole (status `BadRequest`, nothing applied), so one bad or
+    /// hostile worker cannot turn the model into NaN.
+    pub allow_non_finite: bool,
+    /// How long the scheduler may stay unreachable (its connection closed and no
+    /// restarted scheduler found) before the server stops with an error naming it.
+    pub scheduler_grace: Duration,
 }
 
 /// User update rules for a server: registered into its
@@ -215,6 +222,8 @@ impl ServerConfig {
             replication: ReplicationConfig::default(),
             join: false,
             key_cache_keys: crate::keycache::DEFAULT_SERVER_KEYS,
+            allow_non_finite: false,
+            scheduler_grace: Duration::from_secs(60),
             answer_filters: crate::filter::AnswerFilterSet::default(),
         }
     }

@@ -17,7 +17,7 @@ use crate::replication::{EntryStore, KeysRef};
 use super::admit::{admit, Clocked};
 use super::keys::resolve;
 use super::route::{route, stale_epoch, touched_ranges, Refusal};
-use super::serve::answer_request;
+use super::serve::{answer_request, non_finite};
 use super::window::open_window;
 use super::{Core, Ready, ServerHandler};
 
@@ -111,6 +111,13 @@ impl Handler for ServerHandler {
             if let Some(w) = worker {
                 conn.set_tag(ConnTag::Worker(w).to_u64(Holder::Server));
             }
+        }
+        // A push of NaN or infinities is refused before anything (the clock gate
+        // included) sees it.
+        if let Some(refusal) = non_finite(&self.core, ready, &f) {
+            tracing::warn!(peer = %conn.peer_addr(), sender = h.sender, reason = %refusal.1, "refused a push");
+            refuse(ready, conn, &h, refusal);
+            return;
         }
         if h.clock == 0 {
             // Unclocked: serve at once, from the receive buffer.

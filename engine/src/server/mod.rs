@@ -87,6 +87,8 @@ struct Core {
     max_frame: usize,
     /// The key lists workers asked this server to cache.
     key_cache: KeyCache,
+    /// Apply pushes with non-finite values ([`ServerConfig::allow_non_finite`]).
+    allow_non_finite: bool,
 }
 
 struct ServerHandler {

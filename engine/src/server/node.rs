@@ -46,6 +46,8 @@ pub struct Server {
     sched: Arc<Mutex<Conn>>,
     /// The scheduler's address.
     scheduler_addr: SocketAddr,
+    /// How long the scheduler may stay unreachable before this server stops.
+    scheduler_grace: Duration,
     dump_model: Option<std::path::PathBuf>,
     /// The thread applying one-sided pushes, if any.
     notices: Option<std::thread::JoinHandle<()>>,
@@ -67,6 +69,7 @@ impl Server {
             pool: BufPool::new(64),
             max_frame: cfg.tcp.max_frame,
             key_cache: KeyCache::new(cfg.key_cache_keys),
+            allow_non_finite: cfg.allow_non_finite,
         });
         let transport =
             TcpTransport::start(cfg.tcp.clone(), |_| ServerHandler { core: core.clone() })?;
@@ -189,6 +192,7 @@ impl Server {
             transport,
             sched,
             scheduler_addr: cfg.scheduler,
+            scheduler_grace: cfg.scheduler_grace,
             dump_model: cfg.dump_model.clone(),
         })
     }
@@ -320,10 +324,25 @@ impl Server {
         if let Err(e) = signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone()) {
             tracing::warn!(error = %e, "cannot catch SIGTERM; it will stop the server at once");
         }
-        let mut leaving = false;
+        let mut leaving: Option<std::time::Instant> = None;
+        // Since when the scheduler has been unreachable.
+        let mut sched_lost: Option<std::time::Instant> = None;
+        let mut failed = None;
         loop {
-            if term.load(Ordering::Relaxed) && !leaving {
-                leaving = true;
+            if let Some(since) = leaving {
+                // A leave needs the scheduler (it moves the ranges): without one, or
+                // when it does not finish in time, stop now.
+                if self.sched.lock().is_closed() {
+                    tracing::warn!(scheduler = %self.scheduler_addr, "SIGTERM: the scheduler is gone, so no graceful leave; stopping now");
+                    break;
+                }
+                if since.elapsed() > LEAVE_MAX {
+                    tracing::warn!(scheduler = %self.scheduler_addr, "SIGTERM: the leave did not finish in {} s; stopping now", LEAVE_MAX.as_secs());
+                    break;
+                }
+            }
+            if term.load(Ordering::Relaxed) && leaving.is_none() {
+                leaving = Some(std::time::Instant::now());
                 if let Some(r) = self.core.ready.get() {
                     tracing::info!(
                         rank = r.rank,
@@ -342,7 +361,7 @@ impl Server {
                 .recv_timeout(Duration::from_millis(100).min(proto::HEARTBEAT_EVERY))
             {
                 Ok(Control::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
-                Ok(Control::Refused { reason }) if leaving => {
+                Ok(Control::Refused { reason }) if leaving.is_some() => {
                     tracing::warn!(%reason, "the scheduler refused the leave; stopping now");
                     break;
                 }
@@ -353,7 +372,22 @@ impl Server {
                 Ok(other) => tracing::debug!(?other, "control message ignored by server"),
                 Err(RecvTimeoutError::Timeout) => {
                     if self.sched.lock().is_closed() {
+                        let since = *sched_lost.get_or_insert_with(std::time::Instant::now);
                         self.reconnect_scheduler();
+                        if !self.sched.lock().is_closed() {
+                            sched_lost = None;
+                        } else if since.elapsed() > self.scheduler_grace {
+                            let why = format!(
+                                "the scheduler at {} has been unreachable for {:.0} s \
+                                 (--scheduler-grace-secs {}): this server stops",
+                                self.scheduler_addr,
+                                since.elapsed().as_secs_f64(),
+                                self.scheduler_grace.as_secs()
+                            );
+                            tracing::error!("{why}");
+                            failed = Some(EngineError::Timeout(why));
+                            break;
+                        }
                     }
                     let id = self.core.ready.get().map_or(0, |r| r.node_id);
                     let _ = self.sched.lock().send(Control::Heartbeat.to_frame(id));
@@ -424,9 +458,13 @@ impl Server {
             let _ = t.join();
         }
         self.transport.shutdown();
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 }
+
+/// The longest a server asked to leave (SIGTERM) waits for the scheduler to finish the
+/// leave before it stops anyway.
+const LEAVE_MAX: Duration = Duration::from_secs(60);
 
 pub(super) fn stats_of<T: Value>(ready: &Ready, store: &Store<T>) -> ServerStats {
     let repl = ready.repl.stats();

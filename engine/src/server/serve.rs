@@ -67,6 +67,54 @@ pub(super) fn answer_request(core: &Core, ready: &Ready, f: &Frame<'_>, conn: &C
     let _ = conn.send(out);
 }
 
+/// The refusal of a push whose values hold NaN or an infinity, naming the first such
+/// key; `None` when every value is finite, when the request carries no values of this
+/// server's type (`serve` refuses those with their own reason), or when the server
+/// applies such pushes (`--allow-non-finite`). Checked before the clock gate sees the
+/// push, so a refused push is neither applied nor counted.
+pub(super) fn non_finite(core: &Core, ready: &Ready, f: &Frame<'_>) -> Option<Refusal> {
+    let h = f.header();
+    let is_write = h.kind == MessageKind::Push as u8 || h.kind == MessageKind::PushPull as u8;
+    if core.allow_non_finite || !is_write {
+        return None;
+    }
+    let (at, value) = match &ready.store {
+        AnyStore::F32(t) => first_non_finite::<f32>(f, t.store.value_len())?,
+        AnyStore::F64(t) => first_non_finite::<f64>(f, t.store.value_len())?,
+    };
+    let key = match f.range() {
+        Some((b, _)) => b.saturating_add(at),
+        None => f.keys().get(at as usize).copied().unwrap_or(u64::MAX),
+    };
+    Some(Refusal(
+        Status::BadRequest,
+        format!(
+            "the push holds a non-finite value ({value}) for key {key}: refused whole, \
+             nothing applied (a server started with --allow-non-finite applies such pushes)"
+        ),
+    ))
+}
+
+/// The key index and value of the first non-finite value of `f`'s values as `T`
+/// (`vlen` values per key).
+fn first_non_finite<T: Value>(f: &Frame<'_>, vlen: usize) -> Option<(u64, f64)> {
+    if f.header().dtype != T::DTYPE as u8 {
+        return None;
+    }
+    let vals = f.values_as::<T>()?;
+    // Whole chunks are tested without branches (the loop vectorises); only a chunk that
+    // holds a bad value is searched.
+    const CHUNK: usize = 1024;
+    for (c, chunk) in vals.chunks(CHUNK).enumerate() {
+        if chunk.iter().fold(false, |bad, v| bad | !v.is_finite()) {
+            let i = chunk.iter().position(|v| !v.is_finite())?;
+            let at = c * CHUNK + i;
+            return Some(((at / vlen.max(1)) as u64, chunk[i].to_f64()));
+        }
+    }
+    None
+}
+
 /// Range pulls of at least this many bytes are sent straight from the store.
 pub(super) const BORROW_MIN_BYTES: usize = 256 << 10;
 /// How long a loop may wait for a slow reader while sending from the store, before it
