@@ -387,9 +387,10 @@ pub enum CloseReason {
     /// A socket error, or a shared-memory ring whose positions do not fit it.
     #[error("socket error: {0}")]
     Io(#[source] io::Error),
-    /// The shared-memory handshake went wrong: no answer to an offer in time, or a
-    /// hello where none may come.
-    #[error("shared-memory handshake: {0}")]
+    /// The shared-memory or RDMA handshake went wrong: no answer to an offer in time, a
+    /// hello where none may come, a queue pair that cannot connect after its offer was
+    /// accepted.
+    #[error("handshake: {0}")]
     Handshake(String),
     /// This side closed it ([`Conn::close`] or transport shutdown).
     #[error("closed locally")]
@@ -914,7 +915,7 @@ impl Conn {
             Err(err) => {
                 drop(w);
                 tracing::debug!(conn = inner.id, peer = %inner.peer, error = %err, "write failed");
-                self.close();
+                self.close_for(CloseReason::Io(err));
                 Err(self.closed_error())
             }
         }
@@ -1025,7 +1026,7 @@ impl Conn {
                 Err(e) => {
                     drop(w);
                     tracing::debug!(conn = inner.id, peer = %inner.peer, error = %e, "write failed");
-                    self.close();
+                    self.close_for(CloseReason::Io(e));
                     return Err(self.closed_error());
                 }
             }
@@ -1072,6 +1073,17 @@ impl Conn {
             self.0
                 .shared
                 .command(self.0.loop_index, Command::Close(self.0.id));
+        }
+    }
+
+    /// Close after a failed write on an application thread: like [`close`](Self::close),
+    /// but `on_close` gets `reason` (the write's error).
+    fn close_for(&self, reason: CloseReason) {
+        if self.mark_closed() {
+            let _ = self.0.stream.shutdown(Shutdown::Both);
+            self.0
+                .shared
+                .command(self.0.loop_index, Command::CloseFor(self.0.id, reason));
         }
     }
 
@@ -1178,6 +1190,8 @@ enum Command {
     Pin(usize),
     Listen(TcpListener),
     Close(u64),
+    /// Close with the reason an application thread's write failed for.
+    CloseFor(u64, CloseReason),
     Shutdown,
 }
 
@@ -1737,10 +1751,14 @@ impl<H: Handler> EventLoop<H> {
         });
         let limit = self.shared.cfg.shm_offer_timeout;
         for id in expired {
+            let what = match self.conns.get(&id).map(|lc| lc.conn.path()) {
+                Some("tcp (rdma offered)") => "RDMA",
+                _ => "shared-memory",
+            };
             self.close_conn(
                 id,
                 CloseReason::Handshake(format!(
-                    "the peer did not answer the shared-memory or RDMA offer within {limit:?}"
+                    "the peer did not answer the {what} offer within {limit:?}"
                 )),
             );
         }
@@ -1766,6 +1784,7 @@ impl<H: Handler> EventLoop<H> {
                     self.accept(self.listeners.len().saturating_sub(1));
                 }
                 Command::Close(id) => self.close_conn(id, CloseReason::Local),
+                Command::CloseFor(id, reason) => self.close_conn(id, reason),
                 Command::Pin(core) => self.pin(core),
                 Command::Flush(id) => self.on_writable(id),
                 Command::Shutdown => return true,
