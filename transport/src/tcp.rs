@@ -566,7 +566,7 @@ impl std::ops::DerefMut for WriteGuard<'_> {
 #[derive(Debug)]
 enum MsgPipe {
     Shm(ShmPipe),
-    Rdma(RdmaPipe),
+    Rdma(Box<RdmaPipe>),
 }
 
 /// An offer waiting for its answer.
@@ -2196,7 +2196,7 @@ fn on_rdma_hello(
                 Ok((pipe, answer)) => {
                     write_now(&inner.stream, &answer.encode()).map_err(CloseReason::Io)?;
                     let ring = pipe.ring_bytes();
-                    let _ = inner.pipe.set(MsgPipe::Rdma(pipe));
+                    let _ = inner.pipe.set(MsgPipe::Rdma(Box::new(pipe)));
                     drop(w);
                     shared
                         .stats
@@ -2240,7 +2240,7 @@ fn on_rdma_hello(
                     CloseReason::Handshake(format!("marking the peer's RDMA region ready: {e}"))
                 })?;
                 let ring = pipe.ring_bytes();
-                let _ = inner.pipe.set(MsgPipe::Rdma(pipe));
+                let _ = inner.pipe.set(MsgPipe::Rdma(Box::new(pipe)));
                 // The peer's loop may sleep without having asked for a doorbell.
                 inner.doorbell();
                 shared

@@ -416,6 +416,7 @@ fn a_queue_pair_forced_into_error_closes_the_connection() {
     let why = child.expect("closed");
     assert!(why.contains("rdma queue pair"), "child's close: {why}");
     let echoed = child.expect_u64("echoed");
+    eprintln!("the child's connection closed after {echoed} echoes: {why}");
     assert!(echoed > 0, "frames crossed before the fault");
     assert!(
         echoed < 100_000,
