@@ -711,6 +711,34 @@ impl ConnInner {
         }
     }
 
+    /// An RDMA write that failed because the peer process went away (its socket is
+    /// closed too: a queue pair to a dead peer fails only after its retries) is the
+    /// peer closing, not an error; any other reason stays. Call before this side shuts
+    /// its socket.
+    fn peer_gone(&self, reason: CloseReason) -> CloseReason {
+        let CloseReason::Io(e) = reason else {
+            return reason;
+        };
+        if !matches!(self.pipe.get(), Some(MsgPipe::Rdma(_))) {
+            return CloseReason::Io(e);
+        }
+        // Only doorbells travel on the socket now: drain them to see its end.
+        let mut bells = [0u8; 256];
+        for _ in 0..64 {
+            match (&self.stream).read(&mut bells) {
+                Ok(0) => {
+                    tracing::debug!(conn = self.id, peer = %self.peer, error = %e, "an RDMA write failed after the peer closed its socket");
+                    return CloseReason::PeerClosed;
+                }
+                Ok(_) => continue,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => return CloseReason::PeerClosed,
+            }
+        }
+        CloseReason::Io(e)
+    }
+
     /// Lock the write state (rank [`Rank::Write`]).
     fn lock_write(&self) -> WriteGuard<'_> {
         let w = WriteGuard(Ranked::lock(Rank::Write, || self.write.lock()));
@@ -1079,6 +1107,7 @@ impl Conn {
     /// Close after a failed write on an application thread: like [`close`](Self::close),
     /// but `on_close` gets `reason` (the write's error).
     fn close_for(&self, reason: CloseReason) {
+        let reason = self.0.peer_gone(reason);
         if self.mark_closed() {
             let _ = self.0.stream.shutdown(Shutdown::Both);
             self.0
@@ -1916,6 +1945,7 @@ impl<H: Handler> EventLoop<H> {
         }
         let fd = conn.0.stream.as_raw_fd();
         let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+        let reason = conn.0.peer_gone(reason);
         conn.mark_closed();
         let _ = conn.0.stream.shutdown(Shutdown::Both);
         match &reason {
