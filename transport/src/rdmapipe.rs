@@ -302,6 +302,11 @@ mod verbs {
     const S_TAIL: usize = 1024;
     const S_HEAD: usize = 1152;
     const S_ONE: usize = 1280;
+    /// The error kind of a pipe whose own queue pair failed (a post refused, a flush).
+    const LOCAL_FAILURE: io::ErrorKind = io::ErrorKind::ConnectionAborted;
+    /// The error kind of a pipe whose peer failed a request or never answered it.
+    const PEER_UNREACHABLE: io::ErrorKind = io::ErrorKind::ConnectionReset;
+
     /// The inbound ring; the outbound staging mirror follows it.
     const DATA: usize = 4096;
 
@@ -439,25 +444,22 @@ mod verbs {
         next_wr: u64,
         /// Every send request below this id has completed.
         done_wr: u64,
-        /// The first failure; the pipe is unusable after it.
-        broken: Option<String>,
+        /// The first failure and its kind; the pipe is unusable after it.
+        broken: Option<(io::ErrorKind, String)>,
     }
 
     impl QpState {
-        fn fail(&mut self, why: String) -> io::Error {
-            let why = self.broken.get_or_insert(why).clone();
-            io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                format!("rdma queue pair: {why}"),
-            )
+        /// Mark the pipe broken (a first failure stays) and say so. `kind`:
+        /// [`PEER_UNREACHABLE`] when the peer's side did not answer or refused, else
+        /// [`LOCAL_FAILURE`].
+        fn fail(&mut self, kind: io::ErrorKind, why: String) -> io::Error {
+            let (kind, why) = self.broken.get_or_insert((kind, why)).clone();
+            io::Error::new(kind, format!("rdma queue pair: {why}"))
         }
 
         fn check(&mut self) -> io::Result<()> {
             match &self.broken {
-                Some(why) => Err(io::Error::new(
-                    io::ErrorKind::ConnectionAborted,
-                    format!("rdma queue pair: {why}"),
-                )),
+                Some((kind, why)) => Err(io::Error::new(*kind, format!("rdma queue pair: {why}"))),
                 None => Ok(()),
             }
         }
@@ -468,11 +470,18 @@ mod verbs {
             loop {
                 let n = match self.qp.poll(&mut buf) {
                     Ok(n) => n,
-                    Err(e) => return Err(self.fail(format!("polling: {e}"))),
+                    Err(e) => return Err(self.fail(LOCAL_FAILURE, format!("polling: {e}"))),
                 };
                 for c in &buf[..n] {
                     if let Err(e) = c.status {
-                        return Err(self.fail(format!("a write failed: {e}")));
+                        // A flush: this side's queue pair went to the error state; else
+                        // the peer's side failed the request or never answered it.
+                        let kind = if e.is_flush() {
+                            LOCAL_FAILURE
+                        } else {
+                            PEER_UNREACHABLE
+                        };
+                        return Err(self.fail(kind, format!("a write failed: {e}")));
                     }
                     // Send queues complete in order: everything up to this one is done.
                     self.done_wr = self.done_wr.max(c.wr_id + 1);
@@ -615,7 +624,7 @@ mod verbs {
                         st.drain()?;
                         std::hint::spin_loop();
                     }
-                    Err(e) => return Err(st.fail(format!("posting a write: {e}"))),
+                    Err(e) => return Err(st.fail(LOCAL_FAILURE, format!("posting a write: {e}"))),
                 }
             }
         }
@@ -636,9 +645,10 @@ mod verbs {
                         return Ok(());
                     }
                     if start.elapsed() >= OP_TIMEOUT {
-                        return Err(
-                            st.fail(format!("a write did not complete within {OP_TIMEOUT:?}"))
-                        );
+                        return Err(st.fail(
+                            PEER_UNREACHABLE,
+                            format!("a write did not complete within {OP_TIMEOUT:?}"),
+                        ));
                     }
                 }
                 spins += 1;

@@ -719,7 +719,11 @@ impl ConnInner {
         let CloseReason::Io(e) = reason else {
             return reason;
         };
-        if !matches!(self.pipe.get(), Some(MsgPipe::Rdma(_))) {
+        // Only a peer that failed or stopped answering (not this side's own queue pair
+        // in error: a flush) may be a peer that is gone.
+        if !matches!(self.pipe.get(), Some(MsgPipe::Rdma(_)))
+            || e.kind() != io::ErrorKind::ConnectionReset
+        {
             return CloseReason::Io(e);
         }
         // Only doorbells travel on the socket now: drain them to see its end.
