@@ -579,6 +579,12 @@ mod verbs {
             self.ring
         }
 
+        /// Store `v` into this side's control word at `at`, as a peer's RDMA WRITE would.
+        #[cfg(test)]
+        pub(crate) fn poke_for_test(&self, at: usize, v: u64) {
+            self.word(at).store(v, Ordering::SeqCst)
+        }
+
         fn word(&self, at: usize) -> &AtomicU64 {
             self.mr
                 .atomic_u64(at)
@@ -757,7 +763,7 @@ mod verbs {
                 let mut at = start_tail;
                 while at != tail {
                     let off = (at & mask) as usize;
-                    let n = ((tail - at) as usize)
+                    let n = (tail.wrapping_sub(at) as usize)
                         .min(self.ring - off)
                         .min(self.max_msg);
                     self.post(&mut st, staging + off, n, DATA + off, false)?;
@@ -850,6 +856,106 @@ mod verbs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io;
+
+    /// A connected pair of pipes on the device named by `PSERV_RDMA_DEVICE`.
+    #[cfg(feature = "rdma")]
+    fn pair(ring: usize) -> (RdmaPipe, RdmaPipe) {
+        let name = std::env::var("PSERV_RDMA_DEVICE")
+            .expect("PSERV_RDMA_DEVICE is not set: name an RDMA device (e.g. soft0)");
+        let dev = RdmaDevice::open(Some(&name)).expect("open the device");
+        let (offer, hello) = RdmaOffer::create(&dev, ring).expect("offer");
+        let hello = RdmaHello::decode(&hello.encode()).expect("the offer parses");
+        let (b, answer) = RdmaPipe::accept(&dev, &hello).expect("accept");
+        let answer = RdmaHello::decode(&answer.encode()).expect("the answer parses");
+        let a = offer.complete(&answer).expect("connect");
+        a.mark_peer_ready().expect("mark ready");
+        (a, b)
+    }
+
+    #[cfg(feature = "rdma")]
+    #[test]
+    #[ignore = "needs an RDMA device: set PSERV_RDMA_DEVICE and pass --ignored"]
+    fn bytes_cross_both_ways_wrap_and_fill_the_ring() {
+        use std::io::IoSlice;
+        let ring = 64 << 10;
+        let (a, b) = pair(ring);
+        let mut buf = vec![0u8; ring];
+        let (mut sent, mut got) = (0u64, 0u64);
+        for round in 0..100usize {
+            let len = 1 + (round * 7919) % (ring - 1);
+            let chunk: Vec<u8> = (0..len).map(|i| (sent as usize + i) as u8).collect();
+            let (n, _) = a.write_vectored(&[IoSlice::new(&chunk)]).expect("write");
+            assert_eq!(n, len, "an empty ring takes a chunk smaller than itself");
+            sent += n as u64;
+            let mut left = n;
+            while left > 0 {
+                let (k, _) = b.read(&mut buf[..left]).expect("read");
+                for (i, &byte) in buf[..k].iter().enumerate() {
+                    assert_eq!(
+                        byte,
+                        (got as usize + i) as u8,
+                        "byte {} corrupted",
+                        got + i as u64
+                    );
+                }
+                got += k as u64;
+                left -= k;
+            }
+        }
+        assert_eq!(sent, got);
+        // The other way.
+        let (n, _) = b.write_vectored(&[IoSlice::new(b"pong")]).expect("write");
+        assert_eq!(n, 4);
+        let (k, _) = a.read(&mut buf).expect("read");
+        assert_eq!(&buf[..k], b"pong");
+        assert_eq!(
+            a.read(&mut buf).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        // A full ring takes what fits, then nothing; the reader that makes room wakes
+        // the writer that asked.
+        let big = vec![5u8; ring + 100];
+        let (n, _) = a.write_vectored(&[IoSlice::new(&big)]).expect("write");
+        assert_eq!(n, ring, "the ring takes what fits");
+        assert_eq!(
+            a.write_vectored(&[IoSlice::new(&big)]).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        assert!(!a.writable());
+        let (k, wake) = b.read(&mut buf[..10]).expect("read");
+        assert_eq!(k, 10);
+        assert!(wake, "the reader that makes room wakes the waiting writer");
+        assert!(a.writable());
+        // A sleeping reader is woken by the next write.
+        let (k, _) = b.read(&mut buf).expect("read");
+        assert_eq!(k, ring - 10);
+        assert!(!b.arm(false), "nothing to read: the loop may sleep");
+        let (_, wake) = a.write_vectored(&[IoSlice::new(b"x")]).expect("write");
+        assert!(wake, "the reader armed: the writer must ring");
+        let (_, wake) = a.write_vectored(&[IoSlice::new(b"y")]).expect("write");
+        assert!(!wake, "one wake-up per wait");
+        assert!(b.arm(false), "bytes are waiting: the loop must not sleep");
+    }
+
+    #[cfg(feature = "rdma")]
+    #[test]
+    #[ignore = "needs an RDMA device: set PSERV_RDMA_DEVICE and pass --ignored"]
+    fn positions_that_do_not_fit_the_ring_are_errors() {
+        let (a, b) = pair(64 << 10);
+        // A hostile peer moves its write position far ahead (here: written locally
+        // into the word the peer's RDMA WRITEs land in).
+        b.poke_for_test(0, 10 << 20);
+        let err = b.read(&mut [0u8; 8]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains("write position"), "{err}");
+        // ... or its read position ahead of what was written.
+        a.poke_for_test(128, 77);
+        let err = a
+            .write_vectored(&[std::io::IoSlice::new(b"z")])
+            .unwrap_err();
+        assert!(err.to_string().contains("read position"), "{err}");
+    }
 
     #[test]
     fn hello_round_trips_and_refuses_garbage() {
