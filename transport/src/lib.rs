@@ -16,12 +16,14 @@
 pub mod buf;
 pub mod compress;
 pub mod onesided;
+pub mod rdmapipe;
 pub mod shmpipe;
 pub mod tcp;
 pub mod wire;
 
 pub use buf::{AsBytes, BufPool, OutFrame, OwnedFrame, Payload, PoolBuf, RecvFrame};
 pub use compress::Codec;
+pub use rdmapipe::RdmaMessages;
 pub use shmpipe::ShmMessages;
 pub use tcp::{CloseReason, Conn, Connector, Handler, TcpConfig, TcpTransport, TransportError};
 pub use wire::{DType, Frame, Header, MessageKind, WireError};

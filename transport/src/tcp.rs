@@ -117,6 +117,10 @@ use self::lock_order::{Rank, Ranked};
 
 use crate::buf::{BufPool, OutFrame, OwnedFrame, Payload, RecvFrame};
 use crate::compress::{self, Codec};
+use crate::rdmapipe::{
+    RdmaDevice, RdmaHello, RdmaMessages, RdmaOffer, RdmaPipe, RdmaRefusal, RDMA_HELLO_LEN,
+    RDMA_HELLO_MAGIC,
+};
 use crate::shmpipe::{Hello, HelloKind, Refusal, ShmMessages, ShmPipe, HELLO_LEN, HELLO_MAGIC};
 use crate::wire::{
     DType, Frame, Header, Layout, WireError, DEFAULT_MAX_FRAME, FLAG_COMPRESSED, FLAG_KEYS_CACHED,
@@ -323,6 +327,17 @@ pub struct TcpConfig {
     /// How long a connection that offered shared memory waits for the answer before it
     /// closes (the frames sent meanwhile are held, not lost, until then).
     pub shm_offer_timeout: Duration,
+    /// Move the frames of connections to RDMA queue pairs (see
+    /// [`rdmapipe`](crate::rdmapipe)); default [`RdmaMessages::Off`]. Needs the `rdma`
+    /// cargo feature and a device on both sides; where either lacks one, the offer is
+    /// refused (or not made) and the connection stays on TCP. A connection that offers
+    /// shared memory offers nothing else.
+    pub rdma_messages: RdmaMessages,
+    /// Bytes of each of an RDMA connection's two rings (a power of two between 64 KiB
+    /// and 1 GiB; rounded up), registered with the device when the connection is made.
+    pub rdma_ring_bytes: usize,
+    /// The RDMA device messages use (`mlx5_0`, `soft0`); `None`: the first one.
+    pub rdma_device: Option<String>,
 }
 
 impl Default for TcpConfig {
@@ -339,6 +354,9 @@ impl Default for TcpConfig {
             shm_messages: ShmMessages::SameHost,
             shm_ring_bytes: 4 << 20,
             shm_offer_timeout: Duration::from_secs(10),
+            rdma_messages: RdmaMessages::Off,
+            rdma_ring_bytes: 4 << 20,
+            rdma_device: None,
         }
     }
 }
@@ -369,9 +387,10 @@ pub enum CloseReason {
     /// A socket error, or a shared-memory ring whose positions do not fit it.
     #[error("socket error: {0}")]
     Io(#[source] io::Error),
-    /// The shared-memory handshake went wrong: no answer to an offer in time, or a
-    /// hello where none may come.
-    #[error("shared-memory handshake: {0}")]
+    /// The shared-memory or RDMA handshake went wrong: no answer to an offer in time, a
+    /// hello where none may come, a queue pair that cannot connect after its offer was
+    /// accepted.
+    #[error("handshake: {0}")]
     Handshake(String),
     /// This side closed it ([`Conn::close`] or transport shutdown).
     #[error("closed locally")]
@@ -442,6 +461,10 @@ pub struct Stats {
     pub shm_connections: AtomicU64,
     /// Shared-memory offers refused (by this side or by the peer).
     pub shm_refused: AtomicU64,
+    /// Connections whose frames moved to RDMA queue pairs (both sides count theirs).
+    pub rdma_connections: AtomicU64,
+    /// RDMA offers refused (by this side or by the peer).
+    pub rdma_refused: AtomicU64,
 }
 
 /// What a loop's owner does with incoming frames. Each loop owns one handler, made by the
@@ -539,6 +562,57 @@ impl std::ops::DerefMut for WriteGuard<'_> {
     }
 }
 
+/// Where a connection's frames go once they left the socket.
+#[derive(Debug)]
+enum MsgPipe {
+    Shm(ShmPipe),
+    Rdma(Box<RdmaPipe>),
+}
+
+/// An offer waiting for its answer.
+#[derive(Debug)]
+enum Offered {
+    Shm(ShmPipe),
+    Rdma(RdmaOffer),
+}
+
+impl MsgPipe {
+    fn write_vectored(&self, slices: &[IoSlice<'_>]) -> io::Result<(usize, bool)> {
+        match self {
+            MsgPipe::Shm(p) => p.write_vectored(slices),
+            MsgPipe::Rdma(p) => p.write_vectored(slices),
+        }
+    }
+
+    fn read(&self, buf: &mut [u8]) -> io::Result<(usize, bool)> {
+        match self {
+            MsgPipe::Shm(p) => p.read(buf),
+            MsgPipe::Rdma(p) => p.read(buf),
+        }
+    }
+
+    fn readable(&self) -> bool {
+        match self {
+            MsgPipe::Shm(p) => p.readable(),
+            MsgPipe::Rdma(p) => p.readable(),
+        }
+    }
+
+    fn writable(&self) -> bool {
+        match self {
+            MsgPipe::Shm(p) => p.writable(),
+            MsgPipe::Rdma(p) => p.writable(),
+        }
+    }
+
+    fn arm(&self, for_room: bool) -> bool {
+        match self {
+            MsgPipe::Shm(p) => p.arm(for_room),
+            MsgPipe::Rdma(p) => p.arm(for_room),
+        }
+    }
+}
+
 struct ConnInner {
     id: u64,
     peer: SocketAddr,
@@ -550,10 +624,11 @@ struct ConnInner {
     tag: AtomicU64,
     /// The send codec, as [`Codec::to_bits`].
     codec: AtomicU64,
-    /// Set once, under `write`, when the connection's frames move to shared memory.
-    pipe: OnceLock<ShmPipe>,
-    /// The connecting side's region while its offer waits for an answer.
-    offered: Mutex<Option<ShmPipe>>,
+    /// Set once, under `write`, when the connection's frames move to shared memory or
+    /// to RDMA.
+    pipe: OnceLock<MsgPipe>,
+    /// The connecting side's region (and queue pair) while its offer waits for an answer.
+    offered: Mutex<Option<Offered>>,
     /// Whether this side accepted the connection (only an acceptor takes offers).
     accepted: bool,
     /// Whether any byte was written to the socket (an offer must come before).
@@ -636,6 +711,38 @@ impl ConnInner {
         }
     }
 
+    /// An RDMA write that failed because the peer process went away (its socket is
+    /// closed too: a queue pair to a dead peer fails only after its retries) is the
+    /// peer closing, not an error; any other reason stays. Call before this side shuts
+    /// its socket.
+    fn peer_gone(&self, reason: CloseReason) -> CloseReason {
+        let CloseReason::Io(e) = reason else {
+            return reason;
+        };
+        // Only a peer that failed or stopped answering (not this side's own queue pair
+        // in error: a flush) may be a peer that is gone.
+        if !matches!(self.pipe.get(), Some(MsgPipe::Rdma(_)))
+            || e.kind() != io::ErrorKind::ConnectionReset
+        {
+            return CloseReason::Io(e);
+        }
+        // Only doorbells travel on the socket now: drain them to see its end.
+        let mut bells = [0u8; 256];
+        for _ in 0..64 {
+            match (&self.stream).read(&mut bells) {
+                Ok(0) => {
+                    tracing::debug!(conn = self.id, peer = %self.peer, error = %e, "an RDMA write failed after the peer closed its socket");
+                    return CloseReason::PeerClosed;
+                }
+                Ok(_) => continue,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => return CloseReason::PeerClosed,
+            }
+        }
+        CloseReason::Io(e)
+    }
+
     /// Lock the write state (rank [`Rank::Write`]).
     fn lock_write(&self) -> WriteGuard<'_> {
         let w = WriteGuard(Ranked::lock(Rank::Write, || self.write.lock()));
@@ -682,18 +789,23 @@ impl Conn {
 
     /// Whether the connection's frames travel through shared memory.
     pub fn is_shm(&self) -> bool {
-        self.0.pipe.get().is_some()
+        matches!(self.0.pipe.get(), Some(MsgPipe::Shm(_)))
     }
 
-    /// The path its frames take: `shm`, `tcp`, or `tcp (shm offered)` while an offer
-    /// waits for its answer.
+    /// Whether the connection's frames travel over an RDMA queue pair.
+    pub fn is_rdma(&self) -> bool {
+        matches!(self.0.pipe.get(), Some(MsgPipe::Rdma(_)))
+    }
+
+    /// The path its frames take: `shm`, `rdma`, `tcp`, or `tcp (shm offered)` /
+    /// `tcp (rdma offered)` while an offer waits for its answer.
     pub fn path(&self) -> &'static str {
-        if self.is_shm() {
-            "shm"
-        } else if self.0.offered.lock().is_some() {
-            "tcp (shm offered)"
-        } else {
-            "tcp"
+        match (self.0.pipe.get(), &*self.0.offered.lock()) {
+            (Some(MsgPipe::Shm(_)), _) => "shm",
+            (Some(MsgPipe::Rdma(_)), _) => "rdma",
+            (None, Some(Offered::Shm(_))) => "tcp (shm offered)",
+            (None, Some(Offered::Rdma(_))) => "tcp (rdma offered)",
+            (None, None) => "tcp",
         }
     }
 
@@ -835,7 +947,7 @@ impl Conn {
             Err(err) => {
                 drop(w);
                 tracing::debug!(conn = inner.id, peer = %inner.peer, error = %err, "write failed");
-                self.close();
+                self.close_for(CloseReason::Io(err));
                 Err(self.closed_error())
             }
         }
@@ -946,7 +1058,7 @@ impl Conn {
                 Err(e) => {
                     drop(w);
                     tracing::debug!(conn = inner.id, peer = %inner.peer, error = %e, "write failed");
-                    self.close();
+                    self.close_for(CloseReason::Io(e));
                     return Err(self.closed_error());
                 }
             }
@@ -993,6 +1105,18 @@ impl Conn {
             self.0
                 .shared
                 .command(self.0.loop_index, Command::Close(self.0.id));
+        }
+    }
+
+    /// Close after a failed write on an application thread: like [`close`](Self::close),
+    /// but `on_close` gets `reason` (the write's error).
+    fn close_for(&self, reason: CloseReason) {
+        let reason = self.0.peer_gone(reason);
+        if self.mark_closed() {
+            let _ = self.0.stream.shutdown(Shutdown::Both);
+            self.0
+                .shared
+                .command(self.0.loop_index, Command::CloseFor(self.0.id, reason));
         }
     }
 
@@ -1099,6 +1223,8 @@ enum Command {
     Pin(usize),
     Listen(TcpListener),
     Close(u64),
+    /// Close with the reason an application thread's write failed for.
+    CloseFor(u64, CloseReason),
     Shutdown,
 }
 
@@ -1114,6 +1240,9 @@ struct Shared {
     next_loop: AtomicUsize,
     stats: Stats,
     pool: Arc<BufPool>,
+    /// The RDMA device of the message path, opened at the first connection that needs
+    /// it (or why it could not be).
+    rdma: OnceLock<Result<RdmaDevice, String>>,
 }
 
 impl Shared {
@@ -1168,7 +1297,7 @@ fn connect_on(
     };
     let stream = TcpStream::connect_timeout(&addr, timeout).map_err(err)?;
     let conn = shared.new_conn(stream, false).map_err(err)?;
-    offer_shm(shared, &conn).map_err(err)?;
+    offer_fast_path(shared, &conn).map_err(err)?;
     shared.command(conn.0.loop_index, Command::Adopt(conn.clone()));
     Ok(conn)
 }
@@ -1204,26 +1333,59 @@ fn write_now(stream: &TcpStream, bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// The connecting side of the shared-memory handshake: when configured and the peer is
-/// on this host, make the region, hold the connection's frames and send the offer as the
-/// stream's first bytes. A region that cannot be made leaves the connection on TCP.
-fn offer_shm(shared: &Arc<Shared>, conn: &Conn) -> io::Result<()> {
+/// The connecting side of the handshakes: when configured, make a shared-memory region
+/// (peer on this host) or an RDMA queue pair and region (see [`TcpConfig::rdma_messages`]),
+/// hold the connection's frames and send the offer as the stream's first bytes. What
+/// cannot be made leaves the connection on TCP.
+fn offer_fast_path(shared: &Arc<Shared>, conn: &Conn) -> io::Result<()> {
     let inner = &*conn.0;
-    if shared.cfg.shm_messages == ShmMessages::Off || !same_host(&inner.stream) {
-        return Ok(());
-    }
-    let (pipe, offer) = match ShmPipe::create(shared.cfg.shm_ring_bytes) {
-        Ok(made) => made,
-        Err(e) => {
-            tracing::info!(peer = %inner.peer, error = %e, "no shared-memory region for a connection; it stays on TCP");
-            return Ok(());
+    let local = same_host(&inner.stream);
+    let (offered, bytes): (Offered, Vec<u8>) = if shared.cfg.shm_messages != ShmMessages::Off
+        && local
+    {
+        match ShmPipe::create(shared.cfg.shm_ring_bytes) {
+            Ok((pipe, offer)) => (Offered::Shm(pipe), offer.encode().to_vec()),
+            Err(e) => {
+                tracing::info!(peer = %inner.peer, error = %e, "no shared-memory region for a connection; it stays on TCP");
+                return Ok(());
+            }
         }
+    } else if shared.cfg.rdma_messages == RdmaMessages::AllPeers
+        || (shared.cfg.rdma_messages == RdmaMessages::OtherHosts && !local)
+    {
+        let made = shared
+            .rdma_device()
+            .map_err(io::Error::other)
+            .and_then(|dev| RdmaOffer::create(dev, shared.cfg.rdma_ring_bytes));
+        match made {
+            Ok((offer, hello)) => (Offered::Rdma(offer), hello.encode().to_vec()),
+            Err(e) => {
+                tracing::info!(peer = %inner.peer, error = %e, "no RDMA queue pair for a connection; it stays on TCP");
+                return Ok(());
+            }
+        }
+    } else {
+        return Ok(());
     };
-    *inner.offered.lock() = Some(pipe);
+    *inner.offered.lock() = Some(offered);
     inner.lock_write().hold = Some(Instant::now() + shared.cfg.shm_offer_timeout);
-    write_now(&inner.stream, &offer.encode())?;
+    write_now(&inner.stream, &bytes)?;
     inner.wrote.store(true, Ordering::Relaxed);
     Ok(())
+}
+
+impl Shared {
+    /// The message path's RDMA device, opened on first use; why not, if it cannot be.
+    fn rdma_device(&self) -> Result<&RdmaDevice, String> {
+        self.rdma
+            .get_or_init(|| {
+                RdmaDevice::open(self.cfg.rdma_device.as_deref()).inspect_err(|e| {
+                    tracing::info!(error = %e, "no RDMA device for messages; connections stay on TCP");
+                })
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
 }
 
 /// Opens connections on a [`TcpTransport`]'s loops; cheap to clone, usable from any
@@ -1277,6 +1439,7 @@ impl TcpTransport {
             next_conn: AtomicU64::new(0),
             next_loop: AtomicUsize::new(0),
             stats: Stats::default(),
+            rdma: OnceLock::new(),
         });
         let mut threads = Vec::with_capacity(n);
         for (i, (poll, rx)) in polls.into_iter().zip(rxs).enumerate() {
@@ -1621,10 +1784,14 @@ impl<H: Handler> EventLoop<H> {
         });
         let limit = self.shared.cfg.shm_offer_timeout;
         for id in expired {
+            let what = match self.conns.get(&id).map(|lc| lc.conn.path()) {
+                Some("tcp (rdma offered)") => "RDMA",
+                _ => "shared-memory",
+            };
             self.close_conn(
                 id,
                 CloseReason::Handshake(format!(
-                    "the peer did not answer the shared-memory offer within {limit:?}"
+                    "the peer did not answer the {what} offer within {limit:?}"
                 )),
             );
         }
@@ -1650,6 +1817,7 @@ impl<H: Handler> EventLoop<H> {
                     self.accept(self.listeners.len().saturating_sub(1));
                 }
                 Command::Close(id) => self.close_conn(id, CloseReason::Local),
+                Command::CloseFor(id, reason) => self.close_conn(id, reason),
                 Command::Pin(core) => self.pin(core),
                 Command::Flush(id) => self.on_writable(id),
                 Command::Shutdown => return true,
@@ -1781,6 +1949,7 @@ impl<H: Handler> EventLoop<H> {
         }
         let fd = conn.0.stream.as_raw_fd();
         let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+        let reason = conn.0.peer_gone(reason);
         conn.mark_closed();
         let _ = conn.0.stream.shutdown(Shutdown::Both);
         match &reason {
@@ -1958,7 +2127,7 @@ fn on_hello(
                     write_now(&inner.stream, &Hello::reply(HelloKind::Accept, 0).encode())
                         .map_err(CloseReason::Io)?;
                     let ring = pipe.ring_bytes();
-                    let _ = inner.pipe.set(pipe);
+                    let _ = inner.pipe.set(MsgPipe::Shm(pipe));
                     drop(w);
                     shared.stats.shm_connections.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(conn = inner.id, peer = %inner.peer, ring, "frames move to shared memory (offer accepted)");
@@ -1978,16 +2147,23 @@ fn on_hello(
             Ok(())
         }
         HelloKind::Accept | HelloKind::Refuse => {
-            let Some(pipe) = inner.offered.lock().take() else {
-                return Err(CloseReason::Handshake(
-                    "a shared-memory answer to an offer this side did not make".into(),
-                ));
+            let pipe = {
+                let mut offered = inner.offered.lock();
+                match offered.take() {
+                    Some(Offered::Shm(pipe)) => pipe,
+                    other => {
+                        *offered = other;
+                        return Err(CloseReason::Handshake(
+                            "a shared-memory answer to an offer this side did not make".into(),
+                        ));
+                    }
+                }
             };
             let mut w = inner.lock_write();
             w.hold = None;
             if hello.kind == HelloKind::Accept {
                 let ring = pipe.ring_bytes();
-                let _ = inner.pipe.set(pipe);
+                let _ = inner.pipe.set(MsgPipe::Shm(pipe));
                 shared.stats.shm_connections.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(conn = inner.id, peer = %inner.peer, ring, "frames move to shared memory (offer accepted by the peer)");
             } else {
@@ -1995,6 +2171,121 @@ fn on_hello(
                 tracing::info!(conn = inner.id, peer = %inner.peer, reason = Refusal::describe(hello.reason), "the peer refused shared memory; the connection stays on TCP");
             }
             // The frames held while the offer was out go now, where the answer says.
+            let flushed = conn.flush_locked(&mut w);
+            drop(w);
+            flushed.map(|_| ()).map_err(CloseReason::Io)
+        }
+    }
+}
+
+/// Take an RDMA hello read from `conn`, like [`on_hello`]: an offer (first bytes of an
+/// accepted connection) is answered accept, with this side's queue pair and region, or
+/// refuse with the reason; an answer to this side's offer connects its queue pair
+/// (accept) or leaves it on TCP (refuse), and the held frames go out.
+fn on_rdma_hello(
+    conn: &Conn,
+    bytes: &[u8; RDMA_HELLO_LEN],
+    first: bool,
+    after: usize,
+    shared: &Shared,
+) -> Result<(), CloseReason> {
+    let inner = &*conn.0;
+    let hello = RdmaHello::decode(bytes).map_err(CloseReason::Handshake)?;
+    match hello.kind {
+        HelloKind::Offer => {
+            if !(inner.accepted && first) {
+                return Err(CloseReason::Handshake(
+                    "an RDMA offer that is not the first bytes of an accepted connection".into(),
+                ));
+            }
+            let too_late = || {
+                CloseReason::Handshake(
+                    "frames were sent on the connection before its RDMA offer was read".into(),
+                )
+            };
+            if inner.wrote.load(Ordering::Relaxed) {
+                return Err(too_late());
+            }
+            let opened = if shared.cfg.rdma_messages == RdmaMessages::Off {
+                Err((
+                    RdmaRefusal::Disabled,
+                    "RDMA messages are off here".to_string(),
+                ))
+            } else if after > 0 {
+                Err((
+                    RdmaRefusal::BadOffer,
+                    format!("{after} bytes followed the offer before its answer"),
+                ))
+            } else {
+                match shared.rdma_device() {
+                    Ok(dev) => RdmaPipe::accept(dev, &hello),
+                    Err(e) => Err((RdmaRefusal::NoDevice, e)),
+                }
+            };
+            let w = inner.lock_write();
+            if inner.wrote.load(Ordering::Relaxed) || !w.queue.is_empty() {
+                return Err(too_late());
+            }
+            match opened {
+                Ok((pipe, answer)) => {
+                    write_now(&inner.stream, &answer.encode()).map_err(CloseReason::Io)?;
+                    let ring = pipe.ring_bytes();
+                    let _ = inner.pipe.set(MsgPipe::Rdma(Box::new(pipe)));
+                    drop(w);
+                    shared
+                        .stats
+                        .rdma_connections
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(conn = inner.id, peer = %inner.peer, ring, "frames move to RDMA (offer accepted)");
+                }
+                Err((why, detail)) => {
+                    write_now(&inner.stream, &RdmaHello::refuse(why).encode())
+                        .map_err(CloseReason::Io)?;
+                    inner.wrote.store(true, Ordering::Relaxed);
+                    drop(w);
+                    shared.stats.rdma_refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(conn = inner.id, peer = %inner.peer, reason = %detail, "refused an RDMA offer; the connection stays on TCP");
+                }
+            }
+            Ok(())
+        }
+        HelloKind::Accept | HelloKind::Refuse => {
+            let offer = {
+                let mut offered = inner.offered.lock();
+                match offered.take() {
+                    Some(Offered::Rdma(offer)) => offer,
+                    other => {
+                        *offered = other;
+                        return Err(CloseReason::Handshake(
+                            "an RDMA answer to an offer this side did not make".into(),
+                        ));
+                    }
+                }
+            };
+            let mut w = inner.lock_write();
+            w.hold = None;
+            if hello.kind == HelloKind::Accept {
+                // The peer moved already: a queue pair that cannot connect ends the
+                // connection (there is no going back to TCP).
+                let pipe = offer.complete(&hello).map_err(|e| {
+                    CloseReason::Handshake(format!("connecting the RDMA queue pair: {e}"))
+                })?;
+                pipe.mark_peer_ready().map_err(|e| {
+                    CloseReason::Handshake(format!("marking the peer's RDMA region ready: {e}"))
+                })?;
+                let ring = pipe.ring_bytes();
+                let _ = inner.pipe.set(MsgPipe::Rdma(Box::new(pipe)));
+                // The peer's loop may sleep without having asked for a doorbell.
+                inner.doorbell();
+                shared
+                    .stats
+                    .rdma_connections
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(conn = inner.id, peer = %inner.peer, ring, "frames move to RDMA (offer accepted by the peer)");
+            } else {
+                shared.stats.rdma_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(conn = inner.id, peer = %inner.peer, reason = RdmaRefusal::describe(hello.reason), "the peer refused RDMA; the connection stays on TCP");
+            }
             let flushed = conn.flush_locked(&mut w);
             drop(w);
             flushed.map(|_| ()).map_err(CloseReason::Io)
@@ -2092,6 +2383,25 @@ fn read_frames<H: Handler>(
                 }
                 if conn.0.pipe.get().is_some() {
                     // Past the hello, the socket carries only doorbells.
+                    rs.start = rs.end;
+                    break;
+                }
+                continue;
+            }
+            if bytes[rs.start..rs.start + 4] == RDMA_HELLO_MAGIC.to_le_bytes() {
+                // An RDMA hello where a frame would start.
+                if rs.end - rs.start < RDMA_HELLO_LEN {
+                    break;
+                }
+                let hello: [u8; RDMA_HELLO_LEN] = bytes[rs.start..rs.start + RDMA_HELLO_LEN]
+                    .try_into()
+                    .expect("length checked");
+                rs.start += RDMA_HELLO_LEN;
+                let first = std::mem::replace(&mut rs.fresh, false);
+                if let Err(reason) = on_rdma_hello(conn, &hello, first, rs.end - rs.start, shared) {
+                    return ReadOutcome::Close(reason);
+                }
+                if conn.0.pipe.get().is_some() {
                     rs.start = rs.end;
                     break;
                 }

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Args;
-use pserv_transport::{ShmMessages, TcpConfig};
+use pserv_transport::{RdmaMessages, ShmMessages, TcpConfig};
 
 use crate::base::error::EngineError;
 use crate::proto::ValueType;
@@ -21,12 +21,18 @@ pub const DEFAULT_SCHEDULER: &str = "127.0.0.1:9190";
 #[derive(Args, Clone, Debug)]
 pub struct NetArgs {
     /// Transport: `auto` (messages over shared memory between processes of one host,
-    /// TCP otherwise; dense one-sided windows over RDMA when both ends have a device,
-    /// shared memory on one host), `tcp` (everything over TCP), `shm` (messages and
-    /// windows over shared memory on one host) or `rdma` (windows over RDMA verbs;
-    /// messages over TCP: the verbs message path is not built yet).
+    /// over RDMA queue pairs between hosts that both have a device (builds with the
+    /// `rdma` feature), TCP otherwise; dense one-sided windows over RDMA when both ends
+    /// have a device, shared memory on one host), `tcp` (everything over TCP), `shm`
+    /// (messages and windows over shared memory on one host) or `rdma` (windows and
+    /// messages over RDMA verbs, with every peer; TCP where a peer has no device).
     #[arg(long, env = "PSERV_TRANSPORT", default_value = "auto")]
     pub transport: crate::onesided::TransportKind,
+    /// Move messages to RDMA queue pairs where `--transport` says so (`rdma`: every
+    /// peer; `auto`: peers on other hosts). `false` keeps messages on TCP (and shared
+    /// memory) while windows still use RDMA.
+    #[arg(long, env = "PSERV_RDMA_MESSAGES", default_value_t = true, action = clap::ArgAction::Set)]
+    pub rdma_messages: bool,
     /// Event-loop threads (default: one per core).
     #[arg(long, env = "PSERV_THREADS")]
     pub threads: Option<usize>,
@@ -52,11 +58,19 @@ impl NetArgs {
             cfg.threads = t;
         }
         cfg.shm_messages = self.message_path();
+        cfg.rdma_messages = self.rdma_message_path();
         tracing::info!(
             transport = %self.transport,
-            messages = match cfg.shm_messages {
-                ShmMessages::SameHost => "shared memory with peers on this host, TCP with others",
-                ShmMessages::Off => "TCP with every peer",
+            messages = match (cfg.shm_messages, cfg.rdma_messages) {
+                (ShmMessages::SameHost, RdmaMessages::Off) =>
+                    "shared memory with peers on this host, TCP with others",
+                (ShmMessages::SameHost, _) =>
+                    "shared memory with peers on this host, RDMA with others that have a device, else TCP",
+                (ShmMessages::Off, RdmaMessages::Off) => "TCP with every peer",
+                (ShmMessages::Off, RdmaMessages::OtherHosts) =>
+                    "RDMA with peers on other hosts that have a device, else TCP",
+                (ShmMessages::Off, RdmaMessages::AllPeers) =>
+                    "RDMA with every peer that has a device, else TCP",
             },
             "message path"
         );
@@ -67,8 +81,8 @@ impl NetArgs {
     }
 
     /// Where this node's messages travel to the peers on its host: shared memory with
-    /// `auto` and `shm`, TCP with `tcp` and with `rdma` (whose message path over verbs
-    /// does not exist yet; its windows still go over verbs).
+    /// `auto` and `shm`, not with `tcp` nor with `rdma` (whose messages go over verbs,
+    /// see [`rdma_message_path`](Self::rdma_message_path)).
     pub fn message_path(&self) -> ShmMessages {
         use crate::onesided::TransportKind;
         match self.transport {
@@ -77,10 +91,27 @@ impl NetArgs {
         }
     }
 
+    /// Which peers this node's messages travel to over RDMA queue pairs: every peer with
+    /// `rdma`, peers on other hosts with `auto` (in builds with the `rdma` feature; a
+    /// side without a device makes or takes no offer and stays on TCP), none with `tcp`,
+    /// `shm` or `--rdma-messages=false`.
+    pub fn rdma_message_path(&self) -> RdmaMessages {
+        use crate::onesided::TransportKind;
+        if !self.rdma_messages {
+            return RdmaMessages::Off;
+        }
+        match self.transport {
+            TransportKind::Rdma => RdmaMessages::AllPeers,
+            TransportKind::Auto if cfg!(feature = "rdma") => RdmaMessages::OtherHosts,
+            _ => RdmaMessages::Off,
+        }
+    }
+
     /// These flags as command-line arguments (to start child processes).
     pub fn to_args(&self) -> Vec<String> {
         let mut a = vec![
             format!("--transport={}", self.transport),
+            format!("--rdma-messages={}", self.rdma_messages),
             format!("--pin-cores={}", self.pin_cores),
             format!("--busy-poll-us={}", self.busy_poll_us),
             format!("--max-frame-mb={}", self.max_frame_mb),

@@ -32,6 +32,7 @@ fn same<T: std::fmt::Debug>(a: &T, b: &T) {
 fn net_all() -> NetArgs {
     NetArgs {
         transport: TransportKind::Shm,
+        rdma_messages: false,
         threads: Some(3),
         pin_cores: false,
         busy_poll_us: 7,
@@ -43,6 +44,7 @@ fn net_all() -> NetArgs {
 fn net_min() -> NetArgs {
     NetArgs {
         transport: TransportKind::Rdma,
+        rdma_messages: true,
         threads: None,
         pin_cores: true,
         busy_poll_us: 0,
@@ -258,6 +260,7 @@ fn pserv_local_gives_its_children_these_command_lines() {
     let plan = local.plan(Vec::new()).unwrap();
     let net = [
         "--transport=auto",
+        "--rdma-messages=true",
         "--pin-cores=true",
         "--busy-poll-us=100",
         "--max-frame-mb=512",

@@ -1033,6 +1033,9 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
         // The message path: connections moved to shared memory, offers refused.
         traffic.insert("shm_connections".into(), load(&t.shm_connections).into());
         traffic.insert("shm_refused".into(), load(&t.shm_refused).into());
+        // ... and to RDMA queue pairs.
+        traffic.insert("rdma_connections".into(), load(&t.rdma_connections).into());
+        traffic.insert("rdma_refused".into(), load(&t.rdma_refused).into());
         if job.compress != pserv_transport::compress::Codec::None {
             let (raw_out, wire_out) = (load(&t.values_raw_out), load(&t.values_wire_out));
             let (raw_in, wire_in) = (load(&t.values_raw_in), load(&t.values_wire_in));
