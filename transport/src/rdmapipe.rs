@@ -856,6 +856,7 @@ mod verbs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(feature = "rdma")]
     use std::io;
 
     /// A connected pair of pipes on the device named by `PSERV_RDMA_DEVICE`.
