@@ -281,7 +281,7 @@ fn lr_job_over_rdma_goes_on_over_tcp_when_a_queue_pair_fails() {
     ];
     let (s, stderr) = lr_folded_with(&dir, "rdma", &env);
     assert!(
-        stderr.contains("goes over TCP from now on"),
+        stderr.contains("go over TCP from now on"),
         "no window fell back: {stderr}"
     );
     assert_eq!(s["workers_finished"], 2, "{s}");
