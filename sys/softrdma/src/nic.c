@@ -22,9 +22,9 @@
  * (4.096 us * 2^timeout, retry_cnt retries, then IBV_WC_RETRY_EXC_ERR). A peer process
  * that dies closes its sockets, which is treated the same way.
  *
- * Memory. Payload leaves the initiator through a bounce buffer filled with
- * process_vm_readv on this process (a fault becomes an error completion, never a
- * crash); incoming payload is received straight into registered memory with recv(),
+ * Memory. Payload leaves the initiator (and a READ's responder) through a bounce buffer
+ * filled in ascending address order after process_vm_readv on this process proved the
+ * range readable (a fault becomes an error completion, never a crash; see copy_out); incoming payload is received straight into registered memory with recv(),
  * after the memory key is looked up again under the MR read lock (ibv_dereg_mr takes the
  * write lock, so after it returns no transfer touches the region).
  *
@@ -474,21 +474,47 @@ static struct soft_mr *remote_mr(struct soft_qp *qp, uint32_t rkey, uint64_t va,
 	return mr;
 }
 
-/* Copy `len` bytes at `addr` of this process into `dst`; 0, or EFAULT. */
+/* Copy `len` bytes from `src` to `dst` reading the source in ascending address order,
+ * one 64-byte source line after another: no piece crosses a line, and an acquire fence
+ * (a compiler barrier on x86, whose loads are not reordered with older loads) keeps
+ * each line's loads after the previous line's. This is how NICs DMA a READ in practice
+ * and what one-sided readers of versioned blocks assume (transport/src/onesided/
+ * seqlock.rs: a block's head version read before its payload, its tail after). The
+ * kernel's copy for process_vm_readv (rep movsb) promises no order, and glibc's memcpy
+ * loads a large copy's last lines first; either made the device hand torn blocks that
+ * validate. */
+static void ordered_copy(uint8_t *dst, const uint8_t *src, size_t len)
+{
+	while (len) {
+		size_t n = 64 - ((uintptr_t)src & 63);
+		if (n > len)
+			n = len;
+		if (n == 64)
+			__builtin_memcpy(dst, src, 64);
+		else
+			memcpy(dst, src, n);
+		__atomic_thread_fence(__ATOMIC_ACQUIRE);
+		dst += n;
+		src += n;
+		len -= n;
+	}
+}
+
+/* Copy `len` bytes at `addr` of this process into `dst`, in ascending address order
+ * (ordered_copy); 0, or EFAULT. process_vm_readv first proves the range readable (a
+ * fault becomes an error, never a crash); the ordered copy then overwrites what it
+ * read. */
 static int copy_out(void *dst, uint64_t addr, size_t len)
 {
 	if (!len)
 		return 0;
 	struct iovec l = {dst, len}, r = {(void *)(uintptr_t)addr, len};
 	ssize_t n = process_vm_readv(getpid(), &l, 1, &r, 1, 0);
-	if (n == (ssize_t)len)
-		return 0;
-	if (n < 0 && errno != EFAULT) {
-		/* Some sandboxes refuse even this (seccomp); fall back to a plain copy. */
-		memcpy(dst, (void *)(uintptr_t)addr, len);
-		return 0;
-	}
-	return EFAULT;
+	if (n != (ssize_t)len && !(n < 0 && errno != EFAULT))
+		return EFAULT;
+	/* Readable (or a sandbox refuses the call itself, seccomp: then trusted as mapped). */
+	ordered_copy(dst, (const uint8_t *)(uintptr_t)addr, len);
+	return 0;
 }
 
 static int copy_in(uint64_t addr, const void *src, size_t len)

@@ -1152,7 +1152,16 @@ mod tests {
         let remote = peer.attach(&p2o, &desc).unwrap();
         let mut buf = peer.register(layout.physical_len()).unwrap();
         let stop = AtomicBool::new(false);
+        // Stops the writer however the reader ends (a failed check must not leave the
+        // scope waiting for it forever).
+        struct StopOnDrop<'a>(&'a AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
         std::thread::scope(|s| {
+            let _stop = StopOnDrop(&stop);
             s.spawn(|| {
                 let lock = Seqlock::new(layout, &store).unwrap();
                 let mut v = 0u8;
