@@ -12,10 +12,12 @@
 //! pull until every live worker has reached that clock on the pulled ranges, and, for
 //! *ordered* (sequential) pushes, applies them on every key range in (clock, worker rank)
 //! order, after the pulls of their clock: the applied sequence of every key is then the
-//! same in every run, so sequential runs give bitwise-identical models. When a server
-//! fails mid-run and another takes over its ranges (see [`ClockGate`]), the new head
-//! starts with its own clocks for them, not the failed head's: pushes of one clock may
-//! then apply there in another order (an open finding of the simulation).
+//! same in every run, so sequential runs give bitwise-identical models, also when a
+//! server fails mid-run and another takes over its ranges: a resent piece of a push
+//! moves no clock (`server/admit.rs`), the worker's next sequential request does. The
+//! new head starts with its own clocks for the ranges, not the failed head's; with
+//! several faults in a row gates can then wait on each other (an open finding of the
+//! simulation: liveness, not order).
 //!
 //! Both are plain state machines: no sockets, no threads, no time. The caller carries out
 //! the [`Action`]s they return, in order.

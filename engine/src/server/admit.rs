@@ -62,6 +62,12 @@ pub(crate) fn admit<P>(
         let first = origin == 0 || proto::segment_of(req.timestamp) + 1 == origin;
         let scope = if first && !req.is_range {
             table.ranges_of(me)
+        } else if req.ordered && !req.is_range {
+            // A resent piece of a key list may carry only some of the task's keys in
+            // the table ranges it writes (another piece with the rest may still be on
+            // its way, or refused and waiting): it moves no clock. The worker's next
+            // sequential request says the whole task finished (`completed`).
+            Vec::new()
         } else {
             ranges.clone()
         };

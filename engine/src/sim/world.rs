@@ -198,10 +198,13 @@ impl SimConfig {
 /// `All` is every fault with every consistency model. `Checked` (what CI runs) leaves
 /// out, under sequential and bounded-delay consistency, the faults that give a range a
 /// new head (server crash, isolation, join, leave): the clock gate's per-range clocks
-/// live in each server and are not handed over with a range, so a new head admits a
-/// clocked push out of its (clock, rank) turn, or waits for a clock it will never see.
-/// That is an open finding of the simulation (`sim_seeds_all_faults` shows it); with
-/// eventual consistency every fault is in both mixes.
+/// live in each server and are not handed over with a range. Under sequential
+/// consistency a new head no longer answers a pull early (a resent piece moves no clock),
+/// but with several faults in a row gates can wait on each other for a clock they will
+/// never see (a hang); under bounded delay a worker's first message of a clock to a new
+/// head moves its clock there past a push of an older clock still being resent (a pull
+/// answered early). Those are open findings of the simulation (`sim_seeds_all_faults`
+/// shows them); with eventual consistency every fault is in both mixes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mix {
     /// What CI runs.
