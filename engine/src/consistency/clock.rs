@@ -356,6 +356,20 @@ impl<P> ClockGate<P> {
         out
     }
 
+    /// Every key of `worker`'s push of clock `t` in `scope` is held here (its worker said
+    /// so; a sequential push follows its pull of `t`): its clock rises to `t` on `scope`.
+    pub fn reached(&mut self, worker: usize, t: u64, scope: &[KeyRange]) -> Vec<Action<P>> {
+        let mut out = Vec::new();
+        if worker >= self.pushes.len() || t == 0 {
+            return out;
+        }
+        self.clock.raise(scope, worker, t);
+        self.passed[worker] = self.passed[worker].max(t);
+        self.drain_pushes(&mut out);
+        self.release_pulls(&mut out);
+        out
+    }
+
     /// `worker` left (its connection closed): it no longer holds anybody back. Its pushes
     /// that arrived still apply, in their turn.
     pub fn retire(&mut self, worker: usize) -> Vec<Action<P>> {
@@ -540,6 +554,33 @@ mod tests {
         assert!(g.completed(1, 2).is_empty());
         // Worker 2 leaves: worker 0's push of clock 2 goes through.
         assert_eq!(g.retire(2), vec![Action::Apply("w0t2")]);
+    }
+
+    /// A resent piece (empty scope) moves no clock; `reached` on a range moves it there
+    /// only, releasing what waited for it there.
+    #[test]
+    fn a_resent_piece_moves_no_clock_until_its_range_is_reached() {
+        let mut g = ClockGate::new(r(0, 20), 2);
+        // Worker 0's resent piece of clock 1 writes [0, 10) and moves nothing.
+        assert_eq!(
+            g.push(0, 1, v(0, 10), Vec::new(), true, "w0 piece"),
+            Vec::new(),
+            "worker 1 has not pushed clock 1: its pull may still come"
+        );
+        assert_eq!(
+            g.push(1, 1, v(0, 10), v(0, 20), true, "w1"),
+            vec![Action::Apply("w0 piece")]
+        );
+        // Worker 1's push waits: worker 0's clock on [0, 10) is still 0.
+        assert_eq!(g.held_pushes(), 1);
+        assert_eq!(g.pull(1, v(0, 10), "pull low"), None);
+        // Worker 0's keys here are all in on [10, 20) only: nothing is released.
+        assert!(g.reached(0, 1, &v(10, 20)).is_empty());
+        assert_eq!(
+            g.reached(0, 1, &v(0, 10)),
+            vec![Action::Apply("w1"), Action::Answer("pull low")]
+        );
+        assert_eq!(g.clock().min(r(0, 20)), 1);
     }
 
     #[test]

@@ -311,6 +311,17 @@ pub enum Control {
         /// The clock every push of the worker up to which is acknowledged.
         clock: u64,
     },
+    /// Worker to a server, while a sequential push of `clock` whose keys were partly
+    /// resent is still open elsewhere: every key of it that this server heads under
+    /// routing-table `epoch` is acknowledged. The server moves the worker's clock up to
+    /// `clock` on its ranges (when it is at `epoch`): the resent pieces moved it nowhere,
+    /// and waiting for [`Control::Completed`] could wait on a gate that waits on this one.
+    CompletedHere {
+        /// The push's clock.
+        clock: u64,
+        /// The routing-table epoch whose ranges of this server the notice speaks of.
+        epoch: u64,
+    },
     /// Internal to a worker (never sent): the scheduler connection is back after a restart;
     /// a barrier in progress is asked for again.
     SchedulerBack,

@@ -75,3 +75,19 @@ pub(crate) fn admit<P>(
     }
     actions
 }
+
+/// A worker's [`proto::Control::CompletedHere`] for its sequential push of `clock`: every
+/// key of it that server `me` heads under routing-table `epoch` is acknowledged, so its
+/// clock rises to `clock` on the ranges `table` gives `me`. Nothing when `table` is at
+/// another epoch (the notice speaks of other ranges).
+pub(crate) fn completed_here<P>(
+    gate: &mut ClockGate<P>,
+    table: &Partition,
+    me: usize,
+    (worker, clock, epoch): (usize, u64, u64),
+) -> Vec<Action<P>> {
+    if table.epoch() != epoch {
+        return Vec::new();
+    }
+    gate.reached(worker, clock, &table.ranges_of(me))
+}

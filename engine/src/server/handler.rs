@@ -14,7 +14,7 @@ use crate::consistency::clock::{Action, ClockGate};
 use crate::proto::{self, Control, Status};
 use crate::replication::{EntryStore, KeysRef};
 
-use super::admit::{admit, Clocked};
+use super::admit::{admit, completed_here, Clocked};
 use super::keys::resolve;
 use super::route::{route, stale_epoch, touched_ranges, Refusal};
 use super::serve::{answer_request, non_finite};
@@ -60,6 +60,27 @@ impl Handler for ServerHandler {
                                 Some(WorkerRank(w)) if w < ready.workers => {
                                     let mut gate = ready.clocks.lock();
                                     let actions = gate.completed(w as usize, clock);
+                                    run_actions(&self.core, ready, &mut gate, actions);
+                                }
+                                _ => {
+                                    tracing::warn!(peer = %conn.peer_addr(), sender = h.sender, "clock notice from a node that is not a worker; ignored")
+                                }
+                            }
+                        }
+                    }
+                    Ok(Control::CompletedHere { clock, epoch }) => {
+                        if let Some(ready) = self.core.ready.get() {
+                            match worker_of(ready, h.sender) {
+                                Some(WorkerRank(w)) if w < ready.workers => {
+                                    let mut gate = ready.clocks.lock();
+                                    let table = ready.table.read().clone();
+                                    let me = ready.rank as usize;
+                                    let actions = completed_here(
+                                        &mut gate,
+                                        &table,
+                                        me,
+                                        (w as usize, clock, epoch),
+                                    );
                                     run_actions(&self.core, ready, &mut gate, actions);
                                 }
                                 _ => {

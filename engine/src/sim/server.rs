@@ -21,7 +21,7 @@ use crate::placement::Partition;
 use crate::proto::{self, ClusterInfo, Control, Role, Status};
 use crate::replication::core::{Output, ReplicationCore};
 use crate::replication::{AnswerId, HeldPart, KeysRef, ReplicationConfig};
-use crate::server::admit::{admit, Clocked};
+use crate::server::admit::{admit, completed_here, Clocked};
 use crate::server::route::{route, stale_epoch, touched_ranges, unheld_keys, Refusal};
 use crate::server::switch::{switch_table, Switched};
 
@@ -392,6 +392,15 @@ impl SimServer {
                 // The real server reads the worker from the frame's sender (node id).
                 if w < ready.workers {
                     let actions = ready.gate.completed(w as usize, clock);
+                    self.run_actions(ctx, actions);
+                }
+            }
+            (Control::CompletedHere { clock, epoch }, Addr::Worker(w)) => {
+                if w < ready.workers {
+                    let table = ready.table.clone();
+                    let me = self.rank as usize;
+                    let actions =
+                        completed_here(&mut ready.gate, &table, me, (w as usize, clock, epoch));
                     self.run_actions(ctx, actions);
                 }
             }

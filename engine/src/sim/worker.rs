@@ -18,7 +18,9 @@ use crate::worker::push_pull::{clocked_write, request_header};
 use crate::worker::request::Request;
 use crate::worker::retry::Failure;
 use crate::worker::state::in_table;
-use crate::worker::tasks::{completed_notice, judge_answer, Outcome, SegState, TaskState};
+use crate::worker::tasks::{
+    completed_here_notices, completed_notice, judge_answer, Outcome, SegState, TaskState,
+};
 use crate::worker::Timestamp;
 
 use super::net::{Addr, ConnId, Msg, Timer};
@@ -435,6 +437,7 @@ impl SimWorker {
             ts,
             SimTask {
                 st: TaskState {
+                    noticed: Vec::new(),
                     segments,
                     error: None,
                     waiter: None,
@@ -523,6 +526,7 @@ impl SimWorker {
     ) {
         let (ts, seg) = (task_of(stamp), segment_of(stamp));
         let now = self.now(ctx);
+        let table = self.table.clone();
         let Some(t) = self.tasks.get_mut(&ts) else {
             return;
         };
@@ -536,6 +540,16 @@ impl SimWorker {
         match judge(t, seg) {
             Outcome::Done => {
                 t.st.segments[seg].state = SegState::Done;
+                let notices = match (&table, t.remaining > 1) {
+                    (Some(table), true) => completed_here_notices(&mut t.st, table),
+                    _ => Vec::new(),
+                };
+                let me = self.me();
+                for (s, notice) in notices {
+                    if let Some(Some(c)) = self.servers.get(s as usize) {
+                        ctx.net.send(*c, me, Msg::Control(notice));
+                    }
+                }
                 self.count_off(ctx, ts, 1);
             }
             Outcome::Retry(failure) => {

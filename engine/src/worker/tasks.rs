@@ -17,6 +17,7 @@ use pserv_transport::{Conn, OutFrame, OwnedFrame};
 use crate::base::error::EngineError;
 use crate::base::value::Value;
 use crate::consistency::Gate;
+use crate::placement::Partition;
 use crate::proto::{segment_of, task_of, Control, Status};
 
 use super::config::TaskOpts;
@@ -84,7 +85,58 @@ pub(crate) fn completed_notice(st: &TaskState) -> Option<(Control, u32)> {
         .then_some((Control::Completed { clock: h.clock }, h.sender))
 }
 
+/// The [`Control::CompletedHere`] notices a sequential clocked push with resent keys
+/// calls for while it is still open (after one of its segments was acknowledged): one
+/// to each head of `table` none of whose keys of the task is still unacknowledged (a
+/// segment sent or waiting for a resend), once per head and epoch (`st.noticed`). The
+/// first message a server got moved the worker's clock there only under the table it
+/// was routed with, and a resent piece moves none; without this a server that got all
+/// its keys could hold the others' pushes until the whole task finished, while the task
+/// waits on a server whose gate waits on those others.
+pub(crate) fn completed_here_notices(st: &mut TaskState, table: &Partition) -> Vec<(u32, Control)> {
+    let Some(req) = st.request.clone() else {
+        return Vec::new();
+    };
+    let h = &req.header;
+    let sequential_push =
+        h.kind == MessageKind::Push as u8 && h.clock > 0 && h.flags & FLAG_ORDERED != 0;
+    let resent = st.segments.iter().enumerate().any(|(i, s)| i != s.origin);
+    if !(sequential_push && resent && st.error.is_none() && st.started) {
+        return Vec::new();
+    }
+    let mut busy = std::collections::BTreeSet::new();
+    for s in &st.segments {
+        if matches!(s.state, SegState::Done) || s.runs.is_empty() {
+            continue;
+        }
+        busy.extend(
+            req.split(table, &s.runs)
+                .into_iter()
+                .map(|(server, _)| server),
+        );
+    }
+    let epoch = table.epoch();
+    let heads: std::collections::BTreeSet<u32> = table.owners().iter().copied().collect();
+    let mut out = Vec::new();
+    for s in heads {
+        if busy.contains(&s) || st.noticed.contains(&(s, epoch)) {
+            continue;
+        }
+        st.noticed.push((s, epoch));
+        out.push((
+            s,
+            Control::CompletedHere {
+                clock: h.clock,
+                epoch,
+            },
+        ));
+    }
+    out
+}
+
 pub(crate) struct TaskState {
+    /// The heads (and epochs) told [`Control::CompletedHere`] for this task.
+    pub(crate) noticed: Vec<(u32, u64)>,
     pub(crate) segments: Vec<Segment>,
     pub(crate) error: Option<EngineError>,
     pub(crate) waiter: Option<Thread>,
@@ -230,7 +282,15 @@ impl Core {
         match settle(&mut st, seg) {
             Outcome::Done => {
                 st.segments[seg].state = SegState::Done;
+                let table = self.table();
+                let notices = if task.remaining.load(Ordering::Acquire) > 1 {
+                    completed_here_notices(&mut st, &table)
+                } else {
+                    Vec::new()
+                };
+                let sender = st.request.as_ref().map_or(0, |r| r.header.sender);
                 self.count_off(ts, &task, st, 1);
+                self.send_notices(notices, sender);
             }
             Outcome::Retry(failure) => {
                 tracing::debug!(server, ts, seg, ?failure, "segment failed; will resend");
@@ -288,6 +348,19 @@ impl Core {
             }
         }
         self.task_done(ts);
+    }
+
+    /// Send each server its [`Control::CompletedHere`] (a server that is gone needs none).
+    fn send_notices(&self, notices: Vec<(u32, Control)>, sender: u32) {
+        if notices.is_empty() {
+            return;
+        }
+        let servers = self.servers.read();
+        for (s, notice) in notices {
+            if let Some(Some(c)) = servers.get(s as usize) {
+                let _ = c.send(notice.to_frame(sender));
+            }
+        }
     }
 
     /// Task `ts` finished: tell the gate and start what it releases.
@@ -399,6 +472,7 @@ impl Worker {
             let task = Arc::new(Task {
                 remaining: AtomicUsize::new(segments.len()),
                 state: Mutex::new(TaskState {
+                    noticed: Vec::new(),
                     segments,
                     error,
                     waiter: None,

@@ -20,7 +20,7 @@ use crate::proto::{request_timestamp, segment_of, task_of, Status, MAX_SEGMENTS}
 use super::request::{split_key_runs, split_range_runs, Request};
 use super::retry::{Failure, RETRY_DELAY};
 use super::state::Core;
-use super::tasks::{Outcome, SegState, Segment, Task, TaskState};
+use super::tasks::{completed_here_notices, Outcome, SegState, Segment, Task, TaskState};
 use super::{Pulled, Shared};
 use crate::placement::ring::Ring;
 use crate::proto::TASK_BITS;
@@ -70,6 +70,7 @@ fn pull_header() -> Header {
 
 fn task_state(request: Request, segments: Vec<Segment>) -> TaskState {
     TaskState {
+        noticed: Vec::new(),
         segments,
         error: None,
         waiter: None,
@@ -439,4 +440,59 @@ fn answers_settle_their_segment_and_only_newer_tables_install() {
         task.remaining.load(Ordering::Acquire),
         n - 1 + st.segments.len() - n
     );
+}
+
+/// A sequential push whose server-1 keys were resent to the others: each head hears
+/// `CompletedHere` once none of its keys of the task is unacknowledged, once per epoch,
+/// and not before; a push with nothing resent, or not sequential, sends none.
+#[test]
+fn completed_here_goes_to_each_head_once_its_keys_are_acknowledged() {
+    use crate::proto::Control;
+    use pserv_transport::wire::FLAG_ORDERED;
+    let (old, new) = tables();
+    let keys = spread(300);
+    let mut h = Header::new(MessageKind::Push, 7, 0);
+    h.dtype = DType::F32 as u8;
+    h.value_len = 1;
+    h.clock = 4;
+    h.flags |= FLAG_ORDERED;
+    let values: Shared<f32> = vec![1.0f32; keys.len()].into();
+    let req = Request::keyed::<f32>(h, 1, true, keys.clone().into(), Some(values));
+    let plan = req.first_plan(&old, &[0, 1, 2]);
+    let (segments, _) = req.messages(&old, 5, 0, plan);
+    let mut st = task_state(req, segments);
+    assert!(
+        completed_here_notices(&mut st, &new).is_empty(),
+        "nothing resent: the first messages moved the clocks"
+    );
+    let t0 = Instant::now();
+    st.park(1, Failure::Disconnected { server: 1 }, t0);
+    let r = st.resend_due(5, &new, t0, Duration::from_secs(60), &|_| true);
+    let resent: Vec<u32> = r.sends.iter().map(|(s, _)| *s).collect();
+    assert_eq!(resent, vec![0, 2], "server 1's keys went to both others");
+    // Server 0's first message is answered: server 0 still waits for a resent piece.
+    st.segments[0].state = SegState::Done;
+    assert!(completed_here_notices(&mut st, &new).is_empty());
+    // Its resent piece is answered too: server 0 (only) hears it, once.
+    let to0 = st.segments.iter().rposition(|s| s.server == 0).unwrap();
+    st.segments[to0].state = SegState::Done;
+    let n = completed_here_notices(&mut st, &new);
+    assert_eq!(
+        n,
+        vec![(
+            0,
+            Control::CompletedHere {
+                clock: 4,
+                epoch: new.epoch()
+            }
+        )]
+    );
+    assert!(completed_here_notices(&mut st, &new).is_empty(), "once");
+    // Not sequential: nothing.
+    st.noticed.clear();
+    let mut plain = st.request.take().unwrap().header;
+    plain.flags &= !FLAG_ORDERED;
+    let keys2: Shared<Key> = keys.clone().into();
+    st.request = Some(Arc::new(Request::keyed::<f32>(plain, 1, true, keys2, None)));
+    assert!(completed_here_notices(&mut st, &new).is_empty());
 }
