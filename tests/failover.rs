@@ -582,3 +582,90 @@ fn a_restarted_scheduler_rebuilds_its_view_from_the_nodes() {
             .unwrap();
     assert_eq!(summary["failovers"], 1, "{summary}");
 }
+
+/// Roles started by hand, as the reproduction did: a scheduler, 2 servers with
+/// `--replicas 1` and 2 `pserv worker` processes training the LR job with sequential
+/// consistency. Without a restart, and with the scheduler SIGKILLed mid-training and
+/// restarted with `--recover` 0.5 s later: both workers ride the restart out (they
+/// rejoin and resend what they had to tell it), the job finishes, and the model is the
+/// model of the undisturbed run bit for bit.
+#[test]
+fn a_scheduler_sigkilled_mid_training_and_restarted_keeps_the_job_and_its_model() {
+    let dir = Scratch::new("sched-restart");
+    let clean = roles_job(&dir.path("clean"), false);
+    let restarted = roles_job(&dir.path("restarted"), true);
+    assert!(clean.len() > 5000, "only {} keys trained", clean.len());
+    assert_eq!(clean.len(), restarted.len(), "the same keys are trained");
+    let same = clean
+        .iter()
+        .filter(|(k, w)| restarted.get(k) == Some(w))
+        .count();
+    assert_eq!(
+        same,
+        clean.len(),
+        "weights differ from the undisturbed run after the scheduler restart"
+    );
+}
+
+/// Run the job of the test above (its model dumped under `dump`); `restart`: SIGKILL
+/// the scheduler 1 s into training and start it again with `--recover` 0.5 s later.
+fn roles_job(dump: &Path, restart: bool) -> BTreeMap<u64, u32> {
+    std::fs::create_dir_all(dump).unwrap();
+    let dump_flag = format!("--dump-model={}", dump.display());
+    let mut c = Cluster::start_with(2, 2, &["--replicas=1"], &[dump_flag.as_str()]);
+    for r in 0..2 {
+        let mut a: Vec<String> = vec![
+            "worker".into(),
+            format!("--scheduler={}", c.scheduler),
+            format!("--rank={r}"),
+        ];
+        a.extend(
+            [
+                "--examples=60000",
+                "--features=30000",
+                "--epochs=4",
+                "--seed=5",
+                "--lr=1",
+                "--consistency=sequential",
+            ]
+            .map(String::from),
+        );
+        a.extend(common::net_flags());
+        c.procs.spawn(&format!("worker {r}"), &a);
+    }
+    if restart {
+        std::thread::sleep(Duration::from_millis(1000));
+        let sched = c
+            .procs
+            .0
+            .iter_mut()
+            .find(|(n, _)| n == "scheduler")
+            .map(|(_, ch)| ch)
+            .unwrap();
+        assert!(
+            sched.try_wait().unwrap().is_none(),
+            "the job ended before the scheduler was killed: make it longer"
+        );
+        common::kill(&mut c, "scheduler");
+        c.procs.0.retain(|(n, _)| n != "scheduler");
+        std::thread::sleep(Duration::from_millis(500));
+        let mut a = vec![
+            "scheduler".to_string(),
+            format!("--listen={}", c.scheduler),
+            "--servers=2".into(),
+            "--workers=2".into(),
+            "--replicas=1".into(),
+            "--recover".into(),
+            format!(
+                "--summary-json={}",
+                c.scratch.path("summary2.json").display()
+            ),
+        ];
+        a.extend(common::net_flags());
+        c.procs.spawn("scheduler 2", &a);
+    }
+    // Every process ends by itself: the workers when trained, the scheduler when they
+    // are done, the servers (dumping their ranges) when it stops them.
+    c.procs.wait_all(Duration::from_secs(120));
+    merged_model(dump)
+}

@@ -983,11 +983,15 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
                 note_eval(eval.logloss, started.elapsed().as_secs_f64(), &mut curve);
             }
             if reported_at.elapsed() >= PROGRESS_EVERY {
-                worker.tell_scheduler(Control::Progress {
+                // Progress is worth no stall: while the scheduler restarts, training goes
+                // on and the count is reported to the restarted one.
+                let sent = worker.tell_scheduler_now(Control::Progress {
                     done: unreported,
                     total,
-                })?;
-                unreported = 0;
+                });
+                if sent.is_ok() {
+                    unreported = 0;
+                }
                 reported_at = Instant::now();
             }
         }

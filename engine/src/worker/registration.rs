@@ -22,14 +22,41 @@ use super::state::Core;
 use super::Worker;
 
 impl Core {
-    /// Send to the scheduler (over the current connection).
-    fn to_scheduler(&self, msg: &Control, sender: u32) -> Result<(), EngineError> {
+    /// Send to the scheduler over the current connection, once.
+    fn to_scheduler_now(&self, msg: &Control, sender: u32) -> Result<(), EngineError> {
         let conn = self
             .sched
             .lock()
             .clone()
             .ok_or(EngineError::SchedulerGone)?;
         Ok(conn.send(msg.to_frame(sender))?)
+    }
+
+    /// Send to the scheduler; when the connection is gone, wait (up to the grace a
+    /// restarted scheduler has, see [`scheduler_lost`](Self::scheduler_lost)) for a
+    /// restarted scheduler's connection and send there.
+    fn to_scheduler(&self, msg: &Control, sender: u32) -> Result<(), EngineError> {
+        let gen = self.sched_gen.load(Ordering::Acquire);
+        let err = match self.to_scheduler_now(msg, sender) {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        let Some(&(addr, _, _, grace)) = self.sched_info.get() else {
+            return Err(err);
+        };
+        // The rejoin thread starts when the handler sees the connection close, which
+        // may come a moment after a failed send: wait for a newer connection.
+        let deadline = Instant::now() + grace + Duration::from_secs(1);
+        tracing::info!(scheduler = %addr, error = %err, "the scheduler is not reachable; waiting for it to come back");
+        while Instant::now() < deadline && !self.stop.load(Ordering::Acquire) {
+            if self.sched_gen.load(Ordering::Acquire) != gen {
+                return self.to_scheduler_now(msg, sender);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(EngineError::Timeout(format!(
+            "the scheduler at {addr} did not come back within {grace:?} ({err})"
+        )))
     }
 
     /// The scheduler's connection closed before the job was over: look for a restarted
@@ -63,6 +90,7 @@ impl Core {
                     let connect = |addr, timeout| connector.connect(addr, timeout);
                     if let Some(conn) = rejoin::rejoin(connect, addr, Holder::Worker, report) {
                         *core.sched.lock() = Some(conn);
+                        core.sched_gen.fetch_add(1, Ordering::AcqRel);
                         let _ = core.control.send(Control::SchedulerBack);
                         return;
                     }
@@ -205,9 +233,16 @@ impl Worker {
         })
     }
 
-    /// Send a control message to the scheduler (progress, log lines, summaries).
+    /// Send a control message to the scheduler (log lines, summaries); while a
+    /// restarted scheduler is awaited, wait for it (bounded by the rejoin grace).
     pub fn tell_scheduler(&self, msg: Control) -> Result<(), EngineError> {
         self.core.to_scheduler(&msg, self.node_id)
+    }
+
+    /// [`tell_scheduler`](Self::tell_scheduler) without waiting: an error when the
+    /// scheduler connection is down now (for messages worth no stall, like progress).
+    pub fn tell_scheduler_now(&self, msg: Control) -> Result<(), EngineError> {
+        self.core.to_scheduler_now(&msg, self.node_id)
     }
 
     /// Report that this worker is done and disconnect. Does not wait for the other

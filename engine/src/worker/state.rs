@@ -34,6 +34,8 @@ pub(super) struct Core {
     /// Where the scheduler is, who this worker is (rank, node id), and how long to look
     /// for a restarted scheduler.
     pub(super) sched_info: std::sync::OnceLock<(SocketAddr, u32, u32, Duration)>,
+    /// Bumped each time a restarted scheduler's connection replaces `sched`.
+    pub(super) sched_gen: AtomicU64,
     /// Barriers passed (a restarted scheduler learns it).
     pub(super) barriers_passed: AtomicU64,
     /// The job is over (the scheduler said so): a closed scheduler connection is expected.
@@ -69,6 +71,7 @@ impl Core {
             connector: std::sync::OnceLock::new(),
             sched: Mutex::new(None),
             sched_info: std::sync::OnceLock::new(),
+            sched_gen: AtomicU64::new(0),
             barriers_passed: AtomicU64::new(0),
             over: AtomicBool::new(false),
             table: RwLock::new(None),
