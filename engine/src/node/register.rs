@@ -100,9 +100,6 @@ pub(crate) fn register(
     answers: &Receiver<Control>,
     how: &Registration,
 ) -> Result<Welcome, EngineError> {
-    // No node id yet: the hello goes out as 0.
-    conn.send(how.hello.to_control().to_frame(0))?;
-    let deadline = std::time::Instant::now() + how.timeout;
     let closed = || {
         EngineError::Registration(format!(
             "the connection to {} closed before it answered the registration (is a pserv \
@@ -110,6 +107,12 @@ pub(crate) fn register(
             how.scheduler
         ))
     };
+    // No node id yet: the hello goes out as 0. A peer that is no scheduler may have
+    // made the connection close already (its first bytes were no frame): the same error.
+    if conn.send(how.hello.to_control().to_frame(0)).is_err() {
+        return Err(closed());
+    }
+    let deadline = std::time::Instant::now() + how.timeout;
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         // Looked at every tick, so a closed connection (a peer that is not a scheduler,
