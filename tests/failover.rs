@@ -669,3 +669,56 @@ fn roles_job(dump: &Path, restart: bool) -> BTreeMap<u64, u32> {
     c.procs.wait_all(Duration::from_secs(120));
     merged_model(dump)
 }
+
+/// `pserv local` restarts a scheduler that dies (`--kill-scheduler-after` SIGKILLs it
+/// mid-training) with `--recover` on the same address; the servers and workers ride it
+/// out, and the job ends with the model of the run without the restart, bit for bit
+/// (sequential consistency).
+#[test]
+fn pserv_local_restarts_a_killed_scheduler_and_the_model_is_unchanged() {
+    let dir = Scratch::new("local-sched-restart");
+    let run = |name: &str, extra: &[&str]| -> (BTreeMap<u64, u32>, String) {
+        let dump = dir.path(name);
+        std::fs::create_dir_all(&dump).unwrap();
+        let out = Command::new(pserv())
+            .arg("local")
+            .args([
+                "--servers=2",
+                "--workers=2",
+                "--examples=120000",
+                "--features=30000",
+                "--epochs=6",
+                "--seed=5",
+                "--lr=1",
+                "--consistency=sequential",
+                "--replicas=1",
+                "--threads=2",
+                "--pin-cores=false",
+                "--timeout-secs=120",
+            ])
+            .args(extra)
+            .arg(format!("--dump-model={}", dump.display()))
+            .output()
+            .expect("pserv runs");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "pserv local {extra:?} failed: {err}");
+        (merged_model(&dump), err)
+    };
+    let (clean, _) = run("clean", &[]);
+    let (restarted, err) = run("restarted", &["--kill-scheduler-after=0.8"]);
+    assert!(
+        err.contains("restarted it with --recover"),
+        "the scheduler was not killed mid-job (make the job longer): {err}"
+    );
+    assert!(clean.len() > 5000, "only {} keys trained", clean.len());
+    assert_eq!(clean.len(), restarted.len());
+    let same = clean
+        .iter()
+        .filter(|(k, w)| restarted.get(k) == Some(w))
+        .count();
+    assert_eq!(
+        same,
+        clean.len(),
+        "weights differ after the scheduler restart"
+    );
+}

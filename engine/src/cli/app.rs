@@ -101,6 +101,10 @@ pub(super) struct LocalArgs {
     /// --skip-departed).
     #[arg(long)]
     kill_worker_after: Option<f64>,
+    /// SIGKILL the scheduler this many seconds after the workers started (the launcher
+    /// restarts it with --recover on the same address, and the job goes on).
+    #[arg(long)]
+    kill_scheduler_after: Option<f64>,
     /// Start one more server this many seconds after the workers started; it joins
     /// the running cluster (`pserv server --join`).
     #[arg(long)]
@@ -132,6 +136,7 @@ impl LocalArgs {
             kill_server_after,
             kill_server,
             kill_worker_after,
+            kill_scheduler_after,
             add_server_after,
             add_worker_after,
             repl,
@@ -169,6 +174,7 @@ impl LocalArgs {
             },
             kill_worker: after("--kill-worker-after", kill_worker_after)?
                 .map(|d| (cluster.workers - 1, d)),
+            kill_scheduler: after("--kill-scheduler-after", kill_scheduler_after)?,
             add_worker: after("--add-worker-after", add_worker_after)?,
             add_server: after("--add-server-after", add_server_after)?,
             cluster,

@@ -59,6 +59,9 @@ pub struct LocalPlan {
     /// its data shard passes to the others from the next epoch. Its death does not fail
     /// the run.
     pub kill_worker: Option<(u32, Duration)>,
+    /// SIGKILL the scheduler this long after the workers started
+    /// (`--kill-scheduler-after`): the launcher restarts it with `--recover`.
+    pub kill_scheduler: Option<Duration>,
     /// Start one more server (`server --join`) this long after the workers started
     /// (`--add-server-after`).
     pub add_server: Option<Duration>,
@@ -78,6 +81,7 @@ impl LocalPlan {
             cluster: self.cluster.clone(),
             update: self.update,
             progress: true,
+            recover: false,
             net: self.net.clone(),
         }
     }
@@ -253,7 +257,9 @@ fn run_in(
                 .iter()
                 .map(|(r, d)| (format!("worker {r}"), *d)),
         )
+        .chain(plan.kill_scheduler.map(|d| ("scheduler".to_string(), d)))
         .collect();
+    let mut restarts = 0u32;
     let mut add = plan.add_server;
     let mut add_worker = plan.add_worker;
     while procs.0.iter().any(|p| p.status.is_none()) {
@@ -287,7 +293,15 @@ fn run_in(
         kills.retain(|(_, after)| workers_started.elapsed() < *after);
         for (name, after) in due {
             if let Some(p) = procs.0.iter_mut().find(|p| p.name == name) {
-                if p.status.is_none() {
+                if p.status.is_none() && name == "scheduler" {
+                    // Reaped (and restarted) below, as any scheduler that dies.
+                    let _ = p.child.kill();
+                    eprintln!(
+                        "pserv local: killed the scheduler (pid {}) with SIGKILL {:.2} s after the workers started",
+                        p.child.id(),
+                        after.as_secs_f64()
+                    );
+                } else if p.status.is_none() {
                     let pid = p.child.id();
                     let _ = p.child.kill();
                     if let Ok(st) = p.child.wait() {
@@ -300,6 +314,13 @@ fn run_in(
                 }
             }
         }
+        restart_dead_scheduler(
+            plan,
+            &mut procs,
+            addr,
+            (&port_file, &summary),
+            &mut restarts,
+        )?;
         check(&mut procs, deadline, signals)?;
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -309,6 +330,58 @@ fn run_in(
     })?;
     serde_json::from_str(&text)
         .map_err(|e| EngineError::Config(format!("malformed job summary: {e}")))
+}
+
+/// How many times one run restarts a scheduler that died.
+pub const MAX_SCHEDULER_RESTARTS: u32 = 3;
+
+/// A scheduler that died by a signal (SIGKILL, a crash) while the job runs is started
+/// again on its address with `--recover` (up to [`MAX_SCHEDULER_RESTARTS`] times): the
+/// servers and workers ride its absence out (they look for it for 10 s) and report
+/// themselves to the new one. A scheduler that exits with a status (the job failed, a
+/// bad flag) is left to [`check`].
+fn restart_dead_scheduler(
+    plan: &LocalPlan,
+    procs: &mut Procs,
+    addr: SocketAddr,
+    (port_file, summary): (&Path, &Path),
+    restarts: &mut u32,
+) -> Result<(), EngineError> {
+    use std::os::unix::process::ExitStatusExt;
+    let Some(p) = procs
+        .0
+        .iter_mut()
+        .find(|p| p.name.starts_with("scheduler") && p.status.is_none())
+    else {
+        return Ok(());
+    };
+    let Ok(Some(st)) = p.child.try_wait() else {
+        return Ok(());
+    };
+    let Some(sig) = st.signal() else {
+        // An exit status: `check` reaps and judges it.
+        return Ok(());
+    };
+    p.status = Some(st);
+    let pid = p.child.id();
+    if *restarts >= MAX_SCHEDULER_RESTARTS {
+        return Err(EngineError::Config(format!(
+            "the scheduler (pid {pid}) died (signal {sig}) after {restarts} restarts; stopping the cluster"
+        )));
+    }
+    *restarts += 1;
+    let mut launch = plan.scheduler(port_file, summary);
+    launch.listen = addr;
+    launch.recover = true;
+    procs.0.push(spawn(
+        plan,
+        format!("scheduler (restart {restarts})"),
+        launch.to_args(),
+    )?);
+    eprintln!(
+        "pserv local: the scheduler (pid {pid}) died (signal {sig}); restarted it with --recover on {addr}"
+    );
+    Ok(())
 }
 
 /// Reap exited processes; fail on the first failure, at the deadline, or on a signal

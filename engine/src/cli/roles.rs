@@ -126,8 +126,8 @@ pub struct WorkerArgs {
 }
 
 /// What a launcher passes to a scheduler it starts: the `pserv scheduler` flags it sets.
-/// `--register-timeout-secs`, `--heartbeat-timeout-ms`, `--recover` and
-/// `--recover-wait-ms` are not passed.
+/// `--register-timeout-secs`, `--heartbeat-timeout-ms` and `--recover-wait-ms` are not
+/// passed.
 #[derive(Clone, Debug)]
 pub struct SchedulerLaunch {
     /// `--listen`.
@@ -143,6 +143,8 @@ pub struct SchedulerLaunch {
     pub update: UpdateSpec,
     /// `--progress`.
     pub progress: bool,
+    /// `--recover`: take over a running job (a launcher restarting a scheduler that died).
+    pub recover: bool,
     /// The transport flags ([`NetArgs::to_args`]).
     pub net: NetArgs,
 }
@@ -177,6 +179,9 @@ impl SchedulerLaunch {
         }
         if self.progress {
             a.push("--progress".into());
+        }
+        if self.recover {
+            a.push("--recover".into());
         }
         a.extend(self.net.to_args());
         a

@@ -137,6 +137,7 @@ fn a_scheduler_launch_round_trips_through_the_scheduler_parser() {
             l2: 1e-5,
         },
         progress: true,
+        recover: true,
         net: net_all(),
     };
     let min = SchedulerLaunch {
@@ -149,6 +150,7 @@ fn a_scheduler_launch_round_trips_through_the_scheduler_parser() {
         },
         update: UpdateSpec::Sum,
         progress: false,
+        recover: false,
         net: net_min(),
         ..full.clone()
     };
@@ -171,6 +173,7 @@ fn a_scheduler_launch_round_trips_through_the_scheduler_parser() {
         same(&a.cluster, &l.cluster);
         assert_eq!(a.update, l.update);
         assert_eq!(a.progress, l.progress);
+        assert_eq!(a.recover, l.recover);
         same(&a.net, &l.net);
     }
 }

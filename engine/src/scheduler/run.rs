@@ -218,6 +218,9 @@ pub(super) fn merge_summary(core: &SchedulerCore, seconds: f64) -> serde_json::V
         }
     }
     let examples: u64 = core.stats.iter().map(|s| s.examples).sum();
+    // A scheduler restarted with --recover saw only the end of the job: the longest
+    // worker's own training time bounds the job's from below.
+    let seconds = core.stats.iter().map(|s| s.seconds).fold(seconds, f64::max);
     let sent: u64 = core.stats.iter().map(|s| s.bytes_sent).sum();
     let received: u64 = core.stats.iter().map(|s| s.bytes_received).sum();
     obj.insert("examples".into(), examples.into());
