@@ -612,7 +612,9 @@ fn a_scheduler_sigkilled_mid_training_and_restarted_keeps_the_job_and_its_model(
 fn roles_job(dump: &Path, restart: bool) -> BTreeMap<u64, u32> {
     std::fs::create_dir_all(dump).unwrap();
     let dump_flag = format!("--dump-model={}", dump.display());
-    let mut c = Cluster::start_with(2, 2, &["--replicas=1"], &[dump_flag.as_str()]);
+    // The LR job's optimizer (adagrad, --lr 1) is the servers' update rule.
+    const UPDATE: &str = "--update=adagrad:1:0.00000001";
+    let mut c = Cluster::start_with(2, 2, &["--replicas=1", UPDATE], &[dump_flag.as_str()]);
     for r in 0..2 {
         let mut a: Vec<String> = vec![
             "worker".into(),
@@ -621,9 +623,9 @@ fn roles_job(dump: &Path, restart: bool) -> BTreeMap<u64, u32> {
         ];
         a.extend(
             [
-                "--examples=60000",
+                "--examples=120000",
                 "--features=30000",
-                "--epochs=4",
+                "--epochs=6",
                 "--seed=5",
                 "--lr=1",
                 "--consistency=sequential",
@@ -655,6 +657,7 @@ fn roles_job(dump: &Path, restart: bool) -> BTreeMap<u64, u32> {
             "--servers=2".into(),
             "--workers=2".into(),
             "--replicas=1".into(),
+            UPDATE.into(),
             "--recover".into(),
             format!(
                 "--summary-json={}",

@@ -35,7 +35,9 @@ pub struct SchedulerArgs {
     /// Where the job summary goes.
     #[command(flatten)]
     pub output: OutputArgs,
-    /// Server update function: assign, sum, sgd or sgd:LR.
+    /// Server update function: assign, sum, sgd[:LR], adagrad[:LR[:EPS]] or
+    /// ftrl[:ALPHA:BETA:L1:L2]. The LR job (`pserv worker`) needs its optimizer's
+    /// rule (for example adagrad:0.5:0.00000001 for --lr 0.5) and refuses another.
     #[arg(long, env = "PSERV_UPDATE", default_value = "sum")]
     pub update: UpdateSpec,
     /// Write the bound address to this file once listening.

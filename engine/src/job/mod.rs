@@ -692,6 +692,18 @@ fn epoch_plan(len: usize, workers: usize, live: &[u32], batch: usize, skip: bool
 /// minibatch `tau + 1` ticks back, and every worker runs the same number of minibatches
 /// per epoch (a shard one row shorter ends with an empty one) so clocks stay aligned.
 pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
+    // The job pushes gradients; the servers' update rule is its optimizer. Any other
+    // rule (the hand-started scheduler's default `sum`, another rate) trains a model the
+    // job did not ask for, and silently diverges: refuse it with the fix.
+    let want = job.update_spec();
+    let have = worker.cluster().update;
+    if have != want {
+        return Err(EngineError::Config(format!(
+            "the servers apply the update rule `{have}` (the scheduler's --update), but this \
+             job's optimizer needs `{want}`: start the scheduler with --update {want} \
+             (pserv local and pserv launch do)"
+        )));
+    }
     let (train, test) = job.load_data()?;
     // --hash-buckets: fold the data, attach the servers' windows over the buckets.
     let dense = job

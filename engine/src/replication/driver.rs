@@ -359,6 +359,11 @@ impl Replicator {
                 .all(|c| c.is_closed() || c.queued_bytes() == 0)
     }
 
+    /// The connection to server `rank`, if any.
+    pub(crate) fn peer(&self, rank: u32) -> Option<Conn> {
+        self.peers.read().get(rank as usize).and_then(Option::clone)
+    }
+
     /// Whether there is a connection to server `rank`.
     pub(crate) fn has_peer(&self, rank: u32) -> bool {
         self.peers

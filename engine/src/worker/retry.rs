@@ -329,6 +329,7 @@ impl Retrier {
                 if c.stop.load(Ordering::Acquire) {
                     return;
                 }
+                c.drop_departed_servers();
                 c.retry_pass();
             })
             .map_err(|source| EngineError::Io {

@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use parking_lot::{Mutex, RwLock};
@@ -45,6 +45,8 @@ pub(super) struct Core {
     table: RwLock<Option<Arc<Partition>>>,
     /// Tasks with segments waiting for a resend.
     pub(super) retrying: Mutex<HashSet<Timestamp>>,
+    /// Servers the newest table left out, since when (see [`DROPPED_SERVER_GRACE`]).
+    pub(super) dropped: Mutex<HashMap<u32, Instant>>,
     /// Wakes the retry thread.
     wake: Sender<()>,
     /// Tells the retry thread to stop.
@@ -56,6 +58,10 @@ pub(super) struct Core {
     /// The codec of this worker's requests to servers (and so of their answers).
     pub(super) codec: Codec,
 }
+
+/// How long after a table that left a server out the worker keeps its connection to it
+/// open ([`Core::drop_departed_servers`]).
+pub(super) const DROPPED_SERVER_GRACE: Duration = Duration::from_secs(3);
 
 impl Core {
     pub(super) fn new(control: Sender<Control>, wake: Sender<()>, timeout: Duration) -> Core {
@@ -76,6 +82,7 @@ impl Core {
             over: AtomicBool::new(false),
             table: RwLock::new(None),
             retrying: Mutex::new(HashSet::new()),
+            dropped: Mutex::new(HashMap::new()),
             wake,
             stop: AtomicBool::new(false),
             timeout,
@@ -113,8 +120,52 @@ impl Core {
         if t.as_ref().is_some_and(|cur| cur.epoch() >= table.epoch()) {
             return false;
         }
+        let mut dropped = self.dropped.lock();
+        if let Some(old) = t.as_ref() {
+            let now = Instant::now();
+            let servers = old.owners().iter().chain(old.followers().iter().flatten());
+            for &s in servers {
+                if !in_table(&table, s) {
+                    dropped.entry(s).or_insert(now);
+                }
+            }
+        }
+        dropped.retain(|&s, _| !in_table(&table, s));
         *t = Some(Arc::new(table));
         true
+    }
+
+    /// Servers the table left out [`DROPPED_SERVER_GRACE`] ago whose connection is still
+    /// open (a server declared dead behind a partition: its TCP connection does not
+    /// close for many minutes, and what was sent to it would wait for an answer that
+    /// never comes): close the connection and let what waits on it be resent, as when it
+    /// closes. A server that left the table gracefully has answered and gone by then.
+    pub(super) fn drop_departed_servers(&self) {
+        let now = Instant::now();
+        let due: Vec<u32> = {
+            let mut d = self.dropped.lock();
+            let due: Vec<u32> = d
+                .iter()
+                .filter(|(_, since)| now.saturating_duration_since(**since) >= DROPPED_SERVER_GRACE)
+                .map(|(s, _)| *s)
+                .collect();
+            for s in &due {
+                d.remove(s);
+            }
+            due
+        };
+        for s in due {
+            let conn = self.servers.read().get(s as usize).and_then(Option::clone);
+            if let Some(c) = conn.filter(|c| !c.is_closed()) {
+                tracing::warn!(
+                    server = s,
+                    peer = %c.peer_addr(),
+                    "server {s} left the routing table {DROPPED_SERVER_GRACE:?} ago and its connection is still open: closing it; what waited on it is resent to the new heads"
+                );
+                c.close();
+                self.server_lost(s);
+            }
+        }
     }
 
     pub(super) fn wake(&self) {
