@@ -330,6 +330,7 @@ impl Retrier {
                     return;
                 }
                 c.drop_departed_servers();
+                c.warn_stalls();
                 c.retry_pass();
             })
             .map_err(|source| EngineError::Io {

@@ -47,6 +47,12 @@ pub(super) struct Core {
     pub(super) retrying: Mutex<HashSet<Timestamp>>,
     /// Servers the newest table left out, since when (see [`DROPPED_SERVER_GRACE`]).
     pub(super) dropped: Mutex<HashMap<u32, Instant>>,
+    /// Sent segments seen unanswered, since when, and whether warned about
+    /// ([`Core::warn_stalls`]); with the time of the last look.
+    stalls: Mutex<(
+        HashMap<(Timestamp, usize), (Instant, bool)>,
+        Option<Instant>,
+    )>,
     /// Wakes the retry thread.
     wake: Sender<()>,
     /// Tells the retry thread to stop.
@@ -58,6 +64,10 @@ pub(super) struct Core {
     /// The codec of this worker's requests to servers (and so of their answers).
     pub(super) codec: Codec,
 }
+
+/// How long a request may wait for its answer before the worker says so (once per
+/// request; it keeps waiting, up to the task's timeout).
+pub(super) const STALL_WARNING: Duration = Duration::from_secs(5);
 
 /// How long after a table that left a server out the worker keeps its connection to it
 /// open ([`Core::drop_departed_servers`]).
@@ -83,6 +93,7 @@ impl Core {
             table: RwLock::new(None),
             retrying: Mutex::new(HashSet::new()),
             dropped: Mutex::new(HashMap::new()),
+            stalls: Mutex::new((HashMap::new(), None)),
             wake,
             stop: AtomicBool::new(false),
             timeout,
@@ -133,6 +144,67 @@ impl Core {
         dropped.retain(|&s, _| !in_table(&table, s));
         *t = Some(Arc::new(table));
         true
+    }
+
+    /// Say (once per request) which requests have waited [`STALL_WARNING`] for an answer,
+    /// naming the server: a lossy or slow link is not silent. Looks once a second.
+    pub(super) fn warn_stalls(&self) {
+        let now = Instant::now();
+        let mut g = self.stalls.lock();
+        if g.1
+            .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1))
+        {
+            return;
+        }
+        g.1 = Some(now);
+        let tasks: Vec<(Timestamp, Arc<super::tasks::Task>)> = self
+            .tasks
+            .lock()
+            .iter()
+            .map(|(ts, t)| (*ts, t.clone()))
+            .collect();
+        let mut sent = std::collections::HashSet::new();
+        let mut late: Vec<(u32, Duration)> = Vec::new();
+        for (ts, task) in tasks {
+            let st = task.state.lock();
+            if !st.started {
+                continue;
+            }
+            for (i, s) in st.segments.iter().enumerate() {
+                if !matches!(s.state, super::tasks::SegState::Sent) {
+                    continue;
+                }
+                sent.insert((ts, i));
+                let e = g.0.entry((ts, i)).or_insert((now, false));
+                let waited = now.saturating_duration_since(e.0);
+                if waited >= STALL_WARNING && !e.1 {
+                    e.1 = true;
+                    late.push((s.server, waited));
+                }
+            }
+        }
+        g.0.retain(|k, _| sent.contains(k));
+        drop(g);
+        late.sort_by_key(|(s, _)| *s);
+        late.dedup_by_key(|(s, _)| *s);
+        for (server, waited) in late {
+            let peer = self
+                .servers
+                .read()
+                .get(server as usize)
+                .and_then(Option::clone)
+                .map_or_else(
+                    || "not connected".to_string(),
+                    |c| c.peer_addr().to_string(),
+                );
+            tracing::warn!(
+                server,
+                %peer,
+                "a request to server {server} at {peer} has waited {:.0} s for its answer (a lossy or slow link, or a server that stopped answering); still waiting, the task fails after {:?}",
+                waited.as_secs_f64(),
+                self.timeout
+            );
+        }
     }
 
     /// Servers the table left out [`DROPPED_SERVER_GRACE`] ago whose connection is still

@@ -537,8 +537,16 @@ impl Worker {
                         if let Some(f) = st.waiting_failure() {
                             return Err(f.error());
                         }
+                        let mut waiting: Vec<u32> = st
+                            .segments
+                            .iter()
+                            .filter(|s| matches!(s.state, SegState::Sent))
+                            .map(|s| s.server)
+                            .collect();
+                        waiting.sort_unstable();
+                        waiting.dedup();
                         return Err(EngineError::Timeout(format!(
-                            "task {ts} not answered within {:?}",
+                            "task {ts} not answered within {:?} (no answer yet from server(s) {waiting:?})",
                             self.timeout
                         )));
                     }
