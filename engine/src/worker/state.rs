@@ -49,8 +49,7 @@ pub(super) struct Core {
     pub(super) dropped: Mutex<HashMap<u32, Instant>>,
     /// Sent segments seen unanswered, since when, and whether warned about
     /// ([`Core::warn_stalls`]); with the time of the last look.
-    stalls: Mutex<(
-        HashMap<(Timestamp, usize), (Instant, bool)>,
+    stalls: Mutex<StallWatch>,
         Option<Instant>,
     )>,
     /// Wakes the retry thread.
@@ -64,6 +63,9 @@ pub(super) struct Core {
     /// The codec of this worker's requests to servers (and so of their answers).
     pub(super) codec: Codec,
 }
+
+/// Sent segments seen unanswered (since when, whether warned), and the last look.
+type StallWatch = (HashMap<(Timestamp, usize), (Instant, bool)>, Option<Instant>);
 
 /// How long a request may wait for its answer before the worker says so (once per
 /// request; it keeps waiting, up to the task's timeout).
