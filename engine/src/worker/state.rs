@@ -50,8 +50,6 @@ pub(super) struct Core {
     /// Sent segments seen unanswered, since when, and whether warned about
     /// ([`Core::warn_stalls`]); with the time of the last look.
     stalls: Mutex<StallWatch>,
-        Option<Instant>,
-    )>,
     /// Wakes the retry thread.
     wake: Sender<()>,
     /// Tells the retry thread to stop.
@@ -65,7 +63,10 @@ pub(super) struct Core {
 }
 
 /// Sent segments seen unanswered (since when, whether warned), and the last look.
-type StallWatch = (HashMap<(Timestamp, usize), (Instant, bool)>, Option<Instant>);
+type StallWatch = (
+    HashMap<(Timestamp, usize), (Instant, bool)>,
+    Option<Instant>,
+);
 
 /// How long a request may wait for its answer before the worker says so (once per
 /// request; it keeps waiting, up to the task's timeout).
