@@ -795,6 +795,9 @@ fn trace_install(store: &dyn EntryStore, batch: &ReplicaBatch, my_epoch: u64, p:
     let (Some(k), ReplicaPart::Keys { keys, weights, .. }) = (trace_key(), p) else {
         return;
     };
+    if !keys.len().is_multiple_of(8) {
+        return; // not whole keys: `install` refuses the part
+    }
     let ks: Vec<Key> = pod_vec(keys);
     if let Some(i) = ks.iter().position(|&x| x == k) {
         let (vl, _, elem) = store.shape();
