@@ -91,6 +91,18 @@ impl ReplicationCore {
         }
     }
 
+    /// As if this server had taken `ranges` (and applied `keys` in them) over at table
+    /// `epoch`: batches of older tables that touch them are late.
+    pub(crate) fn set_taken_over(&mut self, epoch: u64, keys: &[Key], ranges: Vec<KeyRange>) {
+        self.fresh = Fresh {
+            epoch,
+            inherited: ranges.clone(),
+            keys: keys.iter().copied().collect(),
+            ranges,
+            ..Fresh::default()
+        };
+    }
+
     /// Counters.
     pub(crate) fn stats(&self) -> ReplicationStats {
         ReplicationStats {
