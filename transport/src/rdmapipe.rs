@@ -61,7 +61,7 @@ use crate::shmpipe::HelloKind;
 /// First four bytes of an [`RdmaHello`], where a frame's magic would be.
 pub(crate) const RDMA_HELLO_MAGIC: u32 = u32::from_le_bytes(*b"PRDM");
 /// Length of an [`RdmaHello`] on the wire (a multiple of 8).
-pub(crate) const RDMA_HELLO_LEN: usize = 96;
+pub const RDMA_HELLO_LEN: usize = 96;
 const RDMA_HELLO_VERSION: u8 = 1;
 /// Bytes of an encoded queue-pair endpoint in a hello.
 const ENDPOINT_BYTES: usize = 32;
@@ -191,6 +191,35 @@ impl RdmaHello {
             endpoint,
         })
     }
+}
+
+/// Check a peer's RDMA hello (offer, acceptance or refusal) with the decoder the transport
+/// runs on it, in builds with and without the `rdma` feature. `Err` says what is wrong;
+/// never panics (the fuzz target `pipe_hello` holds it to that).
+pub fn check_hello(bytes: &[u8; RDMA_HELLO_LEN]) -> Result<(), String> {
+    RdmaHello::decode(bytes).map(|_| ())
+}
+
+/// Valid RDMA hellos, as the encoder writes them (seeds for the fuzz corpus).
+pub fn sample_hellos() -> Vec<[u8; RDMA_HELLO_LEN]> {
+    let offer = RdmaHello {
+        kind: HelloKind::Offer,
+        reason: 0,
+        ring: 1 << 20,
+        addr: 0x7f00_0000_1000,
+        len: 2 << 20,
+        rkey: 0x1234,
+        endpoint: [0x5a; ENDPOINT_BYTES],
+    };
+    let accept = RdmaHello {
+        kind: HelloKind::Accept,
+        ..offer.clone()
+    };
+    vec![
+        offer.encode(),
+        accept.encode(),
+        RdmaHello::refuse(RdmaRefusal::Disabled).encode(),
+    ]
 }
 
 /// How long a posted write may take to complete before the pipe counts as broken (the

@@ -34,7 +34,7 @@ use pserv_sys::SharedRegion;
 /// First four bytes of a [`Hello`], where a frame's magic would be.
 pub(crate) const HELLO_MAGIC: u32 = u32::from_le_bytes(*b"PSHM");
 /// Length of a [`Hello`] on the wire (a multiple of 8, so frames after it stay aligned).
-pub(crate) const HELLO_LEN: usize = 64;
+pub const HELLO_LEN: usize = 64;
 const HELLO_VERSION: u8 = 1;
 const LOCATOR_MAX: usize = 40;
 
@@ -190,6 +190,30 @@ impl Hello {
             locator,
         })
     }
+}
+
+/// Check a peer's shared-memory hello (offer, acceptance or refusal) with the decoder the
+/// transport runs on the first 64 bytes of a connection that start with its magic. `Err`
+/// says what is wrong; never panics (the fuzz target `pipe_hello` holds it to that).
+pub fn check_hello(bytes: &[u8; HELLO_LEN]) -> Result<(), String> {
+    Hello::decode(bytes).map(|_| ())
+}
+
+/// Valid hellos of every kind, as the encoder writes them (seeds for the fuzz corpus).
+pub fn sample_hellos() -> Vec<[u8; HELLO_LEN]> {
+    let offer = Hello {
+        kind: HelloKind::Offer,
+        reason: 0,
+        ring: RING_MIN as u64,
+        cookie: 0x0123_4567_89ab_cdef,
+        locator: "/proc/4242/fd/7".into(),
+    };
+    vec![
+        offer.encode(),
+        Hello::reply(HelloKind::Accept, 0).encode(),
+        Hello::reply(HelloKind::Refuse, Refusal::Disabled as u16).encode(),
+        Hello::reply(HelloKind::Refuse, Refusal::BadOffer as u16).encode(),
+    ]
 }
 
 /// A ring position from the region that cannot be right: the peer is broken or hostile.

@@ -1962,25 +1962,55 @@ impl<H: Handler> EventLoop<H> {
     }
 }
 
-/// Decode a checked [`FLAG_COMPRESSED`] frame into a frame of its own, as if it had come
-/// uncompressed: the flag cleared, `value_bytes` the decoded length, the same keys, and
-/// the block's values in a pooled buffer. The block must decode to exactly the values
-/// the header calls for, and the decoded frame must pass the usual checks within
-/// `max_frame`; nothing is allocated before the block's claimed length is found to be
-/// that. Counts the frame in [`Stats`] and mirrors its codec (if so configured).
+/// Decode a checked [`FLAG_COMPRESSED`] frame as the receiver does (see
+/// [`decompress_checked`]), count it in [`Stats`] and mirror its codec (if so configured).
 fn decompress_frame(
     conn: &Conn,
     frame: &Frame<'_>,
     shared: &Shared,
 ) -> Result<OwnedFrame, CloseReason> {
+    let block_len = frame.values().len();
+    let (owned, info) = decompress_checked(frame, shared.cfg.max_frame, &shared.pool)?;
+    let stats = &shared.stats;
+    stats
+        .values_wire_in
+        .fetch_add(block_len as u64, Ordering::Relaxed);
+    stats
+        .values_raw_in
+        .fetch_add(info.len as u64, Ordering::Relaxed);
+    stats.frames_compressed_in.fetch_add(1, Ordering::Relaxed);
+    if shared.cfg.mirror_codec {
+        conn.mirror_codec(info.codec);
+    }
+    Ok(owned)
+}
+
+/// Decode a checked [`FLAG_COMPRESSED`] frame into a frame of its own, as if it had come
+/// uncompressed: the flag cleared, `value_bytes` the decoded length, the same keys, and
+/// the block's values in a buffer of `pool`. The block must decode to exactly the values
+/// the header calls for, and the decoded frame must pass the usual checks within
+/// `max_frame`; nothing is allocated before the block's claimed length is found to be
+/// that. Returns the frame and what the block's header said.
+///
+/// This is what every connection runs on a compressed frame it receives (the fuzz target
+/// `frame` calls it on arbitrary bytes); an `Err` closes the connection.
+pub fn decompress_checked(
+    frame: &Frame<'_>,
+    max_frame: usize,
+    pool: &Arc<BufPool>,
+) -> Result<(OwnedFrame, compress::BlockInfo), CloseReason> {
     let h = *frame.header();
-    debug_assert!(h.has(FLAG_COMPRESSED), "decompressing a plain frame");
+    if !h.has(FLAG_COMPRESSED) {
+        return Err(CloseReason::BadBlock(
+            "a plain frame has no value block to decode".into(),
+        ));
+    }
     let block = frame.values();
     let keys: &[u8] = bytemuck::cast_slice(frame.keys());
     let claimed = if keyless(&h) {
         // No keys to count the values by (an answer): the block's own length, bounded
         // by the frame limit before anything is allocated.
-        let max = shared.cfg.max_frame.saturating_sub(crate::wire::HEADER_LEN);
+        let max = max_frame.saturating_sub(crate::wire::HEADER_LEN);
         Some(
             compress::inspect(block, max)
                 .map_err(|e| {
@@ -2014,7 +2044,7 @@ fn decompress_frame(
     // Bounds the decoded frame by `max_frame` (and so `want` by usize) before anything
     // is allocated for it.
     let layout = plain
-        .layout(shared.cfg.max_frame)
+        .layout(max_frame)
         .map_err(|e| CloseReason::BadBlock(format!("decoded, it would be invalid: {e}")))?;
     let want = layout.values_len;
     let info = compress::inspect(block, want).map_err(|e| {
@@ -2031,7 +2061,7 @@ fn decompress_frame(
             info.len
         )));
     }
-    let mut body = shared.pool.take(layout.body_len);
+    let mut body = pool.take(layout.body_len);
     let bytes = body.bytes_mut();
     let (k, rest) = bytes.split_at_mut(layout.keys_len);
     k.copy_from_slice(keys);
@@ -2056,18 +2086,7 @@ fn decompress_frame(
             "decoded, it would be invalid: {e}"
         )));
     }
-    let stats = &shared.stats;
-    stats
-        .values_wire_in
-        .fetch_add(block.len() as u64, Ordering::Relaxed);
-    stats
-        .values_raw_in
-        .fetch_add(want as u64, Ordering::Relaxed);
-    stats.frames_compressed_in.fetch_add(1, Ordering::Relaxed);
-    if shared.cfg.mirror_codec {
-        conn.mirror_codec(info.codec);
-    }
-    Ok(owned)
+    Ok((owned, info))
 }
 
 /// Take a shared-memory hello read from `conn` (`first`: as the stream's first bytes;

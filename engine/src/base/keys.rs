@@ -12,13 +12,36 @@ pub type Key = u64;
 /// The largest valid key plus one: every key is below it.
 pub const KEY_END: Key = u64::MAX;
 
-/// A half-open range of keys `[begin, end)`. `begin <= end` always holds.
+/// A half-open range of keys `[begin, end)`. `begin <= end` always holds: decoding one
+/// that runs backwards (from a peer) is an error.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "WireKeyRange")]
 pub struct KeyRange {
     /// First key in the range.
     pub begin: Key,
     /// One past the last key in the range.
     pub end: Key,
+}
+
+/// A [`KeyRange`] as it is decoded, before `begin <= end` is checked.
+#[derive(Deserialize)]
+struct WireKeyRange {
+    begin: Key,
+    end: Key,
+}
+
+impl TryFrom<WireKeyRange> for KeyRange {
+    type Error = String;
+
+    fn try_from(w: WireKeyRange) -> Result<Self, String> {
+        if w.begin > w.end {
+            return Err(format!("key range [{}, {}) runs backwards", w.begin, w.end));
+        }
+        Ok(KeyRange {
+            begin: w.begin,
+            end: w.end,
+        })
+    }
 }
 
 impl KeyRange {
@@ -68,5 +91,26 @@ impl KeyRange {
 impl std::fmt::Display for KeyRange {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "[{:#x}, {:#x})", self.begin, self.end)
+    }
+}
+
+#[cfg(test)]
+mod decode_tests {
+    use super::*;
+
+    /// A backwards range from a peer (a replica batch's part, a push record, a window
+    /// request) is a decode error, not a range whose `len` underflows (found by the fuzz
+    /// target `replica_batch`).
+    #[test]
+    fn a_backwards_range_does_not_decode() {
+        let good = KeyRange::new(3, 9);
+        let bytes = postcard::to_allocvec(&good).unwrap();
+        assert_eq!(postcard::from_bytes::<KeyRange>(&bytes).unwrap(), good);
+        let empty = postcard::to_allocvec(&KeyRange::new(5, 5)).unwrap();
+        assert!(postcard::from_bytes::<KeyRange>(&empty).unwrap().is_empty());
+        let backwards = postcard::to_allocvec(&(9u64, 3u64)).unwrap();
+        assert!(postcard::from_bytes::<KeyRange>(&backwards).is_err());
+        let json: Result<KeyRange, _> = serde_json::from_str(r#"{"begin":9,"end":3}"#);
+        assert!(json.unwrap_err().to_string().contains("runs backwards"));
     }
 }

@@ -9,7 +9,11 @@ use crate::base::keys::{Key, KeyRange, KEY_END};
 /// several ranges (the virtual nodes of a consistent-hashing ring, [`crate::placement::ring`]); the
 /// even split gives server `i` the single range `i`. The partition has an epoch: every
 /// data message carries the epoch it was routed with.
+///
+/// Decoding a table (from the scheduler, or a peer's message) checks all of that: one that
+/// breaks it is an error.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "WirePartition")]
 pub struct Partition {
     ranges: Vec<KeyRange>,
     /// The server owning each range.
@@ -20,6 +24,46 @@ pub struct Partition {
     followers: Vec<Vec<u32>>,
     servers: usize,
     epoch: u64,
+}
+
+/// A [`Partition`] as it is decoded, before its invariants are checked.
+#[derive(Deserialize)]
+struct WirePartition {
+    ranges: Vec<KeyRange>,
+    owners: Vec<u32>,
+    #[serde(default)]
+    followers: Vec<Vec<u32>>,
+    servers: usize,
+    epoch: u64,
+}
+
+impl TryFrom<WirePartition> for Partition {
+    type Error = String;
+
+    fn try_from(w: WirePartition) -> Result<Self, String> {
+        let followers = if w.followers.is_empty() {
+            // A table without replication may come without its (empty) chains.
+            vec![Vec::new(); w.ranges.len()]
+        } else {
+            w.followers
+        };
+        let p = Partition {
+            ranges: w.ranges,
+            owners: w.owners,
+            followers,
+            servers: w.servers,
+            epoch: w.epoch,
+        };
+        if !p.is_valid() {
+            return Err(format!(
+                "a routing table of {} ranges, {} owners and {} servers that does not cover the key space once with its servers",
+                p.ranges.len(),
+                p.owners.len(),
+                p.servers
+            ));
+        }
+        Ok(p)
+    }
 }
 
 impl Partition {
@@ -312,6 +356,34 @@ impl Partition {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// A table from the network that breaks the invariants (a gap, an owner that is no
+    /// server, chains of the wrong count, no range at all) is a decode error, not a
+    /// table whose lookups index out of bounds (found by the fuzz target `control`).
+    #[test]
+    fn a_broken_table_does_not_decode() {
+        let good = Partition::even(3);
+        let bytes = postcard::to_allocvec(&good).unwrap();
+        assert_eq!(postcard::from_bytes::<Partition>(&bytes).unwrap(), good);
+        let decode =
+            |p: &Partition| postcard::from_bytes::<Partition>(&postcard::to_allocvec(p).unwrap());
+        let mut gap = good.clone();
+        gap.ranges[1].begin += 1;
+        assert!(decode(&gap).is_err());
+        let mut stranger = good.clone();
+        stranger.owners[2] = 3;
+        assert!(decode(&stranger).is_err());
+        let mut short = good.clone();
+        short.followers.pop();
+        assert!(decode(&short).is_err());
+        let mut empty = good.clone();
+        (empty.ranges, empty.owners, empty.followers) = (Vec::new(), Vec::new(), Vec::new());
+        assert!(decode(&empty).is_err());
+        // Without replication, the chains may be left out (JSON).
+        let mut json = serde_json::to_value(&good).unwrap();
+        json.as_object_mut().unwrap().remove("followers");
+        assert_eq!(serde_json::from_value::<Partition>(json).unwrap(), good);
+    }
 
     #[test]
     fn ring_chains_match_the_ring_for_every_key() {

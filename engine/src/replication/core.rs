@@ -91,6 +91,18 @@ impl ReplicationCore {
         }
     }
 
+    /// As if this server had taken `ranges` (and applied `keys` in them) over at table
+    /// `epoch`: batches of older tables that touch them are late.
+    pub(crate) fn set_taken_over(&mut self, epoch: u64, keys: &[Key], ranges: Vec<KeyRange>) {
+        self.fresh = Fresh {
+            epoch,
+            inherited: ranges.clone(),
+            keys: keys.iter().copied().collect(),
+            ranges,
+            ..Fresh::default()
+        };
+    }
+
     /// Counters.
     pub(crate) fn stats(&self) -> ReplicationStats {
         ReplicationStats {
@@ -795,6 +807,9 @@ fn trace_install(store: &dyn EntryStore, batch: &ReplicaBatch, my_epoch: u64, p:
     let (Some(k), ReplicaPart::Keys { keys, weights, .. }) = (trace_key(), p) else {
         return;
     };
+    if !keys.len().is_multiple_of(8) {
+        return; // not whole keys: `install` refuses the part
+    }
     let ks: Vec<Key> = pod_vec(keys);
     if let Some(i) = ks.iter().position(|&x| x == k) {
         let (vl, _, elem) = store.shape();

@@ -162,10 +162,14 @@ impl<T: Value> EntryStore for Store<T> {
                 weights,
                 state,
             } => {
-                let n = range.len() as usize;
                 let w = to_values::<T>(weights)?;
                 let s = to_values::<T>(state)?;
-                if w.len() != n * vl || s.len() != n * vl * sl {
+                // The range is the peer's: its weights count may not fit in a usize.
+                let weights_of = usize::try_from(range.len())
+                    .ok()
+                    .and_then(|n| n.checked_mul(vl));
+                let state_of = weights_of.and_then(|n| n.checked_mul(sl));
+                if weights_of != Some(w.len()) || state_of != Some(s.len()) {
                     return Err(format!(
                         "range {range} with {} weights and {} state elements",
                         w.len(),
@@ -285,6 +289,13 @@ mod tests {
             state: vec![],
         };
         assert!(b.install(&bad).is_err());
+        // A range whose weights would not fit in memory (its count overflows).
+        let huge = ReplicaPart::Range {
+            range: KeyRange::FULL,
+            weights: vec![],
+            state: vec![],
+        };
+        assert!(b.install(&huge).is_err());
         assert_eq!(b.key_count(), 0);
         // Sum rule untouched by the internal rules.
         b.push(&[5], &[1.0, 1.0], &Sum).unwrap();

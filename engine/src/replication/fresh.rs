@@ -8,8 +8,6 @@ use std::collections::HashSet;
 use crate::base::keys::{Key, KeyRange};
 use crate::proto::ReplicaPart;
 
-use super::entries::pod_vec;
-
 /// Keys this server applied as the head of ranges it took over under the current table.
 #[derive(Default)]
 pub(super) struct Fresh {
@@ -31,7 +29,11 @@ impl Fresh {
     pub(super) fn touches(&self, part: &ReplicaPart) -> bool {
         let fresh = |k: Key| self.keys.contains(&k) || self.ranges.iter().any(|r| r.contains(k));
         match part {
-            ReplicaPart::Keys { keys, .. } => pod_vec::<Key>(keys).into_iter().any(fresh),
+            // Whole keys only: a part with a torn last key is refused when installed.
+            ReplicaPart::Keys { keys, .. } => keys
+                .chunks_exact(8)
+                .map(|k| u64::from_le_bytes(k.try_into().expect("8 bytes")))
+                .any(fresh),
             ReplicaPart::Range { range, .. } => {
                 self.ranges.iter().any(|r| r.intersect(range).is_some())
                     || self.keys.iter().any(|&k| range.contains(k))
@@ -85,5 +87,29 @@ mod tests {
         assert!(!f.is_late(2, 9, &[keys(&[6])]), "nothing fresh in it");
         f.dropped.insert(9);
         assert!(f.is_late(2, 9, &[keys(&[6])]), "follows a dropped one");
+    }
+
+    /// A part whose key bytes are not whole keys (a hostile or broken batch) is checked
+    /// without a panic: by its whole keys (found by the fuzz target `replica_batch`).
+    #[test]
+    fn a_part_with_a_torn_key_is_checked_by_its_whole_keys() {
+        let mut f = Fresh {
+            epoch: 3,
+            ..Fresh::default()
+        };
+        f.keys.insert(5);
+        let torn = |ks: &[u64], extra: usize| {
+            let mut keys: Vec<u8> = bytemuck::cast_slice(ks).to_vec();
+            keys.extend(std::iter::repeat_n(0xff, extra));
+            ReplicaPart::Keys {
+                keys,
+                weights: Vec::new(),
+                state: Vec::new(),
+            }
+        };
+        assert!(f.touches(&torn(&[5], 3)));
+        assert!(!f.touches(&torn(&[6], 7)));
+        assert!(!f.touches(&torn(&[], 5)));
+        assert!(f.is_late(2, 9, &[torn(&[4, 5], 1)]));
     }
 }

@@ -105,6 +105,33 @@ pub(crate) enum KeysRef<'a> {
     Range(KeyRange),
 }
 
+/// What a replica does with a [`Control::Replicate`](crate::proto::Control::Replicate)
+/// batch from a peer, on `store` and a replication state of its own: the late-batch check
+/// (against ranges it took over at table `taken_over.0`, with keys `taken_over.1` applied
+/// in ranges `taken_over.2`, when given), installing every part, recording its pushes,
+/// then forwarding it or acknowledging it. Returns the messages it would send, with the
+/// rank of their receiver. The server's handler runs the same code on every batch it
+/// receives; this entry is public for the fuzz target `replica_batch` (and tests): no
+/// batch, however malformed, may panic it.
+pub fn receive_batch<T: crate::value::Value>(
+    store: &crate::store::Store<T>,
+    batch: Box<crate::proto::ReplicaBatch>,
+    taken_over: Option<(u64, &[Key], Vec<KeyRange>)>,
+) -> Vec<(u32, crate::proto::Control)> {
+    let mut core = core::ReplicationCore::new(0, ReplicationConfig::default(), Default::default());
+    if let Some((epoch, keys, ranges)) = taken_over {
+        core.set_taken_over(epoch, keys, ranges);
+    }
+    let mut out = Vec::new();
+    core.on_batch(store, batch, &mut out);
+    out.into_iter()
+        .filter_map(|o| match o {
+            core::Output::Send { to, msg } => Some((to, msg)),
+            _ => None,
+        })
+        .collect()
+}
+
 /// A key to trace (env `PSERV_TRACE_KEY`), for debugging replication.
 pub(crate) fn trace_key() -> Option<Key> {
     static K: std::sync::OnceLock<Option<Key>> = std::sync::OnceLock::new();

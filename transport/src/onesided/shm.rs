@@ -280,6 +280,38 @@ macro_rules! payload_memory {
 payload_memory!(ShmLocal);
 payload_memory!(ShmRemote);
 
+/// Check a peer's endpoint bytes (what [`OneSided::prepare`] sends, and `connect` reads
+/// back from the other side) with the decoder `connect` runs. Never panics (the fuzz
+/// target `onesided` holds it to that); endpoint bytes of another backend give
+/// [`OneSidedError::WrongBackend`].
+pub fn check_endpoint(bytes: &[u8]) -> Result<()> {
+    Endpoint::decode(bytes).map(|_| ())
+}
+
+/// Valid endpoint bytes, as the encoder writes them (seeds for the fuzz corpus).
+pub fn sample_endpoints() -> Vec<Vec<u8>> {
+    [
+        (1u32, 7u64, &b"pserv-shm-1"[..], &b"/proc/1/fd/3"[..]),
+        (
+            4242,
+            u64::MAX,
+            &[b'n'; NAME_MAX][..],
+            &[b'r'; LOCATOR_MAX][..],
+        ),
+    ]
+    .into_iter()
+    .map(|(pid, ring_key, name, ring)| {
+        Endpoint {
+            pid,
+            ring_key,
+            name,
+            ring,
+        }
+        .encode()
+    })
+    .collect()
+}
+
 /// Endpoint bytes: what a peer needs to send us notices.
 ///
 /// ```text
