@@ -987,12 +987,24 @@ impl ClientOneSided {
         let data = self.backend.attach(&peer, &desc(&g.data)?)?;
         let meta = self.backend.attach(&peer, &desc(&g.meta)?)?;
         let landing = self.backend.attach(&peer, &desc(&g.landing)?)?;
-        let bytes = g.range.len() as usize * g.value_len as usize * g.elem as usize;
+        // Sizes a server sent: checked, never trusted to fit.
+        let layout = usize::try_from(g.range.len())
+            .ok()
+            .and_then(|n| n.checked_mul(g.value_len as usize))
+            .and_then(|n| n.checked_mul(g.elem as usize))
+            .and_then(|bytes| BlockLayout::checked_for_len(bytes, g.block_payload as usize))
+            .ok_or_else(|| {
+                EngineError::Config(format!(
+                    "server {server} granted a window whose sizes do not fit (range {}, \
+                     {} values of {} bytes per key, blocks of {} bytes)",
+                    g.range, g.value_len, g.elem, g.block_payload
+                ))
+            })?;
         let w = ClientWindow {
             range: g.range,
             vl: g.value_len as usize,
             elem: g.elem as usize,
-            layout: BlockLayout::for_len(bytes, g.block_payload as usize),
+            layout,
             data,
             meta,
             landing,

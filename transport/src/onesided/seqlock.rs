@@ -97,6 +97,20 @@ impl BlockLayout {
         layout
     }
 
+    /// [`for_len`](Self::for_len) for sizes a peer sent: `None` unless `payload_len` is
+    /// a non-zero multiple of 64 and the physical length fits in `usize`.
+    pub fn checked_for_len(logical_len: usize, payload_len: usize) -> Option<Self> {
+        if payload_len == 0 || !payload_len.is_multiple_of(VERSION_LINE) {
+            return None;
+        }
+        let blocks = logical_len.div_ceil(payload_len).max(1);
+        (payload_len + 2 * VERSION_LINE).checked_mul(blocks)?;
+        Some(Self {
+            payload_len,
+            blocks,
+        })
+    }
+
     /// Enough blocks of `payload_len` bytes for `logical_len` logical bytes (at least
     /// one block).
     pub fn for_len(logical_len: usize, payload_len: usize) -> Self {
@@ -470,6 +484,19 @@ impl<M: Memory> Drop for BlockWrite<'_, M> {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicU64;
+
+    /// Sizes a peer sent never panic: a zero, unaligned or overflowing block size is
+    /// `None`, a good one the layout `for_len` gives.
+    #[test]
+    fn checked_layouts_refuse_what_a_peer_should_not_send() {
+        assert_eq!(BlockLayout::checked_for_len(4096, 0), None);
+        assert_eq!(BlockLayout::checked_for_len(4096, 100), None);
+        assert_eq!(BlockLayout::checked_for_len(usize::MAX, 64), None);
+        assert_eq!(
+            BlockLayout::checked_for_len(10_000, 4096),
+            Some(BlockLayout::for_len(10_000, 4096))
+        );
+    }
 
     /// Plain process memory as a `Memory` (tests only).
     struct Words(Vec<AtomicU64>);
