@@ -811,13 +811,17 @@ mod verbs {
 
         /// Read what this side's ring holds into `buf` (`WouldBlock` when empty); the
         /// bytes read and whether the peer waits for room (ring its doorbell).
+        ///
+        /// What landed in the ring is read even after the queue pair failed (a peer
+        /// that wrote its last frames and exited: its queue pair goes to error with it);
+        /// the failure is reported once the ring is empty.
         pub(crate) fn read(&self, buf: &mut [u8]) -> io::Result<(usize, bool)> {
-            self.qp.lock().check()?;
             if buf.is_empty() {
                 return Ok((0, false));
             }
             let avail = self.in_avail()?;
             if avail == 0 {
+                self.qp.lock().check()?;
                 return Err(io::ErrorKind::WouldBlock.into());
             }
             let mut head = self.head.load(Ordering::Relaxed);
@@ -837,11 +841,16 @@ mod verbs {
             // Credit: the head only grows, so a later value read by an earlier write is
             // still a position the bytes before it were read at.
             self.word(S_HEAD).store(head, Ordering::Release);
-            let wr = {
+            // The credit goes back to a live peer; to a failed one it cannot, and the
+            // bytes read are delivered all the same (the next empty read reports it).
+            let credited = {
                 let mut st = self.qp.lock();
-                self.post(&mut st, S_HEAD, 8, C_OUT_HEAD, true)?
-            };
-            self.wait(wr)?;
+                self.post(&mut st, S_HEAD, 8, C_OUT_HEAD, true)
+            }
+            .and_then(|wr| self.wait(wr));
+            if credited.is_err() {
+                return Ok((n, false));
+            }
             Ok((n, self.take_flag(C_WRITER_WAITING)))
         }
 
