@@ -533,21 +533,10 @@ fn a_restarted_scheduler_rebuilds_its_view_from_the_nodes() {
     c.procs.0.retain(|(n, _)| n != "scheduler");
     // No scheduler: pushes still go.
     push_all(20);
-    let mut a = vec![
-        "scheduler".to_string(),
-        format!("--listen={}", c.scheduler),
-        "--servers=3".into(),
-        "--workers=2".into(),
-        "--update=sum".into(),
-        "--replicas=1".into(),
-        "--recover".into(),
-        format!(
-            "--summary-json={}",
-            c.scratch.path("summary2.json").display()
-        ),
-    ];
-    a.extend(common::net_flags());
-    c.procs.spawn("scheduler 2", &a);
+    restart_scheduler(
+        &mut c,
+        &["--servers=3", "--workers=2", "--update=sum", "--replicas=1"],
+    );
     // Barriers resume once the workers rejoined (they ask again).
     barrier_all();
     let out = Command::new(pserv())
@@ -651,21 +640,10 @@ fn roles_job(dump: &Path, restart: bool) -> BTreeMap<u64, u32> {
         common::kill(&mut c, "scheduler");
         c.procs.0.retain(|(n, _)| n != "scheduler");
         std::thread::sleep(Duration::from_millis(500));
-        let mut a = vec![
-            "scheduler".to_string(),
-            format!("--listen={}", c.scheduler),
-            "--servers=2".into(),
-            "--workers=2".into(),
-            "--replicas=1".into(),
-            UPDATE.into(),
-            "--recover".into(),
-            format!(
-                "--summary-json={}",
-                c.scratch.path("summary2.json").display()
-            ),
-        ];
-        a.extend(common::net_flags());
-        c.procs.spawn("scheduler 2", &a);
+        restart_scheduler(
+            &mut c,
+            &["--servers=2", "--workers=2", "--replicas=1", UPDATE],
+        );
     }
     // Every process ends by itself: the workers when trained, the scheduler when they
     // are done, the servers (dumping their ranges) when it stops them.
@@ -724,4 +702,18 @@ fn pserv_local_restarts_a_killed_scheduler_and_the_model_is_unchanged() {
         clean.len(),
         "weights differ after the scheduler restart"
     );
+}
+
+/// Start "scheduler 2" on `c`'s scheduler address with `--recover` and the cluster flags
+/// `flags` (its summary goes to summary2.json).
+fn restart_scheduler(c: &mut Cluster, flags: &[&str]) {
+    let mut a = vec!["scheduler".to_string(), format!("--listen={}", c.scheduler)];
+    a.extend(flags.iter().map(|f| f.to_string()));
+    a.push("--recover".into());
+    a.push(format!(
+        "--summary-json={}",
+        c.scratch.path("summary2.json").display()
+    ));
+    a.extend(common::net_flags());
+    c.procs.spawn("scheduler 2", &a);
 }

@@ -7,17 +7,11 @@
 
 use libfuzzer_sys::fuzz_target;
 use pserv_engine::proto::Control;
-use pserv_fuzz::{Aligned, MAX_FRAME};
-use pserv_transport::wire::{self, DType, Frame, Header, MessageKind};
+use pserv_fuzz::{control_from_values, Aligned};
+use pserv_transport::wire::Frame;
 
 fuzz_target!(|data: &[u8]| {
-    let mut h = Header::new(MessageKind::Control, 3, 0);
-    h.dtype = DType::Bytes as u8;
-    let buf = Aligned::new(&wire::encode(&h, &[], data));
-    let Ok((frame, _)) = Frame::new_checked(buf.bytes(), MAX_FRAME) else {
-        return;
-    };
-    let Ok(msg) = Control::from_frame(&frame) else {
+    let Some(msg) = control_from_values(data) else {
         return;
     };
     if let Control::Table { partition } = &msg {

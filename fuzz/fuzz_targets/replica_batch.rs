@@ -12,17 +12,10 @@ use pserv_engine::proto::Control;
 use pserv_engine::replication::receive_batch;
 use pserv_engine::store::{Store, StoreConfig};
 use pserv_engine::KeyRange;
-use pserv_fuzz::{Aligned, MAX_FRAME};
-use pserv_transport::wire::{self, DType, Frame, Header, MessageKind};
+use pserv_fuzz::control_from_values;
 
 fuzz_target!(|data: &[u8]| {
-    let mut h = Header::new(MessageKind::Control, 3, 0);
-    h.dtype = DType::Bytes as u8;
-    let buf = Aligned::new(&wire::encode(&h, &[], data));
-    let Ok((frame, _)) = Frame::new_checked(buf.bytes(), MAX_FRAME) else {
-        return;
-    };
-    let Ok(Control::Replicate { batch }) = Control::from_frame(&frame) else {
+    let Some(Control::Replicate { batch }) = control_from_values(data) else {
         return;
     };
     let cfg = StoreConfig {

@@ -28,3 +28,14 @@ impl Aligned {
         &bytemuck::cast_slice::<u64, u8>(&self.words)[..self.len]
     }
 }
+
+/// `data` as the values of a `Control` frame, checked as a receiver checks it and decoded
+/// with `Control::from_frame` (what every handler calls); `None` where either refuses.
+pub fn control_from_values(data: &[u8]) -> Option<pserv_engine::proto::Control> {
+    use pserv_transport::wire::{self, DType, Frame, Header, MessageKind};
+    let mut h = Header::new(MessageKind::Control, 3, 0);
+    h.dtype = DType::Bytes as u8;
+    let buf = Aligned::new(&wire::encode(&h, &[], data));
+    let (frame, _) = Frame::new_checked(buf.bytes(), MAX_FRAME).ok()?;
+    pserv_engine::proto::Control::from_frame(&frame).ok()
+}

@@ -35,7 +35,7 @@ use super::route::Refusal;
 use super::switch::{switch_table, Switched};
 use super::window::{apply_landed, heads_all};
 use super::{AnyStore, Core, Ready, ServerHandler, Typed};
-use crate::worker::state::in_table;
+use crate::node::departed::{Departed, DEPARTED_GRACE};
 
 /// A running server node.
 pub struct Server {
@@ -54,13 +54,9 @@ pub struct Server {
     notices: Option<std::thread::JoinHandle<()>>,
     /// The replication window's thread and its stop flag.
     flusher: Option<(std::thread::JoinHandle<()>, Arc<AtomicBool>)>,
-    /// Servers the newest table left out, since when (see [`DROPPED_PEER_GRACE`]).
-    dropped: Mutex<std::collections::HashMap<u32, std::time::Instant>>,
+    /// Servers the newest table left out, since when ([`Server::drop_departed_peers`]).
+    dropped: Departed,
 }
-
-/// How long after a table that left a server out this server keeps its connection to
-/// it open ([`Server::drop_departed_peers`]).
-const DROPPED_PEER_GRACE: Duration = Duration::from_secs(3);
 
 impl Server {
     /// Start listening, register with the scheduler, and wait for the cluster table;
@@ -201,7 +197,7 @@ impl Server {
             scheduler_addr: cfg.scheduler,
             scheduler_grace: cfg.scheduler_grace,
             dump_model: cfg.dump_model.clone(),
-            dropped: Mutex::new(std::collections::HashMap::new()),
+            dropped: Departed::default(),
         })
     }
 
@@ -264,17 +260,10 @@ impl Server {
             "routing table changed"
         );
         ready.repl.on_table(entries(ready), &old, &new);
-        let mut dropped = self.dropped.lock();
-        let now = std::time::Instant::now();
-        for &s in old.owners().iter().chain(old.followers().iter().flatten()) {
-            if s != ready.rank && !in_table(&new, s) {
-                dropped.entry(s).or_insert(now);
-            }
-        }
-        dropped.retain(|&s, _| !in_table(&new, s));
+        self.dropped.table_changed(&old, &new, Some(ready.rank));
     }
 
-    /// Peers the table left out [`DROPPED_PEER_GRACE`] ago whose connection is still
+    /// Peers the table left out [`DEPARTED_GRACE`] ago whose connection is still
     /// open (a server declared dead behind a partition: its TCP connection does not close
     /// for many minutes, and replica batches sent to it would wait for an acknowledgement
     /// that never comes): close it, and regroup what waited on it, as when it closes.
@@ -282,25 +271,12 @@ impl Server {
         let Some(ready) = self.core.ready.get() else {
             return;
         };
-        let now = std::time::Instant::now();
-        let due: Vec<u32> = {
-            let mut d = self.dropped.lock();
-            let due: Vec<u32> = d
-                .iter()
-                .filter(|(_, t)| now.saturating_duration_since(**t) >= DROPPED_PEER_GRACE)
-                .map(|(s, _)| *s)
-                .collect();
-            for s in &due {
-                d.remove(s);
-            }
-            due
-        };
-        for s in due {
+        for s in self.dropped.take_due() {
             if let Some(c) = ready.repl.peer(s).filter(|c| !c.is_closed()) {
                 tracing::warn!(
                     peer = s,
                     addr = %c.peer_addr(),
-                    "server {s} left the routing table {DROPPED_PEER_GRACE:?} ago and its connection is still open: closing it; replica batches waiting on it are regrouped"
+                    "server {s} left the routing table {DEPARTED_GRACE:?} ago and its connection is still open: closing it; replica batches waiting on it are regrouped"
                 );
                 c.close();
                 let table = ready.table.read().clone();

@@ -14,6 +14,7 @@ use pserv_transport::{Conn, OutFrame};
 
 use crate::consistency::Gate;
 use crate::keycache::{SentLists, DEFAULT_SENT_LISTS};
+use crate::node::departed::{Departed, DEPARTED_GRACE};
 use crate::placement::Partition;
 use crate::proto::{Control, Status};
 
@@ -45,8 +46,8 @@ pub(super) struct Core {
     table: RwLock<Option<Arc<Partition>>>,
     /// Tasks with segments waiting for a resend.
     pub(super) retrying: Mutex<HashSet<Timestamp>>,
-    /// Servers the newest table left out, since when (see [`DROPPED_SERVER_GRACE`]).
-    pub(super) dropped: Mutex<HashMap<u32, Instant>>,
+    /// Servers the newest table left out, since when ([`Core::drop_departed_servers`]).
+    dropped: Departed,
     /// Sent segments seen unanswered, since when, and whether warned about
     /// ([`Core::warn_stalls`]); with the time of the last look.
     stalls: Mutex<StallWatch>,
@@ -72,10 +73,6 @@ type StallWatch = (
 /// request; it keeps waiting, up to the task's timeout).
 pub(super) const STALL_WARNING: Duration = Duration::from_secs(5);
 
-/// How long after a table that left a server out the worker keeps its connection to it
-/// open ([`Core::drop_departed_servers`]).
-pub(super) const DROPPED_SERVER_GRACE: Duration = Duration::from_secs(3);
-
 impl Core {
     pub(super) fn new(control: Sender<Control>, wake: Sender<()>, timeout: Duration) -> Core {
         Core {
@@ -95,7 +92,7 @@ impl Core {
             over: AtomicBool::new(false),
             table: RwLock::new(None),
             retrying: Mutex::new(HashSet::new()),
-            dropped: Mutex::new(HashMap::new()),
+            dropped: Departed::default(),
             stalls: Mutex::new((HashMap::new(), None)),
             wake,
             stop: AtomicBool::new(false),
@@ -134,17 +131,9 @@ impl Core {
         if t.as_ref().is_some_and(|cur| cur.epoch() >= table.epoch()) {
             return false;
         }
-        let mut dropped = self.dropped.lock();
         if let Some(old) = t.as_ref() {
-            let now = Instant::now();
-            let servers = old.owners().iter().chain(old.followers().iter().flatten());
-            for &s in servers {
-                if !in_table(&table, s) {
-                    dropped.entry(s).or_insert(now);
-                }
-            }
+            self.dropped.table_changed(old, &table, None);
         }
-        dropped.retain(|&s, _| !in_table(&table, s));
         *t = Some(Arc::new(table));
         true
     }
@@ -210,32 +199,19 @@ impl Core {
         }
     }
 
-    /// Servers the table left out [`DROPPED_SERVER_GRACE`] ago whose connection is still
+    /// Servers the table left out [`DEPARTED_GRACE`] ago whose connection is still
     /// open (a server declared dead behind a partition: its TCP connection does not
     /// close for many minutes, and what was sent to it would wait for an answer that
     /// never comes): close the connection and let what waits on it be resent, as when it
     /// closes. A server that left the table gracefully has answered and gone by then.
     pub(super) fn drop_departed_servers(&self) {
-        let now = Instant::now();
-        let due: Vec<u32> = {
-            let mut d = self.dropped.lock();
-            let due: Vec<u32> = d
-                .iter()
-                .filter(|(_, since)| now.saturating_duration_since(**since) >= DROPPED_SERVER_GRACE)
-                .map(|(s, _)| *s)
-                .collect();
-            for s in &due {
-                d.remove(s);
-            }
-            due
-        };
-        for s in due {
+        for s in self.dropped.take_due() {
             let conn = self.servers.read().get(s as usize).and_then(Option::clone);
             if let Some(c) = conn.filter(|c| !c.is_closed()) {
                 tracing::warn!(
                     server = s,
                     peer = %c.peer_addr(),
-                    "server {s} left the routing table {DROPPED_SERVER_GRACE:?} ago and its connection is still open: closing it; what waited on it is resent to the new heads"
+                    "server {s} left the routing table {DEPARTED_GRACE:?} ago and its connection is still open: closing it; what waited on it is resent to the new heads"
                 );
                 c.close();
                 self.server_lost(s);
@@ -286,7 +262,4 @@ impl Core {
     }
 }
 
-/// Whether `server` holds any range of `table` (as head or replica).
-pub(crate) fn in_table(table: &Partition, server: u32) -> bool {
-    table.owners().contains(&server) || table.followers().iter().any(|f| f.contains(&server))
-}
+pub(crate) use crate::node::departed::in_table;
