@@ -20,6 +20,8 @@
 //!   (register, rejoin a restarted one).
 //! - [`onesided`]: the one-sided data path for dense ranges (shm, RDMA verbs).
 //! - [`lr`] and [`job`]: the main job, sparse logistic regression.
+//! - [`checkpoint`]: checkpoint files and manifests, writing them atomically, verifying
+//!   and restoring them.
 //! - [`cli`]: the `pserv` command line, its launcher and the operator's commands.
 //! - `sim` (tests only): the deterministic simulation.
 //!
@@ -28,6 +30,7 @@
 #![forbid(unsafe_code)]
 
 pub mod base;
+pub mod checkpoint;
 pub mod cli;
 pub mod consistency;
 pub mod filter;

@@ -61,6 +61,18 @@ pub(super) enum Cmd {
         #[arg(long)]
         rank: u32,
     },
+    /// Ask the scheduler for a checkpoint into DIR at the next epoch barrier: every
+    /// server writes its ranges (values and optimizer state), then the manifest and
+    /// DIR/latest are written; waits until it is written (or refused).
+    Checkpoint {
+        #[command(flatten)]
+        sched: SchedulerAddr,
+        /// The checkpoint folder (DIR/epoch-E/..., DIR/latest).
+        dir: std::path::PathBuf,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
+    },
     /// Run a worker training sparse logistic regression.
     Worker(WorkerArgs),
     /// Run this process's role in a cluster a cluster manager started (Slurm, MPI/PMI,
@@ -116,6 +128,8 @@ pub(super) struct LocalArgs {
     add_worker_after: Option<f64>,
     #[command(flatten)]
     repl: ReplArgs,
+    #[command(flatten)]
+    checkpoint: crate::checkpoint::CheckpointArgs,
     /// Servers apply pushes that hold NaN or infinite values (by default such a push is
     /// refused whole, and the job fails with the reason).
     #[arg(long, env = "PSERV_ALLOW_NON_FINITE")]
@@ -140,10 +154,20 @@ impl LocalArgs {
             add_server_after,
             add_worker_after,
             repl,
+            checkpoint,
             allow_non_finite,
         } = self;
         net.tcp()?;
         job.check()?;
+        checkpoint.check()?;
+        // Children start elsewhere: give them absolute folders.
+        let abs = |d: std::path::PathBuf| std::path::absolute(&d).unwrap_or(d);
+        let checkpoint = crate::checkpoint::CheckpointArgs {
+            checkpoint_dir: checkpoint.checkpoint_dir.map(abs),
+            ..checkpoint
+        };
+        let mut job = job;
+        job.restore = job.restore.map(abs);
         let update = update.unwrap_or(job.update_spec());
         // The scheduler gets the replicas resolved.
         cluster.replicas = Some(cluster.spec(update)?.replicas);
@@ -186,6 +210,7 @@ impl LocalArgs {
             summary_json: output.summary_json,
             allow_non_finite,
             timeout: Duration::from_secs(timeout_secs),
+            checkpoint,
         })
     }
 }
@@ -260,10 +285,34 @@ pub(super) fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> 
             heartbeat_timeout_ms,
             recover,
             recover_wait_ms,
+            checkpoint,
+            restore,
         }) => {
+            checkpoint.check()?;
+            let spec = cluster.spec(update)?;
+            let restored_epoch = match &restore.restore {
+                Some(dir) => {
+                    let ck = crate::checkpoint::Checkpoint::open(dir)?;
+                    ck.check_cluster(spec.value_type, spec.value_len, &spec.update)?;
+                    tracing::info!(
+                        epoch = ck.manifest.epoch,
+                        dir = %ck.dir.display(),
+                        "restoring the job from a checkpoint"
+                    );
+                    ck.manifest.epoch
+                }
+                None => 0,
+            };
             run_scheduler(SchedulerConfig {
+                checkpoint: crate::scheduler::CheckpointPlan {
+                    every: checkpoint.checkpoint_every,
+                    dir: checkpoint
+                        .checkpoint_dir
+                        .map(|d| std::path::absolute(&d).unwrap_or(d)),
+                    restored_epoch,
+                },
                 listen,
-                spec: cluster.spec(update)?,
+                spec,
                 tcp: net.tcp()?,
                 port_file,
                 summary_json: output.summary_json,
@@ -298,8 +347,10 @@ pub(super) fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> 
             key_cache_keys,
             allow_non_finite,
             scheduler_grace_secs,
+            restore,
         }) => {
             let mut cfg = ServerConfig::new(sched.scheduler);
+            cfg.restore = restore.restore;
             cfg.allow_non_finite = allow_non_finite;
             cfg.scheduler_grace = Duration::from_secs(scheduler_grace_secs);
             cfg.key_cache_keys = key_cache_keys;
@@ -314,6 +365,15 @@ pub(super) fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> 
             Server::start(cfg)?.run()
         }
         Cmd::Leave { sched, rank } => crate::cli::status::leave(sched.scheduler, rank),
+        Cmd::Checkpoint {
+            sched,
+            dir,
+            timeout_secs,
+        } => crate::cli::status::checkpoint(
+            sched.scheduler,
+            &dir,
+            Duration::from_secs(timeout_secs.max(1)),
+        ),
         Cmd::Worker(WorkerArgs {
             sched,
             rank,

@@ -862,6 +862,8 @@ pub(super) fn run_launch(args: LaunchArgs) -> Result<ExitCode, EngineError> {
                 dump_model: args.dump_model.clone(),
                 // PSERV_ALLOW_NON_FINITE in the environment still reaches the server.
                 allow_non_finite: false,
+                // So does PSERV_RESTORE.
+                restore: None,
             }
             .to_args();
             if var(&env, "PSERV_SERVER_LISTEN").is_none() {

@@ -67,7 +67,9 @@ pub struct LocalPlan {
     pub add_server: Option<Duration>,
     /// Start one more worker this long after the workers started (`--add-worker-after`);
     /// it joins the running job and gets a share of the data from the next epoch.
-    pub add_worker: Option<Duration>,
+    pub add_worker: Option<Duration>,    /// The scheduler's `--checkpoint-every` and `--checkpoint-dir` (the job's `--restore`
+    /// goes to the scheduler and every server as well as to the workers).
+    pub checkpoint: crate::checkpoint::CheckpointArgs,
 }
 
 impl LocalPlan {
@@ -83,6 +85,8 @@ impl LocalPlan {
             progress: true,
             recover: false,
             net: self.net.clone(),
+            checkpoint: self.checkpoint.clone(),
+            restore: self.job.restore.clone(),
         }
     }
 
@@ -96,7 +100,26 @@ impl LocalPlan {
             repl: self.repl.clone(),
             dump_model: self.dump_model.clone(),
             allow_non_finite: self.allow_non_finite,
+            restore: self.job.restore.clone(),
         }
+    }
+
+    /// With `--restore`: refuse, before any process starts, a checkpoint that fails
+    /// verification or does not fit this cluster and job (every role checks again).
+    pub fn check_restore(&self) -> Result<(), EngineError> {
+        let Some(ck) = self.job.restored()? else {
+            return Ok(());
+        };
+        ck.check_cluster(self.cluster.value_type, self.cluster.value_len, &self.update)?;
+        eprintln!(
+            "pserv local: restoring from {} (after epoch {}, written by {} server(s)); \
+             training resumes at epoch {}",
+            ck.dir.display(),
+            ck.manifest.epoch,
+            ck.manifest.files.len(),
+            ck.manifest.epoch + 1
+        );
+        Ok(())
     }
 
     /// Worker `rank`'s config; with no rank, a worker that joins the running job.
@@ -175,7 +198,11 @@ fn scratch_dir() -> Result<PathBuf, EngineError> {
 /// files are checked first (before any process starts); on any failure the summary file,
 /// if one was asked for, holds only the error ([`write_failed_summary`]).
 pub fn run_local(plan: &LocalPlan) -> Result<serde_json::Value, EngineError> {
-    let result = plan.job.check_files().and_then(|()| {
+    let result = plan
+        .job
+        .check_files()
+        .and_then(|()| plan.check_restore())
+        .and_then(|()| {
         if let (Some(data), Some(test)) = (&plan.job.data, &plan.job.test_data) {
             eprintln!(
                 "pserv local: training on all of {}, evaluating on {} (--test-fraction is not used)",

@@ -61,7 +61,12 @@ pub struct SchedulerArgs {
     /// With --recover: wait at most this long for the nodes after the first one
     /// rejoined (less when every node of the cluster flags did).
     #[arg(long, default_value_t = 3000)]
-    pub recover_wait_ms: u64,
+    pub recover_wait_ms: u64,    /// Checkpoints: --checkpoint-every, --checkpoint-dir.
+    #[command(flatten)]
+    pub checkpoint: crate::checkpoint::CheckpointArgs,
+    /// Start from a checkpoint (--restore).
+    #[command(flatten)]
+    pub restore: crate::checkpoint::RestoreArgs,
 }
 
 /// Flags of `pserv server`.
@@ -104,7 +109,10 @@ pub struct ServerArgs {
     /// this long: its connection closed and no restarted scheduler (`--recover`) came
     /// back at its address.
     #[arg(long, env = "PSERV_SCHEDULER_GRACE_SECS", default_value_t = 60)]
-    pub scheduler_grace_secs: u64,
+    pub scheduler_grace_secs: u64,    /// Start from a checkpoint (--restore): load the keys of the ranges this server
+    /// holds under the new routing table from every server file of the checkpoint.
+    #[command(flatten)]
+    pub restore: crate::checkpoint::RestoreArgs,
 }
 
 /// Flags of `pserv worker`.
@@ -149,6 +157,10 @@ pub struct SchedulerLaunch {
     pub recover: bool,
     /// The transport flags ([`NetArgs::to_args`]).
     pub net: NetArgs,
+    /// `--checkpoint-every`, `--checkpoint-dir`.
+    pub checkpoint: crate::checkpoint::CheckpointArgs,
+    /// `--restore`, if any.
+    pub restore: Option<PathBuf>,
 }
 
 impl SchedulerLaunch {
@@ -186,6 +198,10 @@ impl SchedulerLaunch {
             a.push("--recover".into());
         }
         a.extend(self.net.to_args());
+        a.extend(self.checkpoint.to_args());
+        if let Some(d) = &self.restore {
+            a.push(format!("--restore={}", d.display()));
+        }
         a
     }
 }
@@ -207,7 +223,8 @@ pub struct ServerLaunch {
     /// `--dump-model`, if any.
     pub dump_model: Option<PathBuf>,
     /// `--allow-non-finite`.
-    pub allow_non_finite: bool,
+    pub allow_non_finite: bool,    /// `--restore`, if any.
+    pub restore: Option<PathBuf>,
 }
 
 impl ServerLaunch {
@@ -230,6 +247,9 @@ impl ServerLaunch {
         }
         if self.allow_non_finite {
             a.push("--allow-non-finite".into());
+        }
+        if let Some(d) = &self.restore {
+            a.push(format!("--restore={}", d.display()));
         }
         a
     }

@@ -56,6 +56,49 @@ pub fn leave(addr: SocketAddr, rank: u32) -> Result<(), EngineError> {
     }
 }
 
+/// `pserv checkpoint`: ask the scheduler at `addr` for a checkpoint into `dir` at the
+/// next epoch barrier and wait (at most `timeout`) until it is written; prints the
+/// scheduler's answer. Fails when the scheduler refuses (the job ended first, a server
+/// could not write its file).
+pub fn checkpoint(
+    addr: SocketAddr,
+    dir: &std::path::Path,
+    timeout: Duration,
+) -> Result<(), EngineError> {
+    let dir = std::path::absolute(dir).map_err(|source| EngineError::Io {
+        context: format!("resolving {}", dir.display()),
+        source,
+    })?;
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let cfg = TcpConfig {
+        threads: 1,
+        pin_cores: false,
+        ..TcpConfig::default()
+    };
+    let transport = TcpTransport::start(cfg, |_| StatusHandler { tx: tx.clone() })?;
+    let conn = transport.connect(addr, Duration::from_secs(10).min(timeout))?;
+    let dir_s = dir.display().to_string();
+    conn.send(Control::CheckpointRequest { dir: dir_s.clone() }.to_frame(0))?;
+    let answer = rx.recv_timeout(timeout);
+    transport.shutdown();
+    match answer {
+        Ok(Control::Log { line }) => {
+            println!("{line}");
+            Ok(())
+        }
+        Ok(Control::Refused { reason }) => Err(EngineError::InvalidRequest(format!(
+            "the scheduler refused: {reason}"
+        ))),
+        Ok(other) => Err(EngineError::InvalidRequest(format!(
+            "unexpected answer from the scheduler: {other:?}"
+        ))),
+        Err(_) => Err(EngineError::Timeout(format!(
+            "no checkpoint into {dir_s} from the scheduler at {addr} within {timeout:?} \
+             (it is taken at the next epoch barrier)"
+        ))),
+    }
+}
+
 /// Connect to the scheduler at `addr`, ask for its status, and return the report.
 pub fn fetch(addr: SocketAddr, timeout: Duration) -> Result<StatusReport, EngineError> {
     let (tx, rx) = crossbeam_channel::unbounded();

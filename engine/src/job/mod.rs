@@ -253,7 +253,12 @@ pub struct JobArgs {
     /// to bfloat16 precision) or zero-small (|w| < 1e-6 answered as 0); they pay with
     /// `--compress` (see `filter::AnswerFilter`). Evaluation pulls are never filtered.
     #[arg(long, env = "PSERV_PULL_FILTER", value_enum, default_value = "none")]
-    pub pull_filter: PullFilter,
+    pub pull_filter: PullFilter,    /// Resume the job from the checkpoint in DIR (its `latest`, or DIR itself when it
+    /// holds a manifest): training starts at the epoch after the checkpoint's, and the
+    /// job's flags must be the checkpoint's (see `checkpoint`). `pserv local` passes it
+    /// to the scheduler and the servers too.
+    #[arg(long, env = "PSERV_RESTORE")]
+    pub restore: Option<PathBuf>,
 }
 
 /// `--pull-filter`: a built-in answer filter.
@@ -458,7 +463,61 @@ impl JobArgs {
         if self.pull_filter != PullFilter::None {
             a.push(format!("--pull-filter={}", self.pull_filter.name()));
         }
+        if let Some(p) = &self.restore {
+            a.push(format!("--restore={}", p.display()));
+        }
         a
+    }
+
+    /// The flags that decide the model a run of this job trains, as a checkpoint records
+    /// them (flag name to value) and a restore must match: all of [`to_args`](Self::to_args)
+    /// but those that change only speed, reporting or the number of epochs.
+    pub fn model_flags(&self) -> std::collections::BTreeMap<String, String> {
+        crate::checkpoint::job_flags(
+            &self.to_args(),
+            &[
+                "epochs",
+                "restore",
+                "slow-worker",
+                "eval-every",
+                "target-logloss",
+                "trace",
+                "key-cache",
+                "compress",
+            ],
+        )
+    }
+
+    /// With `--restore`: the checkpoint, verified, and checked against these flags (and
+    /// the flags that cannot resume: filters hold residuals on the workers, which a
+    /// checkpoint does not keep). `None` without `--restore`.
+    pub fn restored(&self) -> Result<Option<crate::checkpoint::Checkpoint>, EngineError> {
+        let Some(dir) = &self.restore else {
+            return Ok(None);
+        };
+        if !self.filters.is_empty() {
+            return Err(EngineError::Config(
+                "--restore with --filter: a checkpoint does not hold the workers' filter                  residuals, so the run could not resume as it was"
+                    .into(),
+            ));
+        }
+        if self.hash_buckets.is_some() {
+            return Err(EngineError::Config(
+                "--restore with --hash-buckets is not supported yet: dense ranges are                  checkpointed as single keys, and their layout follows the server count"
+                    .into(),
+            ));
+        }
+        let ck = crate::checkpoint::Checkpoint::open(dir)?;
+        ck.check_job(&self.model_flags())?;
+        if u64::from(self.epochs) <= ck.manifest.epoch {
+            return Err(EngineError::Config(format!(
+                "--epochs {} but the checkpoint {} already follows epoch {}: nothing is left                  to train (ask for more epochs)",
+                self.epochs,
+                ck.dir.display(),
+                ck.manifest.epoch
+            )));
+        }
+        Ok(Some(ck))
     }
 
     /// The slowdowns of `--slow-worker`, checked.
@@ -704,6 +763,16 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
              (pserv local and pserv launch do)"
         )));
     }
+    // --restore: the checkpoint's epoch; training resumes after it.
+    let restored_epoch = match job.restored()? {
+        Some(ck) => u32::try_from(ck.manifest.epoch).unwrap_or(u32::MAX),
+        None => 0,
+    };
+    if worker.rank() == 0 {
+        // What every checkpoint of this job records, and a restore checks.
+        let json = serde_json::to_string(&job.model_flags()).expect("json encodes");
+        worker.tell_scheduler(Control::JobFlags { json })?;
+    }
     let (train, test) = job.load_data()?;
     // --hash-buckets: fold the data, attach the servers' windows over the buckets.
     let dense = job
@@ -759,7 +828,7 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
     // Elastic workers: the shards of workers that left, split over those still running
     // (from the epoch after a barrier showed them gone). Re-planned every epoch.
     let mut live: Vec<u32> = (0..workers as u32).collect();
-    let mut first_epoch = 1;
+    let mut first_epoch = restored_epoch + 1;
     if late {
         // Take part from the next barrier the others reach: the end of an epoch's
         // training (odd) or of its evaluation (even); start with the epoch after it.
@@ -770,7 +839,7 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
             live = worker.barrier_live()?;
             seq += 1;
         }
-        first_epoch = seq / 2 + 1;
+        first_epoch = restored_epoch + (seq / 2) as u32 + 1;
     }
     let mut slices: std::collections::HashMap<(usize, usize), Dataset> =
         std::collections::HashMap::new();
@@ -799,7 +868,7 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
         }
         None => None,
     };
-    let total = shard.len() as u64 * u64::from(job.epochs);
+    let total = shard.len() as u64 * u64::from((job.epochs + 1).saturating_sub(first_epoch));
     worker.tell_scheduler(Control::Progress { done: 0, total })?;
     if rank == 0 {
         let data = match (&job.data, &job.test_data) {
@@ -871,7 +940,7 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
     let mut weights: Vec<f32> = Vec::new();
     let mut last_eval = None;
     let mut step_count = 0usize;
-    for epoch in (first_epoch as u32)..=job.epochs {
+    for epoch in first_epoch..=job.epochs {
         let plan = epoch_plan(
             train.len(),
             workers,

@@ -355,6 +355,40 @@ pub enum Control {
         /// The codec's name.
         codec: String,
     },
+    /// Operator (`pserv checkpoint`) to the scheduler: write a checkpoint into `dir` at
+    /// the next epoch barrier. Answered with a `Log` once it is written, or `Refused`.
+    CheckpointRequest {
+        /// The checkpoint folder (absolute).
+        dir: String,
+    },
+    /// Scheduler to a server: write the ranges you head into `dir` (the epoch folder) as
+    /// `server-RANK.ckpt`; answer `CheckpointWritten` or `CheckpointFailed`.
+    CheckpointWrite {
+        /// The epoch folder.
+        dir: String,
+        /// The job epoch the checkpoint follows.
+        epoch: u64,
+    },
+    /// Server to the scheduler: its checkpoint file is written (and synced).
+    CheckpointWritten {
+        /// The job epoch.
+        epoch: u64,
+        /// The file.
+        file: crate::checkpoint::FileEntry,
+    },
+    /// Server to the scheduler: its checkpoint file could not be written.
+    CheckpointFailed {
+        /// The job epoch.
+        epoch: u64,
+        /// Why.
+        reason: String,
+    },
+    /// Worker 0 to the scheduler: the job's model-defining flags (JSON object of flag to
+    /// value), recorded in every checkpoint's manifest and checked on restore.
+    JobFlags {
+        /// The JSON object.
+        json: String,
+    },
 }
 
 /// A push whose effect a replication batch carries, for exactly-once retries: a worker
@@ -591,6 +625,21 @@ mod tests {
                 },
             },
             Control::Shutdown,
+            Control::CheckpointWritten {
+                epoch: 3,
+                file: crate::checkpoint::FileEntry {
+                    rank: 1,
+                    name: "server-1.ckpt".into(),
+                    bytes: 99,
+                    checksum: u64::MAX,
+                    keys: 5,
+                    state_len: 1,
+                },
+            },
+            Control::CheckpointWrite {
+                dir: "/ck/epoch-3".into(),
+                epoch: 3,
+            },
         ];
         for m in msgs {
             let f = m.to_frame(3);

@@ -38,6 +38,14 @@ pub enum Input {
         /// Now.
         now_ms: u64,
     },
+    /// The process wrote (or failed to write) the manifest of
+    /// [`Output::WriteCheckpoint`]: `Ok` holds the checkpoint's folder.
+    CheckpointCommitted {
+        /// The checkpoint's job epoch.
+        epoch: u64,
+        /// The folder written, or why not.
+        result: Result<std::path::PathBuf, String>,
+    },
 }
 
 /// What the scheduler decided to do.
@@ -61,6 +69,15 @@ pub enum Output {
     },
     /// Every worker finished (or left); servers and workers were told to shut down.
     JobDone,
+    /// Every server wrote its checkpoint file: write `manifest` into `root` (then
+    /// `latest`, [`crate::checkpoint::commit`]) and answer with
+    /// [`Input::CheckpointCommitted`]; the barrier waits until then.
+    WriteCheckpoint {
+        /// The checkpoint folder.
+        root: std::path::PathBuf,
+        /// The manifest.
+        manifest: Box<crate::checkpoint::Manifest>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -122,6 +139,8 @@ pub struct SchedulerCore {
     /// Workers beyond the spec that registered after the servers got the table but
     /// before the job ran (connection, asked rank, pid): they join once it runs.
     pub(super) early_workers: Vec<(ConnKey, Option<u32>, u32)>,
+    /// Checkpoints: when, where, the one being taken.
+    pub(super) ckpt: super::checkpoint::Checkpoints,
 }
 
 impl SchedulerCore {
@@ -142,6 +161,7 @@ impl SchedulerCore {
             recover_ms: 0,
             last_barrier: 0,
             early_workers: Vec::new(),
+            ckpt: Default::default(),
             spec,
             nodes: HashMap::new(),
             servers_welcomed: false,
@@ -282,6 +302,9 @@ impl SchedulerCore {
             Input::Message { conn, msg } => self.on_message(conn, msg, &mut out),
             Input::Closed { conn } => self.on_closed(conn, &mut out),
             Input::Tick { now_ms } => self.on_tick(now_ms, &mut out),
+            Input::CheckpointCommitted { epoch, result } => {
+                self.on_checkpoint_committed(epoch, result, &mut out)
+            }
         }
         out
     }
@@ -372,6 +395,17 @@ impl SchedulerCore {
                 }
             }
             Control::Leave { rank } => self.on_leave(conn, rank, out),
+            Control::CheckpointRequest { dir } => self.on_checkpoint_request(conn, dir, out),
+            Control::CheckpointWritten { epoch, file } => {
+                self.on_checkpoint_written(conn, epoch, file, out)
+            }
+            Control::CheckpointFailed { epoch, reason } => {
+                self.on_checkpoint_failed(conn, epoch, reason, out)
+            }
+            Control::JobFlags { .. } if !self.is_worker(conn) => {
+                self.refuse(conn, "job flags from a node that is not a registered worker", out)
+            }
+            Control::JobFlags { json } => self.on_job_flags(json, out),
             Control::Synced { epoch } => {
                 let rank = self
                     .nodes

@@ -44,6 +44,7 @@ impl SchedulerCore {
             }
             return;
         }
+        self.checkpoint_tick(out);
         let (now, limit) = (self.now_ms, self.heartbeat_timeout_ms);
         let mut died = Vec::new();
         for n in self.nodes.values_mut() {
@@ -235,6 +236,10 @@ impl SchedulerCore {
             .map(|(seq, _)| *seq)
             .collect();
         for seq in ready {
+            // A checkpoint due at this barrier (or being taken) holds it and the later ones.
+            if self.checkpoint_holds(seq, out) {
+                break;
+            }
             self.last_barrier = self.last_barrier.max(seq);
             let arrived = self.barriers.remove(&seq).unwrap_or_default();
             for conn in arrived {
@@ -252,6 +257,7 @@ impl SchedulerCore {
     }
 
     pub(super) fn on_closed(&mut self, conn: ConnKey, out: &mut Vec<Output>) {
+        self.checkpoint_conn_closed(conn);
         self.early_workers.retain(|e| e.0 != conn);
         if !self.servers_welcomed {
             if let Some(n) = self.nodes.remove(&conn) {
@@ -655,6 +661,7 @@ impl SchedulerCore {
                 msg: Control::Shutdown,
             });
         }
+        self.checkpoint_requests_end(out);
         out.push(Output::JobDone);
     }
 }

@@ -12,6 +12,7 @@
 //! `--recover`: the view rebuilt from the nodes' `Rejoin` reports), `run` (the process:
 //! transport, handler, summary merge) and `tests`.
 
+mod checkpoint;
 mod core;
 mod membership;
 mod recovery;
@@ -20,6 +21,7 @@ mod spec;
 #[cfg(test)]
 mod tests;
 
+pub use self::checkpoint::CheckpointPlan;
 pub use self::core::{ConnKey, Input, Output, SchedulerCore};
 pub use run::{run_scheduler, JobReport, SchedulerConfig};
 pub use spec::ClusterSpec;

@@ -37,6 +37,8 @@ pub struct SchedulerConfig {
     /// A restart of a failed scheduler: rebuild the view from the nodes' reports, waiting
     /// at most this long after the first one (or until every node of the spec reported).
     pub recover: Option<Duration>,
+    /// When and where to write checkpoints, and the epoch restored from.
+    pub checkpoint: super::CheckpointPlan,
 }
 
 /// How often the scheduler's loop feeds time to its state machine.
@@ -91,6 +93,7 @@ pub fn run_scheduler(cfg: SchedulerConfig) -> Result<JobReport, EngineError> {
         tracing::info!(%addr, "recovering: waiting for the nodes to rejoin");
         core = core.recovering(wait);
     }
+    core = core.with_checkpoints(cfg.checkpoint.clone());
     let conns: Arc<Mutex<HashMap<ConnKey, Conn>>> = Arc::default();
     let bar = if cfg.progress {
         let b = indicatif::ProgressBar::new(0);
@@ -151,7 +154,8 @@ pub fn run_scheduler(cfg: SchedulerConfig) -> Result<JobReport, EngineError> {
                 )))
             }
         }
-        for o in outs {
+        let mut outs: std::collections::VecDeque<Output> = outs.into();
+        while let Some(o) = outs.pop_front() {
             match o {
                 Output::Send { conn, msg } => {
                     if let Some(c) = conns.lock().get(&conn) {
@@ -162,7 +166,10 @@ pub fn run_scheduler(cfg: SchedulerConfig) -> Result<JobReport, EngineError> {
                 }
                 Output::Log(line) => {
                     tracing::info!("{line}");
-                    if line.starts_with("epoch") || line.starts_with("final") {
+                    if line.starts_with("epoch")
+                        || line.starts_with("final")
+                        || line.starts_with("checkpoint")
+                    {
                         bar.suspend(|| println!("{line}"));
                     }
                 }
@@ -171,6 +178,12 @@ pub fn run_scheduler(cfg: SchedulerConfig) -> Result<JobReport, EngineError> {
                         bar.set_length(total);
                     }
                     bar.set_position(done);
+                }
+                Output::WriteCheckpoint { root, manifest } => {
+                    let epoch = manifest.epoch;
+                    let result = crate::checkpoint::commit(&root, &manifest)
+                        .map_err(|e| e.to_string());
+                    outs.extend(core.handle(Input::CheckpointCommitted { epoch, result }));
                 }
                 Output::JobDone => {
                     finished_at = Some(Instant::now());
@@ -279,5 +292,9 @@ pub(super) fn merge_summary(core: &SchedulerCore, seconds: f64) -> serde_json::V
         }
     }
     obj.insert("failovers".into(), (core.failovers.len() as u64).into());
+    obj.insert(
+        "checkpoints".into(),
+        core.checkpoints_written().to_vec().into(),
+    );
     serde_json::Value::Object(obj)
 }

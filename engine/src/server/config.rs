@@ -59,6 +59,9 @@ pub struct ServerConfig {
     /// How long the scheduler may stay unreachable (its connection closed and no
     /// restarted scheduler found) before the server stops with an error naming it.
     pub scheduler_grace: Duration,
+    /// Start from the checkpoint in this folder (`--restore`): before answering `Ready`,
+    /// load every key of the ranges this server holds from all its server files.
+    pub restore: Option<std::path::PathBuf>,
 }
 
 /// User update rules for a server: registered into its
@@ -224,6 +227,7 @@ impl ServerConfig {
             key_cache_keys: crate::keycache::DEFAULT_SERVER_KEYS,
             allow_non_finite: false,
             scheduler_grace: Duration::from_secs(60),
+            restore: None,
             answer_filters: crate::filter::AnswerFilterSet::default(),
         }
     }

@@ -11,6 +11,7 @@
 //! [`Status`] and a text; the store is left as it was and the connection stays open.
 
 pub(crate) mod admit;
+mod checkpoint;
 mod config;
 mod handler;
 mod keys;

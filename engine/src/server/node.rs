@@ -152,6 +152,11 @@ impl Server {
             "server ready"
         );
         let _ = core.ready.set(ready);
+        if let Some(dir) = &cfg.restore {
+            let ready = core.ready.get().expect("set just above");
+            let keys = super::checkpoint::restore(ready, dir, &cluster)?;
+            tracing::info!(rank, keys, dir = %dir.display(), "restored from a checkpoint");
+        }
         let notices = core.ready.get().and_then(|r| r.onesided.clone()).map(|os| {
             let core = core.clone();
             std::thread::Builder::new()
@@ -318,6 +323,25 @@ impl Server {
         super::handler::run_actions(&self.core, ready, &mut gate, actions);
     }
 
+    /// The scheduler holds an epoch barrier for a checkpoint: write this server's file
+    /// into `dir` and report it (or why it could not be written).
+    fn write_checkpoint(&self, dir: &str, epoch: u64) {
+        let Some(ready) = self.core.ready.get() else {
+            return;
+        };
+        let msg = match super::checkpoint::write_part(ready, std::path::Path::new(dir), epoch) {
+            Ok(file) => {
+                tracing::info!(rank = ready.rank, epoch, keys = file.keys, dir, "checkpoint file written");
+                Control::CheckpointWritten { epoch, file }
+            }
+            Err(reason) => {
+                tracing::error!(rank = ready.rank, epoch, dir, %reason, "checkpoint file not written");
+                Control::CheckpointFailed { epoch, reason }
+            }
+        };
+        let _ = self.sched.lock().send(msg.to_frame(ready.node_id));
+    }
+
     /// Connect to servers that joined.
     fn connect_peers(&self, servers: &[proto::ServerInfo]) {
         let Some(ready) = self.core.ready.get() else {
@@ -396,6 +420,7 @@ impl Server {
                 Ok(Control::Table { partition }) => self.install_table(partition),
                 Ok(Control::Servers { servers }) => self.connect_peers(&servers),
                 Ok(Control::WorkerGone { rank }) => self.retire_worker(rank),
+                Ok(Control::CheckpointWrite { dir, epoch }) => self.write_checkpoint(&dir, epoch),
                 Ok(other) => tracing::debug!(?other, "control message ignored by server"),
                 Err(RecvTimeoutError::Timeout) => {
                     self.drop_departed_peers();

@@ -704,6 +704,8 @@ impl World {
                 }
                 Output::Log(line) => self.trace(format!("scheduler: {line}")),
                 Output::Progress { .. } => {}
+                // The simulation takes no checkpoints.
+                Output::WriteCheckpoint { .. } => {}
                 Output::JobDone => {
                     self.job_done = true;
                     self.trace("scheduler: job done".into());
