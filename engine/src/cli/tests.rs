@@ -82,6 +82,7 @@ fn job_all() -> JobArgs {
         key_cache: true,
         compress: pserv_transport::compress::Codec::Zstd { level: 7 },
         pull_filter: crate::job::PullFilter::ZeroSmall,
+        restore: Some(PathBuf::from("/ck/run")),
     }
 }
 
@@ -112,6 +113,7 @@ fn job_min() -> JobArgs {
         key_cache: false,
         compress: pserv_transport::compress::Codec::None,
         pull_filter: crate::job::PullFilter::None,
+        restore: None,
     }
 }
 
@@ -139,6 +141,11 @@ fn a_scheduler_launch_round_trips_through_the_scheduler_parser() {
         progress: true,
         recover: true,
         net: net_all(),
+        checkpoint: crate::checkpoint::CheckpointArgs {
+            checkpoint_every: Some(crate::checkpoint::Every::Secs(30)),
+            checkpoint_dir: Some(PathBuf::from("/ck/every")),
+        },
+        restore: Some(PathBuf::from("/ck/from")),
     };
     let min = SchedulerLaunch {
         port_file: None,
@@ -152,6 +159,8 @@ fn a_scheduler_launch_round_trips_through_the_scheduler_parser() {
         progress: false,
         recover: false,
         net: net_min(),
+        checkpoint: Default::default(),
+        restore: None,
         ..full.clone()
     };
     let updates = [
@@ -175,6 +184,8 @@ fn a_scheduler_launch_round_trips_through_the_scheduler_parser() {
         assert_eq!(a.progress, l.progress);
         assert_eq!(a.recover, l.recover);
         same(&a.net, &l.net);
+        assert_eq!(a.checkpoint, l.checkpoint);
+        assert_eq!(a.restore.restore, l.restore);
     }
 }
 
@@ -191,6 +202,7 @@ fn a_server_launch_round_trips_through_the_server_parser() {
         },
         dump_model: Some(PathBuf::from("/tmp/model")),
         allow_non_finite: true,
+        restore: Some(PathBuf::from("/ck/from")),
     };
     let min = ServerLaunch {
         rank: None,
@@ -198,6 +210,7 @@ fn a_server_launch_round_trips_through_the_server_parser() {
         net: net_min(),
         dump_model: None,
         allow_non_finite: false,
+        restore: None,
         ..full.clone()
     };
     for l in [full, min] {
@@ -211,6 +224,7 @@ fn a_server_launch_round_trips_through_the_server_parser() {
         same(&a.repl, &l.repl);
         assert_eq!(a.dump_model, l.dump_model);
         assert_eq!(a.allow_non_finite, l.allow_non_finite);
+        assert_eq!(a.restore.restore, l.restore);
     }
 }
 

@@ -1,0 +1,326 @@
+//! Checkpoints with real processes: `pserv local` writes a checkpoint after every epoch,
+//! every process of the job is SIGKILLed after the checkpoint of epoch 2 landed, and
+//! `pserv local --restore` finishes the job with the model of a run without the crash,
+//! bit for bit (sequential consistency), with the same and with another number of
+//! servers; a corrupted checkpoint is refused naming the file; `pserv checkpoint` asks a
+//! running job for one.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{pserv, Scratch};
+
+/// The job: sequential consistency (deterministic), AdaGrad (optimizer state on the
+/// servers), reshuffled every epoch.
+fn job(servers: u32, extra: &[String]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--workers=2",
+        "--examples=40000",
+        "--features=30000",
+        "--epochs=4",
+        "--seed=5",
+        "--lr=1",
+        "--consistency=sequential",
+        "--timeout-secs=120",
+    ]
+    .map(String::from)
+    .to_vec();
+    a.push(format!("--servers={servers}"));
+    a.extend(common::net_flags());
+    a.extend_from_slice(extra);
+    a
+}
+
+fn flag(name: &str, v: impl std::fmt::Display) -> String {
+    format!("--{name}={v}")
+}
+
+/// Every `model-*.bin` of a dump folder merged (key to weight bits); replicas agree.
+fn merged_model(dir: &Path) -> BTreeMap<u64, u32> {
+    let mut out = BTreeMap::new();
+    for e in std::fs::read_dir(dir).expect("dump folder") {
+        let e = e.unwrap();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with("model-") && name.ends_with(".bin")) {
+            continue;
+        }
+        let bytes = std::fs::read(e.path()).unwrap();
+        assert_eq!(bytes.len() % 12, 0);
+        for r in bytes.chunks_exact(12) {
+            let k = u64::from_le_bytes(r[..8].try_into().unwrap());
+            let w = u32::from_le_bytes(r[8..].try_into().unwrap());
+            if let Some(prev) = out.insert(k, w) {
+                assert_eq!(prev, w, "key {k:#x}: replicas disagree");
+            }
+        }
+    }
+    out
+}
+
+/// `pserv local ARGS --dump-model=DUMP`; its summary.
+fn run(args: &[String], dump: &Path) -> serde_json::Value {
+    std::fs::create_dir_all(dump).unwrap();
+    let mut a = args.to_vec();
+    a.push(flag("dump-model", dump.display()));
+    common::local_summary(&a, &dump.join("summary.json"))
+}
+
+/// (weights bitwise equal, keys, relative L2 distance) of `b` against `a`, after
+/// checking they trained the same keys.
+fn compare(a: &BTreeMap<u64, u32>, b: &BTreeMap<u64, u32>) -> (usize, usize, f64) {
+    assert!(a.len() > 5000, "only {} keys trained", a.len());
+    assert_eq!(a.len(), b.len(), "the same keys are trained");
+    let (mut same, mut d2, mut n2) = (0, 0f64, 0f64);
+    for (k, w) in a {
+        let v = *b.get(k).expect("the same keys");
+        same += usize::from(v == *w);
+        let (x, y) = (f64::from(f32::from_bits(*w)), f64::from(f32::from_bits(v)));
+        d2 += (x - y) * (x - y);
+        n2 += x * x;
+    }
+    (same, a.len(), (d2 / n2).sqrt())
+}
+
+/// The pids of `parent`'s children (from /proc).
+fn children(parent: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": comm may hold spaces; it ends at the last ')'.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        if rest.split_whitespace().nth(1) == Some(&parent.to_string()) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn sigkill(pid: u32) {
+    let _ = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status();
+}
+
+/// Kills the launcher (by pid) if a test fails before it did.
+struct Launcher(Child);
+
+impl Drop for Launcher {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_local(args: &[String]) -> Launcher {
+    let child = Command::new(pserv())
+        .arg("local")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("pserv runs");
+    Launcher(child)
+}
+
+/// The epoch `DIR/latest` names, if any.
+fn latest(dir: &Path) -> Option<u64> {
+    let s = std::fs::read_to_string(dir.join("latest")).ok()?;
+    s.trim().strip_prefix("epoch-")?.parse().ok()
+}
+
+/// Run the job with a checkpoint after every epoch and SIGKILL the launcher and every
+/// process it started once the checkpoint of epoch 2 is written; returns the epoch of
+/// the newest checkpoint then.
+fn crash_after_checkpoint_2(ck: &Path) -> u64 {
+    let mut args = job(3, &[flag("checkpoint-every", 1), flag("checkpoint-dir", ck.display())]);
+    // Slow the workers (time only, not values) so the job is still running then.
+    args.push("--slow-worker=*:4".into());
+    let mut l = spawn_local(&args);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let epoch = loop {
+        if let Some(e) = latest(ck).filter(|&e| e >= 2) {
+            break e;
+        }
+        assert!(
+            l.0.try_wait().unwrap().is_none(),
+            "pserv local ended before the checkpoint of epoch 2"
+        );
+        assert!(Instant::now() < deadline, "no checkpoint of epoch 2 within 90 s");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert!(
+        l.0.try_wait().unwrap().is_none(),
+        "the job was over before the crash"
+    );
+    let pid = l.0.id();
+    let kids = children(pid);
+    assert!(kids.len() >= 6, "scheduler, 3 servers, 2 workers: {kids:?}");
+    sigkill(pid);
+    for k in &kids {
+        sigkill(*k);
+    }
+    let _ = l.0.wait();
+    // Every one of them is gone (zombies reaped by init count as gone).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while kids.iter().any(|k| {
+        std::fs::read_to_string(format!("/proc/{k}/stat"))
+            .is_ok_and(|s| !s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')))
+    }) {
+        assert!(Instant::now() < deadline, "processes survived SIGKILL: {kids:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!("SIGKILLed pserv local (pid {pid}) and its processes {kids:?} after checkpoint {epoch}");
+    epoch
+}
+
+#[test]
+fn a_job_killed_after_a_checkpoint_and_restored_ends_with_the_model_of_a_clean_run() {
+    let dir = Scratch::new("ckpt-restore");
+    let clean = run(&job(3, &[]), &dir.path("clean"));
+    let reference = merged_model(&dir.path("clean"));
+    let ck = dir.path("ck");
+    let epoch = crash_after_checkpoint_2(&ck);
+    assert!((2..4).contains(&epoch), "checkpoint {epoch} of 4 epochs");
+    let restore = flag("restore", ck.display());
+    // The same command line, with --restore.
+    let same = job(
+        3,
+        &[
+            flag("checkpoint-every", 1),
+            flag("checkpoint-dir", ck.display()),
+            restore.clone(),
+        ],
+    );
+    let restored = run(&same, &dir.path("restored"));
+    let train = clean["train_examples"].as_u64().unwrap();
+    assert_eq!(
+        restored["examples"].as_u64().unwrap(),
+        train * (4 - epoch),
+        "the restored run trains only the epochs after the checkpoint: {restored}"
+    );
+    let after: Vec<u64> = serde_json::from_value(restored["checkpoints"].clone()).unwrap();
+    assert_eq!(after, ((epoch + 1)..=4).collect::<Vec<_>>(), "{restored}");
+    let (same_w, total, rel) = compare(&reference, &merged_model(&dir.path("restored")));
+    eprintln!("restored with 3 servers: {same_w} of {total} weights bitwise equal, relative L2 {rel:.2e}");
+    assert_eq!(same_w, total, "relative L2 distance {rel:.2e}");
+    assert_eq!(clean["test_logloss"], restored["test_logloss"]);
+
+    // Another number of servers: the ranges are re-placed, each key's updates still apply
+    // in the same (clock, rank) order, so the model is the same bit for bit.
+    let two = run(&job(2, &[restore.clone()]), &dir.path("two"));
+    let (same_w, total, rel) = compare(&reference, &merged_model(&dir.path("two")));
+    eprintln!("restored with 2 servers: {same_w} of {total} weights bitwise equal, relative L2 {rel:.2e}");
+    assert_eq!(same_w, total, "relative L2 distance {rel:.2e}");
+    assert_eq!(two["servers"], 2);
+
+    // A flipped byte in a server file: refused before any process starts, naming it.
+    let file = ck
+        .join(format!("epoch-{}", latest(&ck).unwrap()))
+        .join("server-1.ckpt");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x40;
+    std::fs::write(&file, &bytes).unwrap();
+    let out = Command::new(pserv())
+        .arg("local")
+        .args(job(3, &[restore.clone()]))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&file.display().to_string()) && err.contains("corrupted"),
+        "{err}"
+    );
+    // A job whose flags differ from the checkpoint's is refused with what differs.
+    bytes[at] ^= 0x40;
+    std::fs::write(&file, &bytes).unwrap();
+    let mut other = job(3, &[restore]);
+    other.push("--lr=2".into());
+    let out = Command::new(pserv()).arg("local").args(&other).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--lr: 1 in the checkpoint, 2 here"), "{err}");
+}
+
+/// The launcher's run folder (`$TMPDIR/pserv-local-PID-*`) and the scheduler's address
+/// in it.
+fn scheduler_addr(launcher: u32) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        for e in std::fs::read_dir(std::env::temp_dir()).unwrap().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&format!("pserv-local-{launcher}-")) {
+                let p: PathBuf = e.path().join("scheduler.addr");
+                if let Ok(s) = std::fs::read_to_string(&p) {
+                    if !s.trim().is_empty() {
+                        return s.trim().to_string();
+                    }
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "no scheduler address");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn pserv_checkpoint_asks_a_running_job_for_one() {
+    let dir = Scratch::new("ckpt-ask");
+    let summary = dir.path("summary.json");
+    let mut args = job(2, &[flag("summary-json", summary.display())]);
+    args.push("--slow-worker=*:4".into());
+    let mut l = spawn_local(&args);
+    let addr = scheduler_addr(l.0.id());
+    let ck = dir.path("asked");
+    let out = Command::new(pserv())
+        .args(["checkpoint", &format!("--scheduler={addr}")])
+        .arg(&ck)
+        .arg("--timeout-secs=60")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("checkpoint of epoch"), "{said}");
+    let epoch = latest(&ck).expect("latest written");
+    let c = pserv_engine::checkpoint::Checkpoint::open(&ck).unwrap();
+    assert_eq!(c.manifest.epoch, epoch);
+    assert_eq!(c.manifest.files.len(), 2, "one file per server");
+    let keys: u64 = c.parts().unwrap().iter().map(|p| p.keys.len() as u64).sum();
+    assert!(keys > 5000, "{keys} keys");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let st = loop {
+        if let Some(st) = l.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "the job did not finish");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(st.success());
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    assert_eq!(s["checkpoints"], serde_json::json!([epoch]), "{s}");
+    // Asked once the job is over: refused with the reason, or no scheduler to ask.
+    let out = Command::new(pserv())
+        .args(["checkpoint", &format!("--scheduler={addr}")])
+        .arg(&ck)
+        .arg("--timeout-secs=5")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
