@@ -146,7 +146,11 @@ impl std::str::FromStr for Every {
         if n == 0 {
             return Err(format!("{s:?}: must be at least 1"));
         }
-        Ok(if secs { Every::Secs(n) } else { Every::Epochs(n) })
+        Ok(if secs {
+            Every::Secs(n)
+        } else {
+            Every::Epochs(n)
+        })
     }
 }
 
@@ -317,15 +321,17 @@ pub fn decode_manifest(path: &Path, bytes: &[u8]) -> Result<Manifest, Checkpoint
         why,
     };
     let Some(nl) = bytes.iter().position(|&b| b == b'\n') else {
-        return Err(if bytes.starts_with(MANIFEST_HEAD.as_bytes()) || bytes.is_empty() {
-            CheckpointError::Truncated {
-                file: file.clone(),
-                have: bytes.len() as u64,
-                want: bytes.len() as u64 + 1,
-            }
-        } else {
-            malformed("not a pserv checkpoint manifest".into())
-        });
+        return Err(
+            if bytes.starts_with(MANIFEST_HEAD.as_bytes()) || bytes.is_empty() {
+                CheckpointError::Truncated {
+                    file: file.clone(),
+                    have: bytes.len() as u64,
+                    want: bytes.len() as u64 + 1,
+                }
+            } else {
+                malformed("not a pserv checkpoint manifest".into())
+            },
+        );
     };
     let head = std::str::from_utf8(&bytes[..nl])
         .map_err(|_| malformed("not a pserv checkpoint manifest".into()))?;
@@ -454,8 +460,7 @@ impl Checkpoint {
             let path = self.dir.join(&f.name);
             let p = format::decode(&path, &bytes)?;
             let shape = (p.elem_bytes, p.value_len, p.state_len, p.epoch);
-            if shape != (elem, m.value_len, m.state_len, m.epoch) || p.keys.len() as u64 != f.keys
-            {
+            if shape != (elem, m.value_len, m.state_len, m.epoch) || p.keys.len() as u64 != f.keys {
                 return Err(CheckpointError::Malformed {
                     file: path.display().to_string(),
                     why: format!(
@@ -528,15 +533,19 @@ impl Checkpoint {
         let Some(job) = &self.manifest.job else {
             return Ok(());
         };
-        let theirs: BTreeMap<String, String> = serde_json::from_value(job.clone())
-            .map_err(|e| CheckpointError::Malformed {
+        let theirs: BTreeMap<String, String> =
+            serde_json::from_value(job.clone()).map_err(|e| CheckpointError::Malformed {
                 file: self.manifest_path().display().to_string(),
                 why: format!("its job flags: {e}"),
             })?;
         let mut why = Vec::new();
         for k in theirs.keys().chain(flags.keys()) {
             let (a, b) = (theirs.get(k), flags.get(k));
-            if a != b && !why.iter().any(|w: &String| w.starts_with(&format!("--{k}:"))) {
+            if a != b
+                && !why
+                    .iter()
+                    .any(|w: &String| w.starts_with(&format!("--{k}:")))
+            {
                 let show = |v: Option<&String>| v.map_or("(not set)".to_string(), |v| v.clone());
                 why.push(format!(
                     "--{k}: {} in the checkpoint, {} here",
@@ -573,10 +582,7 @@ pub fn resolve(dir: &Path) -> Result<PathBuf, CheckpointError> {
             if !d.join(MANIFEST).is_file() {
                 return Err(CheckpointError::Missing {
                     dir: dir.display().to_string(),
-                    why: format!(
-                        "{} names {name}, which has no {MANIFEST}",
-                        latest.display()
-                    ),
+                    why: format!("{} names {name}, which has no {MANIFEST}", latest.display()),
                 });
             }
             Ok(d)

@@ -26,10 +26,8 @@ impl Dir {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_nanos();
-        let d = std::env::temp_dir().join(format!(
-            "pserv-ckpt-{tag}-{}-{nanos}",
-            std::process::id()
-        ));
+        let d =
+            std::env::temp_dir().join(format!("pserv-ckpt-{tag}-{}-{nanos}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         Dir(d)
     }
@@ -67,7 +65,10 @@ fn a_truncated_server_file_is_refused_at_every_length() {
             matches!(e, CheckpointError::Truncated { .. }),
             "length {len}: {s}"
         );
-        assert!(s.contains("/ck/server-1.ckpt") && s.contains("truncated"), "{s}");
+        assert!(
+            s.contains("/ck/server-1.ckpt") && s.contains("truncated"),
+            "{s}"
+        );
     }
     let mut longer = bytes.clone();
     longer.push(0);
@@ -183,10 +184,16 @@ fn a_corrupted_or_truncated_checkpoint_is_refused_naming_the_file() {
     flipped[60] ^= 0x10;
     std::fs::write(&file, &flipped).unwrap();
     let e = Checkpoint::open(&d.0).unwrap_err().to_string();
-    assert!(e.contains("corrupted") && e.contains(&file.display().to_string()), "{e}");
+    assert!(
+        e.contains("corrupted") && e.contains(&file.display().to_string()),
+        "{e}"
+    );
     std::fs::write(&file, &good[..good.len() - 3]).unwrap();
     let e = Checkpoint::open(&d.0).unwrap_err().to_string();
-    assert!(e.contains("truncated") && e.contains(&file.display().to_string()), "{e}");
+    assert!(
+        e.contains("truncated") && e.contains(&file.display().to_string()),
+        "{e}"
+    );
     std::fs::remove_file(&file).unwrap();
     let e = Checkpoint::open(&d.0).unwrap_err().to_string();
     assert!(e.contains(&file.display().to_string()), "{e}");
@@ -200,15 +207,23 @@ fn a_corrupted_or_truncated_checkpoint_is_refused_naming_the_file() {
     m2[at] ^= 0x01;
     std::fs::write(&mpath, &m2).unwrap();
     let e = Checkpoint::open(&d.0).unwrap_err().to_string();
-    assert!(e.contains("corrupted") && e.contains(&mpath.display().to_string()), "{e}");
+    assert!(
+        e.contains("corrupted") && e.contains(&mpath.display().to_string()),
+        "{e}"
+    );
     std::fs::write(&mpath, &mbytes[..mbytes.len() / 2]).unwrap();
     let e = Checkpoint::open(&d.0).unwrap_err().to_string();
     assert!(e.contains("truncated"), "{e}");
     std::fs::remove_file(&mpath).unwrap();
     let e = Checkpoint::open(&d.0).unwrap_err().to_string();
     assert!(e.contains("no manifest"), "{e}");
-    let e = Checkpoint::open(&d.0.join("nothing")).unwrap_err().to_string();
-    assert!(e.contains("no checkpoint at") && e.contains("neither"), "{e}");
+    let e = Checkpoint::open(&d.0.join("nothing"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("no checkpoint at") && e.contains("neither"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -222,7 +237,10 @@ fn a_cluster_or_job_that_does_not_fit_is_refused_with_what_differs() {
         .check_cluster(ValueType::F32, 2, &UpdateSpec::Sgd { lr: 1.0 })
         .unwrap_err()
         .to_string();
-    assert!(e.contains("--value-len") && e.contains("update rule"), "{e}");
+    assert!(
+        e.contains("--value-len") && e.contains("update rule"),
+        "{e}"
+    );
     assert!(e.contains("manifest"), "{e}");
     let flags = |lr: &str| {
         [("seed", "5"), ("lr", lr)]

@@ -67,7 +67,8 @@ pub struct LocalPlan {
     pub add_server: Option<Duration>,
     /// Start one more worker this long after the workers started (`--add-worker-after`);
     /// it joins the running job and gets a share of the data from the next epoch.
-    pub add_worker: Option<Duration>,    /// The scheduler's `--checkpoint-every` and `--checkpoint-dir` (the job's `--restore`
+    pub add_worker: Option<Duration>,
+    /// The scheduler's `--checkpoint-every` and `--checkpoint-dir` (the job's `--restore`
     /// goes to the scheduler and every server as well as to the workers).
     pub checkpoint: crate::checkpoint::CheckpointArgs,
 }
@@ -110,7 +111,11 @@ impl LocalPlan {
         let Some(ck) = self.job.restored()? else {
             return Ok(());
         };
-        ck.check_cluster(self.cluster.value_type, self.cluster.value_len, &self.update)?;
+        ck.check_cluster(
+            self.cluster.value_type,
+            self.cluster.value_len,
+            &self.update,
+        )?;
         eprintln!(
             "pserv local: restoring from {} (after epoch {}, written by {} server(s)); \
              training resumes at epoch {}",

@@ -61,7 +61,8 @@ pub struct SchedulerArgs {
     /// With --recover: wait at most this long for the nodes after the first one
     /// rejoined (less when every node of the cluster flags did).
     #[arg(long, default_value_t = 3000)]
-    pub recover_wait_ms: u64,    /// Checkpoints: --checkpoint-every, --checkpoint-dir.
+    pub recover_wait_ms: u64,
+    /// Checkpoints: --checkpoint-every, --checkpoint-dir.
     #[command(flatten)]
     pub checkpoint: crate::checkpoint::CheckpointArgs,
     /// Start from a checkpoint (--restore).
@@ -109,7 +110,8 @@ pub struct ServerArgs {
     /// this long: its connection closed and no restarted scheduler (`--recover`) came
     /// back at its address.
     #[arg(long, env = "PSERV_SCHEDULER_GRACE_SECS", default_value_t = 60)]
-    pub scheduler_grace_secs: u64,    /// Start from a checkpoint (--restore): load the keys of the ranges this server
+    pub scheduler_grace_secs: u64,
+    /// Start from a checkpoint (--restore): load the keys of the ranges this server
     /// holds under the new routing table from every server file of the checkpoint.
     #[command(flatten)]
     pub restore: crate::checkpoint::RestoreArgs,
@@ -223,7 +225,8 @@ pub struct ServerLaunch {
     /// `--dump-model`, if any.
     pub dump_model: Option<PathBuf>,
     /// `--allow-non-finite`.
-    pub allow_non_finite: bool,    /// `--restore`, if any.
+    pub allow_non_finite: bool,
+    /// `--restore`, if any.
     pub restore: Option<PathBuf>,
 }
 

@@ -253,7 +253,8 @@ pub struct JobArgs {
     /// to bfloat16 precision) or zero-small (|w| < 1e-6 answered as 0); they pay with
     /// `--compress` (see `filter::AnswerFilter`). Evaluation pulls are never filtered.
     #[arg(long, env = "PSERV_PULL_FILTER", value_enum, default_value = "none")]
-    pub pull_filter: PullFilter,    /// Resume the job from the checkpoint in DIR (its `latest`, or DIR itself when it
+    pub pull_filter: PullFilter,
+    /// Resume the job from the checkpoint in DIR (its `latest`, or DIR itself when it
     /// holds a manifest): training starts at the epoch after the checkpoint's, and the
     /// job's flags must be the checkpoint's (see `checkpoint`). `pserv local` passes it
     /// to the scheduler and the servers too.
@@ -497,13 +498,15 @@ impl JobArgs {
         };
         if !self.filters.is_empty() {
             return Err(EngineError::Config(
-                "--restore with --filter: a checkpoint does not hold the workers' filter                  residuals, so the run could not resume as it was"
+                "--restore with --filter: a checkpoint does not hold the workers' filter \
+                 residuals, so the run could not resume as it was"
                     .into(),
             ));
         }
         if self.hash_buckets.is_some() {
             return Err(EngineError::Config(
-                "--restore with --hash-buckets is not supported yet: dense ranges are                  checkpointed as single keys, and their layout follows the server count"
+                "--restore with --hash-buckets is not supported yet: dense ranges are \
+                 checkpointed as single keys, and their layout follows the server count"
                     .into(),
             ));
         }
@@ -511,7 +514,8 @@ impl JobArgs {
         ck.check_job(&self.model_flags())?;
         if u64::from(self.epochs) <= ck.manifest.epoch {
             return Err(EngineError::Config(format!(
-                "--epochs {} but the checkpoint {} already follows epoch {}: nothing is left                  to train (ask for more epochs)",
+                "--epochs {} but the checkpoint {} already follows epoch {}: nothing is left \
+                 to train (ask for more epochs)",
                 self.epochs,
                 ck.dir.display(),
                 ck.manifest.epoch

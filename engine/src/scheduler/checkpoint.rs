@@ -190,7 +190,11 @@ impl SchedulerCore {
         out: &mut Vec<Output>,
     ) {
         let Some(rank) = self.server_rank(conn) else {
-            return self.refuse(conn, "a checkpoint file from a node that is not a server", out);
+            return self.refuse(
+                conn,
+                "a checkpoint file from a node that is not a server",
+                out,
+            );
         };
         let Some(p) = self.ckpt.pending.as_mut().filter(|p| p.epoch == epoch) else {
             out.push(Output::Log(format!(
@@ -248,7 +252,11 @@ impl SchedulerCore {
         let rank = self.server_rank(conn);
         if self.ckpt.pending.as_ref().is_some_and(|p| p.epoch == epoch) {
             let who = rank.map_or("a server".to_string(), |r| format!("server {r}"));
-            self.checkpoint_abort(format!("{who} could not write its file: {reason}"), true, out);
+            self.checkpoint_abort(
+                format!("{who} could not write its file: {reason}"),
+                true,
+                out,
+            );
         }
     }
 
@@ -267,7 +275,12 @@ impl SchedulerCore {
         result: Result<PathBuf, String>,
         out: &mut Vec<Output>,
     ) {
-        if !self.ckpt.pending.as_ref().is_some_and(|p| p.epoch == epoch && p.committing) {
+        if !self
+            .ckpt
+            .pending
+            .as_ref()
+            .is_some_and(|p| p.epoch == epoch && p.committing)
+        {
             return;
         }
         match result {

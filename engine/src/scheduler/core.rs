@@ -402,9 +402,11 @@ impl SchedulerCore {
             Control::CheckpointFailed { epoch, reason } => {
                 self.on_checkpoint_failed(conn, epoch, reason, out)
             }
-            Control::JobFlags { .. } if !self.is_worker(conn) => {
-                self.refuse(conn, "job flags from a node that is not a registered worker", out)
-            }
+            Control::JobFlags { .. } if !self.is_worker(conn) => self.refuse(
+                conn,
+                "job flags from a node that is not a registered worker",
+                out,
+            ),
             Control::JobFlags { json } => self.on_job_flags(json, out),
             Control::Synced { epoch } => {
                 let rank = self

@@ -181,8 +181,8 @@ pub fn run_scheduler(cfg: SchedulerConfig) -> Result<JobReport, EngineError> {
                 }
                 Output::WriteCheckpoint { root, manifest } => {
                     let epoch = manifest.epoch;
-                    let result = crate::checkpoint::commit(&root, &manifest)
-                        .map_err(|e| e.to_string());
+                    let result =
+                        crate::checkpoint::commit(&root, &manifest).map_err(|e| e.to_string());
                     outs.extend(core.handle(Input::CheckpointCommitted { epoch, result }));
                 }
                 Output::JobDone => {

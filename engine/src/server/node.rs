@@ -331,7 +331,13 @@ impl Server {
         };
         let msg = match super::checkpoint::write_part(ready, std::path::Path::new(dir), epoch) {
             Ok(file) => {
-                tracing::info!(rank = ready.rank, epoch, keys = file.keys, dir, "checkpoint file written");
+                tracing::info!(
+                    rank = ready.rank,
+                    epoch,
+                    keys = file.keys,
+                    dir,
+                    "checkpoint file written"
+                );
                 Control::CheckpointWritten { epoch, file }
             }
             Err(reason) => {
