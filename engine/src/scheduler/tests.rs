@@ -795,3 +795,176 @@ fn a_worker_that_registers_while_the_servers_set_up_joins_once_the_job_runs() {
     );
     assert!(c.is_running());
 }
+
+fn barrier_of_both(c: &mut SchedulerCore, seq: u64) -> Vec<Output> {
+    let mut out = Vec::new();
+    for conn in [2, 4] {
+        out.extend(c.handle(Input::Message {
+            conn,
+            msg: Control::Barrier { seq },
+        }));
+    }
+    out
+}
+
+/// The barriers released (to every worker) by `out`.
+fn released(out: &[Output]) -> Vec<u64> {
+    let done: Vec<(ConnKey, u64)> = sends(out)
+        .into_iter()
+        .filter_map(|(c, m)| match m {
+            Control::BarrierDone { seq, .. } => Some((c, *seq)),
+            _ => None,
+        })
+        .collect();
+    let seqs: BTreeSet<u64> = done.iter().map(|d| d.1).collect();
+    for s in &seqs {
+        let to: BTreeSet<ConnKey> = done.iter().filter(|d| d.1 == *s).map(|d| d.0).collect();
+        assert_eq!(
+            to,
+            BTreeSet::from([2, 4]),
+            "barrier {s} released to both workers"
+        );
+    }
+    seqs.into_iter().collect()
+}
+
+fn written(c: &mut SchedulerCore, conn: ConnKey, rank: u32, epoch: u64) -> Vec<Output> {
+    c.handle(Input::Message {
+        conn,
+        msg: Control::CheckpointWritten {
+            epoch,
+            file: crate::checkpoint::FileEntry {
+                rank,
+                name: format!("server-{rank}.ckpt"),
+                bytes: 64,
+                checksum: 7,
+                keys: 1,
+                state_len: 0,
+            },
+        },
+    })
+}
+
+fn logs(out: &[Output]) -> String {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Log(l) => Some(l.as_str()),
+            _ => None,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn a_checkpoint_holds_its_epoch_barrier_until_every_file_and_the_manifest_are_written() {
+    use crate::checkpoint::Every;
+    let mut c = running().with_checkpoints(super::CheckpointPlan {
+        every: Some(Every::Epochs(1)),
+        dir: Some("/ck".into()),
+        restored_epoch: 4,
+    });
+    // The end of an epoch's training (odd): released at once.
+    assert_eq!(released(&barrier_of_both(&mut c, 1)), vec![1]);
+    // The end of the epoch: held; both heads are asked to write.
+    let out = barrier_of_both(&mut c, 2);
+    assert!(released(&out).is_empty(), "{out:?}");
+    let mut asked: Vec<ConnKey> = sends(&out)
+        .into_iter()
+        .filter(|(_, m)| {
+            **m == Control::CheckpointWrite {
+                dir: "/ck/epoch-5".into(),
+                epoch: 5,
+            }
+        })
+        .map(|(c, _)| c)
+        .collect();
+    asked.sort_unstable();
+    assert_eq!(asked, vec![1, 3], "{out:?}");
+    let out = written(&mut c, 3, 0, 5);
+    assert!(out.is_empty(), "{out:?}");
+    // The last file: the manifest is to be written; the barrier still waits for it.
+    let out = written(&mut c, 1, 1, 5);
+    assert!(released(&out).is_empty());
+    let [Output::WriteCheckpoint { root, manifest }] = &out[..] else {
+        panic!("{out:?}")
+    };
+    assert_eq!(root, &std::path::PathBuf::from("/ck"));
+    assert_eq!((manifest.epoch, manifest.files.len()), (5, 2));
+    assert_eq!(manifest.partition, *c.table());
+    let out = c.handle(Input::CheckpointCommitted {
+        epoch: 5,
+        result: Ok("/ck/epoch-5".into()),
+    });
+    assert_eq!(released(&out), vec![2]);
+    assert_eq!(c.checkpoints_written(), &[5]);
+
+    // A server that cannot write: the checkpoint is given up, the barrier released.
+    barrier_of_both(&mut c, 3);
+    assert!(released(&barrier_of_both(&mut c, 4)).is_empty());
+    written(&mut c, 3, 0, 6);
+    let out = c.handle(Input::Message {
+        conn: 1,
+        msg: Control::CheckpointFailed {
+            epoch: 6,
+            reason: "disk full".into(),
+        },
+    });
+    assert_eq!(released(&out), vec![4]);
+    assert!(logs(&out).contains("server 1 could not write its file: disk full"));
+
+    // A server that does not answer: given up after the bound, naming it.
+    barrier_of_both(&mut c, 5);
+    assert!(released(&barrier_of_both(&mut c, 6)).is_empty());
+    written(&mut c, 3, 0, 7);
+    let mut out = Vec::new();
+    let mut now = 0;
+    while released(&out).is_empty() {
+        now += 1000;
+        assert!(now < 120_000, "never given up");
+        // Heartbeats keep both servers alive meanwhile.
+        for conn in [1, 3] {
+            c.handle(Input::Message {
+                conn,
+                msg: Control::Heartbeat,
+            });
+        }
+        out = c.handle(Input::Tick { now_ms: now });
+    }
+    assert!(
+        logs(&out).contains("servers {1} did not write their files within 60 s"),
+        "{}",
+        logs(&out)
+    );
+    assert_eq!(c.checkpoints_written(), &[5]);
+}
+
+#[test]
+fn pserv_checkpoint_is_answered_once_the_checkpoint_is_written() {
+    let mut c = running();
+    let ask = |c: &mut SchedulerCore, dir: &str| {
+        c.handle(Input::Message {
+            conn: 9,
+            msg: Control::CheckpointRequest { dir: dir.into() },
+        })
+    };
+    let out = ask(&mut c, "relative/dir");
+    assert!(matches!(sends(&out)[..], [(9, Control::Refused { .. })]));
+    assert!(sends(&ask(&mut c, "/asked")).is_empty());
+    // No checkpoint flags: only the request makes one, at the next epoch barrier.
+    assert_eq!(released(&barrier_of_both(&mut c, 1)), vec![1]);
+    assert!(released(&barrier_of_both(&mut c, 2)).is_empty());
+    written(&mut c, 1, 1, 1);
+    written(&mut c, 3, 0, 1);
+    let out = c.handle(Input::CheckpointCommitted {
+        epoch: 1,
+        result: Ok("/asked/epoch-1".into()),
+    });
+    assert_eq!(released(&out), vec![2]);
+    assert!(sends(&out)
+        .iter()
+        .any(|(c, m)| *c == 9
+            && matches!(m, Control::Log { line } if line.contains("/asked/epoch-1"))));
+    // The next epoch barrier takes none.
+    barrier_of_both(&mut c, 3);
+    assert_eq!(released(&barrier_of_both(&mut c, 4)), vec![4]);
+}
