@@ -239,7 +239,7 @@ fn a_job_killed_after_a_checkpoint_and_restored_ends_with_the_model_of_a_clean_r
     // (From the checkpoint the crash left: the restored run wrote newer ones since.)
     let at = ck.join(format!("epoch-{epoch}"));
     let restore = flag("restore", at.display());
-    let two = run(&job(2, &[restore.clone()]), &dir.path("two"));
+    let two = run(&job(2, std::slice::from_ref(&restore)), &dir.path("two"));
     let (same_w, total, rel) = compare(&reference, &merged_model(&dir.path("two")));
     eprintln!(
         "restored with 2 servers: {same_w} of {total} weights bitwise equal, relative L2 {rel:.2e}"
@@ -255,7 +255,7 @@ fn a_job_killed_after_a_checkpoint_and_restored_ends_with_the_model_of_a_clean_r
     std::fs::write(&file, &bytes).unwrap();
     let out = Command::new(pserv())
         .arg("local")
-        .args(job(3, &[restore.clone()]))
+        .args(job(3, std::slice::from_ref(&restore)))
         .output()
         .unwrap();
     assert!(!out.status.success());

@@ -28,7 +28,7 @@ use pserv_transport::{rdmapipe, shmpipe};
 
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
-    let targets: [(&str, Vec<Vec<u8>>); 7] = [
+    let targets: [(&str, Vec<Vec<u8>>); 8] = [
         ("frame", frames()),
         ("compress", blocks()),
         ("control", controls().iter().map(control_body).collect()),
@@ -39,6 +39,7 @@ fn main() {
         ("onesided", descriptors()),
         ("pipe_hello", hellos()),
         ("libsvm", libsvm()),
+        ("checkpoint", checkpoints()),
     ];
     for (target, seeds) in targets {
         let dir = root.join(target);
@@ -337,4 +338,47 @@ fn libsvm() -> Vec<Vec<u8>> {
     .iter()
     .map(|s| s.as_bytes().to_vec())
     .collect()
+}
+
+fn checkpoints() -> Vec<Vec<u8>> {
+    use pserv_engine::checkpoint::{encode_manifest, FileEntry, Manifest, ServerPart};
+    let part = |keys: Vec<u64>, state_len: u32| {
+        let n = keys.len();
+        ServerPart {
+            elem_bytes: 4,
+            value_len: 1,
+            state_len,
+            epoch: 2,
+            rank: 1,
+            keys,
+            weights: f32_bytes(&vec![0.5; n]),
+            state: f32_bytes(&vec![0.25; n * state_len as usize]),
+        }
+        .encode()
+    };
+    let manifest = Manifest {
+        version: pserv_engine::checkpoint::MANIFEST_VERSION,
+        epoch: 2,
+        value_type: pserv_engine::proto::ValueType::F32,
+        value_len: 1,
+        update: pserv_engine::update::UpdateSpec::Adagrad { lr: 0.5, eps: 1e-8 },
+        state_len: 1,
+        replicas: 1,
+        partition: pserv_engine::Partition::even(2),
+        job: None,
+        files: vec![FileEntry {
+            rank: 0,
+            name: "server-0.ckpt".into(),
+            bytes: 80,
+            checksum: 7,
+            keys: 2,
+            state_len: 1,
+        }],
+    };
+    vec![
+        part(vec![1, 5, 1 << 40], 1),
+        part(vec![], 0),
+        part(vec![3, 4], 0),
+        encode_manifest(&manifest),
+    ]
 }

@@ -135,6 +135,9 @@ pub fn decode(path: &Path, bytes: &[u8]) -> Result<ServerPart, CheckpointError> 
     let epoch = u64_at(bytes, 24);
     let rank = u32_at(bytes, 32);
     let n = u64_at(bytes, 40);
+    if u32_at(bytes, 36) != 0 {
+        return Err(malformed("reserved header bytes are not zero".into()));
+    }
     if elem_bytes != 4 && elem_bytes != 8 {
         return Err(malformed(format!(
             "{elem_bytes} bytes per element (expected 4 or 8)"
