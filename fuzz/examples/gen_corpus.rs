@@ -361,7 +361,7 @@ fn checkpoints() -> Vec<Vec<u8>> {
         epoch: 2,
         value_type: pserv_engine::proto::ValueType::F32,
         value_len: 1,
-        update: pserv_engine::update::UpdateSpec::Adagrad { lr: 0.5, eps: 1e-8 },
+        update: "adagrad:0.5:0.00000001".into(),
         state_len: 1,
         replicas: 1,
         partition: pserv_engine::Partition::even(2),

@@ -237,8 +237,9 @@ pub struct Manifest {
     pub value_type: ValueType,
     /// Values per key.
     pub value_len: u32,
-    /// The servers' default update rule.
-    pub update: UpdateSpec,
+    /// The servers' default update rule, as `--update` takes it (a string: its numbers
+    /// are compared as written, with no JSON float round trip).
+    pub update: String,
     /// Update-rule state elements per key in the files.
     pub state_len: u32,
     /// Replicas per range after the head.
@@ -506,7 +507,7 @@ impl Checkpoint {
                 m.value_len
             ));
         }
-        if m.update != *update {
+        if m.update != update.to_string() {
             why.push(format!(
                 "update rule `{}` in the checkpoint, `{update}` here",
                 m.update

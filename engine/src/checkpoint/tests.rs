@@ -118,7 +118,7 @@ fn manifest(files: Vec<FileEntry>) -> Manifest {
         epoch: 2,
         value_type: ValueType::F32,
         value_len: 1,
-        update: UpdateSpec::Adagrad { lr: 0.5, eps: 1e-8 },
+        update: UpdateSpec::Adagrad { lr: 0.3, eps: 1e-8 }.to_string(),
         state_len: 1,
         replicas: 0,
         partition: Partition::even(2),
@@ -231,7 +231,7 @@ fn a_cluster_or_job_that_does_not_fit_is_refused_with_what_differs() {
     let d = Dir::new("mismatch");
     write_checkpoint(&d.0);
     let ck = Checkpoint::open(&d.0).unwrap();
-    let rule = UpdateSpec::Adagrad { lr: 0.5, eps: 1e-8 };
+    let rule = UpdateSpec::Adagrad { lr: 0.3, eps: 1e-8 };
     ck.check_cluster(ValueType::F32, 1, &rule).unwrap();
     let e = ck
         .check_cluster(ValueType::F32, 2, &UpdateSpec::Sgd { lr: 1.0 })

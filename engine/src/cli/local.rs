@@ -101,7 +101,8 @@ impl LocalPlan {
             repl: self.repl.clone(),
             dump_model: self.dump_model.clone(),
             allow_non_finite: self.allow_non_finite,
-            restore: self.job.restore.clone(),
+            // A server that joins copies its ranges from the running ones.
+            restore: self.job.restore.clone().filter(|_| rank.is_some()),
         }
     }
 

@@ -228,7 +228,7 @@ impl SchedulerCore {
             epoch,
             value_type: self.spec.value_type,
             value_len: self.spec.value_len,
-            update: self.spec.update,
+            update: self.spec.update.to_string(),
             state_len,
             replicas: self.spec.replicas,
             partition: self.table.clone(),

@@ -968,3 +968,56 @@ fn pserv_checkpoint_is_answered_once_the_checkpoint_is_written() {
     barrier_of_both(&mut c, 3);
     assert_eq!(released(&barrier_of_both(&mut c, 4)), vec![4]);
 }
+
+#[test]
+fn checkpoints_every_n_seconds_wait_for_the_first_epoch_barrier_after_n_seconds() {
+    let mut c = running().with_checkpoints(super::CheckpointPlan {
+        every: Some(crate::checkpoint::Every::Secs(5)),
+        dir: Some("/ck".into()),
+        restored_epoch: 0,
+    });
+    // Time passes in steps the servers' heartbeats keep up with.
+    let mut now = 0;
+    let mut tick = |c: &mut SchedulerCore, to: u64| {
+        while now < to {
+            now = (now + 500).min(to);
+            for conn in [1, 3] {
+                c.handle(Input::Message {
+                    conn,
+                    msg: Control::Heartbeat,
+                });
+            }
+            c.handle(Input::Tick { now_ms: now });
+        }
+    };
+    tick(&mut c, 1000);
+    barrier_of_both(&mut c, 1);
+    assert_eq!(
+        released(&barrier_of_both(&mut c, 2)),
+        vec![2],
+        "1 s in: not yet"
+    );
+    tick(&mut c, 5500);
+    // Odd barriers (the end of training, before evaluation) never take one.
+    assert_eq!(released(&barrier_of_both(&mut c, 3)), vec![3]);
+    assert!(
+        released(&barrier_of_both(&mut c, 4)).is_empty(),
+        "5.5 s in: due"
+    );
+    written(&mut c, 1, 1, 2);
+    let out = written(&mut c, 3, 0, 2);
+    assert!(
+        matches!(out[..], [Output::WriteCheckpoint { .. }]),
+        "{out:?}"
+    );
+    let out = c.handle(Input::CheckpointCommitted {
+        epoch: 2,
+        result: Ok("/ck/epoch-2".into()),
+    });
+    assert_eq!(released(&out), vec![4]);
+    // The next is due 5 s after this one.
+    tick(&mut c, 9000);
+    barrier_of_both(&mut c, 5);
+    assert_eq!(released(&barrier_of_both(&mut c, 6)), vec![6]);
+    assert_eq!(c.checkpoints_written(), &[2]);
+}

@@ -65,6 +65,13 @@ impl Server {
         // Refuse bad user rules before registering, not once the cluster is up.
         registry::<f32>(Arc::new(Sum), &cfg.rules.f32)?;
         registry::<f64>(Arc::new(Sum), &cfg.rules.f64)?;
+        if cfg.join && cfg.restore.is_some() {
+            return Err(EngineError::Config(
+                "--restore with --join: a server that joins copies its ranges from the \
+                 running servers, not from a checkpoint"
+                    .into(),
+            ));
+        }
         let (tx, rx) = crossbeam_channel::unbounded();
         let core = Arc::new(Core {
             ready: OnceLock::new(),
