@@ -247,6 +247,14 @@ fn a_job_killed_after_a_checkpoint_and_restored_ends_with_the_model_of_a_clean_r
     assert_eq!(same_w, total, "relative L2 distance {rel:.2e}");
     assert_eq!(two["servers"], 2);
 
+    // Into a replicated cluster: heads and replicas load their ranges (the merged model
+    // checks that replicas agree).
+    let mut replicated = job(3, std::slice::from_ref(&restore));
+    replicated.push("--replicas=1".into());
+    run(&replicated, &dir.path("replicated"));
+    let (same_w, total, rel) = compare(&reference, &merged_model(&dir.path("replicated")));
+    assert_eq!(same_w, total, "replicated: relative L2 distance {rel:.2e}");
+
     // A flipped byte in a server file: refused before any process starts, naming it.
     let file = at.join("server-1.ckpt");
     let mut bytes = std::fs::read(&file).unwrap();

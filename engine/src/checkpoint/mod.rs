@@ -398,15 +398,22 @@ impl Checkpoint {
     /// holds a manifest) and verify its manifest and the length and checksum of every
     /// server file it lists.
     pub fn open(dir: &Path) -> Result<Checkpoint, CheckpointError> {
-        let dir = resolve(dir)?;
-        let path = dir.join(MANIFEST);
-        let bytes = std::fs::read(&path).map_err(io_err(&path))?;
-        let manifest = decode_manifest(&path, &bytes)?;
-        let ck = Checkpoint { dir, manifest };
+        let ck = Self::open_manifest(dir)?;
         for f in &ck.manifest.files {
             ck.read_file(f)?;
         }
         Ok(ck)
+    }
+
+    /// [`open`](Self::open) without reading the server files: only the manifest is
+    /// verified (what the scheduler and the workers need; the servers verify every file
+    /// they load, [`parts`](Self::parts)).
+    pub fn open_manifest(dir: &Path) -> Result<Checkpoint, CheckpointError> {
+        let dir = resolve(dir)?;
+        let path = dir.join(MANIFEST);
+        let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+        let manifest = decode_manifest(&path, &bytes)?;
+        Ok(Checkpoint { dir, manifest })
     }
 
     /// The manifest's path (for messages).

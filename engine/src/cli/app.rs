@@ -292,7 +292,7 @@ pub(super) fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> 
             let spec = cluster.spec(update)?;
             let restored_epoch = match &restore.restore {
                 Some(dir) => {
-                    let ck = crate::checkpoint::Checkpoint::open(dir)?;
+                    let ck = crate::checkpoint::Checkpoint::open_manifest(dir)?;
                     ck.check_cluster(spec.value_type, spec.value_len, &spec.update)?;
                     tracing::info!(
                         epoch = ck.manifest.epoch,

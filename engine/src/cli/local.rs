@@ -112,6 +112,8 @@ impl LocalPlan {
         let Some(ck) = self.job.restored()? else {
             return Ok(());
         };
+        // Every file's length and checksum too.
+        let ck = crate::checkpoint::Checkpoint::open(&ck.dir)?;
         ck.check_cluster(
             self.cluster.value_type,
             self.cluster.value_len,

@@ -489,7 +489,7 @@ impl JobArgs {
         )
     }
 
-    /// With `--restore`: the checkpoint, verified, and checked against these flags (and
+    /// With `--restore`: the checkpoint (its manifest verified), checked against these flags (and
     /// the flags that cannot resume: filters hold residuals on the workers, which a
     /// checkpoint does not keep). `None` without `--restore`.
     pub fn restored(&self) -> Result<Option<crate::checkpoint::Checkpoint>, EngineError> {
@@ -510,7 +510,9 @@ impl JobArgs {
                     .into(),
             ));
         }
-        let ck = crate::checkpoint::Checkpoint::open(dir)?;
+        // Only the manifest: the servers verify the files they load (and `pserv local`
+        // every file before it starts anything).
+        let ck = crate::checkpoint::Checkpoint::open_manifest(dir)?;
         ck.check_job(&self.model_flags())?;
         if u64::from(self.epochs) <= ck.manifest.epoch {
             return Err(EngineError::Config(format!(

@@ -58,14 +58,14 @@ pub(super) fn write_part(ready: &Ready, dir: &Path, epoch: u64) -> Result<FileEn
 
 /// Load the checkpoint `dir` names into this server's store: every key of every server
 /// file that falls in a range whose chain (head or replica) holds this server under its
-/// table. Refuses (before installing anything) a checkpoint that fails verification or
-/// whose shape is not this store's. Returns the keys installed.
+/// table. Refuses (before installing anything: every file is read and verified first) a
+/// checkpoint that fails verification or whose shape is not this store's. Returns the keys installed.
 pub(super) fn restore(
     ready: &Ready,
     dir: &Path,
     cluster: &crate::proto::ClusterInfo,
 ) -> Result<u64, EngineError> {
-    let ck = Checkpoint::open(dir)?;
+    let ck = Checkpoint::open_manifest(dir)?;
     ck.check_cluster(cluster.value_type, cluster.value_len, &cluster.update)?;
     let store = entries(ready);
     let (vl, sl, eb) = store.shape();
