@@ -290,7 +290,7 @@ pub(super) fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> 
         }) => {
             checkpoint.check()?;
             let spec = cluster.spec(update)?;
-            let restored_epoch = match &restore.restore {
+            let restored = match &restore.restore {
                 Some(dir) => {
                     let ck = crate::checkpoint::Checkpoint::open_manifest(dir)?;
                     ck.check_cluster(spec.value_type, spec.value_len, &spec.update)?;
@@ -299,10 +299,11 @@ pub(super) fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> 
                         dir = %ck.dir.display(),
                         "restoring the job from a checkpoint"
                     );
-                    ck.manifest.epoch
+                    Some((ck.manifest.epoch, ck.manifest.job))
                 }
-                None => 0,
+                None => None,
             };
+            let (restored_epoch, restored_job) = restored.unwrap_or_default();
             run_scheduler(SchedulerConfig {
                 checkpoint: crate::scheduler::CheckpointPlan {
                     every: checkpoint.checkpoint_every,
@@ -310,6 +311,7 @@ pub(super) fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> 
                         .checkpoint_dir
                         .map(|d| std::path::absolute(&d).unwrap_or(d)),
                     restored_epoch,
+                    restored_job,
                 },
                 listen,
                 spec,

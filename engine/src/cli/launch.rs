@@ -849,6 +849,11 @@ pub(super) fn run_launch(args: LaunchArgs) -> Result<ExitCode, EngineError> {
                 a.push(format!("--listen={}", scheduler_listen(scheduler)));
             }
             a.extend(args.net.to_args());
+            // The job's --restore is the whole cluster's (PSERV_CHECKPOINT_EVERY and
+            // PSERV_CHECKPOINT_DIR reach the scheduler from the environment).
+            if let Some(d) = &args.job.restore {
+                a.push(format!("--restore={}", d.display()));
+            }
             a
         }
         RoleKind::Server => {
@@ -862,8 +867,7 @@ pub(super) fn run_launch(args: LaunchArgs) -> Result<ExitCode, EngineError> {
                 dump_model: args.dump_model.clone(),
                 // PSERV_ALLOW_NON_FINITE in the environment still reaches the server.
                 allow_non_finite: false,
-                // So does PSERV_RESTORE.
-                restore: None,
+                restore: args.job.restore.clone(),
             }
             .to_args();
             if var(&env, "PSERV_SERVER_LISTEN").is_none() {

@@ -30,6 +30,11 @@ pub struct CheckpointPlan {
     /// The epoch of the checkpoint the job was restored from (0: a fresh job): barrier
     /// `2k` ends epoch `restored_epoch + k`.
     pub restored_epoch: u64,
+    /// The job flags of the checkpoint restored from: recorded in the checkpoints this
+    /// scheduler writes until the job's worker 0 reports its own (the same: it checks
+    /// them against these), and by a scheduler restarted with `--recover`, which never
+    /// hears them again.
+    pub restored_job: Option<serde_json::Value>,
 }
 
 /// The scheduler's checkpoint state.
@@ -65,6 +70,7 @@ struct Pending {
 impl SchedulerCore {
     /// Take checkpoints as `plan` says.
     pub fn with_checkpoints(mut self, plan: CheckpointPlan) -> Self {
+        self.ckpt.job = plan.restored_job.clone();
         self.ckpt.plan = plan;
         self
     }

@@ -862,6 +862,7 @@ fn a_checkpoint_holds_its_epoch_barrier_until_every_file_and_the_manifest_are_wr
         every: Some(Every::Epochs(1)),
         dir: Some("/ck".into()),
         restored_epoch: 4,
+        restored_job: None,
     });
     // The end of an epoch's training (odd): released at once.
     assert_eq!(released(&barrier_of_both(&mut c, 1)), vec![1]);
@@ -975,6 +976,7 @@ fn checkpoints_every_n_seconds_wait_for_the_first_epoch_barrier_after_n_seconds(
         every: Some(crate::checkpoint::Every::Secs(5)),
         dir: Some("/ck".into()),
         restored_epoch: 0,
+        restored_job: None,
     });
     // Time passes in steps the servers' heartbeats keep up with.
     let mut now = 0;
