@@ -359,3 +359,137 @@ fn pserv_checkpoint_asks_a_running_job_for_one() {
         .unwrap();
     assert!(!out.status.success());
 }
+
+const ADAGRAD: &str = "adagrad:0.5:0.00000001";
+
+/// A checkpoint written with the library as the servers and the scheduler write one:
+/// `keys` split over two server files, weight `i / 1000` and AdaGrad state `1 + i / 100`
+/// for the `i`-th key.
+fn crafted_checkpoint(root: &Path, keys: &[u64]) {
+    use pserv_engine::checkpoint::{self as ck, format, FileEntry, Manifest, ServerPart};
+    let dir = root.join(ck::epoch_dir_name(3));
+    ck::create_dir(&dir).unwrap();
+    let half = keys.len() / 2;
+    let mut files = Vec::new();
+    for (rank, range) in [(0u32, 0..half), (1, half..keys.len())] {
+        let w: Vec<f32> = range.clone().map(|i| i as f32 / 1000.0).collect();
+        let n: Vec<f32> = range.clone().map(|i| 1.0 + i as f32 / 100.0).collect();
+        let part = ServerPart {
+            elem_bytes: 4,
+            value_len: 1,
+            state_len: 1,
+            epoch: 3,
+            rank,
+            keys: keys[range].to_vec(),
+            weights: w.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            state: n.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        };
+        let bytes = part.encode();
+        let name = ck::server_file_name(rank);
+        ck::write_atomic(&dir.join(&name), &bytes).unwrap();
+        files.push(FileEntry {
+            rank,
+            name,
+            bytes: bytes.len() as u64,
+            checksum: format::checksum(&bytes),
+            keys: part.keys.len() as u64,
+            state_len: 1,
+        });
+    }
+    let manifest = Manifest {
+        version: ck::MANIFEST_VERSION,
+        epoch: 3,
+        value_type: pserv_engine::proto::ValueType::F32,
+        value_len: 1,
+        update: ADAGRAD.into(),
+        state_len: 1,
+        replicas: 0,
+        partition: pserv_engine::Partition::even(2),
+        job: None,
+        files,
+    };
+    ck::commit(root, &manifest).unwrap();
+}
+
+/// Servers started by hand with `--restore` hold the checkpoint's weights and optimizer
+/// state, wherever the new table puts each key (two files, three servers with replicas);
+/// a corrupted file stops the server that reads it with an error naming the file, and a
+/// scheduler of another value length refuses the checkpoint.
+#[test]
+fn servers_started_by_hand_restore_weights_and_state_onto_a_new_table() {
+    let dir = Scratch::new("ckpt-hand");
+    let root = dir.path("ck");
+    let keys = common::spread_keys(3000, 5);
+    crafted_checkpoint(&root, &keys);
+    let restore = flag("restore", root.display());
+    let update = flag("update", ADAGRAD);
+    let c = common::Cluster::start_with(3, 1, &[&update, &restore, "--replicas=1"], &[&restore]);
+    let w = common::worker(&c, 0, Duration::from_secs(30));
+    let got = w
+        .wait_pull::<f32>(w.pull::<f32>(keys.clone()))
+        .unwrap()
+        .to_vec();
+    let want: Vec<f32> = (0..keys.len()).map(|i| i as f32 / 1000.0).collect();
+    assert!(
+        got.iter()
+            .zip(&want)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "restored weights differ"
+    );
+    // The state came along: one step of AdaGrad from it (not from n = 0).
+    w.wait(w.push(keys.clone(), vec![1.0f32; keys.len()]))
+        .unwrap();
+    let got = w
+        .wait_pull::<f32>(w.pull::<f32>(keys.clone()))
+        .unwrap()
+        .to_vec();
+    for (i, g) in got.iter().enumerate() {
+        let n = 1.0 + i as f32 / 100.0 + 1.0;
+        let want = i as f32 / 1000.0 - 0.5f32 * 1.0 / (n.sqrt() + 1e-8f32);
+        assert_eq!(g.to_bits(), want.to_bits(), "key {i}: {g} != {want}");
+    }
+    w.finish(0).unwrap();
+    drop(c);
+
+    // Another value length: the scheduler refuses at once, naming the flag.
+    let out = Command::new(pserv())
+        .args([
+            "scheduler",
+            "--listen=127.0.0.1:0",
+            "--servers=1",
+            "--workers=1",
+        ])
+        .args([&update, &restore, "--value-len=2"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--value-len") && err.contains("manifest"),
+        "{err}"
+    );
+
+    // A flipped bit: the scheduler reads only the manifest, the server every file.
+    let file = root.join("epoch-3").join("server-1.ckpt");
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(&file, &bytes).unwrap();
+    let mut c = common::Cluster::scheduler_only(1, 1, &[&update, &restore]);
+    // The servers are welcomed (and restore) once the worker registered too.
+    let mut wa = vec!["worker".to_string(), format!("--scheduler={}", c.scheduler)];
+    wa.extend(common::net_flags());
+    c.procs.spawn("worker 0", &wa);
+    let mut a = vec![
+        "server".to_string(),
+        format!("--scheduler={}", c.scheduler),
+        restore.clone(),
+    ];
+    a.extend(common::net_flags());
+    let out = Command::new(pserv()).args(&a).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&file.display().to_string()) && err.contains("corrupted"),
+        "{err}"
+    );
+}
