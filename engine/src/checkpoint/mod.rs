@@ -399,10 +399,17 @@ impl Checkpoint {
     /// server file it lists.
     pub fn open(dir: &Path) -> Result<Checkpoint, CheckpointError> {
         let ck = Self::open_manifest(dir)?;
-        for f in &ck.manifest.files {
-            ck.read_file(f)?;
-        }
+        ck.verify_files()?;
         Ok(ck)
+    }
+
+    /// Check the length and checksum of every server file the manifest lists (one file
+    /// in memory at a time).
+    pub fn verify_files(&self) -> Result<(), CheckpointError> {
+        for f in &self.manifest.files {
+            self.read_file(f)?;
+        }
+        Ok(())
     }
 
     /// [`open`](Self::open) without reading the server files: only the manifest is
@@ -457,39 +464,41 @@ impl Checkpoint {
 
     /// Every server file, decoded and checked against the manifest (epoch, shape).
     pub fn parts(&self) -> Result<Vec<ServerPart>, CheckpointError> {
+        self.manifest.files.iter().map(|f| self.part(f)).collect()
+    }
+
+    /// One server file of the manifest, read, verified (length, checksum) and decoded,
+    /// and checked against the manifest (epoch, shape, key count).
+    pub fn part(&self, f: &FileEntry) -> Result<ServerPart, CheckpointError> {
         let m = &self.manifest;
         let elem = match m.value_type {
             ValueType::F32 => 4,
             ValueType::F64 => 8,
         };
-        let mut out = Vec::with_capacity(m.files.len());
-        for f in &m.files {
-            let bytes = self.read_file(f)?;
-            let path = self.dir.join(&f.name);
-            let p = format::decode(&path, &bytes)?;
-            let shape = (p.elem_bytes, p.value_len, p.state_len, p.epoch);
-            if shape != (elem, m.value_len, m.state_len, m.epoch) || p.keys.len() as u64 != f.keys {
-                return Err(CheckpointError::Malformed {
-                    file: path.display().to_string(),
-                    why: format!(
-                        "holds {} keys of epoch {} ({} bytes per element, {} values and {} \
-                         state elements per key); the manifest says {} keys of epoch {} \
-                         ({elem}, {}, {})",
-                        p.keys.len(),
-                        p.epoch,
-                        p.elem_bytes,
-                        p.value_len,
-                        p.state_len,
-                        f.keys,
-                        m.epoch,
-                        m.value_len,
-                        m.state_len
-                    ),
-                });
-            }
-            out.push(p);
+        let bytes = self.read_file(f)?;
+        let path = self.dir.join(&f.name);
+        let p = format::decode(&path, &bytes)?;
+        let shape = (p.elem_bytes, p.value_len, p.state_len, p.epoch);
+        let keys = p.keys.len() as u64;
+        if shape != (elem, m.value_len, m.state_len, m.epoch) || keys != f.keys {
+            return Err(CheckpointError::Malformed {
+                file: path.display().to_string(),
+                why: format!(
+                    "holds {keys} keys of epoch {} ({} bytes per element, {} values and {} \
+                     state elements per key); the manifest says {} keys of epoch {} \
+                     ({elem}, {}, {})",
+                    p.epoch,
+                    p.elem_bytes,
+                    p.value_len,
+                    p.state_len,
+                    f.keys,
+                    m.epoch,
+                    m.value_len,
+                    m.state_len
+                ),
+            });
         }
-        Ok(out)
+        Ok(p)
     }
 
     /// Refuse a cluster that cannot hold this checkpoint's values: another element type,

@@ -79,7 +79,9 @@ pub(super) fn restore(
             ))
             .into());
     }
-    let parts = ck.parts()?;
+    // Every file is verified before anything is installed; then one file is in memory
+    // at a time (each is verified again as it is decoded).
+    ck.verify_files()?;
     let table = ready.table.read().clone();
     let me = ready.rank;
     let mine: Vec<KeyRange> = table
@@ -91,7 +93,8 @@ pub(super) fn restore(
         .map(|((r, _), _)| *r)
         .collect();
     let mut installed = 0u64;
-    for p in &parts {
+    for f in &m.files {
+        let p = &ck.part(f)?;
         let (w_per, s_per) = (vl * eb, sl * eb);
         let mut keys = Vec::new();
         let mut weights = Vec::new();
