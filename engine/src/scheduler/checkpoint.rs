@@ -48,10 +48,12 @@ pub(super) struct Checkpoints {
     /// The job's model-defining flags, from its worker 0.
     job: Option<serde_json::Value>,
     pending: Option<Pending>,
-    /// Epochs checkpointed so far.
+    /// Epochs checkpointed so far (each once, however many folders got one).
     pub(super) written: Vec<u64>,
-    /// The newest barrier a checkpoint was taken (or tried) at.
-    done_seq: u64,
+    /// The newest epoch barrier looked at, whether `--checkpoint-every` was due there,
+    /// and the folders a checkpoint was taken (or tried) into at it: one barrier may take
+    /// one per folder (a `pserv checkpoint` request elsewhere and the periodic one).
+    at: (u64, bool, Vec<PathBuf>),
 }
 
 #[derive(Debug)]
@@ -86,18 +88,28 @@ impl SchedulerCore {
         if let Some(p) = &self.ckpt.pending {
             return seq >= p.seq;
         }
-        if seq <= self.last_barrier || !seq.is_multiple_of(2) || seq <= self.ckpt.done_seq {
+        if seq <= self.last_barrier || !seq.is_multiple_of(2) || seq < self.ckpt.at.0 {
             return false;
         }
         let epoch = self.ckpt.plan.restored_epoch + seq / 2;
-        let every = match self.ckpt.plan.every {
-            Some(Every::Epochs(n)) => epoch.is_multiple_of(n),
-            Some(Every::Secs(s)) => self.now_ms.saturating_sub(self.ckpt.last_ms) >= s * 1000,
-            None => false,
-        };
-        let root = match (self.ckpt.requests.first(), &self.ckpt.plan.dir) {
+        if seq > self.ckpt.at.0 {
+            let every = match self.ckpt.plan.every {
+                Some(Every::Epochs(n)) => epoch.is_multiple_of(n),
+                Some(Every::Secs(s)) => self.now_ms.saturating_sub(self.ckpt.last_ms) >= s * 1000,
+                None => false,
+            };
+            self.ckpt.at = (seq, every, Vec::new());
+        }
+        let (_, every, done) = &self.ckpt.at;
+        let periodic = self
+            .ckpt
+            .plan
+            .dir
+            .clone()
+            .filter(|d| *every && !done.contains(d));
+        let root = match (self.ckpt.requests.first(), periodic) {
             (Some((_, d)), _) => d.clone(),
-            (None, Some(d)) if every => d.clone(),
+            (None, Some(d)) => d,
             _ => return false,
         };
         let requesters: Vec<ConnKey> = self
@@ -108,7 +120,7 @@ impl SchedulerCore {
             .map(|(c, _)| *c)
             .collect();
         self.ckpt.requests.retain(|(_, d)| *d != root);
-        self.ckpt.done_seq = seq;
+        self.ckpt.at.2.push(root.clone());
         let heads: BTreeSet<u32> = self.table.owners().iter().copied().collect();
         let dir = root.join(crate::checkpoint::epoch_dir_name(epoch));
         let mut missing = Vec::new();
@@ -296,7 +308,9 @@ impl SchedulerCore {
                 let line = format!("checkpoint of epoch {epoch} written to {}", dir.display());
                 out.push(Output::Log(line.clone()));
                 Self::send_each(p.requesters, &Control::Log { line }, out);
-                self.ckpt.written.push(epoch);
+                if self.ckpt.written.last() != Some(&epoch) {
+                    self.ckpt.written.push(epoch);
+                }
                 self.ckpt.last_ms = self.now_ms;
                 self.release_barriers(out);
             }

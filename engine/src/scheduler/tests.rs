@@ -1023,3 +1023,45 @@ fn checkpoints_every_n_seconds_wait_for_the_first_epoch_barrier_after_n_seconds(
     assert_eq!(released(&barrier_of_both(&mut c, 6)), vec![6]);
     assert_eq!(c.checkpoints_written(), &[2]);
 }
+
+#[test]
+fn a_request_into_another_folder_and_the_periodic_checkpoint_both_take_one_at_a_barrier() {
+    let mut c = running().with_checkpoints(super::CheckpointPlan {
+        every: Some(crate::checkpoint::Every::Epochs(1)),
+        dir: Some("/every".into()),
+        restored_epoch: 0,
+        restored_job: None,
+    });
+    c.handle(Input::Message {
+        conn: 9,
+        msg: Control::CheckpointRequest {
+            dir: "/asked".into(),
+        },
+    });
+    barrier_of_both(&mut c, 1);
+    let mut dirs = Vec::new();
+    let mut out = barrier_of_both(&mut c, 2);
+    for _ in 0..2 {
+        assert!(released(&out).is_empty(), "{out:?}");
+        let dir = sends(&out)
+            .into_iter()
+            .find_map(|(_, m)| match m {
+                Control::CheckpointWrite { dir, .. } => Some(dir.clone()),
+                _ => None,
+            })
+            .expect("servers asked to write");
+        dirs.push(dir.clone());
+        written(&mut c, 1, 1, 1);
+        let done = written(&mut c, 3, 0, 1);
+        let [Output::WriteCheckpoint { root, .. }] = &done[..] else {
+            panic!("{done:?}")
+        };
+        out = c.handle(Input::CheckpointCommitted {
+            epoch: 1,
+            result: Ok(root.join("epoch-1")),
+        });
+    }
+    assert_eq!(dirs, ["/asked/epoch-1", "/every/epoch-1"]);
+    assert_eq!(released(&out), vec![2]);
+    assert_eq!(c.checkpoints_written(), &[1]);
+}
