@@ -493,3 +493,69 @@ fn servers_started_by_hand_restore_weights_and_state_onto_a_new_table() {
         "{err}"
     );
 }
+
+/// Under bounded delay (not deterministic: no bitwise claim) a finished job's checkpoint
+/// resumes with more epochs: the restored run trains only the new ones, from the
+/// checkpoint's model (its first held-out loss is already that of a trained model), and
+/// checkpoints them on the same schedule.
+#[test]
+fn a_bounded_delay_job_resumes_from_a_checkpoint_with_more_epochs() {
+    let dir = Scratch::new("ckpt-more");
+    let ck = dir.path("ck");
+    let base = |epochs: u32, extra: &[String]| -> Vec<String> {
+        job(2, extra)
+            .into_iter()
+            .map(|a| match a.as_str() {
+                "--consistency=sequential" => "--consistency=bounded:1".into(),
+                "--epochs=4" => format!("--epochs={epochs}"),
+                // A rate at which the held-out loss falls every epoch.
+                "--lr=1" => "--lr=0.05".into(),
+                _ => a,
+            })
+            .collect()
+    };
+    let every = [
+        flag("checkpoint-every", "2e"),
+        flag("checkpoint-dir", ck.display()),
+    ];
+    let first = run(&base(3, &every), &dir.path("first"));
+    assert_eq!(first["checkpoints"], serde_json::json!([2]), "{first}");
+    let curve = |s: &serde_json::Value| -> Vec<f64> {
+        s["eval_curve"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p[1].as_f64().unwrap())
+            .collect()
+    };
+    let fresh_loss = curve(&first)[0];
+    let first_epoch3 = curve(&first)[2];
+    let mut more = every.to_vec();
+    more.push(flag("restore", ck.display()));
+    let resumed = run(&base(6, &more), &dir.path("resumed"));
+    let train = first["train_examples"].as_u64().unwrap();
+    assert_eq!(
+        resumed["examples"].as_u64().unwrap(),
+        train * 4,
+        "epochs 3 to 6"
+    );
+    assert_eq!(
+        resumed["checkpoints"],
+        serde_json::json!([4, 6]),
+        "{resumed}"
+    );
+    let resumed_first = curve(&resumed)[0];
+    let loss = resumed["test_logloss"].as_f64().unwrap();
+    eprintln!(
+        "held-out logloss: {:?} (first run), {:?} (resumed after epoch 2)",
+        curve(&first),
+        curve(&resumed)
+    );
+    // Epoch 3 resumed from the checkpoint is epoch 3 of the first run, up to the
+    // bounded-delay interleaving; a run from scratch would be at its epoch-1 loss.
+    assert!(
+        (resumed_first - first_epoch3).abs() < (fresh_loss - first_epoch3) / 4.0,
+        "the resumed run starts from the trained model"
+    );
+    assert!(loss.is_finite() && loss < 0.69, "{resumed}");
+}
