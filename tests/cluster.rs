@@ -279,20 +279,32 @@ fn a_server_or_worker_pointed_at_a_port_that_is_not_a_scheduler_fails_at_once() 
             std::thread::sleep(Duration::from_millis(5));
         }
     });
-    for role in ["server", "worker"] {
+    // With a secret (the default) the handshake fails; without one (--insecure) the
+    // first answer is no frame. Either way at once, with a message naming the address.
+    for (role, insecure) in [
+        ("server", false),
+        ("worker", false),
+        ("server", true),
+        ("worker", true),
+    ] {
         let started = std::time::Instant::now();
-        let out = std::process::Command::new(common::pserv())
+        let out = common::pserv_cmd()
             .args([role, &format!("--scheduler={addr}")])
             .args(common::net_flags())
+            .args(insecure.then_some("--insecure"))
+            .env_remove(if insecure { "PSERV_SECRET_FILE" } else { "-" })
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{role}: {err}");
+        let expected = if insecure {
+            format!("the connection to {addr} closed before it answered")
+        } else {
+            format!("the peer at {addr} did not authenticate")
+        };
         assert!(
-            err.contains(&format!(
-                "the connection to {addr} closed before it answered"
-            )),
-            "{role}: {err}"
+            err.contains(&expected),
+            "{role} (insecure {insecure}): {err}"
         );
         assert!(
             started.elapsed() < Duration::from_secs(8),
@@ -425,7 +437,7 @@ fn large_range_pulls_are_consistent_snapshots_under_concurrent_pushes() {
 }
 
 fn status(c: &Cluster) -> String {
-    let out = std::process::Command::new(common::pserv())
+    let out = common::pserv_cmd()
         .args(["status", &format!("--scheduler={}", c.scheduler)])
         .output()
         .expect("pserv status runs");
@@ -523,7 +535,11 @@ fn status_shows_the_cluster_and_a_silent_server_turns_dead() {
 
 /// Send one frame on a raw connection and read the answer frame back.
 fn raw_request(server: std::net::SocketAddr, frame: &[u8]) -> (pserv_transport::Header, Vec<u8>) {
-    let mut s = std::net::TcpStream::connect(server).unwrap();
+    let sender = bytemuck::from_bytes::<pserv_transport::Header>(
+        &frame[..pserv_transport::wire::HEADER_LEN],
+    )
+    .sender;
+    let mut s = common::raw_connect(server, sender);
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(frame).unwrap();
     common::read_frame(&mut s)
@@ -641,6 +657,7 @@ fn key_lists_are_cached_a_miss_is_resent_and_a_wrong_name_changes_nothing() {
     // Each server caches at most 120 keys: two of the 50-key lists below, not three.
     let mut c = Cluster::start_with(2, 1, &["--update=sum"], &["--key-cache-keys=120"]);
     let mut cfg = pserv_engine::worker::WorkerConfig::new(c.scheduler);
+    cfg.security = common::security();
     cfg.rank = Some(0);
     cfg.tcp = pserv_transport::TcpConfig {
         threads: 1,

@@ -15,6 +15,7 @@ use pserv_transport::TcpConfig;
 
 fn worker(c: &Cluster, rank: u32, transport: TransportKind) -> Worker {
     let mut cfg = WorkerConfig::new(c.scheduler);
+    cfg.security = common::security();
     cfg.rank = Some(rank);
     cfg.tcp = TcpConfig {
         threads: 1,
@@ -233,7 +234,7 @@ fn lr_folded_with(
 ) -> (serde_json::Value, String) {
     let tag: String = env.iter().map(|(k, v)| format!("-{k}-{v}")).collect();
     let summary = dir.path(&format!("{transport}{}.json", tag.replace([',', '='], "-")));
-    let out = std::process::Command::new(common::pserv())
+    let out = common::pserv_cmd()
         .args([
             "local",
             "--servers=2",
@@ -342,6 +343,7 @@ fn child_pusher() {
         return; // only runs as the child
     };
     let mut cfg = WorkerConfig::new(addr.parse().unwrap());
+    cfg.security = common::security();
     cfg.rank = Some(1);
     cfg.tcp = TcpConfig {
         threads: 1,
@@ -383,6 +385,7 @@ fn killed_mid_push(transport: TransportKind, server_flags: &[&str]) {
     use std::io::BufRead;
     let mut c = Cluster::start_with(1, 2, &["--update=sum"], server_flags);
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .env("PSERV_SECRET_FILE", common::secret_file())
         .args(["--exact", "child_pusher", "--nocapture", "--test-threads=1"])
         .env("PSERV_TEST_CHILD_SCHEDULER", c.scheduler.to_string())
         .env("PSERV_TEST_CHILD_TRANSPORT", transport.to_string())

@@ -51,11 +51,15 @@ use sha2::Sha256;
 pub const AUTH_MAGIC: [u8; 8] = *b"PSVAUTH1";
 /// Length of the connector's hello.
 pub const AUTH_HELLO_LEN: usize = 48;
-const CHALLENGE_LEN: usize = 72;
-const PROOF_LEN: usize = 32;
-const VERDICT_LEN: usize = 8;
+/// Length of the acceptor's challenge.
+pub const CHALLENGE_LEN: usize = 72;
+/// Length of the connector's proof.
+pub const PROOF_LEN: usize = 32;
+/// Length of the acceptor's verdict.
+pub const VERDICT_LEN: usize = 8;
 const VERDICT_MAGIC: [u8; 4] = *b"PSVV";
-const NONCE_LEN: usize = 32;
+/// Length of a nonce.
+pub const NONCE_LEN: usize = 32;
 const LABEL_ACCEPTOR: &[u8] = b"pserv auth v1 acceptor";
 const LABEL_CONNECTOR: &[u8] = b"pserv auth v1 connector";
 
@@ -216,6 +220,91 @@ impl AuthConfig {
             require_identity: false,
             timeout: Duration::from_secs(5),
         }
+    }
+}
+
+/// A connector's hello, decoded: the node id it speaks as and its nonce.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AuthHello {
+    /// The node id (0: none yet).
+    pub identity: u32,
+    /// The connector's nonce.
+    pub nonce: [u8; NONCE_LEN],
+}
+
+impl AuthHello {
+    /// Decode the 48 bytes a connection starts with; `None` when they are no hello.
+    pub fn decode(b: &[u8; AUTH_HELLO_LEN]) -> Option<AuthHello> {
+        if b[..8] != AUTH_MAGIC {
+            return None;
+        }
+        Some(AuthHello {
+            identity: u32::from_le_bytes(b[8..12].try_into().expect("4 bytes")),
+            nonce: b[16..48].try_into().expect("32 bytes"),
+        })
+    }
+
+    fn encode(&self) -> [u8; AUTH_HELLO_LEN] {
+        let mut b = [0u8; AUTH_HELLO_LEN];
+        b[..8].copy_from_slice(&AUTH_MAGIC);
+        b[8..12].copy_from_slice(&self.identity.to_le_bytes());
+        b[16..48].copy_from_slice(&self.nonce);
+        b
+    }
+}
+
+/// The connector's check of the acceptor's challenge (72 bytes) to `hello`: the
+/// acceptor's nonce when its MAC proves the secret, else why not.
+pub fn check_challenge(
+    secret: &Secret,
+    hello: &AuthHello,
+    ch: &[u8; CHALLENGE_LEN],
+) -> Result<[u8; NONCE_LEN], ChallengeError> {
+    if ch[..8] != AUTH_MAGIC {
+        return Err(ChallengeError::NotAChallenge);
+    }
+    let nonce_s: [u8; NONCE_LEN] = ch[8..40].try_into().expect("32 bytes");
+    secret
+        .mac(LABEL_ACCEPTOR, &hello.nonce, &nonce_s, hello.identity)
+        .verify_slice(&ch[40..72])
+        .map_err(|_| ChallengeError::WrongSecret)?;
+    Ok(nonce_s)
+}
+
+/// The acceptor's check of a connector's proof (32 bytes) for `hello` and its own nonce.
+pub fn check_proof(
+    secret: &Secret,
+    hello: &AuthHello,
+    nonce_s: &[u8; NONCE_LEN],
+    proof: &[u8; PROOF_LEN],
+) -> bool {
+    secret
+        .mac(LABEL_CONNECTOR, &hello.nonce, nonce_s, hello.identity)
+        .verify_slice(proof)
+        .is_ok()
+}
+
+/// Why a challenge was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChallengeError {
+    /// The bytes are no challenge.
+    NotAChallenge,
+    /// Its MAC was made with another secret (or for another hello).
+    WrongSecret,
+}
+
+/// Decode the acceptor's verdict (8 bytes): `Ok(())` for accepted, else the reason.
+pub fn decode_verdict(v: &[u8; VERDICT_LEN]) -> Result<(), &'static str> {
+    if v[..4] != VERDICT_MAGIC {
+        return Err("its answer is no verdict");
+    }
+    match Verdict::from_code(u32::from_le_bytes(v[4..8].try_into().expect("4 bytes"))) {
+        Some(Verdict::Accepted) => Ok(()),
+        Some(Verdict::BadProof) => Err("it did not accept our proof of the cluster secret"),
+        Some(Verdict::IdentityRequired) => {
+            Err("it takes connections from cluster nodes only, and this one has no node id")
+        }
+        None => Err("an unknown verdict"),
     }
 }
 
@@ -425,50 +514,27 @@ pub fn connect_side(
         deadline: Instant::now() + cfg.timeout,
         timeout: cfg.timeout,
     };
-    let mut nonce_c = [0u8; NONCE_LEN];
-    fill_random(&mut nonce_c);
-    let mut hello = [0u8; AUTH_HELLO_LEN];
-    hello[..8].copy_from_slice(&AUTH_MAGIC);
-    hello[8..12].copy_from_slice(&identity.to_le_bytes());
-    hello[16..48].copy_from_slice(&nonce_c);
-    ex.write(&hello, "hello")?;
+    let mut hello = AuthHello {
+        identity,
+        nonce: [0u8; NONCE_LEN],
+    };
+    fill_random(&mut hello.nonce);
+    ex.write(&hello.encode(), "hello")?;
     let mut ch = [0u8; CHALLENGE_LEN];
     ex.read(&mut ch, "challenge")?;
-    if ch[..8] != AUTH_MAGIC {
-        return Err(AuthError::NoHello { peer });
-    }
-    let nonce_s = &ch[8..40];
-    cfg.secret
-        .mac(LABEL_ACCEPTOR, &nonce_c, nonce_s, identity)
-        .verify_slice(&ch[40..72])
-        .map_err(|_| AuthError::WrongSecret { peer })?;
+    let nonce_s = check_challenge(&cfg.secret, &hello, &ch).map_err(|e| match e {
+        ChallengeError::NotAChallenge => AuthError::NoHello { peer },
+        ChallengeError::WrongSecret => AuthError::WrongSecret { peer },
+    })?;
     let proof = cfg
         .secret
-        .mac(LABEL_CONNECTOR, &nonce_c, nonce_s, identity)
+        .mac(LABEL_CONNECTOR, &hello.nonce, &nonce_s, identity)
         .finalize()
         .into_bytes();
     ex.write(&proof, "proof")?;
     let mut v = [0u8; VERDICT_LEN];
     ex.read(&mut v, "verdict")?;
-    if v[..4] != VERDICT_MAGIC {
-        return Err(AuthError::NoHello { peer });
-    }
-    let code = u32::from_le_bytes(v[4..8].try_into().expect("4 bytes"));
-    match Verdict::from_code(code) {
-        Some(Verdict::Accepted) => Ok(()),
-        Some(Verdict::BadProof) => Err(AuthError::Refused {
-            peer,
-            why: "it did not accept our proof of the cluster secret",
-        }),
-        Some(Verdict::IdentityRequired) => Err(AuthError::Refused {
-            peer,
-            why: "it takes connections from cluster nodes only, and this one has no node id",
-        }),
-        None => Err(AuthError::Refused {
-            peer,
-            why: "an unknown verdict",
-        }),
-    }
+    decode_verdict(&v).map_err(|why| AuthError::Refused { peer, why })
 }
 
 /// The accepting side: check the peer's proof of the secret; returns the node id it
@@ -487,16 +553,17 @@ pub fn accept_side(
         deadline: Instant::now() + cfg.timeout,
         timeout: cfg.timeout,
     };
-    let mut hello = [0u8; AUTH_HELLO_LEN];
+    let mut raw = [0u8; AUTH_HELLO_LEN];
     // The magic first: a peer without the secret (a frame, a shared-memory hello, a
     // stranger's bytes) is told apart at once, not at the timeout.
-    ex.read(&mut hello[..8], "hello")?;
-    if hello[..8] != AUTH_MAGIC {
+    ex.read(&mut raw[..8], "hello")?;
+    if raw[..8] != AUTH_MAGIC {
         return Err(AuthError::NoHello { peer });
     }
-    ex.read(&mut hello[8..], "hello")?;
-    let identity = u32::from_le_bytes(hello[8..12].try_into().expect("4 bytes"));
-    let nonce_c = &hello[16..48];
+    ex.read(&mut raw[8..], "hello")?;
+    let hello = AuthHello::decode(&raw).ok_or(AuthError::NoHello { peer })?;
+    let identity = hello.identity;
+    let nonce_c = &hello.nonce;
     let mut nonce_s = [0u8; NONCE_LEN];
     fill_random(&mut nonce_s);
     let mut ch = [0u8; CHALLENGE_LEN];
@@ -511,12 +578,7 @@ pub fn accept_side(
     ex.write(&ch, "challenge")?;
     let mut proof = [0u8; PROOF_LEN];
     ex.read(&mut proof, "proof")?;
-    let verdict = if cfg
-        .secret
-        .mac(LABEL_CONNECTOR, nonce_c, &nonce_s, identity)
-        .verify_slice(&proof)
-        .is_err()
-    {
+    let verdict = if !check_proof(&cfg.secret, &hello, &nonce_s, &proof) {
         Verdict::BadProof
     } else if cfg.require_identity && identity == 0 {
         Verdict::IdentityRequired

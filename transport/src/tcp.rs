@@ -450,13 +450,12 @@ pub enum TransportError {
     #[error("starting an event loop failed")]
     Start(#[source] io::Error),
     /// The connection was made but not authenticated.
-    #[error("connecting to {addr}: {source}")]
+    #[error("connecting to {addr}: {why}")]
     Auth {
         /// The peer's address.
         addr: String,
-        /// Why.
-        #[source]
-        source: AuthError,
+        /// Why (in the message itself, not repeated as a cause).
+        why: AuthError,
     },
 }
 
@@ -1376,9 +1375,9 @@ fn connect_on(
     let stream = TcpStream::connect_timeout(&addr, timeout).map_err(err)?;
     if let Some(a) = &shared.cfg.auth {
         let identity = shared.identity.load(Ordering::Acquire);
-        auth::connect_side(&stream, a, identity, false).map_err(|source| TransportError::Auth {
+        auth::connect_side(&stream, a, identity, false).map_err(|why| TransportError::Auth {
             addr: addr.to_string(),
-            source,
+            why,
         })?;
     }
     let conn = shared.new_conn(stream, false, None).map_err(err)?;

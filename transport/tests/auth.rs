@@ -122,7 +122,7 @@ fn a_wrong_or_missing_secret_is_refused_and_the_others_are_served() {
     let (cli, _rx) = client(secret(S2), ShmMessages::Off);
     match cli.connect(addr, WAIT) {
         Err(TransportError::Auth {
-            source: AuthError::WrongSecret { .. },
+            why: AuthError::WrongSecret { .. },
             ..
         }) => {}
         other => panic!("another secret connected: {:?}", other.map(|c| c.id())),
