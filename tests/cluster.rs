@@ -819,3 +819,85 @@ fn a_users_own_filter_runs_on_pushes_and_its_drain_completes_the_sum() {
     w.finish(0).unwrap();
     c.procs.wait_all(Duration::from_secs(30));
 }
+
+/// The hostile client of the hardening report, against an authenticated cluster: a
+/// process without the secret that speaks the documented wire format gets nothing and
+/// changes nothing; one with the secret cannot speak as another node, nor reach a server
+/// without naming one; `pserv status` needs the secret. The job then goes on unchanged.
+#[test]
+fn strangers_without_the_secret_or_under_another_id_read_and_change_nothing() {
+    use std::io::Read;
+    let mut c = Cluster::start(1, 1, &["--update=sum"]);
+    let w = worker(&c, 0);
+    let server = w.cluster().servers[0].addr;
+    let key = 12345u64;
+    w.wait(w.push(vec![key], vec![1.0f32])).unwrap();
+    let push = |sender: u32| {
+        let mut h = pserv_transport::Header::new(pserv_transport::MessageKind::Push, sender, 9);
+        h.dtype = pserv_transport::DType::F32 as u8;
+        h.value_len = 1;
+        h.epoch = 1;
+        pserv_transport::wire::encode(&h, &[key], &f32::NAN.to_le_bytes())
+    };
+    let closed_unanswered = |mut s: std::net::TcpStream, what: &str| {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut b = [0u8; 64];
+        let n = s.read(&mut b).unwrap_or(0);
+        assert_eq!(n, 0, "{what}: the server answered {n} bytes");
+    };
+    // 1. No secret: the first frame is no authentication; closed, unanswered.
+    let mut s = std::net::TcpStream::connect(server).unwrap();
+    s.write_all(&push(1_000)).unwrap();
+    closed_unanswered(s, "no secret");
+    // 2. The secret, but a frame under another node's id (the worker's): closed.
+    let mut s = common::raw_connect(server, 1_000);
+    s.write_all(&push(w.node_id())).unwrap();
+    closed_unanswered(s, "another sender");
+    // 3. The secret and no node id: a server takes no such connection.
+    let s = std::net::TcpStream::connect(server).unwrap();
+    let secret = pserv_transport::Secret::from_file(common::secret_file()).unwrap();
+    let e = pserv_transport::auth::connect_side(
+        &s,
+        &pserv_transport::AuthConfig::new(secret),
+        0,
+        false,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("cluster nodes only"), "{e}");
+    // 4. pserv status without the secret, and with another one.
+    let out = std::process::Command::new(common::pserv())
+        .args(["status", &format!("--scheduler={}", c.scheduler)])
+        .env_remove("PSERV_SECRET_FILE")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no cluster secret"),
+        "{err}"
+    );
+    let other = c.scratch.path("other.secret");
+    pserv_transport::Secret::create_file(&other).unwrap();
+    let out = std::process::Command::new(common::pserv())
+        .args(["status", &format!("--scheduler={}", c.scheduler)])
+        .env("PSERV_SECRET_FILE", &other)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("does not hold this cluster's secret"),
+        "{err}"
+    );
+    assert!(
+        status(&c).contains("worker 0"),
+        "the right secret still works"
+    );
+    // Nothing changed: the model holds the worker's push only.
+    assert_eq!(
+        w.wait_pull::<f32>(w.pull::<f32>(vec![key]))
+            .unwrap()
+            .to_vec(),
+        vec![1.0]
+    );
+    w.finish(0).unwrap();
+    c.procs.wait_all(Duration::from_secs(30));
+}

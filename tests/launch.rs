@@ -47,6 +47,7 @@ fn launch(env: &[(String, String)], args: &[&str]) -> Command {
         .args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("PSERV_SECRET_FILE", common::secret_file())
         .envs(env.iter().map(|(k, v)| (k, v)));
     c
 }
