@@ -130,6 +130,23 @@ fn dense_windows(transport: TransportKind, server_flags: &[&str]) {
     w0.pull_range_into(r, &mut one_sided, &opts).unwrap();
     assert_eq!(one_sided, want);
 
+    // A one-sided push holding NaN is refused like a TCP one, naming the key; nothing of
+    // it changes the window or the store.
+    let mut poisoned = ramp.clone();
+    poisoned[7] = f32::NAN;
+    let e = w0.push_range_now(r, &poisoned, &opts).unwrap_err();
+    assert!(
+        e.to_string().contains("non-finite") && e.to_string().contains(&(r.begin + 7).to_string()),
+        "{e}"
+    );
+    w0.pull_range_into(r, &mut one_sided, &opts).unwrap();
+    assert_eq!(one_sided, want);
+    let got = w1
+        .wait_pull::<f32>(w1.pull::<f32>(vec![r.begin + 7]))
+        .unwrap()
+        .to_vec();
+    assert_eq!(got, vec![want[7]]);
+
     // A disjoint range gets a window of its own; one overlapping a window without being
     // it stays on TCP, with the reason.
     let other = KeyRange::new(r.begin - 100, r.begin - 50);

@@ -161,7 +161,8 @@ impl Server {
                 .name("pserv-onesided".into())
                 .spawn(move || {
                     let ready = core.ready.get().expect("set before the thread starts");
-                    os.serve_notices(|push| apply_landed(ready, push))
+                    let allow_non_finite = core.allow_non_finite;
+                    os.serve_notices(|push| apply_landed(ready, push, allow_non_finite))
                 })
                 .map_err(|source| EngineError::Io {
                     context: "starting the one-sided notice thread".into(),
