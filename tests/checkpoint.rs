@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{pserv, Scratch};
+use common::Scratch;
 
 /// The job: sequential consistency (deterministic), AdaGrad (optimizer state on the
 /// servers), reshuffled every epoch.
@@ -123,7 +123,7 @@ impl Drop for Launcher {
 }
 
 fn spawn_local(args: &[String]) -> Launcher {
-    let child = Command::new(pserv())
+    let child = common::pserv_cmd()
         .arg("local")
         .args(args)
         .stdout(Stdio::null())
@@ -261,7 +261,7 @@ fn a_job_killed_after_a_checkpoint_and_restored_ends_with_the_model_of_a_clean_r
     let at = bytes.len() / 2;
     bytes[at] ^= 0x40;
     std::fs::write(&file, &bytes).unwrap();
-    let out = Command::new(pserv())
+    let out = common::pserv_cmd()
         .arg("local")
         .args(job(3, std::slice::from_ref(&restore)))
         .output()
@@ -279,7 +279,7 @@ fn a_job_killed_after_a_checkpoint_and_restored_ends_with_the_model_of_a_clean_r
         .into_iter()
         .map(|a| if a == "--lr=1" { "--lr=2".into() } else { a })
         .collect();
-    let out = Command::new(pserv())
+    let out = common::pserv_cmd()
         .arg("local")
         .args(&other)
         .output()
@@ -319,7 +319,7 @@ fn pserv_checkpoint_asks_a_running_job_for_one() {
     let mut l = spawn_local(&args);
     let addr = scheduler_addr(l.0.id());
     let ck = dir.path("asked");
-    let out = Command::new(pserv())
+    let out = common::pserv_cmd()
         .args(["checkpoint", &format!("--scheduler={addr}")])
         .arg(&ck)
         .arg("--timeout-secs=60")
@@ -351,7 +351,7 @@ fn pserv_checkpoint_asks_a_running_job_for_one() {
         serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
     assert_eq!(s["checkpoints"], serde_json::json!([epoch]), "{s}");
     // Asked once the job is over: refused with the reason, or no scheduler to ask.
-    let out = Command::new(pserv())
+    let out = common::pserv_cmd()
         .args(["checkpoint", &format!("--scheduler={addr}")])
         .arg(&ck)
         .arg("--timeout-secs=5")
@@ -452,7 +452,7 @@ fn servers_started_by_hand_restore_weights_and_state_onto_a_new_table() {
     drop(c);
 
     // Another value length: the scheduler refuses at once, naming the flag.
-    let out = Command::new(pserv())
+    let out = common::pserv_cmd()
         .args([
             "scheduler",
             "--listen=127.0.0.1:0",
@@ -485,7 +485,7 @@ fn servers_started_by_hand_restore_weights_and_state_onto_a_new_table() {
         restore.clone(),
     ];
     a.extend(common::net_flags());
-    let out = Command::new(pserv()).args(&a).output().unwrap();
+    let out = common::pserv_cmd().args(&a).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -279,20 +279,32 @@ fn a_server_or_worker_pointed_at_a_port_that_is_not_a_scheduler_fails_at_once() 
             std::thread::sleep(Duration::from_millis(5));
         }
     });
-    for role in ["server", "worker"] {
+    // With a secret (the default) the handshake fails; without one (--insecure) the
+    // first answer is no frame. Either way at once, with a message naming the address.
+    for (role, insecure) in [
+        ("server", false),
+        ("worker", false),
+        ("server", true),
+        ("worker", true),
+    ] {
         let started = std::time::Instant::now();
-        let out = std::process::Command::new(common::pserv())
+        let out = common::pserv_cmd()
             .args([role, &format!("--scheduler={addr}")])
             .args(common::net_flags())
+            .args(insecure.then_some("--insecure"))
+            .env_remove(if insecure { "PSERV_SECRET_FILE" } else { "-" })
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{role}: {err}");
+        let expected = if insecure {
+            format!("the connection to {addr} closed before it answered")
+        } else {
+            format!("the peer at {addr} did not authenticate")
+        };
         assert!(
-            err.contains(&format!(
-                "the connection to {addr} closed before it answered"
-            )),
-            "{role}: {err}"
+            err.contains(&expected),
+            "{role} (insecure {insecure}): {err}"
         );
         assert!(
             started.elapsed() < Duration::from_secs(8),
@@ -425,7 +437,7 @@ fn large_range_pulls_are_consistent_snapshots_under_concurrent_pushes() {
 }
 
 fn status(c: &Cluster) -> String {
-    let out = std::process::Command::new(common::pserv())
+    let out = common::pserv_cmd()
         .args(["status", &format!("--scheduler={}", c.scheduler)])
         .output()
         .expect("pserv status runs");
@@ -523,7 +535,11 @@ fn status_shows_the_cluster_and_a_silent_server_turns_dead() {
 
 /// Send one frame on a raw connection and read the answer frame back.
 fn raw_request(server: std::net::SocketAddr, frame: &[u8]) -> (pserv_transport::Header, Vec<u8>) {
-    let mut s = std::net::TcpStream::connect(server).unwrap();
+    let sender = bytemuck::from_bytes::<pserv_transport::Header>(
+        &frame[..pserv_transport::wire::HEADER_LEN],
+    )
+    .sender;
+    let mut s = common::raw_connect(server, sender);
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(frame).unwrap();
     common::read_frame(&mut s)
@@ -641,6 +657,7 @@ fn key_lists_are_cached_a_miss_is_resent_and_a_wrong_name_changes_nothing() {
     // Each server caches at most 120 keys: two of the 50-key lists below, not three.
     let mut c = Cluster::start_with(2, 1, &["--update=sum"], &["--key-cache-keys=120"]);
     let mut cfg = pserv_engine::worker::WorkerConfig::new(c.scheduler);
+    cfg.security = common::security();
     cfg.rank = Some(0);
     cfg.tcp = pserv_transport::TcpConfig {
         threads: 1,
@@ -799,6 +816,88 @@ fn a_users_own_filter_runs_on_pushes_and_its_drain_completes_the_sum() {
         .unwrap()
         .to_vec();
     assert_eq!(got, want, "sent plus drained is every push");
+    w.finish(0).unwrap();
+    c.procs.wait_all(Duration::from_secs(30));
+}
+
+/// The hostile client of the hardening report, against an authenticated cluster: a
+/// process without the secret that speaks the documented wire format gets nothing and
+/// changes nothing; one with the secret cannot speak as another node, nor reach a server
+/// without naming one; `pserv status` needs the secret. The job then goes on unchanged.
+#[test]
+fn strangers_without_the_secret_or_under_another_id_read_and_change_nothing() {
+    use std::io::Read;
+    let mut c = Cluster::start(1, 1, &["--update=sum"]);
+    let w = worker(&c, 0);
+    let server = w.cluster().servers[0].addr;
+    let key = 12345u64;
+    w.wait(w.push(vec![key], vec![1.0f32])).unwrap();
+    let push = |sender: u32| {
+        let mut h = pserv_transport::Header::new(pserv_transport::MessageKind::Push, sender, 9);
+        h.dtype = pserv_transport::DType::F32 as u8;
+        h.value_len = 1;
+        h.epoch = 1;
+        pserv_transport::wire::encode(&h, &[key], &f32::NAN.to_le_bytes())
+    };
+    let closed_unanswered = |mut s: std::net::TcpStream, what: &str| {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut b = [0u8; 64];
+        let n = s.read(&mut b).unwrap_or(0);
+        assert_eq!(n, 0, "{what}: the server answered {n} bytes");
+    };
+    // 1. No secret: the first frame is no authentication; closed, unanswered.
+    let mut s = std::net::TcpStream::connect(server).unwrap();
+    s.write_all(&push(1_000)).unwrap();
+    closed_unanswered(s, "no secret");
+    // 2. The secret, but a frame under another node's id (the worker's): closed.
+    let mut s = common::raw_connect(server, 1_000);
+    s.write_all(&push(w.node_id())).unwrap();
+    closed_unanswered(s, "another sender");
+    // 3. The secret and no node id: a server takes no such connection.
+    let s = std::net::TcpStream::connect(server).unwrap();
+    let secret = pserv_transport::Secret::from_file(common::secret_file()).unwrap();
+    let e = pserv_transport::auth::connect_side(
+        &s,
+        &pserv_transport::AuthConfig::new(secret),
+        0,
+        false,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("cluster nodes only"), "{e}");
+    // 4. pserv status without the secret, and with another one.
+    let out = std::process::Command::new(common::pserv())
+        .args(["status", &format!("--scheduler={}", c.scheduler)])
+        .env_remove("PSERV_SECRET_FILE")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no cluster secret"),
+        "{err}"
+    );
+    let other = c.scratch.path("other.secret");
+    pserv_transport::Secret::create_file(&other).unwrap();
+    let out = std::process::Command::new(common::pserv())
+        .args(["status", &format!("--scheduler={}", c.scheduler)])
+        .env("PSERV_SECRET_FILE", &other)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("does not hold this cluster's secret"),
+        "{err}"
+    );
+    assert!(
+        status(&c).contains("worker 0"),
+        "the right secret still works"
+    );
+    // Nothing changed: the model holds the worker's push only.
+    assert_eq!(
+        w.wait_pull::<f32>(w.pull::<f32>(vec![key]))
+            .unwrap()
+            .to_vec(),
+        vec![1.0]
+    );
     w.finish(0).unwrap();
     c.procs.wait_all(Duration::from_secs(30));
 }

@@ -12,10 +12,10 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
+
 use std::time::Instant;
 
-use common::{pserv, Scratch};
+use common::Scratch;
 
 /// A small job: 2 servers, 3 workers, 4800 training examples (16 minibatches per worker
 /// and epoch), 2 epochs.
@@ -31,7 +31,7 @@ const SMALL: [&str; 6] = [
 /// Run `pserv local` with the small job, `net` and `extra`; returns its summary.
 fn run_local(net: &[String], extra: &[String], summary: &Path) -> serde_json::Value {
     let started = Instant::now();
-    let out = Command::new(pserv())
+    let out = common::pserv_cmd()
         .arg("local")
         .args(SMALL)
         .args(net)

@@ -6,11 +6,11 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{pserv, Cluster, Scratch};
+use common::{Cluster, Scratch};
 use pserv_engine::worker::Worker;
 
 fn worker(c: &Cluster, rank: u32) -> Worker {
@@ -404,7 +404,7 @@ fn a_duplicate_join_and_an_unknown_leave_are_refused() {
     let mut c = Cluster::start(2, 1, &["--update=sum", "--replicas=1"]);
     let w = worker(&c, 0);
     let before = w.table().epoch();
-    let out = Command::new(pserv())
+    let out = common::pserv_cmd()
         .args([
             "server",
             &format!("--scheduler={}", c.scheduler),
@@ -418,7 +418,7 @@ fn a_duplicate_join_and_an_unknown_leave_are_refused() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("already taken"), "{err}");
-    let out = Command::new(pserv())
+    let out = common::pserv_cmd()
         .args(["leave", &format!("--scheduler={}", c.scheduler), "--rank=7"])
         .output()
         .expect("pserv runs");
@@ -480,7 +480,7 @@ fn redirect_carries_the_table(server: std::net::SocketAddr, key: u64, epoch: u64
     h.value_len = 1;
     h.epoch = 1;
     let frame = pserv_transport::wire::encode(&h, &[key], &100.0f32.to_le_bytes());
-    let mut s = std::net::TcpStream::connect(server).unwrap();
+    let mut s = common::raw_connect(server, h.sender);
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(&frame).unwrap();
     let mut read_frame = || common::read_frame(&mut s);
@@ -539,7 +539,7 @@ fn a_restarted_scheduler_rebuilds_its_view_from_the_nodes() {
     );
     // Barriers resume once the workers rejoined (they ask again).
     barrier_all();
-    let out = Command::new(pserv())
+    let out = common::pserv_cmd()
         .args(["status", &format!("--scheduler={}", c.scheduler)])
         .output()
         .expect("pserv status");
@@ -661,7 +661,7 @@ fn pserv_local_restarts_a_killed_scheduler_and_the_model_is_unchanged() {
     let run = |name: &str, extra: &[&str]| -> (BTreeMap<u64, u32>, String) {
         let dump = dir.path(name);
         std::fs::create_dir_all(&dump).unwrap();
-        let out = Command::new(pserv())
+        let out = common::pserv_cmd()
             .arg("local")
             .args([
                 "--servers=2",

@@ -42,11 +42,12 @@ fn free_port() -> u16 {
 /// `pserv launch ARGS` with exactly `env` (and `PATH`): nothing of the test's own
 /// environment (a CI job under Slurm, say) leaks into the detection.
 fn launch(env: &[(String, String)], args: &[&str]) -> Command {
-    let mut c = Command::new(pserv());
+    let mut c = common::pserv_cmd();
     c.arg("launch")
         .args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("PSERV_SECRET_FILE", common::secret_file())
         .envs(env.iter().map(|(k, v)| (k, v)));
     c
 }
@@ -669,6 +670,21 @@ fn kubernetes_manifests_describe_a_headless_service_and_a_statefulset_per_role()
                 && e["valueFrom"]["fieldRef"]["fieldPath"].as_str() == Some("metadata.name")),
             "{name}: POD_NAME from the downward API"
         );
+        // The cluster secret: a Secret volume, mounted where PSERV_SECRET_FILE points.
+        let secret_file = env
+            .iter()
+            .find(|e| e["name"].as_str() == Some("PSERV_SECRET_FILE"))
+            .map(|e| s(e, &["value"]).to_string())
+            .unwrap_or_else(|| panic!("{name} sets no PSERV_SECRET_FILE"));
+        let volumes = template["spec"]["volumes"].as_vec().unwrap();
+        let mounted = c["volumeMounts"].as_vec().unwrap().iter().any(|m| {
+            secret_file.starts_with(&format!("{}/", s(m, &["mountPath"])))
+                && volumes.iter().any(|v| {
+                    v["name"].as_str() == m["name"].as_str()
+                        && v["secret"]["secretName"].as_str() == Some("pserv-secret")
+                })
+        });
+        assert!(mounted, "{name}: {secret_file} is not in a mounted Secret");
         let replicas = set["spec"]["replicas"].as_i64().unwrap() as u32;
         assert!(
             by_role
@@ -711,6 +727,10 @@ fn the_sbatch_script_is_valid_shell_running_srun_pserv_launch() {
         text.lines()
             .any(|l| l.starts_with("srun ") && l.contains("pserv launch")),
         "{text}"
+    );
+    assert!(
+        text.contains("pserv secret") && text.contains("export PSERV_SECRET_FILE"),
+        "the job makes a cluster secret: {text}"
     );
     let o = Command::new("bash").arg("-n").arg(&path).output().unwrap();
     assert!(o.status.success(), "bash -n: {}", stderr(&o));

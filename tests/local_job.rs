@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{pserv, Scratch};
+use common::Scratch;
 use pserv_engine::job::JobArgs;
 use pserv_engine::lr::train_single_process;
 
@@ -22,7 +22,7 @@ const SMALL: [&str; 4] = [
 const REFERENCE: [&str; 2] = ["--optimizer=sgd", "--shuffle=once"];
 
 fn run_local(args: &[String]) -> std::process::Output {
-    let out = Command::new(pserv())
+    let out = common::pserv_cmd()
         .arg("local")
         .args(args)
         .args(common::net_flags())
@@ -66,7 +66,7 @@ fn sequential_l1_run(
         .chain(extra)
         .map(|s| s.to_string()),
     );
-    let mut cmd = Command::new(pserv());
+    let mut cmd = common::pserv_cmd();
     cmd.arg("local")
         .args(&a)
         .args(common::net_flags())
@@ -218,7 +218,7 @@ fn wrong_configurations_fail_fast_with_a_clear_message() {
     ];
     for (args, want) in cases {
         let started = std::time::Instant::now();
-        let out = Command::new(pserv())
+        let out = common::pserv_cmd()
             .arg("local")
             .args(args)
             .output()
@@ -535,7 +535,7 @@ fn is_dead(pid: u32) -> bool {
 /// five children run; returns the launcher (the caller waits for it) and their pids.
 #[allow(clippy::zombie_processes)]
 fn long_local_job() -> (std::process::Child, Vec<u32>) {
-    let mut child = Command::new(pserv())
+    let mut child = common::pserv_cmd()
         .arg("local")
         .args(["--examples=8000", "--features=30000", "--epochs=100000"])
         .args(["--servers=2", "--workers=2", "--timeout-secs=120"])

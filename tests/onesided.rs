@@ -15,6 +15,7 @@ use pserv_transport::TcpConfig;
 
 fn worker(c: &Cluster, rank: u32, transport: TransportKind) -> Worker {
     let mut cfg = WorkerConfig::new(c.scheduler);
+    cfg.security = common::security();
     cfg.rank = Some(rank);
     cfg.tcp = TcpConfig {
         threads: 1,
@@ -129,6 +130,23 @@ fn dense_windows(transport: TransportKind, server_flags: &[&str]) {
     w0.pull_range_into(r, &mut one_sided, &opts).unwrap();
     assert_eq!(one_sided, want);
 
+    // A one-sided push holding NaN is refused like a TCP one, naming the key; nothing of
+    // it changes the window or the store.
+    let mut poisoned = ramp.clone();
+    poisoned[7] = f32::NAN;
+    let e = w0.push_range_now(r, &poisoned, &opts).unwrap_err();
+    assert!(
+        e.to_string().contains("non-finite") && e.to_string().contains(&(r.begin + 7).to_string()),
+        "{e}"
+    );
+    w0.pull_range_into(r, &mut one_sided, &opts).unwrap();
+    assert_eq!(one_sided, want);
+    let got = w1
+        .wait_pull::<f32>(w1.pull::<f32>(vec![r.begin + 7]))
+        .unwrap()
+        .to_vec();
+    assert_eq!(got, vec![want[7]]);
+
     // A disjoint range gets a window of its own; one overlapping a window without being
     // it stays on TCP, with the reason.
     let other = KeyRange::new(r.begin - 100, r.begin - 50);
@@ -233,7 +251,7 @@ fn lr_folded_with(
 ) -> (serde_json::Value, String) {
     let tag: String = env.iter().map(|(k, v)| format!("-{k}-{v}")).collect();
     let summary = dir.path(&format!("{transport}{}.json", tag.replace([',', '='], "-")));
-    let out = std::process::Command::new(common::pserv())
+    let out = common::pserv_cmd()
         .args([
             "local",
             "--servers=2",
@@ -342,6 +360,7 @@ fn child_pusher() {
         return; // only runs as the child
     };
     let mut cfg = WorkerConfig::new(addr.parse().unwrap());
+    cfg.security = common::security();
     cfg.rank = Some(1);
     cfg.tcp = TcpConfig {
         threads: 1,
@@ -383,6 +402,7 @@ fn killed_mid_push(transport: TransportKind, server_flags: &[&str]) {
     use std::io::BufRead;
     let mut c = Cluster::start_with(1, 2, &["--update=sum"], server_flags);
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .env("PSERV_SECRET_FILE", common::secret_file())
         .args(["--exact", "child_pusher", "--nocapture", "--test-threads=1"])
         .env("PSERV_TEST_CHILD_SCHEDULER", c.scheduler.to_string())
         .env("PSERV_TEST_CHILD_TRANSPORT", transport.to_string())

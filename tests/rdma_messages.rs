@@ -12,7 +12,7 @@ mod common;
 
 fn lr_job(dir: &common::Scratch, transport: &str) -> serde_json::Value {
     let summary = dir.path(&format!("{transport}.json"));
-    let out = std::process::Command::new(common::pserv())
+    let out = common::pserv_cmd()
         .args([
             "local",
             "--servers=2",

@@ -29,6 +29,7 @@ fn tcp() -> TcpConfig {
 
 fn worker(scheduler: SocketAddr, rank: u32) -> Worker {
     let mut cfg = WorkerConfig::new(scheduler);
+    cfg.security = common::security();
     cfg.rank = Some(rank);
     cfg.tcp = tcp();
     cfg.register_timeout = Duration::from_secs(30);
@@ -42,6 +43,7 @@ fn servers(scheduler: SocketAddr, n: u32, rules: &UserRules) -> Vec<JoinHandle<(
     (0..n)
         .map(|rank| {
             let mut cfg = ServerConfig::new(scheduler);
+            cfg.security = common::security();
             cfg.rank = Some(rank);
             cfg.tcp = tcp();
             cfg.shards = 4;
@@ -231,6 +233,7 @@ fn bad_user_rules_fail_before_registering() {
     let cases: [(&str, &str); 2] = [("sum", "built-in"), ("dup", "taken by rule number 1")];
     for (name, want) in cases {
         let mut cfg = ServerConfig::new(nowhere);
+        cfg.security = common::security();
         cfg.tcp = tcp();
         cfg.rules.f64.push(from_fn(name, 0, |_, _, _| {}));
         cfg.rules.f64.push(from_fn(name, 0, |_, _, _| {}));
@@ -343,6 +346,7 @@ fn pulls_name_answer_filters_built_in_and_the_users_and_an_unknown_one_is_refuse
     use pserv_engine::filter::{round_bf16, ANSWER_BF16, ANSWER_FIRST_USER, ANSWER_ZERO_SMALL};
     let mut c = Cluster::scheduler_only(1, 1, &["--update=sum"]);
     let mut cfg = ServerConfig::new(c.scheduler);
+    cfg.security = common::security();
     cfg.rank = Some(0);
     cfg.tcp = tcp();
     cfg.shards = 4;

@@ -196,6 +196,7 @@ pub fn scheduler_main(args: &SchedulerArgs) -> Result<(), BenchError> {
             replicas: 0,
         },
         tcp: args.loops.tcp(),
+        security: pserv_engine::Security::default(),
         port_file: Some(args.port_file.clone()),
         summary_json: None,
         progress: false,

@@ -57,6 +57,34 @@ enum Role {
     Traffic(TrafficArgs),
 }
 
+/// The run's cluster secret file, removed when dropped.
+struct BenchSecret(Option<std::path::PathBuf>);
+
+impl BenchSecret {
+    fn make() -> BenchSecret {
+        let given = |v: &str| std::env::var_os(v).is_some_and(|x| !x.is_empty());
+        if given("PSERV_SECRET_FILE") || given("PSERV_INSECURE") {
+            return BenchSecret(None);
+        }
+        let p = std::env::temp_dir().join(format!("pserv-bench-secret-{}", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        if let Err(e) = pserv_transport::Secret::create_file(&p) {
+            eprintln!("pserv-bench: {e}");
+            std::process::exit(1);
+        }
+        std::env::set_var("PSERV_SECRET_FILE", &p);
+        BenchSecret(Some(p))
+    }
+}
+
+impl Drop for BenchSecret {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 fn main() {
     // `pserv-bench pserv ...` is the `pserv` binary (how tau-sweep starts its clusters).
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
@@ -68,6 +96,11 @@ fn main() {
             },
         );
     }
+    // Every cluster the bench starts authenticates as a real one does: with a secret of
+    // this run (unless the caller gave one, or said --insecure through PSERV_INSECURE),
+    // handed to the subprocesses and the in-process nodes in PSERV_SECRET_FILE. Set
+    // before any thread exists.
+    let _secret = BenchSecret::make();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -125,6 +158,7 @@ fn main() {
         }
     };
     if let Err(e) = result {
+        drop(_secret);
         let mut msg = format!("pserv-bench: {e}");
         let mut src = std::error::Error::source(&e);
         while let Some(s) = src {

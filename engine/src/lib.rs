@@ -50,6 +50,7 @@ pub mod store;
 pub mod update;
 pub mod worker;
 
+pub use base::security::Security;
 pub use base::{error, keys, value};
 pub use error::EngineError;
 pub use keys::{Key, KeyRange};

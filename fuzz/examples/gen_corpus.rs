@@ -28,7 +28,7 @@ use pserv_transport::{rdmapipe, shmpipe};
 
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
-    let targets: [(&str, Vec<Vec<u8>>); 8] = [
+    let targets: [(&str, Vec<Vec<u8>>); 9] = [
         ("frame", frames()),
         ("compress", blocks()),
         ("control", controls().iter().map(control_body).collect()),
@@ -40,6 +40,7 @@ fn main() {
         ("pipe_hello", hellos()),
         ("libsvm", libsvm()),
         ("checkpoint", checkpoints()),
+        ("auth", auth_exchanges()),
     ];
     for (target, seeds) in targets {
         let dir = root.join(target);
@@ -324,6 +325,27 @@ fn hellos() -> Vec<Vec<u8>> {
         .map(|h| h.to_vec())
         .collect();
     out.extend(rdmapipe::sample_hellos().iter().map(|h| h.to_vec()));
+    out
+}
+
+/// Handshake-shaped inputs: a hello, a challenge, a proof and a verdict with the right
+/// magics (the MACs are not the secret's: nothing made here may pass).
+fn auth_exchanges() -> Vec<Vec<u8>> {
+    use pserv_transport::auth::AUTH_MAGIC;
+    let mut out = Vec::new();
+    for (identity, code) in [(0u32, 0u32), (7, 1), (1 << 24, 2), (u32::MAX, 9)] {
+        let mut b = Vec::new();
+        b.extend_from_slice(&AUTH_MAGIC);
+        b.extend_from_slice(&identity.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&[3u8; 32]);
+        b.extend_from_slice(&AUTH_MAGIC);
+        b.extend_from_slice(&[identity as u8; 64]);
+        b.extend_from_slice(&[0x5a; 32]);
+        b.extend_from_slice(b"PSVV");
+        b.extend_from_slice(&code.to_le_bytes());
+        out.push(b);
+    }
     out
 }
 

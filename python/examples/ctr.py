@@ -174,7 +174,7 @@ def predict(model, dense, data: Data, batch: int = 4096) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def worker_main(rank: int, scheduler: str, cfg: Dict, train: Data, test: Data,
+def worker_main(rank: int, scheduler: str, secret_file: str, cfg: Dict, train: Data, test: Data,
                 results: "mp.Queue") -> None:
     """One worker process: train on shard ``rank`` of ``train``; worker 0 evaluates after
     every epoch and sends the figures to ``results``."""
@@ -183,7 +183,7 @@ def worker_main(rank: int, scheduler: str, cfg: Dict, train: Data, test: Data,
 
     torch.set_num_threads(1)
     torch.manual_seed(cfg["seed"])                  # the same dense init on every worker
-    w = pserv.Worker(scheduler, rank, timeout=cfg["timeout"])
+    w = pserv.Worker(scheduler, rank, timeout=cfg["timeout"], secret_file=secret_file)
     try:
         model, dense = make_model(cfg["num_features"], cfg["dim"], cfg["hidden"], w,
                                   cfg["hash_buckets"])
@@ -286,7 +286,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     with pserv.LocalCluster(servers=args.servers, workers=args.workers, value_len=1,
                             update=args.update, timeout=args.timeout) as cluster:
         procs = [ctx.Process(target=worker_main, name=f"worker {r}",
-                             args=(r, cluster.scheduler, cfg, train, test, results))
+                             args=(r, cluster.scheduler, cluster.secret_file, cfg, train, test,
+                                   results))
                  for r in range(args.workers)]
         for p in procs:
             p.start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import secrets
 import signal
 import subprocess
 import sys
@@ -168,6 +169,15 @@ def _wait_all(procs: Sequence[_Proc], deadline: float) -> None:
             return
 
 
+def _new_secret(path: Path) -> Path:
+    """Write a fresh cluster secret (64 hexadecimal digits) to a new file readable by
+    its owner only."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32) + "\n")
+    return path
+
+
 class LocalCluster:
     """A pserv cluster on this machine: one ``pserv scheduler`` and ``servers``
     ``pserv server`` processes on 127.0.0.1, for ``workers`` workers that you connect
@@ -208,6 +218,13 @@ class LocalCluster:
             ``find_pserv_binary()`` finds, else ``python -m pserv``, the engine in this
             package).
         log: log filter of every process (``PSERV_LOG`` syntax, e.g. "info").
+        secret_file: the cluster secret file (``pserv secret FILE`` makes one). ``None``
+            (the default): the cluster makes a fresh secret in its temp dir (readable by
+            its owner only) and its processes get it in ``PSERV_SECRET_FILE``; the
+            workers ``worker()`` makes use it, and :attr:`secret_file` names it for
+            workers of other processes (``pserv.Worker(addr, secret_file=...)``).
+        insecure: run without authentication (anyone who can reach the ports can read
+            and change the model).
     """
 
     def __init__(
@@ -228,6 +245,8 @@ class LocalCluster:
         stop_timeout: float = 5.0,
         binary: Optional[str] = None,
         log: Optional[str] = None,
+        secret_file: Optional[str] = None,
+        insecure: bool = False,
     ) -> None:
         for name, v, low in (("servers", servers, 1), ("workers", workers, 1),
                              ("value_len", value_len, 1), ("threads", threads, 1)):
@@ -254,6 +273,11 @@ class LocalCluster:
         self.stop_timeout = stop_timeout
         self.binary = binary
         self.log = log
+        if secret_file is not None and insecure:
+            raise ValueError("secret_file and insecure=True exclude each other")
+        self.insecure = bool(insecure)
+        self._secret_file: Optional[str] = None if secret_file is None else str(secret_file)
+        self._env: Dict[str, str] = {}
         self._scheduler: Optional[str] = None
         self._state = _State()
         self._finalizer = weakref.finalize(self, self._state.stop, stop_timeout)
@@ -272,6 +296,15 @@ class LocalCluster:
             st.dir = Path(tempfile.mkdtemp(prefix="pserv-py-"))
             port_file = st.dir / "scheduler.addr"
             common = ["--threads", str(self.threads), "--pin-cores=false"]
+            env = {k: v for k, v in os.environ.items()
+                   if k not in ("PSERV_SECRET_FILE", "PSERV_INSECURE")}
+            if self.insecure:
+                common.append("--insecure")
+            else:
+                if self._secret_file is None:
+                    self._secret_file = str(_new_secret(st.dir / "secret"))
+                env["PSERV_SECRET_FILE"] = self._secret_file
+            self._env = env
             if self.log:
                 common += ["--log", self.log]
             args = [
@@ -317,7 +350,7 @@ class LocalCluster:
             try:
                 popen = subprocess.Popen(
                     [*exe, *args], stdin=subprocess.DEVNULL, stdout=out,
-                    stderr=subprocess.STDOUT, close_fds=True,
+                    stderr=subprocess.STDOUT, close_fds=True, env=self._env,
                 )
             except OSError as e:
                 raise ClusterError(f"cannot start {name} ({exe}): {e}") from e
@@ -353,6 +386,14 @@ class LocalCluster:
         assert self._scheduler is not None
         return self._scheduler
 
+    @property
+    def secret_file(self) -> Optional[str]:
+        """The cluster secret file its processes and workers use (``None`` with
+        ``insecure=True``; starts the cluster if needed). Hand it to workers of other
+        processes: ``pserv.Worker(cluster.scheduler, secret_file=cluster.secret_file)``."""
+        self.scheduler
+        return self._secret_file
+
     def worker(self, rank: Optional[int] = None, **kwargs: object) -> "_pserv.Worker":
         """Connect a :class:`pserv.Worker` to this cluster (``rank``: the rank to ask
         for). Blocks until all ``workers`` of the cluster registered: connect the workers
@@ -362,6 +403,10 @@ class LocalCluster:
         addr = self.scheduler
         self.check()
         kwargs.setdefault("timeout", self.timeout)
+        if self.insecure:
+            kwargs.setdefault("insecure", True)
+        else:
+            kwargs.setdefault("secret_file", self._secret_file)
         if self.consistency is not None:
             kwargs.setdefault("consistency", self.consistency)
         w = _pserv.Worker(addr, rank, **kwargs)  # type: ignore[arg-type]

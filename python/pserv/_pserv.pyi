@@ -55,6 +55,8 @@ class Worker:
         threads: int = 1,
         pin_cores: bool = False,
         spin_us: int = 100,
+        secret_file: Optional[str] = None,
+        insecure: bool = False,
     ) -> Worker: ...
     @property
     def rank(self) -> int: ...

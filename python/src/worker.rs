@@ -14,11 +14,11 @@ use pyo3::types::PyType;
 use pserv_engine::consistency::Consistency;
 use pserv_engine::proto::ValueType;
 use pserv_engine::worker::{Shared, TaskOpts, WorkerConfig};
-use pserv_engine::{KeyRange, Worker as EngineWorker};
+use pserv_engine::{KeyRange, Security, Worker as EngineWorker};
 use pserv_transport::compress::Codec;
 
 use crate::buffer::{checked, shape_str, shared};
-use crate::errors::{guarded, nogil, pserv_error};
+use crate::errors::{engine_error, guarded, nogil, pserv_error};
 use crate::pulled::{copy_into, to_array, Val};
 
 const KEYS_HINT: &str = " (numpy.asarray(keys, dtype=numpy.uint64) converts a list)";
@@ -34,7 +34,8 @@ enum Kind {
 /// A worker node of a pserv cluster: push and pull numpy arrays of values for keys.
 ///
 /// ``Worker(scheduler, rank=None, timeout=60.0, key_cache=False, compress="none", *,
-/// consistency=None, threads=1, pin_cores=False, spin_us=100)`` registers with the
+/// consistency=None, threads=1, pin_cores=False, spin_us=100, secret_file=None,
+/// insecure=False)`` registers with the
 /// scheduler at ``scheduler`` ("HOST:PORT"), waits for the cluster table (every server
 /// and worker of the cluster registered) and connects to every server. Connecting blocks
 /// (without the GIL) until the whole cluster is there, at most ``timeout`` seconds: start
@@ -67,6 +68,10 @@ enum Kind {
 ///     threads: event-loop threads of this worker's transport.
 ///     pin_cores: pin those threads to cores.
 ///     spin_us: how long a wait spins before it parks the thread.
+///     secret_file: the cluster secret file (default: the one ``PSERV_SECRET_FILE``
+///         names; ``LocalCluster.secret_file`` for its clusters). Without one, and
+///         without ``insecure=True``, connecting raises ``ConfigError``.
+///     insecure: connect without authentication (to a cluster started ``--insecure``).
 #[pyclass(frozen, weakref, module = "pserv._pserv", name = "Worker")]
 pub struct Worker {
     inner: Mutex<Option<Arc<EngineWorker>>>,
@@ -386,7 +391,8 @@ macro_rules! by_type {
 impl Worker {
     #[new]
     #[pyo3(signature = (scheduler, rank=None, timeout=60.0, key_cache=false, compress="none", *,
-                        consistency=None, threads=1, pin_cores=false, spin_us=100))]
+                        consistency=None, threads=1, pin_cores=false, spin_us=100,
+                        secret_file=None, insecure=false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -399,6 +405,8 @@ impl Worker {
         threads: usize,
         pin_cores: bool,
         spin_us: u64,
+        secret_file: Option<std::path::PathBuf>,
+        insecure: bool,
     ) -> PyResult<Self> {
         guarded(py, || {
             let addr = parse_addr(scheduler)?;
@@ -410,6 +418,16 @@ impl Worker {
                 return Err(PyValueError::new_err("threads must be at least 1"));
             }
             let mut cfg = WorkerConfig::new(addr);
+            cfg.security = match (secret_file, insecure) {
+                (Some(_), true) => {
+                    return Err(PyValueError::new_err(
+                        "secret_file and insecure=True exclude each other",
+                    ))
+                }
+                (Some(p), false) => Security::from_file(&p).map_err(|e| engine_error(py, e))?,
+                (None, true) => Security::Insecure,
+                (None, false) => Security::FromEnv,
+            };
             cfg.rank = rank;
             cfg.timeout = timeout;
             cfg.register_timeout = timeout;

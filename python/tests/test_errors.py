@@ -3,6 +3,7 @@ pserv.PservError subclasses; a dead server is an exception, not a hang."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -119,7 +120,7 @@ def test_closed_worker(make_cluster):
 def test_no_scheduler_is_an_error_not_a_hang():
     start = time.monotonic()
     with pytest.raises(pserv.PservError):
-        pserv.Worker("127.0.0.1:1", timeout=2.0)
+        pserv.Worker("127.0.0.1:1", timeout=2.0, insecure=True)
     assert time.monotonic() - start < 15
     with pytest.raises(ValueError, match="HOST:PORT"):
         pserv.Worker("no port here")
@@ -159,3 +160,29 @@ def test_server_sigkilled_is_an_exception(make_cluster, op):
         w.wait_pull(w.pull(table_keys))
     except pserv.PservError:
         pass  # that key may have lived on the dead server
+
+
+def test_authentication_is_required_and_checked(make_cluster, tmp_path, monkeypatch):
+    monkeypatch.delenv("PSERV_SECRET_FILE", raising=False)
+    c = make_cluster(servers=1, workers=1)
+    assert c.secret_file is not None and os.stat(c.secret_file).st_mode & 0o077 == 0
+    # No secret at all: a clear error before anything is sent.
+    with pytest.raises(pserv.ConfigError, match="no cluster secret"):
+        pserv.Worker(c.scheduler, timeout=5.0)
+    # Another secret: refused, naming the scheduler, within the bound.
+    other = tmp_path / "other"
+    other.write_text("x" * 40)
+    other.chmod(0o600)
+    start = time.monotonic()
+    with pytest.raises(pserv.PservError, match="does not hold this cluster's secret"):
+        pserv.Worker(c.scheduler, timeout=5.0, secret_file=str(other))
+    assert time.monotonic() - start < 15
+    # A secret file others can read is refused.
+    other.chmod(0o644)
+    with pytest.raises(pserv.ConfigError, match="chmod 600"):
+        pserv.Worker(c.scheduler, timeout=5.0, secret_file=str(other))
+    # The cluster's own secret works (from the environment too), and the job still runs.
+    monkeypatch.setenv("PSERV_SECRET_FILE", c.secret_file)
+    w = pserv.Worker(c.scheduler, timeout=30.0)
+    w.finish()
+    assert c.join(20) is not None

@@ -91,13 +91,13 @@ def test_two_workers_in_threads_sum(make_cluster):
     assert summary is not None and summary["workers_finished"] == 2
 
 
-def _process_worker(addr, rank, q):
+def _process_worker(addr, secret_file, rank, q):
     import numpy as np
 
     import pserv
 
     try:
-        w = pserv.Worker(addr, rank, timeout=30)
+        w = pserv.Worker(addr, rank, timeout=30, secret_file=secret_file)
         keys = np.arange(0, 2**64 - 2**50, 2**54, dtype=np.uint64)
         w.wait(w.push(keys, np.full(len(keys), 0.5 * (rank + 1), np.float32)))
         w.barrier()
@@ -112,7 +112,8 @@ def test_two_workers_in_processes_sum(make_cluster):
     c = make_cluster(servers=2, workers=2)
     ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_process_worker, args=(c.scheduler, r, q)) for r in (0, 1)]
+    procs = [ctx.Process(target=_process_worker, args=(c.scheduler, c.secret_file, r, q))
+             for r in (0, 1)]
     for p in procs:
         p.start()
     try:

@@ -11,6 +11,35 @@ pub fn pserv() -> &'static str {
     env!("CARGO_BIN_EXE_pserv")
 }
 
+/// This test process's cluster secret file (made once, owner-only, in cargo's scratch
+/// folder for tests): every role a test starts gets it in `PSERV_SECRET_FILE`.
+pub fn secret_file() -> &'static Path {
+    static FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| {
+        // A test process started by another test gets its parent's.
+        if let Some(p) = std::env::var_os("PSERV_SECRET_FILE") {
+            return PathBuf::from(p);
+        }
+        let p = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("cluster-secret-{}", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        pserv_transport::Secret::create_file(&p).expect("a test cluster secret");
+        p
+    })
+}
+
+/// The security every in-process node of a test uses: [`secret_file`]'s secret.
+pub fn security() -> pserv_engine::base::security::Security {
+    pserv_engine::base::security::Security::from_file(secret_file()).expect("the test secret")
+}
+
+/// `Command::new(pserv())` with the test's secret in its environment.
+pub fn pserv_cmd() -> Command {
+    let mut c = Command::new(pserv());
+    c.env("PSERV_SECRET_FILE", secret_file());
+    c
+}
+
 /// A scratch directory removed on drop.
 pub struct Scratch(pub PathBuf);
 
@@ -42,7 +71,7 @@ pub struct Procs(pub Vec<(String, Child)>);
 
 impl Procs {
     pub fn spawn(&mut self, name: &str, args: &[String]) {
-        let child = Command::new(pserv())
+        let child = pserv_cmd()
             .args(args)
             .env(
                 "PSERV_LOG",
@@ -195,6 +224,7 @@ impl Cluster {
 /// (a failed assertion in one worker thread must not leave the others blocked forever).
 pub fn worker(c: &Cluster, rank: u32, timeout: Duration) -> pserv_engine::worker::Worker {
     let mut cfg = pserv_engine::worker::WorkerConfig::new(c.scheduler);
+    cfg.security = security();
     cfg.rank = Some(rank);
     cfg.tcp = pserv_transport::TcpConfig {
         threads: 1,
@@ -254,6 +284,16 @@ pub fn kill(c: &mut Cluster, name: &str) -> u32 {
     child.kill().expect("SIGKILL");
     child.wait().expect("reaped");
     pid
+}
+
+/// A raw TCP connection to a node of the test's cluster, authenticated with the test's
+/// secret as node `id` (the sender of the frames the test will write on it).
+pub fn raw_connect(addr: SocketAddr, id: u32) -> std::net::TcpStream {
+    let s = std::net::TcpStream::connect(addr).unwrap();
+    let secret = pserv_transport::Secret::from_file(secret_file()).unwrap();
+    pserv_transport::auth::connect_side(&s, &pserv_transport::AuthConfig::new(secret), id, false)
+        .unwrap_or_else(|e| panic!("authenticating a raw connection: {e}"));
+    s
 }
 
 /// Read one frame from `s`: its header and its values.

@@ -2,6 +2,8 @@
 //!
 //! - [`wire`]: the frame format (a 56-byte `Pod` header, a key list, value bytes), with
 //!   checked zero-copy views for anything that comes from the network.
+//! - [`auth`]: the mutual challenge-response over a cluster secret every connection
+//!   starts with (when configured), binding the node id a peer speaks as.
 //! - [`buf`]: payloads sent straight from the caller's buffers, and pooled receive buffers.
 //! - [`compress`]: value compression into self-describing blocks (none, LZ4, zstd, zero runs).
 //! - [`tcp`]: TCP on per-core mio event loops, the transport that runs everywhere.
@@ -13,6 +15,7 @@
 //! engine's business.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod buf;
 pub mod compress;
 pub mod onesided;
@@ -21,6 +24,7 @@ pub mod shmpipe;
 pub mod tcp;
 pub mod wire;
 
+pub use auth::{AuthConfig, AuthError, Secret};
 pub use buf::{AsBytes, BufPool, OutFrame, OwnedFrame, Payload, PoolBuf, RecvFrame};
 pub use compress::Codec;
 pub use rdmapipe::RdmaMessages;

@@ -103,7 +103,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -115,6 +115,7 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use self::lock_order::{Rank, Ranked};
 
+use crate::auth::{self, AuthConfig, AuthError, AUTH_MAGIC};
 use crate::buf::{BufPool, OutFrame, OwnedFrame, Payload, RecvFrame};
 use crate::compress::{self, Codec};
 use crate::rdmapipe::{
@@ -338,6 +339,10 @@ pub struct TcpConfig {
     pub rdma_ring_bytes: usize,
     /// The RDMA device messages use (`mlx5_0`, `soft0`); `None`: the first one.
     pub rdma_device: Option<String>,
+    /// Authenticate every connection with a cluster secret before any other byte (see
+    /// [`auth`](crate::auth)); `None` (the default): connections are not authenticated.
+    /// Both ends must agree: a side with a secret and a side without refuse each other.
+    pub auth: Option<AuthConfig>,
 }
 
 impl Default for TcpConfig {
@@ -357,6 +362,7 @@ impl Default for TcpConfig {
             rdma_messages: RdmaMessages::Off,
             rdma_ring_bytes: 4 << 20,
             rdma_device: None,
+            auth: None,
         }
     }
 }
@@ -395,6 +401,19 @@ pub enum CloseReason {
     /// This side closed it ([`Conn::close`] or transport shutdown).
     #[error("closed locally")]
     Local,
+    /// A frame's sender is not the node id the peer authenticated as.
+    #[error("a frame claims sender {claimed}, but the peer authenticated as node {authenticated}")]
+    WrongSender {
+        /// The frame's sender.
+        claimed: u32,
+        /// The id the peer proved at the handshake.
+        authenticated: u32,
+    },
+    /// A peer tried to authenticate with a node that runs without a cluster secret.
+    #[error(
+        "the peer tried to authenticate (it holds a cluster secret), but this node runs without one (--insecure)"
+    )]
+    UnexpectedAuth,
 }
 
 /// Errors of transport operations.
@@ -430,6 +449,14 @@ pub enum TransportError {
     /// Starting an event loop failed.
     #[error("starting an event loop failed")]
     Start(#[source] io::Error),
+    /// The connection was made but not authenticated.
+    #[error("connecting to {addr}: {why}")]
+    Auth {
+        /// The peer's address.
+        addr: String,
+        /// Why (in the message itself, not repeated as a cause).
+        why: AuthError,
+    },
 }
 
 /// Traffic counters of a transport.
@@ -637,6 +664,9 @@ struct ConnInner {
     /// (doorbells) or its end: the next empty ring drains it. Without it an empty ring
     /// costs no system call.
     bells: AtomicBool,
+    /// The node id an accepted peer authenticated as (`None`: not authenticated, or
+    /// this side connected). Frames from a peer with a non-zero id must carry it.
+    peer_identity: Option<u32>,
     shared: Arc<Shared>,
 }
 
@@ -1243,6 +1273,10 @@ struct Shared {
     /// The RDMA device of the message path, opened at the first connection that needs
     /// it (or why it could not be).
     rdma: OnceLock<Result<RdmaDevice, String>>,
+    /// The node id connections this side opens authenticate as (0: none yet).
+    identity: AtomicU32,
+    /// Accepted connections whose authentication runs now (bounded).
+    authenticating: AtomicUsize,
 }
 
 impl Shared {
@@ -1255,7 +1289,12 @@ impl Shared {
         }
     }
 
-    fn new_conn(self: &Arc<Self>, stream: TcpStream, accepted: bool) -> io::Result<Conn> {
+    fn new_conn(
+        self: &Arc<Self>,
+        stream: TcpStream,
+        accepted: bool,
+        peer_identity: Option<u32>,
+    ) -> io::Result<Conn> {
         stream.set_nodelay(true)?;
         stream.set_nonblocking(true)?;
         let peer = stream.peer_addr()?;
@@ -1281,8 +1320,46 @@ impl Shared {
             accepted,
             wrote: AtomicBool::new(false),
             bells: AtomicBool::new(true),
+            peer_identity,
             shared: self.clone(),
         })))
+    }
+}
+
+/// Accepted connections authenticating at once, at most; more are closed.
+const MAX_AUTHENTICATING: usize = 256;
+
+/// Authenticate an accepted connection on a thread of its own (bounded by the
+/// configuration's timeout, so a silent peer costs a thread for that long and no loop
+/// time), then hand it to its loop; a failure is logged, naming the peer, and the
+/// connection closed.
+fn authenticate_accepted(shared: &Arc<Shared>, stream: TcpStream) {
+    let peer = stream.peer_addr().ok();
+    if shared.authenticating.fetch_add(1, Ordering::AcqRel) >= MAX_AUTHENTICATING {
+        shared.authenticating.fetch_sub(1, Ordering::AcqRel);
+        tracing::warn!(peer = ?peer, "{MAX_AUTHENTICATING} connections authenticate already; closing another one");
+        return;
+    }
+    let shared2 = shared.clone();
+    let spawned = std::thread::Builder::new()
+        .name("pserv-auth".into())
+        .spawn(move || {
+            let shared = shared2;
+            let cfg = shared.cfg.auth.as_ref().expect("checked by the caller");
+            match auth::accept_side(&stream, cfg, false) {
+                Ok(id) => match shared.new_conn(stream, true, Some(id)) {
+                    Ok(conn) => shared.command(conn.0.loop_index, Command::Adopt(conn)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "setting up an accepted connection failed")
+                    }
+                },
+                Err(e) => tracing::warn!(error = %e, "refused a connection"),
+            }
+            shared.authenticating.fetch_sub(1, Ordering::AcqRel);
+        });
+    if let Err(e) = spawned {
+        shared.authenticating.fetch_sub(1, Ordering::AcqRel);
+        tracing::warn!(peer = ?peer, error = %e, "no thread to authenticate a connection; closed");
     }
 }
 
@@ -1296,7 +1373,14 @@ fn connect_on(
         source,
     };
     let stream = TcpStream::connect_timeout(&addr, timeout).map_err(err)?;
-    let conn = shared.new_conn(stream, false).map_err(err)?;
+    if let Some(a) = &shared.cfg.auth {
+        let identity = shared.identity.load(Ordering::Acquire);
+        auth::connect_side(&stream, a, identity, false).map_err(|why| TransportError::Auth {
+            addr: addr.to_string(),
+            why,
+        })?;
+    }
+    let conn = shared.new_conn(stream, false, None).map_err(err)?;
     offer_fast_path(shared, &conn).map_err(err)?;
     shared.command(conn.0.loop_index, Command::Adopt(conn.clone()));
     Ok(conn)
@@ -1440,6 +1524,8 @@ impl TcpTransport {
             next_loop: AtomicUsize::new(0),
             stats: Stats::default(),
             rdma: OnceLock::new(),
+            identity: AtomicU32::new(0),
+            authenticating: AtomicUsize::new(0),
         });
         let mut threads = Vec::with_capacity(n);
         for (i, (poll, rx)) in polls.into_iter().zip(rxs).enumerate() {
@@ -1484,6 +1570,13 @@ impl TcpTransport {
     /// Connect to `addr` (blocking up to `timeout`) and hand the connection to a loop.
     pub fn connect(&self, addr: SocketAddr, timeout: Duration) -> Result<Conn, TransportError> {
         connect_on(&self.shared, addr, timeout)
+    }
+
+    /// The node id the connections this transport opens from now on authenticate as
+    /// (with [`TcpConfig::auth`]; 0, the start value, names none). Set it once the node
+    /// knows its id, before it connects to peers that check it.
+    pub fn set_identity(&self, id: u32) {
+        self.shared.identity.store(id, Ordering::Release);
     }
 
     /// A handle that opens connections on these loops from any thread (for example from
@@ -1833,7 +1926,10 @@ impl<H: Handler> EventLoop<H> {
         loop {
             let accepted = self.listeners[which].accept();
             match accepted {
-                Ok((stream, _)) => match self.shared.new_conn(stream, true) {
+                Ok((stream, _)) if self.shared.cfg.auth.is_some() => {
+                    authenticate_accepted(&self.shared, stream);
+                }
+                Ok((stream, _)) => match self.shared.new_conn(stream, true, None) {
                     Ok(conn) => {
                         if conn.0.loop_index == self.index {
                             self.adopt(conn);
@@ -2384,7 +2480,14 @@ fn read_frames<H: Handler>(
                 Err(e) => return ReadOutcome::Close(CloseReason::Io(e)),
             }
         }
-        // 2. Complete frames in the staging buffer.
+        // 2. Complete frames in the staging buffer. (First, a peer that holds a cluster
+        // secret, here where none is: its hello is shorter than a frame header.)
+        if rs.fresh && rs.end - rs.start >= AUTH_MAGIC.len() {
+            let bytes: &[u8] = bytemuck::cast_slice(&rs.staging);
+            if bytes[rs.start..rs.start + AUTH_MAGIC.len()] == AUTH_MAGIC {
+                return ReadOutcome::Close(CloseReason::UnexpectedAuth);
+            }
+        }
         while rs.end - rs.start >= HEADER_LEN {
             let bytes: &[u8] = bytemuck::cast_slice(&rs.staging);
             if bytes[rs.start..rs.start + 4] == HELLO_MAGIC.to_le_bytes() {
@@ -2431,6 +2534,14 @@ fn read_frames<H: Handler>(
                 .try_into()
                 .expect("length checked");
             let header = Header::from_bytes(head);
+            if let Some(id) = conn.0.peer_identity.filter(|&id| id != 0) {
+                if header.sender != id {
+                    return ReadOutcome::Close(CloseReason::WrongSender {
+                        claimed: header.sender,
+                        authenticated: id,
+                    });
+                }
+            }
             let layout = match header.layout(max_frame) {
                 Ok(l) => l,
                 Err(e) => return ReadOutcome::Close(CloseReason::Malformed(e)),

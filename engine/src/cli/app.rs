@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::base::error::EngineError;
-use crate::cli::args::{ClusterArgs, NetArgs, OutputArgs, SchedulerAddr};
+use crate::cli::args::{ClusterArgs, NetArgs, OutputArgs, SchedulerAddr, SecurityArgs};
 use crate::cli::launch::{run_launch, LaunchArgs};
 use crate::cli::local::{run_local, LocalPlan};
 use crate::cli::roles::{SchedulerArgs, ServerArgs, WorkerArgs};
@@ -46,6 +46,8 @@ pub(super) enum Cmd {
     Status {
         #[command(flatten)]
         sched: SchedulerAddr,
+        #[command(flatten)]
+        security: SecurityArgs,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -57,6 +59,8 @@ pub(super) enum Cmd {
     Leave {
         #[command(flatten)]
         sched: SchedulerAddr,
+        #[command(flatten)]
+        security: SecurityArgs,
         /// The server's rank.
         #[arg(long)]
         rank: u32,
@@ -67,6 +71,8 @@ pub(super) enum Cmd {
     Checkpoint {
         #[command(flatten)]
         sched: SchedulerAddr,
+        #[command(flatten)]
+        security: SecurityArgs,
         /// The checkpoint folder (DIR/epoch-E/..., DIR/latest).
         dir: std::path::PathBuf,
         /// Give up waiting after this many seconds.
@@ -75,6 +81,12 @@ pub(super) enum Cmd {
     },
     /// Run a worker training sparse logistic regression.
     Worker(WorkerArgs),
+    /// Write a new random cluster secret to FILE (which must not exist), readable by its
+    /// owner only, for `--secret-file` / `PSERV_SECRET_FILE`.
+    Secret {
+        /// The file to create.
+        file: std::path::PathBuf,
+    },
     /// Run this process's role in a cluster a cluster manager started (Slurm, MPI/PMI,
     /// torchrun-style, Kubernetes or plain PSERV_* variables): global rank 0 is the
     /// scheduler, ranks 1..=S servers, the rest workers (the built-in LR worker, or CMD).
@@ -316,6 +328,7 @@ pub(super) fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> 
                 listen,
                 spec,
                 tcp: net.tcp()?,
+                security: net.security.security()?,
                 port_file,
                 summary_json: output.summary_json,
                 progress,
@@ -325,8 +338,16 @@ pub(super) fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> 
             })?;
             Ok(())
         }
-        Cmd::Status { sched, json } => {
-            let report = crate::cli::status::fetch(sched.scheduler, Duration::from_secs(5))?;
+        Cmd::Status {
+            sched,
+            security,
+            json,
+        } => {
+            let report = crate::cli::status::fetch(
+                sched.scheduler,
+                &security.security()?,
+                Duration::from_secs(5),
+            )?;
             if json {
                 println!(
                     "{}",
@@ -363,19 +384,35 @@ pub(super) fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> 
             cfg.shards = shards.max(1);
             cfg.dump_model = dump_model;
             cfg.tcp = net.tcp()?;
+            cfg.security = net.security.security()?;
             cfg.transport = net.transport;
             Server::start(cfg)?.run()
         }
-        Cmd::Leave { sched, rank } => crate::cli::status::leave(sched.scheduler, rank),
+        Cmd::Leave {
+            sched,
+            security,
+            rank,
+        } => crate::cli::status::leave(sched.scheduler, &security.security()?, rank),
         Cmd::Checkpoint {
             sched,
+            security,
             dir,
             timeout_secs,
         } => crate::cli::status::checkpoint(
             sched.scheduler,
+            &security.security()?,
             &dir,
             Duration::from_secs(timeout_secs.max(1)),
         ),
+        Cmd::Secret { file } => {
+            pserv_transport::Secret::create_file(&file)
+                .map_err(|e| EngineError::Config(e.to_string()))?;
+            println!(
+                "wrote a new cluster secret to {} (readable by its owner only); give it to every node with --secret-file or PSERV_SECRET_FILE",
+                file.display()
+            );
+            Ok(())
+        }
         Cmd::Worker(WorkerArgs {
             sched,
             rank,
@@ -389,6 +426,7 @@ pub(super) fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> 
             cfg.spin_us = spin_us;
             cfg.consistency = job.consistency;
             cfg.tcp = net.tcp()?;
+            cfg.security = net.security.security()?;
             cfg.transport = net.transport;
             cfg.key_cache = job.key_cache;
             cfg.compress = job.compress;

@@ -10,6 +10,7 @@ use clap::Args;
 use pserv_transport::{RdmaMessages, ShmMessages, TcpConfig};
 
 use crate::base::error::EngineError;
+use crate::base::security::Security;
 use crate::proto::ValueType;
 use crate::scheduler::ClusterSpec;
 use crate::update::UpdateSpec;
@@ -45,6 +46,37 @@ pub struct NetArgs {
     /// Largest accepted frame in MiB.
     #[arg(long, env = "PSERV_MAX_FRAME_MB", default_value_t = 512)]
     pub max_frame_mb: usize,
+    /// Authentication (`--secret-file`, `--insecure`).
+    #[command(flatten)]
+    pub security: SecurityArgs,
+}
+
+/// How a node authenticates: a cluster secret (required unless `--insecure`).
+#[derive(Args, Clone, Debug, Default)]
+pub struct SecurityArgs {
+    /// The cluster secret: a file of at least 16 bytes that only its owner can read
+    /// (make one with `pserv secret FILE`). Every connection proves both ends hold it
+    /// before anything else is said. `pserv local` makes one per job.
+    #[arg(long, env = "PSERV_SECRET_FILE")]
+    pub secret_file: Option<PathBuf>,
+    /// Run without authentication: anyone who can reach this node's ports can read and
+    /// change the model, register or make servers leave. Both ends must agree: a node
+    /// with a secret and one without refuse each other.
+    #[arg(long, env = "PSERV_INSECURE", conflicts_with = "secret_file")]
+    pub insecure: bool,
+}
+
+impl SecurityArgs {
+    /// What these flags say: the secret file read and checked, or no authentication.
+    pub fn security(&self) -> Result<Security, EngineError> {
+        match (&self.secret_file, self.insecure) {
+            (_, true) => Ok(Security::Insecure),
+            (Some(p), false) => Security::from_file(p),
+            (None, false) => Security::FromEnv
+                .resolve()
+                .map(|s| Security::Secret(s.expect("FromEnv resolves to a secret or an error"))),
+        }
+    }
 }
 
 impl NetArgs {
@@ -118,6 +150,11 @@ impl NetArgs {
         ];
         if let Some(t) = self.threads {
             a.push(format!("--threads={t}"));
+        }
+        // The secret file travels in the environment (`PSERV_SECRET_FILE`), never on a
+        // command line; only its absence is said here.
+        if self.security.insecure {
+            a.push("--insecure".into());
         }
         a
     }

@@ -6,6 +6,10 @@
 //! passes, every process it started is killed (by pid, through its `Child`), and the
 //! error names the one that failed.
 //!
+//! Authentication: unless `--secret-file` names one or `--insecure` turns it off, the
+//! launcher writes a fresh cluster secret into its run folder (readable by its owner only)
+//! and hands its path to every child in `PSERV_SECRET_FILE`.
+//!
 //! Lifecycles: every child is started with [`pserv_sys::process::die_with_parent`], so
 //! it gets SIGKILL when the launcher dies, however it dies (SIGKILL included). SIGTERM,
 //! SIGINT, SIGHUP or SIGQUIT sent to the launcher alone (a service manager, `kill PID`, a
@@ -19,6 +23,7 @@ use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use crate::base::error::EngineError;
+use crate::base::security::SECRET_ENV;
 use crate::cli::app::ReplArgs;
 use crate::cli::args::{ClusterArgs, NetArgs};
 use crate::cli::roles::{SchedulerLaunch, ServerLaunch, WorkerLaunch};
@@ -177,6 +182,11 @@ fn spawn(plan: &LocalPlan, name: String, args: Vec<String>) -> Result<Proc, Engi
     let exe = &plan.exe;
     let mut cmd = Command::new(exe);
     cmd.args(&plan.exe_prefix).args(&args);
+    // The secret file's path goes in the environment, not on the command line.
+    cmd.env_remove(SECRET_ENV);
+    if let Some(p) = &plan.net.security.secret_file {
+        cmd.env(SECRET_ENV, p);
+    }
     let child = pserv_sys::process::die_with_parent(&mut cmd)
         .spawn()
         .map_err(|source| EngineError::Io {
@@ -251,6 +261,19 @@ fn run_in(
     signals: &mut signal_hook::iterator::Signals,
 ) -> Result<serde_json::Value, EngineError> {
     let deadline = Instant::now() + plan.timeout;
+    // A cluster secret for this job, unless one was given or authentication is off; it
+    // lives in the run folder (owner-only) and goes when the folder does.
+    let mut with_secret;
+    let plan = if !plan.net.security.insecure && plan.net.security.secret_file.is_none() {
+        let path = dir.join("secret");
+        pserv_transport::Secret::create_file(&path)
+            .map_err(|e| EngineError::Config(e.to_string()))?;
+        with_secret = plan.clone();
+        with_secret.net.security.secret_file = Some(path);
+        &with_secret
+    } else {
+        plan
+    };
     let port_file = dir.join("scheduler.addr");
     let summary = plan
         .summary_json

@@ -7,6 +7,7 @@ use crossbeam_channel::Sender;
 use pserv_transport::{CloseReason, Conn, Handler, RecvFrame, TcpConfig, TcpTransport};
 
 use crate::base::error::EngineError;
+use crate::base::security::Security;
 use crate::proto::{Control, Role, StatusReport};
 
 struct StatusHandler {
@@ -26,14 +27,15 @@ impl Handler for StatusHandler {
 /// `pserv leave`: ask the scheduler at `addr` to let server `rank` leave gracefully;
 /// prints the scheduler's answer. Fails when the scheduler refuses (the rank holds no
 /// ranges, it is the last server, another change is in progress).
-pub fn leave(addr: SocketAddr, rank: u32) -> Result<(), EngineError> {
+pub fn leave(addr: SocketAddr, security: &Security, rank: u32) -> Result<(), EngineError> {
     let timeout = Duration::from_secs(10);
     let (tx, rx) = crossbeam_channel::unbounded();
-    let cfg = TcpConfig {
+    let mut cfg = TcpConfig {
         threads: 1,
         pin_cores: false,
         ..TcpConfig::default()
     };
+    security.apply(&mut cfg, false)?;
     let transport = TcpTransport::start(cfg, |_| StatusHandler { tx: tx.clone() })?;
     let conn = transport.connect(addr, timeout)?;
     conn.send(Control::Leave { rank }.to_frame(0))?;
@@ -62,6 +64,7 @@ pub fn leave(addr: SocketAddr, rank: u32) -> Result<(), EngineError> {
 /// could not write its file).
 pub fn checkpoint(
     addr: SocketAddr,
+    security: &Security,
     dir: &std::path::Path,
     timeout: Duration,
 ) -> Result<(), EngineError> {
@@ -70,11 +73,12 @@ pub fn checkpoint(
         source,
     })?;
     let (tx, rx) = crossbeam_channel::unbounded();
-    let cfg = TcpConfig {
+    let mut cfg = TcpConfig {
         threads: 1,
         pin_cores: false,
         ..TcpConfig::default()
     };
+    security.apply(&mut cfg, false)?;
     let transport = TcpTransport::start(cfg, |_| StatusHandler { tx: tx.clone() })?;
     let conn = transport.connect(addr, Duration::from_secs(10).min(timeout))?;
     let dir_s = dir.display().to_string();
@@ -99,14 +103,20 @@ pub fn checkpoint(
     }
 }
 
-/// Connect to the scheduler at `addr`, ask for its status, and return the report.
-pub fn fetch(addr: SocketAddr, timeout: Duration) -> Result<StatusReport, EngineError> {
+/// Connect to the scheduler at `addr` (authenticated as `security` says), ask for its
+/// status, and return the report.
+pub fn fetch(
+    addr: SocketAddr,
+    security: &Security,
+    timeout: Duration,
+) -> Result<StatusReport, EngineError> {
     let (tx, rx) = crossbeam_channel::unbounded();
-    let cfg = TcpConfig {
+    let mut cfg = TcpConfig {
         threads: 1,
         pin_cores: false,
         ..TcpConfig::default()
     };
+    security.apply(&mut cfg, false)?;
     let transport = TcpTransport::start(cfg, |_| StatusHandler { tx: tx.clone() })?;
     let conn = transport.connect(addr, timeout)?;
     conn.send(Control::StatusRequest.to_frame(0))?;

@@ -37,6 +37,11 @@ fn net_all() -> NetArgs {
         pin_cores: false,
         busy_poll_us: 7,
         max_frame_mb: 9,
+        // (A secret file travels in the environment, not in the arguments.)
+        security: crate::cli::args::SecurityArgs {
+            secret_file: None,
+            insecure: true,
+        },
     }
 }
 
@@ -49,6 +54,7 @@ fn net_min() -> NetArgs {
         pin_cores: true,
         busy_poll_us: 0,
         max_frame_mb: 1,
+        security: crate::cli::args::SecurityArgs::default(),
     }
 }
 

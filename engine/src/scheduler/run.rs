@@ -24,6 +24,8 @@ pub struct SchedulerConfig {
     pub spec: ClusterSpec,
     /// The transport.
     pub tcp: TcpConfig,
+    /// How the scheduler authenticates its connections.
+    pub security: crate::base::security::Security,
     /// Write the bound address here once listening (for launchers using port 0).
     pub port_file: Option<PathBuf>,
     /// Write the job summary (JSON) here at the end.
@@ -75,7 +77,9 @@ impl Handler for SchedHandler {
 /// Run the scheduler until the job is over; returns the merged job summary.
 pub fn run_scheduler(cfg: SchedulerConfig) -> Result<JobReport, EngineError> {
     let (tx, rx) = crossbeam_channel::unbounded();
-    let transport = TcpTransport::start(cfg.tcp.clone(), |_| SchedHandler { events: tx.clone() })?;
+    let mut tcp = cfg.tcp.clone();
+    cfg.security.apply(&mut tcp, false)?;
+    let transport = TcpTransport::start(tcp, |_| SchedHandler { events: tx.clone() })?;
     let addr = transport.listen(cfg.listen)?;
     if let Some(p) = &cfg.port_file {
         let tmp = p.with_extension("tmp");

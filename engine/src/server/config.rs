@@ -22,6 +22,9 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// The transport's event loops.
     pub tcp: TcpConfig,
+    /// How this server authenticates its connections (default: the secret file
+    /// `PSERV_SECRET_FILE` names); it takes connections from cluster nodes only.
+    pub security: crate::base::security::Security,
     /// A requested rank (decides the key range).
     pub rank: Option<u32>,
     /// Store shards (locks); value length and type come from the cluster table.
@@ -216,6 +219,7 @@ impl ServerConfig {
             scheduler,
             listen: "127.0.0.1:0".parse().expect("a valid address"),
             tcp: TcpConfig::default(),
+            security: crate::base::security::Security::default(),
             rank: None,
             shards: 16,
             register_timeout: Duration::from_secs(120),

@@ -81,8 +81,10 @@ impl Server {
             key_cache: KeyCache::new(cfg.key_cache_keys),
             allow_non_finite: cfg.allow_non_finite,
         });
-        let transport =
-            TcpTransport::start(cfg.tcp.clone(), |_| ServerHandler { core: core.clone() })?;
+        let mut tcp = cfg.tcp.clone();
+        // A server takes requests from cluster nodes only: a connection must name its id.
+        cfg.security.apply(&mut tcp, true)?;
+        let transport = TcpTransport::start(tcp, |_| ServerHandler { core: core.clone() })?;
         let addr = transport.listen(cfg.listen)?;
         let scheduler = register::connect(&transport, cfg.scheduler, Holder::Server)?;
         let hello = if cfg.join {
@@ -110,6 +112,7 @@ impl Server {
             rank,
             cluster,
         } = register::register(&scheduler, &rx, &registration)?;
+        transport.set_identity(node_id);
         transport.repin(node_id as usize);
         // Connections to the other servers, for chain replication (every server listens
         // before it registers, so all of them accept by now).
@@ -170,7 +173,8 @@ impl Server {
                 .name("pserv-onesided".into())
                 .spawn(move || {
                     let ready = core.ready.get().expect("set before the thread starts");
-                    os.serve_notices(|push| apply_landed(ready, push))
+                    let allow_non_finite = core.allow_non_finite;
+                    os.serve_notices(|push| apply_landed(ready, push, allow_non_finite))
                 })
                 .map_err(|source| EngineError::Io {
                     context: "starting the one-sided notice thread".into(),

@@ -242,7 +242,11 @@ fn store_entries(ready: &Ready) -> &dyn EntryStore {
 /// once without replication). Where the table replicates, the push is applied whole at
 /// its last chunk (a batch never carries part of a push); without, chunk by chunk as
 /// they land.
-pub(super) fn apply_landed(ready: &Ready, push: &LandedPush<'_>) -> Result<(), Refused> {
+pub(super) fn apply_landed(
+    ready: &Ready,
+    push: &LandedPush<'_>,
+    allow_non_finite: bool,
+) -> Result<(), Refused> {
     let error = |msg: String| Refused {
         code: REFUSED_ERROR,
         msg,
@@ -314,15 +318,12 @@ pub(super) fn apply_landed(ready: &Ready, push: &LandedPush<'_>) -> Result<(), R
     if held != HeldPart::All {
         ready.repl.note_apply(table.epoch(), KeysRef::Range(apply));
     }
-    for part in parts {
-        let at = off + (part.begin - apply.begin) as usize * push.value_bytes();
-        let applied = write_through(ready, Some(KeysRef::Range(part)), || match &ready.store {
-            AnyStore::F32(t) => apply_to_store(t, push, part, at),
-            AnyStore::F64(t) => apply_to_store(t, push, part, at),
-        });
-        if let Err(msg) = applied {
-            return Err(error(msg));
-        }
+    let applied = match &ready.store {
+        AnyStore::F32(t) => apply_parts(ready, t, push, &parts, apply, off, allow_non_finite),
+        AnyStore::F64(t) => apply_parts(ready, t, push, &parts, apply, off, allow_non_finite),
+    };
+    if let Err(msg) = applied {
+        return Err(error(msg));
     }
     if !last {
         return Ok(());
@@ -342,20 +343,47 @@ pub(super) fn apply_landed(ready: &Ready, push: &LandedPush<'_>) -> Result<(), R
     Ok(())
 }
 
-/// Apply the gradients of keys `r` that landed at byte offset `off` of the landing area.
-fn apply_to_store<T: Value>(
+/// Apply the gradients of the key ranges `parts` of `apply`, whose values landed from
+/// byte offset `off` of the landing area on. Every value is read, and (unless
+/// `allow_non_finite`) checked finite, before any is applied: a push holding NaN or an
+/// infinity is refused whole when it is applied whole (replicated clusters), else from
+/// the chunk that holds it on, like a TCP push, naming the key.
+fn apply_parts<T: Value>(
+    ready: &Ready,
     t: &Typed<T>,
     push: &LandedPush<'_>,
-    r: KeyRange,
+    parts: &[KeyRange],
+    apply: KeyRange,
     off: usize,
+    allow_non_finite: bool,
 ) -> Result<(), String> {
     let f = t
         .updates
         .get(push.func)
         .ok_or_else(|| format!("no update function with id {}", push.func))?;
-    let mut grads = vec![T::default(); r.len() as usize * t.store.value_len()];
-    push.mem.copy_out(off, bytemuck::cast_slice_mut(&mut grads));
-    t.store
-        .push_range(r, &grads, f.as_ref())
-        .map_err(|e| e.to_string())
+    let vlen = t.store.value_len();
+    let mut grads = Vec::with_capacity(parts.len());
+    for &part in parts {
+        let at = off + (part.begin - apply.begin) as usize * push.value_bytes();
+        let mut g = vec![T::default(); part.len() as usize * vlen];
+        push.mem.copy_out(at, bytemuck::cast_slice_mut(&mut g));
+        if !allow_non_finite && g.iter().fold(false, |bad, v| bad | !v.is_finite()) {
+            let i = g.iter().position(|v| !v.is_finite()).unwrap_or(0);
+            return Err(format!(
+                "the one-sided push holds a non-finite value ({}) for key {}: refused, \
+                 nothing of it applied (a server started with --allow-non-finite applies such \
+                 pushes)",
+                g[i].to_f64(),
+                part.begin + (i / vlen.max(1)) as u64
+            ));
+        }
+        grads.push(g);
+    }
+    for (&part, g) in parts.iter().zip(&grads) {
+        write_through(ready, Some(KeysRef::Range(part)), || {
+            t.store.push_range(part, g, f.as_ref())
+        })
+        .map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }

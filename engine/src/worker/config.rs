@@ -6,6 +6,7 @@ use std::time::Duration;
 use pserv_transport::compress::Codec;
 use pserv_transport::TcpConfig;
 
+use crate::base::security::Security;
 use crate::consistency::Consistency;
 use crate::onesided::TransportKind;
 
@@ -20,6 +21,9 @@ pub struct WorkerConfig {
     pub scheduler: SocketAddr,
     /// The transport's event loops.
     pub tcp: TcpConfig,
+    /// How this worker authenticates its connections (default: the secret file
+    /// `PSERV_SECRET_FILE` names).
+    pub security: Security,
     /// A requested rank (decides, for example, the data shard).
     pub rank: Option<u32>,
     /// How long `wait` spins before parking.
@@ -56,6 +60,7 @@ impl WorkerConfig {
         WorkerConfig {
             scheduler,
             tcp: TcpConfig::default(),
+            security: Security::default(),
             rank: None,
             spin_us: 100,
             register_timeout: Duration::from_secs(120),

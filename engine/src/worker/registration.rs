@@ -156,8 +156,9 @@ impl Worker {
                 .with_key_cache(cfg.key_cache)
                 .with_codec(cfg.compress),
         );
-        let transport =
-            TcpTransport::start(cfg.tcp.clone(), |_| WorkerHandler { core: core.clone() })?;
+        let mut tcp = cfg.tcp.clone();
+        cfg.security.apply(&mut tcp, false)?;
+        let transport = TcpTransport::start(tcp, |_| WorkerHandler { core: core.clone() })?;
         let scheduler = register::connect(&transport, cfg.scheduler, Holder::Worker)?;
         // Before the hello: the handler tells a closing current scheduler connection
         // from an old one by this.
@@ -181,6 +182,8 @@ impl Worker {
         } = register::register(&scheduler, &rx, &registration)?;
         // A newer table may already have come (then the welcome's is not installed).
         core.install(cluster.partition.clone());
+        // Connections from now on (to servers, to a restarted scheduler) speak as this id.
+        transport.set_identity(node_id);
         transport.repin(node_id as usize);
         let _ = core.connector.set(transport.connector());
         let _ = core
