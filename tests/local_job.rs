@@ -241,9 +241,13 @@ fn wrong_configurations_fail_fast_with_a_clear_message() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("line 2") || err.contains(":2:"), "{err}");
-    // The summary says it failed, and holds no metric.
+    // The summary says it failed, why, and holds no metric.
     let s = summary(&path);
-    assert!(s["error"].as_str().is_some_and(|e| !e.is_empty()), "{s}");
+    let e = s["error"].as_str().unwrap_or_default();
+    assert!(
+        e.contains("failed") && (e.contains("line 2") || e.contains(":2:")),
+        "{s}"
+    );
     assert!(s.get("test_logloss").is_none(), "{s}");
     // A held-out file that is no file: refused before any process starts, and the
     // summary holds only the error.
@@ -274,6 +278,16 @@ fn wrong_configurations_fail_fast_with_a_clear_message() {
     let s = summary(&path);
     assert_eq!(s.as_object().map(|o| o.len()), Some(1), "{s}");
     assert!(s["error"].as_str().unwrap().contains("--lr"), "{s}");
+    // A flag the command line itself refuses (clap): the same.
+    std::fs::write(&path, "{\"test_logloss\": 0.1}").unwrap();
+    let out = run_local(&[
+        "--epochs=-1".into(),
+        format!("--summary-json={}", path.display()),
+    ]);
+    assert!(!out.status.success());
+    let s = summary(&path);
+    assert_eq!(s.as_object().map(|o| o.len()), Some(1), "{s}");
+    assert!(s["error"].as_str().unwrap().contains("epochs"), "{s}");
 }
 
 /// Rows like a9a (UCI Adult in libsvm form): 14 categorical fields with a9a's level

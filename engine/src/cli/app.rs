@@ -234,9 +234,19 @@ impl LocalArgs {
 /// `current_exe exe_prefix... ROLE ...` (`$PSERV_SELF_EXE` instead of `current_exe` when
 /// set: the Python package's `python -m pserv` sets its interpreter there).
 pub fn main(args: Vec<OsString>, exe_prefix: Vec<String>) -> ExitCode {
-    let cli = match Cli::try_parse_from(args) {
+    let cli = match Cli::try_parse_from(&args) {
         Ok(c) => c,
-        Err(e) => e.exit(),
+        Err(e) => {
+            // A `local` run asked for a summary file: it says why there is no result
+            // (a caller reading it must not find an old run's metrics).
+            if e.use_stderr() {
+                if let Some(p) = summary_json_of(&args) {
+                    let failed = serde_json::json!({ "error": e.render().to_string().trim() });
+                    let _ = std::fs::write(p, failed.to_string());
+                }
+            }
+            e.exit()
+        }
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
@@ -261,6 +271,24 @@ pub fn main(args: Vec<OsString>, exe_prefix: Vec<String>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The `--summary-json` file of a `pserv local` command line clap refused (the flag's
+/// value, else `PSERV_SUMMARY_JSON`); `None` for other subcommands.
+fn summary_json_of(args: &[OsString]) -> Option<std::path::PathBuf> {
+    let args: Vec<&str> = args.iter().skip(1).filter_map(|a| a.to_str()).collect();
+    if !args.contains(&"local") {
+        return None;
+    }
+    for (i, a) in args.iter().enumerate() {
+        if let Some(v) = a.strip_prefix("--summary-json=") {
+            return Some(v.into());
+        }
+        if *a == "--summary-json" {
+            return args.get(i + 1).map(|v| v.into());
+        }
+    }
+    std::env::var_os("PSERV_SUMMARY_JSON").map(Into::into)
 }
 
 /// Run one subcommand (`launch` runs its role through here too).

@@ -150,6 +150,85 @@ struct Proc {
     name: String,
     child: Child,
     status: Option<ExitStatus>,
+    /// The end of what the child wrote to stderr (servers and workers), forwarded to the
+    /// launcher's stderr as it comes: a failure names its reason.
+    stderr: Option<StderrTail>,
+}
+
+/// The last bytes a child wrote to stderr, kept by the thread that forwards them.
+struct StderrTail {
+    tail: std::sync::Arc<parking_lot::Mutex<Vec<u8>>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// Bytes of a child's stderr kept for its failure message.
+const STDERR_TAIL: usize = 8 << 10;
+
+impl StderrTail {
+    /// Forward `from` to this process's stderr on a thread, keeping its last bytes.
+    fn start(name: &str, mut from: std::process::ChildStderr) -> Option<StderrTail> {
+        use std::io::{Read, Write};
+        let tail = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let keep = tail.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("pserv-local-{}", name.replace(' ', "-")))
+            .spawn(move || {
+                let mut buf = [0u8; 4096];
+                loop {
+                    match from.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            let _ = std::io::stderr().write_all(&buf[..n]);
+                            let mut t = keep.lock();
+                            t.extend_from_slice(&buf[..n]);
+                            let extra = t.len().saturating_sub(STDERR_TAIL);
+                            t.drain(..extra);
+                        }
+                    }
+                }
+            })
+            .ok()?;
+        Some(StderrTail { tail, thread })
+    }
+
+    /// The child's last error line (the `pserv: error:` line and its causes, else its
+    /// last non-empty line), once its stderr ended (waited for at most 1 s).
+    fn last_words(&self) -> Option<String> {
+        let until = Instant::now() + Duration::from_secs(1);
+        while !self.thread.is_finished() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let t = self.tail.lock();
+        let text = strip_ansi(&String::from_utf8_lossy(&t));
+        let lines: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        match lines.iter().rposition(|l| l.starts_with("pserv: error:")) {
+            Some(i) => Some(lines[i..].join(" ")),
+            None => lines.last().map(|l| l.to_string()),
+        }
+    }
+}
+
+/// `s` without ANSI escape sequences (colours of a child's log).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ params final-byte
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// How long children get to exit after a signal was forwarded to them, before SIGKILL.
@@ -187,16 +266,27 @@ fn spawn(plan: &LocalPlan, name: String, args: Vec<String>) -> Result<Proc, Engi
     if let Some(p) = &plan.net.security.secret_file {
         cmd.env(SECRET_ENV, p);
     }
-    let child = pserv_sys::process::die_with_parent(&mut cmd)
+    // The scheduler keeps the terminal (its progress bar); the others' stderr passes
+    // through the launcher, which keeps its end for a failure message.
+    let piped = name != "scheduler";
+    if piped {
+        cmd.stderr(std::process::Stdio::piped());
+    }
+    let mut child = pserv_sys::process::die_with_parent(&mut cmd)
         .spawn()
         .map_err(|source| EngineError::Io {
             context: format!("starting {name} ({})", exe.display()),
             source,
         })?;
+    let stderr = child
+        .stderr
+        .take()
+        .and_then(|e| StderrTail::start(&name, e));
     Ok(Proc {
         name,
         child,
         status: None,
+        stderr,
     })
 }
 
@@ -457,8 +547,14 @@ fn check(
             if let Ok(Some(st)) = p.child.try_wait() {
                 p.status = Some(st);
                 if !st.success() {
+                    let why = p
+                        .stderr
+                        .as_ref()
+                        .and_then(StderrTail::last_words)
+                        .map(|w| format!(" ({w})"))
+                        .unwrap_or_default();
                     return Err(EngineError::Config(format!(
-                        "{} (pid {}) failed: {st}; stopping the cluster",
+                        "{} (pid {}) failed: {st}{why}; stopping the cluster",
                         p.name,
                         p.child.id()
                     )));

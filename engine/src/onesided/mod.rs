@@ -418,6 +418,9 @@ struct Landing {
     /// first chunk: always where the table replicates, so a batch never carries part of
     /// a push) rather than chunk by chunk as the chunks land.
     whole: AtomicBool,
+    /// Whether the push in flight was refused at its first chunk (then every later chunk
+    /// of it is refused too, and nothing of it is applied).
+    refused: AtomicBool,
 }
 
 /// A window: the values of a dense key range this server heads, mirrored from the store
@@ -535,6 +538,16 @@ impl LandedPush<'_> {
     /// Decide, at the first chunk, whether the push is applied whole at its last chunk.
     pub(crate) fn set_whole(&self, whole: bool) {
         self.landing.whole.store(whole, Ordering::Relaxed)
+    }
+
+    /// Whether the first chunk of this push was refused (see [`Landing`]).
+    pub(crate) fn refused(&self) -> bool {
+        self.landing.refused.load(Ordering::Relaxed)
+    }
+
+    /// Say, at the first chunk, whether the push is refused as a whole.
+    pub(crate) fn set_refused(&self, refused: bool) {
+        self.landing.refused.store(refused, Ordering::Relaxed)
     }
 
     /// Bytes of values per key.
@@ -798,6 +811,7 @@ impl ServerOneSided {
                 mem: landing,
                 window: window.clone(),
                 whole: AtomicBool::new(false),
+                refused: AtomicBool::new(false),
             }),
         );
         setup.peers.push(peer);

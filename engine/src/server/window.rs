@@ -260,6 +260,21 @@ pub(super) fn apply_landed(
     if !func_known {
         return Err(error(format!("no update function with id {}", push.func)));
     }
+    if first {
+        let bad = match (&ready.store, allow_non_finite) {
+            (_, true) => None,
+            (AnyStore::F32(t), false) => non_finite_landed(t, push),
+            (AnyStore::F64(t), false) => non_finite_landed(t, push),
+        };
+        push.set_refused(bad.is_some());
+        if let Some(msg) = bad {
+            return Err(error(msg));
+        }
+    } else if push.refused() {
+        return Err(error(
+            "an earlier chunk of this one-sided push was refused: nothing of it is applied".into(),
+        ));
+    }
     let table = ready.table.read();
     if first {
         push.set_whole(table.replicas() > 0);
@@ -319,8 +334,8 @@ pub(super) fn apply_landed(
         ready.repl.note_apply(table.epoch(), KeysRef::Range(apply));
     }
     let applied = match &ready.store {
-        AnyStore::F32(t) => apply_parts(ready, t, push, &parts, apply, off, allow_non_finite),
-        AnyStore::F64(t) => apply_parts(ready, t, push, &parts, apply, off, allow_non_finite),
+        AnyStore::F32(t) => apply_parts(ready, t, push, &parts, apply, off),
+        AnyStore::F64(t) => apply_parts(ready, t, push, &parts, apply, off),
     };
     if let Err(msg) = applied {
         return Err(error(msg));
@@ -344,10 +359,7 @@ pub(super) fn apply_landed(
 }
 
 /// Apply the gradients of the key ranges `parts` of `apply`, whose values landed from
-/// byte offset `off` of the landing area on. Every value is read, and (unless
-/// `allow_non_finite`) checked finite, before any is applied: a push holding NaN or an
-/// infinity is refused whole when it is applied whole (replicated clusters), else from
-/// the chunk that holds it on, like a TCP push, naming the key.
+/// byte offset `off` of the landing area on.
 fn apply_parts<T: Value>(
     ready: &Ready,
     t: &Typed<T>,
@@ -355,35 +367,49 @@ fn apply_parts<T: Value>(
     parts: &[KeyRange],
     apply: KeyRange,
     off: usize,
-    allow_non_finite: bool,
 ) -> Result<(), String> {
     let f = t
         .updates
         .get(push.func)
         .ok_or_else(|| format!("no update function with id {}", push.func))?;
     let vlen = t.store.value_len();
-    let mut grads = Vec::with_capacity(parts.len());
     for &part in parts {
         let at = off + (part.begin - apply.begin) as usize * push.value_bytes();
         let mut g = vec![T::default(); part.len() as usize * vlen];
         push.mem.copy_out(at, bytemuck::cast_slice_mut(&mut g));
-        if !allow_non_finite && g.iter().fold(false, |bad, v| bad | !v.is_finite()) {
-            let i = g.iter().position(|v| !v.is_finite()).unwrap_or(0);
-            return Err(format!(
-                "the one-sided push holds a non-finite value ({}) for key {}: refused, \
-                 nothing of it applied (a server started with --allow-non-finite applies such \
-                 pushes)",
-                g[i].to_f64(),
-                part.begin + (i / vlen.max(1)) as u64
-            ));
-        }
-        grads.push(g);
-    }
-    for (&part, g) in parts.iter().zip(&grads) {
         write_through(ready, Some(KeysRef::Range(part)), || {
-            t.store.push_range(part, g, f.as_ref())
+            t.store.push_range(part, &g, f.as_ref())
         })
         .map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+/// The refusal of a landed push holding NaN or an infinity, naming the key; every value
+/// of the whole push has landed by its first chunk, so it is refused whole, before any
+/// chunk is applied, like a TCP push.
+fn non_finite_landed<T: Value>(t: &Typed<T>, push: &LandedPush<'_>) -> Option<String> {
+    let vlen = t.store.value_len().max(1);
+    // In pieces of at most 1 MiB of values: a bounded buffer for any push.
+    let per = ((1 << 20) / (vlen * std::mem::size_of::<T>())).max(1) as u64;
+    let mut g: Vec<T> = Vec::new();
+    let mut begin = push.range.begin;
+    while begin < push.range.end {
+        let end = push.range.end.min(begin + per);
+        g.clear();
+        g.resize((end - begin) as usize * vlen, T::default());
+        let at = push.values_off() + (begin - push.range.begin) as usize * push.value_bytes();
+        push.mem.copy_out(at, bytemuck::cast_slice_mut(&mut g));
+        if g.iter().fold(false, |bad, v| bad | !v.is_finite()) {
+            let i = g.iter().position(|v| !v.is_finite()).unwrap_or(0);
+            return Some(format!(
+                "the one-sided push holds a non-finite value ({}) for key {}: refused whole, \
+                 nothing applied (a server started with --allow-non-finite applies such pushes)",
+                g[i].to_f64(),
+                begin + (i / vlen) as u64
+            ));
+        }
+        begin = end;
+    }
+    None
 }
