@@ -1443,6 +1443,7 @@ fn authenticate_accepted(shared: &Arc<Shared>, stream: TcpStream) {
                 (Some(_), Some(cfg)) => match tls::accept_side(&stream, cfg, false) {
                     Ok(session) => {
                         shared.stats.tls_connections.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(peer = ?peer, "accepted a TLS connection (TLS 1.3, the peer's certificate verified)");
                         Some(Some(session))
                     }
                     Err(e) => {
@@ -1490,6 +1491,7 @@ fn connect_on(
         Some(cfg) => match tls::connect_side(&stream, cfg, false) {
             Ok(session) => {
                 shared.stats.tls_connections.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(peer = %addr, "connected over TLS (TLS 1.3, the peer's certificate verified)");
                 Some(session)
             }
             Err(why) => {
