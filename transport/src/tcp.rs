@@ -74,6 +74,11 @@
 //!   - `tag: AtomicU64`: the application's value, independent of everything else.
 //!   - `codec: AtomicU64`: the send codec, read once per frame by senders, set by the
 //!     application or (mirroring) by the loop; independent of everything else.
+//!   - `tls: Option<Mutex<TlsSession>>` (with [`TcpConfig::tls`]): the TLS session every
+//!     byte to and from the socket goes through. Senders take it under `write` (plaintext
+//!     in, records out, so records and frames stay in order); the loop's reads take it
+//!     alone (records in, plaintext out, and the alerts or key updates reading makes go
+//!     out under it); closing takes it alone to send `close_notify`.
 //! - Per loop: the command channel (crossbeam, synchronised inside) and its `Waker`. The
 //!   loop's own state (connections, read buffers, listeners) belongs to its thread and
 //!   takes no lock.
@@ -90,13 +95,28 @@
 //!    and never closes a connection while holding its `write` (`mark_closed` takes it):
 //!    every path that closes after a failed write releases it first. Sending a command
 //!    to a loop (waking it) happens after `write` is released too.
-//! 3. `BufPool::free`, a leaf: taken under `write` when a queued frame whose payload is
+//! 3. `tls` of a connection: under its `write` (sending, flushing) or alone (reading,
+//!    closing). Nothing is taken while it is held.
+//! 4. `BufPool::free`, a leaf: taken under `write` when a queued frame whose payload is
 //!    a pooled buffer is dropped (a flushed frame, or the queue of a closed connection),
 //!    and on its own anywhere else. Nothing is taken while it is held. (So the `Drop` of
 //!    an [`AsBytes`](crate::buf::AsBytes) payload must take no lock but the pool's.)
 //!
-//! Debug builds check 2 and 3 (module `lock_order`): taking a `write` while holding one,
-//! or any transport lock while holding the pool's, panics before the lock is tried.
+//! Debug builds check 2 to 4 (module `lock_order`): taking a `write` while holding one
+//! or while holding a `tls`, or any transport lock while holding the pool's, panics
+//! before the lock is tried.
+//!
+//! # TLS
+//!
+//! With [`TcpConfig::tls`], `ConnInner::write_out` gives plaintext to the session and
+//! writes its records to the socket; the session holds at most
+//! [`TLS_SEND_BUFFER_BYTES`](crate::tls::TLS_SEND_BUFFER_BYTES) of records the socket did
+//! not take, and beyond that takes nothing (`WouldBlock`, as a full socket). Bytes it
+//! took count as written for the send queue, so `flush_locked` writes the records still
+//! held on every writable edge, also when the queue is empty. `read_in` reads records,
+//! decrypts them and returns plaintext; `Ok(0)` only after the peer's `close_notify` (a
+//! TCP end without it is an error: the stream may have been cut). A TLS connection makes
+//! and takes no shared-memory or RDMA offer.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
@@ -2826,6 +2846,28 @@ mod tests {
     fn a_lock_taken_against_the_order_panics() {
         let (a, b) = (parking_lot::Mutex::new(()), parking_lot::Mutex::new(()));
         let _p = Ranked::lock(Rank::Pool, || b.lock());
+        let _w = Ranked::lock(Rank::Write, || a.lock());
+    }
+
+    #[test]
+    fn a_tls_session_is_taken_under_write_and_the_pool_under_it() {
+        let (a, b, c) = (
+            parking_lot::Mutex::new(1),
+            parking_lot::Mutex::new(2),
+            parking_lot::Mutex::new(3),
+        );
+        let w = Ranked::lock(Rank::Write, || a.lock());
+        let t = Ranked::lock(Rank::Tls, || b.lock());
+        let p = Ranked::lock(Rank::Pool, || c.lock());
+        assert_eq!(*w + *t + *p, 6);
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "lock order")]
+    fn a_write_lock_under_a_tls_session_panics() {
+        let (a, b) = (parking_lot::Mutex::new(()), parking_lot::Mutex::new(()));
+        let _t = Ranked::lock(Rank::Tls, || b.lock());
         let _w = Ranked::lock(Rank::Write, || a.lock());
     }
 
