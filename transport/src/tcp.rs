@@ -74,6 +74,11 @@
 //!   - `tag: AtomicU64`: the application's value, independent of everything else.
 //!   - `codec: AtomicU64`: the send codec, read once per frame by senders, set by the
 //!     application or (mirroring) by the loop; independent of everything else.
+//!   - `tls: Option<Mutex<TlsSession>>` (with [`TcpConfig::tls`]): the TLS session every
+//!     byte to and from the socket goes through. Senders take it under `write` (plaintext
+//!     in, records out, so records and frames stay in order); the loop's reads take it
+//!     alone (records in, plaintext out, and the alerts or key updates reading makes go
+//!     out under it); closing takes it alone to send `close_notify`.
 //! - Per loop: the command channel (crossbeam, synchronised inside) and its `Waker`. The
 //!   loop's own state (connections, read buffers, listeners) belongs to its thread and
 //!   takes no lock.
@@ -90,13 +95,28 @@
 //!    and never closes a connection while holding its `write` (`mark_closed` takes it):
 //!    every path that closes after a failed write releases it first. Sending a command
 //!    to a loop (waking it) happens after `write` is released too.
-//! 3. `BufPool::free`, a leaf: taken under `write` when a queued frame whose payload is
+//! 3. `tls` of a connection: under its `write` (sending, flushing) or alone (reading,
+//!    closing). Nothing is taken while it is held.
+//! 4. `BufPool::free`, a leaf: taken under `write` when a queued frame whose payload is
 //!    a pooled buffer is dropped (a flushed frame, or the queue of a closed connection),
 //!    and on its own anywhere else. Nothing is taken while it is held. (So the `Drop` of
 //!    an [`AsBytes`](crate::buf::AsBytes) payload must take no lock but the pool's.)
 //!
-//! Debug builds check 2 and 3 (module `lock_order`): taking a `write` while holding one,
-//! or any transport lock while holding the pool's, panics before the lock is tried.
+//! Debug builds check 2 to 4 (module `lock_order`): taking a `write` while holding one
+//! or while holding a `tls`, or any transport lock while holding the pool's, panics
+//! before the lock is tried.
+//!
+//! # TLS
+//!
+//! With [`TcpConfig::tls`], `ConnInner::write_out` gives plaintext to the session and
+//! writes its records to the socket; the session holds at most
+//! [`TLS_SEND_BUFFER_BYTES`](crate::tls::TLS_SEND_BUFFER_BYTES) of records the socket did
+//! not take, and beyond that takes nothing (`WouldBlock`, as a full socket). Bytes it
+//! took count as written for the send queue, so `flush_locked` writes the records still
+//! held on every writable edge, also when the queue is empty. `read_in` reads records,
+//! decrypts them and returns plaintext; `Ok(0)` only after the peer's `close_notify` (a
+//! TCP end without it is an error: the stream may have been cut). A TLS connection makes
+//! and takes no shared-memory or RDMA offer.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
@@ -123,6 +143,7 @@ use crate::rdmapipe::{
     RDMA_HELLO_MAGIC,
 };
 use crate::shmpipe::{Hello, HelloKind, Refusal, ShmMessages, ShmPipe, HELLO_LEN, HELLO_MAGIC};
+use crate::tls::{self, TlsConfig, TlsError, TlsSession};
 use crate::wire::{
     DType, Frame, Header, Layout, WireError, DEFAULT_MAX_FRAME, FLAG_COMPRESSED, FLAG_KEYS_CACHED,
     FLAG_RANGE, HEADER_LEN,
@@ -214,6 +235,9 @@ pub(crate) mod lock_order {
     pub(crate) enum Rank {
         /// A connection's write state: at most one per thread.
         Write,
+        /// A connection's TLS session: under its `write` or alone; nothing under it but
+        /// the pool's lock (never taken in practice).
+        Tls,
         /// The free list of a [`BufPool`](crate::buf::BufPool): a leaf.
         Pool,
     }
@@ -343,6 +367,12 @@ pub struct TcpConfig {
     /// [`auth`](crate::auth)); `None` (the default): connections are not authenticated.
     /// Both ends must agree: a side with a secret and a side without refuse each other.
     pub auth: Option<AuthConfig>,
+    /// Encrypt every connection with TLS 1.3, certificates checked both ways against the
+    /// cluster CA (see [`tls`](crate::tls)); `None` (the default): frames travel in clear.
+    /// Runs after [`auth`](Self::auth), before the connection reaches its loop. A TLS
+    /// connection makes and takes no shared-memory or RDMA offer: its frames go over
+    /// TLS. Both ends must agree: a side with TLS and a side without refuse each other.
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for TcpConfig {
@@ -363,6 +393,7 @@ impl Default for TcpConfig {
             rdma_ring_bytes: 4 << 20,
             rdma_device: None,
             auth: None,
+            tls: None,
         }
     }
 }
@@ -409,6 +440,10 @@ pub enum CloseReason {
         /// The id the peer proved at the handshake.
         authenticated: u32,
     },
+    /// A peer started a TLS handshake (or sent a TLS alert) on a connection of a node
+    /// that runs without TLS.
+    #[error("the peer speaks TLS (it runs with --tls-cert), but this node runs without TLS")]
+    UnexpectedTls,
     /// A peer tried to authenticate with a node that runs without a cluster secret.
     #[error(
         "the peer tried to authenticate (it holds a cluster secret), but this node runs without one (--insecure)"
@@ -457,6 +492,14 @@ pub enum TransportError {
         /// Why (in the message itself, not repeated as a cause).
         why: AuthError,
     },
+    /// The connection was made but its TLS handshake failed.
+    #[error("connecting to {addr}: {why}")]
+    Tls {
+        /// The peer's address.
+        addr: String,
+        /// Why (in the message itself, not repeated as a cause).
+        why: TlsError,
+    },
 }
 
 /// Traffic counters of a transport.
@@ -492,6 +535,10 @@ pub struct Stats {
     pub rdma_connections: AtomicU64,
     /// RDMA offers refused (by this side or by the peer).
     pub rdma_refused: AtomicU64,
+    /// Connections whose TLS handshake completed (both sides count theirs).
+    pub tls_connections: AtomicU64,
+    /// TLS handshakes that failed on this side (refused, or timed out).
+    pub tls_failed: AtomicU64,
 }
 
 /// What a loop's owner does with incoming frames. Each loop owns one handler, made by the
@@ -667,6 +714,9 @@ struct ConnInner {
     /// The node id an accepted peer authenticated as (`None`: not authenticated, or
     /// this side connected). Frames from a peer with a non-zero id must carry it.
     peer_identity: Option<u32>,
+    /// The TLS session, on a connection of a transport with [`TcpConfig::tls`]: every
+    /// byte to and from the socket goes through it. Locked at rank `Tls`.
+    tls: Option<Mutex<TlsSession>>,
     shared: Arc<Shared>,
 }
 
@@ -674,6 +724,11 @@ impl ConnInner {
     /// Write to the peer: into the shared-memory ring once the connection moved there,
     /// else to the socket. Like a non-blocking socket write (`WouldBlock` when full).
     fn write_out(&self, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+        if let Some(tls) = &self.tls {
+            let n = self.lock_tls(tls).write_plain(&self.stream, slices)?;
+            self.wrote.store(true, Ordering::Relaxed);
+            return Ok(n);
+        }
         match self.pipe.get() {
             Some(pipe) => {
                 let (n, wake) = pipe.write_vectored(slices)?;
@@ -700,6 +755,9 @@ impl ConnInner {
     /// Read from the peer (the ring once moved, else the socket), like a non-blocking
     /// socket read: `Ok(0)` once the peer is gone and everything it sent was read.
     fn read_in(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(tls) = &self.tls {
+            return self.lock_tls(tls).read_plain(&self.stream, buf);
+        }
         let Some(pipe) = self.pipe.get() else {
             return (&self.stream).read(buf);
         };
@@ -773,6 +831,37 @@ impl ConnInner {
         CloseReason::Io(e)
     }
 
+    /// Lock the TLS session (rank [`Rank::Tls`]).
+    fn lock_tls<'a>(&self, tls: &'a Mutex<TlsSession>) -> Ranked<MutexGuard<'a, TlsSession>> {
+        Ranked::lock(Rank::Tls, || tls.lock())
+    }
+
+    /// Write the TLS records the session holds for the socket, as far as it takes them:
+    /// `Ok(true)` when none is left (or the connection has no TLS).
+    fn flush_tls(&self) -> io::Result<bool> {
+        let Some(tls) = &self.tls else {
+            return Ok(true);
+        };
+        let mut s = self.lock_tls(tls);
+        if !s.pending() {
+            return Ok(true);
+        }
+        match s.flush(&self.stream) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// End the socket (both ways): with TLS, after a `close_notify` (best effort), so
+    /// the peer reads a clean end.
+    fn shutdown_stream(&self) {
+        if let Some(tls) = &self.tls {
+            self.lock_tls(tls).close(&self.stream);
+        }
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+
     /// Lock the write state (rank [`Rank::Write`]).
     fn lock_write(&self) -> WriteGuard<'_> {
         let w = WriteGuard(Ranked::lock(Rank::Write, || self.write.lock()));
@@ -822,14 +911,22 @@ impl Conn {
         matches!(self.0.pipe.get(), Some(MsgPipe::Shm(_)))
     }
 
+    /// Whether the connection's bytes travel inside a TLS session.
+    pub fn is_tls(&self) -> bool {
+        self.0.tls.is_some()
+    }
+
     /// Whether the connection's frames travel over an RDMA queue pair.
     pub fn is_rdma(&self) -> bool {
         matches!(self.0.pipe.get(), Some(MsgPipe::Rdma(_)))
     }
 
-    /// The path its frames take: `shm`, `rdma`, `tcp`, or `tcp (shm offered)` /
-    /// `tcp (rdma offered)` while an offer waits for its answer.
+    /// The path its frames take: `tls` (TCP inside TLS), `shm`, `rdma`, `tcp`, or
+    /// `tcp (shm offered)` / `tcp (rdma offered)` while an offer waits for its answer.
     pub fn path(&self) -> &'static str {
+        if self.is_tls() {
+            return "tls";
+        }
         match (self.0.pipe.get(), &*self.0.offered.lock()) {
             (Some(MsgPipe::Shm(_)), _) => "shm",
             (Some(MsgPipe::Rdma(_)), _) => "rdma",
@@ -1131,7 +1228,7 @@ impl Conn {
     /// and the owning loop calls `on_close` with [`CloseReason::Local`].
     pub fn close(&self) {
         if self.mark_closed() {
-            let _ = self.0.stream.shutdown(Shutdown::Both);
+            self.0.shutdown_stream();
             self.0
                 .shared
                 .command(self.0.loop_index, Command::Close(self.0.id));
@@ -1143,7 +1240,7 @@ impl Conn {
     fn close_for(&self, reason: CloseReason) {
         let reason = self.0.peer_gone(reason);
         if self.mark_closed() {
-            let _ = self.0.stream.shutdown(Shutdown::Both);
+            self.0.shutdown_stream();
             self.0
                 .shared
                 .command(self.0.loop_index, Command::CloseFor(self.0.id, reason));
@@ -1229,7 +1326,10 @@ impl Conn {
             "a drained send queue has a partly written front frame"
         );
         w.front_written = 0;
-        Ok(true)
+        // The session may still hold records of frames it took (the socket was full),
+        // or records a read made (alerts, key updates): they go on this writable edge
+        // too, with the queue empty.
+        inner.flush_tls()
     }
 
     /// Flush from the loop; wakes blocked senders once below half the bound.
@@ -1294,6 +1394,7 @@ impl Shared {
         stream: TcpStream,
         accepted: bool,
         peer_identity: Option<u32>,
+        tls: Option<TlsSession>,
     ) -> io::Result<Conn> {
         stream.set_nodelay(true)?;
         stream.set_nonblocking(true)?;
@@ -1321,6 +1422,7 @@ impl Shared {
             wrote: AtomicBool::new(false),
             bells: AtomicBool::new(true),
             peer_identity,
+            tls: tls.map(Mutex::new),
             shared: self.clone(),
         })))
     }
@@ -1331,8 +1433,8 @@ const MAX_AUTHENTICATING: usize = 256;
 
 /// Authenticate an accepted connection on a thread of its own (bounded by the
 /// configuration's timeout, so a silent peer costs a thread for that long and no loop
-/// time), then hand it to its loop; a failure is logged, naming the peer, and the
-/// connection closed.
+/// time), then run its TLS handshake (when configured, bounded the same way), then hand
+/// it to its loop; a failure is logged, naming the peer, and the connection closed.
 fn authenticate_accepted(shared: &Arc<Shared>, stream: TcpStream) {
     let peer = stream.peer_addr().ok();
     if shared.authenticating.fetch_add(1, Ordering::AcqRel) >= MAX_AUTHENTICATING {
@@ -1345,15 +1447,39 @@ fn authenticate_accepted(shared: &Arc<Shared>, stream: TcpStream) {
         .name("pserv-auth".into())
         .spawn(move || {
             let shared = shared2;
-            let cfg = shared.cfg.auth.as_ref().expect("checked by the caller");
-            match auth::accept_side(&stream, cfg, false) {
-                Ok(id) => match shared.new_conn(stream, true, Some(id)) {
+            let id = match &shared.cfg.auth {
+                Some(cfg) => match auth::accept_side(&stream, cfg, false) {
+                    Ok(id) => Some(Some(id)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "refused a connection");
+                        None
+                    }
+                },
+                None => Some(None),
+            };
+            let session = match (id, &shared.cfg.tls) {
+                (None, _) => None,
+                (Some(_), None) => Some(None),
+                (Some(_), Some(cfg)) => match tls::accept_side(&stream, cfg, false) {
+                    Ok(session) => {
+                        shared.stats.tls_connections.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(peer = ?peer, "accepted a TLS connection (TLS 1.3, the peer's certificate verified)");
+                        Some(Some(session))
+                    }
+                    Err(e) => {
+                        shared.stats.tls_failed.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(error = %e, "refused a connection");
+                        None
+                    }
+                },
+            };
+            if let (Some(id), Some(session)) = (id, session) {
+                match shared.new_conn(stream, true, id, session) {
                     Ok(conn) => shared.command(conn.0.loop_index, Command::Adopt(conn)),
                     Err(e) => {
                         tracing::warn!(error = %e, "setting up an accepted connection failed")
                     }
-                },
-                Err(e) => tracing::warn!(error = %e, "refused a connection"),
+                }
             }
             shared.authenticating.fetch_sub(1, Ordering::AcqRel);
         });
@@ -1380,7 +1506,25 @@ fn connect_on(
             why,
         })?;
     }
-    let conn = shared.new_conn(stream, false, None).map_err(err)?;
+    let session = match &shared.cfg.tls {
+        None => None,
+        Some(cfg) => match tls::connect_side(&stream, cfg, false) {
+            Ok(session) => {
+                shared.stats.tls_connections.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(peer = %addr, "connected over TLS (TLS 1.3, the peer's certificate verified)");
+                Some(session)
+            }
+            Err(why) => {
+                shared.stats.tls_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %why, "a connection failed its TLS handshake");
+                return Err(TransportError::Tls {
+                    addr: addr.to_string(),
+                    why,
+                });
+            }
+        },
+    };
+    let conn = shared.new_conn(stream, false, None, session).map_err(err)?;
     offer_fast_path(shared, &conn).map_err(err)?;
     shared.command(conn.0.loop_index, Command::Adopt(conn.clone()));
     Ok(conn)
@@ -1420,9 +1564,13 @@ fn write_now(stream: &TcpStream, bytes: &[u8]) -> io::Result<()> {
 /// The connecting side of the handshakes: when configured, make a shared-memory region
 /// (peer on this host) or an RDMA queue pair and region (see [`TcpConfig::rdma_messages`]),
 /// hold the connection's frames and send the offer as the stream's first bytes. What
-/// cannot be made leaves the connection on TCP.
+/// cannot be made leaves the connection on TCP. A TLS connection offers nothing: its
+/// frames stay inside TLS.
 fn offer_fast_path(shared: &Arc<Shared>, conn: &Conn) -> io::Result<()> {
     let inner = &*conn.0;
+    if inner.tls.is_some() {
+        return Ok(());
+    }
     let local = same_host(&inner.stream);
     let (offered, bytes): (Offered, Vec<u8>) = if shared.cfg.shm_messages != ShmMessages::Off
         && local
@@ -1926,10 +2074,12 @@ impl<H: Handler> EventLoop<H> {
         loop {
             let accepted = self.listeners[which].accept();
             match accepted {
-                Ok((stream, _)) if self.shared.cfg.auth.is_some() => {
+                Ok((stream, _))
+                    if self.shared.cfg.auth.is_some() || self.shared.cfg.tls.is_some() =>
+                {
                     authenticate_accepted(&self.shared, stream);
                 }
-                Ok((stream, _)) => match self.shared.new_conn(stream, true, None) {
+                Ok((stream, _)) => match self.shared.new_conn(stream, true, None, None) {
                     Ok(conn) => {
                         if conn.0.loop_index == self.index {
                             self.adopt(conn);
@@ -2047,7 +2197,7 @@ impl<H: Handler> EventLoop<H> {
         let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
         let reason = conn.0.peer_gone(reason);
         conn.mark_closed();
-        let _ = conn.0.stream.shutdown(Shutdown::Both);
+        conn.0.shutdown_stream();
         match &reason {
             CloseReason::PeerClosed | CloseReason::Local => {
                 tracing::debug!(conn = id, peer = %conn.peer_addr(), %reason, "connection closed")
@@ -2224,6 +2374,11 @@ fn on_hello(
             }
             let opened = if shared.cfg.shm_messages == ShmMessages::Off {
                 Err((Refusal::Disabled, "shared memory is off here".to_string()))
+            } else if inner.tls.is_some() {
+                Err((
+                    Refusal::Disabled,
+                    "the connection runs TLS: its frames stay inside it".to_string(),
+                ))
             } else if after > 0 {
                 Err((
                     Refusal::BadOffer,
@@ -2325,6 +2480,11 @@ fn on_rdma_hello(
                 Err((
                     RdmaRefusal::Disabled,
                     "RDMA messages are off here".to_string(),
+                ))
+            } else if inner.tls.is_some() {
+                Err((
+                    RdmaRefusal::Disabled,
+                    "the connection runs TLS: its frames stay inside it".to_string(),
                 ))
             } else if after > 0 {
                 Err((
@@ -2481,7 +2641,14 @@ fn read_frames<H: Handler>(
             }
         }
         // 2. Complete frames in the staging buffer. (First, a peer that holds a cluster
-        // secret, here where none is: its hello is shorter than a frame header.)
+        // secret, here where none is: its hello is shorter than a frame header; or a
+        // peer that speaks TLS, here where no TLS is: its handshake or its alert.)
+        if rs.fresh && conn.0.tls.is_none() && rs.end - rs.start >= 2 {
+            let bytes: &[u8] = bytemuck::cast_slice(&rs.staging);
+            if tls::looks_like_tls(&bytes[rs.start..rs.end]) {
+                return ReadOutcome::Close(CloseReason::UnexpectedTls);
+            }
+        }
         if rs.fresh && rs.end - rs.start >= AUTH_MAGIC.len() {
             let bytes: &[u8] = bytemuck::cast_slice(&rs.staging);
             if bytes[rs.start..rs.start + AUTH_MAGIC.len()] == AUTH_MAGIC {
@@ -2679,6 +2846,28 @@ mod tests {
     fn a_lock_taken_against_the_order_panics() {
         let (a, b) = (parking_lot::Mutex::new(()), parking_lot::Mutex::new(()));
         let _p = Ranked::lock(Rank::Pool, || b.lock());
+        let _w = Ranked::lock(Rank::Write, || a.lock());
+    }
+
+    #[test]
+    fn a_tls_session_is_taken_under_write_and_the_pool_under_it() {
+        let (a, b, c) = (
+            parking_lot::Mutex::new(1),
+            parking_lot::Mutex::new(2),
+            parking_lot::Mutex::new(3),
+        );
+        let w = Ranked::lock(Rank::Write, || a.lock());
+        let t = Ranked::lock(Rank::Tls, || b.lock());
+        let p = Ranked::lock(Rank::Pool, || c.lock());
+        assert_eq!(*w + *t + *p, 6);
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "lock order")]
+    fn a_write_lock_under_a_tls_session_panics() {
+        let (a, b) = (parking_lot::Mutex::new(()), parking_lot::Mutex::new(()));
+        let _t = Ranked::lock(Rank::Tls, || b.lock());
         let _w = Ranked::lock(Rank::Write, || a.lock());
     }
 

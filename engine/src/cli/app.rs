@@ -87,6 +87,15 @@ pub(super) enum Cmd {
         /// The file to create.
         file: std::path::PathBuf,
     },
+    /// Make a cluster CA and one node certificate for TLS in DIR (created if needed;
+    /// no file is overwritten): ca.pem, ca.key, node.pem, node.key (keys readable by
+    /// their owner only). The node certificate carries the DNS name `pserv` every node
+    /// verifies; give every node --tls-cert DIR/node.pem --tls-key DIR/node.key
+    /// --tls-ca DIR/ca.pem (or PSERV_TLS_CERT, PSERV_TLS_KEY, PSERV_TLS_CA).
+    TlsCerts {
+        /// The folder to write them to.
+        dir: std::path::PathBuf,
+    },
     /// Run this process's role in a cluster a cluster manager started (Slurm, MPI/PMI,
     /// torchrun-style, Kubernetes or plain PSERV_* variables): global rank 0 is the
     /// scheduler, ranks 1..=S servers, the rest workers (the built-in LR worker, or CMD).
@@ -432,6 +441,14 @@ pub(super) fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> 
             &dir,
             Duration::from_secs(timeout_secs.max(1)),
         ),
+        Cmd::TlsCerts { dir } => {
+            crate::cli::tls_certs::write(&dir)?;
+            println!(
+                "wrote a cluster CA ({0}/ca.pem, key {0}/ca.key) and a node certificate ({0}/node.pem, key {0}/node.key, DNS name `pserv`); start every node with --tls-cert {0}/node.pem --tls-key {0}/node.key --tls-ca {0}/ca.pem",
+                dir.display()
+            );
+            Ok(())
+        }
         Cmd::Secret { file } => {
             pserv_transport::Secret::create_file(&file)
                 .map_err(|e| EngineError::Config(e.to_string()))?;

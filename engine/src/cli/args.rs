@@ -49,6 +49,66 @@ pub struct NetArgs {
     /// Authentication (`--secret-file`, `--insecure`).
     #[command(flatten)]
     pub security: SecurityArgs,
+    /// Encryption (`--tls-cert`, `--tls-key`, `--tls-ca`).
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// TLS between nodes: all three files, or none (no TLS).
+///
+/// With them, every connection runs TLS 1.3 after the secret's exchange, certificates
+/// checked both ways against the CA; its frames never move to shared memory or RDMA.
+/// Every node's certificate must carry the DNS name `pserv` (nodes connect by address
+/// and all verify that one name); `pserv tls-certs DIR` makes a CA and such a
+/// certificate. Both ends must agree: a node with TLS and one without refuse each other.
+#[derive(Args, Clone, Debug, Default)]
+pub struct TlsArgs {
+    /// This node's certificate chain (PEM, its certificate first), signed by the cluster
+    /// CA, with the DNS name `pserv`.
+    #[arg(long, env = "PSERV_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM), a file only its owner can read.
+    #[arg(long, env = "PSERV_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// The cluster CA's certificate (PEM) every peer's certificate is checked against.
+    #[arg(long, env = "PSERV_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The TLS configuration these flags name (files read and checked), or none.
+    pub fn tls(&self) -> Result<Option<pserv_transport::TlsConfig>, EngineError> {
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (None, None, None) => Ok(None),
+            (Some(cert), Some(key), Some(ca)) => {
+                pserv_transport::TlsConfig::from_pem_files(cert, key, ca)
+                    .map(Some)
+                    .map_err(|e| EngineError::Config(e.to_string()))
+            }
+            _ => Err(EngineError::Config(
+                "TLS needs all three of --tls-cert, --tls-key and --tls-ca (or                  PSERV_TLS_CERT, PSERV_TLS_KEY, PSERV_TLS_CA), or none of them"
+                    .into(),
+            )),
+        }
+    }
+
+    /// These flags as arguments for a child process (absolute paths: it may start
+    /// elsewhere). The files are paths, not secrets; the key file's mode keeps it its
+    /// owner's.
+    pub fn to_args(&self) -> Vec<String> {
+        let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
+        let mut a = Vec::new();
+        for (flag, p) in [
+            ("--tls-cert", &self.tls_cert),
+            ("--tls-key", &self.tls_key),
+            ("--tls-ca", &self.tls_ca),
+        ] {
+            if let Some(p) = p {
+                a.push(format!("{flag}={}", abs(p).display()));
+            }
+        }
+        a
+    }
 }
 
 /// How a node authenticates: a cluster secret (required unless `--insecure`).
@@ -109,6 +169,13 @@ impl NetArgs {
         cfg.pin_cores = self.pin_cores;
         cfg.busy_poll_us = self.busy_poll_us;
         cfg.max_frame = self.max_frame_mb.max(1) << 20;
+        cfg.tls = self.tls.tls()?;
+        if cfg.tls.is_some() {
+            tracing::info!(
+                "TLS on: every connection runs TLS 1.3 with certificates checked both ways \
+                 against the cluster CA (no shared-memory or RDMA messages)"
+            );
+        }
         Ok(cfg)
     }
 
@@ -156,6 +223,7 @@ impl NetArgs {
         if self.security.insecure {
             a.push("--insecure".into());
         }
+        a.extend(self.tls.to_args());
         a
     }
 }

@@ -1,7 +1,8 @@
 //! The `pserv` command line: subcommands ([`app`]), shared flags ([`args`]), each role's
 //! flags and the typed config a launcher passes to a child of that role ([`roles`]), the
 //! `local` launcher ([`local`]), `launch` for processes a cluster manager starts
-//! ([`launch`]) and the operator's `status` / `leave` commands ([`status`]).
+//! ([`launch`]), the operator's `status` / `leave` commands ([`status`]) and
+//! `tls-certs` ([`tls_certs`]).
 //!
 //! Invariant: only parses, launches and prints; the roles themselves live in
 //! `scheduler`, `server`, `worker` and `job`.
@@ -14,3 +15,4 @@ pub mod roles;
 pub mod status;
 #[cfg(test)]
 mod tests;
+pub mod tls_certs;

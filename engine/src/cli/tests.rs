@@ -42,6 +42,11 @@ fn net_all() -> NetArgs {
             secret_file: None,
             insecure: true,
         },
+        tls: crate::cli::args::TlsArgs {
+            tls_cert: Some(PathBuf::from("/etc/pserv/node.pem")),
+            tls_key: Some(PathBuf::from("/etc/pserv/node.key")),
+            tls_ca: Some(PathBuf::from("/etc/pserv/ca.pem")),
+        },
     }
 }
 
@@ -55,6 +60,7 @@ fn net_min() -> NetArgs {
         busy_poll_us: 0,
         max_frame_mb: 1,
         security: crate::cli::args::SecurityArgs::default(),
+        tls: crate::cli::args::TlsArgs::default(),
     }
 }
 
