@@ -10,10 +10,11 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::base::error::EngineError;
-use crate::cli::args::{ClusterArgs, NetArgs, OutputArgs, SchedulerAddr, SecurityArgs};
+use crate::cli::args::{ClusterArgs, NetArgs, OutputArgs, SchedulerAddr, SecurityArgs, TlsArgs};
 use crate::cli::launch::{run_launch, LaunchArgs};
 use crate::cli::local::{run_local, LocalPlan};
 use crate::cli::roles::{SchedulerArgs, ServerArgs, WorkerArgs};
+use crate::cli::status::Access;
 use crate::job::JobArgs;
 use crate::scheduler::{run_scheduler, SchedulerConfig};
 use crate::server::{Server, ServerConfig};
@@ -48,6 +49,8 @@ pub(super) enum Cmd {
         sched: SchedulerAddr,
         #[command(flatten)]
         security: SecurityArgs,
+        #[command(flatten)]
+        tls: TlsArgs,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -61,6 +64,8 @@ pub(super) enum Cmd {
         sched: SchedulerAddr,
         #[command(flatten)]
         security: SecurityArgs,
+        #[command(flatten)]
+        tls: TlsArgs,
         /// The server's rank.
         #[arg(long)]
         rank: u32,
@@ -73,6 +78,8 @@ pub(super) enum Cmd {
         sched: SchedulerAddr,
         #[command(flatten)]
         security: SecurityArgs,
+        #[command(flatten)]
+        tls: TlsArgs,
         /// The checkpoint folder (DIR/epoch-E/..., DIR/latest).
         dir: std::path::PathBuf,
         /// Give up waiting after this many seconds.
@@ -378,11 +385,15 @@ pub(super) fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> 
         Cmd::Status {
             sched,
             security,
+            tls,
             json,
         } => {
             let report = crate::cli::status::fetch(
                 sched.scheduler,
-                &security.security()?,
+                &Access {
+                    security: security.security()?,
+                    tls: tls.tls()?,
+                },
                 Duration::from_secs(5),
             )?;
             if json {
@@ -428,16 +439,28 @@ pub(super) fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> 
         Cmd::Leave {
             sched,
             security,
+            tls,
             rank,
-        } => crate::cli::status::leave(sched.scheduler, &security.security()?, rank),
+        } => crate::cli::status::leave(
+            sched.scheduler,
+            &Access {
+                security: security.security()?,
+                tls: tls.tls()?,
+            },
+            rank,
+        ),
         Cmd::Checkpoint {
             sched,
             security,
+            tls,
             dir,
             timeout_secs,
         } => crate::cli::status::checkpoint(
             sched.scheduler,
-            &security.security()?,
+            &Access {
+                security: security.security()?,
+                tls: tls.tls()?,
+            },
             &dir,
             Duration::from_secs(timeout_secs.max(1)),
         ),

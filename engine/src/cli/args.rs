@@ -86,7 +86,8 @@ impl TlsArgs {
                     .map_err(|e| EngineError::Config(e.to_string()))
             }
             _ => Err(EngineError::Config(
-                "TLS needs all three of --tls-cert, --tls-key and --tls-ca (or                  PSERV_TLS_CERT, PSERV_TLS_KEY, PSERV_TLS_CA), or none of them"
+                "TLS needs all three of --tls-cert, --tls-key and --tls-ca (or \
+                 PSERV_TLS_CERT, PSERV_TLS_KEY, PSERV_TLS_CA), or none of them"
                     .into(),
             )),
         }

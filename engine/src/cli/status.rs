@@ -8,6 +8,24 @@ use pserv_transport::{CloseReason, Conn, Handler, RecvFrame, TcpConfig, TcpTrans
 
 use crate::base::error::EngineError;
 use crate::base::security::Security;
+
+/// How a command that talks to the scheduler (`status`, `leave`, `checkpoint`) reaches
+/// it: the cluster secret (or none), and TLS where the cluster runs it.
+#[derive(Clone, Debug, Default)]
+pub struct Access {
+    /// The cluster secret, or `Insecure`.
+    pub security: Security,
+    /// The cluster's TLS files, when it runs TLS.
+    pub tls: Option<pserv_transport::TlsConfig>,
+}
+
+impl Access {
+    fn apply(&self, cfg: &mut TcpConfig) -> Result<(), EngineError> {
+        self.security.apply(cfg, false)?;
+        cfg.tls = self.tls.clone();
+        Ok(())
+    }
+}
 use crate::proto::{Control, Role, StatusReport};
 
 struct StatusHandler {
@@ -27,7 +45,7 @@ impl Handler for StatusHandler {
 /// `pserv leave`: ask the scheduler at `addr` to let server `rank` leave gracefully;
 /// prints the scheduler's answer. Fails when the scheduler refuses (the rank holds no
 /// ranges, it is the last server, another change is in progress).
-pub fn leave(addr: SocketAddr, security: &Security, rank: u32) -> Result<(), EngineError> {
+pub fn leave(addr: SocketAddr, access: &Access, rank: u32) -> Result<(), EngineError> {
     let timeout = Duration::from_secs(10);
     let (tx, rx) = crossbeam_channel::unbounded();
     let mut cfg = TcpConfig {
@@ -35,7 +53,7 @@ pub fn leave(addr: SocketAddr, security: &Security, rank: u32) -> Result<(), Eng
         pin_cores: false,
         ..TcpConfig::default()
     };
-    security.apply(&mut cfg, false)?;
+    access.apply(&mut cfg)?;
     let transport = TcpTransport::start(cfg, |_| StatusHandler { tx: tx.clone() })?;
     let conn = transport.connect(addr, timeout)?;
     conn.send(Control::Leave { rank }.to_frame(0))?;
@@ -64,7 +82,7 @@ pub fn leave(addr: SocketAddr, security: &Security, rank: u32) -> Result<(), Eng
 /// could not write its file).
 pub fn checkpoint(
     addr: SocketAddr,
-    security: &Security,
+    access: &Access,
     dir: &std::path::Path,
     timeout: Duration,
 ) -> Result<(), EngineError> {
@@ -78,7 +96,7 @@ pub fn checkpoint(
         pin_cores: false,
         ..TcpConfig::default()
     };
-    security.apply(&mut cfg, false)?;
+    access.apply(&mut cfg)?;
     let transport = TcpTransport::start(cfg, |_| StatusHandler { tx: tx.clone() })?;
     let conn = transport.connect(addr, Duration::from_secs(10).min(timeout))?;
     let dir_s = dir.display().to_string();
@@ -107,7 +125,7 @@ pub fn checkpoint(
 /// status, and return the report.
 pub fn fetch(
     addr: SocketAddr,
-    security: &Security,
+    access: &Access,
     timeout: Duration,
 ) -> Result<StatusReport, EngineError> {
     let (tx, rx) = crossbeam_channel::unbounded();
@@ -116,7 +134,7 @@ pub fn fetch(
         pin_cores: false,
         ..TcpConfig::default()
     };
-    security.apply(&mut cfg, false)?;
+    access.apply(&mut cfg)?;
     let transport = TcpTransport::start(cfg, |_| StatusHandler { tx: tx.clone() })?;
     let conn = transport.connect(addr, timeout)?;
     conn.send(Control::StatusRequest.to_frame(0))?;
