@@ -225,6 +225,9 @@ class LocalCluster:
             workers of other processes (``pserv.Worker(addr, secret_file=...)``).
         insecure: run without authentication (anyone who can reach the ports can read
             and change the model).
+        tls_dir: run TLS between all its processes and workers, with the files
+            ``pserv tls-certs DIR`` writes there (``node.pem``, ``node.key``, ``ca.pem``);
+            workers of other processes get them from :attr:`tls_files`.
     """
 
     def __init__(
@@ -247,6 +250,7 @@ class LocalCluster:
         log: Optional[str] = None,
         secret_file: Optional[str] = None,
         insecure: bool = False,
+        tls_dir: Optional[str] = None,
     ) -> None:
         for name, v, low in (("servers", servers, 1), ("workers", workers, 1),
                              ("value_len", value_len, 1), ("threads", threads, 1)):
@@ -278,6 +282,12 @@ class LocalCluster:
         self.insecure = bool(insecure)
         self._secret_file: Optional[str] = None if secret_file is None else str(secret_file)
         self._env: Dict[str, str] = {}
+        self._tls: Optional[Dict[str, str]] = None
+        if tls_dir is not None:
+            d = Path(tls_dir)
+            self._tls = {"tls_cert": str((d / "node.pem").resolve()),
+                         "tls_key": str((d / "node.key").resolve()),
+                         "tls_ca": str((d / "ca.pem").resolve())}
         self._scheduler: Optional[str] = None
         self._state = _State()
         self._finalizer = weakref.finalize(self, self._state.stop, stop_timeout)
@@ -298,6 +308,8 @@ class LocalCluster:
             common = ["--threads", str(self.threads), "--pin-cores=false"]
             env = {k: v for k, v in os.environ.items()
                    if k not in ("PSERV_SECRET_FILE", "PSERV_INSECURE")}
+            if self._tls is not None:
+                common += [f"--{k.replace('_', '-')}={v}" for k, v in self._tls.items()]
             if self.insecure:
                 common.append("--insecure")
             else:
@@ -394,6 +406,12 @@ class LocalCluster:
         self.scheduler
         return self._secret_file
 
+    @property
+    def tls_files(self) -> Dict[str, str]:
+        """The TLS files as ``Worker`` keyword arguments (``tls_cert``, ``tls_key``,
+        ``tls_ca``; empty without ``tls_dir``)."""
+        return dict(self._tls or {})
+
     def worker(self, rank: Optional[int] = None, **kwargs: object) -> "_pserv.Worker":
         """Connect a :class:`pserv.Worker` to this cluster (``rank``: the rank to ask
         for). Blocks until all ``workers`` of the cluster registered: connect the workers
@@ -407,6 +425,8 @@ class LocalCluster:
             kwargs.setdefault("insecure", True)
         else:
             kwargs.setdefault("secret_file", self._secret_file)
+        for k, v in (self._tls or {}).items():
+            kwargs.setdefault(k, v)
         if self.consistency is not None:
             kwargs.setdefault("consistency", self.consistency)
         w = _pserv.Worker(addr, rank, **kwargs)  # type: ignore[arg-type]

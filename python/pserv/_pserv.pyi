@@ -57,6 +57,9 @@ class Worker:
         spin_us: int = 100,
         secret_file: Optional[str] = None,
         insecure: bool = False,
+        tls_cert: Optional[str] = None,
+        tls_key: Optional[str] = None,
+        tls_ca: Optional[str] = None,
     ) -> Worker: ...
     @property
     def rank(self) -> int: ...

@@ -35,7 +35,7 @@ enum Kind {
 ///
 /// ``Worker(scheduler, rank=None, timeout=60.0, key_cache=False, compress="none", *,
 /// consistency=None, threads=1, pin_cores=False, spin_us=100, secret_file=None,
-/// insecure=False)`` registers with the
+/// insecure=False, tls_cert=None, tls_key=None, tls_ca=None)`` registers with the
 /// scheduler at ``scheduler`` ("HOST:PORT"), waits for the cluster table (every server
 /// and worker of the cluster registered) and connects to every server. Connecting blocks
 /// (without the GIL) until the whole cluster is there, at most ``timeout`` seconds: start
@@ -72,6 +72,8 @@ enum Kind {
 ///         names; ``LocalCluster.secret_file`` for its clusters). Without one, and
 ///         without ``insecure=True``, connecting raises ``ConfigError``.
 ///     insecure: connect without authentication (to a cluster started ``--insecure``).
+///     tls_cert, tls_key, tls_ca: the TLS files of a cluster that runs TLS (all three or
+///         none; see ``pserv tls-certs``); ``LocalCluster(tls_dir=...)`` passes its own.
 #[pyclass(frozen, weakref, module = "pserv._pserv", name = "Worker")]
 pub struct Worker {
     inner: Mutex<Option<Arc<EngineWorker>>>,
@@ -392,7 +394,8 @@ impl Worker {
     #[new]
     #[pyo3(signature = (scheduler, rank=None, timeout=60.0, key_cache=false, compress="none", *,
                         consistency=None, threads=1, pin_cores=false, spin_us=100,
-                        secret_file=None, insecure=false))]
+                        secret_file=None, insecure=false, tls_cert=None, tls_key=None,
+                        tls_ca=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -407,6 +410,9 @@ impl Worker {
         spin_us: u64,
         secret_file: Option<std::path::PathBuf>,
         insecure: bool,
+        tls_cert: Option<std::path::PathBuf>,
+        tls_key: Option<std::path::PathBuf>,
+        tls_ca: Option<std::path::PathBuf>,
     ) -> PyResult<Self> {
         guarded(py, || {
             let addr = parse_addr(scheduler)?;
@@ -427,6 +433,18 @@ impl Worker {
                 (Some(p), false) => Security::from_file(&p).map_err(|e| engine_error(py, e))?,
                 (None, true) => Security::Insecure,
                 (None, false) => Security::FromEnv,
+            };
+            cfg.tcp.tls = match (tls_cert, tls_key, tls_ca) {
+                (None, None, None) => None,
+                (Some(c), Some(k), Some(a)) => Some(
+                    pserv_transport::TlsConfig::from_pem_files(&c, &k, &a)
+                        .map_err(|e| pserv_error(py, "ConfigError", e.to_string(), &[]))?,
+                ),
+                _ => {
+                    return Err(PyValueError::new_err(
+                        "TLS needs all three of tls_cert, tls_key and tls_ca, or none",
+                    ))
+                }
             };
             cfg.rank = rank;
             cfg.timeout = timeout;

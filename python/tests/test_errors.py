@@ -186,3 +186,30 @@ def test_authentication_is_required_and_checked(make_cluster, tmp_path, monkeypa
     w = pserv.Worker(c.scheduler, timeout=30.0)
     w.finish()
     assert c.join(20) is not None
+
+
+def test_a_tls_cluster_serves_tls_workers_and_refuses_others(make_cluster, tmp_path):
+    import subprocess
+
+    from pserv._cluster import pserv_command
+
+    certs = tmp_path / "certs"
+    out = subprocess.run([*pserv_command(), "tls-certs", str(certs)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    c = make_cluster(servers=2, workers=1, tls_dir=str(certs))
+    assert set(c.tls_files) == {"tls_cert", "tls_key", "tls_ca"}
+    # A worker with the secret but without TLS: refused, with the reason, in time.
+    start = time.monotonic()
+    with pytest.raises(pserv.PservError):
+        pserv.Worker(c.scheduler, timeout=5.0, secret_file=c.secret_file)
+    assert time.monotonic() - start < 15
+    # Half the TLS files: a clear error before connecting.
+    with pytest.raises(ValueError, match="all three"):
+        pserv.Worker(c.scheduler, timeout=5.0, tls_cert=c.tls_files["tls_cert"])
+    w = c.worker(0)
+    keys = np.arange(0, 2**64 - 2**50, 2**54, dtype=np.uint64)
+    w.wait(w.push(keys, np.full(len(keys), 1.5, np.float32)))
+    np.testing.assert_array_equal(w.wait_pull(w.pull(keys)), np.full(len(keys), 1.5, np.float32))
+    w.finish()
+    assert c.join(20) is not None
