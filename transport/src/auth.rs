@@ -474,13 +474,13 @@ impl Exchange<'_> {
 }
 
 /// Restores a stream's blocking mode and timeouts on every exit.
-struct Restore<'a> {
+pub(crate) struct Restore<'a> {
     stream: &'a TcpStream,
     nonblocking: bool,
 }
 
 impl<'a> Restore<'a> {
-    fn blocking(stream: &'a TcpStream, nonblocking: bool) -> io::Result<Restore<'a>> {
+    pub(crate) fn blocking(stream: &'a TcpStream, nonblocking: bool) -> io::Result<Restore<'a>> {
         stream.set_nonblocking(false)?;
         Ok(Restore {
             stream,
@@ -597,7 +597,7 @@ pub fn accept_side(
     }
 }
 
-fn peer_of(stream: &TcpStream) -> SocketAddr {
+pub(crate) fn peer_of(stream: &TcpStream) -> SocketAddr {
     stream
         .peer_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))

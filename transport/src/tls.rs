@@ -45,6 +45,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, ClientConnection, Connection, RootCertStore, ServerConfig};
+
+use crate::auth::{peer_of, Restore};
 use rustls::{ServerConnection, SupportedProtocolVersion};
 
 /// The server name every node's certificate carries (as a DNS subject alternative name)
@@ -419,21 +421,6 @@ impl TlsSession {
     }
 }
 
-/// Puts a stream in blocking mode for a handshake; restores its mode and clears its
-/// timeouts on every exit.
-struct Blocking<'a> {
-    stream: &'a TcpStream,
-    nonblocking: bool,
-}
-
-impl Drop for Blocking<'_> {
-    fn drop(&mut self) {
-        let _ = self.stream.set_read_timeout(None);
-        let _ = self.stream.set_write_timeout(None);
-        let _ = self.stream.set_nonblocking(self.nonblocking);
-    }
-}
-
 /// A blocking handshake step bounded by a deadline.
 struct Bounded<'a> {
     stream: &'a TcpStream,
@@ -527,22 +514,12 @@ impl Bounded<'_> {
     }
 }
 
-fn peer_of(stream: &TcpStream) -> SocketAddr {
-    stream
-        .peer_addr()
-        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
-}
-
-fn blocking(stream: &TcpStream, nonblocking: bool) -> Result<Blocking<'_>, TlsError> {
-    stream
-        .set_nonblocking(false)
-        .map_err(|e| TlsError::Handshake {
-            peer: peer_of(stream),
-            why: e.to_string(),
-        })?;
-    Ok(Blocking {
-        stream,
-        nonblocking,
+/// Blocking mode for a handshake, restored (and timeouts cleared) on every exit: the
+/// same guard the secret's exchange uses.
+fn blocking(stream: &TcpStream, nonblocking: bool) -> Result<Restore<'_>, TlsError> {
+    Restore::blocking(stream, nonblocking).map_err(|e| TlsError::Handshake {
+        peer: peer_of(stream),
+        why: e.to_string(),
     })
 }
 

@@ -289,6 +289,14 @@ pub fn main(args: Vec<OsString>, exe_prefix: Vec<String>) -> ExitCode {
     }
 }
 
+/// How `status`, `leave` and `checkpoint` reach the scheduler, from their flags.
+fn access(security: &SecurityArgs, tls: &TlsArgs) -> Result<Access, EngineError> {
+    Ok(Access {
+        security: security.security()?,
+        tls: tls.tls()?,
+    })
+}
+
 /// The `--summary-json` file of a `pserv local` command line clap refused (the flag's
 /// value, else `PSERV_SUMMARY_JSON`); `None` for other subcommands.
 fn summary_json_of(args: &[OsString]) -> Option<std::path::PathBuf> {
@@ -390,10 +398,7 @@ pub(super) fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> 
         } => {
             let report = crate::cli::status::fetch(
                 sched.scheduler,
-                &Access {
-                    security: security.security()?,
-                    tls: tls.tls()?,
-                },
+                &access(&security, &tls)?,
                 Duration::from_secs(5),
             )?;
             if json {
@@ -441,14 +446,7 @@ pub(super) fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> 
             security,
             tls,
             rank,
-        } => crate::cli::status::leave(
-            sched.scheduler,
-            &Access {
-                security: security.security()?,
-                tls: tls.tls()?,
-            },
-            rank,
-        ),
+        } => crate::cli::status::leave(sched.scheduler, &access(&security, &tls)?, rank),
         Cmd::Checkpoint {
             sched,
             security,
@@ -457,10 +455,7 @@ pub(super) fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> 
             timeout_secs,
         } => crate::cli::status::checkpoint(
             sched.scheduler,
-            &Access {
-                security: security.security()?,
-                tls: tls.tls()?,
-            },
+            &access(&security, &tls)?,
             &dir,
             Duration::from_secs(timeout_secs.max(1)),
         ),

@@ -42,11 +42,15 @@ impl Handler for StatusHandler {
     fn on_close(&mut self, _conn: &Conn, _reason: &CloseReason) {}
 }
 
-/// `pserv leave`: ask the scheduler at `addr` to let server `rank` leave gracefully;
-/// prints the scheduler's answer. Fails when the scheduler refuses (the rank holds no
-/// ranges, it is the last server, another change is in progress).
-pub fn leave(addr: SocketAddr, access: &Access, rank: u32) -> Result<(), EngineError> {
-    let timeout = Duration::from_secs(10);
+/// Send `request` to the scheduler at `addr` on a connection of its own (made within
+/// `connect`) and wait at most `timeout` for its first answer (`Err(())` when none came).
+fn ask(
+    addr: SocketAddr,
+    access: &Access,
+    request: Control,
+    connect: Duration,
+    timeout: Duration,
+) -> Result<Result<Control, ()>, EngineError> {
     let (tx, rx) = crossbeam_channel::unbounded();
     let mut cfg = TcpConfig {
         threads: 1,
@@ -55,11 +59,19 @@ pub fn leave(addr: SocketAddr, access: &Access, rank: u32) -> Result<(), EngineE
     };
     access.apply(&mut cfg)?;
     let transport = TcpTransport::start(cfg, |_| StatusHandler { tx: tx.clone() })?;
-    let conn = transport.connect(addr, timeout)?;
-    conn.send(Control::Leave { rank }.to_frame(0))?;
-    let answer = rx.recv_timeout(timeout);
+    let conn = transport.connect(addr, connect)?;
+    conn.send(request.to_frame(0))?;
+    let answer = rx.recv_timeout(timeout).map_err(|_| ());
     transport.shutdown();
-    match answer {
+    Ok(answer)
+}
+
+/// `pserv leave`: ask the scheduler at `addr` to let server `rank` leave gracefully;
+/// prints the scheduler's answer. Fails when the scheduler refuses (the rank holds no
+/// ranges, it is the last server, another change is in progress).
+pub fn leave(addr: SocketAddr, access: &Access, rank: u32) -> Result<(), EngineError> {
+    let timeout = Duration::from_secs(10);
+    match ask(addr, access, Control::Leave { rank }, timeout, timeout)? {
         Ok(Control::Log { line }) => {
             println!("{line}");
             Ok(())
@@ -90,20 +102,15 @@ pub fn checkpoint(
         context: format!("resolving {}", dir.display()),
         source,
     })?;
-    let (tx, rx) = crossbeam_channel::unbounded();
-    let mut cfg = TcpConfig {
-        threads: 1,
-        pin_cores: false,
-        ..TcpConfig::default()
-    };
-    access.apply(&mut cfg)?;
-    let transport = TcpTransport::start(cfg, |_| StatusHandler { tx: tx.clone() })?;
-    let conn = transport.connect(addr, Duration::from_secs(10).min(timeout))?;
     let dir_s = dir.display().to_string();
-    conn.send(Control::CheckpointRequest { dir: dir_s.clone() }.to_frame(0))?;
-    let answer = rx.recv_timeout(timeout);
-    transport.shutdown();
-    match answer {
+    let request = Control::CheckpointRequest { dir: dir_s.clone() };
+    match ask(
+        addr,
+        access,
+        request,
+        Duration::from_secs(10).min(timeout),
+        timeout,
+    )? {
         Ok(Control::Log { line }) => {
             println!("{line}");
             Ok(())
@@ -128,19 +135,7 @@ pub fn fetch(
     access: &Access,
     timeout: Duration,
 ) -> Result<StatusReport, EngineError> {
-    let (tx, rx) = crossbeam_channel::unbounded();
-    let mut cfg = TcpConfig {
-        threads: 1,
-        pin_cores: false,
-        ..TcpConfig::default()
-    };
-    access.apply(&mut cfg)?;
-    let transport = TcpTransport::start(cfg, |_| StatusHandler { tx: tx.clone() })?;
-    let conn = transport.connect(addr, timeout)?;
-    conn.send(Control::StatusRequest.to_frame(0))?;
-    let answer = rx.recv_timeout(timeout);
-    transport.shutdown();
-    match answer {
+    match ask(addr, access, Control::StatusRequest, timeout, timeout)? {
         Ok(Control::Status { report }) => Ok(report),
         Ok(Control::Refused { reason }) => Err(EngineError::Registration(reason)),
         Ok(other) => Err(EngineError::InvalidRequest(format!(
