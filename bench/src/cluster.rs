@@ -203,6 +203,7 @@ pub fn scheduler_main(args: &SchedulerArgs) -> Result<(), BenchError> {
         register_timeout: REGISTER_TIMEOUT,
         heartbeat_timeout: Duration::from_secs(3),
         recover: None,
+        replace_workers: None,
         checkpoint: Default::default(),
     })?;
     Ok(())

@@ -16,6 +16,7 @@ use crate::cli::local::{run_local, LocalPlan};
 use crate::cli::roles::{SchedulerArgs, ServerArgs, WorkerArgs};
 use crate::cli::status::Access;
 use crate::job::JobArgs;
+use crate::proto::Control;
 use crate::scheduler::{run_scheduler, SchedulerConfig};
 use crate::server::{Server, ServerConfig};
 use crate::update::UpdateSpec;
@@ -58,7 +59,9 @@ pub(super) enum Cmd {
     /// Run a server.
     Server(ServerArgs),
     /// Ask the scheduler to let a server leave gracefully (its ranges are handed over
-    /// first; then it stops). A server also leaves this way on SIGTERM.
+    /// first; then it stops), or, with --worker, a worker (it finishes its clock, then
+    /// the others take its shard; nobody waits for it). A server and a worker also leave
+    /// this way on SIGTERM.
     Leave {
         #[command(flatten)]
         sched: SchedulerAddr,
@@ -67,8 +70,11 @@ pub(super) enum Cmd {
         #[command(flatten)]
         tls: TlsArgs,
         /// The server's rank.
-        #[arg(long)]
-        rank: u32,
+        #[arg(long, required_unless_present = "worker", conflicts_with = "worker")]
+        rank: Option<u32>,
+        /// The worker's rank (a worker leaves instead of a server).
+        #[arg(long, value_name = "RANK")]
+        worker: Option<u32>,
     },
     /// Ask the scheduler for a checkpoint into DIR at the next epoch barrier: every
     /// server writes its ranges (values and optimizer state), then the manifest and
@@ -154,6 +160,10 @@ pub(super) struct LocalArgs {
     /// (`--consistency eventual` only).
     #[arg(long)]
     add_worker_after: Option<f64>,
+    /// Replace failed workers: the scheduler keeps a failed worker's place and the
+    /// launcher starts `pserv worker --replace RANK` for it (up to 3 times per rank).
+    #[command(flatten)]
+    replace: crate::cli::roles::ReplaceArgs,
     #[command(flatten)]
     repl: ReplArgs,
     #[command(flatten)]
@@ -181,6 +191,7 @@ impl LocalArgs {
             kill_scheduler_after,
             add_server_after,
             add_worker_after,
+            replace,
             repl,
             checkpoint,
             allow_non_finite,
@@ -229,6 +240,7 @@ impl LocalArgs {
             kill_scheduler: after("--kill-scheduler-after", kill_scheduler_after)?,
             add_worker: after("--add-worker-after", add_worker_after)?,
             add_server: after("--add-server-after", add_server_after)?,
+            replace,
             cluster,
             update,
             net,
@@ -351,6 +363,7 @@ pub(super) fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> 
             recover_wait_ms,
             checkpoint,
             restore,
+            replace,
         }) => {
             checkpoint.check()?;
             let spec = cluster.spec(update)?;
@@ -387,6 +400,7 @@ pub(super) fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> 
                 register_timeout: Duration::from_secs(register_timeout_secs),
                 heartbeat_timeout: Duration::from_millis(heartbeat_timeout_ms.max(1)),
                 recover: recover.then(|| Duration::from_millis(recover_wait_ms)),
+                replace_workers: replace.wait(),
             })?;
             Ok(())
         }
@@ -446,7 +460,15 @@ pub(super) fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> 
             security,
             tls,
             rank,
-        } => crate::cli::status::leave(sched.scheduler, &access(&security, &tls)?, rank),
+            worker,
+        } => {
+            let msg = match (rank, worker) {
+                (_, Some(rank)) => Control::WorkerLeave { rank },
+                (Some(rank), None) => Control::Leave { rank },
+                (None, None) => unreachable!("clap requires --rank or --worker"),
+            };
+            crate::cli::status::leave(sched.scheduler, &access(&security, &tls)?, msg)
+        }
         Cmd::Checkpoint {
             sched,
             security,
@@ -479,6 +501,7 @@ pub(super) fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> 
         Cmd::Worker(WorkerArgs {
             sched,
             rank,
+            replace,
             spin_us,
             job,
             net,
@@ -486,6 +509,7 @@ pub(super) fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> 
             job.check()?;
             let mut cfg = WorkerConfig::new(sched.scheduler);
             cfg.rank = rank;
+            cfg.replace = replace;
             cfg.spin_us = spin_us;
             cfg.consistency = job.consistency;
             cfg.tcp = net.tcp()?;
@@ -494,6 +518,10 @@ pub(super) fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> 
             cfg.key_cache = job.key_cache;
             cfg.compress = job.compress;
             let worker = Worker::connect(cfg)?;
+            // SIGTERM: leave gracefully (finish the clock, hand the shard back).
+            if let Err(e) = signal_hook::flag::register(signal_hook::consts::SIGTERM, worker.leave_flag()) {
+                tracing::warn!(error = %e, "cannot catch SIGTERM; it will stop the worker at once");
+            }
             crate::job::run_lr_worker(worker, &job)
         }
     }
@@ -517,6 +545,7 @@ impl ReplArgs {
         crate::replication::ReplicationConfig {
             max_pushes: self.replication_batch.max(1),
             window: Duration::from_micros(self.replication_window_us),
+            remember_all: false,
         }
     }
 

@@ -887,6 +887,7 @@ pub(super) fn run_launch(args: LaunchArgs) -> Result<ExitCode, EngineError> {
             WorkerLaunch {
                 scheduler,
                 rank: Some(plan.rank),
+                replace: None,
                 job: args.job.clone(),
                 net: args.net.clone(),
             }

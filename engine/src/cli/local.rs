@@ -76,7 +76,13 @@ pub struct LocalPlan {
     /// The scheduler's `--checkpoint-every` and `--checkpoint-dir` (the job's `--restore`
     /// goes to the scheduler and every server as well as to the workers).
     pub checkpoint: crate::checkpoint::CheckpointArgs,
+    /// `--replace-failed-workers`: the scheduler keeps a failed worker's place and the
+    /// launcher starts a replacement for it (at most [`MAX_REPLACEMENTS`] per rank).
+    pub replace: crate::cli::roles::ReplaceArgs,
 }
+
+/// How many replacements `pserv local --replace-failed-workers` starts for one rank.
+pub const MAX_REPLACEMENTS: u32 = 3;
 
 impl LocalPlan {
     /// The scheduler's config: on port 0 of 127.0.0.1, writing its address to
@@ -93,6 +99,7 @@ impl LocalPlan {
             net: self.net.clone(),
             checkpoint: self.checkpoint.clone(),
             restore: self.job.restore.clone(),
+            replace: self.replace,
         }
     }
 
@@ -140,8 +147,17 @@ impl LocalPlan {
         WorkerLaunch {
             scheduler,
             rank,
+            replace: None,
             job: self.job.clone(),
             net: self.net.clone(),
+        }
+    }
+
+    /// The config of a worker that takes over failed worker `rank`'s place.
+    pub fn replacement(&self, scheduler: SocketAddr, rank: u32) -> WorkerLaunch {
+        WorkerLaunch {
+            replace: Some(rank),
+            ..self.worker(scheduler, None)
         }
     }
 }
@@ -408,6 +424,7 @@ fn run_in(
         .chain(plan.kill_scheduler.map(|d| ("scheduler".to_string(), d)))
         .collect();
     let mut restarts = 0u32;
+    let mut replaced: std::collections::BTreeMap<u32, u32> = Default::default();
     let mut add = plan.add_server;
     let mut add_worker = plan.add_worker;
     while procs.0.iter().any(|p| p.status.is_none()) {
@@ -459,7 +476,33 @@ fn run_in(
                         "pserv local: killed {name} (pid {pid}) with SIGKILL {:.2} s after the workers started",
                         after.as_secs_f64()
                     );
+                    if let Some(rank) = worker_rank_of(&name).filter(|_| plan.replace.replace_failed_workers) {
+                        replace_worker(plan, &mut procs, addr, rank, &mut replaced)?;
+                    }
                 }
+            }
+        }
+        if plan.replace.replace_failed_workers {
+            // A worker (or a replacement) that died: start a replacement for its rank.
+            let mut failed = Vec::new();
+            for p in procs.0.iter_mut().filter(|p| p.status.is_none()) {
+                let Some(rank) = worker_rank_of(&p.name) else {
+                    continue;
+                };
+                if let Ok(Some(st)) = p.child.try_wait() {
+                    if !st.success() {
+                        p.status = Some(st);
+                        eprintln!(
+                            "pserv local: {} (pid {}) failed: {st}",
+                            p.name,
+                            p.child.id()
+                        );
+                        failed.push(rank);
+                    }
+                }
+            }
+            for rank in failed {
+                replace_worker(plan, &mut procs, addr, rank, &mut replaced)?;
             }
         }
         restart_dead_scheduler(
@@ -478,6 +521,39 @@ fn run_in(
     })?;
     serde_json::from_str(&text)
         .map_err(|e| EngineError::Config(format!("malformed job summary: {e}")))
+}
+
+/// The worker rank a child's name speaks of (`worker 3`, `worker 3 (replacement 1)`).
+fn worker_rank_of(name: &str) -> Option<u32> {
+    name.strip_prefix("worker ")?
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Start a replacement for failed worker `rank` (`pserv worker --replace RANK`), at most
+/// [`MAX_REPLACEMENTS`] per rank.
+fn replace_worker(
+    plan: &LocalPlan,
+    procs: &mut Procs,
+    addr: SocketAddr,
+    rank: u32,
+    replaced: &mut std::collections::BTreeMap<u32, u32>,
+) -> Result<(), EngineError> {
+    let n = replaced.entry(rank).or_default();
+    if *n >= MAX_REPLACEMENTS {
+        return Err(EngineError::Config(format!(
+            "worker {rank} failed again after {MAX_REPLACEMENTS} replacements; stopping the cluster"
+        )));
+    }
+    *n += 1;
+    let args = plan.replacement(addr, rank).to_args();
+    procs
+        .0
+        .push(spawn(plan, format!("worker {rank} (replacement {n})"), args)?);
+    eprintln!("pserv local: started a replacement for worker {rank} (pserv worker --replace {rank})");
+    Ok(())
 }
 
 /// How many times one run restarts a scheduler that died.

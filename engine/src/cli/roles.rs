@@ -68,6 +68,45 @@ pub struct SchedulerArgs {
     /// Start from a checkpoint (--restore).
     #[command(flatten)]
     pub restore: crate::checkpoint::RestoreArgs,
+    /// Replacements of failed workers.
+    #[command(flatten)]
+    pub replace: ReplaceArgs,
+}
+
+/// Replacement of failed workers (`pserv scheduler` and `pserv local`).
+#[derive(Args, Clone, Copy, Debug, Default)]
+pub struct ReplaceArgs {
+    /// Keep a failed worker's place (rank, data shard, clock) for a replacement, `pserv
+    /// worker --replace RANK` (pserv local starts one): the others wait for it at the
+    /// servers' clock gates; under sequential consistency the model equals the run
+    /// without the failure, bit for bit. Workers then number their pushes by clock and
+    /// servers remember every push (exactly-once redos).
+    #[arg(long, env = "PSERV_REPLACE_FAILED_WORKERS")]
+    pub replace_failed_workers: bool,
+    /// With --replace-failed-workers: give a place up when no replacement took it within
+    /// this many seconds (its shard then passes to the others from the next epoch).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub replace_wait_secs: u64,
+}
+
+impl ReplaceArgs {
+    /// How long a failed worker's place is kept (`None`: no replacements).
+    pub fn wait(&self) -> Option<std::time::Duration> {
+        self.replace_failed_workers
+            .then(|| std::time::Duration::from_secs(self.replace_wait_secs))
+    }
+
+    /// The flags for a scheduler command line.
+    pub fn to_args(&self) -> Vec<String> {
+        if self.replace_failed_workers {
+            vec![
+                "--replace-failed-workers".into(),
+                format!("--replace-wait-secs={}", self.replace_wait_secs),
+            ]
+        } else {
+            Vec::new()
+        }
+    }
 }
 
 /// Flags of `pserv server`.
@@ -126,6 +165,10 @@ pub struct WorkerArgs {
     /// Requested rank (decides the data shard).
     #[arg(long, env = "PSERV_RANK")]
     pub rank: Option<u32>,
+    /// Take over the place of failed worker RANK (its rank, data shard and position) in
+    /// a job whose scheduler keeps places for replacements (--replace-failed-workers).
+    #[arg(long, value_name = "RANK", conflicts_with = "rank")]
+    pub replace: Option<u32>,
     /// Microseconds `wait` spins before parking.
     #[arg(long, env = "PSERV_SPIN_US", default_value_t = 100)]
     pub spin_us: u64,
@@ -163,6 +206,8 @@ pub struct SchedulerLaunch {
     pub checkpoint: crate::checkpoint::CheckpointArgs,
     /// `--restore`, if any.
     pub restore: Option<PathBuf>,
+    /// `--replace-failed-workers`, `--replace-wait-secs`.
+    pub replace: ReplaceArgs,
 }
 
 impl SchedulerLaunch {
@@ -204,6 +249,7 @@ impl SchedulerLaunch {
         if let Some(d) = &self.restore {
             a.push(format!("--restore={}", d.display()));
         }
+        a.extend(self.replace.to_args());
         a
     }
 }
@@ -266,6 +312,8 @@ pub struct WorkerLaunch {
     pub scheduler: SocketAddr,
     /// `--rank`, if any (none: a worker that joins the running job).
     pub rank: Option<u32>,
+    /// `--replace RANK`: a worker that takes over failed worker RANK's place.
+    pub replace: Option<u32>,
     /// The job's flags ([`JobArgs::to_args`]).
     pub job: JobArgs,
     /// The transport flags ([`NetArgs::to_args`]).
@@ -281,6 +329,9 @@ impl WorkerLaunch {
         ];
         if let Some(r) = self.rank {
             a.push(format!("--rank={r}"));
+        }
+        if let Some(r) = self.replace {
+            a.push(format!("--replace={r}"));
         }
         a.extend(self.job.to_args());
         a.extend(self.net.to_args());

@@ -66,12 +66,13 @@ fn ask(
     Ok(answer)
 }
 
-/// `pserv leave`: ask the scheduler at `addr` to let server `rank` leave gracefully;
-/// prints the scheduler's answer. Fails when the scheduler refuses (the rank holds no
-/// ranges, it is the last server, another change is in progress).
-pub fn leave(addr: SocketAddr, access: &Access, rank: u32) -> Result<(), EngineError> {
+/// `pserv leave`: send the scheduler at `addr` a leave `request` (`Control::Leave` for
+/// a server, `Control::WorkerLeave` for a worker); prints the scheduler's answer. Fails
+/// when the scheduler refuses (the rank holds no ranges, it is the last server, another
+/// change is in progress, the worker is not running).
+pub fn leave(addr: SocketAddr, access: &Access, request: Control) -> Result<(), EngineError> {
     let timeout = Duration::from_secs(10);
-    match ask(addr, access, Control::Leave { rank }, timeout, timeout)? {
+    match ask(addr, access, request, timeout, timeout)? {
         Ok(Control::Log { line }) => {
             println!("{line}");
             Ok(())

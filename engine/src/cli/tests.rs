@@ -83,6 +83,7 @@ fn job_all() -> JobArgs {
         consistency: Consistency::BoundedDelay(3),
         slow_worker: Some("0:5,*:1:0.5".into()),
         skip_departed: true,
+        join_at_epoch: Some(3),
         eval_every: 11,
         target_logloss: Some(0.45),
         trace: Some(PathBuf::from("/tmp/trace")),
@@ -117,6 +118,7 @@ fn job_min() -> JobArgs {
         consistency: Consistency::Sequential,
         slow_worker: None,
         skip_departed: false,
+        join_at_epoch: None,
         eval_every: 0,
         target_logloss: None,
         trace: None,
@@ -158,6 +160,10 @@ fn a_scheduler_launch_round_trips_through_the_scheduler_parser() {
             checkpoint_dir: Some(PathBuf::from("/ck/every")),
         },
         restore: Some(PathBuf::from("/ck/from")),
+        replace: crate::cli::roles::ReplaceArgs {
+            replace_failed_workers: true,
+            replace_wait_secs: 7,
+        },
     };
     let min = SchedulerLaunch {
         port_file: None,
@@ -173,6 +179,7 @@ fn a_scheduler_launch_round_trips_through_the_scheduler_parser() {
         net: net_min(),
         checkpoint: Default::default(),
         restore: None,
+        replace: Default::default(),
         ..full.clone()
     };
     let updates = [
@@ -198,6 +205,7 @@ fn a_scheduler_launch_round_trips_through_the_scheduler_parser() {
         same(&a.net, &l.net);
         assert_eq!(a.checkpoint, l.checkpoint);
         assert_eq!(a.restore.restore, l.restore);
+        assert_eq!(a.replace.wait(), l.replace.wait());
     }
 }
 
@@ -245,11 +253,13 @@ fn a_worker_launch_round_trips_through_the_worker_parser() {
     let full = WorkerLaunch {
         scheduler: "10.1.2.3:4567".parse().unwrap(),
         rank: Some(2),
+        replace: None,
         job: job_all(),
         net: net_all(),
     };
     let min = WorkerLaunch {
         rank: None,
+        replace: None,
         job: job_min(),
         net: net_min(),
         ..full.clone()
@@ -262,12 +272,18 @@ fn a_worker_launch_round_trips_through_the_worker_parser() {
         },
         ..full.clone()
     };
-    for l in [full, min, sgd] {
+    let replacement = WorkerLaunch {
+        rank: None,
+        replace: Some(1),
+        ..full.clone()
+    };
+    for l in [full, min, sgd, replacement] {
         let Cmd::Worker(a) = parse(&l.to_args()) else {
             panic!("not a worker command")
         };
         assert_eq!(a.sched.scheduler, l.scheduler);
         assert_eq!(a.rank, l.rank);
+        assert_eq!(a.replace, l.replace);
         same(&a.job, &l.job);
         same(&a.net, &l.net);
     }

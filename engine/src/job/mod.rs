@@ -216,6 +216,12 @@ pub struct JobArgs {
     /// it to the workers still running from the next epoch on.
     #[arg(long, env = "PSERV_SKIP_DEPARTED")]
     pub skip_departed: bool,
+    /// For a worker that joins the running job: enter it at the start of epoch N (at
+    /// least 2), whenever it registered (without: at the next epoch boundary). A run with
+    /// a worker joining at a given epoch is the same in every run, also under sequential
+    /// consistency. Workers of the job's own ranks ignore it.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(2..))]
+    pub join_at_epoch: Option<u32>,
     /// Worker 0 also evaluates every N minibatches (0: only after each epoch).
     #[arg(long, env = "PSERV_EVAL_EVERY", default_value_t = 0, value_parser = whole::<usize, 0>, allow_negative_numbers = true)]
     pub eval_every: usize,
@@ -444,6 +450,9 @@ impl JobArgs {
         }
         if self.skip_departed {
             a.push("--skip-departed".into());
+        }
+        if let Some(n) = self.join_at_epoch {
+            a.push(format!("--join-at-epoch={n}"));
         }
         a.push(format!("--eval-every={}", self.eval_every));
         if let Some(t) = self.target_logloss {
@@ -815,13 +824,18 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
     let rank = worker.rank() as usize;
     let workers = worker.num_workers() as usize;
     // A worker that joined the running job (rank beyond the first ones) has no shard of its
-    // own: it gets a share from the epoch it joins (eventual consistency only: the
-    // servers' clocks count the first workers).
+    // own: it gets a share from the epoch it enters at (the scheduler has the servers'
+    // clock gates count it from there, under every consistency model).
     let late = rank >= workers;
-    if late && job.consistency != Consistency::Eventual {
-        return Err(EngineError::Config(format!(
-            "worker {rank} joined a running job: only --consistency eventual takes workers that join"
-        )));
+    // Failed workers are replaced in place: every worker ticks (also under eventual
+    // consistency, so the servers know each one's clock) and numbers its tasks by clock
+    // (so a replacement's redone push has the failed worker's id).
+    let replacing = worker.cluster().replace_workers;
+    if replacing && dense.is_some() {
+        return Err(EngineError::Config(
+            "--replace-failed-workers takes no --hash-buckets: one-sided window pushes are not              redone by a replacement"
+                .into(),
+        ));
     }
     let (shard, shard_start) = if late {
         (train.slice(0..0), 0)
@@ -835,7 +849,41 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
     // (from the epoch after a barrier showed them gone). Re-planned every epoch.
     let mut live: Vec<u32> = (0..workers as u32).collect();
     let mut first_epoch = restored_epoch + 1;
-    if late {
+    // A replacement: the failed worker's steps of its epoch already done, and whether it
+    // had passed the barrier that ends that epoch's training.
+    let mut done_steps = 0usize;
+    let mut trained = false;
+    if let Some(r) = worker.resume().cloned() {
+        worker.resume_barriers(r.barrier);
+        worker.resume_clock(r.clock);
+        live = r.live.clone();
+        if r.barrier % 2 == 1 {
+            // Past the end of its epoch's training: evaluation and the next barrier.
+            first_epoch = restored_epoch + r.barrier.div_ceil(2) as u32;
+            trained = true;
+        } else {
+            first_epoch = restored_epoch + (r.barrier / 2) as u32 + 1;
+            done_steps = r.clock.saturating_sub(r.barrier_clock) as usize;
+        }
+        worker.tell_scheduler(Control::Log {
+            line: format!(
+                "worker {rank} (a replacement) resumes in epoch {first_epoch} after clock {}                  ({done_steps} steps of the epoch done{})",
+                r.clock,
+                if trained { ", its training done" } else { "" }
+            ),
+        })?;
+    } else if late && job.join_at_epoch.is_some() {
+        let n = job.join_at_epoch.expect("checked");
+        if n < restored_epoch + 2 {
+            return Err(EngineError::Config(format!(
+                "--join-at-epoch {n}: this job starts at epoch {}; a worker joins at a later one",
+                restored_epoch + 1
+            )));
+        }
+        // Epoch N starts after barrier 2 (N - 1) (two per epoch: training, evaluation).
+        live = worker.join_at_barrier(2 * u64::from(n - 1 - restored_epoch))?;
+        first_epoch = n;
+    } else if late {
         // Take part from the next barrier the others reach: the end of an epoch's
         // training (odd) or of its evaluation (even); start with the epoch after it.
         let (seq, l) = worker.join_barrier()?;
@@ -849,7 +897,7 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
     }
     let mut slices: std::collections::HashMap<(usize, usize), Dataset> =
         std::collections::HashMap::new();
-    let clocked = job.consistency != Consistency::Eventual;
+    let clocked = job.consistency != Consistency::Eventual || replacing;
     let slow: Vec<Slowdown> = job
         .slow()?
         .into_iter()
@@ -946,7 +994,8 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
     let mut weights: Vec<f32> = Vec::new();
     let mut last_eval = None;
     let mut step_count = 0usize;
-    for epoch in first_epoch..=job.epochs {
+    let mut left = false;
+    'epochs: for epoch in first_epoch..=job.epochs {
         let plan = epoch_plan(
             train.len(),
             workers,
@@ -979,11 +1028,41 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
             .iter()
             .flat_map(|d| d.minibatches(params.batch_size))
             .collect();
+        // What this worker trains this epoch, for `pserv status`.
+        let rows: Vec<(u64, u64)> = own
+            .map(|(start, d)| (start as u64, (start + d.len()) as u64))
+            .into_iter()
+            .chain(
+                plan.extra
+                    .get(&(rank as u32))
+                    .into_iter()
+                    .flatten()
+                    .map(|r| (r.start as u64, r.end as u64)),
+            )
+            .collect();
+        let _ = worker.tell_scheduler_now(Control::Shard {
+            epoch,
+            rows,
+            clock: worker.clock(),
+        });
+        // A replacement resumes inside the epoch (or after its training).
+        let skip = if epoch == first_epoch {
+            if trained {
+                steps
+            } else {
+                done_steps.min(steps)
+            }
+        } else {
+            0
+        };
         let mut unreported = 0u64;
         let mut reported_at = Instant::now();
         let mut previous_push: Option<Timestamp> = None;
-        for step in 0..steps {
+        for step in skip..steps {
             let clock = if clocked { worker.tick() } else { 0 };
+            if replacing {
+                worker.align_tasks(clock);
+            }
             let Some(batch) = batches.get(step) else {
                 // This shard is out of rows: an empty push keeps the clock in step (and
                 // the last one carries what the filters held back).
@@ -1069,6 +1148,25 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
                 let eval = evaluate()?;
                 note_eval(eval.logloss, started.elapsed().as_secs_f64(), &mut curve);
             }
+            if worker.leave_asked() {
+                if rank == 0 {
+                    tracing::warn!("worker 0 evaluates the job's model: it does not leave");
+                } else {
+                    // Finish this clock: its push acknowledged, then out of the gates.
+                    if let Some(ts) = previous_push.take() {
+                        worker.wait(ts)?;
+                    }
+                    worker.tell_scheduler(Control::Leaving {
+                        clock: worker.clock(),
+                    })?;
+                    worker.tell_scheduler(Control::Progress {
+                        done: unreported,
+                        total,
+                    })?;
+                    left = true;
+                    break 'epochs;
+                }
+            }
             if reported_at.elapsed() >= PROGRESS_EVERY {
                 // Progress is worth no stall: while the scheduler restarts, training goes
                 // on and the count is reported to the restarted one.
@@ -1089,7 +1187,9 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
             done: unreported,
             total,
         })?;
-        worker.barrier()?;
+        if !(trained && epoch == first_epoch) {
+            worker.barrier()?;
+        }
         if rank == 0 {
             let eval = evaluate()?;
             note_eval(eval.logloss, started.elapsed().as_secs_f64(), &mut curve);
@@ -1119,6 +1219,9 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
         let (sent, received) = worker.traffic();
         traffic.insert("bytes_sent".into(), sent.into());
         traffic.insert("bytes_received".into(), received.into());
+        // It left gracefully (`pserv leave --worker`, SIGTERM) before the end.
+        traffic.insert("left".into(), left.into());
+        traffic.insert("clock".into(), worker.clock().into());
         let t = worker.transport_stats();
         let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
         // The message path: connections moved to shared memory, offers refused.

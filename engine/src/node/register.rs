@@ -28,6 +28,11 @@ pub(crate) enum Hello {
         /// The rank asked for, if any.
         rank: Option<u32>,
     },
+    /// A worker takes over the place of failed worker `rank`.
+    Replace {
+        /// The failed worker's rank.
+        rank: u32,
+    },
     /// A server joins a running job.
     Join {
         /// Where the server listens.
@@ -49,6 +54,7 @@ impl Hello {
                 pid,
             },
             Hello::Join { addr, rank } => Control::Join { addr, rank, pid },
+            Hello::Replace { rank } => Control::Replace { rank, pid },
         }
     }
 }
@@ -77,6 +83,8 @@ pub(crate) struct Welcome {
     pub(crate) rank: u32,
     /// The cluster table.
     pub(crate) cluster: ClusterInfo,
+    /// For a replacement: where it takes over.
+    pub(crate) resume: Option<crate::proto::Resume>,
 }
 
 /// Connect to the scheduler (within [`CONNECT_TIMEOUT`]) and tag the connection as the
@@ -122,10 +130,12 @@ pub(crate) fn register(
                 node_id,
                 rank,
                 cluster,
+                resume,
             }) => Ok(Welcome {
                 node_id,
                 rank,
                 cluster,
+                resume,
             }),
             Ok(Control::Refused { reason }) => Err(EngineError::Registration(reason)),
             Ok(Control::Shutdown) if how.shutdown_is_gone => Err(closed()),

@@ -95,6 +95,12 @@ pub struct ClusterInfo {
     /// message. A server that joins later never sees their connections close, so its
     /// clock gate retires them from this list instead of waiting for them forever.
     pub gone_workers: Vec<u32>,
+    /// The job keeps a failed worker's place for a replacement
+    /// ([`Control::Replace`]): servers keep its slot in their clock gates when its
+    /// connection closes (until the scheduler says `WorkerGone`), remember every push
+    /// for exactly-once redos, and answer a sequential pull asked again with the answer
+    /// it got the first time.
+    pub replace_workers: bool,
 }
 
 /// Per-worker traffic and work counters, reported when a worker finishes.
@@ -167,6 +173,9 @@ pub enum Control {
         rank: u32,
         /// The cluster table.
         cluster: ClusterInfo,
+        /// For a worker that replaces a failed one ([`Control::Replace`]): where it takes
+        /// over.
+        resume: Option<Resume>,
     },
     /// A server has set up its store and serves requests: workers may now be welcomed.
     Ready,
@@ -179,6 +188,8 @@ pub enum Control {
     Barrier {
         /// Barrier sequence number (each worker counts its barriers).
         seq: u64,
+        /// The worker's consistency clock as it arrives (0: it never ticked).
+        clock: u64,
     },
     /// Barrier `seq` is complete.
     BarrierDone {
@@ -187,6 +198,10 @@ pub enum Control {
         /// Ranks of the workers still running (sorted): a job hands the data shards of
         /// workers that left to these (elastic workers).
         live: Vec<u32>,
+        /// The largest clock a worker arrived with: where a worker that enters the job at
+        /// this barrier starts counting (every worker of a clocked job arrives with the
+        /// same clock at an epoch's barrier).
+        clock: u64,
     },
     /// Progress of a worker (job-defined units), for the operator's progress bar.
     Progress {
@@ -389,6 +404,84 @@ pub enum Control {
         /// The JSON object.
         json: String,
     },
+    /// A worker process to the scheduler, instead of `Register`: take over the place of
+    /// failed worker `rank` (its rank, node id, data shard and position). Answered with a
+    /// `Welcome` carrying a [`Resume`], or `Refused` (the rank is alive, unknown, or the
+    /// job keeps no places for replacements) changing nothing.
+    Replace {
+        /// The failed worker's rank.
+        rank: u32,
+        /// Process id, for the operator.
+        pid: u32,
+    },
+    /// Scheduler to servers: worker `rank` enters the job at clock `clock` (it joined,
+    /// or replaces a failed worker): the clock gates count it from `clock + 1` on.
+    /// Answered with `WorkerEntered`; the barrier it enters at waits for every answer.
+    WorkerEnters {
+        /// The worker's rank.
+        rank: u32,
+        /// The clock every other worker has at the entry (the joiner's starts there).
+        clock: u64,
+    },
+    /// Server to scheduler: its clock gate counts worker `rank` now.
+    WorkerEntered {
+        /// The worker's rank.
+        rank: u32,
+    },
+    /// Scheduler to servers: which clock has failed worker `rank` reached on your
+    /// ranges? Answered with `WorkerClockIs`.
+    WorkerClock {
+        /// The worker's rank.
+        rank: u32,
+    },
+    /// Server to scheduler: worker `rank`'s smallest clock over the ranges this server
+    /// heads (every push of it up to that clock is applied here).
+    WorkerClockIs {
+        /// The worker's rank.
+        rank: u32,
+        /// Its clock here.
+        clock: u64,
+    },
+    /// Operator (`pserv leave --worker RANK`) to the scheduler: worker `rank` leaves
+    /// gracefully; the scheduler passes it on as `PleaseLeave`.
+    WorkerLeave {
+        /// The worker's rank.
+        rank: u32,
+    },
+    /// Scheduler to a worker: finish the clock you are in, then leave the job.
+    PleaseLeave,
+    /// Worker to scheduler: it leaves after clock `clock` (every push of it is
+    /// acknowledged): the servers retire it and the others take its shard from the next
+    /// epoch, nobody waits for it. Then it sends `Done`.
+    Leaving {
+        /// Its last clock.
+        clock: u64,
+    },
+    /// Worker to scheduler at every epoch: the rows it trains and its clock, for
+    /// `pserv status`.
+    Shard {
+        /// The epoch.
+        epoch: u32,
+        /// Row ranges of the training set (start, end).
+        rows: Vec<(u64, u64)>,
+        /// Its clock when the epoch starts.
+        clock: u64,
+    },
+}
+
+/// Where a replacement worker takes over from the failed one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resume {
+    /// The newest barrier the job released (the failed worker passed it, and no later
+    /// one was released without its replacement).
+    pub barrier: u64,
+    /// The workers running at that barrier (what the failed worker's epoch plan used).
+    pub live: Vec<u32>,
+    /// The clock the workers had at that barrier.
+    pub barrier_clock: u64,
+    /// The failed worker's clock: the smallest over the servers of the clock up to which
+    /// its pushes are applied there. The replacement's first step is `clock + 1`.
+    pub clock: u64,
 }
 
 /// A push whose effect a replication batch carries, for exactly-once retries: a worker
@@ -534,6 +627,24 @@ pub struct NodeStatus {
     /// by their tail, pushes waiting in them, age of the oldest in microseconds.
     #[serde(default)]
     pub replication: Option<(u64, u64, u64)>,
+    /// A worker's share of the data and its clock, as it reported them.
+    #[serde(default)]
+    pub shard: Option<WorkerShard>,
+}
+
+/// Which rows a worker trains, at which clock (what `pserv status` shows of a worker).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkerShard {
+    /// The epoch it reported last.
+    pub epoch: u32,
+    /// Row ranges of the training set (start, end) it trains in that epoch.
+    pub rows: Vec<(u64, u64)>,
+    /// Its clock when that epoch started.
+    pub clock: u64,
+    /// How often a replacement took this rank over.
+    pub replaced: u32,
+    /// Whether it left gracefully.
+    pub left: bool,
 }
 
 /// What `pserv status` prints.
@@ -614,7 +725,7 @@ mod tests {
                 rank: Some(1),
                 pid: 42,
             },
-            Control::Barrier { seq: 7 },
+            Control::Barrier { seq: 7, clock: 3 },
             Control::Done {
                 stats: WorkerStats {
                     examples: 5,

@@ -142,7 +142,7 @@ impl ReplicationCore {
         out: &mut Vec<Output>,
     ) -> Queued {
         let g = group(table, keys);
-        if table.replicas() > 0 {
+        if table.replicas() > 0 || self.cfg.remember_all {
             self.seen.record((sender, ts), &g.touched);
         }
         let mut q = Queued::default();

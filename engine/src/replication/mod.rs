@@ -56,6 +56,10 @@ pub struct ReplicationConfig {
     pub max_pushes: usize,
     /// Send a batch once its oldest push waited this long (zero: at once).
     pub window: Duration,
+    /// Remember every push applied (the exactly-once memory), also without replicas: a
+    /// job that replaces failed workers redoes their unacknowledged pushes, and a server
+    /// that holds one already must not apply it again.
+    pub remember_all: bool,
 }
 
 impl Default for ReplicationConfig {
@@ -63,6 +67,7 @@ impl Default for ReplicationConfig {
         ReplicationConfig {
             max_pushes: 32,
             window: Duration::from_micros(200),
+            remember_all: false,
         }
     }
 }

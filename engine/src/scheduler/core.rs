@@ -93,6 +93,15 @@ pub(super) struct Node {
     pub(super) dead: bool,
     /// Its last replication report (servers).
     pub(super) lag: Option<(u64, u64, u64)>,
+    /// A worker counts in barriers (workers of the spec from the start; a worker that
+    /// joins once it entered at an epoch barrier, see `scheduler/workers.rs`).
+    pub(super) entered: bool,
+    /// A worker told the scheduler it leaves gracefully (`Leaving`).
+    pub(super) leaving: bool,
+    /// A failed worker whose place a replacement took.
+    pub(super) replaced: bool,
+    /// A worker's shard and clock as it reported them (status).
+    pub(super) shard: Option<crate::proto::WorkerShard>,
 }
 
 /// The scheduler's state machine.
@@ -141,6 +150,8 @@ pub struct SchedulerCore {
     pub(super) early_workers: Vec<(ConnKey, Option<u32>, u32)>,
     /// Checkpoints: when, where, the one being taken.
     pub(super) ckpt: super::checkpoint::Checkpoints,
+    /// Workers joining, leaving and replaced (`scheduler/workers.rs`).
+    pub(super) wk: super::workers::WorkerChanges,
 }
 
 impl SchedulerCore {
@@ -162,6 +173,7 @@ impl SchedulerCore {
             last_barrier: 0,
             early_workers: Vec::new(),
             ckpt: Default::default(),
+            wk: Default::default(),
             spec,
             nodes: HashMap::new(),
             servers_welcomed: false,
@@ -194,8 +206,16 @@ impl SchedulerCore {
                 role: n.role,
                 rank: n.rank,
                 addr: n.addr,
-                state: if n.gone {
+                state: if n.replaced {
+                    "replaced"
+                } else if n.gone && n.role == Role::Worker && self.wk.vacant.contains_key(&n.rank) {
+                    "failed, place kept"
+                } else if n.leaving && !n.gone {
+                    "leaving"
+                } else if n.gone {
                     "gone"
+                } else if !n.entered {
+                    "joining"
                 } else if n.dead {
                     "dead"
                 } else if n.done {
@@ -207,6 +227,7 @@ impl SchedulerCore {
                 replication: n.lag,
                 heartbeat_ms_ago: (n.role == Role::Server)
                     .then(|| self.now_ms.saturating_sub(n.seen_ms)),
+                shard: n.shard.clone(),
             })
             .collect();
         nodes.sort_by_key(|n| (n.role == Role::Worker, n.rank));
@@ -249,6 +270,10 @@ impl SchedulerCore {
                 seen_ms: self.now_ms,
                 dead: false,
                 lag: None,
+                entered: true,
+                leaving: false,
+                replaced: false,
+                shard: None,
             },
         );
     }
@@ -292,7 +317,7 @@ impl SchedulerCore {
     pub(super) fn live_workers(&self) -> impl Iterator<Item = (&ConnKey, &Node)> {
         self.nodes
             .iter()
-            .filter(|(_, n)| n.role == Role::Worker && !n.gone && !n.done)
+            .filter(|(_, n)| n.role == Role::Worker && !n.gone && !n.done && n.entered && !n.leaving)
     }
 
     /// Feed one input; returns what to do.
@@ -342,7 +367,7 @@ impl SchedulerCore {
                     self.welcome(Role::Worker, out);
                 }
             }
-            Control::Barrier { seq } => {
+            Control::Barrier { seq, clock } => {
                 if !self.is_worker(conn) {
                     return self.refuse(
                         conn,
@@ -353,8 +378,34 @@ impl SchedulerCore {
                 // Barrier 0: a worker that joined the running job takes part from the
                 // next barrier the others will reach.
                 let seq = if seq == 0 { self.last_barrier + 1 } else { seq };
+                if !self.nodes.get(&conn).is_some_and(|n| n.entered) && seq <= self.last_barrier {
+                    return self.refuse(
+                        conn,
+                        &format!(
+                            "barrier {seq} was released already (the job is past it): a worker joins at a later one"
+                        ),
+                        out,
+                    );
+                }
                 self.barriers.entry(seq).or_default().insert(conn);
+                let c = self.wk.barrier_clocks.entry(seq).or_default();
+                *c = (*c).max(clock);
                 self.release_barriers(out);
+            }
+            Control::Replace { rank, pid } => self.on_replace(conn, rank, pid, out),
+            Control::WorkerEntered { rank } => self.on_worker_entered(conn, rank, out),
+            Control::WorkerClockIs { rank, clock } => {
+                self.on_worker_clock(conn, rank, clock, out)
+            }
+            Control::WorkerLeave { rank } => self.on_worker_leave(conn, rank, out),
+            Control::Leaving { clock } => self.on_leaving(conn, clock, out),
+            Control::Shard { epoch, rows, clock } => {
+                if let Some(n) = self.nodes.get_mut(&conn).filter(|n| n.role == Role::Worker) {
+                    let s = n.shard.get_or_insert_with(Default::default);
+                    s.epoch = epoch;
+                    s.rows = rows;
+                    s.clock = clock;
+                }
             }
             Control::Progress { done, total } => {
                 let e = self.progress.entry(conn).or_default();

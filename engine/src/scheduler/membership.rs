@@ -45,6 +45,7 @@ impl SchedulerCore {
             return;
         }
         self.checkpoint_tick(out);
+        self.worker_changes_tick(out);
         let (now, limit) = (self.now_ms, self.heartbeat_timeout_ms);
         let mut died = Vec::new();
         for n in self.nodes.values_mut() {
@@ -140,7 +141,7 @@ impl SchedulerCore {
     }
 
     /// The cluster table, from the registered servers.
-    fn cluster(&self) -> ClusterInfo {
+    pub(super) fn cluster(&self) -> ClusterInfo {
         let mut servers: Vec<ServerInfo> = self
             .nodes
             .values()
@@ -168,6 +169,7 @@ impl SchedulerCore {
             value_type: self.spec.value_type,
             value_len: self.spec.value_len,
             update: self.spec.update,
+            replace_workers: self.replaces_workers(),
         }
     }
 
@@ -196,6 +198,7 @@ impl SchedulerCore {
                     node_id: self.node_id(role, rank),
                     rank,
                     cluster: cluster.clone(),
+                    resume: None,
                 },
             });
         }
@@ -220,13 +223,6 @@ impl SchedulerCore {
             return;
         }
         let live: BTreeSet<ConnKey> = self.live_workers().map(|(c, _)| *c).collect();
-        let mut ranks: Vec<u32> = self
-            .nodes
-            .values()
-            .filter(|n| n.role == Role::Worker && !n.gone)
-            .map(|n| n.rank)
-            .collect();
-        ranks.sort_unstable();
         let ready: Vec<u64> = self
             .barriers
             .iter()
@@ -236,10 +232,30 @@ impl SchedulerCore {
             .map(|(seq, _)| *seq)
             .collect();
         for seq in ready {
+            // A vacancy, a replacement being set up, or workers entering hold it.
+            if seq > self.last_barrier && self.worker_changes_hold(seq, out) {
+                break;
+            }
             // A checkpoint due at this barrier (or being taken) holds it and the later ones.
             if self.checkpoint_holds(seq, out) {
                 break;
             }
+            // The workers that count (a failed one whose place is kept among them), and
+            // not one that is leaving or has not entered.
+            let mut ranks: Vec<u32> = self
+                .nodes
+                .values()
+                .filter(|n| n.role == Role::Worker && !n.gone && n.entered && !n.leaving)
+                .map(|n| n.rank)
+                .chain(self.wk.vacant.keys().copied())
+                .collect();
+            ranks.sort_unstable();
+            ranks.dedup();
+            let clock = self.wk.barrier_clocks.get(&seq).copied().unwrap_or(0);
+            if seq > self.last_barrier {
+                self.wk.released = (ranks.clone(), clock);
+            }
+            self.wk.barrier_clocks.retain(|&s, _| s > seq);
             self.last_barrier = self.last_barrier.max(seq);
             let arrived = self.barriers.remove(&seq).unwrap_or_default();
             for conn in arrived {
@@ -249,6 +265,7 @@ impl SchedulerCore {
                         msg: Control::BarrierDone {
                             seq,
                             live: ranks.clone(),
+                            clock,
                         },
                     });
                 }
@@ -272,8 +289,15 @@ impl SchedulerCore {
             return;
         };
         n.gone = true;
-        let (role, rank, done) = (n.role, n.rank, n.done);
+        let (role, rank, done, leaving) = (n.role, n.rank, n.done, n.leaving);
         if self.finished {
+            return;
+        }
+        if role == Role::Server {
+            self.worker_changes_server_gone(conn, out);
+        }
+        if role == Role::Worker && !done && self.worker_failed(rank, leaving, out) {
+            // Its place is kept: the servers keep its slot, barriers wait.
             return;
         }
         if role == Role::Worker {
@@ -406,12 +430,17 @@ impl SchedulerCore {
             "worker {rank} joins the running job (pid {pid})"
         )));
         self.add_node(conn, Role::Worker, rank, None);
+        if let Some(n) = self.nodes.get_mut(&conn) {
+            // It counts from the barrier it enters at (scheduler/workers.rs).
+            n.entered = false;
+        }
         out.push(Output::Send {
             conn,
             msg: Control::Welcome {
                 node_id: self.node_id(Role::Worker, rank),
                 rank,
                 cluster: self.cluster(),
+                resume: None,
             },
         });
     }
@@ -480,6 +509,7 @@ impl SchedulerCore {
                 node_id: self.node_id(Role::Server, rank),
                 rank,
                 cluster: self.cluster(),
+                resume: None,
             },
         });
     }
@@ -643,7 +673,11 @@ impl SchedulerCore {
     pub(super) fn maybe_finish(&mut self, out: &mut Vec<Output>) {
         // While recovering, the workers that have not rejoined yet are unknown: the job
         // ends only once the view is rebuilt.
-        if self.finished || self.recovering_until.is_some() || self.live_workers().next().is_some()
+        if self.finished
+            || self.recovering_until.is_some()
+            || self.live_workers().next().is_some()
+            || !self.wk.vacant.is_empty()
+            || self.wk.replacing.is_some()
         {
             return;
         }

@@ -20,6 +20,7 @@ mod run;
 mod spec;
 #[cfg(test)]
 mod tests;
+mod workers;
 
 pub use self::checkpoint::CheckpointPlan;
 pub use self::core::{ConnKey, Input, Output, SchedulerCore};

@@ -41,6 +41,9 @@ pub struct SchedulerConfig {
     pub recover: Option<Duration>,
     /// When and where to write checkpoints, and the epoch restored from.
     pub checkpoint: super::CheckpointPlan,
+    /// Keep a failed worker's place this long for a replacement (`None`: no
+    /// replacements).
+    pub replace_workers: Option<Duration>,
 }
 
 /// How often the scheduler's loop feeds time to its state machine.
@@ -98,6 +101,9 @@ pub fn run_scheduler(cfg: SchedulerConfig) -> Result<JobReport, EngineError> {
         core = core.recovering(wait);
     }
     core = core.with_checkpoints(cfg.checkpoint.clone());
+    if let Some(wait) = cfg.replace_workers {
+        core = core.with_replacement(wait);
+    }
     let conns: Arc<Mutex<HashMap<ConnKey, Conn>>> = Arc::default();
     let bar = if cfg.progress {
         let b = indicatif::ProgressBar::new(0);

@@ -81,6 +81,7 @@ fn running_spec(sp: ClusterSpec) -> SchedulerCore {
             node_id,
             rank,
             cluster,
+            ..
         } = msg
         else {
             panic!("expected a welcome, got {msg:?}")
@@ -193,6 +194,7 @@ fn a_server_joins_copies_first_then_the_table_flips_and_another_leaves() {
         node_id,
         rank,
         cluster,
+        ..
     } = sends(&out)[0].1
     else {
         panic!("expected a welcome: {out:?}")
@@ -295,7 +297,7 @@ fn a_restarted_scheduler_rebuilds_its_view_from_the_rejoining_nodes() {
     assert!(sends(&out).is_empty());
     msg(&mut c, 2, rejoin(Role::Worker, 0, 3, &table, 4));
     // A barrier before the view is rebuilt waits.
-    assert!(sends(&msg(&mut c, 2, Control::Barrier { seq: 5 })).is_empty());
+    assert!(sends(&msg(&mut c, 2, Control::Barrier { seq: 5, clock: 0 })).is_empty());
     msg(&mut c, 3, rejoin(Role::Worker, 1, 4, &table, 4));
     // A rank that rejoined already is refused.
     let out = msg(&mut c, 4, rejoin(Role::Worker, 1, 4, &table, 4));
@@ -307,7 +309,7 @@ fn a_restarted_scheduler_rebuilds_its_view_from_the_rejoining_nodes() {
     let t = tables(&out);
     assert_eq!(t.len(), 3, "every node gets the table");
     // Barriers go on from where the workers are.
-    let out = msg(&mut c, 3, Control::Barrier { seq: 5 });
+    let out = msg(&mut c, 3, Control::Barrier { seq: 5, clock: 0 });
     assert_eq!(sends(&out).len(), 2);
     // And decisions resume: server 0 is the only one, so its failure is said plainly.
     let out = c.handle(Input::Closed { conn: 1 });
@@ -434,14 +436,15 @@ fn a_barrier_passed_before_a_restart_is_released_at_once() {
     msg(&mut c, 2, rejoin(Role::Worker, 0, 2, 1));
     msg(&mut c, 3, rejoin(Role::Worker, 1, 3, 0));
     assert!(!c.is_recovering());
-    let out = msg(&mut c, 3, Control::Barrier { seq: 1 });
+    let out = msg(&mut c, 3, Control::Barrier { seq: 1, clock: 0 });
     assert_eq!(
         sends(&out),
         vec![(
             3,
             &Control::BarrierDone {
                 seq: 1,
-                live: vec![0, 1]
+                live: vec![0, 1],
+                clock: 0,
             }
         )]
     );
@@ -534,24 +537,25 @@ fn barriers_release_when_all_live_workers_arrive() {
     let mut c = running();
     let out = c.handle(Input::Message {
         conn: 2,
-        msg: Control::Barrier { seq: 1 },
+        msg: Control::Barrier { seq: 1, clock: 0 },
     });
     assert!(sends(&out).is_empty());
     let out = c.handle(Input::Message {
         conn: 4,
-        msg: Control::Barrier { seq: 1 },
+        msg: Control::Barrier { seq: 1, clock: 0 },
     });
     let s = sends(&out);
     assert_eq!(s.len(), 2);
     assert!(s.iter().all(|(_, m)| **m
         == Control::BarrierDone {
             seq: 1,
-            live: vec![0, 1]
+            live: vec![0, 1],
+            clock: 0,
         }));
     // A worker that vanishes no longer holds others back.
     c.handle(Input::Message {
         conn: 2,
-        msg: Control::Barrier { seq: 2 },
+        msg: Control::Barrier { seq: 2, clock: 0 },
     });
     let out = c.handle(Input::Closed { conn: 4 });
     // The servers are told, for their clock gates...
@@ -564,7 +568,8 @@ fn barriers_release_when_all_live_workers_arrive() {
             2,
             &Control::BarrierDone {
                 seq: 2,
-                live: vec![0]
+                live: vec![0],
+                clock: 0,
             }
         )]
     );
@@ -575,7 +580,7 @@ fn barrier_from_a_server_or_stranger_is_refused() {
     let mut c = running();
     let out = c.handle(Input::Message {
         conn: 1,
-        msg: Control::Barrier { seq: 1 },
+        msg: Control::Barrier { seq: 1, clock: 0 },
     });
     assert!(matches!(sends(&out)[0].1, Control::Refused { .. }));
     let out = c.handle(Input::Message {
@@ -632,7 +637,7 @@ fn late_servers_must_join_and_late_workers_take_part_from_the_next_barrier() {
     for conn in [2, 4] {
         c.handle(Input::Message {
             conn,
-            msg: Control::Barrier { seq: 1 },
+            msg: Control::Barrier { seq: 1, clock: 0 },
         });
     }
     // A worker joins: the next rank, an id after the other workers'.
@@ -649,20 +654,21 @@ fn late_servers_must_join_and_late_workers_take_part_from_the_next_barrier() {
     for conn in [2, 4] {
         let out = c.handle(Input::Message {
             conn,
-            msg: Control::Barrier { seq: 2 },
+            msg: Control::Barrier { seq: 2, clock: 0 },
         });
         assert!(sends(&out).is_empty());
     }
     let out = c.handle(Input::Message {
         conn: 11,
-        msg: Control::Barrier { seq: 0 },
+        msg: Control::Barrier { seq: 0, clock: 0 },
     });
     let s = sends(&out);
     assert_eq!(s.len(), 3);
     assert!(s.iter().all(|(_, m)| **m
         == Control::BarrierDone {
             seq: 2,
-            live: vec![0, 1, 2]
+            live: vec![0, 1, 2],
+            clock: 0,
         }));
 }
 
@@ -801,7 +807,7 @@ fn barrier_of_both(c: &mut SchedulerCore, seq: u64) -> Vec<Output> {
     for conn in [2, 4] {
         out.extend(c.handle(Input::Message {
             conn,
-            msg: Control::Barrier { seq },
+            msg: Control::Barrier { seq, clock: 0 },
         }));
     }
     out

@@ -26,7 +26,7 @@ pub use node::Server;
 
 use handler::Held;
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU32, AtomicU64};
 
 use std::sync::{Arc, OnceLock};
 
@@ -66,8 +66,15 @@ pub(crate) struct Ready {
     pub(crate) store: AnyStore,
     /// Number of servers (worker node ids follow theirs).
     servers: u32,
-    /// Number of workers.
-    workers: u32,
+    /// Worker slots of the clock gate (the first workers, then those that entered).
+    workers: AtomicU32,
+    /// Failed workers' places are kept for replacements: their slots stay when their
+    /// connections close, and sequential pulls asked again get their first answer.
+    replace_workers: bool,
+    /// The answers of the latest sequential pulls per worker (node id), kept when
+    /// `replace_workers`: a replacement asking the same pull again (same task and
+    /// keys) gets the values the failed worker got, not values that moved on since.
+    pulls_answered: Mutex<std::collections::HashMap<u32, PullAnswers>>,
     /// Worker clocks and the clocked requests waiting on them (bounded delay).
     clocks: Mutex<ClockGate<Held>>,
     /// The routing table: which keys this server serves (heads), the chains, the epoch.
@@ -80,6 +87,13 @@ pub(crate) struct Ready {
     /// nanoseconds.
     held: (AtomicU64, AtomicU64),
 }
+
+/// A worker's latest sequential pull answers: (task and origin, keys, value bytes),
+/// newest last, at most [`PULLS_KEPT`].
+type PullAnswers = std::collections::VecDeque<(u64, Vec<u64>, Vec<u8>)>;
+
+/// Sequential pull answers kept per worker for its replacement.
+const PULLS_KEPT: usize = 4;
 
 struct Core {
     ready: OnceLock<Ready>,

@@ -2,7 +2,7 @@
 //! control loop (tables, joins, leaves, the scheduler), shutdown.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crossbeam_channel::RecvTimeoutError;
 use std::sync::atomic::AtomicBool;
@@ -111,6 +111,7 @@ impl Server {
             node_id,
             rank,
             cluster,
+            ..
         } = register::register(&scheduler, &rx, &registration)?;
         transport.set_identity(node_id);
         transport.repin(node_id as usize);
@@ -142,7 +143,11 @@ impl Server {
                     .send(Control::Synced { epoch }.to_frame(node_id));
             })
         };
-        let repl = Replicator::new(rank, node_id, cfg.replication, peers, synced);
+        let mut repl_cfg = cfg.replication;
+        // Failed workers' places are kept: their replacements redo unacknowledged
+        // pushes, which must apply once.
+        repl_cfg.remember_all |= cluster.replace_workers;
+        let repl = Replicator::new(rank, node_id, repl_cfg, peers, synced);
         let ready = make_ready(
             node_id,
             rank,
@@ -323,6 +328,53 @@ impl Server {
         }
     }
 
+    /// Worker `rank` enters the job at `clock` (it joined): the clock gate counts it
+    /// from `clock + 1` on. Answered to the scheduler, whose barrier waits for it.
+    fn enter_worker(&self, rank: u32, clock: u64) {
+        let Some(ready) = self.core.ready.get() else {
+            return;
+        };
+        {
+            let mut gate = ready.clocks.lock();
+            let actions = gate.add_worker(rank as usize, clock);
+            ready.workers.fetch_max(rank + 1, Ordering::AcqRel);
+            super::handler::run_actions(&self.core, ready, &mut gate, actions);
+        }
+        tracing::info!(worker = rank, clock, "a worker enters: the clock gate counts it");
+        let _ = self
+            .sched
+            .lock()
+            .send(Control::WorkerEntered { rank }.to_frame(ready.node_id));
+    }
+
+    /// The scheduler asks which clock failed worker `rank` reached here: the smallest
+    /// over the ranges this server heads (every push of it up to there is applied).
+    fn tell_worker_clock(&self, rank: u32) {
+        let Some(ready) = self.core.ready.get() else {
+            return;
+        };
+        let clock = {
+            let gate = ready.clocks.lock();
+            let table = ready.table.read().clone();
+            let c = gate.clock();
+            if (rank as usize) < c.nodes() {
+                table
+                    .ranges_of(ready.rank as usize)
+                    .iter()
+                    .map(|r| c.clock_of(*r, rank as usize))
+                    .min()
+                    .unwrap_or(u64::MAX)
+            } else {
+                0
+            }
+        };
+        tracing::info!(worker = rank, clock, "the clock of a failed worker here");
+        let _ = self
+            .sched
+            .lock()
+            .send(Control::WorkerClockIs { rank, clock }.to_frame(ready.node_id));
+    }
+
     /// Worker `rank` left the job (the scheduler says so): the clock gate stops waiting
     /// for it, as when its connection to this server closes.
     fn retire_worker(&self, rank: u32) {
@@ -437,6 +489,8 @@ impl Server {
                 Ok(Control::Table { partition }) => self.install_table(partition),
                 Ok(Control::Servers { servers }) => self.connect_peers(&servers),
                 Ok(Control::WorkerGone { rank }) => self.retire_worker(rank),
+                Ok(Control::WorkerEnters { rank, clock }) => self.enter_worker(rank, clock),
+                Ok(Control::WorkerClock { rank }) => self.tell_worker_clock(rank),
                 Ok(Control::CheckpointWrite { dir, epoch }) => self.write_checkpoint(&dir, epoch),
                 Ok(other) => tracing::debug!(?other, "control message ignored by server"),
                 Err(RecvTimeoutError::Timeout) => {
@@ -627,7 +681,9 @@ pub(super) fn make_ready(
             .iter()
             .filter(|s| NodeId(s.id) == NodeId::first_server(ServerRank(s.rank)))
             .count() as u32,
-        workers: cluster.workers,
+        workers: AtomicU32::new(cluster.workers),
+        replace_workers: cluster.replace_workers,
+        pulls_answered: Mutex::new(std::collections::HashMap::new()),
         clocks: Mutex::new({
             let mut gate = ClockGate::new(range, cluster.workers as usize);
             // Workers gone before this server joined: nothing held waits for them yet.

@@ -203,6 +203,7 @@ impl SimServer {
                 node_id,
                 rank,
                 cluster,
+                ..
             } if self.ready.is_none() => self.welcome(ctx, node_id, rank, &cluster),
             Control::Refused { reason } if self.ready.is_none() || self.leaving => {
                 ctx.trace(format!("server {} refused: {reason}; exits", self.rank));
@@ -252,6 +253,18 @@ impl SimServer {
                     if let Some(ready) = self.ready.as_mut() {
                         let actions = ready.gate.retire(rank as usize);
                         self.run_actions(ctx, actions);
+                    }
+                }
+                Control::WorkerEnters { rank, clock } => {
+                    // As `server/node.rs`: the gate counts the joiner, then says so.
+                    if let Some(ready) = self.ready.as_mut() {
+                        let actions = ready.gate.add_worker(rank as usize, clock);
+                        self.run_actions(ctx, actions);
+                    }
+                    if let Some(c) = self.sched {
+                        let me = self.me();
+                        ctx.net
+                            .send(c, me, Msg::Control(Control::WorkerEntered { rank }));
                     }
                 }
                 Control::Shutdown => {

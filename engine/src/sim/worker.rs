@@ -212,6 +212,7 @@ impl SimWorker {
                 node_id,
                 rank,
                 cluster,
+                ..
             } if self.phase == Phase::Registering => {
                 debug_assert!(self.late || rank == self.rank, "the rank asked for");
                 if self.late {
@@ -383,7 +384,7 @@ impl SimWorker {
             self.phase = Phase::Barrier(seq);
             if let Some(conn) = self.sched {
                 ctx.net
-                    .send(conn, me, Msg::Control(Control::Barrier { seq }));
+                    .send(conn, me, Msg::Control(Control::Barrier { seq, clock: 0 }));
             }
             return;
         }
@@ -742,7 +743,7 @@ impl SimWorker {
         };
         ctx.net.send(c, me, Msg::Control(rejoin));
         if let Phase::Barrier(seq) = self.phase {
-            ctx.net.send(c, me, Msg::Control(Control::Barrier { seq }));
+            ctx.net.send(c, me, Msg::Control(Control::Barrier { seq, clock: 0 }));
         }
         self.sched = Some(c);
         self.lost_sched_at = None;

@@ -119,6 +119,7 @@ impl SimConfig {
         let cfg_repl = ReplicationConfig {
             max_pushes: r.between(1, 8) as usize,
             window: Duration::from_micros(r.below(2) * r.between(0, 800)),
+            remember_all: false,
         };
         let sequential = model == Consistency::Sequential;
         let clocked = model != Consistency::Eventual;

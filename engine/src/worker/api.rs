@@ -33,12 +33,32 @@ pub struct Worker {
     pub(super) timeout: Duration,
     pub(super) transport: TcpTransport,
     pub(super) onesided: Option<ClientOneSided>,
+    /// For a replacement: where it takes over from the failed worker.
+    pub(super) resume: Option<crate::proto::Resume>,
 }
 
 impl Worker {
     /// This worker's rank among workers.
     pub fn rank(&self) -> u32 {
         self.rank
+    }
+
+    /// For a worker that replaced a failed one (`WorkerConfig::replace`): the newest
+    /// barrier released, its live workers and clock, and the clock up to which the
+    /// failed worker's pushes are applied on every server.
+    pub fn resume(&self) -> Option<&crate::proto::Resume> {
+        self.resume.as_ref()
+    }
+
+    /// Whether this worker was asked to leave gracefully (`pserv leave --worker`, or
+    /// [`leave_flag`](Self::leave_flag) set by a signal handler).
+    pub fn leave_asked(&self) -> bool {
+        self.core.leave.load(Ordering::Acquire)
+    }
+
+    /// The flag [`leave_asked`](Self::leave_asked) reads: a SIGTERM handler sets it.
+    pub fn leave_flag(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.core.leave.clone()
     }
 
     /// This worker's node id.

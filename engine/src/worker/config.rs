@@ -26,6 +26,11 @@ pub struct WorkerConfig {
     pub security: Security,
     /// A requested rank (decides, for example, the data shard).
     pub rank: Option<u32>,
+    /// Take over the place of this failed worker instead of registering (`pserv worker
+    /// --replace RANK`): its rank, node id, shard and position ([`Worker::resume`]).
+    ///
+    /// [`Worker::resume`]: crate::worker::Worker::resume
+    pub replace: Option<u32>,
     /// How long `wait` spins before parking.
     pub spin_us: u64,
     /// How long to wait for the scheduler's cluster table.
@@ -62,6 +67,7 @@ impl WorkerConfig {
             tcp: TcpConfig::default(),
             security: Security::default(),
             rank: None,
+            replace: None,
             spin_us: 100,
             register_timeout: Duration::from_secs(120),
             timeout: Duration::from_secs(600),

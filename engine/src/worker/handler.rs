@@ -29,6 +29,10 @@ impl Handler for WorkerHandler {
                     self.core.over.store(true, Ordering::Release);
                     let _ = self.core.control.send(Control::Shutdown);
                 }
+                Ok(Control::PleaseLeave) => {
+                    tracing::info!("asked to leave: finishing the current clock");
+                    self.core.leave.store(true, Ordering::Release);
+                }
                 Ok(Control::Table { partition }) => {
                     let epoch = partition.epoch();
                     if self.core.install(partition) {

@@ -164,10 +164,13 @@ impl Worker {
         // from an old one by this.
         *core.sched.lock() = Some(scheduler.clone());
         let registration = Registration {
-            hello: Hello::Register {
-                role: Role::Worker,
-                addr: None,
-                rank: cfg.rank,
+            hello: match cfg.replace {
+                Some(rank) => Hello::Replace { rank },
+                None => Hello::Register {
+                    role: Role::Worker,
+                    addr: None,
+                    rank: cfg.rank,
+                },
             },
             scheduler: cfg.scheduler,
             timeout: cfg.register_timeout,
@@ -179,6 +182,7 @@ impl Worker {
             node_id,
             rank,
             cluster,
+            resume,
         } = register::register(&scheduler, &rx, &registration)?;
         // A newer table may already have come (then the welcome's is not installed).
         core.install(cluster.partition.clone());
@@ -233,6 +237,7 @@ impl Worker {
             transport,
             onesided,
             _retrier: retrier,
+            resume,
         })
     }
 

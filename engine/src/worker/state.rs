@@ -41,6 +41,8 @@ pub(super) struct Core {
     pub(super) barriers_passed: AtomicU64,
     /// The job is over (the scheduler said so): a closed scheduler connection is expected.
     pub(super) over: AtomicBool,
+    /// The scheduler (or a SIGTERM) asked this worker to leave gracefully.
+    pub(super) leave: Arc<AtomicBool>,
     /// The routing table requests are split by (None until the welcome; replaced by
     /// newer tables from the scheduler).
     table: RwLock<Option<Arc<Partition>>>,
@@ -90,6 +92,7 @@ impl Core {
             sched_gen: AtomicU64::new(0),
             barriers_passed: AtomicU64::new(0),
             over: AtomicBool::new(false),
+            leave: Arc::new(AtomicBool::new(false)),
             table: RwLock::new(None),
             retrying: Mutex::new(HashSet::new()),
             dropped: Departed::default(),

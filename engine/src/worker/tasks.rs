@@ -257,6 +257,17 @@ pub(crate) fn judge_answer(
 }
 
 impl Core {
+    /// Let the next task be `ts` (when it is ahead): the numbers skipped count as
+    /// finished tasks ([`crate::consistency::Gate::skip`]).
+    pub(super) fn skip_tasks_to(&self, ts: Timestamp) {
+        let mut g = self.gate.lock();
+        if ts > g.next_ts {
+            let n = ts - g.next_ts;
+            g.gate.skip(n);
+            g.next_ts = ts;
+        }
+    }
+
     /// Record the answer (or failure) of the segment a request's `stamp` names, sent to
     /// `server`.
     pub(super) fn settle(
