@@ -201,6 +201,35 @@ impl RangeVectorClock {
     pub fn is_retired(&self, node: usize) -> bool {
         self.retired[node]
     }
+
+    /// Node `node` enters (or comes back) at clock `clock`: from now on it holds back
+    /// [`min`](Self::min) like every live node.
+    ///
+    /// - A new node (`node >= nodes()`): the clock grows to `node + 1` nodes. Slots
+    ///   between the old count and `node` that nobody asked for are added *retired*
+    ///   (they hold nobody back, until an `add_node` of their own) with clock 0; `node`
+    ///   gets `clock` on every segment, live.
+    /// - A retired node is revived (live again) and a live one stays live; either way its
+    ///   clock rises to `clock` where it is behind and stays where it is ahead (a clock
+    ///   never goes back, so a node revived below a clock it reached keeps that clock
+    ///   there).
+    ///
+    /// Other nodes' clocks do not move; segments stay merged.
+    pub fn add_node(&mut self, node: usize, clock: u64) {
+        if node >= self.nodes() {
+            self.retired.resize(node + 1, true);
+            for (_, clocks) in &mut self.segments {
+                clocks.resize(node + 1, 0);
+                clocks[node] = clock;
+            }
+        } else {
+            for (_, clocks) in &mut self.segments {
+                clocks[node] = clocks[node].max(clock);
+            }
+        }
+        self.retired[node] = false;
+        self.merge();
+    }
 }
 
 /// What the server must do with a request the gate let through.
@@ -254,6 +283,17 @@ struct HeldPull<P> {
 ///   of its worker finished, so every push of an older clock is acknowledged, hence
 ///   held by whichever server heads its keys now or later: the worker's clock rises on
 ///   every range. This is what moves clocks on ranges a server took over.
+///
+/// Workers are slots `0..workers()`, ranked by index. The gate starts with
+/// [`new`](Self::new)'s workers, all at clock 0. A worker that joins a running job enters
+/// with [`add_worker`](Self::add_worker) at the clock the scheduler chose for it: an epoch
+/// boundary `C`, where every live worker has reached `C` and none has sent a request of
+/// clock `C + 1` yet. It is then at `C` on every range and done with every pull up to
+/// `C`: pulls that need clock `C` or older never wait for it, pulls that need `C + 1` or
+/// later do, and its ordered pushes of `C + 1`, `C + 2`, ... take their (clock, rank)
+/// place among the others' (its rank is its slot). A slot that
+/// [`retire`](Self::retire)d may enter again the same way (a replaced worker keeps its
+/// slot).
 #[derive(Debug)]
 pub struct ClockGate<P> {
     clock: RangeVectorClock,
@@ -268,7 +308,8 @@ pub struct ClockGate<P> {
 }
 
 impl<P> ClockGate<P> {
-    /// A gate over `range` for `workers` workers, all at clock 0.
+    /// A gate over `range` for `workers` workers, all at clock 0 (more may enter later:
+    /// [`add_worker`](Self::add_worker)).
     pub fn new(range: KeyRange, workers: usize) -> Self {
         ClockGate {
             clock: RangeVectorClock::new(range, workers),
@@ -281,6 +322,52 @@ impl<P> ClockGate<P> {
     /// The workers' clocks.
     pub fn clock(&self) -> &RangeVectorClock {
         &self.clock
+    }
+
+    /// Number of worker slots (live or retired): indices `0..workers()` are workers of the
+    /// gate. Methods given a larger index ignore it ([`push`](Self::push) panics).
+    pub fn workers(&self) -> usize {
+        self.pushes.len()
+    }
+
+    /// `worker` enters the gate at clock `clock` (an epoch boundary, see the type's
+    /// docs): from now on it holds back the pulls that need a later clock than `clock`
+    /// and the ordered pushes that must follow its pull of `clock + 1` or later, like
+    /// every live worker. Returns the actions the change allows (normally none).
+    ///
+    /// - A new slot (`worker >= workers()`) grows the gate; slots between the old count
+    ///   and `worker` are added retired (they hold nobody back, and may enter later).
+    ///   The worker is at `clock` on every range and done with every pull up to `clock`.
+    /// - A retired slot comes back as a new worker: its clock rises to `clock` where it
+    ///   is behind (never back: where it had reached more, its new pushes up to that
+    ///   clock count as late there and pulls there do not wait for them, so enter it no
+    ///   older than the clock it left at), and it is done with the pulls up to `clock`
+    ///   only. Its pushes held from before it retired stay held, as its pushes of their
+    ///   clocks in their arrival order ahead of its new ones: those of `clock` or older
+    ///   apply now (late), newer ones apply in their turn and only once the worker is
+    ///   done with its new pull of their clock (they are applied *as well as* the new
+    ///   worker's pushes of the same clock: [`evict`](Self::evict) them first if the new
+    ///   worker sends its own).
+    /// - A live slot stays as it is, its clock raised to `clock` where it is behind.
+    ///
+    /// Never moves another worker's clock.
+    pub fn add_worker(&mut self, worker: usize, clock: u64) -> Vec<Action<P>> {
+        let live = worker < self.pushes.len() && !self.clock.is_retired(worker);
+        self.clock.add_node(worker, clock);
+        if worker >= self.pushes.len() {
+            self.pushes.resize_with(worker + 1, VecDeque::new);
+            self.passed.resize(worker + 1, 0);
+        }
+        self.passed[worker] = if live {
+            self.passed[worker].max(clock)
+        } else {
+            // A new worker: what it left pulled before it retired says nothing of it.
+            clock
+        };
+        let mut out = Vec::new();
+        self.drain_pushes(&mut out);
+        self.release_pulls(&mut out);
+        out
     }
 
     /// The smallest live worker clock on `ranges` (the largest clock anybody reached,
@@ -425,6 +512,12 @@ impl<P> ClockGate<P> {
         if clock_on(worker) >= h.t {
             // Late (its clock passed here already): nothing to order it against.
             return true;
+        }
+        if self.passed[worker] < h.t {
+            // Its own worker's pull of this clock may still come: only for a push held
+            // from before its worker retired and entered again below its clock (a push
+            // that arrives says its worker is done with that pull).
+            return false;
         }
         // Workers ranked below: their push of this clock applied here. Ranked above: their
         // push of the previous clock applied here, and their pull of this clock done (it
@@ -688,6 +781,154 @@ mod tests {
     }
 
     #[test]
+    fn add_node_grows_revives_and_never_moves_back() {
+        let mut c = RangeVectorClock::new(r(0, 100), 2);
+        c.advance(r(0, 50), 0, 3);
+        c.advance(r(0, 100), 1, 2);
+        // Node 4 enters at 2: nodes 2 and 3 are added retired, at 0.
+        c.add_node(4, 2);
+        assert_eq!(c.nodes(), 5);
+        assert!(c.is_retired(2) && c.is_retired(3) && !c.is_retired(4));
+        assert_eq!(c.clock_of(r(0, 100), 2), 0);
+        assert_eq!(c.clock_of(r(0, 100), 4), 2);
+        assert_eq!(c.segments().len(), 2, "{:?}", c.segments());
+        assert_eq!(c.min(r(0, 100)), 0, "node 0 is at 0 on [50, 100)");
+        assert_eq!(c.min(r(0, 50)), 2);
+        // A slot added retired enters later.
+        c.add_node(3, 1);
+        assert!(!c.is_retired(3));
+        assert_eq!(c.min(r(0, 50)), 1);
+        // A live node rises only where it is behind.
+        c.add_node(0, 2);
+        assert_eq!(c.clock_of(r(0, 50), 0), 3);
+        assert_eq!(c.clock_of(r(50, 100), 0), 2);
+        assert_eq!(c.clock_of(r(0, 100), 1), 2);
+        // A retired node comes back, never below a clock it reached.
+        c.retire(0);
+        assert_eq!(c.min(r(0, 50)), 1);
+        c.add_node(0, 1);
+        assert!(!c.is_retired(0));
+        assert_eq!(c.clock_of(r(0, 50), 0), 3);
+        assert_eq!(c.clock_of(r(50, 100), 0), 2);
+        c.add_node(3, 2);
+        assert_eq!(c.min(r(0, 100)), 2);
+        // Segments stay merged.
+        for w in c.segments().windows(2) {
+            assert_ne!(w[0].1, w[1].1);
+        }
+        assert_eq!(c.segments().len(), 2);
+        // An empty range: nodes can still enter.
+        let mut e = RangeVectorClock::new(r(5, 5), 1);
+        e.add_node(2, 4);
+        e.add_node(0, 1);
+        assert_eq!((e.nodes(), e.is_retired(1)), (3, true));
+        assert_eq!(e.segments(), &[(r(5, 5), vec![1, 0, 4])]);
+    }
+
+    /// A worker entering at clock 2: pulls that need clock 2 do not wait for it, those
+    /// that need 3 do, and its push of 3 takes its rank's place.
+    #[test]
+    fn a_joined_worker_counts_from_its_entry_clock() {
+        let mut g = ClockGate::new(r(0, 10), 2);
+        assert!(g.completed(0, 2).is_empty());
+        assert!(g.completed(1, 2).is_empty());
+        assert!(g.add_worker(2, 2).is_empty());
+        assert_eq!(g.workers(), 3);
+        assert_eq!(g.clock().clock_of(r(0, 10), 2), 2);
+        assert_eq!(g.pull(2, v(0, 10), "pull 3"), Some("pull 3"));
+        assert_eq!(g.pull(3, v(0, 10), "pull 4"), None);
+        assert!(g.push(0, 3, v(0, 10), v(0, 10), true, "w0").is_empty());
+        assert!(
+            g.push(1, 3, v(0, 10), v(0, 10), true, "w1").is_empty(),
+            "the joined worker's pull of clock 3 may still come"
+        );
+        assert_eq!(
+            g.push(2, 3, v(0, 10), v(0, 10), true, "w2"),
+            vec![
+                Action::Apply("w0"),
+                Action::Apply("w1"),
+                Action::Apply("w2"),
+                Action::Answer("pull 4")
+            ]
+        );
+        // A worker entering with a gap: the slot between holds nobody back.
+        assert!(g.add_worker(4, 3).is_empty());
+        assert_eq!(g.workers(), 5);
+        assert!(g.clock().is_retired(3));
+        assert_eq!(g.pull(3, v(0, 10), "pull 4 again"), Some("pull 4 again"));
+        // Slots beyond the gate are ignored, as before.
+        assert!(g.completed(7, 3).is_empty());
+        assert!(g.reached(7, 3, &v(0, 10)).is_empty());
+        assert!(g.retire(7).is_empty());
+        assert_eq!(g.workers(), 5);
+    }
+
+    /// A replaced worker keeps its slot (rank 0 here): the others' pushes of the next
+    /// clock wait for the new one's.
+    #[test]
+    fn a_retired_slot_enters_again() {
+        let mut g = ClockGate::new(r(0, 10), 3);
+        for w in 0..3 {
+            g.completed(w, 1);
+        }
+        assert!(g.retire(0).is_empty());
+        assert!(g.add_worker(0, 1).is_empty());
+        assert!(!g.clock().is_retired(0));
+        assert_eq!(g.pull(2, v(0, 10), "pull 3"), None);
+        assert!(g.push(1, 2, v(0, 10), v(0, 10), true, "w1").is_empty());
+        assert!(g.push(2, 2, v(0, 10), v(0, 10), true, "w2").is_empty());
+        assert_eq!(
+            g.push(0, 2, v(0, 10), v(0, 10), true, "w0"),
+            vec![
+                Action::Apply("w0"),
+                Action::Apply("w1"),
+                Action::Apply("w2"),
+                Action::Answer("pull 3")
+            ]
+        );
+    }
+
+    /// A push its worker left held when it retired waits, once the slot entered again,
+    /// for the new worker's pull of its clock, and applies (before the new worker's push
+    /// of that clock) in its turn.
+    #[test]
+    fn a_push_held_across_retirement_waits_for_the_new_pull() {
+        let mut g = ClockGate::new(r(0, 10), 2);
+        g.completed(0, 1);
+        g.completed(1, 1);
+        assert!(g.push(0, 2, v(0, 10), v(0, 10), true, "old w0").is_empty());
+        assert!(g.retire(0).is_empty(), "worker 1 may still pull clock 2");
+        assert!(g.add_worker(0, 1).is_empty());
+        assert!(
+            g.push(1, 2, v(0, 10), v(0, 10), true, "w1").is_empty(),
+            "the new worker 0 may still pull clock 2"
+        );
+        assert!(g.completed(0, 1).is_empty());
+        assert_eq!(g.pull(1, v(0, 10), "new w0 pull"), Some("new w0 pull"));
+        assert_eq!(
+            g.push(0, 2, v(0, 10), v(0, 10), true, "new w0"),
+            vec![
+                Action::Apply("old w0"),
+                Action::Apply("new w0"),
+                Action::Apply("w1")
+            ]
+        );
+        // Held pushes of the entry clock or older apply when the slot enters.
+        let mut g = ClockGate::new(r(0, 10), 2);
+        assert!(g.push(0, 1, v(0, 10), v(0, 10), true, "old w0").is_empty());
+        g.retire(0);
+        assert_eq!(g.add_worker(0, 1), vec![Action::Apply("old w0")]);
+    }
+
+    #[test]
+    #[should_panic(expected = "unknown worker")]
+    fn a_push_beyond_the_slots_panics() {
+        let mut g = ClockGate::new(r(0, 10), 2);
+        g.add_worker(3, 0);
+        g.push(4, 1, v(0, 10), v(0, 10), true, "w4");
+    }
+
+    #[test]
     fn raise_moves_only_clocks_behind() {
         let mut c = RangeVectorClock::new(r(0, 100), 2);
         c.raise(&[r(10, 20), r(50, 60)], 0, 3);
@@ -896,6 +1137,248 @@ mod tests {
                 let mut want = visible[i].clone();
                 want.sort();
                 prop_assert_eq!(&applied[i], &want, "range {}", i);
+            }
+        }
+
+        /// Workers join mid-run under every model: `initial` workers, then up to three
+        /// events at epoch boundaries (every live worker finished clock `C` and sent
+        /// nothing of `C + 1`): a worker enters a new slot (maybe past a gap), a retired
+        /// slot, or replaces a live worker in its slot, or a worker leaves. Each worker
+        /// runs steps `t = entry + 1 ..= steps`: a pull with the model's oldest clock,
+        /// then a push of `t` (requests as `server/admit.rs` makes them; per worker in
+        /// order, interleaved at random). Checks: nothing waits forever; a pull answered
+        /// saw every push up to its oldest clock from every worker live then (joined ones
+        /// included), and, sequential, none of its own clock or newer on its ranges;
+        /// sequential pushes apply per range in (clock, rank) order; an entry moves no
+        /// other clock, and pulls of the entry clock or older never wait for anybody.
+        #[test]
+        fn workers_join_at_epoch_boundaries(
+            initial in 1usize..4,
+            steps in 1u64..6,
+            model in 0u8..6,
+            mut events in proptest::collection::vec((0u64..6, 0u8..5, any::<u8>()), 0..4),
+            seed in any::<u64>(),
+            shuffle in proptest::collection::vec(any::<u32>(), 0..400),
+        ) {
+            use crate::consistency::Consistency;
+            const RANGES: u64 = 3;
+            let whole = r(0, RANGES * 10);
+            let unit = |i: u64| r(i * 10, i * 10 + 10);
+            let consistency = match model {
+                0 | 1 => Consistency::Sequential,
+                2 => Consistency::BoundedDelay(0),
+                3 => Consistency::BoundedDelay(1),
+                4 => Consistency::BoundedDelay(2),
+                _ => Consistency::Eventual,
+            };
+            let seq = consistency == Consistency::Sequential;
+            let mix = |slot: usize, t: u64, salt: u64| {
+                let mut x = seed
+                    ^ (slot as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                    ^ t.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
+                    ^ salt.wrapping_mul(0x1656_67B1_9E37_79F9);
+                x ^= x >> 33;
+                x = x.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
+                x ^ (x >> 33)
+            };
+            // What a push writes (maybe nothing: clock only) and a pull reads (something).
+            let writes = |slot: usize, t: u64| -> Vec<u64> {
+                let m = mix(slot, t, 1) % 8;
+                (0..RANGES).filter(|i| m & (1 << i) != 0).collect()
+            };
+            let reads = |slot: usize, t: u64| -> Vec<u64> {
+                let m = mix(slot, t, 2) % 7 + 1;
+                (0..RANGES).filter(|i| m & (1 << i) != 0).collect()
+            };
+            for e in &mut events {
+                e.0 = e.0.min(steps);
+            }
+            events.sort_by_key(|e| e.0);
+            let mut events: VecDeque<(u64, u8, u8)> = events.into();
+
+            /// One worker's life in a slot: it entered at `entry`, left at `left`.
+            struct Life { slot: usize, entry: u64, left: Option<u64> }
+            /// A live worker's progress: the newest step whose pull it sent, whose pull
+            /// was answered, whose push it sent; its requests sent, not yet delivered.
+            struct Run { entry: u64, pulled: u64, answered: u64, pushed: u64, outbox: VecDeque<(bool, u64)> }
+            let run = |entry: u64| Run { entry, pulled: entry, answered: entry, pushed: entry, outbox: VecDeque::new() };
+
+            // Tags: (slot, clock, is pull).
+            let mut g: ClockGate<(usize, u64, bool)> = ClockGate::new(whole, initial);
+            let mut lives: Vec<Life> = (0..initial).map(|slot| Life { slot, entry: 0, left: None }).collect();
+            let mut runs: Vec<Option<Run>> = (0..initial).map(|_| Some(run(0))).collect();
+            let mut applied = std::collections::BTreeSet::<(usize, u64)>::new();
+            let mut per_range: Vec<Vec<(u64, usize)>> = vec![Vec::new(); RANGES as usize];
+            // The newest epoch boundary passed: every live worker reached it.
+            let mut floor = 0u64;
+            let mut pick = 0usize;
+            loop {
+                // An event whose boundary came.
+                if let Some(&(c, kind, which)) = events.front() {
+                    let ready = runs.iter().enumerate().all(|(s, w)| {
+                        w.as_ref().is_none_or(|w| {
+                            w.outbox.is_empty() && (w.entry >= c || applied.contains(&(s, c)))
+                        })
+                    });
+                    if ready {
+                        events.pop_front();
+                        prop_assert_eq!((g.held_pulls(), g.held_pushes()), (0, 0));
+                        let live: Vec<usize> = (0..runs.len()).filter(|&s| runs[s].is_some()).collect();
+                        let retired: Vec<usize> = (0..g.workers()).filter(|&s| g.clock().is_retired(s)).collect();
+                        let mut leave = |s: usize, g: &mut ClockGate<(usize, u64, bool)>, runs: &mut Vec<Option<Run>>| {
+                            assert!(g.retire(s).is_empty());
+                            runs[s] = None;
+                            for l in lives.iter_mut().filter(|l| l.slot == s && l.left.is_none()) {
+                                l.left = Some(c);
+                            }
+                        };
+                        let join = match kind {
+                            0 => Some(g.workers()),
+                            1 => Some(g.workers() + 1),
+                            2 if !retired.is_empty() => Some(retired[which as usize % retired.len()]),
+                            2 => Some(g.workers()),
+                            3 => {
+                                let s = live[which as usize % live.len()];
+                                leave(s, &mut g, &mut runs);
+                                Some(s)
+                            }
+                            _ => {
+                                if live.len() > 1 {
+                                    leave(live[which as usize % live.len()], &mut g, &mut runs);
+                                }
+                                None
+                            }
+                        };
+                        if let Some(s) = join {
+                            let keys = |g: &ClockGate<(usize, u64, bool)>, v: usize| -> Vec<u64> {
+                                (0..whole.end).map(|k| g.clock().clock_of(r(k, k + 1), v)).collect()
+                            };
+                            let before: Vec<Vec<u64>> = (0..g.workers()).map(|v| keys(&g, v)).collect();
+                            prop_assert!(g.add_worker(s, c).is_empty());
+                            prop_assert!(g.workers() > s && !g.clock().is_retired(s));
+                            for (v, old) in before.iter().enumerate() {
+                                let now = keys(&g, v);
+                                if v == s {
+                                    for (a, b) in old.iter().zip(&now) {
+                                        prop_assert!(*b >= c.max(*a), "slot {} entered at {} from {:?} to {:?}", s, c, old, now);
+                                    }
+                                } else {
+                                    prop_assert_eq!(old, &now, "slot {}'s entry moved slot {}", s, v);
+                                }
+                            }
+                            prop_assert!(keys(&g, s).iter().all(|&k| k >= c));
+                            prop_assert_eq!(g.pull(c, vec![whole], (usize::MAX, c, true)), Some((usize::MAX, c, true)));
+                            if runs.len() <= s {
+                                runs.resize_with(s + 1, || None);
+                            }
+                            runs[s] = Some(run(c));
+                            lives.push(Life { slot: s, entry: c, left: None });
+                        }
+                        floor = c;
+                        continue;
+                    }
+                }
+                let barrier = events.front().map_or(u64::MAX, |e| e.0);
+                // What may happen next: (slot, deliver) where deliver is false for a send.
+                let mut next: Vec<(usize, bool)> = Vec::new();
+                for (s, w) in runs.iter().enumerate() {
+                    let Some(w) = w else { continue };
+                    let t = w.pulled + 1;
+                    let may_pull = w.pulled == w.pushed && t <= steps && t <= barrier && if seq {
+                        t - 1 == w.entry || applied.contains(&(s, t - 1))
+                    } else {
+                        let m = consistency.min_clock(t);
+                        m <= w.entry || applied.contains(&(s, m))
+                    };
+                    if may_pull || w.answered > w.pushed {
+                        next.push((s, false));
+                    }
+                    if !w.outbox.is_empty() {
+                        next.push((s, true));
+                    }
+                }
+                if next.is_empty() {
+                    break;
+                }
+                let (s, deliver) = next[shuffle.get(pick).copied().unwrap_or(0) as usize % next.len()];
+                pick += 1;
+                let w = runs[s].as_mut().expect("live");
+                if !deliver {
+                    if w.answered > w.pushed {
+                        w.pushed += 1;
+                        w.outbox.push_back((false, w.pushed));
+                    } else {
+                        w.pulled += 1;
+                        w.outbox.push_back((true, w.pulled));
+                    }
+                    continue;
+                }
+                let (is_pull, t) = w.outbox.pop_front().expect("checked");
+                let mut acts = if seq { g.completed(s, t - 1) } else { Vec::new() };
+                if is_pull {
+                    let m = consistency.min_clock(t);
+                    let ranges: Vec<KeyRange> = reads(s, t).into_iter().map(unit).collect();
+                    match g.pull(m, ranges, (s, t, true)) {
+                        Some(p) => acts.push(Action::Answer(p)),
+                        None => prop_assert!(m > floor, "pull of {} by {} (oldest clock {}) waits past boundary {}", t, s, m, floor),
+                    }
+                } else {
+                    let write: Vec<KeyRange> = writes(s, t).into_iter().map(unit).collect();
+                    acts.extend(g.push(s, t, write, vec![whole], seq, (s, t, false)));
+                }
+                for a in acts {
+                    match a {
+                        Action::Apply((ps, pt, _)) => {
+                            for i in writes(ps, pt) {
+                                let me = (pt, ps);
+                                let seen = &mut per_range[i as usize];
+                                if seq {
+                                    prop_assert!(seen.last().is_none_or(|l| *l < me),
+                                        "range {}: {:?} applied after {:?}", i, me, seen.last());
+                                }
+                                seen.push(me);
+                            }
+                            prop_assert!(applied.insert((ps, pt)), "({}, {}) applied twice", ps, pt);
+                        }
+                        Action::Answer((ps, pt, _)) => {
+                            let m = consistency.min_clock(pt);
+                            for l in &lives {
+                                let upto = l.left.map_or(m, |left| left.min(m));
+                                for c in l.entry + 1..=upto {
+                                    prop_assert!(applied.contains(&(l.slot, c)),
+                                        "pull of {} by {} (oldest clock {}) before ({}, {})", pt, ps, m, c, l.slot);
+                                }
+                            }
+                            if seq {
+                                for i in reads(ps, pt) {
+                                    for &(c, v) in &per_range[i as usize] {
+                                        prop_assert!(c < pt, "pull of {} by {} on range {} after ({}, {})", pt, ps, i, c, v);
+                                    }
+                                }
+                            }
+                            runs[ps].as_mut().expect("live").answered = pt;
+                        }
+                    }
+                }
+            }
+            prop_assert!(events.is_empty(), "stuck before the boundary {:?}", events.front());
+            for (s, w) in runs.iter().enumerate() {
+                let Some(w) = w else { continue };
+                prop_assert!(w.entry >= steps || applied.contains(&(s, steps)), "worker {} is stuck at {}", s, w.pushed);
+            }
+            prop_assert_eq!((g.held_pulls(), g.held_pushes()), (0, 0));
+            for i in 0..RANGES {
+                let mut want: Vec<(u64, usize)> = lives
+                    .iter()
+                    .flat_map(|l| (l.entry + 1..=l.left.unwrap_or(steps)).map(move |t| (t, l.slot)))
+                    .filter(|&(t, v)| writes(v, t).contains(&i))
+                    .collect();
+                want.sort();
+                let mut got = per_range[i as usize].clone();
+                if !seq {
+                    got.sort();
+                }
+                prop_assert_eq!(got, want, "range {}", i);
             }
         }
     }
