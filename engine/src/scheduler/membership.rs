@@ -675,7 +675,10 @@ impl SchedulerCore {
         // ends only once the view is rebuilt.
         if self.finished
             || self.recovering_until.is_some()
-            || self.live_workers().next().is_some()
+            || self
+                .nodes
+                .values()
+                .any(|n| n.role == Role::Worker && !n.gone && !n.done)
             || !self.wk.vacant.is_empty()
             || self.wk.replacing.is_some()
         {

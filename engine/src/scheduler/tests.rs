@@ -50,7 +50,11 @@ fn running() -> SchedulerCore {
 
 /// Like [`running`], for a spec of two servers and two workers.
 fn running_spec(sp: ClusterSpec) -> SchedulerCore {
-    let mut c = SchedulerCore::new(sp);
+    running_core(SchedulerCore::new(sp))
+}
+
+/// [`running`] from a given (unregistered) core of two servers and two workers.
+fn running_core(mut c: SchedulerCore) -> SchedulerCore {
     assert!(sends(&register(&mut c, 1, Role::Server, Some(1))).is_empty());
     register(&mut c, 2, Role::Worker, None);
     register(&mut c, 3, Role::Server, None);
@@ -649,27 +653,261 @@ fn late_servers_must_join_and_late_workers_take_part_from_the_next_barrier() {
     // A taken rank is refused.
     let out = register(&mut c, 12, Role::Worker, Some(0));
     assert!(matches!(sends(&out)[0].1, Control::Refused { reason } if reason.contains("taken")));
-    // The others reach barrier 2; it waits for the joiner, who asks for "the next"
-    // (seq 0) and gets barrier 2 with every live rank.
+    // The joiner counts in nothing until it enters: barrier 2 is released without it.
     for conn in [2, 4] {
-        let out = c.handle(Input::Message {
+        c.handle(Input::Message {
             conn,
-            msg: Control::Barrier { seq: 2, clock: 0 },
+            msg: Control::Barrier { seq: 2, clock: 8 },
         });
-        assert!(sends(&out).is_empty());
     }
+    assert_eq!(c.last_barrier, 2);
+    // It asks for "the next" (seq 0): barrier 3. The others arrive there at clock 12:
+    // before it is released, every server's clock gate must count the joiner from 12.
     let out = c.handle(Input::Message {
         conn: 11,
         msg: Control::Barrier { seq: 0, clock: 0 },
+    });
+    assert!(sends(&out).is_empty());
+    c.handle(Input::Message {
+        conn: 2,
+        msg: Control::Barrier { seq: 3, clock: 12 },
+    });
+    let out = c.handle(Input::Message {
+        conn: 4,
+        msg: Control::Barrier { seq: 3, clock: 12 },
+    });
+    let enters = Control::WorkerEnters { rank: 2, clock: 12 };
+    let s = sends(&out);
+    assert_eq!(s.len(), 2, "{out:?}");
+    assert!(s.iter().all(|(c, m)| [1, 3].contains(c) && **m == enters));
+    // One server answered: still held.
+    let out = c.handle(Input::Message {
+        conn: 1,
+        msg: Control::WorkerEntered { rank: 2 },
+    });
+    assert!(sends(&out).is_empty());
+    assert_eq!(states(&c).iter().filter(|s| s.2 == "joining").count(), 1);
+    let out = c.handle(Input::Message {
+        conn: 3,
+        msg: Control::WorkerEntered { rank: 2 },
     });
     let s = sends(&out);
     assert_eq!(s.len(), 3);
     assert!(s.iter().all(|(_, m)| **m
         == Control::BarrierDone {
-            seq: 2,
+            seq: 3,
             live: vec![0, 1, 2],
-            clock: 0,
+            clock: 12,
         }));
+    // A joiner asking for a barrier the job is past is refused, saying so.
+    let out = register(&mut c, 13, Role::Worker, None);
+    assert!(matches!(sends(&out)[0].1, Control::Welcome { rank: 3, .. }));
+    let out = c.handle(Input::Message {
+        conn: 13,
+        msg: Control::Barrier { seq: 2, clock: 0 },
+    });
+    assert!(
+        matches!(sends(&out)[0].1, Control::Refused { reason } if reason.contains("released already"))
+    );
+}
+
+/// Two servers, two workers, with replacements on (wait 5 s); barriers 1 and 2 passed at
+/// clock 10.
+fn running_replacing() -> SchedulerCore {
+    let mut c = running_core(SchedulerCore::new(spec(2, 2)).with_replacement(Duration::from_secs(5)));
+    for seq in [1, 2] {
+        for conn in [2, 4] {
+            c.handle(Input::Message {
+                conn,
+                msg: Control::Barrier { seq, clock: 10 },
+            });
+        }
+    }
+    assert_eq!(c.last_barrier, 2);
+    c
+}
+
+#[test]
+fn a_failed_workers_place_is_kept_and_its_replacement_resumes_where_it_stopped() {
+    let mut c = running_replacing();
+    // Worker 1 (connection 4) dies: the servers are not told (its slot stays), and the
+    // barrier worker 0 reaches waits.
+    let out = c.handle(Input::Closed { conn: 4 });
+    assert!(sends(&out).is_empty(), "{out:?}");
+    assert_eq!(c.vacancies(), vec![1]);
+    let out = c.handle(Input::Message {
+        conn: 2,
+        msg: Control::Barrier { seq: 3, clock: 20 },
+    });
+    assert!(sends(&out).is_empty());
+    // The job does not end while a place waits.
+    c.handle(Input::Message {
+        conn: 2,
+        msg: Control::Done {
+            stats: WorkerStats::default(),
+        },
+    });
+    assert!(!c.is_finished());
+    let refused = |out: &[Output], what: &str| {
+        matches!(sends(out)[..], [(_, Control::Refused { reason })] if reason.contains(what))
+    };
+    // Replacing a live worker, or a rank with no place, is refused and changes nothing.
+    let out = c.handle(Input::Message {
+        conn: 9,
+        msg: Control::Replace { rank: 0, pid: 1 },
+    });
+    assert!(refused(&out, "is alive"), "{out:?}");
+    let out = c.handle(Input::Message {
+        conn: 9,
+        msg: Control::Replace { rank: 5, pid: 1 },
+    });
+    assert!(refused(&out, "no place"), "{out:?}");
+    assert_eq!(c.vacancies(), vec![1]);
+    // A replacement: the servers are asked which clock worker 1 reached.
+    let out = c.handle(Input::Message {
+        conn: 10,
+        msg: Control::Replace { rank: 1, pid: 2 },
+    });
+    let ask = Control::WorkerClock { rank: 1 };
+    assert_eq!(sends(&out), vec![(1, &ask), (3, &ask)]);
+    let out = c.handle(Input::Message {
+        conn: 1,
+        msg: Control::WorkerClockIs { rank: 1, clock: 14 },
+    });
+    assert!(sends(&out).is_empty());
+    let out = c.handle(Input::Message {
+        conn: 3,
+        msg: Control::WorkerClockIs { rank: 1, clock: 13 },
+    });
+    // Welcomed as worker 1 with its node id, resuming after the smallest clock.
+    let Control::Welcome {
+        node_id,
+        rank,
+        resume,
+        cluster,
+    } = sends(&out)[0].1
+    else {
+        panic!("{out:?}")
+    };
+    assert_eq!((*rank, *node_id), (1, 1 + 2 + 1));
+    assert!(cluster.replace_workers);
+    assert_eq!(
+        resume,
+        &Some(crate::proto::Resume {
+            barrier: 2,
+            live: vec![0, 1],
+            barrier_clock: 10,
+            clock: 13,
+        })
+    );
+    assert!(c.vacancies().is_empty());
+    assert!(states(&c).contains(&(Role::Worker, 1, "replaced".into())));
+    // Its arrival releases the barrier, with both ranks live.
+    let out = c.handle(Input::Message {
+        conn: 10,
+        msg: Control::Barrier { seq: 3, clock: 20 },
+    });
+    let done = Control::BarrierDone {
+        seq: 3,
+        live: vec![0, 1],
+        clock: 20,
+    };
+    assert_eq!(sends(&out), vec![(2, &done), (10, &done)]);
+}
+
+#[test]
+fn a_place_nobody_takes_is_given_up_after_the_wait_and_the_others_go_on() {
+    let mut c = running_replacing();
+    c.handle(Input::Tick { now_ms: 1_000 });
+    c.handle(Input::Closed { conn: 4 });
+    c.handle(Input::Message {
+        conn: 2,
+        msg: Control::Barrier { seq: 3, clock: 20 },
+    });
+    let out = c.handle(Input::Tick { now_ms: 5_500 });
+    assert!(sends(&out).is_empty(), "still within the wait");
+    let out = c.handle(Input::Tick { now_ms: 6_100 });
+    let gone = Control::WorkerGone { rank: 1 };
+    let s = sends(&out);
+    assert_eq!(s[..2], [(1, &gone), (3, &gone)], "{out:?}");
+    assert_eq!(
+        s[2..],
+        [(
+            2,
+            &Control::BarrierDone {
+                seq: 3,
+                live: vec![0],
+                clock: 20,
+            }
+        )]
+    );
+    // Too late now.
+    let out = c.handle(Input::Message {
+        conn: 10,
+        msg: Control::Replace { rank: 1, pid: 2 },
+    });
+    assert!(matches!(sends(&out)[0].1, Control::Refused { reason } if reason.contains("no place")));
+}
+
+#[test]
+fn a_replacement_is_refused_when_the_job_keeps_no_places() {
+    let mut c = running();
+    c.handle(Input::Closed { conn: 4 });
+    let out = c.handle(Input::Message {
+        conn: 10,
+        msg: Control::Replace { rank: 1, pid: 2 },
+    });
+    assert!(matches!(sends(&out)[0].1, Control::Refused { reason } if reason.contains("--replace-failed-workers")));
+}
+
+#[test]
+fn a_worker_asked_to_leave_finishes_its_clock_and_is_retired_at_once() {
+    let mut c = running();
+    let out = c.handle(Input::Message {
+        conn: 20,
+        msg: Control::WorkerLeave { rank: 0 },
+    });
+    assert!(matches!(sends(&out)[0].1, Control::Refused { reason } if reason.contains("worker 0")));
+    let out = c.handle(Input::Message {
+        conn: 20,
+        msg: Control::WorkerLeave { rank: 7 },
+    });
+    assert!(matches!(sends(&out)[0].1, Control::Refused { reason } if reason.contains("not running")));
+    let out = c.handle(Input::Message {
+        conn: 20,
+        msg: Control::WorkerLeave { rank: 1 },
+    });
+    let s = sends(&out);
+    assert_eq!(s[0], (4, &Control::PleaseLeave));
+    assert!(matches!(s[1], (20, Control::Log { .. })));
+    // Worker 0 waits at a barrier; worker 1 says it leaves after clock 7: the servers
+    // retire it at once and the barrier goes on without it.
+    c.handle(Input::Message {
+        conn: 2,
+        msg: Control::Barrier { seq: 1, clock: 9 },
+    });
+    let out = c.handle(Input::Message {
+        conn: 4,
+        msg: Control::Leaving { clock: 7 },
+    });
+    let gone = Control::WorkerGone { rank: 1 };
+    let s = sends(&out);
+    assert_eq!(s[..2], [(1, &gone), (3, &gone)], "{out:?}");
+    assert_eq!(
+        s[2..],
+        [(
+            2,
+            &Control::BarrierDone {
+                seq: 1,
+                live: vec![0],
+                clock: 9,
+            }
+        )]
+    );
+    // Its connection closing later is no failure.
+    let out = c.handle(Input::Closed { conn: 4 });
+    assert!(sends(&out).iter().all(|(_, m)| !matches!(m, Control::BarrierDone { .. })));
+    assert!(states(&c).contains(&(Role::Worker, 1, "gone".into())));
 }
 
 fn heartbeat(c: &mut SchedulerCore, conn: ConnKey, now_ms: u64) -> Vec<Output> {

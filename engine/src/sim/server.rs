@@ -259,6 +259,7 @@ impl SimServer {
                     // As `server/node.rs`: the gate counts the joiner, then says so.
                     if let Some(ready) = self.ready.as_mut() {
                         let actions = ready.gate.add_worker(rank as usize, clock);
+                        ready.workers = ready.workers.max(rank + 1);
                         self.run_actions(ctx, actions);
                     }
                     if let Some(c) = self.sched {

@@ -259,9 +259,16 @@ impl SimWorker {
                     }
                 }
             }
-            Control::BarrierDone { seq, .. }
+            Control::BarrierDone { seq, clock, .. }
                 if self.phase == Phase::Barrier(seq) || matches!(self.phase, Phase::Barrier(0)) =>
             {
+                if self.late && self.phase == Phase::Barrier(0) {
+                    // Entered at this barrier (the servers' gates count it from `clock`):
+                    // clocked from here on, like the others.
+                    self.late = false;
+                    self.clock = clock;
+                    self.iteration = self.iteration.max(clock + 1);
+                }
                 self.barriers = seq;
                 self.phase = Phase::Running;
                 let me = self.me();
@@ -384,7 +391,7 @@ impl SimWorker {
             self.phase = Phase::Barrier(seq);
             if let Some(conn) = self.sched {
                 ctx.net
-                    .send(conn, me, Msg::Control(Control::Barrier { seq, clock: 0 }));
+                    .send(conn, me, Msg::Control(Control::Barrier { seq, clock: c }));
             }
             return;
         }
