@@ -519,7 +519,9 @@ pub(super) fn run(cmd: Cmd, exe_prefix: Vec<String>) -> Result<(), EngineError> 
             cfg.compress = job.compress;
             let worker = Worker::connect(cfg)?;
             // SIGTERM: leave gracefully (finish the clock, hand the shard back).
-            if let Err(e) = signal_hook::flag::register(signal_hook::consts::SIGTERM, worker.leave_flag()) {
+            if let Err(e) =
+                signal_hook::flag::register(signal_hook::consts::SIGTERM, worker.leave_flag())
+            {
                 tracing::warn!(error = %e, "cannot catch SIGTERM; it will stop the worker at once");
             }
             crate::job::run_lr_worker(worker, &job)

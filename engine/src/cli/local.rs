@@ -425,6 +425,7 @@ fn run_in(
         .collect();
     let mut restarts = 0u32;
     let mut replaced: std::collections::BTreeMap<u32, u32> = Default::default();
+    let mut killed_worker_ms: Option<u64> = None;
     let mut add = plan.add_server;
     let mut add_worker = plan.add_worker;
     while procs.0.iter().any(|p| p.status.is_none()) {
@@ -476,7 +477,12 @@ fn run_in(
                         "pserv local: killed {name} (pid {pid}) with SIGKILL {:.2} s after the workers started",
                         after.as_secs_f64()
                     );
-                    if let Some(rank) = worker_rank_of(&name).filter(|_| plan.replace.replace_failed_workers) {
+                    if name.starts_with("worker") {
+                        killed_worker_ms = Some(crate::job::unix_ms());
+                    }
+                    if let Some(rank) =
+                        worker_rank_of(&name).filter(|_| plan.replace.replace_failed_workers)
+                    {
                         replace_worker(plan, &mut procs, addr, rank, &mut replaced)?;
                     }
                 }
@@ -519,8 +525,23 @@ fn run_in(
         context: format!("reading the job summary {}", summary.display()),
         source,
     })?;
-    serde_json::from_str(&text)
-        .map_err(|e| EngineError::Config(format!("malformed job summary: {e}")))
+    let mut summary: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| EngineError::Config(format!("malformed job summary: {e}")))?;
+    if let (Some(ms), Some(obj)) = (killed_worker_ms, summary.as_object_mut()) {
+        // When --kill-worker-after struck (ms since the Unix epoch): with
+        // --replace-failed-workers, `replacement_worker_N.first_ack_unix_ms` minus this is
+        // the time to the replacement's first acknowledged push.
+        obj.insert("killed_worker_unix_ms".into(), ms.into());
+        let _ = std::fs::write(&summary_path_of(plan, dir), summary.to_string());
+    }
+    Ok(summary)
+}
+
+/// Where the scheduler of a run in `dir` writes the summary.
+fn summary_path_of(plan: &LocalPlan, dir: &Path) -> PathBuf {
+    plan.summary_json
+        .clone()
+        .unwrap_or_else(|| dir.join("summary.json"))
 }
 
 /// The worker rank a child's name speaks of (`worker 3`, `worker 3 (replacement 1)`).
@@ -549,10 +570,14 @@ fn replace_worker(
     }
     *n += 1;
     let args = plan.replacement(addr, rank).to_args();
-    procs
-        .0
-        .push(spawn(plan, format!("worker {rank} (replacement {n})"), args)?);
-    eprintln!("pserv local: started a replacement for worker {rank} (pserv worker --replace {rank})");
+    procs.0.push(spawn(
+        plan,
+        format!("worker {rank} (replacement {n})"),
+        args,
+    )?);
+    eprintln!(
+        "pserv local: started a replacement for worker {rank} (pserv worker --replace {rank})"
+    );
     Ok(())
 }
 

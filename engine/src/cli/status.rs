@@ -188,8 +188,32 @@ pub fn render(r: &StatusReport) -> String {
                 )
             })
             .unwrap_or_default();
+        let shard = n
+            .shard
+            .as_ref()
+            .map(|sh| {
+                let rows: Vec<String> = sh.rows.iter().map(|(a, b)| format!("{a}..{b}")).collect();
+                let mut t = format!(
+                    "; rows {} in epoch {} from clock {}",
+                    if rows.is_empty() {
+                        "none".to_string()
+                    } else {
+                        rows.join(", ")
+                    },
+                    sh.epoch,
+                    sh.clock
+                );
+                if sh.replaced > 0 {
+                    t.push_str(&format!(", replacement {}", sh.replaced));
+                }
+                if sh.left {
+                    t.push_str(", left");
+                }
+                t
+            })
+            .unwrap_or_default();
         s.push_str(&format!(
-            "  {role} {}{addr}: {}{hb}{repl}\n",
+            "  {role} {}{addr}: {}{hb}{repl}{shard}\n",
             n.rank, n.state
         ));
     }

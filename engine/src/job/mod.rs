@@ -690,6 +690,13 @@ fn check_file(flag: &str, path: &Path) -> Result<(), EngineError> {
     Ok(())
 }
 
+/// Milliseconds since the Unix epoch (for times compared across processes).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Report progress to the scheduler at most this often.
 const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -995,6 +1002,8 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
     let mut last_eval = None;
     let mut step_count = 0usize;
     let mut left = false;
+    // A replacement: when its first push was acknowledged (ms since the Unix epoch).
+    let mut first_ack_ms: Option<u64> = None;
     'epochs: for epoch in first_epoch..=job.epochs {
         let plan = epoch_plan(
             train.len(),
@@ -1141,6 +1150,12 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
                 }
                 worker.push(out.keys, out.values)
             });
+            if first_ack_ms.is_none() && worker.resume().is_some() {
+                if let Some(ts) = previous_push.take() {
+                    worker.wait(ts)?;
+                }
+                first_ack_ms = Some(unix_ms());
+            }
             examples += batch.len() as u64;
             unreported += batch.len() as u64;
             step_count += 1;
@@ -1254,6 +1269,16 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
         }
         let mut m = serde_json::Map::new();
         m.insert(format!("traffic_worker_{rank}"), traffic.into());
+        if let Some(r) = worker.resume() {
+            m.insert(
+                format!("replacement_worker_{rank}"),
+                serde_json::json!({
+                    "resumed_after_clock": r.clock,
+                    "barrier": r.barrier,
+                    "first_ack_unix_ms": first_ack_ms,
+                }),
+            );
+        }
         worker.tell_scheduler(Control::Summary {
             json: serde_json::Value::Object(m).to_string(),
         })?;

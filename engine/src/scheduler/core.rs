@@ -315,9 +315,9 @@ impl SchedulerCore {
     }
 
     pub(super) fn live_workers(&self) -> impl Iterator<Item = (&ConnKey, &Node)> {
-        self.nodes
-            .iter()
-            .filter(|(_, n)| n.role == Role::Worker && !n.gone && !n.done && n.entered && !n.leaving)
+        self.nodes.iter().filter(|(_, n)| {
+            n.role == Role::Worker && !n.gone && !n.done && n.entered && !n.leaving
+        })
     }
 
     /// Feed one input; returns what to do.
@@ -394,9 +394,7 @@ impl SchedulerCore {
             }
             Control::Replace { rank, pid } => self.on_replace(conn, rank, pid, out),
             Control::WorkerEntered { rank } => self.on_worker_entered(conn, rank, out),
-            Control::WorkerClockIs { rank, clock } => {
-                self.on_worker_clock(conn, rank, clock, out)
-            }
+            Control::WorkerClockIs { rank, clock } => self.on_worker_clock(conn, rank, clock, out),
             Control::WorkerLeave { rank } => self.on_worker_leave(conn, rank, out),
             Control::Leaving { clock } => self.on_leaving(conn, clock, out),
             Control::Shard { epoch, rows, clock } => {

@@ -275,6 +275,14 @@ impl SchedulerCore {
 
     pub(super) fn on_closed(&mut self, conn: ConnKey, out: &mut Vec<Output>) {
         self.checkpoint_conn_closed(conn);
+        if self.wk.replacing.as_ref().is_some_and(|r| r.conn == conn) {
+            // A replacement that vanished before it was welcomed: the place stays kept.
+            self.wk.replacing = None;
+            out.push(Output::Log(
+                "a replacement closed its connection before it was welcomed; the place stays kept"
+                    .into(),
+            ));
+        }
         self.early_workers.retain(|e| e.0 != conn);
         if !self.servers_welcomed {
             if let Some(n) = self.nodes.remove(&conn) {

@@ -714,7 +714,8 @@ fn late_servers_must_join_and_late_workers_take_part_from_the_next_barrier() {
 /// Two servers, two workers, with replacements on (wait 5 s); barriers 1 and 2 passed at
 /// clock 10.
 fn running_replacing() -> SchedulerCore {
-    let mut c = running_core(SchedulerCore::new(spec(2, 2)).with_replacement(Duration::from_secs(5)));
+    let mut c =
+        running_core(SchedulerCore::new(spec(2, 2)).with_replacement(Duration::from_secs(5)));
     for seq in [1, 2] {
         for conn in [2, 4] {
             c.handle(Input::Message {
@@ -748,9 +749,7 @@ fn a_failed_workers_place_is_kept_and_its_replacement_resumes_where_it_stopped()
         },
     });
     assert!(!c.is_finished());
-    let refused = |out: &[Output], what: &str| {
-        matches!(sends(out)[..], [(_, Control::Refused { reason })] if reason.contains(what))
-    };
+    let refused = |out: &[Output], what: &str| matches!(sends(out)[..], [(_, Control::Refused { reason })] if reason.contains(what));
     // Replacing a live worker, or a rank with no place, is refused and changes nothing.
     let out = c.handle(Input::Message {
         conn: 9,
@@ -857,7 +856,9 @@ fn a_replacement_is_refused_when_the_job_keeps_no_places() {
         conn: 10,
         msg: Control::Replace { rank: 1, pid: 2 },
     });
-    assert!(matches!(sends(&out)[0].1, Control::Refused { reason } if reason.contains("--replace-failed-workers")));
+    assert!(
+        matches!(sends(&out)[0].1, Control::Refused { reason } if reason.contains("--replace-failed-workers"))
+    );
 }
 
 #[test]
@@ -872,7 +873,9 @@ fn a_worker_asked_to_leave_finishes_its_clock_and_is_retired_at_once() {
         conn: 20,
         msg: Control::WorkerLeave { rank: 7 },
     });
-    assert!(matches!(sends(&out)[0].1, Control::Refused { reason } if reason.contains("not running")));
+    assert!(
+        matches!(sends(&out)[0].1, Control::Refused { reason } if reason.contains("not running"))
+    );
     let out = c.handle(Input::Message {
         conn: 20,
         msg: Control::WorkerLeave { rank: 1 },
@@ -906,7 +909,9 @@ fn a_worker_asked_to_leave_finishes_its_clock_and_is_retired_at_once() {
     );
     // Its connection closing later is no failure.
     let out = c.handle(Input::Closed { conn: 4 });
-    assert!(sends(&out).iter().all(|(_, m)| !matches!(m, Control::BarrierDone { .. })));
+    assert!(sends(&out)
+        .iter()
+        .all(|(_, m)| !matches!(m, Control::BarrierDone { .. })));
     assert!(states(&c).contains(&(Role::Worker, 1, "gone".into())));
 }
 

@@ -57,7 +57,7 @@ pub(crate) struct WorkerChanges {
 /// A replacement waiting for the servers' clocks of the worker it replaces.
 #[derive(Debug)]
 pub(crate) struct Replacing {
-    conn: ConnKey,
+    pub(super) conn: ConnKey,
     rank: u32,
     pid: u32,
     /// Servers that have not answered.
@@ -107,7 +107,12 @@ impl SchedulerCore {
     /// Worker `rank` (its connection closed before it finished): keep its place when
     /// replacements are on. Returns whether it was kept (then the servers keep its slot
     /// and nobody is told it is gone).
-    pub(super) fn worker_failed(&mut self, rank: u32, leaving: bool, out: &mut Vec<Output>) -> bool {
+    pub(super) fn worker_failed(
+        &mut self,
+        rank: u32,
+        leaving: bool,
+        out: &mut Vec<Output>,
+    ) -> bool {
         let Some(wait) = self.wk.replace_wait_ms else {
             return false;
         };
@@ -255,7 +260,12 @@ impl SchedulerCore {
 
     /// Every server answered: welcome the replacement.
     fn maybe_welcome_replacement(&mut self, out: &mut Vec<Output>) {
-        if !self.wk.replacing.as_ref().is_some_and(|r| r.waiting.is_empty()) {
+        if !self
+            .wk
+            .replacing
+            .as_ref()
+            .is_some_and(|r| r.waiting.is_empty())
+        {
             return;
         }
         let r = self.wk.replacing.take().expect("checked");

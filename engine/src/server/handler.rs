@@ -57,7 +57,11 @@ impl Handler for ServerHandler {
                     Ok(Control::Completed { clock }) => {
                         if let Some(ready) = self.core.ready.get() {
                             match worker_of(ready, h.sender) {
-                                Some(WorkerRank(w)) if w < ready.workers.load(std::sync::atomic::Ordering::Acquire) => {
+                                Some(WorkerRank(w))
+                                    if w < ready
+                                        .workers
+                                        .load(std::sync::atomic::Ordering::Acquire) =>
+                                {
                                     let mut gate = ready.clocks.lock();
                                     let actions = gate.completed(w as usize, clock);
                                     run_actions(&self.core, ready, &mut gate, actions);
@@ -71,7 +75,11 @@ impl Handler for ServerHandler {
                     Ok(Control::CompletedHere { clock, epoch }) => {
                         if let Some(ready) = self.core.ready.get() {
                             match worker_of(ready, h.sender) {
-                                Some(WorkerRank(w)) if w < ready.workers.load(std::sync::atomic::Ordering::Acquire) => {
+                                Some(WorkerRank(w))
+                                    if w < ready
+                                        .workers
+                                        .load(std::sync::atomic::Ordering::Acquire) =>
+                                {
                                     let mut gate = ready.clocks.lock();
                                     let table = ready.table.read().clone();
                                     let me = ready.rank as usize;
@@ -145,7 +153,9 @@ impl Handler for ServerHandler {
             answer_request(&self.core, ready, &f, conn, 0);
             return;
         }
-        let Some(WorkerRank(worker)) = worker.filter(|w| w.0 < ready.workers.load(std::sync::atomic::Ordering::Acquire)) else {
+        let Some(WorkerRank(worker)) =
+            worker.filter(|w| w.0 < ready.workers.load(std::sync::atomic::Ordering::Acquire))
+        else {
             let _ = conn.send(proto::error_answer(
                 &h,
                 ready.node_id,

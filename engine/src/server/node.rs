@@ -340,7 +340,11 @@ impl Server {
             ready.workers.fetch_max(rank + 1, Ordering::AcqRel);
             super::handler::run_actions(&self.core, ready, &mut gate, actions);
         }
-        tracing::info!(worker = rank, clock, "a worker enters: the clock gate counts it");
+        tracing::info!(
+            worker = rank,
+            clock,
+            "a worker enters: the clock gate counts it"
+        );
         let _ = self
             .sched
             .lock()

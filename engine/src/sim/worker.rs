@@ -750,7 +750,8 @@ impl SimWorker {
         };
         ctx.net.send(c, me, Msg::Control(rejoin));
         if let Phase::Barrier(seq) = self.phase {
-            ctx.net.send(c, me, Msg::Control(Control::Barrier { seq, clock: 0 }));
+            ctx.net
+                .send(c, me, Msg::Control(Control::Barrier { seq, clock: 0 }));
         }
         self.sched = Some(c);
         self.lost_sched_at = None;
