@@ -479,7 +479,7 @@ fn rdma_hello(kind: u8, ring: u64) -> [u8; 96] {
     let mut b = [0u8; 96];
     b[..4].copy_from_slice(b"PRDM");
     b[4] = kind;
-    b[5] = 1;
+    b[5] = 2;
     b[8..16].copy_from_slice(&ring.to_le_bytes());
     b
 }

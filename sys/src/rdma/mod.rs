@@ -47,7 +47,7 @@ pub use context::{
 pub use cq::{Completion, CompletionChannel, CompletionError, CompletionQueue, Opcode};
 pub use endpoint::{DecodeError, QpEndpoint, RemoteRegion};
 pub use ext::GidType;
-pub use mr::{Access, LocalRange, MemoryRegion};
+pub use mr::{Access, BorrowedRegion, LocalRange, MemoryRegion};
 pub use qp::{PreparedQueuePair, QpConfig, QueuePair};
 
 /// Errors of the verbs layer.
