@@ -31,6 +31,54 @@
 //!   the ring's size past the credit it sees (credit-based flow control); a full ring
 //!   makes writes return `WouldBlock` and frames wait in the send queue, as over shm.
 //!
+//! # Rendezvous (large frames)
+//!
+//! A frame whose body (keys, values, padding) is at least
+//! [`TcpConfig::rdma_rendezvous_bytes`](crate::TcpConfig::rdma_rendezvous_bytes)
+//! (default [`RDMA_RENDEZVOUS_DEFAULT`], 64 KiB; 0: never) does not go through the ring:
+//!
+//! ```text
+//!  sender:   body --copy--> registered staging buffer;  ring <-- descriptor (PRDV: id, addr, len, rkey, header)
+//!  receiver: descriptor checked -> header delivered -> RDMA READ body straight into the reader's buffer
+//!            -> RDMA WRITE "n frames read" into the sender's C_RDV_DONE -> sender reuses (or frees) the buffer
+//! ```
+//!
+//! - The pipe sees frames, not only bytes: callers write whole frames back to back (the
+//!   send queue's and `send_borrowed`'s vectored writes), and each side follows the
+//!   frame boundaries of its stream by their headers. A rendezvous frame is taken whole
+//!   or not at all, so a write never stops inside one; at a boundary a header or
+//!   descriptor goes into the ring whole (the reader looks only at whole ones).
+//! - **One copy, not zero**: the caller's frame (an `OutFrame` of the send queue, or a
+//!   store's values borrowed under its lock by `send_borrowed`) leaves the caller's
+//!   hands when the write returns, while the peer's READ comes later; keeping it alive
+//!   until the peer's release, and registering arbitrary caller memory, would need the
+//!   send queue to hold frames past their write. So the sender copies the body once into
+//!   a staging buffer of its own, registered for remote reads (powers of two from
+//!   64 KiB; up to 8 released buffers, 32 MiB, stay registered for later frames, as
+//!   registration is expensive). The ring path copies twice (into the staging mirror,
+//!   then out of the ring): this saves the receiver's copy and the ring's credit round
+//!   trips, and a frame larger than the ring crosses in one READ.
+//! - The receiver READs the body straight into the buffer it reads into (the transport's
+//!   pooled aligned receive buffer of a large frame), registering that buffer for the
+//!   time of the READ ([`pserv_sys::rdma::BorrowedRegion`]; a registration per large
+//!   frame, deregistered before the read returns, so the device never touches it after).
+//!   READs longer than the port's `max_msg_sz` are split.
+//! - Release: descriptors carry consecutive ids and are read in order, so one word says
+//!   how many were read; the receiver RDMA WRITEs it into the sender's `C_RDV_DONE` once
+//!   its READ completed. The sender reuses a buffer only after that; at most 32 frames
+//!   (64 MiB; one larger frame alone) are unreleased per pipe, beyond which writes stop
+//!   (`WouldBlock`) and the writer asks for a doorbell with its *writer waiting* word,
+//!   which the receiver looks at after its release write completed (as for credit).
+//!   Dropping the pipe deregisters every buffer: a later READ of the peer fails.
+//! - Order: a descriptor sits where its frame would have, so frames are delivered in
+//!   the order they were written, large and small alike.
+//! - Untrusted: a descriptor must carry the next id, zero reserved bytes, a frame header
+//!   that passes [`Header::layout`] within `max_frame`, a length equal to that frame's
+//!   body, and an address range that does not wrap; else reading fails with
+//!   `InvalidData` naming what is wrong (the connection closes; every later read fails
+//!   the same). A bad rkey or address shows as a failed READ: the pipe is broken, as for
+//!   a failed write. A release count that goes back or past what was sent is an error too.
+//!
 //! # Doorbells
 //!
 //! As over shm, the TCP socket stays open as the peer-failure detector and carries
@@ -52,9 +100,14 @@
 //! parses (an offer is refused as [`RdmaRefusal::Disabled`]), and the pipe types are
 //! empty enums no value of which can exist.
 //!
-//! Not built: large values are copied through the rings like every other byte (no RDMA
-//! READ rendezvous from the store's pinned regions), and a connection uses one queue
-//! pair and one completion queue of its own (no shared receive queue).
+//! A READ that fails or does not complete within [`OP_TIMEOUT`] marks the pipe broken
+//! too, so a sender that vanishes mid-rendezvous is seen in bounded time.
+//!
+//! Not built: zero copy at the sender (READs from the caller's or the store's pinned
+//! memory; see above why the body is staged), a registration cache for receive buffers
+//! (each large frame registers its landing buffer), several READs in flight per pipe
+//! (one frame is read at a time, in order), and a connection uses one queue pair and
+//! one completion queue of its own (no shared receive queue).
 
 use crate::shmpipe::HelloKind;
 use crate::wire::{Header, HEADER_LEN};
@@ -79,7 +132,7 @@ pub(crate) const RDMA_RING_MAX: usize = 1 << 30;
 pub(crate) const RDV_MAGIC: u32 = u32::from_le_bytes(*b"PRDV");
 /// Bytes of a rendezvous descriptor in the ring (a multiple of 8): magic, reserved, id,
 /// address, length, rkey, reserved, then the frame's 56-byte header.
-pub(crate) const RDV_LEN: usize = 40 + HEADER_LEN;
+pub const RDV_LEN: usize = 40 + HEADER_LEN;
 /// Default [`TcpConfig::rdma_rendezvous_bytes`](crate::TcpConfig::rdma_rendezvous_bytes):
 /// frames whose body (keys, values, padding) is at least this long leave by rendezvous.
 pub const RDMA_RENDEZVOUS_DEFAULT: usize = 64 << 10;
@@ -182,6 +235,26 @@ pub fn check_rendezvous(
     max_frame: usize,
 ) -> Result<(), String> {
     RdvDescriptor::decode(bytes, expected_id, max_frame).map(|_| ())
+}
+
+/// Valid rendezvous descriptors (ids 0 and 1), as the pipe writes them (seeds for the
+/// fuzz corpus).
+pub fn sample_rendezvous() -> Vec<[u8; RDV_LEN]> {
+    use crate::wire::MessageKind;
+    (0..2u64)
+        .map(|id| {
+            let mut h = Header::new(MessageKind::Push, 3, 9 + id);
+            h.value_bytes = 100_000 + id * 8;
+            RdvDescriptor {
+                id,
+                addr: 0x7f00_0010_0000,
+                len: 100_000 + id * 8,
+                rkey: 0x4321,
+                header: h.as_bytes().try_into().expect("56 bytes"),
+            }
+            .encode()
+        })
+        .collect()
 }
 
 /// When connections move their frames to RDMA queue pairs.
