@@ -54,7 +54,7 @@
 //!   until the peer's release, and registering arbitrary caller memory, would need the
 //!   send queue to hold frames past their write. So the sender copies the body once into
 //!   a staging buffer of its own, registered for remote reads (powers of two from
-//!   64 KiB; up to 8 released buffers, 32 MiB, stay registered for later frames, as
+//!   64 KiB; up to 8 released buffers, 16 MiB, stay registered for later frames, as
 //!   registration is expensive). The ring path copies twice (into the staging mirror,
 //!   then out of the ring): this saves the receiver's copy and the ring's credit round
 //!   trips, and a frame larger than the ring crosses in one READ.
@@ -66,9 +66,10 @@
 //! - Release: descriptors carry consecutive ids and are read in order, so one word says
 //!   how many were read; the receiver RDMA WRITEs it into the sender's `C_RDV_DONE` once
 //!   its READ completed. The sender reuses a buffer only after that; at most 32 frames
-//!   (64 MiB; one larger frame alone) are unreleased per pipe, beyond which writes stop
-//!   (`WouldBlock`) and the writer asks for a doorbell with its *writer waiting* word,
-//!   which the receiver looks at after its release write completed (as for credit).
+//!   (32 MiB of buffers; one larger frame alone) are unreleased per pipe, beyond which
+//!   writes stop (`WouldBlock`) and the writer asks for a doorbell with its *writer
+//!   waiting* word, which the receiver looks at after its release write completed (as
+//!   for credit).
 //!   Dropping the pipe deregisters every buffer: a later READ of the peer fails.
 //! - Order: a descriptor sits where its frame would have, so frames are delivered in
 //!   the order they were written, large and small alike.
@@ -553,10 +554,10 @@ mod verbs {
     /// Rendezvous frames of one pipe whose staging buffers the peer has not released.
     pub(crate) const RDV_MAX_IN_FLIGHT: usize = 32;
     /// Their bytes (one frame larger than this goes alone).
-    const RDV_IN_FLIGHT_BYTES: usize = 64 << 20;
+    const RDV_IN_FLIGHT_BYTES: usize = 32 << 20;
     /// Released staging buffers a pipe keeps registered for later frames: count, bytes.
     const RDV_IDLE_COUNT: usize = 8;
-    const RDV_IDLE_BYTES: usize = 32 << 20;
+    const RDV_IDLE_BYTES: usize = 16 << 20;
     /// The smallest staging buffer (sizes are powers of two, so buffers are reused).
     const RDV_MIN_BUFFER: usize = 64 << 10;
 
@@ -812,7 +813,8 @@ mod verbs {
         fn slot_for(&self, body: usize) -> bool {
             self.in_flight.is_empty()
                 || (self.in_flight.len() < RDV_MAX_IN_FLIGHT
-                    && self.in_flight_bytes + body <= RDV_IN_FLIGHT_BYTES)
+                    && self.in_flight_bytes + body.max(RDV_MIN_BUFFER).next_power_of_two()
+                        <= RDV_IN_FLIGHT_BYTES)
         }
     }
 
@@ -1059,7 +1061,7 @@ mod verbs {
                     if start.elapsed() >= OP_TIMEOUT {
                         return Err(st.fail(
                             PEER_UNREACHABLE,
-                            format!("a write did not complete within {OP_TIMEOUT:?}"),
+                            format!("a write or read did not complete within {OP_TIMEOUT:?}"),
                         ));
                     }
                 }
