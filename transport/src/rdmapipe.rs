@@ -1181,7 +1181,8 @@ mod verbs {
 
         /// Copy what of `slices` fits `free` ring bytes (and the rendezvous slots) into
         /// the staging mirror from the current tail, and rendezvous bodies into staging
-        /// buffers; nothing is posted. Changes `out` only for what it took.
+        /// buffers; nothing is posted. Changes `out`'s stream position only for what it
+        /// took (and notes what the next write needs: room, or a slot).
         fn fill(&self, out: &mut OutState, slices: &[IoSlice<'_>], mut free: u64) -> Filled {
             let mut cur = Cursor {
                 slices,
