@@ -346,6 +346,7 @@ fn hellos() -> Vec<Vec<u8>> {
         .map(|h| h.to_vec())
         .collect();
     out.extend(rdmapipe::sample_hellos().iter().map(|h| h.to_vec()));
+    out.extend(rdmapipe::sample_rendezvous().iter().map(|d| d.to_vec()));
     out
 }
 

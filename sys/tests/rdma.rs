@@ -492,3 +492,52 @@ fn receive_queues_of_several_queue_pairs_share_one_channel() {
         assert_eq!(wait_one(tx).status, Ok(()));
     }
 }
+
+#[test]
+#[ignore = "needs an RDMA device: set PSERV_RDMA_DEVICE and pass --ignored"]
+fn loopback_read_into_a_borrowed_buffer() {
+    // `_b` is held: its queue pair answers the READs.
+    let Loopback {
+        mut a, b: _b, b_mr, ..
+    } = loopback(config());
+    let remote_b = b_mr.remote();
+    let data = pattern(5, 10_000);
+    b_mr.write_at(0, &data).unwrap();
+    let pd = a.pd().clone();
+    // A heap buffer, not page aligned: only the borrowed part is written.
+    let mut buf = vec![0u8; 12_345];
+    {
+        let local = pd
+            .register_borrowed(&mut buf[100..10_100], Access::LOCAL_WRITE)
+            .unwrap();
+        assert_eq!(local.len(), 10_000);
+        a.post_read_borrowed(21, &local, 0..6000, &remote_b, 0, false)
+            .unwrap();
+        a.post_read_borrowed(22, &local, 6000..10_000, &remote_b, 6000, true)
+            .unwrap();
+        let c = wait_one(&mut a);
+        assert_eq!((c.wr_id, c.opcode, c.status), (22, Opcode::Read, Ok(())));
+        // Ranges outside the borrowed buffer, or empty, are refused before posting.
+        assert!(matches!(
+            a.post_read_borrowed(23, &local, 9000..10_001, &remote_b, 0, true),
+            Err(RdmaError::OutOfBounds { .. })
+        ));
+        assert!(matches!(
+            a.post_read_borrowed(23, &local, 5..5, &remote_b, 0, true),
+            Err(RdmaError::OutOfBounds { .. })
+        ));
+    }
+    assert_eq!(buf[100..10_100], data[..]);
+    assert!(buf[..100].iter().chain(&buf[10_100..]).all(|&b| b == 0));
+    // A READ needs LOCAL_WRITE; an empty buffer is not registered.
+    let read_only = pd
+        .register_borrowed(&mut buf[..64], Access::empty())
+        .unwrap();
+    assert!(matches!(
+        a.post_read_borrowed(24, &read_only, 0..64, &remote_b, 0, true),
+        Err(RdmaError::AccessDenied { .. })
+    ));
+    drop(read_only);
+    assert!(pd.register_borrowed(&mut [], Access::LOCAL_WRITE).is_err());
+    assert_eq!(a.outstanding_sends(), 0);
+}

@@ -31,6 +31,55 @@
 //!   the ring's size past the credit it sees (credit-based flow control); a full ring
 //!   makes writes return `WouldBlock` and frames wait in the send queue, as over shm.
 //!
+//! # Rendezvous (large frames)
+//!
+//! A frame whose body (keys, values, padding) is at least
+//! [`TcpConfig::rdma_rendezvous_bytes`](crate::TcpConfig::rdma_rendezvous_bytes)
+//! (default [`RDMA_RENDEZVOUS_DEFAULT`], 64 KiB; 0: never) does not go through the ring:
+//!
+//! ```text
+//!  sender:   body --copy--> registered staging buffer;  ring <-- descriptor (PRDV: id, addr, len, rkey, header)
+//!  receiver: descriptor checked -> header delivered -> RDMA READ body straight into the reader's buffer
+//!            -> RDMA WRITE "n frames read" into the sender's C_RDV_DONE -> sender reuses (or frees) the buffer
+//! ```
+//!
+//! - The pipe sees frames, not only bytes: callers write whole frames back to back (the
+//!   send queue's and `send_borrowed`'s vectored writes), and each side follows the
+//!   frame boundaries of its stream by their headers. A rendezvous frame is taken whole
+//!   or not at all, so a write never stops inside one; at a boundary a header or
+//!   descriptor goes into the ring whole (the reader looks only at whole ones).
+//! - **One copy, not zero**: the caller's frame (an `OutFrame` of the send queue, or a
+//!   store's values borrowed under its lock by `send_borrowed`) leaves the caller's
+//!   hands when the write returns, while the peer's READ comes later; keeping it alive
+//!   until the peer's release, and registering arbitrary caller memory, would need the
+//!   send queue to hold frames past their write. So the sender copies the body once into
+//!   a staging buffer of its own, registered for remote reads (powers of two from
+//!   64 KiB; up to 8 released buffers, 16 MiB, stay registered for later frames, as
+//!   registration is expensive). The ring path copies twice (into the staging mirror,
+//!   then out of the ring): this saves the receiver's copy and the ring's credit round
+//!   trips, and a frame larger than the ring crosses in one READ.
+//! - The receiver READs the body straight into the buffer it reads into (the transport's
+//!   pooled aligned receive buffer of a large frame), registering that buffer for the
+//!   time of the READ ([`pserv_sys::rdma::BorrowedRegion`]; a registration per large
+//!   frame, deregistered before the read returns, so the device never touches it after).
+//!   READs longer than the port's `max_msg_sz` are split.
+//! - Release: descriptors carry consecutive ids and are read in order, so one word says
+//!   how many were read; the receiver RDMA WRITEs it into the sender's `C_RDV_DONE` once
+//!   its READ completed. The sender reuses a buffer only after that; at most 32 frames
+//!   (32 MiB of buffers; one larger frame alone) are unreleased per pipe, beyond which
+//!   writes stop (`WouldBlock`) and the writer asks for a doorbell with its *writer
+//!   waiting* word, which the receiver looks at after its release write completed (as
+//!   for credit).
+//!   Dropping the pipe deregisters every buffer: a later READ of the peer fails.
+//! - Order: a descriptor sits where its frame would have, so frames are delivered in
+//!   the order they were written, large and small alike.
+//! - Untrusted: a descriptor must carry the next id, zero reserved bytes, a frame header
+//!   that passes [`Header::layout`] within `max_frame`, a length equal to that frame's
+//!   body, and an address range that does not wrap; else reading fails with
+//!   `InvalidData` naming what is wrong (the connection closes; every later read fails
+//!   the same). A bad rkey or address shows as a failed READ: the pipe is broken, as for
+//!   a failed write. A release count that goes back or past what was sent is an error too.
+//!
 //! # Doorbells
 //!
 //! As over shm, the TCP socket stays open as the peer-failure detector and carries
@@ -52,17 +101,25 @@
 //! parses (an offer is refused as [`RdmaRefusal::Disabled`]), and the pipe types are
 //! empty enums no value of which can exist.
 //!
-//! Not built: large values are copied through the rings like every other byte (no RDMA
-//! READ rendezvous from the store's pinned regions), and a connection uses one queue
-//! pair and one completion queue of its own (no shared receive queue).
+//! A READ that fails or does not complete within [`OP_TIMEOUT`] marks the pipe broken
+//! too, so a sender that vanishes mid-rendezvous is seen in bounded time.
+//!
+//! Not built: zero copy at the sender (READs from the caller's or the store's pinned
+//! memory; see above why the body is staged), a registration cache for receive buffers
+//! (each large frame registers its landing buffer), several READs in flight per pipe
+//! (one frame is read at a time, in order), and a connection uses one queue pair and
+//! one completion queue of its own (no shared receive queue).
 
 use crate::shmpipe::HelloKind;
+use crate::wire::{Header, HEADER_LEN};
 
 /// First four bytes of an [`RdmaHello`], where a frame's magic would be.
 pub(crate) const RDMA_HELLO_MAGIC: u32 = u32::from_le_bytes(*b"PRDM");
 /// Length of an [`RdmaHello`] on the wire (a multiple of 8).
 pub const RDMA_HELLO_LEN: usize = 96;
-const RDMA_HELLO_VERSION: u8 = 1;
+/// Version 2: frames of at least the sender's rendezvous threshold may arrive as
+/// rendezvous descriptors (see the module docs); version 1 peers do not read them.
+const RDMA_HELLO_VERSION: u8 = 2;
 /// Bytes of an encoded queue-pair endpoint in a hello.
 const ENDPOINT_BYTES: usize = 32;
 
@@ -71,6 +128,135 @@ const ENDPOINT_BYTES: usize = 32;
 pub(crate) const RDMA_RING_MIN: usize = 64 << 10;
 #[cfg(feature = "rdma")]
 pub(crate) const RDMA_RING_MAX: usize = 1 << 30;
+
+/// First four bytes of a rendezvous descriptor, where a frame's magic would be.
+pub(crate) const RDV_MAGIC: u32 = u32::from_le_bytes(*b"PRDV");
+/// Bytes of a rendezvous descriptor in the ring (a multiple of 8): magic, reserved, id,
+/// address, length, rkey, reserved, then the frame's 56-byte header.
+pub const RDV_LEN: usize = 40 + HEADER_LEN;
+/// Default [`TcpConfig::rdma_rendezvous_bytes`](crate::TcpConfig::rdma_rendezvous_bytes):
+/// frames whose body (keys, values, padding) is at least this long leave by rendezvous.
+pub const RDMA_RENDEZVOUS_DEFAULT: usize = 64 << 10;
+
+/// How one side's pipe is set up (from [`TcpConfig`](crate::TcpConfig)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RdmaPipeConfig {
+    /// Bytes of each ring (rounded up to a power of two within the bounds).
+    pub ring: usize,
+    /// Frames whose body is at least this long are sent by rendezvous; 0: never.
+    pub rendezvous: usize,
+    /// The largest frame this side accepts (bounds a descriptor's length).
+    pub max_frame: usize,
+}
+
+/// A rendezvous descriptor: the frame's header, and where the peer's NIC reads its body
+/// from (one of the sender's registered staging buffers).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+pub(crate) struct RdvDescriptor {
+    /// The sender's sequence number of its rendezvous frames (0, 1, 2, ...).
+    pub id: u64,
+    /// The body's address, length and rkey in the sender's memory.
+    pub addr: u64,
+    pub len: u64,
+    pub rkey: u32,
+    /// The frame's header, delivered as it was before the body.
+    pub header: [u8; HEADER_LEN],
+}
+
+#[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+impl RdvDescriptor {
+    /// The ring bytes.
+    pub(crate) fn encode(&self) -> [u8; RDV_LEN] {
+        let mut b = [0u8; RDV_LEN];
+        b[0..4].copy_from_slice(&RDV_MAGIC.to_le_bytes());
+        b[8..16].copy_from_slice(&self.id.to_le_bytes());
+        b[16..24].copy_from_slice(&self.addr.to_le_bytes());
+        b[24..32].copy_from_slice(&self.len.to_le_bytes());
+        b[32..36].copy_from_slice(&self.rkey.to_le_bytes());
+        b[40..].copy_from_slice(&self.header);
+        b
+    }
+
+    /// Parse and check ring bytes written by the peer: the magic, zero reserved bytes,
+    /// the id the receiver expects next, a frame header that passes
+    /// [`Header::layout`] within `max_frame`, a length equal to that frame's body, and an
+    /// address range that does not wrap. `Err` says what is wrong; never panics.
+    pub(crate) fn decode(
+        b: &[u8; RDV_LEN],
+        expected_id: u64,
+        max_frame: usize,
+    ) -> Result<Self, String> {
+        let word = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"));
+        if u32::from_le_bytes(b[0..4].try_into().expect("4 bytes")) != RDV_MAGIC {
+            return Err("not a rendezvous descriptor".into());
+        }
+        if b[4..8] != [0; 4] || b[36..40] != [0; 4] {
+            return Err("a rendezvous descriptor with non-zero reserved bytes".into());
+        }
+        let mut header = [0u8; HEADER_LEN];
+        header.copy_from_slice(&b[40..]);
+        let d = RdvDescriptor {
+            id: word(8),
+            addr: word(16),
+            len: word(24),
+            rkey: u32::from_le_bytes(b[32..36].try_into().expect("4 bytes")),
+            header,
+        };
+        if d.id != expected_id {
+            return Err(format!(
+                "a rendezvous descriptor of unknown id {} (expected {expected_id})",
+                d.id
+            ));
+        }
+        let layout = Header::from_bytes(&d.header)
+            .layout(max_frame)
+            .map_err(|e| format!("a rendezvous descriptor's frame header: {e}"))?;
+        if d.len == 0 || d.len != layout.body_len as u64 {
+            return Err(format!(
+                "a rendezvous descriptor of {} bytes for a frame body of {} bytes",
+                d.len, layout.body_len
+            ));
+        }
+        if d.addr.checked_add(d.len).is_none() {
+            return Err(format!(
+                "a rendezvous descriptor of {} bytes at {:#x} wraps the address space",
+                d.len, d.addr
+            ));
+        }
+        Ok(d)
+    }
+}
+
+/// Check a peer's rendezvous descriptor with the decoder the pipe runs on it (expecting
+/// id `expected_id`, frames up to `max_frame`). `Err` says what is wrong; never panics.
+pub fn check_rendezvous(
+    bytes: &[u8; RDV_LEN],
+    expected_id: u64,
+    max_frame: usize,
+) -> Result<(), String> {
+    RdvDescriptor::decode(bytes, expected_id, max_frame).map(|_| ())
+}
+
+/// Valid rendezvous descriptors (ids 0 and 1), as the pipe writes them (seeds for the
+/// fuzz corpus).
+pub fn sample_rendezvous() -> Vec<[u8; RDV_LEN]> {
+    use crate::wire::MessageKind;
+    (0..2u64)
+        .map(|id| {
+            let mut h = Header::new(MessageKind::Push, 3, 9 + id);
+            h.value_bytes = 100_000 + id * 8;
+            RdvDescriptor {
+                id,
+                addr: 0x7f00_0010_0000,
+                len: 100_000 + id * 8,
+                rkey: 0x4321,
+                header: h.as_bytes().try_into().expect("56 bytes"),
+            }
+            .encode()
+        })
+        .collect()
+}
 
 /// When connections move their frames to RDMA queue pairs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -239,7 +425,7 @@ pub(crate) use self::none::{RdmaDevice, RdmaOffer, RdmaPipe};
 mod none {
     use std::io::{self, IoSlice};
 
-    use super::{RdmaHello, RdmaRefusal};
+    use super::{RdmaHello, RdmaPipeConfig, RdmaRefusal};
 
     /// No device can be opened in a build without `rdma`.
     #[derive(Debug)]
@@ -260,7 +446,10 @@ mod none {
     pub(crate) enum RdmaPipe {}
 
     impl RdmaOffer {
-        pub(crate) fn create(dev: &RdmaDevice, _ring: usize) -> io::Result<(RdmaOffer, RdmaHello)> {
+        pub(crate) fn create(
+            dev: &RdmaDevice,
+            _cfg: RdmaPipeConfig,
+        ) -> io::Result<(RdmaOffer, RdmaHello)> {
             match *dev {}
         }
         pub(crate) fn complete(self, _answer: &RdmaHello) -> io::Result<RdmaPipe> {
@@ -272,10 +461,14 @@ mod none {
         pub(crate) fn accept(
             dev: &RdmaDevice,
             _offer: &RdmaHello,
+            _cfg: RdmaPipeConfig,
         ) -> Result<(RdmaPipe, RdmaHello), (RdmaRefusal, String)> {
             match *dev {}
         }
         pub(crate) fn ring_bytes(&self) -> usize {
+            match *self {}
+        }
+        pub(crate) fn rendezvous_frames(&self) -> (u64, u64) {
             match *self {}
         }
         pub(crate) fn mark_peer_ready(&self) -> io::Result<()> {
@@ -301,6 +494,7 @@ mod none {
 
 #[cfg(feature = "rdma")]
 mod verbs {
+    use std::collections::VecDeque;
     use std::io::{self, IoSlice};
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
@@ -308,12 +502,21 @@ mod verbs {
 
     use parking_lot::Mutex;
     use pserv_sys::rdma::{
-        Access, Completion, Context, MemoryRegion, ProtectionDomain, QpConfig, QpEndpoint,
+        Access, Completion, Context, MemoryRegion, Opcode, ProtectionDomain, QpConfig, QpEndpoint,
         QueuePair, RdmaError, RemoteRegion,
     };
     use pserv_sys::PinnedRegion;
 
-    use super::{HelloKind, RdmaHello, RdmaRefusal, OP_TIMEOUT, RDMA_RING_MAX, RDMA_RING_MIN};
+    use super::{
+        HelloKind, RdmaHello, RdmaPipeConfig, RdmaRefusal, RdvDescriptor, OP_TIMEOUT,
+        RDMA_RING_MAX, RDMA_RING_MIN, RDV_LEN, RDV_MAGIC,
+    };
+    use crate::wire::{Header, HEADER_LEN, MAGIC};
+
+    /// Whether `bytes` are the first bytes of the little-endian `magic`.
+    fn starts_like(bytes: &[u8], magic: u32) -> bool {
+        magic.to_le_bytes().starts_with(bytes)
+    }
 
     // Region layout (both sides alike, so an offset names the same word at the peer).
     // Words the peer writes, each on its own 128 bytes:
@@ -327,10 +530,14 @@ mod verbs {
     const C_WRITER_WAITING: usize = 384;
     /// Set by the connecting side in the acceptor's region once its queue pair is up.
     const C_READY: usize = 512;
+    /// How many of this side's rendezvous frames the peer has read (its READs completed):
+    /// their staging buffers may be used again.
+    const C_RDV_DONE: usize = 640;
     // Words this side writes from (the sources of its small RDMA WRITEs):
     const S_TAIL: usize = 1024;
     const S_HEAD: usize = 1152;
     const S_ONE: usize = 1280;
+    const S_RDV_DONE: usize = 1408;
     /// The error kind of a pipe whose own queue pair failed (a post refused, a flush).
     const LOCAL_FAILURE: io::ErrorKind = io::ErrorKind::ConnectionAborted;
     /// The error kind of a pipe whose peer failed a request or never answered it.
@@ -343,6 +550,16 @@ mod verbs {
     /// data pieces and its tail).
     const SEND_WR: u32 = 64;
     const POLL_BATCH: usize = 16;
+
+    /// Rendezvous frames of one pipe whose staging buffers the peer has not released.
+    pub(crate) const RDV_MAX_IN_FLIGHT: usize = 32;
+    /// Their bytes (one frame larger than this goes alone).
+    const RDV_IN_FLIGHT_BYTES: usize = 32 << 20;
+    /// Released staging buffers a pipe keeps registered for later frames: count, bytes.
+    const RDV_IDLE_COUNT: usize = 8;
+    const RDV_IDLE_BYTES: usize = 16 << 20;
+    /// The smallest staging buffer (sizes are powers of two, so buffers are reused).
+    const RDV_MIN_BUFFER: usize = 64 << 10;
 
     fn region_len(ring: usize) -> usize {
         DATA + 2 * ring
@@ -399,7 +616,7 @@ mod verbs {
     pub(crate) struct RdmaOffer {
         qp: pserv_sys::rdma::PreparedQueuePair,
         mr: Arc<MemoryRegion>,
-        ring: usize,
+        cfg: RdmaPipeConfig,
     }
 
     fn hello(kind: HelloKind, ring: usize, mr: &MemoryRegion, ep: QpEndpoint) -> RdmaHello {
@@ -447,24 +664,30 @@ mod verbs {
     }
 
     impl RdmaOffer {
-        /// The connecting side: a queue pair and a region of two `ring`-byte rings
+        /// The connecting side: a queue pair and a region of two `cfg.ring`-byte rings
         /// (rounded up to a power of two within the bounds), and the offer naming them.
-        pub(crate) fn create(dev: &RdmaDevice, ring: usize) -> io::Result<(RdmaOffer, RdmaHello)> {
-            let ring = ring.clamp(RDMA_RING_MIN, RDMA_RING_MAX).next_power_of_two();
-            let (qp, mr) = dev.make(ring).map_err(|e| verb_err("rdma offer", e))?;
-            let offer = hello(HelloKind::Offer, ring, &mr, qp.endpoint());
-            Ok((RdmaOffer { qp, mr, ring }, offer))
+        pub(crate) fn create(
+            dev: &RdmaDevice,
+            mut cfg: RdmaPipeConfig,
+        ) -> io::Result<(RdmaOffer, RdmaHello)> {
+            cfg.ring = cfg
+                .ring
+                .clamp(RDMA_RING_MIN, RDMA_RING_MAX)
+                .next_power_of_two();
+            let (qp, mr) = dev.make(cfg.ring).map_err(|e| verb_err("rdma offer", e))?;
+            let offer = hello(HelloKind::Offer, cfg.ring, &mr, qp.endpoint());
+            Ok((RdmaOffer { qp, mr, cfg }, offer))
         }
 
         /// The acceptor's answer came: connect the queue pair to its endpoint.
         pub(crate) fn complete(self, answer: &RdmaHello) -> io::Result<RdmaPipe> {
-            let (remote, ep, _) = check_peer(answer, Some(self.ring))
+            let (remote, ep, _) = check_peer(answer, Some(self.cfg.ring))
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
             let qp = self
                 .qp
                 .handshake(ep)
                 .map_err(|e| verb_err("rdma connect", e))?;
-            Ok(RdmaPipe::new(qp, self.mr, remote, self.ring, true))
+            Ok(RdmaPipe::new(qp, self.mr, remote, self.cfg, true))
         }
     }
 
@@ -510,7 +733,12 @@ mod verbs {
                         } else {
                             PEER_UNREACHABLE
                         };
-                        return Err(self.fail(kind, format!("a write failed: {e}")));
+                        let what = if c.opcode == Opcode::Read {
+                            "a read"
+                        } else {
+                            "a write"
+                        };
+                        return Err(self.fail(kind, format!("{what} failed: {e}")));
                     }
                     // Send queues complete in order: everything up to this one is done.
                     self.done_wr = self.done_wr.max(c.wr_id + 1);
@@ -535,6 +763,140 @@ mod verbs {
         head: AtomicU64,
         /// Whether this side may post (the acceptor waits for the connector's mark).
         connector: bool,
+        /// Frames whose body is at least this long leave by rendezvous (0: never).
+        rendezvous: usize,
+        /// The largest frame this side accepts.
+        max_frame: usize,
+        /// The outbound stream's frame boundaries and rendezvous buffers.
+        out: Mutex<OutState>,
+        /// The inbound stream's frame boundaries and the rendezvous being read.
+        inp: Mutex<InState>,
+        /// Frames sent and received by rendezvous.
+        rdv_sent: AtomicU64,
+        rdv_received: AtomicU64,
+    }
+
+    /// A staging buffer the peer may still READ.
+    struct InFlight {
+        id: u64,
+        buf: MemoryRegion,
+    }
+
+    /// The outbound stream as frames: the pipe takes whole frames' headers, so it knows
+    /// where each starts. Locked before the queue pair.
+    #[derive(Default)]
+    struct OutState {
+        /// Bytes of the current frame still to go through the ring (0: at a boundary).
+        left: u64,
+        /// Something that is not a frame was written (a caller's bug, or a header that
+        /// did not parse): from then on every byte goes through the ring as it is.
+        raw: bool,
+        /// The id of the next rendezvous frame.
+        next_id: u64,
+        /// Rendezvous frames the peer released (its `C_RDV_DONE`, checked).
+        released: u64,
+        /// Buffers of frames not released yet, oldest first; their bytes.
+        in_flight: VecDeque<InFlight>,
+        in_flight_bytes: usize,
+        /// Released buffers kept registered for later frames; their bytes.
+        idle: Vec<MemoryRegion>,
+        idle_bytes: usize,
+        /// The last write stopped before a rendezvous frame for want of a slot.
+        blocked: bool,
+        /// Free ring bytes the next write needs to make progress (a whole header or
+        /// descriptor at a frame boundary; 0 before the first write).
+        need: u64,
+    }
+
+    impl OutState {
+        /// Whether a rendezvous frame of `body` bytes may take a staging buffer now.
+        fn slot_for(&self, body: usize) -> bool {
+            self.in_flight.is_empty()
+                || (self.in_flight.len() < RDV_MAX_IN_FLIGHT
+                    && self.in_flight_bytes + body.max(RDV_MIN_BUFFER).next_power_of_two()
+                        <= RDV_IN_FLIGHT_BYTES)
+        }
+    }
+
+    /// What [`RdmaPipe::fill`] took: bytes of the caller's, and the new tail.
+    struct Filled {
+        written: usize,
+        tail: u64,
+    }
+
+    /// A position in a caller's slices.
+    struct Cursor<'a, 'b> {
+        slices: &'a [IoSlice<'b>],
+        i: usize,
+        off: usize,
+    }
+
+    impl Cursor<'_, '_> {
+        fn remaining(&self) -> usize {
+            self.slices[self.i.min(self.slices.len())..]
+                .iter()
+                .map(|s| s.len())
+                .sum::<usize>()
+                - self.off
+        }
+
+        /// Copy up to `dst.len()` bytes from here without moving; how many.
+        fn peek(&self, dst: &mut [u8]) -> usize {
+            let (mut i, mut off, mut done) = (self.i, self.off, 0);
+            while done < dst.len() && i < self.slices.len() {
+                let s = &self.slices[i][off..];
+                let k = s.len().min(dst.len() - done);
+                dst[done..done + k].copy_from_slice(&s[..k]);
+                done += k;
+                i += 1;
+                off = 0;
+            }
+            done
+        }
+
+        /// Move past `n` bytes (there are that many), handing them to `f` piece by piece.
+        fn take(&mut self, mut n: usize, mut f: impl FnMut(&[u8])) {
+            while n > 0 {
+                let s = &self.slices[self.i][self.off..];
+                let k = s.len().min(n);
+                if k > 0 {
+                    f(&s[..k]);
+                }
+                n -= k;
+                self.off += k;
+                if self.off == self.slices[self.i].len() {
+                    self.i += 1;
+                    self.off = 0;
+                }
+            }
+        }
+    }
+
+    /// The rendezvous frame being delivered.
+    struct Rdv {
+        desc: RdvDescriptor,
+        remote: RemoteRegion,
+        /// Bytes of the header and of the body delivered.
+        header_done: usize,
+        body_done: u64,
+    }
+
+    /// The inbound stream as frames. Locked before the queue pair.
+    #[derive(Default)]
+    struct InState {
+        /// Ring bytes of the current frame not delivered yet (0: at a boundary).
+        left: u64,
+        /// A header that did not parse was seen: bytes go out as they are (the
+        /// transport's frame checks then close the connection).
+        raw: bool,
+        /// The id the next descriptor must carry.
+        next_id: u64,
+        rdv: Option<Rdv>,
+        /// A descriptor was refused: every later read fails with this.
+        bad: Option<String>,
+        /// The peer's tail when a read found only part of a header or descriptor (the
+        /// ring is not readable until the tail moves).
+        stalled_at: Option<u64>,
     }
 
     impl std::fmt::Debug for RdmaPipe {
@@ -562,6 +924,7 @@ mod verbs {
         pub(crate) fn accept(
             dev: &RdmaDevice,
             offer: &RdmaHello,
+            cfg: RdmaPipeConfig,
         ) -> Result<(RdmaPipe, RdmaHello), (RdmaRefusal, String)> {
             let (remote, ep, ring) =
                 check_peer(offer, None).map_err(|e| (RdmaRefusal::BadOffer, e))?;
@@ -572,16 +935,18 @@ mod verbs {
             let qp = qp
                 .handshake(ep)
                 .map_err(|e| (RdmaRefusal::Setup, e.to_string()))?;
-            Ok((RdmaPipe::new(qp, mr, remote, ring, false), answer))
+            let cfg = RdmaPipeConfig { ring, ..cfg };
+            Ok((RdmaPipe::new(qp, mr, remote, cfg, false), answer))
         }
 
         fn new(
             qp: QueuePair,
             mr: Arc<MemoryRegion>,
             remote: RemoteRegion,
-            ring: usize,
+            cfg: RdmaPipeConfig,
             connector: bool,
         ) -> Self {
+            let ring = cfg.ring;
             let max_msg = qp.max_message().max(4096);
             mr.atomic_u64(S_ONE)
                 .expect("in the region")
@@ -600,12 +965,26 @@ mod verbs {
                 tail: AtomicU64::new(0),
                 head: AtomicU64::new(0),
                 connector,
+                rendezvous: cfg.rendezvous,
+                max_frame: cfg.max_frame,
+                out: Mutex::new(OutState::default()),
+                inp: Mutex::new(InState::default()),
+                rdv_sent: AtomicU64::new(0),
+                rdv_received: AtomicU64::new(0),
             }
         }
 
         /// Bytes of each ring.
         pub(crate) fn ring_bytes(&self) -> usize {
             self.ring
+        }
+
+        /// Frames sent and received by rendezvous so far.
+        pub(crate) fn rendezvous_frames(&self) -> (u64, u64) {
+            (
+                self.rdv_sent.load(Ordering::Relaxed),
+                self.rdv_received.load(Ordering::Relaxed),
+            )
         }
 
         /// Store `v` into this side's control word at `at`, as a peer's RDMA WRITE would.
@@ -682,7 +1061,7 @@ mod verbs {
                     if start.elapsed() >= OP_TIMEOUT {
                         return Err(st.fail(
                             PEER_UNREACHABLE,
-                            format!("a write did not complete within {OP_TIMEOUT:?}"),
+                            format!("a write or read did not complete within {OP_TIMEOUT:?}"),
                         ));
                     }
                 }
@@ -746,6 +1125,11 @@ mod verbs {
         /// Write as much of `slices` as the peer's ring takes (`WouldBlock` when it
         /// takes nothing); the bytes written and whether the peer's loop sleeps and
         /// must be woken. A full ring asks the peer to ring back once it made room.
+        ///
+        /// `slices` continue the stream of whole frames where the last call stopped. A
+        /// frame whose body is at least the rendezvous threshold is taken whole or not
+        /// at all: its body is copied into a registered staging buffer and a descriptor
+        /// goes through the ring in its place; it counts as written in full.
         pub(crate) fn write_vectored(&self, slices: &[IoSlice<'_>]) -> io::Result<(usize, bool)> {
             self.qp.lock().check()?;
             let want: usize = slices.iter().map(|s| s.len()).sum();
@@ -755,37 +1139,23 @@ mod verbs {
             if !self.ready() {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
-            let mut free = self.ring as u64 - self.out_used()?;
-            if free == 0 {
+            let mut out = self.out.lock();
+            self.release(&mut out)?;
+            let start_tail = self.tail.load(Ordering::Relaxed);
+            let mut filled = self.fill(&mut out, slices, self.ring as u64 - self.out_used()?);
+            if filled.written == 0 {
                 // Ask for a wake-up (landed before we look again), then look again.
                 self.write_word(S_ONE, C_WRITER_WAITING)?;
-                free = self.ring as u64 - self.out_used()?;
-                if free == 0 {
+                self.release(&mut out)?;
+                filled = self.fill(&mut out, slices, self.ring as u64 - self.out_used()?);
+                if filled.written == 0 {
                     return Err(io::ErrorKind::WouldBlock.into());
                 }
             }
-            let start_tail = self.tail.load(Ordering::Relaxed);
-            let mut tail = start_tail;
-            let mut written = 0usize;
+            drop(out);
+            let tail = filled.tail;
             let mask = self.ring as u64 - 1;
             let staging = DATA + self.ring;
-            for s in slices {
-                let mut src: &[u8] = s;
-                while !src.is_empty() && free > 0 {
-                    let off = (tail & mask) as usize;
-                    let n = src.len().min(free as usize).min(self.ring - off);
-                    self.mr
-                        .write_at(staging + off, &src[..n])
-                        .expect("inside the staging ring");
-                    src = &src[n..];
-                    tail = tail.wrapping_add(n as u64);
-                    free -= n as u64;
-                    written += n;
-                }
-                if free == 0 {
-                    break;
-                }
-            }
             // The written span, in pieces that neither wrap nor exceed a message.
             let wr = {
                 let mut st = self.qp.lock();
@@ -803,10 +1173,191 @@ mod verbs {
             };
             self.tail.store(tail, Ordering::Relaxed);
             self.wait(wr)?;
-            if written < want {
+            if filled.written < want {
                 self.write_word(S_ONE, C_WRITER_WAITING)?;
             }
-            Ok((written, self.take_flag(C_READER_WAITING)))
+            Ok((filled.written, self.take_flag(C_READER_WAITING)))
+        }
+
+        /// Copy what of `slices` fits `free` ring bytes (and the rendezvous slots) into
+        /// the staging mirror from the current tail, and rendezvous bodies into staging
+        /// buffers; nothing is posted. Changes `out`'s stream position only for what it
+        /// took (and notes what the next write needs: room, or a slot).
+        fn fill(&self, out: &mut OutState, slices: &[IoSlice<'_>], mut free: u64) -> Filled {
+            let mut cur = Cursor {
+                slices,
+                i: 0,
+                off: 0,
+            };
+            let mut tail = self.tail.load(Ordering::Relaxed);
+            let mut written = 0usize;
+            let mut need = 1;
+            loop {
+                let rem = cur.remaining();
+                if rem == 0 {
+                    break;
+                }
+                if out.raw || out.left > 0 {
+                    let lim = if out.raw {
+                        rem
+                    } else {
+                        rem.min(out.left as usize)
+                    };
+                    let k = lim.min(free as usize);
+                    if k == 0 {
+                        break;
+                    }
+                    cur.take(k, |piece| {
+                        self.stage(tail, piece);
+                        tail = tail.wrapping_add(piece.len() as u64);
+                    });
+                    free -= k as u64;
+                    written += k;
+                    if !out.raw {
+                        out.left -= k as u64;
+                    }
+                    continue;
+                }
+                // A frame starts here: its header is in `slices` (callers write whole
+                // frames); anything else goes through as it is.
+                let mut head = [0u8; HEADER_LEN];
+                let got = cur.peek(&mut head);
+                if got < HEADER_LEN {
+                    debug_assert!(
+                        !starts_like(&head[..got], MAGIC),
+                        "a frame's header is split across writes"
+                    );
+                    out.raw = true;
+                    continue;
+                }
+                let Ok(layout) = Header::from_bytes(&head).layout(usize::MAX) else {
+                    out.raw = true;
+                    continue;
+                };
+                let body = layout.body_len;
+                let rendezvous =
+                    self.rendezvous > 0 && body >= self.rendezvous && rem - HEADER_LEN >= body;
+                if rendezvous {
+                    if free < RDV_LEN as u64 {
+                        need = RDV_LEN as u64;
+                        break;
+                    }
+                    if !out.slot_for(body) {
+                        out.blocked = true;
+                        break;
+                    }
+                    match self.staging_buffer(out, body) {
+                        Ok(buf) => {
+                            cur.take(HEADER_LEN, |_| {});
+                            let mut at = 0;
+                            cur.take(body, |piece| {
+                                buf.write_at(at, piece).expect("inside the staging buffer");
+                                at += piece.len();
+                            });
+                            let desc = RdvDescriptor {
+                                id: out.next_id,
+                                addr: buf.addr(),
+                                len: body as u64,
+                                rkey: buf.rkey(),
+                                header: head,
+                            };
+                            self.stage(tail, &desc.encode());
+                            tail = tail.wrapping_add(RDV_LEN as u64);
+                            free -= RDV_LEN as u64;
+                            written += HEADER_LEN + body;
+                            out.in_flight_bytes += buf.len();
+                            // The frame's bytes now live in `buf` only, until released.
+                            out.in_flight.push_back(InFlight {
+                                id: out.next_id,
+                                buf,
+                            });
+                            out.next_id += 1;
+                            out.blocked = false;
+                            self.rdv_sent.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, bytes = body, "no rendezvous staging buffer: the frame goes through the ring");
+                        }
+                    }
+                }
+                // Through the ring; its header lands in one write (the reader looks at
+                // whole headers only).
+                if free < HEADER_LEN as u64 {
+                    need = HEADER_LEN as u64;
+                    break;
+                }
+                out.left = layout.frame_len() as u64;
+            }
+            out.need = need;
+            Filled { written, tail }
+        }
+
+        /// Copy `bytes` into the staging mirror at ring position `at` (wrapping).
+        fn stage(&self, at: u64, bytes: &[u8]) {
+            let mask = self.ring as u64 - 1;
+            let staging = DATA + self.ring;
+            let mut at = at;
+            let mut src = bytes;
+            while !src.is_empty() {
+                let off = (at & mask) as usize;
+                let n = src.len().min(self.ring - off);
+                self.mr
+                    .write_at(staging + off, &src[..n])
+                    .expect("inside the staging ring");
+                src = &src[n..];
+                at = at.wrapping_add(n as u64);
+            }
+        }
+
+        /// A registered staging buffer of at least `len` bytes: the smallest idle one
+        /// that fits, else a new one (a power of two, registered for remote reads).
+        fn staging_buffer(&self, out: &mut OutState, len: usize) -> io::Result<MemoryRegion> {
+            let best = out
+                .idle
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.len() >= len)
+                .min_by_key(|(_, b)| b.len())
+                .map(|(i, _)| i);
+            if let Some(i) = best {
+                let buf = out.idle.swap_remove(i);
+                out.idle_bytes -= buf.len();
+                return Ok(buf);
+            }
+            let size = len.max(RDV_MIN_BUFFER).next_power_of_two();
+            let region = PinnedRegion::new(size).map_err(io::Error::other)?;
+            self.mr
+                .pd()
+                .register(region, Access::REMOTE_READ)
+                .map_err(|e| verb_err("registering a rendezvous buffer", e))
+        }
+
+        /// Take the peer's word of how many rendezvous frames it has read, checked, and
+        /// keep (or free) their buffers.
+        fn release(&self, out: &mut OutState) -> io::Result<()> {
+            let done = self.word(C_RDV_DONE).load(Ordering::Acquire);
+            if done < out.released || done > out.next_id {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "rdma rendezvous: the peer says it read {done} frames of {} sent ({} released before)",
+                        out.next_id, out.released
+                    ),
+                ));
+            }
+            out.released = done;
+            while out.in_flight.front().is_some_and(|f| f.id < done) {
+                let f = out.in_flight.pop_front().expect("looked at");
+                out.in_flight_bytes -= f.buf.len();
+                if out.idle.len() < RDV_IDLE_COUNT && out.idle_bytes + f.buf.len() <= RDV_IDLE_BYTES
+                {
+                    out.idle_bytes += f.buf.len();
+                    out.idle.push(f.buf);
+                }
+                out.blocked = false;
+            }
+            Ok(())
         }
 
         /// Read what this side's ring holds into `buf` (`WouldBlock` when empty); the
@@ -815,28 +1366,124 @@ mod verbs {
         /// What landed in the ring is read even after the queue pair failed (a peer
         /// that wrote its last frames and exited: its queue pair goes to error with it);
         /// the failure is reported once the ring is empty.
+        ///
+        /// A rendezvous descriptor where a frame starts is checked, and its frame is
+        /// delivered in its place: the header, then the body, RDMA READ from the peer's
+        /// staging buffer straight into `buf`.
         pub(crate) fn read(&self, buf: &mut [u8]) -> io::Result<(usize, bool)> {
             if buf.is_empty() {
                 return Ok((0, false));
+            }
+            let mut inp = self.inp.lock();
+            if let Some(why) = &inp.bad {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, why.clone()));
+            }
+            if inp.rdv.is_some() {
+                return self.read_rendezvous(&mut inp, buf);
             }
             let avail = self.in_avail()?;
             if avail == 0 {
                 self.qp.lock().check()?;
                 return Err(io::ErrorKind::WouldBlock.into());
             }
-            let mut head = self.head.load(Ordering::Relaxed);
-            let n = (avail as usize).min(buf.len());
+            let head = self.head.load(Ordering::Relaxed);
+            // The span to copy: up to the next descriptor, or to a header not whole yet.
+            let limit = avail.min(buf.len() as u64);
+            let mut span = 0u64;
+            while span < limit {
+                if inp.raw {
+                    span = limit;
+                    break;
+                }
+                if inp.left > 0 {
+                    let k = inp.left.min(limit - span);
+                    span += k;
+                    inp.left -= k;
+                    continue;
+                }
+                let have = avail - span;
+                let mut magic = [0u8; 4];
+                let seen = have.min(magic.len() as u64) as usize;
+                self.peek(head.wrapping_add(span), &mut magic[..seen]);
+                if !starts_like(&magic[..seen], MAGIC) && !starts_like(&magic[..seen], RDV_MAGIC) {
+                    // Not a frame: the transport's checks say so.
+                    inp.raw = true;
+                    continue;
+                }
+                if seen < magic.len() {
+                    break;
+                }
+                if u32::from_le_bytes(magic) == RDV_MAGIC {
+                    if span > 0 || have < RDV_LEN as u64 {
+                        break;
+                    }
+                    let mut rec = [0u8; RDV_LEN];
+                    self.peek(head, &mut rec);
+                    let desc = match RdvDescriptor::decode(&rec, inp.next_id, self.max_frame) {
+                        Ok(d) => d,
+                        Err(why) => {
+                            let why = format!("rdma rendezvous: {why}");
+                            inp.bad = Some(why.clone());
+                            return Err(io::Error::new(io::ErrorKind::InvalidData, why));
+                        }
+                    };
+                    inp.next_id += 1;
+                    inp.rdv = Some(Rdv {
+                        remote: RemoteRegion {
+                            addr: desc.addr,
+                            len: desc.len,
+                            rkey: desc.rkey,
+                        },
+                        desc,
+                        header_done: 0,
+                        body_done: 0,
+                    });
+                    let wake = self.consume(head, RDV_LEN as u64);
+                    let (n, wake_too) = self.read_rendezvous(&mut inp, buf)?;
+                    return Ok((n, wake || wake_too));
+                }
+                if have < HEADER_LEN as u64 {
+                    break;
+                }
+                let mut h = [0u8; HEADER_LEN];
+                self.peek(head.wrapping_add(span), &mut h);
+                match Header::from_bytes(&h).layout(self.max_frame) {
+                    Ok(l) => inp.left = l.frame_len() as u64,
+                    Err(_) => inp.raw = true,
+                }
+            }
+            if span == 0 {
+                // Part of a header or descriptor: the rest comes with the same write.
+                inp.stalled_at = Some(self.word(C_IN_TAIL).load(Ordering::Acquire));
+                self.qp.lock().check()?;
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            inp.stalled_at = None;
+            let n = span as usize;
+            self.peek(head, &mut buf[..n]);
+            Ok((n, self.consume(head, span)))
+        }
+
+        /// Copy ring bytes from position `at` (wrapping) into `dst`.
+        fn peek(&self, at: u64, dst: &mut [u8]) {
             let mask = self.ring as u64 - 1;
+            let mut at = at;
             let mut done = 0;
-            while done < n {
-                let off = (head & mask) as usize;
-                let k = (n - done).min(self.ring - off);
+            while done < dst.len() {
+                let off = (at & mask) as usize;
+                let k = (dst.len() - done).min(self.ring - off);
                 self.mr
-                    .read_at(DATA + off, &mut buf[done..done + k])
+                    .read_at(DATA + off, &mut dst[done..done + k])
                     .expect("inside the ring");
                 done += k;
-                head = head.wrapping_add(k as u64);
+                at = at.wrapping_add(k as u64);
             }
+        }
+
+        /// Move the head past `n` bytes read from `head` and credit them to the peer;
+        /// whether the peer waits for room.
+        fn consume(&self, head: u64, n: u64) -> bool {
+            let head = head.wrapping_add(n);
             self.head.store(head, Ordering::Relaxed);
             // Credit: the head only grows, so a later value read by an earlier write is
             // still a position the bytes before it were read at.
@@ -848,23 +1495,135 @@ mod verbs {
                 self.post(&mut st, S_HEAD, 8, C_OUT_HEAD, true)
             }
             .and_then(|wr| self.wait(wr));
-            if credited.is_err() {
+            credited.is_ok() && self.take_flag(C_WRITER_WAITING)
+        }
+
+        /// Deliver the next bytes of the rendezvous frame being read: its header, then
+        /// its body, READ into `buf`; once the body is in, tell the peer its buffer is
+        /// free.
+        fn read_rendezvous(&self, inp: &mut InState, buf: &mut [u8]) -> io::Result<(usize, bool)> {
+            let rdv = inp.rdv.as_mut().expect("a rendezvous is being read");
+            if rdv.header_done < HEADER_LEN {
+                let n = (HEADER_LEN - rdv.header_done).min(buf.len());
+                buf[..n].copy_from_slice(&rdv.desc.header[rdv.header_done..rdv.header_done + n]);
+                rdv.header_done += n;
                 return Ok((n, false));
             }
-            Ok((n, self.take_flag(C_WRITER_WAITING)))
+            let n = (rdv.desc.len - rdv.body_done).min(buf.len() as u64) as usize;
+            self.read_remote(&mut buf[..n], &rdv.remote, rdv.body_done)?;
+            rdv.body_done += n as u64;
+            if rdv.body_done < rdv.desc.len {
+                return Ok((n, false));
+            }
+            inp.rdv = None;
+            self.rdv_received.fetch_add(1, Ordering::Relaxed);
+            // Released: the id of every frame read so far (ids are consecutive).
+            self.word(S_RDV_DONE).store(inp.next_id, Ordering::Release);
+            let told = {
+                let mut st = self.qp.lock();
+                self.post(&mut st, S_RDV_DONE, 8, C_RDV_DONE, true)
+            }
+            .and_then(|wr| self.wait(wr));
+            // A peer that cannot be told is gone; the bytes read are delivered anyway.
+            Ok((n, told.is_ok() && self.take_flag(C_WRITER_WAITING)))
         }
 
-        /// Whether this side's ring holds bytes (a broken pipe or ring counts: reading
-        /// reports it).
+        /// RDMA READ `dst.len()` bytes at `offset` of the peer's `remote` straight into
+        /// `dst`, registered for the time of the READ; wait for it (a failure or a READ
+        /// that does not complete within [`OP_TIMEOUT`] marks the pipe broken).
+        fn read_remote(
+            &self,
+            dst: &mut [u8],
+            remote: &RemoteRegion,
+            offset: u64,
+        ) -> io::Result<()> {
+            let len = dst.len();
+            let local = match self.mr.pd().register_borrowed(dst, Access::LOCAL_WRITE) {
+                Ok(r) => r,
+                Err(e) => {
+                    return Err(self.qp.lock().fail(
+                        LOCAL_FAILURE,
+                        format!("registering a rendezvous landing buffer of {len} bytes: {e}"),
+                    ))
+                }
+            };
+            let wr = {
+                let mut st = self.qp.lock();
+                let mut at = 0usize;
+                let mut last = 0;
+                while at < len {
+                    let n = (len - at).min(self.max_msg);
+                    let start = Instant::now();
+                    last = loop {
+                        st.check()?;
+                        let wr = st.next_wr;
+                        match st.qp.post_read_borrowed(
+                            wr,
+                            &local,
+                            at..at + n,
+                            remote,
+                            offset + at as u64,
+                            at + n == len,
+                        ) {
+                            Ok(()) => {
+                                st.next_wr += 1;
+                                break wr;
+                            }
+                            Err(RdmaError::QueueFull { .. }) if start.elapsed() < OP_TIMEOUT => {
+                                st.drain()?;
+                                std::hint::spin_loop();
+                            }
+                            Err(e) => {
+                                return Err(st.fail(
+                                    PEER_UNREACHABLE,
+                                    format!("posting a rendezvous read: {e}"),
+                                ))
+                            }
+                        }
+                    };
+                    at += n;
+                }
+                last
+            };
+            // On failure `local` is dropped here, deregistered: the device does not touch
+            // `dst` again, whatever became of the READ.
+            self.wait(wr)
+        }
+
+        /// Whether a read makes progress: this side's ring holds bytes beyond a partial
+        /// header, or a rendezvous frame is being read (a broken pipe, ring or stream
+        /// counts: reading reports it).
         pub(crate) fn readable(&self) -> bool {
-            self.broken() || self.in_avail().map_or(true, |a| a > 0)
+            let inp = self.inp.lock();
+            if inp.bad.is_some() || inp.rdv.is_some() || self.broken() {
+                return true;
+            }
+            match self.in_avail() {
+                Err(_) => true,
+                Ok(0) => false,
+                Ok(_) => inp.stalled_at != Some(self.word(C_IN_TAIL).load(Ordering::Acquire)),
+            }
         }
 
-        /// Whether the peer's ring has room and this side may write (a broken pipe or
-        /// ring counts: writing reports it).
+        /// Whether a write makes progress: the peer's ring has room (for a whole header or
+        /// descriptor where the last write stopped before one), and a rendezvous frame that waited for a slot has one now (a
+        /// broken pipe or ring counts: writing reports it).
         pub(crate) fn writable(&self) -> bool {
-            self.broken()
-                || (self.ready() && self.out_used().map_or(true, |u| u < self.ring as u64))
+            if self.broken() {
+                return true;
+            }
+            if !self.ready() {
+                return false;
+            }
+            let out = self.out.lock();
+            let room = match self.out_used() {
+                Ok(u) => self.ring as u64 - u >= out.need.max(1),
+                Err(_) => return true,
+            };
+            if !room {
+                return false;
+            }
+            !out.blocked || self.word(C_RDV_DONE).load(Ordering::Acquire) != out.released
         }
 
         /// Before this side's loop sleeps: ask the peer to ring when it writes (and,
@@ -897,15 +1656,28 @@ mod tests {
     #[cfg(feature = "rdma")]
     use std::io;
 
-    /// A connected pair of pipes on the device named by `PSERV_RDMA_DEVICE`.
+    /// A connected pair of pipes on the device named by `PSERV_RDMA_DEVICE`, without
+    /// rendezvous (every byte through the rings).
     #[cfg(feature = "rdma")]
     fn pair(ring: usize) -> (RdmaPipe, RdmaPipe) {
+        pair_with(ring, 0)
+    }
+
+    /// A connected pair whose frames of a body of at least `rendezvous` bytes leave by
+    /// rendezvous (0: never).
+    #[cfg(feature = "rdma")]
+    fn pair_with(ring: usize, rendezvous: usize) -> (RdmaPipe, RdmaPipe) {
         let name = std::env::var("PSERV_RDMA_DEVICE")
             .expect("PSERV_RDMA_DEVICE is not set: name an RDMA device (e.g. soft0)");
         let dev = RdmaDevice::open(Some(&name)).expect("open the device");
-        let (offer, hello) = RdmaOffer::create(&dev, ring).expect("offer");
+        let cfg = RdmaPipeConfig {
+            ring,
+            rendezvous,
+            max_frame: crate::wire::DEFAULT_MAX_FRAME,
+        };
+        let (offer, hello) = RdmaOffer::create(&dev, cfg).expect("offer");
         let hello = RdmaHello::decode(&hello.encode()).expect("the offer parses");
-        let (b, answer) = RdmaPipe::accept(&dev, &hello).expect("accept");
+        let (b, answer) = RdmaPipe::accept(&dev, &hello, cfg).expect("accept");
         let answer = RdmaHello::decode(&answer.encode()).expect("the answer parses");
         let a = offer.complete(&answer).expect("connect");
         a.mark_peer_ready().expect("mark ready");
@@ -994,6 +1766,339 @@ mod tests {
             .write_vectored(&[std::io::IoSlice::new(b"z")])
             .unwrap_err();
         assert!(err.to_string().contains("read position"), "{err}");
+    }
+
+    /// The wire bytes of a control frame with `n` value bytes derived from `ts`.
+    #[cfg(feature = "rdma")]
+    fn frame_bytes(ts: u64, n: usize) -> Vec<u8> {
+        use crate::wire::{pad8, MessageKind};
+        let mut h = Header::new(MessageKind::Control, 7, ts);
+        h.value_bytes = n as u64;
+        let mut b = h.as_bytes().to_vec();
+        b.extend((0..n).map(|i| (i as u64 * 31 + ts * 7) as u8));
+        b.resize(pad8(HEADER_LEN + n), 0);
+        b
+    }
+
+    /// Move `frames` from `tx` to `rx` and back the stream `rx` read: written in batches
+    /// of up to `batch` frames per vectored write (resumed where a write stopped), read
+    /// in chunks of varying sizes; bounded in time.
+    #[cfg(feature = "rdma")]
+    fn pump(tx: &RdmaPipe, rx: &RdmaPipe, frames: &[Vec<u8>], batch: usize) -> Vec<u8> {
+        use std::io::IoSlice;
+        use std::time::{Duration, Instant};
+        let total: usize = frames.iter().map(|f| f.len()).sum();
+        let mut got = Vec::with_capacity(total);
+        let mut buf = vec![0u8; 1 << 20];
+        let (mut next, mut front_done) = (0usize, 0usize);
+        let start = Instant::now();
+        let mut round = 0usize;
+        while got.len() < total {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "stuck: {} of {total} bytes received",
+                got.len()
+            );
+            round += 1;
+            if next < frames.len() {
+                let mut slices = vec![IoSlice::new(&frames[next][front_done..])];
+                for f in frames.iter().skip(next + 1).take(batch - 1) {
+                    slices.push(IoSlice::new(f));
+                }
+                match tx.write_vectored(&slices) {
+                    Ok((mut n, _)) => {
+                        while n > 0 {
+                            let left = frames[next].len() - front_done;
+                            if n >= left {
+                                n -= left;
+                                next += 1;
+                                front_done = 0;
+                            } else {
+                                front_done += n;
+                                n = 0;
+                            }
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("write: {e}"),
+                }
+            }
+            // Chunks from 1 byte (headers in pieces) to the whole buffer.
+            let chunk = [1usize, 7, 56, 100, 4096, 70_000, 1 << 20][round % 7];
+            for _ in 0..4 {
+                match rx.read(&mut buf[..chunk]) {
+                    Ok((k, _)) => got.extend_from_slice(&buf[..k]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("read: {e}"),
+                }
+            }
+        }
+        got
+    }
+
+    #[cfg(feature = "rdma")]
+    #[test]
+    #[ignore = "needs an RDMA device: set PSERV_RDMA_DEVICE and pass --ignored"]
+    fn rendezvous_frames_around_the_threshold_keep_their_place_both_ways() {
+        let threshold = 4096;
+        let (a, b) = pair_with(64 << 10, threshold);
+        // Bodies just below, at and above the threshold, larger than the ring, between
+        // small frames.
+        let mut frames = Vec::new();
+        let mut ts = 0u64;
+        for n in
+            (threshold - 24..threshold + 24)
+                .step_by(4)
+                .chain([100_000, 300_000, 1 << 20, 3 << 20])
+        {
+            for m in [n, 1, 300] {
+                frames.push(frame_bytes(ts, m));
+                ts += 1;
+            }
+        }
+        let want: Vec<u8> = frames.concat();
+        let big = frames
+            .iter()
+            .filter(|f| f.len() - HEADER_LEN >= threshold)
+            .count() as u64;
+        for batch in [1, 5, 64] {
+            let before = (a.rendezvous_frames(), b.rendezvous_frames());
+            assert!(
+                pump(&a, &b, &frames, batch) == want,
+                "a to b: the stream changed"
+            );
+            assert!(
+                pump(&b, &a, &frames, batch) == want,
+                "b to a: the stream changed"
+            );
+            assert_eq!(
+                a.rendezvous_frames().0 - before.0 .0,
+                big,
+                "a sent by rendezvous"
+            );
+            assert_eq!(
+                b.rendezvous_frames().1 - before.1 .1,
+                big,
+                "b read by rendezvous"
+            );
+            assert_eq!(
+                b.rendezvous_frames().0 - before.1 .0,
+                big,
+                "b sent by rendezvous"
+            );
+            assert_eq!(
+                a.rendezvous_frames().1 - before.0 .1,
+                big,
+                "a read by rendezvous"
+            );
+        }
+        // Without rendezvous the same stream goes through the ring.
+        let (c, d) = pair(64 << 10);
+        assert!(pump(&c, &d, &frames, 8) == want);
+        assert_eq!(c.rendezvous_frames(), (0, 0));
+        assert_eq!(d.rendezvous_frames(), (0, 0));
+    }
+
+    #[cfg(feature = "rdma")]
+    #[test]
+    #[ignore = "needs an RDMA device: set PSERV_RDMA_DEVICE and pass --ignored"]
+    fn rendezvous_frames_in_flight_wait_for_their_release() {
+        use std::io::IoSlice;
+        let (a, b) = pair_with(64 << 10, 1024);
+        let frames: Vec<Vec<u8>> = (0..50u64).map(|ts| frame_bytes(ts, 20_000)).collect();
+        // Nobody reads: the sender takes as many as it has slots for, then stops.
+        let mut sent = 0;
+        while sent < frames.len() {
+            match a.write_vectored(&[IoSlice::new(&frames[sent])]) {
+                Ok((n, _)) => {
+                    assert_eq!(n, frames[sent].len(), "a rendezvous frame goes whole");
+                    sent += 1;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("write: {e}"),
+            }
+        }
+        assert_eq!(
+            sent,
+            verbs::RDV_MAX_IN_FLIGHT,
+            "every slot taken, then none"
+        );
+        assert!(!a.writable(), "no slot: not writable");
+        // The reader that reads one whole frame releases its buffer and wakes the writer.
+        let mut buf = vec![0u8; 1 << 20];
+        let len = frames[0].len();
+        let (mut got, mut woke) = (0, false);
+        while got < len {
+            let (k, wake) = b.read(&mut buf[got..len]).expect("read");
+            got += k;
+            woke |= wake;
+        }
+        assert_eq!(buf[..len], frames[0][..]);
+        assert!(woke, "the writer waiting for a slot is woken");
+        assert!(a.writable());
+        // The frames in flight come next, then the rest as it is sent.
+        let in_flight = frames[1..sent].concat();
+        let mut stream = Vec::new();
+        let start = std::time::Instant::now();
+        while stream.len() < in_flight.len() {
+            assert!(
+                start.elapsed() < OP_TIMEOUT * 4,
+                "frames in flight not delivered"
+            );
+            match b.read(&mut buf) {
+                Ok((k, _)) => stream.extend_from_slice(&buf[..k]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+        assert!(stream == in_flight, "the frames in flight changed");
+        assert!(pump(&a, &b, &frames[sent..], 4) == frames[sent..].concat());
+        assert_eq!(a.rendezvous_frames().0, frames.len() as u64);
+    }
+
+    /// A descriptor as a hostile peer writes it into the ring (its bytes do not start
+    /// with a frame's magic, so the writing pipe passes them through unchanged).
+    #[cfg(feature = "rdma")]
+    fn hostile(desc: &RdvDescriptor) -> std::io::Error {
+        let (a, b) = pair_with(64 << 10, 1024);
+        let bytes = desc.encode();
+        let (n, _) = a
+            .write_vectored(&[std::io::IoSlice::new(&bytes)])
+            .expect("write");
+        assert_eq!(n, RDV_LEN);
+        let mut buf = vec![0u8; 1 << 20];
+        let start = std::time::Instant::now();
+        loop {
+            assert!(
+                start.elapsed() < OP_TIMEOUT * 2,
+                "a hostile descriptor hangs"
+            );
+            match b.read(&mut buf) {
+                Ok((k, _)) => assert!(k <= HEADER_LEN, "only the header is delivered"),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    // The error stays.
+                    assert!(b.read(&mut buf).is_err());
+                    return e;
+                }
+            }
+        }
+    }
+
+    #[cfg(feature = "rdma")]
+    #[test]
+    #[ignore = "needs an RDMA device: set PSERV_RDMA_DEVICE and pass --ignored"]
+    fn hostile_rendezvous_descriptors_fail_the_pipe_with_a_clear_error() {
+        let header: [u8; HEADER_LEN] = frame_bytes(1, 8000)[..HEADER_LEN].try_into().unwrap();
+        let good = RdvDescriptor {
+            id: 0,
+            addr: 0x7000_0000,
+            len: 8000,
+            rkey: 0xbad,
+            header,
+        };
+        let e = hostile(&RdvDescriptor {
+            id: 3,
+            ..good.clone()
+        });
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains("unknown id 3"), "{e}");
+        let e = hostile(&RdvDescriptor {
+            len: 7999,
+            ..good.clone()
+        });
+        assert!(e.to_string().contains("for a frame body of 8000"), "{e}");
+        let e = hostile(&RdvDescriptor {
+            len: 0,
+            ..good.clone()
+        });
+        assert!(e.to_string().contains("frame body"), "{e}");
+        let mut huge = Header::from_bytes(&header);
+        huge.value_bytes = 1 << 40;
+        let e = hostile(&RdvDescriptor {
+            len: (1 << 40) + 8,
+            header: huge.as_bytes().try_into().unwrap(),
+            ..good.clone()
+        });
+        assert!(e.to_string().contains("frame header"), "{e}");
+        let e = hostile(&RdvDescriptor {
+            addr: u64::MAX - 100,
+            ..good.clone()
+        });
+        assert!(e.to_string().contains("wraps"), "{e}");
+        // Well formed, but naming memory the peer never registered: the READ fails and
+        // the pipe is broken.
+        let e = hostile(&good);
+        assert!(e.to_string().contains("a read failed"), "{e}");
+    }
+
+    #[cfg(feature = "rdma")]
+    #[test]
+    #[ignore = "needs an RDMA device: set PSERV_RDMA_DEVICE and pass --ignored"]
+    fn a_peer_that_vanishes_mid_rendezvous_is_seen_without_a_hang() {
+        use std::io::IoSlice;
+        use std::time::{Duration, Instant};
+        let bound = OP_TIMEOUT + Duration::from_secs(5);
+        // The sender goes away after its descriptor landed: the receiver's READ fails.
+        let (a, b) = pair_with(64 << 10, 1024);
+        let f = frame_bytes(9, 500_000);
+        let (n, _) = a.write_vectored(&[IoSlice::new(&f)]).expect("write");
+        assert_eq!(n, f.len());
+        drop(a);
+        let mut buf = vec![0u8; 1 << 20];
+        let start = Instant::now();
+        let (k, _) = b.read(&mut buf).expect("the header is delivered");
+        assert_eq!(buf[..k], f[..HEADER_LEN]);
+        let e = b.read(&mut buf).expect_err("the body cannot be read");
+        assert!(start.elapsed() < bound, "took {:?}", start.elapsed());
+        assert!(e.to_string().contains("rdma queue pair"), "{e}");
+        // The receiver goes away while the sender waits for slots: its writes fail.
+        let (a, b) = pair_with(64 << 10, 1024);
+        let f = frame_bytes(10, 20_000);
+        while a.write_vectored(&[IoSlice::new(&f)]).is_ok() {}
+        drop(b);
+        let start = Instant::now();
+        let e = loop {
+            assert!(start.elapsed() < bound, "a write to a vanished peer hangs");
+            match a.write_vectored(&[IoSlice::new(&f)]) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => break e,
+                Ok(_) => panic!("a write with no slot left succeeded"),
+            }
+        };
+        assert!(e.to_string().contains("rdma queue pair"), "{e}");
+    }
+
+    #[test]
+    fn rendezvous_descriptors_round_trip_and_refuse_garbage() {
+        use crate::wire::MessageKind;
+        let mut h = Header::new(MessageKind::Push, 2, 5);
+        h.value_bytes = 100_000;
+        let header: [u8; HEADER_LEN] = h.as_bytes().try_into().unwrap();
+        let d = RdvDescriptor {
+            id: 4,
+            addr: 0x7f00_0000_0000,
+            len: 100_000,
+            rkey: 77,
+            header,
+        };
+        let max = crate::wire::DEFAULT_MAX_FRAME;
+        assert_eq!(RdvDescriptor::decode(&d.encode(), 4, max), Ok(d.clone()));
+        assert!(check_rendezvous(&d.encode(), 5, max)
+            .unwrap_err()
+            .contains("unknown id 4"));
+        assert!(check_rendezvous(&d.encode(), 4, 50_000)
+            .unwrap_err()
+            .contains("frame header"));
+        let mut b = d.encode();
+        b[37] = 1;
+        assert!(check_rendezvous(&b, 4, max)
+            .unwrap_err()
+            .contains("reserved"));
+        b = d.encode();
+        b[0] = b'X';
+        assert!(check_rendezvous(&b, 4, max).is_err());
+        assert_eq!(RDV_LEN % 8, 0, "frames after a descriptor stay aligned");
     }
 
     #[test]

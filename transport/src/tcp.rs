@@ -139,8 +139,8 @@ use crate::auth::{self, AuthConfig, AuthError, AUTH_MAGIC};
 use crate::buf::{BufPool, OutFrame, OwnedFrame, Payload, RecvFrame};
 use crate::compress::{self, Codec};
 use crate::rdmapipe::{
-    RdmaDevice, RdmaHello, RdmaMessages, RdmaOffer, RdmaPipe, RdmaRefusal, RDMA_HELLO_LEN,
-    RDMA_HELLO_MAGIC,
+    RdmaDevice, RdmaHello, RdmaMessages, RdmaOffer, RdmaPipe, RdmaPipeConfig, RdmaRefusal,
+    RDMA_HELLO_LEN, RDMA_HELLO_MAGIC,
 };
 use crate::shmpipe::{Hello, HelloKind, Refusal, ShmMessages, ShmPipe, HELLO_LEN, HELLO_MAGIC};
 use crate::tls::{self, TlsConfig, TlsError, TlsSession};
@@ -361,6 +361,13 @@ pub struct TcpConfig {
     /// Bytes of each of an RDMA connection's two rings (a power of two between 64 KiB
     /// and 1 GiB; rounded up), registered with the device when the connection is made.
     pub rdma_ring_bytes: usize,
+    /// Frames over RDMA whose body (keys, values, padding) is at least this many bytes
+    /// are not copied through the ring: the peer RDMA READs the body from a registered
+    /// staging buffer of this side (a rendezvous, see [`rdmapipe`](crate::rdmapipe));
+    /// default [`RDMA_RENDEZVOUS_DEFAULT`](crate::rdmapipe::RDMA_RENDEZVOUS_DEFAULT)
+    /// (64 KiB); 0: every frame goes through the ring. Only this side's sending is
+    /// concerned: every side reads both.
+    pub rdma_rendezvous_bytes: usize,
     /// The RDMA device messages use (`mlx5_0`, `soft0`); `None`: the first one.
     pub rdma_device: Option<String>,
     /// Authenticate every connection with a cluster secret before any other byte (see
@@ -373,6 +380,17 @@ pub struct TcpConfig {
     /// connection makes and takes no shared-memory or RDMA offer: its frames go over
     /// TLS. Both ends must agree: a side with TLS and a side without refuse each other.
     pub tls: Option<TlsConfig>,
+}
+
+impl TcpConfig {
+    /// How this side's RDMA pipes are set up.
+    fn rdma_pipe(&self) -> RdmaPipeConfig {
+        RdmaPipeConfig {
+            ring: self.rdma_ring_bytes,
+            rendezvous: self.rdma_rendezvous_bytes,
+            max_frame: self.max_frame,
+        }
+    }
 }
 
 impl Default for TcpConfig {
@@ -391,6 +409,7 @@ impl Default for TcpConfig {
             shm_offer_timeout: Duration::from_secs(10),
             rdma_messages: RdmaMessages::Off,
             rdma_ring_bytes: 4 << 20,
+            rdma_rendezvous_bytes: crate::rdmapipe::RDMA_RENDEZVOUS_DEFAULT,
             rdma_device: None,
             auth: None,
             tls: None,
@@ -919,6 +938,16 @@ impl Conn {
     /// Whether the connection's frames travel over an RDMA queue pair.
     pub fn is_rdma(&self) -> bool {
         matches!(self.0.pipe.get(), Some(MsgPipe::Rdma(_)))
+    }
+
+    /// Frames this connection sent and received by RDMA rendezvous (their bodies read
+    /// by the receiver's NIC from the sender's staging buffer, not through the ring;
+    /// see [`TcpConfig::rdma_rendezvous_bytes`]); `(0, 0)` off RDMA.
+    pub fn rdma_rendezvous_frames(&self) -> (u64, u64) {
+        match self.0.pipe.get() {
+            Some(MsgPipe::Rdma(p)) => p.rendezvous_frames(),
+            _ => (0, 0),
+        }
     }
 
     /// The path its frames take: `tls` (TCP inside TLS), `shm`, `rdma`, `tcp`, or
@@ -1588,7 +1617,7 @@ fn offer_fast_path(shared: &Arc<Shared>, conn: &Conn) -> io::Result<()> {
         let made = shared
             .rdma_device()
             .map_err(io::Error::other)
-            .and_then(|dev| RdmaOffer::create(dev, shared.cfg.rdma_ring_bytes));
+            .and_then(|dev| RdmaOffer::create(dev, shared.cfg.rdma_pipe()));
         match made {
             Ok((offer, hello)) => (Offered::Rdma(offer), hello.encode().to_vec()),
             Err(e) => {
@@ -2493,7 +2522,7 @@ fn on_rdma_hello(
                 ))
             } else {
                 match shared.rdma_device() {
-                    Ok(dev) => RdmaPipe::accept(dev, &hello),
+                    Ok(dev) => RdmaPipe::accept(dev, &hello, shared.cfg.rdma_pipe()),
                     Err(e) => Err((RdmaRefusal::NoDevice, e)),
                 }
             };

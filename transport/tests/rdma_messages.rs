@@ -15,8 +15,12 @@
 //! dropped (the other side closes, bounded in time); a peer that refuses (RDMA off, no
 //! such device) keeps the connection on TCP; a queue pair that the device forces into
 //! the error state (`SOFTRDMA_FAULTS=qp_error_after=N` in a child process) closes the
-//! connection on both sides. Without a device: hostile or malformed hellos are refused
-//! or close only their connection.
+//! connection on both sides. Large frames by rendezvous (descriptors through the ring,
+//! bodies RDMA READ from the sender's staging buffers): sizes around the threshold
+//! between small frames, in order both ways, many in flight from many threads; a hostile
+//! descriptor closes only its connection, saying why; a sender that goes away with its
+//! descriptors unread is seen in bounded time. Without a device: hostile or malformed
+//! hellos are refused or close only their connection.
 
 mod common;
 
@@ -353,6 +357,158 @@ fn a_peer_process_sigkilled_is_seen_without_a_hang() {
     sender.join().unwrap();
 }
 
+/// The rendezvous threshold of the tests below: frames of about 340 keys and more.
+const RDV: usize = 4096;
+
+fn cfg_rdv(threads: usize) -> TcpConfig {
+    TcpConfig {
+        rdma_rendezvous_bytes: RDV,
+        ..cfg(threads, RdmaMessages::AllPeers)
+    }
+}
+
+/// Bytes after the header of `frame(_, n)`: keys, values, padding.
+fn body_of(n: usize) -> usize {
+    wire::pad8(12 * n)
+}
+
+#[test]
+#[ignore = "needs an RDMA device: set PSERV_RDMA_DEVICE, build with --features rdma, pass --ignored"]
+fn rendezvous_frames_around_the_threshold_cross_both_ways_in_order() {
+    let (_srv, addr, _closes) = server_with(cfg_rdv(2), None);
+    let (cli, rx, _) = client_with(cfg_rdv(1));
+    let conn = cli.connect(addr, WAIT).unwrap();
+    // Bodies just below, at and above the threshold, and far above the 64 KiB ring,
+    // each between small frames.
+    let mut sizes = Vec::new();
+    for n in (RDV / 12 - 6..RDV / 12 + 6).chain([20_000, 100_000, 700_000]) {
+        sizes.extend([n, 1, 50]);
+    }
+    let big = sizes.iter().filter(|&&n| body_of(n) >= RDV).count() as u64;
+    for round in 0..3u64 {
+        for (i, &n) in sizes.iter().enumerate() {
+            conn.send(frame(round * 1000 + i as u64, n)).unwrap();
+        }
+        for (i, &n) in sizes.iter().enumerate() {
+            let got = rx.recv_timeout(WAIT).expect("echo");
+            check_echo(&got, round * 1000 + i as u64, n);
+        }
+    }
+    assert!(conn.is_rdma());
+    let (sent, received) = conn.rdma_rendezvous_frames();
+    assert_eq!(sent, 3 * big, "every large frame left by rendezvous");
+    assert_eq!(
+        received,
+        3 * big,
+        "every large echo came back by rendezvous"
+    );
+}
+
+#[test]
+#[ignore = "needs an RDMA device: set PSERV_RDMA_DEVICE, build with --features rdma, pass --ignored"]
+fn many_rendezvous_frames_in_flight_from_many_threads_keep_their_order() {
+    let (_srv, addr, _closes) = server_with(cfg_rdv(2), None);
+    let (cli, rx, _) = client_with(cfg_rdv(1));
+    let conn = cli.connect(addr, WAIT).unwrap();
+    let threads = 4u64;
+    let per = 60u64;
+    let size = |ts: u64| 200 + ((ts * 7919) % 40_000) as usize;
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let conn = conn.clone();
+            s.spawn(move || {
+                for i in 0..per {
+                    let ts = t * 1000 + i;
+                    conn.send(frame(ts, size(ts))).unwrap();
+                }
+            });
+        }
+    });
+    let mut last = vec![None::<u64>; threads as usize];
+    for _ in 0..threads * per {
+        let got = rx.recv_timeout(WAIT).expect("echo");
+        let ts = got.frame().header().timestamp;
+        check_echo(&got, ts, size(ts));
+        let t = (ts / 1000) as usize;
+        assert!(
+            last[t].is_none_or(|p| p < ts),
+            "thread {t}: {ts} after {last:?}"
+        );
+        last[t] = Some(ts);
+    }
+    let (sent, received) = conn.rdma_rendezvous_frames();
+    assert!(
+        sent > 100 && received > 100,
+        "{sent} sent, {received} received by rendezvous"
+    );
+}
+
+#[test]
+#[ignore = "needs an RDMA device: set PSERV_RDMA_DEVICE, build with --features rdma, pass --ignored"]
+fn a_hostile_rendezvous_descriptor_closes_only_its_connection() {
+    let (_srv, addr, closes) = server_with(cfg_rdv(2), None);
+    let (cli, rx, _) = client_with(cfg_rdv(1));
+    let good = cli.connect(addr, WAIT).unwrap();
+    let bad = cli.connect(addr, WAIT).unwrap();
+    for c in [&good, &bad] {
+        c.send(frame(1, 10)).unwrap();
+        check_echo(&rx.recv_timeout(WAIT).expect("echo"), 1, 10);
+        assert!(c.is_rdma());
+    }
+    // A "frame" whose first bytes are a rendezvous descriptor's: its header's magic
+    // is `PRDV`, its sender field the low half of the id (5: unknown, 0 expected).
+    let mut h = Header::new(MessageKind::Push, 5, 0);
+    h.magic = u32::from_le_bytes(*b"PRDV");
+    (h.version, h.kind) = (0, 0);
+    let keys: Vec<u64> = vec![0; 5];
+    bad.send(OutFrame::new(h, Payload::owned(keys), Payload::empty()))
+        .unwrap();
+    let why = next_close(&closes, "a hostile descriptor");
+    assert!(
+        why.contains("rendezvous descriptor of unknown id 5"),
+        "the close says why: {why}"
+    );
+    eventually("the hostile connection closed", || bad.is_closed());
+    // The other connection goes on, large frames too.
+    good.send(frame(2, 50_000)).unwrap();
+    check_echo(&rx.recv_timeout(WAIT).expect("echo"), 2, 50_000);
+    assert!(!good.is_closed());
+}
+
+#[test]
+#[ignore = "needs an RDMA device: set PSERV_RDMA_DEVICE, build with --features rdma, pass --ignored"]
+fn a_sender_that_vanishes_mid_rendezvous_is_seen_without_a_hang() {
+    let (gate_tx, gate_rx) = unbounded();
+    let (_srv, addr, closes) = server_with(cfg_rdv(1), Some(gate_rx));
+    let (cli, rx, _) = client_with(cfg_rdv(1));
+    let conn = cli.connect(addr, WAIT).unwrap();
+    gate_tx.send(()).unwrap();
+    conn.send(frame(0, 10)).unwrap();
+    check_echo(&rx.recv_timeout(WAIT).expect("echo"), 0, 10);
+    // The server's loop waits in its handler; the descriptors of 10 large frames land
+    // in its ring, their bodies in the client's staging buffers.
+    for i in 1..=10u64 {
+        conn.send(frame(i, 50_000)).unwrap();
+    }
+    eventually("every frame left by rendezvous", || {
+        conn.rdma_rendezvous_frames().0 == 10
+    });
+    // The client goes away with its buffers; the server then reads on: its READs fail
+    // (or it sees the socket's end first), and it closes in bounded time.
+    drop(conn);
+    drop(cli);
+    let t = Instant::now();
+    for _ in 0..10 {
+        gate_tx.send(()).unwrap();
+    }
+    let why = closes.recv_timeout(WAIT).expect("the server closes");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    assert!(
+        why.contains("peer closed") || why.contains("rdma") || why.contains("mid-frame"),
+        "{why}"
+    );
+}
+
 #[test]
 #[ignore = "needs an RDMA device: set PSERV_RDMA_DEVICE, build with --features rdma, pass --ignored"]
 fn a_peer_that_refuses_keeps_the_connection_on_tcp() {
@@ -479,7 +635,7 @@ fn rdma_hello(kind: u8, ring: u64) -> [u8; 96] {
     let mut b = [0u8; 96];
     b[..4].copy_from_slice(b"PRDM");
     b[4] = kind;
-    b[5] = 1;
+    b[5] = 2;
     b[8..16].copy_from_slice(&ring.to_le_bytes());
     b
 }

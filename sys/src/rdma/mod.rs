@@ -21,6 +21,10 @@
 //!   remote peers (like a shared-memory mapping): local access goes through copies
 //!   ([`MemoryRegion::read_at`], [`MemoryRegion::write_at`]) and atomics
 //!   ([`MemoryRegion::atomic_u64`]); no Rust reference to the bytes is ever handed out.
+//! - A [`BorrowedRegion`] registers memory the caller owns for as long as it borrows it
+//!   mutably (no Rust access meanwhile) and deregisters it on drop, after which the
+//!   device touches it no more: for RDMA READs straight into a caller's buffer
+//!   ([`QueuePair::post_read_borrowed`]); registration per use costs a system call.
 //! - A queue pair exists first as a [`PreparedQueuePair`] (state INIT), which can only
 //!   tell its [`QpEndpoint`]; [`PreparedQueuePair::handshake`] with the peer's endpoint
 //!   (exchanged out of band, for pserv over the TCP control connection) moves it through
@@ -47,7 +51,7 @@ pub use context::{
 pub use cq::{Completion, CompletionChannel, CompletionError, CompletionQueue, Opcode};
 pub use endpoint::{DecodeError, QpEndpoint, RemoteRegion};
 pub use ext::GidType;
-pub use mr::{Access, LocalRange, MemoryRegion};
+pub use mr::{Access, BorrowedRegion, LocalRange, MemoryRegion};
 pub use qp::{PreparedQueuePair, QpConfig, QueuePair};
 
 /// Errors of the verbs layer.

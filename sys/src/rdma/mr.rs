@@ -341,3 +341,122 @@ impl LocalRange<'_> {
         Ok((self.mr.addr() + start as u64, len, self.mr.lkey))
     }
 }
+
+/// Memory of the caller registered for as long as it is borrowed: a NIC may land RDMA
+/// READs in it (with [`Access::LOCAL_WRITE`]) while no Rust code can touch it.
+///
+/// Made by [`ProtectionDomain::register_borrowed`] from a `&mut [u8]`, which it holds
+/// exclusively until it is dropped; dropping it deregisters the memory first, and once
+/// `ibv_dereg_mr` returned the device touches it no more (a request still in flight then
+/// completes in error instead). So the borrow may end at any time, also while a READ
+/// that timed out is still posted. Registration pins the pages and costs a system call
+/// per use: keep it for transfers large enough to pay for it, and for owned buffers that
+/// are used again register a [`MemoryRegion`] once.
+pub struct BorrowedRegion<'a> {
+    reg: Registration,
+    base: NonNull<u8>,
+    len: usize,
+    lkey: u32,
+    access: Access,
+    _buf: std::marker::PhantomData<&'a mut [u8]>,
+}
+
+// SAFETY: the region is an exclusive borrow of plain bytes; nothing is accessed through
+// `base` by this type (only the NIC writes there, until deregistration on drop).
+unsafe impl Send for BorrowedRegion<'_> {}
+
+impl fmt::Debug for BorrowedRegion<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BorrowedRegion")
+            .field("addr", &format_args!("{:#x}", self.base.as_ptr() as u64))
+            .field("len", &self.len)
+            .field("lkey", &self.lkey)
+            .field("access", &self.access)
+            .finish()
+    }
+}
+
+impl ProtectionDomain {
+    /// Register `buf` (not empty) with `access` for as long as the returned value lives
+    /// (see [`BorrowedRegion`]). `REMOTE_WRITE` implies `LOCAL_WRITE`.
+    pub fn register_borrowed<'a>(
+        &self,
+        buf: &'a mut [u8],
+        access: Access,
+    ) -> Result<BorrowedRegion<'a>> {
+        let access = if access.contains(Access::REMOTE_WRITE) {
+            access | Access::LOCAL_WRITE
+        } else {
+            access
+        };
+        if buf.is_empty() {
+            return Err(RdmaError::Config("registering an empty buffer".into()));
+        }
+        let len = buf.len();
+        let base = NonNull::new(buf.as_mut_ptr()).expect("a slice is never at address 0");
+        let access_c = libc::c_int::try_from(access.bits()).expect("access bits fit an int");
+        // SAFETY: `base..base+len` is the live buffer `buf` borrows mutably for `'a`,
+        // which the returned value holds (so nothing else reads or writes it meanwhile)
+        // and deregisters on drop, before the borrow ends; the PD is live and the
+        // registration keeps a clone of it.
+        let mr = unsafe { ffi::ibv_reg_mr(self.raw(), base.as_ptr().cast(), len, access_c) };
+        let Some(mr) = NonNull::new(mr) else {
+            return Err(last_errno("ibv_reg_mr", self.context().name()));
+        };
+        // SAFETY: `ibv_reg_mr` returned a valid, initialised `ibv_mr`.
+        let lkey = unsafe { (*mr.as_ptr()).lkey };
+        Ok(BorrowedRegion {
+            reg: Registration {
+                mr,
+                pd: self.clone(),
+            },
+            base,
+            len,
+            lkey,
+            access,
+            _buf: std::marker::PhantomData,
+        })
+    }
+}
+
+impl BorrowedRegion<'_> {
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always `false`: an empty buffer is not registered.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The protection domain it belongs to.
+    pub fn pd(&self) -> &ProtectionDomain {
+        &self.reg.pd
+    }
+
+    /// The rights it was registered with.
+    pub fn access(&self) -> Access {
+        self.access
+    }
+
+    /// Check `range` against the buffer; return (address, length, lkey).
+    pub(super) fn sge(&self, range: Range<usize>) -> Result<(u64, u32, u32)> {
+        let Range { start, end } = range;
+        match end.checked_sub(start) {
+            Some(n) if end <= self.len && n > 0 => {
+                let len = u32::try_from(n).map_err(|_| RdmaError::MessageTooLarge {
+                    len: n as u64,
+                    max: u32::MAX.into(),
+                })?;
+                Ok((self.base.as_ptr() as u64 + start as u64, len, self.lkey))
+            }
+            _ => Err(RdmaError::OutOfBounds {
+                what: "local",
+                offset: start as u64,
+                len: end.saturating_sub(start) as u64,
+                region_len: self.len as u64,
+            }),
+        }
+    }
+}

@@ -9,8 +9,9 @@ use std::time::Duration;
 use rdma_sys as ffi;
 
 use super::{
-    last_errno, returned_errno, zeroed, Completion, CompletionQueue, LinkLayer, LocalRange,
-    MemoryRegion, Mtu, Opcode, ProtectionDomain, QpEndpoint, RdmaError, RemoteRegion, Result,
+    last_errno, returned_errno, zeroed, BorrowedRegion, Completion, CompletionQueue, LinkLayer,
+    LocalRange, MemoryRegion, Mtu, Opcode, ProtectionDomain, QpEndpoint, RdmaError, RemoteRegion,
+    Result,
 };
 use crate::rdma::Access;
 
@@ -633,7 +634,64 @@ impl QueuePair {
             });
         }
         let device_writes = matches!(op, SendOp::Read(..));
-        let (mut sge, mr) = self.local_sge(local.as_ref(), device_writes)?;
+        let (sge, mr) = self.local_sge(local.as_ref(), device_writes)?;
+        self.post_sge(wr_id, sge, mr, op, signaled)
+    }
+
+    /// RDMA READ `range` of `local`'s length from `remote_offset` of `remote` into that
+    /// range of a borrowed registration (which needs LOCAL_WRITE). Nothing keeps `local`
+    /// registered until the completion: the caller waits for it before dropping `local`,
+    /// or, if it gives up, the request fails once the registration is gone (see
+    /// [`BorrowedRegion`]).
+    pub fn post_read_borrowed(
+        &mut self,
+        wr_id: u64,
+        local: &BorrowedRegion<'_>,
+        range: std::ops::Range<usize>,
+        remote: &RemoteRegion,
+        remote_offset: u64,
+        signaled: bool,
+    ) -> Result<()> {
+        if self.sends.len() >= self.max_send {
+            return Err(RdmaError::QueueFull {
+                queue: "send",
+                max: self.max_send,
+            });
+        }
+        let (addr, length, lkey) = local.sge(range)?;
+        if !local.pd().same_as(&self.handle.pd) {
+            return Err(RdmaError::ForeignRegion);
+        }
+        if !local.access().contains(Access::LOCAL_WRITE) {
+            return Err(RdmaError::AccessDenied {
+                needed: "LOCAL_WRITE",
+            });
+        }
+        if length > self.max_msg {
+            return Err(RdmaError::MessageTooLarge {
+                len: length.into(),
+                max: self.max_msg.into(),
+            });
+        }
+        self.post_sge(
+            wr_id,
+            Some(ffi::ibv_sge { addr, length, lkey }),
+            None,
+            SendOp::Read(remote, remote_offset),
+            signaled,
+        )
+    }
+
+    /// Post a send-queue request whose local buffer was checked (`mr`: the region to
+    /// keep until it completes, if any).
+    fn post_sge(
+        &mut self,
+        wr_id: u64,
+        mut sge: Option<ffi::ibv_sge>,
+        mr: Option<Arc<MemoryRegion>>,
+        op: SendOp<'_>,
+        signaled: bool,
+    ) -> Result<()> {
         let len = sge.map_or(0, |s| u64::from(s.length));
         let id = self.next_id;
         debug_assert_eq!(id & RECV_BIT, 0, "2^63 work requests");
@@ -676,7 +734,10 @@ impl QueuePair {
         // that outlive the call (the provider copies them). The local buffer is inside a
         // registered region of this PD (checked by `local_sge`), and its `Arc` is kept in
         // `sends` until this request, or a later one of the same queue, completes, or the
-        // QP is destroyed. Remote ranges were checked against the advertised length.
+        // QP is destroyed; or it is a borrowed registration (checked by
+        // `post_read_borrowed`), whose deregistration on drop ends the device's access
+        // before the borrow ends. Remote ranges were checked against the advertised
+        // length.
         let rc = unsafe { ffi::ibv_post_send(self.handle.qp.as_ptr(), &mut wr, &mut bad) };
         if rc != 0 {
             return Err(returned_errno(
