@@ -345,7 +345,7 @@ fn workers_asked_to_leave_under_bounded_delay_finish_their_clock_and_nobody_wait
         );
         assert!(clock(r) < clock(0), "worker {r} left early: {summary}");
     }
-    assert_eq!(summary[format!("traffic_worker_0")]["left"], false);
+    assert_eq!(summary["traffic_worker_0"]["left"], false);
     let loss = summary["test_logloss"].as_f64().unwrap();
     assert!(loss < 0.5, "held-out logloss {loss}");
     eprintln!(

@@ -187,7 +187,7 @@ fn controls() -> Vec<Control> {
         Control::Welcome {
             node_id: 9,
             rank: 1,
-            cluster: ClusterInfo {
+            cluster: Box::new(ClusterInfo {
                 servers: vec![ServerInfo {
                     id: 9,
                     rank: 0,
@@ -200,13 +200,13 @@ fn controls() -> Vec<Control> {
                 update: UpdateSpec::Sgd { lr: 0.1 },
                 gone_workers: vec![],
                 replace_workers: true,
-            },
-            resume: Some(pserv_engine::proto::Resume {
+            }),
+            resume: Some(Box::new(pserv_engine::proto::Resume {
                 barrier: 4,
                 live: vec![0, 1],
                 barrier_clock: 300,
                 clock: 312,
-            }),
+            })),
         },
         Control::Ready,
         Control::Barrier { seq: 3, clock: 150 },
@@ -216,10 +216,16 @@ fn controls() -> Vec<Control> {
             clock: 150,
         },
         Control::Replace { rank: 1, pid: 77 },
-        Control::WorkerEnters { rank: 2, clock: 150 },
+        Control::WorkerEnters {
+            rank: 2,
+            clock: 150,
+        },
         Control::WorkerEntered { rank: 2 },
         Control::WorkerClock { rank: 1 },
-        Control::WorkerClockIs { rank: 1, clock: 312 },
+        Control::WorkerClockIs {
+            rank: 1,
+            clock: 312,
+        },
         Control::WorkerLeave { rank: 1 },
         Control::PleaseLeave,
         Control::Leaving { clock: 320 },

@@ -532,7 +532,7 @@ fn run_in(
         // --replace-failed-workers, `replacement_worker_N.first_ack_unix_ms` minus this is
         // the time to the replacement's first acknowledged push.
         obj.insert("killed_worker_unix_ms".into(), ms.into());
-        let _ = std::fs::write(&summary_path_of(plan, dir), summary.to_string());
+        let _ = std::fs::write(summary_path_of(plan, dir), summary.to_string());
     }
     Ok(summary)
 }

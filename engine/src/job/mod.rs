@@ -879,8 +879,7 @@ pub fn run_lr_worker(worker: Worker, job: &JobArgs) -> Result<(), EngineError> {
                 if trained { ", its training done" } else { "" }
             ),
         })?;
-    } else if late && job.join_at_epoch.is_some() {
-        let n = job.join_at_epoch.expect("checked");
+    } else if let Some(n) = job.join_at_epoch.filter(|_| late) {
         if n < restored_epoch + 2 {
             return Err(EngineError::Config(format!(
                 "--join-at-epoch {n}: this job starts at epoch {}; a worker joins at a later one",

@@ -84,7 +84,7 @@ pub(crate) struct Welcome {
     /// The cluster table.
     pub(crate) cluster: ClusterInfo,
     /// For a replacement: where it takes over.
-    pub(crate) resume: Option<crate::proto::Resume>,
+    pub(crate) resume: Option<Box<crate::proto::Resume>>,
 }
 
 /// Connect to the scheduler (within [`CONNECT_TIMEOUT`]) and tag the connection as the
@@ -134,7 +134,7 @@ pub(crate) fn register(
             }) => Ok(Welcome {
                 node_id,
                 rank,
-                cluster,
+                cluster: *cluster,
                 resume,
             }),
             Ok(Control::Refused { reason }) => Err(EngineError::Registration(reason)),

@@ -172,10 +172,10 @@ pub enum Control {
         /// The node's rank within its role.
         rank: u32,
         /// The cluster table.
-        cluster: ClusterInfo,
+        cluster: Box<ClusterInfo>,
         /// For a worker that replaces a failed one ([`Control::Replace`]): where it takes
         /// over.
-        resume: Option<Resume>,
+        resume: Option<Box<Resume>>,
     },
     /// A server has set up its store and serves requests: workers may now be welcomed.
     Ready,

@@ -197,7 +197,7 @@ impl SchedulerCore {
                 msg: Control::Welcome {
                     node_id: self.node_id(role, rank),
                     rank,
-                    cluster: cluster.clone(),
+                    cluster: Box::new(cluster.clone()),
                     resume: None,
                 },
             });
@@ -447,7 +447,7 @@ impl SchedulerCore {
             msg: Control::Welcome {
                 node_id: self.node_id(Role::Worker, rank),
                 rank,
-                cluster: self.cluster(),
+                cluster: Box::new(self.cluster()),
                 resume: None,
             },
         });
@@ -516,7 +516,7 @@ impl SchedulerCore {
             msg: Control::Welcome {
                 node_id: self.node_id(Role::Server, rank),
                 rank,
-                cluster: self.cluster(),
+                cluster: Box::new(self.cluster()),
                 resume: None,
             },
         });

@@ -792,12 +792,12 @@ fn a_failed_workers_place_is_kept_and_its_replacement_resumes_where_it_stopped()
     assert!(cluster.replace_workers);
     assert_eq!(
         resume,
-        &Some(crate::proto::Resume {
+        &Some(Box::new(crate::proto::Resume {
             barrier: 2,
             live: vec![0, 1],
             barrier_clock: 10,
             clock: 13,
-        })
+        }))
     );
     assert!(c.vacancies().is_empty());
     assert!(states(&c).contains(&(Role::Worker, 1, "replaced".into())));

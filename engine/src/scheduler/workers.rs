@@ -155,7 +155,7 @@ impl SchedulerCore {
             .iter()
             .filter(|(&rank, &since)| {
                 now.saturating_sub(since) > wait
-                    && !self.wk.replacing.as_ref().is_some_and(|r| r.rank == rank)
+                    && self.wk.replacing.as_ref().is_none_or(|r| r.rank != rank)
             })
             .map(|(&r, _)| r)
             .collect();
@@ -311,8 +311,8 @@ impl SchedulerCore {
             msg: Control::Welcome {
                 node_id: self.node_id(Role::Worker, r.rank),
                 rank: r.rank,
-                cluster: self.cluster(),
-                resume: Some(resume),
+                cluster: Box::new(self.cluster()),
+                resume: Some(Box::new(resume)),
             },
         });
         self.release_barriers(out);

@@ -34,7 +34,7 @@ pub struct Worker {
     pub(super) transport: TcpTransport,
     pub(super) onesided: Option<ClientOneSided>,
     /// For a replacement: where it takes over from the failed worker.
-    pub(super) resume: Option<crate::proto::Resume>,
+    pub(super) resume: Option<Box<crate::proto::Resume>>,
 }
 
 impl Worker {
@@ -47,7 +47,7 @@ impl Worker {
     /// barrier released, its live workers and clock, and the clock up to which the
     /// failed worker's pushes are applied on every server.
     pub fn resume(&self) -> Option<&crate::proto::Resume> {
-        self.resume.as_ref()
+        self.resume.as_deref()
     }
 
     /// Whether this worker was asked to leave gracefully (`pserv leave --worker`, or
