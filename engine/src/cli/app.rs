@@ -157,7 +157,8 @@ pub(super) struct LocalArgs {
     add_server_after: Option<f64>,
     /// Start one more worker this many seconds after the workers started; it joins
     /// the running job and gets a share of the data from the next epoch
-    /// (`--consistency eventual` only).
+    /// (under every consistency model: it enters at the next barrier, or at the start of
+    /// the epoch `--join-at-epoch` names).
     #[arg(long)]
     add_worker_after: Option<f64>,
     /// Replace failed workers: the scheduler keeps a failed worker's place and the
