@@ -79,6 +79,11 @@ pub struct RunArgs {
     /// Do not pin event loops.
     #[arg(long)]
     pub no_pin: bool,
+    /// Move the two-sided cells' messages through shared-memory rings
+    /// (`ShmMessages::SameHost`, a `pserv` node's default between processes of one host)
+    /// instead of TCP. The `tcp` section measures TCP, so this needs --no-write.
+    #[arg(long, requires = "no_write")]
+    pub shm_messages: bool,
     /// Pin worker i's application thread to this core + i (default: the OS places it).
     #[arg(long)]
     pub app_core: Option<usize>,
@@ -142,14 +147,14 @@ impl RunArgs {
                 no_pin: self.no_pin,
                 core_offset: self.server_core,
                 busy_poll_us: self.busy_poll_us,
-                shm_messages: false,
+                shm_messages: self.shm_messages,
             },
             worker: LoopSetup {
                 threads: self.loop_threads,
                 no_pin: self.no_pin,
                 core_offset: self.worker_core,
                 busy_poll_us: self.busy_poll_us,
-                shm_messages: false,
+                shm_messages: self.shm_messages,
             },
             worker_core_stride: self.worker_core_stride,
             spin_us: self.spin_us,

@@ -55,7 +55,8 @@ fn memlock_limit() -> u64 {
 }
 
 /// A page-aligned anonymous memory region whose pages are populated at creation and,
-/// where the system allows, locked in RAM (`mlock`).
+/// where the system allows, locked in RAM (`mlock`; [`populated`](Self::populated)
+/// regions are never locked).
 ///
 /// This is the memory parameter buffers live in: it is allocated once,
 /// reused, and later registered with the one-sided transports. The region is zeroed.
@@ -82,6 +83,19 @@ impl std::fmt::Debug for PinnedRegion {
 impl PinnedRegion {
     /// Map, populate and try to lock `len` bytes (rounded up to whole pages).
     pub fn new(len: usize) -> Result<Self, RegionError> {
+        let mut region = Self::populated(len)?;
+        region.locked = region.try_lock();
+        Ok(region)
+    }
+
+    /// Map and populate `len` bytes (rounded up to whole pages) like [`new`](Self::new),
+    /// without locking them: for large transient buffers (a frame being received) that
+    /// should start populated, on huge pages where the kernel gives them, but need not
+    /// stay resident. [`is_locked`](Self::is_locked) is `false`.
+    ///
+    /// A length that is a whole number of huge pages (2 MiB) gets a mapping the kernel
+    /// aligns to them, so all of it can be huge pages.
+    pub fn populated(len: usize) -> Result<Self, RegionError> {
         let page = page_size();
         let len = len.max(1).div_ceil(page) * page;
         let map = MmapOptions::new()
@@ -94,7 +108,6 @@ impl PinnedRegion {
         }
         let mut region = PinnedRegion { map, locked: false };
         region.populate();
-        region.locked = region.try_lock();
         Ok(region)
     }
 
@@ -188,6 +201,16 @@ mod tests {
         floats[n - 1] = 2.5;
         assert_eq!(r.as_slice::<f32>()[n - 1], 2.5);
         assert_eq!(r.as_slice::<u64>().len(), r.len() / 8);
+    }
+
+    #[test]
+    fn populated_regions_are_zeroed_and_never_locked() {
+        let mut r = PinnedRegion::populated(4 << 20).unwrap();
+        assert_eq!(r.len(), 4 << 20);
+        assert!(!r.is_locked());
+        assert!(r.as_slice::<u64>().iter().all(|&w| w == 0));
+        r.as_mut_slice::<u64>()[7] = 7;
+        assert_eq!(r.as_slice::<u64>()[7], 7);
     }
 
     #[test]

@@ -5,6 +5,9 @@
 //!   written to the socket straight from where the application keeps them.
 //! - [`BufPool`] / [`PoolBuf`]: 8-byte-aligned receive buffers that are reused, so their
 //!   pages stay populated (a fresh mapping is written an order of magnitude slower).
+//!   Buffers of at least [`MAPPED_MIN_BYTES`] are their own mappings, populated up front
+//!   on huge pages where the kernel gives them, so the first large frame a connection
+//!   receives does not fault its buffer in 4 KiB page by page.
 //! - [`OutFrame`], [`RecvFrame`], [`OwnedFrame`]: a frame on its way out or in.
 
 use std::collections::VecDeque;
@@ -12,6 +15,7 @@ use std::sync::Arc;
 
 use bytemuck::Pod;
 use parking_lot::{Mutex, MutexGuard};
+use pserv_sys::PinnedRegion;
 
 use crate::tcp::lock_order::{Rank, Ranked};
 use crate::wire::{pad8, Frame, Header, Layout, HEADER_LEN};
@@ -202,10 +206,78 @@ impl OutFrame {
     }
 }
 
+/// Pooled buffers of at least this many bytes are anonymous mappings of a whole number
+/// of these (the huge-page size), populated when made ([`PinnedRegion::populated`]),
+/// rather than heap vectors the first writes fault in page by page.
+pub const MAPPED_MIN_BYTES: usize = 2 << 20;
+
+/// The words of a pooled buffer: a heap vector (small buffers) or its own populated
+/// mapping (large ones). Both are zeroed when made.
+enum Words {
+    Heap(Vec<u64>),
+    Mapped(PinnedRegion),
+}
+
+impl std::fmt::Debug for Words {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Words::Heap(v) => write!(f, "Heap({} words)", v.len()),
+            Words::Mapped(r) => write!(f, "Mapped({} bytes)", r.len()),
+        }
+    }
+}
+
+impl Default for Words {
+    fn default() -> Self {
+        Words::Heap(Vec::new())
+    }
+}
+
+impl Words {
+    /// Room for at least `words` words: a heap vector below [`MAPPED_MIN_BYTES`], else a
+    /// populated mapping of whole huge pages. A mapping the system refuses falls back to
+    /// the heap (the frame is within the configured bound, so the heap is as good a try).
+    fn with_room(words: usize) -> Words {
+        let bytes = words.saturating_mul(8);
+        if bytes >= MAPPED_MIN_BYTES {
+            let len = bytes.div_ceil(MAPPED_MIN_BYTES) * MAPPED_MIN_BYTES;
+            match PinnedRegion::populated(len) {
+                Ok(r) => return Words::Mapped(r),
+                Err(err) => {
+                    tracing::debug!(error = %err, bytes = len, "mapping a receive buffer failed; using the heap");
+                }
+            }
+        }
+        Words::Heap(vec![0u64; words])
+    }
+
+    /// Capacity in words.
+    fn len(&self) -> usize {
+        match self {
+            Words::Heap(v) => v.len(),
+            Words::Mapped(r) => r.len() / 8,
+        }
+    }
+
+    fn as_slice(&self) -> &[u64] {
+        match self {
+            Words::Heap(v) => v,
+            Words::Mapped(r) => r.as_slice(),
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u64] {
+        match self {
+            Words::Heap(v) => v,
+            Words::Mapped(r) => r.as_mut_slice(),
+        }
+    }
+}
+
 /// A pool of reusable 8-byte-aligned buffers, bounded in count.
 #[derive(Debug)]
 pub struct BufPool {
-    free: Mutex<VecDeque<Vec<u64>>>,
+    free: Mutex<VecDeque<Words>>,
     max_free: usize,
 }
 
@@ -219,7 +291,9 @@ impl BufPool {
     }
 
     /// A buffer of `len` bytes (contents unspecified: whatever the last user left).
-    /// Reuses the smallest idle buffer that is large enough, else grows the largest.
+    /// Reuses the smallest idle buffer that is large enough, else replaces the largest
+    /// with one large enough (a heap vector grown in place below [`MAPPED_MIN_BYTES`],
+    /// else a fresh populated mapping: its old contents need not be kept).
     pub fn take(self: &Arc<Self>, len: usize) -> PoolBuf {
         let words = len.div_ceil(8);
         let mut v = {
@@ -238,11 +312,14 @@ impl BufPool {
             };
             match best.or_else(largest) {
                 Some(i) => free.swap_remove_back(i).unwrap_or_default(),
-                None => Vec::new(),
+                None => Words::default(),
             }
         };
         if v.len() < words {
-            v.resize(words, 0);
+            match &mut v {
+                Words::Heap(h) if words * 8 < MAPPED_MIN_BYTES => h.resize(words, 0),
+                _ => v = Words::with_room(words),
+            }
         }
         debug_assert!(
             v.len() * 8 >= len,
@@ -256,7 +333,7 @@ impl BufPool {
         }
     }
 
-    fn give_back(&self, v: Vec<u64>) {
+    fn give_back(&self, v: Words) {
         let mut free = self.lock_free();
         if free.len() < self.max_free {
             free.push_back(v);
@@ -276,14 +353,14 @@ impl BufPool {
 
     /// The free list, locked: a leaf lock, last in the transport's lock order (see
     /// [`tcp`](crate::tcp)).
-    fn lock_free(&self) -> Ranked<MutexGuard<'_, VecDeque<Vec<u64>>>> {
+    fn lock_free(&self) -> Ranked<MutexGuard<'_, VecDeque<Words>>> {
         Ranked::lock(Rank::Pool, || self.free.lock())
     }
 }
 
 /// A buffer from a [`BufPool`]; returns to it when dropped.
 pub struct PoolBuf {
-    words: Vec<u64>,
+    words: Words,
     len: usize,
     pool: Option<Arc<BufPool>>,
 }
@@ -297,12 +374,12 @@ impl std::fmt::Debug for PoolBuf {
 impl PoolBuf {
     /// The buffer's bytes (8-byte aligned).
     pub fn bytes(&self) -> &[u8] {
-        &bytemuck::cast_slice(&self.words)[..self.len]
+        &bytemuck::cast_slice(self.words.as_slice())[..self.len]
     }
 
     /// The buffer's bytes, mutably.
     pub fn bytes_mut(&mut self) -> &mut [u8] {
-        &mut bytemuck::cast_slice_mut(&mut self.words)[..self.len]
+        &mut bytemuck::cast_slice_mut(self.words.as_mut_slice())[..self.len]
     }
 
     /// Length in bytes.
@@ -476,6 +553,34 @@ mod tests {
         assert_eq!(pool.take(500).bytes().as_ptr(), pa);
         assert_eq!(pool.take(90_000).bytes().as_ptr(), pb);
         assert_eq!(pool.take(8).bytes().as_ptr() as usize % 8, 0);
+    }
+
+    #[test]
+    fn large_buffers_are_mapped_zeroed_and_reused() {
+        let pool = BufPool::new(4);
+        let mut a = pool.take(3 << 20);
+        assert_eq!(a.len(), 3 << 20);
+        assert!(matches!(a.words, Words::Mapped(_)));
+        // Whole huge pages: room for up to 4 MiB.
+        assert_eq!(a.words.len() * 8, 4 << 20);
+        assert!(a.bytes().iter().all(|&b| b == 0));
+        a.bytes_mut()[(3 << 20) - 1] = 9;
+        let p = a.bytes().as_ptr();
+        drop(a);
+        // A smaller large request reuses it (contents as left); a larger one replaces it.
+        let b = pool.take(4 << 20);
+        assert_eq!(b.bytes().as_ptr(), p);
+        assert_eq!(b.bytes()[(3 << 20) - 1], 9);
+        drop(b);
+        let c = pool.take((4 << 20) + 1);
+        assert_eq!(c.words.len() * 8, 6 << 20);
+        assert_eq!(c.bytes().as_ptr() as usize % 8, 0);
+        drop(c);
+        assert_eq!(pool.idle(), 1);
+        // Small requests stay on the heap.
+        let mut small = BufPool::new(1).take(1000);
+        assert!(matches!(small.words, Words::Heap(_)));
+        small.bytes_mut()[999] = 1;
     }
 
     #[test]

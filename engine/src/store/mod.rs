@@ -14,8 +14,9 @@
 //!   home bucket of the key 32 positions ahead so misses overlap. Empty buckets are zero
 //!   words (keys are stored complemented), so a new table is a fresh zeroed mapping with
 //!   nothing written; a request that brings more new keys than a table has room for grows
-//!   it once, to the size for exactly those keys (all of them when the table is empty),
-//!   rather than doubling on the way.
+//!   it once, to the size for exactly those keys (all of them when the table is empty,
+//!   or when they outnumber the keys it holds eightfold: then at most an eighth too many,
+//!   and no probe counts them), rather than doubling on the way.
 //! - **Dense blocks** hold whole ranges contiguously (weights in one region, state in
 //!   another). `push_range` / `push_pull_range` serve a range piecewise: the parts covered
 //!   by existing blocks use them; each uncovered part (per shard) gets a new zeroed block

@@ -50,6 +50,11 @@ const FIB: u64 = 0x9E37_79B9_7F4A_7C15;
 /// How many keys ahead the per-key loops prefetch a home bucket.
 pub(super) const PREFETCH_AHEAD: usize = 32;
 
+/// A table at its load limit grows for all the keys of a request left to insert, without
+/// counting which of them it holds, when they are at least this many times the keys it
+/// holds (so at most `1 / BULK_RATIO` of them can be held already).
+const BULK_RATIO: usize = 8;
+
 /// Load factor limit: grow when `len` would pass `cap * LOAD_NUM / LOAD_DEN`.
 const LOAD_NUM: usize = 3;
 const LOAD_DEN: usize = 5;
@@ -291,10 +296,8 @@ impl<T: Value> Table<T> {
                 return Ok(());
             }
             // keys[done] is new and the table is at its load limit: grow once, for
-            // exactly the keys of the request it does not hold yet.
-            let new = self.count_new(&keys[done..]);
-            debug_assert!(new >= 1, "the key that stopped the insert loop is new");
-            let want = self.len + new;
+            // the keys of the request it does not hold yet.
+            let want = self.len + self.new_at_most(&keys[done..]);
             match self.grow_for(want) {
                 Ok(()) => may_grow = true,
                 Err(err) if !may_grow || self.len + 1 >= self.g.cap => return Err(err),
@@ -306,6 +309,21 @@ impl<T: Value> Table<T> {
                 }
             }
         }
+    }
+
+    /// How many of `keys` (distinct, the first of them new) the table may have to take:
+    /// exactly the ones it does not hold ([`count_new`](Self::count_new)), or all of
+    /// them when they are at least [`BULK_RATIO`] times the keys it holds. At least
+    /// `keys.len() - len` of them are new then, so all of them is at most `1 /
+    /// BULK_RATIO` too many, and a bulk insert into a table at its load limit skips a
+    /// probe per key.
+    fn new_at_most(&self, keys: &[u64]) -> usize {
+        if keys.len() >= self.len.saturating_mul(BULK_RATIO) {
+            return keys.len();
+        }
+        let new = self.count_new(keys);
+        debug_assert!(new >= 1, "the key that stopped the insert loop is new");
+        new
     }
 
     /// How many of `keys` (distinct) the table does not hold: a probe of each, pipelined

@@ -909,6 +909,45 @@ fn a_mix_of_held_and_new_keys_grows_once_for_the_new_ones() {
 }
 
 #[test]
+fn a_bulk_of_new_keys_into_a_full_table_grows_once_for_all_of_them() {
+    let cfg = StoreConfig {
+        shards: 1,
+        value_len: 1,
+        state_len: 1,
+        sparse_initial_keys: 0,
+        ..StoreConfig::default()
+    };
+    let store = Store::<f32>::new(KeyRange::new(0, 1 << 40), cfg.clone()).unwrap();
+    let mut model = Model::new(&store, cfg.dense_max_bytes);
+    // Fill the table to just below its load limit with keys 0, 20, 40, ...
+    let (_, cap0, _) = tables(&store)[0];
+    let held: Vec<u64> = (0..(cap0 * 3 / 5) as u64 - 1).map(|i| i * 20).collect();
+    let g: Vec<f32> = grads(held.len(), 1);
+    store.push(&held, &g, &Accum).unwrap();
+    model.push(&held, &g, &Accum, None);
+    // Every held key again and ten new ones after each: the keys left when the insert
+    // stops outnumber the held ones more than eightfold, so the table grows once for all
+    // of them (held ones included: at most an eighth too many), without counting.
+    let bulk: Vec<u64> = held
+        .iter()
+        .flat_map(|&k| (0..11).map(move |i| k + i))
+        .collect();
+    let g: Vec<f32> = grads(bulk.len(), 2);
+    store.push(&bulk, &g, &Accum).unwrap();
+    model.push(&bulk, &g, &Accum, None);
+    model.check(&store);
+    store.check_invariants();
+    let (n, cap, grown) = tables(&store)[0];
+    assert_eq!(n, bulk.len());
+    assert_eq!(grown, 1);
+    assert!(cap >= cap_for(n), "a table of {n} keys has {cap} buckets");
+    assert!(
+        cap <= cap_for(n + n / 8),
+        "a table of {n} keys has {cap} buckets"
+    );
+}
+
+#[test]
 fn a_batch_with_a_duplicate_key_is_refused_before_anything_is_allocated() {
     let cfg = StoreConfig {
         shards: 2,
