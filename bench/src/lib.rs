@@ -28,6 +28,8 @@
 //!   the same SGD trained in one process, with the goals of examples per second.
 //! - [`traffic`]: the traffic reducers on the main job (`traffic`): push filters, key
 //!   caching and value compression against a baseline, and where each pays on 10 Gb/s.
+//! - [`replace`]: a failed worker replaced in place (`replace`): the time from the SIGKILL
+//!   to the replacement's first acknowledged push, the extra job time, the same model.
 #![forbid(unsafe_code)]
 
 pub mod baseline;
@@ -39,6 +41,7 @@ pub mod messages;
 pub mod onesided;
 pub mod onesided_report;
 pub mod repl;
+pub mod replace;
 pub mod report;
 pub mod run;
 pub mod stats;

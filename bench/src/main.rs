@@ -7,7 +7,9 @@
 //! `... -- replication [--quick]` the chain-replication throughput and recovery tables;
 //! `... -- traffic [--data FILE]` the traffic reducers (push filters, key caching,
 //! compression) on the main job; `... -- job [--quick]` the main job against the same SGD
-//! in one process. The hidden subcommands `__scheduler` and `__server`, and
+//! in one process; `... -- replace [--reps N]` a failed worker replaced in place (the time
+//! to the replacement's first acknowledged push, the job's extra time, the same model).
+//! The hidden subcommands `__scheduler` and `__server`, and
 //! `pserv ...` (the whole `pserv` command line), are how the bench starts the cluster's
 //! other processes (it re-executes itself).
 #![forbid(unsafe_code)]
@@ -18,6 +20,7 @@ use pserv_bench::cluster::{scheduler_main, server_main, SchedulerArgs, ServerArg
 use pserv_bench::job::{job, JobBenchArgs};
 use pserv_bench::messages::{messages, MessagesArgs};
 use pserv_bench::repl::{replication, ReplArgs};
+use pserv_bench::replace::{replace, ReplaceArgs};
 use pserv_bench::run::{run, RunArgs};
 use pserv_bench::tau::{tau_sweep, TauArgs};
 use pserv_bench::traffic::{traffic, TrafficArgs};
@@ -55,6 +58,10 @@ enum Role {
     /// Traffic reducers on the main job: push filters, key caching and value compression,
     /// bytes and time per epoch against a baseline, and where each pays on 10 Gb/s.
     Traffic(TrafficArgs),
+    /// A failed worker replaced in place: `pserv local --replace-failed-workers` clean and
+    /// with a SIGKILLed worker, alternating; the time to the replacement's first
+    /// acknowledged push, the extra job time, and whether the model is the clean run's.
+    Replace(ReplaceArgs),
 }
 
 /// The run's cluster secret file, removed when dropped.
@@ -136,6 +143,13 @@ fn main() {
         Some(Role::Job(a)) => {
             let args: Vec<String> = std::env::args().skip(1).collect();
             job(
+                a,
+                format!("cargo run --release -p pserv-bench -- {}", args.join(" ")),
+            )
+        }
+        Some(Role::Replace(a)) => {
+            let args: Vec<String> = std::env::args().skip(1).collect();
+            replace(
                 a,
                 format!("cargo run --release -p pserv-bench -- {}", args.join(" ")),
             )
