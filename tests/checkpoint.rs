@@ -39,28 +39,6 @@ fn flag(name: &str, v: impl std::fmt::Display) -> String {
     format!("--{name}={v}")
 }
 
-/// Every `model-*.bin` of a dump folder merged (key to weight bits); replicas agree.
-fn merged_model(dir: &Path) -> BTreeMap<u64, u32> {
-    let mut out = BTreeMap::new();
-    for e in std::fs::read_dir(dir).expect("dump folder") {
-        let e = e.unwrap();
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !(name.starts_with("model-") && name.ends_with(".bin")) {
-            continue;
-        }
-        let bytes = std::fs::read(e.path()).unwrap();
-        assert_eq!(bytes.len() % 12, 0);
-        for r in bytes.chunks_exact(12) {
-            let k = u64::from_le_bytes(r[..8].try_into().unwrap());
-            let w = u32::from_le_bytes(r[8..].try_into().unwrap());
-            if let Some(prev) = out.insert(k, w) {
-                assert_eq!(prev, w, "key {k:#x}: replicas disagree");
-            }
-        }
-    }
-    out
-}
-
 /// `pserv local ARGS --dump-model=DUMP`; its summary.
 fn run(args: &[String], dump: &Path) -> serde_json::Value {
     std::fs::create_dir_all(dump).unwrap();
@@ -204,7 +182,7 @@ fn crash_after_checkpoint_2(ck: &Path) -> u64 {
 fn a_job_killed_after_a_checkpoint_and_restored_ends_with_the_model_of_a_clean_run() {
     let dir = Scratch::new("ckpt-restore");
     let clean = run(&job(3, &[]), &dir.path("clean"));
-    let reference = merged_model(&dir.path("clean"));
+    let reference = common::merged_model(&dir.path("clean"));
     let ck = dir.path("ck");
     let epoch = crash_after_checkpoint_2(&ck);
     assert!((2..4).contains(&epoch), "checkpoint {epoch} of 4 epochs");
@@ -227,7 +205,7 @@ fn a_job_killed_after_a_checkpoint_and_restored_ends_with_the_model_of_a_clean_r
     );
     let after: Vec<u64> = serde_json::from_value(restored["checkpoints"].clone()).unwrap();
     assert_eq!(after, ((epoch + 1)..=4).collect::<Vec<_>>(), "{restored}");
-    let (same_w, total, rel) = compare(&reference, &merged_model(&dir.path("restored")));
+    let (same_w, total, rel) = compare(&reference, &common::merged_model(&dir.path("restored")));
     eprintln!(
         "restored with 3 servers: {same_w} of {total} weights bitwise equal, relative L2 {rel:.2e}"
     );
@@ -240,7 +218,7 @@ fn a_job_killed_after_a_checkpoint_and_restored_ends_with_the_model_of_a_clean_r
     let at = ck.join(format!("epoch-{epoch}"));
     let restore = flag("restore", at.display());
     let two = run(&job(2, std::slice::from_ref(&restore)), &dir.path("two"));
-    let (same_w, total, rel) = compare(&reference, &merged_model(&dir.path("two")));
+    let (same_w, total, rel) = compare(&reference, &common::merged_model(&dir.path("two")));
     eprintln!(
         "restored with 2 servers: {same_w} of {total} weights bitwise equal, relative L2 {rel:.2e}"
     );
@@ -252,7 +230,7 @@ fn a_job_killed_after_a_checkpoint_and_restored_ends_with_the_model_of_a_clean_r
     let mut replicated = job(3, std::slice::from_ref(&restore));
     replicated.push("--replicas=1".into());
     run(&replicated, &dir.path("replicated"));
-    let (same_w, total, rel) = compare(&reference, &merged_model(&dir.path("replicated")));
+    let (same_w, total, rel) = compare(&reference, &common::merged_model(&dir.path("replicated")));
     assert_eq!(same_w, total, "replicated: relative L2 distance {rel:.2e}");
 
     // A flipped byte in a server file: refused before any process starts, naming it.

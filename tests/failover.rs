@@ -114,34 +114,6 @@ fn assert_all_at(w: &Worker, keys: &[u64], want: f32) {
     );
 }
 
-/// Every `model-*.bin` of a dump directory merged: replicas of a key must agree.
-fn merged_model(dir: &Path) -> BTreeMap<u64, u32> {
-    let mut out: BTreeMap<u64, u32> = BTreeMap::new();
-    for e in std::fs::read_dir(dir).expect("dump directory") {
-        let e = e.unwrap();
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !(name.starts_with("model-") && name.ends_with(".bin")) {
-            continue;
-        }
-        let bytes = std::fs::read(e.path()).unwrap();
-        assert_eq!(bytes.len() % 12, 0);
-        for r in bytes.chunks_exact(12) {
-            let k = u64::from_le_bytes(r[..8].try_into().unwrap());
-            let w = u32::from_le_bytes(r[8..].try_into().unwrap());
-            if let Some(prev) = out.insert(k, w) {
-                assert_eq!(
-                    prev,
-                    w,
-                    "key {k:#x}: replicas disagree ({} vs {})",
-                    f32::from_bits(prev),
-                    f32::from_bits(w)
-                );
-            }
-        }
-    }
-    out
-}
-
 fn run_local(extra: &[String], dump: &Path) -> serde_json::Value {
     std::fs::create_dir_all(dump).unwrap();
     let mut args: Vec<String> = [
@@ -218,8 +190,8 @@ fn failover_against_clean_run(name: &str, reducers: &[String]) -> (usize, usize,
     assert_eq!(failed["failovers"], 1, "one failover: {failed}");
     assert_eq!(clean["failovers"], 0);
     let (a, b) = (
-        merged_model(&dir.path("clean")),
-        merged_model(&dir.path("killed")),
+        common::merged_model(&dir.path("clean")),
+        common::merged_model(&dir.path("killed")),
     );
     assert!(a.len() > 5000, "only {} keys trained", a.len());
     assert_eq!(a.len(), b.len(), "the same keys are trained");
@@ -648,7 +620,7 @@ fn roles_job(dump: &Path, restart: bool) -> BTreeMap<u64, u32> {
     // Every process ends by itself: the workers when trained, the scheduler when they
     // are done, the servers (dumping their ranges) when it stops them.
     c.procs.wait_all(Duration::from_secs(120));
-    merged_model(dump)
+    common::merged_model(dump)
 }
 
 /// `pserv local` restarts a scheduler that dies (`--kill-scheduler-after` SIGKILLs it
@@ -683,7 +655,7 @@ fn pserv_local_restarts_a_killed_scheduler_and_the_model_is_unchanged() {
             .expect("pserv runs");
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(out.status.success(), "pserv local {extra:?} failed: {err}");
-        (merged_model(&dump), err)
+        (common::merged_model(&dump), err)
     };
     let (clean, _) = run("clean", &[]);
     let (restarted, err) = run("restarted", &["--kill-scheduler-after=0.8"]);

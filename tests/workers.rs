@@ -15,28 +15,6 @@ use std::time::{Duration, Instant};
 
 use common::{Cluster, Scratch};
 
-/// Every `model-*.bin` of a dump directory merged (key -> weight bits).
-fn merged_model(dir: &Path) -> BTreeMap<u64, u32> {
-    let mut out = BTreeMap::new();
-    for e in std::fs::read_dir(dir).expect("dump directory") {
-        let e = e.unwrap();
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !(name.starts_with("model-") && name.ends_with(".bin")) {
-            continue;
-        }
-        let bytes = std::fs::read(e.path()).unwrap();
-        assert_eq!(bytes.len() % 12, 0);
-        for r in bytes.chunks_exact(12) {
-            let k = u64::from_le_bytes(r[..8].try_into().unwrap());
-            let w = u32::from_le_bytes(r[8..].try_into().unwrap());
-            if let Some(prev) = out.insert(k, w) {
-                assert_eq!(prev, w, "key {k:#x}: replicas disagree");
-            }
-        }
-    }
-    out
-}
-
 /// How many weights of `b` equal `a`'s bit for bit (after checking the same keys).
 fn same_weights(a: &BTreeMap<u64, u32>, b: &BTreeMap<u64, u32>) -> usize {
     assert!(a.len() > 5000, "only {} keys trained", a.len());
@@ -112,8 +90,8 @@ fn a_sigkilled_worker_is_replaced_in_place_and_the_sequential_model_is_the_clean
     );
     assert_eq!(killed["workers_finished"], 2);
     let (a, b) = (
-        merged_model(&dir.path("clean")),
-        merged_model(&dir.path("killed")),
+        common::merged_model(&dir.path("clean")),
+        common::merged_model(&dir.path("killed")),
     );
     let same = same_weights(&a, &b);
     assert_eq!(
@@ -167,8 +145,8 @@ fn a_worker_that_joins_under_sequential_consistency_at_a_given_epoch_gives_the_s
         assert_eq!(s["workers_finished"], 3, "{s}");
     }
     let (a, b) = (
-        merged_model(&dir.path("one")),
-        merged_model(&dir.path("two")),
+        common::merged_model(&dir.path("one")),
+        common::merged_model(&dir.path("two")),
     );
     let same = same_weights(&a, &b);
     assert_eq!(
@@ -262,7 +240,7 @@ fn replaced_twice(dump: &Path, faults: bool) -> BTreeMap<u64, u32> {
         c.procs.spawn("replacement 2", &a);
     }
     c.procs.wait_all(Duration::from_secs(120));
-    merged_model(dump)
+    common::merged_model(dump)
 }
 
 #[test]

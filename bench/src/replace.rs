@@ -149,20 +149,7 @@ fn reason(e: &BenchError) -> String {
         .map(str::trim)
         .find(|l| !l.is_empty())
         .unwrap_or("failed");
-    let mut out = String::new();
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // An escape sequence: up to its final letter.
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(if c == '|' { '/' } else { c });
-        }
-    }
+    let mut out = pserv_engine::cli::local::strip_ansi(line).replace('|', "/");
     if out.chars().count() > 200 {
         out = out.chars().take(200).collect::<String>() + "...";
     }

@@ -327,3 +327,32 @@ pub fn local_summary(args: &[String], summary: &Path) -> serde_json::Value {
     );
     serde_json::from_str(&std::fs::read_to_string(summary).unwrap()).unwrap()
 }
+
+/// Every `model-*.bin` of a dump folder (`--dump-model`) merged: key to weight bits;
+/// replicas of a key must agree.
+pub fn merged_model(dir: &Path) -> std::collections::BTreeMap<u64, u32> {
+    let mut out = std::collections::BTreeMap::new();
+    for e in std::fs::read_dir(dir).expect("dump folder") {
+        let e = e.unwrap();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with("model-") && name.ends_with(".bin")) {
+            continue;
+        }
+        let bytes = std::fs::read(e.path()).unwrap();
+        assert_eq!(bytes.len() % 12, 0);
+        for r in bytes.chunks_exact(12) {
+            let k = u64::from_le_bytes(r[..8].try_into().unwrap());
+            let w = u32::from_le_bytes(r[8..].try_into().unwrap());
+            if let Some(prev) = out.insert(k, w) {
+                assert_eq!(
+                    prev,
+                    w,
+                    "key {k:#x}: replicas disagree ({} vs {})",
+                    f32::from_bits(prev),
+                    f32::from_bits(w)
+                );
+            }
+        }
+    }
+    out
+}

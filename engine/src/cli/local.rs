@@ -229,7 +229,7 @@ impl StderrTail {
 }
 
 /// `s` without ANSI escape sequences (colours of a child's log).
-fn strip_ansi(s: &str) -> String {
+pub fn strip_ansi(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut chars = s.chars();
     while let Some(c) = chars.next() {
