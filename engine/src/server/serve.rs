@@ -26,8 +26,10 @@ pub(super) fn answer_request(core: &Core, ready: &Ready, f: &Frame<'_>, conn: &C
     // replication: a table change then finds it queued, under the chains it was applied
     // for (and sends it before its hand-off markers).
     let table = ready.table.read();
-    let applying = ready.repl.applying();
     let is_write = h.kind == MessageKind::Push as u8 || h.kind == MessageKind::PushPull as u8;
+    // Only a write is ordered against the replication flushes (a flush reads the entries
+    // of whole pushes); a read takes no part in it, so it never waits for a flush.
+    let applying = is_write.then(|| ready.repl.applying());
     // A write to keys of a one-sided window shows in the window before it is answered.
     let touched = if is_write { keys_of(f) } else { None };
     let answer = write_through(ready, touched, || match &ready.store {
