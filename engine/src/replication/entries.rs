@@ -86,20 +86,10 @@ pub(crate) fn pod_vec<P: bytemuck::Pod>(bytes: &[u8]) -> Vec<P> {
 
 impl<T: Value> EntryStore for Store<T> {
     fn read_keys(&self, keys: &[Key]) -> (Vec<u8>, Vec<u8>) {
-        let vl = self.value_len();
-        let cap = Capture {
-            state_len: self.state_len(),
-            out: Mutex::new((
-                Vec::with_capacity(keys.len() * vl),
-                Vec::with_capacity(keys.len() * vl * self.state_len()),
-            )),
-        };
-        // The store applies rules in key order: the capture sees the keys in order.
-        let zeros = vec![T::default(); keys.len() * vl];
-        if let Err(e) = self.push(keys, &zeros, &cap) {
+        let (w, s) = self.read_entries(keys).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "reading entries for replication");
-        }
-        let (w, s) = cap.out.into_inner();
+            (Vec::new(), Vec::new())
+        });
         (
             bytemuck::cast_slice(&w).to_vec(),
             bytemuck::cast_slice(&s).to_vec(),

@@ -74,6 +74,23 @@ impl<T: Value> Block<T> {
         &self.weights.as_slice::<T>()[..self.keys() * self.vl]
     }
 
+    /// Append the weights and the state of the ascending `keys` (all inside the block) to
+    /// `w` (`vl` elements a key) and `s` (`sl` a key).
+    pub(super) fn read_entries(&self, keys: &[u64], w: &mut Vec<T>, s: &mut Vec<T>) {
+        self.debug_check_keys(keys);
+        let (vl, sl, begin, n) = (self.vl, self.sl, self.range.begin, self.keys());
+        let weights = self.weights();
+        let state = match &self.state {
+            Some(st) => &st.as_slice::<T>()[..n * sl],
+            None => &[][..],
+        };
+        for &k in keys {
+            let i = (k - begin) as usize;
+            w.extend_from_slice(&weights[i * vl..(i + 1) * vl]);
+            s.extend_from_slice(&state[i * sl..(i + 1) * sl]);
+        }
+    }
+
     /// Weights and state, mutably.
     fn parts_mut(&mut self) -> (&mut [T], &mut [T]) {
         let n = self.keys();

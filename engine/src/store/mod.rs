@@ -421,6 +421,21 @@ impl<T: Value> Store<T> {
         Ok(())
     }
 
+    /// The weights (`value_len` a key) and the update-rule state (`value_len *
+    /// state_len` a key) of `keys` (strictly increasing, all in range), in key order, read
+    /// under each shard's lock: what a replication batch carries. Keys never seen read as
+    /// 0 and are not inserted.
+    pub fn read_entries(&self, keys: &[u64]) -> Result<(Vec<T>, Vec<T>), StoreError> {
+        self.check_keys(keys)?;
+        let mut w = Vec::with_capacity(keys.len() * self.value_len);
+        let mut s = Vec::with_capacity(keys.len() * self.value_len * self.state_len);
+        for (sh, r) in self.chunks(keys) {
+            let shard = self.shards[sh].0.lock();
+            shard.read_entries(&keys[r], &mut w, &mut s);
+        }
+        Ok((w, s))
+    }
+
     /// Apply `grads` (`range.len() * value_len` values, key order) to every key of `range`
     /// with `f`, storing the range in dense blocks (see the module doc).
     pub fn push_range(
@@ -850,6 +865,20 @@ impl<T: Value> Shard<T> {
             }
         }
         Ok(())
+    }
+
+    fn read_entries(&self, keys: &[u64], w: &mut Vec<T>, s: &mut Vec<T>) {
+        self.debug_check_keys(keys);
+        if self.blocks.is_empty() {
+            return self.table.read_entries(keys, w, s);
+        }
+        let mut segs = Segments::default();
+        while let Some((block, r)) = segs.next(keys, &self.blocks) {
+            match block {
+                None => self.table.read_entries(&keys[r], w, s),
+                Some(b) => self.blocks[b].read_entries(&keys[r], w, s),
+            }
+        }
     }
 
     fn pull_keys(&self, keys: &[u64], out: &mut [T]) {

@@ -580,6 +580,35 @@ impl<T: Value> Table<T> {
         }
     }
 
+    /// Append the weights and the state of the ascending `keys` to `w` (`vl` elements a
+    /// key) and `s` (`sl` a key); keys not present read as zero (and are not inserted).
+    /// Pipelined like the push and pull loops.
+    pub(super) fn read_entries(&self, keys: &[u64], w: &mut Vec<T>, s: &mut Vec<T>) {
+        let g = self.g;
+        if self.len == 0 {
+            w.resize(w.len() + keys.len() * g.vl, T::default());
+            s.resize(s.len() + keys.len() * g.sl, T::default());
+            return;
+        }
+        let words: &[u64] = self.region.as_slice();
+        for (i, &key) in keys.iter().enumerate() {
+            if let Some(&ahead) = keys.get(i + PREFETCH_AHEAD) {
+                prefetch_read(&words[g.home(ahead) * g.stride]);
+            }
+            match self.find(key) {
+                Some(b) => {
+                    let v = self.values_at(b);
+                    w.extend_from_slice(&v[..g.vl]);
+                    s.extend_from_slice(&v[g.vl..]);
+                }
+                None => {
+                    w.resize(w.len() + g.vl, T::default());
+                    s.resize(s.len() + g.sl, T::default());
+                }
+            }
+        }
+    }
+
     /// The bucket holding `key`, if present.
     fn find(&self, key: u64) -> Option<usize> {
         let g = self.g;

@@ -288,6 +288,23 @@ fn run_ops<T: Value>(begin: u64, span: u64, cfg: StoreConfig, ops: &[Op]) {
                 got = vec![T::default(); k.len() * vl];
                 store.pull(&k, &mut got).unwrap();
                 model.pull(&k, &mut want);
+                // What replication reads: weights and state, nothing inserted.
+                let (w, st) = store.read_entries(&k).unwrap();
+                let (mut mw, mut ms) = (Vec::new(), Vec::new());
+                for key in &k {
+                    match model.keys.get(key) {
+                        Some((a, b)) => {
+                            mw.extend_from_slice(a);
+                            ms.extend_from_slice(b);
+                        }
+                        None => {
+                            mw.extend(std::iter::repeat_n(T::default(), vl));
+                            ms.extend(std::iter::repeat_n(T::default(), vl * model.state_len));
+                        }
+                    }
+                }
+                assert_eq!(w, mw, "read_entries weights");
+                assert_eq!(st, ms, "read_entries state");
             }
             Op::PushRange(a, b, f) | Op::PushPullRange(a, b, f) => {
                 let r = keys.range(*a, *b);
