@@ -5,6 +5,9 @@
 //! all three; rdma needs `--features rdma` and a device, else the report says why it is
 //! missing); `... -- tau-sweep [--quick]` runs the bounded-delay experiment;
 //! `... -- replication [--quick]` the chain-replication throughput and recovery tables;
+//! `... -- messages [--quick]` the two-sided cells over tcp, shm and rdma (messages over
+//! queue pairs, where built and a device is usable; on the software device of
+//! `sys/softrdma` into the `messages-softrdma` section);
 //! `... -- traffic [--data FILE]` the traffic reducers (push filters, key caching,
 //! compression) on the main job; `... -- job [--quick]` the main job against the same SGD
 //! in one process; `... -- replace [--reps N]` a failed worker replaced in place (the time
@@ -49,11 +52,13 @@ enum Role {
     /// Chain replication: push throughput for 0, 1, 2 replicas with and without
     /// aggregation, and recovery time after a SIGKILLed server.
     Replication(ReplArgs),
-    /// The message path: two-sided cells with every message over TCP and over shared
-    /// memory, and the main job over both against the single-process SGD.
+    /// The message path: two-sided cells with every message over TCP, over shared
+    /// memory and (with `--features rdma` and a device) over RDMA queue pairs, and the
+    /// main job over each against the single-process SGD.
     Messages(MessagesArgs),
-    /// The main job against the single-process SGD: `pserv local` over tcp and shm, with
-    /// 0 and 1 replicas, examples per second and the ratios the goals name.
+    /// The main job against the single-process SGD: `pserv local` over tcp and shm (and
+    /// rdma with `--features rdma` and a device), with 0 and 1 replicas, examples per
+    /// second and the ratios the goals name.
     Job(JobBenchArgs),
     /// Traffic reducers on the main job: push filters, key caching and value compression,
     /// bytes and time per epoch against a baseline, and where each pays on 10 Gb/s.
