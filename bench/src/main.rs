@@ -97,6 +97,26 @@ impl Drop for BenchSecret {
     }
 }
 
+/// The command that reproduces this run, as the sections record it: `cargo run
+/// --release -p pserv-bench`, with `--features rdma` when this build has it, under
+/// `scripts/soft-rdma` when the software RDMA device is loaded (it sets
+/// `PSERV_SOFT_RDMA=1`), then `-- ARGS`.
+fn command_line(args: &[String]) -> String {
+    let mut c = String::new();
+    if std::env::var_os("PSERV_SOFT_RDMA").is_some_and(|v| v == "1") {
+        c.push_str("scripts/soft-rdma ");
+    }
+    c.push_str("cargo run --release -p pserv-bench");
+    if cfg!(feature = "rdma") {
+        c.push_str(" --features rdma");
+    }
+    if !args.is_empty() {
+        c.push_str(" -- ");
+        c.push_str(&args.join(" "));
+    }
+    c
+}
+
 fn main() {
     // `pserv-bench pserv ...` is the `pserv` binary (how tau-sweep starts its clusters).
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
@@ -126,53 +146,31 @@ fn main() {
         Some(Role::Server(a)) => server_main(a),
         Some(Role::TauSweep(a)) => {
             let args: Vec<String> = std::env::args().skip(1).collect();
-            tau_sweep(
-                a,
-                format!("cargo run --release -p pserv-bench -- {}", args.join(" ")),
-            )
+            tau_sweep(a, command_line(&args))
         }
         Some(Role::Replication(a)) => {
             let args: Vec<String> = std::env::args().skip(1).collect();
-            replication(
-                a,
-                format!("cargo run --release -p pserv-bench -- {}", args.join(" ")),
-            )
+            replication(a, command_line(&args))
         }
         Some(Role::Messages(a)) => {
             let args: Vec<String> = std::env::args().skip(1).collect();
-            messages(
-                a,
-                format!("cargo run --release -p pserv-bench -- {}", args.join(" ")),
-            )
+            messages(a, command_line(&args))
         }
         Some(Role::Job(a)) => {
             let args: Vec<String> = std::env::args().skip(1).collect();
-            job(
-                a,
-                format!("cargo run --release -p pserv-bench -- {}", args.join(" ")),
-            )
+            job(a, command_line(&args))
         }
         Some(Role::Replace(a)) => {
             let args: Vec<String> = std::env::args().skip(1).collect();
-            replace(
-                a,
-                format!("cargo run --release -p pserv-bench -- {}", args.join(" ")),
-            )
+            replace(a, command_line(&args))
         }
         Some(Role::Traffic(a)) => {
             let args: Vec<String> = std::env::args().skip(1).collect();
-            traffic(
-                a,
-                format!("cargo run --release -p pserv-bench -- {}", args.join(" ")),
-            )
+            traffic(a, command_line(&args))
         }
         None => {
             let args: Vec<String> = std::env::args().skip(1).collect();
-            let command = if args.is_empty() {
-                "cargo run --release -p pserv-bench".to_string()
-            } else {
-                format!("cargo run --release -p pserv-bench -- {}", args.join(" "))
-            };
+            let command = command_line(&args);
             run(&cli.run, command).map(|_| ())
         }
     };
