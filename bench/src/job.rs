@@ -475,8 +475,15 @@ fn to_markdown(
     if !with_rdma {
         md.push_str(&format!("\n{}\n", rdma.line()));
     }
-    // No speed goal is read off the software device.
-    md.push_str(&goals(rows, single, &eps_of, with_rdma && !rdma.software()));
+    if with_rdma && rdma.software() {
+        // No speed goal is read off a run that shares its cores with the software device.
+        md.push_str(
+            "\nNo goal is read off this run (the software device's progress threads share the \
+             cores with every row); the `job` section has them.\n",
+        );
+    } else {
+        md.push_str(&goals(rows, single, &eps_of, with_rdma));
+    }
     md
 }
 
@@ -669,9 +676,10 @@ mod tests {
             "{md}"
         );
         assert!(
-            !md.contains("rdma: K=1") && !md.contains("rdma: not"),
+            !md.contains("| goal |") && !md.contains("rdma: not"),
             "{md}"
         );
+        assert!(md.contains("No goal is read off this run"), "{md}");
         // On hardware the rdma goal is read too, and there is no such heading.
         let hw = RdmaAvailability::Device {
             software: false,
@@ -680,6 +688,10 @@ mod tests {
         let md = to_markdown(&rows, &[], &hw, &Machine::detect(), "cmd", 1);
         assert!(
             md.contains("| rdma: K=1 >= 0.6x K=0 | 0.80x | yes |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| tcp: K=1 >= 0.6x K=0 | 0.75x | yes |"),
             "{md}"
         );
         assert!(!md.contains("software RDMA"), "{md}");
