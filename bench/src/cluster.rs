@@ -22,7 +22,7 @@ use pserv_engine::scheduler::{run_scheduler, ClusterSpec, SchedulerConfig};
 use pserv_engine::server::{Server, ServerConfig};
 use pserv_engine::update::UpdateSpec;
 use pserv_engine::worker::{Worker, WorkerConfig};
-use pserv_transport::{ShmMessages, TcpConfig};
+use pserv_transport::{RdmaMessages, ShmMessages, TcpConfig};
 
 use crate::error::BenchError;
 
@@ -54,6 +54,11 @@ pub struct LoopSetup {
     /// `tcp` sections measure).
     #[arg(long)]
     pub shm_messages: bool,
+    /// Move messages to every peer over RDMA verbs queue pairs
+    /// (`RdmaMessages::AllPeers`; needs the bench's `rdma` feature and a device, else the
+    /// connections stay on TCP). Excludes `--shm-messages`.
+    #[arg(long, conflicts_with = "shm_messages")]
+    pub rdma_messages: bool,
 }
 
 impl LoopSetup {
@@ -65,6 +70,7 @@ impl LoopSetup {
             core_offset: None,
             busy_poll_us: 0,
             shm_messages: false,
+            rdma_messages: false,
         }
     }
 
@@ -76,6 +82,7 @@ impl LoopSetup {
             core_offset: Some(core),
             busy_poll_us: 0,
             shm_messages: false,
+            rdma_messages: false,
         }
     }
 
@@ -91,10 +98,16 @@ impl LoopSetup {
             pin_cores: !self.no_pin,
             core_offset: self.core_offset,
             busy_poll_us: self.busy_poll_us,
-            shm_messages: if self.shm_messages {
+            // A connection that offers shared memory offers nothing else: rdma turns it off.
+            shm_messages: if self.shm_messages && !self.rdma_messages {
                 ShmMessages::SameHost
             } else {
                 ShmMessages::Off
+            },
+            rdma_messages: if self.rdma_messages {
+                RdmaMessages::AllPeers
+            } else {
+                RdmaMessages::Off
             },
             ..d
         }
@@ -117,6 +130,9 @@ impl LoopSetup {
         if self.shm_messages {
             a.push("--shm-messages".into());
         }
+        if self.rdma_messages {
+            a.push("--rdma-messages".into());
+        }
         a
     }
 
@@ -137,7 +153,9 @@ impl LoopSetup {
                 (Some(c), _) => format!("pinned from core {c}"),
             }
         };
-        let path = if self.shm_messages {
+        let path = if self.rdma_messages {
+            ", messages over rdma"
+        } else if self.shm_messages {
             ", messages over shm"
         } else {
             ""
@@ -487,6 +505,7 @@ where
         core_offset: None,
         busy_poll_us: 0,
         shm_messages: setup.server.shm_messages,
+        rdma_messages: setup.server.rdma_messages,
     };
     let mut args = vec![
         "__scheduler".to_string(),
@@ -566,4 +585,43 @@ where
     }
     children.wait_all(EXIT_TIMEOUT)?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct L {
+        #[command(flatten)]
+        loops: LoopSetup,
+    }
+
+    fn parse(args: &[String]) -> Result<LoopSetup, clap::Error> {
+        let argv = std::iter::once("x".to_string()).chain(args.iter().cloned());
+        <L as clap::Parser>::try_parse_from(argv).map(|l| l.loops)
+    }
+
+    #[test]
+    fn a_subprocess_gets_the_same_message_path() {
+        for (shm, rdma) in [(false, false), (true, false), (false, true)] {
+            let l = LoopSetup {
+                shm_messages: shm,
+                rdma_messages: rdma,
+                ..LoopSetup::one_on(1)
+            };
+            assert_eq!(parse(&l.args()).unwrap(), l);
+            let cfg = l.tcp();
+            assert_eq!(cfg.shm_messages == ShmMessages::SameHost, shm);
+            assert_eq!(cfg.rdma_messages == RdmaMessages::AllPeers, rdma);
+        }
+        let rdma = LoopSetup {
+            rdma_messages: true,
+            ..LoopSetup::tcp_default()
+        };
+        assert!(rdma.describe().ends_with(", messages over rdma"));
+        // One path at a time.
+        let both = ["--shm-messages".to_string(), "--rdma-messages".to_string()];
+        assert!(parse(&both).is_err());
+    }
 }

@@ -1,8 +1,14 @@
 //! The main job against the single-process baseline (`job`): the same SGD on the same
 //! data trained in this process (no servers, no network: [`lr::train_single_process`]),
-//! then `pserv local --servers 2 --workers 2` over `--transport tcp` and over shared
-//! memory (`--transport shm`), each without replication (K=0, `--replicas=0`) and with
-//! one replica (K=1), and once with `pserv local`'s own defaults.
+//! then `pserv local --servers 2 --workers 2` over `--transport tcp`, over shared
+//! memory (`--transport shm`) and, where the bench is built with its `rdma` feature and a
+//! device is usable, over RDMA verbs (`--transport rdma --rdma-messages=true`: every
+//! message over queue pairs), each without replication (K=0, `--replicas=0`)
+//! and with one replica (K=1), and once with `pserv local`'s own defaults. Without rdma
+//! the table says in one line why (`rdma: not built`, `rdma: no device (why)`). Every
+//! tcp, shm and rdma run checks from its summary (`traffic_worker_N`) that both workers'
+//! messages went over its path, and fails otherwise; a run on the software device of
+//! `sys/softrdma` writes its own section (`job-softrdma`), never `job`.
 //!
 //! Every distributed row but the last runs `--optimizer=sgd --shuffle=once`: the servers
 //! apply `w -= lr * g`, the rows are shuffled once (by the job's seed) and not again per
@@ -28,6 +34,7 @@ use serde_json::Value;
 
 use crate::error::BenchError;
 use crate::machine::{load_average, wait_quiet, CpuTimes, Machine};
+use crate::msgpath::{check_summary, section_name, MsgPath, RdmaAvailability};
 use crate::report::publish_section;
 use crate::traffic::local_summary;
 
@@ -35,7 +42,7 @@ use crate::traffic::local_summary;
 #[derive(Debug, Clone, Args)]
 pub struct JobBenchArgs {
     /// A smaller job (`--examples=30000`), one round (a smoke run of under 30 s; the
-    /// section is `job-quick`).
+    /// section is `job-quick`, or `job-softrdma-quick` on the software RDMA device).
     #[arg(long)]
     pub quick: bool,
     /// Rounds of every row (the median is kept; default 3, 1 with --quick).
@@ -54,6 +61,10 @@ pub struct JobBenchArgs {
     /// Do not write RESULTS.md.
     #[arg(long)]
     pub no_write: bool,
+    /// The RESULTS.md section to write (default `job`, `job-quick`; on the software RDMA
+    /// device `job-softrdma`, `job-softrdma-quick`).
+    #[arg(long)]
+    pub section: Option<String>,
 }
 
 impl JobBenchArgs {
@@ -94,6 +105,10 @@ impl Config {
         }
         if let Some(t) = self.transport {
             v.push(format!("--transport={t}"));
+            if t == "rdma" {
+                // `pserv local`'s default, said: messages over queue pairs too.
+                v.push("--rdma-messages=true".into());
+            }
         }
         if let Some(k) = self.replicas {
             v.push(format!("--replicas={k}"));
@@ -109,6 +124,17 @@ impl Config {
         }
     }
 
+    /// The message path a run of this row must show in its summary; `None` (the
+    /// defaults row): not checked.
+    fn path(&self) -> Option<MsgPath> {
+        match self.transport? {
+            "tcp" => Some(MsgPath::Tcp),
+            "shm" => Some(MsgPath::Shm),
+            "rdma" => Some(MsgPath::Rdma),
+            _ => None,
+        }
+    }
+
     fn tag(&self) -> String {
         format!(
             "job-{}-k{}-{}",
@@ -119,10 +145,15 @@ impl Config {
     }
 }
 
-/// The distributed rows, in table order.
-fn configs() -> Vec<Config> {
+/// The distributed rows, in table order (the rdma ones when `rdma`).
+fn configs(rdma: bool) -> Vec<Config> {
     let mut v = Vec::new();
-    for transport in ["tcp", "shm"] {
+    let transports: &[&'static str] = if rdma {
+        &["tcp", "shm", "rdma"]
+    } else {
+        &["tcp", "shm"]
+    };
+    for &transport in transports {
         for replicas in [0, 1] {
             v.push(Config {
                 transport: Some(transport),
@@ -243,6 +274,12 @@ fn distributed(config: Config, flags: &[String]) -> Result<Run, BenchError> {
     let cpu = CpuTimes::now();
     let v = local_summary(&args, &config.tag())?;
     let cpu_end = CpuTimes::now();
+    if let Some(path) = config.path() {
+        // The scheduler and both servers at least.
+        check_summary(&v, 2, path, 3).map_err(|e| {
+            BenchError::WrongAnswer(format!("the job {}: {e}", config.flags().join(" ")))
+        })?;
+    }
     Ok(run_from_summary(
         &v,
         own_cores(&cpu, &cpu_end),
@@ -268,6 +305,8 @@ fn run_from_summary(v: &Value, cores_own: f64, cores_others: f64) -> Run {
 /// write it.
 pub fn job(a: &JobBenchArgs, command: String) -> Result<(), BenchError> {
     let machine = Machine::detect();
+    let rdma = RdmaAvailability::detect();
+    println!("{}", rdma.line());
     let started = Instant::now();
     let flags = a.job_flags();
     let mut rows: Vec<Row> = std::iter::once(Row {
@@ -275,7 +314,7 @@ pub fn job(a: &JobBenchArgs, command: String) -> Result<(), BenchError> {
         config: None,
         runs: Vec::new(),
     })
-    .chain(configs().into_iter().map(|c| Row {
+    .chain(configs(rdma.usable()).into_iter().map(|c| Row {
         label: c.label(),
         config: Some(c),
         runs: Vec::new(),
@@ -303,14 +342,15 @@ pub fn job(a: &JobBenchArgs, command: String) -> Result<(), BenchError> {
     let md = to_markdown(
         &rows,
         &flags,
+        &rdma,
         &machine,
         &command,
         started.elapsed().as_secs(),
     );
     println!("{md}");
     if !a.no_write {
-        let section = if a.quick { "job-quick" } else { "job" };
-        publish_section(&a.results, section, &md)?;
+        let section = section_name("job", a.quick, rdma.software(), a.section.as_deref());
+        publish_section(&a.results, &section, &md)?;
     }
     Ok(())
 }
@@ -322,14 +362,31 @@ fn opt(x: Option<f64>, digits: usize) -> String {
 fn to_markdown(
     rows: &[Row],
     flags: &[String],
+    rdma: &RdmaAvailability,
     machine: &Machine,
     command: &str,
     secs: u64,
 ) -> String {
     let reps = rows.first().map_or(0, |r| r.runs.len());
+    let with_rdma = rows
+        .iter()
+        .any(|r| r.config.is_some_and(|c| c.transport == Some("rdma")));
     let mut md = String::from(
         "## The main job: `pserv local --servers 2 --workers 2` against the single-process SGD\n\n",
     );
+    if with_rdma && rdma.software() {
+        md.push_str(&format!(
+            "### {}\n\nThe rdma rows ran on the software RDMA device of `sys/softrdma` \
+             (`scripts/soft-rdma`): a replacement libibverbs whose NIC is a progress thread per \
+             process moving data over Unix sockets. They show that the job runs with every \
+             message over verbs queue pairs (its sparse pushes and pulls open no one-sided \
+             window) and learns as over tcp and shm (held-out logloss and accuracy); their \
+             examples per second say nothing about RDMA hardware, where the same command \
+             prints the real table. (`pserv local` defaults: `--transport auto`, messages \
+             over shared memory on one host, device or not.)\n\n",
+            crate::msgpath::SOFTWARE_HEADING
+        ));
+    }
     md.push_str(&format!(
         "Command: `{command}` ({secs} s). Machine: {}. Load average at the end: {}.\n\n",
         machine.describe(),
@@ -346,13 +403,21 @@ fn to_markdown(
          `seconds`: the timed span (median run). `blocked`: share of the workers' time spent waiting for pulls; `compute share`: \
          the time the single process needs for the same examples, over the workers' summed \
          time (the rest is waiting, messaging and the servers' share of the two cores). \
-         CPU: cores' worth used by the run's processes / by other processes meanwhile.\n\n",
+         CPU: cores' worth used by the run's processes / by other processes meanwhile. \
+         Every tcp, shm{} run checked from its summary's `traffic_worker_N` that both \
+         workers' messages took its path (tcp: no connection moved; otherwise at least the \
+         scheduler's and both servers' connections moved, none refused).\n\n",
         if flags.is_empty() {
             "(none)".to_string()
         } else {
             flags.join(" ")
         },
-        SAME_SGD.join(" ")
+        SAME_SGD.join(" "),
+        if with_rdma {
+            " and rdma (`--transport rdma --rdma-messages=true`: messages over verbs queue pairs)"
+        } else {
+            ""
+        }
     ));
     md.push_str(
         "| run | examples/s | spread | x single process | K=1 / K=0 | held-out logloss | accuracy | seconds | blocked | compute share | CPU own / others |\n\
@@ -407,12 +472,28 @@ fn to_markdown(
             m.cores_others,
         ));
     }
-    md.push_str(&goals(rows, single, &eps_of));
+    if !with_rdma {
+        md.push_str(&format!("\n{}\n", rdma.line()));
+    }
+    if with_rdma && rdma.software() {
+        // No speed goal is read off a run that shares its cores with the software device.
+        md.push_str(
+            "\nNo goal is read off this run (the software device's progress threads share the \
+             cores with every row); the `job` section has them.\n",
+        );
+    } else {
+        md.push_str(&goals(rows, single, &eps_of, with_rdma));
+    }
     md
 }
 
-/// The issue's goals against this run.
-fn goals(rows: &[Row], single: Option<f64>, eps_of: &dyn Fn(&str, u32) -> Option<f64>) -> String {
+/// The issue's goals against this run (the rdma one when `rdma`).
+fn goals(
+    rows: &[Row],
+    single: Option<f64>,
+    eps_of: &dyn Fn(&str, u32) -> Option<f64>,
+    rdma: bool,
+) -> String {
     let mut md = String::from("\n| goal | measured | met |\n|---|---:|---|\n");
     let verdict = |x: f64, goal: f64| {
         if x >= goal {
@@ -432,7 +513,12 @@ fn goals(rows: &[Row], single: Option<f64>, eps_of: &dyn Fn(&str, u32) -> Option
             verdict(d / s, 0.5)
         ));
     }
-    for t in ["tcp", "shm"] {
+    let transports: &[&str] = if rdma {
+        &["tcp", "shm", "rdma"]
+    } else {
+        &["tcp", "shm"]
+    };
+    for &t in transports {
         if let (Some(k1), Some(k0)) = (eps_of(t, 1), eps_of(t, 0)) {
             if k0 > 0.0 {
                 md.push_str(&format!(
@@ -461,7 +547,7 @@ mod tests {
 
     #[test]
     fn flags_match_the_single_process_and_parse() {
-        let c = configs();
+        let c = configs(false);
         assert_eq!(c.len(), 5);
         for cfg in &c[..4] {
             let f = cfg.flags();
@@ -474,6 +560,34 @@ mod tests {
             assert!(matches!(j.shuffle, pserv_engine::job::Shuffle::Once));
         }
         assert!(c[4].flags().is_empty(), "the defaults row passes no flags");
+        assert_eq!(c[4].path(), None);
+        assert_eq!(c[0].path(), Some(MsgPath::Tcp));
+        // With rdma: two more rows before the defaults, messages over verbs said.
+        let c = configs(true);
+        assert_eq!(c.len(), 7);
+        assert_eq!(
+            c.iter().map(Config::label).collect::<Vec<_>>(),
+            [
+                "tcp, K=0",
+                "tcp, K=1",
+                "shm, K=0",
+                "shm, K=1",
+                "rdma, K=0",
+                "rdma, K=1",
+                "`pserv local` defaults"
+            ]
+        );
+        assert_eq!(c[5].path(), Some(MsgPath::Rdma));
+        assert_eq!(
+            c[5].flags(),
+            [
+                "--optimizer=sgd",
+                "--shuffle=once",
+                "--transport=rdma",
+                "--rdma-messages=true",
+                "--replicas=1"
+            ]
+        );
         let quick = JobBenchArgs {
             quick: true,
             reps: None,
@@ -481,6 +595,7 @@ mod tests {
             wait_quiet: 0,
             results: PathBuf::new(),
             no_write: true,
+            section: None,
         };
         assert_eq!(quick.job_flags(), ["--examples=30000", "--epochs=2"]);
         assert_eq!(quick.reps(), 1);
@@ -502,19 +617,26 @@ mod tests {
             config: None,
             runs: vec![run(10_000.0), run(8_000.0), run(12_000.0)],
         }];
-        for (c, eps) in configs()
-            .into_iter()
-            .zip([4000.0, 3000.0, 5000.0, 2000.0, 6000.0])
-        {
-            rows.push(Row {
-                label: c.label(),
-                config: Some(c),
-                runs: vec![run(eps)],
-            });
-        }
+        let distributed = |rdma: bool, eps: &[f64]| -> Vec<Row> {
+            configs(rdma)
+                .into_iter()
+                .zip(eps.iter().copied())
+                .map(|(c, eps)| Row {
+                    label: c.label(),
+                    config: Some(c),
+                    runs: vec![run(eps)],
+                })
+                .collect()
+        };
+        let single = rows.clone();
+        rows.extend(distributed(
+            false,
+            &[4000.0, 3000.0, 5000.0, 2000.0, 6000.0],
+        ));
         assert_eq!(rows[0].median().examples_per_s, 10_000.0);
         assert_eq!(rows[0].spread(), (8_000.0, 12_000.0));
-        let md = to_markdown(&rows, &[], &Machine::detect(), "cmd", 1);
+        let not_built = RdmaAvailability::NotBuilt;
+        let md = to_markdown(&rows, &[], &not_built, &Machine::detect(), "cmd", 1);
         assert!(
             md.contains("| tcp, K=1 | 3000 | 3000-3000 | 0.30x | 0.75x |"),
             "{md}"
@@ -527,5 +649,51 @@ mod tests {
         assert!(md.contains("| 5% |"), "{md}");
         assert!(md.contains("| `pserv local` defaults >= 0.5x single process | 0.60x | yes |"));
         assert!(md.contains("| shm: K=1 >= 0.6x K=0 | 0.40x | **no** (67% of the goal) |"));
+        assert!(md.contains("\nrdma: not built (the bench was built without `--features rdma`)\n"));
+        assert!(
+            !md.contains("rdma, K=") && !md.contains("software RDMA"),
+            "{md}"
+        );
+
+        // With the rdma rows, on the software device: its heading, no rdma goal.
+        let mut rows = single;
+        rows.extend(distributed(
+            true,
+            &[4000.0, 3000.0, 5000.0, 2000.0, 1000.0, 800.0, 6000.0],
+        ));
+        let soft = RdmaAvailability::Device {
+            software: true,
+            devices: vec!["soft0".into()],
+        };
+        let md = to_markdown(&rows, &[], &soft, &Machine::detect(), "cmd", 1);
+        assert!(md.contains("### software RDMA device: correctness only, no speed claims"));
+        assert!(
+            md.contains("| rdma, K=0 | 1000 | 1000-1000 | 0.10x | - |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| rdma, K=1 | 800 | 800-800 | 0.08x | 0.80x |"),
+            "{md}"
+        );
+        assert!(
+            !md.contains("| goal |") && !md.contains("rdma: not"),
+            "{md}"
+        );
+        assert!(md.contains("No goal is read off this run"), "{md}");
+        // On hardware the rdma goal is read too, and there is no such heading.
+        let hw = RdmaAvailability::Device {
+            software: false,
+            devices: vec!["mlx5_0".into()],
+        };
+        let md = to_markdown(&rows, &[], &hw, &Machine::detect(), "cmd", 1);
+        assert!(
+            md.contains("| rdma: K=1 >= 0.6x K=0 | 0.80x | yes |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| tcp: K=1 >= 0.6x K=0 | 0.75x | yes |"),
+            "{md}"
+        );
+        assert!(!md.contains("software RDMA"), "{md}");
     }
 }

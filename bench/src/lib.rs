@@ -22,10 +22,15 @@
 //! - [`tau`]: the bounded-delay sweep (`tau-sweep`): time to a target logloss vs tau.
 //! - [`repl`]: chain replication (`replication`): push throughput with 0, 1, 2 replicas,
 //!   with and without aggregation, and recovery time after a SIGKILLed server.
-//! - [`messages`]: the message path (`messages`): the two-sided cells over TCP and over
-//!   the shared-memory rings in one run, and the main job against the single-process SGD.
-//! - [`job`]: the main job (`job`): `pserv local` over tcp and shm, K=0 and K=1, against
-//!   the same SGD trained in one process, with the goals of examples per second.
+//! - [`messages`]: the message path (`messages`): the two-sided cells over TCP, over the
+//!   shared-memory rings and (where a device is usable) over RDMA queue pairs in one run,
+//!   and the main job against the single-process SGD.
+//! - [`job`]: the main job (`job`): `pserv local` over tcp and shm (and rdma where a
+//!   device is usable), K=0 and K=1, against the same SGD trained in one process, with
+//!   the goals of examples per second.
+//! - [`msgpath`]: the message paths (tcp, shm, rdma) of `messages` and `job`: whether
+//!   rdma can run here (or the line that says why not), the check that a run's messages
+//!   took their path, the section a software-device run writes.
 //! - [`traffic`]: the traffic reducers on the main job (`traffic`): push filters, key
 //!   caching and value compression against a baseline, and where each pays on 10 Gb/s.
 //! - [`replace`]: a failed worker replaced in place (`replace`): the time from the SIGKILL
@@ -38,6 +43,7 @@ pub mod error;
 pub mod job;
 pub mod machine;
 pub mod messages;
+pub mod msgpath;
 pub mod onesided;
 pub mod onesided_report;
 pub mod repl;

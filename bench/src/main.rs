@@ -5,6 +5,9 @@
 //! all three; rdma needs `--features rdma` and a device, else the report says why it is
 //! missing); `... -- tau-sweep [--quick]` runs the bounded-delay experiment;
 //! `... -- replication [--quick]` the chain-replication throughput and recovery tables;
+//! `... -- messages [--quick]` the two-sided cells over tcp, shm and rdma (messages over
+//! queue pairs, where built and a device is usable; on the software device of
+//! `sys/softrdma` into the `messages-softrdma` section);
 //! `... -- traffic [--data FILE]` the traffic reducers (push filters, key caching,
 //! compression) on the main job; `... -- job [--quick]` the main job against the same SGD
 //! in one process; `... -- replace [--reps N]` a failed worker replaced in place (the time
@@ -49,11 +52,13 @@ enum Role {
     /// Chain replication: push throughput for 0, 1, 2 replicas with and without
     /// aggregation, and recovery time after a SIGKILLed server.
     Replication(ReplArgs),
-    /// The message path: two-sided cells with every message over TCP and over shared
-    /// memory, and the main job over both against the single-process SGD.
+    /// The message path: two-sided cells with every message over TCP, over shared
+    /// memory and (with `--features rdma` and a device) over RDMA queue pairs, and the
+    /// main job over each against the single-process SGD.
     Messages(MessagesArgs),
-    /// The main job against the single-process SGD: `pserv local` over tcp and shm, with
-    /// 0 and 1 replicas, examples per second and the ratios the goals name.
+    /// The main job against the single-process SGD: `pserv local` over tcp and shm (and
+    /// rdma with `--features rdma` and a device), with 0 and 1 replicas, examples per
+    /// second and the ratios the goals name.
     Job(JobBenchArgs),
     /// Traffic reducers on the main job: push filters, key caching and value compression,
     /// bytes and time per epoch against a baseline, and where each pays on 10 Gb/s.
@@ -92,6 +97,26 @@ impl Drop for BenchSecret {
     }
 }
 
+/// The command that reproduces this run, as the sections record it: `cargo run
+/// --release -p pserv-bench`, with `--features rdma` when this build has it, under
+/// `scripts/soft-rdma` when the software RDMA device is loaded (it sets
+/// `PSERV_SOFT_RDMA=1`), then `-- ARGS`.
+fn command_line(args: &[String]) -> String {
+    let mut c = String::new();
+    if std::env::var_os("PSERV_SOFT_RDMA").is_some_and(|v| v == "1") {
+        c.push_str("scripts/soft-rdma ");
+    }
+    c.push_str("cargo run --release -p pserv-bench");
+    if cfg!(feature = "rdma") {
+        c.push_str(" --features rdma");
+    }
+    if !args.is_empty() {
+        c.push_str(" -- ");
+        c.push_str(&args.join(" "));
+    }
+    c
+}
+
 fn main() {
     // `pserv-bench pserv ...` is the `pserv` binary (how tau-sweep starts its clusters).
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
@@ -121,53 +146,31 @@ fn main() {
         Some(Role::Server(a)) => server_main(a),
         Some(Role::TauSweep(a)) => {
             let args: Vec<String> = std::env::args().skip(1).collect();
-            tau_sweep(
-                a,
-                format!("cargo run --release -p pserv-bench -- {}", args.join(" ")),
-            )
+            tau_sweep(a, command_line(&args))
         }
         Some(Role::Replication(a)) => {
             let args: Vec<String> = std::env::args().skip(1).collect();
-            replication(
-                a,
-                format!("cargo run --release -p pserv-bench -- {}", args.join(" ")),
-            )
+            replication(a, command_line(&args))
         }
         Some(Role::Messages(a)) => {
             let args: Vec<String> = std::env::args().skip(1).collect();
-            messages(
-                a,
-                format!("cargo run --release -p pserv-bench -- {}", args.join(" ")),
-            )
+            messages(a, command_line(&args))
         }
         Some(Role::Job(a)) => {
             let args: Vec<String> = std::env::args().skip(1).collect();
-            job(
-                a,
-                format!("cargo run --release -p pserv-bench -- {}", args.join(" ")),
-            )
+            job(a, command_line(&args))
         }
         Some(Role::Replace(a)) => {
             let args: Vec<String> = std::env::args().skip(1).collect();
-            replace(
-                a,
-                format!("cargo run --release -p pserv-bench -- {}", args.join(" ")),
-            )
+            replace(a, command_line(&args))
         }
         Some(Role::Traffic(a)) => {
             let args: Vec<String> = std::env::args().skip(1).collect();
-            traffic(
-                a,
-                format!("cargo run --release -p pserv-bench -- {}", args.join(" ")),
-            )
+            traffic(a, command_line(&args))
         }
         None => {
             let args: Vec<String> = std::env::args().skip(1).collect();
-            let command = if args.is_empty() {
-                "cargo run --release -p pserv-bench".to_string()
-            } else {
-                format!("cargo run --release -p pserv-bench -- {}", args.join(" "))
-            };
+            let command = command_line(&args);
             run(&cli.run, command).map(|_| ())
         }
     };

@@ -148,6 +148,7 @@ impl RunArgs {
                 core_offset: self.server_core,
                 busy_poll_us: self.busy_poll_us,
                 shm_messages: self.shm_messages,
+                rdma_messages: false,
             },
             worker: LoopSetup {
                 threads: self.loop_threads,
@@ -155,6 +156,7 @@ impl RunArgs {
                 core_offset: self.worker_core,
                 busy_poll_us: self.busy_poll_us,
                 shm_messages: self.shm_messages,
+                rdma_messages: false,
             },
             worker_core_stride: self.worker_core_stride,
             spin_us: self.spin_us,
