@@ -214,8 +214,21 @@ struct Cluster {
 struct Repl {
     /// Replicas after the head.
     k: u32,
-    /// Aggregation on (server defaults 32 pushes / 200 us) or off (1 / 0).
+    /// Aggregation on (32 pushes a batch at most, `window_us`) or off (1 / 0).
     aggregate: bool,
+    /// With aggregation: the batch window; 0 (the servers' default) is group commit,
+    /// pushes applied at the same time share a batch and none waits for a timer.
+    window_us: u64,
+}
+
+impl Repl {
+    fn aggregation(&self) -> String {
+        match (self.aggregate, self.window_us) {
+            (false, _) => "off".into(),
+            (true, 0) => "on (32, group commit: the default)".into(),
+            (true, w) => format!("on (32 / {w} us)"),
+        }
+    }
 }
 
 impl Cluster {
@@ -261,7 +274,11 @@ impl Cluster {
             }
             thread::sleep(Duration::from_millis(5));
         };
-        let (batch, window) = if repl.aggregate { (32, 200) } else { (1, 0) };
+        let (batch, window) = if repl.aggregate {
+            (32, repl.window_us)
+        } else {
+            (1, 0)
+        };
         for r in 0..a.servers {
             let mut s = vec![
                 "server".to_string(),
@@ -479,7 +496,7 @@ fn throughput(
     });
     let measures = measures.into_iter().collect::<Result<Vec<_>, _>>()?;
     let total = total.load(Ordering::Relaxed);
-    let label = format!("K={} aggregation {}", repl.k, repl.aggregate);
+    let label = format!("K={} aggregation {}", repl.k, repl.aggregation());
     cluster.check(total, &label)?;
     let summary = cluster.finish()?;
     let num = |k: &str| summary.get(k).and_then(serde_json::Value::as_u64);
@@ -525,6 +542,7 @@ fn recovery_run(a: &ReplArgs, sets: &[Arc<Vec<u64>>]) -> Result<Recovery, BenchE
         Repl {
             k: 1,
             aggregate: true,
+            window_us: 0,
         },
         RECOVERY_TIMEOUT,
     )?;
@@ -663,27 +681,18 @@ pub fn replication(a: &ReplArgs, command: String) -> Result<(), BenchError> {
     let secs = if a.quick { 0.5 } else { a.secs };
     let runs = if a.quick { 3 } else { a.recovery_runs.max(1) };
     let sets = key_sets(a.keys);
+    let repl = |k, aggregate, window_us| Repl {
+        k,
+        aggregate,
+        window_us,
+    };
     let configs = [
-        Repl {
-            k: 0,
-            aggregate: false,
-        },
-        Repl {
-            k: 1,
-            aggregate: false,
-        },
-        Repl {
-            k: 1,
-            aggregate: true,
-        },
-        Repl {
-            k: 2,
-            aggregate: false,
-        },
-        Repl {
-            k: 2,
-            aggregate: true,
-        },
+        repl(0, false, 0),
+        repl(1, false, 0),
+        repl(1, true, 200),
+        repl(1, true, 0),
+        repl(2, false, 0),
+        repl(2, true, 0),
     ];
     let mut rows = Vec::new();
     for repl in configs {
@@ -691,7 +700,7 @@ pub fn replication(a: &ReplArgs, command: String) -> Result<(), BenchError> {
         eprintln!(
             "K={} aggregation {}: {:.0} pushes/s, p50 {:.0} us, p99 {:.0} us, {} batches, {} pushes replicated",
             repl.k,
-            if repl.aggregate { "on" } else { "off" },
+            repl.aggregation(),
             r.pushes_per_s,
             r.p50_us,
             r.p99_us,
@@ -776,7 +785,7 @@ fn render(
         a.servers, a.busy_poll_us, machine.cores
     ));
     md.push_str(&format!(
-        "### Push throughput\n\n{} workers, {} pushes in flight each, {} random keys per push (sorted, distinct, over the whole key space, cycling through {} fixed sets) plus {} check keys; {:.0} ms warm-up, then {} s measured. Aggregation off: `--replication-batch=1 --replication-window-us=0`; on: the defaults, 32 pushes / 200 us.\n\n",
+        "### Push throughput\n\n{} workers, {} pushes in flight each, {} random keys per push (sorted, distinct, over the whole key space, cycling through {} fixed sets) plus {} check keys; {:.0} ms warm-up, then {} s measured. Aggregation off: `--replication-batch=1 --replication-window-us=0`; on: 32 pushes a batch at most, sent after a 200 us window (`--replication-window-us=200`, the default until 2026-12-08) or by group commit (`--replication-window-us=0`, the default: the pending batches leave as soon as no other push is being applied on the server).\n\n",
         a.workers,
         a.inflight,
         a.keys,
@@ -804,11 +813,7 @@ fn render(
             )
         } else {
             (
-                if r.repl.aggregate {
-                    "on (32 / 200 us)".to_string()
-                } else {
-                    "off".into()
-                },
+                r.repl.aggregation(),
                 r.batches.to_string(),
                 if r.batches == 0 {
                     "-".into()
@@ -842,7 +847,7 @@ fn render(
     let (stall_med, stall_max) = median_max(recs.iter().map(|r| r.stall).collect());
     let (before_med, _) = median_max(recs.iter().map(|r| r.before_p50).collect());
     md.push_str(&format!(
-        "### Recovery after a SIGKILLed server\n\nK=1 (aggregation on), {} servers, 1 worker pushing {} random keys (plus the check keys) with 1 push in flight; 0.5 s in, server {} is SIGKILLed. Recovery = from just before the kill to the acknowledgement of the first push issued after it (that push needs the new routing table and the new heads). Stall = the longest gap between consecutive acknowledgements, the later one after the kill. {} run(s), each on a fresh cluster; after each, the worker's routing-table epoch must be >= 2 and the check keys must read exactly the number of acknowledged pushes, or the run counts as failed (a push unanswered for {} s fails it too). Times are over the runs that passed.\n\n",
+        "### Recovery after a SIGKILLed server\n\nK=1 (aggregation on: group commit), {} servers, 1 worker pushing {} random keys (plus the check keys) with 1 push in flight; 0.5 s in, server {} is SIGKILLed. Recovery = from just before the kill to the acknowledgement of the first push issued after it (that push needs the new routing table and the new heads). Stall = the longest gap between consecutive acknowledgements, the later one after the kill. {} run(s), each on a fresh cluster; after each, the worker's routing-table epoch must be >= 2 and the check keys must read exactly the number of acknowledged pushes, or the run counts as failed (a push unanswered for {} s fails it too). Times are over the runs that passed.\n\n",
         a.servers,
         a.keys,
         a.servers - 1,
@@ -883,8 +888,9 @@ fn render(
 /// A short reading of the numbers, from the numbers.
 fn reading(rows: &[ThroughputRow], recs: &[Recovery]) -> String {
     let find = |k: u32, agg: bool| {
-        rows.iter()
-            .find(|r| r.repl.k == k && (k == 0 || r.repl.aggregate == agg))
+        rows.iter().find(|r| {
+            r.repl.k == k && (k == 0 || (r.repl.aggregate == agg && r.repl.window_us == 0))
+        })
     };
     let mut out = String::from("Reading: ");
     let mut first = true;

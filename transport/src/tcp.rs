@@ -570,6 +570,17 @@ pub trait Handler: Send + 'static {
     fn on_open(&mut self, _conn: &Conn) {}
     /// `conn` was closed; it will deliver nothing more.
     fn on_close(&mut self, _conn: &Conn, _reason: &CloseReason) {}
+    /// The loop handled every event that was ready in one turn (it polls again next, or
+    /// sleeps): work that can wait for the turn's other frames, and then should not wait
+    /// at all, goes here (a server sends its replication batches here, so the pushes of
+    /// one turn share a batch). Called on every turn, also idle busy-polling ones: keep it
+    /// cheap when there is nothing to do.
+    fn on_turn_end(&mut self) {}
+}
+
+/// Whether the calling thread is an event loop's (a handler's code runs there).
+pub fn on_loop_thread() -> bool {
+    ON_LOOP.with(Cell::get)
 }
 
 struct WriteState {
@@ -1977,6 +1988,7 @@ impl<H: Handler> EventLoop<H> {
             if !self.offers.is_empty() {
                 self.expire_offers();
             }
+            self.handler.on_turn_end();
             if self.drain_commands() {
                 break;
             }

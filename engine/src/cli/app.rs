@@ -536,9 +536,11 @@ pub struct ReplArgs {
     /// Send a replication batch once it holds this many pushes (1: no aggregation).
     #[arg(long, env = "PSERV_REPLICATION_BATCH", default_value_t = 32)]
     pub replication_batch: usize,
-    /// Send a replication batch once its oldest push waited this many microseconds
-    /// (0: at once, no aggregation).
-    #[arg(long, env = "PSERV_REPLICATION_WINDOW_US", default_value_t = 200)]
+    /// Send a replication batch once its oldest push waited this many microseconds; 0
+    /// (the default): wait for no timer, send the pending batches as soon as no other
+    /// push is being applied on this server (pushes applied at the same time share a
+    /// batch: group commit).
+    #[arg(long, env = "PSERV_REPLICATION_WINDOW_US", default_value_t = 0)]
     pub replication_window_us: u64,
 }
 
@@ -548,6 +550,7 @@ impl ReplArgs {
         crate::replication::ReplicationConfig {
             max_pushes: self.replication_batch.max(1),
             window: Duration::from_micros(self.replication_window_us),
+            group_commit: true,
             remember_all: false,
         }
     }

@@ -329,7 +329,7 @@ fn pserv_local_gives_its_children_these_command_lines() {
     assert_eq!(sched.to_args(), want);
 
     let addr: SocketAddr = "127.0.0.1:9190".parse().unwrap();
-    let repl = ["--replication-batch=32", "--replication-window-us=200"];
+    let repl = ["--replication-batch=32", "--replication-window-us=0"];
     for (rank, head) in [(Some(1), "--rank=1"), (None, "--join")] {
         let mut want = strings(&["server", "--scheduler=127.0.0.1:9190", head]);
         want.extend(strings(&net));

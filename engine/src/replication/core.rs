@@ -177,7 +177,9 @@ impl ReplicationCore {
                 ts,
                 ranges: touched,
             });
-            if b.pushes.len() >= self.cfg.max_pushes || self.cfg.window.is_zero() {
+            if b.pushes.len() >= self.cfg.max_pushes
+                || (self.cfg.window.is_zero() && !self.cfg.group_commit)
+            {
                 q.full.push(followers);
             }
         }

@@ -17,7 +17,7 @@
 
 use std::cell::Cell;
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -79,6 +79,52 @@ enum Waiting {
     Call(Box<dyn FnOnce() + Send>),
 }
 
+/// A write being applied on this server (see [`Replicator::begin_write`]): under group
+/// commit the last one to end sends every pending batch, so pushes applied at the same
+/// time share a batch and none waits for the window's timer.
+pub(crate) struct Writing<'a> {
+    repl: &'a Replicator,
+    open: bool,
+}
+
+impl Writing<'_> {
+    /// The write's `applying` guard is dropped: send the batches it found full and, under
+    /// group commit when no other write is being applied, every pending batch (what the
+    /// writes that ended meanwhile queued, this one's included).
+    pub(crate) fn end(mut self, store: &dyn EntryStore, epoch: u64, full: Vec<Vec<u32>>) {
+        self.open = false;
+        let last = self.repl.writers.fetch_sub(1, Ordering::AcqRel) == 1;
+        self.repl.flush_chains(store, epoch, full);
+        if self.repl.group_commit {
+            if pserv_transport::tcp::on_loop_thread() {
+                // Queued before the flag is set: the turn's end that sees it sends it.
+                self.repl.turn_pending.store(true, Ordering::Release);
+            } else if last {
+                self.repl.flush_due(store, epoch, true);
+            }
+        }
+    }
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        // A write that ended without `end` (refused): what the others queued while it ran
+        // is sent at the end of this loop's turn, or (off a loop, if it was the last) by
+        // the flusher (a zero window makes it all due).
+        if !self.open {
+            return;
+        }
+        let last = self.repl.writers.fetch_sub(1, Ordering::AcqRel) == 1;
+        if self.repl.group_commit {
+            if pserv_transport::tcp::on_loop_thread() {
+                self.repl.turn_pending.store(true, Ordering::Release);
+            } else if last {
+                let _ = self.repl.kick.send(());
+            }
+        }
+    }
+}
+
 /// The replication side of one server.
 pub(crate) struct Replicator {
     /// This server's node id (the sender of its messages).
@@ -104,6 +150,14 @@ pub(crate) struct Replicator {
     gated: AtomicBool,
     /// Called with the epoch once a table change's copies are all acknowledged.
     synced: Box<dyn Fn(u64) + Send + Sync>,
+    /// Writes (pushes) being applied now, counted by [`Writing`] (group commit).
+    writers: AtomicUsize,
+    /// [`ReplicationConfig::group_commit`] with a zero window: a write on an event loop
+    /// leaves its batch to the end of the loop's turn ([`end_of_turn`](Self::end_of_turn));
+    /// elsewhere the last write to end sends the pending batches.
+    group_commit: bool,
+    /// A write on a loop queued a push since the last end of a turn (group commit).
+    turn_pending: AtomicBool,
     /// Wakes the window flusher when a batch starts waiting.
     kick: crossbeam_channel::Sender<()>,
     kicked: crossbeam_channel::Receiver<()>,
@@ -129,6 +183,9 @@ impl Replicator {
             .collect();
         Replicator {
             node_id,
+            writers: AtomicUsize::new(0),
+            turn_pending: AtomicBool::new(false),
+            group_commit: cfg.group_commit && cfg.window.is_zero() && cfg.max_pushes > 1,
             core: Mutex::new(ReplicationCore::new(rank, cfg, reachable)),
             apply_gate: RwLock::new(()),
             peers: RwLock::new(peers),
@@ -234,6 +291,27 @@ impl Replicator {
         self.lock().held(sender, ts, keys)
     }
 
+    /// A write begins: take this before [`applying`](Self::applying) and end it with
+    /// [`Writing::end`] once that guard is dropped (dropped unended, on a refusal, it only
+    /// stops counting).
+    pub(crate) fn begin_write(&self) -> Writing<'_> {
+        self.writers.fetch_add(1, Ordering::AcqRel);
+        Writing {
+            repl: self,
+            open: true,
+        }
+    }
+
+    /// An event loop ended a turn: under group commit, send every pending batch if a write
+    /// of a loop queued a push since the last time (`epoch`: the routing table's, read
+    /// only then).
+    pub(crate) fn end_of_turn(&self, store: &dyn EntryStore, epoch: impl FnOnce() -> u64) {
+        if self.group_commit && self.turn_pending.swap(false, Ordering::AcqRel) {
+            let epoch = epoch();
+            self.flush_due(store, epoch, true);
+        }
+    }
+
     /// Hold while applying a push and queueing it ([`after_apply`](Self::after_apply)).
     pub(crate) fn applying(&self) -> RwLockReadGuard<'_, ()> {
         LockOrder::gate();
@@ -298,7 +376,7 @@ impl Replicator {
         self.answers.lock().insert(id, answer);
         let now = self.now();
         let q = self.drive(|core, out| core.after_apply(table, sender, ts, keys, id, now, out));
-        if q.armed {
+        if q.armed && !self.group_commit {
             let _ = self.kick.send(());
         }
         q.full

@@ -4,7 +4,9 @@
 //! `k` replicas. Workers push to the head only. The head applies a push to its store, then
 //! remembers the touched keys (or dense ranges) in a *pending batch* per downstream chain;
 //! the push's answer waits. A batch is sent when it holds `max_pushes` pushes or when its
-//! oldest push waited `window` (0: at once): the head reads the *current values* of the
+//! oldest push waited `window` (0: at once; with `group_commit`, the servers' default, at
+//! the end of the event loop's turn that applied it, so the pushes of one turn share a
+//! batch and none waits for a timer): the head reads the *current values* of the
 //! batch's keys (weights and the update function's state) and sends them, once, to the
 //! first replica, which installs them and forwards them to the next; the tail answers
 //! [`Control::ReplicaAck`] to the head, which then answers every push of the batch. So n
@@ -56,6 +58,12 @@ pub struct ReplicationConfig {
     pub max_pushes: usize,
     /// Send a batch once its oldest push waited this long (zero: at once).
     pub window: Duration,
+    /// With a zero `window` (and `max_pushes` above 1): rather than each push's batch at
+    /// once, send the pending batches when the last of the writes being applied on this
+    /// server at the same time ends (group commit). Pushes applied together share one
+    /// batch; none waits for a timer. The driver counts the writes; the core only stops
+    /// calling a zero-window batch full.
+    pub group_commit: bool,
     /// Remember every push applied (the exactly-once memory), also without replicas: a
     /// job that replaces failed workers redoes their unacknowledged pushes, and a server
     /// that holds one already must not apply it again.
@@ -67,6 +75,7 @@ impl Default for ReplicationConfig {
         ReplicationConfig {
             max_pushes: 32,
             window: Duration::from_micros(200),
+            group_commit: false,
             remember_all: false,
         }
     }

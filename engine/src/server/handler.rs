@@ -22,6 +22,14 @@ use super::window::open_window;
 use super::{Core, Ready, ServerHandler};
 
 impl Handler for ServerHandler {
+    fn on_turn_end(&mut self) {
+        if let Some(ready) = self.core.ready.get() {
+            ready
+                .repl
+                .end_of_turn(entries(ready), || ready.table.read().epoch());
+        }
+    }
+
     fn on_frame(&mut self, conn: &Conn, frame: RecvFrame<'_>) {
         let f = frame.frame();
         let h = *f.header();

@@ -29,6 +29,7 @@ pub(super) fn answer_request(core: &Core, ready: &Ready, f: &Frame<'_>, conn: &C
     let is_write = h.kind == MessageKind::Push as u8 || h.kind == MessageKind::PushPull as u8;
     // Only a write is ordered against the replication flushes (a flush reads the entries
     // of whole pushes); a read takes no part in it, so it never waits for a flush.
+    let writing = is_write.then(|| ready.repl.begin_write());
     let applying = is_write.then(|| ready.repl.applying());
     // A write to keys of a one-sided window shows in the window before it is answered.
     let touched = if is_write { keys_of(f) } else { None };
@@ -62,7 +63,10 @@ pub(super) fn answer_request(core: &Core, ready: &Ready, f: &Frame<'_>, conn: &C
         let epoch = table.epoch();
         drop(applying);
         drop(table);
-        ready.repl.flush_chains(entries(ready), epoch, full);
+        match writing {
+            Some(w) => w.end(entries(ready), epoch, full),
+            None => ready.repl.flush_chains(entries(ready), epoch, full),
+        }
         return;
     }
     // A failed send means the worker is gone; the transport logs and closes it.

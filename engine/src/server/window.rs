@@ -313,6 +313,7 @@ pub(super) fn apply_landed(
         }
     }
     let sender = NodeId::worker(WorkerRank(push.worker), ready.servers).0;
+    let writing = ready.repl.begin_write();
     let applying = ready.repl.applying();
     // The same piece resent over TCP (its acknowledgement came too late) and applied
     // already: only what is not held is applied (as for a TCP push resent).
@@ -354,7 +355,7 @@ pub(super) fn apply_landed(
     let epoch = table.epoch();
     drop(applying);
     drop(table);
-    ready.repl.flush_chains(entries(ready), epoch, full);
+    writing.end(entries(ready), epoch, full);
     Ok(())
 }
 

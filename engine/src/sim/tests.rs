@@ -76,6 +76,10 @@ const KNOWN_OPEN: &[(u64, &str)] = &[
         "a task fails for good on StaleEpoch: keys passed to a server whose hand-off never came (isolate, join, scheduler restart)",
     ),
     (
+        1976,
+        "an acknowledged push lost at a server that held it (leave twice, worker crash, isolate; a group-commit seed since 2026-12-08)",
+    ),
+    (
         2072,
         "at the end a settled head's replica lacks a push (worker crash, isolate, crash, split)",
     ),
@@ -94,6 +98,10 @@ const KNOWN_OPEN: &[(u64, &str)] = &[
     (
         4652,
         "a key's final chain has no live server (isolate twice, leave)",
+    ),
+    (
+        5819,
+        "at the end a settled head's replica lacks pushes (a group-commit seed since 2026-12-08)",
     ),
     (
         7617,

@@ -116,9 +116,14 @@ impl SimConfig {
             2 => Consistency::Eventual,
             _ => Consistency::BoundedDelay(r.between(1, 3)),
         };
+        let max_pushes = r.between(1, 8) as usize;
+        let window = Duration::from_micros(r.below(2) * r.between(0, 800));
         let cfg_repl = ReplicationConfig {
-            max_pushes: r.between(1, 8) as usize,
-            window: Duration::from_micros(r.below(2) * r.between(0, 800)),
+            max_pushes,
+            window,
+            // A zero window is the servers' group commit (their default): the batch
+            // leaves at the end of the turn, here at the flusher's timer 20 us later.
+            group_commit: window.is_zero(),
             remember_all: false,
         };
         let sequential = model == Consistency::Sequential;
