@@ -576,9 +576,19 @@ mod verbs {
     }
 
     impl RdmaDevice {
-        /// Open `name` (or the first device) and allocate a protection domain.
+        /// Open `name` (or, without one, the first device with an ACTIVE port, as the
+        /// one-sided backend picks; the first device when none is active) and allocate a
+        /// protection domain.
         pub(crate) fn open(name: Option<&str>) -> Result<RdmaDevice, String> {
-            let ctx = Context::open(name).map_err(|e| e.to_string())?;
+            let active = match name {
+                Some(_) => None,
+                None => pserv_sys::rdma::devices().ok().and_then(|devs| {
+                    devs.into_iter()
+                        .find(|d| d.ports.iter().any(|p| p.active))
+                        .map(|d| d.name)
+                }),
+            };
+            let ctx = Context::open(name.or(active.as_deref())).map_err(|e| e.to_string())?;
             let pd = ctx.alloc_pd().map_err(|e| e.to_string())?;
             tracing::info!(
                 device = ctx.name(),
@@ -587,6 +597,12 @@ mod verbs {
                 "rdma message path: device opened"
             );
             Ok(RdmaDevice { pd })
+        }
+
+        /// The opened device's name.
+        #[cfg(test)]
+        pub(crate) fn name(&self) -> &str {
+            self.pd.context().name()
         }
 
         /// A prepared queue pair and a registered region of `ring`-byte rings.
@@ -1682,6 +1698,28 @@ mod tests {
         let a = offer.complete(&answer).expect("connect");
         a.mark_peer_ready().expect("mark ready");
         (a, b)
+    }
+
+    /// Without a device name the message path opens the first device with an ACTIVE
+    /// port (a device whose port is down would carry nothing). scripts/soft-rdma-test
+    /// runs it once more with soft0's port down, expecting soft1
+    /// (`PSERV_EXPECT_RDMA_DEVICE`).
+    #[cfg(feature = "rdma")]
+    #[test]
+    #[ignore = "needs an RDMA device: pass --ignored"]
+    fn without_a_name_the_message_path_opens_a_device_with_an_active_port() {
+        let devs = pserv_sys::rdma::devices().expect("list the devices");
+        let first_active = devs
+            .iter()
+            .find(|d| d.ports.iter().any(|p| p.active))
+            .expect("a device with an ACTIVE port")
+            .name
+            .clone();
+        if let Ok(want) = std::env::var("PSERV_EXPECT_RDMA_DEVICE") {
+            assert_eq!(first_active, want, "the first device with an ACTIVE port");
+        }
+        let dev = RdmaDevice::open(None).expect("open a device");
+        assert_eq!(dev.name(), first_active);
     }
 
     #[cfg(feature = "rdma")]
