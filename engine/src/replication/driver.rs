@@ -88,20 +88,31 @@ pub(crate) struct Writing<'a> {
 }
 
 impl Writing<'_> {
-    /// The write's `applying` guard is dropped: send the batches it found full and, under
-    /// group commit when no other write is being applied, every pending batch (what the
-    /// writes that ended meanwhile queued, this one's included).
-    pub(crate) fn end(mut self, store: &dyn EntryStore, epoch: u64, full: Vec<Vec<u32>>) {
+    /// Stop counting this write. Under group commit on a loop, mark the turn's batches for
+    /// its end (they were queued before the flag is set, so the turn's end that sees it
+    /// sends them). Returns whether the caller sends the pending batches itself: under
+    /// group commit off a loop, when this was the last write in progress.
+    fn leave(&mut self) -> bool {
         self.open = false;
         let last = self.repl.writers.fetch_sub(1, Ordering::AcqRel) == 1;
+        if !self.repl.group_commit {
+            return false;
+        }
+        if pserv_transport::tcp::on_loop_thread() {
+            self.repl.turn_pending.store(true, Ordering::Release);
+            return false;
+        }
+        last
+    }
+
+    /// The write's `applying` guard is dropped: send the batches it found full and, when
+    /// [`leave`](Self::leave) says so, every pending batch (what the writes that ended
+    /// meanwhile queued, this one's included).
+    pub(crate) fn end(mut self, store: &dyn EntryStore, epoch: u64, full: Vec<Vec<u32>>) {
+        let send_pending = self.leave();
         self.repl.flush_chains(store, epoch, full);
-        if self.repl.group_commit {
-            if pserv_transport::tcp::on_loop_thread() {
-                // Queued before the flag is set: the turn's end that sees it sends it.
-                self.repl.turn_pending.store(true, Ordering::Release);
-            } else if last {
-                self.repl.flush_due(store, epoch, true);
-            }
+        if send_pending {
+            self.repl.flush_due(store, epoch, true);
         }
     }
 }
@@ -111,16 +122,8 @@ impl Drop for Writing<'_> {
         // A write that ended without `end` (refused): what the others queued while it ran
         // is sent at the end of this loop's turn, or (off a loop, if it was the last) by
         // the flusher (a zero window makes it all due).
-        if !self.open {
-            return;
-        }
-        let last = self.repl.writers.fetch_sub(1, Ordering::AcqRel) == 1;
-        if self.repl.group_commit {
-            if pserv_transport::tcp::on_loop_thread() {
-                self.repl.turn_pending.store(true, Ordering::Release);
-            } else if last {
-                let _ = self.repl.kick.send(());
-            }
+        if self.open && self.leave() {
+            let _ = self.repl.kick.send(());
         }
     }
 }
